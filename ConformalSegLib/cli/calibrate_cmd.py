@@ -1,0 +1,92 @@
+"""``conformalseg calibrate``: stream a calibration dataset and write a calibration profile."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..calibration import CalibrationRequest, calibrate
+from ..errors import ConformalSegError
+from ..io.atomic import check_can_write
+from ..io.dataset import CalibrationDataset
+from ..profile import sha256_file
+from .common import add_empty_option, add_force, add_lesion_options, progress_bar
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("calibrate", help="calibrate CLS, expected-FNR control or confidence sets on a dataset",
+                       description="Calibrate on cases in --probs/--labels (matched by case id) and write a profile "
+                                   "(JSON + .npz of summaries) that `apply` uses and can recalibrate from.")
+    add_data_options(p)
+    add_method_options(p)
+    p.add_argument("--precision", choices=("float32", "uint16"), default="float32",
+                   help="storage of the lesion summaries (uint16: half the size, conservative by <= 1/65535)")
+    p.add_argument("--model", type=Path, default=None,
+                   help="model file the probability maps came from (its SHA-256 is recorded in the provenance)")
+    p.add_argument("--out", type=Path, required=True, help="profile file to write (PROFILE.json; PROFILE.npz beside it)")
+    add_force(p)
+    p.set_defaults(func=run)
+
+
+def add_data_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--probs", type=Path, help="folder of probability maps (.nii.gz/.nrrd/.mha/.npy/nnU-Net .npz)")
+    p.add_argument("--labels", type=Path, help="folder of label maps, same case ids as --probs")
+    p.add_argument("--data", type=Path, help="folder with probs/ and labels/ subfolders (instead of --probs/--labels)")
+    add_lesion_options(p)
+
+
+def add_method_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", choices=("cls", "crc", "sets"), required=True,
+                   help="cls: P(FNR <= epsilon) >= 1 - alpha; crc: E[FNR] <= epsilon; sets: inner/outer confidence sets")
+    p.add_argument("--epsilon", type=float, help="FNR tolerance (cls, crc)")
+    p.add_argument("--alpha", type=float, help="risk level (cls, sets)")
+    p.add_argument("--alpha-inner", type=float, help="sets: risk level of the inner set")
+    p.add_argument("--alpha-outer", type=float, help="sets: risk level of the outer set")
+    p.add_argument("--joint", action="store_true", help="sets: joint guarantee for inner and outer at once")
+    p.add_argument("--joint-method", choices=("split", "max"), default="split",
+                   help="sets --joint: split alpha between the sets (Corollary 2.3, default) or max-based (Theorem 2.4)")
+    p.add_argument("--transform", default="identity",
+                   help="sets: score transform for both sets: identity, distance[:LEVEL] (mm), gaussian:SIGMA_MM")
+    p.add_argument("--inner-transform", default=None, help="sets: transform of the inner set (overrides --transform)")
+    p.add_argument("--outer-transform", default=None, help="sets: transform of the outer set (overrides --transform)")
+    add_empty_option(p)
+
+
+def open_dataset(args: argparse.Namespace, description: str) -> CalibrationDataset:
+    progress = progress_bar(description)
+    if args.data is not None:
+        if args.probs or args.labels:
+            raise ConformalSegError("give either --data or --probs/--labels, not both")
+        return CalibrationDataset.from_root(args.data, args.lesion_label, args.channel, progress=progress)
+    if args.probs is None or args.labels is None:
+        raise ConformalSegError("no calibration data given", fix="pass --probs DIR --labels DIR (or --data DIR)")
+    return CalibrationDataset(args.probs, args.labels, args.lesion_label, args.channel, progress=progress)
+
+
+def request_from_args(args: argparse.Namespace, provenance: dict) -> CalibrationRequest:
+    return CalibrationRequest(
+        method=args.method, epsilon=args.epsilon, alpha=args.alpha, alpha_inner=args.alpha_inner,
+        alpha_outer=args.alpha_outer, joint=args.joint_method if args.joint else None,
+        inner_transform=args.inner_transform or args.transform, outer_transform=args.outer_transform or args.transform,
+        empty=args.empty, precision=getattr(args, "precision", "float32"), provenance=provenance)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.out.suffix.lower() != ".json":
+        raise ConformalSegError("the profile file name must end in .json", path=args.out, fix="e.g. --out profile.json")
+    if not args.force:  # fail before the long streaming pass, not after it
+        check_can_write(args.out)
+        check_can_write(args.out.with_suffix(".npz"))
+    dataset = open_dataset(args, "calibrating")
+    provenance = {"probs_dir": str(dataset.probs_dir.resolve()), "labels_dir": str(dataset.labels_dir.resolve()),
+                  "lesion_labels": list(dataset.lesion_labels), "probability_channel": args.channel}
+    if args.model is not None:
+        if not args.model.is_file():
+            raise ConformalSegError("model file not found", path=args.model, fix="check the --model path")
+        provenance.update(model_file=str(args.model.resolve()), model_sha256=sha256_file(args.model))
+    request = request_from_args(args, provenance)
+    profile = calibrate(dataset, request)
+    json_path, npz_path = profile.save(args.out, force=args.force)
+    print(profile.guarantee)
+    print(f"wrote {json_path} and {npz_path}")
+    return 0

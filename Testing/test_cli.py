@@ -1,0 +1,166 @@
+"""The ``conformalseg`` command line end to end on real files: outputs, exit codes and error messages."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from ConformalSegLib.cli import main
+from ConformalSegLib.io.segmentation import read_seg_nrrd
+from ConformalSegLib.profile import load_profile
+from ConformalSegLib.synthetic_dataset import write_synthetic_dataset
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli") / "data"
+    write_synthetic_dataset(root, 14, seed=5, shape=(20, 40, 40))
+    return root
+
+
+def run(argv, capsys):
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_calibrate_apply_recalibrate(tmp_path, data, capsys):
+    profile = tmp_path / "cls.json"
+    code, out, err = run(["calibrate", "--method", "cls", "--data", data, "--lesion-label", "2", "--epsilon", "0.2",
+                          "--alpha", "0.2", "--out", profile], capsys)
+    assert code == 0, err
+    assert "With probability at least 80%" in out
+    doc = json.loads(profile.read_text())
+    assert doc["method"] == "cls" and doc["n"] == 14 and doc["provenance"]["lesion_labels"] == [2]
+
+    prob = data / "probs" / "synth_000.nii.gz"
+    code, out, err = run(["apply", "--profile", profile, "--prob", prob, "--compare-threshold", "--out",
+                          tmp_path / "a"], capsys)
+    assert code == 0, err
+    masks, geometry = read_seg_nrrd(tmp_path / "a" / "segmentation.seg.nrrd")
+    array = sitk.GetArrayFromImage(sitk.ReadImage(str(prob)))
+    threshold = load_profile(profile).calibration.probability_threshold
+    assert np.array_equal(masks["Lesion (FNR-controlled)"], array >= np.float32(threshold))
+    assert np.array_equal(masks["Lesion (threshold 0.5)"], array >= 0.5)
+    assert (tmp_path / "a" / "lesion_fnr_controlled.nii.gz").exists()
+
+    # recalibration from summaries: a larger alpha gives a larger cutoff, hence a smaller mask
+    code, out, err = run(["apply", "--profile", profile, "--prob", prob, "--alpha", "0.4", "--out",
+                          tmp_path / "b"], capsys)
+    assert code == 0, err
+    wider = json.loads((tmp_path / "b" / "apply.json").read_text())
+    narrower = json.loads((tmp_path / "a" / "apply.json").read_text())
+    assert wider["alpha"] == 0.4 and wider["probability_threshold"] >= narrower["probability_threshold"]
+    # outputs are never overwritten silently
+    code, out, err = run(["apply", "--profile", profile, "--prob", prob, "--out", tmp_path / "b"], capsys)
+    assert code == 2 and "--force" in err
+
+
+def test_sets_and_crc(tmp_path, data, capsys):
+    code, out, err = run(["calibrate", "--method", "sets", "--probs", data / "probs", "--labels", data / "labels",
+                          "--lesion-label", "2", "--alpha", "0.3", "--joint", "--inner-transform", "identity",
+                          "--outer-transform", "distance", "--out", tmp_path / "sets.json"], capsys)
+    assert code == 0, err
+    doc = json.loads((tmp_path / "sets.json").read_text())
+    assert doc["transform"] == {"inner": "identity", "outer": "distance:0.5"} and doc["mode"] == "joint-split"
+    code, out, err = run(["apply", "--profile", tmp_path / "sets.json", "--prob", data / "probs" / "synth_001.nii.gz",
+                          "--out", tmp_path / "s"], capsys)
+    assert code == 0, err
+    masks, _ = read_seg_nrrd(tmp_path / "s" / "segmentation.seg.nrrd")
+    assert set(masks) == {"Inner set", "Outer set"}
+    assert not (masks["Inner set"] & ~masks["Outer set"]).any()
+    code, out, err = run(["calibrate", "--method", "crc", "--data", data, "--lesion-label", "2", "--epsilon", "0.1",
+                          "--out", tmp_path / "crc.json"], capsys)
+    assert code == 0 and "On average" in out
+
+
+def test_tiny_calibration_set_warns_not_fails(tmp_path, data, capsys):
+    small = tmp_path / "small"
+    for sub in ("probs", "labels"):
+        (small / sub).mkdir(parents=True)
+        for name in sorted((data / sub).iterdir())[:4]:
+            (small / sub / name.name).write_bytes(name.read_bytes())
+    code, out, err = run(["calibrate", "--method", "cls", "--data", small, "--lesion-label", "2", "--epsilon", "0.1",
+                          "--alpha", "0.1", "--out", tmp_path / "p.json"], capsys)
+    assert code == 0
+    assert "warning:" in err and "at least 9" in err
+    assert json.loads((tmp_path / "p.json").read_text())["probability_threshold"] == "-inf"
+
+
+@pytest.mark.parametrize("problem, expected", [
+    ("nan", "NaN"), ("range", "[0,1]"), ("geometry", "spacing"), ("corrupt", "corrupt"), ("label", "label value 7"),
+    ("unmatched", "have no label file"),
+])
+def test_bad_input_exits_2_with_file_and_fix(tmp_path, data, capsys, problem, expected):
+    root = tmp_path / "bad"
+    for sub in ("probs", "labels"):
+        (root / sub).mkdir(parents=True)
+        for name in sorted((data / sub).iterdir())[:3]:
+            (root / sub / name.name).write_bytes(name.read_bytes())
+    target = root / "probs" / "synth_001.nii.gz"
+    label = 2
+    if problem in ("nan", "range", "geometry"):
+        image = sitk.ReadImage(str(target))
+        array = sitk.GetArrayFromImage(image)
+        if problem == "nan":
+            array[0, 0, 0] = np.nan
+        elif problem == "range":
+            array[0, 0, 0] = 1.5
+        new = sitk.GetImageFromArray(array)
+        new.CopyInformation(image)
+        if problem == "geometry":
+            new.SetSpacing((2.0, 2.0, 2.0))
+        sitk.WriteImage(new, str(target))
+    elif problem == "corrupt":
+        target.write_bytes(b"this is not a nifti file")
+    elif problem == "label":
+        label = 7
+    elif problem == "unmatched":
+        (root / "labels" / "synth_001.nii.gz").unlink()
+    code, out, err = run(["calibrate", "--method", "cls", "--data", root, "--lesion-label", label, "--epsilon", "0.1",
+                          "--alpha", "0.2", "--out", tmp_path / "p.json"], capsys)
+    assert code == 2
+    assert expected in err
+    error_lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(error_lines) == 1 and "Traceback" not in err and "Fix:" in error_lines[0]
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_debug_shows_traceback(tmp_path, capsys):
+    with pytest.raises(Exception):
+        main(["--debug", "apply", "--profile", str(tmp_path / "none.json"), "--prob", "x.nii.gz", "--out",
+              str(tmp_path)])
+
+
+def test_refuses_existing_profile_before_streaming(tmp_path, data, capsys):
+    (tmp_path / "p.json").write_text("{}")
+    code, out, err = run(["calibrate", "--method", "crc", "--data", data, "--lesion-label", "2", "--epsilon", "0.1",
+                          "--out", tmp_path / "p.json"], capsys)
+    assert code == 2 and "exists" in err and (tmp_path / "p.json").read_text() == "{}"
+
+
+def test_evaluate_writes_report(tmp_path, data, capsys):
+    code, out, err = run(["evaluate", "--data", data, "--lesion-label", "2", "--splits", "5", "--epsilons", "0.1",
+                          "0.2", "--alphas", "0.2", "0.3", "--transforms", "identity", "--no-hd95", "--out",
+                          tmp_path / "ev"], capsys)
+    assert code == 0, err
+    result = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert result["config"]["splits"] == 5
+    for name in ("report.md", "ecr_vs_alpha.png", "fnr_before_after.png", "pc_vs_alpha.png", "coverage_vs_alpha.png"):
+        assert (tmp_path / "ev" / name).stat().st_size > 0
+
+
+def test_demo_small(tmp_path, capsys):
+    code, out, err = run(["demo", "--out", tmp_path / "demo", "--cases", "16", "--splits", "4"], capsys)
+    assert code == 0, err
+    report = (tmp_path / "demo" / "report.md").read_text()
+    assert "With probability at least 90%" in report and "slice_overlay.png" in report
+    masks, geometry = read_seg_nrrd(tmp_path / "demo" / "example" / "segmentation.seg.nrrd")
+    assert {"Lesion (FNR-controlled)", "Inner set", "Outer set", "Lesion (threshold 0.5)"} <= set(masks)
+    image = sitk.ReadImage(str(tmp_path / "demo" / "example" / "image.nrrd"))
+    assert image.GetSize() == masks["Inner set"].shape[::-1]
+    code, out, err = run(["demo", "--out", tmp_path / "demo", "--cases", "16", "--splits", "4"], capsys)
+    assert code == 2 and "--force" in err
