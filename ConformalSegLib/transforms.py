@@ -55,6 +55,9 @@ class ScoreTransform:
 
 
 IDENTITY = ScoreTransform("identity")
+#: Candidates tried by ``--transform auto`` (Davenport's three families).
+DEFAULT_CANDIDATES: tuple[ScoreTransform, ...] = (IDENTITY, ScoreTransform("distance", 0.5),
+                                                  ScoreTransform("gaussian", 2.0), ScoreTransform("gaussian", 4.0))
 
 
 def parse_transform(text: str) -> ScoreTransform:

@@ -164,3 +164,23 @@ def test_demo_small(tmp_path, capsys):
     assert image.GetSize() == masks["Inner set"].shape[::-1]
     code, out, err = run(["demo", "--out", tmp_path / "demo", "--cases", "16", "--splits", "4"], capsys)
     assert code == 2 and "--force" in err
+
+
+def test_transform_auto_uses_separate_learning_data(tmp_path, data, capsys):
+    learning = tmp_path / "learning"
+    write_synthetic_dataset(learning, 6, seed=77, shape=(20, 40, 40))
+    code, out, err = run(["calibrate", "--method", "sets", "--data", data, "--lesion-label", "2", "--alpha", "0.3",
+                          "--transform", "auto", "--learning-data", learning, "--out", tmp_path / "auto.json"], capsys)
+    assert code == 0, err
+    doc = json.loads((tmp_path / "auto.json").read_text())
+    chosen = doc["provenance"]["transform_selection"]
+    assert doc["transform"] == {"inner": chosen["inner"], "outer": chosen["outer"]}
+    assert chosen["mean_inner_voxels"][chosen["inner"]] == max(chosen["mean_inner_voxels"].values())
+    assert chosen["mean_outer_voxels"][chosen["outer"]] == min(chosen["mean_outer_voxels"].values())
+    # learning on the calibration cases themselves is refused
+    code, out, err = run(["calibrate", "--method", "sets", "--data", data, "--lesion-label", "2", "--alpha", "0.3",
+                          "--transform", "auto", "--learning-data", data, "--out", tmp_path / "bad.json"], capsys)
+    assert code == 2 and "identical" in err
+    code, out, err = run(["calibrate", "--method", "sets", "--data", data, "--lesion-label", "2", "--alpha", "0.3",
+                          "--transform", "auto", "--out", tmp_path / "bad.json"], capsys)
+    assert code == 2 and "--learning-data" in err

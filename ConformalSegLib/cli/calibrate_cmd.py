@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 
 from ..calibration import CalibrationRequest, calibrate
+from ..confidence_sets import select_transforms
+from ..transforms import DEFAULT_CANDIDATES
 from ..errors import ConformalSegError
 from ..io.atomic import check_can_write
 from ..io.dataset import CalibrationDataset
@@ -46,7 +48,10 @@ def add_method_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--joint-method", choices=("split", "max"), default="split",
                    help="sets --joint: split alpha between the sets (Corollary 2.3, default) or max-based (Theorem 2.4)")
     p.add_argument("--transform", default="identity",
-                   help="sets: score transform for both sets: identity, distance[:LEVEL] (mm), gaussian:SIGMA_MM")
+                   help="sets: score transform for both sets: identity, distance[:LEVEL] (mm), gaussian:SIGMA_MM, "
+                        "or auto (chosen on --learning-data, kept apart from calibration)")
+    p.add_argument("--learning-data", type=Path, default=None,
+                   help="sets --transform auto: folder with probs/ and labels/ of cases NOT used for calibration")
     p.add_argument("--inner-transform", default=None, help="sets: transform of the inner set (overrides --transform)")
     p.add_argument("--outer-transform", default=None, help="sets: transform of the outer set (overrides --transform)")
     add_empty_option(p)
@@ -71,6 +76,33 @@ def request_from_args(args: argparse.Namespace, provenance: dict) -> Calibration
         empty=args.empty, precision=getattr(args, "precision", "float32"), provenance=provenance)
 
 
+def choose_transforms_from_learning_data(args: argparse.Namespace, provenance: dict) -> None:
+    """Resolve ``--transform auto``: pick inner/outer transforms on a separate learning set."""
+    if args.learning_data is None:
+        raise ConformalSegError("--transform auto needs --learning-data DIR (cases kept apart from calibration)",
+                                fix="pass --learning-data, or name a transform (identity, distance, gaussian:2)")
+    learning = CalibrationDataset.from_root(args.learning_data, args.lesion_label, args.channel,
+                                            progress=progress_bar("learning transforms"))
+    calibration = open_dataset(args, "")
+    same = [cid for cid in sorted(set(calibration.case_ids) & set(learning.case_ids))
+            if sha256_file(calibration.paths(cid)[0]) == sha256_file(learning.paths(cid)[0])]
+    if same:
+        raise ConformalSegError(f"{len(same)} probability map(s) are identical in the learning and the calibration data "
+                                f"(e.g. {same[0]}): choosing the transform on calibration cases breaks the guarantee",
+                                path=args.learning_data, fix="use learning cases kept apart from calibration")
+    alpha_inner = args.alpha_inner if args.alpha_inner is not None else (args.alpha or 0.1)
+    alpha_outer = args.alpha_outer if args.alpha_outer is not None else (args.alpha or 0.1)
+    selection = select_transforms(((c.probability.array, c.lesion.array, c.probability.geometry) for c in learning),
+                                  DEFAULT_CANDIDATES, alpha_inner=alpha_inner, alpha_outer=alpha_outer)
+    args.inner_transform, args.outer_transform = selection.inner.name, selection.outer.name
+    provenance["transform_selection"] = {"learning_cases": learning.case_ids,
+                                         "mean_inner_voxels": selection.mean_inner_size,
+                                         "mean_outer_voxels": selection.mean_outer_size,
+                                         "inner": selection.inner.name, "outer": selection.outer.name}
+    print(f"transforms chosen on {len(learning)} learning cases: inner {selection.inner.name}, "
+          f"outer {selection.outer.name}")
+
+
 def run(args: argparse.Namespace) -> int:
     if args.out.suffix.lower() != ".json":
         raise ConformalSegError("the profile file name must end in .json", path=args.out, fix="e.g. --out profile.json")
@@ -84,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
         if not args.model.is_file():
             raise ConformalSegError("model file not found", path=args.model, fix="check the --model path")
         provenance.update(model_file=str(args.model.resolve()), model_sha256=sha256_file(args.model))
+    if args.method == "sets" and "auto" in (args.transform, args.inner_transform, args.outer_transform):
+        choose_transforms_from_learning_data(args, provenance)
     request = request_from_args(args, provenance)
     profile = calibrate(dataset, request)
     json_path, npz_path = profile.save(args.out, force=args.force)
