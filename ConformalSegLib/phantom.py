@@ -43,8 +43,13 @@ the host's largest inner depth; the shape is a randomly rotated ellipsoid (axes 
 with 0-2 satellite lobes and a noise-perturbed surface, clipped to the host organ (largest
 connected part kept). Intensity: in solid organs hypo-dense, 10-50 HU below the host organ
 (uniform, so a quarter of them are 10-20 HU: with 8-20 HU noise, small ones are genuinely hard),
-large ones with a darker necrotic core; in lung, soft-tissue nodules of 0-40 HU. Lesion
-centres avoid earlier lesions; :attr:`Phantom.lesions` describes every placed lesion.
+large ones with a darker necrotic core; in lung, soft-tissue nodules of 0-40 HU. A lesion that
+the organ edge clips to a sliver (< 6 voxels or < 1/4 of its nominal volume) is re-drawn. Lesion
+centres keep apart, but irregular neighbours occasionally touch and form one connected region
+(about 1 case in 25); :attr:`Phantom.lesions` describes every placed lesion. At the defaults a
+lesion has 7 to about 4,000-6,500 voxels (median about 100, 10th-90th percentile about 20-1,100;
+equivalent radius 2.3-20 mm); about 44% sit in the liver, 26% in the lungs, 15% in the kidneys and
+15% in the spleen (200 phantoms, seed 0).
 
 Image formation
 ---------------
@@ -76,7 +81,7 @@ from .io.atomic import OVERWRITE_FIX, atomic_output
 
 __all__ = [
     "BACKGROUND", "BODY", "BONE", "KIDNEY", "LABEL_NAMES", "LESION", "LESION_HOSTS", "LIVER", "LUNG", "SPLEEN",
-    "LesionInfo", "Phantom", "make_phantom", "make_phantoms", "phantom_seed", "write_phantom_dataset",
+    "LesionInfo", "Phantom", "dataset_json", "make_phantom", "make_phantoms", "phantom_seed", "write_phantom_dataset",
 ]
 
 # --------------------------------------------------------------------------------------------------
@@ -110,6 +115,8 @@ _HOST_WEIGHTS = {LIVER: 0.45, LUNG: 0.25, KIDNEY: 0.15, SPLEEN: 0.15}
 MIN_LESION_RADIUS_MM = 3.0
 MAX_LESION_RADIUS_MM = 20.0
 MAX_NODULE_RADIUS_MM = 15.0
+MIN_LESION_VOXELS = 6  #: smaller clipped lesions are re-drawn
+_PLACEMENT_ATTEMPTS = 5
 HU_MIN, HU_MAX = -1024.0, 3071.0
 
 _F32 = np.float32
@@ -301,8 +308,9 @@ def make_phantom(seed: int | np.random.SeedSequence, *, shape: tuple[int, int, i
     ``n_lesions`` is a fixed count or an inclusive range ``(lo, hi)`` drawn uniformly; with
     probability ``empty_probability`` the case has no lesion at all. A lesion whose placement fails
     (no room in a tiny organ) is dropped, so :attr:`Phantom.lesions` may hold fewer. ``case_id``
-    defaults to ``f"phantom_seed{seed}"``. The geometry is centred on the physical origin in x/y
-    with the identity direction.
+    defaults to ``f"phantom_seed{seed}"``. The geometry is centred on the physical origin with the
+    identity direction. Lesions are drawn after the anatomy, so the organ labels of a seed do not
+    depend on ``n_lesions`` or ``empty_probability`` (outside the lesions; image noise does).
     """
     shape = tuple(int(s) for s in shape)  # type: ignore[assignment]
     spacing = tuple(float(s) for s in spacing)  # type: ignore[assignment]
@@ -312,8 +320,11 @@ def make_phantom(seed: int | np.random.SeedSequence, *, shape: tuple[int, int, i
     geometry = Geometry(shape=shape, spacing=spacing, origin=origin)  # type: ignore[arg-type]
     sp = np.array(geometry.spacing_zyx, dtype=float)
     rng = np.random.default_rng(seed)
+    # always two draws, so the anatomy of a seed does not depend on the lesion options
     is_empty = bool(rng.random() < empty_probability)
-    count = 0 if is_empty else int(rng.integers(lo_n, hi_n + 1))
+    count = min(lo_n + int(rng.random() * (hi_n - lo_n + 1)), hi_n)
+    if is_empty:
+        count = 0
 
     H, D, W = (np.array(shape) - 1) * sp  # extent between first and last voxel centre, mm
     z1 = (np.arange(nz) * sp[0]).astype(np.float32)
@@ -441,23 +452,28 @@ def make_phantom(seed: int | np.random.SeedSequence, *, shape: tuple[int, int, i
     lung_box = _bbox(lung)
     if lung_box is not None:
         lshape = tuple(s.stop - s.start for s in lung_box)
-        n1 = _smooth_noise(rng, lshape, 3.0, sp)
-        n2 = _smooth_noise(rng, lshape, 3.0, sp)
-        width = _F32(rng.uniform(0.10, 0.16))
-        vessel = np.exp(-(n1 * n1 + n2 * n2) / (_F32(2.0) * width * width))
         xl = (np.arange(lung_box[2].start, lung_box[2].stop, dtype=np.float32) * _F32(sp[2]))[None, None, :]
-        hilum = np.clip(_F32(1.15) - np.abs(xl - _F32(cx)) / _F32(axc), 0.25, 1.0)
-        lung_img = _F32(lung_hu) + _F32(15.0) * texture[lung_box] + vessel * hilum * _F32(blood_hu - lung_hu)
+        hilum = np.clip(_F32(1.2) - _F32(1.1) * np.abs(xl - _F32(cx)) / _F32(axc), 0.0, 1.0)
+        vessel = None
+        # vessels: where two independent smooth fields are both near zero (curves), at two scales;
+        # the wide ones fade towards the periphery
+        for sigma_mm, width, weight in ((5.0, 0.28, hilum), (2.5, 0.18, _F32(0.3) + _F32(0.5) * hilum)):
+            n1 = _smooth_noise(rng, lshape, sigma_mm, sp)
+            n2 = _smooth_noise(rng, lshape, sigma_mm, sp)
+            w = _F32(width * rng.uniform(0.8, 1.2))
+            tube = np.exp(-(n1 * n1 + n2 * n2) / (_F32(2.0) * w * w)) * weight
+            vessel = tube if vessel is None else np.maximum(vessel, tube)
+        lung_img = _F32(lung_hu) + _F32(15.0) * texture[lung_box] + vessel * _F32(blood_hu - lung_hu)
         _paint(image, labels, lung_box, lung[lung_box], lung_img, LUNG)
 
     # ---- liver: right lobe + left lobe, dome under the right lung --------------------------------------------
     diaphragm = _F32(rng.uniform(2.5, 4.5))  # mm of muscle between lung and the organs below
     below = (Z < dome_floor[None] - diaphragm) & cavity & ~vessels2d[None]
     r_lobe = np.array([0.0, 0.78 * ayc, 0.55 * axc]) * rng.uniform(0.9, 1.1, 3)
-    r_lobe[0] = rng.uniform(0.24, 0.32) * H
-    c_right = np.array([zd_r - 0.75 * r_lobe[0], cy + rng.uniform(-0.05, 0.08) * ayc, cx - 0.45 * axc])
+    r_lobe[0] = rng.uniform(0.30, 0.38) * H
+    c_right = np.array([zd_r - 0.45 * r_lobe[0], cy + rng.uniform(-0.05, 0.08) * ayc, cx - 0.45 * axc])
     l_lobe = np.array([0.55 * r_lobe[0], 0.4 * ayc, rng.uniform(0.35, 0.5) * axc])
-    c_left = np.array([zd_r - 0.5 * l_lobe[0] - 0.1 * r_lobe[0], cy - 0.4 * ayc, cx + 0.05 * axc])
+    c_left = np.array([zd_r - 0.3 * l_lobe[0] - 0.1 * r_lobe[0], cy - 0.4 * ayc, cx + 0.05 * axc])
     rot_liver = _rot_z(rng.uniform(-0.25, 0.25))
     liver_box = _union_box(_box(c_right, r_lobe.max() * 1.1, sp, shape), _box(c_left, l_lobe.max() * 1.1, sp, shape))
     if liver_box is not None:
@@ -471,7 +487,7 @@ def make_phantom(seed: int | np.random.SeedSequence, *, shape: tuple[int, int, i
 
     # ---- spleen: left, posterior, under the left dome ------------------------------------------------------
     s_axes = np.array([rng.uniform(0.11, 0.16) * H, 0.38 * ayc, 0.2 * axc]) * rng.uniform(0.85, 1.15, 3)
-    s_c = np.array([zd_l - 0.9 * s_axes[0] - rng.uniform(0.0, 0.04) * H, cy + 0.35 * ayc, cx + 0.62 * axc])
+    s_c = np.array([zd_l - 0.6 * s_axes[0] - rng.uniform(0.0, 0.04) * H, cy + 0.35 * ayc, cx + 0.62 * axc])
     s_box = _box(s_c, s_axes.max() * 1.1, sp, shape)
     if s_box is not None:
         f = _ellipsoid(s_box, s_c, s_axes, sp, _rot_z(rng.uniform(-0.8, -0.3)))
@@ -481,7 +497,7 @@ def make_phantom(seed: int | np.random.SeedSequence, *, shape: tuple[int, int, i
     # ---- kidneys: posterior, beside the spine, the right one lower -------------------------------------------
     k_z = rng.uniform(0.18, 0.3) * H
     for side in (-1, 1):
-        k_axes = np.array([rng.uniform(0.12, 0.16) * H, 0.2 * ayc, 0.14 * axc]) * rng.uniform(0.9, 1.1, 3)
+        k_axes = np.array([rng.uniform(0.13, 0.18) * H, 0.24 * ayc, 0.16 * axc]) * rng.uniform(0.9, 1.1, 3)
         k_c = np.array([k_z - (rng.uniform(0.0, 0.06) * H if side < 0 else 0.0),
                         ys - rng.uniform(0.2, 0.6) * rs, xs + side * (rs + 1.25 * k_axes[2])])
         yaw, tilt = side * rng.uniform(0.2, 0.5), side * rng.uniform(0.05, 0.2)  # in-plane, coronal
@@ -555,80 +571,90 @@ def make_phantom(seed: int | np.random.SeedSequence, *, shape: tuple[int, int, i
 def _place_lesions(rng: np.random.Generator, count: int, image: np.ndarray, labels: np.ndarray,
                    texture: np.ndarray, host_hu: dict[int, float], sp: np.ndarray,
                    geometry: Geometry) -> list[LesionInfo]:
-    """Draw ``count`` lesions into ``image``/``labels`` (in place); return what was placed."""
+    """Draw ``count`` lesions into ``image``/``labels`` (in place); return what was placed.
+
+    A lesion that the host organ's edge clips to a sliver (fewer than :data:`MIN_LESION_VOXELS` or
+    a quarter of its nominal volume) is re-drawn, up to :data:`_PLACEMENT_ATTEMPTS` times.
+    """
     shape = labels.shape
-    depth_cache: dict[int, tuple[Box, np.ndarray] | None] = {}
+    voxel_mm3 = float(np.prod(sp))
+    depth_cache: dict[int, tuple[Box, np.ndarray]] = {}
+    viable = list(LESION_HOSTS)
 
     def host_depth(host: int) -> tuple[Box, np.ndarray] | None:
-        """Inner depth (mm to the organ boundary) of the host organ, on its bounding box."""
+        """Inner depth (mm to the organ boundary) of the host organ on its bounding box; None when
+        the organ cannot hold the smallest lesion."""
         if host not in depth_cache:
             box = _bbox(labels == host, pad=1)
             if box is None:
-                depth_cache[host] = None
-            else:
-                mask = labels[box] == host
-                depth_cache[host] = (box, ndimage.distance_transform_edt(mask, sampling=sp).astype(np.float32))
+                return None
+            depth = ndimage.distance_transform_edt(labels[box] == host, sampling=sp).astype(np.float32)
+            if float(depth.max()) < 0.8 * MIN_LESION_RADIUS_MM:
+                return None
+            depth_cache[host] = (box, depth)
         return depth_cache[host]
 
     placed: list[LesionInfo] = []
     centres: list[tuple[np.ndarray, float]] = []
     for _ in range(count):
-        viable = []
-        for host in LESION_HOSTS:
-            hd = host_depth(host)
-            if hd is not None and float(hd[1].max()) >= 0.8 * MIN_LESION_RADIUS_MM:
-                viable.append(host)
-        if not viable:
-            break
-        weights = np.array([_HOST_WEIGHTS[h] for h in viable])
-        host = viable[int(rng.choice(len(viable), p=weights / weights.sum()))]
-        hbox, depth = host_depth(host)  # type: ignore[misc]
-        max_depth = float(depth.max())
-        r_max = MAX_NODULE_RADIUS_MM if host == LUNG else MAX_LESION_RADIUS_MM
-        r_cap = max(MIN_LESION_RADIUS_MM, min(r_max, 0.9 * max_depth))
-        radius = float(math.exp(rng.uniform(math.log(MIN_LESION_RADIUS_MM), math.log(r_cap))))
-        candidates = np.flatnonzero(depth >= min(0.6 * radius, 0.9 * max_depth))
-        start = np.array([s.start for s in hbox])
-        centre = None
-        for _attempt in range(6):
+        for _attempt in range(_PLACEMENT_ATTEMPTS):
+            hd = None
+            while viable and hd is None:
+                weights = np.array([_HOST_WEIGHTS[h] for h in viable])
+                host = viable[int(rng.choice(len(viable), p=weights / weights.sum()))]
+                hd = host_depth(host)
+                if hd is None:
+                    viable.remove(host)
+            if hd is None:
+                return placed
+            hbox, depth = hd
+            max_depth = float(depth.max())
+            r_max = MAX_NODULE_RADIUS_MM if host == LUNG else MAX_LESION_RADIUS_MM
+            r_cap = max(MIN_LESION_RADIUS_MM, min(r_max, 0.9 * max_depth))
+            radius = float(math.exp(rng.uniform(math.log(MIN_LESION_RADIUS_MM), math.log(r_cap))))
+            # the depth map is of the organ before any lesion: lesions already placed are avoided below
+            candidates = np.flatnonzero(depth >= min(0.6 * radius, 0.9 * max_depth))
+            start = np.array([s.start for s in hbox])
             idx = np.array(np.unravel_index(candidates[rng.integers(candidates.size)], depth.shape)) + start
-            c = (idx + rng.uniform(-0.5, 0.5, 3)) * sp
-            if all(np.linalg.norm(c - c2) > 0.9 * (radius + r2) for c2, r2 in centres):
-                centre = c
-                break
-        if centre is None:
-            continue
-        box = _box(centre, 1.6 * radius + sp.max(), sp, shape)
-        if box is None:
-            continue
-        rotation = _random_rotation(rng)
-        field_ = _ellipsoid(box, centre, radius * rng.uniform(0.7, 1.3, 3), sp, rotation)
-        for _lobe in range(int(rng.integers(0, 3))):
-            direction = rng.standard_normal(3)
-            direction /= np.linalg.norm(direction)
-            lobe_c = centre + direction * radius * rng.uniform(0.35, 0.65)
-            lobe = _ellipsoid(box, lobe_c, radius * rng.uniform(0.4, 0.65, 3), sp, _random_rotation(rng))
-            field_ = np.minimum(field_, lobe)
-        field_ = field_ + _F32(rng.uniform(0.08, 0.22)) * texture[box]
-        blob = (field_ < 1.0) & (labels[box] == host)
-        parts, n_parts = ndimage.label(blob)
-        if n_parts == 0:
-            continue
-        if n_parts > 1:
-            blob = parts == (int(np.argmax(np.bincount(parts.ravel())[1:])) + 1)
-        if host == LUNG:
-            hu = rng.uniform(0.0, 40.0)
-            lesion_img = _F32(hu) + _F32(6.0) * texture[box]
-        else:
-            hu = host_hu[host] - rng.uniform(10.0, 50.0)
-            lesion_img = _F32(hu) + _F32(4.0) * texture[box][::-1]
-            if radius > 10.0 and rng.random() < 0.6:  # necrotic core
-                lesion_img = lesion_img - _F32(rng.uniform(5.0, 20.0)) * (field_ < 0.55)
-        _paint(image, labels, box, blob, lesion_img, LESION)
-        centres.append((centre, radius))
-        phys = geometry.ijk_to_lps() @ np.append((centre / sp)[::-1], 1.0)
-        placed.append(LesionInfo(host=host, center_mm=tuple(float(v) for v in phys[:3]), radius_mm=radius,
-                                 hu=float(hu), contrast_hu=float(hu - host_hu[host]), n_voxels=int(blob.sum())))
+            centre = (idx + rng.uniform(-0.5, 0.5, 3)) * sp
+            if any(np.linalg.norm(centre - c2) < 0.9 * (radius + r2) + 2.0 for c2, r2 in centres):
+                continue
+            box = _box(centre, 1.6 * radius + sp.max(), sp, shape)
+            if box is None:
+                continue
+            axes = radius * rng.uniform(0.7, 1.3, 3)
+            field_ = _ellipsoid(box, centre, axes, sp, _random_rotation(rng))
+            for _lobe in range(int(rng.integers(0, 3))):
+                direction = rng.standard_normal(3)
+                direction /= np.linalg.norm(direction)
+                lobe_c = centre + direction * radius * rng.uniform(0.35, 0.65)
+                lobe = _ellipsoid(box, lobe_c, radius * rng.uniform(0.4, 0.65, 3), sp, _random_rotation(rng))
+                field_ = np.minimum(field_, lobe)
+            field_ = field_ + _F32(rng.uniform(0.08, 0.22)) * texture[box]
+            blob = (field_ < 1.0) & (labels[box] == host)
+            parts, n_parts = ndimage.label(blob)
+            if n_parts == 0:
+                continue
+            if n_parts > 1:
+                blob = parts == (int(np.argmax(np.bincount(parts.ravel())[1:])) + 1)
+            n_vox = int(blob.sum())
+            nominal = 4.0 / 3.0 * math.pi * float(np.prod(axes)) / voxel_mm3
+            if n_vox < max(MIN_LESION_VOXELS, 0.25 * nominal):
+                continue
+            if host == LUNG:
+                hu = rng.uniform(0.0, 40.0)
+                lesion_img = _F32(hu) + _F32(6.0) * texture[box]
+            else:
+                hu = host_hu[host] - rng.uniform(10.0, 50.0)
+                lesion_img = _F32(hu) + _F32(4.0) * texture[box][::-1]
+                if radius > 10.0 and rng.random() < 0.6:  # necrotic core
+                    lesion_img = lesion_img - _F32(rng.uniform(5.0, 20.0)) * (field_ < 0.55)
+            _paint(image, labels, box, blob, lesion_img, LESION)
+            centres.append((centre, radius))
+            phys = geometry.ijk_to_lps() @ np.append((centre / sp)[::-1], 1.0)
+            placed.append(LesionInfo(host=host, center_mm=tuple(float(v) for v in phys[:3]), radius_mm=radius,
+                                     hu=float(hu), contrast_hu=float(hu - host_hu[host]), n_voxels=n_vox))
+            break
     return placed
 
 
