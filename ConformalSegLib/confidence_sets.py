@@ -155,8 +155,9 @@ def resolve_levels(alpha: float | None, alpha_inner: float | None, alpha_outer: 
                    mode: str) -> tuple[float, float, float]:
     """Fill in default levels and check them: returns ``(alpha, alpha_inner, alpha_outer)``.
 
-    marginal: each level defaults to ``alpha``. joint-split: defaults ``alpha/2`` each and
-    ``alpha_inner + alpha_outer <= alpha`` is required (checked exactly). joint-max: one ``alpha``.
+    marginal: each level defaults to ``alpha``. joint-split: a missing level is the rest of ``alpha``
+    (``alpha/2`` each when both are missing) and ``alpha_inner + alpha_outer <= alpha`` is required
+    (checked exactly). joint-max: one ``alpha``.
     """
     if mode not in MODES:
         raise ConformalSegError(f"unknown confidence-set mode {mode!r}", fix=f"use one of {', '.join(MODES)}")
@@ -170,7 +171,9 @@ def resolve_levels(alpha: float | None, alpha_inner: float | None, alpha_outer: 
             if alpha_inner is None or alpha_outer is None:
                 raise ConformalSegError("joint confidence sets need --alpha or both --alpha-inner and --alpha-outer")
             alpha = float(as_fraction(alpha_inner) + as_fraction(alpha_outer))
-        alpha_inner = _largest_float_at_most(as_fraction(alpha) / 2) if alpha_inner is None else alpha_inner
+        if alpha_inner is None:
+            alpha_inner = _largest_float_at_most(as_fraction(alpha) / 2 if alpha_outer is None
+                                                 else as_fraction(alpha) - as_fraction(alpha_outer))
         if alpha_outer is None:
             alpha_outer = _largest_float_at_most(as_fraction(alpha) - as_fraction(alpha_inner))
         check_alpha(alpha_inner, "alpha_inner")
@@ -270,6 +273,8 @@ def select_transforms(learning_cases: Iterable[tuple[np.ndarray, np.ndarray, Geo
     """
     if not candidates:
         raise ConformalSegError("no candidate transforms given")
+    if len({c.name for c in candidates}) != len(candidates):
+        raise ConformalSegError("candidate transforms must be distinct", fix="list each transform once")
     per_transform: dict[str, tuple[list[float], list[float], list[np.ndarray]]] = {c.name: ([], [], []) for c in candidates}
     n = 0
     for probability, lesion, geometry in learning_cases:

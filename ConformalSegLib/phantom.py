@@ -77,6 +77,8 @@ from scipy import ndimage, special
 
 from .errors import ConformalSegError
 from .geometry import Geometry
+from .io.volumes import save_volume
+from .randomness import random_rotation
 from .io.atomic import OVERWRITE_FIX, atomic_output
 
 __all__ = [
@@ -190,15 +192,6 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma_mm: fl
     if std > 0:
         out *= _F32(1.0 / std)
     return np.ascontiguousarray(out, dtype=np.float32)
-
-
-def _random_rotation(rng: np.random.Generator) -> np.ndarray:
-    """A uniformly random 3x3 rotation matrix."""
-    q, r = np.linalg.qr(rng.standard_normal((3, 3)))
-    q = q * np.sign(np.diag(r))
-    if np.linalg.det(q) < 0:
-        q[:, 0] = -q[:, 0]
-    return q
 
 
 def _rot_z(angle: float) -> np.ndarray:
@@ -623,12 +616,12 @@ def _place_lesions(rng: np.random.Generator, count: int, image: np.ndarray, labe
             if box is None:
                 continue
             axes = radius * rng.uniform(0.7, 1.3, 3)
-            field_ = _ellipsoid(box, centre, axes, sp, _random_rotation(rng))
+            field_ = _ellipsoid(box, centre, axes, sp, random_rotation(rng))
             for _lobe in range(int(rng.integers(0, 3))):
                 direction = rng.standard_normal(3)
                 direction /= np.linalg.norm(direction)
                 lobe_c = centre + direction * radius * rng.uniform(0.35, 0.65)
-                lobe = _ellipsoid(box, lobe_c, radius * rng.uniform(0.4, 0.65, 3), sp, _random_rotation(rng))
+                lobe = _ellipsoid(box, lobe_c, radius * rng.uniform(0.4, 0.65, 3), sp, random_rotation(rng))
                 field_ = np.minimum(field_, lobe)
             field_ = field_ + _F32(rng.uniform(0.08, 0.22)) * texture[box]
             blob = (field_ < 1.0) & (labels[box] == host)
@@ -678,19 +671,6 @@ def make_phantoms(n: int, seed: int = 0, **kw) -> Iterator[Phantom]:
     width = max(3, len(str(int(n) - 1)))
     for i in range(int(n)):
         yield make_phantom(phantom_seed(seed, i), case_id=f"phantom_{i:0{width}d}", **kw)
-
-
-def _write_image(array: np.ndarray, geometry: Geometry, path: Path, force: bool) -> None:
-    img = sitk.GetImageFromArray(array, isVector=False)
-    img.SetSpacing(geometry.spacing)
-    img.SetOrigin(geometry.origin)
-    img.SetDirection(geometry.direction)
-    with atomic_output(path, force=force) as tmp:
-        try:
-            sitk.WriteImage(img, str(tmp), useCompression=True)
-        except RuntimeError as exc:
-            raise ConformalSegError(f"cannot write the image ({str(exc).strip().splitlines()[-1][:200]})",
-                                    path=path, fix="choose a writable output location with enough space") from exc
 
 
 def dataset_json(n: int, *, seed: int = 0, options: dict | None = None) -> dict:
@@ -744,8 +724,8 @@ def write_phantom_dataset(out_dir: str | PathLike[str], n: int, seed: int = 0, *
         image = phantom.image
         if image_dtype == "int16":
             image = np.rint(np.clip(image, HU_MIN, HU_MAX)).astype(np.int16)
-        _write_image(image, phantom.geometry, out / "imagesTr" / f"{phantom.case_id}_0000.nii.gz", force)
-        _write_image(phantom.labels, phantom.geometry, out / "labelsTr" / f"{phantom.case_id}.nii.gz", force)
+        save_volume(image, phantom.geometry, out / "imagesTr" / f"{phantom.case_id}_0000.nii.gz", force=force)
+        save_volume(phantom.labels, phantom.geometry, out / "labelsTr" / f"{phantom.case_id}.nii.gz", force=force)
         if progress is not None:
             progress(done, n, phantom.case_id)
     options = {k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items()}

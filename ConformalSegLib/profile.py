@@ -42,6 +42,7 @@ from .errors import ConformalSegError
 from .geometry import Geometry
 from .guarantees import guarantee_sentence
 from .io.atomic import atomic_write_bytes, atomic_write_text, check_can_write
+from .io.checksums import sha256_file
 from .io.segmentation import INNER_SET, LESION_FNR, OUTER_SET
 from .summaries import LesionSummaries
 
@@ -72,14 +73,6 @@ def _decode_float(value: Any, key: str, path: Path) -> float:
         raise ConformalSegError(f"profile key {key!r} must be a number or 'inf'/'-inf', got {value!r}",
                                 path=path, fix=RERUN_FIX)
     return float(value)
-
-
-def sha256_file(path: str | PathLike[str]) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)

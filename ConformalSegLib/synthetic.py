@@ -37,6 +37,7 @@ from scipy import ndimage, special
 
 from .errors import ConformalSegError
 from .geometry import Geometry
+from .randomness import random_rotation
 
 __all__ = ["SyntheticCase", "case_seed", "make_case", "make_cases"]
 
@@ -75,15 +76,6 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma_mm: fl
     if std > 0:
         field *= np.float32(1.0 / std)
     return field
-
-
-def _random_rotation(rng: np.random.Generator) -> np.ndarray:
-    """A uniformly random 3x3 rotation matrix."""
-    q, r = np.linalg.qr(rng.standard_normal((3, 3)))
-    q = q * np.sign(np.diag(r))
-    if np.linalg.det(q) < 0:
-        q[:, 0] = -q[:, 0]
-    return q
 
 
 def _box(center_mm: np.ndarray, half_mm: float, spacing_zyx: np.ndarray,
@@ -228,13 +220,13 @@ def make_case(seed: int, *, shape: tuple[int, int, int] = (40, 64, 64),
             if box is None:
                 continue
             loff = _box_offsets(box, lcenter, sp)
-            field = _ellipsoid_radius(loff, radius * rng.uniform(0.75, 1.2, 3), _random_rotation(rng))
+            field = _ellipsoid_radius(loff, radius * rng.uniform(0.75, 1.2, 3), random_rotation(rng))
             for _ in range(int(rng.integers(0, 3))):  # satellite lobes
                 direction = rng.standard_normal(3)
                 direction /= np.linalg.norm(direction)
                 lobe_center = direction * radius * rng.uniform(0.35, 0.7)
                 lobe_off = [o - np.float32(d) for o, d in zip(loff, lobe_center)]
-                lobe = _ellipsoid_radius(lobe_off, radius * rng.uniform(0.4, 0.7, 3), _random_rotation(rng))
+                lobe = _ellipsoid_radius(lobe_off, radius * rng.uniform(0.4, 0.7, 3), random_rotation(rng))
                 field = np.minimum(field, lobe)
             field = field + np.float32(rng.uniform(0.08, 0.2)) * texture[box]
             blob = (field < 1.0) & organ[box]

@@ -335,6 +335,15 @@ def test_apply_threshold_infinite_and_dtypes():
     assert np.array_equal(apply_threshold(u8, 100.5), u8 >= 101)
 
 
+def test_apply_threshold_out_argument():
+    p = np.random.default_rng(12).random((4, 5)).astype(np.float32)
+    out = np.zeros(p.shape, bool)
+    for c in [0.3, float(p[1, 2]), -INF, INF, 0.3]:
+        res = apply_threshold(p, c, out=out)
+        assert res is out
+        assert np.array_equal(out, p.astype(np.float64) >= c)
+
+
 @settings(max_examples=200, deadline=None, derandomize=True)
 @given(values=st.lists(st.floats(0, 1, width=32), min_size=1, max_size=30),
        cutoff=st.one_of(st.floats(-0.1, 1.1), st.floats(0, 1, width=32)),

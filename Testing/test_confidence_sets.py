@@ -575,3 +575,8 @@ def test_select_transforms_errors():
         select_transforms(cases, [IDENTITY], alpha_inner=0.1, alpha_outer=0.1)
     with pytest.raises(ConformalSegError):
         select_transforms(cases + cases, [], alpha_inner=0.1, alpha_outer=0.1)
+
+
+def test_joint_split_fills_the_missing_inner_level():
+    alpha, inner, outer = resolve_levels(0.1, None, 0.08, "joint-split")
+    assert (alpha, inner, outer) == (0.1, 0.02, 0.08)

@@ -221,3 +221,27 @@ def test_crc_cutoff_property(cases, epsilon):
     summ = summaries_from(arrays)
     got = crc_cutoff(summ, epsilon)
     assert got == brute_crc(decoded(summ), epsilon)
+
+
+@pytest.mark.parametrize("precision", ["float32", "uint16"])
+def test_count_at_least_matches_brute_force(precision):
+    rng = np.random.default_rng(11)
+    cases = random_cases(rng, 20, ties=6, empty_frac=0.2) + random_cases(rng, 10)
+    summ = summaries_from(cases, precision)
+    dec = decoded(summ)
+    probes = sorted({float(x) for v in dec for x in v[:3]})
+    probes += [float(np.nextafter(x, INF)) for x in probes] + [float(np.nextafter(x, -INF)) for x in probes]
+    for c in probes + [-INF, INF, 0.0, 1.0, 0.5]:
+        assert summ.count_at_least(c).tolist() == [int(np.count_nonzero(v >= c)) for v in dec], c
+
+
+@pytest.mark.parametrize("eps", [0.1, 0.2, 0.35])
+def test_crc_cutoff_explicit_n_ignores_empty_cases(eps):
+    """crc_cutoff(summaries, eps, n=number of lesion cases) on summaries that still hold the lesion-free
+    cases equals the cutoff of the lesion cases alone."""
+    rng = np.random.default_rng(12)
+    cases = random_cases(rng, 30, empty_frac=0.3)
+    summ = summaries_from(cases)
+    with_lesion = [v for v in decoded(summ) if v.size]
+    assert crc_cutoff(summ, eps, n=len(with_lesion)) == brute_crc(with_lesion, eps)
+    assert crc_cutoff(summaries_from(with_lesion), eps) == brute_crc(with_lesion, eps)

@@ -53,6 +53,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ConformalSegLib.cls import round_up_to_dtype
+
 DELTA = 1e-4
 MAX_ITER = 60
 DEFAULT_TOL = 2.0 ** -24  # float32 spacing just below 1.0 is 2**-24
@@ -69,15 +71,7 @@ class BisectionResult:
     converged: bool  # False when the iteration cap stopped the loop
 
 
-def round_up_to_float_dtype(value: float, dtype: np.dtype) -> np.floating:
-    """Smallest value of float ``dtype`` that is ``>= value`` (so ``x >= r <=> x >= value`` exactly)."""
-    dtype = np.dtype(dtype)
-    if dtype.kind != "f":
-        dtype = np.dtype(np.float64)
-    cast = dtype.type(value)
-    if float(cast) < value:
-        cast = np.nextafter(cast, dtype.type(np.inf))
-    return cast
+round_up_to_float_dtype = round_up_to_dtype  # smallest value of the dtype >= value (exact comparisons)
 
 
 class VolumeFNR:

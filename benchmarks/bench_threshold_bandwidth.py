@@ -10,6 +10,7 @@ one), times
   (reads 4, writes 1 byte per voxel),
 * ``a >= c``: the same with a freshly allocated result (what ``apply_threshold`` does),
 * ``apply_threshold(a, c)``: the library call (rounds the cutoff up to float32, allocates the mask),
+* ``apply_threshold(a, c, out=buf)``: the library call writing into a reused mask (the slider path),
 
 and prints the effective GB/s of each (bytes read + written / time, 1 GB = 1e9 bytes) and the
 ratio of the threshold pass to the copy. A threshold pass cannot beat ``5 V bytes / copy GB/s``;
@@ -51,6 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
         ("`np.greater_equal(a, c, out=bool_buf)`", lambda: np.greater_equal(prob, c32, out=out), 5),
         ("`a >= c` (new bool array)", lambda: prob >= c32, 5),
         ("`apply_threshold(a, c)`", lambda: apply_threshold(prob, cutoff), 5),
+        ("`apply_threshold(a, c, out=bool_buf)`", lambda: apply_threshold(prob, cutoff, out=out), 5),
     ]
     timings = {}
     for name, fn, bytes_per_voxel in cases:
