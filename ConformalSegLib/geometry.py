@@ -9,6 +9,10 @@ Conventions
   row-major 3x3 direction cosine matrix as a flat 9-tuple.
 * :attr:`Geometry.spacing_zyx` gives the spacing in numpy order, which is what distance transforms and
   Gaussian filters over arrays need.
+* World space is **LPS** (ITK, DICOM). Slicer, nibabel and MONAI use **RAS**; the two differ by
+  negating the first two world coordinates (:data:`LPS_TO_RAS`, its own inverse). The voxel axes do
+  not change. :meth:`Geometry.ijk_to_ras` and :func:`geometry_from_ijk_to_ras` are the only places
+  that convert.
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 IDENTITY_DIRECTION: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+
+#: LPS <-> RAS for homogeneous 4x4 matrices: negate the x and y world coordinates (its own inverse).
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
 @dataclass(frozen=True)
@@ -63,6 +70,11 @@ class Geometry:
         matrix[:3, 3] = self.origin
         return matrix
 
+    def ijk_to_ras(self) -> np.ndarray:
+        """4x4 matrix mapping ITK index (i, j, k) to RAS physical coordinates (Slicer's IJK-to-RAS,
+        MONAI's and nibabel's affine)."""
+        return LPS_TO_RAS @ self.ijk_to_lps()
+
     def mismatch(self, other: "Geometry", *, rtol: float = 1e-4, atol_mm: float = 1e-3) -> str | None:
         """Describe how ``other`` differs from this geometry, or ``None`` when they match.
 
@@ -79,3 +91,20 @@ class Geometry:
         if not np.allclose(self.direction, other.direction, rtol=0.0, atol=1e-4):
             return f"direction {self.direction} != {other.direction}"
         return None
+
+
+def geometry_from_ijk_to_ras(ijk_to_ras: np.ndarray, shape_zyx: tuple[int, ...] | list[int]) -> Geometry:
+    """The geometry of a volume given its 4x4 IJK-to-RAS matrix and numpy ``(z, y, x)`` shape.
+
+    Raises ``ValueError`` for a matrix that is not 4x4 or has a zero/non-finite column.
+    """
+    matrix = np.asarray(ijk_to_ras, dtype=float)
+    if matrix.shape != (4, 4):
+        raise ValueError(f"IJK-to-RAS must be a 4x4 matrix, got shape {matrix.shape}")
+    lps = LPS_TO_RAS @ matrix
+    axes = lps[:3, :3]
+    spacing = np.linalg.norm(axes, axis=0)
+    if np.any(spacing <= 0) or not np.all(np.isfinite(spacing)):
+        raise ValueError("IJK-to-RAS matrix has a zero or invalid column (degenerate volume geometry)")
+    return Geometry(shape=tuple(int(s) for s in shape_zyx), spacing=tuple(spacing), origin=tuple(lps[:3, 3]),
+                    direction=tuple((axes / spacing).reshape(-1)))

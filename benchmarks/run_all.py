@@ -27,6 +27,8 @@ BENCHMARKS = (
     "bench_cls_exact_vs_bisection.py",
     "bench_recalibration.py",
     "bench_threshold_bandwidth.py",
+    "bench_slider.py",
+    "bench_inference.py",
 )
 
 

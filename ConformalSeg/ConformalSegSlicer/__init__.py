@@ -1,0 +1,19 @@
+"""The 3D Slicer side of ConformalSeg, kept out of ``ConformalSeg.py`` so that it stays thin glue.
+
+Every module here except :mod:`ConformalSegSlicer.slicer_adapter` is free of Slicer, VTK and Qt and
+is tested with pytest outside Slicer (``Testing/test_slicer_logic.py``):
+
+* :mod:`~ConformalSegSlicer.process`: the out-of-process runner (progress parsed from the output,
+  cancellation kills the whole process tree);
+* :mod:`~ConformalSegSlicer.commands`: command lines of the ``conformalseg`` CLI run with PythonSlicer;
+* :mod:`~ConformalSegSlicer.slider`: slider values -> recalibrated masks and the guarantee text;
+* :mod:`~ConformalSegSlicer.spatial`: Slicer's IJK-to-RAS matrices <-> the library's LPS geometry;
+* :mod:`~ConformalSegSlicer.segments`: names, colours and terminology of the result segments;
+* :mod:`~ConformalSegSlicer.display`: overlay windows and thresholds;
+* :mod:`~ConformalSegSlicer.evaluation_plots`: ECR and PC versus alpha from ``conformalseg evaluate``;
+* :mod:`~ConformalSegSlicer.environment`: Python requirements, PyTorch device choice, module reload;
+* :mod:`~ConformalSegSlicer.fixtures`: synthetic data, profiles and a tiny model for the self-tests.
+
+:mod:`~ConformalSegSlicer.slicer_adapter` converts between MRML nodes and numpy arrays and is the
+only module that imports ``slicer``.
+"""

@@ -1,0 +1,168 @@
+"""Command lines of the ``conformalseg`` CLI as the Slicer module runs them (out of process).
+
+The module runs ``PythonSlicer -m ConformalSegLib COMMAND ...``: Slicer's own Python (so torch from
+the PyTorch extension and the packages installed from ``Resources/requirements.txt`` are there), in
+a separate process (so a long inference never blocks the GUI and can be cancelled). The child finds
+``ConformalSegLib`` through ``PYTHONPATH`` (:func:`child_environment`): in an installed extension
+the package sits next to ``ConformalSeg.py`` in the scripted-modules folder.
+
+Output layout of ``conformalseg infer --out OUT`` (see ``ConformalSegLib/cli/infer_cmd.py``):
+``OUT/probs/CASE.nii.gz`` and, with ``--mc-dropout N``, ``OUT/uncertainty/CASE_variance.nii.gz``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from os import PathLike
+from pathlib import Path
+
+#: Case id of the volume the module exports for inference (file ``images/input.nii.gz``).
+INPUT_CASE_ID = "input"
+#: Default grids of ``conformalseg evaluate`` run from the panel (ECR / PC versus alpha plots).
+EVALUATION_ALPHAS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5)
+EVALUATION_EPSILONS = (0.05, 0.1, 0.2, 0.3)
+
+
+def library_root() -> Path:
+    """The folder that contains the ``ConformalSegLib`` package (what the child needs on its path)."""
+    import ConformalSegLib
+
+    return Path(ConformalSegLib.__file__).resolve().parent.parent
+
+
+def child_environment(base: Mapping[str, str] | None = None, *, library_dir: str | PathLike[str] | None = None) -> dict[str, str]:
+    """Environment of the child: ``base`` (default ``os.environ``) with the library folder first on
+    ``PYTHONPATH``, unbuffered UTF-8 output (progress arrives as it happens) and no user site."""
+    env = dict(os.environ if base is None else base)
+    folder = str(library_root() if library_dir is None else library_dir)
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != folder]
+    env["PYTHONPATH"] = os.pathsep.join([folder, *paths])
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONIOENCODING"] = "utf-8"
+    env["PYTHONNOUSERSITE"] = "1"
+    return env
+
+
+def find_python_slicer(which=shutil.which, *, slicer_home: str | PathLike[str] | None = None,
+                       fallback: str | None = None) -> str:
+    """Path of ``PythonSlicer`` (Slicer's Python launcher): on ``PATH`` inside Slicer, else in
+    ``slicer_home/bin``; ``fallback`` (default ``sys.executable``) outside Slicer."""
+    found = which("PythonSlicer")
+    if found:
+        return str(found)
+    if slicer_home is not None:
+        for name in ("PythonSlicer.exe", "PythonSlicer"):
+            candidate = Path(slicer_home) / "bin" / name
+            if candidate.is_file():
+                return str(candidate)
+    return fallback or sys.executable
+
+
+def module_command(python: str, command: str, *args: str) -> list[str]:
+    """``python -m ConformalSegLib COMMAND ARGS...``."""
+    return [str(python), "-m", "ConformalSegLib", command, *[str(a) for a in args]]
+
+
+def infer_command(python: str, *, model: str | PathLike[str], images: str | PathLike[str],
+                  out_dir: str | PathLike[str], mc_dropout: int = 0, device: str = "auto",
+                  force: bool = True) -> list[str]:
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
+    if int(mc_dropout) < 0:
+        raise ValueError("mc_dropout must be >= 0")
+    args = ["--model", str(model), "--images", str(images), "--out", str(out_dir),
+            "--mc-dropout", str(int(mc_dropout)), "--device", device]
+    return module_command(python, "infer", *args, *(["--force"] if force else []))
+
+
+def _label_args(lesion_labels: int | Sequence[int]) -> list[str]:
+    labels = [lesion_labels] if isinstance(lesion_labels, int) else list(lesion_labels)
+    if not labels or any(int(v) != v or v < 1 for v in labels):
+        raise ValueError(f"lesion labels must be positive integers, got {lesion_labels!r}")
+    return ["--lesion-label", *[str(int(v)) for v in labels]]
+
+
+def calibrate_command(python: str, *, data_dir: str | PathLike[str], method: str, out_profile: str | PathLike[str],
+                      lesion_labels: int | Sequence[int] = 1, epsilon: float | None = None,
+                      alpha: float | None = None, alpha_inner: float | None = None,
+                      alpha_outer: float | None = None, force: bool = False) -> list[str]:
+    """``conformalseg calibrate`` on a dataset folder with ``probs/`` and ``labels/``."""
+    if method not in ("cls", "crc", "sets"):
+        raise ValueError(f"method must be cls, crc or sets, got {method!r}")
+    args = ["--data", str(data_dir), *_label_args(lesion_labels), "--method", method]
+    if method in ("cls", "crc"):
+        args += ["--epsilon", repr(float(epsilon))]
+    if method == "cls":
+        args += ["--alpha", repr(float(alpha))]
+    if method == "sets":
+        args += ["--alpha-inner", repr(float(alpha_inner)), "--alpha-outer", repr(float(alpha_outer))]
+    args += ["--out", str(out_profile)]
+    return module_command(python, "calibrate", *args, *(["--force"] if force else []))
+
+
+def evaluation_grid(values: Sequence[float], extra: float | None) -> list[float]:
+    """``values`` plus ``extra`` (the current slider value, so the plots contain it), sorted, unique."""
+    grid = {round(float(v), 6) for v in values}
+    if extra is not None and 0 < float(extra) < 1:
+        grid.add(round(float(extra), 6))
+    return sorted(grid)
+
+
+def evaluate_command(python: str, *, data_dir: str | PathLike[str], out_dir: str | PathLike[str],
+                     lesion_labels: int | Sequence[int] = 1, splits: int = 100, epsilon: float | None = None,
+                     alpha: float | None = None, hd95: bool = False, force: bool = True) -> list[str]:
+    """``conformalseg evaluate`` over the panel's epsilon/alpha grids (plus the current sliders)."""
+    if int(splits) < 1:
+        raise ValueError("splits must be >= 1")
+    epsilons = evaluation_grid(EVALUATION_EPSILONS, epsilon)
+    alphas = evaluation_grid(EVALUATION_ALPHAS, alpha)
+    args = ["--data", str(data_dir), *_label_args(lesion_labels), "--splits", str(int(splits)),
+            "--epsilons", *[repr(e) for e in epsilons], "--alphas", *[repr(a) for a in alphas]]
+    if epsilon is not None and round(float(epsilon), 6) in epsilons:
+        args += ["--main-epsilon", repr(round(float(epsilon), 6))]
+    if alpha is not None and round(float(alpha), 6) in alphas:
+        args += ["--main-alpha", repr(round(float(alpha), 6))]
+    if not hd95:
+        args.append("--no-hd95")
+    args += ["--out", str(out_dir)]
+    return module_command(python, "evaluate", *args, *(["--force"] if force else []))
+
+
+@dataclass(frozen=True)
+class InferenceOutputs:
+    probability: Path | None
+    variance: Path | None
+
+
+def find_inference_outputs(out_dir: str | PathLike[str], case_id: str = INPUT_CASE_ID) -> InferenceOutputs:
+    """``OUT/probs/CASE.nii.gz`` and ``OUT/uncertainty/CASE_variance.nii.gz`` when they exist; with
+    a single probability map of another name (a renamed case), that one and its variance."""
+    out = Path(out_dir)
+    probability = out / "probs" / f"{case_id}.nii.gz"
+    if not probability.is_file():
+        candidates = sorted((out / "probs").glob("*.nii.gz")) if (out / "probs").is_dir() else []
+        if len(candidates) != 1:
+            return InferenceOutputs(None, None)
+        probability = candidates[0]
+        case_id = probability.name[: -len(".nii.gz")]
+    variance = out / "uncertainty" / f"{case_id}_variance.nii.gz"
+    return InferenceOutputs(probability, variance if variance.is_file() else None)
+
+
+def progress_stages(command: str) -> tuple[str, ...]:
+    """Labels of the tqdm bars a command draws, in order (for :class:`~ConformalSegSlicer.process.StagedProgress`)."""
+    if command == "evaluate":
+        try:
+            from ConformalSegLib.evaluation import TqdmProgress
+
+            labels = TqdmProgress.LABELS
+            return (labels["statistics"], labels["splits"], labels["sizes"])
+        except (ImportError, AttributeError, KeyError):  # pragma: no cover - library changed
+            return ()
+    if command == "calibrate":
+        return ("calibrating",)
+    return ()

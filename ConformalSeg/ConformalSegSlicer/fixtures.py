@@ -1,0 +1,112 @@
+"""Test data for the module's self-tests (in Slicer) and for pytest (outside): no Slicer here.
+
+* :func:`make_slider_fixture`: synthetic CT-like cases (:mod:`ConformalSegLib.synthetic`), CLS,
+  expected-FNR and confidence-set profiles calibrated on all but the last case
+  (:func:`ConformalSegLib.calibration.calibrate`), and that last case as the "new scan".
+* :func:`make_tiny_model`: a tiny MONAI UNet state dict and its model card
+  (``ConformalSegLib/inference/model_card.py`` format) for an end-to-end run on the CPU;
+  :func:`tiny_model_unavailable_reason` says why it cannot run (library without ``inference``,
+  no torch/MONAI, or a CLI without ``infer``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass, field
+from os import PathLike
+from pathlib import Path
+
+from .slider import SliderSettings
+
+#: Two slider settings the self-test checks segment by segment against the library. The second
+#: asks for alpha = 0.04 on 19 scans (24 are needed): the CLS mask must be the whole image.
+SLIDER_CHECKS: tuple[SliderSettings, ...] = (
+    SliderSettings(epsilon=0.1, alpha=0.2, alpha_inner=0.2, alpha_outer=0.2, include_threshold=True),
+    SliderSettings(epsilon=0.25, alpha=0.04, alpha_inner=0.1, alpha_outer=0.3, include_threshold=False),
+)
+
+
+@dataclass
+class SliderFixture:
+    case: object  # ConformalSegLib.synthetic.SyntheticCase: image, probability, lesion, geometry
+    profiles: dict[str, Path] = field(default_factory=dict)  # method -> profile JSON
+
+    @property
+    def profile_paths(self) -> list[Path]:
+        return [self.profiles[m] for m in ("cls", "crc", "sets") if m in self.profiles]
+
+
+def make_slider_fixture(out_dir: str | PathLike[str], *, n_calibration: int = 19, shape: tuple[int, int, int] = (20, 40, 40),
+                        seed: int = 7, methods: tuple[str, ...] = ("cls", "crc", "sets")) -> SliderFixture:
+    """Calibrate ``methods`` on ``n_calibration`` synthetic cases; the next case is the test scan."""
+    from ConformalSegLib.calibration import CalibrationRequest, calibrate
+    from ConformalSegLib.synthetic import make_cases
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cases = list(make_cases(n_calibration + 1, seed, shape=shape))
+    calibration, test = cases[:-1], cases[-1]
+    requests = {
+        "cls": CalibrationRequest("cls", epsilon=0.1, alpha=0.2),
+        "crc": CalibrationRequest("crc", epsilon=0.1),
+        "sets": CalibrationRequest("sets", alpha_inner=0.2, alpha_outer=0.2, inner_transform="identity",
+                                   outer_transform="distance:0.5"),
+    }
+    fixture = SliderFixture(test)
+    for method in methods:
+        profile = calibrate(calibration, requests[method])
+        json_path, _ = profile.save(out / f"{method}.json", force=True)
+        fixture.profiles[method] = json_path
+    return fixture
+
+
+# ----------------------------------------------------------------------------- tiny model
+
+TINY_NETWORK_ARGS = {"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "channels": [4, 8], "strides": [2],
+                     "num_res_units": 0, "dropout": 0.2}
+
+
+def tiny_model_unavailable_reason() -> str | None:
+    """Why the tiny-model end-to-end test cannot run here, or None when it can."""
+    if importlib.util.find_spec("ConformalSegLib.inference") is None:
+        return "ConformalSegLib.inference is missing (this library version has no network inference)"
+    for package in ("torch", "monai"):
+        if importlib.util.find_spec(package) is None:
+            return f"{package} is not installed (install PyTorch from the PyTorch extension, then MONAI)"
+    try:
+        from ConformalSegLib.cli import COMMANDS
+    except ImportError as exc:  # pragma: no cover - CLI changed
+        return f"cannot inspect the conformalseg CLI ({exc})"
+    if not any(module.__name__.rsplit(".", 1)[-1] == "infer_cmd" for module in COMMANDS):
+        return "the conformalseg CLI has no 'infer' command yet"
+    return None
+
+
+def make_tiny_model(out_dir: str | PathLike[str], *, seed: int = 0) -> Path:
+    """A folder with ``model_card.json`` and ``unet.pt`` (random weights): a valid model for
+    ``conformalseg infer --model FOLDER`` that runs in seconds on the CPU."""
+    import torch
+    from monai.networks.nets import UNet
+
+    from ConformalSegLib.inference.model_card import CARD_FILE, FORMAT, FORMAT_VERSION, load_model_card
+
+    folder = Path(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    network = UNet(**TINY_NETWORK_ARGS)
+    torch.save(network.state_dict(), folder / "unet.pt")
+    card = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "name": "conformalseg-selftest-tiny-unet",
+        "source": {"state_dict": {"network": "UNet", "args": TINY_NETWORK_ARGS, "weights": "unet.pt"}},
+        "preprocessing": {"orientation": None, "spacing_mm": None,
+                          "intensity": {"kind": "window", "a_min": -200, "a_max": 300, "b_min": 0.0, "b_max": 1.0,
+                                        "clip": True}},
+        "inference": {"patch_size": [32, 32, 16], "overlap": 0.25, "blend": "gaussian", "sw_batch_size": 2},
+        "output": {"activation": "softmax", "lesion_channel": 1},
+        "training": {"data": "none: random weights for the ConformalSeg self-test"},
+    }
+    path = folder / CARD_FILE
+    path.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+    load_model_card(path)  # fails here, with the card's own message, if the format moved on
+    return folder

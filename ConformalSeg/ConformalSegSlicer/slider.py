@@ -1,0 +1,316 @@
+"""The slider path: (epsilon, alpha, alpha-inner, alpha-outer) -> recalibrated masks and the guarantee.
+
+A :class:`SliderState` holds the loaded calibration profiles and one probability map. Each
+:meth:`SliderState.update` recalibrates every profile from its stored summaries
+(:meth:`CalibrationProfile.recalibrate`: microseconds, no volume is read and the model is not run)
+and recomputes only the masks whose threshold changed, into buffers allocated once. The masks are
+exactly the library's (:meth:`CalibrationProfile.masks`, tested voxel for voxel):
+
+* CLS / expected-FNR lesion: ``prob >= c`` (:func:`ConformalSegLib.cls.apply_threshold`);
+* confidence sets: outer ``T_out >= outer_threshold``, inner ``(T_in > inner_threshold) & outer``,
+  where the score maps ``T`` (e.g. a distance transform) are computed once per probability map and
+  cached, so a slider move never recomputes them;
+* optional baseline ``prob >= 0.5`` ("Lesion (threshold 0.5)").
+
+Which slider drives what: epsilon -- CLS and expected-FNR; alpha -- CLS and joint-max confidence
+sets; alpha-inner / alpha-outer -- marginal and joint-split confidence sets (joint-split's overall
+level is their sum). Slider values are rounded to :data:`SLIDER_DECIMALS` decimals first, so that
+``0.1`` means exactly one tenth to the library's exact arithmetic.
+
+The guarantee text is the library's sentence for each recalibrated profile (it says how many scans
+the calibration used, and carries a warning when the set is too small for the risk level: then the
+mask is the whole image / the inner set is empty).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from os import PathLike
+
+import numpy as np
+
+from ConformalSegLib.cls import apply_threshold, round_up_to_dtype
+from ConformalSegLib.confidence_sets import SetsCalibration
+from ConformalSegLib.errors import CalibrationSetTooSmallWarning, ConformalSegError
+from ConformalSegLib.geometry import Geometry
+from ConformalSegLib.io.segmentation import INNER_SET, LESION_FNR, LESION_THRESHOLD, OUTER_SET
+from ConformalSegLib.io.volumes import PROBABILITY_TOLERANCE
+from ConformalSegLib.profile import LESION_CRC, CalibrationProfile, load_profile
+from ConformalSegLib.transforms import parse_transform
+
+#: Decimals of the panel's sliders (and of the parameter node's ``Decimals`` annotation).
+SLIDER_DECIMALS = 3
+#: Cutoff of the baseline segment "Lesion (threshold 0.5)".
+THRESHOLD_CUTOFF = 0.5
+#: Slider names (parameter-node members) in panel order.
+SLIDERS = ("epsilon", "alpha", "alphaInner", "alphaOuter")
+
+
+def snap(value: float, decimals: int = SLIDER_DECIMALS) -> float:
+    """A slider value as the decimal the user sees (``0.30000000000000004`` -> ``0.3``)."""
+    return float(round(float(value), decimals))
+
+
+@dataclass(frozen=True)
+class SliderSettings:
+    epsilon: float = 0.1
+    alpha: float = 0.1
+    alpha_inner: float = 0.1
+    alpha_outer: float = 0.1
+    include_threshold: bool = False
+
+    def snapped(self) -> "SliderSettings":
+        return replace(self, epsilon=snap(self.epsilon), alpha=snap(self.alpha), alpha_inner=snap(self.alpha_inner),
+                       alpha_outer=snap(self.alpha_outer))
+
+
+@dataclass
+class SegmentUpdate:
+    """One segment after an update. ``mask`` is a buffer owned by the state (overwritten by the next
+    update): copy it to keep it. ``changed`` is False when the threshold did not move."""
+
+    name: str
+    mask: np.ndarray
+    changed: bool
+    rule: str
+    voxels: int
+    volume_ml: float
+
+
+@dataclass
+class SliderResult:
+    segments: dict[str, SegmentUpdate] = field(default_factory=dict)
+    guarantees: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def changed(self) -> list[str]:
+        return [name for name, segment in self.segments.items() if segment.changed]
+
+    @property
+    def has_warning(self) -> bool:
+        return bool(self.warnings or self.errors)
+
+    @property
+    def text(self) -> str:
+        """The label text: one guarantee per profile, then any error."""
+        return "\n".join(self.guarantees + [f"Error: {e}" for e in self.errors])
+
+
+def greater_than(values: np.ndarray, threshold: float, out: np.ndarray) -> np.ndarray:
+    """``values > threshold`` exactly for float arrays (the threshold rounded *down* to the dtype,
+    the mirror image of :func:`ConformalSegLib.cls.apply_threshold`), written into ``out``."""
+    if math.isinf(threshold):
+        out.fill(threshold < 0)
+        return out
+    dtype = values.dtype if values.dtype.kind == "f" else np.dtype(np.float64)
+    largest_at_most = -round_up_to_dtype(-threshold, dtype)
+    np.greater(values, largest_at_most, out=out)
+    return out
+
+
+def validate_probability(probability: np.ndarray, what: str = "probability map") -> np.ndarray:
+    """A float array within [0, 1] (up to rounding noise) and finite, or a clear error."""
+    array = np.asarray(probability)
+    if array.ndim != 3:
+        raise ConformalSegError(f"the {what} must be a 3D volume, got shape {array.shape}")
+    if array.dtype.kind != "f":
+        raise ConformalSegError(f"the {what} has integer voxels ({array.dtype}): it looks like a segmentation or an "
+                                "image, not probabilities", fix="select the probability map the model produced")
+    if not np.isfinite(array).all():
+        raise ConformalSegError(f"the {what} contains NaN or infinite values",
+                                fix="select a valid probability map (values in [0, 1])")
+    low, high = float(array.min()), float(array.max())
+    if low < -PROBABILITY_TOLERANCE or high > 1 + PROBABILITY_TOLERANCE:
+        raise ConformalSegError(f"the {what} has values in [{low:g}, {high:g}], outside [0, 1]",
+                                fix="select the probability map (not the CT image); apply softmax/sigmoid to logits")
+    return array
+
+
+def _segment_names(profile: CalibrationProfile) -> tuple[str, ...]:
+    if profile.method == "sets":
+        return (INNER_SET, OUTER_SET)
+    return (LESION_FNR,) if profile.method == "cls" else (LESION_CRC,)
+
+
+def relevant_sliders(profiles: Iterable[CalibrationProfile]) -> set[str]:
+    """The sliders that change something for these profiles (the others can be disabled)."""
+    names: set[str] = set()
+    for profile in profiles:
+        if profile.method == "cls":
+            names |= {"epsilon", "alpha"}
+        elif profile.method == "crc":
+            names.add("epsilon")
+        elif profile.calibration.mode == "joint-max":
+            names.add("alpha")
+        else:
+            names |= {"alphaInner", "alphaOuter"}
+    return names
+
+
+def initial_settings(profiles: Iterable[CalibrationProfile], default: SliderSettings = SliderSettings()) -> SliderSettings:
+    """Slider positions that reproduce the profiles as calibrated."""
+    settings = default
+    for profile in profiles:
+        c = profile.calibration
+        if isinstance(c, SetsCalibration):
+            if c.mode == "joint-max":
+                settings = replace(settings, alpha=c.alpha)
+            else:
+                settings = replace(settings, alpha_inner=c.alpha_inner, alpha_outer=c.alpha_outer)
+        else:
+            settings = replace(settings, epsilon=c.epsilon)
+            if c.alpha is not None:
+                settings = replace(settings, alpha=c.alpha)
+    return settings.snapped()
+
+
+def recalibrate(profile: CalibrationProfile, settings: SliderSettings) -> CalibrationProfile:
+    """``profile`` recalibrated for the (snapped) slider settings, as :meth:`SliderState.update` does."""
+    s = settings.snapped()
+    if profile.method == "cls":
+        return profile.recalibrate(epsilon=s.epsilon, alpha=s.alpha)
+    if profile.method == "crc":
+        return profile.recalibrate(epsilon=s.epsilon)
+    if profile.calibration.mode == "joint-max":
+        return profile.recalibrate(alpha=s.alpha)
+    return profile.recalibrate(alpha_inner=s.alpha_inner, alpha_outer=s.alpha_outer)
+
+
+def _fmt(x: float) -> str:
+    return "-inf" if x == -math.inf else "+inf" if x == math.inf else f"{x:.6g}"
+
+
+def score_label(transform_name: str) -> str:
+    """What a confidence-set threshold compares, in words (for the results table)."""
+    t = parse_transform(transform_name)
+    if t.kind == "identity":
+        return "probability"
+    if t.kind == "distance":
+        return f"signed distance to (probability >= {t.parameter:g}), mm"
+    return f"probability smoothed with sigma {t.parameter:g} mm"
+
+
+class SliderState:
+    """Profiles + one probability map; :meth:`update` gives the masks for slider settings."""
+
+    def __init__(self, profiles: Sequence[CalibrationProfile], probability: np.ndarray, geometry: Geometry):
+        if not profiles:
+            raise ConformalSegError("no calibration profile loaded", fix="choose a calibration profile (.json)")
+        self.profiles = list(profiles)
+        self.probability = validate_probability(probability)
+        if self.probability.shape != geometry.shape:
+            raise ValueError(f"probability shape {self.probability.shape} != geometry shape {geometry.shape}")
+        self.geometry = geometry
+        names = [name for p in self.profiles for name in _segment_names(p)]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ConformalSegError(f"two profiles give the same segment(s) {', '.join(duplicates)}",
+                                    fix="load at most one CLS, one expected-FNR and one confidence-set profile")
+        self._buffers: dict[str, np.ndarray] = {}
+        self._keys: dict[str, object] = {}
+        self._stats: dict[str, tuple[int, float]] = {}
+        self._scores: dict[str, np.ndarray] = {}
+
+    @classmethod
+    def from_files(cls, paths: Iterable[str | PathLike[str]], probability: np.ndarray, geometry: Geometry) -> "SliderState":
+        return cls([load_profile(p) for p in paths], probability, geometry)
+
+    # ------------------------------------------------------------------ helpers
+
+    @property
+    def methods(self) -> list[str]:
+        return [p.method for p in self.profiles]
+
+    def relevant_sliders(self) -> set[str]:
+        return relevant_sliders(self.profiles)
+
+    def initial_settings(self) -> SliderSettings:
+        return initial_settings(self.profiles)
+
+    def scores(self, transform_name: str) -> np.ndarray:
+        """The score map ``T`` of a transform, computed once per probability map."""
+        if transform_name not in self._scores:
+            self._scores[transform_name] = np.asarray(parse_transform(transform_name)(self.probability, self.geometry))
+        return self._scores[transform_name]
+
+    def _buffer(self, name: str) -> np.ndarray:
+        if name not in self._buffers:
+            self._buffers[name] = np.empty(self.probability.shape, dtype=bool)
+        return self._buffers[name]
+
+    def _segment(self, name: str, key: object, compute, rule: str) -> SegmentUpdate:
+        changed = self._keys.get(name, object()) != key
+        buffer = self._buffer(name)
+        if changed:
+            compute(buffer)
+            self._keys[name] = key
+            voxels = int(np.count_nonzero(buffer))
+            self._stats[name] = (voxels, voxels * self.geometry.voxel_volume_mm3 / 1000.0)
+        voxels, ml = self._stats[name]
+        return SegmentUpdate(name, buffer, changed, rule, voxels, ml)
+
+    # ------------------------------------------------------------------ update
+
+    def update(self, settings: SliderSettings) -> SliderResult:
+        settings = settings.snapped()
+        result = SliderResult()
+        for profile in self.profiles:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", CalibrationSetTooSmallWarning)
+                try:
+                    new = recalibrate(profile, settings)
+                except ConformalSegError as exc:
+                    result.errors.append(f"{profile.method}: {exc}")
+                    for name in _segment_names(profile):  # keep the last valid mask, if any
+                        if name in self._stats:
+                            voxels, ml = self._stats[name]
+                            result.segments[name] = SegmentUpdate(name, self._buffers[name], False, "unchanged",
+                                                                  voxels, ml)
+                    continue
+            result.warnings += [str(w.message) for w in caught if issubclass(w.category, CalibrationSetTooSmallWarning)]
+            result.guarantees.append(new.guarantee)
+            c = new.calibration
+            if isinstance(c, SetsCalibration):
+                t_out = self.scores(c.outer_transform)
+                t_in = self.scores(c.inner_transform)
+                outer = self._segment(OUTER_SET, ("outer", c.outer_transform, c.outer_threshold),
+                                      lambda out: apply_threshold(t_out, c.outer_threshold, out=out),
+                                      f"{score_label(c.outer_transform)} >= {_fmt(c.outer_threshold)}")
+
+                def inner_mask(out: np.ndarray) -> None:
+                    greater_than(t_in, c.inner_threshold, out)
+                    np.logical_and(out, outer.mask, out=out)
+
+                inner = self._segment(INNER_SET, ("inner", c.inner_transform, c.inner_threshold, self._keys[OUTER_SET]),
+                                      inner_mask,
+                                      f"{score_label(c.inner_transform)} > {_fmt(c.inner_threshold)}, within the outer set")
+                result.segments[INNER_SET] = inner
+                result.segments[OUTER_SET] = outer
+            else:
+                name = LESION_FNR if c.method == "cls" else LESION_CRC
+                cutoff = c.probability_threshold
+                result.segments[name] = self._segment(
+                    name, ("prob", cutoff), lambda out: apply_threshold(self.probability, cutoff, out=out),
+                    f"probability >= {_fmt(cutoff)}")
+        if settings.include_threshold:
+            result.segments[LESION_THRESHOLD] = self._segment(
+                LESION_THRESHOLD, ("prob", THRESHOLD_CUTOFF),
+                lambda out: apply_threshold(self.probability, THRESHOLD_CUTOFF, out=out),
+                f"probability >= {THRESHOLD_CUTOFF}")
+        return result
+
+    def library_masks(self, settings: SliderSettings) -> dict[str, np.ndarray]:
+        """The same masks straight from the library (:meth:`CalibrationProfile.masks`), for checks."""
+        masks: dict[str, np.ndarray] = {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CalibrationSetTooSmallWarning)
+            for profile in self.profiles:
+                masks.update(recalibrate(profile, settings).masks(self.probability, self.geometry))
+        if settings.include_threshold:
+            masks[LESION_THRESHOLD] = apply_threshold(self.probability, THRESHOLD_CUTOFF)
+        return masks

@@ -1,0 +1,143 @@
+"""``conformalseg infer``: run a model card's network on every image of a folder / dataset.
+
+Writes, under ``--out``::
+
+    probs/CASE.nii.gz                  lesion probability (float32, on the input image's grid)
+    uncertainty/CASE_variance.nii.gz   with --mc-dropout N: variance over the N passes
+    uncertainty/CASE_entropy.nii.gz    with --mc-dropout N: predictive entropy (nats)
+    inference.json                     model name, card, weights SHA-256, pipeline fingerprint, device,
+                                       MC passes, flips, seed, per-case seconds
+
+``probs/`` is ready for ``conformalseg calibrate --probs OUT/probs --labels ...`` (same case ids as
+the label files). With MC dropout the probability is the mean over the passes: calibrate and apply
+with the same number of passes (and seed). Every file is written atomically; existing outputs are
+never overwritten without ``--force`` (checked before the first case runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import platform
+import time
+from pathlib import Path
+
+from .. import __version__
+from ..errors import ConformalSegError
+from ..io.atomic import atomic_write_text, check_can_write
+from .common import add_force, progress_bar
+
+INFERENCE_FORMAT = "conformalseg-inference"
+INFERENCE_FORMAT_VERSION = 1
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("infer", help="run a network (model card) on images and write probability maps",
+                       description="Predict lesion probability maps (and MC-dropout uncertainty maps) for every "
+                                   "image in --images with the pipeline fixed by a model card, on each image's own "
+                                   "grid, ready for `calibrate`/`apply`.")
+    p.add_argument("--model", type=Path, required=True,
+                   help="model card .json, folder with model_card.json (also a MONAI bundle), or a TorchScript "
+                        "file X.ts/X.pt with its card X.json beside it")
+    p.add_argument("--images", type=Path, required=True,
+                   help="image file, folder of images (.nii.gz/.nrrd/.mha), or an MSD/nnU-Net dataset folder")
+    p.add_argument("--subset", choices=("all", "tr", "ts"), default="all",
+                   help="MSD/nnU-Net datasets: imagesTr and imagesTs (all, default), imagesTr (tr) or imagesTs (ts)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--mc-dropout", type=int, default=0, metavar="N",
+                   help="MC dropout passes (run as one batch); the probability is their mean, and variance and "
+                        "entropy maps are written (default 0: deterministic)")
+    p.add_argument("--tta", action="store_true", help="average over the 8 flips of the spatial axes")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: CUDA when available (default); cuda without a GPU falls back to the CPU")
+    p.add_argument("--no-amp", action="store_true", help="CUDA: full float32 instead of float16 mixed precision")
+    p.add_argument("--sw-batch-size", type=int, default=None,
+                   help="windows per forward call (default: the model card's); speed/memory only")
+    p.add_argument("--seed", type=int, default=0, help="seed of the MC dropout masks (default 0)")
+    add_force(p)
+    p.set_defaults(func=run)
+
+
+def output_paths(out: Path, case_id: str, mc: bool) -> dict[str, Path]:
+    paths = {"probability": out / "probs" / f"{case_id}.nii.gz"}
+    if mc:
+        paths["variance"] = out / "uncertainty" / f"{case_id}_variance.nii.gz"
+        paths["entropy"] = out / "uncertainty" / f"{case_id}_entropy.nii.gz"
+    return paths
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..inference import InferenceEngine, find_images, resolve_model
+    from ..io.volumes import load_image, save_volume
+
+    if args.mc_dropout < 0:
+        raise ConformalSegError(f"--mc-dropout must be >= 0, got {args.mc_dropout}")
+    if args.sw_batch_size is not None and args.sw_batch_size < 1:
+        raise ConformalSegError(f"--sw-batch-size must be >= 1, got {args.sw_batch_size}")
+    if args.out.exists() and not args.out.is_dir():
+        raise ConformalSegError("output path exists and is not a folder", path=args.out, fix="give a folder for --out")
+    card = resolve_model(args.model)
+    cases = find_images(args.images, subset=args.subset)
+    mc = args.mc_dropout > 0
+    report_path = args.out / "inference.json"
+    planned = [(case, output_paths(args.out, case.case_id, mc)) for case in cases]
+    if not args.force:  # fail before the long run, not after it
+        existing = [p for _, paths in planned for p in paths.values() if p.exists()]
+        if report_path.exists():
+            existing.append(report_path)
+        if existing:
+            raise ConformalSegError(f"{len(existing)} output file(s) already exist (e.g. {existing[0]})", path=args.out,
+                                    fix="pass --force to overwrite or choose another --out")
+    check_can_write(report_path, force=args.force)
+
+    engine = InferenceEngine(card, device=args.device, amp=not args.no_amp, sw_batch_size=args.sw_batch_size,
+                             seed=args.seed)
+    weights_sha256 = card.sha256()
+    progress = progress_bar("inference")
+    records = []
+    started = time.perf_counter()
+    progress(0, len(planned), "")  # show the bar before the first (possibly long) case
+    for done, (case, paths) in enumerate(planned, start=1):
+        t0 = time.perf_counter()
+        volume = load_image(case.path)
+        prediction = engine.predict(volume, mc_dropout=args.mc_dropout, tta_flips=args.tta)
+        save_volume(prediction.probability, volume.geometry, paths["probability"], force=args.force)
+        if mc:
+            save_volume(prediction.variance, volume.geometry, paths["variance"], force=args.force)
+            save_volume(prediction.entropy, volume.geometry, paths["entropy"], force=args.force)
+        record = {"case_id": case.case_id, "image": str(case.path.resolve()),
+                  **{key: str(path.relative_to(args.out)) for key, path in paths.items()},
+                  "seconds": round(time.perf_counter() - t0, 3),
+                  "inference_seconds": round(prediction.seconds, 3),
+                  "windows": prediction.info.get("windows")}
+        records.append(record)
+        progress(done, len(planned), case.case_id)
+        del volume, prediction
+    report = {
+        "format": INFERENCE_FORMAT, "format_version": INFERENCE_FORMAT_VERSION,
+        "model": {"name": card.name, "card": str(card.path.resolve()) if card.path else None,
+                  "source": card.source.kind, "sha256": weights_sha256,
+                  "pipeline_sha256": card.pipeline_sha256(), "card_content": card.to_dict()},
+        "device": str(engine.device), "amp": engine.amp, "mc_passes": args.mc_dropout,
+        "tta_flips": 8 if args.tta else 1, "seed": args.seed if mc else None,
+        "seeded_dropout": bool(mc and engine.seeded_dropout),
+        "probability": "mean over MC dropout passes" if mc else "deterministic (dropout off)",
+        "sw_batch_size": engine.sw_batch_size, "images": str(args.images.resolve()), "cases": records,
+        "total_seconds": round(time.perf_counter() - started, 3),
+        "created_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "versions": _versions(),
+    }
+    atomic_write_text(report_path, json.dumps(report, indent=2) + "\n", force=args.force)
+    print(f"wrote {len(records)} probability map(s) to {args.out / 'probs'}"
+          + (f" and uncertainty maps to {args.out / 'uncertainty'}" if mc else "") + f"; report {report_path}")
+    return 0
+
+
+def _versions() -> dict[str, str]:
+    import monai
+    import torch
+
+    return {"conformalseg": __version__, "torch": torch.__version__, "monai": monai.__version__,
+            "python": platform.python_version(),
+            "cuda": torch.version.cuda or "none"}
