@@ -9,7 +9,8 @@ from pathlib import Path
 from ..cls import apply_threshold
 from ..io.atomic import atomic_write_text, check_can_write
 from ..io.segmentation import LESION_THRESHOLD, write_masks_nifti, write_seg_nrrd
-from ..io.volumes import load_probability_map
+from ..errors import ConformalSegError
+from ..io.volumes import Volume, load_image, load_probability_map, save_volume
 from ..profile import load_profile
 from .common import add_force
 
@@ -20,7 +21,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "With --epsilon/--alpha the thresholds are recalibrated from the profile's "
                                    "summaries first (no volume is re-read).")
     p.add_argument("--profile", type=Path, required=True, help="profile JSON written by `calibrate`")
-    p.add_argument("--prob", type=Path, required=True, help="probability map of the new scan")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prob", type=Path, help="probability map of the new scan")
+    source.add_argument("--image", type=Path,
+                        help="the new scan itself, predicted with --model exactly as in calibration (profiles "
+                             "calibrated with --model --images); the probability map is written to OUT too")
+    p.add_argument("--model", type=Path, help="with --image: the model card the profile was calibrated with")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="with --image: inference device")
     p.add_argument("--channel", type=int, default=None, help="channel of a multi-channel probability map")
     p.add_argument("--epsilon", type=float, help="recalibrate for this FNR tolerance")
     p.add_argument("--alpha", type=float, help="recalibrate for this risk level")
@@ -38,7 +45,10 @@ def run(args: argparse.Namespace) -> int:
     if any(v is not None for v in (args.epsilon, args.alpha, args.alpha_inner, args.alpha_outer)):
         profile = profile.recalibrate(epsilon=args.epsilon, alpha=args.alpha, alpha_inner=args.alpha_inner,
                                       alpha_outer=args.alpha_outer)
-    volume = load_probability_map(args.prob, channel=args.channel)
+    if args.image is not None:
+        volume = _predict(args, profile)
+    else:
+        volume = load_probability_map(args.prob, channel=args.channel)
     masks = profile.masks(volume.array, volume.geometry)
     if args.compare_threshold:
         masks[LESION_THRESHOLD] = apply_threshold(volume.array, 0.5)
@@ -52,10 +62,28 @@ def run(args: argparse.Namespace) -> int:
     doc = profile.to_json_dict("", "")
     for key in ("summaries", "provenance", "format", "format_version"):
         doc.pop(key, None)
-    doc.update(probability_map=str(args.prob), voxels={name: int(m.sum()) for name, m in masks.items()})
+    doc.update(probability_map=str(volume.path), voxels={name: int(m.sum()) for name, m in masks.items()})
     atomic_write_text(summary_path, json.dumps(doc, indent=2) + "\n", force=args.force)
     print(profile.guarantee)
     for name, mask in masks.items():
         print(f"{name}: {int(mask.sum())} voxels ({mask.sum() * volume.geometry.voxel_volume_mm3 / 1000:.2f} mL)")
     print(f"wrote {seg_path}, {summary_path} and {len(written)} NIfTI mask(s) in {args.out}")
     return 0
+
+
+def _predict(args: argparse.Namespace, profile) -> Volume:  # noqa: ANN001
+    """Run the profile's inference pipeline on ``--image``; write ``OUT/probability.nii.gz``."""
+    if args.model is None:
+        raise ConformalSegError("--image needs --model (the model card the profile was calibrated with)",
+                                fix="pass --model CARD.json")
+    from ..inference.model_dataset import engine_for_profile
+
+    engine, options = engine_for_profile(profile.provenance.get("inference"), args.model, device=args.device,
+                                         profile_path=args.profile)
+    prob_path = args.out / "probability.nii.gz"
+    if not args.force:
+        check_can_write(prob_path)
+    image = load_image(args.image)
+    prediction = engine.predict(image, **options)
+    save_volume(prediction.probability, image.geometry, prob_path, force=args.force)
+    return Volume(prediction.probability, image.geometry, str(prob_path))

@@ -13,6 +13,7 @@ from ..io.atomic import check_can_write
 from ..io.dataset import CalibrationDataset
 from ..profile import sha256_file
 from .common import add_empty_option, add_force, add_lesion_options, progress_bar
+from .model_options import add_model_options, open_model_dataset
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,8 +24,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_method_options(p)
     p.add_argument("--precision", choices=("float32", "uint16"), default="float32",
                    help="storage of the lesion summaries (uint16: half the size, conservative by <= 1/65535)")
-    p.add_argument("--model", type=Path, default=None,
-                   help="model file the probability maps came from (its SHA-256 is recorded in the provenance)")
     p.add_argument("--out", type=Path, required=True, help="profile file to write (PROFILE.json; PROFILE.npz beside it)")
     add_force(p)
     p.set_defaults(func=run)
@@ -35,6 +34,7 @@ def add_data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--labels", type=Path, help="folder of label maps, same case ids as --probs")
     p.add_argument("--data", type=Path, help="folder with probs/ and labels/ subfolders (instead of --probs/--labels)")
     add_lesion_options(p)
+    add_model_options(p)
 
 
 def add_method_options(p: argparse.ArgumentParser) -> None:
@@ -58,6 +58,8 @@ def add_method_options(p: argparse.ArgumentParser) -> None:
 
 
 def open_dataset(args: argparse.Namespace, description: str) -> CalibrationDataset:
+    if getattr(args, "images", None) is not None:
+        return open_model_dataset(args, description)
     progress = progress_bar(description)
     if args.data is not None:
         if args.probs or args.labels:
@@ -84,8 +86,12 @@ def choose_transforms_from_learning_data(args: argparse.Namespace, provenance: d
     learning = CalibrationDataset.from_root(args.learning_data, args.lesion_label, args.channel,
                                             progress=progress_bar("learning transforms"))
     calibration = open_dataset(args, "")
-    same = [cid for cid in sorted(set(calibration.case_ids) & set(learning.case_ids))
-            if sha256_file(calibration.paths(cid)[0]) == sha256_file(learning.paths(cid)[0])]
+    shared_ids = sorted(set(calibration.case_ids) & set(learning.case_ids))
+    if hasattr(calibration, "provenance"):  # calibration maps not made yet: any shared case id is suspect
+        same = shared_ids
+    else:
+        same = [cid for cid in shared_ids
+                if sha256_file(calibration.paths(cid)[0]) == sha256_file(learning.paths(cid)[0])]
     if same:
         raise ConformalSegError(f"{len(same)} probability map(s) are identical in the learning and the calibration data "
                                 f"(e.g. {same[0]}): choosing the transform on calibration cases breaks the guarantee",
@@ -112,7 +118,11 @@ def run(args: argparse.Namespace) -> int:
     dataset = open_dataset(args, "calibrating")
     provenance = {"probs_dir": str(dataset.probs_dir.resolve()), "labels_dir": str(dataset.labels_dir.resolve()),
                   "lesion_labels": list(dataset.lesion_labels), "probability_channel": args.channel}
-    if args.model is not None:
+    if hasattr(dataset, "provenance"):  # predicted by --model from --images
+        provenance["inference"] = dataset.provenance()
+        if args.probs_cache is None:
+            provenance["probs_dir"] = None  # a temporary folder, gone after this command
+    elif args.model is not None:
         if not args.model.is_file():
             raise ConformalSegError("model file not found", path=args.model, fix="check the --model path")
         provenance.update(model_file=str(args.model.resolve()), model_sha256=sha256_file(args.model))

@@ -69,6 +69,7 @@ def output_paths(out: Path, case_id: str, mc: bool) -> dict[str, Path]:
 
 def run(args: argparse.Namespace) -> int:
     from ..inference import InferenceEngine, find_images, resolve_model
+    from ..inference.model_dataset import inference_provenance
     from ..io.volumes import load_image, save_volume
 
     if args.mc_dropout < 0:
@@ -93,7 +94,6 @@ def run(args: argparse.Namespace) -> int:
 
     engine = InferenceEngine(card, device=args.device, amp=not args.no_amp, sw_batch_size=args.sw_batch_size,
                              seed=args.seed)
-    weights_sha256 = card.sha256()
     progress = progress_bar("inference")
     records = []
     started = time.perf_counter()
@@ -116,13 +116,8 @@ def run(args: argparse.Namespace) -> int:
         del volume, prediction
     report = {
         "format": INFERENCE_FORMAT, "format_version": INFERENCE_FORMAT_VERSION,
-        "model": {"name": card.name, "card": str(card.path.resolve()) if card.path else None,
-                  "source": card.source.kind, "sha256": weights_sha256,
-                  "pipeline_sha256": card.pipeline_sha256(), "card_content": card.to_dict()},
-        "device": str(engine.device), "amp": engine.amp, "mc_passes": args.mc_dropout,
-        "tta_flips": 8 if args.tta else 1, "seed": args.seed if mc else None,
-        "seeded_dropout": bool(mc and engine.seeded_dropout),
-        "probability": "mean over MC dropout passes" if mc else "deterministic (dropout off)",
+        **inference_provenance(card, engine, mc_dropout=args.mc_dropout, tta_flips=args.tta, seed=args.seed),
+        "card_content": card.to_dict(), "seeded_dropout": bool(mc and engine.seeded_dropout),
         "sw_batch_size": engine.sw_batch_size, "images": str(args.images.resolve()), "cases": records,
         "total_seconds": round(time.perf_counter() - started, 3),
         "created_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),

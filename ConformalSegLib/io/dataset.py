@@ -149,13 +149,17 @@ class CalibrationDataset:
 
     def __init__(self, probs_dir: str | PathLike[str], labels_dir: str | PathLike[str],
                  lesion_labels: Sequence[int], channel: int | None = None, *,
-                 progress: ProgressCallback | None = None):
+                 progress: ProgressCallback | None = None, pairs: dict[str, tuple[Path, Path]] | None = None):
+        """``pairs`` (``case_id -> (file, label_path)``) replaces the folder scan, for subclasses whose
+        probability maps are made from other files (e.g. images run through a model)."""
         self.probs_dir = Path(probs_dir)
         self.labels_dir = Path(labels_dir)
         self.lesion_labels = validate_lesion_labels(lesion_labels)
         self.channel = channel
         self.progress = progress
-        self._pairs = {cid: (prob, label) for cid, prob, label in discover_pairs(probs_dir, labels_dir)}
+        if pairs is None:
+            pairs = {cid: (prob, label) for cid, prob, label in discover_pairs(probs_dir, labels_dir)}
+        self._pairs = dict(pairs)
         self.labels_seen: dict[str, frozenset[int]] = {}
 
     @classmethod
