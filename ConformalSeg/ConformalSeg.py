@@ -42,7 +42,7 @@ from ConformalSegSlicer.slider import SliderSettings, SliderState, relevant_slid
 
 
 class ConformalSeg(ScriptedLoadableModule):
-    """Statistical guarantees for 3D lesion segmentation (see ``ConformalSeg/README.md``)."""
+    """Statistical guarantees for 3D lesion segmentation (README: "The 3D Slicer module")."""
 
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
