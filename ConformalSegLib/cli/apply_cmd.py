@@ -12,6 +12,7 @@ from ..io.segmentation import LESION_THRESHOLD, write_masks_nifti, write_seg_nrr
 from ..errors import ConformalSegError
 from ..io.volumes import Volume, load_image, load_probability_map, save_volume
 from ..profile import load_profile
+from .cascade_options import add_cascade_argument, cascade_predictor_from_args
 from .common import add_force
 
 
@@ -28,6 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                              "calibrated with --model --images); the probability map is written to OUT too")
     p.add_argument("--model", type=Path, help="with --image: the model card the profile was calibrated with")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="with --image: inference device")
+    add_cascade_argument(p)
     p.add_argument("--channel", type=int, default=None, help="channel of a multi-channel probability map")
     p.add_argument("--epsilon", type=float, help="recalibrate for this FNR tolerance")
     p.add_argument("--alpha", type=float, help="recalibrate for this risk level")
@@ -73,13 +75,16 @@ def run(args: argparse.Namespace) -> int:
 
 def _predict(args: argparse.Namespace, profile) -> Volume:  # noqa: ANN001
     """Run the profile's inference pipeline on ``--image``; write ``OUT/probability.nii.gz``."""
-    if args.model is None:
+    if args.model is None and args.cascade is None:
         raise ConformalSegError("--image needs --model (the model card the profile was calibrated with)",
-                                fix="pass --model CARD.json")
+                                fix="pass --model CARD.json (or --cascade CONFIG)")
     from ..inference.model_dataset import engine_for_profile
 
-    engine, options = engine_for_profile(profile.provenance.get("inference"), args.model, device=args.device,
-                                         profile_path=args.profile)
+    record = profile.provenance.get("inference")
+    if args.cascade is not None:
+        args.seed = (record or {}).get("seed") or 0
+    engine, options = engine_for_profile(record, args.model, device=args.device, profile_path=args.profile,
+                                         engine=cascade_predictor_from_args(args))
     prob_path = args.out / "probability.nii.gz"
     if not args.force:
         check_can_write(prob_path)

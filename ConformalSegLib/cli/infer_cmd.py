@@ -26,6 +26,7 @@ from pathlib import Path
 from .. import __version__
 from ..errors import ConformalSegError
 from ..io.atomic import atomic_write_text, check_can_write
+from .cascade_options import add_cascade_argument, cascade_predictor_from_args
 from .common import add_force, progress_bar
 
 INFERENCE_FORMAT = "conformalseg-inference"
@@ -37,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Predict lesion probability maps (and MC-dropout uncertainty maps) for every "
                                    "image in --images with the pipeline fixed by a model card, on each image's own "
                                    "grid, ready for `calibrate`/`apply`.")
-    p.add_argument("--model", type=Path, required=True,
+    p.add_argument("--model", type=Path, default=None,
                    help="model card .json, folder with model_card.json (also a MONAI bundle), or a TorchScript "
                         "file X.ts/X.pt with its card X.json beside it")
     p.add_argument("--images", type=Path, required=True,
@@ -55,15 +56,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sw-batch-size", type=int, default=None,
                    help="windows per forward call (default: the model card's); speed/memory only")
     p.add_argument("--seed", type=int, default=0, help="seed of the MC dropout masks (default 0)")
+    add_cascade_argument(p)
     add_force(p)
     p.set_defaults(func=run)
 
 
-def output_paths(out: Path, case_id: str, mc: bool) -> dict[str, Path]:
+def output_paths(out: Path, case_id: str, mc: bool, *, entropy: bool = True) -> dict[str, Path]:
     paths = {"probability": out / "probs" / f"{case_id}.nii.gz"}
     if mc:
         paths["variance"] = out / "uncertainty" / f"{case_id}_variance.nii.gz"
-        paths["entropy"] = out / "uncertainty" / f"{case_id}_entropy.nii.gz"
+        if entropy:
+            paths["entropy"] = out / "uncertainty" / f"{case_id}_entropy.nii.gz"
     return paths
 
 
@@ -78,11 +81,14 @@ def run(args: argparse.Namespace) -> int:
         raise ConformalSegError(f"--sw-batch-size must be >= 1, got {args.sw_batch_size}")
     if args.out.exists() and not args.out.is_dir():
         raise ConformalSegError("output path exists and is not a folder", path=args.out, fix="give a folder for --out")
-    card = resolve_model(args.model)
+    cascade = cascade_predictor_from_args(args)  # builds its own engines from the config (and --model)
+    if cascade is None and args.model is None:
+        raise ConformalSegError("no model given", fix="pass --model CARD.json (or --cascade CONFIG)")
+    card = cascade.card if cascade is not None else resolve_model(args.model)
     cases = find_images(args.images, subset=args.subset)
-    mc = args.mc_dropout > 0
+    mc = args.mc_dropout > 0 or (cascade is not None and cascade.config.stage2_mc_passes > 0)
     report_path = args.out / "inference.json"
-    planned = [(case, output_paths(args.out, case.case_id, mc)) for case in cases]
+    planned = [(case, output_paths(args.out, case.case_id, mc, entropy=cascade is None)) for case in cases]
     if not args.force:  # fail before the long run, not after it
         existing = [p for _, paths in planned for p in paths.values() if p.exists()]
         if report_path.exists():
@@ -92,8 +98,8 @@ def run(args: argparse.Namespace) -> int:
                                     fix="pass --force to overwrite or choose another --out")
     check_can_write(report_path, force=args.force)
 
-    engine = InferenceEngine(card, device=args.device, amp=not args.no_amp, sw_batch_size=args.sw_batch_size,
-                             seed=args.seed)
+    engine = cascade or InferenceEngine(card, device=args.device, amp=not args.no_amp,
+                                        sw_batch_size=args.sw_batch_size, seed=args.seed)
     progress = progress_bar("inference")
     records = []
     started = time.perf_counter()
@@ -105,7 +111,8 @@ def run(args: argparse.Namespace) -> int:
         save_volume(prediction.probability, volume.geometry, paths["probability"], force=args.force)
         if mc:
             save_volume(prediction.variance, volume.geometry, paths["variance"], force=args.force)
-            save_volume(prediction.entropy, volume.geometry, paths["entropy"], force=args.force)
+            if "entropy" in paths:
+                save_volume(prediction.entropy, volume.geometry, paths["entropy"], force=args.force)
         record = {"case_id": case.case_id, "image": str(case.path.resolve()),
                   **{key: str(path.relative_to(args.out)) for key, path in paths.items()},
                   "seconds": round(time.perf_counter() - t0, 3),
@@ -117,8 +124,9 @@ def run(args: argparse.Namespace) -> int:
     report = {
         "format": INFERENCE_FORMAT, "format_version": INFERENCE_FORMAT_VERSION,
         **inference_provenance(card, engine, mc_dropout=args.mc_dropout, tta_flips=args.tta, seed=args.seed),
-        "card_content": card.to_dict(), "seeded_dropout": bool(mc and engine.seeded_dropout),
-        "sw_batch_size": engine.sw_batch_size, "images": str(args.images.resolve()), "cases": records,
+        **(cascade.provenance() if cascade is not None else {}),
+        "card_content": card.to_dict(), "seeded_dropout": bool(mc and getattr(engine, "seeded_dropout", True)),
+        "sw_batch_size": getattr(engine, "sw_batch_size", None), "images": str(args.images.resolve()), "cases": records,
         "total_seconds": round(time.perf_counter() - started, 3),
         "created_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "versions": _versions(),

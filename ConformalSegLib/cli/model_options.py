@@ -1,4 +1,5 @@
-"""``--model M --images DIR --labels DIR``: calibration and evaluation data predicted by a network.
+"""``--model M --images DIR --labels DIR`` (or ``--cascade CONFIG``): calibration and evaluation data
+predicted by a network or by the coarse-to-fine cascade.
 
 Shared by ``calibrate`` and ``evaluate``: the model runs once per case (predictions are cached in
 ``--probs-cache DIR``, or a temporary folder removed at exit) and only the summaries are kept.
@@ -11,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import ConformalSegError
+from .cascade_options import add_cascade_argument, cascade_predictor_from_args
 from .common import progress_bar
 
 
@@ -28,13 +30,14 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dropout-seed", type=int, default=0, help="seed of the MC dropout masks (default 0)")
     g.add_argument("--probs-cache", type=Path, default=None,
                    help="keep the predicted probability maps in this folder (default: a temporary folder)")
+    add_cascade_argument(p)
 
 
 def open_model_dataset(args: argparse.Namespace, description: str):
     """The :class:`~ConformalSegLib.inference.model_dataset.InferenceDataset` of ``--model --images --labels``."""
-    if args.model is None:
+    if args.model is None and getattr(args, "cascade", None) is None:
         raise ConformalSegError("--images needs --model (the network that predicts the probability maps)",
-                                fix="pass --model CARD.json (or use precomputed maps with --probs)")
+                                fix="pass --model CARD.json or --cascade CONFIG (or use precomputed maps with --probs)")
     if args.labels is None:
         raise ConformalSegError("--images needs --labels DIR (the ground truth of the same cases)",
                                 fix="pass --labels DIR")
@@ -46,7 +49,8 @@ def open_model_dataset(args: argparse.Namespace, description: str):
     from ..inference import InferenceEngine, resolve_model
     from ..inference.model_dataset import InferenceDataset
 
-    engine = InferenceEngine(resolve_model(args.model), device=args.device, seed=args.dropout_seed)
+    engine = cascade_predictor_from_args(args) or InferenceEngine(resolve_model(args.model), device=args.device,
+                                                                  seed=args.dropout_seed)
     temporary = None
     cache = args.probs_cache
     if cache is None:

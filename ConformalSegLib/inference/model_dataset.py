@@ -120,9 +120,12 @@ class InferenceDataset(CalibrationDataset):
 
     def provenance(self) -> dict[str, Any]:
         """How the probability maps were made (recorded in calibration profiles)."""
-        return {"images": str(self.images.resolve()),
-                **inference_provenance(self.engine.card, self.engine, mc_dropout=self.mc_dropout,
-                                       tta_flips=self.tta_flips, seed=self.fingerprint["seed"] or 0)}
+        record = {"images": str(self.images.resolve()),
+                  **inference_provenance(self.engine.card, self.engine, mc_dropout=self.mc_dropout,
+                                         tta_flips=self.tta_flips, seed=self.fingerprint["seed"] or 0)}
+        if hasattr(self.engine, "provenance"):  # a cascade: its config and both stages
+            record.update(self.engine.provenance())
+        return record
 
     def cache_path(self, case_id: str) -> Path:
         return self.probs_dir / f"{case_id}.nii.gz"
@@ -149,13 +152,15 @@ class InferenceDataset(CalibrationDataset):
         return Case(case_id, probability, lesion)
 
 
-def engine_for_profile(inference_record: dict[str, Any] | None, model: str | PathLike[str], *,
-                       device: str = "auto", profile_path: str | PathLike[str] | None = None) -> tuple[InferenceEngine, dict]:
+def engine_for_profile(inference_record: dict[str, Any] | None, model: str | PathLike[str] | None, *,
+                       device: str = "auto", profile_path: str | PathLike[str] | None = None,
+                       engine: Any = None) -> tuple[Any, dict]:
     """An engine that predicts exactly like the calibration did, and the ``predict`` keyword arguments.
 
     ``inference_record`` is ``profile.provenance["inference"]`` (written when the profile was
-    calibrated with ``--model --images``). The model's pipeline fingerprint must equal the recorded
-    one: a different network, card or preprocessing would break exchangeability, so it is an error.
+    calibrated with ``--model --images``). ``engine`` (e.g. a cascade predictor) is used instead of
+    building one from ``model``. Its pipeline fingerprint must equal the recorded one: a different
+    network, card, preprocessing or cascade would break exchangeability, so it is an error.
     """
     from .model_card import resolve_model
 
@@ -164,12 +169,17 @@ def engine_for_profile(inference_record: dict[str, Any] | None, model: str | Pat
                                 "predicted is unknown", path=profile_path,
                                 fix="predict the new scan with the same pipeline yourself and pass --prob, or "
                                     "calibrate with --model --images")
-    card = resolve_model(model)
+    if engine is None and "cascade" in inference_record:
+        raise ConformalSegError("this profile was calibrated on the output of a cascade", path=profile_path,
+                                fix="pass the same --cascade CONFIG")
+    passes = int(inference_record.get("mc_passes", 0))
+    if engine is None:
+        engine = InferenceEngine(resolve_model(model), device=device, seed=inference_record.get("seed") or 0)
+    card = engine.card
     if card.pipeline_sha256() != inference_record.get("pipeline_sha256"):
         raise ConformalSegError(f"model {card.name!r} is not the pipeline the profile was calibrated with "
                                 f"(pipeline SHA-256 {card.pipeline_sha256()[:12]}... != "
-                                f"{str(inference_record.get('pipeline_sha256'))[:12]}...)", path=model,
-                                fix="use the model card and weights recorded in the profile's provenance")
-    passes = int(inference_record.get("mc_passes", 0))
-    engine = InferenceEngine(card, device=device, seed=inference_record.get("seed") or 0)
+                                f"{str(inference_record.get('pipeline_sha256'))[:12]}...)", path=model or profile_path,
+                                fix="use the model card, weights (and cascade config) recorded in the profile's "
+                                    "provenance")
     return engine, {"mc_dropout": passes, "tta_flips": int(inference_record.get("tta_flips", 1)) == 8}
