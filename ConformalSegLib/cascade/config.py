@@ -57,6 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConformalSegError
+from ..io.json_file import read_json_file
 from .components import CONNECTIVITIES
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "LUNG_SOURCES", "CascadeConfig", "CascadeConfigError", "load_cascade_config"]
@@ -221,14 +222,5 @@ def load_cascade_config(path: str | PathLike[str]) -> CascadeConfig:
     """Read and validate a cascade config JSON file; every problem raises :class:`CascadeConfigError`
     naming the file and the fix."""
     path = Path(path)
-    if not path.is_file():
-        raise CascadeConfigError("cascade config not found" if not path.exists() else "cascade config is not a file",
-                                 path=path, fix="give the path of a cascade config JSON file")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as exc:
-        raise CascadeConfigError("cascade config is not a UTF-8 text file", path=path, fix=CONFIG_FIX) from exc
-    except json.JSONDecodeError as exc:
-        raise CascadeConfigError(f"cascade config is not valid JSON ({exc.msg} at line {exc.lineno}, column "
-                                 f"{exc.colno})", path=path, fix=CONFIG_FIX) from exc
+    data = read_json_file(path, "cascade config", CONFIG_FIX, CascadeConfigError)
     return CascadeConfig.from_dict(data, path)

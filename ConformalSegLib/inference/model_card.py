@@ -77,6 +77,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConformalSegError
+from ..io.json_file import read_json_file
 from ..io.checksums import sha256_file
 
 FORMAT = "conformalseg-model-card"
@@ -461,16 +462,7 @@ def _network_class(name: str, c: _Checker):
 def load_model_card(path: str | PathLike[str]) -> ModelCard:
     """Read and validate a model card JSON file; every problem raises ConformalSegError naming it."""
     path = Path(path)
-    if not path.is_file():
-        raise ConformalSegError("model card not found" if not path.exists() else "model card is not a file",
-                                path=path, fix="give the path of a model card JSON file")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as exc:
-        raise ConformalSegError("model card is not a UTF-8 text file", path=path, fix=CARD_FIX) from exc
-    except json.JSONDecodeError as exc:
-        raise ConformalSegError(f"model card is not valid JSON ({exc.msg} at line {exc.lineno}, column "
-                                f"{exc.colno})", path=path, fix=CARD_FIX) from exc
+    data = read_json_file(path, "model card", CARD_FIX, ConformalSegError)
     return _parse_card(data, path, path.parent)
 
 
