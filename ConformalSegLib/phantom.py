@@ -72,7 +72,6 @@ from os import PathLike
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 from scipy import ndimage, special
 
 from .errors import ConformalSegError

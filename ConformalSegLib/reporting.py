@@ -230,7 +230,7 @@ def _plot_fnr(result: EvaluationResult):
     fig = _figure()
     ax = fig.add_subplot(111)
     bins = np.linspace(0, 1, 41)
-    ax.hist(base, bins=bins, histtype="stepfilled", alpha=0.45, density=True, label=f"baseline prob >= 0.5")
+    ax.hist(base, bins=bins, histtype="stepfilled", alpha=0.45, density=True, label="baseline prob >= 0.5")
     ax.hist(cls, bins=bins, histtype="stepfilled", alpha=0.45, density=True,
             label=f"CLS epsilon={cfg.main_epsilon}, alpha={cfg.main_alpha}")
     ax.axvline(cfg.main_epsilon, color="black", ls="--", lw=1.2, label=f"epsilon = {cfg.main_epsilon}")

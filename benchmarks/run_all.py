@@ -29,6 +29,7 @@ BENCHMARKS = (
     "bench_threshold_bandwidth.py",
     "bench_slider.py",
     "bench_inference.py",
+    "bench_semcrc.py",
 )
 
 

@@ -14,6 +14,7 @@ from ..io.volumes import Volume, load_image, load_probability_map, save_volume
 from ..profile import load_profile
 from .cascade_options import add_cascade_argument, cascade_predictor_from_args
 from .common import add_force
+from .interval_options import add_interval_apply_arguments, is_interval_profile, run_interval_apply
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "With --epsilon/--alpha the thresholds are recalibrated from the profile's "
                                    "summaries first (no volume is re-read).")
     p.add_argument("--profile", type=Path, required=True, help="profile JSON written by `calibrate`")
-    source = p.add_mutually_exclusive_group(required=True)
+    source = p.add_mutually_exclusive_group()
     source.add_argument("--prob", type=Path, help="probability map of the new scan")
     source.add_argument("--image", type=Path,
                         help="the new scan itself, predicted with --model exactly as in calibration (profiles "
@@ -30,6 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", type=Path, help="with --image: the model card the profile was calibrated with")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="with --image: inference device")
     add_cascade_argument(p)
+    add_interval_apply_arguments(p)
     p.add_argument("--channel", type=int, default=None, help="channel of a multi-channel probability map")
     p.add_argument("--epsilon", type=float, help="recalibrate for this FNR tolerance")
     p.add_argument("--alpha", type=float, help="recalibrate for this risk level")
@@ -43,6 +45,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if is_interval_profile(args.profile):
+        return run_interval_apply(args)
+    if args.prob is None and args.image is None:
+        raise ConformalSegError("no scan given", fix="pass --prob PROBABILITY_MAP (or --image SCAN --model CARD)")
     profile = load_profile(args.profile)
     if any(v is not None for v in (args.epsilon, args.alpha, args.alpha_inner, args.alpha_outer)):
         profile = profile.recalibrate(epsilon=args.epsilon, alpha=args.alpha, alpha_inner=args.alpha_inner,

@@ -12,6 +12,7 @@ from ..errors import ConformalSegError
 from ..io.atomic import check_can_write
 from ..io.dataset import CalibrationDataset
 from ..profile import sha256_file
+from .interval_options import INTERVAL_METHODS, add_interval_arguments, run_interval_calibrate
 from .common import add_empty_option, add_force, add_lesion_options, progress_bar
 from .model_options import add_model_options, open_model_dataset
 
@@ -26,6 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="storage of the lesion summaries (uint16: half the size, conservative by <= 1/65535)")
     p.add_argument("--out", type=Path, required=True, help="profile file to write (PROFILE.json; PROFILE.npz beside it)")
     add_force(p)
+    add_interval_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -38,8 +40,10 @@ def add_data_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_method_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", choices=("cls", "crc", "sets"), required=True,
-                   help="cls: P(FNR <= epsilon) >= 1 - alpha; crc: E[FNR] <= epsilon; sets: inner/outer confidence sets")
+    p.add_argument("--method", choices=("cls", "crc", "sets", *INTERVAL_METHODS), required=True,
+                   help="cls: P(FNR <= epsilon) >= 1 - alpha; crc: E[FNR] <= epsilon; sets: inner/outer confidence sets; "
+                        "crc-interval, k-crc, sem-crc, sem-crc-organ: risk control of voxel intervals (--lower/--upper/"
+                        "--truth/--organs)")
     p.add_argument("--epsilon", type=float, help="FNR tolerance (cls, crc)")
     p.add_argument("--alpha", type=float, help="risk level (cls, sets)")
     p.add_argument("--alpha-inner", type=float, help="sets: risk level of the inner set")
@@ -110,6 +114,8 @@ def choose_transforms_from_learning_data(args: argparse.Namespace, provenance: d
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.method in INTERVAL_METHODS:
+        return run_interval_calibrate(args)
     if args.out.suffix.lower() != ".json":
         raise ConformalSegError("the profile file name must end in .json", path=args.out, fix="e.g. --out profile.json")
     if not args.force:  # fail before the long streaming pass, not after it

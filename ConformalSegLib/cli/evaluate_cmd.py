@@ -9,6 +9,7 @@ from ..evaluation import TqdmProgress, evaluate_dataset
 from ..reporting import write_report
 from .calibrate_cmd import add_data_options, open_dataset
 from .common import add_empty_option, add_force
+from .interval_options import add_interval_evaluate_arguments, run_interval_evaluate
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,6 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="score transforms for the confidence sets (identity, distance[:LEVEL], gaussian:SIGMA_MM)")
     p.add_argument("--no-hd95", action="store_true", help="skip HD95 (the slowest metric)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random splits")
+    add_interval_evaluate_arguments(p)
     add_empty_option(p)
     p.add_argument("--out", type=Path, required=True, help="output folder")
     add_force(p)
@@ -35,6 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.lower is not None:  # interval methods (sem-CRC): the paper's Table 1 and Fig. 3
+        return run_interval_evaluate(args)
     dataset = open_dataset(args, "loading")
     dataset.progress = None  # the evaluation draws its own bars
     main_alpha = args.main_alpha if args.main_alpha is not None else (0.1 if 0.1 in args.alphas else None)

@@ -665,7 +665,7 @@ class _WindowPredictor:
         n_rows = window.shape[0]
         starts = [tuple(int(s.start or 0) for s in c[2:]) for c in coords] if coords else list(range(n_rows))
         single = len(self.variants) == 1 and not self.mc
-        total_p = total_p2 = total_h = None
+        total_p = total_p2 = None
         out_card = engine.card.output
         for first in range(0, len(self.variants), self.chunk):
             if first:
