@@ -31,7 +31,7 @@ def _addSourceCheckoutToPath() -> None:
 _addSourceCheckoutToPath()
 
 from ConformalSegLib.errors import ConformalSegError  # noqa: E402 (after the path set-up)
-from ConformalSegSlicer import commands, display, environment, evaluation_plots, segments  # noqa: E402
+from ConformalSegSlicer import commands, display, environment, evaluation_plots, intervals, segments  # noqa: E402
 from ConformalSegSlicer import slicer_adapter as adapter  # noqa: E402
 from ConformalSegSlicer.process import ProcessRunner  # noqa: E402
 from ConformalSegSlicer.slider import SliderSettings, SliderState, relevant_sliders  # noqa: E402
@@ -63,6 +63,11 @@ misses at most a fraction epsilon of the lesion voxels.</li>
 <li><b>Inner / outer set</b>, conformal confidence sets: with probability at least 1 - alpha-inner the
 inner set lies inside the true lesion; with probability at least 1 - alpha-outer the outer set
 contains all of it (joint profiles: both at once with probability at least 1 - alpha).</li>
+<li><b>Organ-dependent uncertainty (sem-CRC)</b>: an interval profile (<code>conformalseg calibrate
+--method sem-crc-organ</code>) widens a model's lower/upper quantile maps by one lambda per organ; the
+organs come from a segmentation whose segment names match the profile's organ names. Per-organ
+sem-CRC: for each organ, averaged over new scans, at most a fraction epsilon of its voxels lie outside
+their interval (the exact guarantee of the profile is shown under the Apply button).</li>
 </ul>
 Moving the sliders recalibrates from the profile's stored summaries without re-running the model;
 the label under them states the current guarantee and warns when the calibration set is too small
@@ -116,6 +121,12 @@ class ConformalSegParameterNode:
     evaluationSplits: Annotated[int, WithinRange(1, 1000)] = 100
     calibrationOutputPath: Path
     evaluationResultsPath: Path
+    intervalProfilePath: Path
+    lowerVolume: vtkMRMLScalarVolumeNode
+    upperVolume: vtkMRMLScalarVolumeNode
+    organSegmentation: vtkMRMLSegmentationNode
+    truthVolume: vtkMRMLScalarVolumeNode
+    intervalLengthVolume: vtkMRMLScalarVolumeNode
 
 
 def isSet(path) -> bool:
@@ -170,6 +181,7 @@ class ConformalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.calibrateButton.connect("clicked(bool)", self.onCalibrateButton)
         self.ui.evaluateButton.connect("clicked(bool)", self.onEvaluateButton)
         self.ui.showPlotsButton.connect("clicked(bool)", self.onShowPlotsButton)
+        self.ui.applyIntervalsButton.connect("clicked(bool)", self.onApplyIntervalsButton)
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
         self.initializeParameterNode()
 
@@ -219,7 +231,8 @@ class ConformalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             # each widget of the .ui carries a "SlicerParameterName" dynamic property
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             for name in ("modelPathLineEdit", "profilePathLineEdit", "secondProfilePathLineEdit", "datasetPathLineEdit",
-                         "calibrationOutputPathLineEdit", "evaluationResultsPathLineEdit"):
+                         "calibrationOutputPathLineEdit", "evaluationResultsPathLineEdit",
+                         "intervalProfilePathLineEdit"):
                 lineEdit = getattr(self.ui, name)
                 if lineEdit.currentPath in (".", "./"):
                     lineEdit.currentPath = ""  # an unset path parameter reads "."
@@ -257,6 +270,7 @@ class ConformalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.calibrateButton.text = _("Cancel") if busy and self._backgroundCommand == "calibrate" else _("Calibrate")
         self.ui.evaluateButton.text = _("Cancel") if busy and self._backgroundCommand == "evaluate" else _("Evaluate")
         self.ui.showPlotsButton.enabled = isSet(p.evaluationResultsPath)
+        self.ui.applyIntervalsButton.enabled = bool(isSet(p.intervalProfilePath) and p.lowerVolume and p.upperVolume)
 
     def _profilePaths(self) -> list:
         p = self._parameterNode
@@ -307,9 +321,13 @@ class ConformalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p.epsilon, p.alpha, p.alphaInner, p.alphaOuter = (settings.epsilon, settings.alpha, settings.alpha_inner,
                                                           settings.alpha_outer)
 
+    @staticmethod
+    def _setStatus(label, text: str, warning: bool = False) -> None:
+        label.text = text
+        label.styleSheet = "QLabel { color: #b34700; }" if warning else ""
+
     def _setGuarantee(self, text: str, warning: bool = False) -> None:
-        self.ui.guaranteeLabel.text = text
-        self.ui.guaranteeLabel.styleSheet = "QLabel { color: #b34700; }" if warning else ""
+        self._setStatus(self.ui.guaranteeLabel, text, warning)
 
     def _fillResultsTable(self, result) -> None:
         table = self.ui.resultsTable
@@ -321,12 +339,23 @@ class ConformalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 table.setItem(row, column, qt.QTableWidgetItem(text))
         table.resizeColumnsToContents()
 
+    def _fillIntervalsTable(self, rows, withRisk: bool) -> None:
+        """One row per organ of the profile (``intervals.TABLE_COLUMNS``); the risk column only with a ground truth."""
+        table = self.ui.intervalsTable
+        table.setRowCount(len(rows))
+        for row, texts in enumerate(rows):
+            for column, text in enumerate(texts):
+                table.setItem(row, column, qt.QTableWidgetItem(text))
+        table.setColumnHidden(len(intervals.TABLE_COLUMNS) - 1, not withRisk)
+        table.resizeColumnsToContents()
+
     def _updateDisplay(self) -> None:
         p = self._parameterNode
         if p.outputSegmentation:
             visible = {name: getattr(p, segments.VISIBILITY_PARAMETER[name]) for name in segments.SEGMENT_ORDER}
             self.logic.showSegments(p.outputSegmentation, visible, p.show3D)
-        overlayNode = {"probability": p.probabilityVolume, "uncertainty": p.uncertaintyVolume}.get(p.overlay)
+        overlayNode = {"probability": p.probabilityVolume, "uncertainty": p.uncertaintyVolume,
+                       "interval": p.intervalLengthVolume}.get(p.overlay)
         imageData = overlayNode.GetImageData() if overlayNode else None
         key = (overlayNode.GetID() if overlayNode else None, imageData.GetMTime() if imageData else None, p.overlay,
                p.overlayHideBelow, p.overlayOpacity)
@@ -467,6 +496,23 @@ class ConformalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onShowPlotsButton(self) -> None:
         self._updatePlots(show=True)
 
+    # ------------------------------------------------------------------ organ-dependent intervals (sem-CRC)
+
+    def onApplyIntervalsButton(self) -> None:
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay(_("Failed to apply the interval profile."), waitCursor=True):
+            try:
+                applied = self.logic.applyIntervalProfile(p.intervalProfilePath, p.lowerVolume, p.upperVolume,
+                                                          p.organSegmentation, p.truthVolume, p.intervalLengthVolume)
+            except (ConformalSegError, ValueError, OSError) as exc:
+                self._setStatus(self.ui.intervalsStatusLabel, str(exc), warning=True)
+                return
+            outcome = applied.outcome
+            self._setStatus(self.ui.intervalsStatusLabel, outcome.text, warning=outcome.has_warning)
+            self._fillIntervalsTable(outcome.rows, withRisk=p.truthVolume is not None)
+            p.intervalLengthVolume = applied.lengthNode
+            p.overlay = "interval"
+
 
 #
 # ConformalSegLogic
@@ -525,10 +571,45 @@ class ConformalSegLogic(ScriptedLoadableModuleLogic):
             adapter.show_segmentation_3d(segmentationNode, show3D)
 
     def showOverlay(self, volumeNode, kind: str, hideBelow: float, opacity: float, backgroundVolume=None) -> None:
-        """``volumeNode`` as the slice views' foreground ("probability" or "uncertainty" display)."""
-        low, high = adapter.data_range(volumeNode) if kind == "uncertainty" else (0.0, 1.0)
+        """``volumeNode`` as the slice views' foreground ("probability", "uncertainty" or "interval"
+        display: see :mod:`ConformalSegSlicer.display`)."""
+        low, high = (0.0, 1.0) if kind == "probability" else adapter.data_range(volumeNode)
         adapter.show_overlay(volumeNode, display.overlay_display(kind, low, high, hideBelow), opacity,
                              backgroundVolume)
+
+    # ------------------------------------------------------------------ organ-dependent intervals (sem-CRC)
+
+    def applyIntervalProfile(self, profilePath, lowerNode, upperNode, segmentationNode=None, truthNode=None,
+                             lengthNode=None) -> intervals.AppliedIntervals:
+        """Apply an interval profile (``conformalseg calibrate --method sem-crc...``) to one scan's lower
+        and upper quantile volumes with the library's ``apply_interval``. ``segmentationNode``: the
+        scan's organs, segments matched to the profile's organ names by name (case-insensitive; see
+        :mod:`ConformalSegSlicer.intervals`); ``truthNode`` (optional) adds the per-organ risk. Writes
+        the conformalised bounds and the interval length into scene volumes (reused by later calls;
+        the length into ``lengthNode`` when given) on the lower volume's grid; returns them with the
+        outcome (table rows, status text)."""
+        if lowerNode is None or upperNode is None:
+            raise ValueError(_("choose the lower and the upper quantile volumes"))
+        given = [n.GetID() for n in (lowerNode, upperNode, truthNode) if n is not None]
+        if lengthNode is not None and lengthNode.GetID() in given:
+            raise ValueError(_("the interval-length output must not be one of the input volumes"))
+        intervals.check_grids(adapter.volume_geometry(lowerNode), {
+            "upper quantile volume": adapter.volume_geometry(upperNode),
+            "ground truth": adapter.volume_geometry(truthNode) if truthNode is not None else None})
+        profile = intervals.load_profile(profilePath)
+        match = masks = None
+        if segmentationNode is not None:
+            match = intervals.match_segments(adapter.segment_names(segmentationNode), intervals.profile_organs(profile))
+            masks = adapter.segment_arrays(segmentationNode, match.segment_ids, lowerNode)
+        outcome = intervals.apply_profile(
+            profile, adapter.volume_array(lowerNode, copy=False), adapter.volume_array(upperNode, copy=False), match,
+            masks, adapter.volume_array(truthNode, copy=False) if truthNode is not None else None)
+        base, result = lowerNode.GetName(), outcome.application
+        lower = adapter.output_volume("intervalLower", f"{base} conformal lower", result.lower, lowerNode)
+        upper = adapter.output_volume("intervalUpper", f"{base} conformal upper", result.upper, lowerNode)
+        length = (adapter.write_volume(lengthNode, result.length, lowerNode) if lengthNode is not None else
+                  adapter.output_volume("intervalLength", f"{base} interval length", result.length, lowerNode))
+        return intervals.AppliedIntervals(outcome, lower, upper, length)
 
     # ------------------------------------------------------------------ out of process
 
@@ -659,6 +740,8 @@ class ConformalSegTest(ScriptedLoadableModuleTest):
         self.setUp()
         self.test_CancelKillsProcessTree()
         self.setUp()
+        self.test_IntervalOverlayMatchesLibrary()
+        self.setUp()
         self.test_TinyModelEndToEnd()
 
     def _addCase(self, case):
@@ -732,3 +815,45 @@ class ConformalSegTest(ScriptedLoadableModuleTest):
             state = logic.loadSliderState(probability, fixture.profile_paths)
             self._assertSegmentsMatch(logic, state, fixtures.SLIDER_CHECKS[0], None, image)
         self.delayDisplay("Tiny model ran end to end on the CPU")
+
+    def test_IntervalOverlayMatchesLibrary(self):
+        from ConformalSegLib.geometry import Geometry
+        from ConformalSegSlicer import fixtures
+
+        reason = fixtures.interval_fixture_unavailable_reason()
+        if reason:
+            logging.warning("ConformalSeg sem-CRC self-test SKIPPED: %s", reason)
+            self.delayDisplay(f"Skipped the sem-CRC self-test: {reason}")
+            return
+        self.delayDisplay("Synthetic quantile volumes, organ segments and a per-organ sem-CRC profile")
+        with tempfile.TemporaryDirectory() as folder:
+            fixture = fixtures.make_interval_fixture(folder)
+            geometry = Geometry(shape=fixture.lower.shape, spacing=(0.8, 0.7, 2.5), origin=(-10.0, 4.0, 30.0))
+            lower = adapter.add_volume(fixture.lower, geometry, "ConformalSegTest lower quantile")
+            upper = adapter.add_volume(fixture.upper, geometry, "ConformalSegTest upper quantile")
+            truth = adapter.add_volume(fixture.truth, geometry, "ConformalSegTest truth")
+            organs = adapter.ensure_segmentation(None, lower, name="ConformalSegTest organs")
+            adapter.add_named_segments(organs, fixture.segments, lower)
+            logic = ConformalSegLogic()
+            applied = logic.applyIntervalProfile(fixture.profile_path, lower, upper, organs, truth)
+            expected = fixture.expected(with_truth=True)
+            volumes = len(slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode"))
+            again = logic.applyIntervalProfile(fixture.profile_path, lower, upper, organs, None, applied.lengthNode)
+        self.assertEqual(len(slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")), volumes)  # outputs reused
+        self.assertEqual(again.lengthNode.GetID(), applied.lengthNode.GetID())
+        self.assertEqual(again.outcome.rows[0][-1], "")  # no ground truth: no risk
+        overlay = adapter.volume_array(applied.lengthNode)
+        self.assertTrue(np.array_equal(overlay, expected.length))
+        self.assertTrue(np.array_equal(adapter.volume_array(applied.lowerNode), expected.lower))
+        self.assertTrue(np.array_equal(adapter.volume_array(applied.upperNode), expected.upper))
+        self.assertIsNone(geometry.mismatch(adapter.volume_geometry(applied.lengthNode)))
+        outcome = applied.outcome
+        self.assertEqual(outcome.match.unmatched_organs, ["kidney", "pancreas"])
+        self.assertEqual(sorted(outcome.match.organs), ["liver", "spleen"])
+        self.assertIn("kidney, pancreas", outcome.text)
+        self.assertEqual(outcome.rows, intervals.table_rows(expected.table, with_risk=True))
+        logic.showOverlay(applied.lengthNode, "interval", 0.0, 0.5, lower)
+        self.assertEqual(applied.lengthNode.GetDisplayNode().GetColorNodeID(), display.INTERVAL_COLOR_NODE_ID)
+        foreground = [n.GetForegroundVolumeID() for n in slicer.util.getNodesByClass("vtkMRMLSliceCompositeNode")]
+        self.assertIn(applied.lengthNode.GetID(), foreground)
+        self.delayDisplay("The interval-length overlay equals the library's length map")

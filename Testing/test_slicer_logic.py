@@ -3,8 +3,9 @@
 Covers the out-of-process runner (progress parsing, callbacks, cancellation killing the whole
 process tree), the CLI command lines run end to end, the slider path (masks equal the library's for
 every setting, only moved thresholds recompute, guarantee and too-small warning), RAS <-> LPS
-geometry against SimpleITK and nibabel, segment metadata, overlays, the evaluation plots and the
-environment helpers.
+geometry against SimpleITK and nibabel, segment metadata, overlays, the evaluation plots, the
+environment helpers, and the sem-CRC section (segments matched to a profile's organs, the organ label
+map, the library's ``apply_interval`` through it, the table and status text).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from ConformalSegLib.errors import ConformalSegError  # noqa: E402
 from ConformalSegLib.geometry import Geometry  # noqa: E402
 from ConformalSegLib.io.segmentation import INNER_SET, LESION_FNR, LESION_THRESHOLD, OUTER_SET  # noqa: E402
 from ConformalSegLib.profile import LESION_CRC, load_profile  # noqa: E402
-from ConformalSegSlicer import commands, display, environment, evaluation_plots, fixtures, segments, spatial  # noqa: E402
+from ConformalSegSlicer import (commands, display, environment, evaluation_plots, fixtures, intervals,  # noqa: E402
+                                segments, spatial)
 from ConformalSegSlicer.process import (ProcessRunner, Progress, StagedProgress, kill_process_tree,  # noqa: E402
                                         parse_progress, pid_alive, popen_group_options, split_lines)
 from ConformalSegSlicer.slider import (SliderSettings, SliderState, greater_than, initial_settings,  # noqa: E402
@@ -480,6 +482,149 @@ def test_overlay_display():
     assert flat.window_max > flat.window_min
     with pytest.raises(ValueError):
         display.overlay_display("entropy")
+
+
+def test_interval_overlay_display():
+    d = display.overlay_display("interval", *display.finite_range(np.array([0.2, np.inf, 0.6, 1.0])), hide_below=0.25)
+    assert d.color_node_id == display.INTERVAL_COLOR_NODE_ID == "vtkMRMLColorTableNodeFileInferno.txt"
+    assert (d.window_min, d.window_max, d.lower_threshold) == (0.2, 1.0, pytest.approx(0.4))
+    assert d.upper_threshold == np.inf  # infinite (uncontrolled) lengths are drawn, not hidden
+    assert display.finite_range(np.array([1.0, 3.0])) == (1.0, 3.0)
+    everything_infinite = display.overlay_display("interval", *display.finite_range(np.full(3, np.inf)))
+    assert everything_infinite.window_max > everything_infinite.window_min
+    with pytest.raises(ValueError):
+        display.overlay_display("uncertainty", *display.finite_range(np.full(3, np.inf)))
+    assert display.OVERLAYS == ("none", "probability", "uncertainty", "interval")
+
+
+# ----------------------------------------------------------------------------- sem-CRC intervals
+
+
+def hand_profile(body="all", lam=(0.1, 0.2, 0.05), status=("controlled",) * 3, method="sem-crc-organ"):
+    """An interval profile over liver (label 1), spleen (labels 2 and 3) and body, without calibrating."""
+    from ConformalSegLib.semcrc import IntervalProfile, OrganMap
+    from ConformalSegLib.semcrc.procedures import IntervalCalibration
+
+    groups = ("liver", "spleen", "body")
+    calibration = IntervalCalibration(method=method, epsilon=0.1, groups=groups, lam=np.array(lam, dtype=float),
+                                      anchor=np.zeros(3), omega=np.zeros(3), status=tuple(status),
+                                      n_cal=np.array([5, 5, 5]), n_opt=3, organs=groups)
+    return IntervalProfile(calibration, OrganMap({1: "liver", 2: "spleen", 3: "spleen"}), body)
+
+
+def test_match_segments_by_name_case_insensitively():
+    names = {"a": "Liver ", "b": "SPLEEN", "c": " spleen", "d": "Body", "e": "Tumour", "f": "left  kidney"}
+    match = intervals.match_segments(names, ("liver", "spleen", "left kidney", "pancreas"))
+    assert match.organs == {"liver": ["a"], "spleen": ["b", "c"], "left kidney": ["f"]}
+    assert match.unmatched_organs == ["pancreas"]
+    assert match.unused_segments == ["Tumour"]
+    assert match.body_segments == ["d"]
+    assert match.segment_ids == ["a", "b", "c", "f", "d"]
+    assert intervals.profile_organs(hand_profile()) == ("liver", "spleen")
+    assert intervals.organ_label_values(hand_profile()) == {"liver": 1, "spleen": 2}
+    assert intervals.body_label_value(hand_profile()) == 4
+
+
+def _masks(shape=(1, 4, 4)):
+    liver = np.zeros(shape, dtype=np.uint8)
+    liver[0, 0, :2] = 1
+    spleen = np.zeros(shape, dtype=np.uint8)
+    spleen[0, 0, 1:3] = 1  # overlaps the liver at (0, 0, 1)
+    body = np.zeros(shape, dtype=np.uint8)
+    body[0, :2, :] = 1
+    return {"s1": liver, "s2": spleen, "s3": body}
+
+
+def test_label_map_from_segments():
+    names = {"s1": "liver", "s2": "Spleen", "s3": "body"}
+    profile = hand_profile()
+    match = intervals.match_segments(names, intervals.profile_organs(profile))
+    labels, overlap = intervals.assemble_label_map(profile, match, _masks(), (1, 4, 4))
+    assert overlap == 1
+    assert labels.dtype == np.int32
+    assert labels[0, 0].tolist() == [1, 1, 2, 4]  # the liver (first in the profile) wins the overlap
+    assert (labels[0, 1:] == 4).all()  # body: every voxel in no organ ("all" profile)
+    nonzero = hand_profile(body="nonzero")
+    labels, _ = intervals.assemble_label_map(nonzero, match, _masks(), (1, 4, 4))
+    assert labels[0, 0].tolist() == [1, 1, 2, 4] and (labels[0, 1] == 4).all()
+    assert (labels[0, 2:] == 0).all()  # outside the body segment: background, excluded
+    no_body = intervals.match_segments({"s1": "liver"}, ("liver", "spleen"))
+    labels, _ = intervals.assemble_label_map(nonzero, no_body, _masks(), (1, 4, 4))
+    assert (labels[labels != 1] == 4).all()  # no body segment: everything else is body
+    with pytest.raises(ConformalSegError, match="shape"):
+        intervals.assemble_label_map(profile, match, _masks((1, 4, 5)), (1, 4, 4))
+    with pytest.raises(ConformalSegError, match="no mask"):
+        intervals.assemble_label_map(profile, match, {}, (1, 4, 4))
+
+
+def test_apply_profile_uses_the_library_and_reports():
+    from ConformalSegLib.semcrc import apply_interval
+
+    rng = np.random.default_rng(0)
+    lower = rng.normal(size=(1, 4, 4)).astype(np.float32)
+    upper = lower + 0.1
+    truth = lower + rng.uniform(-0.2, 0.3, size=lower.shape).astype(np.float32)
+    profile = hand_profile(lam=(0.1, np.inf, 0.05), status=("controlled", "uncontrollable", "controlled"))
+    names = {"s1": "LIVER", "s2": "spleen", "s3": "body", "s4": "needle"}
+    match = intervals.match_segments(names, intervals.profile_organs(profile))
+    outcome = intervals.apply_profile(profile, lower, upper, match, _masks(), truth)
+    reference = np.full(lower.shape, 4)
+    reference[0, 0, :2], reference[0, 0, 2] = 1, 2
+    expected = apply_interval(profile, lower, upper, reference, truth=truth)
+    for key in ("lower", "upper", "length"):
+        assert np.array_equal(getattr(outcome.application, key), getattr(expected, key)), key
+    assert np.isinf(outcome.application.length[0, 0, 2])  # the uncontrollable spleen: infinite interval
+    assert outcome.rows == intervals.table_rows(expected.table, with_risk=True)
+    assert outcome.rows[1][:3] == ("spleen", "inf", "uncontrollable")
+    assert outcome.rows[0][0] == "liver" and outcome.rows[0][4] != ""
+    assert outcome.overlap_voxels == 1 and outcome.has_warning
+    for words in ("Organs found in the segmentation: liver, spleen.", "needle", "Not controlled here (infinite "
+                  "intervals): spleen.", "1 voxels lie in segments of two organs"):
+        assert words in outcome.text, words
+    spleen = np.zeros(lower.shape, dtype=np.uint8)
+    spleen[0, 3, 3] = 1
+    quiet = intervals.apply_profile(hand_profile(), lower, upper, intervals.match_segments(
+        {"s1": "liver", "s9": "Spleen"}, ("liver", "spleen")), {"s1": _masks()["s1"], "s9": spleen})
+    assert not quiet.has_warning and quiet.rows[0][4] == "" and "two organs" not in quiet.text
+
+
+def test_apply_profile_errors():
+    lower = np.zeros((1, 3, 3), dtype=np.float32)
+    with pytest.raises(ConformalSegError, match="needs the scan's organ segmentation"):
+        intervals.apply_profile(hand_profile(), lower, lower + 1)
+    with pytest.raises(ConformalSegError, match="differ in shape"):
+        intervals.apply_profile(hand_profile(), lower, np.zeros((1, 3, 4)))
+    with pytest.raises(ConformalSegError, match="ground truth"):
+        intervals.apply_profile(hand_profile(), lower, lower + 1, truth=np.zeros((2, 3, 3)))
+    grid = Geometry(shape=(1, 3, 3))
+    intervals.check_grids(grid, {"upper quantile volume": Geometry(shape=(1, 3, 3)), "ground truth": None})
+    with pytest.raises(ConformalSegError, match="ground truth is not on the lower quantile volume's grid"):
+        intervals.check_grids(grid, {"ground truth": Geometry(shape=(1, 3, 3), spacing=(2.0, 1.0, 1.0))})
+    assert intervals.format_number(None) == "n/a" and intervals.format_number(np.inf) == "inf"
+
+
+def test_interval_fixture_end_to_end(tmp_path):
+    """The self-test's data: segments named like a user would, the panel's path equals the library's
+    result on the original label map (also through the saved and re-loaded profile)."""
+    reason = fixtures.interval_fixture_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    fixture = fixtures.make_interval_fixture(tmp_path)
+    profile = intervals.load_profile(fixture.profile_path)
+    assert profile.calibration.method == "sem-crc-organ" and profile.body == "nonzero"
+    ids = {f"Segment_{i}": name for i, name in enumerate(fixture.segments)}
+    match = intervals.match_segments(ids, intervals.profile_organs(profile))
+    assert sorted(match.organs) == ["liver", "spleen"] and match.unmatched_organs == ["kidney", "pancreas"]
+    assert match.unused_segments == ["Needle tip"] and len(match.body_segments) == 1
+    masks = {sid: fixture.segments[ids[sid]].astype(np.uint8) for sid in match.segment_ids}
+    outcome = intervals.apply_profile(profile, fixture.lower, fixture.upper, match, masks, fixture.truth)
+    expected = fixture.expected()
+    assert np.array_equal(outcome.application.length, expected.length)
+    assert np.array_equal(outcome.application.lower, expected.lower)
+    assert np.array_equal(outcome.application.upper, expected.upper)
+    assert [row[0] for row in outcome.rows] == ["liver", "spleen", "kidney", "pancreas", "body"]
+    assert outcome.rows == intervals.table_rows(expected.table, with_risk=True)
+    assert "kidney, pancreas" in outcome.text and outcome.has_warning
 
 
 # ----------------------------------------------------------------------------- environment

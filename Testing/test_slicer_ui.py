@@ -7,6 +7,7 @@
   ``ctkSliderWidget``, ...), and every attribute the code uses on it exists on that class (Qt classes:
   PySide6; Slicer/CTK classes: the static API index in ``../shared/slicer-api``, when present).
 * The ``SlicerParameterName`` properties and the ``@parameterNodeWrapper`` members match one to one.
+* The sem-CRC section has its widgets, node types, parameters and table columns.
 * The panel renders to a PNG with stand-ins for the Slicer/CTK widgets, filled with real outputs of
   the library on synthetic data. ``python Testing/test_slicer_ui.py --screenshot`` writes the
   README screenshot ``Resources/Screenshots/panel.png``.
@@ -230,6 +231,43 @@ def app():
     return QtWidgets.QApplication.instance() or QtWidgets.QApplication([])
 
 
+def ui_element(name: str) -> ET.Element:
+    return next(w for w in ET.parse(UI).getroot().iter("widget") if w.get("name") == name)
+
+
+def test_interval_section():
+    """The sem-CRC section: its widgets, node types, parameters and the table's columns."""
+    sys.path.insert(0, str(ROOT / "ConformalSeg"))
+    from ConformalSegSlicer import display, intervals
+
+    widgets = ui_widgets()
+    section = ui_element("intervalsCollapsibleButton")
+    assert section.find("property[@name='text']/string").text == "Organ-dependent uncertainty (sem-CRC)"
+    inside = {w.get("name"): w.get("class") for w in section.iter("widget")}
+    volume, segmentation = "vtkMRMLScalarVolumeNode", "vtkMRMLSegmentationNode"
+    selectors = {"lowerVolumeSelector": volume, "upperVolumeSelector": volume, "organSegmentationSelector": segmentation,
+                 "truthVolumeSelector": volume, "intervalLengthVolumeSelector": volume}
+    for name in list(selectors) + ["intervalProfilePathLineEdit", "applyIntervalsButton", "intervalsStatusLabel",
+                                   "intervalsTable"]:
+        assert name in inside, f"{name} is not in the sem-CRC section"
+        assert widgets[name] == expected_class(name)
+    for name, node_type in selectors.items():
+        types = [e.text for e in ui_element(name).findall("property[@name='nodeTypes']/stringlist/string")]
+        assert types == [node_type], (name, types)
+    bound = ui_parameter_names()
+    for parameter in ("intervalProfilePath", "lowerVolume", "upperVolume", "organSegmentation", "truthVolume",
+                      "intervalLengthVolume"):
+        suffix = "PathLineEdit" if parameter.endswith("Path") else "Selector"
+        assert bound[parameter] == parameter.removesuffix("Path") + suffix
+    headers = [c.find("property/string").text for c in ui_element("intervalsTable").findall("column")]
+    assert tuple(headers) == intervals.TABLE_COLUMNS
+    assert "interval" in display.OVERLAYS
+    # every node selector is given the scene
+    receivers = {c.findtext("receiver") for c in ET.parse(UI).getroot().iter("connection")
+                 if c.findtext("slot") == "setMRMLScene(vtkMRMLScene*)"}
+    assert {n for n, c in widgets.items() if c == "qMRMLNodeComboBox"} <= receivers
+
+
 def test_ui_loads_with_quiloader(app):
     from PySide6.QtUiTools import QUiLoader
     from PySide6.QtWidgets import QWidget
@@ -393,6 +431,26 @@ def demo_content():
     return settings, result.text, rows, device
 
 
+def interval_demo_content():
+    """The sem-CRC section's status text and table: the library applied to a synthetic scan through the
+    panel's own segment matching (None when cvxpy, needed to calibrate the fixture, is missing)."""
+    import tempfile
+
+    sys.path.insert(0, str(ROOT / "ConformalSeg"))
+    from ConformalSegSlicer import fixtures, intervals
+
+    if fixtures.interval_fixture_unavailable_reason():
+        return None
+    with tempfile.TemporaryDirectory() as folder:
+        fixture = fixtures.make_interval_fixture(folder)
+        profile = intervals.load_profile(fixture.profile_path)
+        ids = {f"segment_{i}": name for i, name in enumerate(fixture.segments)}
+        match = intervals.match_segments(ids, intervals.profile_organs(profile))
+        masks = {sid: fixture.segments[ids[sid]] for sid in match.segment_ids}
+        outcome = intervals.apply_profile(profile, fixture.lower, fixture.upper, match, masks, fixture.truth)
+    return outcome.text, outcome.rows
+
+
 def render_panel(path: Path) -> Path:
     from PySide6.QtWidgets import (QApplication, QCheckBox, QComboBox, QLabel, QProgressBar, QPushButton,
                                    QTableWidget, QTableWidgetItem, QWidget)
@@ -404,10 +462,14 @@ def render_panel(path: Path) -> Path:
     for name, text in (("inputVolumeSelector", "synth_019 CT"), ("probabilityVolumeSelector",
                                                                   "synth_019 CT lesion probability"),
                        ("outputSegmentationSelector", "ConformalSeg"), ("uncertaintyVolumeSelector",
-                                                                        "synth_019 CT MC-dropout variance")):
+                                                                        "synth_019 CT MC-dropout variance"),
+                       ("lowerVolumeSelector", "case_030 q05"), ("upperVolumeSelector", "case_030 q95"),
+                       ("organSegmentationSelector", "case_030 organs"), ("truthVolumeSelector", "case_030 CT"),
+                       ("intervalLengthVolumeSelector", "case_030 q05 interval length")):
         find[name].addItem(text)
-    for name, items in (("deviceComboBox", ["auto", "cuda", "cpu"]), ("overlayComboBox", ["none", "probability",
-                                                                                           "uncertainty"]),
+    from ConformalSegSlicer import display
+
+    for name, items in (("deviceComboBox", ["auto", "cuda", "cpu"]), ("overlayComboBox", list(display.OVERLAYS)),
                         ("calibrationMethodComboBox", ["cls", "crc", "sets"])):
         combo: QComboBox = find[name]
         combo.addItems(items)
@@ -415,7 +477,8 @@ def render_panel(path: Path) -> Path:
     for name, text in (("modelPathLineEdit", "models/kidney-tumour-unet"), ("profilePathLineEdit", "profiles/cls.json"),
                        ("secondProfilePathLineEdit", "profiles/sets.json"), ("datasetPathLineEdit", "data/calibration"),
                        ("calibrationOutputPathLineEdit", "profiles"),
-                       ("evaluationResultsPathLineEdit", "profiles/evaluation/results.json")):
+                       ("evaluationResultsPathLineEdit", "profiles/evaluation/results.json"),
+                       ("intervalProfilePathLineEdit", "profiles/sem-crc-organ.json")):
         find[name].currentPath = text
     for name, value in (("epsilonSliderWidget", settings.epsilon), ("alphaSliderWidget", settings.alpha),
                         ("alphaInnerSliderWidget", settings.alpha_inner),
@@ -434,6 +497,17 @@ def render_panel(path: Path) -> Path:
         for c, text in enumerate(row):
             table.setItem(r, c, QTableWidgetItem(text))
     table.resizeColumnsToContents()
+    intervals_content = interval_demo_content()
+    if intervals_content is not None:
+        text, interval_rows = intervals_content
+        find["intervalsStatusLabel"].setText(text)
+        find["applyIntervalsButton"].setEnabled(True)
+        interval_table: QTableWidget = find["intervalsTable"]
+        interval_table.setRowCount(len(interval_rows))
+        for r, row in enumerate(interval_rows):
+            for c, cell in enumerate(row):
+                interval_table.setItem(r, c, QTableWidgetItem(cell))
+        interval_table.resizeColumnsToContents()
     assert isinstance(find["show3DButton"], QPushButton) and isinstance(find["showLesionCheckBox"], QCheckBox)
     panel.resize(480, max(panel.sizeHint().height(), panel.minimumSizeHint().height()))
     path.parent.mkdir(parents=True, exist_ok=True)

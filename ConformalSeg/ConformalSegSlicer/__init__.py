@@ -10,6 +10,8 @@ is tested with pytest outside Slicer (``Testing/test_slicer_logic.py``):
 * :mod:`~ConformalSegSlicer.spatial`: Slicer's IJK-to-RAS matrices <-> the library's LPS geometry;
 * :mod:`~ConformalSegSlicer.segments`: names, colours and terminology of the result segments;
 * :mod:`~ConformalSegSlicer.display`: overlay windows and thresholds;
+* :mod:`~ConformalSegSlicer.intervals`: sem-CRC interval profiles: segments -> organ label map ->
+  the library's ``apply_interval``, the per-organ table and status text;
 * :mod:`~ConformalSegSlicer.evaluation_plots`: ECR and PC versus alpha from ``conformalseg evaluate``;
 * :mod:`~ConformalSegSlicer.environment`: Python requirements, PyTorch device choice, module reload;
 * :mod:`~ConformalSegSlicer.fixtures`: synthetic data, profiles and a tiny model for the self-tests.

@@ -8,6 +8,9 @@
   reference volume's grid; unchanged segments are not touched. Names, colours and terminology come
   from :mod:`ConformalSegSlicer.segments`; segment ids are stable, so the user's own segments in the
   same segmentation are left alone.
+* sem-CRC: segment names and per-segment masks (``arrayFromSegmentBinaryLabelmap`` on the lower
+  quantile volume's grid) and the output volumes (found again by a role attribute, so a second
+  Apply overwrites them instead of adding nodes).
 * Overlays, plots, exports and the pump that delivers a :class:`~ConformalSegSlicer.process.ProcessRunner`'s
   callbacks on the GUI thread.
 """
@@ -29,7 +32,7 @@ from slicer.i18n import tr as _
 from ConformalSegLib.geometry import Geometry
 
 from . import commands, environment, segments, spatial
-from .display import OverlayDisplay
+from .display import OverlayDisplay, finite_range
 from .evaluation_plots import AlphaCurves, marker_columns, table_columns
 
 ROLE_ATTRIBUTE = "ConformalSeg.Role"
@@ -62,6 +65,25 @@ def volume_array(volumeNode, *, copy: bool = True) -> np.ndarray:
 def add_volume(array: np.ndarray, geometry: Geometry, name: str):
     """A new scalar volume node holding ``array`` on ``geometry`` (deep copy)."""
     return slicer.util.addVolumeFromArray(array, ijkToRAS=spatial.ijk_to_ras_from_geometry(geometry), name=name)
+
+
+def output_volume(role: str, name: str, array: np.ndarray, referenceVolumeNode):
+    """The scene's scalar volume tagged ``role`` (created once, reused by later calls) holding
+    ``array`` (deep copy) on ``referenceVolumeNode``'s grid, renamed ``name``."""
+    volumeNode = node_with_role("vtkMRMLScalarVolumeNode", role, name)
+    volumeNode.SetName(name)
+    return write_volume(volumeNode, array, referenceVolumeNode)
+
+
+def write_volume(volumeNode, array: np.ndarray, referenceVolumeNode):
+    """Replace ``volumeNode``'s voxels with ``array`` (deep copy) on ``referenceVolumeNode``'s grid."""
+    slicer.util.updateVolumeFromArray(volumeNode, np.ascontiguousarray(array))
+    matrix = vtk.vtkMatrix4x4()
+    referenceVolumeNode.GetIJKToRASMatrix(matrix)
+    volumeNode.SetIJKToRASMatrix(matrix)
+    if volumeNode.GetDisplayNode() is None:
+        volumeNode.CreateDefaultDisplayNodes()
+    return volumeNode
 
 
 def export_volume(volumeNode, path: str) -> None:
@@ -147,6 +169,36 @@ def segment_mask(segmentationNode, name: str, referenceVolumeNode) -> np.ndarray
     return slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, referenceVolumeNode) > 0
 
 
+def segment_names(segmentationNode) -> dict[str, str]:
+    """``{segment id: segment name}`` of every segment of a segmentation node, in its order."""
+    segmentation = segmentationNode.GetSegmentation()
+    return {segmentId: segmentation.GetSegment(segmentId).GetName() for segmentId in segmentation.GetSegmentIDs()}
+
+
+def segment_arrays(segmentationNode, segmentIds: Iterable[str], referenceVolumeNode) -> dict[str, np.ndarray]:
+    """The segments ``segmentIds`` as uint8 ``(z, y, x)`` arrays on the reference volume's grid
+    (each resampled to that grid by Slicer; an empty segment is all zeros)."""
+    shape = slicer.util.arrayFromVolume(referenceVolumeNode).shape
+    masks = {}
+    for segmentId in segmentIds:
+        array = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, referenceVolumeNode)
+        masks[segmentId] = np.zeros(shape, dtype=np.uint8) if array is None else array
+    return masks
+
+
+def add_named_segments(segmentationNode, masks: Mapping[str, np.ndarray], referenceVolumeNode) -> list[str]:
+    """Add one segment per ``{name: mask}`` (Slicer picks the ids and colours); returns the ids."""
+    segmentation = segmentationNode.GetSegmentation()
+    ids = []
+    with slicer.util.NodeModify(segmentationNode):
+        for name, mask in masks.items():
+            segmentId = segmentation.AddEmptySegment("", name)
+            slicer.util.updateSegmentBinaryLabelmapFromArray(np.ascontiguousarray(mask).astype(np.uint8),
+                                                             segmentationNode, segmentId, referenceVolumeNode)
+            ids.append(segmentId)
+    return ids
+
+
 def set_segment_visibility(segmentationNode, visible: Mapping[str, bool]) -> None:
     displayNode = segmentationNode.GetDisplayNode()
     if displayNode is None:
@@ -195,8 +247,8 @@ def hide_overlay() -> None:
 
 
 def data_range(volumeNode) -> tuple[float, float]:
-    array = slicer.util.arrayFromVolume(volumeNode)
-    return float(np.min(array)), float(np.max(array))
+    """Smallest and largest finite voxel values (infinite sem-CRC interval lengths are left out)."""
+    return finite_range(slicer.util.arrayFromVolume(volumeNode))
 
 
 # ----------------------------------------------------------------------------- plots
