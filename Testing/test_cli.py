@@ -153,8 +153,8 @@ def test_evaluate_writes_report(tmp_path, data, capsys):
         assert (tmp_path / "ev" / name).stat().st_size > 0
 
 
-def test_demo_small(tmp_path, capsys):
-    code, out, err = run(["demo", "--out", tmp_path / "demo", "--cases", "16", "--splits", "4"], capsys)
+def test_demo_small_synthetic(tmp_path, capsys):
+    code, out, err = run(["demo", "--synthetic", "--out", tmp_path / "demo", "--cases", "16", "--splits", "4"], capsys)
     assert code == 0, err
     report = (tmp_path / "demo" / "report.md").read_text()
     assert "With probability at least 90%" in report and "slice_overlay.png" in report
@@ -162,8 +162,26 @@ def test_demo_small(tmp_path, capsys):
     assert {"Lesion (FNR-controlled)", "Inner set", "Outer set", "Lesion (threshold 0.5)"} <= set(masks)
     image = sitk.ReadImage(str(tmp_path / "demo" / "example" / "image.nrrd"))
     assert image.GetSize() == masks["Inner set"].shape[::-1]
-    code, out, err = run(["demo", "--out", tmp_path / "demo", "--cases", "16", "--splits", "4"], capsys)
+    code, out, err = run(["demo", "--synthetic", "--out", tmp_path / "demo", "--cases", "16", "--splits", "4"], capsys)
     assert code == 2 and "--force" in err
+
+
+def test_demo_with_the_shipped_model(tmp_path, capsys):
+    """The README's main job: phantoms + the shipped network (small sizes)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("monai")
+    code, out, err = run(["demo", "--out", tmp_path / "demo", "--cases", "12", "--splits", "3", "--device", "cpu"],
+                         capsys)
+    assert code == 0, err
+    report = (tmp_path / "demo" / "report.md").read_text()
+    assert "segmented by the shipped 3D U-Net" in report and "With probability at least 90%" in report
+    assert len(list((tmp_path / "demo" / "data" / "probs").glob("*.nii.gz"))) == 12
+    masks, geometry = read_seg_nrrd(tmp_path / "demo" / "example" / "segmentation.seg.nrrd")
+    assert {"Lesion (FNR-controlled)", "Inner set", "Outer set", "Lesion (ground truth)"} <= set(masks)
+    assert (tmp_path / "demo" / "example" / "uncertainty_variance.nrrd").stat().st_size > 0
+    code, out, err = run(["demo", "--out", tmp_path / "d2", "--cases", "4", "--seed", "1000", "--device", "cpu"],
+                         capsys)
+    assert code == 2 and "trained on" in err
 
 
 def test_transform_auto_uses_separate_learning_data(tmp_path, data, capsys):

@@ -8,6 +8,15 @@ Writes, under ``--out``::
     inference.json                     model name, card, weights SHA-256, pipeline fingerprint, device,
                                        MC passes, flips, seed, per-case seconds
 
+For a quantile regression card (``output.quantiles``, e.g. the phantom denoiser) it writes instead::
+
+    lower/CASE.nii.gz   the lowest-level quantile map (e.g. q_0.1), float32, the card's output units
+    upper/CASE.nii.gz   the highest-level quantile map (e.g. q_0.9)
+    inference.json
+
+ready for ``conformalseg calibrate --method crc-interval|k-crc|sem-crc|sem-crc-organ --lower OUT/lower
+--upper OUT/upper --truth ...`` (``--mc-dropout``, ``--tta`` and ``--cascade`` are lesion-only).
+
 ``probs/`` is ready for ``conformalseg calibrate --probs OUT/probs --labels ...`` (same case ids as
 the label files). With MC dropout the probability is the mean over the passes: calibrate and apply
 with the same number of passes (and seed). Every file is written atomically; existing outputs are
@@ -70,6 +79,11 @@ def output_paths(out: Path, case_id: str, mc: bool, *, entropy: bool = True) -> 
     return paths
 
 
+def quantile_output_paths(out: Path, case_id: str) -> dict[str, Path]:
+    """``lower/CASE.nii.gz`` and ``upper/CASE.nii.gz`` (quantile regression cards)."""
+    return {"lower": out / "lower" / f"{case_id}.nii.gz", "upper": out / "upper" / f"{case_id}.nii.gz"}
+
+
 def run(args: argparse.Namespace) -> int:
     from ..inference import InferenceEngine, find_images, resolve_model
     from ..inference.model_dataset import inference_provenance
@@ -85,10 +99,15 @@ def run(args: argparse.Namespace) -> int:
     if cascade is None and args.model is None:
         raise ConformalSegError("no model given", fix="pass --model CARD.json (or --cascade CONFIG)")
     card = cascade.card if cascade is not None else resolve_model(args.model)
+    quantile = card.output.is_quantile
+    if quantile and (args.mc_dropout or args.tta or cascade is not None):
+        raise ConformalSegError(f"{card.describe()} is a quantile regression model: --mc-dropout, --tta and "
+                                "--cascade apply to lesion models only", fix="run it without those options")
     cases = find_images(args.images, subset=args.subset)
     mc = args.mc_dropout > 0 or (cascade is not None and cascade.config.stage2_mc_passes > 0)
     report_path = args.out / "inference.json"
-    planned = [(case, output_paths(args.out, case.case_id, mc, entropy=cascade is None)) for case in cases]
+    planned = [(case, quantile_output_paths(args.out, case.case_id) if quantile else
+                output_paths(args.out, case.case_id, mc, entropy=cascade is None)) for case in cases]
     if not args.force:  # fail before the long run, not after it
         existing = [p for _, paths in planned for p in paths.values() if p.exists()]
         if report_path.exists():
@@ -107,8 +126,13 @@ def run(args: argparse.Namespace) -> int:
     for done, (case, paths) in enumerate(planned, start=1):
         t0 = time.perf_counter()
         volume = load_image(case.path)
-        prediction = engine.predict(volume, mc_dropout=args.mc_dropout, tta_flips=args.tta)
-        save_volume(prediction.probability, volume.geometry, paths["probability"], force=args.force)
+        if quantile:
+            prediction = engine.predict_quantiles(volume)
+            save_volume(prediction.lower, volume.geometry, paths["lower"], force=args.force)
+            save_volume(prediction.upper, volume.geometry, paths["upper"], force=args.force)
+        else:
+            prediction = engine.predict(volume, mc_dropout=args.mc_dropout, tta_flips=args.tta)
+            save_volume(prediction.probability, volume.geometry, paths["probability"], force=args.force)
         if mc:
             save_volume(prediction.variance, volume.geometry, paths["variance"], force=args.force)
             if "entropy" in paths:
@@ -132,6 +156,11 @@ def run(args: argparse.Namespace) -> int:
         "versions": _versions(),
     }
     atomic_write_text(report_path, json.dumps(report, indent=2) + "\n", force=args.force)
+    if quantile:
+        levels = card.output.quantiles
+        print(f"wrote {len(records)} quantile interval(s): q_{levels[0]:g} to {args.out / 'lower'}, "
+              f"q_{levels[-1]:g} to {args.out / 'upper'}; report {report_path}")
+        return 0
     print(f"wrote {len(records)} probability map(s) to {args.out / 'probs'}"
           + (f" and uncertainty maps to {args.out / 'uncertainty'}" if mc else "") + f"; report {report_path}")
     return 0

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from .datasets import ImageCase, find_images, is_dataset_root
 from .engine import (ALL_FLIPS, DeviceFallbackWarning, InferenceCancelled, InferenceEngine, MCDropoutInactiveWarning,
-                     Prediction, count_windows, from_network_axes, geometry_from_affine, network_affine,
+                     Prediction, QuantilePrediction, count_windows, from_network_axes, geometry_from_affine, network_affine,
                      predict_volume, resolve_device, to_network_axes)
 from .model_card import (CARD_FILE, FORMAT, FORMAT_VERSION, InferenceSettings, Intensity, ModelCard, ModelSource,
                          OutputSpec, Preprocessing, load_model_card, resolve_model)
@@ -39,6 +39,7 @@ __all__ = [
     "OutputSpec",
     "Prediction",
     "Preprocessing",
+    "QuantilePrediction",
     "count_windows",
     "find_images",
     "from_network_axes",

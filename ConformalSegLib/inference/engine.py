@@ -33,6 +33,18 @@ Pipeline (everything fixed by the :class:`~ConformalSegLib.inference.model_card.
    original affine and shape; ``Orientation`` inverse = exact axis permutation/flip), then transposed
    back to ``(z, y, x)``. The result has the input volume's exact shape, spacing, origin and direction.
 
+Quantile regression cards
+-------------------------
+For a card with ``output.quantiles`` (see :mod:`~ConformalSegLib.inference.model_card`)
+:meth:`InferenceEngine.predict_quantiles` runs the same pipeline with **no activation**: every
+output channel (one per quantile level) is blended over windows (the same Gaussian weighting, now
+of regression values) and mapped back to the input grid by the same inverse resampling; nothing is
+clipped. Quantiles that cross after blending and resampling are put in order per voxel (sorting the
+channels, the monotone rearrangement of Chernozhukov et al.); the number of crossing voxels is
+reported in ``info["crossing_voxels"]``. MC dropout and flip TTA are lesion-only options.
+:meth:`InferenceEngine.predict` refuses quantile cards and :meth:`~InferenceEngine.predict_quantiles`
+refuses probability cards, so the lesion path is unchanged.
+
 MC dropout
 ----------
 ``predict(volume, mc_dropout=N)`` runs N stochastic passes **as one batch**: inside the predictor
@@ -221,6 +233,40 @@ class Prediction:
         array = getattr(self, which)
         if array is None:
             raise ValueError(f"this prediction has no {which} map (run with mc_dropout > 0)")
+        return Volume(array, self.geometry, path)
+
+
+@dataclass
+class QuantilePrediction:
+    """A quantile regression network's output on the input volume's grid.
+
+    ``maps`` is float32 ``(Q, z, y, x)``: ``maps[c]`` estimates the ``levels[c]`` quantile, in the
+    card's output units (for the phantom denoiser: windowed intensity, nominally [0, 1]);
+    ``maps`` is non-decreasing along ``c`` at every voxel.
+    """
+
+    levels: tuple[float, ...]
+    maps: np.ndarray
+    geometry: Geometry
+    seconds: float = 0.0
+    device: str = "cpu"
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def lower(self) -> np.ndarray:
+        """The lowest-level quantile map (the interval's lower bound), ``(z, y, x)``."""
+        return self.maps[0]
+
+    @property
+    def upper(self) -> np.ndarray:
+        """The highest-level quantile map (the interval's upper bound), ``(z, y, x)``."""
+        return self.maps[-1]
+
+    def volume(self, which: str | int = "lower", path: str | None = None) -> Volume:
+        """``"lower"``, ``"upper"`` or channel index ``c`` as a :class:`Volume` on the input grid."""
+        array = {"lower": self.lower, "upper": self.upper}.get(which) if isinstance(which, str) else self.maps[which]
+        if array is None:
+            raise ValueError(f"unknown quantile map {which!r}: use 'lower', 'upper' or a channel index")
         return Volume(array, self.geometry, path)
 
 
@@ -437,16 +483,15 @@ class InferenceEngine:
         if isinstance(mc_dropout, bool) or not isinstance(mc_dropout, (int, np.integer)) or mc_dropout < 0:
             raise ConformalSegError(f"mc_dropout must be a number of passes >= 0, got {mc_dropout!r}")
         mc_dropout = int(mc_dropout)
+        if self.card.output.is_quantile:
+            raise self._card_error(f"{self.card.describe()} is a quantile regression model "
+                                   f"(output.quantiles {list(self.card.output.quantiles)}), not a lesion model",
+                                   "use InferenceEngine.predict_quantiles (conformalseg infer writes lower/ and "
+                                   "upper/ for such models)")
         if mc_dropout and not self._dropouts:
             raise self._card_error(f"MC dropout was requested but the network of {self.card.describe()} has no "
                                    "dropout layers", "train the network with dropout, or run without MC dropout")
-        array = np.asarray(volume.array)
-        if array.ndim != 3 or array.shape != volume.geometry.shape:
-            raise ConformalSegError(f"image array shape {array.shape} does not match its geometry "
-                                    f"{volume.geometry.shape}", path=volume.path, fix="give a 3D image")
-        if not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
-            raise ConformalSegError(f"image has non-numeric voxels ({array.dtype})", path=volume.path,
-                                    fix="give a scalar image")
+        array = _checked_array(volume)
         start = time.perf_counter()
         self._check_cancel()
         flips = ALL_FLIPS if tta_flips else ((),)
@@ -480,6 +525,31 @@ class InferenceEngine:
         return Prediction(probability=probability, geometry=volume.geometry, variance=variance, entropy=entropy,
                           mc_passes=mc_dropout, tta_flips=len(flips), seconds=time.perf_counter() - start,
                           device=str(self.device), info=info)
+
+    def predict_quantiles(self, volume: Volume) -> QuantilePrediction:
+        """The quantile maps of a quantile regression card (see the module docstring) on exactly the
+        grid of ``volume``. Raises :class:`InferenceCancelled` when cancelled."""
+        levels = self.card.output.quantiles
+        if levels is None:
+            raise self._card_error(f"{self.card.describe()} is a lesion probability model, not a quantile regression "
+                                   "model (its output has no 'quantiles')", "use InferenceEngine.predict")
+        array = _checked_array(volume)
+        start = time.perf_counter()
+        self._check_cancel()
+        with torch.inference_mode():
+            image = self._preprocess(array, volume)
+            maps, info = self._run_windows(image, [((), None)], mc=False)
+            if not bool(image.finite):
+                raise ConformalSegError("image contains NaN or infinite voxels", path=volume.path,
+                                        fix="fix or re-export the image")
+            channels, _ = self._postprocess(maps, image, mc=False, quantile=True)
+        stacked = np.stack(channels)
+        crossing = int(np.count_nonzero(np.any(np.diff(stacked, axis=0) < 0, axis=0)))
+        if crossing:
+            stacked.sort(axis=0)  # monotone rearrangement: non-crossing quantiles
+        info.update(quantiles=list(levels), crossing_voxels=crossing)
+        return QuantilePrediction(levels=tuple(levels), maps=stacked, geometry=volume.geometry,
+                                  seconds=time.perf_counter() - start, device=str(self.device), info=info)
 
     # ------------------------------------------------------------------ steps
 
@@ -577,10 +647,12 @@ class InferenceEngine:
         predictor.finish()
         return out[0]
 
-    def _postprocess(self, maps: torch.Tensor, image: "_Preprocessed", *, mc: bool) -> tuple[list[np.ndarray], bool]:
+    def _postprocess(self, maps: torch.Tensor, image: "_Preprocessed", *, mc: bool,
+                     quantile: bool = False) -> tuple[list[np.ndarray], bool]:
         """Invert the spatial preprocessing; return float32 numpy ``(z, y, x)`` arrays per channel
         (probability clipped to [0, 1], variance to [0, 1/4], entropy >= 0: interpolation and
-        float rounding can step outside by a few ulps) and whether any variance is positive."""
+        float rounding can step outside by a few ulps; quantile maps are not clipped) and whether
+        any variance is positive."""
         try:
             restored = self._invert(maps, image)
         except torch.cuda.OutOfMemoryError:
@@ -589,6 +661,8 @@ class InferenceEngine:
             _free_cuda()
             restored = self._invert(maps.cpu(), image)
         restored = restored.to(torch.float32)
+        if quantile:
+            return [_to_host(from_network_axes(restored[c])) for c in range(restored.shape[0])], False
         restored[0].clamp_(0.0, 1.0)
         any_variance = False
         if mc:
@@ -609,6 +683,18 @@ class InferenceEngine:
         out.applied_operations = list(image.meta.applied_operations)
         inverted = self._spatial.inverse(out)
         return inverted.as_tensor() if hasattr(inverted, "as_tensor") else inverted
+
+
+def _checked_array(volume: Volume) -> np.ndarray:
+    """The volume's array after checking it is a 3D scalar image matching its geometry."""
+    array = np.asarray(volume.array)
+    if array.ndim != 3 or array.shape != volume.geometry.shape:
+        raise ConformalSegError(f"image array shape {array.shape} does not match its geometry "
+                                f"{volume.geometry.shape}", path=volume.path, fix="give a 3D image")
+    if not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
+        raise ConformalSegError(f"image has non-numeric voxels ({array.dtype})", path=volume.path,
+                                fix="give a scalar image")
+    return array
 
 
 @dataclass
@@ -692,6 +778,8 @@ class _WindowPredictor:
                 logits = logits[0]  # deep supervision: the full-resolution head
             logits = logits.float()
             self._check_output(logits, x)
+            if out_card.is_quantile:  # regression: every channel, no activation (one variant only)
+                return self._report(logits.contiguous(), n_rows)
             probs = torch.softmax(logits, dim=1) if out_card.activation == "softmax" else torch.sigmoid(logits)
             if single:
                 result = probs[:, out_card.lesion_channel:out_card.lesion_channel + 1]
@@ -728,6 +816,13 @@ class _WindowPredictor:
             raise engine._card_error(f"the network output has shape {tuple(logits.shape)} for an input of shape "
                                      f"{tuple(x.shape)}; expected (batch, classes, same spatial size)",
                                      "use a segmentation network whose output has the input's spatial size")
+        if out_card.is_quantile:
+            if channels != len(out_card.quantiles):
+                raise engine._card_error(f"output.quantiles lists {len(out_card.quantiles)} level(s) but the network "
+                                         f"has {channels} output channel(s)",
+                                         "give one quantile level per output channel")
+            self.checked = True
+            return
         if out_card.activation == "softmax" and channels < 2:
             raise engine._card_error("output.activation is softmax but the network has a single output channel "
                                      "(softmax over one channel is always 1)",

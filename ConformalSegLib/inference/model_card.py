@@ -61,6 +61,18 @@ exactly what ``monai.transforms.LoadImage`` gives -- after the optional reorient
   ``none``. Order: orientation, spacing (trilinear), intensity -- as in MONAI's CT bundles.
 * ``output``: ``activation`` ``softmax`` (over the channels; needs >= 2) or ``sigmoid`` (per
   channel); ``lesion_channel`` is the output channel whose probability is the lesion probability.
+
+Quantile regression outputs
+---------------------------
+``"output": {"activation": "none", "quantiles": [0.1, 0.9]}`` declares a regression network (e.g. a
+denoiser) whose output channel ``c`` is the estimated ``quantiles[c]``-level quantile of the clean
+image given the input, voxel by voxel, in the units of the **preprocessed** input (for the
+phantom denoiser: HU windowed -175..250 to [0, 1] *before* the card's pipeline, see
+:mod:`ConformalSegLib.semcrc.phantom_denoising`). No activation is applied; the levels are
+strictly increasing in (0, 1), at least two (the first and last give the interval ``[lower,
+upper]``). Such a card has no ``lesion_channel``; use
+:meth:`~ConformalSegLib.inference.engine.InferenceEngine.predict_quantiles` (``predict`` refuses it).
+Cards without ``quantiles`` are read, written and fingerprinted exactly as before.
 """
 
 from __future__ import annotations
@@ -86,6 +98,7 @@ CARD_FILE = "model_card.json"
 SOURCE_KINDS = ("state_dict", "torchscript", "bundle")
 INTENSITY_KINDS = ("window", "zscore", "none")
 ACTIVATIONS = ("softmax", "sigmoid")
+QUANTILE_ACTIVATION = "none"  #: the activation of quantile regression outputs (identity)
 BLEND_MODES = ("gaussian", "constant")
 TOP_KEYS = ("format", "format_version", "name", "source", "preprocessing", "inference", "output", "training")
 REQUIRED_KEYS = ("format", "format_version", "name", "source", "preprocessing", "inference", "output")
@@ -152,10 +165,22 @@ class InferenceSettings:
 
 @dataclass(frozen=True)
 class OutputSpec:
+    """What the output channels mean: a lesion probability (``activation`` softmax/sigmoid and
+    ``lesion_channel``) or regression quantiles (``activation`` ``"none"`` and ``quantiles``, the
+    levels of the channels in order; ``lesion_channel`` is then None)."""
+
     activation: str
-    lesion_channel: int
+    lesion_channel: int | None = None
+    quantiles: tuple[float, ...] | None = None
+
+    @property
+    def is_quantile(self) -> bool:
+        """True for a quantile regression card (see the module docstring)."""
+        return self.quantiles is not None
 
     def to_dict(self) -> dict[str, Any]:
+        if self.quantiles is not None:
+            return {"activation": QUANTILE_ACTIVATION, "quantiles": [float(q) for q in self.quantiles]}
         return {"activation": self.activation, "lesion_channel": self.lesion_channel}
 
 
@@ -436,10 +461,27 @@ def _parse_inference(c: _Checker, value: Any) -> InferenceSettings:
 
 def _parse_output(c: _Checker, value: Any) -> OutputSpec:
     value = c.mapping(value, "output")
+    if "quantiles" in value or value.get("activation") == QUANTILE_ACTIVATION:
+        return _parse_quantile_output(c, value)
     c.keys(value, "output", ("activation", "lesion_channel"), ("activation", "lesion_channel"))
     activation = c.choice(value["activation"], "output.activation", ACTIVATIONS)
     channel = c.integer(value["lesion_channel"], "output.lesion_channel", minimum=0)
     return OutputSpec(activation, channel)
+
+
+def _parse_quantile_output(c: _Checker, value: dict[str, Any]) -> OutputSpec:
+    fix = 'write e.g. "output": {"activation": "none", "quantiles": [0.1, 0.9]}'
+    c.keys(value, "output", ("activation", "quantiles"), ("activation", "quantiles"))
+    if value["activation"] != QUANTILE_ACTIVATION:
+        raise c.fail(f"quantile outputs need 'output.activation' {QUANTILE_ACTIVATION!r} (no activation), got "
+                     f"{value['activation']!r}", fix=fix)
+    levels = value["quantiles"]
+    if not isinstance(levels, (list, tuple)) or len(levels) < 2:
+        raise c.fail(f"'output.quantiles' must list at least two quantile levels, got {levels!r}", fix=fix)
+    levels = tuple(c.number(q, "output.quantiles") for q in levels)
+    if any(not 0.0 < q < 1.0 for q in levels) or any(b <= a for a, b in zip(levels, levels[1:])):
+        raise c.fail(f"'output.quantiles' must be strictly increasing levels in (0, 1), got {list(levels)}", fix=fix)
+    return OutputSpec(QUANTILE_ACTIVATION, None, levels)
 
 
 def _network_class(name: str, c: _Checker):
