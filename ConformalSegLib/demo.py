@@ -59,6 +59,7 @@ class DemoSettings:
     device: str = "auto"
     example_mc_passes: int = 8  # MC-dropout passes for the held-out example's uncertainty map
     hd95: bool = False  # HD95 over every split dominates the run time (minutes); `conformalseg evaluate` has it
+    semcrc_cases: int = 30  # phantoms of the sem-CRC part (shipped quantile denoiser); 0 skips it
     splits: int = 100
     cal_fraction: float = 0.5
     epsilon: float = 0.1
@@ -82,7 +83,7 @@ def run_demo(out_dir: str | PathLike[str], settings: DemoSettings = DemoSettings
     bar = progress or (lambda _label: None)
 
     dataset = _dataset(out, settings, force, bar, log)
-    log(f"[3/6] evaluating over {settings.splits} random calibration/test splits")
+    log(f"[3/7] evaluating over {settings.splits} random calibration/test splits")
     with TqdmProgress() as eval_progress:
         result = evaluate_dataset(dataset, epsilons=settings.epsilons, alphas=settings.alphas,
                                   main_epsilon=settings.epsilon, main_alpha=settings.alpha, splits=settings.splits,
@@ -91,7 +92,7 @@ def run_demo(out_dir: str | PathLike[str], settings: DemoSettings = DemoSettings
                                   progress=eval_progress if progress else None)
     write_report(result, out / "evaluation", force=force)
 
-    log("[4/6] calibrating profiles on the first half of the cases")
+    log("[4/7] calibrating profiles on the first half of the cases")
     n_cal = int(round(settings.cases * settings.cal_fraction))
     cal_ids, test_ids = dataset.case_ids[:n_cal], dataset.case_ids[n_cal:]
     requests = {
@@ -108,12 +109,23 @@ def run_demo(out_dir: str | PathLike[str], settings: DemoSettings = DemoSettings
         profile.save(out / "profiles" / f"{name}.json", force=force)
         profiles[name] = profile
 
-    log("[5/6] applying the profiles to a held-out case")
+    log("[5/7] applying the profiles to a held-out case")
     example = _example(dataset, test_ids, profiles, out / "example", force, settings)
 
-    log("[6/6] writing the report")
+    semcrc_section = ""
+    if settings.semcrc_cases > 0:
+        from .semcrc.demo import run_semcrc_demo
+
+        log(f"[6/7] sem-CRC: organ-dependent intervals of the shipped denoiser on {settings.semcrc_cases} phantoms")
+        semcrc_section = run_semcrc_demo(out / "semcrc", settings.semcrc_cases, device=settings.device, force=force)
+    else:
+        log("[6/7] (sem-CRC part skipped)")
+    log("[7/7] writing the report")
     report = out / "report.md"
-    atomic_write_text(report, _report_text(settings, result, profiles, example), force=force)
+    text = _report_text(settings, result, profiles, example)
+    if semcrc_section:
+        text += "\n" + _relink(semcrc_section, "semcrc/")
+    atomic_write_text(report, text, force=force)
     return report
 
 
@@ -121,10 +133,10 @@ def _dataset(out: Path, settings: DemoSettings, force: bool, bar: Callable[[str]
              log: Callable[[str], None]) -> CalibrationDataset:
     """Steps 1-2: the embedded data on disk, as a dataset whose cases carry probability maps."""
     if settings.source == "synthetic":
-        log(f"[1/6] writing {settings.cases} synthetic probability maps to {out / 'data'}")
+        log(f"[1/7] writing {settings.cases} synthetic probability maps to {out / 'data'}")
         write_synthetic_dataset(out / "data", settings.cases, seed=settings.seed, force=force,
                                 progress=bar("synthetic data"))
-        log("[2/6] (no network: the synthetic maps imitate one)")
+        log("[2/7] (no network: the synthetic maps imitate one)")
         return CalibrationDataset.from_root(out / "data", [LESION_LABEL])
     if settings.source != "model":
         raise ConformalSegError(f"unknown demo source {settings.source!r}", fix="use 'model' or 'synthetic'")
@@ -138,14 +150,14 @@ def _dataset(out: Path, settings: DemoSettings, force: bool, bar: Callable[[str]
         raise ConformalSegError(f"the demo's phantom seed {settings.seed} is the seed the model was trained on: the "
                                 "evaluation would run on training data", path=card.path,
                                 fix="choose another --seed")
-    log(f"[1/6] writing {settings.cases} CT phantoms (seed {settings.seed}) to {out / 'data'}")
+    log(f"[1/7] writing {settings.cases} CT phantoms (seed {settings.seed}) to {out / 'data'}")
     write_phantom_dataset(out / "data", settings.cases, seed=settings.seed, force=force, progress=bar("phantoms"))
     if force and (out / "data" / "probs").exists():
         import shutil
 
         shutil.rmtree(out / "data" / "probs")  # a cache of an earlier run: --force means start afresh
     engine = InferenceEngine(card, device=settings.device, seed=0)
-    log(f"[2/6] running the network {card.name!r} on {engine.device} for every phantom")
+    log(f"[2/7] running the network {card.name!r} on {engine.device} for every phantom")
     dataset = InferenceDataset(engine, out / "data" / "imagesTr", out / "data" / "labelsTr", [PHANTOM_LESION],
                                out / "data" / "probs", progress=bar("inference"))
     for _ in dataset:  # predict every case once (later passes read the cached maps)
@@ -205,6 +217,13 @@ def _row(result: EvaluationResult, method: str, epsilon: float, alpha: float | N
 
 def _pm(stat: dict, digits: int = 3) -> str:
     return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+
+
+def _relink(markdown: str, prefix: str) -> str:
+    """Make the relative links and images of a sub-report point into its folder ``prefix``."""
+    import re
+
+    return re.sub(r"\]\((?!https?:|/|#)([^)]+)\)", lambda m: f"]({prefix}{m.group(1)})", markdown)
 
 
 def _compactness_note(cls_row: dict) -> list[str]:

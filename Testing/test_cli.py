@@ -170,8 +170,8 @@ def test_demo_with_the_shipped_model(tmp_path, capsys):
     """The README's main job: phantoms + the shipped network (small sizes)."""
     pytest.importorskip("torch")
     pytest.importorskip("monai")
-    code, out, err = run(["demo", "--out", tmp_path / "demo", "--cases", "12", "--splits", "3", "--device", "cpu"],
-                         capsys)
+    code, out, err = run(["demo", "--out", tmp_path / "demo", "--cases", "12", "--splits", "3", "--device", "cpu",
+                          "--semcrc-cases", "16"], capsys)
     assert code == 0, err
     report = (tmp_path / "demo" / "report.md").read_text()
     assert "segmented by the shipped 3D U-Net" in report and "With probability at least 90%" in report
@@ -179,6 +179,7 @@ def test_demo_with_the_shipped_model(tmp_path, capsys):
     masks, geometry = read_seg_nrrd(tmp_path / "demo" / "example" / "segmentation.seg.nrrd")
     assert {"Lesion (FNR-controlled)", "Inner set", "Outer set", "Lesion (ground truth)"} <= set(masks)
     assert (tmp_path / "demo" / "example" / "uncertainty_variance.nrrd").stat().st_size > 0
+    assert "](semcrc/interval_evaluation.png)" in report and (tmp_path / "demo" / "semcrc" / "profile.json").is_file()
     code, out, err = run(["demo", "--out", tmp_path / "d2", "--cases", "4", "--seed", "1000", "--device", "cpu"],
                          capsys)
     assert code == 2 and "trained on" in err

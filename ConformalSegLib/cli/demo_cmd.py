@@ -25,7 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", type=Path, default=defaults.model, help="model card / folder (default: the shipped model)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=defaults.device, help="inference device")
     p.add_argument("--synthetic", action="store_true",
-                   help="synthetic probability maps instead of phantoms + network (no torch needed)")
+                   help="synthetic probability maps instead of phantoms + network (no torch needed; no sem-CRC part)")
+    p.add_argument("--semcrc-cases", type=int, default=defaults.semcrc_cases,
+                   help=f"phantoms of the sem-CRC part (default {defaults.semcrc_cases}; 0 skips it)")
     add_force(p)
     p.set_defaults(func=run)
 
@@ -33,7 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     settings = DemoSettings(cases=args.cases, splits=args.splits, epsilon=args.epsilon, alpha=args.alpha, seed=args.seed,
-                            source="synthetic" if args.synthetic else "model", model=args.model, device=args.device)
+                            source="synthetic" if args.synthetic else "model", model=args.model, device=args.device,
+                            semcrc_cases=0 if args.synthetic else args.semcrc_cases)
     report = run_demo(args.out, settings, force=args.force, progress=progress_bar)
     print(f"done in {time.perf_counter() - start:.0f} s. Read {report}; figures in {args.out / 'evaluation'} and "
           f"{args.out / 'example' / 'slice_overlay.png'}; open {args.out / 'example'} in 3D Slicer "
