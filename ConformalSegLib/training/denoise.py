@@ -51,8 +51,8 @@ from ..io.checksums import sha256_file
 from ..io.volumes import Volume, check_same_geometry
 from .losses import DEFAULT_QUANTILES, PinballLoss
 from .trainer import (LOG_FILE, LOG_FORMAT, WEIGHTS_FILE, CancelToken, ProgressCallback, TrainingCancelled,
-                      TrainingResult, _default_dir_mode, _is_set, _monai_version, _publish, _write_json,
-                      check_output_folder)
+                      TrainingResult, _default_dir_mode, _monai_version, _publish, _write_json,
+                      check_output_folder, fit)
 
 TASK = "denoise"
 
@@ -281,32 +281,10 @@ def train_denoiser(config: DenoisingConfig, train_pairs: Sequence[DenoisingPair]
     sampler = CropSampler(tensors, config.crops, samples_per_case=config.samples_per_case,
                           batch_size=config.batch_size, seed=config.seed)
     network = UNet(**config.network_args()).to(device)
-    optimizer = torch.optim.Adam(network.parameters(), lr=config.learning_rate)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs * len(sampler)) \
-        if config.lr_schedule == "cosine" else None
     loss_fn = PinballLoss(config.quantiles).to(device)
-    total, done, epochs = config.epochs * len(sampler), 0, []
-    for epoch in range(config.epochs):
-        network.train()
-        epoch_start, losses = time.perf_counter(), []
-        for images, targets in sampler.epoch(epoch):
-            if _is_set(cancel):
-                raise TrainingCancelled("training was cancelled")
-            loss = loss_fn(network(images.to(device)), targets.to(device))
-            if not torch.isfinite(loss):
-                raise ConformalSegError(f"the training loss became {float(loss)} in epoch {epoch + 1}",
-                                        fix="lower the learning rate or check the images for extreme values")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
-            losses.append(float(loss.detach()))
-            done += 1
-            if progress is not None:
-                progress(done, total, f"epoch {epoch + 1}/{config.epochs} pinball {np.mean(losses):.4f}")
-        epochs.append({"epoch": epoch + 1, "loss": float(np.mean(losses)),
-                       "seconds": round(time.perf_counter() - epoch_start, 3)})
+    epochs = fit(network, sampler, lambda images, targets: loss_fn(network(images), targets), epochs=config.epochs,
+                 learning_rate=config.learning_rate, lr_schedule=config.lr_schedule, device=device,
+                 progress=progress, cancel=cancel, loss_label="pinball")
     train_seconds = time.perf_counter() - start
 
     out.parent.mkdir(parents=True, exist_ok=True)

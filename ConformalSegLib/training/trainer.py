@@ -304,39 +304,16 @@ def train(config: TrainingConfig, train_cases: Sequence[TrainingCase], heldout_c
     sampler = PatchSampler(train_prepared, config.crops, samples_per_case=config.samples_per_case,
                            pos_fraction=config.pos_fraction, batch_size=config.batch_size, seed=config.seed)
     network = UNet(**config.network_args()).to(device)
-    optimizer = torch.optim.Adam(network.parameters(), lr=config.learning_rate)
     loss_fn = build_loss(config.loss, LESION_CHANNEL)
-    total = config.epochs * len(sampler)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total) \
-        if config.lr_schedule == "cosine" else None
-    epochs: list[dict[str, Any]] = []
-    done = 0
-    for epoch in range(config.epochs):
-        network.train()
-        epoch_start, losses = time.perf_counter(), []
-        for images, targets in sampler.epoch(epoch):
-            if _is_set(cancel):
-                raise TrainingCancelled("training was cancelled")
-            images, targets = images.to(device), targets.to(device)
-            logits = network(images)
-            if loss_fn.needs_uncertainty:
-                loss = loss_fn(logits, targets, mc_dropout_variance(network, images, config.mc_passes, LESION_CHANNEL))
-            else:
-                loss = loss_fn(logits, targets)
-            if not torch.isfinite(loss):
-                raise ConformalSegError(f"the training loss became {float(loss)} in epoch {epoch + 1}",
-                                        fix="lower the learning rate or check the images for extreme values")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
-            losses.append(float(loss.detach()))
-            done += 1
-            if progress is not None:
-                progress(done, total, f"epoch {epoch + 1}/{config.epochs} loss {np.mean(losses):.4f}")
-        epochs.append({"epoch": epoch + 1, "loss": float(np.mean(losses)),
-                       "seconds": round(time.perf_counter() - epoch_start, 3)})
+
+    def compute_loss(images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = network(images)
+        if loss_fn.needs_uncertainty:
+            return loss_fn(logits, targets, mc_dropout_variance(network, images, config.mc_passes, LESION_CHANNEL))
+        return loss_fn(logits, targets)
+
+    epochs = fit(network, sampler, compute_loss, epochs=config.epochs, learning_rate=config.learning_rate,
+                 lr_schedule=config.lr_schedule, device=device, progress=progress, cancel=cancel)
     train_seconds = time.perf_counter() - start
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -378,6 +355,46 @@ def train(config: TrainingConfig, train_cases: Sequence[TrainingCase], heldout_c
             shutil.rmtree(staging, ignore_errors=True)
     return TrainingResult(out=out, card_path=out / CARD_FILE, weights_path=out / WEIGHTS_FILE,
                           epoch_losses=[e["loss"] for e in epochs], heldout=heldout, wall_seconds=wall)
+
+
+def fit(network: torch.nn.Module, sampler: Any, compute_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *,
+        epochs: int, learning_rate: float, lr_schedule: str | None, device: torch.device,
+        progress: ProgressCallback | None = None, cancel: CancelToken | None = None,
+        loss_label: str = "loss") -> list[dict[str, Any]]:
+    """The optimisation loop shared by the lesion and the denoising trainers.
+
+    Adam at ``learning_rate`` (with ``lr_schedule == "cosine"``: cosine decay over all steps), one
+    step per batch of ``sampler.epoch(e)`` with ``compute_loss(images, targets)`` on ``device``; a
+    non-finite loss is an error; ``cancel`` is checked before every step. Returns one
+    ``{"epoch", "loss" (mean), "seconds"}`` record per epoch.
+    """
+    optimizer = torch.optim.Adam(network.parameters(), lr=learning_rate)
+    total = epochs * len(sampler)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total) if lr_schedule == "cosine" else None
+    log: list[dict[str, Any]] = []
+    done = 0
+    for epoch in range(epochs):
+        network.train()
+        epoch_start, losses = time.perf_counter(), []
+        for images, targets in sampler.epoch(epoch):
+            if _is_set(cancel):
+                raise TrainingCancelled("training was cancelled")
+            loss = compute_loss(images.to(device), targets.to(device))
+            if not torch.isfinite(loss):
+                raise ConformalSegError(f"the training loss became {float(loss)} in epoch {epoch + 1}",
+                                        fix="lower the learning rate or check the images for extreme values")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            losses.append(float(loss.detach()))
+            done += 1
+            if progress is not None:
+                progress(done, total, f"epoch {epoch + 1}/{epochs} {loss_label} {np.mean(losses):.4f}")
+        log.append({"epoch": epoch + 1, "loss": float(np.mean(losses)),
+                    "seconds": round(time.perf_counter() - epoch_start, 3)})
+    return log
 
 
 def _monai_version() -> str:
