@@ -277,3 +277,28 @@ def test_semcrc_demo_writes_its_files(tmp_path):
     assert {row["group"] for row in table["groups"]} >= {"lung", "liver", "kidney", "spleen", "bone", "body"}
     image = load_image(out / "pred" / "upper" / "phantom_011.nii.gz")
     assert image.array.shape == (24, 48, 48)
+
+
+def test_calibrate_intervals_from_a_quantile_model(tmp_path, capsys):
+    """``calibrate --method crc-interval --model CARD --images noisy/ --truth clean/`` predicts the
+    quantile maps itself and equals calibrating on the same maps written by ``infer``."""
+    from ConformalSegLib.cli import main
+    from ConformalSegLib.semcrc.phantom_denoising import write_denoising_dataset
+    from ConformalSegLib.semcrc.profile import load_interval_profile
+
+    data = write_denoising_dataset(tmp_path / "data", 8, seed=4321)
+    assert main(["calibrate", "--method", "crc-interval", "--model", str(SHIPPED), "--images", str(data / "noisy"),
+                 "--truth", str(data / "clean"), "--epsilon", "0.2", "--device", "cpu",
+                 "--out", str(tmp_path / "direct.json")]) == 0
+    assert main(["infer", "--model", str(SHIPPED), "--images", str(data / "noisy"), "--device", "cpu",
+                 "--out", str(tmp_path / "pred")]) == 0
+    assert main(["calibrate", "--method", "crc-interval", "--lower", str(tmp_path / "pred" / "lower"),
+                 "--upper", str(tmp_path / "pred" / "upper"), "--truth", str(data / "clean"), "--epsilon", "0.2",
+                 "--out", str(tmp_path / "folders.json")]) == 0
+    direct, folders = load_interval_profile(tmp_path / "direct.json"), load_interval_profile(tmp_path / "folders.json")
+    assert direct.calibration.lam.tolist() == folders.calibration.lam.tolist()
+    assert direct.provenance["inference"]["model"]["name"] == "phantom_denoiser_quantile"
+    capsys.readouterr()
+    assert main(["calibrate", "--method", "crc-interval", "--images", str(data / "noisy"), "--truth",
+                 str(data / "clean"), "--epsilon", "0.2", "--out", str(tmp_path / "x.json")]) == 2
+    assert "--images needs --model" in capsys.readouterr().err

@@ -93,7 +93,10 @@ def _options(args: argparse.Namespace, method: str) -> dict:
 
 
 def run_interval_calibrate(args: argparse.Namespace) -> int:
-    """``calibrate`` for an interval method: read the folders, calibrate, write the profile."""
+    """``calibrate`` for an interval method: read the folders (or predict ``--lower``/``--upper`` with a
+    quantile model ``--model`` from ``--images``), calibrate, write the profile."""
+    if getattr(args, "images", None) is not None and args.lower is None and args.upper is None:
+        return _calibrate_from_model(args)
     for flag in ("lower", "upper", "truth"):
         if getattr(args, flag, None) is None:
             raise ConformalSegError(f"--method {args.method} needs --{flag} DIR",
@@ -108,6 +111,8 @@ def run_interval_calibrate(args: argparse.Namespace) -> int:
     profile = calibrate_interval(method, args.lower, args.upper, args.truth, args.organs, args.epsilon,
                                  organs=args.organ_labels, body=args.body, progress=progress_bar("calibrating"),
                                  **_options(args, method))
+    if getattr(args, "inference_record", None):
+        profile.provenance["inference"] = args.inference_record
     written = profile.save(args.out, force=args.force)
     print(profile.calibration.guarantee)
     for name, lam, status in zip(profile.calibration.groups, profile.calibration.lam, profile.calibration.status):
@@ -191,3 +196,25 @@ def run_interval_evaluate(args: argparse.Namespace) -> int:
     print(f"evaluated {', '.join(methods)} over {args.runs} calibrations of {n_cal} scans; wrote "
           + ", ".join(str(p) for p in written))
     return 0
+
+
+def _calibrate_from_model(args: argparse.Namespace) -> int:
+    """``--model QUANTILE_CARD --images DIR``: predict the quantile maps into a temporary folder (or
+    ``--probs-cache DIR``), then calibrate on them; the model's fingerprint goes into the profile."""
+    import tempfile
+
+    from ..inference import resolve_model
+    from ..semcrc.workflow import predict_quantile_folder
+
+    if args.model is None:
+        raise ConformalSegError("--images needs --model (a quantile regression model card)",
+                                fix="pass --model CARD.json, or give --lower/--upper folders")
+    with tempfile.TemporaryDirectory(prefix="conformalseg-quantiles-") as tmp:
+        folder = args.probs_cache if getattr(args, "probs_cache", None) is not None else Path(tmp)
+        card = resolve_model(args.model)
+        predict_quantile_folder(card, args.images, folder, device=args.device, force=args.force)
+        args.lower, args.upper = folder / "lower", folder / "upper"
+        args.inference_record = {"model": {"name": card.name, "card": str(card.path) if card.path else None,
+                                           "sha256": card.sha256()},
+                                 "pipeline_sha256": card.pipeline_sha256(), "images": str(args.images.resolve())}
+        return run_interval_calibrate(args)

@@ -36,30 +36,11 @@ import numpy as np
 
 from ..errors import ConformalSegError
 from .phantom_denoising import PHANTOM_ORGANS, write_denoising_dataset
+from .workflow import predict_quantile_folder
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "Resources" / "models" / "phantom_denoiser_quantile"
 DEMO_SEED = 2100  #: phantom stream of the demo (the shipped denoiser trained on seed 1100)
 BODY = "nonzero"
-
-
-def predict_quantile_folder(model: str | PathLike[str], images: Path, out: Path, *, device: str = "cpu",
-                            force: bool = False) -> list[str]:
-    """Write ``out/lower/CASE.nii.gz`` and ``out/upper/CASE.nii.gz`` for every image in ``images``."""
-    from ..inference import InferenceEngine, find_images
-    from ..io.volumes import load_image, save_volume
-
-    engine = InferenceEngine(model, device=device)
-    if not engine.card.output.is_quantile:
-        raise ConformalSegError(f"{engine.card.describe()} is not a quantile regression model",
-                                path=engine.card.path, fix="give a model card with output.quantiles")
-    ids = []
-    for case in find_images(images):
-        volume = load_image(case.path)
-        prediction = engine.predict_quantiles(volume)
-        save_volume(prediction.lower, volume.geometry, out / "lower" / f"{case.case_id}.nii.gz", force=force)
-        save_volume(prediction.upper, volume.geometry, out / "upper" / f"{case.case_id}.nii.gz", force=force)
-        ids.append(case.case_id)
-    return ids
 
 
 def _splits(n: int, epsilon: float) -> tuple[int, int]:

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import ConformalSegError
 from ..io.atomic import atomic_write_text, check_can_write
 from ..io.dataset import scan_folder
 from ..io.volumes import IMAGE_EXTENSIONS, Volume, check_same_geometry, load_image, load_label_map, volume_extension
@@ -224,3 +225,23 @@ def write_interval_table(rows: list[dict[str, Any]], csv_path: PathLikeStr, json
 def excluded_fraction(membership: np.ndarray) -> float:
     """Fraction of voxels outside the body mask (for reports)."""
     return float(np.mean(np.asarray(membership) == EXCLUDED))
+
+
+def predict_quantile_folder(model: str | PathLike[str], images: Path, out: Path, *, device: str = "cpu",
+                            force: bool = False) -> list[str]:
+    """Write ``out/lower/CASE.nii.gz`` and ``out/upper/CASE.nii.gz`` for every image in ``images``."""
+    from ..inference import InferenceEngine, find_images
+    from ..io.volumes import load_image, save_volume
+
+    engine = InferenceEngine(model, device=device)
+    if not engine.card.output.is_quantile:
+        raise ConformalSegError(f"{engine.card.describe()} is not a quantile regression model",
+                                path=engine.card.path, fix="give a model card with output.quantiles")
+    ids = []
+    for case in find_images(images):
+        volume = load_image(case.path)
+        prediction = engine.predict_quantiles(volume)
+        save_volume(prediction.lower, volume.geometry, out / "lower" / f"{case.case_id}.nii.gz", force=force)
+        save_volume(prediction.upper, volume.geometry, out / "upper" / f"{case.case_id}.nii.gz", force=force)
+        ids.append(case.case_id)
+    return ids
