@@ -52,7 +52,7 @@ from ..io.volumes import Volume, check_same_geometry
 from .losses import DEFAULT_QUANTILES, PinballLoss
 from .trainer import (LOG_FILE, LOG_FORMAT, WEIGHTS_FILE, CancelToken, ProgressCallback, TrainingCancelled,
                       TrainingResult, _default_dir_mode, _monai_version, _publish, _write_json,
-                      check_output_folder, fit)
+                      check_network_and_batches, check_output_folder, fit)
 
 TASK = "denoise"
 
@@ -105,19 +105,7 @@ class DenoisingConfig:
         if len(levels) < 2 or any(not 0 < q < 1 for q in levels) or any(b <= a for a, b in zip(levels, levels[1:])):
             raise ConformalSegError(f"quantile levels must be at least two, strictly increasing in (0, 1), got "
                                     f"{list(levels)}", fix="e.g. --quantiles 0.1 0.9")
-        for key in ("epochs", "batch_size", "samples_per_case"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or int(value) != value or value < 1:
-                raise ConformalSegError(f"{key.replace('_', ' ')} must be an integer >= 1, got {value!r}")
-        if len(self.channels) != len(self.strides) + 1 or any(s < 1 for s in self.strides):
-            raise ConformalSegError(f"the U-Net needs one more channel count than strides, got channels "
-                                    f"{list(self.channels)} and strides {list(self.strides)}")
-        factor = math.prod(self.strides)
-        for what, size in (("patch size", self.patch_size), ("crop size", self.crops)):
-            if len(size) != 3 or any(int(p) != p or p < factor or p % factor for p in size):
-                raise ConformalSegError(f"{what} {list(size)} must be three integers divisible by the U-Net's "
-                                        f"total downsampling {factor}",
-                                        fix=f"use multiples of {factor}, e.g. --{what.replace(' ', '-')} 32 32 16")
+        check_network_and_batches(self, example_size="32 32 16")
         if self.lr_schedule not in ("cosine", "constant"):
             raise ConformalSegError(f"unknown learning-rate schedule {self.lr_schedule!r}", fix="use cosine or constant")
         if not 0.0 <= self.dropout < 1.0 or not self.learning_rate > 0:

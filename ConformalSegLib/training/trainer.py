@@ -124,19 +124,7 @@ class TrainingConfig:
         if not self.lesion_labels or any(isinstance(v, bool) or int(v) != v or v <= 0 for v in self.lesion_labels):
             raise ConformalSegError(f"lesion label values must be positive integers, got {list(self.lesion_labels)}",
                                     fix="pass e.g. --lesion-label 6 (the phantoms' lesion label)")
-        for key in ("epochs", "batch_size", "samples_per_case"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or int(value) != value or value < 1:
-                raise ConformalSegError(f"{key.replace('_', ' ')} must be an integer >= 1, got {value!r}")
-        if len(self.channels) != len(self.strides) + 1 or any(s < 1 for s in self.strides):
-            raise ConformalSegError(f"the U-Net needs one more channel count than strides, got channels "
-                                    f"{list(self.channels)} and strides {list(self.strides)}")
-        factor = math.prod(self.strides)
-        for what, size in (("patch size", self.patch_size), ("crop size", self.crops)):
-            if len(size) != 3 or any(int(p) != p or p < factor or p % factor for p in size):
-                raise ConformalSegError(f"{what} {list(size)} must be three integers divisible by the U-Net's "
-                                        f"total downsampling {factor}",
-                                        fix=f"use multiples of {factor}, e.g. --{what.replace(' ', '-')} 48 48 32")
+        check_network_and_batches(self, example_size="48 48 32")
         if self.spacing_mm is not None and (len(self.spacing_mm) != 3 or
                                             any(not math.isfinite(s) or s <= 0 for s in self.spacing_mm)):
             raise ConformalSegError(f"spacing must be three positive numbers in mm, got {self.spacing_mm}",
@@ -355,6 +343,25 @@ def train(config: TrainingConfig, train_cases: Sequence[TrainingCase], heldout_c
             shutil.rmtree(staging, ignore_errors=True)
     return TrainingResult(out=out, card_path=out / CARD_FILE, weights_path=out / WEIGHTS_FILE,
                           epoch_losses=[e["loss"] for e in epochs], heldout=heldout, wall_seconds=wall)
+
+
+def check_network_and_batches(config: Any, *, example_size: str) -> None:
+    """Checks shared by the training configs: positive integer epochs / batch size / samples per
+    case, one more U-Net channel count than strides, and patch and crop sizes divisible by the
+    U-Net's total downsampling (``example_size`` is the suggestion in the error)."""
+    for key in ("epochs", "batch_size", "samples_per_case"):
+        value = getattr(config, key)
+        if isinstance(value, bool) or int(value) != value or value < 1:
+            raise ConformalSegError(f"{key.replace('_', ' ')} must be an integer >= 1, got {value!r}")
+    if len(config.channels) != len(config.strides) + 1 or any(s < 1 for s in config.strides):
+        raise ConformalSegError(f"the U-Net needs one more channel count than strides, got channels "
+                                f"{list(config.channels)} and strides {list(config.strides)}")
+    factor = math.prod(config.strides)
+    for what, size in (("patch size", config.patch_size), ("crop size", config.crops)):
+        if len(size) != 3 or any(int(p) != p or p < factor or p % factor for p in size):
+            raise ConformalSegError(f"{what} {list(size)} must be three integers divisible by the U-Net's "
+                                    f"total downsampling {factor}",
+                                    fix=f"use multiples of {factor}, e.g. --{what.replace(' ', '-')} {example_size}")
 
 
 def fit(network: torch.nn.Module, sampler: Any, compute_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *,
