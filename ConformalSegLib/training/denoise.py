@@ -32,9 +32,6 @@ pooled over all voxels of all held-out cases, and over the voxels with a positiv
 from __future__ import annotations
 
 import math
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -51,8 +48,9 @@ from ..io.checksums import sha256_file
 from ..io.volumes import Volume, check_same_geometry
 from .losses import DEFAULT_QUANTILES, PinballLoss
 from .trainer import (LOG_FILE, LOG_FORMAT, WEIGHTS_FILE, CancelToken, ProgressCallback, TrainingCancelled,
-                      TrainingResult, _default_dir_mode, _monai_version, _publish, _write_json,
-                      check_network_and_batches, check_output_folder, fit)
+                      TrainingResult, _monai_version, _write_json,
+                      check_network_and_batches, check_output_folder, fit,
+                      staged_model_folder)
 
 TASK = "denoise"
 
@@ -275,12 +273,7 @@ def train_denoiser(config: DenoisingConfig, train_pairs: Sequence[DenoisingPair]
                  progress=progress, cancel=cancel, loss_label="pinball")
     train_seconds = time.perf_counter() - start
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        os.chmod(staging, _default_dir_mode())
-        state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in network.state_dict().items()}
-        torch.save(state, staging / WEIGHTS_FILE)
+    with staged_model_folder(out, network, force=force) as staging:
         card = build_denoiser_card(config, staging)
         try:
             heldout = evaluate_denoiser(card, heldout_pairs, device=device, cancel=cancel) if heldout_pairs else \
@@ -310,10 +303,6 @@ def train_denoiser(config: DenoisingConfig, train_pairs: Sequence[DenoisingPair]
         _write_json(staging / LOG_FILE, {"format": LOG_FORMAT, "format_version": 1, "task": TASK,
                                          "config": asdict(config), "epochs": epochs, "heldout": heldout,
                                          "training": training})
-        _publish(staging, out, force)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return TrainingResult(out=out, card_path=out / CARD_FILE, weights_path=out / WEIGHTS_FILE,
                           epoch_losses=[e["loss"] for e in epochs], heldout=heldout, wall_seconds=wall)
 

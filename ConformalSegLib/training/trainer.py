@@ -40,6 +40,7 @@ weights (tested).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -47,7 +48,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from os import PathLike
 from pathlib import Path
@@ -200,6 +201,25 @@ def check_output_folder(out: str | PathLike[str], *, force: bool = False) -> Pat
     return out
 
 
+@contextlib.contextmanager
+def staged_model_folder(out: Path, network: torch.nn.Module, *, force: bool) -> Iterator[Path]:
+    """A hidden staging folder beside ``out`` holding ``network``'s float32 state dict
+    (:data:`WEIGHTS_FILE`); the caller adds the card and logs, and on a clean exit the folder
+    replaces ``out`` in one rename (:func:`_publish`). On any error it is removed and ``out`` is
+    left as it was."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        os.chmod(staging, _default_dir_mode())
+        state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in network.state_dict().items()}
+        torch.save(state, staging / WEIGHTS_FILE)
+        yield staging
+        _publish(staging, out, force)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
 def _publish(staging: Path, out: Path, force: bool) -> None:
     """Move the finished staging folder to ``out`` (replacing an old ``out`` only with ``force``)."""
     check_output_folder(out, force=force)
@@ -304,12 +324,7 @@ def train(config: TrainingConfig, train_cases: Sequence[TrainingCase], heldout_c
                  lr_schedule=config.lr_schedule, device=device, progress=progress, cancel=cancel)
     train_seconds = time.perf_counter() - start
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        os.chmod(staging, _default_dir_mode())
-        state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in network.state_dict().items()}
-        torch.save(state, staging / WEIGHTS_FILE)
+    with staged_model_folder(out, network, force=force) as staging:
         card = build_card(config, staging)
         try:
             heldout = _evaluate(card, heldout_cases, config.lesion_labels, device, cancel)
@@ -337,10 +352,6 @@ def train(config: TrainingConfig, train_cases: Sequence[TrainingCase], heldout_c
         config_dict = asdict(config)
         _write_json(staging / LOG_FILE, {"format": LOG_FORMAT, "format_version": 1, "config": config_dict,
                                          "epochs": epochs, "heldout": heldout, "training": training})
-        _publish(staging, out, force)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return TrainingResult(out=out, card_path=out / CARD_FILE, weights_path=out / WEIGHTS_FILE,
                           epoch_losses=[e["loss"] for e in epochs], heldout=heldout, wall_seconds=wall)
 
