@@ -12,21 +12,29 @@ Quantile regression denoisers (``conformalseg train --task denoise``) are traine
 :func:`train_denoiser` (:mod:`.denoise`, pinball loss :class:`PinballLoss`).
 
 The output folder is a model path for :func:`ConformalSegLib.inference.resolve_model`. Modules:
-:mod:`.losses` (Dice + cross entropy, uncertainty-aware adaptive loss), :mod:`.data` (cases,
-card-identical preprocessing, patch sampling), :mod:`.trainer` (the training loop and output folder).
+:mod:`.losses` (Dice + cross entropy, uncertainty-aware adaptive loss, deep supervision),
+:mod:`.networks` (MONAI UNet / DynUNet), :mod:`.data` (cases, card-identical preprocessing),
+:mod:`.patches` and :mod:`.augmentation` (lesion-balanced, augmented patches),
+:mod:`.phantom_stream` (a fresh phantom per sample), :mod:`.optimization` (the loop, optimisers,
+schedules), :mod:`.checkpoint` (resuming), :mod:`.validation` (held-out metrics),
+:mod:`.model_folder` (the atomic output folder) and :mod:`.trainer` (the whole run).
 """
 
 from __future__ import annotations
 
+from .augmentation import AugmentationConfig
 from .data import PatchSampler, PreparedCase, TrainingCase, folder_cases, phantom_cases, prepare_case, prepare_cases, split_cases
 from .losses import LOSS_NAMES, DiceCELoss, UncertaintyAwareLoss, build_loss, mc_dropout_variance, weighted_soft_dice
 from .denoise import (DenoisingConfig, DenoisingPair, build_denoiser_card, evaluate_denoiser, folder_denoising_pairs,
                       phantom_denoising_pairs, train_denoiser)
 from .losses import PinballLoss
-from .trainer import (LOG_FILE, WEIGHTS_FILE, TrainingCancelled, TrainingConfig, TrainingResult, build_card,
-                      check_output_folder, train)
+from .model_folder import LOG_FILE, WEIGHTS_FILE, check_output_folder
+from .optimization import TrainingCancelled
+from .phantom_stream import PhantomStream, PhantomStreamSampler
+from .trainer import TrainingConfig, TrainingResult, build_card, train
 
 __all__ = [
+    "AugmentationConfig",
     "LOG_FILE",
     "LOSS_NAMES",
     "WEIGHTS_FILE",
@@ -34,6 +42,8 @@ __all__ = [
     "DenoisingPair",
     "DiceCELoss",
     "PatchSampler",
+    "PhantomStream",
+    "PhantomStreamSampler",
     "PinballLoss",
     "PreparedCase",
     "TrainingCancelled",

@@ -14,24 +14,29 @@ are zero-padded symmetrically after preprocessing, like ``sliding_window_inferen
 Patches
 -------
 :class:`PatchSampler` draws, per case and epoch, ``samples_per_case`` crops of ``patch_size``
-(network axes ``[d0, d1, d2]``): with probability ``pos_fraction`` centred on a random lesion voxel
-(positive), otherwise on a uniformly random voxel (negative/random; also for cases without lesion),
-shifted to lie inside the volume. All draws come from ``numpy.random.default_rng((seed, epoch))``,
-so an epoch's patches depend only on the seed and the epoch number.
+(network axes ``[d0, d1, d2]``) with lesion-balanced foreground oversampling (``fg_fraction`` of the
+crops centred on a voxel of a uniformly chosen lesion, see :mod:`ConformalSegLib.training.patches`)
+and optional seeded augmentation (:mod:`ConformalSegLib.training.augmentation`). All draws come from
+``numpy.random.default_rng((seed, epoch))``, so an epoch's patches depend only on the seed and the
+epoch number. Training on freshly generated phantoms instead of a fixed set is
+:mod:`ConformalSegLib.training.phantom_stream`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from ..errors import ConformalSegError
 from ..io.volumes import IMAGE_EXTENSIONS, Volume, check_same_geometry, load_image, load_label_map
+from .augmentation import AugmentationConfig
+from .patches import sample_patch
 
 ProgressCallback = Callable[[int, int, str], None]
 
@@ -56,17 +61,33 @@ class TrainingCase:
 class PreparedCase:
     """A case on the network grid: ``image`` ``(1, d0, d1, d2)`` float32 (preprocessed) and
     ``lesion`` ``(1, d0, d1, d2)`` float32 0/1; ``lesion_voxels`` ``(K, 3)`` indices of its lesion
-    voxels; ``label_values`` the values found in its label map (for error messages)."""
+    voxels and ``lesion_component`` ``(K,)`` the 26-connected lesion (``0..n_components-1``) each
+    belongs to; ``label_values`` the values found in its label map (for error messages)."""
 
     case_id: str
     image: torch.Tensor
     lesion: torch.Tensor
     lesion_voxels: np.ndarray
     label_values: tuple[int, ...] = ()
+    lesion_component: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+    def __post_init__(self) -> None:
+        if len(self.lesion_component) != len(self.lesion_voxels):
+            mask = np.zeros(tuple(self.lesion.shape[1:]), dtype=bool)
+            if len(self.lesion_voxels):
+                mask[tuple(self.lesion_voxels.T)] = True
+            components, _ = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+            self.lesion_component = (components[tuple(self.lesion_voxels.T)] - 1).astype(np.int64) \
+                if len(self.lesion_voxels) else np.zeros(0, dtype=np.int64)
 
     @property
     def has_lesion(self) -> bool:
         return len(self.lesion_voxels) > 0
+
+    @property
+    def n_components(self) -> int:
+        """Number of 26-connected lesions on the network grid."""
+        return int(self.lesion_component.max()) + 1 if len(self.lesion_component) else 0
 
 
 # ----------------------------------------------------------------------------- sources
@@ -196,42 +217,34 @@ def prepare_cases(card, cases: Sequence[TrainingCase], lesion_labels: Sequence[i
 
 
 class PatchSampler:
-    """Seeded positive/negative balanced crops from prepared cases (see the module docstring)."""
+    """Seeded, lesion-balanced crops from prepared cases (see the module docstring)."""
 
     def __init__(self, cases: Sequence[PreparedCase], patch_size: Sequence[int], *, samples_per_case: int = 2,
-                 pos_fraction: float = 0.5, batch_size: int = 2, seed: int = 0):
+                 fg_fraction: float = 0.5, batch_size: int = 2, seed: int = 0,
+                 augmentation: AugmentationConfig | None = None):
         if not cases:
             raise ConformalSegError("no training cases to sample patches from")
-        if samples_per_case < 1 or batch_size < 1 or not 0.0 <= pos_fraction <= 1.0:
-            raise ValueError("samples_per_case and batch_size must be >= 1 and pos_fraction in [0, 1]")
+        if samples_per_case < 1 or batch_size < 1 or not 0.0 <= fg_fraction <= 1.0:
+            raise ValueError("samples_per_case and batch_size must be >= 1 and fg_fraction in [0, 1]")
         self.cases = list(cases)
         self.patch_size = tuple(int(p) for p in patch_size)
         self.samples_per_case = int(samples_per_case)
-        self.pos_fraction = float(pos_fraction)
+        self.fg_fraction = float(fg_fraction)
         self.batch_size = int(batch_size)
         self.seed = int(seed)
+        self.augmentation = augmentation
 
     def __len__(self) -> int:
         """Batches per epoch."""
         return -(-len(self.cases) * self.samples_per_case // self.batch_size)
 
-    def _crop(self, case: PreparedCase, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        shape = np.array(case.image.shape[1:])
-        patch = np.array(self.patch_size)
-        positive = case.has_lesion and rng.random() < self.pos_fraction
-        if positive:
-            centre = case.lesion_voxels[rng.integers(len(case.lesion_voxels))]
-        else:
-            centre = np.array([rng.integers(s) for s in shape])
-        start = np.clip(centre - patch // 2, 0, shape - patch)
-        box = tuple(slice(int(a), int(a + p)) for a, p in zip(start, patch))
-        return case.image[(slice(None),) + box], case.lesion[(slice(None),) + box], bool(positive)
-
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The batches ``(images (B, 1, *patch), lesion masks (B, 1, *patch))`` of one epoch, in a
         seeded random order."""
         rng = np.random.default_rng((self.seed, int(epoch)))
-        crops = [self._crop(case, rng)[:2] for case in self.cases for _ in range(self.samples_per_case)]
+        crops = [sample_patch(case, self.patch_size, rng, fg_fraction=self.fg_fraction,
+                              augmentation=self.augmentation)[:2]
+                 for case in self.cases for _ in range(self.samples_per_case)]
         order = rng.permutation(len(crops))
         for first in range(0, len(order), self.batch_size):
             chosen = [crops[int(i)] for i in order[first:first + self.batch_size]]

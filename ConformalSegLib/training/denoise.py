@@ -47,10 +47,9 @@ from ..errors import ConformalSegError
 from ..io.checksums import sha256_file
 from ..io.volumes import Volume, check_same_geometry
 from .losses import DEFAULT_QUANTILES, PinballLoss
-from .trainer import (LOG_FILE, LOG_FORMAT, WEIGHTS_FILE, CancelToken, ProgressCallback, TrainingCancelled,
-                      TrainingResult, _monai_version, _write_json,
-                      check_network_and_batches, check_output_folder, fit,
-                      staged_model_folder)
+from .model_folder import LOG_FILE, LOG_FORMAT, WEIGHTS_FILE, check_output_folder, staged_model_folder, write_json
+from .optimization import LR_SCHEDULES, CancelToken, ProgressCallback, TrainingCancelled, fit
+from .trainer import TrainingResult, check_network_and_batches
 
 TASK = "denoise"
 
@@ -84,7 +83,7 @@ class DenoisingConfig:
     num_res_units: int = 1
     dropout: float = 0.0
     learning_rate: float = 3e-3
-    lr_schedule: str = "cosine"  #: "cosine" (decay to 0 over all steps) or "constant"
+    lr_schedule: str = "cosine"  #: "cosine" (decay to 0 over all steps), "poly" or "constant"
     batch_size: int = 4
     samples_per_case: int = 4
     overlap: float = 0.25
@@ -104,8 +103,9 @@ class DenoisingConfig:
             raise ConformalSegError(f"quantile levels must be at least two, strictly increasing in (0, 1), got "
                                     f"{list(levels)}", fix="e.g. --quantiles 0.1 0.9")
         check_network_and_batches(self, example_size="32 32 16")
-        if self.lr_schedule not in ("cosine", "constant"):
-            raise ConformalSegError(f"unknown learning-rate schedule {self.lr_schedule!r}", fix="use cosine or constant")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConformalSegError(f"unknown learning-rate schedule {self.lr_schedule!r}",
+                                    fix=f"use one of {', '.join(LR_SCHEDULES)}")
         if not 0.0 <= self.dropout < 1.0 or not self.learning_rate > 0:
             raise ConformalSegError("dropout must lie in [0, 1) and the learning rate must be positive")
 
@@ -251,6 +251,7 @@ def train_denoiser(config: DenoisingConfig, train_pairs: Sequence[DenoisingPair]
     """Train, evaluate on ``heldout_pairs`` and write the model folder ``out`` (``model_card.json``,
     ``weights.pt``, ``training.json``; atomically, like :func:`~ConformalSegLib.training.train`).
     ``TrainingResult.heldout`` holds :func:`evaluate_denoiser`'s metrics (empty cases when none)."""
+    import monai
     from monai.networks.nets import UNet
     from monai.utils import set_determinism
 
@@ -283,7 +284,7 @@ def train_denoiser(config: DenoisingConfig, train_pairs: Sequence[DenoisingPair]
         wall = time.perf_counter() - start
         training = {
             "package": "conformalseg", "version": __version__, "torch": torch.__version__,
-            "monai": _monai_version(), "task": TASK, "command": command, "data": data_info or {},
+            "monai": monai.__version__, "task": TASK, "command": command, "data": data_info or {},
             "seed": config.seed, "device": str(device), "torch_threads": torch.get_num_threads(),
             "train_cases": len(train_pairs), "train_case_ids": [p.case_id for p in train_pairs],
             "heldout_cases": len(heldout_pairs), "heldout_case_ids": [p.case_id for p in heldout_pairs],
@@ -300,7 +301,7 @@ def train_denoiser(config: DenoisingConfig, train_pairs: Sequence[DenoisingPair]
         }
         card = build_denoiser_card(config, staging, training)
         card.save(staging / CARD_FILE)
-        _write_json(staging / LOG_FILE, {"format": LOG_FORMAT, "format_version": 1, "task": TASK,
+        write_json(staging / LOG_FILE, {"format": LOG_FORMAT, "format_version": 1, "task": TASK,
                                          "config": asdict(config), "epochs": epochs, "heldout": heldout,
                                          "training": training})
     return TrainingResult(out=out, card_path=out / CARD_FILE, weights_path=out / WEIGHTS_FILE,

@@ -10,8 +10,12 @@ two-class softmax cross entropy (natural log). Both losses are computed over the
 lesion voxels do not give an undefined or saturated per-patch Dice.
 
 * :class:`DiceCELoss` -- the baseline: ``soft Dice of the lesion channel + mean voxel cross entropy``
-  (fixed weights 1 and 1); the same value as ``monai.losses.DiceCELoss(to_onehot_y=True,
-  softmax=True, include_background=False, batch=True)`` for two channels (tested).
+  (fixed weights 1 and 1), computed by ``monai.losses.DiceCELoss(to_onehot_y=True, softmax=True,
+  include_background=False, batch=True)`` (for two channels this is exactly the formula above; tested
+  against a hand computation).
+* Deep supervision (:func:`supervised_loss`): with a network that returns several heads (DynUNet in
+  training mode) the loss is ``monai.losses.DeepSupervisionLoss``'s weighted sum over the heads,
+  weights ``1, 1/2, 1/4, ...`` (MONAI's ``"exp"`` mode), the main head first.
 * :class:`UncertaintyAwareLoss` -- the adaptive loss of Isler et al., *Uncertainty-Guided
   Coarse-to-Fine Tumor Segmentation with Anatomy-Aware Post-Processing*, Sec. III-D:
   ``L = a(x) * L_Dice + (1 - a(x)) * L_CE`` with ``a(x) = exp(-U(x))``, ``U(x)`` the variance of
@@ -57,6 +61,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .networks import main_output
+
 SMOOTH = 1e-5  #: numerator and denominator smoothing of the soft Dice (MONAI's default)
 LOSS_NAMES = ("dice-ce", "uncertainty-aware")
 DEFAULT_QUANTILES = (0.1, 0.9)  #: the paper's levels: alpha = 0.1, the 10th and 90th percentiles
@@ -100,21 +106,28 @@ def voxel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, lesion_chann
 
 
 class DiceCELoss(nn.Module):
-    """Soft Dice of the lesion channel plus the mean voxel cross entropy (see the module docstring)."""
+    """Soft Dice of the lesion channel plus the mean voxel cross entropy, by MONAI's ``DiceCELoss``
+    (see the module docstring); ``forward(logits (B, 2, ...), target (B, 1, ...))``."""
 
     name = "dice-ce"
     needs_uncertainty = False
 
     def __init__(self, lesion_channel: int = 1, smooth: float = SMOOTH):
         super().__init__()
-        self.lesion_channel = int(lesion_channel)
+        from monai.losses import DiceCELoss as MonaiDiceCELoss
+
+        if int(lesion_channel) != 1:
+            raise ValueError("the Dice + cross entropy loss takes the lesion as channel 1 of two")
+        self.lesion_channel = 1
         self.smooth = float(smooth)
+        self.monai = MonaiDiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True,
+                                     smooth_nr=self.smooth, smooth_dr=self.smooth)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         target = _check(logits, target, self.lesion_channel)
-        p = torch.softmax(logits, dim=1)[:, self.lesion_channel:self.lesion_channel + 1]
-        dice = weighted_soft_dice(p, target, None, self.smooth)
-        return dice + voxel_cross_entropy(logits, target, self.lesion_channel).mean()
+        if logits.shape[1] != 2:
+            raise ValueError(f"the lesion losses need exactly 2 output channels, got {logits.shape[1]}")
+        return self.monai(logits, target)
 
 
 class UncertaintyAwareLoss(nn.Module):
@@ -168,7 +181,7 @@ def mc_dropout_variance(network: nn.Module, inputs: torch.Tensor, passes: int, l
         with torch.no_grad():
             total = total_sq = None
             for _ in range(passes):
-                p = torch.softmax(network(inputs).float(), dim=1)[:, lesion_channel:lesion_channel + 1].double()
+                p = torch.softmax(main_output(network(inputs)).float(), dim=1)[:, lesion_channel:lesion_channel + 1].double()
                 total = p if total is None else total + p
                 total_sq = p * p if total_sq is None else total_sq + p * p
             mean = total / passes
@@ -221,3 +234,25 @@ def build_loss(name: str, lesion_channel: int = 1) -> DiceCELoss | UncertaintyAw
     if name == "uncertainty-aware":
         return UncertaintyAwareLoss(lesion_channel)
     raise ValueError(f"unknown loss {name!r}; use one of {', '.join(LOSS_NAMES)}")
+
+
+class _WithUncertainty(nn.Module):
+    """``loss(logits, target, uncertainty)`` with the uncertainty bound, as a two-argument loss."""
+
+    def __init__(self, loss: nn.Module, uncertainty: torch.Tensor):
+        super().__init__()
+        self.loss, self.uncertainty = loss, uncertainty
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.loss(logits, target, self.uncertainty)
+
+
+def supervised_loss(loss: DiceCELoss | UncertaintyAwareLoss, heads: Sequence[torch.Tensor], target: torch.Tensor,
+                    uncertainty: torch.Tensor | None = None) -> torch.Tensor:
+    """``loss`` of the main head, or MONAI's ``DeepSupervisionLoss`` (``"exp"`` weights) over all heads."""
+    from monai.losses import DeepSupervisionLoss
+
+    bound = _WithUncertainty(loss, uncertainty) if loss.needs_uncertainty else loss
+    if len(heads) == 1:
+        return bound(heads[0], target)
+    return DeepSupervisionLoss(bound, weight_mode="exp")(list(heads), target)

@@ -1,0 +1,90 @@
+"""Held-out evaluation of a lesion network: during training (checkpoint selection) and at the end.
+
+* :func:`validation_dice` -- after an epoch, the network (eval mode, no dropout) runs MONAI's
+  ``sliding_window_inference`` with the card's window on the held-out cases *already preprocessed*
+  by the card's pipeline; the score is the mean per-case lesion Dice of ``p >= 0.5`` on the network
+  grid over the cases that have a lesion. It selects the checkpoint, so it is a validation score, not
+  a test result.
+* :func:`evaluate_heldout` -- the final report, with the real
+  :class:`~ConformalSegLib.inference.engine.InferenceEngine` on each case's own grid: per-case Dice,
+  pooled Dice, and lesion-wise detection (:mod:`ConformalSegLib.lesion_metrics`: sensitivity by
+  lesion size, false-positive components and mL per scan).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..lesion_metrics import DetectionTally, lesion_detection
+from .data import PreparedCase, TrainingCase
+from .networks import main_output
+from .optimization import CancelToken
+
+THRESHOLD = 0.5
+
+
+def validation_dice(network: torch.nn.Module, cases: Sequence[PreparedCase], card: Any,
+                    device: torch.device) -> dict[str, Any]:
+    """Mean per-case lesion Dice (``p >= 0.5``) of ``network`` on prepared held-out cases."""
+    from monai.inferers import sliding_window_inference
+
+    from ..metrics import dice_from_masks
+
+    was_training = network.training
+    network.eval()
+    window = card.inference
+    scores = []
+    try:
+        with torch.no_grad():
+            for case in cases:
+                logits = sliding_window_inference(case.image[None].to(device), list(window.patch_size),
+                                                  window.sw_batch_size, lambda x: main_output(network(x)),
+                                                  overlap=window.overlap, mode="gaussian")
+                p = torch.softmax(logits.float(), dim=1)[0, 1].cpu().numpy()
+                truth = case.lesion[0].numpy() > 0.5
+                if truth.any():
+                    scores.append(dice_from_masks(p >= THRESHOLD, truth))
+    finally:
+        network.train(was_training)
+    return {"val_dice": float(np.mean(scores)) if scores else None, "val_cases_with_lesion": len(scores)}
+
+
+def evaluate_heldout(card: Any, cases: Sequence[TrainingCase], lesion_labels: Sequence[int], device: torch.device,
+                     cancel: CancelToken | None = None) -> dict[str, Any]:
+    """Held-out Dice and lesion-wise detection with the real inference engine (``p >= 0.5``, no MC dropout)."""
+    from ..inference.engine import InferenceEngine
+    from ..metrics import dice_from_masks
+
+    if not cases:
+        return {"cases": [], "mean_dice": None, "pooled_dice": None, "threshold": THRESHOLD, "mc_dropout": 0}
+    engine = InferenceEngine(card, device=device, cancel=cancel)
+    rows = []
+    tally = DetectionTally()
+    tp = predicted = truth_total = 0
+    for case in cases:
+        image, labels = case.volumes()
+        prediction = engine.predict(image)
+        mask = prediction.probability >= THRESHOLD
+        truth = np.isin(np.asarray(labels.array), np.asarray(list(lesion_labels)))
+        detection = lesion_detection(mask, truth, image.geometry.spacing_zyx)
+        tally.add(detection)
+        tp += int(np.count_nonzero(mask & truth))
+        predicted += int(np.count_nonzero(mask))
+        truth_total += int(np.count_nonzero(truth))
+        rows.append({"case_id": case.case_id, "dice": dice_from_masks(mask, truth),
+                     "lesion_voxels": int(np.count_nonzero(truth)), "predicted_voxels": int(np.count_nonzero(mask)),
+                     "lesions": detection.n_lesions, "lesions_detected": detection.n_lesions - detection.n_missed,
+                     "false_positive_components": detection.false_positive_components,
+                     "seconds": round(float(prediction.seconds), 4)})
+    with_lesion = [r["dice"] for r in rows if r["lesion_voxels"] > 0]
+    return {"cases": rows, "threshold": THRESHOLD, "mc_dropout": 0,
+            "mean_dice": float(np.mean(with_lesion)) if with_lesion else None,
+            "median_dice": float(np.median(with_lesion)) if with_lesion else None,
+            "cases_with_lesion": len(with_lesion),
+            "pooled_dice": float(2 * tp / (predicted + truth_total)) if predicted + truth_total else None,
+            "detection": tally.as_dict(),
+            "mean_seconds_per_case": float(np.mean([r["seconds"] for r in rows]))}
