@@ -26,7 +26,7 @@ from ConformalSegLib.phantom import LESION, make_phantom, phantom_seed, write_ph
 from ConformalSegLib.training import (DiceCELoss, PatchSampler, TrainingCancelled, TrainingConfig,  # noqa: E402
                                       UncertaintyAwareLoss, build_card, mc_dropout_variance, phantom_cases,
                                       prepare_case, train, weighted_soft_dice)
-from ConformalSegLib.training.losses import SMOOTH, voxel_cross_entropy  # noqa: E402
+from ConformalSegLib.training.losses import SMOOTH, supervised_loss, voxel_cross_entropy  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "Resources" / "models" / "phantom_lesion_unet"
@@ -87,15 +87,19 @@ def test_soft_dice_and_cross_entropy_hand_values():
     assert float(DiceCELoss()(logits, target)) == pytest.approx(DICE_HAND + np.mean(CE_HAND), abs=1e-12)
 
 
-def test_dice_ce_matches_monai():
-    from monai.losses import DiceCELoss as MonaiDiceCE
-
+def test_deep_supervision_weights_heads_like_monai():
+    """Three heads: 1 x main + 1/2 x second + 1/4 x third (MONAI's "exp" weights)."""
     gen = torch.Generator().manual_seed(0)
-    logits = torch.randn(2, 2, 6, 5, 4, generator=gen, dtype=torch.float64)
+    heads = [torch.randn(2, 2, 6, 5, 4, generator=gen, dtype=torch.float64) for _ in range(3)]
     target = (torch.rand(2, 1, 6, 5, 4, generator=gen) > 0.7).double()
-    ours = DiceCELoss()(logits, target)
-    theirs = MonaiDiceCE(to_onehot_y=True, softmax=True, include_background=False, batch=True)(logits, target)
-    assert float(ours) == pytest.approx(float(theirs), abs=1e-9)
+    loss = DiceCELoss()
+    expected = sum(w * float(loss(h, target)) for w, h in zip((1.0, 0.5, 0.25), heads))
+    assert float(supervised_loss(loss, heads, target)) == pytest.approx(expected, abs=1e-6)
+    assert float(supervised_loss(loss, heads[:1], target)) == pytest.approx(float(loss(heads[0], target)), abs=1e-12)
+    u = torch.full_like(target, 0.1)
+    ua = UncertaintyAwareLoss()
+    expected = sum(w * float(ua(h, target, u)) for w, h in zip((1.0, 0.5, 0.25), heads))
+    assert float(supervised_loss(ua, heads, target, u)) == pytest.approx(expected, abs=1e-6)
 
 
 def test_uncertainty_aware_limits_and_mixed_hand_value():
@@ -164,14 +168,14 @@ def test_patch_sampler_is_seeded_and_balanced(tiny_cases, tmp_path):
     config = TrainingConfig(**TINY)
     card = build_card(config, tmp_path)
     prepared = [prepare_case(card, c, (LESION,), config.crops) for c in tiny_cases[0]]
-    sampler = PatchSampler(prepared, config.crops, samples_per_case=3, pos_fraction=1.0, batch_size=2, seed=3)
+    sampler = PatchSampler(prepared, config.crops, samples_per_case=3, fg_fraction=1.0, batch_size=2, seed=3)
     first, again = list(sampler.epoch(0)), list(sampler.epoch(0))
     assert len(first) == len(sampler) == 3
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again))
     assert not all(torch.equal(a[0], b[0]) for a, b in zip(first, sampler.epoch(1)))
     for images, lesions in first:
         assert images.shape[1:] == (1, 16, 16, 8)
-        assert all(float(m.sum()) > 0 for m in lesions)  # pos_fraction 1: every crop holds lesion voxels
+        assert all(float(m.sum()) > 0 for m in lesions)  # fg_fraction 1: every crop holds lesion voxels
 
 
 # ----------------------------------------------------------------------------- end to end
