@@ -156,3 +156,29 @@ def test_resume_continues_bit_identically(tmp_path):
     assert [e["loss"] for e in whole] == [e["loss"] for e in resumed]
     with pytest.raises(ConformalSegError, match="no training checkpoint"):
         train(config, STREAM, [], tmp_path / "other", resume=True)
+
+
+def test_roi_crops_around_stage1_components():
+    from ConformalSegLib.cascade.config import CascadeConfig
+    from ConformalSegLib.cascade.pipeline import StageOutput
+    from ConformalSegLib.training.roi_data import roi_training_cases
+
+    cases = [STREAM.training_case(i) for i in range(3)]
+
+    def perfect(volume, mc_passes):  # a stand-in stage 1 that finds exactly the lesions
+        labels = next(c for c in cases if c.image.array is volume.array).labels.array
+        return StageOutput((labels == LESION).astype(np.float32))
+
+    config = CascadeConfig(lung_source="none", merge_radius_mm=0.0)
+    crops, info = roi_training_cases(perfect, cases, margins=(0, 2), config=config)
+    assert info["phantoms"] == 3 and info["crops"] == len(crops) > 0 and info["crops_with_lesion"] == len(crops)
+    tight = [c for c in crops if c.case_id.endswith("_m0")]
+    wide = {c.case_id[:-3]: c for c in crops if c.case_id.endswith("_m2")}
+    assert len(tight) == len(wide) == len(crops) // 2
+    for crop in tight:
+        lesion = crop.labels.array == LESION
+        assert lesion.any() and all(lesion.any(axis=tuple(a for a in range(3) if a != k))[[0, -1]].all()
+                                    for k in range(3))  # margin 0: the box touches the lesion on every side
+        other = wide[crop.case_id[:-3]]
+        assert all(w >= t for w, t in zip(other.labels.array.shape, crop.labels.array.shape))
+        assert crop.image.geometry.shape == crop.image.array.shape

@@ -64,7 +64,7 @@ from .lungs import classical_lung_mask, lung_mask_from_labels
 from .roi import Box, crop_geometry, margin_voxels, paste_max, roi_box
 
 __all__ = ["CascadeCancelled", "CascadeResult", "Predictor", "StageOutput", "as_predictor", "compute_lung_mask",
-           "run_cascade"]
+           "run_cascade", "select_rois"]
 
 ProgressCallback = Callable[[int, int, str], None]
 CancelToken = Callable[[], bool] | threading.Event
@@ -194,6 +194,22 @@ def compute_lung_mask(volume: Volume, config: CascadeConfig, lung_labels: Any = 
     return lung_mask_from_labels(array, config.lung_labels, fill_holes=config.lung_fill_holes)
 
 
+def select_rois(coarse: np.ndarray, geometry: Any, config: CascadeConfig,
+                lung: np.ndarray | None) -> tuple[list[ComponentInfo], dict[int, Box]]:
+    """Steps 3 and the ROI boxes of step 4: the component table of ``coarse >= stage1_threshold`` and
+    ``{component id: box}`` of the kept components (margin included, clipped to the volume)."""
+    spacing = geometry.spacing_zyx
+    _, table = select_components(
+        np.asarray(coarse) >= np.float32(config.stage1_threshold), spacing, lung=lung,
+        connectivity=config.connectivity, merge_radius_mm=config.merge_radius_mm or None,
+        min_volume_mm3=config.min_volume_mm3 or None,
+        min_lung_overlap=config.min_lung_overlap if lung is not None else None,
+        rescue_distance_mm=config.rescue_distance_mm, rescue_min_volume_mm3=config.rescue_min_volume_mm3,
+        k=config.top_k)
+    margin = margin_voxels(spacing, voxels=config.roi_margin_voxels, mm=config.roi_margin_mm)
+    return table, {c.id: roi_box(c.bbox, margin, tuple(geometry.shape)) for c in table if c.kept}
+
+
 def run_cascade(volume: Volume, config: CascadeConfig, stage1: Any, stage2: Any = None, *,
                 lung_labels: Any = None, lung_mask: np.ndarray | None = None,
                 progress: ProgressCallback | None = None, cancel: CancelToken | None = None) -> CascadeResult:
@@ -224,15 +240,7 @@ def run_cascade(volume: Volume, config: CascadeConfig, stage1: Any, stage2: Any 
                                     fix="give a lung mask on the image's grid")
     else:
         lung = compute_lung_mask(volume, config, lung_labels)
-    spacing = geometry.spacing_zyx
-    _, table = select_components(
-        coarse >= np.float32(config.stage1_threshold), spacing, lung=lung, connectivity=config.connectivity,
-        merge_radius_mm=config.merge_radius_mm or None, min_volume_mm3=config.min_volume_mm3 or None,
-        min_lung_overlap=config.min_lung_overlap if lung is not None else None,
-        rescue_distance_mm=config.rescue_distance_mm, rescue_min_volume_mm3=config.rescue_min_volume_mm3,
-        k=config.top_k)
-    margin = margin_voxels(spacing, voxels=config.roi_margin_voxels, mm=config.roi_margin_mm)
-    boxes = {c.id: roi_box(c.bbox, margin, shape) for c in table if c.kept}
+    table, boxes = select_rois(coarse, geometry, config, lung)
     total = 2 + len(boxes)
     report(1, total, "stage 1 and component selection")
 
@@ -254,6 +262,7 @@ def run_cascade(volume: Volume, config: CascadeConfig, stage1: Any, stage2: Any 
     else:
         probability = roi_probability
     report(total, total, "done")
+    margin = margin_voxels(geometry.spacing_zyx, voxels=config.roi_margin_voxels, mm=config.roi_margin_mm)
     info = {"n_candidates": len(table), "n_kept": len(boxes), "roi_margin_voxels_zyx": list(margin),
             "stage2_mc_passes": mc, "roi_voxels": int(covered.sum())}
     return CascadeResult(probability=probability, variance=variance, coarse_probability=coarse, lung_mask=lung,

@@ -37,6 +37,11 @@ DEFAULTS = {"epochs": 40, "patch_size": (96, 96, 48), "crop_size": (64, 64, 32),
 DENOISE_DEFAULTS = {"epochs": 40, "patch_size": (48, 48, 24), "crop_size": (32, 32, 16), "spacing_mm": None,
                     "channels": (16, 32, 64), "strides": (2, 2), "dropout": 0.0, "lr": 3e-3, "lr_schedule": "cosine",
                     "batch_size": 4}
+#: ``--task roi`` defaults: a smaller DynUNet for the cascade's ROI crops (one 48 x 48 x 32 window covers
+#: most ROI-16 crops of phantom nodules; ROI-0 crops are zero-padded to it)
+ROI_DEFAULTS = {"epochs": 8, "patch_size": (48, 48, 32), "crop_size": (32, 32, 16), "spacing_mm": None,
+                "channels": (16, 32, 64), "strides": ((2, 2, 1), 2), "dropout": 0.1, "lr": 2e-3, "lr_schedule": "poly",
+                "batch_size": 4}
 #: options whose default depends on the task (None in the parser, filled in by :func:`apply_task_defaults`)
 TASK_DEPENDENT = ("epochs", "patch_size", "crop_size", "spacing_mm", "channels", "strides", "dropout", "lr",
                   "lr_schedule", "batch_size")
@@ -48,9 +53,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Train a small MONAI 3D U-Net (softmax, lesion channel 1, dropout for MC dropout) with the "
                     "preprocessing written into its model card, report the held-out lesion Dice measured with the "
                     "inference engine, and write --out/model_card.json, weights.pt and training.json atomically.")
-    p.add_argument("--task", choices=("lesion", "denoise"), default="lesion",
+    p.add_argument("--task", choices=("lesion", "denoise", "roi"), default="lesion",
                    help="lesion: softmax lesion segmentation (default); denoise: quantile regression denoiser "
-                        "(noisy windowed image in, --quantiles of the clean image out, pinball loss)")
+                        "(noisy windowed image in, --quantiles of the clean image out, pinball loss); roi: the "
+                        "cascade's ROI (stage-2) model, trained on crops around --stage1-model's components")
+    p.add_argument("--stage1-model", type=Path, default=None,
+                   help="--task roi: the coarse model whose components the ROI crops are cut around")
+    p.add_argument("--roi-phantoms", type=int, default=300, metavar="N",
+                   help="--task roi with --phantom-stream: phantoms whose stage-1 components give the training crops")
+    p.add_argument("--roi-margins", type=int, nargs="+", default=[0, 16], metavar="V",
+                   help="--task roi: ROI margins in voxels (default 0 16, the paper's two settings)")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", type=Path, help="MSD/nnU-Net dataset folder with imagesTr/ and labelsTr/ "
                                                   "(denoise: a folder with noisy/ and clean/)")
@@ -142,7 +154,7 @@ def _stride(text: str):  # noqa: ANN202 - int or a triplet
 
 def apply_task_defaults(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the task-dependent options the user left unset (see :data:`TASK_DEPENDENT`)."""
-    defaults = DENOISE_DEFAULTS if getattr(args, "task", "lesion") == "denoise" else DEFAULTS
+    defaults = {"denoise": DENOISE_DEFAULTS, "roi": ROI_DEFAULTS}.get(getattr(args, "task", "lesion"), DEFAULTS)
     for key in TASK_DEPENDENT:
         if getattr(args, key, None) is None and defaults[key] is not None:
             setattr(args, key, defaults[key])
@@ -152,7 +164,7 @@ def apply_task_defaults(args: argparse.Namespace) -> argparse.Namespace:
         if getattr(args, "deep_supervision", None) is None:
             args.deep_supervision = args.network == "dynunet"
         if getattr(args, "num_workers", None) is None:
-            args.num_workers = 1 if getattr(args, "phantom_stream", False) else 0
+            args.num_workers = 1 if getattr(args, "phantom_stream", False) and args.task == "lesion" else 0
     return args
 
 
@@ -164,6 +176,11 @@ def canonical_command(args: argparse.Namespace) -> str:
     parts = ["conformalseg", "train"]
     from ..training.networks import format_stride
 
+    if args.task == "roi":
+        parts += ["--task", "roi", "--stage1-model", str(args.stage1_model), "--roi-margins",
+                  *map(str, args.roi_margins)]
+        if args.phantom_stream:
+            parts += ["--roi-phantoms", str(args.roi_phantoms)]
     if args.data is not None:
         parts += ["--data", str(args.data)]
     elif getattr(args, "phantom_stream", False):
@@ -186,7 +203,7 @@ def canonical_command(args: argparse.Namespace) -> str:
               "--dropout", str(args.dropout), "--optimizer", args.optimizer, "--lr", str(args.lr),
               "--weight-decay", str(args.weight_decay), "--lr-schedule", args.lr_schedule,
               "--batch-size", str(args.batch_size)]
-    if getattr(args, "phantom_stream", False):
+    if getattr(args, "phantom_stream", False) and args.task == "lesion":
         parts += ["--steps-per-epoch", str(args.steps_per_epoch)]
     else:
         parts += ["--samples-per-case", str(args.samples_per_case)]
@@ -275,7 +292,10 @@ def run(args: argparse.Namespace) -> int:
                                 fix="e.g. --window -200 300")
     if args.heldout is not None and args.heldout < 0:
         raise ConformalSegError(f"--heldout must be >= 0, got {args.heldout}")
-    train_data, heldout_cases, data_info, lesion_labels = _lesion_data(args)
+    if (args.task == "roi") != (args.stage1_model is not None):
+        raise ConformalSegError("--stage1-model goes with --task roi (and --task roi needs it)",
+                                fix="e.g. --task roi --stage1-model Resources/models/phantom_lesion_unet")
+    train_data, heldout_cases, data_info, lesion_labels = _roi_data(args) if args.task == "roi" else _lesion_data(args)
     config = TrainingConfig(
         lesion_labels=lesion_labels, loss=args.loss, epochs=args.epochs, patch_size=tuple(args.patch_size),
         crop_size=tuple(args.crop_size), spacing_mm=None if args.spacing_mm is None else tuple(args.spacing_mm),
@@ -286,7 +306,8 @@ def run(args: argparse.Namespace) -> int:
         steps_per_epoch=args.steps_per_epoch, fg_fraction=args.fg_fraction, augment=args.augment,
         mc_passes=args.mc_passes, seed=args.seed, device=args.device, num_workers=args.num_workers,
         name=args.name or args.out.resolve().name)
-    what = "a fresh phantom per sample" if args.phantom_stream else f"{len(train_data)} case(s)"
+    what = "a fresh phantom per sample" if args.phantom_stream and args.task == "lesion" else \
+        f"{len(train_data)} {'ROI crop' if args.task == 'roi' else 'case'}(s)"
     print(f"training on {what}, {len(heldout_cases)} held out; {args.epochs} epoch(s), loss {args.loss}, "
           f"network {args.network}{' (resuming)' if args.resume else ''}")
     from ..training import train
@@ -300,6 +321,42 @@ def run(args: argparse.Namespace) -> int:
           f"{'n/a (no held-out lesion)' if dice is None else f'{dice:.3f}'}{chosen}; {result.wall_seconds:.0f} s")
     print(f"wrote {result.out}")
     return 0
+
+
+def _roi_data(args: argparse.Namespace):  # noqa: ANN202 - as _lesion_data, with ROI crops
+    """``--task roi``: crops around the stage-1 components of the lesion task's cases (see
+    :mod:`ConformalSegLib.training.roi_data`)."""
+    from ..inference import InferenceEngine, resolve_model
+    from ..training.roi_data import roi_training_cases
+
+    engine = InferenceEngine(resolve_model(args.stage1_model), device=args.device)
+    if args.phantom_stream:
+        from ..training import PhantomStream
+
+        if args.roi_phantoms < 1:
+            raise ConformalSegError(f"--roi-phantoms must be at least 1, got {args.roi_phantoms}")
+        options = {"shape": tuple(args.phantom_shape)} if args.phantom_shape else {}
+        stream = PhantomStream(args.phantom_seed, options)
+        phantoms = (stream.training_case(i) for i in range(args.roi_phantoms))
+        n_phantoms = args.roi_phantoms
+        heldout = stream.heldout_cases(args.heldout if args.heldout is not None else 24)
+        labels = tuple(args.lesion_label or (PHANTOM_LESION_LABEL,))
+        data_info = stream.describe()
+        data_info["train"] = f"ROI crops of phantoms i < {args.roi_phantoms} of that stream"
+    else:
+        phantoms, held_cases, data_info, labels = _lesion_data(args)
+        n_phantoms, heldout = len(phantoms), held_cases
+    if any(m < 0 for m in args.roi_margins):
+        raise ConformalSegError(f"--roi-margins must be >= 0 voxels, got {args.roi_margins}")
+    crops, info = roi_training_cases(engine, phantoms, margins=args.roi_margins, lesion_labels=labels,
+                                     progress=_step_bar("stage 1 on training phantoms"), total=n_phantoms)
+    held_crops, held_info = roi_training_cases(engine, heldout, margins=args.roi_margins, lesion_labels=labels)
+    if not crops:
+        raise ConformalSegError("the stage-1 model found no component to cut a ROI around",
+                                fix="check --stage1-model, or use more phantoms")
+    data_info = {**data_info, "roi": info, "roi_heldout": held_info,
+                 "stage1_model": {"name": engine.card.name, "pipeline_sha256": engine.card.pipeline_sha256()}}
+    return crops, held_crops, data_info, labels
 
 
 def _lesion_data(args: argparse.Namespace):  # noqa: ANN202 - (train data, held-out cases, data info, labels)
