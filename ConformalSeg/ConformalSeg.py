@@ -30,7 +30,7 @@ def _addSourceCheckoutToPath() -> None:
 
 _addSourceCheckoutToPath()
 
-from ConformalSegLib.errors import ConformalSegError  # noqa: E402 (after the path set-up)
+from ConformalSegLib.common.errors import ConformalSegError  # noqa: E402 (after the path set-up)
 from ConformalSegSlicer import commands, display, environment, evaluation_plots, intervals, segments  # noqa: E402
 from ConformalSegSlicer import slicer_adapter as adapter  # noqa: E402
 from ConformalSegSlicer.process import ProcessRunner  # noqa: E402
@@ -817,7 +817,7 @@ class ConformalSegTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Tiny model ran end to end on the CPU")
 
     def test_IntervalOverlayMatchesLibrary(self):
-        from ConformalSegLib.geometry import Geometry
+        from ConformalSegLib.common.geometry import Geometry
         from ConformalSegSlicer import fixtures
 
         reason = fixtures.interval_fixture_unavailable_reason()

@@ -17,10 +17,10 @@ from ConformalSegLib.cascade import (CascadeCancelled, CascadeConfig, CascadeCon
                                      label_components, load_cascade_config, lung_distances_mm, lung_mask_from_labels,
                                      lung_overlap_fractions, margin_voxels, merge_components, paste_max, roi_box,
                                      run_cascade, select_components, top_k)
-from ConformalSegLib.errors import ConformalSegError
-from ConformalSegLib.geometry import Geometry
+from ConformalSegLib.common.errors import ConformalSegError
+from ConformalSegLib.common.geometry import Geometry
 from ConformalSegLib.io.volumes import Volume
-from ConformalSegLib.metrics import dice_from_masks
+from ConformalSegLib.evaluation.metrics import dice_from_masks
 
 
 def ids(labels: np.ndarray) -> set[int]:
@@ -150,7 +150,7 @@ def test_select_components_table(lung_scene):
 
 
 def test_classical_lung_mask_matches_phantom_lungs():
-    from ConformalSegLib.phantom import LUNG, make_phantom
+    from ConformalSegLib.phantoms.generator import LUNG, make_phantom
 
     for seed in (0, 1, 2):
         phantom = make_phantom(seed)
@@ -395,7 +395,7 @@ def test_end_to_end_with_model_cards(tiny_card):
 def test_evaluation_tables_on_phantom_lung_cases(tmp_path):
     from ConformalSegLib.cascade.evaluation import (correlation, evaluate_cascade, hu_refiner, lung_lesion_mask,
                                                     phantom_lung_cases, simulated_coarse_predictor, write_report)
-    from ConformalSegLib.phantom import LESION, make_phantom
+    from ConformalSegLib.phantoms.generator import LESION, make_phantom
 
     phantom = make_phantom(0)  # lesions in lung and kidney (see Phantom.lesions)
     hosts = sorted({lesion.host for lesion in phantom.lesions})

@@ -10,8 +10,8 @@ import SimpleITK as sitk
 
 from ConformalSegLib.cli import main
 from ConformalSegLib.io.segmentation import read_seg_nrrd
-from ConformalSegLib.profile import load_profile
-from ConformalSegLib.synthetic_dataset import write_synthetic_dataset
+from ConformalSegLib.conformal.profile import load_profile
+from ConformalSegLib.phantoms.simulated_dataset import write_synthetic_dataset
 
 
 @pytest.fixture(scope="module")

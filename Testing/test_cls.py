@@ -1,4 +1,4 @@
-"""CLS (ConformalSegLib.cls) against brute forces that scan every candidate cutoff with exact integer counts."""
+"""CLS (ConformalSegLib.conformal.cls) against brute forces that scan every candidate cutoff with exact integer counts."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from ConformalSegLib.cls import (apply_threshold, calibrate_cls, conformal_lower_cutoff, critical_cutoff,  # noqa: E402
+from ConformalSegLib.conformal.cls import (apply_threshold, calibrate_cls, conformal_lower_cutoff, critical_cutoff,  # noqa: E402
                                  critical_cutoffs, round_up_to_dtype)
-from ConformalSegLib.errors import CalibrationSetTooSmallWarning, ConformalSegError  # noqa: E402
-from ConformalSegLib.summaries import LesionSummaries  # noqa: E402
+from ConformalSegLib.common.errors import CalibrationSetTooSmallWarning, ConformalSegError  # noqa: E402
+from ConformalSegLib.conformal.summaries import LesionSummaries  # noqa: E402
 
 INF = float("inf")
 

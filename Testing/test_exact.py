@@ -1,4 +1,4 @@
-"""Exact integer roundings (ConformalSegLib.exact) against brute-force Fraction arithmetic.
+"""Exact integer roundings (ConformalSegLib.conformal.exact) against brute-force Fraction arithmetic.
 
 Convention under test: a float parameter ``x`` stands for ``Fraction(repr(x))`` (the shortest decimal
 that round-trips), and the conformal rank / allowed misses are computed exactly from it.
@@ -20,8 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from ConformalSegLib.errors import ConformalSegError  # noqa: E402
-from ConformalSegLib.exact import (allowed_misses, allowed_misses_array, as_fraction, check_alpha,  # noqa: E402
+from ConformalSegLib.common.errors import ConformalSegError  # noqa: E402
+from ConformalSegLib.conformal.exact import (allowed_misses, allowed_misses_array, as_fraction, check_alpha,  # noqa: E402
                                    check_epsilon, conformal_rank, fnr_exceeds, min_calibration_size)
 
 # ----------------------------------------------------------------------------- brute forces

@@ -19,8 +19,8 @@ pytest.importorskip("monai")
 
 from monai.networks.nets import UNet  # noqa: E402
 
-from ConformalSegLib.errors import ConformalSegError  # noqa: E402
-from ConformalSegLib.geometry import Geometry  # noqa: E402
+from ConformalSegLib.common.errors import ConformalSegError  # noqa: E402
+from ConformalSegLib.common.geometry import Geometry  # noqa: E402
 from ConformalSegLib.inference import (DeviceFallbackWarning, InferenceCancelled, InferenceEngine,  # noqa: E402
                                        MCDropoutInactiveWarning, ModelCard, count_windows, find_images,
                                        load_model_card, network_affine, resolve_model)

@@ -9,7 +9,7 @@ import pytest
 import SimpleITK as sitk
 from test_io_support import GEOM, files_in, random_probabilities
 
-from ConformalSegLib.errors import ConformalSegError
+from ConformalSegLib.common.errors import ConformalSegError
 from ConformalSegLib.io import atomic_output, atomic_write_bytes, atomic_write_text, save_volume
 from ConformalSegLib.io.atomic import format_suffix
 

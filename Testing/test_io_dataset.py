@@ -11,8 +11,8 @@ import pytest
 from test_io_support import GEOM, SHAPE, random_probabilities, write_sitk
 
 import ConformalSegLib.io.dataset as dataset_module
-from ConformalSegLib.errors import ConformalSegError
-from ConformalSegLib.geometry import Geometry
+from ConformalSegLib.common.errors import ConformalSegError
+from ConformalSegLib.common.geometry import Geometry
 from ConformalSegLib.io import CalibrationDataset, case_id, discover_pairs
 
 

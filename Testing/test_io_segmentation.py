@@ -8,8 +8,8 @@ import SimpleITK as sitk
 import slicerio
 from test_io_support import GEOM, SHAPE, files_in, random_probabilities, write_garbage
 
-from ConformalSegLib.errors import ConformalSegError
-from ConformalSegLib.geometry import Geometry
+from ConformalSegLib.common.errors import ConformalSegError
+from ConformalSegLib.common.geometry import Geometry
 from ConformalSegLib.io import (INNER_SET, LESION_FNR, LESION_THRESHOLD, OUTER_SET, SEGMENT_COLORS,
                                 geometry_from_sitk, read_seg_nrrd, slug, write_masks_nifti, write_seg_nrrd)
 

@@ -1,4 +1,4 @@
-"""Per-case metrics (ConformalSegLib.metrics) on hand-built arrays and against brute force."""
+"""Per-case metrics (ConformalSegLib.evaluation.metrics) on hand-built arrays and against brute force."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from ConformalSegLib import metrics  # noqa: E402
-from ConformalSegLib.errors import ConformalSegError  # noqa: E402
-from ConformalSegLib.metrics import (count_at_least, count_greater, dice, dice_from_masks, ecr,  # noqa: E402
+from ConformalSegLib.evaluation import metrics  # noqa: E402
+from ConformalSegLib.common.errors import ConformalSegError  # noqa: E402
+from ConformalSegLib.evaluation.metrics import (count_at_least, count_greater, dice, dice_from_masks, ecr,  # noqa: E402
                                      finite_mean, fnr, fnr_within, hd95, lesion_hits, prediction_compactness)
 
 

@@ -18,12 +18,12 @@ pytest.importorskip("monai")
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 
 from ConformalSegLib.cli import main  # noqa: E402
-from ConformalSegLib.errors import ConformalSegError  # noqa: E402
+from ConformalSegLib.common.errors import ConformalSegError  # noqa: E402
 from ConformalSegLib.inference import InferenceEngine  # noqa: E402
 from ConformalSegLib.inference.model_dataset import (InferenceDataset, engine_for_profile,  # noqa: E402
                                                      match_images_to_labels)
-from ConformalSegLib.profile import load_profile  # noqa: E402
-from ConformalSegLib.synthetic_dataset import write_synthetic_dataset  # noqa: E402
+from ConformalSegLib.conformal.profile import load_profile  # noqa: E402
+from ConformalSegLib.phantoms.simulated_dataset import write_synthetic_dataset  # noqa: E402
 
 
 class LogitProbe(torch.nn.Module):

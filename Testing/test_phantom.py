@@ -1,4 +1,4 @@
-"""Tests of ConformalSegLib.phantom: deterministic synthetic CT phantoms and their nnU-Net-style dataset."""
+"""Tests of ConformalSegLib.phantoms.generator: deterministic synthetic CT phantoms and their nnU-Net-style dataset."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-from ConformalSegLib.errors import ConformalSegError
-from ConformalSegLib.geometry import Geometry
-from ConformalSegLib.phantom import (BACKGROUND, BODY, BONE, KIDNEY, LABEL_NAMES, LESION, LESION_HOSTS, LIVER,
+from ConformalSegLib.common.errors import ConformalSegError
+from ConformalSegLib.common.geometry import Geometry
+from ConformalSegLib.phantoms.generator import (BACKGROUND, BODY, BONE, KIDNEY, LABEL_NAMES, LESION, LESION_HOSTS, LIVER,
                                      LUNG, MAX_LESION_RADIUS_MM, MAX_NODULE_RADIUS_MM, MIN_LESION_RADIUS_MM, SPLEEN,
                                      Phantom, make_phantom, make_phantoms, phantom_seed, write_phantom_dataset)
 

@@ -8,12 +8,12 @@ import warnings
 import numpy as np
 import pytest
 
-from ConformalSegLib.calibration import CalibrationRequest, calibrate
-from ConformalSegLib.cls import apply_threshold, calibrate_cls, critical_cutoff, conformal_lower_cutoff
-from ConformalSegLib.errors import CalibrationSetTooSmallWarning, ConformalSegError
-from ConformalSegLib.guarantees import guarantee_sentence, percent
-from ConformalSegLib.profile import load_profile
-from ConformalSegLib.synthetic import make_cases
+from ConformalSegLib.conformal.calibration import CalibrationRequest, calibrate
+from ConformalSegLib.conformal.cls import apply_threshold, calibrate_cls, critical_cutoff, conformal_lower_cutoff
+from ConformalSegLib.common.errors import CalibrationSetTooSmallWarning, ConformalSegError
+from ConformalSegLib.conformal.guarantee_sentences import guarantee_sentence, percent
+from ConformalSegLib.conformal.profile import load_profile
+from ConformalSegLib.phantoms.simulated_maps import make_cases
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated
 
 from ConformalSegLib import cli  # noqa: E402
 from ConformalSegLib.cli import train_cmd  # noqa: E402
-from ConformalSegLib.errors import ConformalSegError  # noqa: E402
-from ConformalSegLib.geometry import Geometry  # noqa: E402
+from ConformalSegLib.common.errors import ConformalSegError  # noqa: E402
+from ConformalSegLib.common.geometry import Geometry  # noqa: E402
 from ConformalSegLib.inference import InferenceEngine, ModelCard, resolve_model  # noqa: E402
 from ConformalSegLib.io.volumes import Volume, load_image  # noqa: E402
 from ConformalSegLib.semcrc.phantom_denoising import (NOISE_SIGMA, PHANTOM_ORGANS, denoising_cases,  # noqa: E402
@@ -263,7 +263,7 @@ def test_shipped_denoiser_coverage_on_fresh_phantoms():
 
 
 def test_semcrc_demo_writes_its_files(tmp_path):
-    from ConformalSegLib.semcrc.demo import run_semcrc_demo
+    from ConformalSegLib.demo.semcrc_intervals import run_semcrc_demo
 
     text = run_semcrc_demo(tmp_path / "demo", n_cases=12, seed=7, model=SHIPPED, epsilon=0.2, runs=2)
     out = tmp_path / "demo"

@@ -16,12 +16,12 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage, special, stats
 
-from ConformalSegLib.cls import critical_cutoff, conformal_lower_cutoff
-from ConformalSegLib.confidence_sets import case_statistics, conformal_upper_quantile
-from ConformalSegLib.exact import conformal_rank
-from ConformalSegLib.geometry import Geometry
+from ConformalSegLib.conformal.cls import critical_cutoff, conformal_lower_cutoff
+from ConformalSegLib.conformal.confidence_sets import case_statistics, conformal_upper_quantile
+from ConformalSegLib.conformal.exact import conformal_rank
+from ConformalSegLib.common.geometry import Geometry
 from ConformalSegLib.io.volumes import geometry_from_sitk
-from ConformalSegLib.transforms import parse_transform
+from ConformalSegLib.conformal.score_transforms import parse_transform
 
 KITS = Path(__file__).resolve().parents[2] / "shared" / "data" / "kits19_labels"
 TUMOUR = 2

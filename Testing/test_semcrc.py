@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from ConformalSegLib.errors import ConformalSegError  # noqa: E402
+from ConformalSegLib.common.errors import ConformalSegError  # noqa: E402
 from ConformalSegLib.semcrc import (AnchorSample, IntervalCalibrationError, IntervalData, IntervalInputError,  # noqa: E402
                                     OmegaCurve, OrganMap, UncontrollableRiskWarning, bisect_omega,
                                     calibrate_crc_interval, calibrate_interval_method, calibrate_kcrc,

@@ -18,7 +18,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from ConformalSegLib.cli.interval_options import add_interval_arguments, is_interval_profile  # noqa: E402
-from ConformalSegLib.errors import ConformalSegError  # noqa: E402
+from ConformalSegLib.common.errors import ConformalSegError  # noqa: E402
 from ConformalSegLib.semcrc import IntervalInputError, IntervalProfileError, synthetic_intervals  # noqa: E402
 from ConformalSegLib.semcrc.profile import load_interval_profile  # noqa: E402
 from ConformalSegLib.semcrc.synthetic import ORGANS  # noqa: E402

@@ -109,7 +109,7 @@ def test_lists_cover_what_the_module_needs():
     assert "ConformalSegSlicer/slicer_adapter.py" in lists["MODULE_PYTHON_SCRIPTS"]
     assert {"Resources/UI/ConformalSeg.ui", "Resources/Icons/ConformalSeg.png",
             "Resources/requirements.txt"} <= set(lists["MODULE_PYTHON_RESOURCES"])
-    assert {"__init__.py", "__main__.py", "cli/__init__.py", "profile.py"} <= set(
+    assert {"__init__.py", "__main__.py", "cli/__init__.py", "conformal/profile.py"} <= set(
         lists["CONFORMALSEGLIB_PYTHON_SCRIPTS"])
     # Slicer loads every top-level .py of a scripted-module folder as a module: only ConformalSeg.py may be one
     assert [s for s in lists["MODULE_PYTHON_SCRIPTS"] if "/" not in s] == ["ConformalSeg.py"]

@@ -23,10 +23,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "ConformalSeg"))
 
-from ConformalSegLib.errors import ConformalSegError  # noqa: E402
-from ConformalSegLib.geometry import Geometry  # noqa: E402
+from ConformalSegLib.common.errors import ConformalSegError  # noqa: E402
+from ConformalSegLib.common.geometry import Geometry  # noqa: E402
 from ConformalSegLib.io.segmentation import INNER_SET, LESION_FNR, LESION_THRESHOLD, OUTER_SET  # noqa: E402
-from ConformalSegLib.profile import LESION_CRC, load_profile  # noqa: E402
+from ConformalSegLib.conformal.profile import LESION_CRC, load_profile  # noqa: E402
 from ConformalSegSlicer import (commands, display, environment, evaluation_plots, fixtures, intervals,  # noqa: E402
                                 segments, spatial)
 from ConformalSegSlicer.process import (ProcessRunner, Progress, StagedProgress, kill_process_tree,  # noqa: E402
@@ -230,7 +230,7 @@ def test_find_inference_outputs(tmp_path):
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    from ConformalSegLib.synthetic_dataset import write_synthetic_dataset
+    from ConformalSegLib.phantoms.simulated_dataset import write_synthetic_dataset
 
     root = tmp_path_factory.mktemp("slicer_cli") / "data"
     write_synthetic_dataset(root, 14, seed=3, shape=(20, 40, 40))
@@ -411,8 +411,8 @@ def test_initial_settings_reproduce_the_calibrated_profiles(slider_fixture):
 
 
 def test_joint_max_sets_follow_the_alpha_slider(tmp_path, slider_fixture):
-    from ConformalSegLib.calibration import CalibrationRequest, calibrate
-    from ConformalSegLib.synthetic import make_cases
+    from ConformalSegLib.conformal.calibration import CalibrationRequest, calibrate
+    from ConformalSegLib.phantoms.simulated_maps import make_cases
 
     cases = list(make_cases(12, 4, shape=(20, 32, 32)))
     profile = calibrate(cases, CalibrationRequest("sets", alpha=0.2, joint="max"))
@@ -445,7 +445,7 @@ def test_slider_state_rejects_bad_input(slider_fixture):
 
 
 def test_greater_than_is_exact_at_float32_ties():
-    from ConformalSegLib.confidence_sets import _greater  # the library's own rule, for comparison
+    from ConformalSegLib.conformal.confidence_sets import _greater  # the library's own rule, for comparison
 
     values = np.array([0.1, np.nextafter(np.float32(0.1), 1), 0.5, 1.0, 0.0], dtype=np.float32)
     out = np.empty(values.shape, bool)

@@ -1,4 +1,4 @@
-"""Tests of ConformalSegLib.synthetic: the deterministic synthetic calibration cases."""
+"""Tests of ConformalSegLib.phantoms.simulated_maps: the deterministic synthetic calibration cases."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from ConformalSegLib.errors import ConformalSegError
-from ConformalSegLib.geometry import Geometry
-from ConformalSegLib.synthetic import SyntheticCase, case_seed, make_case, make_cases
+from ConformalSegLib.common.errors import ConformalSegError
+from ConformalSegLib.common.geometry import Geometry
+from ConformalSegLib.phantoms.simulated_maps import SyntheticCase, case_seed, make_case, make_cases
 
 N_STATS = 40
 

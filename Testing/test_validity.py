@@ -61,12 +61,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from ConformalSegLib.cls import apply_threshold, calibrate_cls  # noqa: E402
-from ConformalSegLib.confidence_sets import SetStatistics, apply_sets, calibrate_sets, case_statistics  # noqa: E402
-from ConformalSegLib.crc import calibrate_crc  # noqa: E402
-from ConformalSegLib.geometry import Geometry  # noqa: E402
-from ConformalSegLib.summaries import LesionSummaries  # noqa: E402
-from ConformalSegLib.transforms import parse_transform  # noqa: E402
+from ConformalSegLib.conformal.cls import apply_threshold, calibrate_cls  # noqa: E402
+from ConformalSegLib.conformal.confidence_sets import SetStatistics, apply_sets, calibrate_sets, case_statistics  # noqa: E402
+from ConformalSegLib.conformal.crc import calibrate_crc  # noqa: E402
+from ConformalSegLib.common.geometry import Geometry  # noqa: E402
+from ConformalSegLib.conformal.summaries import LesionSummaries  # noqa: E402
+from ConformalSegLib.conformal.score_transforms import parse_transform  # noqa: E402
 
 LEVEL = 0.001
 EMPTY_FRAC = 0.1
@@ -191,7 +191,7 @@ def run_cls(key: str, eps: float, alpha: float, empty: str, precision: str = "fl
     ("n100", 0.1, 0.1), ("n100", 0.2, 0.05), ("n100", 0.3, 0.2),
 ])
 @pytest.mark.parametrize("empty", ["exclude", "include"])
-@pytest.mark.filterwarnings("ignore::ConformalSegLib.errors.CalibrationSetTooSmallWarning")  # n_t < 19 for alpha 0.05
+@pytest.mark.filterwarnings("ignore::ConformalSegLib.common.errors.CalibrationSetTooSmallWarning")  # n_t < 19 for alpha 0.05
 def test_cls_high_probability_fnr_control(key, eps, alpha, empty):
     """P(FNR_test <= eps) >= 1 - alpha (conditional on a lesion for 'exclude', marginal for 'include')."""
     successes, T, p_up = run_cls(key, eps, alpha, empty)

@@ -3,13 +3,13 @@
 On a 512 x 512 x 300 float32 probability volume with an irregular lesion of ~1.8 % of the voxels
 (see ``_common.make_volume``), times
 
-* ``ConformalSegLib.cls.critical_cutoff`` (exact: the k-th largest lesion probability),
+* ``ConformalSegLib.conformal.cls.critical_cutoff`` (exact: the k-th largest lesion probability),
 * the paper's Algorithm 1 (``baselines.cls_bisection``: bisection on ``t`` with ``prob >= 1 - t``
   until ``|FNR - eps| <= 1e-4``, capped at 60 iterations), with FNR evaluated as the paper does, by
   thresholding the whole volume at every iteration, and -- a stronger baseline -- on the lesion
   values gathered once,
 * the correct bisection variant (``baselines.largest_cutoff_bisection``, tolerance 2**-24),
-* ``ConformalSegLib.summaries.lesion_values`` (building one case's summary: gather + sort),
+* ``ConformalSegLib.conformal.summaries.lesion_values`` (building one case's summary: gather + sort),
 
 and checks each bisection answer: its iterations, its cutoff's distance from the exact one, and
 whether the mask it describes (``prob >= cutoff``, compared exactly) really has ``FNR <= eps``.
@@ -25,9 +25,9 @@ import numpy as np
 
 import _common as C
 import baselines as B
-from ConformalSegLib.cls import critical_cutoff
-from ConformalSegLib.exact import allowed_misses
-from ConformalSegLib.summaries import lesion_values
+from ConformalSegLib.conformal.cls import critical_cutoff
+from ConformalSegLib.conformal.exact import allowed_misses
+from ConformalSegLib.conformal.summaries import lesion_values
 
 EPSILONS_CHECKED = (0.01, 0.05, 0.1, 0.2, 0.3)
 

@@ -48,7 +48,7 @@ except ImportError as exc:  # pragma: no cover - the inference extra is optional
     print(f"### Inference engine\n\nskipped: {exc} (install the `inference` extra: torch and monai)")
     sys.exit(0)
 
-from ConformalSegLib.geometry import Geometry
+from ConformalSegLib.common.geometry import Geometry
 from ConformalSegLib.inference import InferenceEngine, count_windows, load_model_card
 from ConformalSegLib.io.volumes import Volume
 

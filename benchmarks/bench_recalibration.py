@@ -29,10 +29,10 @@ import numpy as np
 
 import _common as C
 import baselines as B
-from ConformalSegLib.cls import calibrate_cls
-from ConformalSegLib.crc import calibrate_crc
-from ConformalSegLib.exact import allowed_misses_array
-from ConformalSegLib.summaries import LesionSummaries, SummaryBuilder
+from ConformalSegLib.conformal.cls import calibrate_cls
+from ConformalSegLib.conformal.crc import calibrate_crc
+from ConformalSegLib.conformal.exact import allowed_misses_array
+from ConformalSegLib.conformal.summaries import LesionSummaries, SummaryBuilder
 
 PAIRS = [(e, a) for e in (0.05, 0.1, 0.15, 0.2, 0.3) for a in (0.05, 0.1, 0.2)]
 CRC_EPSILONS = (0.05, 0.08, 0.1, 0.15, 0.2, 0.3)

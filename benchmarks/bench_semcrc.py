@@ -25,7 +25,7 @@ from fractions import Fraction
 import numpy as np
 
 import _common as C
-from ConformalSegLib.crc import crc_budget
+from ConformalSegLib.conformal.crc import crc_budget
 from ConformalSegLib.semcrc import (OmegaCurve, bisect_omega, exact_omega, omega_thresholds, solve_anchor,
                                     stratified_sample, synthetic_intervals)
 from ConformalSegLib.semcrc.anchor import DEFAULT_GAMMAS

@@ -8,7 +8,7 @@ each time: nothing is cached between steps) and times, with the library only:
 * ``recalibrate + masks``: :meth:`CalibrationProfile.masks` (allocates new masks), for CLS,
   expected-FNR control (CRC) and identity-transform confidence sets (inner and outer);
 * ``recalibrate + apply_threshold(out=)`` + voxel count: what the panel does per step for a lesion
-  mask (:func:`ConformalSegLib.cls.apply_threshold` into a mask allocated once, then
+  mask (:func:`ConformalSegLib.conformal.cls.apply_threshold` into a mask allocated once, then
   ``np.count_nonzero`` for the results table).
 
 Not per step (reported once): CRC's first call after loading a profile (it sorts all stored lesion
@@ -33,13 +33,13 @@ import warnings
 import numpy as np
 
 import _common as C
-from ConformalSegLib.cls import apply_threshold, calibrate_cls
-from ConformalSegLib.confidence_sets import SetStatistics, calibrate_sets
-from ConformalSegLib.crc import calibrate_crc
-from ConformalSegLib.geometry import Geometry
-from ConformalSegLib.profile import CalibrationProfile
-from ConformalSegLib.summaries import LesionSummaries, SummaryBuilder
-from ConformalSegLib.transforms import parse_transform
+from ConformalSegLib.conformal.cls import apply_threshold, calibrate_cls
+from ConformalSegLib.conformal.confidence_sets import SetStatistics, calibrate_sets
+from ConformalSegLib.conformal.crc import calibrate_crc
+from ConformalSegLib.common.geometry import Geometry
+from ConformalSegLib.conformal.profile import CalibrationProfile
+from ConformalSegLib.conformal.summaries import LesionSummaries, SummaryBuilder
+from ConformalSegLib.conformal.score_transforms import parse_transform
 
 GOAL_S = 0.100
 EPSILONS = (0.05, 0.08, 0.1, 0.12, 0.15, 0.2, 0.25, 0.3)

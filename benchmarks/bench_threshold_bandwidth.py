@@ -1,4 +1,4 @@
-"""One threshold pass (``ConformalSegLib.cls.apply_threshold``) vs this machine's memory bandwidth.
+"""One threshold pass (``ConformalSegLib.conformal.cls.apply_threshold``) vs this machine's memory bandwidth.
 
 On the 512 x 512 x 300 float32 probability volume of ``_common.make_volume`` (``--quick``: a small
 one), times
@@ -26,7 +26,7 @@ import sys
 import numpy as np
 
 import _common as C
-from ConformalSegLib.cls import apply_threshold, round_up_to_dtype
+from ConformalSegLib.conformal.cls import apply_threshold, round_up_to_dtype
 
 
 def main(argv: list[str] | None = None) -> dict:

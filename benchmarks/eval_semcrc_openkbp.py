@@ -63,7 +63,7 @@ def _reduce(ct_path: Path, oars_path: Path, noise_seed: tuple[int, int]):
     """``(noisy, clean, organs, geometry)`` on the 2x reduced grid (module docstring, step 1)."""
     import numpy as np
 
-    from ConformalSegLib.geometry import Geometry
+    from ConformalSegLib.common.geometry import Geometry
     from ConformalSegLib.io.volumes import load_image, load_label_map
     from ConformalSegLib.semcrc.phantom_denoising import add_noise, window
 

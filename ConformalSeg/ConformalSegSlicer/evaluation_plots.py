@@ -1,6 +1,6 @@
 """ECR versus alpha and PC versus alpha from the results of ``conformalseg evaluate``.
 
-``results.json`` (written by :func:`ConformalSegLib.reporting.write_report`) has a ``summary`` list
+``results.json`` (written by :func:`ConformalSegLib.evaluation.report.write_report`) has a ``summary`` list
 with one row per (method, epsilon, alpha): for CLS the mean and standard deviation over splits of
 the empirical coverage rate (ECR: share of test scans with FNR <= epsilon) and of the prediction
 compactness (PC: predicted / total voxels). The panel plots, for the evaluated epsilon nearest to
@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ConformalSegLib.errors import ConformalSegError
+from ConformalSegLib.common.errors import ConformalSegError
 
 
 def _number(value: Any) -> float:

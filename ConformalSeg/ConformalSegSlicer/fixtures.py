@@ -1,8 +1,8 @@
 """Test data for the module's self-tests (in Slicer) and for pytest (outside): no Slicer here.
 
-* :func:`make_slider_fixture`: synthetic CT-like cases (:mod:`ConformalSegLib.synthetic`), CLS,
+* :func:`make_slider_fixture`: synthetic CT-like cases (:mod:`ConformalSegLib.phantoms.simulated_maps`), CLS,
   expected-FNR and confidence-set profiles calibrated on all but the last case
-  (:func:`ConformalSegLib.calibration.calibrate`), and that last case as the "new scan".
+  (:func:`ConformalSegLib.conformal.calibration.calibrate`), and that last case as the "new scan".
 * :func:`make_interval_fixture`: a per-organ sem-CRC interval profile calibrated on synthetic
   interval scans (:mod:`ConformalSegLib.semcrc.synthetic`) and the next scan with its organs as
   named segment masks.
@@ -32,7 +32,7 @@ SLIDER_CHECKS: tuple[SliderSettings, ...] = (
 
 @dataclass
 class SliderFixture:
-    case: object  # ConformalSegLib.synthetic.SyntheticCase: image, probability, lesion, geometry
+    case: object  # ConformalSegLib.phantoms.simulated_maps.SyntheticCase: image, probability, lesion, geometry
     profiles: dict[str, Path] = field(default_factory=dict)  # method -> profile JSON
 
     @property
@@ -43,8 +43,8 @@ class SliderFixture:
 def make_slider_fixture(out_dir: str | PathLike[str], *, n_calibration: int = 19, shape: tuple[int, int, int] = (20, 40, 40),
                         seed: int = 7, methods: tuple[str, ...] = ("cls", "crc", "sets")) -> SliderFixture:
     """Calibrate ``methods`` on ``n_calibration`` synthetic cases; the next case is the test scan."""
-    from ConformalSegLib.calibration import CalibrationRequest, calibrate
-    from ConformalSegLib.synthetic import make_cases
+    from ConformalSegLib.conformal.calibration import CalibrationRequest, calibrate
+    from ConformalSegLib.phantoms.simulated_maps import make_cases
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

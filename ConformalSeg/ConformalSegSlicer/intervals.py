@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from ConformalSegLib.geometry import Geometry
+from ConformalSegLib.common.geometry import Geometry
 from ConformalSegLib.semcrc import BODY, IntervalApplication, IntervalProfile, apply_interval, load_interval_profile
 from ConformalSegLib.semcrc.errors import IntervalInputError
 

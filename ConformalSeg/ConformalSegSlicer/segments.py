@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from ConformalSegLib.io.segmentation import (DEFAULT_COLOR, INNER_SET, LESION_FNR, LESION_THRESHOLD, OUTER_SET,
                                              SEGMENT_COLORS, SEGMENT_TERMINOLOGY, slug)
-from ConformalSegLib.profile import LESION_CRC
+from ConformalSegLib.conformal.profile import LESION_CRC
 
 #: Display order of the segments (lesion masks first, then the sets, then the 0.5 baseline).
 SEGMENT_ORDER: tuple[str, ...] = (LESION_FNR, LESION_CRC, INNER_SET, OUTER_SET, LESION_THRESHOLD)

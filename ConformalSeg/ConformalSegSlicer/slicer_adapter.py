@@ -1,7 +1,7 @@
 """MRML nodes <-> numpy arrays and library geometry: the only module of the package that imports Slicer.
 
 * Volumes: ``slicer.util.arrayFromVolume`` gives the numpy ``(z, y, x)`` array the library uses;
-  the node's IJK-to-RAS matrix becomes an LPS :class:`~ConformalSegLib.geometry.Geometry`
+  the node's IJK-to-RAS matrix becomes an LPS :class:`~ConformalSegLib.common.geometry.Geometry`
   (:mod:`ConformalSegSlicer.spatial`).
 * Segments: all the segments of one slider update are written inside one ``NodeModify`` block (one
   batch of display updates), each with ``slicer.util.updateSegmentBinaryLabelmapFromArray`` on the
@@ -29,7 +29,7 @@ import slicer
 import vtk
 from slicer.i18n import tr as _
 
-from ConformalSegLib.geometry import Geometry
+from ConformalSegLib.common.geometry import Geometry
 
 from . import commands, environment, segments, spatial
 from .display import OverlayDisplay, finite_range
@@ -396,7 +396,7 @@ def torch_module(install: bool):
         return torch
     except ImportError:
         if install:
-            from ConformalSegLib.errors import ConformalSegError
+            from ConformalSegLib.common.errors import ConformalSegError
 
             raise ConformalSegError("PyTorch is not installed", fix="install the PyTorch extension from the "
                                     "Extensions Manager, restart Slicer, and try again") from None

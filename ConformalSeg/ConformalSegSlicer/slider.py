@@ -6,7 +6,7 @@ A :class:`SliderState` holds the loaded calibration profiles and one probability
 and recomputes only the masks whose threshold changed, into buffers allocated once. The masks are
 exactly the library's (:meth:`CalibrationProfile.masks`, tested voxel for voxel):
 
-* CLS / expected-FNR lesion: ``prob >= c`` (:func:`ConformalSegLib.cls.apply_threshold`);
+* CLS / expected-FNR lesion: ``prob >= c`` (:func:`ConformalSegLib.conformal.cls.apply_threshold`);
 * confidence sets: outer ``T_out >= outer_threshold``, inner ``(T_in > inner_threshold) & outer``,
   where the score maps ``T`` (e.g. a distance transform) are computed once per probability map and
   cached, so a slider move never recomputes them;
@@ -32,14 +32,14 @@ from os import PathLike
 
 import numpy as np
 
-from ConformalSegLib.cls import apply_threshold, round_up_to_dtype
-from ConformalSegLib.confidence_sets import SetsCalibration
-from ConformalSegLib.errors import CalibrationSetTooSmallWarning, ConformalSegError
-from ConformalSegLib.geometry import Geometry
+from ConformalSegLib.conformal.cls import apply_threshold, round_up_to_dtype
+from ConformalSegLib.conformal.confidence_sets import SetsCalibration
+from ConformalSegLib.common.errors import CalibrationSetTooSmallWarning, ConformalSegError
+from ConformalSegLib.common.geometry import Geometry
 from ConformalSegLib.io.segmentation import INNER_SET, LESION_FNR, LESION_THRESHOLD, OUTER_SET
 from ConformalSegLib.io.volumes import PROBABILITY_TOLERANCE
-from ConformalSegLib.profile import LESION_CRC, CalibrationProfile, load_profile
-from ConformalSegLib.transforms import parse_transform
+from ConformalSegLib.conformal.profile import LESION_CRC, CalibrationProfile, load_profile
+from ConformalSegLib.conformal.score_transforms import parse_transform
 
 #: Decimals of the panel's sliders (and of the parameter node's ``Decimals`` annotation).
 SLIDER_DECIMALS = 3
@@ -103,7 +103,7 @@ class SliderResult:
 
 def greater_than(values: np.ndarray, threshold: float, out: np.ndarray) -> np.ndarray:
     """``values > threshold`` exactly for float arrays (the threshold rounded *down* to the dtype,
-    the mirror image of :func:`ConformalSegLib.cls.apply_threshold`), written into ``out``."""
+    the mirror image of :func:`ConformalSegLib.conformal.cls.apply_threshold`), written into ``out``."""
     if math.isinf(threshold):
         out.fill(threshold < 0)
         return out

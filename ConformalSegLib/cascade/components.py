@@ -27,7 +27,7 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-from ..errors import ConformalSegError
+from ..common.errors import ConformalSegError
 
 __all__ = [
     "CONNECTIVITIES", "ComponentInfo", "ball", "bounding_boxes", "component_volumes_mm3", "filter_lung_overlap",

@@ -56,7 +56,7 @@ from os import PathLike
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConformalSegError
+from ..common.errors import ConformalSegError
 from ..io.json_file import read_json_file
 from .components import CONNECTIVITIES
 

@@ -3,7 +3,7 @@ correlations) on phantom lung cases, as JSON and Markdown.
 
 Cases and ground truth
 ----------------------
-:func:`phantom_lung_cases` draws phantoms (:func:`ConformalSegLib.phantom.make_phantoms`, which puts
+:func:`phantom_lung_cases` draws phantoms (:func:`ConformalSegLib.phantoms.generator.make_phantoms`, which puts
 about a quarter of its lesions in the lungs) and keeps those with at least one **lung lesion**. The
 ground truth is the lung lesions only (:func:`lung_lesion_mask`): the cascade is a lung-tumour
 pipeline, so a detected liver lesion is a false positive here, as in the paper's thoracic setting.
@@ -18,7 +18,7 @@ runnable anywhere; with real model cards pass ``lambda case: engine`` instead. T
 the *pipeline* under these stand-ins, not the paper's networks.
 
 Metrics: Dice and HD95 (mm) of ``probability >= threshold`` against the truth, from
-:mod:`ConformalSegLib.metrics` (HD95 by MONAI; NaN/inf excluded from means and counted).
+:mod:`ConformalSegLib.evaluation.metrics` (HD95 by MONAI; NaN/inf excluded from means and counted).
 Correlations: Pearson and Spearman (``scipy.stats``) with two-sided p-values; NaN when a variable is
 constant or fewer than 3 cases are finite.
 """
@@ -36,7 +36,7 @@ import numpy as np
 from scipy import ndimage, stats
 
 from ..io.volumes import Volume
-from ..metrics import dice_from_masks, finite_mean, hd95
+from ..evaluation.metrics import dice_from_masks, finite_mean, hd95
 from .components import label_components
 from .config import CascadeConfig
 from .pipeline import StageOutput, compute_lung_mask, run_cascade
@@ -72,9 +72,9 @@ def lung_lesion_mask(labels: np.ndarray, lesion: int = 6, lung: int = 2) -> np.n
 
 
 def phantom_lung_cases(n: int, seed: int = 0, **phantom_kw: Any) -> list[LungCase]:
-    """The phantoms among the first ``n`` of :func:`~ConformalSegLib.phantom.make_phantoms` that have a
+    """The phantoms among the first ``n`` of :func:`~ConformalSegLib.phantoms.generator.make_phantoms` that have a
     lung lesion (so typically about half of ``n``)."""
-    from ..phantom import make_phantoms
+    from ..phantoms.generator import make_phantoms
 
     cases = []
     for i, phantom in enumerate(make_phantoms(n, seed=seed, **phantom_kw)):

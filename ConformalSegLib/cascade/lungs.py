@@ -31,7 +31,7 @@ from typing import Iterable, Sequence
 import numpy as np
 from scipy import ndimage
 
-from ..errors import ConformalSegError
+from ..common.errors import ConformalSegError
 from .components import ball, label_components, structure
 
 __all__ = ["classical_lung_mask", "fill_holes_axial", "lung_mask_from_labels"]

@@ -56,7 +56,7 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
-from ..errors import ConformalSegError
+from ..common.errors import ConformalSegError
 from ..io.volumes import Volume
 from .components import ComponentInfo, select_components
 from .config import CascadeConfig

@@ -18,8 +18,8 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import ConformalSegError
-from ..geometry import Geometry
+from ..common.errors import ConformalSegError
+from ..common.geometry import Geometry
 
 __all__ = ["Box", "crop_geometry", "margin_voxels", "paste_max", "roi_box"]
 

@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from .. import __version__
-from ..errors import ConformalSegError
+from ..common.errors import ConformalSegError
 from . import apply_cmd, calibrate_cmd, demo_cmd, evaluate_cmd, infer_cmd, synth_cmd, train_cmd
 from .common import close_progress_bars, install_warning_format
 

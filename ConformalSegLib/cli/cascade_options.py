@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..cascade import CascadeConfig, CascadeResult, load_cascade_config, run_cascade
-from ..errors import ConformalSegError
+from ..common.errors import ConformalSegError
 from ..io.volumes import Volume
 
 __all__ = ["CascadeCard", "CascadePredictor", "add_cascade_argument", "cascade_predictor_from_args", "cascade_provenance"]

@@ -7,7 +7,7 @@ import sys
 import warnings
 from typing import Callable
 
-from ..errors import CalibrationSetTooSmallWarning
+from ..common.errors import CalibrationSetTooSmallWarning
 
 
 def add_force(parser: argparse.ArgumentParser) -> None:

@@ -1,4 +1,4 @@
-"""``conformalseg demo``: the main job on the embedded default data (see :mod:`ConformalSegLib.demo`)."""
+"""``conformalseg demo``: the main job on the embedded default data (see :mod:`ConformalSegLib.demo.workflow`)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-from ..demo import DemoSettings, run_demo
+from ..demo.workflow import DemoSettings, run_demo
 from .common import add_force, progress_bar
 
 

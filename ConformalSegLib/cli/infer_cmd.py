@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 from .. import __version__
-from ..errors import ConformalSegError
+from ..common.errors import ConformalSegError
 from ..io.atomic import atomic_write_text, check_can_write
 from .cascade_options import add_cascade_argument, cascade_predictor_from_args
 from .common import add_force, progress_bar

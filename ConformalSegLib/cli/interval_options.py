@@ -19,7 +19,7 @@ import json
 import math
 from pathlib import Path
 
-from ..errors import ConformalSegError
+from ..common.errors import ConformalSegError
 from ..io.atomic import check_can_write
 from ..io.volumes import check_same_geometry, load_label_map, save_volume
 from ..semcrc.anchor import DEFAULT_GAMMAS

@@ -11,7 +11,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from ..errors import ConformalSegError
+from ..common.errors import ConformalSegError
 from .cascade_options import add_cascade_argument, cascade_predictor_from_args
 from .common import progress_bar
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..synthetic_dataset import LESION_LABEL, write_synthetic_dataset
+from ..phantoms.simulated_dataset import LESION_LABEL, write_synthetic_dataset
 from .common import add_force, progress_bar
 
 

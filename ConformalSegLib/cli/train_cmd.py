@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from ..errors import ConformalSegError
+from ..common.errors import ConformalSegError
 from .common import add_force
 
 PHANTOM_LESION_LABEL = 6

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
 
-from ..errors import ConformalSegError
+from ..common.errors import ConformalSegError
 from ..io.dataset import case_id as _file_case_id
 from ..io.volumes import IMAGE_EXTENSIONS, volume_extension
 

@@ -115,8 +115,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import ConformalSegError
-from ..geometry import Geometry, geometry_from_ijk_to_ras
+from ..common.errors import ConformalSegError
+from ..common.geometry import Geometry, geometry_from_ijk_to_ras
 from ..io.volumes import Volume
 from .model_card import ModelCard, resolve_model
 

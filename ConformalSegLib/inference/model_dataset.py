@@ -25,7 +25,7 @@ from os import PathLike
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConformalSegError
+from ..common.errors import ConformalSegError
 from ..io.atomic import atomic_write_text
 from ..io.dataset import Case, CalibrationDataset, ProgressCallback, _listing, scan_folder
 from ..io.volumes import (Volume, check_same_geometry, label_values, load_image, load_label_map,

@@ -1,8 +1,8 @@
 """Data input/output: probability maps, label maps, calibration datasets and Slicer segmentations.
 
 Arrays are in numpy ``(z, y, x)`` order; geometry spacing/origin/direction in ITK ``(x, y, z)`` order
-(see :mod:`ConformalSegLib.geometry`). Every failure caused by the user's files raises
-:class:`~ConformalSegLib.errors.ConformalSegError` naming the file and the fix. All writers are
+(see :mod:`ConformalSegLib.common.geometry`). Every failure caused by the user's files raises
+:class:`~ConformalSegLib.common.errors.ConformalSegError` naming the file and the fix. All writers are
 atomic and refuse to overwrite existing files unless ``force=True``.
 """
 

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from os import PathLike
 from pathlib import Path
 
-from ..errors import ConformalSegError
+from ..common.errors import ConformalSegError
 
 #: Multi-part extensions that must stay together on a temporary file name.
 COMPOUND_SUFFIXES: tuple[str, ...] = (".nii.gz", ".seg.nrrd", ".tar.gz")

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
 
-from ..errors import ConformalSegError
+from ..common.errors import ConformalSegError
 from .volumes import (IMAGE_EXTENSIONS, VOLUME_EXTENSIONS, Volume, check_same_geometry, label_values,
                       load_label_map, load_probability_map, mask_from_labels, validate_lesion_labels,
                       volume_extension)

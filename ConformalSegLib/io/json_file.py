@@ -7,7 +7,7 @@ from os import PathLike
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConformalSegError
+from ..common.errors import ConformalSegError
 
 
 def read_json_file(path: str | PathLike[str], what: str, fix: str,

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ConformalSegError
-from ..geometry import Geometry
+from ..common.errors import ConformalSegError
+from ..common.geometry import Geometry
 from .atomic import atomic_output, check_can_write
 from .volumes import save_volume
 

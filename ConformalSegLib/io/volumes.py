@@ -3,7 +3,7 @@
 Conventions
 -----------
 * Arrays are in numpy order ``(z, y, x)`` exactly as ``SimpleITK.GetArrayFromImage`` returns them;
-  :class:`~ConformalSegLib.geometry.Geometry` keeps spacing/origin/direction in ITK ``(x, y, z)`` order.
+  :class:`~ConformalSegLib.common.geometry.Geometry` keeps spacing/origin/direction in ITK ``(x, y, z)`` order.
 * Probability maps are float32 (float64 inputs stay float64), finite and within ``[0, 1]`` (values
   at most ``PROBABILITY_TOLERANCE`` outside are rounding noise and are clipped). Integer-typed maps
   are rejected: they are segmentations, not probabilities.
@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from ..errors import ConformalSegError
-from ..geometry import Geometry
+from ..common.errors import ConformalSegError
+from ..common.geometry import Geometry
 from .atomic import atomic_output
 
 PathLikeStr = str | PathLike[str]

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..io.atomic import atomic_output, atomic_write_text, check_can_write
-from ..reporting import _figure
+from ..evaluation.report import _figure
 from .errors import IntervalCalibrationError
 from .intervals import IntervalData, mean_length, scan_loss
 from .procedures import METHODS, calibrate_interval_method

@@ -20,7 +20,7 @@ right-continuous non-increasing step function in [0, 1] (``B = 1``). The CRC con
     n/(n+1) * Rhat(omega) + B/(n+1) <= epsilon
     <=>  F(omega) := sum_i L_i(omega) <= (n + 1) * epsilon - 1 =: budget
 
-(``epsilon`` is the exact fraction of its shortest decimal, :func:`~ConformalSegLib.exact.as_fraction`).
+(``epsilon`` is the exact fraction of its shortest decimal, :func:`~ConformalSegLib.conformal.exact.as_fraction`).
 ``omega_hat = inf{omega in [omega_min, omega_max] : F(omega) <= budget}``. As ``F`` is a
 right-continuous step function the infimum is attained and is either ``omega_min`` or one of the
 ``t_v``: the per-scan sorted thresholds are merged in one sorted list, ``F`` at each distinct value is
@@ -47,7 +47,7 @@ from fractions import Fraction
 
 import numpy as np
 
-from ..crc import crc_budget
+from ..conformal.crc import crc_budget
 
 _SIGN = np.int64(-0x8000000000000000)
 _MAGNITUDE = np.int64(0x7FFFFFFFFFFFFFFF)

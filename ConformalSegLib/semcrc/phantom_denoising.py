@@ -1,6 +1,6 @@
 """Seeded CT denoising data from phantoms: noisy inputs, clean targets and organ label maps.
 
-The setting of Teneggi et al. (Sec. 4, denoising), on :mod:`ConformalSegLib.phantom` phantoms:
+The setting of Teneggi et al. (Sec. 4, denoising), on :mod:`ConformalSegLib.phantoms.generator` phantoms:
 
 1. **Window.** The phantom image (HU; it already carries the phantom's own mild CT-like noise) is
    windowed: ``clean = clip((HU - (-175)) / (250 - (-175)), 0, 1)`` -- HU -175..250 mapped to [0, 1].
@@ -37,8 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ConformalSegError
-from ..geometry import Geometry
+from ..common.errors import ConformalSegError
+from ..common.geometry import Geometry
 
 WINDOW_HU = (-175.0, 250.0)  #: the paper's window (HU), mapped to [0, 1]
 NOISE_SIGMA = 0.2  #: Gaussian noise standard deviation in windowed units (the paper's sigma)
@@ -77,7 +77,7 @@ def denoising_cases(n: int, seed: int, *, shape: tuple[int, int, int] = DEFAULT_
                     first: int = 0) -> Iterator[DenoisingCase]:
     """Cases ``first .. first + n - 1`` of the phantom stream ``seed`` (``make_phantoms`` numbering and
     case ids), windowed and with noise (module docstring). Deterministic in ``(seed, index, sigma)``."""
-    from ..phantom import make_phantom, phantom_seed
+    from ..phantoms.generator import make_phantom, phantom_seed
 
     if isinstance(n, bool) or int(n) != n or n < 0 or first < 0:
         raise ConformalSegError(f"the number of cases must be a non-negative integer, got {n}")

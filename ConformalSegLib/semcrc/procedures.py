@@ -35,9 +35,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..crc import min_crc_calibration_size
-from ..errors import ConformalSegError
-from ..exact import check_epsilon
+from ..conformal.crc import min_crc_calibration_size
+from ..common.errors import ConformalSegError
+from ..conformal.exact import check_epsilon
 from .anchor import DEFAULT_GAMMAS, AnchorResult, solve_anchor, stratified_sample
 from .errors import IntervalCalibrationError, UncontrollableRiskWarning
 from .exact_omega import OmegaCurve, exact_omega, lambdas_at, omega_thresholds

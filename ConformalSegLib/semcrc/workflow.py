@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConformalSegError
+from ..common.errors import ConformalSegError
 from ..io.atomic import atomic_write_text, check_can_write
 from ..io.dataset import scan_folder
 from ..io.volumes import IMAGE_EXTENSIONS, Volume, check_same_geometry, load_image, load_label_map, volume_extension
@@ -52,7 +52,7 @@ def load_float_volume(path: PathLikeStr, what: str) -> Volume:
             array = np.load(path, allow_pickle=False)
         except (ValueError, OSError) as exc:
             raise IntervalInputError(f"cannot read the {what} ({exc})", path=path, fix="re-export the file") from exc
-        from ..geometry import Geometry
+        from ..common.geometry import Geometry
 
         if array.ndim != 3:
             raise IntervalInputError(f"{what} must be 3D, got shape {array.shape}", path=path,

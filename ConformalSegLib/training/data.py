@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import ConformalSegError
+from ..common.errors import ConformalSegError
 from ..io.volumes import IMAGE_EXTENSIONS, Volume, check_same_geometry, load_image, load_label_map
 
 ProgressCallback = Callable[[int, int, str], None]
@@ -74,7 +74,7 @@ class PreparedCase:
 
 def phantom_cases(n: int, seed: int, **phantom_options) -> list[TrainingCase]:
     """``n`` phantoms ``make_phantoms(n, seed, **phantom_options)`` as training cases (in memory)."""
-    from ..phantom import make_phantoms
+    from ..phantoms.generator import make_phantoms
 
     return [TrainingCase(p.case_id, Volume(p.image, p.geometry, None), Volume(p.labels, p.geometry, None))
             for p in make_phantoms(n, seed=seed, **phantom_options)]

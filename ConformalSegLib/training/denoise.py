@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..errors import ConformalSegError
+from ..common.errors import ConformalSegError
 from ..io.checksums import sha256_file
 from ..io.volumes import Volume, check_same_geometry
 from .losses import DEFAULT_QUANTILES, PinballLoss

@@ -58,7 +58,7 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..errors import ConformalSegError
+from ..common.errors import ConformalSegError
 from ..io.atomic import OVERWRITE_FIX
 from ..io.checksums import sha256_file
 from .data import PatchSampler, TrainingCase, prepare_cases
@@ -261,7 +261,7 @@ def _evaluate(card, cases: Sequence[TrainingCase], lesion_labels: Sequence[int],
               cancel: CancelToken | None) -> dict[str, Any]:
     """Held-out lesion Dice with the real inference engine (threshold 0.5, no MC dropout)."""
     from ..inference.engine import InferenceEngine
-    from ..metrics import dice_from_masks
+    from ..evaluation.metrics import dice_from_masks
 
     if not cases:
         return {"cases": [], "mean_dice": None, "pooled_dice": None, "threshold": 0.5, "mc_dropout": 0}

@@ -16,11 +16,11 @@ import numpy as np
 from .cls import calibrate_cls
 from .confidence_sets import SetStatisticsBuilder, calibrate_sets
 from .crc import calibrate_crc
-from .errors import ConformalSegError
-from .geometry import Geometry
+from ..common.errors import ConformalSegError
+from ..common.geometry import Geometry
 from .profile import METHODS, CalibrationProfile
 from .summaries import SummaryBuilder
-from .transforms import parse_transform
+from .score_transforms import parse_transform
 
 
 

@@ -1,4 +1,4 @@
-"""Write synthetic cases (:mod:`ConformalSegLib.synthetic`) as a dataset folder on disk.
+"""Write synthetic cases (:mod:`ConformalSegLib.phantoms.simulated_maps`) as a dataset folder on disk.
 
 Layout (the layout ``calibrate --data`` and ``evaluate --data`` read): ``DIR/probs/CASE.nii.gz``
 (float32 probability maps), ``DIR/labels/CASE.nii.gz`` (uint8: 0 background, 1 organ, 2 lesion) and
@@ -13,8 +13,8 @@ from typing import Callable
 
 import numpy as np
 
-from .io.volumes import save_volume
-from .synthetic import SyntheticCase, make_cases
+from ..io.volumes import save_volume
+from .simulated_maps import SyntheticCase, make_cases
 
 ORGAN_LABEL = 1
 LESION_LABEL = 2

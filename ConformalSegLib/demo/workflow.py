@@ -2,19 +2,19 @@
 
 Steps (each calls the same library functions as the CLI commands):
 
-1. write the embedded dataset to ``OUT/data``: synthetic CT phantoms (:mod:`ConformalSegLib.phantom`,
+1. write the embedded dataset to ``OUT/data``: synthetic CT phantoms (:mod:`ConformalSegLib.phantoms.generator`,
    nnU-Net layout, lesion label 6) drawn with a seed the shipped model was *not* trained on;
 2. run the shipped network (``Resources/models/phantom_lesion_unet``) on every phantom through
    :class:`~ConformalSegLib.inference.model_dataset.InferenceDataset` -> ``OUT/data/probs``;
 3. evaluate CLS, expected-FNR control and confidence sets over repeated random calibration/test
-   splits (:mod:`ConformalSegLib.evaluation`) -> ``OUT/evaluation`` (results.json, report, plots);
+   splits (:mod:`ConformalSegLib.evaluation.protocol`) -> ``OUT/evaluation`` (results.json, report, plots);
 4. calibrate profiles on the first half of the cases -> ``OUT/profiles``;
 5. apply them to a held-out case -> ``OUT/example`` (Slicer-loadable ``.nrrd`` volumes including the
    MC-dropout variance, one ``.seg.nrrd``, and a slice-overlay PNG);
 6. write ``OUT/report.md`` linking everything, with the guarantee sentences.
 
 ``DemoSettings(source="synthetic")`` replaces steps 1-2 by synthetic probability maps
-(:mod:`ConformalSegLib.synthetic_dataset`), which needs neither torch nor MONAI.
+(:mod:`ConformalSegLib.phantoms.simulated_dataset`), which needs neither torch nor MONAI.
 """
 
 from __future__ import annotations
@@ -27,23 +27,23 @@ from typing import Callable
 
 import numpy as np
 
-from .calibration import CalibrationRequest, calibrate
-from .cls import apply_threshold
-from .errors import ConformalSegError
-from .evaluation import EvaluationResult, TqdmProgress, evaluate_dataset
-from .figures import slice_overlay_png
-from .io.atomic import atomic_write_text
-from .io.dataset import CalibrationDataset
-from .io.segmentation import INNER_SET, LESION_FNR, LESION_THRESHOLD, OUTER_SET, SEGMENT_COLORS, write_seg_nrrd
-from .io.volumes import load_image, save_volume
-from .phantom import LESION as PHANTOM_LESION
-from .phantom import write_phantom_dataset
-from .profile import LESION_CRC
-from .reporting import write_report
-from .synthetic_dataset import LESION_LABEL, write_synthetic_dataset
+from ..conformal.calibration import CalibrationRequest, calibrate
+from ..conformal.cls import apply_threshold
+from ..common.errors import ConformalSegError
+from ..evaluation.protocol import EvaluationResult, TqdmProgress, evaluate_dataset
+from ..evaluation.figures import slice_overlay_png
+from ..io.atomic import atomic_write_text
+from ..io.dataset import CalibrationDataset
+from ..io.segmentation import INNER_SET, LESION_FNR, LESION_THRESHOLD, OUTER_SET, SEGMENT_COLORS, write_seg_nrrd
+from ..io.volumes import load_image, save_volume
+from ..phantoms.generator import LESION as PHANTOM_LESION
+from ..phantoms.generator import write_phantom_dataset
+from ..conformal.profile import LESION_CRC
+from ..evaluation.report import write_report
+from ..phantoms.simulated_dataset import LESION_LABEL, write_synthetic_dataset
 
 #: The network shipped with the project (see its README.md for how it was trained).
-DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "Resources" / "models" / "phantom_lesion_unet"
+DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "Resources" / "models" / "phantom_lesion_unet"
 
 Progress = Callable[[int, int, str], None]
 
@@ -114,7 +114,7 @@ def run_demo(out_dir: str | PathLike[str], settings: DemoSettings = DemoSettings
 
     semcrc_section = ""
     if settings.semcrc_cases > 0:
-        from .semcrc.demo import run_semcrc_demo
+        from .semcrc_intervals import run_semcrc_demo
 
         log(f"[6/7] sem-CRC: organ-dependent intervals of the shipped denoiser on {settings.semcrc_cases} phantoms")
         semcrc_section = run_semcrc_demo(out / "semcrc", settings.semcrc_cases, device=settings.device, force=force)
@@ -140,8 +140,8 @@ def _dataset(out: Path, settings: DemoSettings, force: bool, bar: Callable[[str]
         return CalibrationDataset.from_root(out / "data", [LESION_LABEL])
     if settings.source != "model":
         raise ConformalSegError(f"unknown demo source {settings.source!r}", fix="use 'model' or 'synthetic'")
-    from .inference import InferenceEngine, resolve_model
-    from .inference.model_dataset import InferenceDataset
+    from ..inference import InferenceEngine, resolve_model
+    from ..inference.model_dataset import InferenceDataset
 
     card = resolve_model(settings.model)
     data_info = (card.training or {}).get("data") or {}
@@ -243,9 +243,9 @@ def _compactness_note(cls_row: dict) -> list[str]:
 def _data_sentence(settings: DemoSettings) -> str:
     if settings.source == "synthetic":
         return (f"Data: {settings.cases} synthetic CT-like cases whose probability maps imitate an imperfect, per-case "
-                "miscalibrated lesion network (`ConformalSegLib/synthetic.py`); every step below is the same code the "
+                "miscalibrated lesion network (`ConformalSegLib/phantoms/simulated_maps.py`); every step below is the same code the "
                 "CLI runs.")
-    return (f"Data: {settings.cases} synthetic CT phantoms (`ConformalSegLib/phantom.py`, seed {settings.seed}, not "
+    return (f"Data: {settings.cases} synthetic CT phantoms (`ConformalSegLib/phantoms/generator.py`, seed {settings.seed}, not "
             f"seen in training) segmented by the shipped 3D U-Net `{settings.model.name}` (see its README.md) through "
             "the same model-card pipeline as `conformalseg infer`; probability maps in `data/probs/`. Every step "
             "below is the same code the CLI runs.")

@@ -34,16 +34,16 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__
+from .. import __version__
 from .cls import ThresholdCalibration, apply_threshold, calibrate_cls
 from .confidence_sets import SetsCalibration, SetStatistics, apply_sets, calibrate_sets
 from .crc import calibrate_crc
-from .errors import ConformalSegError
-from .geometry import Geometry
-from .guarantees import guarantee_sentence
-from .io.atomic import atomic_write_bytes, atomic_write_text, check_can_write
-from .io.checksums import sha256_file
-from .io.segmentation import INNER_SET, LESION_FNR, OUTER_SET
+from ..common.errors import ConformalSegError
+from ..common.geometry import Geometry
+from .guarantee_sentences import guarantee_sentence
+from ..io.atomic import atomic_write_bytes, atomic_write_text, check_can_write
+from ..io.checksums import sha256_file
+from ..io.segmentation import INNER_SET, LESION_FNR, OUTER_SET
 from .summaries import LesionSummaries
 
 FORMAT = "conformalseg-profile"

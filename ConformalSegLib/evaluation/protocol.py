@@ -4,23 +4,23 @@ Protocol (CLS paper, Tan et al.; also used for the confidence sets of Davenport)
 -------------------------------------------------------------------------------
 The cases are split ``splits`` times (default 100) at random into a calibration side of
 ``floor(cal_fraction * n)`` cases (default half; the fraction is read exactly as typed, see
-:mod:`ConformalSegLib.exact`) and a test side (the rest), with ``numpy.random.default_rng(seed)``
+:mod:`ConformalSegLib.conformal.exact`) and a test side (the rest), with ``numpy.random.default_rng(seed)``
 (split ``s`` is the ``s``-th ``rng.permutation(n)``: its first ``n_cal`` entries calibrate). On each
 split and for each ``epsilon`` / ``alpha`` of the grids:
 
-* **CLS** (:mod:`ConformalSegLib.cls`): the cutoff is the conformal lower cutoff of the critical
+* **CLS** (:mod:`ConformalSegLib.conformal.cls`): the cutoff is the conformal lower cutoff of the critical
   cutoffs of the calibration cases (critical cutoffs are computed once per epsilon for all cases);
   the test mask is ``prob >= cutoff``.
-* **CRC** (expected-FNR control, :mod:`ConformalSegLib.crc`): ``crc_cutoff`` of the calibration
+* **CRC** (expected-FNR control, :mod:`ConformalSegLib.conformal.crc`): ``crc_cutoff`` of the calibration
   summaries, per epsilon (no alpha).
 * **Baseline**: the fixed cutoff 0.5 (``prob >= 0.5``); it does not depend on the split, but its
   per-split numbers are means over the same test cases as the other methods.
-* **Confidence sets** (:mod:`ConformalSegLib.confidence_sets`) for each requested transform and mode:
+* **Confidence sets** (:mod:`ConformalSegLib.conformal.confidence_sets`) for each requested transform and mode:
   ``marginal`` calibrates inner and outer at ``alpha`` each, ``joint-split`` at ``alpha/2`` each
   (``joint-max`` is available too).
 
 Populations and empty lesions. CLS, CRC and the baseline follow the empty-lesion policy of
-:mod:`ConformalSegLib.cls`: with ``"exclude"`` (default) cases without lesion voxels are dropped from
+:mod:`ConformalSegLib.conformal.cls`: with ``"exclude"`` (default) cases without lesion voxels are dropped from
 the calibration *and* test sides of these three methods (the guarantee is conditional on a lesion),
 with ``"include"`` they count everywhere (FNR 0). Confidence sets always use every case. So the
 number of calibration / test cases of CLS/CRC varies a little between splits; it is recorded.
@@ -28,7 +28,7 @@ number of calibration / test cases of CLS/CRC varies a little between splits; it
 Metrics (per split: the mean over that split's test cases; then mean and std over splits)
 -----------------------------------------------------------------------------------------
 ECR (fraction of test cases with ``FNR <= epsilon``, exact integer rule), mean test FNR, PC
-(predicted / total voxels), Dice (:mod:`ConformalSegLib.metrics`), HD95 (mm, needs MONAI; at the
+(predicted / total voxels), Dice (:mod:`ConformalSegLib.evaluation.metrics`), HD95 (mm, needs MONAI; at the
 *main* setting only: ``main_epsilon`` (default: the first epsilon) and ``main_alpha``, and for the
 baseline; cases with an empty prediction or lesion are left out of the mean and counted).
 Sets: inner / outer / joint coverage (inner ok iff
@@ -41,7 +41,7 @@ sample standard deviations over splits (``ddof=1``).
 Exactness. Test FNRs come from the lesion summaries (number of stored lesion values ``>=`` the
 cutoff: one ``searchsorted`` on each case's descending run); the summaries are float32 and every
 cutoff is a float32 value or ``+-inf`` or 0.5, so this equals the count on the volume. Predicted
-voxel counts are exact counts on the volume (:func:`ConformalSegLib.metrics.count_at_least`,
+voxel counts are exact counts on the volume (:func:`ConformalSegLib.evaluation.metrics.count_at_least`,
 ``count_greater``), Dice uses ``TP = m - misses``.
 
 Streaming. Pass 1 reads one case at a time and keeps only the summaries (sorted lesion
@@ -52,10 +52,10 @@ one probability map, its lesion mask and one transformed map, plus arrays of siz
 ``splits x |epsilons| x |alphas|`` and ``splits x n``.
 
 Too few cases. Each side of the split needs at least one case (else
-:class:`~ConformalSegLib.errors.ConformalSegError`). Points whose calibration side is too small for
+:class:`~ConformalSegLib.common.errors.ConformalSegError`). Points whose calibration side is too small for
 ``alpha`` (the conformal quantile is infinite) are kept and reported as *trivial* (whole-image mask /
 empty inner set, whole-image outer set), with a
-:class:`~ConformalSegLib.errors.CalibrationSetTooSmallWarning` saying how many cases are needed.
+:class:`~ConformalSegLib.common.errors.CalibrationSetTooSmallWarning` saying how many cases are needed.
 """
 
 from __future__ import annotations
@@ -69,16 +69,16 @@ from typing import Any
 
 import numpy as np
 
-from .cls import EMPTY_POLICIES, apply_threshold, conformal_lower_cutoff, critical_cutoffs
-from .confidence_sets import MODES, SetStatisticsBuilder, calibrate_sets
-from .crc import crc_cutoff
-from .errors import CalibrationSetTooSmallWarning, ConformalSegError
-from .exact import as_fraction, check_alpha, check_epsilon, min_calibration_size
-from .geometry import Geometry
+from ..conformal.cls import EMPTY_POLICIES, apply_threshold, conformal_lower_cutoff, critical_cutoffs
+from ..conformal.confidence_sets import MODES, SetStatisticsBuilder, calibrate_sets
+from ..conformal.crc import crc_cutoff
+from ..common.errors import CalibrationSetTooSmallWarning, ConformalSegError
+from ..conformal.exact import as_fraction, check_alpha, check_epsilon, min_calibration_size
+from ..common.geometry import Geometry
 from .metrics import (count_at_least, count_greater, dice, fnr, fnr_within, hd95 as hd95_metric, lesion_hits,
                       require_monai)
-from .summaries import SummaryBuilder
-from .transforms import ScoreTransform, parse_transform
+from ..conformal.summaries import SummaryBuilder
+from ..conformal.score_transforms import ScoreTransform, parse_transform
 
 __all__ = [
     "BASELINE_CUTOFF",
@@ -129,7 +129,7 @@ def _unwrap(value: Any) -> tuple[np.ndarray, Geometry | None]:
 def as_eval_case(item: Any) -> EvalCase:
     """Adapt an :class:`~ConformalSegLib.io.dataset.Case` (Volumes) or any object with ``case_id``,
     ``probability`` and ``lesion`` arrays and an optional ``geometry`` (e.g. a
-    :class:`~ConformalSegLib.synthetic.SyntheticCase`)."""
+    :class:`~ConformalSegLib.phantoms.simulated_maps.SyntheticCase`)."""
     try:
         case_id = str(item.case_id)
         probability, prob_geometry = _unwrap(item.probability)
@@ -192,7 +192,7 @@ class CaseSource:
 
 @dataclass(frozen=True)
 class EvaluationConfig:
-    """Parameters of one evaluation (floats as given; read exactly via :func:`~.exact.as_fraction`)."""
+    """Parameters of one evaluation (floats as given; read exactly via :func:`~ConformalSegLib.conformal.exact.as_fraction`)."""
 
     epsilons: tuple[float, ...]
     alphas: tuple[float, ...]

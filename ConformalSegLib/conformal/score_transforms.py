@@ -1,7 +1,7 @@
 """Score transforms for conformal confidence sets (Davenport, section 2.5).
 
 A transform maps a probability map ``s`` to a "lesion-ness" score ``T(s)`` (higher = more likely
-lesion). Confidence sets threshold ``T`` (see :mod:`ConformalSegLib.confidence_sets`): the inner set uses the maxima of ``T``
+lesion). Confidence sets threshold ``T`` (see :mod:`ConformalSegLib.conformal.confidence_sets`): the inner set uses the maxima of ``T``
 over true background, the outer set the maxima of ``-T`` over true lesion. Validity needs nothing of
 ``T`` beyond being computed from the image alone (the same way for calibration and test cases); the
 transform only changes how tight the sets are. The paper's ``f_I(-s)`` is ``-T`` here: every
@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from .errors import ConformalSegError
-from .geometry import Geometry
+from ..common.errors import ConformalSegError
+from ..common.geometry import Geometry
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 Notation (the paper's labels are swapped in places; these signs follow from the proofs)
 --------------------------------------------------------------------------------------
-``T = f(s)`` is a transformed score, higher = more lesion-like (:mod:`ConformalSegLib.transforms`).
+``T = f(s)`` is a transformed score, higher = more lesion-like (:mod:`ConformalSegLib.conformal.score_transforms`).
 For each calibration case ``i`` with true lesion ``Y_i``:
 
 * ``tau_i   = max_{v not in Y_i} T_i(v)``   (highest score on true background; ``-inf`` if none),
@@ -48,10 +48,10 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from .cls import apply_threshold, too_small_message
-from .errors import CalibrationSetTooSmallWarning, ConformalSegError
+from ..common.errors import CalibrationSetTooSmallWarning, ConformalSegError
 from .exact import as_fraction, check_alpha, conformal_rank, min_calibration_size
-from .geometry import Geometry
-from .transforms import IDENTITY, ScoreTransform, parse_transform
+from ..common.geometry import Geometry
+from .score_transforms import IDENTITY, ScoreTransform, parse_transform
 
 MODES = ("marginal", "joint-split", "joint-max")
 

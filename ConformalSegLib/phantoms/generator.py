@@ -6,7 +6,7 @@ perfect nor useless*: the anatomy is simple but CT-like, and some lesions are ge
 low contrast, next to lung vessels).
 
 Each :class:`Phantom` holds a float32 image in Hounsfield units and a uint8 label map (values in
-:data:`LABEL_NAMES`) on a :class:`~ConformalSegLib.geometry.Geometry`. Arrays are in numpy
+:data:`LABEL_NAMES`) on a :class:`~ConformalSegLib.common.geometry.Geometry`. Arrays are in numpy
 ``(z, y, x)`` order; ``spacing`` is in ITK ``(x, y, z)`` order. With the identity direction the
 axes are LPS: ``x`` runs to the patient's **left**, ``y`` to **posterior**, ``z`` to **superior**
 (higher slice index = more cranial).
@@ -74,11 +74,11 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage, special
 
-from .errors import ConformalSegError
-from .geometry import Geometry
-from .io.volumes import save_volume
-from .randomness import random_rotation
-from .io.atomic import OVERWRITE_FIX, atomic_output
+from ..common.errors import ConformalSegError
+from ..common.geometry import Geometry
+from ..io.volumes import save_volume
+from ..common.randomness import random_rotation
+from ..io.atomic import OVERWRITE_FIX, atomic_output
 
 __all__ = [
     "BACKGROUND", "BODY", "BONE", "KIDNEY", "LABEL_NAMES", "LESION", "LESION_HOSTS", "LIVER", "LUNG", "SPLEEN",
@@ -676,7 +676,7 @@ def dataset_json(n: int, *, seed: int = 0, options: dict | None = None) -> dict:
     """The nnU-Net v2 ``dataset.json`` of a phantom dataset of ``n`` cases."""
     return {
         "name": "ConformalSegPhantoms",
-        "description": "Deterministic synthetic abdominal/thoracic CT phantoms (ConformalSegLib.phantom)",
+        "description": "Deterministic synthetic abdominal/thoracic CT phantoms (ConformalSegLib.phantoms.generator)",
         "channel_names": {"0": "CT"},
         "labels": {name: value for value, name in sorted(LABEL_NAMES.items())},
         "numTraining": int(n),

@@ -3,7 +3,7 @@ sem-CRC / per-organ sem-CRC, as a Markdown report section.
 
 :func:`run_semcrc_demo` does, under ``out_dir``:
 
-1. ``data/``: :func:`~.phantom_denoising.write_denoising_dataset` (noisy and clean windowed images,
+1. ``data/``: :func:`~ConformalSegLib.semcrc.phantom_denoising.write_denoising_dataset` (noisy and clean windowed images,
    organ label maps; noise sigma 0.2 in windowed units added after windowing);
 2. ``pred/lower``, ``pred/upper``: the model card's quantile maps ``q_0.1``, ``q_0.9`` of every
    noisy image (:meth:`~ConformalSegLib.inference.engine.InferenceEngine.predict_quantiles`; the same
@@ -13,7 +13,7 @@ sem-CRC / per-organ sem-CRC, as a Markdown report section.
    (other body tissue) is sem-CRC's generic ``body`` group; air (label 0) is excluded
    (``body="nonzero"``: the paper's "all remaining voxels that are not background");
 4. the last case is held out; the others give Table 1 and the per-organ tables:
-   :func:`~.evaluation.evaluate_interval_methods` over ``runs`` random calibration/test splits
+   :func:`~ConformalSegLib.semcrc.evaluation.evaluate_interval_methods` over ``runs`` random calibration/test splits
    (``interval_evaluation.{json,md,png}``);
 5. a per-organ sem-CRC profile calibrated on all non-held-out cases (``profile.json``), applied to
    the held-out case: its per-organ table (``heldout_table.{csv,json}``: lambda, mean length, risk)
@@ -34,9 +34,9 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConformalSegError
-from .phantom_denoising import PHANTOM_ORGANS, write_denoising_dataset
-from .workflow import predict_quantile_folder
+from ..common.errors import ConformalSegError
+from ..semcrc.phantom_denoising import PHANTOM_ORGANS, write_denoising_dataset
+from ..semcrc.workflow import predict_quantile_folder
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "Resources" / "models" / "phantom_denoiser_quantile"
 DEMO_SEED = 2100  #: phantom stream of the demo (the shipped denoiser trained on seed 1100)
@@ -62,7 +62,7 @@ def plot_length_overlay(clean: np.ndarray, length: np.ndarray, organs: np.ndarra
     """One panel per organ: the clean image on the organ's largest axial slice, the interval length
     inside the organ in colour, and the organ outline (windowed units)."""
     from ..io.atomic import atomic_output
-    from ..reporting import _figure
+    from ..evaluation.report import _figure
 
     items = [(v, n) for v, n in organ_labels.items() if np.any(organs == v)]
     fig = _figure(2.0 * max(1, len(items)) + 1.0, 2.6)
@@ -107,11 +107,11 @@ def run_semcrc_demo(out_dir: str | PathLike[str], n_cases: int = 30, seed: int =
     """Run the demo (module docstring) and return its Markdown section (Table 1, per-organ tables,
     the held-out case's per-organ table and the figure links)."""
     from ..io.volumes import load_image, load_label_map
-    from .evaluation import write_interval_evaluation, evaluate_interval_methods
-    from .memberships import OrganMap
-    from .procedures import calibrate_interval_method
-    from .profile import IntervalProfile
-    from .workflow import apply_interval, load_interval_data, write_interval_table
+    from ..semcrc.evaluation import write_interval_evaluation, evaluate_interval_methods
+    from ..semcrc.memberships import OrganMap
+    from ..semcrc.procedures import calibrate_interval_method
+    from ..semcrc.profile import IntervalProfile
+    from ..semcrc.workflow import apply_interval, load_interval_data, write_interval_table
 
     out = Path(out_dir)
     if n_cases < 6:
@@ -160,7 +160,7 @@ def run_semcrc_demo(out_dir: str | PathLike[str], n_cases: int = 30, seed: int =
     timings["profile_and_apply"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
 
-    from .evaluation import evaluation_markdown
+    from ..semcrc.evaluation import evaluation_markdown
 
     card_note = ""
     try:

@@ -4,7 +4,7 @@ For case ``i`` with ``m_i`` true lesion voxels, the FNR of the mask ``prob >= c`
 volume only through the multiset of lesion-voxel probabilities:
 ``FNR_i(c) = #{lesion voxels with prob < c} / m_i``. Storing each case's lesion probabilities sorted
 in descending order therefore lets any ``(epsilon, alpha)`` be recalibrated exactly by indexing
-(see :mod:`ConformalSegLib.cls` and :mod:`ConformalSegLib.crc`).
+(see :mod:`ConformalSegLib.conformal.cls` and :mod:`ConformalSegLib.conformal.crc`).
 
 Storage is CSR-like: one flat array of values (case after case, each descending) and ``offsets``
 (``values[offsets[i]:offsets[i+1]]`` is case ``i``). Cases with an empty lesion have zero values.

@@ -24,7 +24,7 @@ from math import ceil, floor
 
 import numpy as np
 
-from .errors import ConformalSegError
+from ..common.errors import ConformalSegError
 
 _INT64_SAFE = 2**62
 

@@ -2,12 +2,12 @@
 
 Conventions
 -----------
-* A mask at probability cutoff ``c`` is ``prob >= c`` (as in :mod:`ConformalSegLib.cls`); an inner
+* A mask at probability cutoff ``c`` is ``prob >= c`` (as in :mod:`ConformalSegLib.conformal.cls`); an inner
   confidence set is ``T > lambda`` and an outer one ``T >= t`` (as in
-  :mod:`ConformalSegLib.confidence_sets`).
+  :mod:`ConformalSegLib.conformal.confidence_sets`).
 * **FNR** ``= misses / m`` for a lesion of ``m`` voxels; **FNR := 0 when the lesion is empty**
   (nothing can be missed). Whether ``FNR <= epsilon`` is decided by the exact integer rule
-  ``misses <= floor(epsilon * m)`` of :func:`ConformalSegLib.exact.fnr_exceeds`, never by comparing
+  ``misses <= floor(epsilon * m)`` of :func:`ConformalSegLib.conformal.exact.fnr_exceeds`, never by comparing
   the float ratio.
 * **ECR** (empirical coverage rate, Tan et al.): the fraction of (test) cases with
   ``FNR <= epsilon``.
@@ -26,7 +26,7 @@ Exact voxel counting at many thresholds
 :func:`count_at_least` and :func:`count_greater` count ``#{v >= t}`` / ``#{v > t}`` for every
 threshold ``t`` of a list in one pass over the volume: each float64 threshold is first rounded to
 the volume's float dtype in the direction that preserves the comparison (up for ``>=``, down for
-``>``, as :func:`ConformalSegLib.cls.apply_threshold` does), the distinct rounded thresholds are
+``>``, as :func:`ConformalSegLib.conformal.cls.apply_threshold` does), the distinct rounded thresholds are
 sorted, every voxel is located with one ``searchsorted`` (chunked, so the int64 index array never
 exceeds a few MB), the positions are histogrammed with ``bincount`` and a reverse cumulative sum
 gives the counts. The result equals the brute-force ``(values >= t).sum()`` exactly, ties included.
@@ -39,8 +39,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import ConformalSegError
-from .exact import fnr_exceeds
+from ..common.errors import ConformalSegError
+from ..conformal.exact import fnr_exceeds
 
 __all__ = [
     "CHUNK_VOXELS",
@@ -77,7 +77,7 @@ def fnr(misses: np.ndarray | int, lesion_size: np.ndarray | int) -> np.ndarray:
 
 
 def fnr_within(misses: np.ndarray | int, lesion_size: np.ndarray | int, epsilon: float) -> np.ndarray:
-    """Exact ``FNR <= epsilon`` (True for empty lesions), by the integer rule of :mod:`.exact`."""
+    """Exact ``FNR <= epsilon`` (True for empty lesions), by the integer rule of :mod:`ConformalSegLib.conformal.exact`."""
     misses, m = np.broadcast_arrays(np.asarray(misses, dtype=np.int64), np.asarray(lesion_size, dtype=np.int64))
     return ~fnr_exceeds(misses, m, epsilon)
 
@@ -249,7 +249,7 @@ def count_greater(values: np.ndarray, thresholds: np.ndarray | Sequence[float]) 
 
 def lesion_hits(descending: np.ndarray, cutoffs: np.ndarray | Sequence[float]) -> np.ndarray:
     """``#{v >= c}`` for each cutoff ``c``, for a case's lesion values sorted in *descending* order
-    (a run of :class:`~ConformalSegLib.summaries.LesionSummaries`): one ``searchsorted``, exact.
+    (a run of :class:`~ConformalSegLib.conformal.summaries.LesionSummaries`): one ``searchsorted``, exact.
 
     The misses of the mask ``prob >= c`` are then ``m - hits``.
     """

@@ -5,7 +5,7 @@ Guarantee
 With calibration cases exchangeable with the test case, the mask ``prob >= c_hat`` satisfies
 ``P(FNR_test <= epsilon) >= 1 - alpha`` (probability over calibration and test draws).
 
-Conventions (all exact; see :mod:`ConformalSegLib.exact` for how epsilon and alpha are read)
+Conventions (all exact; see :mod:`ConformalSegLib.conformal.exact` for how epsilon and alpha are read)
 -------------------------------------------------------------------------------------------
 * A mask at cutoff ``c`` is ``prob >= c`` (**>=**, so a voxel whose probability equals the cutoff is
   kept). The paper writes the threshold as ``1 - t``; we store and compare the probability cutoff
@@ -23,7 +23,7 @@ Conventions (all exact; see :mod:`ConformalSegLib.exact` for how epsilon and alp
   ``>= k / (n + 1) >= 1 - alpha`` (ties only help).
 * **Too few cases**: when ``k > n`` (``n < (1 - alpha) / alpha``) the quantile is infinite:
   ``c_hat = -inf``, the mask is the whole image (the guarantee then holds trivially) and a
-  :class:`~ConformalSegLib.errors.CalibrationSetTooSmallWarning` says how many cases are needed.
+  :class:`~ConformalSegLib.common.errors.CalibrationSetTooSmallWarning` says how many cases are needed.
 * **Empty lesions**: policy ``"exclude"`` (default) drops calibration cases without lesion voxels;
   the guarantee then reads ``P(FNR_test <= eps | the test case has a lesion) >= 1 - alpha`` (and
   holds marginally too, since lesion-free cases have FNR 0). ``"include"`` keeps them with
@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import CalibrationSetTooSmallWarning, ConformalSegError
+from ..common.errors import CalibrationSetTooSmallWarning, ConformalSegError
 from .exact import allowed_misses, allowed_misses_array, check_alpha, conformal_rank, min_calibration_size
 from .summaries import LesionSummaries
 

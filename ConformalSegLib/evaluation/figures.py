@@ -7,8 +7,8 @@ from typing import Mapping
 
 import numpy as np
 
-from .geometry import Geometry
-from .io.atomic import atomic_output
+from ..common.geometry import Geometry
+from ..io.atomic import atomic_output
 
 GROUND_TRUTH = "Ground truth"
 TRUTH_COLOR = (0.0, 0.9, 1.0)  # cyan: visible on CT and on a white legend

@@ -4,7 +4,7 @@ Guarantee
 ---------
 With calibration cases exchangeable with the test case, the mask ``prob >= c_hat`` satisfies
 ``E[FNR_test] <= epsilon`` (expectation over calibration and test draws). This bounds the *mean*
-miss rate, not the chance that one scan misses too much: use CLS (:mod:`ConformalSegLib.cls`) for
+miss rate, not the chance that one scan misses too much: use CLS (:mod:`ConformalSegLib.conformal.cls`) for
 the latter.
 
 Formula and conventions
@@ -39,7 +39,7 @@ from fractions import Fraction
 import numpy as np
 
 from .cls import ThresholdCalibration, too_small_message, used_cases
-from .errors import CalibrationSetTooSmallWarning, ConformalSegError
+from ..common.errors import CalibrationSetTooSmallWarning, ConformalSegError
 from .exact import check_epsilon
 from .summaries import LesionSummaries
 

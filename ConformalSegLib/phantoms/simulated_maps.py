@@ -35,9 +35,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage, special
 
-from .errors import ConformalSegError
-from .geometry import Geometry
-from .randomness import random_rotation
+from ..common.errors import ConformalSegError
+from ..common.geometry import Geometry
+from ..common.randomness import random_rotation
 
 __all__ = ["SyntheticCase", "case_seed", "make_case", "make_cases"]
 

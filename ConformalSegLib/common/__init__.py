@@ -1,0 +1,8 @@
+"""Plumbing every layer uses: user-facing errors, image geometry and seeded randomness.
+
+* :mod:`.errors`: :class:`~.errors.ConformalSegError` (message, file, fix) and the too-small warning;
+* :mod:`.geometry`: :class:`~.geometry.Geometry`, a voxel grid in ITK/LPS terms;
+* :mod:`.randomness`: seeded random rotations.
+
+Nothing here imports from the rest of the library.
+"""
