@@ -35,6 +35,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from scipy import ndimage, stats
 
+from ..common.jsonable import jsonable
 from ..io.volumes import Volume
 from ..evaluation.metrics import dice_from_masks, finite_mean, hd95
 from .components import label_components
@@ -274,26 +275,13 @@ def report_markdown(report: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (float, np.floating)):
-        v = float(obj)
-        return v if math.isfinite(v) else str(v)
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
-
-
 def write_report(report: dict[str, Any], out_dir: str | PathLike[str], *, force: bool = False) -> tuple[Path, Path]:
     """Write ``cascade_evaluation.json`` (non-finite numbers as strings "nan"/"inf") and
     ``cascade_evaluation.md`` into ``out_dir`` (atomically); return both paths."""
     from ..io.atomic import atomic_write_text
 
     out = Path(out_dir)
-    json_path = atomic_write_text(out / "cascade_evaluation.json", json.dumps(_jsonable(report), indent=2) + "\n",
-                                  force=force)
+    text = json.dumps(jsonable(report, non_finite="string"), indent=2) + "\n"
+    json_path = atomic_write_text(out / "cascade_evaluation.json", text, force=force)
     md_path = atomic_write_text(out / "cascade_evaluation.md", report_markdown(report), force=force)
     return json_path, md_path

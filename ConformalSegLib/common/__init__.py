@@ -2,7 +2,8 @@
 
 * :mod:`.errors`: :class:`~.errors.ConformalSegError` (message, file, fix) and the too-small warning;
 * :mod:`.geometry`: :class:`~.geometry.Geometry`, a voxel grid in ITK/LPS terms;
-* :mod:`.randomness`: seeded random rotations.
+* :mod:`.randomness`: seeded random rotations;
+* :mod:`.jsonable`: :func:`~.jsonable.jsonable`, the one converter of results to plain JSON values.
 
 Nothing here imports from the rest of the library.
 """

@@ -73,6 +73,7 @@ from ..conformal.cls import EMPTY_POLICIES, apply_threshold, conformal_lower_cut
 from ..conformal.confidence_sets import MODES, SetStatisticsBuilder, calibrate_sets
 from ..conformal.crc import crc_cutoff
 from ..common.errors import CalibrationSetTooSmallWarning, ConformalSegError
+from ..common.jsonable import jsonable
 from ..conformal.exact import as_fraction, check_alpha, check_epsilon, min_calibration_size
 from ..common.geometry import Geometry
 from .metrics import (count_at_least, count_greater, dice, fnr, fnr_within, hd95 as hd95_metric, lesion_hits,
@@ -354,7 +355,7 @@ class EvaluationResult:
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON content (lists, numbers, strings, ``None`` for NaN and infinities)."""
         cfg = self.config
-        return _jsonable({
+        return jsonable({
             "config": {"epsilons": list(cfg.epsilons), "alphas": list(cfg.alphas), "main_alpha": cfg.main_alpha,
                        "main_epsilon": cfg.main_epsilon, "splits": cfg.splits, "cal_fraction": cfg.cal_fraction,
                        "seed": cfg.seed, "transforms": list(cfg.transforms), "set_modes": list(cfg.set_modes),
@@ -383,27 +384,6 @@ def _sets_status(metrics: dict[str, dict[str, float]], mode: str, alpha: float, 
 def _finite_or_nan(values: np.ndarray) -> np.ndarray:
     values = np.asarray(values, dtype=np.float64)
     return np.where(np.isfinite(values), values, np.nan)
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        if obj.dtype == bool:
-            return obj.tolist()
-        if obj.dtype.kind in "iu":
-            return obj.tolist()
-        return _jsonable(obj.astype(np.float64).tolist())
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        value = float(obj)
-        return value if math.isfinite(value) else None
-    return obj
 
 
 # ----------------------------------------------------------------------------- progress

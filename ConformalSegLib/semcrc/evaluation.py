@@ -25,12 +25,12 @@ from typing import Any
 
 import numpy as np
 
+from ..common.jsonable import jsonable
 from ..io.atomic import atomic_output, atomic_write_text, check_can_write
 from ..evaluation.report import _figure
 from .errors import IntervalCalibrationError
 from .intervals import IntervalData, mean_length, scan_loss
 from .procedures import METHODS, calibrate_interval_method
-from .profile import json_safe
 
 LABELS = {"crc": "CRC", "k-crc": "K-CRC", "sem-crc": "sem-CRC", "sem-crc-organ": "sem-CRC (per organ)"}
 
@@ -164,7 +164,8 @@ def write_interval_evaluation(summary: dict[str, Any], out_dir: str | PathLike[s
     paths = [out / "interval_evaluation.json", out / "interval_evaluation.md", out / "interval_evaluation.png"]
     for p in paths:
         check_can_write(p, force=force)
-    atomic_write_text(paths[0], json.dumps(json_safe(summary), indent=2, allow_nan=False) + "\n", force=force)
+    text = json.dumps(jsonable(summary, non_finite="inf-string"), indent=2, allow_nan=False) + "\n"
+    atomic_write_text(paths[0], text, force=force)
     atomic_write_text(paths[1], evaluation_markdown(summary), force=force)
     plot_organ_metrics(summary, paths[2], force=force)
     return paths

@@ -46,17 +46,6 @@ COVERAGE = "y covered iff q_lo - lambda <= y <= q_hi + lambda (closed interval; 
 RERUN_FIX = "re-create it with `conformalseg calibrate --method crc-interval|k-crc|sem-crc|sem-crc-organ`"
 
 
-def json_safe(value: Any) -> Any:
-    """``value`` with infinite floats as ``"inf"``/``"-inf"`` and NaN as ``None`` (recursively), for JSON."""
-    if isinstance(value, float):
-        return None if math.isnan(value) else _encode(value)
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
-
-
 @dataclass(frozen=True)
 class IntervalProfile:
     """A calibration plus what is needed to apply it: organ labels, body-mask rule, provenance."""

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..common.errors import ConformalSegError
+from ..common.jsonable import jsonable
 from ..io.atomic import atomic_write_text, check_can_write
 from ..io.dataset import scan_folder
 from ..io.volumes import IMAGE_EXTENSIONS, Volume, check_same_geometry, load_image, load_label_map, volume_extension
@@ -33,7 +34,7 @@ from .errors import IntervalInputError
 from .intervals import EXCLUDED, IntervalData, IntervalScan, make_interval_scan, scan_loss
 from .memberships import OrganMap, organ_memberships
 from .procedures import METHODS, calibrate_interval_method
-from .profile import IntervalProfile, json_safe
+from .profile import IntervalProfile
 
 PathLikeStr = str | PathLike[str]
 ProgressCallback = Callable[[int, int, str], None]
@@ -215,9 +216,10 @@ def write_interval_table(rows: list[dict[str, Any]], csv_path: PathLikeStr, json
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: ("" if row.get(k) is None else json_safe(row.get(k))) for k in columns})
+        writer.writerow({k: ("" if row.get(k) is None else jsonable(row.get(k), non_finite="inf-string"))
+                         for k in columns})
     atomic_write_text(csv_path, buffer.getvalue(), force=force)
-    doc = json_safe({**(extra or {}), "groups": rows})
+    doc = jsonable({**(extra or {}), "groups": rows}, non_finite="inf-string")
     atomic_write_text(json_path, json.dumps(doc, indent=2, allow_nan=False) + "\n", force=force)
     return Path(csv_path), Path(json_path)
 
