@@ -1,4 +1,4 @@
-"""Plumbing every layer uses: user-facing errors, image geometry and seeded randomness.
+"""Plumbing every layer uses: user-facing errors, image geometry, seeded randomness, JSON values.
 
 * :mod:`.errors`: :class:`~.errors.ConformalSegError` (message, file, fix) and the too-small warning;
 * :mod:`.geometry`: :class:`~.geometry.Geometry`, a voxel grid in ITK/LPS terms;
