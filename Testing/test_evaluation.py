@@ -21,8 +21,9 @@ from ConformalSegLib.conformal.cls import (apply_threshold, conformal_lower_cuto
 from ConformalSegLib.conformal.confidence_sets import SetStatisticsBuilder, apply_sets, calibrate_sets  # noqa: E402
 from ConformalSegLib.conformal.crc import calibrate_crc  # noqa: E402
 from ConformalSegLib.common.errors import CalibrationSetTooSmallWarning, ConformalSegError  # noqa: E402
-from ConformalSegLib.evaluation.protocol import (STAGES, binomial_tolerance, evaluate_dataset,  # noqa: E402
-                                        mean_std)
+from ConformalSegLib.evaluation.progress import STAGES  # noqa: E402
+from ConformalSegLib.evaluation.protocol import evaluate_dataset  # noqa: E402
+from ConformalSegLib.evaluation.results import binomial_tolerance, mean_std  # noqa: E402
 from ConformalSegLib.common.geometry import Geometry  # noqa: E402
 from ConformalSegLib.evaluation.metrics import hd95  # noqa: E402
 from ConformalSegLib.evaluation.report import REPORT_FILES, write_report  # noqa: E402

@@ -157,7 +157,7 @@ def progress_stages(command: str) -> tuple[str, ...]:
     """Labels of the tqdm bars a command draws, in order (for :class:`~ConformalSegSlicer.process.StagedProgress`)."""
     if command == "evaluate":
         try:
-            from ConformalSegLib.evaluation.protocol import TqdmProgress
+            from ConformalSegLib.evaluation.progress import TqdmProgress
 
             labels = TqdmProgress.LABELS
             return (labels["statistics"], labels["splits"], labels["sizes"])

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..evaluation.protocol import TqdmProgress, evaluate_dataset
+from ..evaluation.progress import TqdmProgress
+from ..evaluation.protocol import evaluate_dataset
 from ..evaluation.report import write_report
 from .calibrate_cmd import add_data_options, open_dataset
 from .common import add_empty_option, add_force

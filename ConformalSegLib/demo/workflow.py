@@ -30,7 +30,9 @@ import numpy as np
 from ..conformal.calibration import CalibrationRequest, calibrate
 from ..conformal.cls import apply_threshold
 from ..common.errors import ConformalSegError
-from ..evaluation.protocol import EvaluationResult, TqdmProgress, evaluate_dataset
+from ..evaluation.results import EvaluationResult
+from ..evaluation.progress import TqdmProgress
+from ..evaluation.protocol import evaluate_dataset
 from ..evaluation.figures import slice_overlay_png
 from ..io.atomic import atomic_write_text
 from ..io.dataset import CalibrationDataset

@@ -1,4 +1,4 @@
-"""Writing an :class:`~ConformalSegLib.evaluation.protocol.EvaluationResult` to a folder: JSON, Markdown, plots.
+"""Writing an :class:`~ConformalSegLib.evaluation.results.EvaluationResult` to a folder: JSON, Markdown, plots.
 
 Files (all written atomically with :mod:`ConformalSegLib.io.atomic`; existing files are never
 overwritten unless ``force=True``, and the check happens for *all* files before any is written):
@@ -7,7 +7,7 @@ overwritten unless ``force=True``, and the check happens for *all* files before 
   summary rows (mean/std over splits), every per-split array and the per-case arrays.
 * ``report.md`` -- tables: baseline vs CLS vs CRC, ECR vs alpha with the ``1 - alpha`` target and a
   PASS/CHECK verdict (mean ECR ``>= 1 - alpha - z*sqrt(alpha(1-alpha)/n_test)``, see
-  :func:`ConformalSegLib.evaluation.protocol.binomial_tolerance`), confidence-set coverage and sizes, and
+  :func:`ConformalSegLib.evaluation.results.binomial_tolerance`), confidence-set coverage and sizes, and
   prediction compactness.
 * ``ecr_vs_alpha.png``, ``fnr_before_after.png``, ``pc_vs_alpha.png``, ``coverage_vs_alpha.png``
   -- drawn with matplotlib's Agg canvas (no pyplot, no global backend change).
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..common.errors import ConformalSegError
-from .protocol import BASELINE_CUTOFF, EvaluationResult, binomial_tolerance, coverage_status, mean_std
+from .results import BASELINE_CUTOFF, EvaluationResult, binomial_tolerance, coverage_status, mean_std
 from ..io.atomic import OVERWRITE_FIX, atomic_output, atomic_write_text
 
 __all__ = ["REPORT_FILES", "render_markdown", "write_report"]
