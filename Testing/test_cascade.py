@@ -150,7 +150,8 @@ def test_select_components_table(lung_scene):
 
 
 def test_classical_lung_mask_matches_phantom_lungs():
-    from ConformalSegLib.phantoms.generator import LUNG, make_phantom
+    from ConformalSegLib.phantoms.labels import LUNG
+    from ConformalSegLib.phantoms.generator import make_phantom
 
     for seed in (0, 1, 2):
         phantom = make_phantom(seed)
@@ -395,7 +396,8 @@ def test_end_to_end_with_model_cards(tiny_card):
 def test_evaluation_tables_on_phantom_lung_cases(tmp_path):
     from ConformalSegLib.cascade.evaluation import (correlation, evaluate_cascade, hu_refiner, lung_lesion_mask,
                                                     phantom_lung_cases, simulated_coarse_predictor, write_report)
-    from ConformalSegLib.phantoms.generator import LESION, make_phantom
+    from ConformalSegLib.phantoms.labels import LESION
+    from ConformalSegLib.phantoms.generator import make_phantom
 
     phantom = make_phantom(0)  # lesions in lung and kidney (see Phantom.lesions)
     hosts = sorted({lesion.host for lesion in phantom.lesions})

@@ -22,7 +22,9 @@ from ConformalSegLib.inference import InferenceEngine, resolve_model  # noqa: E4
 from ConformalSegLib.io.checksums import sha256_file  # noqa: E402
 from ConformalSegLib.io.volumes import Volume  # noqa: E402
 from ConformalSegLib.evaluation.metrics import dice_from_masks  # noqa: E402
-from ConformalSegLib.phantoms.generator import LESION, make_phantom, phantom_seed, write_phantom_dataset  # noqa: E402
+from ConformalSegLib.phantoms.dataset import write_phantom_dataset  # noqa: E402
+from ConformalSegLib.phantoms.generator import make_phantom, phantom_seed  # noqa: E402
+from ConformalSegLib.phantoms.labels import LESION  # noqa: E402
 from ConformalSegLib.training import (DiceCELoss, PatchSampler, TrainingCancelled, TrainingConfig,  # noqa: E402
                                       UncertaintyAwareLoss, build_card, mc_dropout_variance, phantom_cases,
                                       prepare_case, train, weighted_soft_dice)

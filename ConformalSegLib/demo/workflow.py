@@ -38,8 +38,8 @@ from ..io.atomic import atomic_write_text
 from ..io.dataset import CalibrationDataset
 from ..io.segmentation import INNER_SET, LESION_FNR, LESION_THRESHOLD, OUTER_SET, SEGMENT_COLORS, write_seg_nrrd
 from ..io.volumes import load_image, save_volume
-from ..phantoms.generator import LESION as PHANTOM_LESION
-from ..phantoms.generator import write_phantom_dataset
+from ..phantoms.labels import LESION as PHANTOM_LESION
+from ..phantoms.dataset import write_phantom_dataset
 from ..conformal.profile import LESION_CRC
 from ..evaluation.report import write_report
 from ..phantoms.simulated_dataset import LESION_LABEL, write_synthetic_dataset
