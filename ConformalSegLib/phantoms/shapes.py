@@ -12,7 +12,7 @@ import math
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["F32", "Box", "bbox", "box", "ellipsoid", "offsets", "paint", "rot_z", "smooth_noise", "union_box",
+__all__ = ["F32", "Box", "bbox", "box", "ellipsoid", "ellipsoid_radius", "offsets", "paint", "rot_z", "smooth_noise", "union_box",
            "upsample_linear"]
 
 F32 = np.float32
@@ -88,13 +88,17 @@ def offsets(box: Box, center: np.ndarray, sp: np.ndarray) -> list[np.ndarray]:
 
 
 def ellipsoid(box: Box, center: np.ndarray, axes: np.ndarray, sp: np.ndarray,
-               rotation: np.ndarray | None = None) -> np.ndarray:
+              rotation: np.ndarray | None = None) -> np.ndarray:
     """Normalised ellipsoid radius (1 on the surface) on ``box``; ``rotation`` columns = principal axes."""
-    off = offsets(box, center, sp)
+    return ellipsoid_radius(offsets(box, center, sp), axes, rotation)
+
+
+def ellipsoid_radius(off: list[np.ndarray], axes: np.ndarray, rotation: np.ndarray | None = None) -> np.ndarray:
+    """Normalised ellipsoid radius (1 on the surface) at broadcastable mm offsets ``off`` from its centre."""
     if rotation is None:
         return np.sqrt(sum((o / F32(a)) ** 2 for o, a in zip(off, axes)))
     total = None
-    for k in range(3):
+    for k in range(3):  # coordinate along the k-th principal axis: column k of the rotation
         q = off[0] * F32(rotation[0, k]) + off[1] * F32(rotation[1, k]) + off[2] * F32(rotation[2, k])
         term = (q / F32(axes[k])) ** 2
         total = term if total is None else total + term

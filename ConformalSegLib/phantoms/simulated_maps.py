@@ -38,6 +38,7 @@ from scipy import ndimage, special
 from ..common.errors import ConformalSegError
 from ..common.geometry import Geometry
 from ..common.randomness import random_rotation
+from .shapes import Box, box, ellipsoid_radius, offsets
 
 __all__ = ["SyntheticCase", "case_seed", "make_case", "make_cases"]
 
@@ -78,46 +79,6 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma_mm: fl
     return field
 
 
-def _box(center_mm: np.ndarray, half_mm: float, spacing_zyx: np.ndarray,
-         shape: tuple[int, int, int]) -> tuple[slice, slice, slice] | None:
-    """Voxel slices covering ``center +- half`` (mm), clipped to the volume; None when empty."""
-    lo = np.floor((center_mm - half_mm) / spacing_zyx).astype(int)
-    hi = np.ceil((center_mm + half_mm) / spacing_zyx).astype(int) + 1
-    lo = np.maximum(lo, 0)
-    hi = np.minimum(hi, shape)
-    if np.any(hi <= lo):
-        return None
-    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))  # type: ignore[return-value]
-
-
-def _box_offsets(box: tuple[slice, slice, slice], center_mm: np.ndarray,
-                 spacing_zyx: np.ndarray) -> list[np.ndarray]:
-    """Broadcastable (z, y, x) mm offsets from ``center`` for the voxels of ``box``."""
-    out = []
-    for axis, sl in enumerate(box):
-        coords = np.arange(sl.start, sl.stop, dtype=np.float32) * np.float32(spacing_zyx[axis])
-        coords -= np.float32(center_mm[axis])
-        view = [1, 1, 1]
-        view[axis] = -1
-        out.append(coords.reshape(view))
-    return out
-
-
-def _ellipsoid_radius(offsets: list[np.ndarray], semi_axes_mm: np.ndarray,
-                      rotation: np.ndarray | None = None) -> np.ndarray:
-    """Normalised ellipsoid radius (1 on the surface) for broadcastable mm offsets."""
-    if rotation is None:
-        total = sum((o / np.float32(a)) ** 2 for o, a in zip(offsets, semi_axes_mm))
-        return np.sqrt(total)
-    total = None
-    for k in range(3):  # coordinate along the k-th principal axis: column k of the rotation
-        q = (offsets[0] * np.float32(rotation[0, k]) + offsets[1] * np.float32(rotation[1, k])
-             + offsets[2] * np.float32(rotation[2, k]))
-        term = (q / np.float32(semi_axes_mm[k])) ** 2
-        total = term if total is None else total + term
-    return np.sqrt(total)
-
-
 def _bbox(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     """Inclusive-exclusive voxel bounding box of a mask, or None when it is empty."""
     if not mask.any():
@@ -154,20 +115,57 @@ def make_case(seed: int, *, shape: tuple[int, int, int] = (40, 64, 64),
 
     ``shape`` is in numpy ``(z, y, x)`` order, ``spacing`` in mm in ITK ``(x, y, z)`` order. With
     probability ``empty_probability`` the case has no lesion (the probability map may still hold
-    false-positive blobs). ``case_id`` defaults to ``f"synth_seed{seed}"``.
+    false-positive blobs). ``case_id`` defaults to ``f"synth_seed{seed}"``. The steps below draw from
+    one generator in a fixed order (the order is part of the output's definition).
     """
     shape = tuple(int(s) for s in shape)  # type: ignore[assignment]
     _validate(shape, spacing, empty_probability)
     geometry = Geometry(shape=shape, spacing=tuple(float(s) for s in spacing))  # type: ignore[arg-type]
     sp = np.array(geometry.spacing_zyx, dtype=float)  # (z, y, x) mm
-    fov = sp * np.array(shape)  # field of view, mm, (z, y, x)
     rng = np.random.default_rng(seed)
     is_empty = bool(rng.random() < empty_probability)
+    organ = _draw_organ(rng, shape, sp)
+    image, texture, organ_weight = _draw_image(rng, organ, sp)
+    lesion, darkening, lesions = _draw_lesions(rng, is_empty, organ, texture, sp)
+    image -= darkening * organ_weight  # overlapping lesions do not add up
+    image += rng.normal(0.0, rng.uniform(8.0, 14.0), shape).astype(np.float32)
+    probability = _imitate_network(rng, lesion, lesions, organ, organ_weight, texture, sp)
+    return SyntheticCase(
+        case_id=case_id if case_id is not None else f"synth_seed{seed}",
+        image=np.ascontiguousarray(image, dtype=np.float32),
+        probability=np.ascontiguousarray(probability),
+        lesion=lesion,
+        organ=organ.mask,
+        geometry=geometry,
+    )
 
-    # ---- body (elliptic cylinder along z) and organ (perturbed, rotated-in-plane ellipsoid) ---------
+
+@dataclass(frozen=True)
+class _Organ:
+    """The body cylinder and the organ the lesions sit in."""
+
+    body: np.ndarray  #: bool
+    body_r: np.ndarray  #: normalised radius of the body cylinder
+    mask: np.ndarray  #: bool, the organ
+    radius: np.ndarray  #: normalised (perturbed) organ radius, < 1 inside
+    axes: np.ndarray  #: organ semi-axes, mm
+    coarse: np.ndarray  #: low-frequency random field: organ outline, image and logit noise
+
+
+@dataclass(frozen=True)
+class _Lesion:
+    center: np.ndarray  #: mm
+    radius: float  #: mm
+    box: Box
+    blob: np.ndarray  #: bool, on ``box``
+
+
+def _draw_organ(rng: np.random.Generator, shape: tuple[int, int, int], sp: np.ndarray) -> _Organ:
+    """Body (elliptic cylinder along z) and organ (perturbed, rotated-in-plane ellipsoid)."""
+    fov = sp * np.array(shape)  # field of view, mm, (z, y, x)
     full = (slice(0, shape[0]), slice(0, shape[1]), slice(0, shape[2]))
     center = fov / 2.0
-    off = _box_offsets(full, center, sp)
+    off = offsets(full, center, sp)
     body_axes = np.array([np.inf, 0.44, 0.48]) * fov * rng.uniform(0.95, 1.03, 3)
     body_r = np.sqrt((off[1] / np.float32(body_axes[1])) ** 2 + (off[2] / np.float32(body_axes[2])) ** 2)
     body_r = np.broadcast_to(body_r, shape)
@@ -180,141 +178,159 @@ def make_case(seed: int, *, shape: tuple[int, int, int] = (40, 64, 64),
     angle = rng.uniform(-0.5, 0.5)
     c, s = math.cos(angle), math.sin(angle)
     organ_rot = np.array([[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]])
-    organ_off = _box_offsets(full, organ_center, sp)
-    organ_f = _ellipsoid_radius(organ_off, organ_axes, organ_rot)
+    organ_f = ellipsoid_radius(offsets(full, organ_center, sp), organ_axes, organ_rot)
     coarse = _smooth_noise(rng, shape, 6.0, sp)  # low-frequency field: organ outline, logit noise
     organ_f = organ_f + np.float32(0.06) * coarse
     organ = (organ_f < 1.0) & (body_r < 0.9)
+    return _Organ(body, body_r, organ, organ_f, organ_axes, coarse)
 
-    # ---- image: air, soft tissue with a fat rim, organ with texture ----------------------------------
-    texture = _smooth_noise(rng, shape, 1.8, sp)  # fine texture, also perturbs lesion surfaces
+
+def _draw_image(rng: np.random.Generator, organ: _Organ, sp: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Image without lesions (air, soft tissue with a fat rim, organ with texture), the fine texture
+    field and the organ's partial-volume weight."""
+    coarse, body = organ.coarse, organ.body
+    texture = _smooth_noise(rng, body.shape, 1.8, sp)  # fine texture, also perturbs lesion surfaces
     tissue_hu = rng.uniform(15.0, 35.0)
     image = np.where(body, np.float32(tissue_hu) + np.float32(7.0) * coarse, np.float32(-1000.0))
-    fat_rim = body & (body_r > rng.uniform(0.86, 0.91))
+    fat_rim = body & (organ.body_r > rng.uniform(0.86, 0.91))
     image[fat_rim] = np.float32(-95.0) + np.float32(10.0) * coarse[fat_rim]
     organ_hu = rng.uniform(52.0, 68.0)
-    organ_weight = ndimage.gaussian_filter(organ.astype(np.float32), _sigma_vox(0.8, sp), truncate=3.0)
+    organ_weight = ndimage.gaussian_filter(organ.mask.astype(np.float32), _sigma_vox(0.8, sp), truncate=3.0)
     organ_image = np.float32(organ_hu) + np.float32(6.0) * texture
     image += organ_weight * (organ_image - image)
+    return image, texture, organ_weight
 
-    # ---- lesions ---------------------------------------------------------------------------------------
+
+def _draw_lesions(rng: np.random.Generator, is_empty: bool, organ: _Organ, texture: np.ndarray,
+                  sp: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[_Lesion]]:
+    """1-3 lesions inside the organ: the lesion mask, the per-voxel darkening (HU) and each lesion."""
+    shape = organ.mask.shape
     lesion = np.zeros(shape, dtype=bool)
     darkening = np.zeros(shape, dtype=np.float32)  # HU below the organ, per voxel
-    # per lesion: centre (mm), radius (mm), bounding box, mask within the box
-    lesions: list[tuple[np.ndarray, float, tuple[slice, ...], np.ndarray]] = []
-    if not is_empty:
-        # inner depth of the organ (mm), approximated from its normalised radius
-        depth = (1.0 - organ_f) * np.float32(organ_axes.min())
-        depth[~organ] = -1.0
-        max_depth = float(depth.max())
-        n_lesions = int(rng.integers(1, 4))
-        r_cap = max(_MIN_LESION_RADIUS_MM, min(_MAX_LESION_RADIUS_MM, 0.8 * max_depth))
-        for _ in range(n_lesions):
-            radius = float(math.exp(rng.uniform(math.log(_MIN_LESION_RADIUS_MM), math.log(r_cap))))
-            candidates = np.flatnonzero(depth >= min(0.75 * radius, 0.9 * max_depth))
-            if candidates.size == 0:
-                continue
-            idx = np.array(np.unravel_index(candidates[rng.integers(candidates.size)], shape))
-            lcenter = (idx + rng.uniform(-0.5, 0.5, 3)) * sp
-            box = _box(lcenter, 1.8 * radius, sp, shape)
-            if box is None:
-                continue
-            loff = _box_offsets(box, lcenter, sp)
-            field = _ellipsoid_radius(loff, radius * rng.uniform(0.75, 1.2, 3), random_rotation(rng))
-            for _ in range(int(rng.integers(0, 3))):  # satellite lobes
-                direction = rng.standard_normal(3)
-                direction /= np.linalg.norm(direction)
-                lobe_center = direction * radius * rng.uniform(0.35, 0.7)
-                lobe_off = [o - np.float32(d) for o, d in zip(loff, lobe_center)]
-                lobe = _ellipsoid_radius(lobe_off, radius * rng.uniform(0.4, 0.7, 3), random_rotation(rng))
-                field = np.minimum(field, lobe)
-            field = field + np.float32(rng.uniform(0.08, 0.2)) * texture[box]
-            blob = (field < 1.0) & organ[box]
-            labels, n_parts = ndimage.label(blob)
-            if n_parts == 0:
-                continue
-            if n_parts > 1:  # surface noise or the organ edge can split off crumbs: keep the main part
-                blob = labels == (np.argmax(np.bincount(labels.ravel())[1:]) + 1)
-            lesion[box] |= blob
-            lesions.append((lcenter, radius, box, blob))
-            # partial-volume edge and a per-lesion hypo-density
-            contrast = rng.uniform(10.0, 40.0)
-            weight = ndimage.gaussian_filter(blob.astype(np.float32), _sigma_vox(0.7, sp), truncate=3.0)
-            np.maximum(darkening[box], np.float32(contrast) * weight, out=darkening[box])
+    lesions: list[_Lesion] = []
+    if is_empty:
+        return lesion, darkening, lesions
+    # inner depth of the organ (mm), approximated from its normalised radius
+    depth = (1.0 - organ.radius) * np.float32(organ.axes.min())
+    depth[~organ.mask] = -1.0
+    max_depth = float(depth.max())
+    n_lesions = int(rng.integers(1, 4))
+    r_cap = max(_MIN_LESION_RADIUS_MM, min(_MAX_LESION_RADIUS_MM, 0.8 * max_depth))
+    for _ in range(n_lesions):
+        radius = float(math.exp(rng.uniform(math.log(_MIN_LESION_RADIUS_MM), math.log(r_cap))))
+        candidates = np.flatnonzero(depth >= min(0.75 * radius, 0.9 * max_depth))
+        if candidates.size == 0:
+            continue
+        idx = np.array(np.unravel_index(candidates[rng.integers(candidates.size)], shape))
+        lcenter = (idx + rng.uniform(-0.5, 0.5, 3)) * sp
+        lbox = box(lcenter, 1.8 * radius, sp, shape)
+        if lbox is None:
+            continue
+        blob = _lesion_blob(rng, lbox, lcenter, radius, organ.mask, texture, sp)
+        if blob is None:
+            continue
+        lesion[lbox] |= blob
+        lesions.append(_Lesion(lcenter, radius, lbox, blob))
+        # partial-volume edge and a per-lesion hypo-density
+        contrast = rng.uniform(10.0, 40.0)
+        weight = ndimage.gaussian_filter(blob.astype(np.float32), _sigma_vox(0.7, sp), truncate=3.0)
+        np.maximum(darkening[lbox], np.float32(contrast) * weight, out=darkening[lbox])
+    return lesion, darkening, lesions
 
-    image -= darkening * organ_weight  # overlapping lesions do not add up
-    image += rng.normal(0.0, rng.uniform(8.0, 14.0), shape).astype(np.float32)
 
-    # ---- imitated network output --------------------------------------------------------------------------
+def _lesion_blob(rng: np.random.Generator, lbox: Box, lcenter: np.ndarray, radius: float, organ: np.ndarray,
+                 texture: np.ndarray, sp: np.ndarray) -> np.ndarray | None:
+    """A lesion's mask on its box: rotated ellipsoid with 0-2 lobes and a noisy surface, in the organ,
+    largest connected part; None when nothing is left."""
+    loff = offsets(lbox, lcenter, sp)
+    field = ellipsoid_radius(loff, radius * rng.uniform(0.75, 1.2, 3), random_rotation(rng))
+    for _ in range(int(rng.integers(0, 3))):  # satellite lobes
+        direction = rng.standard_normal(3)
+        direction /= np.linalg.norm(direction)
+        lobe_center = direction * radius * rng.uniform(0.35, 0.7)
+        lobe_off = [o - np.float32(d) for o, d in zip(loff, lobe_center)]
+        lobe = ellipsoid_radius(lobe_off, radius * rng.uniform(0.4, 0.7, 3), random_rotation(rng))
+        field = np.minimum(field, lobe)
+    field = field + np.float32(rng.uniform(0.08, 0.2)) * texture[lbox]
+    blob = (field < 1.0) & organ[lbox]
+    labels, n_parts = ndimage.label(blob)
+    if n_parts == 0:
+        return None
+    if n_parts > 1:  # surface noise or the organ edge can split off crumbs: keep the main part
+        blob = labels == (np.argmax(np.bincount(labels.ravel())[1:]) + 1)
+    return blob
+
+
+def _signed_distance(lesion: np.ndarray, sp: np.ndarray) -> np.ndarray:
+    """Signed distance (mm, positive outside) to the lesion boundary, clipped to :data:`_DISTANCE_CLIP_MM`."""
+    shape = lesion.shape
+    signed = np.full(shape, np.float32(_DISTANCE_CLIP_MM), dtype=np.float32)
+    bb = _bbox(lesion)
+    if bb is None:
+        return signed
+    margin = np.ceil((_DISTANCE_CLIP_MM + 1.0) / sp).astype(int)
+    lo = np.maximum(bb[0] - margin, 0)
+    hi = np.minimum(bb[1] + margin, shape)
+    sbox = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    sub = lesion[sbox]
+    outside = ndimage.distance_transform_edt(~sub, sampling=sp)
+    inside = ndimage.distance_transform_edt(sub, sampling=sp)
+    # distances between voxel centres, moved half a voxel (in-plane) to the boundary between them
+    half = 0.5 * float(sp.min())
+    sub_signed = np.where(sub, half - inside, outside - half)
+    signed[sbox] = np.minimum(sub_signed, _DISTANCE_CLIP_MM).astype(np.float32)
+    return signed
+
+
+def _imitate_network(rng: np.random.Generator, lesion: np.ndarray, lesions: list[_Lesion], organ: _Organ,
+                     organ_weight: np.ndarray, texture: np.ndarray, sp: np.ndarray) -> np.ndarray:
+    """The imitated network output: a biased, noisy logit of the signed distance, partly missed
+    lesions, false-positive blobs, lowered outside the organ; its sigmoid."""
+    shape = lesion.shape
     scale = float(math.exp(rng.uniform(math.log(0.35), math.log(3.0))))  # logit slope, 1/mm
     # boundary displacement (mm, negative: under-segmentation); scale * shift is the logit bias
     case_shift = float(np.clip(rng.normal(-0.7, 0.5), -2.2, 0.8))
-    signed = np.full(shape, np.float32(_DISTANCE_CLIP_MM), dtype=np.float32)
-    bb = _bbox(lesion)
-    if bb is not None:
-        margin = np.ceil((_DISTANCE_CLIP_MM + 1.0) / sp).astype(int)
-        lo = np.maximum(bb[0] - margin, 0)
-        hi = np.minimum(bb[1] + margin, shape)
-        box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
-        sub = lesion[box]
-        outside = ndimage.distance_transform_edt(~sub, sampling=sp)
-        inside = ndimage.distance_transform_edt(sub, sampling=sp)
-        # distances between voxel centres, moved half a voxel (in-plane) to the boundary between them
-        half = 0.5 * float(sp.min())
-        sub_signed = np.where(sub, half - inside, outside - half)
-        signed[box] = np.minimum(sub_signed, _DISTANCE_CLIP_MM).astype(np.float32)
+    signed = _signed_distance(lesion, sp)
     shift = np.full(shape, np.float32(case_shift), dtype=np.float32)
-    for lcenter, radius, _, _ in lesions:  # per-lesion bias, fading away from the lesion
-        box = _box(lcenter, 3.0 * radius + 6.0, sp, shape)
-        loff = _box_offsets(box, lcenter, sp)
-        dist2 = sum(o * o for o in loff)
-        falloff = np.exp(-dist2 / np.float32(2.0 * (radius + 5.0) ** 2))
-        shift[box] += np.float32(rng.normal(0.0, 0.4)) * falloff
+    for les in lesions:  # per-lesion bias, fading away from the lesion
+        lbox = box(les.center, 3.0 * les.radius + 6.0, sp, shape)
+        dist2 = sum(o * o for o in offsets(lbox, les.center, sp))
+        falloff = np.exp(-dist2 / np.float32(2.0 * (les.radius + 5.0) ** 2))
+        shift[lbox] += np.float32(rng.normal(0.0, 0.4)) * falloff
     logit = np.float32(scale) * (shift - signed)
     # spatially smooth noise (decorrelated from the image by flipping): partly in mm, partly in logits
     coarse_amp = scale * rng.uniform(0.2, 0.5) + rng.uniform(0.1, 0.3)
     fine_amp = scale * rng.uniform(0.3, 0.6) + rng.uniform(0.2, 0.5)
-    logit += np.float32(coarse_amp) * coarse[::-1, ::-1, ::-1]
+    logit += np.float32(coarse_amp) * organ.coarse[::-1, ::-1, ::-1]
     logit += np.float32(fine_amp) * texture[::-1, :, ::-1]
-
-    def blend(center_mm: np.ndarray, radius_mm: float, target: float) -> None:
-        """Pull logits towards ``target`` in a soft ball (flat top, smooth rim)."""
-        box = _box(center_mm, 2.5 * radius_mm, sp, shape)
-        if box is None:
-            return
-        boff = _box_offsets(box, center_mm, sp)
-        ratio2 = sum(o * o for o in boff) / np.float32(radius_mm**2)
-        weight = np.exp(-(ratio2**2) * np.float32(math.log(2.0)))  # 0.5 at radius
-        logit[box] += weight * (np.float32(target) - logit[box])
-
     # partially missed lesions: a region with lowered (but not hopeless) logits
-    for _, radius, box, blob in lesions:
+    for les in lesions:
         if rng.random() < 0.35:
-            voxels = np.argwhere(blob)
-            start = np.array([sl.start for sl in box])
+            voxels = np.argwhere(les.blob)
+            start = np.array([sl.start for sl in les.box])
             point = (voxels[rng.integers(len(voxels))] + start) * sp
-            blend(point, radius * rng.uniform(0.35, 0.7), rng.uniform(-4.0, -0.5))
+            _blend(logit, point, les.radius * rng.uniform(0.35, 0.7), rng.uniform(-4.0, -0.5), sp)
     # false-positive blobs elsewhere in the organ
-    far = organ & (signed > 6.0)
-    far_idx = np.flatnonzero(far)
+    far_idx = np.flatnonzero(organ.mask & (signed > 6.0))
     for _ in range(int(rng.poisson(0.7))):
         if far_idx.size == 0:
             break
         voxel = np.array(np.unravel_index(far_idx[rng.integers(far_idx.size)], shape))
         point = (voxel + rng.uniform(-0.5, 0.5, 3)) * sp
-        blend(point, rng.uniform(2.0, 5.0), rng.uniform(0.5, 3.5))
+        _blend(logit, point, rng.uniform(2.0, 5.0), rng.uniform(0.5, 3.5), sp)
     # the network knows lesions sit in the organ
     logit -= np.float32(4.0) * (np.float32(1.0) - organ_weight)
-    probability = special.expit(logit).astype(np.float32, copy=False)
+    return special.expit(logit).astype(np.float32, copy=False)
 
-    return SyntheticCase(
-        case_id=case_id if case_id is not None else f"synth_seed{seed}",
-        image=np.ascontiguousarray(image, dtype=np.float32),
-        probability=np.ascontiguousarray(probability),
-        lesion=lesion,
-        organ=organ,
-        geometry=geometry,
-    )
+
+def _blend(logit: np.ndarray, center_mm: np.ndarray, radius_mm: float, target: float, sp: np.ndarray) -> None:
+    """Pull ``logit`` (in place) towards ``target`` in a soft ball (flat top, smooth rim)."""
+    bbox_ = box(center_mm, 2.5 * radius_mm, sp, logit.shape)
+    if bbox_ is None:
+        return
+    ratio2 = sum(o * o for o in offsets(bbox_, center_mm, sp)) / np.float32(radius_mm**2)
+    weight = np.exp(-(ratio2**2) * np.float32(math.log(2.0)))  # 0.5 at radius
+    logit[bbox_] += weight * (np.float32(target) - logit[bbox_])
 
 
 def case_seed(seed: int, index: int) -> int:
