@@ -3,10 +3,10 @@ own pipeline, and seeded positive/negative balanced patch sampling.
 
 Preprocessing (the exchangeability requirement)
 -----------------------------------------------
-Every image goes through :func:`ConformalSegLib.inference.engine.build_preprocessing` -- the very
+Every image goes through :func:`ConformalSegLib.inference.preprocessing.build_preprocessing` -- the very
 transforms :class:`~ConformalSegLib.inference.engine.InferenceEngine` applies at test time -- after
 the engine's conversion to network axes (numpy ``(z, y, x)`` -> MONAI ``(x, y, z)`` with the RAS
-affine of :func:`~ConformalSegLib.inference.engine.network_affine`). The label map is brought onto
+affine of :func:`~ConformalSegLib.inference.preprocessing.network_affine`). The label map is brought onto
 the resulting grid by nearest-neighbour resampling (``monai.transforms.ResampleToMatch``), so the
 network is trained on exactly the tensors it will see at inference. Volumes smaller than the patch
 are zero-padded symmetrically after preprocessing, like ``sliding_window_inference`` pads them.
@@ -124,7 +124,7 @@ def to_meta_tensor(volume: Volume, dtype: torch.dtype = torch.float32):
     (the same conversion as the inference engine)."""
     from monai.data import MetaTensor
 
-    from ..inference.engine import network_affine, to_network_axes
+    from ..inference.preprocessing import network_affine, to_network_axes
 
     data = torch.from_numpy(np.ascontiguousarray(to_network_axes(np.asarray(volume.array)))).to(dtype)
     affine = torch.as_tensor(network_affine(volume.geometry), dtype=torch.float64)
@@ -135,7 +135,7 @@ def prepare_case(card, case: TrainingCase, lesion_labels: Sequence[int], patch_s
     """Preprocess one case with the card's pipeline (see the module docstring)."""
     from monai.transforms import ResampleToMatch
 
-    from ..inference.engine import build_preprocessing
+    from ..inference.preprocessing import build_preprocessing
 
     spatial, intensity = build_preprocessing(card)
     image_volume, label_volume = case.volumes()

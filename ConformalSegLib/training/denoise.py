@@ -12,7 +12,7 @@ the pinball loss (:class:`~ConformalSegLib.training.losses.PinballLoss`), by def
 
 Pipeline (exchangeability)
 --------------------------
-The model card's preprocessing is applied with :func:`~ConformalSegLib.inference.engine.build_preprocessing`
+The model card's preprocessing is applied with :func:`~ConformalSegLib.inference.preprocessing.build_preprocessing`
 exactly as the inference engine does (the default card has no resampling and intensity ``none``:
 the noisy windowed image goes in as it is); the clean target gets the same spatial transforms and
 no intensity transform (the outputs are in the input's units). Training uses seeded uniformly
@@ -141,7 +141,7 @@ def prepare_pair(card, pair: DenoisingPair, crop_size: Sequence[int]) -> tuple[t
     """``(input, target)`` tensors ``(1, d0, d1, d2)`` on the network grid (module docstring)."""
     from monai.transforms import ResampleToMatch
 
-    from ..inference.engine import build_preprocessing
+    from ..inference.preprocessing import build_preprocessing
     from .data import _pad_to, to_meta_tensor
 
     check_same_geometry(pair.noisy, pair.clean, what="noisy and clean images")
