@@ -92,7 +92,8 @@ def make_tiny_model(out_dir: str | PathLike[str], *, seed: int = 0) -> Path:
     import torch
     from monai.networks.nets import UNet
 
-    from ConformalSegLib.inference.model_card import CARD_FILE, FORMAT, FORMAT_VERSION, load_model_card
+    from ConformalSegLib.inference.card_format import CARD_FILE, FORMAT, FORMAT_VERSION
+    from ConformalSegLib.inference.model_card import load_model_card
 
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)

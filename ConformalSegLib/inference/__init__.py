@@ -31,8 +31,8 @@ from .engine import DeviceFallbackWarning, InferenceCancelled, InferenceEngine, 
 from .outputs import Prediction, QuantilePrediction
 from .sliding_window import count_windows
 from .preprocessing import from_network_axes, geometry_from_affine, network_affine, to_network_axes
-from .model_card import (CARD_FILE, FORMAT, FORMAT_VERSION, InferenceSettings, Intensity, ModelCard, ModelSource,
-                         OutputSpec, Preprocessing, load_model_card, resolve_model)
+from .card_format import CARD_FILE, FORMAT, FORMAT_VERSION, InferenceSettings, Intensity, ModelSource, OutputSpec, Preprocessing
+from .model_card import ModelCard, load_model_card, resolve_model
 
 __all__ = [
     "ALL_FLIPS",

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .model_card import InferenceSettings
+from .card_format import InferenceSettings
 from .outputs import free_cuda
 from .preprocessing import Preprocessed
 

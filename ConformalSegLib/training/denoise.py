@@ -118,7 +118,8 @@ class DenoisingConfig:
 def build_denoiser_card(config: DenoisingConfig, base_dir: str | PathLike[str],
                         training: dict[str, Any] | None = None):
     """The quantile model card of a denoiser trained with ``config`` (weights ``base_dir/weights.pt``)."""
-    from ..inference.model_card import FORMAT, FORMAT_VERSION, QUANTILE_ACTIVATION, ModelCard
+    from ..inference.card_format import FORMAT, FORMAT_VERSION, QUANTILE_ACTIVATION
+    from ..inference.model_card import ModelCard
 
     data = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "name": config.name,
@@ -255,7 +256,7 @@ def train_denoiser(config: DenoisingConfig, train_pairs: Sequence[DenoisingPair]
     from monai.utils import set_determinism
 
     from ..inference.engine import InferenceCancelled, resolve_device
-    from ..inference.model_card import CARD_FILE
+    from ..inference.card_format import CARD_FILE
 
     start = time.perf_counter()
     config.validate()

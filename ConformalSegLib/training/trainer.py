@@ -170,7 +170,8 @@ class TrainingResult:
 
 def build_card(config: TrainingConfig, base_dir: str | PathLike[str], training: dict[str, Any] | None = None):
     """The model card of a network trained with ``config`` (weights ``base_dir/weights.pt``)."""
-    from ..inference.model_card import FORMAT, FORMAT_VERSION, ModelCard
+    from ..inference.card_format import FORMAT, FORMAT_VERSION
+    from ..inference.model_card import ModelCard
 
     data = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "name": config.name,
@@ -300,7 +301,7 @@ def train(config: TrainingConfig, train_cases: Sequence[TrainingCase], heldout_c
     from monai.utils import set_determinism
 
     from ..inference.engine import InferenceCancelled, resolve_device
-    from ..inference.model_card import CARD_FILE
+    from ..inference.card_format import CARD_FILE
 
     start = time.perf_counter()
     config.validate()
