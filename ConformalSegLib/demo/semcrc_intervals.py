@@ -62,10 +62,10 @@ def plot_length_overlay(clean: np.ndarray, length: np.ndarray, organs: np.ndarra
     """One panel per organ: the clean image on the organ's largest axial slice, the interval length
     inside the organ in colour, and the organ outline (windowed units)."""
     from ..io.atomic import atomic_output
-    from ..evaluation.report import _figure
+    from ..evaluation.figures import agg_figure
 
     items = [(v, n) for v, n in organ_labels.items() if np.any(organs == v)]
-    fig = _figure(2.0 * max(1, len(items)) + 1.0, 2.6)
+    fig = agg_figure(2.0 * max(1, len(items)) + 1.0, 2.6)
     axes = np.atleast_1d(fig.subplots(1, max(1, len(items))))
     fig.subplots_adjust(left=0.01, right=0.88, bottom=0.02, top=0.85, wspace=0.04)
     vmax = float(np.nanpercentile(length[organs > 0], 99)) if np.any(organs > 0) else 1.0

@@ -1,4 +1,4 @@
-"""Slice-overlay figures of calibrated masks and confidence sets (matplotlib, Agg backend)."""
+"""Figures: slice overlays of calibrated masks and confidence sets, and the bare Agg figure of every plot."""
 
 from __future__ import annotations
 
@@ -12,6 +12,16 @@ from ..io.atomic import atomic_output
 
 GROUND_TRUTH = "Ground truth"
 TRUTH_COLOR = (0.0, 0.9, 1.0)  # cyan: visible on CT and on a white legend
+
+
+def agg_figure(width: float = 6.4, height: float = 4.4):  # -> matplotlib.figure.Figure
+    """A bare matplotlib figure on an Agg canvas: no pyplot state, no global backend switch."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=110)
+    FigureCanvasAgg(fig)
+    return fig
 
 
 def best_axial_slice(mask: np.ndarray) -> int:

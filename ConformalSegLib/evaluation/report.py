@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..common.errors import ConformalSegError
+from .figures import agg_figure
 from .results import BASELINE_CUTOFF, EvaluationResult, binomial_tolerance, coverage_status, mean_std
 from ..io.atomic import OVERWRITE_FIX, atomic_output, atomic_write_text
 
@@ -74,15 +75,22 @@ def _verdict(status: str, trivial: int, total: int) -> str:
 
 def render_markdown(result: EvaluationResult, z: float = 2.0) -> str:
     """The Markdown report of ``result`` (see module docstring)."""
+    out = _intro(result, z) + _methods_section(result) + _ecr_section(result, z)
+    if not result.sets:
+        out += ["## Confidence sets: coverage", "", "No confidence sets were evaluated.", ""]
+    else:
+        out += _sets_coverage_section(result, z) + _sets_size_section(result)
+    return "\n".join(out + _pc_section(result))
+
+
+def _intro(result: EvaluationResult, z: float) -> list[str]:
     cfg = result.config
-    S = cfg.splits
-    a_main = cfg.main_alpha_index
     n_pop = result.mean_population_test
     population = "cases with a lesion" if cfg.empty == "exclude" else "all cases"
     out = ["# ConformalSeg evaluation report", ""]
     out += [f"- Cases: {result.n_cases} ({result.n_empty_lesions} without lesion voxels)",
-            f"- Protocol: {S} random calibration/test splits (seed {cfg.seed}), {result.n_cal} calibration and "
-            f"{result.n_test} test case(s) per split (cal fraction {cfg.cal_fraction})",
+            f"- Protocol: {cfg.splits} random calibration/test splits (seed {cfg.seed}), {result.n_cal} calibration "
+            f"and {result.n_test} test case(s) per split (cal fraction {cfg.cal_fraction})",
             f"- CLS / CRC / baseline population: {population} (empty-lesion policy '{cfg.empty}'); "
             f"on average {n_pop:.1f} test and {np.mean(result.cls['n_cal']):.1f} calibration case(s) per split",
             f"- Main setting: epsilon = {cfg.main_epsilon}, alpha = {cfg.main_alpha}; baseline: prob >= "
@@ -93,12 +101,17 @@ def render_markdown(result: EvaluationResult, z: float = 2.0) -> str:
             "in every split (whole-image masks: coverage holds trivially).", ""]
     if result.warnings:
         out += ["**Warnings**", ""] + [f"- {w}" for w in result.warnings] + [""]
+    return out
 
-    # ---- baseline vs CLS vs CRC ---------------------------------------------------------------------
-    out += ["## Baseline vs CLS vs CRC", "",
-            f"CLS at alpha = {cfg.main_alpha}: P(FNR <= epsilon) >= 1 - alpha; CRC: E[FNR] <= epsilon. "
-            "ECR = fraction of test cases with FNR <= epsilon. HD95 (mm) at the main setting only; test cases "
-            "with an empty prediction or lesion are left out of its mean (count per split shown).", ""]
+
+def _methods_section(result: EvaluationResult) -> list[str]:
+    """Baseline vs CLS (at the main alpha) vs CRC, one table per epsilon."""
+    cfg = result.config
+    S, a_main = cfg.splits, cfg.main_alpha_index
+    out = ["## Baseline vs CLS vs CRC", "",
+           f"CLS at alpha = {cfg.main_alpha}: P(FNR <= epsilon) >= 1 - alpha; CRC: E[FNR] <= epsilon. "
+           "ECR = fraction of test cases with FNR <= epsilon. HD95 (mm) at the main setting only; test cases "
+           "with an empty prediction or lesion are left out of its mean (count per split shown).", ""]
     for e, eps in enumerate(cfg.epsilons):
         rows = []
         hd_base = hd_cls = "—"
@@ -118,11 +131,16 @@ def render_markdown(result: EvaluationResult, z: float = 2.0) -> str:
                      "—", _trivial(int(result.crc["trivial"][:, e].sum()), S)])
         out += [f"### epsilon = {eps}", ""]
         out += _table(["Method", "Cutoff", "ECR", "Mean FNR", "PC", "Dice", "HD95 (mm)", "Trivial splits"], rows)
+    return out
 
-    # ---- ECR vs alpha ----------------------------------------------------------------------------------
-    out += ["## CLS: ECR vs alpha", "",
-            f"Target: ECR >= 1 - alpha. Tolerance = {z:g}·sqrt(alpha(1-alpha)/n_test) with n_test = {n_pop:.1f}.",
-            ""]
+
+def _ecr_section(result: EvaluationResult, z: float) -> list[str]:
+    """CLS: ECR against the 1 - alpha target for every (epsilon, alpha), with verdicts."""
+    cfg = result.config
+    S, n_pop = cfg.splits, result.mean_population_test
+    out = ["## CLS: ECR vs alpha", "",
+           f"Target: ECR >= 1 - alpha. Tolerance = {z:g}·sqrt(alpha(1-alpha)/n_test) with n_test = {n_pop:.1f}.",
+           ""]
     for e, eps in enumerate(cfg.epsilons):
         rows = []
         for a, alpha in enumerate(cfg.alphas):
@@ -134,64 +152,63 @@ def render_markdown(result: EvaluationResult, z: float = 2.0) -> str:
                          _trivial(int(result.cls["trivial"][:, e, a].sum()), S)])
         out += [f"### epsilon = {eps}", ""]
         out += _table(["alpha", "Target 1-alpha", "ECR", "Tolerance", "Verdict", "Mean FNR", "Trivial splits"], rows)
+    return out
 
-    # ---- confidence sets -------------------------------------------------------------------------------
-    out += ["## Confidence sets: coverage", ""]
-    if not result.sets:
-        out += ["No confidence sets were evaluated.", ""]
-    else:
-        out += ["Inner coverage: the inner set lies inside the true lesion; outer: the outer set contains it; "
-                "joint: both. Marginal sets guarantee inner and outer coverage >= 1 - alpha each; joint-split "
-                "sets (alpha/2 each) guarantee joint coverage >= 1 - alpha. All cases (with or without lesion) "
-                f"are used; {result.n_test} test case(s) per split. Baseline 0.5 mask for reference: inside the "
-                f"lesion {_pm(result.baseline['inside'])}, containing it {_pm(result.baseline['contains'])}.", ""]
-        for name, modes in result.sets.items():
-            for mode, arrays in modes.items():
-                rows = []
-                for a, alpha in enumerate(cfg.alphas):
-                    if mode == "marginal":
-                        states = [coverage_status(float(mean_std(arrays[k][:, a])[0]), alpha, result.n_test, z)
-                                  for k in ("inner_coverage", "outer_coverage")]
-                        verdict = "n/a" if "n/a" in states else ("PASS" if states == ["PASS", "PASS"] else "CHECK")
-                    else:
-                        verdict = coverage_status(float(mean_std(arrays["joint_coverage"][:, a])[0]), alpha,
-                                                  result.n_test, z)
-                    verdict = _verdict(verdict, int(arrays["trivial"][:, a].sum()), S)
-                    rows.append([f"{alpha}", _fmt(1 - alpha), _pm(arrays["inner_coverage"][:, a]),
-                                 _pm(arrays["outer_coverage"][:, a]), _pm(arrays["joint_coverage"][:, a]), verdict,
-                                 _trivial(int(arrays["trivial"][:, a].sum()), S)])
-                out += [f"### transform {name}, {mode}", ""]
-                out += _table(["alpha", "Target 1-alpha", "Inner", "Outer", "Joint", "Verdict", "Trivial splits"], rows)
-        out += ["## Confidence sets: mean sizes", ""]
-        for name, modes in result.sets.items():
-            for mode, arrays in modes.items():
-                rows = [[f"{alpha}", _pm(arrays["inner_voxels"][:, a], 1), _pm(arrays["inner_ml"][:, a], 3),
-                         _pm(arrays["outer_voxels"][:, a], 1), _pm(arrays["outer_ml"][:, a], 3)]
-                        for a, alpha in enumerate(cfg.alphas)]
-                out += [f"### transform {name}, {mode}", ""]
-                out += _table(["alpha", "Inner (voxels)", "Inner (mL)", "Outer (voxels)", "Outer (mL)"], rows)
 
-    # ---- PC ----------------------------------------------------------------------------------------------
-    out += ["## Prediction compactness (predicted / total voxels)", ""]
+def _sets_coverage_section(result: EvaluationResult, z: float) -> list[str]:
+    """Confidence sets: inner / outer / joint coverage per transform and mode, with verdicts."""
+    cfg = result.config
+    S = cfg.splits
+    out = ["## Confidence sets: coverage", ""]
+    out += ["Inner coverage: the inner set lies inside the true lesion; outer: the outer set contains it; "
+            "joint: both. Marginal sets guarantee inner and outer coverage >= 1 - alpha each; joint-split "
+            "sets (alpha/2 each) guarantee joint coverage >= 1 - alpha. All cases (with or without lesion) "
+            f"are used; {result.n_test} test case(s) per split. Baseline 0.5 mask for reference: inside the "
+            f"lesion {_pm(result.baseline['inside'])}, containing it {_pm(result.baseline['contains'])}.", ""]
+    for name, modes in result.sets.items():
+        for mode, arrays in modes.items():
+            rows = []
+            for a, alpha in enumerate(cfg.alphas):
+                if mode == "marginal":
+                    states = [coverage_status(float(mean_std(arrays[k][:, a])[0]), alpha, result.n_test, z)
+                              for k in ("inner_coverage", "outer_coverage")]
+                    verdict = "n/a" if "n/a" in states else ("PASS" if states == ["PASS", "PASS"] else "CHECK")
+                else:
+                    verdict = coverage_status(float(mean_std(arrays["joint_coverage"][:, a])[0]), alpha,
+                                              result.n_test, z)
+                verdict = _verdict(verdict, int(arrays["trivial"][:, a].sum()), S)
+                rows.append([f"{alpha}", _fmt(1 - alpha), _pm(arrays["inner_coverage"][:, a]),
+                             _pm(arrays["outer_coverage"][:, a]), _pm(arrays["joint_coverage"][:, a]), verdict,
+                             _trivial(int(arrays["trivial"][:, a].sum()), S)])
+            out += [f"### transform {name}, {mode}", ""]
+            out += _table(["alpha", "Target 1-alpha", "Inner", "Outer", "Joint", "Verdict", "Trivial splits"], rows)
+    return out
+
+
+def _sets_size_section(result: EvaluationResult) -> list[str]:
+    out = ["## Confidence sets: mean sizes", ""]
+    for name, modes in result.sets.items():
+        for mode, arrays in modes.items():
+            rows = [[f"{alpha}", _pm(arrays["inner_voxels"][:, a], 1), _pm(arrays["inner_ml"][:, a], 3),
+                     _pm(arrays["outer_voxels"][:, a], 1), _pm(arrays["outer_ml"][:, a], 3)]
+                    for a, alpha in enumerate(result.config.alphas)]
+            out += [f"### transform {name}, {mode}", ""]
+            out += _table(["alpha", "Inner (voxels)", "Inner (mL)", "Outer (voxels)", "Outer (mL)"], rows)
+    return out
+
+
+def _pc_section(result: EvaluationResult) -> list[str]:
+    cfg = result.config
+    out = ["## Prediction compactness (predicted / total voxels)", ""]
     header = ["alpha"] + [f"CLS epsilon={eps}" for eps in cfg.epsilons]
     rows = [[f"{alpha}"] + [_pm(result.cls["pc"][:, e, a], 4) for e in range(len(cfg.epsilons))]
             for a, alpha in enumerate(cfg.alphas)]
     rows.append(["CRC (no alpha)"] + [_pm(result.crc["pc"][:, e], 4) for e in range(len(cfg.epsilons))])
     rows.append([f"baseline {BASELINE_CUTOFF}"] + [_pm(result.baseline["pc"], 4)] * len(cfg.epsilons))
-    out += _table(header, rows)
-    return "\n".join(out)
+    return out + _table(header, rows)
 
 
 # ----------------------------------------------------------------------------- plots
-
-
-def _figure(width: float = 6.4, height: float = 4.4):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=110)
-    FigureCanvasAgg(fig)
-    return fig
 
 
 def _alpha_axis(ax, alphas: tuple[float, ...]) -> np.ndarray:
@@ -205,7 +222,7 @@ def _alpha_axis(ax, alphas: tuple[float, ...]) -> np.ndarray:
 
 def _plot_ecr(result: EvaluationResult):
     cfg = result.config
-    fig = _figure()
+    fig = agg_figure()
     ax = fig.add_subplot(111)
     x = _alpha_axis(ax, cfg.alphas)
     for e, eps in enumerate(cfg.epsilons):
@@ -227,7 +244,7 @@ def _plot_fnr(result: EvaluationResult):
     base = np.broadcast_to(result.per_case["baseline_fnr"][None, :], test_pop.shape)[test_pop]
     cls = result.per_case["cls_main_fnr"][test_pop]
     base, cls = base[np.isfinite(base)], cls[np.isfinite(cls)]
-    fig = _figure()
+    fig = agg_figure()
     ax = fig.add_subplot(111)
     bins = np.linspace(0, 1, 41)
     ax.hist(base, bins=bins, histtype="stepfilled", alpha=0.45, density=True, label="baseline prob >= 0.5")
@@ -243,7 +260,7 @@ def _plot_fnr(result: EvaluationResult):
 
 def _plot_pc(result: EvaluationResult):
     cfg = result.config
-    fig = _figure()
+    fig = agg_figure()
     ax = fig.add_subplot(111)
     x = np.asarray(cfg.alphas, dtype=np.float64)
     for e, eps in enumerate(cfg.epsilons):
@@ -265,7 +282,7 @@ def _plot_pc(result: EvaluationResult):
 
 def _plot_coverage(result: EvaluationResult):
     cfg = result.config
-    fig = _figure()
+    fig = agg_figure()
     ax = fig.add_subplot(111)
     if not result.sets:
         ax.text(0.5, 0.5, "no confidence sets evaluated", ha="center", va="center", transform=ax.transAxes)

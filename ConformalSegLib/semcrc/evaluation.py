@@ -27,7 +27,7 @@ import numpy as np
 
 from ..common.jsonable import jsonable
 from ..io.atomic import atomic_output, atomic_write_text, check_can_write
-from ..evaluation.report import _figure
+from ..evaluation.figures import agg_figure
 from .errors import IntervalCalibrationError
 from .intervals import IntervalData, mean_length, scan_loss
 from .procedures import METHODS, calibrate_interval_method
@@ -137,7 +137,7 @@ def plot_organ_metrics(summary: dict[str, Any], path: str | PathLike[str], *, fo
     organs, methods = summary["organs"], list(summary["methods"])
     x = np.arange(len(organs))
     width = 0.8 / max(1, len(methods))
-    fig = _figure(11, 3.8)  # a bare Agg figure: no pyplot state, no global backend switch
+    fig = agg_figure(11, 3.8)  # a bare Agg figure: no pyplot state, no global backend switch
     axes = fig.subplots(1, 2)
     for j, m in enumerate(methods):
         for ax, key in zip(axes, ("organ_length", "organ_risk")):
