@@ -30,13 +30,17 @@ import math
 import time
 from os import PathLike
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..common.errors import ConformalSegError
 from ..semcrc.phantom_denoising import PHANTOM_ORGANS, write_denoising_dataset
 from ..semcrc.workflow import predict_quantile_folder
+
+if TYPE_CHECKING:
+    from ..semcrc.intervals import IntervalData
+    from ..semcrc.memberships import OrganMap
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "Resources" / "models" / "phantom_denoiser_quantile"
 DEMO_SEED = 2100  #: phantom stream of the demo (the shipped denoiser trained on seed 1100)
@@ -106,12 +110,10 @@ def run_semcrc_demo(out_dir: str | PathLike[str], n_cases: int = 30, seed: int =
                     device: str = "cpu", force: bool = False) -> str:
     """Run the demo (module docstring) and return its Markdown section (Table 1, per-organ tables,
     the held-out case's per-organ table and the figure links)."""
-    from ..io.volumes import load_image, load_label_map
-    from ..semcrc.evaluation import write_interval_evaluation, evaluate_interval_methods
+    from ..io.atomic import atomic_write_text
+    from ..semcrc.evaluation import evaluate_interval_methods, write_interval_evaluation
     from ..semcrc.memberships import OrganMap
-    from ..semcrc.procedures import calibrate_interval_method
-    from ..semcrc.profile import IntervalProfile
-    from ..semcrc.workflow import apply_interval, load_interval_data, write_interval_table
+    from ..semcrc.workflow import load_interval_data
 
     out = Path(out_dir)
     if n_cases < 6:
@@ -127,15 +129,32 @@ def run_semcrc_demo(out_dir: str | PathLike[str], n_cases: int = 30, seed: int =
     t = time.perf_counter()
     everything = load_interval_data(out / "pred" / "lower", out / "pred" / "upper", data_dir / "clean",
                                     data_dir / "organs", organ_map, BODY)
-    heldout_id = ids[-1]
     calib = everything.subset(np.arange(everything.n - 1))
     n_cal, n_opt = _splits(calib.n, epsilon)
     options = {"n_opt": n_opt, "k": 4, "d_min": 2}  # d_opt: K-CRC 50, sem-CRC the paper's automatic rule
     summary = evaluate_interval_methods(calib, epsilon, runs=runs, n_cal=n_cal, seed=seed, **options)
     write_interval_evaluation(summary, out, force=True)
     timings["evaluation"] = time.perf_counter() - t
-
     t = time.perf_counter()
+    table = _heldout_profile(calib, organ_map, out, data_dir, ids, epsilon, n_opt, seed)
+    timings["profile_and_apply"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t0
+    text = _section_markdown(n_cases, seed, Path(model), organ_map.groups, ids[-1], summary, calib.n, n_cal, n_opt,
+                             epsilon, table, runs, timings)
+    atomic_write_text(out / "semcrc_demo.md", text, force=True)
+    return text
+
+
+def _heldout_profile(calib: IntervalData, organ_map: OrganMap, out: Path, data_dir: Path, ids: list[str], epsilon: float,
+                     n_opt: int, seed: int) -> list[dict[str, Any]]:
+    """Calibrate a per-organ sem-CRC profile on the non-held-out cases, apply it to the held-out one, write
+    its table and length figure; return the table."""
+    from ..io.volumes import load_image, load_label_map
+    from ..semcrc.procedures import calibrate_interval_method
+    from ..semcrc.profile import IntervalProfile
+    from ..semcrc.workflow import apply_interval, write_interval_table
+
+    heldout_id = ids[-1]
     calibration = calibrate_interval_method("sem-crc-organ", calib, epsilon, n_opt=n_opt, d_opt=None, d_min=2,
                                             seed=seed)
     profile = IntervalProfile(calibration, organ_map, BODY,
@@ -157,28 +176,36 @@ def run_semcrc_demo(out_dir: str | PathLike[str], n_cases: int = 30, seed: int =
     overlay_labels = {**{int(v): str(n) for v, n in organ_map.labels.items()}}
     plot_length_overlay(np.asarray(clean.array), length, np.asarray(organs.array), overlay_labels,
                         out / "heldout_length.png", spacing_xyz=tuple(clean.geometry.spacing))
-    timings["profile_and_apply"] = time.perf_counter() - t
-    timings["total"] = time.perf_counter() - t0
+    return applied.table
 
-    from ..semcrc.evaluation import evaluation_markdown
 
-    card_note = ""
+def _card_note(model: Path) -> str:
+    """The shipped denoiser's held-out coverage of its raw interval, when its card records it."""
     try:
         from ..inference import resolve_model
 
         training = resolve_model(model).training
         if training.get("heldout_coverage") is not None:
-            card_note = (f" Its held-out coverage of the raw [q_0.1, q_0.9] interval is "
-                         f"{training['heldout_coverage']:.3f} (nominal 0.8).")
+            return (f" Its held-out coverage of the raw [q_0.1, q_0.9] interval is "
+                    f"{training['heldout_coverage']:.3f} (nominal 0.8).")
     except ConformalSegError:
         pass
-    text = "\n".join([
+    return ""
+
+
+def _section_markdown(n_cases: int, seed: int, model: Path, groups: tuple[str, ...], heldout_id: str,
+                      summary: dict[str, Any], n_calib: int,
+                      n_cal: int, n_opt: int, epsilon: float, table: list[dict[str, Any]], runs: int,
+                      timings: dict[str, float]) -> str:
+    from ..semcrc.evaluation import evaluation_markdown
+
+    return "\n".join([
         "## sem-CRC on phantom denoising",
         "",
         f"{n_cases} coarse phantoms (seed {seed}; 24 × 48 × 48 voxels, 3.2 × 3.2 × 6.0 mm), windowed "
         f"-175..250 HU to [0, 1], Gaussian noise σ = 0.2 added after windowing. Intervals: the quantile "
-        f"denoiser `{Path(model).name}` (q_0.1, q_0.9).{card_note} Organ groups: "
-        f"{', '.join(organ_map.groups)} (air excluded). Case `{heldout_id}` is held out for the "
+        f"denoiser `{model.name}` (q_0.1, q_0.9).{_card_note(model)} Organ groups: "
+        f"{', '.join(groups)} (air excluded). Case `{heldout_id}` is held out for the "
         "per-organ profile; the other cases give Table 1.",
         "",
         "### Table 1: risk and mean interval length",
@@ -194,9 +221,9 @@ def run_semcrc_demo(out_dir: str | PathLike[str], n_cases: int = 30, seed: int =
         "",
         f"### Per-organ sem-CRC profile applied to `{heldout_id}`",
         "",
-        f"Calibrated on {calib.n} cases (n_opt = {n_opt}); lengths in windowed units.",
+        f"Calibrated on {n_calib} cases (n_opt = {n_opt}); lengths in windowed units.",
         "",
-        _table_markdown(applied.table, epsilon),
+        _table_markdown(table, epsilon),
         "",
         "![conformalised interval length per organ](heldout_length.png)",
         "",
@@ -205,7 +232,3 @@ def run_semcrc_demo(out_dir: str | PathLike[str], n_cases: int = 30, seed: int =
         f"{timings['profile_and_apply']:.1f} s).",
         "",
     ])
-    from ..io.atomic import atomic_write_text
-
-    atomic_write_text(out / "semcrc_demo.md", text, force=True)
-    return text
