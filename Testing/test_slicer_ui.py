@@ -28,7 +28,9 @@ import pytest
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 ROOT = Path(__file__).resolve().parents[1]
-MODULE = ROOT / "ConformalSeg" / "ConformalSeg.py"
+MODULE = ROOT / "ConformalSeg" / "ConformalSeg.py"  # the parameter node
+#: The files that use ``self.ui``: the module glue and the panel (widget) it binds.
+PANEL_SOURCES = (MODULE, ROOT / "ConformalSeg" / "ConformalSegSlicer" / "widget.py")
 UI = ROOT / "ConformalSeg" / "Resources" / "UI" / "ConformalSeg.ui"
 SCREENSHOT = ROOT / "Resources" / "Screenshots" / "panel.png"
 INDEX = Path(__file__).resolve().parents[2] / "shared" / "slicer-api" / "slicer_api.json"
@@ -88,6 +90,12 @@ def module_tree() -> ast.Module:
     return ast.parse(MODULE.read_text(encoding="utf-8"))
 
 
+def panel_tree() -> ast.Module:
+    """The panel's sources as one module (each file's statements, in order)."""
+    body = [node for path in PANEL_SOURCES for node in ast.parse(path.read_text(encoding="utf-8")).body]
+    return ast.Module(body=body, type_ignores=[])
+
+
 def parameter_node_members() -> set[str]:
     for node in ast.walk(module_tree()):
         if isinstance(node, ast.ClassDef) and any(getattr(d, "id", None) == "parameterNodeWrapper"
@@ -101,7 +109,7 @@ def ui_uses() -> dict[str, set[str]]:
     NAME_EXPR).ATTR`` (NAME_EXPR a string, or ``name + "Suffix"`` in a loop over a tuple of strings),
     and ``widget = <either>; widget.ATTR`` within one function. String constants that look like
     widget names count as uses too (with no attribute)."""
-    tree = module_tree()
+    tree = panel_tree()
     uses: dict[str, set[str]] = {}
     parents = {child: parent for parent in ast.walk(tree) for child in ast.iter_child_nodes(parent)}
 

@@ -1,4 +1,4 @@
-"""MRML nodes <-> numpy arrays and library geometry: the only module of the package that imports Slicer.
+"""MRML nodes <-> numpy arrays and library geometry: how the panel, logic and self-tests touch the scene.
 
 * Volumes: ``slicer.util.arrayFromVolume`` gives the numpy ``(z, y, x)`` array the library uses;
   the node's IJK-to-RAS matrix becomes an LPS :class:`~ConformalSegLib.common.geometry.Geometry`
