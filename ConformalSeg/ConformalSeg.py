@@ -145,6 +145,7 @@ class ConformalSegWidget(Widget):
 
 
 class ConformalSegTest(SelfTest):
-    """Self-tests (:mod:`ConformalSegSlicer.self_test`): Reload & Test, ``slicer.selfTests["ConformalSeg"]()``, ctest."""
+    """Self-tests (:mod:`ConformalSegSlicer.self_test`): Reload & Test, ``slicer.selfTests["ConformalSeg"]()``,
+    ctest."""
 
     logicClass = ConformalSegLogic

@@ -12,15 +12,32 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ConformalSegLib.cascade import (CascadeCancelled, CascadeConfig, CascadeConfigError, StageOutput,
-                                     classical_lung_mask, crop_geometry, filter_lung_overlap, filter_min_volume,
-                                     label_components, load_cascade_config, lung_distances_mm, lung_mask_from_labels,
-                                     lung_overlap_fractions, margin_voxels, merge_components, paste_max, roi_box,
-                                     run_cascade, select_components, top_k)
+from ConformalSegLib.cascade import (
+    CascadeCancelled,
+    CascadeConfig,
+    CascadeConfigError,
+    StageOutput,
+    classical_lung_mask,
+    crop_geometry,
+    filter_lung_overlap,
+    filter_min_volume,
+    label_components,
+    load_cascade_config,
+    lung_distances_mm,
+    lung_mask_from_labels,
+    lung_overlap_fractions,
+    margin_voxels,
+    merge_components,
+    paste_max,
+    roi_box,
+    run_cascade,
+    select_components,
+    top_k,
+)
 from ConformalSegLib.common.errors import ConformalSegError
 from ConformalSegLib.common.geometry import Geometry
-from ConformalSegLib.io.volumes import Volume
 from ConformalSegLib.evaluation.metrics import dice_from_masks
+from ConformalSegLib.io.volumes import Volume
 
 
 def ids(labels: np.ndarray) -> set[int]:
@@ -150,8 +167,8 @@ def test_select_components_table(lung_scene):
 
 
 def test_classical_lung_mask_matches_phantom_lungs():
-    from ConformalSegLib.phantoms.labels import LUNG
     from ConformalSegLib.phantoms.generator import make_phantom
+    from ConformalSegLib.phantoms.labels import LUNG
 
     for seed in (0, 1, 2):
         phantom = make_phantom(seed)
@@ -394,10 +411,17 @@ def test_end_to_end_with_model_cards(tiny_card):
 
 
 def test_evaluation_tables_on_phantom_lung_cases(tmp_path):
-    from ConformalSegLib.cascade.evaluation import (correlation, evaluate_cascade, hu_refiner, lung_lesion_mask,
-                                                    phantom_lung_cases, simulated_coarse_predictor, write_report)
-    from ConformalSegLib.phantoms.labels import LESION
+    from ConformalSegLib.cascade.evaluation import (
+        correlation,
+        evaluate_cascade,
+        hu_refiner,
+        lung_lesion_mask,
+        phantom_lung_cases,
+        simulated_coarse_predictor,
+        write_report,
+    )
     from ConformalSegLib.phantoms.generator import make_phantom
+    from ConformalSegLib.phantoms.labels import LESION
 
     phantom = make_phantom(0)  # lesions in lung and kidney (see Phantom.lesions)
     hosts = sorted({lesion.host for lesion in phantom.lesions})

@@ -21,11 +21,11 @@ from scipy import ndimage
 from scipy.stats import binom
 
 from ConformalSegLib.cascade import CascadeConfig, StageOutput, run_cascade
+from ConformalSegLib.common.geometry import Geometry
 from ConformalSegLib.conformal.cls import apply_threshold, calibrate_cls
 from ConformalSegLib.conformal.exact import fnr_exceeds
-from ConformalSegLib.common.geometry import Geometry
-from ConformalSegLib.io.volumes import Volume
 from ConformalSegLib.conformal.summaries import LesionSummaries
+from ConformalSegLib.io.volumes import Volume
 
 GEOMETRY = Geometry(shape=(12, 16, 20), spacing=(1.0, 1.0, 2.0))  # ITK (x, y, z) spacing
 CONFIG = CascadeConfig(lung_source="labels", lung_fill_holes=True, min_lung_overlap=0.8, rescue_distance_mm=None,

@@ -9,8 +9,9 @@ import pytest
 import SimpleITK as sitk
 
 from ConformalSegLib.cli import main
-from ConformalSegLib.io.segmentation import read_seg_nrrd
+from ConformalSegLib.common.errors import ConformalSegError
 from ConformalSegLib.conformal.profile import load_profile
+from ConformalSegLib.io.segmentation import read_seg_nrrd
 from ConformalSegLib.phantoms.simulated_dataset import write_synthetic_dataset
 
 
@@ -130,7 +131,7 @@ def test_bad_input_exits_2_with_file_and_fix(tmp_path, data, capsys, problem, ex
 
 
 def test_debug_shows_traceback(tmp_path, capsys):
-    with pytest.raises(Exception):
+    with pytest.raises(ConformalSegError):
         main(["--debug", "apply", "--profile", str(tmp_path / "none.json"), "--prob", "x.nii.gz", "--out",
               str(tmp_path)])
 

@@ -1,4 +1,5 @@
-"""CLS (ConformalSegLib.conformal.cls) against brute forces that scan every candidate cutoff with exact integer counts."""
+"""CLS (ConformalSegLib.conformal.cls) against brute forces that scan every candidate cutoff with exact integer
+counts."""
 
 from __future__ import annotations
 
@@ -16,9 +17,15 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from ConformalSegLib.conformal.cls import (apply_threshold, calibrate_cls, conformal_lower_cutoff, critical_cutoff,  # noqa: E402
-                                 critical_cutoffs, round_up_to_dtype)
 from ConformalSegLib.common.errors import CalibrationSetTooSmallWarning, ConformalSegError  # noqa: E402
+from ConformalSegLib.conformal.cls import (  # noqa: E402
+    apply_threshold,
+    calibrate_cls,
+    conformal_lower_cutoff,
+    critical_cutoff,
+    critical_cutoffs,
+    round_up_to_dtype,
+)
 from ConformalSegLib.conformal.summaries import LesionSummaries  # noqa: E402
 
 INF = float("inf")
@@ -293,7 +300,7 @@ def test_calibrated_threshold_meets_definition_on_calibration_cases():
         ok_above = sum(fnr_ok(p[l].astype(np.float64), float(np.nextafter(c, INF)), eps) for _, p, l in cases)
         assert ok_at >= res.rank > ok_above
         # masks from apply_threshold agree with the exact definition
-        for _, p, l in cases[:10]:
+        for _, p, _lesion in cases[:10]:
             mask = apply_threshold(p, c)
             assert np.array_equal(mask, p.astype(np.float64) >= c)
 

@@ -1,4 +1,5 @@
-"""Conformal confidence sets (ConformalSegLib.conformal.confidence_sets) and score transforms (ConformalSegLib.conformal.score_transforms)."""
+"""Conformal confidence sets (ConformalSegLib.conformal.confidence_sets) and score transforms
+(ConformalSegLib.conformal.score_transforms)."""
 
 from __future__ import annotations
 
@@ -17,12 +18,20 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from ConformalSegLib.conformal.confidence_sets import (SetsCalibration, SetStatistics, SetStatisticsBuilder,  # noqa: E402
-                                             apply_sets, calibrate_sets, case_statistics,
-                                             conformal_upper_quantile, resolve_levels, select_transforms)
 from ConformalSegLib.common.errors import CalibrationSetTooSmallWarning, ConformalSegError  # noqa: E402
-from ConformalSegLib.conformal.exact import as_fraction  # noqa: E402
 from ConformalSegLib.common.geometry import Geometry  # noqa: E402
+from ConformalSegLib.conformal.confidence_sets import (  # noqa: E402
+    SetsCalibration,
+    SetStatistics,
+    SetStatisticsBuilder,
+    apply_sets,
+    calibrate_sets,
+    case_statistics,
+    conformal_upper_quantile,
+    resolve_levels,
+    select_transforms,
+)
+from ConformalSegLib.conformal.exact import as_fraction  # noqa: E402
 from ConformalSegLib.conformal.score_transforms import IDENTITY, ScoreTransform, parse_transform, signed_distance_mm  # noqa: E402
 
 INF = float("inf")

@@ -1,4 +1,5 @@
-"""Expected-FNR control (ConformalSegLib.conformal.crc) against an exact Fraction brute force over every candidate cutoff."""
+"""Expected-FNR control (ConformalSegLib.conformal.crc) against an exact Fraction brute force over every
+candidate cutoff."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from ConformalSegLib.conformal.crc import calibrate_crc, crc_budget, crc_cutoff, min_crc_calibration_size  # noqa: E402
 from ConformalSegLib.common.errors import CalibrationSetTooSmallWarning, ConformalSegError  # noqa: E402
+from ConformalSegLib.conformal.crc import calibrate_crc, crc_budget, crc_cutoff, min_crc_calibration_size  # noqa: E402
 from ConformalSegLib.conformal.summaries import LesionSummaries  # noqa: E402
 
 INF = float("inf")

@@ -16,20 +16,19 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from ConformalSegLib.conformal.cls import (apply_threshold, conformal_lower_cutoff, critical_cutoff,  # noqa: E402
-                                 critical_cutoffs)
+from ConformalSegLib.common.errors import CalibrationSetTooSmallWarning, ConformalSegError  # noqa: E402
+from ConformalSegLib.common.geometry import Geometry  # noqa: E402
+from ConformalSegLib.conformal.cls import apply_threshold, conformal_lower_cutoff, critical_cutoff, critical_cutoffs  # noqa: E402
 from ConformalSegLib.conformal.confidence_sets import SetStatisticsBuilder, apply_sets, calibrate_sets  # noqa: E402
 from ConformalSegLib.conformal.crc import calibrate_crc  # noqa: E402
-from ConformalSegLib.common.errors import CalibrationSetTooSmallWarning, ConformalSegError  # noqa: E402
+from ConformalSegLib.conformal.score_transforms import parse_transform  # noqa: E402
+from ConformalSegLib.conformal.summaries import LesionSummaries  # noqa: E402
+from ConformalSegLib.evaluation.metrics import hd95  # noqa: E402
 from ConformalSegLib.evaluation.progress import STAGES  # noqa: E402
 from ConformalSegLib.evaluation.protocol import evaluate_dataset  # noqa: E402
-from ConformalSegLib.evaluation.results import binomial_tolerance, mean_std  # noqa: E402
-from ConformalSegLib.common.geometry import Geometry  # noqa: E402
-from ConformalSegLib.evaluation.metrics import hd95  # noqa: E402
 from ConformalSegLib.evaluation.report import REPORT_FILES, write_report  # noqa: E402
-from ConformalSegLib.conformal.summaries import LesionSummaries  # noqa: E402
+from ConformalSegLib.evaluation.results import binomial_tolerance, mean_std  # noqa: E402
 from ConformalSegLib.phantoms.simulated_maps import make_cases  # noqa: E402
-from ConformalSegLib.conformal.score_transforms import parse_transform  # noqa: E402
 
 EPSILONS = (0.1, 0.3)
 HAVE_MONAI = importlib.util.find_spec("monai") is not None

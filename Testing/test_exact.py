@@ -21,8 +21,16 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from ConformalSegLib.common.errors import ConformalSegError  # noqa: E402
-from ConformalSegLib.conformal.exact import (allowed_misses, allowed_misses_array, as_fraction, check_alpha,  # noqa: E402
-                                   check_epsilon, conformal_rank, fnr_exceeds, min_calibration_size)
+from ConformalSegLib.conformal.exact import (  # noqa: E402
+    allowed_misses,
+    allowed_misses_array,
+    as_fraction,
+    check_alpha,
+    check_epsilon,
+    conformal_rank,
+    fnr_exceeds,
+    min_calibration_size,
+)
 
 # ----------------------------------------------------------------------------- brute forces
 

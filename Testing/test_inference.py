@@ -21,9 +21,18 @@ from monai.networks.nets import UNet  # noqa: E402
 
 from ConformalSegLib.common.errors import ConformalSegError  # noqa: E402
 from ConformalSegLib.common.geometry import Geometry  # noqa: E402
-from ConformalSegLib.inference import (DeviceFallbackWarning, InferenceCancelled, InferenceEngine,  # noqa: E402
-                                       MCDropoutInactiveWarning, ModelCard, count_windows, find_images,
-                                       load_model_card, network_affine, resolve_model)
+from ConformalSegLib.inference import (  # noqa: E402
+    DeviceFallbackWarning,
+    InferenceCancelled,
+    InferenceEngine,
+    MCDropoutInactiveWarning,
+    ModelCard,
+    count_windows,
+    find_images,
+    load_model_card,
+    network_affine,
+    resolve_model,
+)
 from ConformalSegLib.inference import engine as engine_module  # noqa: E402
 from ConformalSegLib.io.volumes import Volume, load_image, sitk_image  # noqa: E402
 

@@ -10,8 +10,18 @@ from test_io_support import GEOM, SHAPE, files_in, random_probabilities, write_g
 
 from ConformalSegLib.common.errors import ConformalSegError
 from ConformalSegLib.common.geometry import Geometry
-from ConformalSegLib.io import (INNER_SET, LESION_FNR, LESION_THRESHOLD, OUTER_SET, SEGMENT_COLORS,
-                                geometry_from_sitk, read_seg_nrrd, slug, write_masks_nifti, write_seg_nrrd)
+from ConformalSegLib.io import (
+    INNER_SET,
+    LESION_FNR,
+    LESION_THRESHOLD,
+    OUTER_SET,
+    SEGMENT_COLORS,
+    geometry_from_sitk,
+    read_seg_nrrd,
+    slug,
+    write_masks_nifti,
+    write_seg_nrrd,
+)
 
 
 def nested_masks() -> dict[str, np.ndarray]:

@@ -9,8 +9,17 @@ from test_io_support import GEOM, SHAPE, files_in, random_probabilities, write_g
 
 from ConformalSegLib.common.errors import ConformalSegError
 from ConformalSegLib.common.geometry import Geometry
-from ConformalSegLib.io import (Volume, check_same_geometry, geometry_from_sitk, label_values, load_label_map,
-                                load_label_mask, load_probability_map, save_volume, sitk_image)
+from ConformalSegLib.io import (
+    Volume,
+    check_same_geometry,
+    geometry_from_sitk,
+    label_values,
+    load_label_map,
+    load_label_mask,
+    load_probability_map,
+    save_volume,
+    sitk_image,
+)
 
 
 def assert_geometry_equal(actual: Geometry, expected: Geometry) -> None:

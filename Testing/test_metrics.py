@@ -15,11 +15,21 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from ConformalSegLib.evaluation import metrics  # noqa: E402
 from ConformalSegLib.common.errors import ConformalSegError  # noqa: E402
-from ConformalSegLib.evaluation.metrics import (count_at_least, count_greater, dice, dice_from_masks, ecr,  # noqa: E402
-                                     finite_mean, fnr, fnr_within, hd95, lesion_hits, prediction_compactness)
-
+from ConformalSegLib.evaluation import metrics  # noqa: E402
+from ConformalSegLib.evaluation.metrics import (  # noqa: E402
+    count_at_least,
+    count_greater,
+    dice,
+    dice_from_masks,
+    ecr,
+    finite_mean,
+    fnr,
+    fnr_within,
+    hd95,
+    lesion_hits,
+    prediction_compactness,
+)
 
 # ----------------------------------------------------------------------------- FNR / ECR / PC / Dice
 

@@ -19,10 +19,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated
 
 from ConformalSegLib.cli import main  # noqa: E402
 from ConformalSegLib.common.errors import ConformalSegError  # noqa: E402
-from ConformalSegLib.inference import InferenceEngine  # noqa: E402
-from ConformalSegLib.inference.model_dataset import (InferenceDataset, engine_for_profile,  # noqa: E402
-                                                     match_images_to_labels)
 from ConformalSegLib.conformal.profile import load_profile  # noqa: E402
+from ConformalSegLib.inference import InferenceEngine  # noqa: E402
+from ConformalSegLib.inference.model_dataset import InferenceDataset, engine_for_profile, match_images_to_labels  # noqa: E402
 from ConformalSegLib.phantoms.simulated_dataset import write_synthetic_dataset  # noqa: E402
 
 

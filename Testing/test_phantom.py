@@ -12,10 +12,21 @@ from scipy import ndimage
 
 from ConformalSegLib.common.errors import ConformalSegError
 from ConformalSegLib.common.geometry import Geometry
-from ConformalSegLib.phantoms.labels import BACKGROUND, BODY, BONE, KIDNEY, LABEL_NAMES, LESION, LESION_HOSTS, LIVER, LUNG, SPLEEN
-from ConformalSegLib.phantoms.lesions import MAX_LESION_RADIUS_MM, MAX_NODULE_RADIUS_MM, MIN_LESION_RADIUS_MM
-from ConformalSegLib.phantoms.generator import Phantom, make_phantom, make_phantoms, phantom_seed
 from ConformalSegLib.phantoms.dataset import write_phantom_dataset
+from ConformalSegLib.phantoms.generator import Phantom, make_phantom, make_phantoms, phantom_seed
+from ConformalSegLib.phantoms.labels import (
+    BACKGROUND,
+    BODY,
+    BONE,
+    KIDNEY,
+    LABEL_NAMES,
+    LESION,
+    LESION_HOSTS,
+    LIVER,
+    LUNG,
+    SPLEEN,
+)
+from ConformalSegLib.phantoms.lesions import MAX_LESION_RADIUS_MM, MAX_NODULE_RADIUS_MM, MIN_LESION_RADIUS_MM
 
 N_STATS = 30
 SMALL = {"shape": (20, 40, 40), "spacing": (3.7, 3.7, 7.0)}  # same field of view, quick to write

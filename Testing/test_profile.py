@@ -8,9 +8,9 @@ import warnings
 import numpy as np
 import pytest
 
-from ConformalSegLib.conformal.calibration import CalibrationRequest, calibrate
-from ConformalSegLib.conformal.cls import apply_threshold, calibrate_cls, critical_cutoff, conformal_lower_cutoff
 from ConformalSegLib.common.errors import CalibrationSetTooSmallWarning, ConformalSegError
+from ConformalSegLib.conformal.calibration import CalibrationRequest, calibrate
+from ConformalSegLib.conformal.cls import apply_threshold, calibrate_cls, conformal_lower_cutoff, critical_cutoff
 from ConformalSegLib.conformal.guarantee_sentences import guarantee_sentence, percent
 from ConformalSegLib.conformal.profile import load_profile
 from ConformalSegLib.phantoms.simulated_maps import make_cases

@@ -24,8 +24,13 @@ from ConformalSegLib.common.errors import ConformalSegError  # noqa: E402
 from ConformalSegLib.common.geometry import Geometry  # noqa: E402
 from ConformalSegLib.inference import InferenceEngine, ModelCard, resolve_model  # noqa: E402
 from ConformalSegLib.io.volumes import Volume, load_image  # noqa: E402
-from ConformalSegLib.semcrc.phantom_denoising import (NOISE_SIGMA, PHANTOM_ORGANS, denoising_cases,  # noqa: E402
-                                                      window, write_denoising_dataset)
+from ConformalSegLib.semcrc.phantom_denoising import (  # noqa: E402
+    NOISE_SIGMA,
+    PHANTOM_ORGANS,
+    denoising_cases,
+    window,
+    write_denoising_dataset,
+)
 from ConformalSegLib.training.denoise import evaluate_denoiser, phantom_denoising_pairs  # noqa: E402
 from ConformalSegLib.training.losses import PinballLoss  # noqa: E402
 

@@ -16,12 +16,12 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage, special, stats
 
-from ConformalSegLib.conformal.cls import critical_cutoff, conformal_lower_cutoff
+from ConformalSegLib.common.geometry import Geometry
+from ConformalSegLib.conformal.cls import conformal_lower_cutoff, critical_cutoff
 from ConformalSegLib.conformal.confidence_sets import case_statistics, conformal_upper_quantile
 from ConformalSegLib.conformal.exact import conformal_rank
-from ConformalSegLib.common.geometry import Geometry
-from ConformalSegLib.io.volumes import geometry_from_sitk
 from ConformalSegLib.conformal.score_transforms import parse_transform
+from ConformalSegLib.io.volumes import geometry_from_sitk
 
 KITS = Path(__file__).resolve().parents[2] / "shared" / "data" / "kits19_labels"
 TUMOUR = 2

@@ -26,13 +26,32 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from ConformalSegLib.common.errors import ConformalSegError  # noqa: E402
-from ConformalSegLib.semcrc import (AnchorSample, IntervalCalibrationError, IntervalData, IntervalInputError,  # noqa: E402
-                                    OmegaCurve, OrganMap, UncontrollableRiskWarning, bisect_omega,
-                                    calibrate_crc_interval, calibrate_interval_method, calibrate_kcrc,
-                                    calibrate_semcrc, calibrate_semcrc_organ, exact_omega, lambdas_at,
-                                    loss_quantile_partition, make_interval_scan, mc_dropout_intervals,
-                                    omega_thresholds, organ_memberships, scan_loss, solve_anchor, surrogate_risk,
-                                    synthetic_intervals)
+from ConformalSegLib.semcrc import (  # noqa: E402
+    AnchorSample,
+    IntervalCalibrationError,
+    IntervalData,
+    IntervalInputError,
+    OmegaCurve,
+    OrganMap,
+    UncontrollableRiskWarning,
+    bisect_omega,
+    calibrate_crc_interval,
+    calibrate_interval_method,
+    calibrate_kcrc,
+    calibrate_semcrc,
+    calibrate_semcrc_organ,
+    exact_omega,
+    lambdas_at,
+    loss_quantile_partition,
+    make_interval_scan,
+    mc_dropout_intervals,
+    omega_thresholds,
+    organ_memberships,
+    scan_loss,
+    solve_anchor,
+    surrogate_risk,
+    synthetic_intervals,
+)
 
 EPS = 0.1
 INF = math.inf
@@ -255,7 +274,7 @@ def test_per_organ_semcrc_validity_for_every_organ(pool: IntervalData) -> None:
     # whole-scan CRC does not control every organ in this data (the pancreas is under-covered)
     whole = []
     rng = np.random.default_rng(99)
-    for r in range(5):
+    for _run in range(5):
         perm = rng.permutation(pool.n)
         calib = calibrate_crc_interval(pool.subset(perm[:60]), EPS)
         test = pool.subset(perm[60:])

@@ -14,8 +14,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from ConformalSegLib.semcrc import IntervalCalibrationError, calibrate_semcrc, scan_loss, synthetic_intervals  # noqa: E402
-from ConformalSegLib.semcrc.evaluation import (evaluate_interval_methods, evaluation_markdown,  # noqa: E402
-                                               write_interval_evaluation)
+from ConformalSegLib.semcrc.evaluation import evaluate_interval_methods, evaluation_markdown, write_interval_evaluation  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +27,7 @@ def summary() -> dict:
 def test_summary_layout_and_values(summary: dict) -> None:
     assert list(summary["methods"]) == ["crc", "k-crc", "sem-crc", "sem-crc-organ"]
     assert summary["runs"] == 3 and summary["n_test"] == 40
-    for method, s in summary["methods"].items():
+    for s in summary["methods"].values():
         assert 0 <= s["risk"]["mean"] <= 1 and s["risk"]["std"] >= 0
         assert len(s["runs"]["risk"]) == 3 and s["length"]["mean"] > 0
         assert set(s["organ_risk"]) == set(summary["organs"])

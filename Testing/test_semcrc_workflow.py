@@ -22,8 +22,12 @@ from ConformalSegLib.common.errors import ConformalSegError  # noqa: E402
 from ConformalSegLib.semcrc import IntervalInputError, IntervalProfileError, synthetic_intervals  # noqa: E402
 from ConformalSegLib.semcrc.profile import load_interval_profile  # noqa: E402
 from ConformalSegLib.semcrc.synthetic import ORGANS  # noqa: E402
-from ConformalSegLib.semcrc.workflow import (apply_interval, calibrate_interval, discover_interval_cases,  # noqa: E402
-                                             write_interval_table)
+from ConformalSegLib.semcrc.workflow import (  # noqa: E402
+    apply_interval,
+    calibrate_interval,
+    discover_interval_cases,
+    write_interval_table,
+)
 
 ORGAN_SPEC = ",".join(f"{label}={name}" for name, label, *_ in ORGANS)
 FAST = dict(n_opt=8, d_opt=60, gammas=(0.5,), seed=0)

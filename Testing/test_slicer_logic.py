@@ -25,14 +25,28 @@ sys.path.insert(0, str(ROOT / "ConformalSeg"))
 
 from ConformalSegLib.common.errors import ConformalSegError  # noqa: E402
 from ConformalSegLib.common.geometry import Geometry  # noqa: E402
-from ConformalSegLib.io.segmentation import INNER_SET, LESION_FNR, LESION_THRESHOLD, OUTER_SET  # noqa: E402
 from ConformalSegLib.conformal.profile import LESION_CRC, load_profile  # noqa: E402
-from ConformalSegSlicer import (commands, display, environment, evaluation_plots, fixtures, intervals,  # noqa: E402
-                                segments, spatial)
-from ConformalSegSlicer.process import (ProcessRunner, Progress, StagedProgress, kill_process_tree,  # noqa: E402
-                                        parse_progress, pid_alive, popen_group_options, split_lines)
-from ConformalSegSlicer.slider import (SliderSettings, SliderState, greater_than, initial_settings,  # noqa: E402
-                                       relevant_sliders, snap, validate_probability)
+from ConformalSegLib.io.segmentation import INNER_SET, LESION_FNR, LESION_THRESHOLD, OUTER_SET  # noqa: E402
+from ConformalSegSlicer import commands, display, environment, evaluation_plots, fixtures, intervals, segments, spatial  # noqa: E402
+from ConformalSegSlicer.process import (  # noqa: E402
+    ProcessRunner,
+    Progress,
+    StagedProgress,
+    kill_process_tree,
+    parse_progress,
+    pid_alive,
+    popen_group_options,
+    split_lines,
+)
+from ConformalSegSlicer.slider import (  # noqa: E402
+    SliderSettings,
+    SliderState,
+    greater_than,
+    initial_settings,
+    relevant_sliders,
+    snap,
+    validate_probability,
+)
 
 PY = sys.executable
 

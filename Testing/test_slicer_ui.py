@@ -316,8 +316,16 @@ def test_readme_screenshot_is_committed():
 def _standins():
     """Plain-Qt stand-ins for the Slicer/CTK widgets, so that the screenshot shows them."""
     from PySide6.QtCore import Property, Qt
-    from PySide6.QtWidgets import (QComboBox, QDoubleSpinBox, QGroupBox, QHBoxLayout, QLineEdit, QSlider,
-                                   QToolButton, QWidget)
+    from PySide6.QtWidgets import (
+        QComboBox,
+        QDoubleSpinBox,
+        QGroupBox,
+        QHBoxLayout,
+        QLineEdit,
+        QSlider,
+        QToolButton,
+        QWidget,
+    )
 
     class CollapsibleButton(QGroupBox):
         def _get_text(self):
@@ -460,8 +468,17 @@ def interval_demo_content():
 
 
 def render_panel(path: Path) -> Path:
-    from PySide6.QtWidgets import (QApplication, QCheckBox, QComboBox, QLabel, QProgressBar, QPushButton,
-                                   QTableWidget, QTableWidgetItem, QWidget)
+    from PySide6.QtWidgets import (
+        QApplication,
+        QCheckBox,
+        QComboBox,
+        QLabel,
+        QProgressBar,
+        QPushButton,
+        QTableWidget,
+        QTableWidgetItem,
+        QWidget,
+    )
 
     QApplication.instance() or QApplication([])
     panel = load_with_standins()

@@ -18,16 +18,26 @@ pytest.importorskip("monai")
 
 from ConformalSegLib.cli import train_cmd  # noqa: E402
 from ConformalSegLib.common.errors import ConformalSegError  # noqa: E402
+from ConformalSegLib.evaluation.metrics import dice_from_masks  # noqa: E402
 from ConformalSegLib.inference import InferenceEngine, resolve_model  # noqa: E402
 from ConformalSegLib.io.checksums import sha256_file  # noqa: E402
 from ConformalSegLib.io.volumes import Volume  # noqa: E402
-from ConformalSegLib.evaluation.metrics import dice_from_masks  # noqa: E402
 from ConformalSegLib.phantoms.dataset import write_phantom_dataset  # noqa: E402
 from ConformalSegLib.phantoms.generator import make_phantom, phantom_seed  # noqa: E402
 from ConformalSegLib.phantoms.labels import LESION  # noqa: E402
-from ConformalSegLib.training import (DiceCELoss, PatchSampler, TrainingCancelled, TrainingConfig,  # noqa: E402
-                                      UncertaintyAwareLoss, build_card, mc_dropout_variance, phantom_cases,
-                                      prepare_case, train, weighted_soft_dice)
+from ConformalSegLib.training import (  # noqa: E402
+    DiceCELoss,
+    PatchSampler,
+    TrainingCancelled,
+    TrainingConfig,
+    UncertaintyAwareLoss,
+    build_card,
+    mc_dropout_variance,
+    phantom_cases,
+    prepare_case,
+    train,
+    weighted_soft_dice,
+)
 from ConformalSegLib.training.losses import SMOOTH, voxel_cross_entropy  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -49,7 +49,7 @@ from __future__ import annotations
 import math
 import sys
 from fractions import Fraction
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -61,12 +61,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from ConformalSegLib.common.geometry import Geometry  # noqa: E402
 from ConformalSegLib.conformal.cls import apply_threshold, calibrate_cls  # noqa: E402
 from ConformalSegLib.conformal.confidence_sets import SetStatistics, apply_sets, calibrate_sets, case_statistics  # noqa: E402
 from ConformalSegLib.conformal.crc import calibrate_crc  # noqa: E402
-from ConformalSegLib.common.geometry import Geometry  # noqa: E402
-from ConformalSegLib.conformal.summaries import LesionSummaries  # noqa: E402
 from ConformalSegLib.conformal.score_transforms import parse_transform  # noqa: E402
+from ConformalSegLib.conformal.summaries import LesionSummaries  # noqa: E402
 
 LEVEL = 0.001
 EMPTY_FRAC = 0.1
@@ -134,7 +134,7 @@ class Pool:
         return self.values[self.offsets[i]:self.offsets[i + 1]]
 
 
-@lru_cache(maxsize=None)
+@cache
 def uint16_summaries(pool_key: str) -> LesionSummaries:
     pool = POOLS(pool_key)[0]
     return LesionSummaries.from_sorted(((pool.ids[i], pool.case(i)) for i in range(len(pool.ids))), "uint16")
@@ -149,7 +149,7 @@ def uint16_window(full: LesionSummaries, start: int, n: int) -> LesionSummaries:
 CONFIG = {"n20": (20, 1000, 11), "n100": (100, 500, 12)}
 
 
-@lru_cache(maxsize=None)
+@cache
 def POOLS(key: str):
     n, T, seed = CONFIG[key]
     cal = Pool(seed, n * T, EMPTY_FRAC)
@@ -276,7 +276,7 @@ def volume_case(rng):
     return special.expit(logit).astype(np.float32), lesion
 
 
-@lru_cache(maxsize=None)
+@cache
 def set_pool():
     """SET_POOL volumes: (probability, lesion) and per-case (tau, gamma) for every transform."""
     rng = np.random.default_rng(2024)
@@ -293,7 +293,7 @@ def set_pool():
     return stats, sizes, cases
 
 
-@lru_cache(maxsize=None)
+@cache
 def set_outcomes(name: str, n: int, mode: str, alpha: float | None, alpha_inner: float | None,
                  alpha_outer: float | None):
     """Counts of (inner inside the lesion, lesion inside outer, both) over T = SET_POOL // (n + 1) trials:

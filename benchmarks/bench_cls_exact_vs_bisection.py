@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import sys
 
-import numpy as np
-
 import _common as C
 import baselines as B
+import numpy as np
+
 from ConformalSegLib.conformal.cls import critical_cutoff
 from ConformalSegLib.conformal.exact import allowed_misses
 from ConformalSegLib.conformal.summaries import lesion_values
@@ -35,6 +35,29 @@ EPSILONS_CHECKED = (0.01, 0.05, 0.1, 0.2, 0.3)
 def exact_misses(values: np.ndarray, cutoff: float) -> int:
     """Lesion voxels missed by the mask ``prob >= cutoff`` compared exactly (library convention)."""
     return int(np.count_nonzero(values < B.round_up_to_float_dtype(cutoff, values.dtype)))
+
+
+def _correctness_rows(values: np.ndarray) -> tuple[list[list[object]], int]:
+    """Per checked epsilon, both bisections' answers against the exact critical cutoff of ``values``;
+    the rows and the number of answers that violate ``FNR <= eps``."""
+    m = values.size
+
+    def check_row(eps_i: float, exact_c: float, res: B.BisectionResult, name: str) -> list[object]:
+        misses = exact_misses(values, res.cutoff)
+        ok = misses <= allowed_misses(m, eps_i)
+        return [eps_i, name, f"{exact_c:.9g}", f"{res.cutoff:.9g}", f"{res.cutoff - exact_c:+.3g}",
+                f"{res.iterations}{'' if res.converged else ' (cap)'}", f"{res.fnr:.6f}",
+                f"{misses / m:.6f}", "yes" if ok else "**NO**"]
+
+    check_rows, violations = [], 0
+    for eps_i in EPSILONS_CHECKED:
+        exact_c = critical_cutoff(values, np.ones(m, dtype=bool), eps_i)
+        for name, res in (("Algorithm 1", B.cls_bisection(B.ValuesFNR(values), eps_i)),
+                          ("largest-cutoff", B.largest_cutoff_bisection(B.ValuesFNR(values), eps_i))):
+            row = check_row(eps_i, exact_c, res, name)
+            violations += row[-1] != "yes"
+            check_rows.append(row)
+    return check_rows, violations
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -93,21 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
         ["`lesion_values` (summary: gather + sort)", C.fmt_s(t_summary), "1", C.fmt_ratio(t_summary / t_exact)],
     ]
 
-    def check_row(eps_i: float, exact_c: float, res: B.BisectionResult, name: str) -> list[object]:
-        misses = exact_misses(values, res.cutoff)
-        ok = misses <= allowed_misses(m, eps_i)
-        return [eps_i, name, f"{exact_c:.9g}", f"{res.cutoff:.9g}", f"{res.cutoff - exact_c:+.3g}",
-                f"{res.iterations}{'' if res.converged else ' (cap)'}", f"{res.fnr:.6f}",
-                f"{misses / m:.6f}", "yes" if ok else "**NO**"]
-
-    check_rows, violations = [], 0
-    for eps_i in EPSILONS_CHECKED:
-        exact_c = critical_cutoff(values, np.ones(m, dtype=bool), eps_i)
-        for name, res in (("Algorithm 1", B.cls_bisection(B.ValuesFNR(values), eps_i)),
-                          ("largest-cutoff", B.largest_cutoff_bisection(B.ValuesFNR(values), eps_i))):
-            row = check_row(eps_i, exact_c, res, name)
-            violations += row[-1] != "yes"
-            check_rows.append(row)
+    check_rows, violations = _correctness_rows(values)
 
     out = []
     out.append("### Exact critical cutoff vs bisection (one case)\n")

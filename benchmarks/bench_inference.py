@@ -31,14 +31,13 @@ import gc
 import json
 import statistics
 import sys
-import time
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
-import numpy as np
-
 import _common as C
+import numpy as np
 
 try:
     import torch

@@ -22,12 +22,19 @@ import math
 import sys
 from fractions import Fraction
 
+import _common as C
 import numpy as np
 
-import _common as C
 from ConformalSegLib.conformal.crc import crc_budget
-from ConformalSegLib.semcrc import (OmegaCurve, bisect_omega, exact_omega, omega_thresholds, solve_anchor,
-                                    stratified_sample, synthetic_intervals)
+from ConformalSegLib.semcrc import (
+    OmegaCurve,
+    bisect_omega,
+    exact_omega,
+    omega_thresholds,
+    solve_anchor,
+    stratified_sample,
+    synthetic_intervals,
+)
 from ConformalSegLib.semcrc.anchor import DEFAULT_GAMMAS
 
 EPS = 0.1

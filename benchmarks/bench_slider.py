@@ -30,16 +30,16 @@ import sys
 import time
 import warnings
 
+import _common as C
 import numpy as np
 
-import _common as C
+from ConformalSegLib.common.geometry import Geometry
 from ConformalSegLib.conformal.cls import apply_threshold, calibrate_cls
 from ConformalSegLib.conformal.confidence_sets import SetStatistics, calibrate_sets
 from ConformalSegLib.conformal.crc import calibrate_crc
-from ConformalSegLib.common.geometry import Geometry
 from ConformalSegLib.conformal.profile import CalibrationProfile
-from ConformalSegLib.conformal.summaries import LesionSummaries, SummaryBuilder
 from ConformalSegLib.conformal.score_transforms import parse_transform
+from ConformalSegLib.conformal.summaries import LesionSummaries, SummaryBuilder
 
 GOAL_S = 0.100
 EPSILONS = (0.05, 0.08, 0.1, 0.12, 0.15, 0.2, 0.25, 0.3)

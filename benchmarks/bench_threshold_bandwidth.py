@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import sys
 
+import _common as C
 import numpy as np
 
-import _common as C
 from ConformalSegLib.conformal.cls import apply_threshold, round_up_to_dtype
 
 

@@ -34,8 +34,14 @@ def main(argv: list[str] | None = None) -> int:
     args = C.parse_args(__doc__.splitlines()[0], argv, _extra)
     if args.seed == 0:
         args.seed = 3000
-    from ConformalSegLib.cascade.evaluation import (evaluate_cascade, hu_refiner, phantom_lung_cases,
-                                                    report_markdown, simulated_coarse_predictor, write_report)
+    from ConformalSegLib.cascade.evaluation import (
+        evaluate_cascade,
+        hu_refiner,
+        phantom_lung_cases,
+        report_markdown,
+        simulated_coarse_predictor,
+        write_report,
+    )
 
     n = 12 if args.quick else args.phantoms
     t0 = time.perf_counter()

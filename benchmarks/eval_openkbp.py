@@ -104,9 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
 
     from ConformalSegLib.evaluation.protocol import evaluate_dataset
+    from ConformalSegLib.evaluation.report import write_report
     from ConformalSegLib.inference import InferenceEngine, resolve_model
     from ConformalSegLib.inference.model_dataset import InferenceDataset
-    from ConformalSegLib.evaluation.report import write_report
 
     if args.quick:
         args.train, args.heldout, args.epochs, args.splits = 12, 2, 2, 10

@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import _common as C
@@ -115,23 +116,46 @@ def _model(args, train_pairs, held_pairs, shape_xyz) -> Path:  # noqa: ANN001
     return out
 
 
+def _pool_scans(engine, pairs: Iterable, organ_map) -> tuple[list, list[float], list[float]]:
+    """The denoiser's intervals on the pool (as interval scans), and each scan's raw coverage and mean length
+    inside the body."""
+    import numpy as np
+
+    from ConformalSegLib.semcrc import make_interval_scan, organ_memberships
+
+    scans, raw_cover, raw_len = [], [], []
+    for p in pairs:
+        q = engine.predict_quantiles(p.noisy)
+        labels = np.asarray(p.labels.array)
+        membership = organ_memberships(labels, organ_map, labels > 0)
+        scans.append(make_interval_scan(q.lower, q.upper, p.clean.array, membership, case_id=p.case_id))
+        counted = labels > 0
+        truth = np.asarray(p.clean.array)
+        raw_cover.append(float(np.mean((q.lower[counted] <= truth[counted]) & (truth[counted] <= q.upper[counted]))))
+        raw_len.append(float(np.mean(q.upper[counted] - q.lower[counted])))
+    return scans, raw_cover, raw_len
+
+
 def main(argv: list[str] | None = None) -> int:
     args = C.parse_args(__doc__.splitlines()[0], argv, _extra)
     print("### Real data: sem-CRC on OpenKBP denoising (eval_semcrc_openkbp.py)\n")
     if not args.data.is_dir():
         print(f"Skipped: {args.data} is absent (the real-data evaluation needs ../shared/data/openkbp).\n")
         return 0
+    import warnings
+
     import numpy as np
 
     from ConformalSegLib.inference import InferenceEngine, resolve_model
     from ConformalSegLib.io.volumes import Volume
-    from ConformalSegLib.semcrc import IntervalData, OrganMap, evaluate_interval_methods, evaluation_markdown
-    from ConformalSegLib.semcrc import make_interval_scan, organ_memberships
+    from ConformalSegLib.semcrc import (
+        IntervalData,
+        OrganMap,
+        UncontrollableRiskWarning,
+        evaluate_interval_methods,
+        evaluation_markdown,
+    )
     from ConformalSegLib.training.denoise import DenoisingPair
-
-    import warnings
-
-    from ConformalSegLib.semcrc import UncontrollableRiskWarning
 
     warnings.simplefilter("ignore", UncontrollableRiskWarning)  # reported as inf lengths in the tables
     if args.quick:
@@ -159,17 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     engine = InferenceEngine(card, device=args.device)
     organ_map = OrganMap(ORGANS)
     t0 = time.perf_counter()
-    scans, raw_cover, raw_len = [], [], []
-    for cid in pool_ids:
-        p = pair(cid)
-        q = engine.predict_quantiles(p.noisy)
-        labels = np.asarray(p.labels.array)
-        membership = organ_memberships(labels, organ_map, labels > 0)
-        scans.append(make_interval_scan(q.lower, q.upper, p.clean.array, membership, case_id=cid))
-        counted = labels > 0
-        truth = np.asarray(p.clean.array)
-        raw_cover.append(float(np.mean((q.lower[counted] <= truth[counted]) & (truth[counted] <= q.upper[counted]))))
-        raw_len.append(float(np.mean(q.upper[counted] - q.lower[counted])))
+    scans, raw_cover, raw_len = _pool_scans(engine, (pair(cid) for cid in pool_ids), organ_map)  # streamed
     data = IntervalData(scans, organ_map.groups)
     inference_s = time.perf_counter() - t0
     n_cal = len(pool_ids) // 2

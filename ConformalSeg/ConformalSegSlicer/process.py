@@ -211,7 +211,7 @@ class ProcessRunner:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def start(self) -> "ProcessRunner":
+    def start(self) -> ProcessRunner:
         if self._proc is not None:
             raise RuntimeError("this runner was already started")
         self._proc = self._popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,

@@ -344,7 +344,7 @@ class ProcessPump:
         self.timer.setInterval(intervalMsec)
         self.timer.timeout.connect(self._tick)
 
-    def start(self) -> "ProcessPump":
+    def start(self) -> ProcessPump:
         if not self.runner.started:
             self.runner.start()
         self.timer.start()

@@ -32,14 +32,14 @@ from os import PathLike
 
 import numpy as np
 
-from ConformalSegLib.conformal.cls import apply_threshold, round_up_to_dtype
-from ConformalSegLib.conformal.confidence_sets import SetsCalibration
 from ConformalSegLib.common.errors import CalibrationSetTooSmallWarning, ConformalSegError
 from ConformalSegLib.common.geometry import Geometry
-from ConformalSegLib.io.segmentation import INNER_SET, LESION_FNR, LESION_THRESHOLD, OUTER_SET
-from ConformalSegLib.io.volumes import PROBABILITY_TOLERANCE
+from ConformalSegLib.conformal.cls import apply_threshold, round_up_to_dtype
+from ConformalSegLib.conformal.confidence_sets import SetsCalibration
 from ConformalSegLib.conformal.profile import LESION_CRC, CalibrationProfile, load_profile
 from ConformalSegLib.conformal.score_transforms import parse_transform
+from ConformalSegLib.io.segmentation import INNER_SET, LESION_FNR, LESION_THRESHOLD, OUTER_SET
+from ConformalSegLib.io.volumes import PROBABILITY_TOLERANCE
 
 #: Decimals of the panel's sliders (and of the parameter node's ``Decimals`` annotation).
 SLIDER_DECIMALS = 3
@@ -62,7 +62,7 @@ class SliderSettings:
     alpha_outer: float = 0.1
     include_threshold: bool = False
 
-    def snapped(self) -> "SliderSettings":
+    def snapped(self) -> SliderSettings:
         return replace(self, epsilon=snap(self.epsilon), alpha=snap(self.alpha), alpha_inner=snap(self.alpha_inner),
                        alpha_outer=snap(self.alpha_outer))
 
@@ -217,7 +217,7 @@ class SliderState:
         self._scores: dict[str, np.ndarray] = {}
 
     @classmethod
-    def from_files(cls, paths: Iterable[str | PathLike[str]], probability: np.ndarray, geometry: Geometry) -> "SliderState":
+    def from_files(cls, paths: Iterable[str | PathLike[str]], probability: np.ndarray, geometry: Geometry) -> SliderState:
         return cls([load_profile(p) for p in paths], probability, geometry)
 
     # ------------------------------------------------------------------ helpers

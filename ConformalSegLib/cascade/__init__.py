@@ -9,8 +9,17 @@ objects or predictor callables.
 
 from __future__ import annotations
 
-from .components import (ComponentInfo, filter_lung_overlap, filter_min_volume, label_components, lung_distances_mm,
-                         lung_overlap_fractions, merge_components, select_components, top_k)
+from .components import (
+                         ComponentInfo,
+                         filter_lung_overlap,
+                         filter_min_volume,
+                         label_components,
+                         lung_distances_mm,
+                         lung_overlap_fractions,
+                         merge_components,
+                         select_components,
+                         top_k,
+)
 from .config import CascadeConfig, CascadeConfigError, load_cascade_config
 from .lungs import classical_lung_mask, lung_mask_from_labels
 from .pipeline import CascadeCancelled, CascadeResult, StageOutput, as_predictor, compute_lung_mask, run_cascade

@@ -21,8 +21,8 @@ lung-overlap filter with the borderline rescue -> Top-K by volume.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -46,14 +46,14 @@ def structure(connectivity: int = 26) -> np.ndarray:
     return ndimage.generate_binary_structure(3, {6: 1, 18: 2, 26: 3}[connectivity])
 
 
-def _spacing(spacing_zyx: Sequence[float]) -> np.ndarray:
+def _spacing(spacing_zyx: Sequence[float] | np.ndarray) -> np.ndarray:
     sp = np.asarray(spacing_zyx, dtype=float)
     if sp.shape != (3,) or not np.all(np.isfinite(sp)) or np.any(sp <= 0):
         raise ConformalSegError(f"spacing must be three positive numbers in numpy (z, y, x) order, got {spacing_zyx!r}")
     return sp
 
 
-def ball(radius_mm: float, spacing_zyx: Sequence[float]) -> np.ndarray:
+def ball(radius_mm: float, spacing_zyx: Sequence[float] | np.ndarray) -> np.ndarray:
     """Boolean structuring element: voxel offsets within ``radius_mm`` of the centre (see module docstring)."""
     sp = _spacing(spacing_zyx)
     reach = np.floor(max(float(radius_mm), 0.0) / sp + 1e-9).astype(int)
@@ -82,7 +82,7 @@ def label_components(mask: np.ndarray, connectivity: int = 26) -> tuple[np.ndarr
     return labels.astype(np.int32, copy=False), int(n)
 
 
-def merge_components(mask: np.ndarray, spacing_zyx: Sequence[float], radius_mm: float,
+def merge_components(mask: np.ndarray, spacing_zyx: Sequence[float] | np.ndarray, radius_mm: float,
                      connectivity: int = 26) -> tuple[np.ndarray, int]:
     """Component merging by 3D dilation (paper step 1).
 
@@ -108,7 +108,7 @@ def _counts(labels: np.ndarray) -> np.ndarray:
     return np.bincount(np.asarray(labels).ravel())
 
 
-def component_volumes_mm3(labels: np.ndarray, spacing_zyx: Sequence[float]) -> dict[int, float]:
+def component_volumes_mm3(labels: np.ndarray, spacing_zyx: Sequence[float] | np.ndarray) -> dict[int, float]:
     """``{id: volume in mm³}`` of every non-zero id present."""
     counts = _counts(labels)
     voxel = float(np.prod(_spacing(spacing_zyx)))
@@ -120,7 +120,7 @@ def _keep(labels: np.ndarray, ids: Sequence[int] | np.ndarray) -> np.ndarray:
     return np.where(np.isin(labels, np.asarray(list(ids), dtype=labels.dtype)), labels, 0).astype(labels.dtype)
 
 
-def filter_min_volume(labels: np.ndarray, spacing_zyx: Sequence[float], min_volume_mm3: float) -> np.ndarray:
+def filter_min_volume(labels: np.ndarray, spacing_zyx: Sequence[float] | np.ndarray, min_volume_mm3: float) -> np.ndarray:
     """Keep components whose volume (mm³) is **>=** ``min_volume_mm3``."""
     volumes = component_volumes_mm3(labels, spacing_zyx)
     return _keep(labels, [i for i, v in volumes.items() if v >= float(min_volume_mm3)])
@@ -138,7 +138,7 @@ def lung_overlap_fractions(labels: np.ndarray, lung: np.ndarray) -> dict[int, fl
     return {int(i): float(inside[i]) / float(total[i]) for i in np.flatnonzero(total) if i != 0}
 
 
-def lung_distances_mm(labels: np.ndarray, lung: np.ndarray, spacing_zyx: Sequence[float]) -> dict[int, float]:
+def lung_distances_mm(labels: np.ndarray, lung: np.ndarray, spacing_zyx: Sequence[float] | np.ndarray) -> dict[int, float]:
     """``{id: distance in mm from the component to the lung}``: the minimum over the component's voxels of
     the Euclidean distance between its centre and the nearest lung voxel centre. 0 for a component
     that overlaps the lung; one voxel spacing for one that merely touches it; ``inf`` without lung."""
@@ -152,7 +152,7 @@ def lung_distances_mm(labels: np.ndarray, lung: np.ndarray, spacing_zyx: Sequenc
     return {i: float(d) for i, d in zip(ids, np.atleast_1d(minima))}
 
 
-def filter_lung_overlap(labels: np.ndarray, lung: np.ndarray, spacing_zyx: Sequence[float], *,
+def filter_lung_overlap(labels: np.ndarray, lung: np.ndarray, spacing_zyx: Sequence[float] | np.ndarray, *,
                         min_overlap: float = 0.8, rescue_distance_mm: float | None = None,
                         rescue_min_volume_mm3: float = 0.0) -> np.ndarray:
     """Lung-overlap filtering with the borderline rescue (paper steps 2 and 3).
@@ -226,7 +226,7 @@ class ComponentInfo:
         return asdict(self)
 
 
-def select_components(mask: np.ndarray, spacing_zyx: Sequence[float], *, lung: np.ndarray | None = None,
+def select_components(mask: np.ndarray, spacing_zyx: Sequence[float] | np.ndarray, *, lung: np.ndarray | None = None,
                       connectivity: int = 26, merge_radius_mm: float | None = None,
                       min_volume_mm3: float | None = None, min_lung_overlap: float | None = 0.8,
                       rescue_distance_mm: float | None = None, rescue_min_volume_mm3: float = 0.0,

@@ -115,7 +115,7 @@ class CascadeConfig:
         return atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n", force=force)
 
     @classmethod
-    def from_dict(cls, data: Any, path: str | PathLike[str] | None = None) -> "CascadeConfig":
+    def from_dict(cls, data: Any, path: str | PathLike[str] | None = None) -> CascadeConfig:
         """Validate a parsed config; ``path`` names the file in errors."""
         where = None if path is None else Path(path)
         if not isinstance(data, dict):
@@ -156,7 +156,7 @@ class CascadeConfig:
         p = Path(value)
         return p if p.is_absolute() or self.path is None else self.path.parent / p
 
-    def replace(self, **changes: Any) -> "CascadeConfig":
+    def replace(self, **changes: Any) -> CascadeConfig:
         """A copy with some parameters changed (validated again), e.g. ``config.replace(top_k=2)``."""
         return dataclasses.replace(self, **changes)
 

@@ -27,17 +27,18 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 from scipy import ndimage, stats
 
 from ..common.jsonable import jsonable
-from ..io.volumes import Volume
 from ..evaluation.metrics import dice_from_masks, finite_mean, hd95
+from ..io.volumes import Volume
 from .components import label_components
 from .config import CascadeConfig
 from .pipeline import StageOutput, compute_lung_mask, run_cascade
@@ -141,23 +142,23 @@ def hu_refiner(*, centre_hu: float = -350.0, width_hu: float = 60.0, smooth_mm: 
     return predict
 
 
-def case_metrics(probability: np.ndarray, truth: np.ndarray, spacing_zyx: Sequence[float],
+def case_metrics(probability: np.ndarray, truth: np.ndarray, spacing_zyx: Sequence[float] | np.ndarray,
                  threshold: float = 0.5) -> dict[str, float]:
     """Dice and HD95 (mm) of ``probability >= threshold`` against ``truth``."""
     mask = np.asarray(probability) >= np.float32(threshold)
     return {"dice": dice_from_masks(mask, truth), "hd95": hd95(mask, truth, spacing_zyx)}
 
 
-def correlation(x: Sequence[float], y: Sequence[float]) -> dict[str, float]:
+def correlation(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -> dict[str, float]:
     """Pearson and Spearman correlation with two-sided p-values over the pairs where both are finite."""
-    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    ok = np.isfinite(x) & np.isfinite(y)
-    x, y = x[ok], y[ok]
+    xa, ya = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    ok = np.isfinite(xa) & np.isfinite(ya)
+    xs, ys = xa[ok], ya[ok]
     out = {"n": int(ok.sum()), "pearson_r": math.nan, "pearson_p": math.nan, "spearman_rho": math.nan,
            "spearman_p": math.nan}
-    if x.size >= 3 and np.ptp(x) > 0 and np.ptp(y) > 0:
-        r = stats.pearsonr(x, y)
-        s = stats.spearmanr(x, y)
+    if xs.size >= 3 and np.ptp(xs) > 0 and np.ptp(ys) > 0:
+        r = stats.pearsonr(xs, ys)
+        s = stats.spearmanr(xs, ys)
         out.update(pearson_r=float(r[0]), pearson_p=float(r[1]), spearman_rho=float(s[0]), spearman_p=float(s[1]))
     return out
 

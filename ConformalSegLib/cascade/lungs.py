@@ -26,7 +26,7 @@ The result is boolean; an all-False mask when nothing qualifies (e.g. an abdomin
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -68,7 +68,7 @@ def _largest(labels: np.ndarray, n: int) -> np.ndarray:
     return labels == int(np.argmax(counts))
 
 
-def classical_lung_mask(image_hu: np.ndarray, spacing_zyx: Sequence[float], *, body_hu: float = -500.0,
+def classical_lung_mask(image_hu: np.ndarray, spacing_zyx: Sequence[float] | np.ndarray, *, body_hu: float = -500.0,
                         air_hu: float = -400.0, closing_mm: float = 3.0, min_volume_mm3: float = 10_000.0,
                         second_lung_fraction: float = 0.1) -> np.ndarray:
     """Lungs of a CT (HU) by thresholds and morphology; see the module docstring for the steps."""

@@ -51,8 +51,9 @@ mc_dropout=mc_passes)``); tests and studies may pass cheap stand-ins through exa
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -218,10 +219,11 @@ def run_cascade(volume: Volume, config: CascadeConfig, stage1: Any, stage2: Any 
     _check_cancel(cancel)
     coarse = _stage_output(predict1(volume, 0), shape, "stage 1", False).probability
     if lung_mask is not None:
-        lung = np.asarray(lung_mask, dtype=bool)
-        if lung.shape != shape:
-            raise ConformalSegError(f"the lung mask has shape {lung.shape}, the image {shape}",
+        given = np.asarray(lung_mask, dtype=bool)
+        if given.shape != shape:
+            raise ConformalSegError(f"the lung mask has shape {given.shape}, the image {shape}",
                                     fix="give a lung mask on the image's grid")
+        lung: np.ndarray | None = given
     else:
         lung = compute_lung_mask(volume, config, lung_labels)
     spacing = geometry.spacing_zyx
@@ -245,6 +247,7 @@ def run_cascade(volume: Volume, config: CascadeConfig, stage1: Any, stage2: Any 
         out = _stage_output(predict2(crop, mc), crop.geometry.shape, f"stage 2 (ROI of component {cid})", bool(mc))
         paste_max(roi_probability, out.probability, box)
         if variance is not None:
+            assert out.variance is not None  # checked by _stage_output when mc
             paste_max(variance, out.variance, box)
         covered[box] = True
         report(done, total, f"stage 2: ROI {done - 1} of {len(boxes)}")

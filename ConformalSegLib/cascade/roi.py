@@ -14,7 +14,7 @@ one ROI covers the voxel, the maximum over ROIs where several overlap, 0 elsewhe
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -36,6 +36,7 @@ def margin_voxels(spacing_zyx: Sequence[float], *, voxels: int | None = None,
         if isinstance(voxels, bool) or int(voxels) != voxels or voxels < 0:
             raise ConformalSegError(f"the ROI margin in voxels must be an integer >= 0, got {voxels!r}")
         return (int(voxels),) * 3
+    assert mm is not None
     if not math.isfinite(mm) or mm < 0:
         raise ConformalSegError(f"the ROI margin in mm must be >= 0, got {mm!r}")
     return tuple(int(math.ceil(float(mm) / float(s) - 1e-9)) for s in spacing_zyx)  # type: ignore[return-value]

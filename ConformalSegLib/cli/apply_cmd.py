@@ -6,12 +6,12 @@ import argparse
 import json
 from pathlib import Path
 
+from ..common.errors import ConformalSegError
 from ..conformal.cls import apply_threshold
+from ..conformal.profile import load_profile
 from ..io.atomic import atomic_write_text, check_can_write
 from ..io.segmentation import LESION_THRESHOLD, write_masks_nifti, write_seg_nrrd
-from ..common.errors import ConformalSegError
 from ..io.volumes import Volume, load_image, load_probability_map, save_volume
-from ..conformal.profile import load_profile
 from .cascade_options import add_cascade_argument, cascade_predictor_from_args
 from .common import add_force
 from .interval_options import add_interval_apply_arguments, is_interval_profile, run_interval_apply

@@ -5,15 +5,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..common.errors import ConformalSegError
 from ..conformal.calibration import CalibrationRequest, calibrate
 from ..conformal.confidence_sets import select_transforms
 from ..conformal.score_transforms import DEFAULT_CANDIDATES
-from ..common.errors import ConformalSegError
 from ..io.atomic import check_can_write
+from ..io.checksums import sha256_file
 from ..io.dataset import CalibrationDataset
-from ..conformal.profile import sha256_file
-from .interval_options import INTERVAL_METHODS, add_interval_arguments, run_interval_calibrate
 from .common import add_empty_option, add_force, add_lesion_options, progress_bar
+from .interval_options import INTERVAL_METHODS, add_interval_arguments, run_interval_calibrate
 from .model_options import add_model_options, open_model_dataset
 
 

@@ -57,7 +57,7 @@ class CascadePredictor:
 
     # engine-like attributes (of the stage-1 engine, except the card: see CascadeCard)
     @property
-    def card(self) -> "CascadeCard":
+    def card(self) -> CascadeCard:
         return CascadeCard(self)
 
     @property
@@ -175,7 +175,7 @@ def cascade_predictor_from_args(args: argparse.Namespace) -> CascadePredictor | 
                                 fix="set stage1_model in the cascade config or pass --model")
     seed = getattr(args, "dropout_seed", None)
     seed = getattr(args, "seed", 0) if seed is None else seed
-    options = {"device": getattr(args, "device", "auto"), "amp": not getattr(args, "no_amp", False),
+    options: dict[str, Any] = {"device": getattr(args, "device", "auto"), "amp": not getattr(args, "no_amp", False),
                "sw_batch_size": getattr(args, "sw_batch_size", None), "seed": seed}
     stage1 = InferenceEngine(resolve_model(first), **options)
     second = config.model_path(2)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
-from typing import Callable
+from collections.abc import Callable
+from typing import Any
 
 from ..common.errors import CalibrationSetTooSmallWarning
 
@@ -31,7 +32,7 @@ def progress_bar(description: str) -> Callable[[int, int, str], None]:
     """A ``progress(done, total, label)`` callback drawing a tqdm bar on stderr (plain lines when not a tty)."""
     from tqdm import tqdm
 
-    state: dict[str, object] = {}
+    state: dict[str, Any] = {}
 
     def update(done: int, total: int, label: str = "") -> None:
         bar = state.get("bar")

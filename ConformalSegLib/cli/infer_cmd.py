@@ -31,6 +31,7 @@ import json
 import platform
 import time
 from pathlib import Path
+from typing import Any
 
 from .. import __version__
 from ..common.errors import ConformalSegError
@@ -98,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     cascade = cascade_predictor_from_args(args)  # builds its own engines from the config (and --model)
     if cascade is None and args.model is None:
         raise ConformalSegError("no model given", fix="pass --model CARD.json (or --cascade CONFIG)")
-    card = cascade.card if cascade is not None else resolve_model(args.model)
+    card: Any = cascade.card if cascade is not None else resolve_model(args.model)  # a CascadeCard reads like one
     quantile = card.output.is_quantile
     if quantile and (args.mc_dropout or args.tta or cascade is not None):
         raise ConformalSegError(f"{card.describe()} is a quantile regression model: --mc-dropout, --tta and "
@@ -117,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
                                     fix="pass --force to overwrite or choose another --out")
     check_can_write(report_path, force=args.force)
 
-    engine = cascade or InferenceEngine(card, device=args.device, amp=not args.no_amp,
+    engine: Any = cascade or InferenceEngine(card, device=args.device, amp=not args.no_amp,
                                         sw_batch_size=args.sw_batch_size, seed=args.seed)
     progress = progress_bar("inference")
     records = []

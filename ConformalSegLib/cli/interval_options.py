@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 from ..common.errors import ConformalSegError
 from ..io.atomic import check_can_write
@@ -33,7 +34,7 @@ __all__ = ["INTERVAL_METHODS", "add_interval_arguments", "add_interval_apply_arg
            "run_interval_evaluate"]
 
 
-def _add(parser: argparse.ArgumentParser, flag: str, **kwargs) -> None:
+def _add(parser: argparse._ActionsContainer, flag: str, **kwargs: Any) -> None:
     if flag not in parser._option_string_actions:  # noqa: SLF001 - argparse has no public query
         parser.add_argument(flag, **kwargs)
 
@@ -58,7 +59,8 @@ def add_interval_arguments(parser: argparse.ArgumentParser) -> None:
          help="voxels that count: all (default) or label > 0 in the organ map (excludes background)")
     _add(g, "--n-opt", type=int, default=32, help="k-crc/sem-crc: scans of the optimisation split S_opt (default 32)")
     _add(g, "--d-opt", type=int, default=None,
-         help="voxels per S_opt scan for the anchor problem (default: k-crc 50; sem-crc d_min / smallest organ fraction)")
+         help="voxels per S_opt scan for the anchor problem "
+                        "(default: k-crc 50; sem-crc d_min / smallest organ fraction)")
     _add(g, "--d-min", type=int, default=2, help="sem-crc: at least this many sampled voxels per organ and scan")
     _add(g, "--k-groups", type=int, default=4, help="k-crc: number of loss-quantile groups K (default 4)")
     _add(g, "--gammas", type=_gammas, default=DEFAULT_GAMMAS,

@@ -56,7 +56,8 @@ def open_model_dataset(args: argparse.Namespace, description: str):
     if cache is None:
         temporary = tempfile.TemporaryDirectory(prefix="conformalseg-probs-")
         cache = Path(temporary.name) / "probs"
-    dataset = InferenceDataset(engine, args.images, args.labels, args.lesion_label, cache, mc_dropout=args.mc_dropout,
+    dataset = InferenceDataset(engine, args.images,  # type: ignore[arg-type]  # a cascade predicts like an engine
+                               args.labels, args.lesion_label, cache, mc_dropout=args.mc_dropout,
                                tta_flips=args.tta, progress=progress_bar(description))
-    dataset.temporary_cache = temporary  # removed when the dataset is garbage collected or at exit
+    dataset.temporary_cache = temporary  # type: ignore[attr-defined]  # removed when the dataset is garbage collected or at exit
     return dataset

@@ -31,9 +31,9 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 class Geometry:
     """Physical grid of a 3D volume: array shape (numpy order) and ITK-ordered spacing/origin/direction."""
 
-    shape: tuple[int, int, int]
-    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
-    origin: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    shape: tuple[int, ...]  #: three values (checked)
+    spacing: tuple[float, ...] = (1.0, 1.0, 1.0)  #: three values (checked)
+    origin: tuple[float, ...] = (0.0, 0.0, 0.0)  #: three values (checked)
     direction: tuple[float, ...] = field(default=IDENTITY_DIRECTION)
 
     def __post_init__(self) -> None:
@@ -73,9 +73,10 @@ class Geometry:
     def ijk_to_ras(self) -> np.ndarray:
         """4x4 matrix mapping ITK index (i, j, k) to RAS physical coordinates (Slicer's IJK-to-RAS,
         MONAI's and nibabel's affine)."""
-        return LPS_TO_RAS @ self.ijk_to_lps()
+        ras: np.ndarray = LPS_TO_RAS @ self.ijk_to_lps()
+        return ras
 
-    def mismatch(self, other: "Geometry", *, rtol: float = 1e-4, atol_mm: float = 1e-3) -> str | None:
+    def mismatch(self, other: Geometry, *, rtol: float = 1e-4, atol_mm: float = 1e-3) -> str | None:
         """Describe how ``other`` differs from this geometry, or ``None`` when they match.
 
         Spacing is compared relatively (``rtol``), origin in mm (``atol_mm`` plus ``rtol`` of the
@@ -106,5 +107,8 @@ def geometry_from_ijk_to_ras(ijk_to_ras: np.ndarray, shape_zyx: tuple[int, ...] 
     spacing = np.linalg.norm(axes, axis=0)
     if np.any(spacing <= 0) or not np.all(np.isfinite(spacing)):
         raise ValueError("IJK-to-RAS matrix has a zero or invalid column (degenerate volume geometry)")
-    return Geometry(shape=tuple(int(s) for s in shape_zyx), spacing=tuple(spacing), origin=tuple(lps[:3, 3]),
-                    direction=tuple((axes / spacing).reshape(-1)))
+    nz, ny, nx = (int(s) for s in shape_zyx)
+    sx, sy, sz = (float(s) for s in spacing)
+    ox, oy, oz = (float(o) for o in lps[:3, 3])
+    return Geometry(shape=(nz, ny, nx), spacing=(sx, sy, sz), origin=(ox, oy, oz),
+                    direction=tuple(float(d) for d in (axes / spacing).reshape(-1)))

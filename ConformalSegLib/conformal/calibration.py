@@ -7,22 +7,21 @@ whatever the number of cases.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Iterable
+from typing import Any, cast
 
 import numpy as np
 
-from .cls import calibrate_cls
-from .confidence_sets import SetStatisticsBuilder, calibrate_sets
-from .crc import calibrate_crc
 from ..common.errors import ConformalSegError
 from ..common.geometry import Geometry
+from .cls import ThresholdCalibration, calibrate_cls
+from .confidence_sets import SetsCalibration, SetStatistics, SetStatisticsBuilder, calibrate_sets
+from .crc import calibrate_crc
 from .profile import METHODS, CalibrationProfile
-from .summaries import SummaryBuilder
 from .score_transforms import parse_transform
-
-
+from .summaries import SummaryBuilder
 
 
 @dataclass(frozen=True)
@@ -65,7 +64,7 @@ class CalibrationRequest:
 def _parts(case: Any) -> tuple[str, np.ndarray, np.ndarray, Geometry]:
     """Accept io.Case (Volume members) or any object with arrays and a geometry."""
     probability, lesion = case.probability, case.lesion
-    geometry = getattr(case, "geometry", None)
+    geometry = cast(Geometry, getattr(case, "geometry", None))  # None is fine for CLS / CRC
     if hasattr(probability, "array"):
         geometry = probability.geometry
         probability, lesion = probability.array, lesion.array
@@ -86,13 +85,16 @@ def calibrate(cases: Iterable[Any], request: CalibrationRequest) -> CalibrationP
     if lesion_summaries.n == 0:
         raise ConformalSegError("no calibration cases found", fix="check the --probs and --labels folders")
     empty = request.empty_policy
+    calibration: ThresholdCalibration | SetsCalibration
+    stats: SetStatistics | None = None
     if request.method == "cls":
+        assert request.epsilon is not None and request.alpha is not None  # checked in __post_init__
         calibration = calibrate_cls(lesion_summaries, request.epsilon, request.alpha, empty=empty)
-        stats = None
     elif request.method == "crc":
+        assert request.epsilon is not None  # checked in __post_init__
         calibration = calibrate_crc(lesion_summaries, request.epsilon, empty=empty)
-        stats = None
     else:
+        assert sets is not None
         stats = sets.build()
         used = stats if empty == "include" else stats.without_empty()
         calibration = calibrate_sets(used, alpha=request.alpha, alpha_inner=request.alpha_inner,

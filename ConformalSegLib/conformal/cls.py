@@ -160,7 +160,7 @@ def round_up_to_dtype(value: float, dtype: np.dtype) -> np.floating:
     dtype = np.dtype(dtype)
     if dtype.kind != "f":
         dtype = np.dtype(np.float64)
-    cast = dtype.type(value)
+    cast: np.floating = dtype.type(value)
     if float(cast) < value:
         cast = np.nextafter(cast, dtype.type(np.inf))
     return cast

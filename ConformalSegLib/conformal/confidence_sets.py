@@ -42,15 +42,17 @@ Conventions and edge cases
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from fractions import Fraction
+from typing import Any
 
 import numpy as np
 
-from .cls import apply_threshold, too_small_message
 from ..common.errors import CalibrationSetTooSmallWarning, ConformalSegError
-from .exact import as_fraction, check_alpha, conformal_rank, min_calibration_size
 from ..common.geometry import Geometry
+from .cls import apply_threshold, too_small_message
+from .exact import as_fraction, check_alpha, conformal_rank, min_calibration_size
 from .score_transforms import IDENTITY, ScoreTransform, parse_transform
 
 MODES = ("marginal", "joint-split", "joint-max")
@@ -93,13 +95,13 @@ class SetStatistics:
     def n(self) -> int:
         return len(self.case_ids)
 
-    def subset(self, indices: Sequence[int] | np.ndarray) -> "SetStatistics":
+    def subset(self, indices: Sequence[int] | np.ndarray) -> SetStatistics:
         idx = np.asarray(indices, dtype=np.int64)
         sizes = self.lesion_sizes[idx] if self.lesion_sizes.size else self.lesion_sizes
         return SetStatistics(self.tau[idx], self.gamma[idx], tuple(self.case_ids[i] for i in idx),
                              self.inner_transform, self.outer_transform, sizes)
 
-    def without_empty(self) -> "SetStatistics":
+    def without_empty(self) -> SetStatistics:
         if not self.lesion_sizes.size:
             raise ValueError("lesion sizes unknown")
         return self.subset(np.flatnonzero(self.lesion_sizes > 0))
@@ -108,7 +110,8 @@ class SetStatistics:
         return {"sets_tau": self.tau, "sets_gamma": self.gamma, "sets_lesion_sizes": self.lesion_sizes}
 
     @classmethod
-    def from_arrays(cls, arrays, case_ids: Sequence[str], inner_transform: str, outer_transform: str) -> "SetStatistics":
+    def from_arrays(cls, arrays: Mapping[str, Any], case_ids: Sequence[str], inner_transform: str,
+                    outer_transform: str) -> SetStatistics:
         return cls(np.asarray(arrays["sets_tau"], np.float64), np.asarray(arrays["sets_gamma"], np.float64),
                    tuple(case_ids), inner_transform, outer_transform,
                    np.asarray(arrays["sets_lesion_sizes"], np.int64))
@@ -193,7 +196,7 @@ def resolve_levels(alpha: float | None, alpha_inner: float | None, alpha_outer: 
     return max(alpha_inner, alpha_outer), alpha_inner, alpha_outer
 
 
-def _largest_float_at_most(value) -> float:
+def _largest_float_at_most(value: Fraction) -> float:
     """The largest float whose decimal reading (:func:`as_fraction`) does not exceed ``value``, so that
     default levels never break ``alpha_inner + alpha_outer <= alpha`` by a rounding."""
     x = float(value)
@@ -243,7 +246,8 @@ def _greater(values: np.ndarray, threshold: float) -> np.ndarray:
     cast = dtype.type(threshold)
     if float(cast) > threshold:
         cast = np.nextafter(cast, dtype.type(-np.inf))
-    return values > cast
+    above: np.ndarray = values > cast
+    return above
 
 
 def _at_least(values: np.ndarray, threshold: float) -> np.ndarray:

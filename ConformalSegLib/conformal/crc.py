@@ -38,8 +38,8 @@ from fractions import Fraction
 
 import numpy as np
 
-from .cls import ThresholdCalibration, too_small_message, used_cases
 from ..common.errors import CalibrationSetTooSmallWarning, ConformalSegError
+from .cls import ThresholdCalibration, too_small_message, used_cases
 from .exact import check_epsilon
 from .summaries import LesionSummaries
 

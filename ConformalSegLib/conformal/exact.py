@@ -100,7 +100,8 @@ def allowed_misses_array(lesion_sizes: np.ndarray, epsilon: float) -> np.ndarray
     p, q = e.numerator, e.denominator
     largest = int(sizes.max()) if sizes.size else 0
     if p * largest < _INT64_SAFE and q < _INT64_SAFE:
-        return (sizes * np.int64(p)) // np.int64(q)
+        allowed: np.ndarray = (sizes * np.int64(p)) // np.int64(q)
+        return allowed
     return np.array([(p * int(m)) // q for m in sizes], dtype=np.int64)
 
 

@@ -23,12 +23,14 @@ def guarantee_sentence(calibration: ThresholdCalibration | SetsCalibration) -> s
     if isinstance(calibration, SetsCalibration):
         return _sets_sentence(calibration)
     if calibration.method == "cls":
+        assert calibration.alpha is not None  # CLS always has one
         sentence = (f"With probability at least {percent(1 - calibration.alpha)}, at most "
                     f"{percent(calibration.epsilon)} of the lesion voxels of a new scan are missed; "
                     f"{_cases(calibration.n, 'scan')} with a lesion.")
         if calibration.is_trivial:
             sentence += (f" Warning: {calibration.n} scans are too few for alpha = {calibration.alpha:g} "
-                         f"(at least {min_calibration_size(calibration.alpha)} are needed), so the mask is the whole image.")
+                         f"(at least {min_calibration_size(calibration.alpha)} are needed), so the mask is the whole "
+                         "image.")
         return sentence
     sentence = (f"On average over new scans, at most {percent(calibration.epsilon)} of the lesion voxels are "
                 f"missed (expected FNR control); {_cases(calibration.n, 'scan')} with a lesion.")
@@ -52,5 +54,6 @@ def _sets_sentence(c: SetsCalibration) -> str:
     if math.isinf(c.inner_threshold) and c.inner_threshold > 0 or (math.isinf(c.outer_threshold) and c.outer_threshold < 0):
         level = min(c.alpha_inner, c.alpha_outer)
         sentence += (f" Warning: {c.n} scans are too few for alpha = {level:g} (at least "
-                     f"{min_calibration_size(level)} are needed): the inner set is empty and/or the outer set is the whole image.")
+                     f"{min_calibration_size(level)} are needed): the inner set is empty and/or the outer set is the "
+                     "whole image.")
     return sentence

@@ -35,15 +35,15 @@ from typing import Any
 import numpy as np
 
 from .. import __version__
-from .cls import ThresholdCalibration, apply_threshold, calibrate_cls
-from .confidence_sets import SetsCalibration, SetStatistics, apply_sets, calibrate_sets
-from .crc import calibrate_crc
 from ..common.errors import ConformalSegError
 from ..common.geometry import Geometry
-from .guarantee_sentences import guarantee_sentence
 from ..io.atomic import atomic_write_bytes, atomic_write_text, check_can_write
 from ..io.checksums import sha256_file
 from ..io.segmentation import INNER_SET, LESION_FNR, OUTER_SET
+from .cls import ThresholdCalibration, apply_threshold, calibrate_cls
+from .confidence_sets import SetsCalibration, SetStatistics, apply_sets, calibrate_sets
+from .crc import calibrate_crc
+from .guarantee_sentences import guarantee_sentence
 from .summaries import LesionSummaries
 
 FORMAT = "conformalseg-profile"
@@ -96,9 +96,10 @@ class CalibrationProfile:
     # ----------------------------------------------------------------- recalibration and application
     def recalibrate(self, *, epsilon: float | None = None, alpha: float | None = None,
                     alpha_inner: float | None = None, alpha_outer: float | None = None,
-                    mode: str | None = None) -> "CalibrationProfile":
+                    mode: str | None = None) -> CalibrationProfile:
         """A profile for new parameters, computed from the stored summaries only (no volume)."""
         c = self.calibration
+        new: ThresholdCalibration | SetsCalibration
         if isinstance(c, SetsCalibration):
             assert self.set_statistics is not None
             mode = mode or c.mode
@@ -107,8 +108,10 @@ class CalibrationProfile:
             stats = self.set_statistics if self.empty_policy == "include" else self.set_statistics.without_empty()
             new = calibrate_sets(stats, alpha=alpha, alpha_inner=alpha_inner, alpha_outer=alpha_outer, mode=mode)
         elif c.method == "cls":
-            new = calibrate_cls(self.summaries, c.epsilon if epsilon is None else epsilon,
-                                c.alpha if alpha is None else alpha, empty=self.empty_policy)
+            level = c.alpha if alpha is None else alpha
+            assert level is not None  # CLS profiles have an alpha
+            new = calibrate_cls(self.summaries, c.epsilon if epsilon is None else epsilon, level,
+                                empty=self.empty_policy)
         else:
             new = calibrate_crc(self.summaries, c.epsilon if epsilon is None else epsilon, empty=self.empty_policy)
         return dataclasses.replace(self, calibration=new)
@@ -165,7 +168,7 @@ class CalibrationProfile:
         check_can_write(path, force=force)
         check_can_write(npz_path, force=force)
         buffer = io.BytesIO()
-        np.savez_compressed(buffer, **self.summary_arrays())
+        np.savez_compressed(buffer, **self.summary_arrays())  # type: ignore[arg-type]  # numpy's stub: allow_pickle
         data = buffer.getvalue()
         atomic_write_bytes(npz_path, data, force=force)
         doc = self.to_json_dict(npz_path.name, hashlib.sha256(data).hexdigest())
@@ -230,6 +233,7 @@ def load_profile(path: str | PathLike[str]) -> CalibrationProfile:
 
     empty_policy = doc.get("empty_policy", "exclude")
     if method == "sets":
+        assert stats is not None  # read above for sets profiles
         calibration: ThresholdCalibration | SetsCalibration = SetsCalibration(
             str(_require(doc, "mode", path)), float(_require(doc, "alpha", path)), float(_require(doc, "alpha_inner", path)),
             float(_require(doc, "alpha_outer", path)), n,
@@ -258,8 +262,11 @@ def _check_consistent(profile: CalibrationProfile, path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         again = profile.recalibrate().calibration
-    same = (again.inner_threshold == c.inner_threshold and again.outer_threshold == c.outer_threshold) \
-        if isinstance(c, SetsCalibration) else again.probability_threshold == c.probability_threshold
+    if isinstance(c, SetsCalibration) and isinstance(again, SetsCalibration):
+        same = again.inner_threshold == c.inner_threshold and again.outer_threshold == c.outer_threshold
+    else:
+        assert isinstance(c, ThresholdCalibration) and isinstance(again, ThresholdCalibration)
+        same = again.probability_threshold == c.probability_threshold
     if not same:
         raise ConformalSegError("the stored threshold does not follow from the stored summaries (edited by hand?)",
                                 path=path, fix=RERUN_FIX)

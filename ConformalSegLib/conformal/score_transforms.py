@@ -1,8 +1,9 @@
 """Score transforms for conformal confidence sets (Davenport, section 2.5).
 
 A transform maps a probability map ``s`` to a "lesion-ness" score ``T(s)`` (higher = more likely
-lesion). Confidence sets threshold ``T`` (see :mod:`ConformalSegLib.conformal.confidence_sets`): the inner set uses the maxima of ``T``
-over true background, the outer set the maxima of ``-T`` over true lesion. Validity needs nothing of
+lesion). Confidence sets threshold ``T`` (see :mod:`ConformalSegLib.conformal.confidence_sets`): the
+inner set uses the maxima of ``T`` over true background, the outer set the maxima of ``-T`` over
+true lesion. Validity needs nothing of
 ``T`` beyond being computed from the image alone (the same way for calibration and test cases); the
 transform only changes how tight the sets are. The paper's ``f_I(-s)`` is ``-T`` here: every
 transform below is (up to ties at the mask level) antisymmetric, ``T(-s) = -T(s)``.
@@ -49,8 +50,11 @@ class ScoreTransform:
         if self.kind == "distance":
             return signed_distance_mm(np.asarray(probability) >= self.parameter, geometry)
         if self.kind == "gaussian":
+            assert self.parameter is not None  # parse_transform requires the sigma
             sigma_vox = [self.parameter / s for s in geometry.spacing_zyx]
-            return ndimage.gaussian_filter(np.asarray(probability, dtype=np.float32), sigma_vox, mode="nearest")
+            smoothed: np.ndarray = ndimage.gaussian_filter(np.asarray(probability, dtype=np.float32), sigma_vox,
+                                                           mode="nearest")
+            return smoothed
         raise AssertionError(self.kind)
 
 
@@ -93,4 +97,5 @@ def signed_distance_mm(mask: np.ndarray, geometry: Geometry) -> np.ndarray:
     sampling = geometry.spacing_zyx
     inside = ndimage.distance_transform_edt(mask, sampling=sampling)
     outside = ndimage.distance_transform_edt(~mask, sampling=sampling)
-    return np.where(mask, inside, -outside).astype(np.float32)
+    signed: np.ndarray = np.where(mask, inside, -outside).astype(np.float32)
+    return signed

@@ -20,9 +20,9 @@ cutoff derived from it is at most the exact one and masks can only grow):
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -53,7 +53,8 @@ def lesion_values(probability: np.ndarray, lesion: np.ndarray) -> np.ndarray:
         raise ValueError(f"probability shape {probability.shape} != lesion shape {lesion.shape}")
     values = probability[np.asarray(lesion, dtype=bool)]
     values.sort()
-    return values[::-1]
+    descending: np.ndarray = values[::-1]
+    return descending
 
 
 @dataclass(frozen=True)
@@ -133,13 +134,14 @@ class LesionSummaries:
             lo[idx[ge]] = mid[ge] + 1
             hi[idx[~ge]] = mid[~ge]
             active[idx] = lo[idx] < hi[idx]
-        return lo - self.offsets[:-1]
+        counts: np.ndarray = lo - self.offsets[:-1]
+        return counts
 
     def case(self, i: int) -> np.ndarray:
         """Decoded lesion probabilities of case ``i``, descending."""
         return self.decode(self.values[self.offsets[i]:self.offsets[i + 1]])
 
-    def subset(self, indices: Sequence[int] | np.ndarray) -> "LesionSummaries":
+    def subset(self, indices: Sequence[int] | np.ndarray) -> LesionSummaries:
         """Summaries of the given cases (in the given order)."""
         idx = np.asarray(indices, dtype=np.int64)
         sizes = self.lesion_sizes[idx]
@@ -150,7 +152,7 @@ class LesionSummaries:
         return LesionSummaries(values, offsets, tuple(self.case_ids[i] for i in idx), self.precision)
 
     @classmethod
-    def from_sorted(cls, per_case: Iterable[tuple[str, np.ndarray]], precision: str = "float32") -> "LesionSummaries":
+    def from_sorted(cls, per_case: Iterable[tuple[str, np.ndarray]], precision: str = "float32") -> LesionSummaries:
         """Build from ``(case_id, lesion probabilities sorted descending)`` pairs."""
         builder = SummaryBuilder(precision)
         for case_id, values in per_case:
@@ -158,7 +160,7 @@ class LesionSummaries:
         return builder.build()
 
     @classmethod
-    def from_volumes(cls, cases: Iterable[tuple[str, np.ndarray, np.ndarray]], precision: str = "float32") -> "LesionSummaries":
+    def from_volumes(cls, cases: Iterable[tuple[str, np.ndarray, np.ndarray]], precision: str = "float32") -> LesionSummaries:
         """Build from ``(case_id, probability, lesion_mask)`` triples, one case in memory at a time."""
         builder = SummaryBuilder(precision)
         for case_id, probability, lesion in cases:
@@ -171,7 +173,7 @@ class LesionSummaries:
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], case_ids: Sequence[str], precision: str,
-                    prefix: str = "lesion_") -> "LesionSummaries":
+                    prefix: str = "lesion_") -> LesionSummaries:
         values = np.asarray(arrays[f"{prefix}values"])
         expected = np.uint16 if precision == "uint16" else np.float32
         if values.dtype != expected:

@@ -46,9 +46,11 @@ def _compactness_note(cls_row: dict) -> list[str]:
 def _data_sentence(settings: DemoSettings) -> str:
     if settings.source == "synthetic":
         return (f"Data: {settings.cases} synthetic CT-like cases whose probability maps imitate an imperfect, per-case "
-                "miscalibrated lesion network (`ConformalSegLib/phantoms/simulated_maps.py`); every step below is the same code the "
+                "miscalibrated lesion network (`ConformalSegLib/phantoms/simulated_maps.py`); every step below is the "
+                "same code the "
                 "CLI runs.")
-    return (f"Data: {settings.cases} synthetic CT phantoms (`ConformalSegLib/phantoms/generator.py`, seed {settings.seed}, not "
+    return (f"Data: {settings.cases} synthetic CT phantoms (`ConformalSegLib/phantoms/generator.py`, "
+            f"seed {settings.seed}, not "
             f"seen in training) segmented by the shipped 3D U-Net `{settings.model.name}` (see its README.md) through "
             "the same model-card pipeline as `conformalseg infer`; probability maps in `data/probs/`. Every step "
             "below is the same code the CLI runs.")
@@ -111,8 +113,9 @@ def report_text(settings: DemoSettings, result: EvaluationResult, profiles: dict
         "## Open it in 3D Slicer",
         "",
         "Drag `example/image.nrrd`, `example/probability.nrrd` (and, with the network, "
-        "`example/uncertainty_variance.nrrd`: the MC-dropout variance) and `example/segmentation.seg.nrrd` into Slicer: the "
-        "segmentation holds the ground truth, the 0.5-threshold mask, the FNR-controlled masks and the inner/outer sets "
+        "`example/uncertainty_variance.nrrd`: the MC-dropout variance) and `example/segmentation.seg.nrrd` into "
+        "Slicer: the segmentation holds the ground truth, the 0.5-threshold mask, the FNR-controlled masks and the "
+        "inner/outer sets "
         "as named, coloured segments on the image's grid.",
         "",
     ]

@@ -3,8 +3,8 @@ sem-CRC / per-organ sem-CRC, as a Markdown report section.
 
 :func:`run_semcrc_demo` does, under ``out_dir``:
 
-1. ``data/``: :func:`~ConformalSegLib.semcrc.phantom_denoising.write_denoising_dataset` (noisy and clean windowed images,
-   organ label maps; noise sigma 0.2 in windowed units added after windowing);
+1. ``data/``: :func:`~ConformalSegLib.semcrc.phantom_denoising.write_denoising_dataset` (noisy and clean
+   windowed images, organ label maps; noise sigma 0.2 in windowed units added after windowing);
 2. ``pred/lower``, ``pred/upper``: the model card's quantile maps ``q_0.1``, ``q_0.9`` of every
    noisy image (:meth:`~ConformalSegLib.inference.engine.InferenceEngine.predict_quantiles`; the same
    files ``conformalseg infer`` writes);
@@ -62,11 +62,11 @@ def _splits(n: int, epsilon: float) -> tuple[int, int]:
 
 
 def plot_length_overlay(clean: np.ndarray, length: np.ndarray, organs: np.ndarray, organ_labels: dict[int, str],
-                        path: Path, *, spacing_xyz: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> Path:
+                        path: Path, *, spacing_xyz: tuple[float, ...] = (1.0, 1.0, 1.0)) -> Path:
     """One panel per organ: the clean image on the organ's largest axial slice, the interval length
     inside the organ in colour, and the organ outline (windowed units)."""
-    from ..io.atomic import atomic_output
     from ..evaluation.figures import agg_figure
+    from ..io.atomic import atomic_output
 
     items = [(v, n) for v, n in organ_labels.items() if np.any(organs == v)]
     fig = agg_figure(2.0 * max(1, len(items)) + 1.0, 2.6)
@@ -131,7 +131,7 @@ def run_semcrc_demo(out_dir: str | PathLike[str], n_cases: int = 30, seed: int =
                                     data_dir / "organs", organ_map, BODY)
     calib = everything.subset(np.arange(everything.n - 1))
     n_cal, n_opt = _splits(calib.n, epsilon)
-    options = {"n_opt": n_opt, "k": 4, "d_min": 2}  # d_opt: K-CRC 50, sem-CRC the paper's automatic rule
+    options: dict[str, Any] = {"n_opt": n_opt, "k": 4, "d_min": 2}  # d_opt: K-CRC 50, sem-CRC the paper's automatic rule
     summary = evaluate_interval_methods(calib, epsilon, runs=runs, n_cal=n_cal, seed=seed, **options)
     write_interval_evaluation(summary, out, force=True)
     timings["evaluation"] = time.perf_counter() - t

@@ -20,29 +20,29 @@ Steps (each calls the same library functions as the CLI commands):
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
+from ..common.errors import ConformalSegError
 from ..conformal.calibration import CalibrationRequest, calibrate
 from ..conformal.cls import apply_threshold
-from ..common.errors import ConformalSegError
+from ..conformal.profile import LESION_CRC
+from ..evaluation.figures import slice_overlay_png
 from ..evaluation.progress import TqdmProgress
 from ..evaluation.protocol import evaluate_dataset
-from ..evaluation.figures import slice_overlay_png
+from ..evaluation.report import write_report
 from ..io.atomic import atomic_write_text
 from ..io.dataset import CalibrationDataset
 from ..io.segmentation import INNER_SET, LESION_FNR, LESION_THRESHOLD, OUTER_SET, SEGMENT_COLORS, write_seg_nrrd
 from ..io.volumes import load_image, save_volume
-from ..phantoms.labels import LESION as PHANTOM_LESION
 from ..phantoms.dataset import write_phantom_dataset
-from ..conformal.profile import LESION_CRC
-from ..evaluation.report import write_report
-from .report import relink, report_text
+from ..phantoms.labels import LESION as PHANTOM_LESION
 from ..phantoms.simulated_dataset import LESION_LABEL, write_synthetic_dataset
+from .report import relink, report_text
 
 #: The network shipped with the project (see its README.md for how it was trained).
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "Resources" / "models" / "phantom_lesion_unet"
@@ -82,7 +82,7 @@ def run_demo(out_dir: str | PathLike[str], settings: DemoSettings = DemoSettings
     """Run the demo into ``out_dir``; returns the path of ``report.md``."""
     out = Path(out_dir)
     _prepare(out, force)
-    bar = progress or (lambda _label: None)
+    bar: Callable[[str], Progress | None] = progress or (lambda _label: None)
 
     dataset = _dataset(out, settings, force, bar, log)
     log(f"[3/7] evaluating over {settings.splits} random calibration/test splits")
@@ -178,7 +178,7 @@ def _example(dataset: CalibrationDataset, test_ids: list[str], profiles: dict, f
              settings: DemoSettings) -> dict:
     """Apply every profile to the held-out case with the largest lesion; write volumes, seg.nrrd, PNG."""
     sizes = {cid: int(np.count_nonzero(dataset.load(cid).lesion.array)) for cid in test_ids[:8]}
-    case_id = max(sizes, key=sizes.get)
+    case_id = max(sizes, key=lambda cid: sizes[cid])
     case = dataset.load(case_id)
     prob, truth, geometry = case.probability.array, case.lesion.array, case.probability.geometry
     image = load_image(_image_path(dataset, case_id))
@@ -203,7 +203,7 @@ def _example(dataset: CalibrationDataset, test_ids: list[str], profiles: dict, f
         "expected-FNR (CRC)": {LESION_CRC: masks[LESION_CRC]},
         "confidence sets": {INNER_SET: masks[INNER_SET], OUTER_SET: masks[OUTER_SET]},
     }, folder / "slice_overlay.png", title=f"{case_id} (held out)", force=force, colors=colors)
-    fnr = {name: float(np.count_nonzero(truth & ~m)) / max(1, np.count_nonzero(truth)) for name, m in masks.items()}
+    fnr = {name: float(np.count_nonzero(truth & ~m)) / max(1, int(np.count_nonzero(truth))) for name, m in masks.items()}
     voxels = {name: int(np.count_nonzero(m)) for name, m in masks.items()}
     return {"case_id": case_id, "fnr": fnr, "voxels": voxels,
             "inner_inside": bool(not (masks[INNER_SET] & ~truth).any()),

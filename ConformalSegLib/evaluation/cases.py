@@ -74,6 +74,8 @@ class CaseSource:
     One-shot iterators (generators, ``iter(list)``) are refused: the evaluation reads the cases twice.
     """
 
+    data: Iterable[Any]
+
     def __init__(self, data: Iterable[Any]):
         if isinstance(data, CaseSource):
             data = data.data

@@ -26,7 +26,8 @@ DEFAULT_SET_MODES = ("marginal", "joint-split")
 
 @dataclass(frozen=True)
 class EvaluationConfig:
-    """Parameters of one evaluation (floats as given; read exactly via :func:`~ConformalSegLib.conformal.exact.as_fraction`)."""
+    """Parameters of one evaluation (floats as given; read exactly via
+    :func:`~ConformalSegLib.conformal.exact.as_fraction`)."""
 
     epsilons: tuple[float, ...]
     alphas: tuple[float, ...]

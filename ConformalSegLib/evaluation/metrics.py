@@ -35,7 +35,8 @@ gives the counts. The result equals the brute-force ``(values >= t).sum()`` exac
 from __future__ import annotations
 
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 
@@ -77,7 +78,8 @@ def fnr(misses: np.ndarray | int, lesion_size: np.ndarray | int) -> np.ndarray:
 
 
 def fnr_within(misses: np.ndarray | int, lesion_size: np.ndarray | int, epsilon: float) -> np.ndarray:
-    """Exact ``FNR <= epsilon`` (True for empty lesions), by the integer rule of :mod:`ConformalSegLib.conformal.exact`."""
+    """Exact ``FNR <= epsilon`` (True for empty lesions), by the integer rule of
+    :mod:`ConformalSegLib.conformal.exact`."""
     misses, m = np.broadcast_arrays(np.asarray(misses, dtype=np.int64), np.asarray(lesion_size, dtype=np.int64))
     return ~fnr_exceeds(misses, m, epsilon)
 
@@ -138,7 +140,7 @@ def _crop_box(mask: np.ndarray) -> tuple[slice, ...]:
     return tuple(box)
 
 
-def hd95(prediction: np.ndarray, truth: np.ndarray, spacing: Sequence[float] | None = None, *,
+def hd95(prediction: np.ndarray, truth: np.ndarray, spacing: Sequence[float] | np.ndarray | None = None, *,
          crop: bool = True) -> float:
     """Symmetric 95th-percentile Hausdorff distance (mm) of two boolean masks, computed by MONAI.
 
@@ -221,7 +223,7 @@ def _count(values: np.ndarray, thresholds: np.ndarray | Sequence[float], strict:
     rounded = _rounded_thresholds(thresholds, dtype, strict)
     distinct, inverse = np.unique(rounded, return_inverse=True)
     flat = values.reshape(-1)
-    side = "left" if strict else "right"  # position = #{distinct < v} (strict) or #{distinct <= v}
+    side: Literal["left", "right"] = "left" if strict else "right"  # position = #{distinct < v} (strict) or #{distinct <= v}
     histogram = np.zeros(distinct.size + 1, dtype=np.int64)
     for start in range(0, flat.size, CHUNK_VOXELS):
         chunk = flat[start:start + CHUNK_VOXELS]

@@ -24,7 +24,7 @@ class TqdmProgress:
 
     def __init__(self, **tqdm_kwargs: Any):
         self._kwargs = {"leave": True, "dynamic_ncols": True, **tqdm_kwargs}
-        self._bar = None
+        self._bar: Any = None  # tqdm bar of the current stage
         self._stage: str | None = None
 
     def __call__(self, done: int, total: int | None, stage: str) -> None:
@@ -44,7 +44,7 @@ class TqdmProgress:
         self._bar = None
         self._stage = None
 
-    def __enter__(self) -> "TqdmProgress":
+    def __enter__(self) -> TqdmProgress:
         return self
 
     def __exit__(self, *exc: object) -> None:

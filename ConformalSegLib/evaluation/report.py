@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from ..common.errors import ConformalSegError
+from ..io.atomic import OVERWRITE_FIX, atomic_output, atomic_write_text
 from .figures import agg_figure
 from .results import BASELINE_CUTOFF, EvaluationResult, binomial_tolerance, coverage_status, mean_std
-from ..io.atomic import OVERWRITE_FIX, atomic_output, atomic_write_text
 
 __all__ = ["REPORT_FILES", "render_markdown", "write_report"]
 

@@ -62,7 +62,8 @@ def coverage_status(mean_coverage: float, alpha: float, n_test: float, z: float 
 
 @dataclass
 class EvaluationResult:
-    """Everything :func:`~ConformalSegLib.evaluation.protocol.evaluate_dataset` computed; per-split arrays are kept for plots.
+    """Everything :func:`~ConformalSegLib.evaluation.protocol.evaluate_dataset` computed; per-split arrays are
+    kept for plots.
 
     Shapes: ``S`` splits, ``E`` epsilons, ``A`` alphas, ``n`` cases. NaN marks "undefined" (e.g. no
     test case with a lesion on that split). Keys of the method dictionaries:
@@ -130,7 +131,7 @@ class EvaluationResult:
                          "trivial_splits": int(self.crc["trivial"][:, e].sum()),
                          "metrics": {k: stats(self.crc[k][:, e]) for k in ("ecr", "fnr", "pc", "dice")}})
             for a, alpha in enumerate(cfg.alphas):
-                metrics = {k: stats(self.cls[k][:, e, a]) for k in ("ecr", "fnr", "pc", "dice")}
+                metrics: dict[str, Any] = {k: stats(self.cls[k][:, e, a]) for k in ("ecr", "fnr", "pc", "dice")}
                 if e == cfg.main_epsilon_index and a == cfg.main_alpha_index and cfg.hd95:
                     metrics["hd95"] = stats(self.cls["hd95"])
                     metrics["hd95_excluded_per_split"] = float(np.mean(self.cls["hd95_excluded"]))

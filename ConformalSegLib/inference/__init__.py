@@ -25,14 +25,23 @@ Calibration and test cases must go through the same card, MC passes, flips and s
 
 from __future__ import annotations
 
+from .card_format import (
+    CARD_FILE,
+    FORMAT,
+    FORMAT_VERSION,
+    InferenceSettings,
+    Intensity,
+    ModelSource,
+    OutputSpec,
+    Preprocessing,
+)
 from .datasets import ImageCase, find_images, is_dataset_root
-from .mc_passes import ALL_FLIPS, MCDropoutInactiveWarning
 from .engine import DeviceFallbackWarning, InferenceCancelled, InferenceEngine, predict_volume, resolve_device
-from .outputs import Prediction, QuantilePrediction
-from .sliding_window import count_windows
-from .preprocessing import from_network_axes, geometry_from_affine, network_affine, to_network_axes
-from .card_format import CARD_FILE, FORMAT, FORMAT_VERSION, InferenceSettings, Intensity, ModelSource, OutputSpec, Preprocessing
+from .mc_passes import ALL_FLIPS, MCDropoutInactiveWarning
 from .model_card import ModelCard, load_model_card, resolve_model
+from .outputs import Prediction, QuantilePrediction
+from .preprocessing import from_network_axes, geometry_from_affine, network_affine, to_network_axes
+from .sliding_window import count_windows
 
 __all__ = [
     "ALL_FLIPS",

@@ -9,9 +9,23 @@ from pathlib import Path
 from typing import Any
 
 from ..common.errors import ConformalSegError
-from .card_format import (ACTIVATIONS, BLEND_MODES, CARD_FIX, FORMAT, FORMAT_VERSION, INTENSITY_KINDS,
-                          QUANTILE_ACTIVATION, REQUIRED_KEYS, SOURCE_KINDS, TOP_KEYS, InferenceSettings, Intensity,
-                          ModelSource, OutputSpec, Preprocessing)
+from .card_format import (
+    ACTIVATIONS,
+    BLEND_MODES,
+    CARD_FIX,
+    FORMAT,
+    FORMAT_VERSION,
+    INTENSITY_KINDS,
+    QUANTILE_ACTIVATION,
+    REQUIRED_KEYS,
+    SOURCE_KINDS,
+    TOP_KEYS,
+    InferenceSettings,
+    Intensity,
+    ModelSource,
+    OutputSpec,
+    Preprocessing,
+)
 from .networks import network_class
 
 __all__ = ["parse_card"]

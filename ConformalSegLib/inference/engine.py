@@ -158,7 +158,7 @@ class InferenceEngine:
         mc_dropout = int(mc_dropout)
         if self.card.output.is_quantile:
             raise self._card_error(f"{self.card.describe()} is a quantile regression model "
-                                   f"(output.quantiles {list(self.card.output.quantiles)}), not a lesion model",
+                                   f"(output.quantiles {list(self.card.output.quantiles or ())}), not a lesion model",
                                    "use InferenceEngine.predict_quantiles (conformalseg infer writes lower/ and "
                                    "upper/ for such models)")
         if mc_dropout and not self._dropouts:
@@ -169,7 +169,7 @@ class InferenceEngine:
         self._check_cancel()
         samples = variants(mc_dropout, tta_flips)
         n_flips = len(ALL_FLIPS) if tta_flips else 1
-        rng = contextlib.nullcontext()
+        rng: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
         if mc_dropout and not self.seeded_dropout and self.seed is not None:
             cuda_devices = [self.device.index if self.device.index is not None else torch.cuda.current_device()] \
                 if self.device.type == "cuda" else []

@@ -137,14 +137,14 @@ class _SeededDropout:
     ``Dropout1d/2d/3d``; kept values are scaled by ``1 / (1 - p)`` exactly like train-mode dropout.
     """
 
-    def __init__(self, state: "_MCState", index: int, channelwise: bool):
+    def __init__(self, state: _MCState, index: int, channelwise: bool):
         self.state = state
         self.index = index
         self.channelwise = channelwise
 
     def __call__(self, module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor | None:
         keys = self.state.slab_keys
-        p = float(module.p)
+        p = float(module.p)  # type: ignore[arg-type]  # a float on every nn.Dropout*
         if keys is None or p <= 0.0:
             return None
         rows = output.shape[0]

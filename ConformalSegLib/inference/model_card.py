@@ -88,8 +88,16 @@ from typing import Any
 from ..common.errors import ConformalSegError
 from ..io.checksums import sha256_file
 from ..io.json_file import read_json_file
-from .card_format import (CARD_FILE, CARD_FIX, FORMAT, FORMAT_VERSION, InferenceSettings, ModelSource, OutputSpec,
-                          Preprocessing)
+from .card_format import (
+    CARD_FILE,
+    CARD_FIX,
+    FORMAT,
+    FORMAT_VERSION,
+    InferenceSettings,
+    ModelSource,
+    OutputSpec,
+    Preprocessing,
+)
 from .card_parsing import parse_card
 from .networks import bundle_config, load_network
 

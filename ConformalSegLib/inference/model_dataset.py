@@ -27,9 +27,17 @@ from typing import Any
 
 from ..common.errors import ConformalSegError
 from ..io.atomic import atomic_write_text
-from ..io.dataset import Case, CalibrationDataset, ProgressCallback, _listing, scan_folder
-from ..io.volumes import (Volume, check_same_geometry, label_values, load_image, load_label_map,
-                          load_probability_map, mask_from_labels, save_volume)
+from ..io.dataset import CalibrationDataset, Case, ProgressCallback, _listing, scan_folder
+from ..io.volumes import (
+    Volume,
+    check_same_geometry,
+    label_values,
+    load_image,
+    load_label_map,
+    load_probability_map,
+    mask_from_labels,
+    save_volume,
+)
 from .datasets import find_images
 from .engine import InferenceEngine
 from .model_card import ModelCard
@@ -174,7 +182,8 @@ def engine_for_profile(inference_record: dict[str, Any] | None, model: str | Pat
                                 fix="pass the same --cascade CONFIG")
     passes = int(inference_record.get("mc_passes", 0))
     if engine is None:
-        engine = InferenceEngine(resolve_model(model), device=device, seed=inference_record.get("seed") or 0)
+        engine = InferenceEngine(resolve_model(model),  # type: ignore[arg-type]  # None fails there, as it always did
+                                 device=device, seed=inference_record.get("seed") or 0)
     card = engine.card
     if card.pipeline_sha256() != inference_record.get("pipeline_sha256"):
         raise ConformalSegError(f"model {card.name!r} is not the pipeline the profile was calibrated with "

@@ -110,6 +110,7 @@ def load_network(source: ModelSource, card_path: Path | None) -> Any:
         return net.eval()
     if source.kind == "state_dict":
         try:
+            assert source.network is not None  # state_dict sources name their network
             cls = network_class(source.network)
         except LookupError as exc:
             raise ConformalSegError(f"invalid model card: {exc}", path=card_path, fix=CARD_FIX) from exc

@@ -87,20 +87,20 @@ def build_preprocessing(card: ModelCard):
     from monai.transforms import Compose, NormalizeIntensity, Orientation, ScaleIntensityRange, Spacing
 
     pre = card.preprocessing
-    spatial = []
+    spatial: list[Any] = []
     if pre.orientation is not None:
         spatial.append(Orientation(axcodes=pre.orientation, labels=RAS_LABELS))
     if pre.spacing_mm is not None:
         spatial.append(Spacing(pixdim=pre.spacing_mm, mode="bilinear", padding_mode="border"))
     intensity = pre.intensity
+    norm: Any = None
     if intensity.kind == "window":
+        assert intensity.a_min is not None and intensity.a_max is not None  # a window has all four bounds
         norm = ScaleIntensityRange(a_min=intensity.a_min, a_max=intensity.a_max, b_min=intensity.b_min,
                                    b_max=intensity.b_max, clip=intensity.clip)
     elif intensity.kind == "zscore":
-        norm = NormalizeIntensity(subtrahend=intensity.mean, divisor=intensity.std, nonzero=False,
+        norm = NormalizeIntensity(subtrahend=intensity.mean, divisor=intensity.std, nonzero=False,  # type: ignore[arg-type]
                                   channel_wise=False)  # one input channel
-    else:
-        norm = None
     return (Compose(spatial) if spatial else None), norm
 
 

@@ -150,8 +150,10 @@ class WindowPredictor:
         n_rows = window.shape[0]
         starts = [tuple(int(s.start or 0) for s in c[2:]) for c in coords] if coords else list(range(n_rows))
         single = len(self.variants) == 1 and not self.mc
-        total_p = total_p2 = None
+        total_p: torch.Tensor | None = None
+        total_p2: torch.Tensor | None = None
         out_card = engine.card.output
+        channel = out_card.lesion_channel or 0  # None only for quantile cards, which return before using it
         for first in range(0, len(self.variants), self.chunk):
             if first:
                 engine._check_cancel()
@@ -170,7 +172,8 @@ class WindowPredictor:
                 raise
             except RuntimeError as exc:
                 raise engine._card_error(
-                    f"the network failed on a batch of shape {tuple(x.shape)}: {str(exc).strip().splitlines()[0][:300]}",
+                    f"the network failed on a batch of shape {tuple(x.shape)}: "
+                    f"{str(exc).strip().splitlines()[0][:300]}",
                     "check inference.patch_size (each axis usually must be divisible by the network's total "
                     "downsampling), source args (in_channels) and the network") from exc
             if isinstance(logits, (list, tuple)):
@@ -181,24 +184,26 @@ class WindowPredictor:
                 return self._report(logits.contiguous(), n_rows)
             probs = torch.softmax(logits, dim=1) if out_card.activation == "softmax" else torch.sigmoid(logits)
             if single:
-                result = probs[:, out_card.lesion_channel:out_card.lesion_channel + 1]
+                result = probs[:, channel:channel + 1]
                 return self._report(result.contiguous(), n_rows)
             for j, (flip, _) in enumerate(part):
                 p = probs[j * n_rows:(j + 1) * n_rows]
                 if flip:
                     p = p.flip(flip)
                 p = p.double()
-                lesion = p[:, out_card.lesion_channel:out_card.lesion_channel + 1]
+                lesion = p[:, channel:channel + 1]
                 keep = p if (self.mc and out_card.activation == "softmax") else lesion
                 total_p = keep.clone() if total_p is None else total_p.add_(keep)
                 if self.mc:
                     sq = lesion * lesion
                     total_p2 = sq if total_p2 is None else total_p2.add_(sq)
         n = float(len(self.variants))
+        assert total_p is not None  # at least one sample
         mean = total_p / n
         if not self.mc:
             return self._report(mean.float(), n_rows)
-        lesion_mean = mean[:, out_card.lesion_channel:out_card.lesion_channel + 1]
+        lesion_mean = mean[:, channel:channel + 1]
+        assert total_p2 is not None  # summed with the MC samples
         variance = (total_p2 / n - lesion_mean * lesion_mean).clamp_(min=0.0)
         if out_card.activation == "softmax":
             entropy = torch.special.entr(mean).sum(dim=1, keepdim=True)
@@ -216,8 +221,8 @@ class WindowPredictor:
                                      f"{tuple(x.shape)}; expected (batch, classes, same spatial size)",
                                      "use a segmentation network whose output has the input's spatial size")
         if out_card.is_quantile:
-            if channels != len(out_card.quantiles):
-                raise engine._card_error(f"output.quantiles lists {len(out_card.quantiles)} level(s) but the network "
+            if channels != len(out_card.quantiles or ()):
+                raise engine._card_error(f"output.quantiles lists {len(out_card.quantiles or ())} level(s) but the network "
                                          f"has {channels} output channel(s)",
                                          "give one quantile level per output channel")
             self.checked = True
@@ -226,7 +231,7 @@ class WindowPredictor:
             raise engine._card_error("output.activation is softmax but the network has a single output channel "
                                      "(softmax over one channel is always 1)",
                                      "use \"activation\": \"sigmoid\" with lesion_channel 0")
-        if out_card.lesion_channel >= channels:
+        if (out_card.lesion_channel or 0) >= channels:
             raise engine._card_error(f"output.lesion_channel is {out_card.lesion_channel} but the network has "
                                      f"{channels} output channel(s)",
                                      f"set lesion_channel between 0 and {channels - 1}")

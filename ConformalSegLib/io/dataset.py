@@ -28,9 +28,18 @@ from os import PathLike
 from pathlib import Path
 
 from ..common.errors import ConformalSegError
-from .volumes import (IMAGE_EXTENSIONS, VOLUME_EXTENSIONS, Volume, check_same_geometry, label_values,
-                      load_label_map, load_probability_map, mask_from_labels, validate_lesion_labels,
-                      volume_extension)
+from .volumes import (
+    IMAGE_EXTENSIONS,
+    VOLUME_EXTENSIONS,
+    Volume,
+    check_same_geometry,
+    label_values,
+    load_label_map,
+    load_probability_map,
+    mask_from_labels,
+    validate_lesion_labels,
+    volume_extension,
+)
 
 PROBABILITY_SUFFIXES: tuple[str, ...] = ("_probabilities", "_probability", "_probs", "_prob")
 IGNORED_EXTENSIONS: tuple[str, ...] = (".json", ".pkl", ".raw", ".zraw", ".csv", ".md", ".txt")
@@ -65,7 +74,7 @@ def _is_nnunet_pair(paths: list[Path]) -> bool:
     npz = [p for p in paths if volume_extension(p) == ".npz"]
     other = [p for p in paths if volume_extension(p) in IMAGE_EXTENSIONS]
     return (len(npz) == 1 and len(other) == 1
-            and npz[0].name[: -len(".npz")] == other[0].name[: -len(volume_extension(other[0]))])
+            and npz[0].name[: -len(".npz")] == other[0].name[: -len(volume_extension(other[0]) or "")])
 
 
 def scan_folder(folder: str | PathLike[str], *, probability: bool) -> dict[str, Path]:

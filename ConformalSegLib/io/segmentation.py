@@ -18,6 +18,7 @@ import re
 from collections.abc import Mapping
 from os import PathLike
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -112,7 +113,7 @@ def write_seg_nrrd(masks: Mapping[str, np.ndarray], geometry: Geometry, path: st
     layers = np.zeros((len(checked),) + shape_ijk, dtype=np.uint8)
     for index, mask in enumerate(checked.values()):
         layers[index] = mask.transpose(2, 1, 0)
-    segmentation = {
+    segmentation: dict[str, Any] = {
         "voxels": layers if len(checked) > 1 else layers[0],
         "ijkToLPS": geometry.ijk_to_lps(),
         "containedRepresentationNames": ["Binary labelmap"],

@@ -27,6 +27,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -56,7 +57,7 @@ class Volume:
 
     array: np.ndarray
     geometry: Geometry
-    path: str | None
+    path: str | PathLike[str] | None
     geometry_known: bool = True  # False for .npy / sibling-less .npz: identity geometry was assumed
 
 
@@ -144,7 +145,7 @@ def _header_geometry(reader: sitk.ImageFileReader, path: Path, what: str) -> Geo
 NUMPY_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError)
 
 
-def _load_numpy(path: Path, what: str, *, archive: bool) -> np.ndarray | np.lib.npyio.NpzFile:
+def _load_numpy(path: Path, what: str, *, archive: bool) -> Any:  # np.ndarray, or an NpzFile when archive
     """``np.load`` without pickles; ``archive`` says whether an .npz (else a single .npy array) is expected."""
     try:
         loaded = np.load(path, allow_pickle=False)
@@ -199,7 +200,7 @@ def _read_nifti_probability(path: Path, channel: int | None) -> tuple[np.ndarray
     what = "probability map"
     reader = _read_header(path, what)
     try:
-        proxy = nib.load(str(path)).dataobj
+        proxy = nib.load(str(path)).dataobj  # type: ignore[attr-defined]  # the stub's base class lacks it
     except Exception as exc:  # nibabel raises many types for corrupt files
         raise _unreadable(path, what, exc) from exc
     shape = tuple(proxy.shape)

@@ -75,7 +75,7 @@ def make_phantom(seed: int | np.random.SeedSequence, *, shape: tuple[int, int, i
     lo_n, hi_n = validate_options(shape, spacing, n_lesions, empty_probability)
     nz, ny, nx = shape
     origin = (-0.5 * (nx - 1) * spacing[0], -0.5 * (ny - 1) * spacing[1], -0.5 * (nz - 1) * spacing[2])
-    geometry = Geometry(shape=shape, spacing=spacing, origin=origin)  # type: ignore[arg-type]
+    geometry = Geometry(shape=shape, spacing=spacing, origin=origin)
     sp = np.array(geometry.spacing_zyx, dtype=float)
     rng = np.random.default_rng(seed)
     # always two draws, so the anatomy of a seed does not depend on the lesion options
@@ -83,7 +83,7 @@ def make_phantom(seed: int | np.random.SeedSequence, *, shape: tuple[int, int, i
     count = min(lo_n + int(rng.random() * (hi_n - lo_n + 1)), hi_n)
     if is_empty:
         count = 0
-    anatomy = draw_anatomy(rng, shape, sp)  # type: ignore[arg-type]
+    anatomy = draw_anatomy(rng, shape, sp)
     lesions = place_lesions(rng, count, anatomy.image, anatomy.labels, anatomy.texture,
                             anatomy.appearance.host_hu, sp, geometry)
     image = form_image(rng, anatomy.image, sp, anatomy.appearance.noise_sigma)

@@ -141,7 +141,7 @@ def _try_lesion(rng: np.random.Generator, host: _Host, centres: list[tuple[np.nd
     paint(image, labels, lbox, blob, lesion_img, LESION)
     centres.append((centre, radius))
     phys = geometry.ijk_to_lps() @ np.append((centre / sp)[::-1], 1.0)
-    return LesionInfo(host=host.label, center_mm=tuple(float(v) for v in phys[:3]), radius_mm=radius, hu=float(hu),
+    return LesionInfo(host=host.label, center_mm=(float(phys[0]), float(phys[1]), float(phys[2])), radius_mm=radius, hu=float(hu),
                       contrast_hu=float(hu - host_hu[host.label]), n_voxels=n_vox)
 
 

@@ -97,11 +97,12 @@ def ellipsoid_radius(off: list[np.ndarray], axes: np.ndarray, rotation: np.ndarr
     """Normalised ellipsoid radius (1 on the surface) at broadcastable mm offsets ``off`` from its centre."""
     if rotation is None:
         return np.sqrt(sum((o / F32(a)) ** 2 for o, a in zip(off, axes)))
-    total = None
+    total: np.ndarray | None = None
     for k in range(3):  # coordinate along the k-th principal axis: column k of the rotation
         q = off[0] * F32(rotation[0, k]) + off[1] * F32(rotation[1, k]) + off[2] * F32(rotation[2, k])
         term = (q / F32(axes[k])) ** 2
         total = term if total is None else total + term
+    assert total is not None
     return np.sqrt(total)
 
 

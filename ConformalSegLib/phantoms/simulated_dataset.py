@@ -7,9 +7,9 @@ Layout (the layout ``calibrate --data`` and ``evaluate --data`` read): ``DIR/pro
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from os import PathLike
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 

@@ -120,7 +120,7 @@ def make_case(seed: int, *, shape: tuple[int, int, int] = (40, 64, 64),
     """
     shape = tuple(int(s) for s in shape)  # type: ignore[assignment]
     _validate(shape, spacing, empty_probability)
-    geometry = Geometry(shape=shape, spacing=tuple(float(s) for s in spacing))  # type: ignore[arg-type]
+    geometry = Geometry(shape=shape, spacing=tuple(float(s) for s in spacing))
     sp = np.array(geometry.spacing_zyx, dtype=float)  # (z, y, x) mm
     rng = np.random.default_rng(seed)
     is_empty = bool(rng.random() < empty_probability)
@@ -294,6 +294,7 @@ def _imitate_network(rng: np.random.Generator, lesion: np.ndarray, lesions: list
     shift = np.full(shape, np.float32(case_shift), dtype=np.float32)
     for les in lesions:  # per-lesion bias, fading away from the lesion
         lbox = box(les.center, 3.0 * les.radius + 6.0, sp, shape)
+        assert lbox is not None  # the centre is inside the volume
         dist2 = sum(o * o for o in offsets(lbox, les.center, sp))
         falloff = np.exp(-dist2 / np.float32(2.0 * (les.radius + 5.0) ** 2))
         shift[lbox] += np.float32(rng.normal(0.0, 0.4)) * falloff

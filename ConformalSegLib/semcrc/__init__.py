@@ -20,17 +20,29 @@ backtracking step on the calibration split. Modules, one concept each:
 from __future__ import annotations
 
 from .anchor import AnchorResult, AnchorSample, solve_anchor, stratified_sample, surrogate_loss, surrogate_risk
-from .errors import (AnchorWarning, IntervalCalibrationError, IntervalInputError, IntervalProfileError,
-                     UncontrollableRiskWarning)
+from .errors import (
+                     AnchorWarning,
+                     IntervalCalibrationError,
+                     IntervalInputError,
+                     IntervalProfileError,
+                     UncontrollableRiskWarning,
+)
+from .evaluation import evaluate_interval_methods, evaluation_markdown, write_interval_evaluation
 from .exact_omega import OmegaCurve, bisect_omega, exact_omega, lambdas_at, omega_thresholds
 from .intervals import EXCLUDED, IntervalData, IntervalScan, make_interval_scan, mean_length, need_values, scan_loss
 from .mc_dropout import mc_dropout_intervals
 from .memberships import BODY, OrganMap, loss_quantile_partition, organ_memberships
-from .procedures import (METHODS, IntervalCalibration, calibrate_crc_interval, calibrate_interval_method,
-                         calibrate_kcrc, calibrate_semcrc, calibrate_semcrc_organ)
-from .synthetic import SyntheticIntervals, synthetic_intervals
-from .evaluation import evaluate_interval_methods, evaluation_markdown, write_interval_evaluation
+from .procedures import (
+                     METHODS,
+                     IntervalCalibration,
+                     calibrate_crc_interval,
+                     calibrate_interval_method,
+                     calibrate_kcrc,
+                     calibrate_semcrc,
+                     calibrate_semcrc_organ,
+)
 from .profile import IntervalProfile, is_interval_profile, load_interval_profile
+from .synthetic import SyntheticIntervals, synthetic_intervals
 from .workflow import IntervalApplication, apply_interval, calibrate_interval, write_interval_table
 
 __all__ = [

@@ -17,8 +17,9 @@ Problem (PK)/(Psem) on the optimisation split::
 solved for every ``gamma`` of a small grid; the solution with the smallest objective wins (the
 authors' choice). Voxels whose surrogate is already 0 at ``lambda = 0`` (``|y - c| <= gamma I / 2``)
 are left out of that gamma's problem: the surrogate is non-increasing in lambda, so they contribute 0
-at every feasible point (an exact reduction that shrinks the conic problem considerably). ``upper`` is ``lambda_max`` when given, otherwise the
-smallest value at which every sampled surrogate is 0 (so the problem is always feasible).
+at every feasible point (an exact reduction that shrinks the conic problem considerably). ``upper``
+is ``lambda_max`` when given, otherwise the smallest value at which every sampled surrogate is 0 (so
+the problem is always feasible).
 
 Voxel subsampling (stratified by group): in each scan ``i`` and group ``k`` with ``n_ik > 0`` voxels,
 ``m_ik = min(n_ik, max(d_min, round(d_opt * n_ik / d_i)))`` voxels are drawn without replacement

@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 
 from ..common.jsonable import jsonable
-from ..io.atomic import atomic_output, atomic_write_text, check_can_write
 from ..evaluation.figures import agg_figure
+from ..io.atomic import atomic_output, atomic_write_text, check_can_write
 from .errors import IntervalCalibrationError
 from .intervals import IntervalData, mean_length, scan_loss
 from .procedures import METHODS, calibrate_interval_method
@@ -35,7 +35,7 @@ from .procedures import METHODS, calibrate_interval_method
 LABELS = {"crc": "CRC", "k-crc": "K-CRC", "sem-crc": "sem-CRC", "sem-crc-organ": "sem-CRC (per organ)"}
 
 
-def _stats(values: Sequence[float]) -> dict[str, float]:
+def _stats(values: Sequence[float] | np.ndarray) -> dict[str, float]:
     a = np.asarray(values, dtype=np.float64)
     if a.size == 0:
         return {"mean": math.nan, "std": math.nan}
@@ -92,12 +92,13 @@ def evaluate_interval_methods(data: IntervalData, epsilon: float, *, runs: int =
                                "organs": list(data.groups), "methods": {}}
     for method in methods:
         store = raw[method]
-        organ_risk = np.asarray(store["organ_risk"], dtype=np.float64)
-        organ_length = np.asarray(store["organ_length"], dtype=np.float64)
+        risk_by_organ = np.asarray(store["organ_risk"], dtype=np.float64)
+        length_by_organ = np.asarray(store["organ_length"], dtype=np.float64)
         summary["methods"][method] = {
             "risk": _stats(store["risk"]), "length": _stats(store["length"]),
-            "organ_risk": {g: _stats(organ_risk[:, k][~np.isnan(organ_risk[:, k])]) for k, g in enumerate(data.groups)},
-            "organ_length": {g: _stats(organ_length[:, k][~np.isnan(organ_length[:, k])])
+            "organ_risk": {g: _stats(risk_by_organ[:, k][~np.isnan(risk_by_organ[:, k])])
+                           for k, g in enumerate(data.groups)},
+            "organ_length": {g: _stats(length_by_organ[:, k][~np.isnan(length_by_organ[:, k])])
                              for k, g in enumerate(data.groups)},
             "runs": {"risk": store["risk"], "length": store["length"], "lambda": store["lambda"]},
         }

@@ -26,9 +26,9 @@ right-continuous step function the infimum is attained and is either ``omega_min
 ``t_v``: the per-scan sorted thresholds are merged in one sorted list, ``F`` at each distinct value is
 a suffix sum of weights ``1/d_i``, and ``omega_hat`` is the order statistic found by one binary search
 on that monotone sequence. (For large curves only the slice of thresholds around the answer is
-merged: a few exact checks at sample quantiles narrow the range first.) The float sums only locate the candidate; the candidate and its neighbours are
-re-checked with exact per-scan miss counts (correctly rounded sum; exact fractions inside its
-rounding band), so ``omega_hat`` is exact for the stored ``need`` values.
+merged: a few exact checks at sample quantiles narrow the range first.) The float sums only locate
+the candidate; the candidate and its neighbours are re-checked with exact per-scan miss counts
+(correctly rounded sum; exact fractions inside its rounding band), so ``omega_hat`` is exact for the stored ``need`` values.
 
 No valid omega: ``budget < 0`` (``n < 1/epsilon - 1``) or ``F(omega_max) > budget`` for a finite
 ``omega_max``: ``omega_hat = +inf`` (lambda infinite: the whole real line, the only valid choice).
@@ -126,7 +126,7 @@ class OmegaCurve:
     sizes: np.ndarray
 
     @classmethod
-    def from_scans(cls, thresholds: Sequence[np.ndarray], sizes: Sequence[int]) -> "OmegaCurve":
+    def from_scans(cls, thresholds: Sequence[np.ndarray], sizes: Sequence[int]) -> OmegaCurve:
         kept = tuple(np.sort(np.asarray(t, dtype=np.float64)[np.isfinite(t)]) for t in thresholds)
         d = np.asarray(sizes, dtype=np.int64)
         if d.shape != (len(kept),) or (d <= 0).any():

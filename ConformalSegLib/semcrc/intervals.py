@@ -79,7 +79,7 @@ class IntervalData:
             return np.zeros((0, self.n_groups), dtype=np.int64)
         return np.stack([s.group_sizes(self.n_groups) for s in self.scans])
 
-    def subset(self, indices: Sequence[int] | np.ndarray) -> "IntervalData":
+    def subset(self, indices: Sequence[int] | np.ndarray) -> IntervalData:
         return IntervalData([self.scans[int(i)] for i in indices], self.groups)
 
 

@@ -63,7 +63,7 @@ class OrganMap:
         return tuple(names) + (BODY,)
 
     @classmethod
-    def parse(cls, spec: str) -> "OrganMap":
+    def parse(cls, spec: str) -> OrganMap:
         """Parse ``"1=spleen,2=kidney,3=kidney"`` (also ``;``-separated)."""
         labels: dict[int, str] = {}
         for item in spec.replace(";", ",").split(","):

@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..conformal.crc import min_crc_calibration_size
 from ..common.errors import ConformalSegError
+from ..conformal.crc import min_crc_calibration_size
 from ..conformal.exact import check_epsilon
 from .anchor import DEFAULT_GAMMAS, AnchorResult, solve_anchor, stratified_sample
 from .errors import IntervalCalibrationError, UncontrollableRiskWarning

@@ -33,9 +33,10 @@ from typing import Any
 import numpy as np
 
 from .. import __version__
+from ..conformal.profile import _decode_float as _decode  # same JSON float convention
+from ..conformal.profile import _encode_float as _encode
 from ..io.atomic import atomic_write_bytes, atomic_write_text, check_can_write
 from ..io.checksums import sha256_file
-from ..conformal.profile import _decode_float as _decode, _encode_float as _encode  # same JSON float convention
 from .errors import IntervalProfileError
 from .memberships import OrganMap
 from .procedures import CONTROLLED, METHODS, NO_DATA, UNCONTROLLABLE, IntervalCalibration

@@ -68,7 +68,7 @@ def synthetic_intervals(n: int, *, shape: tuple[int, int, int] = (2, 24, 24), se
         truth = np.where(body, BODY_INTENSITY, 0.0) + body * rng.normal(0, 0.02, shape)
         sigma = np.where(body, BODY_SIGMA, 0.002)
         factor = np.where(body, BODY_FACTOR, 1.0)
-        for name, label, intensity, organ_sigma, organ_factor, presence, radius in ORGANS:
+        for _name, label, intensity, organ_sigma, organ_factor, presence, radius in ORGANS:
             if rng.uniform() > presence:
                 continue
             r = radius * rng.uniform(0.7, 1.3) * np.array([z * 10.0, h, w])

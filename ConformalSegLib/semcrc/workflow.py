@@ -8,8 +8,8 @@ segmentation model's output ``s(y)``). Volumes may be any format :mod:`Conformal
 :func:`apply_interval` returns the conformalised bounds, the interval length map and a per-group
 table; voxels outside the body mask keep their raw interval (``lambda = 0``) and are outside every
 guarantee. The bounds are written as float32 rounded *outward* (lower down, upper up), so the written
-interval always contains the calibrated one. Memory: calibration keeps four numbers per counted voxel and scan in RAM (crop or
-subsample slices, as the paper does, for large data sets).
+interval always contains the calibrated one. Memory: calibration keeps four numbers per counted
+voxel and scan in RAM (crop or subsample slices, as the paper does, for large data sets).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -35,6 +35,9 @@ from .intervals import EXCLUDED, IntervalData, IntervalScan, make_interval_scan,
 from .memberships import OrganMap, organ_memberships
 from .procedures import METHODS, calibrate_interval_method
 from .profile import IntervalProfile
+
+if TYPE_CHECKING:
+    from ..inference.model_card import ModelCard
 
 PathLikeStr = str | PathLike[str]
 ProgressCallback = Callable[[int, int, str], None]
@@ -181,7 +184,7 @@ def apply_interval(profile: IntervalProfile, lower: np.ndarray, upper: np.ndarra
     calib = profile.calibration
     groups = calib.voxel_groups(scan)
     lam_voxel = calib.lam[groups]
-    lam_map = np.zeros(lo.size, dtype=np.float64)
+    lam_map: np.ndarray = np.zeros(lo.size, dtype=np.float64)
     lam_map[scan.index] = lam_voxel
     lam_map = lam_map.reshape(lo.shape)
     out_lo, out_hi = _round_outward(lo - lam_map, hi + lam_map)
@@ -229,7 +232,7 @@ def excluded_fraction(membership: np.ndarray) -> float:
     return float(np.mean(np.asarray(membership) == EXCLUDED))
 
 
-def predict_quantile_folder(model: str | PathLike[str], images: Path, out: Path, *, device: str = "cpu",
+def predict_quantile_folder(model: ModelCard | str | PathLike[str], images: Path, out: Path, *, device: str = "cpu",
                             force: bool = False) -> list[str]:
     """Write ``out/lower/CASE.nii.gz`` and ``out/upper/CASE.nii.gz`` for every image in ``images``."""
     from ..inference import InferenceEngine, find_images
