@@ -17,7 +17,7 @@ axes are LPS: ``x`` runs to the patient's **left**, ``y`` to **posterior**, ``z`
 2. the anatomy (:mod:`.anatomy`: tissue intensities, body, spine, thorax, abdomen, organs);
 3. the lesions (:mod:`.lesions`, label :data:`~.labels.LESION`): ``n_lesions`` of them (default 1-4;
    none with probability ``empty_probability``);
-4. image formation (:mod:`.image formation <.imaging>`: blur, CT-like noise, clipping).
+4. image formation (:mod:`.imaging`: blur, CT-like noise, clipping).
 
 The same arguments give bit-identical output; the order of the draws is part of that contract. One
 default phantom takes about 0.1 s on one core. :mod:`.dataset` writes phantoms as an nnU-Net dataset.
