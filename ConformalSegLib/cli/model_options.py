@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from ..common.errors import ConformalSegError
 from .cascade_options import add_cascade_argument, cascade_predictor_from_args
@@ -49,15 +50,16 @@ def open_model_dataset(args: argparse.Namespace, description: str):
     from ..inference import InferenceEngine, resolve_model
     from ..inference.model_dataset import InferenceDataset
 
-    engine = cascade_predictor_from_args(args) or InferenceEngine(resolve_model(args.model), device=args.device,
-                                                                  seed=args.dropout_seed)
+    # a cascade predictor stands in for an engine (it predicts alike)
+    engine: Any = cascade_predictor_from_args(args) or InferenceEngine(resolve_model(args.model), device=args.device,
+                                                                       seed=args.dropout_seed)
     temporary = None
     cache = args.probs_cache
     if cache is None:
         temporary = tempfile.TemporaryDirectory(prefix="conformalseg-probs-")
         cache = Path(temporary.name) / "probs"
-    dataset = InferenceDataset(engine, args.images,  # type: ignore[arg-type]  # a cascade predicts like an engine
-                               args.labels, args.lesion_label, cache, mc_dropout=args.mc_dropout,
+    dataset = InferenceDataset(engine, args.images, args.labels, args.lesion_label, cache, mc_dropout=args.mc_dropout,
                                tta_flips=args.tta, progress=progress_bar(description))
-    dataset.temporary_cache = temporary  # type: ignore[attr-defined]  # removed when the dataset is garbage collected or at exit
+    # removed when the dataset is garbage collected or at exit
+    dataset.temporary_cache = temporary  # type: ignore[attr-defined]
     return dataset

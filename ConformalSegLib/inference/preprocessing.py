@@ -99,7 +99,9 @@ def build_preprocessing(card: ModelCard):
         norm = ScaleIntensityRange(a_min=intensity.a_min, a_max=intensity.a_max, b_min=intensity.b_min,
                                    b_max=intensity.b_max, clip=intensity.clip)
     elif intensity.kind == "zscore":
-        norm = NormalizeIntensity(subtrahend=intensity.mean, divisor=intensity.std, nonzero=False,  # type: ignore[arg-type]
+        mean: Any = intensity.mean  # a float or None; MONAI's annotation asks for a sequence or array
+        std: Any = intensity.std
+        norm = NormalizeIntensity(subtrahend=mean, divisor=std, nonzero=False,
                                   channel_wise=False)  # one input channel
     return (Compose(spatial) if spatial else None), norm
 

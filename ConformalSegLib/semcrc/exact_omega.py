@@ -28,7 +28,8 @@ a suffix sum of weights ``1/d_i``, and ``omega_hat`` is the order statistic foun
 on that monotone sequence. (For large curves only the slice of thresholds around the answer is
 merged: a few exact checks at sample quantiles narrow the range first.) The float sums only locate
 the candidate; the candidate and its neighbours are re-checked with exact per-scan miss counts
-(correctly rounded sum; exact fractions inside its rounding band), so ``omega_hat`` is exact for the stored ``need`` values.
+(correctly rounded sum; exact fractions inside its rounding band), so ``omega_hat`` is exact for the
+stored ``need`` values.
 
 No valid omega: ``budget < 0`` (``n < 1/epsilon - 1``) or ``F(omega_max) > budget`` for a finite
 ``omega_max``: ``omega_hat = +inf`` (lambda infinite: the whole real line, the only valid choice).
