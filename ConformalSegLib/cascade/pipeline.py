@@ -195,6 +195,39 @@ def compute_lung_mask(volume: Volume, config: CascadeConfig, lung_labels: Any = 
     return lung_mask_from_labels(array, config.lung_labels, fill_holes=config.lung_fill_holes)
 
 
+def _lung(volume: Volume, config: CascadeConfig, lung_mask: np.ndarray | None, lung_labels: Any) -> np.ndarray | None:
+    """The given lung mask (checked to be on the image grid), else the one ``config.lung_source`` says."""
+    if lung_mask is None:
+        return compute_lung_mask(volume, config, lung_labels)
+    given = np.asarray(lung_mask, dtype=bool)
+    if given.shape != tuple(volume.geometry.shape):
+        raise ConformalSegError(f"the lung mask has shape {given.shape}, the image {tuple(volume.geometry.shape)}",
+                                fix="give a lung mask on the image's grid")
+    return given
+
+
+def _refine_rois(volume: Volume, boxes: dict[int, Box], predict2: Callable[[Volume, int], Any], mc: int,
+                 cancel: CancelToken | None,
+                 report: Callable[[int, int, str], None]) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """Stage 2 on each ROI, pasted by maximum: ``(probability, variance or None, covered)`` on the image grid."""
+    shape = tuple(volume.geometry.shape)
+    total = 2 + len(boxes)
+    roi_probability = np.zeros(shape, dtype=np.float32)
+    variance = np.zeros(shape, dtype=np.float32) if mc else None
+    covered = np.zeros(shape, dtype=bool)
+    for done, (cid, box) in enumerate(boxes.items(), start=2):
+        _check_cancel(cancel)
+        crop = Volume(np.asarray(volume.array)[box], crop_geometry(volume.geometry, box), volume.path)
+        out = _stage_output(predict2(crop, mc), crop.geometry.shape, f"stage 2 (ROI of component {cid})", bool(mc))
+        paste_max(roi_probability, out.probability, box)
+        if variance is not None:
+            assert out.variance is not None  # checked by _stage_output when mc
+            paste_max(variance, out.variance, box)
+        covered[box] = True
+        report(done, total, f"stage 2: ROI {done - 1} of {len(boxes)}")
+    return roi_probability, variance, covered
+
+
 def run_cascade(volume: Volume, config: CascadeConfig, stage1: Any, stage2: Any = None, *,
                 lung_labels: Any = None, lung_mask: np.ndarray | None = None,
                 progress: ProgressCallback | None = None, cancel: CancelToken | None = None) -> CascadeResult:
@@ -218,14 +251,7 @@ def run_cascade(volume: Volume, config: CascadeConfig, stage1: Any, stage2: Any 
 
     _check_cancel(cancel)
     coarse = _stage_output(predict1(volume, 0), shape, "stage 1", False).probability
-    if lung_mask is not None:
-        given = np.asarray(lung_mask, dtype=bool)
-        if given.shape != shape:
-            raise ConformalSegError(f"the lung mask has shape {given.shape}, the image {shape}",
-                                    fix="give a lung mask on the image's grid")
-        lung: np.ndarray | None = given
-    else:
-        lung = compute_lung_mask(volume, config, lung_labels)
+    lung = _lung(volume, config, lung_mask, lung_labels)
     spacing = geometry.spacing_zyx
     _, table = select_components(
         coarse >= np.float32(config.stage1_threshold), spacing, lung=lung, connectivity=config.connectivity,
@@ -238,19 +264,7 @@ def run_cascade(volume: Volume, config: CascadeConfig, stage1: Any, stage2: Any 
     total = 2 + len(boxes)
     report(1, total, "stage 1 and component selection")
 
-    roi_probability = np.zeros(shape, dtype=np.float32)
-    variance = np.zeros(shape, dtype=np.float32) if mc else None
-    covered = np.zeros(shape, dtype=bool)
-    for done, (cid, box) in enumerate(boxes.items(), start=2):
-        _check_cancel(cancel)
-        crop = Volume(np.asarray(volume.array)[box], crop_geometry(geometry, box), volume.path)
-        out = _stage_output(predict2(crop, mc), crop.geometry.shape, f"stage 2 (ROI of component {cid})", bool(mc))
-        paste_max(roi_probability, out.probability, box)
-        if variance is not None:
-            assert out.variance is not None  # checked by _stage_output when mc
-            paste_max(variance, out.variance, box)
-        covered[box] = True
-        report(done, total, f"stage 2: ROI {done - 1} of {len(boxes)}")
+    roi_probability, variance, covered = _refine_rois(volume, boxes, predict2, mc, cancel, report)
     if config.outside_roi_scale > 0:
         outside = (np.float32(config.outside_roi_scale) * coarse).astype(np.float32)
         probability = np.where(covered, roi_probability, outside).astype(np.float32)

@@ -85,31 +85,18 @@ def quantile_output_paths(out: Path, case_id: str) -> dict[str, Path]:
     return {"lower": out / "lower" / f"{case_id}.nii.gz", "upper": out / "upper" / f"{case_id}.nii.gz"}
 
 
-def run(args: argparse.Namespace) -> int:
-    from ..inference import InferenceEngine, find_images, resolve_model
-    from ..inference.model_dataset import inference_provenance
-    from ..io.volumes import load_image, save_volume
-
+def _check_options(args: argparse.Namespace) -> None:
     if args.mc_dropout < 0:
         raise ConformalSegError(f"--mc-dropout must be >= 0, got {args.mc_dropout}")
     if args.sw_batch_size is not None and args.sw_batch_size < 1:
         raise ConformalSegError(f"--sw-batch-size must be >= 1, got {args.sw_batch_size}")
     if args.out.exists() and not args.out.is_dir():
         raise ConformalSegError("output path exists and is not a folder", path=args.out, fix="give a folder for --out")
-    cascade = cascade_predictor_from_args(args)  # builds its own engines from the config (and --model)
-    if cascade is None and args.model is None:
-        raise ConformalSegError("no model given", fix="pass --model CARD.json (or --cascade CONFIG)")
-    card: Any = cascade.card if cascade is not None else resolve_model(args.model)  # a CascadeCard reads like one
-    quantile = card.output.is_quantile
-    if quantile and (args.mc_dropout or args.tta or cascade is not None):
-        raise ConformalSegError(f"{card.describe()} is a quantile regression model: --mc-dropout, --tta and "
-                                "--cascade apply to lesion models only", fix="run it without those options")
-    cases = find_images(args.images, subset=args.subset)
-    mc = args.mc_dropout > 0 or (cascade is not None and cascade.config.stage2_mc_passes > 0)
-    report_path = args.out / "inference.json"
-    planned = [(case, quantile_output_paths(args.out, case.case_id) if quantile else
-                output_paths(args.out, case.case_id, mc, entropy=cascade is None)) for case in cases]
-    if not args.force:  # fail before the long run, not after it
+
+
+def _check_outputs(planned: list[tuple[Any, dict[str, Path]]], report_path: Path, args: argparse.Namespace) -> None:
+    """Refuse existing outputs (unless ``--force``) before anything runs."""
+    if not args.force:
         existing = [p for _, paths in planned for p in paths.values() if p.exists()]
         if report_path.exists():
             existing.append(report_path)
@@ -118,11 +105,14 @@ def run(args: argparse.Namespace) -> int:
                                     fix="pass --force to overwrite or choose another --out")
     check_can_write(report_path, force=args.force)
 
-    engine: Any = cascade or InferenceEngine(card, device=args.device, amp=not args.no_amp,
-                                        sw_batch_size=args.sw_batch_size, seed=args.seed)
+
+def _predict_all(engine: Any, planned: list[tuple[Any, dict[str, Path]]], args: argparse.Namespace, *,
+                 quantile: bool, mc: bool) -> list[dict[str, Any]]:
+    """Predict and write every planned case, one at a time; return the per-case records."""
+    from ..io.volumes import load_image, save_volume
+
     progress = progress_bar("inference")
     records = []
-    started = time.perf_counter()
     progress(0, len(planned), "")  # show the bar before the first (possibly long) case
     for done, (case, paths) in enumerate(planned, start=1):
         t0 = time.perf_counter()
@@ -138,14 +128,40 @@ def run(args: argparse.Namespace) -> int:
             save_volume(prediction.variance, volume.geometry, paths["variance"], force=args.force)
             if "entropy" in paths:
                 save_volume(prediction.entropy, volume.geometry, paths["entropy"], force=args.force)
-        record = {"case_id": case.case_id, "image": str(case.path.resolve()),
-                  **{key: str(path.relative_to(args.out)) for key, path in paths.items()},
-                  "seconds": round(time.perf_counter() - t0, 3),
-                  "inference_seconds": round(prediction.seconds, 3),
-                  "windows": prediction.info.get("windows")}
-        records.append(record)
+        records.append({"case_id": case.case_id, "image": str(case.path.resolve()),
+                        **{key: str(path.relative_to(args.out)) for key, path in paths.items()},
+                        "seconds": round(time.perf_counter() - t0, 3),
+                        "inference_seconds": round(prediction.seconds, 3),
+                        "windows": prediction.info.get("windows")})
         progress(done, len(planned), case.case_id)
         del volume, prediction
+    return records
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..inference import InferenceEngine, find_images, resolve_model
+    from ..inference.model_dataset import inference_provenance
+
+    _check_options(args)
+    cascade = cascade_predictor_from_args(args)  # builds its own engines from the config (and --model)
+    if cascade is None and args.model is None:
+        raise ConformalSegError("no model given", fix="pass --model CARD.json (or --cascade CONFIG)")
+    card: Any = cascade.card if cascade is not None else resolve_model(args.model)  # a CascadeCard reads like one
+    quantile = card.output.is_quantile
+    if quantile and (args.mc_dropout or args.tta or cascade is not None):
+        raise ConformalSegError(f"{card.describe()} is a quantile regression model: --mc-dropout, --tta and "
+                                "--cascade apply to lesion models only", fix="run it without those options")
+    cases = find_images(args.images, subset=args.subset)
+    mc = args.mc_dropout > 0 or (cascade is not None and cascade.config.stage2_mc_passes > 0)
+    report_path = args.out / "inference.json"
+    planned = [(case, quantile_output_paths(args.out, case.case_id) if quantile else
+                output_paths(args.out, case.case_id, mc, entropy=cascade is None)) for case in cases]
+    _check_outputs(planned, report_path, args)  # before the long run, not after it
+
+    engine: Any = cascade or InferenceEngine(card, device=args.device, amp=not args.no_amp,
+                                        sw_batch_size=args.sw_batch_size, seed=args.seed)
+    started = time.perf_counter()
+    records = _predict_all(engine, planned, args, quantile=quantile, mc=mc)
     report = {
         "format": INFERENCE_FORMAT, "format_version": INFERENCE_FORMAT_VERSION,
         **inference_provenance(card, engine, mc_dropout=args.mc_dropout, tta_flips=args.tta, seed=args.seed),

@@ -185,6 +185,16 @@ def _require(doc: dict[str, Any], key: str, path: Path) -> Any:
 def load_profile(path: str | PathLike[str]) -> CalibrationProfile:
     """Load and validate a profile and its summaries (see module docstring)."""
     path = Path(path)
+    doc, method, n = _read_document(path)
+    summaries, stats, provenance = _read_summaries(doc, path, method)
+    calibration = _read_calibration(doc, path, method, n, stats)
+    profile = CalibrationProfile(calibration, summaries, stats, doc.get("empty_policy", "exclude"), provenance)
+    _check_consistent(profile, path)
+    return profile
+
+
+def _read_document(path: Path) -> tuple[dict[str, Any], str, int]:
+    """The profile's JSON, checked for format, version, method and ``n``."""
     if not path.is_file():
         raise ConformalSegError("calibration profile not found", path=path,
                                 fix="check the path, or create one with `conformalseg calibrate`")
@@ -205,7 +215,12 @@ def load_profile(path: str | PathLike[str]) -> CalibrationProfile:
     n = _require(doc, "n", path)
     if not isinstance(n, int) or n < 1:
         raise ConformalSegError(f"'n' must be a positive integer, got {n!r}", path=path, fix=RERUN_FIX)
+    return doc, method, n
 
+
+def _read_summaries(doc: dict[str, Any], path: Path,
+                    method: str) -> tuple[LesionSummaries, SetStatistics | None, dict[str, Any]]:
+    """The ``.npz`` beside the profile (checksum verified), its summaries, set statistics and the provenance."""
     summaries_doc = _require(doc, "summaries", path)
     npz_path = path.with_name(str(summaries_doc.get("file", "")))
     if not npz_path.is_file():
@@ -230,28 +245,28 @@ def load_profile(path: str | PathLike[str]) -> CalibrationProfile:
     except (KeyError, ValueError, TypeError, OSError) as exc:
         raise ConformalSegError(f"summaries file is corrupt or incomplete ({exc})", path=npz_path,
                                 fix=RERUN_FIX) from exc
+    return summaries, stats, provenance
 
-    empty_policy = doc.get("empty_policy", "exclude")
+
+def _read_calibration(doc: dict[str, Any], path: Path, method: str, n: int,
+                      stats: SetStatistics | None) -> ThresholdCalibration | SetsCalibration:
+    """The stored thresholds and parameters of the calibration."""
     if method == "sets":
-        assert stats is not None  # read above for sets profiles
-        calibration: ThresholdCalibration | SetsCalibration = SetsCalibration(
-            str(_require(doc, "mode", path)), float(_require(doc, "alpha", path)), float(_require(doc, "alpha_inner", path)),
-            float(_require(doc, "alpha_outer", path)), n,
+        assert stats is not None  # read with the summaries for sets profiles
+        return SetsCalibration(
+            str(_require(doc, "mode", path)), float(_require(doc, "alpha", path)),
+            float(_require(doc, "alpha_inner", path)), float(_require(doc, "alpha_outer", path)), n,
             _decode_float(_require(doc, "inner_threshold", path), "inner_threshold", path),
             _decode_float(_require(doc, "outer_threshold", path), "outer_threshold", path),
             stats.inner_transform, stats.outer_transform)
-    else:
-        epsilon = _decode_float(_require(doc, "epsilon", path), "epsilon", path)
-        alpha = doc.get("alpha")
-        if method == "cls" and alpha is None:
-            raise ConformalSegError("a CLS profile needs 'alpha'", path=path, fix=RERUN_FIX)
-        calibration = ThresholdCalibration(
-            method, epsilon, None if alpha is None else float(alpha), n, int(doc.get("n_excluded_empty", 0)),
-            _decode_float(_require(doc, "probability_threshold", path), "probability_threshold", path),
-            doc.get("rank"))
-    profile = CalibrationProfile(calibration, summaries, stats, empty_policy, provenance)
-    _check_consistent(profile, path)
-    return profile
+    epsilon = _decode_float(_require(doc, "epsilon", path), "epsilon", path)
+    alpha = doc.get("alpha")
+    if method == "cls" and alpha is None:
+        raise ConformalSegError("a CLS profile needs 'alpha'", path=path, fix=RERUN_FIX)
+    return ThresholdCalibration(
+        method, epsilon, None if alpha is None else float(alpha), n, int(doc.get("n_excluded_empty", 0)),
+        _decode_float(_require(doc, "probability_threshold", path), "probability_threshold", path),
+        doc.get("rank"))
 
 
 def _check_consistent(profile: CalibrationProfile, path: Path) -> None:

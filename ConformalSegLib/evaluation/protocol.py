@@ -56,6 +56,11 @@ Too few cases. Each side of the split needs at least one case (else
 ``alpha`` (the conformal quantile is infinite) are kept and reported as *trivial* (whole-image mask /
 empty inner set, whole-image outer set), with a
 :class:`~ConformalSegLib.common.errors.CalibrationSetTooSmallWarning` saying how many cases are needed.
+
+This file is long because it is the protocol, to be read top to bottom: this docstring specifies it,
+:func:`evaluate_dataset` calls one function per step (pass 1, the splits, test FNRs, pass 2, assembly),
+and the steps hand each other small private containers. The parameters (:mod:`.config`), the cases
+(:mod:`.cases`) and the results (:mod:`.results`) live in their own modules.
 """
 
 from __future__ import annotations
@@ -443,20 +448,27 @@ def _assemble(config: EvaluationConfig, stats: _CaseStatistics, split: _SplitThr
     else:
         for d in (cls, baseline):
             d["hd95"], d["hd95_excluded"] = np.full(S, np.nan), np.zeros(S, dtype=np.int64)
-    sets: SetArrays = {}
-    for name in stats.set_stats:
-        sets[name] = {}
-        for mode in config.set_modes:
-            arrays = dict(split.sets[name][mode])
-            arrays["trivial"] = np.isposinf(arrays["inner_threshold"]) | np.isneginf(arrays["outer_threshold"])
-            for k, v in sizes.set_sums[name][mode].items():
-                arrays[k] = v / n_test
-            sets[name][mode] = arrays
+    sets = _set_results(stats, split, sizes, config.set_modes, n_test)
     per_case = {"baseline_fnr": np.where(stats.population, base["fnr"], np.nan),
                 "baseline_pc": base["pc"], "baseline_dice": base["dice"], "baseline_hd95": stats.base_hd,
                 "cls_main_fnr": fnrs.cls_main_fnr, "cls_main_hd95": sizes.cls_main_hd}
     return EvaluationResult(config, tuple(stats.ids), stats.sizes.copy(), stats.n_voxels, stats.voxel_ml,
                             stats.population, split.test_mask, n_cal, n_test, cls, crc, baseline, sets, per_case)
+
+
+def _set_results(stats: _CaseStatistics, split: _SplitThresholds, sizes: _MaskSizes, set_modes: tuple[str, ...],
+                 n_test: int) -> SetArrays:
+    """Per transform and mode: thresholds, coverages, trivial flags and mean sizes per split."""
+    sets: SetArrays = {}
+    for name in stats.set_stats:
+        sets[name] = {}
+        for mode in set_modes:
+            arrays = dict(split.sets[name][mode])
+            arrays["trivial"] = np.isposinf(arrays["inner_threshold"]) | np.isneginf(arrays["outer_threshold"])
+            for k, v in sizes.set_sums[name][mode].items():
+                arrays[k] = v / n_test
+            sets[name][mode] = arrays
+    return sets
 
 
 def _baseline_per_case(stats: _CaseStatistics, base_hits: np.ndarray,

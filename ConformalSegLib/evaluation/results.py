@@ -111,48 +111,53 @@ class EvaluationResult:
 
     def summary_rows(self) -> list[dict[str, Any]]:
         """One row per (method, epsilon, alpha[, transform, mode]) with mean / std over splits."""
-        cfg = self.config
         rows: list[dict[str, Any]] = []
-        n_pop = self.mean_population_test
-
-        def stats(array: np.ndarray) -> dict[str, float]:
-            mean, std = mean_std(array)
-            return {"mean": float(mean), "std": float(std)}
-
-        for e, eps in enumerate(cfg.epsilons):
-            rows.append({"method": "baseline", "epsilon": eps, "alpha": None, "cutoff": BASELINE_CUTOFF,
-                         "trivial_splits": 0,
-                         "metrics": {"ecr": stats(self.baseline["ecr"][:, e]), "fnr": stats(self.baseline["fnr"]),
-                                     "pc": stats(self.baseline["pc"]), "dice": stats(self.baseline["dice"]),
-                                     "hd95": stats(self.baseline["hd95"]),
-                                     "hd95_excluded_per_split": float(np.mean(self.baseline["hd95_excluded"]))}})
-            rows.append({"method": "crc", "epsilon": eps, "alpha": None,
-                         "cutoff": stats(_finite_or_nan(self.crc["cutoff"][:, e])),
-                         "trivial_splits": int(self.crc["trivial"][:, e].sum()),
-                         "metrics": {k: stats(self.crc[k][:, e]) for k in ("ecr", "fnr", "pc", "dice")}})
-            for a, alpha in enumerate(cfg.alphas):
-                metrics: dict[str, Any] = {k: stats(self.cls[k][:, e, a]) for k in ("ecr", "fnr", "pc", "dice")}
-                if e == cfg.main_epsilon_index and a == cfg.main_alpha_index and cfg.hd95:
-                    metrics["hd95"] = stats(self.cls["hd95"])
-                    metrics["hd95_excluded_per_split"] = float(np.mean(self.cls["hd95_excluded"]))
-                trivial = int(self.cls["trivial"][:, e, a].sum())
-                status = "trivial" if trivial == cfg.splits else coverage_status(metrics["ecr"]["mean"], alpha, n_pop)
-                rows.append({"method": "cls", "epsilon": eps, "alpha": alpha,
-                             "cutoff": stats(_finite_or_nan(self.cls["cutoff"][:, e, a])),
-                             "trivial_splits": trivial, "target": 1 - alpha,
-                             "tolerance": binomial_tolerance(alpha, n_pop), "status": status, "metrics": metrics})
+        for e, eps in enumerate(self.config.epsilons):
+            rows += self._threshold_rows(e, eps)
         for name, modes in self.sets.items():
             for mode, arrays in modes.items():
-                for a, alpha in enumerate(cfg.alphas):
-                    metrics = {k: stats(arrays[k][:, a]) for k in
-                               ("inner_coverage", "outer_coverage", "joint_coverage", "inner_voxels",
-                                "outer_voxels", "inner_ml", "outer_ml")}
-                    trivial = int(arrays["trivial"][:, a].sum())
-                    status = "trivial" if trivial == cfg.splits else _sets_status(metrics, mode, alpha, self.n_test)
-                    rows.append({"method": "sets", "transform": name, "mode": mode, "epsilon": None, "alpha": alpha,
-                                 "trivial_splits": trivial, "target": 1 - alpha,
-                                 "tolerance": binomial_tolerance(alpha, self.n_test), "status": status,
-                                 "metrics": metrics})
+                rows += self._sets_rows(name, mode, arrays)
+        return rows
+
+    def _threshold_rows(self, e: int, eps: float) -> list[dict[str, Any]]:
+        """Baseline, CRC and CLS (one per alpha) rows of epsilon ``eps`` (index ``e``)."""
+        cfg = self.config
+        n_pop = self.mean_population_test
+        rows: list[dict[str, Any]] = [
+            {"method": "baseline", "epsilon": eps, "alpha": None, "cutoff": BASELINE_CUTOFF, "trivial_splits": 0,
+             "metrics": {"ecr": _stats(self.baseline["ecr"][:, e]), "fnr": _stats(self.baseline["fnr"]),
+                         "pc": _stats(self.baseline["pc"]), "dice": _stats(self.baseline["dice"]),
+                         "hd95": _stats(self.baseline["hd95"]),
+                         "hd95_excluded_per_split": float(np.mean(self.baseline["hd95_excluded"]))}},
+            {"method": "crc", "epsilon": eps, "alpha": None, "cutoff": _stats(_finite_or_nan(self.crc["cutoff"][:, e])),
+             "trivial_splits": int(self.crc["trivial"][:, e].sum()),
+             "metrics": {k: _stats(self.crc[k][:, e]) for k in ("ecr", "fnr", "pc", "dice")}}]
+        for a, alpha in enumerate(cfg.alphas):
+            metrics: dict[str, Any] = {k: _stats(self.cls[k][:, e, a]) for k in ("ecr", "fnr", "pc", "dice")}
+            if e == cfg.main_epsilon_index and a == cfg.main_alpha_index and cfg.hd95:
+                metrics["hd95"] = _stats(self.cls["hd95"])
+                metrics["hd95_excluded_per_split"] = float(np.mean(self.cls["hd95_excluded"]))
+            trivial = int(self.cls["trivial"][:, e, a].sum())
+            status = "trivial" if trivial == cfg.splits else coverage_status(metrics["ecr"]["mean"], alpha, n_pop)
+            rows.append({"method": "cls", "epsilon": eps, "alpha": alpha,
+                         "cutoff": _stats(_finite_or_nan(self.cls["cutoff"][:, e, a])),
+                         "trivial_splits": trivial, "target": 1 - alpha,
+                         "tolerance": binomial_tolerance(alpha, n_pop), "status": status, "metrics": metrics})
+        return rows
+
+    def _sets_rows(self, name: str, mode: str, arrays: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+        """Confidence-set rows (one per alpha) of transform ``name`` in ``mode``."""
+        rows = []
+        for a, alpha in enumerate(self.config.alphas):
+            metrics = {k: _stats(arrays[k][:, a]) for k in
+                       ("inner_coverage", "outer_coverage", "joint_coverage", "inner_voxels",
+                        "outer_voxels", "inner_ml", "outer_ml")}
+            trivial = int(arrays["trivial"][:, a].sum())
+            status = "trivial" if trivial == self.config.splits else _sets_status(metrics, mode, alpha, self.n_test)
+            rows.append({"method": "sets", "transform": name, "mode": mode, "epsilon": None, "alpha": alpha,
+                         "trivial_splits": trivial, "target": 1 - alpha,
+                         "tolerance": binomial_tolerance(alpha, self.n_test), "status": status,
+                         "metrics": metrics})
         return rows
 
     def to_dict(self) -> dict[str, Any]:
@@ -175,6 +180,11 @@ class EvaluationResult:
             "notes": {"non_finite": "null stands for NaN (undefined, e.g. no test case) and for infinite "
                                     "cutoffs/thresholds (see the 'trivial' flags: -inf cutoff = whole image)"},
         })
+
+
+def _stats(array: np.ndarray) -> dict[str, float]:
+    mean, std = mean_std(array)
+    return {"mean": float(mean), "std": float(std)}
 
 
 def _sets_status(metrics: dict[str, dict[str, float]], mode: str, alpha: float, n_test: int) -> str:

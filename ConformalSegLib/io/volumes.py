@@ -17,6 +17,10 @@ Conventions
 * Files without geometry (``.npy``, an ``.npz`` without sibling) get an identity geometry with
   ``geometry_known=False``; :func:`check_same_geometry` then compares only the shape.
 * Every failure caused by the user's files raises :class:`ConformalSegError` naming the file.
+
+This file is long because every format's reader goes through the same checks and error messages
+(file present and readable, 3D, geometry, finite values in range): they are read together here, in
+one place, so that no reader can skip one. Its sections: helpers, probability maps, label maps, writing.
 """
 
 from __future__ import annotations

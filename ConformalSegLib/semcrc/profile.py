@@ -119,15 +119,8 @@ def _mapping(doc: dict[str, Any], key: str, groups: list[str], path: Path) -> di
     return value
 
 
-def load_interval_profile(path: str | PathLike[str]) -> IntervalProfile:
-    """Load and validate an interval profile (module docstring)."""
-    path = Path(path)
-    if not path.is_file():
-        raise IntervalProfileError("interval profile not found", path=path, fix="check the path, or " + RERUN_FIX)
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise IntervalProfileError(f"not a valid JSON profile ({exc})", path=path, fix=RERUN_FIX) from exc
+def _check_header(doc: Any, path: Path) -> tuple[str, list[str]]:
+    """Format, version, method and group names of a parsed profile."""
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise IntervalProfileError(f"not an interval profile (no 'format': '{FORMAT}')", path=path, fix=RERUN_FIX)
     if doc.get("format_version") != FORMAT_VERSION:
@@ -139,6 +132,37 @@ def load_interval_profile(path: str | PathLike[str]) -> IntervalProfile:
     groups = doc.get("groups")
     if not isinstance(groups, list) or not groups or not all(isinstance(g, str) for g in groups):
         raise IntervalProfileError("'groups' must be a non-empty list of names", path=path, fix=RERUN_FIX)
+    return method, groups
+
+
+def _read_partition(doc: dict[str, Any], path: Path, n_groups: int) -> tuple[np.ndarray, tuple[int, ...]]:
+    """The K-CRC partition stored beside the profile (checksum verified) and its grid shape."""
+    info = doc.get("partition") or {}
+    npz_path = path.with_name(str(info.get("file", "")))
+    if not npz_path.is_file():
+        raise IntervalProfileError(f"the partition file {npz_path.name} is missing beside the profile", path=path,
+                                   fix="keep the .npz next to the .json (copy both), or re-calibrate")
+    if sha256_file(npz_path) != info.get("sha256"):
+        raise IntervalProfileError("partition file does not match the profile's checksum", path=npz_path,
+                                   fix="restore the matching .npz or re-calibrate")
+    with np.load(npz_path, allow_pickle=False) as arrays:
+        partition = np.asarray(arrays["partition"], dtype=np.int32)
+    shape = tuple(int(s) for s in info.get("shape", ()))
+    if int(np.prod(shape)) != partition.size or partition.max(initial=0) >= n_groups:
+        raise IntervalProfileError("partition does not fit the stored grid / groups", path=npz_path, fix=RERUN_FIX)
+    return partition, shape
+
+
+def load_interval_profile(path: str | PathLike[str]) -> IntervalProfile:
+    """Load and validate an interval profile (module docstring)."""
+    path = Path(path)
+    if not path.is_file():
+        raise IntervalProfileError("interval profile not found", path=path, fix="check the path, or " + RERUN_FIX)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise IntervalProfileError(f"not a valid JSON profile ({exc})", path=path, fix=RERUN_FIX) from exc
+    method, groups = _check_header(doc, path)
     lam = np.array([_decode(v, f"lambda[{g}]", path) for g, v in _mapping(doc, "lambda", groups, path).items()])
     anchor = np.array([_decode(v, f"anchor[{g}]", path) for g, v in _mapping(doc, "anchor", groups, path).items()])
     omega = np.array([_decode(v, f"omega[{g}]", path) for g, v in _mapping(doc, "omega", groups, path).items()])
@@ -154,21 +178,7 @@ def load_interval_profile(path: str | PathLike[str]) -> IntervalProfile:
         organs = OrganMap({int(k): str(v) for k, v in dict(doc.get("organ_labels") or {}).items()})
     except (TypeError, ValueError) as exc:
         raise IntervalProfileError(f"'organ_labels' is malformed ({exc})", path=path, fix=RERUN_FIX) from exc
-    partition = shape = None
-    if method == "k-crc":
-        info = doc.get("partition") or {}
-        npz_path = path.with_name(str(info.get("file", "")))
-        if not npz_path.is_file():
-            raise IntervalProfileError(f"the partition file {npz_path.name} is missing beside the profile", path=path,
-                                       fix="keep the .npz next to the .json (copy both), or re-calibrate")
-        if sha256_file(npz_path) != info.get("sha256"):
-            raise IntervalProfileError("partition file does not match the profile's checksum", path=npz_path,
-                                       fix="restore the matching .npz or re-calibrate")
-        with np.load(npz_path, allow_pickle=False) as arrays:
-            partition = np.asarray(arrays["partition"], dtype=np.int32)
-        shape = tuple(int(s) for s in info.get("shape", ()))
-        if int(np.prod(shape)) != partition.size or partition.max(initial=0) >= len(groups):
-            raise IntervalProfileError("partition does not fit the stored grid / groups", path=npz_path, fix=RERUN_FIX)
+    partition, shape = _read_partition(doc, path, len(groups)) if method == "k-crc" else (None, None)
     provenance = dict(doc.get("provenance") or {})
     lambda_max = doc.get("lambda_max")
     calibration = IntervalCalibration(
