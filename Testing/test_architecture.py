@@ -48,7 +48,7 @@ def imported_modules(text: str, path: Path, module: str) -> list[tuple[int, str]
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 parts = package.split(".")
-                base = ".".join(parts[:len(parts) - node.level + 1])
+                base = ".".join(parts[: len(parts) - node.level + 1])
                 target = f"{base}.{node.module}" if node.module else base
             else:
                 target = node.module
@@ -90,8 +90,10 @@ def layer_violations(table: dict[str, int], sources: dict[Path, str]) -> list[st
             if dest not in table:
                 problems.append(f"{where}: {target} is in no layer of ARCHITECTURE.md")
             elif table[dest] >= table[source]:
-                problems.append(f"{where}: {source} (layer {table[source]}) imports {target} "
-                                f"(layer {table[dest]}): imports go down only")
+                problems.append(
+                    f"{where}: {source} (layer {table[source]}) imports {target} "
+                    f"(layer {table[dest]}): imports go down only"
+                )
     return problems
 
 
@@ -138,11 +140,15 @@ def python_sources() -> list[Path]:
 def test_no_long_functions_or_unexplained_long_files(path):
     text = path.read_text(encoding="utf-8")
     tree = ast.parse(text)
-    long = [f"{node.name} ({node.end_lineno - node.lineno + 1} lines, line {node.lineno})"
-            for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
-            and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES]
+    long = [
+        f"{node.name} ({node.end_lineno - node.lineno + 1} lines, line {node.lineno})"
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
+    ]
     assert not long, f"functions over {MAX_FUNCTION_LINES} lines: split them by concept: {long}"
     n_lines = len(text.splitlines())
     if n_lines > MAX_FILE_LINES:
         assert LONG_FILE_REASON in (ast.get_docstring(tree) or ""), (
-            f"{n_lines} lines: split the file by concept, or say at its top why not ('{LONG_FILE_REASON} ...')")
+            f"{n_lines} lines: split the file by concept, or say at its top why not ('{LONG_FILE_REASON} ...')"
+        )

@@ -179,9 +179,12 @@ def test_critical_cutoff_float_trap_0_29():
 
 
 @settings(max_examples=300, deadline=None, derandomize=True)
-@given(values=st.lists(st.one_of(st.floats(0, 1, width=32), st.sampled_from([0.0, 0.25, 0.5, 1.0])),
-                       min_size=1, max_size=40),
-       epsilon=st.one_of(st.floats(1e-12, 1), st.sampled_from([0.0, 0.1, 0.29, 0.7, 1.0])))
+@given(
+    values=st.lists(
+        st.one_of(st.floats(0, 1, width=32), st.sampled_from([0.0, 0.25, 0.5, 1.0])), min_size=1, max_size=40
+    ),
+    epsilon=st.one_of(st.floats(1e-12, 1), st.sampled_from([0.0, 0.1, 0.29, 0.7, 1.0])),
+)
 def test_critical_cutoff_property(values, epsilon):
     v = np.array(values, dtype=np.float32)
     lesion = np.ones(v.size, bool)
@@ -250,8 +253,9 @@ def test_calibrate_cls_no_warning_when_large_enough():
     assert res.probability_threshold == expected and res.rank == 9 and not res.is_trivial
 
 
-@pytest.mark.parametrize("eps, alpha", [(0.1, 0.1), (0.29, 0.2), (0.0, 0.05), (0.5, 0.3), (1 / 3, 1 / 3),
-                                        (1.0, 0.1), (0.7, 0.7)])
+@pytest.mark.parametrize(
+    "eps, alpha", [(0.1, 0.1), (0.29, 0.2), (0.0, 0.05), (0.5, 0.3), (1 / 3, 1 / 3), (1.0, 0.1), (0.7, 0.7)]
+)
 def test_calibrate_cls_empty_policies(eps, alpha):
     rng = np.random.default_rng(8)
     cases = make_cases(rng, 40, empty_every=5)
@@ -352,9 +356,11 @@ def test_apply_threshold_out_argument():
 
 
 @settings(max_examples=200, deadline=None, derandomize=True)
-@given(values=st.lists(st.floats(0, 1, width=32), min_size=1, max_size=30),
-       cutoff=st.one_of(st.floats(-0.1, 1.1), st.floats(0, 1, width=32)),
-       nudge=st.sampled_from([-1, 0, 1]))
+@given(
+    values=st.lists(st.floats(0, 1, width=32), min_size=1, max_size=30),
+    cutoff=st.one_of(st.floats(-0.1, 1.1), st.floats(0, 1, width=32)),
+    nudge=st.sampled_from([-1, 0, 1]),
+)
 def test_apply_threshold_property(values, cutoff, nudge):
     p = np.array(values, dtype=np.float32)
     if nudge:
@@ -378,7 +384,7 @@ def test_uint16_cutoffs_are_conservative_and_close():
     # each code q is the largest one whose decoded float64 value q / 65535 does not exceed the probability
     for (_, p, l), i in zip(cases, range(len(cases))):
         v = np.sort(p[l].astype(np.float64))[::-1]
-        q = s16.values[s16.offsets[i]:s16.offsets[i + 1]].astype(np.int64)
+        q = s16.values[s16.offsets[i] : s16.offsets[i + 1]].astype(np.int64)
         assert np.all(q / 65535.0 <= v)
         assert np.all((q == 65535) | ((q + 1) / 65535.0 > v))
         np.testing.assert_array_equal(s16.case(i), q / 65535.0)

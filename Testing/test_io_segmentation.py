@@ -121,8 +121,12 @@ def test_write_masks_nifti(tmp_path):
     masks = nested_masks()
     del masks["Empty"]
     paths = write_masks_nifti(masks, GEOM, tmp_path / "out")
-    assert [p.name for p in paths] == ["outer_set.nii.gz", "lesion_fnr_controlled.nii.gz", "inner_set.nii.gz",
-                                       "lesion_threshold_0_5.nii.gz"]
+    assert [p.name for p in paths] == [
+        "outer_set.nii.gz",
+        "lesion_fnr_controlled.nii.gz",
+        "inner_set.nii.gz",
+        "lesion_threshold_0_5.nii.gz",
+    ]
     for path, mask in zip(paths, masks.values(), strict=True):
         img = sitk.ReadImage(str(path))
         assert img.GetPixelID() == sitk.sitkUInt8

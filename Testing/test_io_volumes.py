@@ -147,7 +147,7 @@ def test_npz_without_probabilities_key(tmp_path):
 def test_non_finite_values_are_counted(tmp_path, bad, count, ext):
     # SimpleITK's NIfTI reader would silently turn these into 0: the loader must still see them
     probs = random_probabilities()
-    probs.flat[3:3 + count] = bad
+    probs.flat[3 : 3 + count] = bad
     path = tmp_path / f"nanny{ext}"
     np.save(path, probs) if ext == ".npy" else write_sitk(probs, path)
     with pytest.raises(ConformalSegError) as info:

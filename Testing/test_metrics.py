@@ -83,8 +83,10 @@ needs_monai = pytest.mark.skipif(importlib.util.find_spec("monai") is None, reas
 
 def _brute_hd95(a: np.ndarray, b: np.ndarray, spacing) -> float:
     """Symmetric HD95 from surface voxels (mask minus its erosion) with linear-interpolated percentiles."""
+
     def surface(m):
         return np.argwhere(m & ~ndimage.binary_erosion(m)) * np.asarray(spacing)
+
     sa, sb = surface(a), surface(b)
     d = cdist(sa, sb)
     return max(np.percentile(d.min(axis=1), 95), np.percentile(d.min(axis=0), 95))
@@ -97,7 +99,6 @@ def test_hd95_empty_mask_rule():
     assert np.isnan(hd95(empty, empty, (2.5, 0.9, 0.8)))
     assert hd95(empty, truth, (2.5, 0.9, 0.8)) == np.inf
     assert hd95(truth, empty, (2.5, 0.9, 0.8)) == np.inf
-
 
 
 @needs_monai
@@ -150,11 +151,15 @@ def _tied_volume(rng, dtype, shape=(7, 9, 11)):
 
 def _thresholds(values: np.ndarray, rng) -> np.ndarray:
     levels = np.unique(values).astype(np.float64)
-    tricky = np.concatenate([
-        levels,  # exactly at tied values
-        np.nextafter(levels, np.inf), np.nextafter(levels, -np.inf),  # float64 neighbours of float32 values
-        rng.random(10), [-np.inf, np.inf, 0.0, 1.0, 0.5, 0.5, -3.0, 7.0],  # repeats, out of range
-    ])
+    tricky = np.concatenate(
+        [
+            levels,  # exactly at tied values
+            np.nextafter(levels, np.inf),
+            np.nextafter(levels, -np.inf),  # float64 neighbours of float32 values
+            rng.random(10),
+            [-np.inf, np.inf, 0.0, 1.0, 0.5, 0.5, -3.0, 7.0],  # repeats, out of range
+        ]
+    )
     return rng.permutation(tricky)
 
 

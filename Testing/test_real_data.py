@@ -32,8 +32,11 @@ def simulated_prediction(tumour: np.ndarray, geometry: Geometry, rng: np.random.
     """An imperfect network output: a per-case miscalibrated logit of the signed distance (mm) to the
     true boundary plus smooth noise (float32 probabilities)."""
     sp = geometry.spacing_zyx
-    signed = np.where(tumour, -ndimage.distance_transform_edt(tumour, sampling=sp),
-                      ndimage.distance_transform_edt(~tumour, sampling=sp))
+    signed = np.where(
+        tumour,
+        -ndimage.distance_transform_edt(tumour, sampling=sp),
+        ndimage.distance_transform_edt(~tumour, sampling=sp),
+    )
     scale = np.exp(rng.uniform(np.log(0.3), np.log(2.5)))
     shift = rng.normal(-1.0, 1.0)
     noise = ndimage.gaussian_filter(rng.standard_normal(tumour.shape), [3.0 / s for s in sp])

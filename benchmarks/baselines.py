@@ -57,7 +57,7 @@ from ConformalSegLib.conformal.cls import round_up_to_dtype
 
 DELTA = 1e-4
 MAX_ITER = 60
-DEFAULT_TOL = 2.0 ** -24  # float32 spacing just below 1.0 is 2**-24
+DEFAULT_TOL = 2.0**-24  # float32 spacing just below 1.0 is 2**-24
 
 
 @dataclass(frozen=True)
@@ -142,8 +142,9 @@ def cls_bisection(oracle, epsilon: float, *, delta: float = DELTA, max_iter: int
     return BisectionResult(1.0 - t, t, fnr, max_iter, False)
 
 
-def largest_cutoff_bisection(oracle, epsilon: float, *, tol: float = DEFAULT_TOL,
-                             max_iter: int = 200) -> BisectionResult:
+def largest_cutoff_bisection(
+    oracle, epsilon: float, *, tol: float = DEFAULT_TOL, max_iter: int = 200
+) -> BisectionResult:
     """Largest cutoff ``c`` in ``[0, 1]`` with ``FNR(c) <= epsilon``, by bisection to ``tol``.
 
     Invariant: ``FNR(lo) <= epsilon`` (``FNR(0) = 0`` for probabilities in ``[0, 1]``) and

@@ -47,7 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     cases = phantom_lung_cases(n, seed=args.seed)
     if args.stand_ins:
-        stage1, stage2, models = simulated_coarse_predictor, hu_refiner(), "stand-ins (simulated coarse network, HU refiner)"
+        stage1, stage2, models = (
+            simulated_coarse_predictor,
+            hu_refiner(),
+            "stand-ins (simulated coarse network, HU refiner)",
+        )
     else:
         from ConformalSegLib.inference import InferenceEngine, resolve_model
 
@@ -60,8 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     write_report(report, OUT / ("quick" if args.quick else "full"), force=True)
     body = report_markdown(report).split("\n", 1)[1]  # drop the report's own title
     print(f"### Cascade study (eval_cascade.py{' --quick' if args.quick else ''})\n")
-    print(f"- {report['n_cases']} phantom lung cases of {n} phantoms (seed {args.seed}); models: {models}; lung mask: "
-          f"{report['lung_mask']}; {seconds:.0f} s.\n")
+    print(
+        f"- {report['n_cases']} phantom lung cases of {n} phantoms (seed {args.seed}); models: {models}; lung mask: "
+        f"{report['lung_mask']}; {seconds:.0f} s.\n"
+    )
     print(body.replace("\n## ", "\n#### "))
     return 0
 

@@ -32,15 +32,23 @@ def load_results(path: str | PathLike[str]) -> dict[str, Any]:
     if path.is_dir():
         path = path / "results.json"
     if not path.is_file():
-        raise ConformalSegError("evaluation results not found", path=path,
-                                fix="run the evaluation first, or choose the results.json it wrote")
+        raise ConformalSegError(
+            "evaluation results not found",
+            path=path,
+            fix="run the evaluation first, or choose the results.json it wrote",
+        )
     try:
         results = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConformalSegError(f"not a valid results.json ({exc})", path=path, fix="re-run conformalseg evaluate") from exc
+        raise ConformalSegError(
+            f"not a valid results.json ({exc})", path=path, fix="re-run conformalseg evaluate"
+        ) from exc
     if not isinstance(results, dict) or "summary" not in results or "config" not in results:
-        raise ConformalSegError("not a results.json of conformalseg evaluate (no 'summary'/'config')", path=path,
-                                fix="choose the results.json that conformalseg evaluate wrote")
+        raise ConformalSegError(
+            "not a results.json of conformalseg evaluate (no 'summary'/'config')",
+            path=path,
+            fix="choose the results.json that conformalseg evaluate wrote",
+        )
     return results
 
 

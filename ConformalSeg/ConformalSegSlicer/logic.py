@@ -41,11 +41,19 @@ class Logic(ScriptedLoadableModuleLogic):
 
     def loadSliderState(self, probabilityVolume, profilePaths) -> SliderState:
         """Profiles + the probability map of a volume node (copied) on its own grid."""
-        return SliderState.from_files(profilePaths, adapter.volume_array(probabilityVolume),
-                                      adapter.volume_geometry(probabilityVolume))
+        return SliderState.from_files(
+            profilePaths, adapter.volume_array(probabilityVolume), adapter.volume_geometry(probabilityVolume)
+        )
 
-    def updateSegmentation(self, state: SliderState, settings: SliderSettings, segmentationNode, referenceVolume,
-                           maskVolume=None, writeAll: bool = True):
+    def updateSegmentation(
+        self,
+        state: SliderState,
+        settings: SliderSettings,
+        segmentationNode,
+        referenceVolume,
+        maskVolume=None,
+        writeAll: bool = True,
+    ):
         """Recalibrate for ``settings`` and write the changed segments (all with ``writeAll``) into
         ``segmentationNode`` (created when None, with ``referenceVolume``'s geometry); the masks are on
         the grid of ``maskVolume`` (the probability map; default ``referenceVolume``). Returns
@@ -55,17 +63,29 @@ class Logic(ScriptedLoadableModuleLogic):
         result = state.update(settings)
         segmentationNode = adapter.ensure_segmentation(segmentationNode, referenceVolume)
         names = list(result.segments) if writeAll else result.changed
-        adapter.update_segments(segmentationNode, {n: result.segments[n].mask for n in names},
-                                maskVolume or referenceVolume)
+        adapter.update_segments(
+            segmentationNode, {n: result.segments[n].mask for n in names}, maskVolume or referenceVolume
+        )
         adapter.remove_segments(segmentationNode, keep=result.segments)
         return segmentationNode, result
 
-    def process(self, probabilityVolume, profilePaths, settings: SliderSettings | None = None,
-                segmentationNode=None, referenceVolume=None):
+    def process(
+        self,
+        probabilityVolume,
+        profilePaths,
+        settings: SliderSettings | None = None,
+        segmentationNode=None,
+        referenceVolume=None,
+    ):
         """One call: profiles + probability volume -> segmentation node (and the SliderResult)."""
         state = self.loadSliderState(probabilityVolume, profilePaths)
-        return self.updateSegmentation(state, settings or state.initial_settings(), segmentationNode,
-                                       referenceVolume or probabilityVolume, probabilityVolume)
+        return self.updateSegmentation(
+            state,
+            settings or state.initial_settings(),
+            segmentationNode,
+            referenceVolume or probabilityVolume,
+            probabilityVolume,
+        )
 
     def showSegments(self, segmentationNode, visible, show3D: bool) -> None:
         adapter.set_segment_visibility(segmentationNode, visible)
@@ -77,13 +97,13 @@ class Logic(ScriptedLoadableModuleLogic):
         """``volumeNode`` as the slice views' foreground ("probability", "uncertainty" or "interval"
         display: see :mod:`ConformalSegSlicer.display`)."""
         low, high = (0.0, 1.0) if kind == "probability" else adapter.data_range(volumeNode)
-        adapter.show_overlay(volumeNode, display.overlay_display(kind, low, high, hideBelow), opacity,
-                             backgroundVolume)
+        adapter.show_overlay(volumeNode, display.overlay_display(kind, low, high, hideBelow), opacity, backgroundVolume)
 
     # ------------------------------------------------------------------ organ-dependent intervals (sem-CRC)
 
-    def applyIntervalProfile(self, profilePath, lowerNode, upperNode, segmentationNode=None, truthNode=None,
-                             lengthNode=None) -> intervals.AppliedIntervals:
+    def applyIntervalProfile(
+        self, profilePath, lowerNode, upperNode, segmentationNode=None, truthNode=None, lengthNode=None
+    ) -> intervals.AppliedIntervals:
         """Apply an interval profile (``conformalseg calibrate --method sem-crc...``) to one scan's lower
         and upper quantile volumes with the library's ``apply_interval``. ``segmentationNode``: the
         scan's organs, segments matched to the profile's organ names by name (case-insensitive; see
@@ -96,34 +116,53 @@ class Logic(ScriptedLoadableModuleLogic):
         given = [n.GetID() for n in (lowerNode, upperNode, truthNode) if n is not None]
         if lengthNode is not None and lengthNode.GetID() in given:
             raise ValueError(_("the interval-length output must not be one of the input volumes"))
-        intervals.check_grids(adapter.volume_geometry(lowerNode), {
-            "upper quantile volume": adapter.volume_geometry(upperNode),
-            "ground truth": adapter.volume_geometry(truthNode) if truthNode is not None else None})
+        intervals.check_grids(
+            adapter.volume_geometry(lowerNode),
+            {
+                "upper quantile volume": adapter.volume_geometry(upperNode),
+                "ground truth": adapter.volume_geometry(truthNode) if truthNode is not None else None,
+            },
+        )
         profile = intervals.load_profile(profilePath)
         match = masks = None
         if segmentationNode is not None:
             match = intervals.match_segments(adapter.segment_names(segmentationNode), intervals.profile_organs(profile))
             masks = adapter.segment_arrays(segmentationNode, match.segment_ids, lowerNode)
         outcome = intervals.apply_profile(
-            profile, adapter.volume_array(lowerNode, copy=False), adapter.volume_array(upperNode, copy=False), match,
-            masks, adapter.volume_array(truthNode, copy=False) if truthNode is not None else None)
+            profile,
+            adapter.volume_array(lowerNode, copy=False),
+            adapter.volume_array(upperNode, copy=False),
+            match,
+            masks,
+            adapter.volume_array(truthNode, copy=False) if truthNode is not None else None,
+        )
         base, result = lowerNode.GetName(), outcome.application
         lower = adapter.output_volume("intervalLower", f"{base} conformal lower", result.lower, lowerNode)
         upper = adapter.output_volume("intervalUpper", f"{base} conformal upper", result.upper, lowerNode)
-        length = (adapter.write_volume(lengthNode, result.length, lowerNode) if lengthNode is not None else
-                  adapter.output_volume("intervalLength", f"{base} interval length", result.length, lowerNode))
+        length = (
+            adapter.write_volume(lengthNode, result.length, lowerNode)
+            if lengthNode is not None
+            else adapter.output_volume("intervalLength", f"{base} interval length", result.length, lowerNode)
+        )
         return intervals.AppliedIntervals(outcome, lower, upper, length)
 
     # ------------------------------------------------------------------ out of process
 
     def _start(self, argv, stages, onOutput, onProgress, onFinished):
-        runner = self.runnerFactory(argv, env=adapter.environment_for_child(), on_output=onOutput,
-                                    on_progress=onProgress, on_finished=onFinished, stages=stages)
+        runner = self.runnerFactory(
+            argv,
+            env=adapter.environment_for_child(),
+            on_output=onOutput,
+            on_progress=onProgress,
+            on_finished=onFinished,
+            stages=stages,
+        )
         logging.info("ConformalSeg: running %s", " ".join(str(a) for a in argv))
         return adapter.ProcessPump(runner).start()
 
-    def startInference(self, inputVolume, modelPath, device="auto", mcDropout=0, onOutput=None, onProgress=None,
-                       onFinished=None):
+    def startInference(
+        self, inputVolume, modelPath, device="auto", mcDropout=0, onOutput=None, onProgress=None, onFinished=None
+    ):
         """Export ``inputVolume`` and run ``conformalseg infer`` on it in PythonSlicer; returns the
         pump. ``onFinished(returncode, cancelled, outDir)``."""
         if inputVolume is None:
@@ -133,10 +172,16 @@ class Logic(ScriptedLoadableModuleLogic):
         os.makedirs(os.path.dirname(image))
         adapter.export_volume(inputVolume, image)
         outDir = os.path.join(work, "out")
-        argv = commands.infer_command(adapter.python_slicer(), model=modelPath, images=image, out_dir=outDir,
-                                      mc_dropout=mcDropout, device=device)
-        return self._start(argv, commands.progress_stages("infer"), onOutput, onProgress,
-                           lambda code, cancelled: onFinished and onFinished(code, cancelled, outDir))
+        argv = commands.infer_command(
+            adapter.python_slicer(), model=modelPath, images=image, out_dir=outDir, mc_dropout=mcDropout, device=device
+        )
+        return self._start(
+            argv,
+            commands.progress_stages("infer"),
+            onOutput,
+            onProgress,
+            lambda code, cancelled: onFinished and onFinished(code, cancelled, outDir),
+        )
 
     def loadInferenceResults(self, outDir, referenceVolume=None):
         """Probability (and MC-dropout variance) volumes written by ``conformalseg infer``."""
@@ -151,8 +196,13 @@ class Logic(ScriptedLoadableModuleLogic):
     def runInference(self, inputVolume, modelPath, device="cpu", mcDropout=0, timeout=None):
         """Blocking inference (scripts, tests): returns ``(probabilityVolume, uncertaintyVolume)``."""
         finished = {}
-        pump = self.startInference(inputVolume, modelPath, device, mcDropout,
-                                   onFinished=lambda code, cancelled, out: finished.update(code=code, out=out))
+        pump = self.startInference(
+            inputVolume,
+            modelPath,
+            device,
+            mcDropout,
+            onFinished=lambda code, cancelled, out: finished.update(code=code, out=out),
+        )
         pump.timer.stop()
         if pump.runner.wait(timeout) is None:
             pump.cancel()
@@ -165,28 +215,71 @@ class Logic(ScriptedLoadableModuleLogic):
         finally:
             adapter.remove_work_folder(finished["out"])
 
-    def startCalibration(self, dataDir, method, lesionLabel, outDir, settings: SliderSettings, onOutput=None,
-                         onProgress=None, onFinished=None):
+    def startCalibration(
+        self,
+        dataDir,
+        method,
+        lesionLabel,
+        outDir,
+        settings: SliderSettings,
+        onOutput=None,
+        onProgress=None,
+        onFinished=None,
+    ):
         """``conformalseg calibrate`` in the background; ``onFinished(returncode, cancelled, profilePath)``."""
         os.makedirs(outDir, exist_ok=True)
         profile = os.path.join(str(outDir), f"{method}.json")
         s = settings.snapped()
-        argv = commands.calibrate_command(adapter.python_slicer(), data_dir=dataDir, method=method, out_profile=profile,
-                                          lesion_labels=lesionLabel, epsilon=s.epsilon, alpha=s.alpha,
-                                          alpha_inner=s.alpha_inner, alpha_outer=s.alpha_outer, force=True)
-        return self._start(argv, commands.progress_stages("calibrate"), onOutput, onProgress,
-                           lambda code, cancelled: onFinished and onFinished(code, cancelled, profile))
+        argv = commands.calibrate_command(
+            adapter.python_slicer(),
+            data_dir=dataDir,
+            method=method,
+            out_profile=profile,
+            lesion_labels=lesionLabel,
+            epsilon=s.epsilon,
+            alpha=s.alpha,
+            alpha_inner=s.alpha_inner,
+            alpha_outer=s.alpha_outer,
+            force=True,
+        )
+        return self._start(
+            argv,
+            commands.progress_stages("calibrate"),
+            onOutput,
+            onProgress,
+            lambda code, cancelled: onFinished and onFinished(code, cancelled, profile),
+        )
 
-    def startEvaluation(self, dataDir, lesionLabel, splits, outDir, settings: SliderSettings, onOutput=None,
-                        onProgress=None, onFinished=None):
+    def startEvaluation(
+        self,
+        dataDir,
+        lesionLabel,
+        splits,
+        outDir,
+        settings: SliderSettings,
+        onOutput=None,
+        onProgress=None,
+        onFinished=None,
+    ):
         """``conformalseg evaluate`` in the background; ``onFinished(returncode, cancelled, resultsJson)``."""
         out = os.path.join(str(outDir), "evaluation")
         s = settings.snapped()
-        argv = commands.evaluate_command(adapter.python_slicer(), data_dir=dataDir, out_dir=out,
-                                         lesion_labels=lesionLabel, splits=splits, epsilon=s.epsilon, alpha=s.alpha)
-        return self._start(argv, commands.progress_stages("evaluate"), onOutput, onProgress,
-                           lambda code, cancelled: onFinished and onFinished(code, cancelled,
-                                                                             os.path.join(out, "results.json")))
+        argv = commands.evaluate_command(
+            adapter.python_slicer(),
+            data_dir=dataDir,
+            out_dir=out,
+            lesion_labels=lesionLabel,
+            splits=splits,
+            epsilon=s.epsilon,
+            alpha=s.alpha,
+        )
+        return self._start(
+            argv,
+            commands.progress_stages("evaluate"),
+            onOutput,
+            onProgress,
+            lambda code, cancelled: onFinished and onFinished(code, cancelled, os.path.join(out, "results.json")),
+        )
 
     def updateEvaluationPlots(self, results, epsilon: float, alpha: float):
         """ECR-vs-alpha and PC-vs-alpha charts for the evaluated epsilon nearest ``epsilon``."""
@@ -212,8 +305,11 @@ class Logic(ScriptedLoadableModuleLogic):
         wanted = environment.read_requirements(os.path.join(MODULE_DIR, "Resources", "requirements.txt"))
         if inference:
             return wanted
-        return [r for r in wanted if environment.canonical(environment.requirement_name(r))
-                not in environment.INFERENCE_PACKAGES]
+        return [
+            r
+            for r in wanted
+            if environment.canonical(environment.requirement_name(r)) not in environment.INFERENCE_PACKAGES
+        ]
 
     def ensurePythonRequirements(self, inference: bool = False) -> bool:
         """Install the missing requirements after a confirmation (never Slicer's numpy, SimpleITK...)."""

@@ -55,9 +55,17 @@ def terminology_string(name: str) -> str | None:
         entry = SEGMENT_TERMINOLOGY.get(LESION_FNR)
     if entry is None:
         return None
-    return "~".join([str(entry.get("contextName", "")), _code(entry.get("category")), _code(entry.get("type")),
-                     _code(entry.get("typeModifier")), str(entry.get("anatomicContextName", "")),
-                     _code(entry.get("anatomicRegion")), _code(entry.get("anatomicRegionModifier"))])
+    return "~".join(
+        [
+            str(entry.get("contextName", "")),
+            _code(entry.get("category")),
+            _code(entry.get("type")),
+            _code(entry.get("typeModifier")),
+            str(entry.get("anatomicContextName", "")),
+            _code(entry.get("anatomicRegion")),
+            _code(entry.get("anatomicRegionModifier")),
+        ]
+    )
 
 
 def sort_names(names) -> list[str]:

@@ -72,8 +72,10 @@ class SelfTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Segments equal the library's masks")
 
     def test_CancelKillsProcessTree(self):
-        code = ("import subprocess, sys, time; child = subprocess.Popen([sys.executable, '-c', "
-                "'import time; time.sleep(300)']); print('CHILD', child.pid, flush=True); time.sleep(300)")
+        code = (
+            "import subprocess, sys, time; child = subprocess.Popen([sys.executable, '-c', "
+            "'import time; time.sleep(300)']); print('CHILD', child.pid, flush=True); time.sleep(300)"
+        )
         runner = ProcessRunner([adapter.python_slicer(), "-c", code]).start()
         deadline = 60
         while not any(line.startswith("CHILD") for line in runner.output) and deadline > 0:

@@ -128,9 +128,15 @@ class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             # each widget of the .ui carries a "SlicerParameterName" dynamic property
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            for name in ("modelPathLineEdit", "profilePathLineEdit", "secondProfilePathLineEdit", "datasetPathLineEdit",
-                         "calibrationOutputPathLineEdit", "evaluationResultsPathLineEdit",
-                         "intervalProfilePathLineEdit"):
+            for name in (
+                "modelPathLineEdit",
+                "profilePathLineEdit",
+                "secondProfilePathLineEdit",
+                "datasetPathLineEdit",
+                "calibrationOutputPathLineEdit",
+                "evaluationResultsPathLineEdit",
+                "intervalProfilePathLineEdit",
+            ):
                 lineEdit = getattr(self.ui, name)
                 if lineEdit.currentPath in (".", "./"):
                     lineEdit.currentPath = ""  # an unset path parameter reads "."
@@ -158,14 +164,20 @@ class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         canApply = bool(p.inputVolume and isSet(p.modelPath)) or bool(p.probabilityVolume and isSet(p.profilePath))
         self.ui.applyButton.enabled = running or canApply
         self.ui.applyButton.text = _("Cancel") if running else _("Apply")
-        self.ui.applyButton.toolTip = (_("Stop the model (kills the process and all its children)") if running else
-                                       _("Run the model on the input volume (out of process), then compute the segments")
-                                       if isSet(p.modelPath) else _("Compute the segments from the probability map"))
+        self.ui.applyButton.toolTip = (
+            _("Stop the model (kills the process and all its children)")
+            if running
+            else _("Run the model on the input volume (out of process), then compute the segments")
+            if isSet(p.modelPath)
+            else _("Compute the segments from the probability map")
+        )
         busy = self._background is not None and self._background.running
         hasData = isSet(p.datasetPath) and isSet(p.calibrationOutputPath)
         self.ui.calibrateButton.enabled = hasData and (not busy or self._backgroundCommand == "calibrate")
         self.ui.evaluateButton.enabled = hasData and (not busy or self._backgroundCommand == "evaluate")
-        self.ui.calibrateButton.text = _("Cancel") if busy and self._backgroundCommand == "calibrate" else _("Calibrate")
+        self.ui.calibrateButton.text = (
+            _("Cancel") if busy and self._backgroundCommand == "calibrate" else _("Calibrate")
+        )
         self.ui.evaluateButton.text = _("Cancel") if busy and self._backgroundCommand == "evaluate" else _("Evaluate")
         self.ui.showPlotsButton.enabled = isSet(p.evaluationResultsPath)
         self.ui.applyIntervalsButton.enabled = bool(isSet(p.intervalProfilePath) and p.lowerVolume and p.upperVolume)
@@ -198,9 +210,13 @@ class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             for name in ("epsilon", "alpha", "alphaInner", "alphaOuter"):
                 getattr(self.ui, name + "SliderWidget").enabled = name in enabled
             reference = p.inputVolume or p.probabilityVolume
-            writeAll = self._written != (p.outputSegmentation.GetID() if p.outputSegmentation else None, id(self._state))
-            segmentation, result = self.logic.updateSegmentation(self._state, sliderSettings(p), p.outputSegmentation,
-                                                                 reference, p.probabilityVolume, writeAll=writeAll)
+            writeAll = self._written != (
+                p.outputSegmentation.GetID() if p.outputSegmentation else None,
+                id(self._state),
+            )
+            segmentation, result = self.logic.updateSegmentation(
+                self._state, sliderSettings(p), p.outputSegmentation, reference, p.probabilityVolume, writeAll=writeAll
+            )
             self._written = (segmentation.GetID(), id(self._state))
             if p.outputSegmentation is None or p.outputSegmentation.GetID() != segmentation.GetID():
                 p.outputSegmentation = segmentation
@@ -216,8 +232,12 @@ class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _applySettings(self, settings: SliderSettings) -> None:
         p = self._parameterNode
-        p.epsilon, p.alpha, p.alphaInner, p.alphaOuter = (settings.epsilon, settings.alpha, settings.alpha_inner,
-                                                          settings.alpha_outer)
+        p.epsilon, p.alpha, p.alphaInner, p.alphaOuter = (
+            settings.epsilon,
+            settings.alpha,
+            settings.alpha_inner,
+            settings.alpha_outer,
+        )
 
     @staticmethod
     def _setStatus(label, text: str, warning: bool = False) -> None:
@@ -252,11 +272,19 @@ class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if p.outputSegmentation:
             visible = {name: getattr(p, segments.VISIBILITY_PARAMETER[name]) for name in segments.SEGMENT_ORDER}
             self.logic.showSegments(p.outputSegmentation, visible, p.show3D)
-        overlayNode = {"probability": p.probabilityVolume, "uncertainty": p.uncertaintyVolume,
-                       "interval": p.intervalLengthVolume}.get(p.overlay)
+        overlayNode = {
+            "probability": p.probabilityVolume,
+            "uncertainty": p.uncertaintyVolume,
+            "interval": p.intervalLengthVolume,
+        }.get(p.overlay)
         imageData = overlayNode.GetImageData() if overlayNode else None
-        key = (overlayNode.GetID() if overlayNode else None, imageData.GetMTime() if imageData else None, p.overlay,
-               p.overlayHideBelow, p.overlayOpacity)
+        key = (
+            overlayNode.GetID() if overlayNode else None,
+            imageData.GetMTime() if imageData else None,
+            p.overlay,
+            p.overlayHideBelow,
+            p.overlayOpacity,
+        )
         if key != self._overlayKey:
             self._overlayKey = key
             if overlayNode is not None:
@@ -310,9 +338,14 @@ class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.logTextEdit.clear()
             self.ui.progressBar.value = 0
             self._inference = self.logic.startInference(
-                p.inputVolume, p.modelPath, choice.device, p.mcDropoutSamples,
-                onOutput=self.ui.logTextEdit.appendPlainText, onProgress=self._onInferenceProgress,
-                onFinished=self._onInferenceFinished)
+                p.inputVolume,
+                p.modelPath,
+                choice.device,
+                p.mcDropoutSamples,
+                onOutput=self.ui.logTextEdit.appendPlainText,
+                onProgress=self._onInferenceProgress,
+                onFinished=self._onInferenceFinished,
+            )
         self._updateButtons()
 
     def _onInferenceProgress(self, fraction: float, label: str) -> None:
@@ -352,14 +385,29 @@ class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return
             self.ui.calibrationLogTextEdit.clear()
             self.ui.calibrationProgressBar.value = 0
-            callbacks = dict(onOutput=self.ui.calibrationLogTextEdit.appendPlainText,
-                             onProgress=self._onBackgroundProgress, onFinished=self._onBackgroundFinished)
+            callbacks = dict(
+                onOutput=self.ui.calibrationLogTextEdit.appendPlainText,
+                onProgress=self._onBackgroundProgress,
+                onFinished=self._onBackgroundFinished,
+            )
             if command == "calibrate":
-                self._background = self.logic.startCalibration(p.datasetPath, p.calibrationMethod, p.lesionLabel,
-                                                               p.calibrationOutputPath, sliderSettings(p), **callbacks)
+                self._background = self.logic.startCalibration(
+                    p.datasetPath,
+                    p.calibrationMethod,
+                    p.lesionLabel,
+                    p.calibrationOutputPath,
+                    sliderSettings(p),
+                    **callbacks,
+                )
             else:
-                self._background = self.logic.startEvaluation(p.datasetPath, p.lesionLabel, p.evaluationSplits,
-                                                              p.calibrationOutputPath, sliderSettings(p), **callbacks)
+                self._background = self.logic.startEvaluation(
+                    p.datasetPath,
+                    p.lesionLabel,
+                    p.evaluationSplits,
+                    p.calibrationOutputPath,
+                    sliderSettings(p),
+                    **callbacks,
+                )
             self._backgroundCommand = command
         self._updateButtons()
 
@@ -400,8 +448,14 @@ class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay(_("Failed to apply the interval profile."), waitCursor=True):
             try:
-                applied = self.logic.applyIntervalProfile(p.intervalProfilePath, p.lowerVolume, p.upperVolume,
-                                                          p.organSegmentation, p.truthVolume, p.intervalLengthVolume)
+                applied = self.logic.applyIntervalProfile(
+                    p.intervalProfilePath,
+                    p.lowerVolume,
+                    p.upperVolume,
+                    p.organSegmentation,
+                    p.truthVolume,
+                    p.intervalLengthVolume,
+                )
             except (ConformalSegError, ValueError, OSError) as exc:
                 self._setStatus(self.ui.intervalsStatusLabel, str(exc), warning=True)
                 return

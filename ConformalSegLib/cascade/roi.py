@@ -26,8 +26,9 @@ __all__ = ["Box", "crop_geometry", "margin_voxels", "paste_max", "roi_box"]
 Box = tuple[slice, slice, slice]
 
 
-def margin_voxels(spacing_zyx: Sequence[float], *, voxels: int | None = None,
-                  mm: float | None = None) -> tuple[int, int, int]:
+def margin_voxels(
+    spacing_zyx: Sequence[float], *, voxels: int | None = None, mm: float | None = None
+) -> tuple[int, int, int]:
     """Per-axis margin in voxels (numpy order) from exactly one of ``voxels`` or ``mm``
     (``ceil(mm / spacing)``, with a 1e-9 tolerance so that 3.2 mm on a 1.6 mm grid is 2 voxels)."""
     if (voxels is None) == (mm is None):
@@ -44,8 +45,9 @@ def margin_voxels(spacing_zyx: Sequence[float], *, voxels: int | None = None,
 
 def roi_box(bbox: Sequence[tuple[int, int]], margin: Sequence[int], shape: Sequence[int]) -> Box:
     """``bbox`` (half-open ``(start, stop)`` per axis) grown by ``margin`` voxels per axis, clipped to ``shape``."""
-    return tuple(slice(max(int(a) - int(m), 0), min(int(b) + int(m), int(n)))
-                 for (a, b), m, n in zip(bbox, margin, shape))  # type: ignore[return-value]
+    return tuple(
+        slice(max(int(a) - int(m), 0), min(int(b) + int(m), int(n))) for (a, b), m, n in zip(bbox, margin, shape)
+    )  # type: ignore[return-value]
 
 
 def crop_geometry(geometry: Geometry, box: Box) -> Geometry:

@@ -16,16 +16,30 @@ def add_force(parser: argparse.ArgumentParser) -> None:
 
 
 def add_lesion_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--lesion-label", type=int, nargs="+", default=[1], metavar="V",
-                        help="label value(s) that mark the lesion in the label maps (default: 1; e.g. 2 for KiTS tumour)")
-    parser.add_argument("--channel", type=int, default=None,
-                        help="channel of multi-channel probability maps (nnU-Net .npz: the lesion class index)")
+    parser.add_argument(
+        "--lesion-label",
+        type=int,
+        nargs="+",
+        default=[1],
+        metavar="V",
+        help="label value(s) that mark the lesion in the label maps (default: 1; e.g. 2 for KiTS tumour)",
+    )
+    parser.add_argument(
+        "--channel",
+        type=int,
+        default=None,
+        help="channel of multi-channel probability maps (nnU-Net .npz: the lesion class index)",
+    )
 
 
 def add_empty_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--empty", choices=("exclude", "include"), default=None,
-                        help="cases without lesion voxels: exclude (default for cls/crc: guarantee conditional on a "
-                             "lesion being present) or include (default for sets)")
+    parser.add_argument(
+        "--empty",
+        choices=("exclude", "include"),
+        default=None,
+        help="cases without lesion voxels: exclude (default for cls/crc: guarantee conditional on a "
+        "lesion being present) or include (default for sets)",
+    )
 
 
 def progress_bar(description: str) -> Callable[[int, int, str], None]:
@@ -37,8 +51,9 @@ def progress_bar(description: str) -> Callable[[int, int, str], None]:
     def update(done: int, total: int, label: str = "") -> None:
         bar = state.get("bar")
         if bar is None:
-            bar = state["bar"] = tqdm(total=total, desc=description, unit="case", file=sys.stderr,
-                                      dynamic_ncols=True, mininterval=0.5)
+            bar = state["bar"] = tqdm(
+                total=total, desc=description, unit="case", file=sys.stderr, dynamic_ncols=True, mininterval=0.5
+            )
         bar.set_postfix_str(str(label)[:30], refresh=False)
         bar.update(done - bar.n)
         if done >= total:

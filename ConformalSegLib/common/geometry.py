@@ -110,5 +110,9 @@ def geometry_from_ijk_to_ras(ijk_to_ras: np.ndarray, shape_zyx: tuple[int, ...] 
     nz, ny, nx = (int(s) for s in shape_zyx)
     sx, sy, sz = (float(s) for s in spacing)
     ox, oy, oz = (float(o) for o in lps[:3, 3])
-    return Geometry(shape=(nz, ny, nx), spacing=(sx, sy, sz), origin=(ox, oy, oz),
-                    direction=tuple(float(d) for d in (axes / spacing).reshape(-1)))
+    return Geometry(
+        shape=(nz, ny, nx),
+        spacing=(sx, sy, sz),
+        origin=(ox, oy, oz),
+        direction=tuple(float(d) for d in (axes / spacing).reshape(-1)),
+    )

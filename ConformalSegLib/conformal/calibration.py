@@ -74,8 +74,11 @@ def _parts(case: Any) -> tuple[str, np.ndarray, np.ndarray, Geometry]:
 def calibrate(cases: Iterable[Any], request: CalibrationRequest) -> CalibrationProfile:
     """Stream ``cases`` once, build summaries, and calibrate the requested method."""
     summaries = SummaryBuilder(request.precision)
-    sets = SetStatisticsBuilder(parse_transform(request.inner_transform), parse_transform(request.outer_transform)) \
-        if request.method == "sets" else None
+    sets = (
+        SetStatisticsBuilder(parse_transform(request.inner_transform), parse_transform(request.outer_transform))
+        if request.method == "sets"
+        else None
+    )
     for case in cases:
         case_id, probability, lesion, geometry = _parts(case)
         summaries.add_case(case_id, probability, lesion)
@@ -97,7 +100,12 @@ def calibrate(cases: Iterable[Any], request: CalibrationRequest) -> CalibrationP
         assert sets is not None
         stats = sets.build()
         used = stats if empty == "include" else stats.without_empty()
-        calibration = calibrate_sets(used, alpha=request.alpha, alpha_inner=request.alpha_inner,
-                                     alpha_outer=request.alpha_outer, mode=request.sets_mode)
+        calibration = calibrate_sets(
+            used,
+            alpha=request.alpha,
+            alpha_inner=request.alpha_inner,
+            alpha_outer=request.alpha_outer,
+            mode=request.sets_mode,
+        )
     provenance = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **request.provenance}
     return CalibrationProfile(calibration, lesion_summaries, stats, empty, provenance)

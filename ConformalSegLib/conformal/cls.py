@@ -116,24 +116,34 @@ class ThresholdCalibration:
 
 
 def too_small_message(method: str, n: int, needed: int, parameter: str) -> str:
-    return (f"{method}: {n} calibration case(s) is too few for {parameter}; at least {needed} are needed. "
-            f"The conformal quantile is infinite, so the result is the trivial set (whole image / empty inner set).")
+    return (
+        f"{method}: {n} calibration case(s) is too few for {parameter}; at least {needed} are needed. "
+        f"The conformal quantile is infinite, so the result is the trivial set (whole image / empty inner set)."
+    )
 
 
-def calibrate_cls(summaries: LesionSummaries, epsilon: float, alpha: float, *, empty: str = "exclude") -> ThresholdCalibration:
+def calibrate_cls(
+    summaries: LesionSummaries, epsilon: float, alpha: float, *, empty: str = "exclude"
+) -> ThresholdCalibration:
     """CLS calibration from summaries: exact, in O(n) after the summaries exist."""
     check_alpha(alpha)
     used = used_cases(summaries, empty)
     n = int(np.count_nonzero(used))
     if n == 0:
-        raise ConformalSegError("no calibration case with a lesion: CLS needs cases with lesion voxels",
-                                fix="check the lesion label value(s) (--lesion-label) or use --empty include")
+        raise ConformalSegError(
+            "no calibration case with a lesion: CLS needs cases with lesion voxels",
+            fix="check the lesion label value(s) (--lesion-label) or use --empty include",
+        )
     cutoff = conformal_lower_cutoff(critical_cutoffs(summaries, epsilon)[used], alpha)
     if cutoff == float("-inf"):
-        warnings.warn(too_small_message("CLS", n, min_calibration_size(alpha), f"alpha={alpha}"),
-                      CalibrationSetTooSmallWarning, stacklevel=2)
-    return ThresholdCalibration("cls", float(epsilon), float(alpha), n, summaries.n - n, cutoff,
-                                conformal_rank(n, alpha))
+        warnings.warn(
+            too_small_message("CLS", n, min_calibration_size(alpha), f"alpha={alpha}"),
+            CalibrationSetTooSmallWarning,
+            stacklevel=2,
+        )
+    return ThresholdCalibration(
+        "cls", float(epsilon), float(alpha), n, summaries.n - n, cutoff, conformal_rank(n, alpha)
+    )
 
 
 def apply_threshold(probability: np.ndarray, threshold: float, out: np.ndarray | None = None) -> np.ndarray:

@@ -68,8 +68,13 @@ def conformal_upper_quantile(scores: np.ndarray, alpha: float) -> float:
     return float(np.partition(scores, k - 1)[k - 1])
 
 
-def case_statistics(probability: np.ndarray, lesion: np.ndarray, geometry: Geometry,
-                    inner: ScoreTransform = IDENTITY, outer: ScoreTransform = IDENTITY) -> tuple[float, float]:
+def case_statistics(
+    probability: np.ndarray,
+    lesion: np.ndarray,
+    geometry: Geometry,
+    inner: ScoreTransform = IDENTITY,
+    outer: ScoreTransform = IDENTITY,
+) -> tuple[float, float]:
     """``(tau, gamma)`` of one case (see module docstring)."""
     lesion = np.asarray(lesion, dtype=bool)
     t_inner = inner(probability, geometry)
@@ -98,8 +103,14 @@ class SetStatistics:
     def subset(self, indices: Sequence[int] | np.ndarray) -> SetStatistics:
         idx = np.asarray(indices, dtype=np.int64)
         sizes = self.lesion_sizes[idx] if self.lesion_sizes.size else self.lesion_sizes
-        return SetStatistics(self.tau[idx], self.gamma[idx], tuple(self.case_ids[i] for i in idx),
-                             self.inner_transform, self.outer_transform, sizes)
+        return SetStatistics(
+            self.tau[idx],
+            self.gamma[idx],
+            tuple(self.case_ids[i] for i in idx),
+            self.inner_transform,
+            self.outer_transform,
+            sizes,
+        )
 
     def without_empty(self) -> SetStatistics:
         if not self.lesion_sizes.size:
@@ -110,11 +121,17 @@ class SetStatistics:
         return {"sets_tau": self.tau, "sets_gamma": self.gamma, "sets_lesion_sizes": self.lesion_sizes}
 
     @classmethod
-    def from_arrays(cls, arrays: Mapping[str, Any], case_ids: Sequence[str], inner_transform: str,
-                    outer_transform: str) -> SetStatistics:
-        return cls(np.asarray(arrays["sets_tau"], np.float64), np.asarray(arrays["sets_gamma"], np.float64),
-                   tuple(case_ids), inner_transform, outer_transform,
-                   np.asarray(arrays["sets_lesion_sizes"], np.int64))
+    def from_arrays(
+        cls, arrays: Mapping[str, Any], case_ids: Sequence[str], inner_transform: str, outer_transform: str
+    ) -> SetStatistics:
+        return cls(
+            np.asarray(arrays["sets_tau"], np.float64),
+            np.asarray(arrays["sets_gamma"], np.float64),
+            tuple(case_ids),
+            inner_transform,
+            outer_transform,
+            np.asarray(arrays["sets_lesion_sizes"], np.int64),
+        )
 
 
 class SetStatisticsBuilder:
@@ -135,8 +152,14 @@ class SetStatisticsBuilder:
         self._sizes.append(int(np.count_nonzero(lesion)))
 
     def build(self) -> SetStatistics:
-        return SetStatistics(np.array(self._tau, np.float64), np.array(self._gamma, np.float64), tuple(self._ids),
-                             self.inner.name, self.outer.name, np.array(self._sizes, np.int64))
+        return SetStatistics(
+            np.array(self._tau, np.float64),
+            np.array(self._gamma, np.float64),
+            tuple(self._ids),
+            self.inner.name,
+            self.outer.name,
+            np.array(self._sizes, np.int64),
+        )
 
 
 @dataclass(frozen=True)
@@ -154,8 +177,9 @@ class SetsCalibration:
     outer_transform: str
 
 
-def resolve_levels(alpha: float | None, alpha_inner: float | None, alpha_outer: float | None,
-                   mode: str) -> tuple[float, float, float]:
+def resolve_levels(
+    alpha: float | None, alpha_inner: float | None, alpha_outer: float | None, mode: str
+) -> tuple[float, float, float]:
     """Fill in default levels and check them: returns ``(alpha, alpha_inner, alpha_outer)``.
 
     marginal: each level defaults to ``alpha``. joint-split: a missing level is the rest of ``alpha``
@@ -175,8 +199,9 @@ def resolve_levels(alpha: float | None, alpha_inner: float | None, alpha_outer: 
                 raise ConformalSegError("joint confidence sets need --alpha or both --alpha-inner and --alpha-outer")
             alpha = float(as_fraction(alpha_inner) + as_fraction(alpha_outer))
         if alpha_inner is None:
-            alpha_inner = _largest_float_at_most(as_fraction(alpha) / 2 if alpha_outer is None
-                                                 else as_fraction(alpha) - as_fraction(alpha_outer))
+            alpha_inner = _largest_float_at_most(
+                as_fraction(alpha) / 2 if alpha_outer is None else as_fraction(alpha) - as_fraction(alpha_outer)
+            )
         if alpha_outer is None:
             alpha_outer = _largest_float_at_most(as_fraction(alpha) - as_fraction(alpha_inner))
         check_alpha(alpha_inner, "alpha_inner")
@@ -184,7 +209,8 @@ def resolve_levels(alpha: float | None, alpha_inner: float | None, alpha_outer: 
         if as_fraction(alpha_inner) + as_fraction(alpha_outer) > as_fraction(alpha):
             raise ConformalSegError(
                 f"alpha_inner + alpha_outer = {alpha_inner} + {alpha_outer} exceeds alpha = {alpha}",
-                fix="choose levels whose sum is at most --alpha (Corollary 2.3's union bound)")
+                fix="choose levels whose sum is at most --alpha (Corollary 2.3's union bound)",
+            )
         check_alpha(alpha)
         return alpha, alpha_inner, alpha_outer
     alpha_inner = alpha if alpha_inner is None else alpha_inner
@@ -205,8 +231,15 @@ def _largest_float_at_most(value: Fraction) -> float:
     return x
 
 
-def calibrate_sets(stats: SetStatistics, *, alpha: float | None = None, alpha_inner: float | None = None,
-                   alpha_outer: float | None = None, mode: str = "marginal", warn: bool = True) -> SetsCalibration:
+def calibrate_sets(
+    stats: SetStatistics,
+    *,
+    alpha: float | None = None,
+    alpha_inner: float | None = None,
+    alpha_outer: float | None = None,
+    mode: str = "marginal",
+    warn: bool = True,
+) -> SetsCalibration:
     """Calibrate inner/outer thresholds from per-case statistics (exact order statistics)."""
     alpha, alpha_inner, alpha_outer = resolve_levels(alpha, alpha_inner, alpha_outer, mode)
     if stats.n == 0:
@@ -219,13 +252,27 @@ def calibrate_sets(stats: SetStatistics, *, alpha: float | None = None, alpha_in
         outer_thr = -conformal_upper_quantile(stats.gamma, alpha_outer)
     if warn and (np.isposinf(inner_thr) or np.isneginf(outer_thr)):
         level = min(alpha_inner, alpha_outer)
-        warnings.warn(too_small_message("Confidence sets", stats.n, min_calibration_size(level), f"alpha={level}"),
-                      CalibrationSetTooSmallWarning, stacklevel=2)
-    return SetsCalibration(mode, float(alpha), float(alpha_inner), float(alpha_outer), stats.n, inner_thr, outer_thr,
-                           stats.inner_transform, stats.outer_transform)
+        warnings.warn(
+            too_small_message("Confidence sets", stats.n, min_calibration_size(level), f"alpha={level}"),
+            CalibrationSetTooSmallWarning,
+            stacklevel=2,
+        )
+    return SetsCalibration(
+        mode,
+        float(alpha),
+        float(alpha_inner),
+        float(alpha_outer),
+        stats.n,
+        inner_thr,
+        outer_thr,
+        stats.inner_transform,
+        stats.outer_transform,
+    )
 
 
-def apply_sets(probability: np.ndarray, geometry: Geometry, calibration: SetsCalibration) -> tuple[np.ndarray, np.ndarray]:
+def apply_sets(
+    probability: np.ndarray, geometry: Geometry, calibration: SetsCalibration
+) -> tuple[np.ndarray, np.ndarray]:
     """``(inner, outer)`` boolean masks for a test probability map (inner is intersected with outer)."""
     inner_t = parse_transform(calibration.inner_transform)
     outer_t = parse_transform(calibration.outer_transform)
@@ -264,9 +311,15 @@ class TransformSelection:
     mean_outer_size: dict[str, float]
 
 
-def select_transforms(learning_cases: Iterable[tuple[np.ndarray, np.ndarray, Geometry]],
-                      candidates: Sequence[ScoreTransform], *, alpha_inner: float, alpha_outer: float,
-                      repeats: int = 20, seed: int = 0) -> TransformSelection:
+def select_transforms(
+    learning_cases: Iterable[tuple[np.ndarray, np.ndarray, Geometry]],
+    candidates: Sequence[ScoreTransform],
+    *,
+    alpha_inner: float,
+    alpha_outer: float,
+    repeats: int = 20,
+    seed: int = 0,
+) -> TransformSelection:
     """Pick the inner and outer transforms giving the tightest sets on a *learning* set.
 
     The learning cases must be kept apart from the calibration and test data (then the choice does
@@ -279,7 +332,9 @@ def select_transforms(learning_cases: Iterable[tuple[np.ndarray, np.ndarray, Geo
         raise ConformalSegError("no candidate transforms given")
     if len({c.name for c in candidates}) != len(candidates):
         raise ConformalSegError("candidate transforms must be distinct", fix="list each transform once")
-    per_transform: dict[str, tuple[list[float], list[float], list[np.ndarray]]] = {c.name: ([], [], []) for c in candidates}
+    per_transform: dict[str, tuple[list[float], list[float], list[np.ndarray]]] = {
+        c.name: ([], [], []) for c in candidates
+    }
     n = 0
     for probability, lesion, geometry in learning_cases:
         n += 1
@@ -301,7 +356,7 @@ def select_transforms(learning_cases: Iterable[tuple[np.ndarray, np.ndarray, Geo
         inner_total = outer_total = 0.0
         count = 0
         for perm in splits:
-            cal, held = perm[: n // 2], perm[n // 2:]
+            cal, held = perm[: n // 2], perm[n // 2 :]
             lam_in = conformal_upper_quantile(taus_a[cal], alpha_inner)
             thr_out = -conformal_upper_quantile(gammas_a[cal], alpha_outer)
             for j in held:

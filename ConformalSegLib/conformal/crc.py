@@ -111,11 +111,16 @@ def calibrate_crc(summaries: LesionSummaries, epsilon: float, *, empty: str = "e
     """Expected-FNR calibration from summaries (``alpha`` does not apply: stored as ``None``)."""
     n = int(np.count_nonzero(used_cases(summaries, empty)))
     if n == 0:
-        raise ConformalSegError("no calibration case with a lesion: expected-FNR control needs lesion cases",
-                                fix="check the lesion label value(s) (--lesion-label) or use --empty include")
+        raise ConformalSegError(
+            "no calibration case with a lesion: expected-FNR control needs lesion cases",
+            fix="check the lesion label value(s) (--lesion-label) or use --empty include",
+        )
     needed = min_crc_calibration_size(epsilon)
     cutoff = crc_cutoff(summaries, epsilon, n=n)
     if cutoff == float("-inf"):
-        warnings.warn(too_small_message("Expected-FNR control", n, needed, f"epsilon={epsilon}"),
-                      CalibrationSetTooSmallWarning, stacklevel=2)
+        warnings.warn(
+            too_small_message("Expected-FNR control", n, needed, f"epsilon={epsilon}"),
+            CalibrationSetTooSmallWarning,
+            stacklevel=2,
+        )
     return ThresholdCalibration("crc", float(epsilon), None, n, summaries.n - n, cutoff)

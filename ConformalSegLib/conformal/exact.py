@@ -44,8 +44,9 @@ def check_alpha(alpha: float, name: str = "alpha") -> Fraction:
     except (TypeError, ValueError) as exc:
         raise ConformalSegError(f"{name} must be a number, got {alpha!r}") from exc
     if not 0 < a < 1:
-        raise ConformalSegError(f"{name} must be strictly between 0 and 1, got {alpha}",
-                                fix=f"pass e.g. --{name.replace('_', '-')} 0.1")
+        raise ConformalSegError(
+            f"{name} must be strictly between 0 and 1, got {alpha}", fix=f"pass e.g. --{name.replace('_', '-')} 0.1"
+        )
     return a
 
 

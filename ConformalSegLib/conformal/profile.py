@@ -70,8 +70,9 @@ def _decode_float(value: Any, key: str, path: Path) -> float:
     if value == "-inf":
         return -math.inf
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(float(value)):
-        raise ConformalSegError(f"profile key {key!r} must be a number or 'inf'/'-inf', got {value!r}",
-                                path=path, fix=RERUN_FIX)
+        raise ConformalSegError(
+            f"profile key {key!r} must be a number or 'inf'/'-inf', got {value!r}", path=path, fix=RERUN_FIX
+        )
     return float(value)
 
 
@@ -94,9 +95,15 @@ class CalibrationProfile:
         return guarantee_sentence(self.calibration)
 
     # ----------------------------------------------------------------- recalibration and application
-    def recalibrate(self, *, epsilon: float | None = None, alpha: float | None = None,
-                    alpha_inner: float | None = None, alpha_outer: float | None = None,
-                    mode: str | None = None) -> CalibrationProfile:
+    def recalibrate(
+        self,
+        *,
+        epsilon: float | None = None,
+        alpha: float | None = None,
+        alpha_inner: float | None = None,
+        alpha_outer: float | None = None,
+        mode: str | None = None,
+    ) -> CalibrationProfile:
         """A profile for new parameters, computed from the stored summaries only (no volume)."""
         c = self.calibration
         new: ThresholdCalibration | SetsCalibration
@@ -110,8 +117,9 @@ class CalibrationProfile:
         elif c.method == "cls":
             level = c.alpha if alpha is None else alpha
             assert level is not None  # CLS profiles have an alpha
-            new = calibrate_cls(self.summaries, c.epsilon if epsilon is None else epsilon, level,
-                                empty=self.empty_policy)
+            new = calibrate_cls(
+                self.summaries, c.epsilon if epsilon is None else epsilon, level, empty=self.empty_policy
+            )
         else:
             new = calibrate_crc(self.summaries, c.epsilon if epsilon is None else epsilon, empty=self.empty_policy)
         return dataclasses.replace(self, calibration=new)
@@ -132,23 +140,47 @@ class CalibrationProfile:
         c = self.calibration
         doc: dict[str, Any] = {"format": FORMAT, "format_version": FORMAT_VERSION, "method": self.method}
         if isinstance(c, SetsCalibration):
-            doc.update(epsilon=None, alpha=c.alpha, n=c.n, inner_threshold=_encode_float(c.inner_threshold),
-                       outer_threshold=_encode_float(c.outer_threshold),
-                       transform={"inner": c.inner_transform, "outer": c.outer_transform},
-                       mode=c.mode, alpha_inner=c.alpha_inner, alpha_outer=c.alpha_outer)
+            doc.update(
+                epsilon=None,
+                alpha=c.alpha,
+                n=c.n,
+                inner_threshold=_encode_float(c.inner_threshold),
+                outer_threshold=_encode_float(c.outer_threshold),
+                transform={"inner": c.inner_transform, "outer": c.outer_transform},
+                mode=c.mode,
+                alpha_inner=c.alpha_inner,
+                alpha_outer=c.alpha_outer,
+            )
         else:
-            doc.update(epsilon=c.epsilon, alpha=c.alpha, n=c.n,
-                       probability_threshold=_encode_float(c.probability_threshold), rank=c.rank)
+            doc.update(
+                epsilon=c.epsilon,
+                alpha=c.alpha,
+                n=c.n,
+                probability_threshold=_encode_float(c.probability_threshold),
+                rank=c.rank,
+            )
         doc.update(
             guarantee=self.guarantee,
             empty_policy=self.empty_policy,
-            n_excluded_empty=getattr(c, "n_excluded_empty", 0) if not isinstance(c, SetsCalibration) else
-            (0 if self.empty_policy == "include" or self.set_statistics is None
-             else int(np.count_nonzero(self.set_statistics.lesion_sizes == 0))),
-            summaries={"file": summaries_file, "sha256": summaries_sha256, "precision": self.summaries.precision,
-                       "n_cases": self.summaries.n},
-            provenance={"package": "ConformalSegLib", "package_version": __version__, **self.provenance,
-                        "case_ids": list(self.summaries.case_ids)},
+            n_excluded_empty=getattr(c, "n_excluded_empty", 0)
+            if not isinstance(c, SetsCalibration)
+            else (
+                0
+                if self.empty_policy == "include" or self.set_statistics is None
+                else int(np.count_nonzero(self.set_statistics.lesion_sizes == 0))
+            ),
+            summaries={
+                "file": summaries_file,
+                "sha256": summaries_sha256,
+                "precision": self.summaries.precision,
+                "n_cases": self.summaries.n,
+            },
+            provenance={
+                "package": "ConformalSegLib",
+                "package_version": __version__,
+                **self.provenance,
+                "case_ids": list(self.summaries.case_ids),
+            },
         )
         return doc
 
@@ -162,8 +194,7 @@ class CalibrationProfile:
         """Write ``PATH.json`` and ``PATH.npz`` atomically; refuse to overwrite unless ``force``."""
         path = Path(path)
         if path.suffix.lower() != ".json":
-            raise ConformalSegError("a profile file name must end in .json", path=path,
-                                    fix="e.g. --out profile.json")
+            raise ConformalSegError("a profile file name must end in .json", path=path, fix="e.g. --out profile.json")
         npz_path = path.with_suffix(".npz")
         check_can_write(path, force=force)
         check_can_write(npz_path, force=force)
@@ -196,19 +227,26 @@ def load_profile(path: str | PathLike[str]) -> CalibrationProfile:
 def _read_document(path: Path) -> tuple[dict[str, Any], str, int]:
     """The profile's JSON, checked for format, version, method and ``n``."""
     if not path.is_file():
-        raise ConformalSegError("calibration profile not found", path=path,
-                                fix="check the path, or create one with `conformalseg calibrate`")
+        raise ConformalSegError(
+            "calibration profile not found",
+            path=path,
+            fix="check the path, or create one with `conformalseg calibrate`",
+        )
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ConformalSegError(f"not a valid JSON profile ({exc})", path=path, fix=RERUN_FIX) from exc
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise ConformalSegError("not a ConformalSeg calibration profile (no 'format': 'conformalseg-profile')",
-                                path=path, fix=RERUN_FIX)
+        raise ConformalSegError(
+            "not a ConformalSeg calibration profile (no 'format': 'conformalseg-profile')", path=path, fix=RERUN_FIX
+        )
     version = doc.get("format_version")
     if version != FORMAT_VERSION:
-        raise ConformalSegError(f"profile format version {version!r} is not supported (this is {FORMAT_VERSION})",
-                                path=path, fix="re-calibrate with this version of ConformalSeg")
+        raise ConformalSegError(
+            f"profile format version {version!r} is not supported (this is {FORMAT_VERSION})",
+            path=path,
+            fix="re-calibrate with this version of ConformalSeg",
+        )
     method = _require(doc, "method", path)
     if method not in METHODS:
         raise ConformalSegError(f"unknown method {method!r}", path=path, fix=RERUN_FIX)
@@ -218,22 +256,30 @@ def _read_document(path: Path) -> tuple[dict[str, Any], str, int]:
     return doc, method, n
 
 
-def _read_summaries(doc: dict[str, Any], path: Path,
-                    method: str) -> tuple[LesionSummaries, SetStatistics | None, dict[str, Any]]:
+def _read_summaries(
+    doc: dict[str, Any], path: Path, method: str
+) -> tuple[LesionSummaries, SetStatistics | None, dict[str, Any]]:
     """The ``.npz`` beside the profile (checksum verified), its summaries, set statistics and the provenance."""
     summaries_doc = _require(doc, "summaries", path)
     npz_path = path.with_name(str(summaries_doc.get("file", "")))
     if not npz_path.is_file():
-        raise ConformalSegError(f"the summaries file {npz_path.name} is missing beside the profile", path=path,
-                                fix="keep the .npz next to the .json (copy both), or re-calibrate")
+        raise ConformalSegError(
+            f"the summaries file {npz_path.name} is missing beside the profile",
+            path=path,
+            fix="keep the .npz next to the .json (copy both), or re-calibrate",
+        )
     if sha256_file(npz_path) != summaries_doc.get("sha256"):
-        raise ConformalSegError("summaries file does not match the profile's checksum (modified or from another "
-                                "calibration)", path=npz_path, fix="restore the matching .npz or re-calibrate")
+        raise ConformalSegError(
+            "summaries file does not match the profile's checksum (modified or from another calibration)",
+            path=npz_path,
+            fix="restore the matching .npz or re-calibrate",
+        )
     provenance = dict(doc.get("provenance") or {})
     case_ids = provenance.pop("case_ids", None)
     if not isinstance(case_ids, list) or len(case_ids) != summaries_doc.get("n_cases"):
-        raise ConformalSegError("provenance.case_ids missing or inconsistent with the summaries", path=path,
-                                fix=RERUN_FIX)
+        raise ConformalSegError(
+            "provenance.case_ids missing or inconsistent with the summaries", path=path, fix=RERUN_FIX
+        )
     try:
         with np.load(npz_path, allow_pickle=False) as arrays:
             arrays = dict(arrays)
@@ -243,30 +289,42 @@ def _read_summaries(doc: dict[str, Any], path: Path,
             transform = _require(doc, "transform", path)
             stats = SetStatistics.from_arrays(arrays, case_ids, transform["inner"], transform["outer"])
     except (KeyError, ValueError, TypeError, OSError) as exc:
-        raise ConformalSegError(f"summaries file is corrupt or incomplete ({exc})", path=npz_path,
-                                fix=RERUN_FIX) from exc
+        raise ConformalSegError(
+            f"summaries file is corrupt or incomplete ({exc})", path=npz_path, fix=RERUN_FIX
+        ) from exc
     return summaries, stats, provenance
 
 
-def _read_calibration(doc: dict[str, Any], path: Path, method: str, n: int,
-                      stats: SetStatistics | None) -> ThresholdCalibration | SetsCalibration:
+def _read_calibration(
+    doc: dict[str, Any], path: Path, method: str, n: int, stats: SetStatistics | None
+) -> ThresholdCalibration | SetsCalibration:
     """The stored thresholds and parameters of the calibration."""
     if method == "sets":
         assert stats is not None  # read with the summaries for sets profiles
         return SetsCalibration(
-            str(_require(doc, "mode", path)), float(_require(doc, "alpha", path)),
-            float(_require(doc, "alpha_inner", path)), float(_require(doc, "alpha_outer", path)), n,
+            str(_require(doc, "mode", path)),
+            float(_require(doc, "alpha", path)),
+            float(_require(doc, "alpha_inner", path)),
+            float(_require(doc, "alpha_outer", path)),
+            n,
             _decode_float(_require(doc, "inner_threshold", path), "inner_threshold", path),
             _decode_float(_require(doc, "outer_threshold", path), "outer_threshold", path),
-            stats.inner_transform, stats.outer_transform)
+            stats.inner_transform,
+            stats.outer_transform,
+        )
     epsilon = _decode_float(_require(doc, "epsilon", path), "epsilon", path)
     alpha = doc.get("alpha")
     if method == "cls" and alpha is None:
         raise ConformalSegError("a CLS profile needs 'alpha'", path=path, fix=RERUN_FIX)
     return ThresholdCalibration(
-        method, epsilon, None if alpha is None else float(alpha), n, int(doc.get("n_excluded_empty", 0)),
+        method,
+        epsilon,
+        None if alpha is None else float(alpha),
+        n,
+        int(doc.get("n_excluded_empty", 0)),
         _decode_float(_require(doc, "probability_threshold", path), "probability_threshold", path),
-        doc.get("rank"))
+        doc.get("rank"),
+    )
 
 
 def _check_consistent(profile: CalibrationProfile, path: Path) -> None:
@@ -283,5 +341,6 @@ def _check_consistent(profile: CalibrationProfile, path: Path) -> None:
         assert isinstance(c, ThresholdCalibration) and isinstance(again, ThresholdCalibration)
         same = again.probability_threshold == c.probability_threshold
     if not same:
-        raise ConformalSegError("the stored threshold does not follow from the stored summaries (edited by hand?)",
-                                path=path, fix=RERUN_FIX)
+        raise ConformalSegError(
+            "the stored threshold does not follow from the stored summaries (edited by hand?)", path=path, fix=RERUN_FIX
+        )

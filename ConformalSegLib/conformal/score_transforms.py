@@ -52,16 +52,21 @@ class ScoreTransform:
         if self.kind == "gaussian":
             assert self.parameter is not None  # parse_transform requires the sigma
             sigma_vox = [self.parameter / s for s in geometry.spacing_zyx]
-            smoothed: np.ndarray = ndimage.gaussian_filter(np.asarray(probability, dtype=np.float32), sigma_vox,
-                                                           mode="nearest")
+            smoothed: np.ndarray = ndimage.gaussian_filter(
+                np.asarray(probability, dtype=np.float32), sigma_vox, mode="nearest"
+            )
             return smoothed
         raise AssertionError(self.kind)
 
 
 IDENTITY = ScoreTransform("identity")
 #: Candidates tried by ``--transform auto`` (Davenport's three families).
-DEFAULT_CANDIDATES: tuple[ScoreTransform, ...] = (IDENTITY, ScoreTransform("distance", 0.5),
-                                                  ScoreTransform("gaussian", 2.0), ScoreTransform("gaussian", 4.0))
+DEFAULT_CANDIDATES: tuple[ScoreTransform, ...] = (
+    IDENTITY,
+    ScoreTransform("distance", 0.5),
+    ScoreTransform("gaussian", 2.0),
+    ScoreTransform("gaussian", 4.0),
+)
 
 
 def parse_transform(text: str) -> ScoreTransform:
@@ -82,8 +87,10 @@ def parse_transform(text: str) -> ScoreTransform:
             return ScoreTransform("gaussian", sigma)
     except ValueError:
         pass
-    raise ConformalSegError(f"unknown score transform {text!r}",
-                            fix="use identity, distance[:LEVEL] (LEVEL in (0,1], default 0.5) or gaussian:SIGMA_MM")
+    raise ConformalSegError(
+        f"unknown score transform {text!r}",
+        fix="use identity, distance[:LEVEL] (LEVEL in (0,1], default 0.5) or gaussian:SIGMA_MM",
+    )
 
 
 def signed_distance_mm(mask: np.ndarray, geometry: Geometry) -> np.ndarray:

@@ -69,8 +69,12 @@ class LesionSummaries:
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}")
-        if len(self.offsets) != len(self.case_ids) + 1 or self.offsets[0] != 0 \
-                or self.offsets[-1] != len(self.values) or np.any(np.diff(self.offsets) < 0):
+        if (
+            len(self.offsets) != len(self.case_ids) + 1
+            or self.offsets[0] != 0
+            or self.offsets[-1] != len(self.values)
+            or np.any(np.diff(self.offsets) < 0)
+        ):
             raise ValueError("inconsistent summary offsets")
 
     @property
@@ -139,7 +143,7 @@ class LesionSummaries:
 
     def case(self, i: int) -> np.ndarray:
         """Decoded lesion probabilities of case ``i``, descending."""
-        return self.decode(self.values[self.offsets[i]:self.offsets[i + 1]])
+        return self.decode(self.values[self.offsets[i] : self.offsets[i + 1]])
 
     def subset(self, indices: Sequence[int] | np.ndarray) -> LesionSummaries:
         """Summaries of the given cases (in the given order)."""
@@ -147,7 +151,7 @@ class LesionSummaries:
         sizes = self.lesion_sizes[idx]
         offsets = np.zeros(len(idx) + 1, dtype=np.int64)
         np.cumsum(sizes, out=offsets[1:])
-        parts = [self.values[self.offsets[i]:self.offsets[i + 1]] for i in idx]
+        parts = [self.values[self.offsets[i] : self.offsets[i + 1]] for i in idx]
         values = np.concatenate(parts) if parts else self.values[:0]
         return LesionSummaries(values, offsets, tuple(self.case_ids[i] for i in idx), self.precision)
 
@@ -160,7 +164,9 @@ class LesionSummaries:
         return builder.build()
 
     @classmethod
-    def from_volumes(cls, cases: Iterable[tuple[str, np.ndarray, np.ndarray]], precision: str = "float32") -> LesionSummaries:
+    def from_volumes(
+        cls, cases: Iterable[tuple[str, np.ndarray, np.ndarray]], precision: str = "float32"
+    ) -> LesionSummaries:
         """Build from ``(case_id, probability, lesion_mask)`` triples, one case in memory at a time."""
         builder = SummaryBuilder(precision)
         for case_id, probability, lesion in cases:
@@ -172,8 +178,9 @@ class LesionSummaries:
         return {f"{prefix}values": self.values, f"{prefix}offsets": self.offsets}
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray], case_ids: Sequence[str], precision: str,
-                    prefix: str = "lesion_") -> LesionSummaries:
+    def from_arrays(
+        cls, arrays: dict[str, np.ndarray], case_ids: Sequence[str], precision: str, prefix: str = "lesion_"
+    ) -> LesionSummaries:
         values = np.asarray(arrays[f"{prefix}values"])
         expected = np.uint16 if precision == "uint16" else np.float32
         if values.dtype != expected:

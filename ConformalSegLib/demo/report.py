@@ -34,26 +34,33 @@ def _compactness_note(cls_row: dict) -> list[str]:
     pc = cls_row["metrics"]["pc"]["mean"]
     if not pc > 0.25:
         return []
-    return ["", f"**Why the FNR-controlled masks are large here (PC {pc:.2f}).** The network misses some lesions "
-            "entirely (mostly small ones: every voxel has probability close to 0). For a scan like that, keeping "
-            "its miss rate under ε needs a threshold below those near-zero probabilities, and the conformal "
-            "quantile must allow for such scans in the stated share of cases, so the calibrated threshold is tiny "
-            "and the mask covers much of the scan. This is CLS reporting honestly what the guarantee costs with "
-            "this network; a network that finds more lesions gets smaller masks for the same guarantee. The "
-            "expected-FNR masks and larger ε or α are cheaper; the ECR and PC plots show the trade-off."]
+    return [
+        "",
+        f"**Why the FNR-controlled masks are large here (PC {pc:.2f}).** The network misses some lesions "
+        "entirely (mostly small ones: every voxel has probability close to 0). For a scan like that, keeping "
+        "its miss rate under ε needs a threshold below those near-zero probabilities, and the conformal "
+        "quantile must allow for such scans in the stated share of cases, so the calibrated threshold is tiny "
+        "and the mask covers much of the scan. This is CLS reporting honestly what the guarantee costs with "
+        "this network; a network that finds more lesions gets smaller masks for the same guarantee. The "
+        "expected-FNR masks and larger ε or α are cheaper; the ECR and PC plots show the trade-off.",
+    ]
 
 
 def _data_sentence(settings: DemoSettings) -> str:
     if settings.source == "synthetic":
-        return (f"Data: {settings.cases} synthetic CT-like cases whose probability maps imitate an imperfect, per-case "
-                "miscalibrated lesion network (`ConformalSegLib/phantoms/simulated_maps.py`); every step below is the "
-                "same code the "
-                "CLI runs.")
-    return (f"Data: {settings.cases} synthetic CT phantoms (`ConformalSegLib/phantoms/generator.py`, "
-            f"seed {settings.seed}, not "
-            f"seen in training) segmented by the shipped 3D U-Net `{settings.model.name}` (see its README.md) through "
-            "the same model-card pipeline as `conformalseg infer`; probability maps in `data/probs/`. Every step "
-            "below is the same code the CLI runs.")
+        return (
+            f"Data: {settings.cases} synthetic CT-like cases whose probability maps imitate an imperfect, per-case "
+            "miscalibrated lesion network (`ConformalSegLib/phantoms/simulated_maps.py`); every step below is the "
+            "same code the "
+            "CLI runs."
+        )
+    return (
+        f"Data: {settings.cases} synthetic CT phantoms (`ConformalSegLib/phantoms/generator.py`, "
+        f"seed {settings.seed}, not "
+        f"seen in training) segmented by the shipped 3D U-Net `{settings.model.name}` (see its README.md) through "
+        "the same model-card pipeline as `conformalseg infer`; probability maps in `data/probs/`. Every step "
+        "below is the same code the CLI runs."
+    )
 
 
 def report_text(settings: DemoSettings, result: EvaluationResult, profiles: dict, example: dict) -> str:
@@ -90,8 +97,10 @@ def report_text(settings: DemoSettings, result: EvaluationResult, profiles: dict
     for row in result.summary_rows():
         if row["method"] == "sets" and row["mode"] == "joint-split" and row["alpha"] == alpha:
             m = row["metrics"]
-            lines.append(f"| {row['transform']} | {_pm(m['inner_coverage'])} | {_pm(m['outer_coverage'])} | "
-                         f"{_pm(m['joint_coverage'])} | {_pm(m['inner_ml'], 2)} | {_pm(m['outer_ml'], 2)} |")
+            lines.append(
+                f"| {row['transform']} | {_pm(m['inner_coverage'])} | {_pm(m['outer_coverage'])} | "
+                f"{_pm(m['joint_coverage'])} | {_pm(m['inner_ml'], 2)} | {_pm(m['outer_ml'], 2)} |"
+            )
     lines += [
         "",
         "Full tables and plots: [evaluation/report.md](evaluation/report.md), "
@@ -104,8 +113,11 @@ def report_text(settings: DemoSettings, result: EvaluationResult, profiles: dict
         "",
         "| segment | voxels | FNR on this case |",
         "|---|---|---|",
-        *[f"| {name} | {example['voxels'][name]} | {example['fnr'][name]:.3f} |" for name in example["voxels"]
-          if name != "Lesion (ground truth)"],
+        *[
+            f"| {name} | {example['voxels'][name]} | {example['fnr'][name]:.3f} |"
+            for name in example["voxels"]
+            if name != "Lesion (ground truth)"
+        ],
         "",
         f"Inner set inside the lesion: {'yes' if example['inner_inside'] else 'no'}; outer set contains the lesion: "
         f"{'yes' if example['outer_contains'] else 'no'}.",

@@ -56,13 +56,22 @@ def _splits(n: int, epsilon: float) -> tuple[int, int]:
     n_cal = min(n - 1, max(need + 2, round(3 * n / 4)))
     n_opt = max(1, min(n_cal // 4, n_cal - need))
     if n_cal - n_opt < need or n - n_cal < 1:
-        raise ConformalSegError(f"{n} calibration scans are too few for epsilon = {epsilon}",
-                                fix=f"use at least {need + 4} cases, or a larger epsilon")
+        raise ConformalSegError(
+            f"{n} calibration scans are too few for epsilon = {epsilon}",
+            fix=f"use at least {need + 4} cases, or a larger epsilon",
+        )
     return n_cal, n_opt
 
 
-def plot_length_overlay(clean: np.ndarray, length: np.ndarray, organs: np.ndarray, organ_labels: dict[int, str],
-                        path: Path, *, spacing_xyz: tuple[float, ...] = (1.0, 1.0, 1.0)) -> Path:
+def plot_length_overlay(
+    clean: np.ndarray,
+    length: np.ndarray,
+    organs: np.ndarray,
+    organ_labels: dict[int, str],
+    path: Path,
+    *,
+    spacing_xyz: tuple[float, ...] = (1.0, 1.0, 1.0),
+) -> Path:
     """One panel per organ: the clean image on the organ's largest axial slice, the interval length
     inside the organ in colour, and the organ outline (windowed units)."""
     from ..evaluation.figures import agg_figure
@@ -99,15 +108,25 @@ def _table_markdown(rows: list[dict[str, Any]], epsilon: float) -> str:
     lines = [f"| Organ | lambda | voxels | mean length (×10⁻²) | risk (ε = {epsilon}) |", "|---|---|---|---|---|"]
     for row in rows:
         lam, length, risk = row["lambda"], row.get("mean_length"), row.get("risk")
-        lines.append(f"| {row['group']} | {lam:.4f} | {row['voxels']} | "
-                     f"{'n/a' if length is None else f'{100 * length:.2f}'} | "
-                     f"{'n/a' if risk is None else f'{risk:.3f}'} |")
+        lines.append(
+            f"| {row['group']} | {lam:.4f} | {row['voxels']} | "
+            f"{'n/a' if length is None else f'{100 * length:.2f}'} | "
+            f"{'n/a' if risk is None else f'{risk:.3f}'} |"
+        )
     return "\n".join(lines)
 
 
-def run_semcrc_demo(out_dir: str | PathLike[str], n_cases: int = 30, seed: int = DEMO_SEED,
-                    model: str | PathLike[str] = DEFAULT_MODEL, *, epsilon: float = 0.1, runs: int = 20,
-                    device: str = "cpu", force: bool = False) -> str:
+def run_semcrc_demo(
+    out_dir: str | PathLike[str],
+    n_cases: int = 30,
+    seed: int = DEMO_SEED,
+    model: str | PathLike[str] = DEFAULT_MODEL,
+    *,
+    epsilon: float = 0.1,
+    runs: int = 20,
+    device: str = "cpu",
+    force: bool = False,
+) -> str:
     """Run the demo (module docstring) and return its Markdown section (Table 1, per-organ tables,
     the held-out case's per-organ table and the figure links)."""
     from ..io.atomic import atomic_write_text
@@ -127,11 +146,16 @@ def run_semcrc_demo(out_dir: str | PathLike[str], n_cases: int = 30, seed: int =
     timings["inference"] = time.perf_counter() - t
     organ_map = OrganMap.parse(PHANTOM_ORGANS)
     t = time.perf_counter()
-    everything = load_interval_data(out / "pred" / "lower", out / "pred" / "upper", data_dir / "clean",
-                                    data_dir / "organs", organ_map, BODY)
+    everything = load_interval_data(
+        out / "pred" / "lower", out / "pred" / "upper", data_dir / "clean", data_dir / "organs", organ_map, BODY
+    )
     calib = everything.subset(np.arange(everything.n - 1))
     n_cal, n_opt = _splits(calib.n, epsilon)
-    options: dict[str, Any] = {"n_opt": n_opt, "k": 4, "d_min": 2}  # d_opt: K-CRC 50, sem-CRC the paper's automatic rule
+    options: dict[str, Any] = {
+        "n_opt": n_opt,
+        "k": 4,
+        "d_min": 2,
+    }  # d_opt: K-CRC 50, sem-CRC the paper's automatic rule
     summary = evaluate_interval_methods(calib, epsilon, runs=runs, n_cal=n_cal, seed=seed, **options)
     write_interval_evaluation(summary, out, force=True)
     timings["evaluation"] = time.perf_counter() - t
@@ -139,14 +163,35 @@ def run_semcrc_demo(out_dir: str | PathLike[str], n_cases: int = 30, seed: int =
     table = _heldout_profile(calib, organ_map, out, data_dir, ids, epsilon, n_opt, seed)
     timings["profile_and_apply"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
-    text = _section_markdown(n_cases, seed, Path(model), organ_map.groups, ids[-1], summary, calib.n, n_cal, n_opt,
-                             epsilon, table, runs, timings)
+    text = _section_markdown(
+        n_cases,
+        seed,
+        Path(model),
+        organ_map.groups,
+        ids[-1],
+        summary,
+        calib.n,
+        n_cal,
+        n_opt,
+        epsilon,
+        table,
+        runs,
+        timings,
+    )
     atomic_write_text(out / "semcrc_demo.md", text, force=True)
     return text
 
 
-def _heldout_profile(calib: IntervalData, organ_map: OrganMap, out: Path, data_dir: Path, ids: list[str], epsilon: float,
-                     n_opt: int, seed: int) -> list[dict[str, Any]]:
+def _heldout_profile(
+    calib: IntervalData,
+    organ_map: OrganMap,
+    out: Path,
+    data_dir: Path,
+    ids: list[str],
+    epsilon: float,
+    n_opt: int,
+    seed: int,
+) -> list[dict[str, Any]]:
     """Calibrate a per-organ sem-CRC profile on the non-held-out cases, apply it to the held-out one, write
     its table and length figure; return the table."""
     from ..io.volumes import load_image, load_label_map
@@ -155,14 +200,21 @@ def _heldout_profile(calib: IntervalData, organ_map: OrganMap, out: Path, data_d
     from ..semcrc.workflow import apply_interval, write_interval_table
 
     heldout_id = ids[-1]
-    calibration = calibrate_interval_method("sem-crc-organ", calib, epsilon, n_opt=n_opt, d_opt=None, d_min=2,
-                                            seed=seed)
-    profile = IntervalProfile(calibration, organ_map, BODY,
-                              {"lower_dir": str((out / "pred" / "lower").resolve()),
-                               "upper_dir": str((out / "pred" / "upper").resolve()),
-                               "truth_dir": str((data_dir / "clean").resolve()),
-                               "organs_dir": str((data_dir / "organs").resolve()),
-                               "cases": list(ids[:-1])})
+    calibration = calibrate_interval_method(
+        "sem-crc-organ", calib, epsilon, n_opt=n_opt, d_opt=None, d_min=2, seed=seed
+    )
+    profile = IntervalProfile(
+        calibration,
+        organ_map,
+        BODY,
+        {
+            "lower_dir": str((out / "pred" / "lower").resolve()),
+            "upper_dir": str((out / "pred" / "upper").resolve()),
+            "truth_dir": str((data_dir / "clean").resolve()),
+            "organs_dir": str((data_dir / "organs").resolve()),
+            "cases": list(ids[:-1]),
+        },
+    )
     profile.save(out / "profile.json", force=True)
     lower = load_image(out / "pred" / "lower" / f"{heldout_id}.nii.gz")
     upper = load_image(out / "pred" / "upper" / f"{heldout_id}.nii.gz")
@@ -170,12 +222,23 @@ def _heldout_profile(calib: IntervalData, organ_map: OrganMap, out: Path, data_d
     organs = load_label_map(data_dir / "organs" / f"{heldout_id}.nii.gz")
     body_mask = np.asarray(organs.array) > 0
     applied = apply_interval(profile, lower.array, upper.array, organs.array, truth=clean.array)
-    write_interval_table(applied.table, out / "heldout_table.csv", out / "heldout_table.json", force=True,
-                         extra={"case_id": heldout_id, "epsilon": epsilon, "units": "windowed [0, 1]"})
+    write_interval_table(
+        applied.table,
+        out / "heldout_table.csv",
+        out / "heldout_table.json",
+        force=True,
+        extra={"case_id": heldout_id, "epsilon": epsilon, "units": "windowed [0, 1]"},
+    )
     length = np.where(body_mask, applied.length, np.nan)
     overlay_labels = {**{int(v): str(n) for v, n in organ_map.labels.items()}}
-    plot_length_overlay(np.asarray(clean.array), length, np.asarray(organs.array), overlay_labels,
-                        out / "heldout_length.png", spacing_xyz=tuple(clean.geometry.spacing))
+    plot_length_overlay(
+        np.asarray(clean.array),
+        length,
+        np.asarray(organs.array),
+        overlay_labels,
+        out / "heldout_length.png",
+        spacing_xyz=tuple(clean.geometry.spacing),
+    )
     return applied.table
 
 
@@ -186,49 +249,64 @@ def _card_note(model: Path) -> str:
 
         training = resolve_model(model).training
         if training.get("heldout_coverage") is not None:
-            return (f" Its held-out coverage of the raw [q_0.1, q_0.9] interval is "
-                    f"{training['heldout_coverage']:.3f} (nominal 0.8).")
+            return (
+                f" Its held-out coverage of the raw [q_0.1, q_0.9] interval is "
+                f"{training['heldout_coverage']:.3f} (nominal 0.8)."
+            )
     except ConformalSegError:
         pass
     return ""
 
 
-def _section_markdown(n_cases: int, seed: int, model: Path, groups: tuple[str, ...], heldout_id: str,
-                      summary: dict[str, Any], n_calib: int,
-                      n_cal: int, n_opt: int, epsilon: float, table: list[dict[str, Any]], runs: int,
-                      timings: dict[str, float]) -> str:
+def _section_markdown(
+    n_cases: int,
+    seed: int,
+    model: Path,
+    groups: tuple[str, ...],
+    heldout_id: str,
+    summary: dict[str, Any],
+    n_calib: int,
+    n_cal: int,
+    n_opt: int,
+    epsilon: float,
+    table: list[dict[str, Any]],
+    runs: int,
+    timings: dict[str, float],
+) -> str:
     from ..semcrc.evaluation import evaluation_markdown
 
-    return "\n".join([
-        "## sem-CRC on phantom denoising",
-        "",
-        f"{n_cases} coarse phantoms (seed {seed}; 24 × 48 × 48 voxels, 3.2 × 3.2 × 6.0 mm), windowed "
-        f"-175..250 HU to [0, 1], Gaussian noise σ = 0.2 added after windowing. Intervals: the quantile "
-        f"denoiser `{model.name}` (q_0.1, q_0.9).{_card_note(model)} Organ groups: "
-        f"{', '.join(groups)} (air excluded). Case `{heldout_id}` is held out for the "
-        "per-organ profile; the other cases give Table 1.",
-        "",
-        "### Table 1: risk and mean interval length",
-        "",
-        evaluation_markdown(summary).rstrip(),
-        "",
-        "![per-organ risk and length](interval_evaluation.png)",
-        "",
-        f"Risks sit below ε because the CRC step needs (n + 1) ε - 1 >= n × (empirical risk): with n = "
-        f"{n_cal} (CRC) or {n_cal - n_opt} (K-CRC, sem-CRC) calibration scans the empirical risk must fall to "
-        f"{_crc_cap(epsilon, n_cal):.3f} or {_crc_cap(epsilon, n_cal - n_opt):.3f}. One λ for the whole scan (CRC) "
-        "leaves the hard organs (bone, lesion) far above ε; per-organ sem-CRC controls each organ.",
-        "",
-        f"### Per-organ sem-CRC profile applied to `{heldout_id}`",
-        "",
-        f"Calibrated on {n_calib} cases (n_opt = {n_opt}); lengths in windowed units.",
-        "",
-        _table_markdown(table, epsilon),
-        "",
-        "![conformalised interval length per organ](heldout_length.png)",
-        "",
-        f"Timing: {timings['total']:.1f} s (data {timings['data']:.1f} s, inference {timings['inference']:.1f} s, "
-        f"{runs} calibrations × 4 methods {timings['evaluation']:.1f} s, profile + apply "
-        f"{timings['profile_and_apply']:.1f} s).",
-        "",
-    ])
+    return "\n".join(
+        [
+            "## sem-CRC on phantom denoising",
+            "",
+            f"{n_cases} coarse phantoms (seed {seed}; 24 × 48 × 48 voxels, 3.2 × 3.2 × 6.0 mm), windowed "
+            f"-175..250 HU to [0, 1], Gaussian noise σ = 0.2 added after windowing. Intervals: the quantile "
+            f"denoiser `{model.name}` (q_0.1, q_0.9).{_card_note(model)} Organ groups: "
+            f"{', '.join(groups)} (air excluded). Case `{heldout_id}` is held out for the "
+            "per-organ profile; the other cases give Table 1.",
+            "",
+            "### Table 1: risk and mean interval length",
+            "",
+            evaluation_markdown(summary).rstrip(),
+            "",
+            "![per-organ risk and length](interval_evaluation.png)",
+            "",
+            f"Risks sit below ε because the CRC step needs (n + 1) ε - 1 >= n × (empirical risk): with n = "
+            f"{n_cal} (CRC) or {n_cal - n_opt} (K-CRC, sem-CRC) calibration scans the empirical risk must fall to "
+            f"{_crc_cap(epsilon, n_cal):.3f} or {_crc_cap(epsilon, n_cal - n_opt):.3f}. One λ for the whole scan (CRC) "
+            "leaves the hard organs (bone, lesion) far above ε; per-organ sem-CRC controls each organ.",
+            "",
+            f"### Per-organ sem-CRC profile applied to `{heldout_id}`",
+            "",
+            f"Calibrated on {n_calib} cases (n_opt = {n_opt}); lengths in windowed units.",
+            "",
+            _table_markdown(table, epsilon),
+            "",
+            "![conformalised interval length per organ](heldout_length.png)",
+            "",
+            f"Timing: {timings['total']:.1f} s (data {timings['data']:.1f} s, inference {timings['inference']:.1f} s, "
+            f"{runs} calibrations × 4 methods {timings['evaluation']:.1f} s, profile + apply "
+            f"{timings['profile_and_apply']:.1f} s).",
+            "",
+        ]
+    )

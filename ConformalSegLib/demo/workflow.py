@@ -73,12 +73,21 @@ class DemoSettings:
 
 def _prepare(out: Path, force: bool) -> None:
     if out.exists() and any(out.iterdir()) and not force:
-        raise ConformalSegError("output folder exists and is not empty", path=out,
-                                fix="pass --force to replace the demo's files, or --out another folder")
+        raise ConformalSegError(
+            "output folder exists and is not empty",
+            path=out,
+            fix="pass --force to replace the demo's files, or --out another folder",
+        )
 
 
-def run_demo(out_dir: str | PathLike[str], settings: DemoSettings = DemoSettings(), *, force: bool = False,
-             progress: Callable[[str], Progress] | None = None, log: Callable[[str], None] = print) -> Path:
+def run_demo(
+    out_dir: str | PathLike[str],
+    settings: DemoSettings = DemoSettings(),
+    *,
+    force: bool = False,
+    progress: Callable[[str], Progress] | None = None,
+    log: Callable[[str], None] = print,
+) -> Path:
     """Run the demo into ``out_dir``; returns the path of ``report.md``."""
     out = Path(out_dir)
     _prepare(out, force)
@@ -87,11 +96,19 @@ def run_demo(out_dir: str | PathLike[str], settings: DemoSettings = DemoSettings
     dataset = _dataset(out, settings, force, bar, log)
     log(f"[3/7] evaluating over {settings.splits} random calibration/test splits")
     with TqdmProgress() as eval_progress:
-        result = evaluate_dataset(dataset, epsilons=settings.epsilons, alphas=settings.alphas,
-                                  main_epsilon=settings.epsilon, main_alpha=settings.alpha, splits=settings.splits,
-                                  cal_fraction=settings.cal_fraction, seed=settings.seed,
-                                  transforms=("identity", settings.outer_transform), hd95=settings.hd95,
-                                  progress=eval_progress if progress else None)
+        result = evaluate_dataset(
+            dataset,
+            epsilons=settings.epsilons,
+            alphas=settings.alphas,
+            main_epsilon=settings.epsilon,
+            main_alpha=settings.alpha,
+            splits=settings.splits,
+            cal_fraction=settings.cal_fraction,
+            seed=settings.seed,
+            transforms=("identity", settings.outer_transform),
+            hd95=settings.hd95,
+            progress=eval_progress if progress else None,
+        )
     write_report(result, out / "evaluation", force=force)
 
     log("[4/7] calibrating profiles on the first half of the cases")
@@ -100,8 +117,13 @@ def run_demo(out_dir: str | PathLike[str], settings: DemoSettings = DemoSettings
     requests = {
         "cls": CalibrationRequest("cls", epsilon=settings.epsilon, alpha=settings.alpha),
         "crc": CalibrationRequest("crc", epsilon=settings.epsilon),
-        "sets": CalibrationRequest("sets", alpha=settings.alpha, joint="split", inner_transform="identity",
-                                   outer_transform=settings.outer_transform),
+        "sets": CalibrationRequest(
+            "sets",
+            alpha=settings.alpha,
+            joint="split",
+            inner_transform="identity",
+            outer_transform=settings.outer_transform,
+        ),
     }
     profiles = {}
     for name, request in requests.items():
@@ -131,13 +153,15 @@ def run_demo(out_dir: str | PathLike[str], settings: DemoSettings = DemoSettings
     return report
 
 
-def _dataset(out: Path, settings: DemoSettings, force: bool, bar: Callable[[str], Progress | None],
-             log: Callable[[str], None]) -> CalibrationDataset:
+def _dataset(
+    out: Path, settings: DemoSettings, force: bool, bar: Callable[[str], Progress | None], log: Callable[[str], None]
+) -> CalibrationDataset:
     """Steps 1-2: the embedded data on disk, as a dataset whose cases carry probability maps."""
     if settings.source == "synthetic":
         log(f"[1/7] writing {settings.cases} synthetic probability maps to {out / 'data'}")
-        write_synthetic_dataset(out / "data", settings.cases, seed=settings.seed, force=force,
-                                progress=bar("synthetic data"))
+        write_synthetic_dataset(
+            out / "data", settings.cases, seed=settings.seed, force=force, progress=bar("synthetic data")
+        )
         log("[2/7] (no network: the synthetic maps imitate one)")
         return CalibrationDataset.from_root(out / "data", [LESION_LABEL])
     if settings.source != "model":
@@ -149,9 +173,12 @@ def _dataset(out: Path, settings: DemoSettings, force: bool, bar: Callable[[str]
     data_info = (card.training or {}).get("data") or {}
     trained_on = data_info.get("phantom_seed") if isinstance(data_info, dict) else None
     if trained_on is not None and int(trained_on) == int(settings.seed):
-        raise ConformalSegError(f"the demo's phantom seed {settings.seed} is the seed the model was trained on: the "
-                                "evaluation would run on training data", path=card.path,
-                                fix="choose another --seed")
+        raise ConformalSegError(
+            f"the demo's phantom seed {settings.seed} is the seed the model was trained on: the "
+            "evaluation would run on training data",
+            path=card.path,
+            fix="choose another --seed",
+        )
     log(f"[1/7] writing {settings.cases} CT phantoms (seed {settings.seed}) to {out / 'data'}")
     write_phantom_dataset(out / "data", settings.cases, seed=settings.seed, force=force, progress=bar("phantoms"))
     if force and (out / "data" / "probs").exists():
@@ -160,8 +187,14 @@ def _dataset(out: Path, settings: DemoSettings, force: bool, bar: Callable[[str]
         shutil.rmtree(out / "data" / "probs")  # a cache of an earlier run: --force means start afresh
     engine = InferenceEngine(card, device=settings.device, seed=0)
     log(f"[2/7] running the network {card.name!r} on {engine.device} for every phantom")
-    dataset = InferenceDataset(engine, out / "data" / "imagesTr", out / "data" / "labelsTr", [PHANTOM_LESION],
-                               out / "data" / "probs", progress=bar("inference"))
+    dataset = InferenceDataset(
+        engine,
+        out / "data" / "imagesTr",
+        out / "data" / "labelsTr",
+        [PHANTOM_LESION],
+        out / "data" / "probs",
+        progress=bar("inference"),
+    )
     for _ in dataset:  # predict every case once (later passes read the cached maps)
         pass
     dataset.progress = None
@@ -174,8 +207,9 @@ def _image_path(dataset: CalibrationDataset, case_id: str) -> Path:
     return dataset.probs_dir.parent / "images" / f"{case_id}.nii.gz"
 
 
-def _example(dataset: CalibrationDataset, test_ids: list[str], profiles: dict, folder: Path, force: bool,
-             settings: DemoSettings) -> dict:
+def _example(
+    dataset: CalibrationDataset, test_ids: list[str], profiles: dict, folder: Path, force: bool, settings: DemoSettings
+) -> dict:
     """Apply every profile to the held-out case with the largest lesion; write volumes, seg.nrrd, PNG."""
     sizes = {cid: int(np.count_nonzero(dataset.load(cid).lesion.array)) for cid in test_ids[:8]}
     case_id = max(sizes, key=lambda cid: sizes[cid])
@@ -197,14 +231,29 @@ def _example(dataset: CalibrationDataset, test_ids: list[str], profiles: dict, f
     save_volume(prob, geometry, folder / "probability.nrrd", force=force)
     write_seg_nrrd(masks, geometry, folder / "segmentation.seg.nrrd", force=force)
     colors = {**SEGMENT_COLORS, LESION_CRC: (1.0, 0.55, 0.0)}
-    slice_overlay_png(image_array, geometry, truth, {
-        "fixed 0.5 threshold": {LESION_THRESHOLD: masks[LESION_THRESHOLD]},
-        "FNR-controlled (CLS)": {LESION_FNR: masks[LESION_FNR]},
-        "expected-FNR (CRC)": {LESION_CRC: masks[LESION_CRC]},
-        "confidence sets": {INNER_SET: masks[INNER_SET], OUTER_SET: masks[OUTER_SET]},
-    }, folder / "slice_overlay.png", title=f"{case_id} (held out)", force=force, colors=colors)
-    fnr = {name: float(np.count_nonzero(truth & ~m)) / max(1, int(np.count_nonzero(truth))) for name, m in masks.items()}
+    slice_overlay_png(
+        image_array,
+        geometry,
+        truth,
+        {
+            "fixed 0.5 threshold": {LESION_THRESHOLD: masks[LESION_THRESHOLD]},
+            "FNR-controlled (CLS)": {LESION_FNR: masks[LESION_FNR]},
+            "expected-FNR (CRC)": {LESION_CRC: masks[LESION_CRC]},
+            "confidence sets": {INNER_SET: masks[INNER_SET], OUTER_SET: masks[OUTER_SET]},
+        },
+        folder / "slice_overlay.png",
+        title=f"{case_id} (held out)",
+        force=force,
+        colors=colors,
+    )
+    fnr = {
+        name: float(np.count_nonzero(truth & ~m)) / max(1, int(np.count_nonzero(truth))) for name, m in masks.items()
+    }
     voxels = {name: int(np.count_nonzero(m)) for name, m in masks.items()}
-    return {"case_id": case_id, "fnr": fnr, "voxels": voxels,
-            "inner_inside": bool(not (masks[INNER_SET] & ~truth).any()),
-            "outer_contains": bool(not (truth & ~masks[OUTER_SET]).any())}
+    return {
+        "case_id": case_id,
+        "fnr": fnr,
+        "voxels": voxels,
+        "inner_inside": bool(not (masks[INNER_SET] & ~truth).any()),
+        "outer_contains": bool(not (truth & ~masks[OUTER_SET]).any()),
+    }

@@ -46,24 +46,34 @@ def as_eval_case(item: Any) -> EvalCase:
         probability, prob_geometry = _unwrap(item.probability)
         lesion, lesion_geometry = _unwrap(item.lesion)
     except AttributeError as exc:
-        raise ConformalSegError(f"cannot evaluate {type(item).__name__!r} objects: a case needs case_id, "
-                                "probability and lesion attributes",
-                                fix="pass a CalibrationDataset or objects like SyntheticCase") from exc
+        raise ConformalSegError(
+            f"cannot evaluate {type(item).__name__!r} objects: a case needs case_id, probability and lesion attributes",
+            fix="pass a CalibrationDataset or objects like SyntheticCase",
+        ) from exc
     geometry = prob_geometry or getattr(item, "geometry", None) or lesion_geometry
     if probability.ndim != 3:
-        raise ConformalSegError(f"case {case_id!r}: the probability map is {probability.ndim}D, expected 3D",
-                                fix="give one 3D probability map per case")
+        raise ConformalSegError(
+            f"case {case_id!r}: the probability map is {probability.ndim}D, expected 3D",
+            fix="give one 3D probability map per case",
+        )
     if probability.dtype.kind != "f":
-        raise ConformalSegError(f"case {case_id!r}: the probability map has {probability.dtype} voxels, "
-                                "expected floating point probabilities", fix="pass probabilities in [0, 1]")
+        raise ConformalSegError(
+            f"case {case_id!r}: the probability map has {probability.dtype} voxels, "
+            "expected floating point probabilities",
+            fix="pass probabilities in [0, 1]",
+        )
     if lesion.shape != probability.shape:
-        raise ConformalSegError(f"case {case_id!r}: lesion mask shape {lesion.shape} != probability map "
-                                f"shape {probability.shape}", fix="resample both onto the same voxel grid")
+        raise ConformalSegError(
+            f"case {case_id!r}: lesion mask shape {lesion.shape} != probability map shape {probability.shape}",
+            fix="resample both onto the same voxel grid",
+        )
     if geometry is None:
         geometry = Geometry(shape=probability.shape)
     elif tuple(geometry.shape) != probability.shape:
-        raise ConformalSegError(f"case {case_id!r}: geometry shape {geometry.shape} != array shape "
-                                f"{probability.shape}", fix="pass the geometry of the probability map")
+        raise ConformalSegError(
+            f"case {case_id!r}: geometry shape {geometry.shape} != array shape {probability.shape}",
+            fix="pass the geometry of the probability map",
+        )
     return EvalCase(case_id, probability, np.asarray(lesion, dtype=bool), geometry)
 
 
@@ -80,9 +90,10 @@ class CaseSource:
         if isinstance(data, CaseSource):
             data = data.data
         if isinstance(data, Iterator):  # generators, iter(list), map objects, ...; no iter() call here
-            raise ConformalSegError("the evaluation reads the cases twice, but got a one-shot iterator "
-                                    f"({type(data).__name__})",
-                                    fix="pass a CalibrationDataset or a list of cases (e.g. list(make_cases(...)))")
+            raise ConformalSegError(
+                f"the evaluation reads the cases twice, but got a one-shot iterator ({type(data).__name__})",
+                fix="pass a CalibrationDataset or a list of cases (e.g. list(make_cases(...)))",
+            )
         self.data = data
 
     def __len__(self) -> int:

@@ -58,10 +58,19 @@ def _index_of(values: Sequence[float], value: float) -> int:
     raise ValueError(f"{value} not in {values}")
 
 
-def make_config(epsilons: Sequence[float], alphas: Sequence[float], main_alpha: float | None,
-               main_epsilon: float | None, splits: int, cal_fraction: float, seed: int,
-               transforms: Sequence[str | ScoreTransform], set_modes: Sequence[str], hd95: bool,
-               empty: str) -> tuple[EvaluationConfig, list[ScoreTransform]]:
+def make_config(
+    epsilons: Sequence[float],
+    alphas: Sequence[float],
+    main_alpha: float | None,
+    main_epsilon: float | None,
+    splits: int,
+    cal_fraction: float,
+    seed: int,
+    transforms: Sequence[str | ScoreTransform],
+    set_modes: Sequence[str],
+    hd95: bool,
+    empty: str,
+) -> tuple[EvaluationConfig, list[ScoreTransform]]:
     """Check every parameter of :func:`~ConformalSegLib.evaluation.protocol.evaluate_dataset` before any
     case is read; return the configuration and the score transforms."""
     epsilons = check_grid(epsilons, "epsilons", check_epsilon)
@@ -69,10 +78,16 @@ def make_config(epsilons: Sequence[float], alphas: Sequence[float], main_alpha: 
     main_alpha = alphas[0] if main_alpha is None else float(main_alpha)
     check_alpha(main_alpha, "main_alpha")
     if as_fraction(main_alpha) not in {as_fraction(a) for a in alphas}:
-        raise ConformalSegError(f"main_alpha {main_alpha} is not one of the alphas {list(alphas)}",
-                                fix="add it to --alphas or choose one of them")
-    if isinstance(splits, bool) or not isinstance(splits, (int, np.integer, float)) or int(splits) != splits \
-            or splits < 1:
+        raise ConformalSegError(
+            f"main_alpha {main_alpha} is not one of the alphas {list(alphas)}",
+            fix="add it to --alphas or choose one of them",
+        )
+    if (
+        isinstance(splits, bool)
+        or not isinstance(splits, (int, np.integer, float))
+        or int(splits) != splits
+        or splits < 1
+    ):
         raise ConformalSegError(f"splits must be a positive integer, got {splits!r}", fix="pass e.g. --splits 100")
     if empty not in EMPTY_POLICIES:
         raise ConformalSegError(f"empty-lesion policy must be one of {EMPTY_POLICIES}, got {empty!r}")
@@ -91,11 +106,23 @@ def make_config(epsilons: Sequence[float], alphas: Sequence[float], main_alpha: 
     main_epsilon = epsilons[0] if main_epsilon is None else float(main_epsilon)
     check_epsilon(main_epsilon)
     if as_fraction(main_epsilon) not in {as_fraction(e) for e in epsilons}:
-        raise ConformalSegError(f"main_epsilon {main_epsilon} is not one of the epsilons {list(epsilons)}",
-                                fix="add it to --epsilons or choose one of them")
-    config = EvaluationConfig(epsilons, alphas, main_epsilon, main_alpha, int(splits), float(cal_fraction),
-                              int(seed), tuple(t.name for t in score_transforms),
-                              set_modes if score_transforms else (), bool(hd95), empty)
+        raise ConformalSegError(
+            f"main_epsilon {main_epsilon} is not one of the epsilons {list(epsilons)}",
+            fix="add it to --epsilons or choose one of them",
+        )
+    config = EvaluationConfig(
+        epsilons,
+        alphas,
+        main_epsilon,
+        main_alpha,
+        int(splits),
+        float(cal_fraction),
+        int(seed),
+        tuple(t.name for t in score_transforms),
+        set_modes if score_transforms else (),
+        bool(hd95),
+        empty,
+    )
     return config, score_transforms
 
 
@@ -118,11 +145,13 @@ def check_fraction(cal_fraction: float) -> Fraction:
     try:
         fraction = as_fraction(cal_fraction)
     except (TypeError, ValueError) as exc:
-        raise ConformalSegError(f"cal_fraction must be a number, got {cal_fraction!r}",
-                                fix="pass e.g. --cal-fraction 0.5") from exc
+        raise ConformalSegError(
+            f"cal_fraction must be a number, got {cal_fraction!r}", fix="pass e.g. --cal-fraction 0.5"
+        ) from exc
     if not 0 < fraction < 1:
-        raise ConformalSegError(f"cal_fraction must lie strictly between 0 and 1, got {cal_fraction}",
-                                fix="pass e.g. --cal-fraction 0.5")
+        raise ConformalSegError(
+            f"cal_fraction must lie strictly between 0 and 1, got {cal_fraction}", fix="pass e.g. --cal-fraction 0.5"
+        )
     return fraction
 
 
@@ -134,5 +163,6 @@ def split_sizes(n: int, cal_fraction: float) -> tuple[int, int]:
         raise ConformalSegError(
             f"too few cases for a calibration/test split: {n} case(s) with cal_fraction {cal_fraction} gives "
             f"{n_cal} calibration and {n_test} test case(s); each side needs at least one",
-            fix="add cases (at least 2, realistically 20 or more) or change --cal-fraction")
+            fix="add cases (at least 2, realistically 20 or more) or change --cal-fraction",
+        )
     return n_cal, n_test

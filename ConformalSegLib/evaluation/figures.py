@@ -30,10 +30,18 @@ def best_axial_slice(mask: np.ndarray) -> int:
     return int(np.argmax(areas)) if areas.any() else mask.shape[0] // 2
 
 
-def slice_overlay_png(image: np.ndarray, geometry: Geometry, truth: np.ndarray,
-                      panels: Mapping[str, Mapping[str, np.ndarray]], path: str | PathLike[str], *,
-                      title: str = "", window: tuple[float, float] = (-160.0, 240.0), force: bool = False,
-                      colors: Mapping[str, tuple[float, float, float]] | None = None) -> None:
+def slice_overlay_png(
+    image: np.ndarray,
+    geometry: Geometry,
+    truth: np.ndarray,
+    panels: Mapping[str, Mapping[str, np.ndarray]],
+    path: str | PathLike[str],
+    *,
+    title: str = "",
+    window: tuple[float, float] = (-160.0, 240.0),
+    force: bool = False,
+    colors: Mapping[str, tuple[float, float, float]] | None = None,
+) -> None:
     """One row of panels on the axial slice with the most lesion: the image, then per panel the
     ground truth contour (cyan, dashed) and each named mask's contour in its colour.
 
@@ -58,13 +66,26 @@ def slice_overlay_png(image: np.ndarray, geometry: Geometry, truth: np.ndarray,
     axes[0].set_title("CT (synthetic)" if not title else title, fontsize=9)
     for ax, (panel_title, masks) in zip(axes[1:], panels.items()):
         handles = [Line2D([0], [0], color=TRUTH_COLOR, ls="--", lw=1.2, label=GROUND_TRUTH)]
-        ax.contour(truth[k].astype(float), levels=[0.5], colors=[TRUTH_COLOR], linestyles="--", linewidths=1.2,
-                   extent=(0, extent[1], 0, extent[2]), origin="upper")
+        ax.contour(
+            truth[k].astype(float),
+            levels=[0.5],
+            colors=[TRUTH_COLOR],
+            linestyles="--",
+            linewidths=1.2,
+            extent=(0, extent[1], 0, extent[2]),
+            origin="upper",
+        )
         for name, mask in masks.items():
             color = colors.get(name, (1.0, 0.3, 0.3))
             if mask[k].any() and not mask[k].all():
-                ax.contour(mask[k].astype(float), levels=[0.5], colors=[color], linewidths=1.4,
-                           extent=(0, extent[1], 0, extent[2]), origin="upper")
+                ax.contour(
+                    mask[k].astype(float),
+                    levels=[0.5],
+                    colors=[color],
+                    linewidths=1.4,
+                    extent=(0, extent[1], 0, extent[2]),
+                    origin="upper",
+                )
             label = name + (" (whole slice)" if mask[k].all() else " (empty)" if not mask[k].any() else "")
             handles.append(Line2D([0], [0], color=color, lw=1.4, label=label))
         ax.set_title(panel_title, fontsize=9)

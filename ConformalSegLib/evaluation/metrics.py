@@ -140,8 +140,9 @@ def _crop_box(mask: np.ndarray) -> tuple[slice, ...]:
     return tuple(box)
 
 
-def hd95(prediction: np.ndarray, truth: np.ndarray, spacing: Sequence[float] | np.ndarray | None = None, *,
-         crop: bool = True) -> float:
+def hd95(
+    prediction: np.ndarray, truth: np.ndarray, spacing: Sequence[float] | np.ndarray | None = None, *, crop: bool = True
+) -> float:
     """Symmetric 95th-percentile Hausdorff distance (mm) of two boolean masks, computed by MONAI.
 
     ``spacing`` is per *array axis* (numpy ``(z, y, x)`` order, i.e. ``Geometry.spacing_zyx``;
@@ -168,8 +169,9 @@ def hd95(prediction: np.ndarray, truth: np.ndarray, spacing: Sequence[float] | n
     compute_hausdorff_distance = require_monai()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # MONAI's deprecation notices and empty-mask warnings
-        value = compute_hausdorff_distance(prediction[None, None], truth[None, None], include_background=True,
-                                           percentile=95, spacing=spacing_list)
+        value = compute_hausdorff_distance(
+            prediction[None, None], truth[None, None], include_background=True, percentile=95, spacing=spacing_list
+        )
     return float(value.reshape(-1)[0])
 
 
@@ -178,9 +180,11 @@ def require_monai():
     try:
         from monai.metrics import compute_hausdorff_distance
     except ImportError as exc:
-        raise ConformalSegError(f"HD95 needs MONAI, which cannot be imported ({exc})",
-                                fix="install it (pip install 'conformalseg[inference]', torch first) or turn HD95 "
-                                    "off (hd95=False, --no-hd95)") from exc
+        raise ConformalSegError(
+            f"HD95 needs MONAI, which cannot be imported ({exc})",
+            fix="install it (pip install 'conformalseg[inference]', torch first) or turn HD95 "
+            "off (hd95=False, --no-hd95)",
+        ) from exc
     return compute_hausdorff_distance
 
 
@@ -223,10 +227,12 @@ def _count(values: np.ndarray, thresholds: np.ndarray | Sequence[float], strict:
     rounded = _rounded_thresholds(thresholds, dtype, strict)
     distinct, inverse = np.unique(rounded, return_inverse=True)
     flat = values.reshape(-1)
-    side: Literal["left", "right"] = "left" if strict else "right"  # position = #{distinct < v} (strict) or #{distinct <= v}
+    side: Literal["left", "right"] = (
+        "left" if strict else "right"
+    )  # position = #{distinct < v} (strict) or #{distinct <= v}
     histogram = np.zeros(distinct.size + 1, dtype=np.int64)
     for start in range(0, flat.size, CHUNK_VOXELS):
-        chunk = flat[start:start + CHUNK_VOXELS]
+        chunk = flat[start : start + CHUNK_VOXELS]
         if chunk.dtype != dtype:
             chunk = chunk.astype(dtype)
         histogram += np.bincount(np.searchsorted(distinct, chunk, side=side), minlength=distinct.size + 1)

@@ -19,8 +19,11 @@ class TqdmProgress:
     Use as a context manager, or call :meth:`close` at the end.
     """
 
-    LABELS = {"statistics": "pass 1/2: case statistics", "splits": "calibration splits",
-              "sizes": "pass 2/2: mask sizes"}
+    LABELS = {
+        "statistics": "pass 1/2: case statistics",
+        "splits": "calibration splits",
+        "sizes": "pass 2/2: mask sizes",
+    }
 
     def __init__(self, **tqdm_kwargs: Any):
         self._kwargs = {"leave": True, "dynamic_ncols": True, **tqdm_kwargs}

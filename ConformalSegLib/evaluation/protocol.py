@@ -91,12 +91,22 @@ __all__ = ["evaluate_dataset"]
 SetArrays = dict[str, dict[str, dict[str, np.ndarray]]]
 
 
-def evaluate_dataset(dataset_or_cases: Iterable[Any], *, epsilons: Sequence[float], alphas: Sequence[float],
-                     main_alpha: float | None = None, main_epsilon: float | None = None, splits: int = 100,
-                     cal_fraction: float = 0.5, seed: int = 0,
-                     transforms: Sequence[str | ScoreTransform] = ("identity",),
-                     set_modes: Sequence[str] = DEFAULT_SET_MODES, hd95: bool = True, empty: str = "exclude",
-                     progress: ProgressCallback | None = None) -> EvaluationResult:
+def evaluate_dataset(
+    dataset_or_cases: Iterable[Any],
+    *,
+    epsilons: Sequence[float],
+    alphas: Sequence[float],
+    main_alpha: float | None = None,
+    main_epsilon: float | None = None,
+    splits: int = 100,
+    cal_fraction: float = 0.5,
+    seed: int = 0,
+    transforms: Sequence[str | ScoreTransform] = ("identity",),
+    set_modes: Sequence[str] = DEFAULT_SET_MODES,
+    hd95: bool = True,
+    empty: str = "exclude",
+    progress: ProgressCallback | None = None,
+) -> EvaluationResult:
     """Run the random-split protocol (module docstring) on a dataset, exactly, in two streaming passes.
 
     ``dataset_or_cases``: a :class:`~ConformalSegLib.io.dataset.CalibrationDataset` or a re-iterable
@@ -107,8 +117,9 @@ def evaluate_dataset(dataset_or_cases: Iterable[Any], *, epsilons: Sequence[floa
     ``progress(done, total, stage)`` is called per case in each pass and per split, with ``stage``
     one of :data:`~ConformalSegLib.evaluation.progress.STAGES`.
     """
-    config, score_transforms = make_config(epsilons, alphas, main_alpha, main_epsilon, splits, cal_fraction, seed,
-                                          transforms, set_modes, hd95, empty)
+    config, score_transforms = make_config(
+        epsilons, alphas, main_alpha, main_epsilon, splits, cal_fraction, seed, transforms, set_modes, hd95, empty
+    )
     if hd95:
         require_monai()  # fail before the first pass, not after it
     source = CaseSource(dataset_or_cases)
@@ -160,11 +171,16 @@ class _CaseStatistics:
             raise ConformalSegError(
                 f"only {int(np.count_nonzero(self.population))} of {self.n} case(s) have lesion voxels: "
                 "CLS and expected-FNR control need lesion cases on both sides of the split",
-                fix="check the lesion label value(s) (--lesion-label), add lesion cases, or use --empty include")
+                fix="check the lesion label value(s) (--lesion-label), add lesion cases, or use --empty include",
+            )
 
 
-def _pass1_statistics(source: CaseSource, config: EvaluationConfig, score_transforms: list[ScoreTransform],
-                      progress: ProgressCallback | None) -> _CaseStatistics:
+def _pass1_statistics(
+    source: CaseSource,
+    config: EvaluationConfig,
+    score_transforms: list[ScoreTransform],
+    progress: ProgressCallback | None,
+) -> _CaseStatistics:
     """Read every case once; keep the summaries, per-transform set statistics and baseline counts."""
     builder = SummaryBuilder("float32")
     set_builders = {t.name: SetStatisticsBuilder(t, t) for t in score_transforms}
@@ -178,8 +194,9 @@ def _pass1_statistics(source: CaseSource, config: EvaluationConfig, score_transf
     total = source.known_length
     for case in source:
         if case.case_id in set_ids:
-            raise ConformalSegError(f"duplicate case id {case.case_id!r} in the evaluation data",
-                                    fix="give every case a unique id")
+            raise ConformalSegError(
+                f"duplicate case id {case.case_id!r} in the evaluation data", fix="give every case a unique id"
+            )
         set_ids.add(case.case_id)
         prob, lesion = case.probability, case.lesion
         builder.add_case(case.case_id, prob, lesion)
@@ -192,8 +209,9 @@ def _pass1_statistics(source: CaseSource, config: EvaluationConfig, score_transf
         base_pred.append(int(np.count_nonzero(base_mask)))
         base_fp.append(int(np.count_nonzero(base_mask & ~lesion)))
         in_population = config.empty == "include" or bool(lesion.any())
-        base_hd.append(hd95_metric(base_mask, lesion, case.geometry.spacing_zyx)
-                       if config.hd95 and in_population else float("nan"))
+        base_hd.append(
+            hd95_metric(base_mask, lesion, case.geometry.spacing_zyx) if config.hd95 and in_population else float("nan")
+        )
         del base_mask, case, prob, lesion
         _report(progress, len(ids), total, "statistics")
     summaries = builder.build()
@@ -202,9 +220,17 @@ def _pass1_statistics(source: CaseSource, config: EvaluationConfig, score_transf
     del set_builders
     n = len(ids)
     population = summaries.lesion_sizes > 0 if config.empty == "exclude" else np.ones(n, dtype=bool)
-    return _CaseStatistics(ids, summaries, set_stats, np.asarray(n_voxels, dtype=np.int64),
-                           np.asarray(voxel_ml, dtype=np.float64), np.asarray(base_pred, dtype=np.int64),
-                           np.asarray(base_fp, dtype=np.int64), np.asarray(base_hd, dtype=np.float64), population)
+    return _CaseStatistics(
+        ids,
+        summaries,
+        set_stats,
+        np.asarray(n_voxels, dtype=np.int64),
+        np.asarray(voxel_ml, dtype=np.float64),
+        np.asarray(base_pred, dtype=np.int64),
+        np.asarray(base_fp, dtype=np.int64),
+        np.asarray(base_hd, dtype=np.float64),
+        population,
+    )
 
 
 # ----------------------------------------------------------------------------- the splits (no volumes)
@@ -224,8 +250,9 @@ class _SplitThresholds:
     inv_pop: np.ndarray  # (S,) 1 / n_test_pop, NaN without test cases
 
 
-def _split_thresholds(stats: _CaseStatistics, config: EvaluationConfig, n_cal: int,
-                      progress: ProgressCallback | None) -> _SplitThresholds:
+def _split_thresholds(
+    stats: _CaseStatistics, config: EvaluationConfig, n_cal: int, progress: ProgressCallback | None
+) -> _SplitThresholds:
     """Draw the splits (``rng.permutation``) and calibrate every method on each calibration side."""
     S, E, A, n = config.splits, len(config.epsilons), len(config.alphas), stats.n
     critical = np.stack([critical_cutoffs(stats.summaries, eps) for eps in config.epsilons])  # (E, n)
@@ -239,8 +266,9 @@ def _split_thresholds(stats: _CaseStatistics, config: EvaluationConfig, n_cal: i
         set_thr[name] = {}
         for mode in config.set_modes:
             set_thr[name][mode] = {k: np.empty((S, A)) for k in ("inner_threshold", "outer_threshold")}
-            set_thr[name][mode].update({k: np.full((S, A), np.nan) for k in
-                                        ("inner_coverage", "outer_coverage", "joint_coverage")})
+            set_thr[name][mode].update(
+                {k: np.full((S, A), np.nan) for k in ("inner_coverage", "outer_coverage", "joint_coverage")}
+            )
     for s in range(S):
         perm = rng.permutation(n)
         cal = np.sort(perm[:n_cal])
@@ -266,8 +294,14 @@ def _split_thresholds(stats: _CaseStatistics, config: EvaluationConfig, n_cal: i
     return _SplitThresholds(test_mask, cls_cut, crc_cut, cls_ncal, set_thr, test_pop, n_test_pop, inv_pop)
 
 
-def _calibrate_sets_on_split(st: SetStatistics, cal: np.ndarray, test: np.ndarray, s: int, config: EvaluationConfig,
-                             by_mode: dict[str, dict[str, np.ndarray]]) -> None:
+def _calibrate_sets_on_split(
+    st: SetStatistics,
+    cal: np.ndarray,
+    test: np.ndarray,
+    s: int,
+    config: EvaluationConfig,
+    by_mode: dict[str, dict[str, np.ndarray]],
+) -> None:
     """Confidence-set thresholds of split ``s`` for every mode and alpha, and their test coverages."""
     cal_stats = st.subset(cal)
     tau_test, gamma_test = st.tau[test], st.gamma[test]
@@ -303,11 +337,17 @@ def _test_fnrs(stats: _CaseStatistics, split: _SplitThresholds, config: Evaluati
     """Test FNRs of every split, counted on the summaries (one ``searchsorted`` per case)."""
     S, E, A, n = config.splits, len(config.epsilons), len(config.alphas), stats.n
     e_main, a_main = config.main_epsilon_index, config.main_alpha_index
-    out = _TestFnrs(np.zeros((S, E, A)), np.zeros((S, E, A)), np.zeros((S, E)), np.zeros((S, E)),
-                    np.full((S, n), np.nan), np.zeros(n, dtype=np.int64))
+    out = _TestFnrs(
+        np.zeros((S, E, A)),
+        np.zeros((S, E, A)),
+        np.zeros((S, E)),
+        np.zeros((S, E)),
+        np.full((S, n), np.nan),
+        np.zeros(n, dtype=np.int64),
+    )
     summaries, offsets, sizes = stats.summaries, stats.summaries.offsets, stats.sizes
     for i in range(n):
-        run = summaries.values[offsets[i]:offsets[i + 1]]
+        run = summaries.values[offsets[i] : offsets[i + 1]]
         m = int(sizes[i])
         out.base_hits[i] = int(lesion_hits(run, [BASELINE_CUTOFF])[0])
         s_idx = np.flatnonzero(split.test_pop[:, i])
@@ -340,40 +380,59 @@ class _MaskSizes:
     set_sums: SetArrays  # inner/outer voxels and mL, (S, A)
 
 
-def _pass2_sizes(source: CaseSource, stats: _CaseStatistics, split: _SplitThresholds, config: EvaluationConfig,
-                 score_transforms: list[ScoreTransform], progress: ProgressCallback | None) -> _MaskSizes:
+def _pass2_sizes(
+    source: CaseSource,
+    stats: _CaseStatistics,
+    split: _SplitThresholds,
+    config: EvaluationConfig,
+    score_transforms: list[ScoreTransform],
+    progress: ProgressCallback | None,
+) -> _MaskSizes:
     """Read the cases again and count each one's voxels at every cutoff / threshold it meets as a test case."""
     S, E, A, n = config.splits, len(config.epsilons), len(config.alphas), stats.n
-    sizes = _MaskSizes(np.zeros((S, E, A)), np.zeros((S, E, A)), np.zeros((S, E)), np.zeros((S, E)),
-                       np.full((S, n), np.nan),
-                       {name: {mode: {k: np.zeros((S, A)) for k in ("inner_voxels", "outer_voxels", "inner_ml",
-                                                                     "outer_ml")}
-                               for mode in config.set_modes} for name in stats.set_stats})
+    sizes = _MaskSizes(
+        np.zeros((S, E, A)),
+        np.zeros((S, E, A)),
+        np.zeros((S, E)),
+        np.zeros((S, E)),
+        np.full((S, n), np.nan),
+        {
+            name: {
+                mode: {k: np.zeros((S, A)) for k in ("inner_voxels", "outer_voxels", "inner_ml", "outer_ml")}
+                for mode in config.set_modes
+            }
+            for name in stats.set_stats
+        },
+    )
     if not (bool(stats.set_stats) or bool(split.test_pop.any())):
         return sizes
     seen = 0
     for i, case in enumerate(source):
         seen = i + 1
         if i >= n or case.case_id != stats.ids[i] or case.probability.size != stats.n_voxels[i]:
-            raise ConformalSegError("the cases changed between the two passes over the data (case "
-                                    f"{case.case_id!r} at position {i})",
-                                    fix="pass a dataset that yields the same cases in the same order each time")
+            raise ConformalSegError(
+                f"the cases changed between the two passes over the data (case {case.case_id!r} at position {i})",
+                fix="pass a dataset that yields the same cases in the same order each time",
+            )
         _lesion_mask_sizes(case, i, stats, split, config, sizes)
         s_all = np.flatnonzero(split.test_mask[:, i])
         if s_all.size and stats.set_stats:
-            _set_sizes(case, s_all, float(stats.voxel_ml[i]), score_transforms, split.sets, config.set_modes,
-                       sizes.set_sums)
+            _set_sizes(
+                case, s_all, float(stats.voxel_ml[i]), score_transforms, split.sets, config.set_modes, sizes.set_sums
+            )
         del case
         _report(progress, i + 1, n, "sizes")
     if seen != n:
-        raise ConformalSegError(f"the cases changed between the two passes over the data ({seen} case(s) the "
-                                f"second time, {n} the first)",
-                                fix="pass a dataset that yields the same cases in the same order each time")
+        raise ConformalSegError(
+            f"the cases changed between the two passes over the data ({seen} case(s) the second time, {n} the first)",
+            fix="pass a dataset that yields the same cases in the same order each time",
+        )
     return sizes
 
 
-def _lesion_mask_sizes(case: EvalCase, i: int, stats: _CaseStatistics, split: _SplitThresholds,
-                       config: EvaluationConfig, sizes: _MaskSizes) -> None:
+def _lesion_mask_sizes(
+    case: EvalCase, i: int, stats: _CaseStatistics, split: _SplitThresholds, config: EvaluationConfig, sizes: _MaskSizes
+) -> None:
     """Add case ``i``'s PC and Dice (and HD95 at the main setting) to the splits that test it."""
     s_pop = np.flatnonzero(split.test_pop[:, i])
     if not s_pop.size:
@@ -381,10 +440,10 @@ def _lesion_mask_sizes(case: EvalCase, i: int, stats: _CaseStatistics, split: _S
     prob, m, n_voxels = case.probability, int(stats.sizes[i]), stats.n_voxels[i]
     cuts_cls, cuts_crc = split.cls_cut[s_pop], split.crc_cut[s_pop]
     counts = count_at_least(prob, np.concatenate([cuts_cls.ravel(), cuts_crc.ravel()]))
-    pred_cls = counts[:cuts_cls.size].reshape(cuts_cls.shape)
-    pred_crc = counts[cuts_cls.size:].reshape(cuts_crc.shape)
+    pred_cls = counts[: cuts_cls.size].reshape(cuts_cls.shape)
+    pred_crc = counts[cuts_cls.size :].reshape(cuts_crc.shape)
     offsets = stats.summaries.offsets
-    run = stats.summaries.values[offsets[i]:offsets[i + 1]]
+    run = stats.summaries.values[offsets[i] : offsets[i + 1]]
     sizes.cls_pc_sum[s_pop] += pred_cls / n_voxels
     sizes.crc_pc_sum[s_pop] += pred_crc / n_voxels
     sizes.cls_dice_sum[s_pop] += dice(lesion_hits(run, cuts_cls), pred_cls, m)
@@ -392,13 +451,21 @@ def _lesion_mask_sizes(case: EvalCase, i: int, stats: _CaseStatistics, split: _S
     if config.hd95:
         main_cuts = cuts_cls[:, config.main_epsilon_index, config.main_alpha_index]
         distinct, inverse = np.unique(main_cuts, return_inverse=True)
-        values = np.array([hd95_metric(apply_threshold(prob, c), case.lesion, case.geometry.spacing_zyx)
-                           for c in distinct])
+        values = np.array(
+            [hd95_metric(apply_threshold(prob, c), case.lesion, case.geometry.spacing_zyx) for c in distinct]
+        )
         sizes.cls_main_hd[s_pop, i] = values[inverse.reshape(-1)]
 
 
-def _set_sizes(case: EvalCase, s_all: np.ndarray, voxel_ml: float, score_transforms: list[ScoreTransform],
-               set_thr: SetArrays, set_modes: tuple[str, ...], set_sums: SetArrays) -> None:
+def _set_sizes(
+    case: EvalCase,
+    s_all: np.ndarray,
+    voxel_ml: float,
+    score_transforms: list[ScoreTransform],
+    set_thr: SetArrays,
+    set_modes: tuple[str, ...],
+    set_sums: SetArrays,
+) -> None:
     """Add the case's inner / outer set sizes to the splits ``s_all`` that test it."""
     for t in score_transforms:
         scores = t(case.probability, case.geometry)
@@ -420,8 +487,15 @@ def _set_sizes(case: EvalCase, s_all: np.ndarray, voxel_ml: float, score_transfo
 # ----------------------------------------------------------------------------- assembly
 
 
-def _assemble(config: EvaluationConfig, stats: _CaseStatistics, split: _SplitThresholds, fnrs: _TestFnrs,
-              sizes: _MaskSizes, n_cal: int, n_test: int) -> EvaluationResult:
+def _assemble(
+    config: EvaluationConfig,
+    stats: _CaseStatistics,
+    split: _SplitThresholds,
+    fnrs: _TestFnrs,
+    sizes: _MaskSizes,
+    n_cal: int,
+    n_test: int,
+) -> EvaluationResult:
     """Per-split means of every metric, in the arrays of :class:`EvaluationResult`."""
     S, E = config.splits, len(config.epsilons)
     inv_pop, test_pop = split.inv_pop, split.test_pop
@@ -431,16 +505,32 @@ def _assemble(config: EvaluationConfig, stats: _CaseStatistics, split: _SplitThr
         return (pop_f @ np.asarray(per_case, dtype=np.float64)) * inv_pop
 
     base = _baseline_per_case(stats, fnrs.base_hits, config.epsilons)
-    cls = {"cutoff": split.cls_cut, "trivial": np.isneginf(split.cls_cut), "n_cal": split.cls_ncal,
-           "n_test": split.n_test_pop, "ecr": fnrs.cls_ok_sum * inv_pop[:, None, None],
-           "fnr": fnrs.cls_fnr_sum * inv_pop[:, None, None], "pc": sizes.cls_pc_sum * inv_pop[:, None, None],
-           "dice": sizes.cls_dice_sum * inv_pop[:, None, None]}
-    crc = {"cutoff": split.crc_cut, "trivial": np.isneginf(split.crc_cut), "ecr": fnrs.crc_ok_sum * inv_pop[:, None],
-           "fnr": fnrs.crc_fnr_sum * inv_pop[:, None], "pc": sizes.crc_pc_sum * inv_pop[:, None],
-           "dice": sizes.crc_dice_sum * inv_pop[:, None]}
-    baseline = {"ecr": np.stack([split_mean(base["ok"][e]) for e in range(E)], axis=1),
-                "fnr": split_mean(base["fnr"]), "pc": split_mean(base["pc"]), "dice": split_mean(base["dice"]),
-                "inside": split_mean(base["inside"]), "contains": split_mean(base["contains"])}
+    cls = {
+        "cutoff": split.cls_cut,
+        "trivial": np.isneginf(split.cls_cut),
+        "n_cal": split.cls_ncal,
+        "n_test": split.n_test_pop,
+        "ecr": fnrs.cls_ok_sum * inv_pop[:, None, None],
+        "fnr": fnrs.cls_fnr_sum * inv_pop[:, None, None],
+        "pc": sizes.cls_pc_sum * inv_pop[:, None, None],
+        "dice": sizes.cls_dice_sum * inv_pop[:, None, None],
+    }
+    crc = {
+        "cutoff": split.crc_cut,
+        "trivial": np.isneginf(split.crc_cut),
+        "ecr": fnrs.crc_ok_sum * inv_pop[:, None],
+        "fnr": fnrs.crc_fnr_sum * inv_pop[:, None],
+        "pc": sizes.crc_pc_sum * inv_pop[:, None],
+        "dice": sizes.crc_dice_sum * inv_pop[:, None],
+    }
+    baseline = {
+        "ecr": np.stack([split_mean(base["ok"][e]) for e in range(E)], axis=1),
+        "fnr": split_mean(base["fnr"]),
+        "pc": split_mean(base["pc"]),
+        "dice": split_mean(base["dice"]),
+        "inside": split_mean(base["inside"]),
+        "contains": split_mean(base["contains"]),
+    }
     if config.hd95:
         base_hd_split = np.where(test_pop, stats.base_hd[None, :], np.nan)
         cls["hd95"], cls["hd95_excluded"] = _hd_split_means(sizes.cls_main_hd, test_pop)
@@ -449,15 +539,35 @@ def _assemble(config: EvaluationConfig, stats: _CaseStatistics, split: _SplitThr
         for d in (cls, baseline):
             d["hd95"], d["hd95_excluded"] = np.full(S, np.nan), np.zeros(S, dtype=np.int64)
     sets = _set_results(stats, split, sizes, config.set_modes, n_test)
-    per_case = {"baseline_fnr": np.where(stats.population, base["fnr"], np.nan),
-                "baseline_pc": base["pc"], "baseline_dice": base["dice"], "baseline_hd95": stats.base_hd,
-                "cls_main_fnr": fnrs.cls_main_fnr, "cls_main_hd95": sizes.cls_main_hd}
-    return EvaluationResult(config, tuple(stats.ids), stats.sizes.copy(), stats.n_voxels, stats.voxel_ml,
-                            stats.population, split.test_mask, n_cal, n_test, cls, crc, baseline, sets, per_case)
+    per_case = {
+        "baseline_fnr": np.where(stats.population, base["fnr"], np.nan),
+        "baseline_pc": base["pc"],
+        "baseline_dice": base["dice"],
+        "baseline_hd95": stats.base_hd,
+        "cls_main_fnr": fnrs.cls_main_fnr,
+        "cls_main_hd95": sizes.cls_main_hd,
+    }
+    return EvaluationResult(
+        config,
+        tuple(stats.ids),
+        stats.sizes.copy(),
+        stats.n_voxels,
+        stats.voxel_ml,
+        stats.population,
+        split.test_mask,
+        n_cal,
+        n_test,
+        cls,
+        crc,
+        baseline,
+        sets,
+        per_case,
+    )
 
 
-def _set_results(stats: _CaseStatistics, split: _SplitThresholds, sizes: _MaskSizes, set_modes: tuple[str, ...],
-                 n_test: int) -> SetArrays:
+def _set_results(
+    stats: _CaseStatistics, split: _SplitThresholds, sizes: _MaskSizes, set_modes: tuple[str, ...], n_test: int
+) -> SetArrays:
     """Per transform and mode: thresholds, coverages, trivial flags and mean sizes per split."""
     sets: SetArrays = {}
     for name in stats.set_stats:
@@ -471,17 +581,20 @@ def _set_results(stats: _CaseStatistics, split: _SplitThresholds, sizes: _MaskSi
     return sets
 
 
-def _baseline_per_case(stats: _CaseStatistics, base_hits: np.ndarray,
-                       epsilons: tuple[float, ...]) -> dict[str, np.ndarray]:
+def _baseline_per_case(
+    stats: _CaseStatistics, base_hits: np.ndarray, epsilons: tuple[float, ...]
+) -> dict[str, np.ndarray]:
     """The fixed 0.5 threshold per case: FNR, ``FNR <= epsilon`` (E, n), PC, Dice, inside / contains."""
     sizes = stats.sizes
     base_miss = sizes - base_hits
-    return {"fnr": fnr(base_miss, sizes),
-            "ok": np.stack([fnr_within(base_miss, sizes, eps) for eps in epsilons]),
-            "pc": stats.base_pred / stats.n_voxels,
-            "dice": dice(base_hits, stats.base_pred, sizes),
-            "inside": stats.base_fp == 0,
-            "contains": base_miss == 0}
+    return {
+        "fnr": fnr(base_miss, sizes),
+        "ok": np.stack([fnr_within(base_miss, sizes, eps) for eps in epsilons]),
+        "pc": stats.base_pred / stats.n_voxels,
+        "dice": dice(base_hits, stats.base_pred, sizes),
+        "inside": stats.base_fp == 0,
+        "contains": base_miss == 0,
+    }
 
 
 def _hd_split_means(values: np.ndarray, test_pop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -19,8 +19,14 @@ from ..common.jsonable import jsonable
 from ..conformal.exact import as_fraction, min_calibration_size
 from .config import EvaluationConfig
 
-__all__ = ["BASELINE_CUTOFF", "EvaluationResult", "binomial_tolerance", "coverage_status", "mean_std",
-           "trivial_warnings"]
+__all__ = [
+    "BASELINE_CUTOFF",
+    "EvaluationResult",
+    "binomial_tolerance",
+    "coverage_status",
+    "mean_std",
+    "trivial_warnings",
+]
 
 #: The fixed threshold of the baseline segmentation.
 BASELINE_CUTOFF = 0.5
@@ -124,14 +130,30 @@ class EvaluationResult:
         cfg = self.config
         n_pop = self.mean_population_test
         rows: list[dict[str, Any]] = [
-            {"method": "baseline", "epsilon": eps, "alpha": None, "cutoff": BASELINE_CUTOFF, "trivial_splits": 0,
-             "metrics": {"ecr": _stats(self.baseline["ecr"][:, e]), "fnr": _stats(self.baseline["fnr"]),
-                         "pc": _stats(self.baseline["pc"]), "dice": _stats(self.baseline["dice"]),
-                         "hd95": _stats(self.baseline["hd95"]),
-                         "hd95_excluded_per_split": float(np.mean(self.baseline["hd95_excluded"]))}},
-            {"method": "crc", "epsilon": eps, "alpha": None, "cutoff": _stats(_finite_or_nan(self.crc["cutoff"][:, e])),
-             "trivial_splits": int(self.crc["trivial"][:, e].sum()),
-             "metrics": {k: _stats(self.crc[k][:, e]) for k in ("ecr", "fnr", "pc", "dice")}}]
+            {
+                "method": "baseline",
+                "epsilon": eps,
+                "alpha": None,
+                "cutoff": BASELINE_CUTOFF,
+                "trivial_splits": 0,
+                "metrics": {
+                    "ecr": _stats(self.baseline["ecr"][:, e]),
+                    "fnr": _stats(self.baseline["fnr"]),
+                    "pc": _stats(self.baseline["pc"]),
+                    "dice": _stats(self.baseline["dice"]),
+                    "hd95": _stats(self.baseline["hd95"]),
+                    "hd95_excluded_per_split": float(np.mean(self.baseline["hd95_excluded"])),
+                },
+            },
+            {
+                "method": "crc",
+                "epsilon": eps,
+                "alpha": None,
+                "cutoff": _stats(_finite_or_nan(self.crc["cutoff"][:, e])),
+                "trivial_splits": int(self.crc["trivial"][:, e].sum()),
+                "metrics": {k: _stats(self.crc[k][:, e]) for k in ("ecr", "fnr", "pc", "dice")},
+            },
+        ]
         for a, alpha in enumerate(cfg.alphas):
             metrics: dict[str, Any] = {k: _stats(self.cls[k][:, e, a]) for k in ("ecr", "fnr", "pc", "dice")}
             if e == cfg.main_epsilon_index and a == cfg.main_alpha_index and cfg.hd95:
@@ -139,47 +161,96 @@ class EvaluationResult:
                 metrics["hd95_excluded_per_split"] = float(np.mean(self.cls["hd95_excluded"]))
             trivial = int(self.cls["trivial"][:, e, a].sum())
             status = "trivial" if trivial == cfg.splits else coverage_status(metrics["ecr"]["mean"], alpha, n_pop)
-            rows.append({"method": "cls", "epsilon": eps, "alpha": alpha,
-                         "cutoff": _stats(_finite_or_nan(self.cls["cutoff"][:, e, a])),
-                         "trivial_splits": trivial, "target": 1 - alpha,
-                         "tolerance": binomial_tolerance(alpha, n_pop), "status": status, "metrics": metrics})
+            rows.append(
+                {
+                    "method": "cls",
+                    "epsilon": eps,
+                    "alpha": alpha,
+                    "cutoff": _stats(_finite_or_nan(self.cls["cutoff"][:, e, a])),
+                    "trivial_splits": trivial,
+                    "target": 1 - alpha,
+                    "tolerance": binomial_tolerance(alpha, n_pop),
+                    "status": status,
+                    "metrics": metrics,
+                }
+            )
         return rows
 
     def _sets_rows(self, name: str, mode: str, arrays: dict[str, np.ndarray]) -> list[dict[str, Any]]:
         """Confidence-set rows (one per alpha) of transform ``name`` in ``mode``."""
         rows = []
         for a, alpha in enumerate(self.config.alphas):
-            metrics = {k: _stats(arrays[k][:, a]) for k in
-                       ("inner_coverage", "outer_coverage", "joint_coverage", "inner_voxels",
-                        "outer_voxels", "inner_ml", "outer_ml")}
+            metrics = {
+                k: _stats(arrays[k][:, a])
+                for k in (
+                    "inner_coverage",
+                    "outer_coverage",
+                    "joint_coverage",
+                    "inner_voxels",
+                    "outer_voxels",
+                    "inner_ml",
+                    "outer_ml",
+                )
+            }
             trivial = int(arrays["trivial"][:, a].sum())
             status = "trivial" if trivial == self.config.splits else _sets_status(metrics, mode, alpha, self.n_test)
-            rows.append({"method": "sets", "transform": name, "mode": mode, "epsilon": None, "alpha": alpha,
-                         "trivial_splits": trivial, "target": 1 - alpha,
-                         "tolerance": binomial_tolerance(alpha, self.n_test), "status": status,
-                         "metrics": metrics})
+            rows.append(
+                {
+                    "method": "sets",
+                    "transform": name,
+                    "mode": mode,
+                    "epsilon": None,
+                    "alpha": alpha,
+                    "trivial_splits": trivial,
+                    "target": 1 - alpha,
+                    "tolerance": binomial_tolerance(alpha, self.n_test),
+                    "status": status,
+                    "metrics": metrics,
+                }
+            )
         return rows
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON content (lists, numbers, strings, ``None`` for NaN and infinities)."""
         cfg = self.config
-        return jsonable({
-            "config": {"epsilons": list(cfg.epsilons), "alphas": list(cfg.alphas), "main_alpha": cfg.main_alpha,
-                       "main_epsilon": cfg.main_epsilon, "splits": cfg.splits, "cal_fraction": cfg.cal_fraction,
-                       "seed": cfg.seed, "transforms": list(cfg.transforms), "set_modes": list(cfg.set_modes),
-                       "hd95": cfg.hd95, "empty": cfg.empty, "baseline_cutoff": BASELINE_CUTOFF},
-            "dataset": {"n_cases": self.n_cases, "n_empty_lesions": self.n_empty_lesions,
-                        "n_cal": self.n_cal, "n_test": self.n_test, "case_ids": list(self.case_ids),
-                        "lesion_sizes": self.lesion_sizes, "n_voxels": self.n_voxels, "voxel_ml": self.voxel_ml,
-                        "population": self.population},
-            "summary": self.summary_rows(),
-            "per_split": {"cls": self.cls, "crc": self.crc, "baseline": self.baseline, "sets": self.sets},
-            "per_case": self.per_case,
-            "splits_test_mask": self.test_mask,
-            "warnings": list(self.warnings),
-            "notes": {"non_finite": "null stands for NaN (undefined, e.g. no test case) and for infinite "
-                                    "cutoffs/thresholds (see the 'trivial' flags: -inf cutoff = whole image)"},
-        })
+        return jsonable(
+            {
+                "config": {
+                    "epsilons": list(cfg.epsilons),
+                    "alphas": list(cfg.alphas),
+                    "main_alpha": cfg.main_alpha,
+                    "main_epsilon": cfg.main_epsilon,
+                    "splits": cfg.splits,
+                    "cal_fraction": cfg.cal_fraction,
+                    "seed": cfg.seed,
+                    "transforms": list(cfg.transforms),
+                    "set_modes": list(cfg.set_modes),
+                    "hd95": cfg.hd95,
+                    "empty": cfg.empty,
+                    "baseline_cutoff": BASELINE_CUTOFF,
+                },
+                "dataset": {
+                    "n_cases": self.n_cases,
+                    "n_empty_lesions": self.n_empty_lesions,
+                    "n_cal": self.n_cal,
+                    "n_test": self.n_test,
+                    "case_ids": list(self.case_ids),
+                    "lesion_sizes": self.lesion_sizes,
+                    "n_voxels": self.n_voxels,
+                    "voxel_ml": self.voxel_ml,
+                    "population": self.population,
+                },
+                "summary": self.summary_rows(),
+                "per_split": {"cls": self.cls, "crc": self.crc, "baseline": self.baseline, "sets": self.sets},
+                "per_case": self.per_case,
+                "splits_test_mask": self.test_mask,
+                "warnings": list(self.warnings),
+                "notes": {
+                    "non_finite": "null stands for NaN (undefined, e.g. no test case) and for infinite "
+                    "cutoffs/thresholds (see the 'trivial' flags: -inf cutoff = whole image)"
+                },
+            }
+        )
 
 
 def _stats(array: np.ndarray) -> dict[str, float]:
@@ -211,17 +282,22 @@ def trivial_warnings(result: EvaluationResult) -> list[str]:
                 f"CLS at alpha={alpha}: the calibration side had too few cases in {k} of {S} split(s) "
                 f"(at most {int(result.cls['n_cal'].max())} {'lesion ' if cfg.empty == 'exclude' else ''}case(s); "
                 f"at least {min_calibration_size(alpha)} are needed). Those points are trivial (whole-image mask) "
-                f"and reported as such. Fix: add cases or raise --cal-fraction / alpha.")
+                f"and reported as such. Fix: add cases or raise --cal-fraction / alpha."
+            )
     for e, eps in enumerate(cfg.epsilons):
         k = int(result.crc["trivial"][:, e].sum())
         if k:
             if as_fraction(eps) == 0:
                 reason = "expected-FNR control needs epsilon > 0"
             else:
-                reason = (f"the calibration side had too few cases (at least "
-                          f"{max(0, math.ceil(1 / as_fraction(eps) - 1))} are needed)")
-            messages.append(f"Expected-FNR control at epsilon={eps}: {reason} in {k} of {S} split(s). Those points "
-                            f"are trivial (whole-image mask) and reported as such.")
+                reason = (
+                    f"the calibration side had too few cases (at least "
+                    f"{max(0, math.ceil(1 / as_fraction(eps) - 1))} are needed)"
+                )
+            messages.append(
+                f"Expected-FNR control at epsilon={eps}: {reason} in {k} of {S} split(s). Those points "
+                f"are trivial (whole-image mask) and reported as such."
+            )
     for name, modes in result.sets.items():
         for mode, arrays in modes.items():
             for a, alpha in enumerate(cfg.alphas):
@@ -231,5 +307,6 @@ def trivial_warnings(result: EvaluationResult) -> list[str]:
                     messages.append(
                         f"Confidence sets ({name}, {mode}) at alpha={alpha}: {result.n_cal} calibration case(s) "
                         f"are too few in {k} of {S} split(s) (at least {min_calibration_size(level)} are needed). "
-                        f"Those points are trivial (empty inner set / whole-image outer set).")
+                        f"Those points are trivial (empty inner set / whole-image outer set)."
+                    )
     return messages

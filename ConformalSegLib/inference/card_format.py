@@ -11,10 +11,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ACTIVATIONS", "BLEND_MODES", "BUNDLE_CONFIGS", "BUNDLE_WEIGHTS", "CARD_FILE", "CARD_FIX", "FORMAT",
-           "FORMAT_VERSION", "INTENSITY_KINDS", "QUANTILE_ACTIVATION", "REQUIRED_KEYS", "SOURCE_KINDS",
-           "STATE_DICT_WRAPPERS", "TOP_KEYS", "InferenceSettings", "Intensity", "ModelSource", "OutputSpec",
-           "Preprocessing"]
+__all__ = [
+    "ACTIVATIONS",
+    "BLEND_MODES",
+    "BUNDLE_CONFIGS",
+    "BUNDLE_WEIGHTS",
+    "CARD_FILE",
+    "CARD_FIX",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "INTENSITY_KINDS",
+    "QUANTILE_ACTIVATION",
+    "REQUIRED_KEYS",
+    "SOURCE_KINDS",
+    "STATE_DICT_WRAPPERS",
+    "TOP_KEYS",
+    "InferenceSettings",
+    "Intensity",
+    "ModelSource",
+    "OutputSpec",
+    "Preprocessing",
+]
 
 FORMAT = "conformalseg-model-card"
 FORMAT_VERSION = 1
@@ -47,8 +64,14 @@ class Intensity:
 
     def to_dict(self) -> dict[str, Any]:
         if self.kind == "window":
-            return {"kind": "window", "a_min": self.a_min, "a_max": self.a_max, "b_min": self.b_min,
-                    "b_max": self.b_max, "clip": self.clip}
+            return {
+                "kind": "window",
+                "a_min": self.a_min,
+                "a_max": self.a_max,
+                "b_min": self.b_min,
+                "b_max": self.b_max,
+                "clip": self.clip,
+            }
         if self.kind == "zscore":
             out: dict[str, Any] = {"kind": "zscore"}
             if self.mean is not None:
@@ -64,9 +87,11 @@ class Preprocessing:
     intensity: Intensity = field(default_factory=Intensity)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"orientation": self.orientation,
-                "spacing_mm": None if self.spacing_mm is None else list(self.spacing_mm),
-                "intensity": self.intensity.to_dict()}
+        return {
+            "orientation": self.orientation,
+            "spacing_mm": None if self.spacing_mm is None else list(self.spacing_mm),
+            "intensity": self.intensity.to_dict(),
+        }
 
 
 @dataclass(frozen=True)
@@ -79,8 +104,12 @@ class InferenceSettings:
     sw_batch_size: int = 4
 
     def to_dict(self) -> dict[str, Any]:
-        return {"patch_size": list(self.patch_size), "overlap": self.overlap, "blend": self.blend,
-                "sw_batch_size": self.sw_batch_size}
+        return {
+            "patch_size": list(self.patch_size),
+            "overlap": self.overlap,
+            "blend": self.blend,
+            "sw_batch_size": self.sw_batch_size,
+        }
 
 
 @dataclass(frozen=True)
@@ -116,8 +145,7 @@ class ModelSource:
 
     def to_dict(self) -> dict[str, Any]:
         if self.kind == "state_dict":
-            return {"state_dict": {"network": self.network, "args": copy.deepcopy(self.args),
-                                   "weights": self.relative}}
+            return {"state_dict": {"network": self.network, "args": copy.deepcopy(self.args), "weights": self.relative}}
         return {self.kind: self.relative}
 
     @property

@@ -47,8 +47,7 @@ class _Checker:
             raise self.fail(f"{key!r} must be a JSON object, got {type(value).__name__}")
         return value
 
-    def keys(self, value: dict[str, Any], key: str, allowed: tuple[str, ...],
-             required: tuple[str, ...] = ()) -> None:
+    def keys(self, value: dict[str, Any], key: str, allowed: tuple[str, ...], required: tuple[str, ...] = ()) -> None:
         unknown = [k for k in value if k not in allowed]
         if unknown:
             hints = []
@@ -96,12 +95,16 @@ def parse_card(data: Any, path: Path | None, base: Path) -> dict[str, Any]:
     c = _Checker(path)
     data = c.mapping(data, "the card")
     if data.get("format") != FORMAT:
-        raise c.fail(f"'format' must be {FORMAT!r}, got {data.get('format')!r}",
-                     fix="give a ConformalSegLib model card JSON file")
+        raise c.fail(
+            f"'format' must be {FORMAT!r}, got {data.get('format')!r}",
+            fix="give a ConformalSegLib model card JSON file",
+        )
     version = data.get("format_version")
     if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
-        raise c.fail(f"format_version {version} is newer than this ConformalSegLib understands "
-                     f"({FORMAT_VERSION})", fix="upgrade ConformalSegLib")
+        raise c.fail(
+            f"format_version {version} is newer than this ConformalSegLib understands ({FORMAT_VERSION})",
+            fix="upgrade ConformalSegLib",
+        )
     if version != FORMAT_VERSION:
         raise c.fail(f"'format_version' must be {FORMAT_VERSION}, got {version!r}")
     c.keys(data, "the card", TOP_KEYS, REQUIRED_KEYS)
@@ -114,15 +117,23 @@ def parse_card(data: Any, path: Path | None, base: Path) -> dict[str, Any]:
     if training is None:
         training = {}
     c.mapping(training, "training")
-    return {"name": name, "source": source, "preprocessing": preprocessing, "inference": inference, "output": output,
-            "training": copy.deepcopy(training)}
+    return {
+        "name": name,
+        "source": source,
+        "preprocessing": preprocessing,
+        "inference": inference,
+        "output": output,
+        "training": copy.deepcopy(training),
+    }
 
 
 def _parse_source(c: _Checker, value: Any, base: Path) -> ModelSource:
     value = c.mapping(value, "source")
     if len(value) != 1 or next(iter(value)) not in SOURCE_KINDS:
-        raise c.fail(f"'source' must have exactly one key among {', '.join(SOURCE_KINDS)}, got "
-                     f"{', '.join(map(repr, value)) or 'none'}")
+        raise c.fail(
+            f"'source' must have exactly one key among {', '.join(SOURCE_KINDS)}, got "
+            f"{', '.join(map(repr, value)) or 'none'}"
+        )
     kind, spec = next(iter(value.items()))
     if kind == "state_dict":
         spec = c.mapping(spec, "source.state_dict")
@@ -149,8 +160,10 @@ def _parse_preprocessing(c: _Checker, value: Any) -> Preprocessing:
             raise c.fail(f"'orientation' must be axis codes such as 'RAS' or null, got {orientation!r}")
         orientation = orientation.upper()
         if len(orientation) != 3 or any(sum(ch in pair for ch in orientation) != 1 for pair in _AXIS_PAIRS):
-            raise c.fail(f"'orientation' {orientation!r} is not valid: use 3 letters with one of L/R, one of "
-                         "A/P and one of S/I (RAS convention, e.g. 'RAS' or 'LPS'), or null")
+            raise c.fail(
+                f"'orientation' {orientation!r} is not valid: use 3 letters with one of L/R, one of "
+                "A/P and one of S/I (RAS convention, e.g. 'RAS' or 'LPS'), or null"
+            )
     spacing = value.get("spacing_mm")
     if spacing is not None:
         spacing = c.triple(spacing, "spacing_mm", integer=False)
@@ -162,9 +175,15 @@ def _parse_intensity(c: _Checker, value: Any) -> Intensity:
     value = c.mapping(value, "preprocessing.intensity")
     kind = c.choice(value.get("kind"), "intensity.kind", INTENSITY_KINDS)
     if kind == "window":
-        c.keys(value, "intensity", ("kind", "a_min", "a_max", "b_min", "b_max", "clip"),
-               ("a_min", "a_max", "b_min", "b_max"))
-        a_min, a_max, b_min, b_max = (c.number(value[k], f"intensity.{k}") for k in ("a_min", "a_max", "b_min", "b_max"))
+        c.keys(
+            value,
+            "intensity",
+            ("kind", "a_min", "a_max", "b_min", "b_max", "clip"),
+            ("a_min", "a_max", "b_min", "b_max"),
+        )
+        a_min, a_max, b_min, b_max = (
+            c.number(value[k], f"intensity.{k}") for k in ("a_min", "a_max", "b_min", "b_max")
+        )
         if a_min == a_max:
             raise c.fail("intensity window has a_min == a_max")
         clip = value.get("clip", True)
@@ -176,8 +195,11 @@ def _parse_intensity(c: _Checker, value: Any) -> Intensity:
         if ("mean" in value) != ("std" in value):
             raise c.fail("zscore intensity needs both 'mean' and 'std' or neither")
         if "mean" in value:
-            return Intensity("zscore", mean=c.number(value["mean"], "intensity.mean"),
-                             std=c.number(value["std"], "intensity.std", positive=True))
+            return Intensity(
+                "zscore",
+                mean=c.number(value["mean"], "intensity.mean"),
+                std=c.number(value["std"], "intensity.std", positive=True),
+            )
         return Intensity("zscore")
     c.keys(value, "intensity", ("kind",))
     return Intensity("none")
@@ -209,8 +231,11 @@ def _parse_quantile_output(c: _Checker, value: dict[str, Any]) -> OutputSpec:
     fix = 'write e.g. "output": {"activation": "none", "quantiles": [0.1, 0.9]}'
     c.keys(value, "output", ("activation", "quantiles"), ("activation", "quantiles"))
     if value["activation"] != QUANTILE_ACTIVATION:
-        raise c.fail(f"quantile outputs need 'output.activation' {QUANTILE_ACTIVATION!r} (no activation), got "
-                     f"{value['activation']!r}", fix=fix)
+        raise c.fail(
+            f"quantile outputs need 'output.activation' {QUANTILE_ACTIVATION!r} (no activation), got "
+            f"{value['activation']!r}",
+            fix=fix,
+        )
     levels = value["quantiles"]
     if not isinstance(levels, (list, tuple)) or len(levels) < 2:
         raise c.fail(f"'output.quantiles' must list at least two quantile levels, got {levels!r}", fix=fix)

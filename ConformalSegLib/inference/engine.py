@@ -66,12 +66,18 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if resolved.type not in ("cpu", "cuda"):
         raise ConformalSegError(f"unsupported device {device!r}", fix="use auto, cpu or cuda (cuda:N)")
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        warnings.warn("device 'cuda' was requested but CUDA is not available (no GPU, or PyTorch was "
-                      "built without CUDA): running on the CPU instead", DeviceFallbackWarning, stacklevel=3)
+        warnings.warn(
+            "device 'cuda' was requested but CUDA is not available (no GPU, or PyTorch was "
+            "built without CUDA): running on the CPU instead",
+            DeviceFallbackWarning,
+            stacklevel=3,
+        )
         return torch.device("cpu")
     if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
-        raise ConformalSegError(f"device {device!r} does not exist ({torch.cuda.device_count()} GPU(s))",
-                                fix="use cuda:0 .. cuda:N-1, or auto")
+        raise ConformalSegError(
+            f"device {device!r} does not exist ({torch.cuda.device_count()} GPU(s))",
+            fix="use cuda:0 .. cuda:N-1, or auto",
+        )
     return resolved
 
 
@@ -102,9 +108,18 @@ class InferenceEngine:
         ``1`` = one pass at a time (sequential).
     """
 
-    def __init__(self, card: ModelCard | str | PathLike[str], *, device: str | torch.device = "auto",
-                 amp: bool = True, sw_batch_size: int | None = None, progress: ProgressCallback | None = None,
-                 cancel: CancelToken | None = None, seed: int | None = 0, mc_chunk: int | None = None):
+    def __init__(
+        self,
+        card: ModelCard | str | PathLike[str],
+        *,
+        device: str | torch.device = "auto",
+        amp: bool = True,
+        sw_batch_size: int | None = None,
+        progress: ProgressCallback | None = None,
+        cancel: CancelToken | None = None,
+        seed: int | None = 0,
+        mc_chunk: int | None = None,
+    ):
         self.card = card if isinstance(card, ModelCard) else resolve_model(card)
         self.device = resolve_device(device)
         self.amp = bool(amp) and self.device.type == "cuda"
@@ -157,13 +172,16 @@ class InferenceEngine:
             raise ConformalSegError(f"mc_dropout must be a number of passes >= 0, got {mc_dropout!r}")
         mc_dropout = int(mc_dropout)
         if self.card.output.is_quantile:
-            raise self._card_error(f"{self.card.describe()} is a quantile regression model "
-                                   f"(output.quantiles {list(self.card.output.quantiles or ())}), not a lesion model",
-                                   "use InferenceEngine.predict_quantiles (conformalseg infer writes lower/ and "
-                                   "upper/ for such models)")
+            raise self._card_error(
+                f"{self.card.describe()} is a quantile regression model "
+                f"(output.quantiles {list(self.card.output.quantiles or ())}), not a lesion model",
+                "use InferenceEngine.predict_quantiles (conformalseg infer writes lower/ and upper/ for such models)",
+            )
         if mc_dropout and not self._dropouts:
-            raise self._card_error(f"MC dropout was requested but the network of {self.card.describe()} has no "
-                                   "dropout layers", "train the network with dropout, or run without MC dropout")
+            raise self._card_error(
+                f"MC dropout was requested but the network of {self.card.describe()} has no dropout layers",
+                "train the network with dropout, or run without MC dropout",
+            )
         array = checked_array(volume)
         start = time.perf_counter()
         self._check_cancel()
@@ -171,8 +189,11 @@ class InferenceEngine:
         n_flips = len(ALL_FLIPS) if tta_flips else 1
         rng: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
         if mc_dropout and not self.seeded_dropout and self.seed is not None:
-            cuda_devices = [self.device.index if self.device.index is not None else torch.cuda.current_device()] \
-                if self.device.type == "cuda" else []
+            cuda_devices = (
+                [self.device.index if self.device.index is not None else torch.cuda.current_device()]
+                if self.device.type == "cuda"
+                else []
+            )
             rng = torch.random.fork_rng(devices=cuda_devices)
         with torch.inference_mode(), rng:
             if mc_dropout and not self.seeded_dropout and self.seed is not None:
@@ -180,31 +201,50 @@ class InferenceEngine:
             image = self._preprocess(array, volume)
             maps, info = self._run_windows(image, samples, mc=bool(mc_dropout))
             if not bool(image.finite):
-                raise ConformalSegError("image contains NaN or infinite voxels", path=volume.path,
-                                        fix="fix or re-export the image")
+                raise ConformalSegError(
+                    "image contains NaN or infinite voxels", path=volume.path, fix="fix or re-export the image"
+                )
             channels, any_variance = restore(maps, image, self._spatial, mc=bool(mc_dropout))
         probability = channels[0]
         variance = entropy = None
         if mc_dropout:
             variance, entropy = channels[1], channels[2]
             if mc_dropout > 1 and not any_variance:
-                warnings.warn(f"all {mc_dropout} MC dropout passes gave identical probabilities: dropout has no "
-                              "effect in this model (a traced TorchScript model keeps dropout frozen in eval mode; "
-                              "export with torch.jit.script or use a state_dict card)", MCDropoutInactiveWarning,
-                              stacklevel=2)
-        info.update(mc_passes=mc_dropout, tta_flips=n_flips, seeded_dropout=self.seeded_dropout and bool(mc_dropout),
-                    seed=self.seed if mc_dropout else None)
-        return Prediction(probability=probability, geometry=volume.geometry, variance=variance, entropy=entropy,
-                          mc_passes=mc_dropout, tta_flips=n_flips, seconds=time.perf_counter() - start,
-                          device=str(self.device), info=info)
+                warnings.warn(
+                    f"all {mc_dropout} MC dropout passes gave identical probabilities: dropout has no "
+                    "effect in this model (a traced TorchScript model keeps dropout frozen in eval mode; "
+                    "export with torch.jit.script or use a state_dict card)",
+                    MCDropoutInactiveWarning,
+                    stacklevel=2,
+                )
+        info.update(
+            mc_passes=mc_dropout,
+            tta_flips=n_flips,
+            seeded_dropout=self.seeded_dropout and bool(mc_dropout),
+            seed=self.seed if mc_dropout else None,
+        )
+        return Prediction(
+            probability=probability,
+            geometry=volume.geometry,
+            variance=variance,
+            entropy=entropy,
+            mc_passes=mc_dropout,
+            tta_flips=n_flips,
+            seconds=time.perf_counter() - start,
+            device=str(self.device),
+            info=info,
+        )
 
     def predict_quantiles(self, volume: Volume) -> QuantilePrediction:
         """The quantile maps of a quantile regression card (see the module docstring) on exactly the
         grid of ``volume``. Raises :class:`InferenceCancelled` when cancelled."""
         levels = self.card.output.quantiles
         if levels is None:
-            raise self._card_error(f"{self.card.describe()} is a lesion probability model, not a quantile regression "
-                                   "model (its output has no 'quantiles')", "use InferenceEngine.predict")
+            raise self._card_error(
+                f"{self.card.describe()} is a lesion probability model, not a quantile regression "
+                "model (its output has no 'quantiles')",
+                "use InferenceEngine.predict",
+            )
         array = checked_array(volume)
         start = time.perf_counter()
         self._check_cancel()
@@ -212,16 +252,23 @@ class InferenceEngine:
             image = self._preprocess(array, volume)
             maps, info = self._run_windows(image, [((), None)], mc=False)
             if not bool(image.finite):
-                raise ConformalSegError("image contains NaN or infinite voxels", path=volume.path,
-                                        fix="fix or re-export the image")
+                raise ConformalSegError(
+                    "image contains NaN or infinite voxels", path=volume.path, fix="fix or re-export the image"
+                )
             channels, _ = restore(maps, image, self._spatial, mc=False, quantile=True)
         stacked = np.stack(channels)
         crossing = int(np.count_nonzero(np.any(np.diff(stacked, axis=0) < 0, axis=0)))
         if crossing:
             stacked.sort(axis=0)  # monotone rearrangement: non-crossing quantiles
         info.update(quantiles=list(levels), crossing_voxels=crossing)
-        return QuantilePrediction(levels=tuple(levels), maps=stacked, geometry=volume.geometry,
-                                  seconds=time.perf_counter() - start, device=str(self.device), info=info)
+        return QuantilePrediction(
+            levels=tuple(levels),
+            maps=stacked,
+            geometry=volume.geometry,
+            seconds=time.perf_counter() - start,
+            device=str(self.device),
+            info=info,
+        )
 
     # ------------------------------------------------------------------ steps
 
@@ -252,8 +299,7 @@ class InferenceEngine:
         self._host_stitching = used.host_stitching
         return maps, info
 
-    def _sliding_window(self, tensor: torch.Tensor, batch: int, predictor: WindowPredictor,
-                        host: bool) -> torch.Tensor:
+    def _sliding_window(self, tensor: torch.Tensor, batch: int, predictor: WindowPredictor, host: bool) -> torch.Tensor:
         return stitch(tensor, batch, predictor, self.card.inference, self.device, host)
 
 

@@ -54,8 +54,7 @@ import torch
 __all__ = ["ALL_FLIPS", "DROPOUT_NAMES", "MCDropout", "MCDropoutInactiveWarning", "variants"]
 
 #: All flips of the three spatial axes of a (batch, channel, d0, d1, d2) tensor, identity first.
-ALL_FLIPS: tuple[tuple[int, ...], ...] = tuple(
-    dims for r in range(4) for dims in itertools.combinations((2, 3, 4), r))
+ALL_FLIPS: tuple[tuple[int, ...], ...] = tuple(dims for r in range(4) for dims in itertools.combinations((2, 3, 4), r))
 #: Class names of the dropout modules (the first four take seeded hooks).
 DROPOUT_NAMES = ("Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout", "FeatureAlphaDropout")
 
@@ -82,8 +81,12 @@ class MCDropout:
     def __init__(self, network: torch.nn.Module, seed: int | None, is_torchscript: bool):
         self.state = _MCState(seed)
         self.modules = _find_dropouts(network, is_torchscript)
-        self.seeded = seed is not None and not is_torchscript and bool(self.modules) and all(
-            type(m).__name__ in DROPOUT_NAMES[:4] for m in self.modules)
+        self.seeded = (
+            seed is not None
+            and not is_torchscript
+            and bool(self.modules)
+            and all(type(m).__name__ in DROPOUT_NAMES[:4] for m in self.modules)
+        )
         if self.seeded:
             for index, module in enumerate(self.modules):
                 module.register_forward_hook(_SeededDropout(self.state, index, type(module) is not torch.nn.Dropout))
@@ -158,7 +161,7 @@ class _SeededDropout:
         per_slab = rows // len(keys)
         for slab, key in enumerate(keys):  # one seeded uniform draw per slab, in place
             generator.manual_seed(_slab_seed(self.state.seed, self.index, key))
-            uniform[slab * per_slab:(slab + 1) * per_slab].uniform_(generator=generator)
+            uniform[slab * per_slab : (slab + 1) * per_slab].uniform_(generator=generator)
         dropped = uniform >= 1.0 - p  # P(dropped) = p
         return output.masked_fill(dropped, 0).mul_(1.0 / (1.0 - p))
 

@@ -119,10 +119,16 @@ class ModelCard:
     # ------------------------------------------------------------------ serialisation
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": FORMAT, "format_version": FORMAT_VERSION, "name": self.name,
-                "source": self.source.to_dict(), "preprocessing": self.preprocessing.to_dict(),
-                "inference": self.inference.to_dict(), "output": self.output.to_dict(),
-                "training": copy.deepcopy(self.training)}
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "name": self.name,
+            "source": self.source.to_dict(),
+            "preprocessing": self.preprocessing.to_dict(),
+            "inference": self.inference.to_dict(),
+            "output": self.output.to_dict(),
+            "training": copy.deepcopy(self.training),
+        }
 
     def save(self, path: str | PathLike[str], *, force: bool = False) -> Path:
         """Write the card as JSON (atomically). Relative source paths stay relative to the new file."""
@@ -131,12 +137,16 @@ class ModelCard:
         return atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n", force=force)
 
     @classmethod
-    def from_dict(cls, data: Any, path: str | PathLike[str] | None = None, *,
-                  base_dir: str | PathLike[str] | None = None) -> ModelCard:
+    def from_dict(
+        cls, data: Any, path: str | PathLike[str] | None = None, *, base_dir: str | PathLike[str] | None = None
+    ) -> ModelCard:
         """Validate a parsed card; ``path`` names the file in errors, relative paths resolve against
         ``base_dir`` (default: the card's folder, or the working directory)."""
-        fields = parse_card(data, None if path is None else Path(path),
-                            Path(base_dir) if base_dir is not None else (Path(path).parent if path else Path.cwd()))
+        fields = parse_card(
+            data,
+            None if path is None else Path(path),
+            Path(base_dir) if base_dir is not None else (Path(path).parent if path else Path.cwd()),
+        )
         return cls(**fields, path=None if path is None else Path(path))
 
     # ------------------------------------------------------------------ hashes
@@ -145,8 +155,11 @@ class ModelCard:
         """SHA-256 of the weights file (state dict, TorchScript archive, or the bundle's models/model.pt)."""
         weights = self.source.weights_path
         if not weights.is_file():
-            raise ConformalSegError("the model weights file does not exist", path=weights,
-                                    fix=f"check the source paths in the model card {self.path or ''}".rstrip())
+            raise ConformalSegError(
+                "the model weights file does not exist",
+                path=weights,
+                fix=f"check the source paths in the model card {self.path or ''}".rstrip(),
+            )
         return _cached_sha256(weights)
 
     def pipeline_sha256(self) -> str:
@@ -163,9 +176,13 @@ class ModelCard:
             source = {"torchscript": True}
         inference = self.inference.to_dict()
         inference.pop("sw_batch_size")
-        payload = {"weights_sha256": self.sha256(), "source": source,
-                   "preprocessing": self.preprocessing.to_dict(), "inference": inference,
-                   "output": self.output.to_dict()}
+        payload = {
+            "weights_sha256": self.sha256(),
+            "source": source,
+            "preprocessing": self.preprocessing.to_dict(),
+            "inference": inference,
+            "output": self.output.to_dict(),
+        }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
     # ------------------------------------------------------------------ the network
@@ -212,30 +229,48 @@ def resolve_model(path: str | PathLike[str]) -> ModelCard:
     """
     path = Path(path)
     if not path.exists():
-        raise ConformalSegError("model not found", path=path,
-                                fix="give a model card .json, a folder with model_card.json, or a "
-                                    "TorchScript file with its .json card beside it")
+        raise ConformalSegError(
+            "model not found",
+            path=path,
+            fix="give a model card .json, a folder with model_card.json, or a "
+            "TorchScript file with its .json card beside it",
+        )
     if path.is_dir():
         for candidate in (path / CARD_FILE, path / "configs" / CARD_FILE):
             if candidate.is_file():
                 return load_model_card(candidate)
-        bundle = " (it looks like a MONAI bundle: put the card at model_card.json or configs/model_card.json)" \
-            if (path / "configs").is_dir() else ""
-        raise ConformalSegError(f"the model folder has no {CARD_FILE}{bundle}", path=path,
-                                fix=f"write a model card {CARD_FILE} into the folder")
+        bundle = (
+            " (it looks like a MONAI bundle: put the card at model_card.json or configs/model_card.json)"
+            if (path / "configs").is_dir()
+            else ""
+        )
+        raise ConformalSegError(
+            f"the model folder has no {CARD_FILE}{bundle}",
+            path=path,
+            fix=f"write a model card {CARD_FILE} into the folder",
+        )
     if path.suffix.lower() == ".json":
         return load_model_card(path)
     if path.suffix.lower() in (".ts", ".pt", ".pth"):
         sibling = path.with_suffix(".json")
         if not sibling.is_file():
-            raise ConformalSegError(f"no model card {sibling.name} beside the model file", path=path,
-                                    fix=f"write the model card to {sibling} (a bare network file does not say "
-                                        "how to preprocess and patch the images)")
+            raise ConformalSegError(
+                f"no model card {sibling.name} beside the model file",
+                path=path,
+                fix=f"write the model card to {sibling} (a bare network file does not say "
+                "how to preprocess and patch the images)",
+            )
         card = load_model_card(sibling)
         if card.source.weights_path.resolve() != path.resolve():
-            raise ConformalSegError(f"the model card {sibling.name} describes {card.source.weights_path}, not "
-                                    f"this file", path=path, fix=f"correct the source in {sibling}")
+            raise ConformalSegError(
+                f"the model card {sibling.name} describes {card.source.weights_path}, not this file",
+                path=path,
+                fix=f"correct the source in {sibling}",
+            )
         return card
-    raise ConformalSegError("unsupported model path", path=path,
-                            fix="give a model card .json, a folder with model_card.json, or a TorchScript "
-                                ".ts/.pt file with its .json card beside it")
+    raise ConformalSegError(
+        "unsupported model path",
+        path=path,
+        fix="give a model card .json, a folder with model_card.json, or a TorchScript "
+        ".ts/.pt file with its .json card beside it",
+    )

@@ -90,8 +90,9 @@ class QuantilePrediction:
         return Volume(array, self.geometry, path)
 
 
-def restore(maps: torch.Tensor, image: Preprocessed, spatial: Any, *, mc: bool,
-            quantile: bool = False) -> tuple[list[np.ndarray], bool]:
+def restore(
+    maps: torch.Tensor, image: Preprocessed, spatial: Any, *, mc: bool, quantile: bool = False
+) -> tuple[list[np.ndarray], bool]:
     """Invert the spatial preprocessing; return float32 numpy ``(z, y, x)`` arrays per channel
     (probability clipped to [0, 1], variance to [0, 1/4], entropy >= 0: interpolation and
     float rounding can step outside by a few ulps; quantile maps are not clipped) and whether

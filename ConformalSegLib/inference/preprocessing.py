@@ -36,14 +36,25 @@ from ..common.geometry import Geometry, geometry_from_ijk_to_ras
 from ..io.volumes import Volume
 from .model_card import ModelCard
 
-__all__ = ["RAS_LABELS", "TORCH_DTYPES", "Preprocessed", "build_preprocessing", "checked_array", "from_network_axes",
-           "geometry_from_affine", "network_affine", "preprocess_on", "to_network_axes"]
+__all__ = [
+    "RAS_LABELS",
+    "TORCH_DTYPES",
+    "Preprocessed",
+    "build_preprocessing",
+    "checked_array",
+    "from_network_axes",
+    "geometry_from_affine",
+    "network_affine",
+    "preprocess_on",
+    "to_network_axes",
+]
 
 #: MONAI's RAS axis labels (given explicitly so ``Orientation`` never guesses the space).
 RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 #: numpy dtypes uploaded as they are (converted to float32 on the device).
-TORCH_DTYPES = tuple(np.dtype(t) for t in (np.float32, np.float64, np.float16, np.int16, np.int32, np.int64,
-                                           np.uint8, np.int8, np.bool_))
+TORCH_DTYPES = tuple(
+    np.dtype(t) for t in (np.float32, np.float64, np.float16, np.int16, np.int32, np.int64, np.uint8, np.int8, np.bool_)
+)
 
 
 def network_affine(geometry: Geometry) -> np.ndarray:
@@ -96,13 +107,17 @@ def build_preprocessing(card: ModelCard):
     norm: Any = None
     if intensity.kind == "window":
         assert intensity.a_min is not None and intensity.a_max is not None  # a window has all four bounds
-        norm = ScaleIntensityRange(a_min=intensity.a_min, a_max=intensity.a_max, b_min=intensity.b_min,
-                                   b_max=intensity.b_max, clip=intensity.clip)
+        norm = ScaleIntensityRange(
+            a_min=intensity.a_min,
+            a_max=intensity.a_max,
+            b_min=intensity.b_min,
+            b_max=intensity.b_max,
+            clip=intensity.clip,
+        )
     elif intensity.kind == "zscore":
         mean: Any = intensity.mean  # a float or None; MONAI's annotation asks for a sequence or array
         std: Any = intensity.std
-        norm = NormalizeIntensity(subtrahend=mean, divisor=std, nonzero=False,
-                                  channel_wise=False)  # one input channel
+        norm = NormalizeIntensity(subtrahend=mean, divisor=std, nonzero=False, channel_wise=False)  # one input channel
     return (Compose(spatial) if spatial else None), norm
 
 
@@ -110,11 +125,15 @@ def checked_array(volume: Volume) -> np.ndarray:
     """The volume's array after checking it is a 3D scalar image matching its geometry."""
     array = np.asarray(volume.array)
     if array.ndim != 3 or array.shape != volume.geometry.shape:
-        raise ConformalSegError(f"image array shape {array.shape} does not match its geometry "
-                                f"{volume.geometry.shape}", path=volume.path, fix="give a 3D image")
+        raise ConformalSegError(
+            f"image array shape {array.shape} does not match its geometry {volume.geometry.shape}",
+            path=volume.path,
+            fix="give a 3D image",
+        )
     if not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
-        raise ConformalSegError(f"image has non-numeric voxels ({array.dtype})", path=volume.path,
-                                fix="give a scalar image")
+        raise ConformalSegError(
+            f"image has non-numeric voxels ({array.dtype})", path=volume.path, fix="give a scalar image"
+        )
     return array
 
 
@@ -125,8 +144,9 @@ class Preprocessed:
     finite: torch.Tensor  # 0-d bool: the input image had no NaN/Inf voxel
 
 
-def preprocess_on(array: np.ndarray, affine: torch.Tensor, device: torch.device, spatial: Any,
-                  intensity: Any) -> Preprocessed:
+def preprocess_on(
+    array: np.ndarray, affine: torch.Tensor, device: torch.device, spatial: Any, intensity: Any
+) -> Preprocessed:
     """The network input on ``device``: upload, transpose to network axes, spatial then intensity transforms."""
     from monai.data import MetaTensor
 

@@ -57,8 +57,9 @@ def count_windows(image_size: Sequence[int], patch_size: Sequence[int], overlap:
     return len(dense_patch_slices(size, list(patch_size), interval))
 
 
-def run_windows(engine: InferenceEngine, image: Preprocessed, variants: list,
-                *, mc: bool) -> tuple[torch.Tensor, dict[str, Any], WindowSettings]:
+def run_windows(
+    engine: InferenceEngine, image: Preprocessed, variants: list, *, mc: bool
+) -> tuple[torch.Tensor, dict[str, Any], WindowSettings]:
     """Sliding-window pass with the OOM fallback ladder (module docstring): ``(maps (K, d0, d1, d2), info,
     the settings that worked)``; the engine keeps those settings for its next cases."""
     n_variants = len(variants)
@@ -69,10 +70,15 @@ def run_windows(engine: InferenceEngine, image: Preprocessed, variants: list,
     total = count_windows(image.tensor.shape[1:], engine.card.inference.patch_size, engine.card.inference.overlap)
     while True:
         stage = "host" if host else "device"
-        attempts.append({"sw_batch_size": batch, "samples_per_forward": chunk, "stage": stage,
-                         "stitching": "cpu" if host else str(engine.device)})
-        predictor = WindowPredictor(engine, variants, chunk, mc=mc, stage=stage, total=total,
-                                     retry=len(attempts) > 1)
+        attempts.append(
+            {
+                "sw_batch_size": batch,
+                "samples_per_forward": chunk,
+                "stage": stage,
+                "stitching": "cpu" if host else str(engine.device),
+            }
+        )
+        predictor = WindowPredictor(engine, variants, chunk, mc=mc, stage=stage, total=total, retry=len(attempts) > 1)
         try:
             maps = engine._sliding_window(image.tensor, batch, predictor, host)
             break
@@ -95,15 +101,27 @@ def run_windows(engine: InferenceEngine, image: Preprocessed, variants: list,
                 f"CUDA out of memory even with one sample per forward call, sw_batch_size=1 and the "
                 f"stitching buffer on the CPU ({message})",
                 "use a smaller patch_size in the model card, fewer --mc-dropout passes, --device cpu, or a GPU "
-                "with more free memory")
-    info = {"windows": total, "sw_batch_size": batch, "samples_per_forward": chunk,
-            "stitching": "cpu" if host else str(engine.device), "attempts": attempts,
-            "network_grid_xyz": list(image.tensor.shape[1:])}
+                "with more free memory",
+            )
+    info = {
+        "windows": total,
+        "sw_batch_size": batch,
+        "samples_per_forward": chunk,
+        "stitching": "cpu" if host else str(engine.device),
+        "attempts": attempts,
+        "network_grid_xyz": list(image.tensor.shape[1:]),
+    }
     return maps, info, WindowSettings(batch, chunk, host)
 
 
-def stitch(tensor: torch.Tensor, batch: int, predictor: WindowPredictor, settings: InferenceSettings,
-           device: torch.device, host: bool) -> torch.Tensor:
+def stitch(
+    tensor: torch.Tensor,
+    batch: int,
+    predictor: WindowPredictor,
+    settings: InferenceSettings,
+    device: torch.device,
+    host: bool,
+) -> torch.Tensor:
     """MONAI's sliding window over ``tensor`` (one image, channel first) with ``predictor``; the blended
     maps (K, d0, d1, d2), stitched on the CPU when ``host``."""
     from monai.inferers import sliding_window_inference
@@ -112,9 +130,17 @@ def stitch(tensor: torch.Tensor, batch: int, predictor: WindowPredictor, setting
     stitch_device = torch.device("cpu") if host else device
     if host:
         inputs = inputs.cpu()
-    out = sliding_window_inference(inputs, roi_size=list(settings.patch_size), sw_batch_size=batch,
-                                   predictor=predictor, overlap=settings.overlap, mode=settings.blend,
-                                   sw_device=device, device=stitch_device, with_coord=True)
+    out = sliding_window_inference(
+        inputs,
+        roi_size=list(settings.patch_size),
+        sw_batch_size=batch,
+        predictor=predictor,
+        overlap=settings.overlap,
+        mode=settings.blend,
+        sw_device=device,
+        device=stitch_device,
+        with_coord=True,
+    )
     predictor.finish()
     return out[0]
 
@@ -131,8 +157,9 @@ class WindowPredictor:
     exact single-sample value).
     """
 
-    def __init__(self, engine: InferenceEngine, variants: list, chunk: int, *, mc: bool, stage: str,
-                 total: int, retry: bool):
+    def __init__(
+        self, engine: InferenceEngine, variants: list, chunk: int, *, mc: bool, stage: str, total: int, retry: bool
+    ):
         self.engine = engine
         self.variants = variants
         self.chunk = chunk
@@ -157,10 +184,13 @@ class WindowPredictor:
         for first in range(0, len(self.variants), self.chunk):
             if first:
                 engine._check_cancel()
-            part = self.variants[first:first + self.chunk]
+            part = self.variants[first : first + self.chunk]
             rows = len(part) * n_rows
-            x = torch.cat([window.flip(f) if f else window for f, _ in part]) if len(part) > 1 else (
-                window.flip(part[0][0]) if part[0][0] else window)
+            x = (
+                torch.cat([window.flip(f) if f else window for f, _ in part])
+                if len(part) > 1
+                else (window.flip(part[0][0]) if part[0][0] else window)
+            )
             keys = [(first + j, tuple(starts)) for j in range(len(part))] if self.mc else None
             try:
                 if engine._oom_if is not None and engine._oom_if(rows, self.stage):
@@ -175,7 +205,8 @@ class WindowPredictor:
                     f"the network failed on a batch of shape {tuple(x.shape)}: "
                     f"{str(exc).strip().splitlines()[0][:300]}",
                     "check inference.patch_size (each axis usually must be divisible by the network's total "
-                    "downsampling), source args (in_channels) and the network") from exc
+                    "downsampling), source args (in_channels) and the network",
+                ) from exc
             if isinstance(logits, (list, tuple)):
                 logits = logits[0]  # deep supervision: the full-resolution head
             logits = logits.float()
@@ -184,14 +215,14 @@ class WindowPredictor:
                 return self._report(logits.contiguous(), n_rows)
             probs = torch.softmax(logits, dim=1) if out_card.activation == "softmax" else torch.sigmoid(logits)
             if single:
-                result = probs[:, channel:channel + 1]
+                result = probs[:, channel : channel + 1]
                 return self._report(result.contiguous(), n_rows)
             for j, (flip, _) in enumerate(part):
-                p = probs[j * n_rows:(j + 1) * n_rows]
+                p = probs[j * n_rows : (j + 1) * n_rows]
                 if flip:
                     p = p.flip(flip)
                 p = p.double()
-                lesion = p[:, channel:channel + 1]
+                lesion = p[:, channel : channel + 1]
                 keep = p if (self.mc and out_card.activation == "softmax") else lesion
                 total_p = keep.clone() if total_p is None else total_p.add_(keep)
                 if self.mc:
@@ -202,7 +233,7 @@ class WindowPredictor:
         mean = total_p / n
         if not self.mc:
             return self._report(mean.float(), n_rows)
-        lesion_mean = mean[:, channel:channel + 1]
+        lesion_mean = mean[:, channel : channel + 1]
         assert total_p2 is not None  # summed with the MC samples
         variance = (total_p2 / n - lesion_mean * lesion_mean).clamp_(min=0.0)
         if out_card.activation == "softmax":
@@ -217,24 +248,31 @@ class WindowPredictor:
         engine, out_card = self.engine, self.engine.card.output
         channels = logits.shape[1] if logits.dim() == x.dim() else None
         if channels is None or tuple(logits.shape[2:]) != tuple(x.shape[2:]):
-            raise engine._card_error(f"the network output has shape {tuple(logits.shape)} for an input of shape "
-                                     f"{tuple(x.shape)}; expected (batch, classes, same spatial size)",
-                                     "use a segmentation network whose output has the input's spatial size")
+            raise engine._card_error(
+                f"the network output has shape {tuple(logits.shape)} for an input of shape "
+                f"{tuple(x.shape)}; expected (batch, classes, same spatial size)",
+                "use a segmentation network whose output has the input's spatial size",
+            )
         if out_card.is_quantile:
             if channels != len(out_card.quantiles or ()):
-                raise engine._card_error(f"output.quantiles lists {len(out_card.quantiles or ())} level(s) but the network "
-                                         f"has {channels} output channel(s)",
-                                         "give one quantile level per output channel")
+                raise engine._card_error(
+                    f"output.quantiles lists {len(out_card.quantiles or ())} level(s) but the network "
+                    f"has {channels} output channel(s)",
+                    "give one quantile level per output channel",
+                )
             self.checked = True
             return
         if out_card.activation == "softmax" and channels < 2:
-            raise engine._card_error("output.activation is softmax but the network has a single output channel "
-                                     "(softmax over one channel is always 1)",
-                                     "use \"activation\": \"sigmoid\" with lesion_channel 0")
+            raise engine._card_error(
+                "output.activation is softmax but the network has a single output channel "
+                "(softmax over one channel is always 1)",
+                'use "activation": "sigmoid" with lesion_channel 0',
+            )
         if (out_card.lesion_channel or 0) >= channels:
-            raise engine._card_error(f"output.lesion_channel is {out_card.lesion_channel} but the network has "
-                                     f"{channels} output channel(s)",
-                                     f"set lesion_channel between 0 and {channels - 1}")
+            raise engine._card_error(
+                f"output.lesion_channel is {out_card.lesion_channel} but the network has {channels} output channel(s)",
+                f"set lesion_channel between 0 and {channels - 1}",
+            )
         self.checked = True
 
     def _report(self, result: torch.Tensor, n_rows: int) -> torch.Tensor:

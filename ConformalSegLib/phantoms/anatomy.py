@@ -163,8 +163,11 @@ def draw_anatomy(rng: np.random.Generator, shape: tuple[int, int, int], sp: np.n
     """Draw the anatomy of one phantom (module docstring), step by step in a fixed order."""
     grid = _Grid.of(shape, sp)
     appearance = _draw_appearance(rng)
-    fields = _Fields(smooth_noise(rng, shape, 7.0, sp), smooth_noise(rng, shape, 2.0, sp),
-                     smooth_noise(rng, (1, shape[1], shape[2]), 8.0, sp)[0])
+    fields = _Fields(
+        smooth_noise(rng, shape, 7.0, sp),
+        smooth_noise(rng, shape, 2.0, sp),
+        smooth_noise(rng, (1, shape[1], shape[2]), 8.0, sp)[0],
+    )
     image = np.full(shape, -1000.0, dtype=np.float32)
     labels = np.zeros(shape, dtype=np.uint8)
     torso = _draw_torso(rng, grid, fields, appearance, image, labels)
@@ -193,12 +196,25 @@ def _draw_appearance(rng: np.random.Generator) -> Appearance:
     bone_hu = rng.uniform(230.0, 330.0)
     cortical_hu = rng.uniform(550.0, 750.0)
     noise_sigma = rng.uniform(8.0, 20.0)
-    return Appearance(phase, fat_hu, muscle_hu, liver_hu, spleen_hu, cortex_hu, medulla_hu, blood_hu, lung_hu,
-                      bone_hu, cortical_hu, noise_sigma)
+    return Appearance(
+        phase,
+        fat_hu,
+        muscle_hu,
+        liver_hu,
+        spleen_hu,
+        cortex_hu,
+        medulla_hu,
+        blood_hu,
+        lung_hu,
+        bone_hu,
+        cortical_hu,
+        noise_sigma,
+    )
 
 
-def _draw_torso(rng: np.random.Generator, grid: _Grid, fields: _Fields, app: Appearance, image: np.ndarray,
-                labels: np.ndarray) -> _Torso:
+def _draw_torso(
+    rng: np.random.Generator, grid: _Grid, fields: _Fields, app: Appearance, image: np.ndarray, labels: np.ndarray
+) -> _Torso:
     """Body (superellipse cross-section, slightly varying along z), wall, spine block and great vessels."""
     H, D, W, z1, y2, x2 = grid.H, grid.D, grid.W, grid.z1, grid.y2, grid.x2
     cx = 0.5 * W + rng.uniform(-0.03, 0.03) * W
@@ -224,29 +240,35 @@ def _draw_torso(rng: np.random.Generator, grid: _Grid, fields: _Fields, app: App
     yc_canal = ys + 1.45 * rs
     r_canal = np.sqrt((x2 - F32(xs)) ** 2 + (y2 - F32(yc_canal)) ** 2) / F32(0.5 * rs)
     r_arch = np.sqrt((x2 - F32(xs)) ** 2 + (y2 - F32(yc_canal)) ** 2) / F32(0.85 * rs)
-    spinous = (np.abs(x2 - F32(xs)) < F32(0.22 * rs)) & (y2 > F32(yc_canal)) & (
-        y2 < F32(yc_canal + 2.2 * rs))
-    paraspinal = ((((x2 - F32(xs)) / F32(2.3 * rs)) ** 2 + ((y2 - F32(ys + 2.0 * rs)) / F32(1.5 * rs)) ** 2)
-                  < 1.0)
+    spinous = (np.abs(x2 - F32(xs)) < F32(0.22 * rs)) & (y2 > F32(yc_canal)) & (y2 < F32(yc_canal + 2.2 * rs))
+    paraspinal = (((x2 - F32(xs)) / F32(2.3 * rs)) ** 2 + ((y2 - F32(ys + 2.0 * rs)) / F32(1.5 * rs)) ** 2) < 1.0
     spine_block = (r_vb < 1.25) | (r_arch < 1.2) | paraspinal | spinous
     cavity = (r_cav[None] < scale_z) & ~spine_block[None]
 
     # great vessels (2D cross-sections): aorta left-anterior of the spine, vena cava to its right
     ra = rng.uniform(0.045, 0.06) * ax
     aorta2d = ((x2 - F32(xs + 0.9 * rs)) ** 2 + (y2 - F32(ys - 1.35 * rs)) ** 2) < F32(ra * ra)
-    ivc2d = (((x2 - F32(xs - 1.5 * rs)) / F32(1.2 * ra)) ** 2
-             + ((y2 - F32(ys - 1.5 * rs)) / F32(0.9 * ra)) ** 2) < 1.0
+    ivc2d = (((x2 - F32(xs - 1.5 * rs)) / F32(1.2 * ra)) ** 2 + ((y2 - F32(ys - 1.5 * rs)) / F32(0.9 * ra)) ** 2) < 1.0
 
-    body_img = np.where(inner, F32(app.muscle_hu) + F32(6.0) * fields.texture,
-                        F32(app.fat_hu) + F32(8.0) * fields.texture)
+    body_img = np.where(
+        inner, F32(app.muscle_hu) + F32(6.0) * fields.texture, F32(app.fat_hu) + F32(8.0) * fields.texture
+    )
     image[body] = body_img[body]
     labels[body] = BODY
-    return _Torso(cx, cy, ax, axc, ayc, outline, body, cavity, rs, xs, ys, r_vb, r_canal, r_arch, spinous, aorta2d,
-                  ivc2d)
+    return _Torso(
+        cx, cy, ax, axc, ayc, outline, body, cavity, rs, xs, ys, r_vb, r_canal, r_arch, spinous, aorta2d, ivc2d
+    )
 
 
-def _draw_thorax(rng: np.random.Generator, grid: _Grid, fields: _Fields, app: Appearance, torso: _Torso,
-                 image: np.ndarray, labels: np.ndarray) -> _Thorax:
+def _draw_thorax(
+    rng: np.random.Generator,
+    grid: _Grid,
+    fields: _Fields,
+    app: Appearance,
+    torso: _Torso,
+    image: np.ndarray,
+    labels: np.ndarray,
+) -> _Thorax:
     """Diaphragm domes (right higher), the lung masks above them, mediastinal fat and the heart."""
     H, y2, x2, Z = grid.H, grid.y2, grid.x2, grid.Z
     cx, cy, axc, ayc = torso.cx, torso.cy, torso.axc, torso.ayc
@@ -283,8 +305,9 @@ def _draw_thorax(rng: np.random.Generator, grid: _Grid, fields: _Fields, app: Ap
     return _Thorax(zd_r, zd_l, dome_floor, thorax, lung)
 
 
-def _paint_abdomen(rng: np.random.Generator, fields: _Fields, app: Appearance, torso: _Torso, thorax: _Thorax,
-                   image: np.ndarray) -> None:
+def _paint_abdomen(
+    rng: np.random.Generator, fields: _Fields, app: Appearance, torso: _Torso, thorax: _Thorax, image: np.ndarray
+) -> None:
     """Fat and bowel mixture below the diaphragm, rare gas; aorta and vena cava."""
     coarse, texture, fat_hu, blood_hu = fields.coarse, fields.texture, app.fat_hu, app.blood_hu
     abdomen = torso.cavity & ~thorax.thorax
@@ -301,8 +324,16 @@ def _paint_abdomen(rng: np.random.Generator, fields: _Fields, app: Appearance, t
     image[ivc] = blood_hu - 0.4 * (blood_hu - 40.0)
 
 
-def _paint_lungs(rng: np.random.Generator, grid: _Grid, fields: _Fields, app: Appearance, torso: _Torso,
-                 thorax: _Thorax, image: np.ndarray, labels: np.ndarray) -> None:
+def _paint_lungs(
+    rng: np.random.Generator,
+    grid: _Grid,
+    fields: _Fields,
+    app: Appearance,
+    torso: _Torso,
+    thorax: _Thorax,
+    image: np.ndarray,
+    labels: np.ndarray,
+) -> None:
     """Lung parenchyma with vessel texture, denser towards the hila."""
     sp = grid.sp
     lung_box = bbox(thorax.lung)
@@ -324,8 +355,17 @@ def _paint_lungs(rng: np.random.Generator, grid: _Grid, fields: _Fields, app: Ap
     paint(image, labels, lung_box, thorax.lung[lung_box], lung_img, LUNG)
 
 
-def _draw_liver(rng: np.random.Generator, grid: _Grid, fields: _Fields, app: Appearance, torso: _Torso,
-                thorax: _Thorax, below: np.ndarray, image: np.ndarray, labels: np.ndarray) -> None:
+def _draw_liver(
+    rng: np.random.Generator,
+    grid: _Grid,
+    fields: _Fields,
+    app: Appearance,
+    torso: _Torso,
+    thorax: _Thorax,
+    below: np.ndarray,
+    image: np.ndarray,
+    labels: np.ndarray,
+) -> None:
     """Right lobe plus a left lobe crossing the midline, the dome under the right lung; faint veins."""
     H, sp, shape = grid.H, grid.sp, grid.shape
     cx, cy, axc, ayc, zd_r = torso.cx, torso.cy, torso.axc, torso.ayc, thorax.zd_r
@@ -339,8 +379,9 @@ def _draw_liver(rng: np.random.Generator, grid: _Grid, fields: _Fields, app: App
     if liver_box is None:
         return
     coarse = fields.coarse
-    f = np.minimum(ellipsoid(liver_box, c_right, r_lobe, sp, rot_liver),
-                   ellipsoid(liver_box, c_left, l_lobe, sp, rot_liver))
+    f = np.minimum(
+        ellipsoid(liver_box, c_right, r_lobe, sp, rot_liver), ellipsoid(liver_box, c_left, l_lobe, sp, rot_liver)
+    )
     liver = ((f + F32(0.07) * coarse[liver_box]) < 1.0) & below[liver_box]
     paint(image, labels, liver_box, liver, F32(app.liver_hu) + F32(4.0) * fields.texture[liver_box], LIVER)
     # hepatic veins / portal branches: faint tubular texture
@@ -348,13 +389,23 @@ def _draw_liver(rng: np.random.Generator, grid: _Grid, fields: _Fields, app: App
     image[liver_box][veins] += F32(rng.uniform(-15.0, 25.0))
 
 
-def _draw_spleen(rng: np.random.Generator, grid: _Grid, fields: _Fields, app: Appearance, torso: _Torso,
-                 thorax: _Thorax, below: np.ndarray, image: np.ndarray, labels: np.ndarray) -> None:
+def _draw_spleen(
+    rng: np.random.Generator,
+    grid: _Grid,
+    fields: _Fields,
+    app: Appearance,
+    torso: _Torso,
+    thorax: _Thorax,
+    below: np.ndarray,
+    image: np.ndarray,
+    labels: np.ndarray,
+) -> None:
     """Left, posterior, under the left dome."""
     H, ayc, axc = grid.H, torso.ayc, torso.axc
     s_axes = np.array([rng.uniform(0.11, 0.16) * H, 0.38 * ayc, 0.2 * axc]) * rng.uniform(0.85, 1.15, 3)
-    s_c = np.array([thorax.zd_l - 0.6 * s_axes[0] - rng.uniform(0.0, 0.04) * H, torso.cy + 0.35 * ayc,
-                    torso.cx + 0.62 * axc])
+    s_c = np.array(
+        [thorax.zd_l - 0.6 * s_axes[0] - rng.uniform(0.0, 0.04) * H, torso.cy + 0.35 * ayc, torso.cx + 0.62 * axc]
+    )
     s_box = box(s_c, s_axes.max() * 1.1, grid.sp, grid.shape)
     if s_box is None:
         return
@@ -363,16 +414,29 @@ def _draw_spleen(rng: np.random.Generator, grid: _Grid, fields: _Fields, app: Ap
     paint(image, labels, s_box, spleen, F32(app.spleen_hu) + F32(4.0) * fields.texture[s_box], SPLEEN)
 
 
-def _draw_kidneys(rng: np.random.Generator, grid: _Grid, fields: _Fields, app: Appearance, torso: _Torso,
-                  below: np.ndarray, image: np.ndarray, labels: np.ndarray) -> None:
+def _draw_kidneys(
+    rng: np.random.Generator,
+    grid: _Grid,
+    fields: _Fields,
+    app: Appearance,
+    torso: _Torso,
+    below: np.ndarray,
+    image: np.ndarray,
+    labels: np.ndarray,
+) -> None:
     """Posterior, beside the spine, the right one lower: cortex, darker medulla, fatty hilum."""
     H, sp, texture = grid.H, grid.sp, fields.texture
     ys, rs, xs = torso.ys, torso.rs, torso.xs
     k_z = rng.uniform(0.18, 0.3) * H
     for side in (-1, 1):
         k_axes = np.array([rng.uniform(0.13, 0.18) * H, 0.24 * torso.ayc, 0.16 * torso.axc]) * rng.uniform(0.9, 1.1, 3)
-        k_c = np.array([k_z - (rng.uniform(0.0, 0.06) * H if side < 0 else 0.0),
-                        ys - rng.uniform(0.2, 0.6) * rs, xs + side * (rs + 1.25 * k_axes[2])])
+        k_c = np.array(
+            [
+                k_z - (rng.uniform(0.0, 0.06) * H if side < 0 else 0.0),
+                ys - rng.uniform(0.2, 0.6) * rs,
+                xs + side * (rs + 1.25 * k_axes[2]),
+            ]
+        )
         yaw, tilt = side * rng.uniform(0.2, 0.5), side * rng.uniform(0.05, 0.2)  # in-plane, coronal
         c, s = math.cos(tilt), math.sin(tilt)
         k_rot = rot_z(yaw) @ np.array([[c, 0.0, -s], [0.0, 1.0, 0.0], [s, 0.0, c]])
@@ -389,8 +453,15 @@ def _draw_kidneys(rng: np.random.Generator, grid: _Grid, fields: _Fields, app: A
         paint(image, labels, k_box, sinus, F32(app.fat_hu + 20.0) + F32(8.0) * texture[k_box], BODY)
 
 
-def _draw_bone(rng: np.random.Generator, grid: _Grid, fields: _Fields, app: Appearance, torso: _Torso,
-               image: np.ndarray, labels: np.ndarray) -> None:
+def _draw_bone(
+    rng: np.random.Generator,
+    grid: _Grid,
+    fields: _Fields,
+    app: Appearance,
+    torso: _Torso,
+    image: np.ndarray,
+    labels: np.ndarray,
+) -> None:
     """Spine (vertebral bodies with discs, arch, spinous process) and oblique ribs in the upper part."""
     H, z1, y2, Z, texture, body = grid.H, grid.z1, grid.y2, grid.Z, fields.texture, torso.body
     bone_hu, cortical_hu = app.bone_hu, app.cortical_hu

@@ -33,9 +33,16 @@ def dataset_json(n: int, *, seed: int = 0, options: dict | None = None) -> dict:
     }
 
 
-def write_phantom_dataset(out_dir: str | PathLike[str], n: int, seed: int = 0, *, force: bool = False,
-                          progress: Callable[[int, int, str], None] | None = None,
-                          image_dtype: str = "int16", **kw) -> Path:
+def write_phantom_dataset(
+    out_dir: str | PathLike[str],
+    n: int,
+    seed: int = 0,
+    *,
+    force: bool = False,
+    progress: Callable[[int, int, str], None] | None = None,
+    image_dtype: str = "int16",
+    **kw,
+) -> Path:
     """Generate ``n`` phantoms and write them in the nnU-Net v2 raw layout; return ``out_dir``.
 
     ``out_dir/imagesTr/CASE_0000.nii.gz`` (HU; ``image_dtype`` ``"int16"``, rounded, or
@@ -51,8 +58,7 @@ def write_phantom_dataset(out_dir: str | PathLike[str], n: int, seed: int = 0, *
     n = int(n)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
-        raise ConformalSegError("output path is an existing file, not a folder", path=out,
-                                fix="give a folder name")
+        raise ConformalSegError("output path is an existing file, not a folder", path=out, fix="give a folder name")
     width = max(3, len(str(n - 1)))
     ids = [f"phantom_{i:0{width}d}" for i in range(n)]
     targets = [out / "dataset.json"]
@@ -64,8 +70,12 @@ def write_phantom_dataset(out_dir: str | PathLike[str], n: int, seed: int = 0, *
             more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
             raise ConformalSegError(f"output file already exists{more}", path=existing[0], fix=OVERWRITE_FIX)
     # validate the options (and fail early) before writing anything
-    validate_options(tuple(kw.get("shape", (48, 96, 96))), tuple(kw.get("spacing", (1.6, 1.6, 3.0))),
-              kw.get("n_lesions", (1, 4)), kw.get("empty_probability", 0.1))
+    validate_options(
+        tuple(kw.get("shape", (48, 96, 96))),
+        tuple(kw.get("spacing", (1.6, 1.6, 3.0))),
+        kw.get("n_lesions", (1, 4)),
+        kw.get("empty_probability", 0.1),
+    )
     for done, phantom in enumerate(make_phantoms(n, seed=seed, **kw), start=1):
         image = phantom.image
         if image_dtype == "int16":

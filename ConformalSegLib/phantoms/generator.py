@@ -56,10 +56,15 @@ class Phantom:
         return self.labels == LESION
 
 
-def make_phantom(seed: int | np.random.SeedSequence, *, shape: tuple[int, int, int] = (48, 96, 96),
-                 spacing: tuple[float, float, float] = (1.6, 1.6, 3.0),
-                 n_lesions: int | tuple[int, int] = (1, 4), empty_probability: float = 0.1,
-                 case_id: str | None = None) -> Phantom:
+def make_phantom(
+    seed: int | np.random.SeedSequence,
+    *,
+    shape: tuple[int, int, int] = (48, 96, 96),
+    spacing: tuple[float, float, float] = (1.6, 1.6, 3.0),
+    n_lesions: int | tuple[int, int] = (1, 4),
+    empty_probability: float = 0.1,
+    case_id: str | None = None,
+) -> Phantom:
     """Generate one synthetic CT phantom, deterministically from ``seed``.
 
     ``shape`` is in numpy ``(z, y, x)`` order, ``spacing`` in mm in ITK ``(x, y, z)`` order.
@@ -84,8 +89,9 @@ def make_phantom(seed: int | np.random.SeedSequence, *, shape: tuple[int, int, i
     if is_empty:
         count = 0
     anatomy = draw_anatomy(rng, shape, sp)
-    lesions = place_lesions(rng, count, anatomy.image, anatomy.labels, anatomy.texture,
-                            anatomy.appearance.host_hu, sp, geometry)
+    lesions = place_lesions(
+        rng, count, anatomy.image, anatomy.labels, anatomy.texture, anatomy.appearance.host_hu, sp, geometry
+    )
     image = form_image(rng, anatomy.image, sp, anatomy.appearance.noise_sigma)
     return Phantom(
         case_id=case_id if case_id is not None else f"phantom_seed{seed}",
@@ -96,27 +102,38 @@ def make_phantom(seed: int | np.random.SeedSequence, *, shape: tuple[int, int, i
     )
 
 
-def validate_options(shape: tuple[int, ...], spacing: tuple[float, ...], n_lesions: object,
-              empty_probability: float) -> tuple[int, int]:
+def validate_options(
+    shape: tuple[int, ...], spacing: tuple[float, ...], n_lesions: object, empty_probability: float
+) -> tuple[int, int]:
     """Check the options of :func:`make_phantom`; return the inclusive range of the lesion count."""
     if len(shape) != 3 or any(int(s) != s or int(s) < 16 for s in shape):
-        raise ConformalSegError(f"phantom shape must be three integers >= 16, got {shape}.",
-                                fix="pass a shape such as (48, 96, 96) in numpy (z, y, x) order.")
+        raise ConformalSegError(
+            f"phantom shape must be three integers >= 16, got {shape}.",
+            fix="pass a shape such as (48, 96, 96) in numpy (z, y, x) order.",
+        )
     if len(spacing) != 3 or any(not np.isfinite(s) or s <= 0 for s in spacing):
-        raise ConformalSegError(f"phantom spacing must be three positive numbers, got {spacing}.",
-                                fix="pass a spacing such as (1.6, 1.6, 3.0) in mm, ITK (x, y, z) order.")
+        raise ConformalSegError(
+            f"phantom spacing must be three positive numbers, got {spacing}.",
+            fix="pass a spacing such as (1.6, 1.6, 3.0) in mm, ITK (x, y, z) order.",
+        )
     if not 0.0 <= float(empty_probability) <= 1.0:
         raise ConformalSegError(f"empty_probability must lie in [0, 1], got {empty_probability}.")
     if isinstance(n_lesions, (int, np.integer)) and not isinstance(n_lesions, bool):
         lo = hi = int(n_lesions)
-    elif isinstance(n_lesions, (tuple, list)) and len(n_lesions) == 2 and all(
-            isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in n_lesions):
+    elif (
+        isinstance(n_lesions, (tuple, list))
+        and len(n_lesions) == 2
+        and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in n_lesions)
+    ):
         lo, hi = int(n_lesions[0]), int(n_lesions[1])
     else:
         lo, hi = -1, -1
     if not 0 <= lo <= hi:
-        raise ConformalSegError(f"n_lesions must be a non-negative integer or an inclusive range (lo, hi) "
-                                f"with 0 <= lo <= hi, got {n_lesions!r}.", fix="pass e.g. n_lesions=(1, 4).")
+        raise ConformalSegError(
+            f"n_lesions must be a non-negative integer or an inclusive range (lo, hi) "
+            f"with 0 <= lo <= hi, got {n_lesions!r}.",
+            fix="pass e.g. n_lesions=(1, 4).",
+        )
     return lo, hi
 
 

@@ -30,8 +30,14 @@ from ..common.randomness import random_rotation
 from .labels import KIDNEY, LESION, LESION_HOSTS, LIVER, LUNG, SPLEEN
 from .shapes import F32, Box, bbox, box, ellipsoid, paint
 
-__all__ = ["MAX_LESION_RADIUS_MM", "MAX_NODULE_RADIUS_MM", "MIN_LESION_RADIUS_MM", "MIN_LESION_VOXELS", "LesionInfo",
-           "place_lesions"]
+__all__ = [
+    "MAX_LESION_RADIUS_MM",
+    "MAX_NODULE_RADIUS_MM",
+    "MIN_LESION_RADIUS_MM",
+    "MIN_LESION_VOXELS",
+    "LesionInfo",
+    "place_lesions",
+]
 
 _HOST_WEIGHTS = {LIVER: 0.45, LUNG: 0.25, KIDNEY: 0.15, SPLEEN: 0.15}
 MIN_LESION_RADIUS_MM = 3.0
@@ -92,9 +98,16 @@ class _Hosts:
         return found
 
 
-def place_lesions(rng: np.random.Generator, count: int, image: np.ndarray, labels: np.ndarray,
-                  texture: np.ndarray, host_hu: dict[int, float], sp: np.ndarray,
-                  geometry: Geometry) -> list[LesionInfo]:
+def place_lesions(
+    rng: np.random.Generator,
+    count: int,
+    image: np.ndarray,
+    labels: np.ndarray,
+    texture: np.ndarray,
+    host_hu: dict[int, float],
+    sp: np.ndarray,
+    geometry: Geometry,
+) -> list[LesionInfo]:
     """Draw ``count`` lesions into ``image``/``labels`` (in place); return what was placed.
 
     A lesion that the host organ's edge clips to a sliver (fewer than :data:`MIN_LESION_VOXELS` or
@@ -115,9 +128,17 @@ def place_lesions(rng: np.random.Generator, count: int, image: np.ndarray, label
     return placed
 
 
-def _try_lesion(rng: np.random.Generator, host: _Host, centres: list[tuple[np.ndarray, float]], image: np.ndarray,
-                labels: np.ndarray, texture: np.ndarray, host_hu: dict[int, float], sp: np.ndarray,
-                geometry: Geometry) -> LesionInfo | None:
+def _try_lesion(
+    rng: np.random.Generator,
+    host: _Host,
+    centres: list[tuple[np.ndarray, float]],
+    image: np.ndarray,
+    labels: np.ndarray,
+    texture: np.ndarray,
+    host_hu: dict[int, float],
+    sp: np.ndarray,
+    geometry: Geometry,
+) -> LesionInfo | None:
     """One placement attempt in ``host``: paint the lesion and record its centre, or None to re-draw."""
     radius, centre = _draw_centre(rng, host, sp)
     if any(np.linalg.norm(centre - c2) < 0.9 * (radius + r2) + 2.0 for c2, r2 in centres):
@@ -141,8 +162,14 @@ def _try_lesion(rng: np.random.Generator, host: _Host, centres: list[tuple[np.nd
     paint(image, labels, lbox, blob, lesion_img, LESION)
     centres.append((centre, radius))
     phys = geometry.ijk_to_lps() @ np.append((centre / sp)[::-1], 1.0)
-    return LesionInfo(host=host.label, center_mm=(float(phys[0]), float(phys[1]), float(phys[2])), radius_mm=radius, hu=float(hu),
-                      contrast_hu=float(hu - host_hu[host.label]), n_voxels=n_vox)
+    return LesionInfo(
+        host=host.label,
+        center_mm=(float(phys[0]), float(phys[1]), float(phys[2])),
+        radius_mm=radius,
+        hu=float(hu),
+        contrast_hu=float(hu - host_hu[host.label]),
+        n_voxels=n_vox,
+    )
 
 
 def _draw_centre(rng: np.random.Generator, host: _Host, sp: np.ndarray) -> tuple[float, np.ndarray]:
@@ -159,8 +186,15 @@ def _draw_centre(rng: np.random.Generator, host: _Host, sp: np.ndarray) -> tuple
     return radius, (idx + rng.uniform(-0.5, 0.5, 3)) * sp
 
 
-def _draw_shape(rng: np.random.Generator, lbox: Box, centre: np.ndarray, radius: float, axes: np.ndarray,
-                texture: np.ndarray, sp: np.ndarray) -> np.ndarray:
+def _draw_shape(
+    rng: np.random.Generator,
+    lbox: Box,
+    centre: np.ndarray,
+    radius: float,
+    axes: np.ndarray,
+    texture: np.ndarray,
+    sp: np.ndarray,
+) -> np.ndarray:
     """Normalised radius field (< 1 inside) of a rotated ellipsoid with 0-2 lobes and a noisy surface."""
     field_ = ellipsoid(lbox, centre, axes, sp, random_rotation(rng))
     for _lobe in range(int(rng.integers(0, 3))):
@@ -172,8 +206,14 @@ def _draw_shape(rng: np.random.Generator, lbox: Box, centre: np.ndarray, radius:
     return field_ + F32(rng.uniform(0.08, 0.22)) * texture[lbox]
 
 
-def _draw_intensity(rng: np.random.Generator, host: int, host_hu: dict[int, float], radius: float,
-                    field_: np.ndarray, texture: np.ndarray) -> tuple[float, np.ndarray]:
+def _draw_intensity(
+    rng: np.random.Generator,
+    host: int,
+    host_hu: dict[int, float],
+    radius: float,
+    field_: np.ndarray,
+    texture: np.ndarray,
+) -> tuple[float, np.ndarray]:
     """Mean intensity (HU) and image of the lesion on its box: nodule in lung, hypo-dense elsewhere."""
     if host == LUNG:
         hu = rng.uniform(0.0, 40.0)

@@ -12,8 +12,20 @@ import math
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["F32", "Box", "bbox", "box", "ellipsoid", "ellipsoid_radius", "offsets", "paint", "rot_z", "smooth_noise", "union_box",
-           "upsample_linear"]
+__all__ = [
+    "F32",
+    "Box",
+    "bbox",
+    "box",
+    "ellipsoid",
+    "ellipsoid_radius",
+    "offsets",
+    "paint",
+    "rot_z",
+    "smooth_noise",
+    "union_box",
+    "upsample_linear",
+]
 
 F32 = np.float32
 Box = tuple[slice, slice, slice]
@@ -36,8 +48,7 @@ def upsample_linear(small: np.ndarray, factors: np.ndarray, shape: tuple[int, ..
     return out
 
 
-def smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma_mm: float,
-                  spacing: np.ndarray) -> np.ndarray:
+def smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma_mm: float, spacing: np.ndarray) -> np.ndarray:
     """Smooth Gaussian random field with unit standard deviation (float32).
 
     White noise is filtered on a grid coarsened by about ``sigma / 1.5`` voxels and linearly
@@ -87,8 +98,9 @@ def offsets(box: Box, center: np.ndarray, sp: np.ndarray) -> list[np.ndarray]:
     return out
 
 
-def ellipsoid(box: Box, center: np.ndarray, axes: np.ndarray, sp: np.ndarray,
-              rotation: np.ndarray | None = None) -> np.ndarray:
+def ellipsoid(
+    box: Box, center: np.ndarray, axes: np.ndarray, sp: np.ndarray, rotation: np.ndarray | None = None
+) -> np.ndarray:
     """Normalised ellipsoid radius (1 on the surface) on ``box``; ``rotation`` columns = principal axes."""
     return ellipsoid_radius(offsets(box, center, sp), axes, rotation)
 
@@ -118,8 +130,9 @@ def bbox(mask: np.ndarray, pad: int = 0) -> Box | None:
     return tuple(sl)  # type: ignore[return-value]
 
 
-def paint(image: np.ndarray, labels: np.ndarray, box: Box, mask: np.ndarray, value: np.ndarray | float,
-           label: int | None) -> None:
+def paint(
+    image: np.ndarray, labels: np.ndarray, box: Box, mask: np.ndarray, value: np.ndarray | float, label: int | None
+) -> None:
     """Set ``image`` (and ``labels`` unless None) on ``mask`` within ``box``."""
     sub = image[box]
     if np.ndim(value) == 0:

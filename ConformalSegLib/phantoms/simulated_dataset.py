@@ -28,8 +28,15 @@ def label_map(case: SyntheticCase) -> np.ndarray:
     return labels
 
 
-def write_synthetic_dataset(out_dir: str | PathLike[str], n_cases: int, *, seed: int = 0, force: bool = False,
-                            progress: Callable[[int, int, str], None] | None = None, **case_options) -> Path:
+def write_synthetic_dataset(
+    out_dir: str | PathLike[str],
+    n_cases: int,
+    *,
+    seed: int = 0,
+    force: bool = False,
+    progress: Callable[[int, int, str], None] | None = None,
+    **case_options,
+) -> Path:
     """Generate ``n_cases`` cases and write them under ``out_dir`` (see module docstring)."""
     out = Path(out_dir)
     for done, case in enumerate(make_cases(n_cases, seed=seed, **case_options), start=1):

@@ -68,8 +68,9 @@ def _sigma_vox(sigma_mm: float, spacing_zyx: np.ndarray) -> tuple[float, ...]:
     return tuple(float(sigma_mm / s) for s in spacing_zyx)
 
 
-def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma_mm: float,
-                  spacing_zyx: np.ndarray) -> np.ndarray:
+def _smooth_noise(
+    rng: np.random.Generator, shape: tuple[int, ...], sigma_mm: float, spacing_zyx: np.ndarray
+) -> np.ndarray:
     """Gaussian-filtered white noise with (about) unit standard deviation, float32."""
     field = rng.standard_normal(shape, dtype=np.float32)
     field = ndimage.gaussian_filter(field, _sigma_vox(sigma_mm, spacing_zyx), truncate=3.0, mode="reflect")
@@ -92,14 +93,17 @@ def _bbox(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     return np.array(lo), np.array(hi)
 
 
-def _validate(shape: tuple[int, int, int], spacing: tuple[float, float, float],
-              empty_probability: float) -> None:
+def _validate(shape: tuple[int, int, int], spacing: tuple[float, float, float], empty_probability: float) -> None:
     if len(shape) != 3 or any(int(s) != s or int(s) < 16 for s in shape):
-        raise ConformalSegError(f"synthetic case shape must be three integers >= 16, got {shape}.",
-                                fix="pass a shape such as (40, 64, 64) in numpy (z, y, x) order.")
+        raise ConformalSegError(
+            f"synthetic case shape must be three integers >= 16, got {shape}.",
+            fix="pass a shape such as (40, 64, 64) in numpy (z, y, x) order.",
+        )
     if len(spacing) != 3 or any(not np.isfinite(s) or s <= 0 for s in spacing):
-        raise ConformalSegError(f"synthetic case spacing must be three positive numbers, got {spacing}.",
-                                fix="pass a spacing such as (0.9, 0.9, 2.5) in mm, ITK (x, y, z) order.")
+        raise ConformalSegError(
+            f"synthetic case spacing must be three positive numbers, got {spacing}.",
+            fix="pass a spacing such as (0.9, 0.9, 2.5) in mm, ITK (x, y, z) order.",
+        )
     if not 0.0 <= empty_probability <= 1.0:
         raise ConformalSegError(f"empty_probability must lie in [0, 1], got {empty_probability}.")
 
@@ -108,9 +112,14 @@ def _validate(shape: tuple[int, int, int], spacing: tuple[float, float, float],
 # public API
 
 
-def make_case(seed: int, *, shape: tuple[int, int, int] = (40, 64, 64),
-              spacing: tuple[float, float, float] = (0.9, 0.9, 2.5),
-              empty_probability: float = 0.0, case_id: str | None = None) -> SyntheticCase:
+def make_case(
+    seed: int,
+    *,
+    shape: tuple[int, int, int] = (40, 64, 64),
+    spacing: tuple[float, float, float] = (0.9, 0.9, 2.5),
+    empty_probability: float = 0.0,
+    case_id: str | None = None,
+) -> SyntheticCase:
     """Generate one synthetic case, deterministically from ``seed``.
 
     ``shape`` is in numpy ``(z, y, x)`` order, ``spacing`` in mm in ITK ``(x, y, z)`` order. With
@@ -171,10 +180,10 @@ def _draw_organ(rng: np.random.Generator, shape: tuple[int, int, int], sp: np.nd
     body_r = np.broadcast_to(body_r, shape)
     body = body_r < 1.0
 
-    organ_axes = fov * np.array([rng.uniform(0.30, 0.42), rng.uniform(0.27, 0.33),
-                                 rng.uniform(0.30, 0.37)])
-    organ_center = center + fov * np.array([rng.uniform(-0.05, 0.05), rng.uniform(-0.04, 0.04),
-                                            rng.uniform(-0.06, 0.06)])
+    organ_axes = fov * np.array([rng.uniform(0.30, 0.42), rng.uniform(0.27, 0.33), rng.uniform(0.30, 0.37)])
+    organ_center = center + fov * np.array(
+        [rng.uniform(-0.05, 0.05), rng.uniform(-0.04, 0.04), rng.uniform(-0.06, 0.06)]
+    )
     angle = rng.uniform(-0.5, 0.5)
     c, s = math.cos(angle), math.sin(angle)
     organ_rot = np.array([[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]])
@@ -201,8 +210,9 @@ def _draw_image(rng: np.random.Generator, organ: _Organ, sp: np.ndarray) -> tupl
     return image, texture, organ_weight
 
 
-def _draw_lesions(rng: np.random.Generator, is_empty: bool, organ: _Organ, texture: np.ndarray,
-                  sp: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[_Lesion]]:
+def _draw_lesions(
+    rng: np.random.Generator, is_empty: bool, organ: _Organ, texture: np.ndarray, sp: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, list[_Lesion]]:
     """1-3 lesions inside the organ: the lesion mask, the per-voxel darkening (HU) and each lesion."""
     shape = organ.mask.shape
     lesion = np.zeros(shape, dtype=bool)
@@ -238,8 +248,15 @@ def _draw_lesions(rng: np.random.Generator, is_empty: bool, organ: _Organ, textu
     return lesion, darkening, lesions
 
 
-def _lesion_blob(rng: np.random.Generator, lbox: Box, lcenter: np.ndarray, radius: float, organ: np.ndarray,
-                 texture: np.ndarray, sp: np.ndarray) -> np.ndarray | None:
+def _lesion_blob(
+    rng: np.random.Generator,
+    lbox: Box,
+    lcenter: np.ndarray,
+    radius: float,
+    organ: np.ndarray,
+    texture: np.ndarray,
+    sp: np.ndarray,
+) -> np.ndarray | None:
     """A lesion's mask on its box: rotated ellipsoid with 0-2 lobes and a noisy surface, in the organ,
     largest connected part; None when nothing is left."""
     loff = offsets(lbox, lcenter, sp)
@@ -282,8 +299,15 @@ def _signed_distance(lesion: np.ndarray, sp: np.ndarray) -> np.ndarray:
     return signed
 
 
-def _imitate_network(rng: np.random.Generator, lesion: np.ndarray, lesions: list[_Lesion], organ: _Organ,
-                     organ_weight: np.ndarray, texture: np.ndarray, sp: np.ndarray) -> np.ndarray:
+def _imitate_network(
+    rng: np.random.Generator,
+    lesion: np.ndarray,
+    lesions: list[_Lesion],
+    organ: _Organ,
+    organ_weight: np.ndarray,
+    texture: np.ndarray,
+    sp: np.ndarray,
+) -> np.ndarray:
     """The imitated network output: a biased, noisy logit of the signed distance, partly missed
     lesions, false-positive blobs, lowered outside the organ; its sigmoid."""
     shape = lesion.shape

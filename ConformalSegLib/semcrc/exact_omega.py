@@ -164,10 +164,11 @@ class OmegaCurve:
 
     def between(self, lo: float, hi: float) -> list[np.ndarray]:
         """Per scan the thresholds ``t`` with ``lo < t < hi`` (views)."""
-        return [t[np.searchsorted(t, lo, side="right"):np.searchsorted(t, hi, side="left")] for t in self.thresholds]
+        return [t[np.searchsorted(t, lo, side="right") : np.searchsorted(t, hi, side="left")] for t in self.thresholds]
 
-    def bracket(self, lo: float, hi: float, budget: Fraction, *, limit: int = 1 << 16,
-                pivots: int = 63) -> tuple[float, float]:
+    def bracket(
+        self, lo: float, hi: float, budget: Fraction, *, limit: int = 1 << 16, pivots: int = 63
+    ) -> tuple[float, float]:
         """Narrow ``(lo, hi)`` (``F(lo) > budget``; ``F(hi) <= budget`` or ``hi = inf``) to at most ``limit``
         thresholds strictly inside, by exact checks at ``pivots`` sample quantiles of the thresholds
         (a binary search over the pivots: about 6 checks per round, each round keeps ~1/64)."""
@@ -194,7 +195,9 @@ class OmegaCurve:
 
     def merged(self, lo: float, hi: float = math.inf) -> tuple[np.ndarray, np.ndarray]:
         """Distinct thresholds in ``(lo, hi]`` ascending and ``F`` at each of them (float, for locating)."""
-        parts = [t[np.searchsorted(t, lo, side="right"):np.searchsorted(t, hi, side="right")] for t in self.thresholds]
+        parts = [
+            t[np.searchsorted(t, lo, side="right") : np.searchsorted(t, hi, side="right")] for t in self.thresholds
+        ]
         base = 0.0 if hi == math.inf else math.fsum(((self.misses(hi)) / self.sizes).tolist())
         weights = np.concatenate([np.full(p.size, 1.0 / d) for p, d in zip(parts, self.sizes)])
         values = np.concatenate(parts)
@@ -209,8 +212,14 @@ class OmegaCurve:
         return distinct, above + base
 
 
-def exact_omega(curve: OmegaCurve, epsilon: float, *, omega_min: float = 0.0,
-                omega_max: float = math.inf, merge_limit: int = 1 << 16) -> float:
+def exact_omega(
+    curve: OmegaCurve,
+    epsilon: float,
+    *,
+    omega_min: float = 0.0,
+    omega_max: float = math.inf,
+    merge_limit: int = 1 << 16,
+) -> float:
     """``inf{omega in [omega_min, omega_max] : n/(n+1) Rhat(omega) + 1/(n+1) <= epsilon}`` exactly.
 
     Returns ``+inf`` when no omega in the range satisfies the condition (module docstring). For
@@ -238,8 +247,15 @@ def exact_omega(curve: OmegaCurve, epsilon: float, *, omega_min: float = 0.0,
     return omega if omega <= omega_max else math.inf
 
 
-def bisect_omega(curve: OmegaCurve, epsilon: float, *, omega_min: float = 0.0, omega_max: float = math.inf,
-                 tol: float = 1e-12, max_iter: int = 200) -> float:
+def bisect_omega(
+    curve: OmegaCurve,
+    epsilon: float,
+    *,
+    omega_min: float = 0.0,
+    omega_max: float = math.inf,
+    tol: float = 1e-12,
+    max_iter: int = 200,
+) -> float:
     """Baseline: bisection on the same exact predicate, to ``tol``; returns the upper (valid) end.
 
     Converges to :func:`exact_omega` from above (the valid set is ``[omega_hat, omega_max]``).

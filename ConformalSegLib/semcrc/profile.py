@@ -64,16 +64,32 @@ class IntervalProfile:
         c = self.calibration
         by_group = lambda values: {g: _encode(v) for g, v in zip(c.groups, np.asarray(values).tolist())}  # noqa: E731
         doc: dict[str, Any] = {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "method": c.method, "epsilon": c.epsilon,
-            "guarantee": c.guarantee, "coverage": COVERAGE, "groups": list(c.groups), "organs": list(c.organs),
-            "lambda": by_group(c.lam), "anchor": by_group(c.anchor), "omega": by_group(c.omega),
-            "status": dict(zip(c.groups, c.status)), "n_cal": dict(zip(c.groups, (int(v) for v in c.n_cal))),
-            "n_opt": c.n_opt, "gamma": c.gamma, "lambda_max": _encode(c.lambda_max),
-            "organ_labels": {str(k): v for k, v in sorted(self.organs.labels.items())}, "body": self.body,
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "method": c.method,
+            "epsilon": c.epsilon,
+            "guarantee": c.guarantee,
+            "coverage": COVERAGE,
+            "groups": list(c.groups),
+            "organs": list(c.organs),
+            "lambda": by_group(c.lam),
+            "anchor": by_group(c.anchor),
+            "omega": by_group(c.omega),
+            "status": dict(zip(c.groups, c.status)),
+            "n_cal": dict(zip(c.groups, (int(v) for v in c.n_cal))),
+            "n_opt": c.n_opt,
+            "gamma": c.gamma,
+            "lambda_max": _encode(c.lambda_max),
+            "organ_labels": {str(k): v for k, v in sorted(self.organs.labels.items())},
+            "body": self.body,
             "seconds": {k: round(float(v), 6) for k, v in c.seconds.items()},
-            "provenance": {"package_version": __version__,
-                           "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                           "opt_cases": list(c.opt_cases), "cal_cases": list(c.cal_cases), **self.provenance},
+            "provenance": {
+                "package_version": __version__,
+                "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "opt_cases": list(c.opt_cases),
+                "cal_cases": list(c.cal_cases),
+                **self.provenance,
+            },
         }
         if c.method == "k-crc":
             doc["partition"] = {"file": npz_name, "sha256": npz_sha256, "shape": list(c.shape or ())}
@@ -83,8 +99,9 @@ class IntervalProfile:
         """Write ``PATH.json`` (and ``PATH.npz`` for K-CRC) atomically; return the written paths."""
         path = Path(path)
         if path.suffix.lower() != ".json":
-            raise IntervalProfileError("an interval profile file name must end in .json", path=path,
-                                       fix="e.g. --out intervals.json")
+            raise IntervalProfileError(
+                "an interval profile file name must end in .json", path=path, fix="e.g. --out intervals.json"
+            )
         check_can_write(path, force=force)
         written: list[Path] = []
         npz_name = sha = None
@@ -97,8 +114,9 @@ class IntervalProfile:
             atomic_write_bytes(npz_path, data, force=force)
             npz_name, sha = npz_path.name, hashlib.sha256(data).hexdigest()
             written.append(npz_path)
-        atomic_write_text(path, json.dumps(self.to_json_dict(npz_name, sha), indent=2, allow_nan=False) + "\n",
-                          force=force)
+        atomic_write_text(
+            path, json.dumps(self.to_json_dict(npz_name, sha), indent=2, allow_nan=False) + "\n", force=force
+        )
         return [path] + written
 
 
@@ -114,8 +132,9 @@ def is_interval_profile(path: str | PathLike[str]) -> bool:
 def _mapping(doc: dict[str, Any], key: str, groups: list[str], path: Path) -> dict[str, Any]:
     value = doc.get(key)
     if not isinstance(value, dict) or list(value) != groups:
-        raise IntervalProfileError(f"{key!r} must map every group {groups} (in order), got {value!r}", path=path,
-                                   fix=RERUN_FIX)
+        raise IntervalProfileError(
+            f"{key!r} must map every group {groups} (in order), got {value!r}", path=path, fix=RERUN_FIX
+        )
     return value
 
 
@@ -124,8 +143,11 @@ def _check_header(doc: Any, path: Path) -> tuple[str, list[str]]:
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise IntervalProfileError(f"not an interval profile (no 'format': '{FORMAT}')", path=path, fix=RERUN_FIX)
     if doc.get("format_version") != FORMAT_VERSION:
-        raise IntervalProfileError(f"format version {doc.get('format_version')!r} is not supported "
-                                   f"(this is {FORMAT_VERSION})", path=path, fix=RERUN_FIX)
+        raise IntervalProfileError(
+            f"format version {doc.get('format_version')!r} is not supported (this is {FORMAT_VERSION})",
+            path=path,
+            fix=RERUN_FIX,
+        )
     method = doc.get("method")
     if method not in METHODS:
         raise IntervalProfileError(f"unknown method {method!r}", path=path, fix=RERUN_FIX)
@@ -140,11 +162,17 @@ def _read_partition(doc: dict[str, Any], path: Path, n_groups: int) -> tuple[np.
     info = doc.get("partition") or {}
     npz_path = path.with_name(str(info.get("file", "")))
     if not npz_path.is_file():
-        raise IntervalProfileError(f"the partition file {npz_path.name} is missing beside the profile", path=path,
-                                   fix="keep the .npz next to the .json (copy both), or re-calibrate")
+        raise IntervalProfileError(
+            f"the partition file {npz_path.name} is missing beside the profile",
+            path=path,
+            fix="keep the .npz next to the .json (copy both), or re-calibrate",
+        )
     if sha256_file(npz_path) != info.get("sha256"):
-        raise IntervalProfileError("partition file does not match the profile's checksum", path=npz_path,
-                                   fix="restore the matching .npz or re-calibrate")
+        raise IntervalProfileError(
+            "partition file does not match the profile's checksum",
+            path=npz_path,
+            fix="restore the matching .npz or re-calibrate",
+        )
     with np.load(npz_path, allow_pickle=False) as arrays:
         partition = np.asarray(arrays["partition"], dtype=np.int32)
     shape = tuple(int(s) for s in info.get("shape", ()))
@@ -170,8 +198,9 @@ def load_interval_profile(path: str | PathLike[str]) -> IntervalProfile:
     if not set(status) <= {CONTROLLED, UNCONTROLLABLE, NO_DATA}:
         raise IntervalProfileError(f"unknown status in {status}", path=path, fix=RERUN_FIX)
     if (lam < 0).any() or any(s != CONTROLLED and v != math.inf for s, v in zip(status, lam)):
-        raise IntervalProfileError("lambda must be >= 0, and 'inf' for every group that is not controlled",
-                                   path=path, fix=RERUN_FIX)
+        raise IntervalProfileError(
+            "lambda must be >= 0, and 'inf' for every group that is not controlled", path=path, fix=RERUN_FIX
+        )
     n_cal = np.array(list(_mapping(doc, "n_cal", groups, path).values()), dtype=np.int64)
     epsilon = _decode(doc.get("epsilon"), "epsilon", path)
     try:
@@ -182,13 +211,26 @@ def load_interval_profile(path: str | PathLike[str]) -> IntervalProfile:
     provenance = dict(doc.get("provenance") or {})
     lambda_max = doc.get("lambda_max")
     calibration = IntervalCalibration(
-        method=method, epsilon=epsilon, groups=tuple(groups), lam=lam, anchor=anchor, omega=omega, status=status,
-        n_cal=n_cal, n_opt=int(doc.get("n_opt", 0)), organs=tuple(doc.get("organs") or groups),
-        gamma=doc.get("gamma"), partition=partition, shape=shape,
+        method=method,
+        epsilon=epsilon,
+        groups=tuple(groups),
+        lam=lam,
+        anchor=anchor,
+        omega=omega,
+        status=status,
+        n_cal=n_cal,
+        n_opt=int(doc.get("n_opt", 0)),
+        organs=tuple(doc.get("organs") or groups),
+        gamma=doc.get("gamma"),
+        partition=partition,
+        shape=shape,
         lambda_max=None if lambda_max is None else _decode(lambda_max, "lambda_max", path),
-        seconds=dict(doc.get("seconds") or {}), opt_cases=tuple(provenance.pop("opt_cases", ()) or ()),
-        cal_cases=tuple(provenance.pop("cal_cases", ()) or ()))
+        seconds=dict(doc.get("seconds") or {}),
+        opt_cases=tuple(provenance.pop("opt_cases", ()) or ()),
+        cal_cases=tuple(provenance.pop("cal_cases", ()) or ()),
+    )
     if method != "k-crc" and method != "crc" and tuple(groups) != organs.groups:
-        raise IntervalProfileError(f"groups {groups} do not match the organ labels {organs.groups}", path=path,
-                                   fix=RERUN_FIX)
+        raise IntervalProfileError(
+            f"groups {groups} do not match the organ labels {organs.groups}", path=path, fix=RERUN_FIX
+        )
     return IntervalProfile(calibration, organs, str(doc.get("body", "all")), provenance)

@@ -43,18 +43,23 @@ class SyntheticIntervals:
 
     def data(self, body: str = "nonzero") -> IntervalData:
         """The scans as :class:`IntervalData` (background excluded with ``body="nonzero"``)."""
-        scans = [make_interval_scan(lo, hi, y, organ_memberships(lab, self.organs, body), case_id=f"case{i:04d}")
-                 for i, (lo, hi, y, lab) in enumerate(zip(self.lower, self.upper, self.truth, self.labels))]
+        scans = [
+            make_interval_scan(lo, hi, y, organ_memberships(lab, self.organs, body), case_id=f"case{i:04d}")
+            for i, (lo, hi, y, lab) in enumerate(zip(self.lower, self.upper, self.truth, self.labels))
+        ]
         return IntervalData(scans, self.organs.groups)
 
 
 def _ellipsoid(shape: tuple[int, int, int], centre: np.ndarray, radii: np.ndarray) -> np.ndarray:
     zz, yy, xx = np.meshgrid(*(np.arange(s, dtype=np.float64) for s in shape), indexing="ij")
-    return ((zz - centre[0]) / radii[0]) ** 2 + ((yy - centre[1]) / radii[1]) ** 2 + ((xx - centre[2]) / radii[2]) ** 2 <= 1
+    return ((zz - centre[0]) / radii[0]) ** 2 + ((yy - centre[1]) / radii[1]) ** 2 + (
+        (xx - centre[2]) / radii[2]
+    ) ** 2 <= 1
 
 
-def synthetic_intervals(n: int, *, shape: tuple[int, int, int] = (2, 24, 24), seed: int = 0,
-                        dtype: type = np.float32) -> SyntheticIntervals:
+def synthetic_intervals(
+    n: int, *, shape: tuple[int, int, int] = (2, 24, 24), seed: int = 0, dtype: type = np.float32
+) -> SyntheticIntervals:
     """``n`` synthetic scans (module docstring), reproducible from ``seed``."""
     rng = np.random.default_rng(seed)
     z, h, w = shape
