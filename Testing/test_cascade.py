@@ -12,15 +12,32 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ConformalSegLib.cascade import (CascadeCancelled, CascadeConfig, CascadeConfigError, StageOutput,
-                                     classical_lung_mask, crop_geometry, filter_lung_overlap, filter_min_volume,
-                                     label_components, load_cascade_config, lung_distances_mm, lung_mask_from_labels,
-                                     lung_overlap_fractions, margin_voxels, merge_components, paste_max, roi_box,
-                                     run_cascade, select_components, top_k)
-from ConformalSegLib.errors import ConformalSegError
-from ConformalSegLib.geometry import Geometry
+from ConformalSegLib.cascade import (
+    CascadeCancelled,
+    CascadeConfig,
+    CascadeConfigError,
+    StageOutput,
+    classical_lung_mask,
+    crop_geometry,
+    filter_lung_overlap,
+    filter_min_volume,
+    label_components,
+    load_cascade_config,
+    lung_distances_mm,
+    lung_mask_from_labels,
+    lung_overlap_fractions,
+    margin_voxels,
+    merge_components,
+    paste_max,
+    roi_box,
+    run_cascade,
+    select_components,
+    top_k,
+)
+from ConformalSegLib.common.errors import ConformalSegError
+from ConformalSegLib.common.geometry import Geometry
+from ConformalSegLib.evaluation.metrics import dice_from_masks
 from ConformalSegLib.io.volumes import Volume
-from ConformalSegLib.metrics import dice_from_masks
 
 
 def ids(labels: np.ndarray) -> set[int]:
@@ -113,14 +130,29 @@ def test_lung_overlap_filter_and_rescue(lung_scene):
     assert ids(filter_lung_overlap(labels, lung, spacing, min_overlap=0.5)) == {1, 2, 3}
     rescue = dict(rescue_distance_mm=2.5, rescue_min_volume_mm3=8.0)
     assert ids(filter_lung_overlap(labels, lung, spacing, **rescue)) == {1, 2, 3, 4}
-    assert ids(filter_lung_overlap(labels, lung, spacing, rescue_distance_mm=2.4, rescue_min_volume_mm3=8.0)) \
-        == {1, 2, 3}
-    assert ids(filter_lung_overlap(labels, lung, spacing, rescue_distance_mm=2.5, rescue_min_volume_mm3=8.5)) \
-        == {1, 2, 3}  # 3 is 16 mm³, 4 only 8 mm³
-    assert ids(filter_lung_overlap(labels, lung, spacing, rescue_distance_mm=10.0, rescue_min_volume_mm3=0.0)) \
-        == {1, 2, 3, 4, 5}
-    assert ids(filter_lung_overlap(labels, lung, spacing, rescue_distance_mm=10.0, rescue_min_volume_mm3=16.0)) \
-        == {1, 2, 3, 5}
+    assert ids(filter_lung_overlap(labels, lung, spacing, rescue_distance_mm=2.4, rescue_min_volume_mm3=8.0)) == {
+        1,
+        2,
+        3,
+    }
+    assert ids(filter_lung_overlap(labels, lung, spacing, rescue_distance_mm=2.5, rescue_min_volume_mm3=8.5)) == {
+        1,
+        2,
+        3,
+    }  # 3 is 16 mm³, 4 only 8 mm³
+    assert ids(filter_lung_overlap(labels, lung, spacing, rescue_distance_mm=10.0, rescue_min_volume_mm3=0.0)) == {
+        1,
+        2,
+        3,
+        4,
+        5,
+    }
+    assert ids(filter_lung_overlap(labels, lung, spacing, rescue_distance_mm=10.0, rescue_min_volume_mm3=16.0)) == {
+        1,
+        2,
+        3,
+        5,
+    }
     before = labels.copy()
     filter_lung_overlap(labels, lung, spacing, **rescue)
     assert np.array_equal(labels, before)  # pure
@@ -128,8 +160,16 @@ def test_lung_overlap_filter_and_rescue(lung_scene):
 
 def test_select_components_table(lung_scene):
     labels, lung, spacing = lung_scene
-    kept, table = select_components(labels > 0, spacing, lung=lung, min_volume_mm3=10.0, min_lung_overlap=0.8,
-                                    rescue_distance_mm=3.0, rescue_min_volume_mm3=0.0, k=2)
+    kept, table = select_components(
+        labels > 0,
+        spacing,
+        lung=lung,
+        min_volume_mm3=10.0,
+        min_lung_overlap=0.8,
+        rescue_distance_mm=3.0,
+        rescue_min_volume_mm3=0.0,
+        k=2,
+    )
     status = {c.id: c.status for c in table}
     # ids after merging follow the first voxel in C order: 1, 3, 5 start at z=1; 2, 4 at z=5
     assert [c.n_voxels for c in table] == [20, 16, 16, 20, 8]
@@ -137,8 +177,16 @@ def test_select_components_table(lung_scene):
     assert status == {1: "kept", 2: "not_top_k", 3: "outside_lung", 4: "kept", 5: "too_small"}
     assert ids(kept) == {1, 4} and [c.kept for c in table] == [True, False, False, True, False]
     assert table[1].lung_overlap == 0.5 and table[2].lung_distance_mm == pytest.approx(8.5)
-    _, table = select_components(labels > 0, spacing, lung=lung, min_volume_mm3=10.0, min_lung_overlap=0.8,
-                                 rescue_distance_mm=3.0, rescue_min_volume_mm3=0.0, k=None)
+    _, table = select_components(
+        labels > 0,
+        spacing,
+        lung=lung,
+        min_volume_mm3=10.0,
+        min_lung_overlap=0.8,
+        rescue_distance_mm=3.0,
+        rescue_min_volume_mm3=0.0,
+        k=None,
+    )
     assert table[1].status == "rescued" and table[1].kept
     assert table[0].bbox == ((1, 3), (1, 3), (2, 7)) and table[0].volume_mm3 == 20.0
     # everything off: all candidates kept
@@ -150,7 +198,8 @@ def test_select_components_table(lung_scene):
 
 
 def test_classical_lung_mask_matches_phantom_lungs():
-    from ConformalSegLib.phantom import LUNG, make_phantom
+    from ConformalSegLib.phantoms.generator import make_phantom
+    from ConformalSegLib.phantoms.labels import LUNG
 
     for seed in (0, 1, 2):
         phantom = make_phantom(seed)
@@ -188,8 +237,11 @@ def test_roi_crop_paste_round_trip_at_borders():
     direction = (0.0, -1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0)
     geometry = Geometry(shape=(10, 12, 14), spacing=(0.7, 0.9, 2.5), origin=(5.0, -3.0, 11.0), direction=direction)
     image = rng.random(geometry.shape).astype(np.float32)
-    for bbox, margin in ((((0, 2), (10, 12), (3, 5)), (16, 16, 16)), (((4, 6), (5, 7), (12, 14)), (1, 2, 3)),
-                         (((0, 10), (0, 12), (0, 14)), (0, 0, 0))):
+    for bbox, margin in (
+        (((0, 2), (10, 12), (3, 5)), (16, 16, 16)),
+        (((4, 6), (5, 7), (12, 14)), (1, 2, 3)),
+        (((0, 10), (0, 12), (0, 14)), (0, 0, 0)),
+    ):
         box = roi_box(bbox, margin, geometry.shape)
         for s, (a, b), m, n in zip(box, bbox, margin, geometry.shape):
             assert s.start == max(a - m, 0) and s.stop == min(b + m, n)
@@ -202,8 +254,10 @@ def test_roi_crop_paste_round_trip_at_borders():
         first = geometry.ijk_to_lps() @ np.array([box[2].start, box[1].start, box[0].start, 1.0])
         assert sub.shape == crop.shape and np.allclose(sub.ijk_to_lps()[:3, 3], first[:3])
         last = np.array([s.stop - 1 for s in box])[::-1]
-        assert np.allclose(sub.ijk_to_lps() @ np.append(last - [box[2].start, box[1].start, box[0].start], 1),
-                           geometry.ijk_to_lps() @ np.append(last, 1))
+        assert np.allclose(
+            sub.ijk_to_lps() @ np.append(last - [box[2].start, box[1].start, box[0].start], 1),
+            geometry.ijk_to_lps() @ np.append(last, 1),
+        )
 
 
 def _box_mask(box, shape):
@@ -225,8 +279,10 @@ def _blobs_scene():
 
 
 def _constant(value):
-    return lambda volume, mc: StageOutput(np.full(volume.geometry.shape, value, dtype=np.float32),
-                                          np.full(volume.geometry.shape, 0.01, dtype=np.float32) if mc else None)
+    return lambda volume, mc: StageOutput(
+        np.full(volume.geometry.shape, value, dtype=np.float32),
+        np.full(volume.geometry.shape, 0.01, dtype=np.float32) if mc else None,
+    )
 
 
 def test_outside_roi_rule_zero_and_scaled():
@@ -275,8 +331,12 @@ def test_cascade_checks_predictor_output_and_lung_inputs():
     with pytest.raises(ConformalSegError, match=r"outside \[0, 1\]"):
         run_cascade(volume, config, lambda v, mc: StageOutput(coarse * 2))
     with pytest.raises(ConformalSegError, match="no variance"):
-        run_cascade(volume, config.replace(stage2_mc_passes=2), lambda v, mc: StageOutput(coarse),
-                    lambda v, mc: StageOutput(np.zeros(v.geometry.shape, np.float32)))
+        run_cascade(
+            volume,
+            config.replace(stage2_mc_passes=2),
+            lambda v, mc: StageOutput(coarse),
+            lambda v, mc: StageOutput(np.zeros(v.geometry.shape, np.float32)),
+        )
     with pytest.raises(ConformalSegError, match="no lung label map"):
         run_cascade(volume, CascadeConfig(lung_source="labels"), lambda v, mc: StageOutput(coarse))
 
@@ -285,8 +345,9 @@ def test_lung_filter_inside_the_cascade():
     volume, coarse = _blobs_scene()
     lung = np.zeros(volume.geometry.shape, dtype=np.uint8)
     lung[:, :, 15:] = 2  # the second blob is in the lung, the first far outside
-    config = CascadeConfig(lung_source="labels", lung_fill_holes=False, merge_radius_mm=0.0, top_k=None,
-                           rescue_distance_mm=None)
+    config = CascadeConfig(
+        lung_source="labels", lung_fill_holes=False, merge_radius_mm=0.0, top_k=None, rescue_distance_mm=None
+    )
     result = run_cascade(volume, config, lambda v, mc: StageOutput(coarse), _constant(0.6), lung_labels=lung)
     assert [c.status for c in result.components] == ["outside_lung", "kept"]
     assert set(result.roi_boxes) == {2}
@@ -296,8 +357,14 @@ def test_lung_filter_inside_the_cascade():
 
 
 def test_config_json_round_trip_and_fingerprint(tmp_path):
-    config = CascadeConfig(stage1_model="coarse.json", stage2_model="roi.json", top_k=2, roi_margin_voxels=None,
-                           roi_margin_mm=20.0, stage2_mc_passes=5)
+    config = CascadeConfig(
+        stage1_model="coarse.json",
+        stage2_model="roi.json",
+        top_k=2,
+        roi_margin_voxels=None,
+        roi_margin_mm=20.0,
+        stage2_mc_passes=5,
+    )
     path = config.save(tmp_path / "cascade.json")
     loaded = load_cascade_config(path)
     assert loaded == config and loaded.fingerprint() == config.fingerprint() and len(config.fingerprint()) == 64
@@ -308,16 +375,19 @@ def test_config_json_round_trip_and_fingerprint(tmp_path):
     assert load_cascade_config(minimal) == CascadeConfig()
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"top_kk": 1}, "did you mean 'top_k'"),
-    ({"top_k": 0}, "'top_k' must be an integer >= 1"),
-    ({"min_lung_overlap": 1.5}, "'min_lung_overlap' must be <= 1.0"),
-    ({"roi_margin_mm": 5.0}, "exactly one of 'roi_margin_voxels' and 'roi_margin_mm'"),
-    ({"lung_source": "hu2"}, "did you mean 'hu'"),
-    ({"stage2_mc_passes": 1}, "'stage2_mc_passes' must be 0"),
-    ({"lung_labels": []}, "'lung_labels'"),
-    ({"format_version": 2}, "unsupported format_version"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"top_kk": 1}, "did you mean 'top_k'"),
+        ({"top_k": 0}, "'top_k' must be an integer >= 1"),
+        ({"min_lung_overlap": 1.5}, "'min_lung_overlap' must be <= 1.0"),
+        ({"roi_margin_mm": 5.0}, "exactly one of 'roi_margin_voxels' and 'roi_margin_mm'"),
+        ({"lung_source": "hu2"}, "did you mean 'hu'"),
+        ({"stage2_mc_passes": 1}, "'stage2_mc_passes' must be 0"),
+        ({"lung_labels": []}, "'lung_labels'"),
+        ({"format_version": 2}, "unsupported format_version"),
+    ],
+)
 def test_invalid_configs_name_the_file_and_the_fix(tmp_path, change, message):
     path = tmp_path / "bad.json"
     path.write_text(json.dumps({"format": "conformalseg-cascade", "format_version": 1, **change}))
@@ -349,8 +419,10 @@ def tiny_card(tmp_path_factory):
     root = tmp_path_factory.mktemp("cascade_models")
     torch.manual_seed(7)
     torch.save(UNet(**UNET_ARGS).state_dict(), root / "weights.pt")
-    return write_json(root / "model_card.json",
-                      card_dict({"state_dict": {"network": "UNet", "args": UNET_ARGS, "weights": "weights.pt"}}))
+    return write_json(
+        root / "model_card.json",
+        card_dict({"state_dict": {"network": "UNet", "args": UNET_ARGS, "weights": "weights.pt"}}),
+    )
 
 
 def test_end_to_end_with_model_cards(tiny_card):
@@ -362,8 +434,14 @@ def test_end_to_end_with_model_cards(tiny_card):
     refine_engine = InferenceEngine(tiny_card, device="cpu", seed=3)
     coarse = coarse_engine.predict(volume).probability
     threshold = float(np.quantile(coarse, 0.97))  # random weights: keep the top 3 % as candidates
-    config = CascadeConfig(stage1_threshold=threshold, lung_source="none", top_k=2, roi_margin_voxels=2,
-                           stage2_mc_passes=3, merge_radius_mm=1.0)
+    config = CascadeConfig(
+        stage1_threshold=threshold,
+        lung_source="none",
+        top_k=2,
+        roi_margin_voxels=2,
+        stage2_mc_passes=3,
+        merge_radius_mm=1.0,
+    )
     calls = []
     result = run_cascade(volume, config, coarse_engine, refine_engine, progress=lambda d, t, s: calls.append((d, t)))
     assert np.array_equal(result.coarse_probability, coarse)
@@ -379,7 +457,8 @@ def test_end_to_end_with_model_cards(tiny_card):
     assert calls[-1] == (len(result.roi_boxes) + 2,) * 2
     rows = result.table()
     assert sum(r["kept"] for r in rows) == len(result.roi_boxes) and all(
-        (r["roi"] is not None) == r["kept"] for r in rows)
+        (r["roi"] is not None) == r["kept"] for r in rows
+    )
     json.dumps(rows)  # JSON-ready
     again = run_cascade(volume, config, coarse_engine, refine_engine)
     assert np.array_equal(again.probability, result.probability)  # seeded MC dropout: reproducible
@@ -393,9 +472,17 @@ def test_end_to_end_with_model_cards(tiny_card):
 
 
 def test_evaluation_tables_on_phantom_lung_cases(tmp_path):
-    from ConformalSegLib.cascade.evaluation import (correlation, evaluate_cascade, hu_refiner, lung_lesion_mask,
-                                                    phantom_lung_cases, simulated_coarse_predictor, write_report)
-    from ConformalSegLib.phantom import LESION, make_phantom
+    from ConformalSegLib.cascade.evaluation import (
+        correlation,
+        evaluate_cascade,
+        hu_refiner,
+        lung_lesion_mask,
+        phantom_lung_cases,
+        simulated_coarse_predictor,
+        write_report,
+    )
+    from ConformalSegLib.phantoms.generator import make_phantom
+    from ConformalSegLib.phantoms.labels import LESION
 
     phantom = make_phantom(0)  # lesions in lung and kidney (see Phantom.lesions)
     hosts = sorted({lesion.host for lesion in phantom.lesions})
@@ -406,8 +493,13 @@ def test_evaluation_tables_on_phantom_lung_cases(tmp_path):
     report = evaluate_cascade(cases, stage1=simulated_coarse_predictor, stage2=hu_refiner())
     assert set(report["summary"]) == {"baseline", "top1_roi0", "top1_roi16", "top2_roi0", "all_roi0"}
     assert all(0 <= s["dice"] <= 1 for s in report["summary"].values())
-    by_labels = evaluate_cascade(cases[:1], stage1=simulated_coarse_predictor, stage2=hu_refiner(),
-                                 configs={"top1_roi0": CascadeConfig()}, lung_from_labels=True)
+    by_labels = evaluate_cascade(
+        cases[:1],
+        stage1=simulated_coarse_predictor,
+        stage2=hu_refiner(),
+        configs={"top1_roi0": CascadeConfig()},
+        lung_from_labels=True,
+    )
     assert by_labels["configs"]["top1_roi0"]["lung_source"] == "labels"
     assert by_labels["lung_mask"] == "phantom labels" and report["configs"]["top1_roi0"]["lung_source"] == "hu"
     json_path, md_path = write_report(report, tmp_path)
@@ -432,8 +524,9 @@ def test_cli_cascade_options_build_an_engine_like_predictor(tiny_card, tmp_path)
     add_cascade_argument(parser)
     parser.add_argument("--model", type=Path, default=None)
     assert cascade_predictor_from_args(parser.parse_args([])) is None
-    config = CascadeConfig(stage1_model=str(tiny_card), stage1_threshold=0.5, lung_source="none", top_k=1,
-                           stage2_mc_passes=2)
+    config = CascadeConfig(
+        stage1_model=str(tiny_card), stage1_threshold=0.5, lung_source="none", top_k=1, stage2_mc_passes=2
+    )
     config_path = config.save(tmp_path / "cascade.json")
     args = parser.parse_args(["--cascade", str(config_path)])
     args.device = "cpu"
@@ -445,8 +538,9 @@ def test_cli_cascade_options_build_an_engine_like_predictor(tiny_card, tmp_path)
     assert prediction.info["cascade"] == result.table()
     single = resolve_model(tiny_card).pipeline_sha256()
     assert predictor.card.pipeline_sha256() not in (single, None) and predictor.card.name.startswith("cascade(")
-    other = cascade_predictor_from_args(parser.parse_args(["--cascade", str(
-        config.replace(top_k=2).save(tmp_path / "other.json"))]))
+    other = cascade_predictor_from_args(
+        parser.parse_args(["--cascade", str(config.replace(top_k=2).save(tmp_path / "other.json"))])
+    )
     assert other.card.pipeline_sha256() != predictor.card.pipeline_sha256()
     record = predictor.provenance()["cascade"]
     assert record["sha256"] == config.fingerprint() and record["stage1"]["pipeline_sha256"] == single
@@ -465,8 +559,9 @@ def test_cli_cascade_options_build_an_engine_like_predictor(tiny_card, tmp_path)
     lung_map = np.zeros(volume.geometry.shape, dtype=np.uint8)
     lung_map[2:14, 2:16, 2:14] = 2
     save_volume(lung_map, volume.geometry, lungs / "case7.nii.gz")
-    with_lungs = cascade_predictor_from_args(parser.parse_args(["--cascade", str(labels_cfg), "--cascade-lungs",
-                                                                str(lungs), "--model", str(tiny_card)]))
+    with_lungs = cascade_predictor_from_args(
+        parser.parse_args(["--cascade", str(labels_cfg), "--cascade-lungs", str(lungs), "--model", str(tiny_card)])
+    )
     found = with_lungs.lung_labels_for(Volume(volume.array, volume.geometry, str(tmp_path / "case7_0000.nii.gz")))
     assert np.array_equal(found.array, lung_map)
     with pytest.raises(ConformalSegError, match="no lung label map for case"):
@@ -486,30 +581,119 @@ def test_cascade_through_infer_calibrate_and_apply(tiny_card, tmp_path, capsys):
         truth = np.zeros(geometry.shape, dtype=np.uint8)
         truth[4:9, 5:10, 4:9] = 1
         save_volume(truth, geometry, tmp_path / "labels" / f"case{i}.nii.gz")
-    config = CascadeConfig(stage1_model=str(tiny_card), stage1_threshold=0.5, lung_source="none", top_k=1,
-                           roi_margin_voxels=2, outside_roi_scale=0.5)
+    config = CascadeConfig(
+        stage1_model=str(tiny_card),
+        stage1_threshold=0.5,
+        lung_source="none",
+        top_k=1,
+        roi_margin_voxels=2,
+        outside_roi_scale=0.5,
+    )
     config_path = config.save(tmp_path / "cascade.json")
-    assert main(["infer", "--cascade", str(config_path), "--images", str(tmp_path / "images"), "--device", "cpu",
-                 "--out", str(tmp_path / "pred")]) == 0
+    assert (
+        main(
+            [
+                "infer",
+                "--cascade",
+                str(config_path),
+                "--images",
+                str(tmp_path / "images"),
+                "--device",
+                "cpu",
+                "--out",
+                str(tmp_path / "pred"),
+            ]
+        )
+        == 0
+    )
     report = json.loads((tmp_path / "pred" / "inference.json").read_text())
     assert report["cascade"]["sha256"] == config.fingerprint() and report["model"]["name"].startswith("cascade(")
     profile = tmp_path / "p.json"
-    assert main(["calibrate", "--method", "crc", "--epsilon", "0.3", "--lesion-label", "1", "--cascade",
-                 str(config_path), "--images", str(tmp_path / "images"), "--labels", str(tmp_path / "labels"),
-                 "--device", "cpu", "--out", str(profile)]) == 0
+    assert (
+        main(
+            [
+                "calibrate",
+                "--method",
+                "crc",
+                "--epsilon",
+                "0.3",
+                "--lesion-label",
+                "1",
+                "--cascade",
+                str(config_path),
+                "--images",
+                str(tmp_path / "images"),
+                "--labels",
+                str(tmp_path / "labels"),
+                "--device",
+                "cpu",
+                "--out",
+                str(profile),
+            ]
+        )
+        == 0
+    )
     doc = json.loads(profile.read_text())
     assert doc["provenance"]["inference"]["cascade"]["sha256"] == config.fingerprint()
     image = tmp_path / "images" / "case0_0000.nii.gz"
-    assert main(["apply", "--profile", str(profile), "--image", str(image), "--cascade", str(config_path),
-                 "--device", "cpu", "--out", str(tmp_path / "a")]) == 0
+    assert (
+        main(
+            [
+                "apply",
+                "--profile",
+                str(profile),
+                "--image",
+                str(image),
+                "--cascade",
+                str(config_path),
+                "--device",
+                "cpu",
+                "--out",
+                str(tmp_path / "a"),
+            ]
+        )
+        == 0
+    )
     infer_prob = load_image(tmp_path / "pred" / "probs" / "case0.nii.gz").array
     applied = load_image(tmp_path / "a" / "probability.nii.gz").array
     assert np.array_equal(infer_prob, applied)  # the identical pipeline at calibration and test time
     capsys.readouterr()
     other = config.replace(top_k=2).save(tmp_path / "other.json")
-    assert main(["apply", "--profile", str(profile), "--image", str(image), "--cascade", str(other),
-                 "--device", "cpu", "--out", str(tmp_path / "b")]) == 2
+    assert (
+        main(
+            [
+                "apply",
+                "--profile",
+                str(profile),
+                "--image",
+                str(image),
+                "--cascade",
+                str(other),
+                "--device",
+                "cpu",
+                "--out",
+                str(tmp_path / "b"),
+            ]
+        )
+        == 2
+    )
     assert "not the pipeline the profile was calibrated with" in capsys.readouterr().err
-    assert main(["apply", "--profile", str(profile), "--image", str(image), "--model", str(tiny_card),
-                 "--device", "cpu", "--out", str(tmp_path / "c")]) == 2
+    assert (
+        main(
+            [
+                "apply",
+                "--profile",
+                str(profile),
+                "--image",
+                str(image),
+                "--model",
+                str(tiny_card),
+                "--device",
+                "cpu",
+                "--out",
+                str(tmp_path / "c"),
+            ]
+        )
+        == 2
+    )
     assert "output of a cascade" in capsys.readouterr().err

@@ -21,21 +21,31 @@ from scipy import ndimage
 from scipy.stats import binom
 
 from ConformalSegLib.cascade import CascadeConfig, StageOutput, run_cascade
-from ConformalSegLib.cls import apply_threshold, calibrate_cls
-from ConformalSegLib.exact import fnr_exceeds
-from ConformalSegLib.geometry import Geometry
+from ConformalSegLib.common.geometry import Geometry
+from ConformalSegLib.conformal.cls import apply_threshold, calibrate_cls
+from ConformalSegLib.conformal.exact import fnr_exceeds
+from ConformalSegLib.conformal.summaries import LesionSummaries
 from ConformalSegLib.io.volumes import Volume
-from ConformalSegLib.summaries import LesionSummaries
 
 GEOMETRY = Geometry(shape=(12, 16, 20), spacing=(1.0, 1.0, 2.0))  # ITK (x, y, z) spacing
-CONFIG = CascadeConfig(lung_source="labels", lung_fill_holes=True, min_lung_overlap=0.8, rescue_distance_mm=None,
-                       merge_radius_mm=1.0, min_volume_mm3=4.0, top_k=1, roi_margin_voxels=2, stage1_threshold=0.5)
+CONFIG = CascadeConfig(
+    lung_source="labels",
+    lung_fill_holes=True,
+    min_lung_overlap=0.8,
+    rescue_distance_mm=None,
+    merge_radius_mm=1.0,
+    min_volume_mm3=4.0,
+    top_k=1,
+    roi_margin_voxels=2,
+    stage1_threshold=0.5,
+)
 
 
 def _sigmoid_filter(sigma: float, centre: float, gain: float):
     def predict(volume: Volume, mc_passes: int) -> StageOutput:
         smooth = ndimage.gaussian_filter(np.asarray(volume.array, dtype=np.float32), sigma, mode="nearest")
         return StageOutput((1.0 / (1.0 + np.exp(-(smooth - centre) * gain))).astype(np.float32))
+
     return predict
 
 

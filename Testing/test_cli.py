@@ -9,9 +9,10 @@ import pytest
 import SimpleITK as sitk
 
 from ConformalSegLib.cli import main
+from ConformalSegLib.common.errors import ConformalSegError
+from ConformalSegLib.conformal.profile import load_profile
 from ConformalSegLib.io.segmentation import read_seg_nrrd
-from ConformalSegLib.profile import load_profile
-from ConformalSegLib.synthetic_dataset import write_synthetic_dataset
+from ConformalSegLib.phantoms.simulated_dataset import write_synthetic_dataset
 
 
 @pytest.fixture(scope="module")
@@ -29,16 +30,33 @@ def run(argv, capsys):
 
 def test_calibrate_apply_recalibrate(tmp_path, data, capsys):
     profile = tmp_path / "cls.json"
-    code, out, err = run(["calibrate", "--method", "cls", "--data", data, "--lesion-label", "2", "--epsilon", "0.2",
-                          "--alpha", "0.2", "--out", profile], capsys)
+    code, out, err = run(
+        [
+            "calibrate",
+            "--method",
+            "cls",
+            "--data",
+            data,
+            "--lesion-label",
+            "2",
+            "--epsilon",
+            "0.2",
+            "--alpha",
+            "0.2",
+            "--out",
+            profile,
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert "With probability at least 80%" in out
     doc = json.loads(profile.read_text())
     assert doc["method"] == "cls" and doc["n"] == 14 and doc["provenance"]["lesion_labels"] == [2]
 
     prob = data / "probs" / "synth_000.nii.gz"
-    code, out, err = run(["apply", "--profile", profile, "--prob", prob, "--compare-threshold", "--out",
-                          tmp_path / "a"], capsys)
+    code, out, err = run(
+        ["apply", "--profile", profile, "--prob", prob, "--compare-threshold", "--out", tmp_path / "a"], capsys
+    )
     assert code == 0, err
     masks, geometry = read_seg_nrrd(tmp_path / "a" / "segmentation.seg.nrrd")
     array = sitk.GetArrayFromImage(sitk.ReadImage(str(prob)))
@@ -48,8 +66,9 @@ def test_calibrate_apply_recalibrate(tmp_path, data, capsys):
     assert (tmp_path / "a" / "lesion_fnr_controlled.nii.gz").exists()
 
     # recalibration from summaries: a larger alpha gives a larger cutoff, hence a smaller mask
-    code, out, err = run(["apply", "--profile", profile, "--prob", prob, "--alpha", "0.4", "--out",
-                          tmp_path / "b"], capsys)
+    code, out, err = run(
+        ["apply", "--profile", profile, "--prob", prob, "--alpha", "0.4", "--out", tmp_path / "b"], capsys
+    )
     assert code == 0, err
     wider = json.loads((tmp_path / "b" / "apply.json").read_text())
     narrower = json.loads((tmp_path / "a" / "apply.json").read_text())
@@ -60,20 +79,64 @@ def test_calibrate_apply_recalibrate(tmp_path, data, capsys):
 
 
 def test_sets_and_crc(tmp_path, data, capsys):
-    code, out, err = run(["calibrate", "--method", "sets", "--probs", data / "probs", "--labels", data / "labels",
-                          "--lesion-label", "2", "--alpha", "0.3", "--joint", "--inner-transform", "identity",
-                          "--outer-transform", "distance", "--out", tmp_path / "sets.json"], capsys)
+    code, out, err = run(
+        [
+            "calibrate",
+            "--method",
+            "sets",
+            "--probs",
+            data / "probs",
+            "--labels",
+            data / "labels",
+            "--lesion-label",
+            "2",
+            "--alpha",
+            "0.3",
+            "--joint",
+            "--inner-transform",
+            "identity",
+            "--outer-transform",
+            "distance",
+            "--out",
+            tmp_path / "sets.json",
+        ],
+        capsys,
+    )
     assert code == 0, err
     doc = json.loads((tmp_path / "sets.json").read_text())
     assert doc["transform"] == {"inner": "identity", "outer": "distance:0.5"} and doc["mode"] == "joint-split"
-    code, out, err = run(["apply", "--profile", tmp_path / "sets.json", "--prob", data / "probs" / "synth_001.nii.gz",
-                          "--out", tmp_path / "s"], capsys)
+    code, out, err = run(
+        [
+            "apply",
+            "--profile",
+            tmp_path / "sets.json",
+            "--prob",
+            data / "probs" / "synth_001.nii.gz",
+            "--out",
+            tmp_path / "s",
+        ],
+        capsys,
+    )
     assert code == 0, err
     masks, _ = read_seg_nrrd(tmp_path / "s" / "segmentation.seg.nrrd")
     assert set(masks) == {"Inner set", "Outer set"}
     assert not (masks["Inner set"] & ~masks["Outer set"]).any()
-    code, out, err = run(["calibrate", "--method", "crc", "--data", data, "--lesion-label", "2", "--epsilon", "0.1",
-                          "--out", tmp_path / "crc.json"], capsys)
+    code, out, err = run(
+        [
+            "calibrate",
+            "--method",
+            "crc",
+            "--data",
+            data,
+            "--lesion-label",
+            "2",
+            "--epsilon",
+            "0.1",
+            "--out",
+            tmp_path / "crc.json",
+        ],
+        capsys,
+    )
     assert code == 0 and "On average" in out
 
 
@@ -83,17 +146,40 @@ def test_tiny_calibration_set_warns_not_fails(tmp_path, data, capsys):
         (small / sub).mkdir(parents=True)
         for name in sorted((data / sub).iterdir())[:4]:
             (small / sub / name.name).write_bytes(name.read_bytes())
-    code, out, err = run(["calibrate", "--method", "cls", "--data", small, "--lesion-label", "2", "--epsilon", "0.1",
-                          "--alpha", "0.1", "--out", tmp_path / "p.json"], capsys)
+    code, out, err = run(
+        [
+            "calibrate",
+            "--method",
+            "cls",
+            "--data",
+            small,
+            "--lesion-label",
+            "2",
+            "--epsilon",
+            "0.1",
+            "--alpha",
+            "0.1",
+            "--out",
+            tmp_path / "p.json",
+        ],
+        capsys,
+    )
     assert code == 0
     assert "warning:" in err and "at least 9" in err
     assert json.loads((tmp_path / "p.json").read_text())["probability_threshold"] == "-inf"
 
 
-@pytest.mark.parametrize("problem, expected", [
-    ("nan", "NaN"), ("range", "[0,1]"), ("geometry", "spacing"), ("corrupt", "corrupt"), ("label", "label value 7"),
-    ("unmatched", "have no label file"),
-])
+@pytest.mark.parametrize(
+    "problem, expected",
+    [
+        ("nan", "NaN"),
+        ("range", "[0,1]"),
+        ("geometry", "spacing"),
+        ("corrupt", "corrupt"),
+        ("label", "label value 7"),
+        ("unmatched", "have no label file"),
+    ],
+)
 def test_bad_input_exits_2_with_file_and_fix(tmp_path, data, capsys, problem, expected):
     root = tmp_path / "bad"
     for sub in ("probs", "labels"):
@@ -120,8 +206,24 @@ def test_bad_input_exits_2_with_file_and_fix(tmp_path, data, capsys, problem, ex
         label = 7
     elif problem == "unmatched":
         (root / "labels" / "synth_001.nii.gz").unlink()
-    code, out, err = run(["calibrate", "--method", "cls", "--data", root, "--lesion-label", label, "--epsilon", "0.1",
-                          "--alpha", "0.2", "--out", tmp_path / "p.json"], capsys)
+    code, out, err = run(
+        [
+            "calibrate",
+            "--method",
+            "cls",
+            "--data",
+            root,
+            "--lesion-label",
+            label,
+            "--epsilon",
+            "0.1",
+            "--alpha",
+            "0.2",
+            "--out",
+            tmp_path / "p.json",
+        ],
+        capsys,
+    )
     assert code == 2
     assert expected in err
     error_lines = [line for line in err.splitlines() if line.startswith("error: ")]
@@ -130,22 +232,57 @@ def test_bad_input_exits_2_with_file_and_fix(tmp_path, data, capsys, problem, ex
 
 
 def test_debug_shows_traceback(tmp_path, capsys):
-    with pytest.raises(Exception):
-        main(["--debug", "apply", "--profile", str(tmp_path / "none.json"), "--prob", "x.nii.gz", "--out",
-              str(tmp_path)])
+    with pytest.raises(ConformalSegError):
+        main(
+            ["--debug", "apply", "--profile", str(tmp_path / "none.json"), "--prob", "x.nii.gz", "--out", str(tmp_path)]
+        )
 
 
 def test_refuses_existing_profile_before_streaming(tmp_path, data, capsys):
     (tmp_path / "p.json").write_text("{}")
-    code, out, err = run(["calibrate", "--method", "crc", "--data", data, "--lesion-label", "2", "--epsilon", "0.1",
-                          "--out", tmp_path / "p.json"], capsys)
+    code, out, err = run(
+        [
+            "calibrate",
+            "--method",
+            "crc",
+            "--data",
+            data,
+            "--lesion-label",
+            "2",
+            "--epsilon",
+            "0.1",
+            "--out",
+            tmp_path / "p.json",
+        ],
+        capsys,
+    )
     assert code == 2 and "exists" in err and (tmp_path / "p.json").read_text() == "{}"
 
 
 def test_evaluate_writes_report(tmp_path, data, capsys):
-    code, out, err = run(["evaluate", "--data", data, "--lesion-label", "2", "--splits", "5", "--epsilons", "0.1",
-                          "0.2", "--alphas", "0.2", "0.3", "--transforms", "identity", "--no-hd95", "--out",
-                          tmp_path / "ev"], capsys)
+    code, out, err = run(
+        [
+            "evaluate",
+            "--data",
+            data,
+            "--lesion-label",
+            "2",
+            "--splits",
+            "5",
+            "--epsilons",
+            "0.1",
+            "0.2",
+            "--alphas",
+            "0.2",
+            "0.3",
+            "--transforms",
+            "identity",
+            "--no-hd95",
+            "--out",
+            tmp_path / "ev",
+        ],
+        capsys,
+    )
     assert code == 0, err
     result = json.loads((tmp_path / "ev" / "results.json").read_text())
     assert result["config"]["splits"] == 5
@@ -170,8 +307,22 @@ def test_demo_with_the_shipped_model(tmp_path, capsys):
     """The README's main job: phantoms + the shipped network (small sizes)."""
     pytest.importorskip("torch")
     pytest.importorskip("monai")
-    code, out, err = run(["demo", "--out", tmp_path / "demo", "--cases", "12", "--splits", "3", "--device", "cpu",
-                          "--semcrc-cases", "16"], capsys)
+    code, out, err = run(
+        [
+            "demo",
+            "--out",
+            tmp_path / "demo",
+            "--cases",
+            "12",
+            "--splits",
+            "3",
+            "--device",
+            "cpu",
+            "--semcrc-cases",
+            "16",
+        ],
+        capsys,
+    )
     assert code == 0, err
     report = (tmp_path / "demo" / "report.md").read_text()
     assert "segmented by the shipped 3D U-Net" in report and "With probability at least 90%" in report
@@ -180,16 +331,35 @@ def test_demo_with_the_shipped_model(tmp_path, capsys):
     assert {"Lesion (FNR-controlled)", "Inner set", "Outer set", "Lesion (ground truth)"} <= set(masks)
     assert (tmp_path / "demo" / "example" / "uncertainty_variance.nrrd").stat().st_size > 0
     assert "](semcrc/interval_evaluation.png)" in report and (tmp_path / "demo" / "semcrc" / "profile.json").is_file()
-    code, out, err = run(["demo", "--out", tmp_path / "d2", "--cases", "4", "--seed", "1000", "--device", "cpu"],
-                         capsys)
+    code, out, err = run(
+        ["demo", "--out", tmp_path / "d2", "--cases", "4", "--seed", "1000", "--device", "cpu"], capsys
+    )
     assert code == 2 and "trained on" in err
 
 
 def test_transform_auto_uses_separate_learning_data(tmp_path, data, capsys):
     learning = tmp_path / "learning"
     write_synthetic_dataset(learning, 6, seed=77, shape=(20, 40, 40))
-    code, out, err = run(["calibrate", "--method", "sets", "--data", data, "--lesion-label", "2", "--alpha", "0.3",
-                          "--transform", "auto", "--learning-data", learning, "--out", tmp_path / "auto.json"], capsys)
+    code, out, err = run(
+        [
+            "calibrate",
+            "--method",
+            "sets",
+            "--data",
+            data,
+            "--lesion-label",
+            "2",
+            "--alpha",
+            "0.3",
+            "--transform",
+            "auto",
+            "--learning-data",
+            learning,
+            "--out",
+            tmp_path / "auto.json",
+        ],
+        capsys,
+    )
     assert code == 0, err
     doc = json.loads((tmp_path / "auto.json").read_text())
     chosen = doc["provenance"]["transform_selection"]
@@ -197,9 +367,43 @@ def test_transform_auto_uses_separate_learning_data(tmp_path, data, capsys):
     assert chosen["mean_inner_voxels"][chosen["inner"]] == max(chosen["mean_inner_voxels"].values())
     assert chosen["mean_outer_voxels"][chosen["outer"]] == min(chosen["mean_outer_voxels"].values())
     # learning on the calibration cases themselves is refused
-    code, out, err = run(["calibrate", "--method", "sets", "--data", data, "--lesion-label", "2", "--alpha", "0.3",
-                          "--transform", "auto", "--learning-data", data, "--out", tmp_path / "bad.json"], capsys)
+    code, out, err = run(
+        [
+            "calibrate",
+            "--method",
+            "sets",
+            "--data",
+            data,
+            "--lesion-label",
+            "2",
+            "--alpha",
+            "0.3",
+            "--transform",
+            "auto",
+            "--learning-data",
+            data,
+            "--out",
+            tmp_path / "bad.json",
+        ],
+        capsys,
+    )
     assert code == 2 and "identical" in err
-    code, out, err = run(["calibrate", "--method", "sets", "--data", data, "--lesion-label", "2", "--alpha", "0.3",
-                          "--transform", "auto", "--out", tmp_path / "bad.json"], capsys)
+    code, out, err = run(
+        [
+            "calibrate",
+            "--method",
+            "sets",
+            "--data",
+            data,
+            "--lesion-label",
+            "2",
+            "--alpha",
+            "0.3",
+            "--transform",
+            "auto",
+            "--out",
+            tmp_path / "bad.json",
+        ],
+        capsys,
+    )
     assert code == 2 and "--learning-data" in err

@@ -1,4 +1,5 @@
-"""CLS (ConformalSegLib.cls) against brute forces that scan every candidate cutoff with exact integer counts."""
+"""CLS (ConformalSegLib.conformal.cls) against brute forces that scan every candidate cutoff with exact integer
+counts."""
 
 from __future__ import annotations
 
@@ -16,10 +17,16 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from ConformalSegLib.cls import (apply_threshold, calibrate_cls, conformal_lower_cutoff, critical_cutoff,  # noqa: E402
-                                 critical_cutoffs, round_up_to_dtype)
-from ConformalSegLib.errors import CalibrationSetTooSmallWarning, ConformalSegError  # noqa: E402
-from ConformalSegLib.summaries import LesionSummaries  # noqa: E402
+from ConformalSegLib.common.errors import CalibrationSetTooSmallWarning, ConformalSegError  # noqa: E402
+from ConformalSegLib.conformal.cls import (  # noqa: E402
+    apply_threshold,
+    calibrate_cls,
+    conformal_lower_cutoff,
+    critical_cutoff,
+    critical_cutoffs,
+    round_up_to_dtype,
+)
+from ConformalSegLib.conformal.summaries import LesionSummaries  # noqa: E402
 
 INF = float("inf")
 
@@ -172,9 +179,12 @@ def test_critical_cutoff_float_trap_0_29():
 
 
 @settings(max_examples=300, deadline=None, derandomize=True)
-@given(values=st.lists(st.one_of(st.floats(0, 1, width=32), st.sampled_from([0.0, 0.25, 0.5, 1.0])),
-                       min_size=1, max_size=40),
-       epsilon=st.one_of(st.floats(1e-12, 1), st.sampled_from([0.0, 0.1, 0.29, 0.7, 1.0])))
+@given(
+    values=st.lists(
+        st.one_of(st.floats(0, 1, width=32), st.sampled_from([0.0, 0.25, 0.5, 1.0])), min_size=1, max_size=40
+    ),
+    epsilon=st.one_of(st.floats(1e-12, 1), st.sampled_from([0.0, 0.1, 0.29, 0.7, 1.0])),
+)
 def test_critical_cutoff_property(values, epsilon):
     v = np.array(values, dtype=np.float32)
     lesion = np.ones(v.size, bool)
@@ -243,8 +253,9 @@ def test_calibrate_cls_no_warning_when_large_enough():
     assert res.probability_threshold == expected and res.rank == 9 and not res.is_trivial
 
 
-@pytest.mark.parametrize("eps, alpha", [(0.1, 0.1), (0.29, 0.2), (0.0, 0.05), (0.5, 0.3), (1 / 3, 1 / 3),
-                                        (1.0, 0.1), (0.7, 0.7)])
+@pytest.mark.parametrize(
+    "eps, alpha", [(0.1, 0.1), (0.29, 0.2), (0.0, 0.05), (0.5, 0.3), (1 / 3, 1 / 3), (1.0, 0.1), (0.7, 0.7)]
+)
 def test_calibrate_cls_empty_policies(eps, alpha):
     rng = np.random.default_rng(8)
     cases = make_cases(rng, 40, empty_every=5)
@@ -293,7 +304,7 @@ def test_calibrated_threshold_meets_definition_on_calibration_cases():
         ok_above = sum(fnr_ok(p[l].astype(np.float64), float(np.nextafter(c, INF)), eps) for _, p, l in cases)
         assert ok_at >= res.rank > ok_above
         # masks from apply_threshold agree with the exact definition
-        for _, p, l in cases[:10]:
+        for _, p, _lesion in cases[:10]:
             mask = apply_threshold(p, c)
             assert np.array_equal(mask, p.astype(np.float64) >= c)
 
@@ -345,9 +356,11 @@ def test_apply_threshold_out_argument():
 
 
 @settings(max_examples=200, deadline=None, derandomize=True)
-@given(values=st.lists(st.floats(0, 1, width=32), min_size=1, max_size=30),
-       cutoff=st.one_of(st.floats(-0.1, 1.1), st.floats(0, 1, width=32)),
-       nudge=st.sampled_from([-1, 0, 1]))
+@given(
+    values=st.lists(st.floats(0, 1, width=32), min_size=1, max_size=30),
+    cutoff=st.one_of(st.floats(-0.1, 1.1), st.floats(0, 1, width=32)),
+    nudge=st.sampled_from([-1, 0, 1]),
+)
 def test_apply_threshold_property(values, cutoff, nudge):
     p = np.array(values, dtype=np.float32)
     if nudge:
@@ -371,7 +384,7 @@ def test_uint16_cutoffs_are_conservative_and_close():
     # each code q is the largest one whose decoded float64 value q / 65535 does not exceed the probability
     for (_, p, l), i in zip(cases, range(len(cases))):
         v = np.sort(p[l].astype(np.float64))[::-1]
-        q = s16.values[s16.offsets[i]:s16.offsets[i + 1]].astype(np.int64)
+        q = s16.values[s16.offsets[i] : s16.offsets[i + 1]].astype(np.int64)
         assert np.all(q / 65535.0 <= v)
         assert np.all((q == 65535) | ((q + 1) / 65535.0 > v))
         np.testing.assert_array_equal(s16.case(i), q / 65535.0)

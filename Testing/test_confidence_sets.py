@@ -1,4 +1,5 @@
-"""Conformal confidence sets (ConformalSegLib.confidence_sets) and score transforms (ConformalSegLib.transforms)."""
+"""Conformal confidence sets (ConformalSegLib.conformal.confidence_sets) and score transforms
+(ConformalSegLib.conformal.score_transforms)."""
 
 from __future__ import annotations
 
@@ -17,13 +18,21 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from ConformalSegLib.confidence_sets import (SetsCalibration, SetStatistics, SetStatisticsBuilder,  # noqa: E402
-                                             apply_sets, calibrate_sets, case_statistics,
-                                             conformal_upper_quantile, resolve_levels, select_transforms)
-from ConformalSegLib.errors import CalibrationSetTooSmallWarning, ConformalSegError  # noqa: E402
-from ConformalSegLib.exact import as_fraction  # noqa: E402
-from ConformalSegLib.geometry import Geometry  # noqa: E402
-from ConformalSegLib.transforms import IDENTITY, ScoreTransform, parse_transform, signed_distance_mm  # noqa: E402
+from ConformalSegLib.common.errors import CalibrationSetTooSmallWarning, ConformalSegError  # noqa: E402
+from ConformalSegLib.common.geometry import Geometry  # noqa: E402
+from ConformalSegLib.conformal.confidence_sets import (  # noqa: E402
+    SetsCalibration,
+    SetStatistics,
+    SetStatisticsBuilder,
+    apply_sets,
+    calibrate_sets,
+    case_statistics,
+    conformal_upper_quantile,
+    resolve_levels,
+    select_transforms,
+)
+from ConformalSegLib.conformal.exact import as_fraction  # noqa: E402
+from ConformalSegLib.conformal.score_transforms import IDENTITY, ScoreTransform, parse_transform, signed_distance_mm  # noqa: E402
 
 INF = float("inf")
 
@@ -180,12 +189,18 @@ def test_transforms_are_antisymmetric():
 # ----------------------------------------------------------------------------- parse_transform
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("identity", ScoreTransform("identity")), (" Identity ", ScoreTransform("identity")),
-    ("distance", ScoreTransform("distance", 0.5)), ("distance:0.4", ScoreTransform("distance", 0.4)),
-    ("distance:1", ScoreTransform("distance", 1.0)), ("gaussian:2", ScoreTransform("gaussian", 2.0)),
-    ("GAUSSIAN:0.75", ScoreTransform("gaussian", 0.75)),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("identity", ScoreTransform("identity")),
+        (" Identity ", ScoreTransform("identity")),
+        ("distance", ScoreTransform("distance", 0.5)),
+        ("distance:0.4", ScoreTransform("distance", 0.4)),
+        ("distance:1", ScoreTransform("distance", 1.0)),
+        ("gaussian:2", ScoreTransform("gaussian", 2.0)),
+        ("GAUSSIAN:0.75", ScoreTransform("gaussian", 0.75)),
+    ],
+)
 def test_parse_transform_valid(text, expected):
     t = parse_transform(text)
     assert t == expected
@@ -193,16 +208,36 @@ def test_parse_transform_valid(text, expected):
     assert t.units == ("mm" if t.kind == "distance" else "probability")
 
 
-@pytest.mark.parametrize("text", ["", "foo", "identity:2", "distance:0", "distance:-0.2", "distance:1.5",
-                                  "distance:abc", "distance:nan", "gaussian", "gaussian:", "gaussian:0",
-                                  "gaussian:-1", "gaussian:nan", "gaussian:inf", "gaussian:x", "gauss:2"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "foo",
+        "identity:2",
+        "distance:0",
+        "distance:-0.2",
+        "distance:1.5",
+        "distance:abc",
+        "distance:nan",
+        "gaussian",
+        "gaussian:",
+        "gaussian:0",
+        "gaussian:-1",
+        "gaussian:nan",
+        "gaussian:inf",
+        "gaussian:x",
+        "gauss:2",
+    ],
+)
 def test_parse_transform_errors(text):
     with pytest.raises(ConformalSegError):
         parse_transform(text)
 
 
-@pytest.mark.parametrize("transform", [ScoreTransform("gaussian", 1.2345678), ScoreTransform("gaussian", 1 / 3),
-                                       ScoreTransform("distance", 0.123456789)])
+@pytest.mark.parametrize(
+    "transform",
+    [ScoreTransform("gaussian", 1.2345678), ScoreTransform("gaussian", 1 / 3), ScoreTransform("distance", 0.123456789)],
+)
 def test_transform_name_round_trips(transform):
     """apply_sets rebuilds the transforms from the names stored in the calibration, so a name must
     parse back to exactly the transform the statistics were computed with."""
@@ -244,9 +279,16 @@ def random_case(rng, geom):
     return prob, lesion
 
 
-@pytest.mark.parametrize("inner_name, outer_name", [("identity", "identity"), ("distance", "distance"),
-                                                    ("distance:0.3", "identity"), ("gaussian:1.5", "distance"),
-                                                    ("identity", "gaussian:2")])
+@pytest.mark.parametrize(
+    "inner_name, outer_name",
+    [
+        ("identity", "identity"),
+        ("distance", "distance"),
+        ("distance:0.3", "identity"),
+        ("gaussian:1.5", "distance"),
+        ("identity", "gaussian:2"),
+    ],
+)
 def test_case_statistics_match_brute_force(inner_name, outer_name):
     rng = np.random.default_rng(3)
     geom = Geometry((4, 5, 6), spacing=(0.7, 1.1, 2.3))
@@ -292,14 +334,14 @@ def test_set_statistics_builder_and_subsets():
     assert stats.n == 7 and stats.inner_transform == "identity" and stats.outer_transform == "distance:0.5"
     assert stats.lesion_sizes.tolist() == [int(l.sum()) for _, l in cases]
     for i, (prob, lesion) in enumerate(cases):
-        assert (stats.tau[i], stats.gamma[i]) == case_statistics(prob, lesion, geom, IDENTITY,
-                                                                 parse_transform("distance"))
+        assert (stats.tau[i], stats.gamma[i]) == case_statistics(
+            prob, lesion, geom, IDENTITY, parse_transform("distance")
+        )
     ne = stats.without_empty()
     assert ne.n == sum(1 for _, l in cases if l.any()) and np.all(ne.lesion_sizes > 0)
     sub = stats.subset([2, 0])
     assert sub.case_ids == ("c2", "c0") and sub.tau.tolist() == [stats.tau[2], stats.tau[0]]
-    again = SetStatistics.from_arrays(stats.to_arrays(), stats.case_ids, stats.inner_transform,
-                                      stats.outer_transform)
+    again = SetStatistics.from_arrays(stats.to_arrays(), stats.case_ids, stats.inner_transform, stats.outer_transform)
     np.testing.assert_array_equal(again.tau, stats.tau)
     np.testing.assert_array_equal(again.gamma, stats.gamma)
 
@@ -358,8 +400,11 @@ def test_too_small_gives_trivial_sets_and_warning():
     rng = np.random.default_rng(6)
     geom = Geometry((6, 6, 6))
     stats = random_stats(rng, 5)
-    for mode, kwargs in [("marginal", dict(alpha=0.1)), ("joint-split", dict(alpha=0.2)),
-                         ("joint-max", dict(alpha=0.1))]:
+    for mode, kwargs in [
+        ("marginal", dict(alpha=0.1)),
+        ("joint-split", dict(alpha=0.2)),
+        ("joint-max", dict(alpha=0.1)),
+    ]:
         with pytest.warns(CalibrationSetTooSmallWarning, match=r"\b9\b"):
             cal = calibrate_sets(stats, mode=mode, **kwargs)
         assert cal.inner_threshold == INF and cal.outer_threshold == -INF
@@ -405,8 +450,13 @@ def test_resolve_levels_defaults_and_errors():
         with pytest.raises(ConformalSegError):
             resolve_levels(bad, None, None, "joint-max")
     with pytest.raises(ConformalSegError):
-        calibrate_sets(random_stats(np.random.default_rng(0), 30), alpha=0.1, alpha_inner=0.08,
-                       alpha_outer=0.05, mode="joint-split")
+        calibrate_sets(
+            random_stats(np.random.default_rng(0), 30),
+            alpha=0.1,
+            alpha_inner=0.08,
+            alpha_outer=0.05,
+            mode="joint-split",
+        )
 
 
 @pytest.mark.parametrize("alpha, alpha_inner", [(0.4, 0.1), (0.8, 0.1), (0.9, 0.3), (0.2, 0.05), (0.1, 0.03)])
@@ -464,8 +514,11 @@ def test_apply_sets_non_representable_thresholds():
 
 
 @settings(max_examples=150, deadline=None, derandomize=True)
-@given(values=st.lists(st.floats(0, 1, width=32), min_size=2, max_size=12),
-       inner_thr=st.floats(-0.1, 1.1), outer_thr=st.floats(-0.1, 1.1))
+@given(
+    values=st.lists(st.floats(0, 1, width=32), min_size=2, max_size=12),
+    inner_thr=st.floats(-0.1, 1.1),
+    outer_thr=st.floats(-0.1, 1.1),
+)
 def test_apply_sets_property(values, inner_thr, outer_thr):
     geom = Geometry((1, 1, len(values)))
     prob = np.array(values, np.float32).reshape(geom.shape)
@@ -495,8 +548,11 @@ def test_inner_subset_of_outer_on_real_calibration():
         b = SetStatisticsBuilder(t, t)
         for i in range(25):
             b.add_case(f"c{i}", *random_case(rng, geom), geom)
-        for mode, kw in [("marginal", dict(alpha=0.2)), ("joint-split", dict(alpha=0.2)),
-                         ("joint-max", dict(alpha=0.2))]:
+        for mode, kw in [
+            ("marginal", dict(alpha=0.2)),
+            ("joint-split", dict(alpha=0.2)),
+            ("joint-max", dict(alpha=0.2)),
+        ]:
             cal = calibrate_sets(b.build(), mode=mode, **kw)
             for _ in range(3):
                 prob, _ = random_case(rng, geom)
@@ -561,8 +617,7 @@ def test_select_transforms_sizes_match_a_direct_computation():
         lam_in = brute_q(tau[cal_idx], 0.2)
         thr_out = -brute_q(gamma[cal_idx], 0.2)
         inner = np.mean([np.count_nonzero(t(cases[j][0], cases[j][2]).astype(np.float64) > lam_in) for j in held])
-        outer = np.mean([np.count_nonzero(t(cases[j][0], cases[j][2]).astype(np.float64) >= thr_out)
-                         for j in held])
+        outer = np.mean([np.count_nonzero(t(cases[j][0], cases[j][2]).astype(np.float64) >= thr_out) for j in held])
         assert sel.mean_inner_size[t.name] == pytest.approx(inner)
         assert sel.mean_outer_size[t.name] == pytest.approx(outer)
 

@@ -1,4 +1,5 @@
-"""Expected-FNR control (ConformalSegLib.crc) against an exact Fraction brute force over every candidate cutoff."""
+"""Expected-FNR control (ConformalSegLib.conformal.crc) against an exact Fraction brute force over every
+candidate cutoff."""
 
 from __future__ import annotations
 
@@ -16,9 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from ConformalSegLib.crc import calibrate_crc, crc_budget, crc_cutoff, min_crc_calibration_size  # noqa: E402
-from ConformalSegLib.errors import CalibrationSetTooSmallWarning, ConformalSegError  # noqa: E402
-from ConformalSegLib.summaries import LesionSummaries  # noqa: E402
+from ConformalSegLib.common.errors import CalibrationSetTooSmallWarning, ConformalSegError  # noqa: E402
+from ConformalSegLib.conformal.crc import calibrate_crc, crc_budget, crc_cutoff, min_crc_calibration_size  # noqa: E402
+from ConformalSegLib.conformal.summaries import LesionSummaries  # noqa: E402
 
 INF = float("inf")
 
@@ -135,8 +136,22 @@ def test_smallest_valid_n_gives_finite_cutoff_without_warning():
     assert res.probability_threshold == min(float(v.min()) for v in cases) == brute_crc(decoded(summ), 0.1)
 
 
-@pytest.mark.parametrize("eps, expected", [(0.1, 9), (0.05, 19), (0.2, 4), (0.3, 3), (0.5, 1), (1.0, 0),
-                                           (0.29, 3), (0.7, 1), (1 / 3, 3), (0.01, 99), (0.25, 3)])
+@pytest.mark.parametrize(
+    "eps, expected",
+    [
+        (0.1, 9),
+        (0.05, 19),
+        (0.2, 4),
+        (0.3, 3),
+        (0.5, 1),
+        (1.0, 0),
+        (0.29, 3),
+        (0.7, 1),
+        (1 / 3, 3),
+        (0.01, 99),
+        (0.25, 3),
+    ],
+)
 def test_min_crc_calibration_size(eps, expected):
     n = min_crc_calibration_size(eps)
     assert n == expected
@@ -207,15 +222,23 @@ def test_recalibration_on_same_summaries_uses_cache_correctly():
 
 
 case_strategy = st.lists(
-    st.lists(st.one_of(st.sampled_from([0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0]), st.floats(0, 1, width=32)),
-             min_size=0, max_size=8),
-    min_size=1, max_size=14)
+    st.lists(
+        st.one_of(st.sampled_from([0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0]), st.floats(0, 1, width=32)),
+        min_size=0,
+        max_size=8,
+    ),
+    min_size=1,
+    max_size=14,
+)
 
 
 @settings(max_examples=250, deadline=None, derandomize=True)
-@given(cases=case_strategy,
-       epsilon=st.one_of(st.sampled_from([0.05, 0.1, 0.13, 0.2, 0.25, 0.29, 0.3, 1 / 3, 0.5, 0.7, 1.0]),
-                         st.floats(0.01, 1)))
+@given(
+    cases=case_strategy,
+    epsilon=st.one_of(
+        st.sampled_from([0.05, 0.1, 0.13, 0.2, 0.25, 0.29, 0.3, 1 / 3, 0.5, 0.7, 1.0]), st.floats(0.01, 1)
+    ),
+)
 def test_crc_cutoff_property(cases, epsilon):
     arrays = [np.array(v, np.float32) for v in cases]
     summ = summaries_from(arrays)

@@ -1,4 +1,4 @@
-"""The split protocol (ConformalSegLib.evaluation) against brute force on volumes, and the report writer."""
+"""The split protocol (ConformalSegLib.evaluation.protocol) against brute force on volumes, and the report writer."""
 
 from __future__ import annotations
 
@@ -16,19 +16,19 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from ConformalSegLib.cls import (apply_threshold, conformal_lower_cutoff, critical_cutoff,  # noqa: E402
-                                 critical_cutoffs)
-from ConformalSegLib.confidence_sets import SetStatisticsBuilder, apply_sets, calibrate_sets  # noqa: E402
-from ConformalSegLib.crc import calibrate_crc  # noqa: E402
-from ConformalSegLib.errors import CalibrationSetTooSmallWarning, ConformalSegError  # noqa: E402
-from ConformalSegLib.evaluation import (STAGES, binomial_tolerance, evaluate_dataset,  # noqa: E402
-                                        mean_std)
-from ConformalSegLib.geometry import Geometry  # noqa: E402
-from ConformalSegLib.metrics import hd95  # noqa: E402
-from ConformalSegLib.reporting import REPORT_FILES, write_report  # noqa: E402
-from ConformalSegLib.summaries import LesionSummaries  # noqa: E402
-from ConformalSegLib.synthetic import make_cases  # noqa: E402
-from ConformalSegLib.transforms import parse_transform  # noqa: E402
+from ConformalSegLib.common.errors import CalibrationSetTooSmallWarning, ConformalSegError  # noqa: E402
+from ConformalSegLib.common.geometry import Geometry  # noqa: E402
+from ConformalSegLib.conformal.cls import apply_threshold, conformal_lower_cutoff, critical_cutoff, critical_cutoffs  # noqa: E402
+from ConformalSegLib.conformal.confidence_sets import SetStatisticsBuilder, apply_sets, calibrate_sets  # noqa: E402
+from ConformalSegLib.conformal.crc import calibrate_crc  # noqa: E402
+from ConformalSegLib.conformal.score_transforms import parse_transform  # noqa: E402
+from ConformalSegLib.conformal.summaries import LesionSummaries  # noqa: E402
+from ConformalSegLib.evaluation.metrics import hd95  # noqa: E402
+from ConformalSegLib.evaluation.progress import STAGES  # noqa: E402
+from ConformalSegLib.evaluation.protocol import evaluate_dataset  # noqa: E402
+from ConformalSegLib.evaluation.report import REPORT_FILES, write_report  # noqa: E402
+from ConformalSegLib.evaluation.results import binomial_tolerance, mean_std  # noqa: E402
+from ConformalSegLib.phantoms.simulated_maps import make_cases  # noqa: E402
 
 EPSILONS = (0.1, 0.3)
 HAVE_MONAI = importlib.util.find_spec("monai") is not None
@@ -65,8 +65,17 @@ def synthetic_result(synthetic):
     assert any(not c.lesion.any() for c in synthetic)  # the 'exclude' policy has work to do
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CalibrationSetTooSmallWarning)
-        return evaluate_dataset(synthetic, epsilons=EPSILONS, alphas=ALPHAS, main_alpha=0.2, main_epsilon=0.3,
-                                splits=6, seed=7, transforms=("identity", "distance"), hd95=HAVE_MONAI)
+        return evaluate_dataset(
+            synthetic,
+            epsilons=EPSILONS,
+            alphas=ALPHAS,
+            main_alpha=0.2,
+            main_epsilon=0.3,
+            splits=6,
+            seed=7,
+            transforms=("identity", "distance"),
+            hd95=HAVE_MONAI,
+        )
 
 
 @pytest.fixture(scope="module")
@@ -78,10 +87,17 @@ def tied():
 def tied_result(tied):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CalibrationSetTooSmallWarning)
-        return evaluate_dataset(tied, epsilons=EPSILONS, alphas=(0.15, 0.3), main_alpha=0.15, splits=5, seed=1,
-                                hd95=HAVE_MONAI,
-                                transforms=("identity", "gaussian:1.5"), set_modes=("marginal", "joint-split",
-                                                                                    "joint-max"))
+        return evaluate_dataset(
+            tied,
+            epsilons=EPSILONS,
+            alphas=(0.15, 0.3),
+            main_alpha=0.15,
+            splits=5,
+            seed=1,
+            hd95=HAVE_MONAI,
+            transforms=("identity", "gaussian:1.5"),
+            set_modes=("marginal", "joint-split", "joint-max"),
+        )
 
 
 # ----------------------------------------------------------------------------- brute force
@@ -94,7 +110,7 @@ def brute_force_split(cases, result, s: int) -> None:
     rng = np.random.default_rng(cfg.seed)
     for _ in range(s + 1):
         perm = rng.permutation(n)
-    cal, test = np.sort(perm[:result.n_cal]), perm[result.n_cal:]
+    cal, test = np.sort(perm[: result.n_cal]), perm[result.n_cal :]
     np.testing.assert_array_equal(np.flatnonzero(result.test_mask[s]), np.sort(test))
     has = [bool(c.lesion.any()) for c in cases]
     pop = has if cfg.empty == "exclude" else [True] * n
@@ -117,8 +133,14 @@ def brute_force_split(cases, result, s: int) -> None:
             hds.append(hd95(pred, c.lesion, c.geometry.spacing_zyx) if cfg.hd95 else np.nan)
         hds = np.array(hds)
         finite = hds[np.isfinite(hds)]
-        return (np.mean(fnrs), np.mean(oks), np.mean(pcs), np.mean(dices),
-                finite.mean() if finite.size else np.nan, int((~np.isfinite(hds)).sum()))
+        return (
+            np.mean(fnrs),
+            np.mean(oks),
+            np.mean(pcs),
+            np.mean(dices),
+            finite.mean() if finite.size else np.nan,
+            int((~np.isfinite(hds)).sum()),
+        )
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CalibrationSetTooSmallWarning)
@@ -146,8 +168,9 @@ def brute_force_split(cases, result, s: int) -> None:
                     assert result.cls["hd95"][s] == pytest.approx(hd_c, rel=1e-6)
                     assert result.cls["hd95_excluded"][s] == excl_c
             # CRC
-            cal_summaries = LesionSummaries.from_volumes((cases[i].case_id, cases[i].probability, cases[i].lesion)
-                                                         for i in cal_pop)
+            cal_summaries = LesionSummaries.from_volumes(
+                (cases[i].case_id, cases[i].probability, cases[i].lesion) for i in cal_pop
+            )
             cutoff = calibrate_crc(cal_summaries, eps, empty="include").probability_threshold
             assert result.crc["cutoff"][s, e] == cutoff
             fnr_c, ecr_c, pc_c, dice_c, _, _ = mask_metrics(cutoff)
@@ -203,7 +226,7 @@ def separable_cases(n: int = 10, seed: int = 5) -> list[ArrayCase]:
     cases = []
     for i in range(n):
         lesion = np.zeros(geometry.shape, bool)
-        lesion[1:4, 2:4 + i % 2, 1:5] = True
+        lesion[1:4, 2 : 4 + i % 2, 1:5] = True
         prob = np.where(lesion, rng.uniform(0.7, 1.0, geometry.shape), rng.uniform(0.0, 0.3, geometry.shape))
         cases.append(ArrayCase(f"sep_{i}", prob.astype(np.float32), lesion, geometry))
     return cases
@@ -211,8 +234,9 @@ def separable_cases(n: int = 10, seed: int = 5) -> list[ArrayCase]:
 
 def test_inner_set_size_when_inner_threshold_is_below_outer_threshold():
     cases = separable_cases()
-    result = evaluate_dataset(cases, epsilons=(0.2,), alphas=(0.2,), splits=2, transforms=("identity",),
-                              set_modes=("marginal",), hd95=False)
+    result = evaluate_dataset(
+        cases, epsilons=(0.2,), alphas=(0.2,), splits=2, transforms=("identity",), set_modes=("marginal",), hd95=False
+    )
     arrays = result.sets["identity"]["marginal"]
     assert np.all(arrays["inner_threshold"] < arrays["outer_threshold"])
     np.testing.assert_array_equal(arrays["inner_voxels"], arrays["outer_voxels"])
@@ -220,8 +244,9 @@ def test_inner_set_size_when_inner_threshold_is_below_outer_threshold():
 
 
 def test_include_policy_matches_brute_force(tied):
-    result = evaluate_dataset(tied, epsilons=(0.2,), alphas=(0.3,), splits=3, seed=4, transforms=(),
-                              hd95=False, empty="include")
+    result = evaluate_dataset(
+        tied, epsilons=(0.2,), alphas=(0.3,), splits=3, seed=4, transforms=(), hd95=False, empty="include"
+    )
     assert result.population.all() and not result.sets
     brute_force_split(tied, result, s=1)
 
@@ -243,8 +268,9 @@ def test_internal_consistency(synthetic, synthetic_result):
     assert np.all(r.cls["pc"][:, :, a_lo] >= r.cls["pc"][:, :, a_hi])
     assert np.all(r.cls["fnr"][:, :, a_lo] <= r.cls["fnr"][:, :, a_hi] + 1e-15)
     # CLS at the main setting: the per-case FNRs average to the per-split mean
-    np.testing.assert_allclose(np.nanmean(r.per_case["cls_main_fnr"], axis=1),
-                               r.cls["fnr"][:, cfg.main_epsilon_index, cfg.main_alpha_index])
+    np.testing.assert_allclose(
+        np.nanmean(r.per_case["cls_main_fnr"], axis=1), r.cls["fnr"][:, cfg.main_epsilon_index, cfg.main_alpha_index]
+    )
     # the baseline does not depend on epsilon except through ECR; larger epsilon -> higher ECR
     assert np.all(r.baseline["ecr"][:, 1] >= r.baseline["ecr"][:, 0])
     # sets: joint coverage is at most each marginal one; outer sets are larger than inner ones
@@ -260,8 +286,17 @@ def test_internal_consistency(synthetic, synthetic_result):
 
 
 def test_ecr_and_set_coverage_hold_over_many_splits(synthetic):
-    result = evaluate_dataset(synthetic, epsilons=(0.1, 0.25), alphas=(0.1, 0.2, 0.3), main_alpha=0.1,
-                              splits=300, seed=0, transforms=("identity",), set_modes=("marginal",), hd95=False)
+    result = evaluate_dataset(
+        synthetic,
+        epsilons=(0.1, 0.25),
+        alphas=(0.1, 0.2, 0.3),
+        main_alpha=0.1,
+        splits=300,
+        seed=0,
+        transforms=("identity",),
+        set_modes=("marginal",),
+        hd95=False,
+    )
     n_test = result.mean_population_test
     for a, alpha in enumerate(result.config.alphas):
         tolerance = binomial_tolerance(alpha, n_test)
@@ -294,14 +329,23 @@ def test_calibration_dataset_gives_same_result_as_arrays(tied, tmp_path):
     assert from_files.case_ids == from_arrays.case_ids
     for key in ("cutoff", "ecr", "fnr", "pc", "dice", "hd95"):
         np.testing.assert_array_equal(from_files.cls[key], from_arrays.cls[key])
-    np.testing.assert_array_equal(from_files.sets["identity"]["marginal"]["inner_voxels"],
-                                  from_arrays.sets["identity"]["marginal"]["inner_voxels"])
+    np.testing.assert_array_equal(
+        from_files.sets["identity"]["marginal"]["inner_voxels"],
+        from_arrays.sets["identity"]["marginal"]["inner_voxels"],
+    )
 
 
 def test_progress_callback_stages(tied):
     calls = []
-    evaluate_dataset(tied, epsilons=(0.3,), alphas=(0.3,), splits=3, transforms=(), hd95=False,
-                     progress=lambda done, total, stage: calls.append((done, total, stage)))
+    evaluate_dataset(
+        tied,
+        epsilons=(0.3,),
+        alphas=(0.3,),
+        splits=3,
+        transforms=(),
+        hd95=False,
+        progress=lambda done, total, stage: calls.append((done, total, stage)),
+    )
     stages = [stage for _, _, stage in calls]
     assert [s for i, s in enumerate(stages) if i == 0 or stages[i - 1] != s] == list(STAGES)
     assert (len(tied), len(tied), "statistics") in calls and (3, 3, "splits") in calls
@@ -333,6 +377,7 @@ def test_errors_with_fixes(tied):
 
     class Shrinking:
         """Re-iterable that loses a case on the second pass."""
+
         def __init__(self):
             self.passes = 0
 
@@ -347,8 +392,9 @@ def test_errors_with_fixes(tied):
 def test_too_small_calibration_side_is_reported_as_trivial(tied):
     # 6 calibration cases (5 with a lesion): alpha = 0.1 needs 9
     with pytest.warns(CalibrationSetTooSmallWarning, match="alpha=0.1"):
-        result = evaluate_dataset(tied, epsilons=(0.2,), alphas=(0.1, 0.4), main_alpha=0.4, splits=4,
-                                  transforms=("identity",), hd95=False)
+        result = evaluate_dataset(
+            tied, epsilons=(0.2,), alphas=(0.1, 0.4), main_alpha=0.4, splits=4, transforms=("identity",), hd95=False
+        )
     assert result.cls["trivial"][:, 0, 0].all() and not result.cls["trivial"][:, 0, 1].any()
     assert np.all(np.isneginf(result.cls["cutoff"][:, 0, 0]))
     np.testing.assert_array_equal(result.cls["ecr"][:, 0, 0], 1.0)  # whole-image mask: FNR 0

@@ -1,4 +1,4 @@
-"""Exact integer roundings (ConformalSegLib.exact) against brute-force Fraction arithmetic.
+"""Exact integer roundings (ConformalSegLib.conformal.exact) against brute-force Fraction arithmetic.
 
 Convention under test: a float parameter ``x`` stands for ``Fraction(repr(x))`` (the shortest decimal
 that round-trips), and the conformal rank / allowed misses are computed exactly from it.
@@ -20,9 +20,17 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from ConformalSegLib.errors import ConformalSegError  # noqa: E402
-from ConformalSegLib.exact import (allowed_misses, allowed_misses_array, as_fraction, check_alpha,  # noqa: E402
-                                   check_epsilon, conformal_rank, fnr_exceeds, min_calibration_size)
+from ConformalSegLib.common.errors import ConformalSegError  # noqa: E402
+from ConformalSegLib.conformal.exact import (  # noqa: E402
+    allowed_misses,
+    allowed_misses_array,
+    as_fraction,
+    check_alpha,
+    check_epsilon,
+    conformal_rank,
+    fnr_exceeds,
+    min_calibration_size,
+)
 
 # ----------------------------------------------------------------------------- brute forces
 
@@ -62,8 +70,29 @@ def brute_misses(m: int, epsilon: float) -> int:
     return lo
 
 
-ALPHAS = [0.1, 0.2, 0.05, 0.3, 0.7, 1 / 3, 0.01, 0.15, 0.25, 0.5, 0.9, 0.99, 0.001, 0.6, 0.45, 0.35, 0.12, 2 / 3,
-          0.0999999999999999, 0.1000000000000001, 0.123456789012345]
+ALPHAS = [
+    0.1,
+    0.2,
+    0.05,
+    0.3,
+    0.7,
+    1 / 3,
+    0.01,
+    0.15,
+    0.25,
+    0.5,
+    0.9,
+    0.99,
+    0.001,
+    0.6,
+    0.45,
+    0.35,
+    0.12,
+    2 / 3,
+    0.0999999999999999,
+    0.1000000000000001,
+    0.123456789012345,
+]
 NS = list(range(0, 60)) + [99, 100, 199, 999, 1000, 12345]
 
 
@@ -76,10 +105,24 @@ def test_conformal_rank_matches_brute_force(alpha):
         assert conformal_rank(n, alpha) == brute_rank(n, alpha), (n, alpha)
 
 
-@pytest.mark.parametrize("n, alpha, expected", [
-    (9, 0.1, 9), (19, 0.05, 19), (4, 0.2, 4), (99, 0.1, 90), (9, 0.3, 7), (9, 0.7, 3), (2, 1 / 3, 3),
-    (5, 0.5, 3), (0, 0.1, 1), (39, 0.05, 38), (29, 0.1, 27), (20, 0.1, 19), (100, 0.1, 91),
-])
+@pytest.mark.parametrize(
+    "n, alpha, expected",
+    [
+        (9, 0.1, 9),
+        (19, 0.05, 19),
+        (4, 0.2, 4),
+        (99, 0.1, 90),
+        (9, 0.3, 7),
+        (9, 0.7, 3),
+        (2, 1 / 3, 3),
+        (5, 0.5, 3),
+        (0, 0.1, 1),
+        (39, 0.05, 38),
+        (29, 0.1, 27),
+        (20, 0.1, 19),
+        (100, 0.1, 91),
+    ],
+)
 def test_conformal_rank_known_values(n, alpha, expected):
     assert conformal_rank(n, alpha) == expected
 
@@ -93,8 +136,10 @@ def test_rank_grid_contains_float_traps():
 
 
 @settings(max_examples=300, deadline=None, derandomize=True)
-@given(alpha=st.floats(min_value=0, max_value=1, exclude_min=True, exclude_max=True),
-       n=st.integers(min_value=0, max_value=10**6))
+@given(
+    alpha=st.floats(min_value=0, max_value=1, exclude_min=True, exclude_max=True),
+    n=st.integers(min_value=0, max_value=10**6),
+)
 def test_conformal_rank_property(alpha, n):
     k = conformal_rank(n, alpha)
     a = frac(alpha)
@@ -120,8 +165,22 @@ def test_min_calibration_size_matches_scan(alpha):
         assert conformal_rank(n_min - 1, alpha) > n_min - 1
 
 
-@pytest.mark.parametrize("alpha, expected", [(0.1, 9), (0.05, 19), (0.2, 4), (0.5, 1), (0.25, 3), (0.3, 3),
-                                             (0.7, 1), (1 / 3, 3), (0.01, 99), (0.9, 1), (0.99, 1)])
+@pytest.mark.parametrize(
+    "alpha, expected",
+    [
+        (0.1, 9),
+        (0.05, 19),
+        (0.2, 4),
+        (0.5, 1),
+        (0.25, 3),
+        (0.3, 3),
+        (0.7, 1),
+        (1 / 3, 3),
+        (0.01, 99),
+        (0.9, 1),
+        (0.99, 1),
+    ],
+)
 def test_min_calibration_size_known(alpha, expected):
     assert min_calibration_size(alpha) == expected
 
@@ -137,8 +196,26 @@ def test_min_calibration_size_property(alpha):
 # ----------------------------------------------------------------------------- allowed misses
 
 
-EPSILONS = [0.0, 1.0, 0.1, 0.29, 0.7, 0.3, 0.05, 0.2, 1 / 3, 0.123456789012345, 0.57, 0.99, 0.01, 0.07, 0.14,
-            0.58, 0.33, 0.0001]
+EPSILONS = [
+    0.0,
+    1.0,
+    0.1,
+    0.29,
+    0.7,
+    0.3,
+    0.05,
+    0.2,
+    1 / 3,
+    0.123456789012345,
+    0.57,
+    0.99,
+    0.01,
+    0.07,
+    0.14,
+    0.58,
+    0.33,
+    0.0001,
+]
 SIZES = list(range(0, 120)) + [1000, 1001, 65535, 10**6, 10**9 + 7, 10**12]
 
 
@@ -151,11 +228,24 @@ def test_allowed_misses_matches_brute_force(epsilon):
     assert arr.tolist() == [brute_misses(m, epsilon) for m in SIZES]
 
 
-@pytest.mark.parametrize("m, epsilon, expected", [
-    (100, 0.29, 29), (10, 0.7, 7), (10, 0.3, 3), (100, 0.57, 57), (100, 0.58, 58), (10, 0.1, 1),
-    (3, 1 / 3, 0), (10**12, 0.123456789012345, 123456789012), (7, 0.0, 0), (7, 1.0, 7), (0, 0.5, 0),
-    (100, 0.14, 14), (100, 0.07, 7),
-])
+@pytest.mark.parametrize(
+    "m, epsilon, expected",
+    [
+        (100, 0.29, 29),
+        (10, 0.7, 7),
+        (10, 0.3, 3),
+        (100, 0.57, 57),
+        (100, 0.58, 58),
+        (10, 0.1, 1),
+        (3, 1 / 3, 0),
+        (10**12, 0.123456789012345, 123456789012),
+        (7, 0.0, 0),
+        (7, 1.0, 7),
+        (0, 0.5, 0),
+        (100, 0.14, 14),
+        (100, 0.07, 7),
+    ],
+)
 def test_allowed_misses_known(m, epsilon, expected):
     assert allowed_misses(m, epsilon) == expected
     assert allowed_misses_array(np.array([m]), epsilon).tolist() == [expected]
@@ -200,8 +290,10 @@ def test_allowed_misses_array_tiny_epsilon(epsilon):
 
 
 @settings(max_examples=300, deadline=None, derandomize=True)
-@given(epsilon=st.one_of(st.just(0.0), st.floats(min_value=1e-12, max_value=1)),  # tiny eps: see test above
-       sizes=st.lists(st.integers(min_value=0, max_value=10**15), min_size=1, max_size=6))
+@given(
+    epsilon=st.one_of(st.just(0.0), st.floats(min_value=1e-12, max_value=1)),  # tiny eps: see test above
+    sizes=st.lists(st.integers(min_value=0, max_value=10**15), min_size=1, max_size=6),
+)
 def test_allowed_misses_property(epsilon, sizes):
     e = frac(epsilon)
     arr = allowed_misses_array(np.array(sizes, dtype=np.int64), epsilon)

@@ -19,27 +19,56 @@ pytest.importorskip("monai")
 
 from monai.networks.nets import UNet  # noqa: E402
 
-from ConformalSegLib.errors import ConformalSegError  # noqa: E402
-from ConformalSegLib.geometry import Geometry  # noqa: E402
-from ConformalSegLib.inference import (DeviceFallbackWarning, InferenceCancelled, InferenceEngine,  # noqa: E402
-                                       MCDropoutInactiveWarning, ModelCard, count_windows, find_images,
-                                       load_model_card, network_affine, resolve_model)
+from ConformalSegLib.common.errors import ConformalSegError  # noqa: E402
+from ConformalSegLib.common.geometry import Geometry  # noqa: E402
+from ConformalSegLib.inference import (  # noqa: E402
+    DeviceFallbackWarning,
+    InferenceCancelled,
+    InferenceEngine,
+    MCDropoutInactiveWarning,
+    ModelCard,
+    count_windows,
+    find_images,
+    load_model_card,
+    network_affine,
+    resolve_model,
+)
 from ConformalSegLib.inference import engine as engine_module  # noqa: E402
 from ConformalSegLib.io.volumes import Volume, load_image, sitk_image  # noqa: E402
 
-UNET_ARGS = {"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "channels": [4, 8, 16], "strides": [2, 2],
-             "num_res_units": 1, "dropout": 0.3}
+UNET_ARGS = {
+    "spatial_dims": 3,
+    "in_channels": 1,
+    "out_channels": 2,
+    "channels": [4, 8, 16],
+    "strides": [2, 2],
+    "num_res_units": 1,
+    "dropout": 0.3,
+}
 WINDOW = {"kind": "window", "a_min": -200.0, "a_max": 300.0, "b_min": 0.0, "b_max": 1.0, "clip": True}
 
 
-def card_dict(source: dict, *, orientation="RAS", spacing=None, intensity=None, patch=(16, 16, 16),
-              activation="softmax", lesion_channel=1, sw_batch_size=4) -> dict:
-    return {"format": "conformalseg-model-card", "format_version": 1, "name": "tiny-unet", "source": source,
-            "preprocessing": {"orientation": orientation, "spacing_mm": spacing, "intensity": intensity or WINDOW},
-            "inference": {"patch_size": list(patch), "overlap": 0.25, "blend": "gaussian",
-                          "sw_batch_size": sw_batch_size},
-            "output": {"activation": activation, "lesion_channel": lesion_channel},
-            "training": {"note": "random weights, for tests"}}
+def card_dict(
+    source: dict,
+    *,
+    orientation="RAS",
+    spacing=None,
+    intensity=None,
+    patch=(16, 16, 16),
+    activation="softmax",
+    lesion_channel=1,
+    sw_batch_size=4,
+) -> dict:
+    return {
+        "format": "conformalseg-model-card",
+        "format_version": 1,
+        "name": "tiny-unet",
+        "source": source,
+        "preprocessing": {"orientation": orientation, "spacing_mm": spacing, "intensity": intensity or WINDOW},
+        "inference": {"patch_size": list(patch), "overlap": 0.25, "blend": "gaussian", "sw_batch_size": sw_batch_size},
+        "output": {"activation": activation, "lesion_channel": lesion_channel},
+        "training": {"note": "random weights, for tests"},
+    }
 
 
 def write_json(path: Path, data: dict) -> Path:
@@ -50,16 +79,22 @@ def write_json(path: Path, data: dict) -> Path:
 
 def rotation(ax: float, ay: float, az: float) -> np.ndarray:
     from scipy.spatial.transform import Rotation
+
     return Rotation.from_euler("xyz", [ax, ay, az], degrees=True).as_matrix()
 
 
-OBLIQUE = Geometry(shape=(14, 22, 19), spacing=(1.1, 0.8, 2.3), origin=(12.0, -30.0, 7.5),
-                   direction=tuple(rotation(15, -20, 30).reshape(-1)))
+OBLIQUE = Geometry(
+    shape=(14, 22, 19),
+    spacing=(1.1, 0.8, 2.3),
+    origin=(12.0, -30.0, 7.5),
+    direction=tuple(rotation(15, -20, 30).reshape(-1)),
+)
 
 
 def ct_volume(geometry: Geometry = OBLIQUE, seed: int = 0) -> Volume:
     rng = np.random.default_rng(seed)
     from scipy import ndimage
+
     array = ndimage.gaussian_filter(rng.normal(0, 1, geometry.shape), 1.5)
     array = (array / array.std() * 150 + 40).astype(np.float32)
     return Volume(array, geometry, None)
@@ -74,8 +109,10 @@ def models(tmp_path_factory) -> dict[str, Path]:
     # state dict + card in a folder
     (root / "sd").mkdir()
     torch.save(net.state_dict(), root / "sd" / "weights.pt")
-    write_json(root / "sd" / "model_card.json",
-               card_dict({"state_dict": {"network": "UNet", "args": UNET_ARGS, "weights": "weights.pt"}}))
+    write_json(
+        root / "sd" / "model_card.json",
+        card_dict({"state_dict": {"network": "UNet", "args": UNET_ARGS, "weights": "weights.pt"}}),
+    )
     # TorchScript file with its sibling card
     (root / "ts").mkdir()
     torch.jit.script(net).save(str(root / "ts" / "tiny.ts"))
@@ -83,17 +120,23 @@ def models(tmp_path_factory) -> dict[str, Path]:
     # MONAI bundle with the card in configs/
     bundle = root / "bundle"
     (bundle / "models").mkdir(parents=True)
-    write_json(bundle / "configs" / "inference.json",
-               {"imports": ["$import torch"], "bundle_root": ".",
-                "network_def": {"_target_": "UNet", **UNET_ARGS}})
+    write_json(
+        bundle / "configs" / "inference.json",
+        {"imports": ["$import torch"], "bundle_root": ".", "network_def": {"_target_": "UNet", **UNET_ARGS}},
+    )
     torch.save(net.state_dict(), bundle / "models" / "model.pt")
     write_json(bundle / "configs" / "model_card.json", card_dict({"bundle": ".."}))
     # an elementwise "logit" probe: sigmoid(probe(x)) == x, so the probability map is the network input
     probe = torch.jit.script(LogitProbe())
     (root / "probe").mkdir()
     probe.save(str(root / "probe" / "probe.ts"))
-    return {"sd": root / "sd", "ts": root / "ts" / "tiny.ts", "bundle": bundle, "root": root,
-            "probe": root / "probe" / "probe.ts"}
+    return {
+        "sd": root / "sd",
+        "ts": root / "ts" / "tiny.ts",
+        "bundle": bundle,
+        "root": root,
+        "probe": root / "probe" / "probe.ts",
+    }
 
 
 class LogitProbe(torch.nn.Module):
@@ -103,8 +146,13 @@ class LogitProbe(torch.nn.Module):
 
 
 def probe_card(models: dict, tmp_path: Path, **kwargs) -> ModelCard:
-    data = card_dict({"torchscript": str(models["probe"])}, intensity={"kind": "none"}, activation="sigmoid",
-                     lesion_channel=0, **kwargs)
+    data = card_dict(
+        {"torchscript": str(models["probe"])},
+        intensity={"kind": "none"},
+        activation="sigmoid",
+        lesion_channel=0,
+        **kwargs,
+    )
     return load_model_card(write_json(tmp_path / "probe.json", data))
 
 
@@ -171,14 +219,17 @@ def _mutate(path: str, value):
         else:
             target[key] = value
         return data
+
     return apply
 
 
 INVALID_CARDS = {
     "wrong format": (_mutate("format", "something-else"), "format"),
     "future version": (_mutate("format_version", 2), "newer"),
-    "typo key": (lambda d: {**{k: v for k, v in d.items() if k != "preprocessing"},
-                            "preprocesing": d["preprocessing"]}, "did you mean 'preprocessing'"),
+    "typo key": (
+        lambda d: {**{k: v for k, v in d.items() if k != "preprocessing"}, "preprocesing": d["preprocessing"]},
+        "did you mean 'preprocessing'",
+    ),
     "unknown network": (_mutate("source.state_dict.network", "UNett"), "UNet"),
     "two sources": (_mutate("source.torchscript", "x.ts"), "exactly one"),
     "bad orientation": (_mutate("preprocessing.orientation", "RAX"), "orientation"),
@@ -239,14 +290,25 @@ def test_network_input_matches_monai_loadimage_pipeline(models, tmp_path):
     path = tmp_path / "ct.nii.gz"
     sitk.WriteImage(sitk_image(volume.array, volume.geometry), str(path))
     spacing = (1.3, 0.9, 1.7)
-    card = load_model_card(write_json(tmp_path / "c.json", card_dict(
-        {"state_dict": {"network": "UNet", "args": UNET_ARGS, "weights": str(models["sd"] / "weights.pt")}},
-        spacing=list(spacing))))
+    card = load_model_card(
+        write_json(
+            tmp_path / "c.json",
+            card_dict(
+                {"state_dict": {"network": "UNet", "args": UNET_ARGS, "weights": str(models["sd"] / "weights.pt")}},
+                spacing=list(spacing),
+            ),
+        )
+    )
     ours = engine(card)._preprocess(load_image(path).array, load_image(path)).tensor
-    reference = Compose([LoadImage(reader="NibabelReader", image_only=True), EnsureChannelFirst(),
-                         Orientation("RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
-                         Spacing(spacing, mode="bilinear"), ScaleIntensityRange(**{k: v for k, v in WINDOW.items()
-                                                                                    if k != "kind"})])(str(path))
+    reference = Compose(
+        [
+            LoadImage(reader="NibabelReader", image_only=True),
+            EnsureChannelFirst(),
+            Orientation("RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+            Spacing(spacing, mode="bilinear"),
+            ScaleIntensityRange(**{k: v for k, v in WINDOW.items() if k != "kind"}),
+        ]
+    )(str(path))
     assert tuple(ours.shape) == tuple(reference.shape)
     np.testing.assert_allclose(ours.numpy(), reference.numpy().astype(np.float32), atol=2e-4)
 
@@ -263,16 +325,25 @@ def test_lps_identity_image_is_flipped_to_ras(models, tmp_path):
     np.testing.assert_allclose(affine[:3, :3], np.diag([-1.0, -2.0, 3.0]))
 
 
-@pytest.mark.parametrize("intensity", [WINDOW, {"kind": "zscore"}, {"kind": "zscore", "mean": 40.0, "std": 150.0},
-                                       {"kind": "none"}])
+@pytest.mark.parametrize(
+    "intensity", [WINDOW, {"kind": "zscore"}, {"kind": "zscore", "mean": 40.0, "std": 150.0}, {"kind": "none"}]
+)
 def test_intensity_normalisation(models, tmp_path, intensity):
     volume = ct_volume()
-    data = card_dict({"torchscript": str(models["probe"])}, orientation=None, intensity=intensity,
-                     activation="sigmoid", lesion_channel=0)
+    data = card_dict(
+        {"torchscript": str(models["probe"])},
+        orientation=None,
+        intensity=intensity,
+        activation="sigmoid",
+        lesion_channel=0,
+    )
     tensor = engine(load_model_card(write_json(tmp_path / "c.json", data)))._preprocess(volume.array, volume).tensor
     x = volume.array.transpose(2, 1, 0)[None].astype(np.float64)
-    expected = {"window": lambda: np.clip((x + 200) / 500, 0, 1), "none": lambda: x,
-                "zscore": lambda: (x - 40) / 150 if "mean" in intensity else (x - x.mean()) / x.std()}[intensity["kind"]]()
+    expected = {
+        "window": lambda: np.clip((x + 200) / 500, 0, 1),
+        "none": lambda: x,
+        "zscore": lambda: (x - 40) / 150 if "mean" in intensity else (x - x.mean()) / x.std(),
+    }[intensity["kind"]]()
     np.testing.assert_allclose(tensor.numpy(), expected, atol=1e-4)
 
 
@@ -325,8 +396,9 @@ def _flipped_x(volume: Volume) -> Volume:
     d = np.asarray(g.direction).reshape(3, 3)
     origin = np.asarray(g.origin) + d[:, 0] * g.spacing[0] * (g.shape[2] - 1)
     direction = d @ np.diag([-1.0, 1.0, 1.0])
-    return Volume(volume.array[:, :, ::-1].copy(), Geometry(g.shape, g.spacing, tuple(origin),
-                                                             tuple(direction.reshape(-1))), None)
+    return Volume(
+        volume.array[:, :, ::-1].copy(), Geometry(g.shape, g.spacing, tuple(origin), tuple(direction.reshape(-1))), None
+    )
 
 
 def _swapped_xy(volume: Volume) -> Volume:
@@ -334,8 +406,11 @@ def _swapped_xy(volume: Volume) -> Volume:
     g = volume.geometry
     d = np.asarray(g.direction).reshape(3, 3)[:, [1, 0, 2]]
     shape = (g.shape[0], g.shape[2], g.shape[1])
-    return Volume(volume.array.transpose(0, 2, 1).copy(),
-                  Geometry(shape, (g.spacing[1], g.spacing[0], g.spacing[2]), g.origin, tuple(d.reshape(-1))), None)
+    return Volume(
+        volume.array.transpose(0, 2, 1).copy(),
+        Geometry(shape, (g.spacing[1], g.spacing[0], g.spacing[2]), g.origin, tuple(d.reshape(-1))),
+        None,
+    )
 
 
 @pytest.mark.parametrize("spacing", [None, [1.2, 1.0, 2.0]])
@@ -430,8 +505,13 @@ def test_seeded_masks_do_not_depend_on_batching(models, tmp_path, mc_volume):
     """Pass n's masks are the same whether 1, 2 or all 5 passes share a forward call (an elementwise
     network, so no convolution rounding is involved: bit-identical on any backend)."""
     base = resolve_model(models["sd"])
-    card = _CustomCard(name="elementwise", source=base.source, preprocessing=base.preprocessing,
-                       inference=base.inference, output=base.output)
+    card = _CustomCard(
+        name="elementwise",
+        source=base.source,
+        preprocessing=base.preprocessing,
+        inference=base.inference,
+        output=base.output,
+    )
     results = [engine(card, mc_chunk=c).predict(mc_volume, mc_dropout=5) for c in (None, 1, 2)]
     for other in results[1:]:
         assert np.array_equal(other.probability, results[0].probability)
@@ -556,6 +636,7 @@ def test_device_selection():
 
 def _touch_image(path: Path, shape=(4, 5, 6)) -> Path:
     import SimpleITK as sitk
+
     path.parent.mkdir(parents=True, exist_ok=True)
     sitk.WriteImage(sitk.GetImageFromArray(np.zeros(shape, np.float32)), str(path))
     return path
@@ -590,14 +671,28 @@ def test_find_images_plain_folder_and_file(tmp_path):
 
 def test_find_images_nnunet_and_msd(tmp_path):
     nnunet = tmp_path / "Dataset001_Kidney"
-    write_json(nnunet / "dataset.json", {"channel_names": {"0": "CT"}, "labels": {"background": 0, "tumour": 1},
-                                         "numTraining": 2, "file_ending": ".nii.gz"})
-    for name in ("imagesTr/k_001_0000.nii.gz", "imagesTr/k_002_0000.nii.gz", "imagesTs/k_101_0000.nii.gz",
-                 "labelsTr/k_001.nii.gz"):
+    write_json(
+        nnunet / "dataset.json",
+        {
+            "channel_names": {"0": "CT"},
+            "labels": {"background": 0, "tumour": 1},
+            "numTraining": 2,
+            "file_ending": ".nii.gz",
+        },
+    )
+    for name in (
+        "imagesTr/k_001_0000.nii.gz",
+        "imagesTr/k_002_0000.nii.gz",
+        "imagesTs/k_101_0000.nii.gz",
+        "labelsTr/k_001.nii.gz",
+    ):
         _touch_image(nnunet / name)
     cases = find_images(nnunet)
-    assert [(c.case_id, c.subset) for c in cases] == [("k_001", "imagesTr"), ("k_002", "imagesTr"),
-                                                      ("k_101", "imagesTs")]
+    assert [(c.case_id, c.subset) for c in cases] == [
+        ("k_001", "imagesTr"),
+        ("k_002", "imagesTr"),
+        ("k_101", "imagesTs"),
+    ]
     assert [c.case_id for c in find_images(nnunet, subset="ts")] == ["k_101"]
     assert [c.case_id for c in find_images(nnunet / "imagesTr")] == ["k_001", "k_002"]
     _touch_image(nnunet / "imagesTr" / "k_001_0001.nii.gz")
@@ -631,14 +726,26 @@ def test_cli_infer_two_images(models, tmp_path):
     import SimpleITK as sitk
 
     images = tmp_path / "images"
-    volumes = {"case_a": ct_volume(seed=1), "case_b": ct_volume(Geometry((10, 18, 20), (0.7, 0.7, 3.0),
-                                                                          (5.0, 6.0, -7.0)), seed=2)}
+    volumes = {
+        "case_a": ct_volume(seed=1),
+        "case_b": ct_volume(Geometry((10, 18, 20), (0.7, 0.7, 3.0), (5.0, 6.0, -7.0)), seed=2),
+    }
     images.mkdir()
     for cid, vol in volumes.items():
         sitk.WriteImage(sitk_image(vol.array, vol.geometry), str(images / f"{cid}_0000.nii.gz"))
     out = tmp_path / "out"
-    argv = ["--model", str(models["sd"]), "--images", str(images), "--out", str(out), "--mc-dropout", "2",
-            "--device", "cpu"]
+    argv = [
+        "--model",
+        str(models["sd"]),
+        "--images",
+        str(images),
+        "--out",
+        str(out),
+        "--mc-dropout",
+        "2",
+        "--device",
+        "cpu",
+    ]
     assert _run_cli(argv) == 0
     report = json.loads((out / "inference.json").read_text())
     card = resolve_model(models["sd"])
@@ -667,8 +774,21 @@ def test_cli_cuda_request_without_gpu_warns(models, tmp_path):
     _touch_image(images / "one.nii.gz", shape=(8, 9, 10))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert _run_cli(["--model", str(models["ts"]), "--images", str(images), "--out", str(tmp_path / "o"),
-                         "--device", "cuda"]) == 0
+        assert (
+            _run_cli(
+                [
+                    "--model",
+                    str(models["ts"]),
+                    "--images",
+                    str(images),
+                    "--out",
+                    str(tmp_path / "o"),
+                    "--device",
+                    "cuda",
+                ]
+            )
+            == 0
+        )
     assert any(issubclass(w.category, DeviceFallbackWarning) for w in caught)
 
 
@@ -701,8 +821,11 @@ def test_cuda_matches_cpu(models, mc_volume, no_tf32):
     resampled["preprocessing"]["spacing_mm"] = [1.3, 0.9, 1.7]
     resampled["source"]["state_dict"]["weights"] = str(models["sd"] / "weights.pt")
     card2 = ModelCard.from_dict(resampled, models["sd"] / "resampled.json")
-    np.testing.assert_allclose(InferenceEngine(card2, device="cuda", amp=False).predict(ct_volume()).probability,
-                               engine(card2).predict(ct_volume()).probability, atol=1e-4)
+    np.testing.assert_allclose(
+        InferenceEngine(card2, device="cuda", amp=False).predict(ct_volume()).probability,
+        engine(card2).predict(ct_volume()).probability,
+        atol=1e-4,
+    )
 
 
 @cuda_only
@@ -712,8 +835,16 @@ def test_cuda_real_out_of_memory_falls_back(tmp_path, no_tf32):
     args = {**UNET_ARGS, "channels": [16, 32, 64], "dropout": 0.1}
     net = UNet(**args).eval()
     torch.save(net.state_dict(), tmp_path / "w.pt")
-    card = load_model_card(write_json(tmp_path / "big.json", card_dict(
-        {"state_dict": {"network": "UNet", "args": args, "weights": "w.pt"}}, patch=(64, 64, 64), sw_batch_size=32)))
+    card = load_model_card(
+        write_json(
+            tmp_path / "big.json",
+            card_dict(
+                {"state_dict": {"network": "UNet", "args": args, "weights": "w.pt"}},
+                patch=(64, 64, 64),
+                sw_batch_size=32,
+            ),
+        )
+    )
     volume = ct_volume(Geometry((96, 160, 160)), seed=5)
     reference = InferenceEngine(card, device="cuda", amp=False, sw_batch_size=2).predict(volume).probability
     torch.cuda.empty_cache()

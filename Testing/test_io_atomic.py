@@ -9,7 +9,7 @@ import pytest
 import SimpleITK as sitk
 from test_io_support import GEOM, files_in, random_probabilities
 
-from ConformalSegLib.errors import ConformalSegError
+from ConformalSegLib.common.errors import ConformalSegError
 from ConformalSegLib.io import atomic_output, atomic_write_bytes, atomic_write_text, save_volume
 from ConformalSegLib.io.atomic import format_suffix
 
@@ -47,8 +47,10 @@ def test_existing_folder_is_not_a_valid_output(tmp_path):
         atomic_write_text(tmp_path / "d", "x", force=True)
 
 
-@pytest.mark.parametrize("name, suffix", [("m.nii.gz", ".nii.gz"), ("s.seg.nrrd", ".seg.nrrd"),
-                                          ("x.mha", ".mha"), ("R.NII.GZ", ".NII.GZ"), ("plain", "")])
+@pytest.mark.parametrize(
+    "name, suffix",
+    [("m.nii.gz", ".nii.gz"), ("s.seg.nrrd", ".seg.nrrd"), ("x.mha", ".mha"), ("R.NII.GZ", ".NII.GZ"), ("plain", "")],
+)
 def test_temporary_file_keeps_format_suffix(tmp_path, name, suffix):
     assert format_suffix(name) == suffix
     with atomic_output(tmp_path / name) as tmp:

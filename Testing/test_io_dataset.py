@@ -11,8 +11,8 @@ import pytest
 from test_io_support import GEOM, SHAPE, random_probabilities, write_sitk
 
 import ConformalSegLib.io.dataset as dataset_module
-from ConformalSegLib.errors import ConformalSegError
-from ConformalSegLib.geometry import Geometry
+from ConformalSegLib.common.errors import ConformalSegError
+from ConformalSegLib.common.geometry import Geometry
 from ConformalSegLib.io import CalibrationDataset, case_id, discover_pairs
 
 
@@ -22,33 +22,46 @@ def touch(folder: Path, *names: str) -> None:
         (folder / name).write_bytes(b"")
 
 
-@pytest.mark.parametrize("name, probability, expected", [
-    ("case01.nii.gz", False, "case01"),
-    ("case01.NII.GZ", False, "case01"),
-    ("case01_prob.nii.gz", True, "case01"),
-    ("case01_probs.nrrd", True, "case01"),
-    ("case01_probability.mha", True, "case01"),
-    ("case01_probabilities.npz", True, "case01"),
-    ("case01_prob.nii.gz", False, "case01_prob"),  # labels keep the suffix
-    ("case01_prob_probs.npy", True, "case01_prob"),  # only one suffix is removed
-    ("seg.case.seg.nrrd", False, "seg.case"),
-    ("brain.mhd", False, "brain"),
-    ("_prob.nii.gz", True, "_prob"),
-    (".hidden.nii.gz", False, None),
-    ("dataset.json", False, None),
-    ("case01.pkl", True, None),
-    ("case01.raw", False, None),
-    ("notes.md", False, None),
-    ("photo.png", False, None),
-])
+@pytest.mark.parametrize(
+    "name, probability, expected",
+    [
+        ("case01.nii.gz", False, "case01"),
+        ("case01.NII.GZ", False, "case01"),
+        ("case01_prob.nii.gz", True, "case01"),
+        ("case01_probs.nrrd", True, "case01"),
+        ("case01_probability.mha", True, "case01"),
+        ("case01_probabilities.npz", True, "case01"),
+        ("case01_prob.nii.gz", False, "case01_prob"),  # labels keep the suffix
+        ("case01_prob_probs.npy", True, "case01_prob"),  # only one suffix is removed
+        ("seg.case.seg.nrrd", False, "seg.case"),
+        ("brain.mhd", False, "brain"),
+        ("_prob.nii.gz", True, "_prob"),
+        (".hidden.nii.gz", False, None),
+        ("dataset.json", False, None),
+        ("case01.pkl", True, None),
+        ("case01.raw", False, None),
+        ("notes.md", False, None),
+        ("photo.png", False, None),
+    ],
+)
 def test_case_id_rule(name, probability, expected):
     assert case_id(name, probability=probability) == expected
 
 
 def test_discover_pairs_matching_rules(tmp_path):
     probs, labels = tmp_path / "probs", tmp_path / "labels"
-    touch(probs, "b_probs.nrrd", "a_prob.nii.gz", "c.npz", "c.nii.gz", "c.pkl", "plans.json", ".DS_Store",
-          "d_probabilities.mha", "d.raw")
+    touch(
+        probs,
+        "b_probs.nrrd",
+        "a_prob.nii.gz",
+        "c.npz",
+        "c.nii.gz",
+        "c.pkl",
+        "plans.json",
+        ".DS_Store",
+        "d_probabilities.mha",
+        "d.raw",
+    )
     touch(labels, "c.nii.gz", "a.nii.gz", "b.seg.nrrd", "d.mha", "readme.txt", "dataset.json")
     (labels / "sub").mkdir()
     pairs = discover_pairs(probs, labels)
@@ -74,13 +87,16 @@ def test_unmatched_cases_are_listed_with_count(tmp_path):
     assert str(probs) in message and str(labels) in message
 
 
-@pytest.mark.parametrize("folder, names", [
-    ("probs", ["a.nii.gz", "a_prob.nrrd"]),
-    ("probs", ["a.npz", "a_prob.npz"]),
-    ("probs", ["a_prob.npz", "a.nii.gz"]),  # not nnU-Net's CASE.npz + CASE.nii.gz pattern
-    ("labels", ["a.nii.gz", "a.nrrd"]),
-    ("labels", ["a.npz", "a.nii.gz"]),  # the npz rule applies to probability folders only
-])
+@pytest.mark.parametrize(
+    "folder, names",
+    [
+        ("probs", ["a.nii.gz", "a_prob.nrrd"]),
+        ("probs", ["a.npz", "a_prob.npz"]),
+        ("probs", ["a_prob.npz", "a.nii.gz"]),  # not nnU-Net's CASE.npz + CASE.nii.gz pattern
+        ("labels", ["a.nii.gz", "a.nrrd"]),
+        ("labels", ["a.npz", "a.nii.gz"]),  # the npz rule applies to probability folders only
+    ],
+)
 def test_duplicate_case_ids_are_an_error(tmp_path, folder, names):
     touch(tmp_path / "probs", "a.nii.gz") if folder == "labels" else touch(tmp_path / "labels", "a.nii.gz")
     touch(tmp_path / folder, *names)

@@ -8,10 +8,20 @@ import SimpleITK as sitk
 import slicerio
 from test_io_support import GEOM, SHAPE, files_in, random_probabilities, write_garbage
 
-from ConformalSegLib.errors import ConformalSegError
-from ConformalSegLib.geometry import Geometry
-from ConformalSegLib.io import (INNER_SET, LESION_FNR, LESION_THRESHOLD, OUTER_SET, SEGMENT_COLORS,
-                                geometry_from_sitk, read_seg_nrrd, slug, write_masks_nifti, write_seg_nrrd)
+from ConformalSegLib.common.errors import ConformalSegError
+from ConformalSegLib.common.geometry import Geometry
+from ConformalSegLib.io import (
+    INNER_SET,
+    LESION_FNR,
+    LESION_THRESHOLD,
+    OUTER_SET,
+    SEGMENT_COLORS,
+    geometry_from_sitk,
+    read_seg_nrrd,
+    slug,
+    write_masks_nifti,
+    write_seg_nrrd,
+)
 
 
 def nested_masks() -> dict[str, np.ndarray]:
@@ -111,8 +121,12 @@ def test_write_masks_nifti(tmp_path):
     masks = nested_masks()
     del masks["Empty"]
     paths = write_masks_nifti(masks, GEOM, tmp_path / "out")
-    assert [p.name for p in paths] == ["outer_set.nii.gz", "lesion_fnr_controlled.nii.gz", "inner_set.nii.gz",
-                                       "lesion_threshold_0_5.nii.gz"]
+    assert [p.name for p in paths] == [
+        "outer_set.nii.gz",
+        "lesion_fnr_controlled.nii.gz",
+        "inner_set.nii.gz",
+        "lesion_threshold_0_5.nii.gz",
+    ]
     for path, mask in zip(paths, masks.values(), strict=True):
         img = sitk.ReadImage(str(path))
         assert img.GetPixelID() == sitk.sitkUInt8

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # allow running pytest from any folder
     sys.path.insert(0, str(ROOT))
 
-from ConformalSegLib.geometry import Geometry  # noqa: E402
+from ConformalSegLib.common.geometry import Geometry  # noqa: E402
 
 
 def rotation_direction(degrees: float = 30.0) -> tuple[float, ...]:

@@ -7,10 +7,19 @@ import pytest
 import SimpleITK as sitk
 from test_io_support import GEOM, SHAPE, files_in, random_probabilities, write_garbage, write_sitk
 
-from ConformalSegLib.errors import ConformalSegError
-from ConformalSegLib.geometry import Geometry
-from ConformalSegLib.io import (Volume, check_same_geometry, geometry_from_sitk, label_values, load_label_map,
-                                load_label_mask, load_probability_map, save_volume, sitk_image)
+from ConformalSegLib.common.errors import ConformalSegError
+from ConformalSegLib.common.geometry import Geometry
+from ConformalSegLib.io import (
+    Volume,
+    check_same_geometry,
+    geometry_from_sitk,
+    label_values,
+    load_label_map,
+    load_label_mask,
+    load_probability_map,
+    save_volume,
+    sitk_image,
+)
 
 
 def assert_geometry_equal(actual: Geometry, expected: Geometry) -> None:
@@ -138,7 +147,7 @@ def test_npz_without_probabilities_key(tmp_path):
 def test_non_finite_values_are_counted(tmp_path, bad, count, ext):
     # SimpleITK's NIfTI reader would silently turn these into 0: the loader must still see them
     probs = random_probabilities()
-    probs.flat[3:3 + count] = bad
+    probs.flat[3 : 3 + count] = bad
     path = tmp_path / f"nanny{ext}"
     np.save(path, probs) if ext == ".npy" else write_sitk(probs, path)
     with pytest.raises(ConformalSegError) as info:

@@ -1,4 +1,4 @@
-"""Lesion-wise detection (ConformalSegLib.lesion_metrics): 26-connected lesions, the exact ceil(tau * size)
+"""Lesion-wise detection (ConformalSegLib.evaluation.lesion_metrics): 26-connected lesions, the exact ceil(tau * size)
 rule with its edge cases, false-positive components and mL, size classes by equivalent radius."""
 
 from __future__ import annotations
@@ -8,9 +8,14 @@ import math
 import numpy as np
 import pytest
 
-from ConformalSegLib.errors import ConformalSegError
-from ConformalSegLib.lesion_metrics import (DetectionTally, detection_need, equivalent_radius_mm, lesion_detection,
-                                            size_class)
+from ConformalSegLib.common.errors import ConformalSegError
+from ConformalSegLib.evaluation.lesion_metrics import (
+    DetectionTally,
+    detection_need,
+    equivalent_radius_mm,
+    lesion_detection,
+    size_class,
+)
 
 
 def test_detection_need_is_exact():

@@ -1,4 +1,4 @@
-"""Per-case metrics (ConformalSegLib.metrics) on hand-built arrays and against brute force."""
+"""Per-case metrics (ConformalSegLib.evaluation.metrics) on hand-built arrays and against brute force."""
 
 from __future__ import annotations
 
@@ -15,11 +15,21 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from ConformalSegLib import metrics  # noqa: E402
-from ConformalSegLib.errors import ConformalSegError  # noqa: E402
-from ConformalSegLib.metrics import (count_at_least, count_greater, dice, dice_from_masks, ecr,  # noqa: E402
-                                     finite_mean, fnr, fnr_within, hd95, lesion_hits, prediction_compactness)
-
+from ConformalSegLib.common.errors import ConformalSegError  # noqa: E402
+from ConformalSegLib.evaluation import metrics  # noqa: E402
+from ConformalSegLib.evaluation.metrics import (  # noqa: E402
+    count_at_least,
+    count_greater,
+    dice,
+    dice_from_masks,
+    ecr,
+    finite_mean,
+    fnr,
+    fnr_within,
+    hd95,
+    lesion_hits,
+    prediction_compactness,
+)
 
 # ----------------------------------------------------------------------------- FNR / ECR / PC / Dice
 
@@ -73,8 +83,10 @@ needs_monai = pytest.mark.skipif(importlib.util.find_spec("monai") is None, reas
 
 def _brute_hd95(a: np.ndarray, b: np.ndarray, spacing) -> float:
     """Symmetric HD95 from surface voxels (mask minus its erosion) with linear-interpolated percentiles."""
+
     def surface(m):
         return np.argwhere(m & ~ndimage.binary_erosion(m)) * np.asarray(spacing)
+
     sa, sb = surface(a), surface(b)
     d = cdist(sa, sb)
     return max(np.percentile(d.min(axis=1), 95), np.percentile(d.min(axis=0), 95))
@@ -87,7 +99,6 @@ def test_hd95_empty_mask_rule():
     assert np.isnan(hd95(empty, empty, (2.5, 0.9, 0.8)))
     assert hd95(empty, truth, (2.5, 0.9, 0.8)) == np.inf
     assert hd95(truth, empty, (2.5, 0.9, 0.8)) == np.inf
-
 
 
 @needs_monai
@@ -140,11 +151,15 @@ def _tied_volume(rng, dtype, shape=(7, 9, 11)):
 
 def _thresholds(values: np.ndarray, rng) -> np.ndarray:
     levels = np.unique(values).astype(np.float64)
-    tricky = np.concatenate([
-        levels,  # exactly at tied values
-        np.nextafter(levels, np.inf), np.nextafter(levels, -np.inf),  # float64 neighbours of float32 values
-        rng.random(10), [-np.inf, np.inf, 0.0, 1.0, 0.5, 0.5, -3.0, 7.0],  # repeats, out of range
-    ])
+    tricky = np.concatenate(
+        [
+            levels,  # exactly at tied values
+            np.nextafter(levels, np.inf),
+            np.nextafter(levels, -np.inf),  # float64 neighbours of float32 values
+            rng.random(10),
+            [-np.inf, np.inf, 0.0, 1.0, 0.5, 0.5, -3.0, 7.0],  # repeats, out of range
+        ]
+    )
     return rng.permutation(tricky)
 
 

@@ -18,12 +18,11 @@ pytest.importorskip("monai")
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 
 from ConformalSegLib.cli import main  # noqa: E402
-from ConformalSegLib.errors import ConformalSegError  # noqa: E402
+from ConformalSegLib.common.errors import ConformalSegError  # noqa: E402
+from ConformalSegLib.conformal.profile import load_profile  # noqa: E402
 from ConformalSegLib.inference import InferenceEngine  # noqa: E402
-from ConformalSegLib.inference.model_dataset import (InferenceDataset, engine_for_profile,  # noqa: E402
-                                                     match_images_to_labels)
-from ConformalSegLib.profile import load_profile  # noqa: E402
-from ConformalSegLib.synthetic_dataset import write_synthetic_dataset  # noqa: E402
+from ConformalSegLib.inference.model_dataset import InferenceDataset, engine_for_profile, match_images_to_labels  # noqa: E402
+from ConformalSegLib.phantoms.simulated_dataset import write_synthetic_dataset  # noqa: E402
 
 
 class LogitProbe(torch.nn.Module):
@@ -33,11 +32,15 @@ class LogitProbe(torch.nn.Module):
 
 
 def _card(folder, name="probe") -> dict:
-    return {"format": "conformalseg-model-card", "format_version": 1, "name": name,
-            "source": {"torchscript": "probe.ts"},
-            "preprocessing": {"orientation": "RAS", "spacing_mm": None, "intensity": {"kind": "none"}},
-            "inference": {"patch_size": [16, 16, 16], "overlap": 0.25, "blend": "gaussian", "sw_batch_size": 4},
-            "output": {"activation": "sigmoid", "lesion_channel": 0}}
+    return {
+        "format": "conformalseg-model-card",
+        "format_version": 1,
+        "name": name,
+        "source": {"torchscript": "probe.ts"},
+        "preprocessing": {"orientation": "RAS", "spacing_mm": None, "intensity": {"kind": "none"}},
+        "inference": {"patch_size": [16, 16, 16], "overlap": 0.25, "blend": "gaussian", "sw_batch_size": 4},
+        "output": {"activation": "sigmoid", "lesion_channel": 0},
+    }
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +54,14 @@ def setup(tmp_path_factory):
     other = root / "other"
     other.mkdir()
     torch.jit.script(LogitProbe()).save(str(other / "probe.ts"))
-    (other / "model_card.json").write_text(json.dumps({**_card(other, "other"), "inference": {
-        "patch_size": [8, 8, 8], "overlap": 0.5, "blend": "gaussian", "sw_batch_size": 4}}))
+    (other / "model_card.json").write_text(
+        json.dumps(
+            {
+                **_card(other, "other"),
+                "inference": {"patch_size": [8, 8, 8], "overlap": 0.5, "blend": "gaussian", "sw_batch_size": 4},
+            }
+        )
+    )
     return {"root": root, "data": root / "data", "model": probe, "other": other}
 
 
@@ -65,19 +74,36 @@ def run(argv, capsys):
 def test_calibrate_with_model_matches_precomputed_maps(setup, tmp_path, capsys):
     data = setup["data"]
     common = ["--method", "cls", "--lesion-label", "2", "--epsilon", "0.2", "--alpha", "0.2"]
-    code, _, err = run(["calibrate", *common, "--probs", data / "probs", "--labels", data / "labels",
-                        "--out", tmp_path / "pre.json"], capsys)
+    code, _, err = run(
+        ["calibrate", *common, "--probs", data / "probs", "--labels", data / "labels", "--out", tmp_path / "pre.json"],
+        capsys,
+    )
     assert code == 0, err
     cache = tmp_path / "cache"
-    code, out, err = run(["calibrate", *common, "--model", setup["model"], "--images", data / "probs",
-                          "--labels", data / "labels", "--device", "cpu", "--probs-cache", cache,
-                          "--out", tmp_path / "model.json"], capsys)
+    code, out, err = run(
+        [
+            "calibrate",
+            *common,
+            "--model",
+            setup["model"],
+            "--images",
+            data / "probs",
+            "--labels",
+            data / "labels",
+            "--device",
+            "cpu",
+            "--probs-cache",
+            cache,
+            "--out",
+            tmp_path / "model.json",
+        ],
+        capsys,
+    )
     assert code == 0, err
     pre, via_model = load_profile(tmp_path / "pre.json"), load_profile(tmp_path / "model.json")
     assert pre.calibration.n == via_model.calibration.n == 12
     assert via_model.calibration.rank == pre.calibration.rank
-    assert via_model.calibration.probability_threshold == pytest.approx(pre.calibration.probability_threshold,
-                                                                        rel=1e-5)
+    assert via_model.calibration.probability_threshold == pytest.approx(pre.calibration.probability_threshold, rel=1e-5)
     record = via_model.provenance["inference"]
     assert record["mc_passes"] == 0 and record["probability"].startswith("deterministic")
     assert record["model"]["name"] == "probe" and len(record["pipeline_sha256"]) == 64
@@ -96,8 +122,9 @@ def test_cache_is_reused_and_never_mixed(setup, tmp_path):
     assert len(calls) == 12
     assert all(np.array_equal(a, b) for a, b in zip(first, second))
     with pytest.raises(ConformalSegError, match="another model, pipeline"):
-        InferenceDataset(InferenceEngine(setup["other"], device="cpu"), data / "probs", data / "labels", [2],
-                         tmp_path / "cache")
+        InferenceDataset(
+            InferenceEngine(setup["other"], device="cpu"), data / "probs", data / "labels", [2], tmp_path / "cache"
+        )
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "x.txt").write_text("mine")
     with pytest.raises(ConformalSegError, match="not empty"):
@@ -114,10 +141,33 @@ def test_evaluate_with_model_runs_inference_once_per_case(setup, tmp_path, capsy
 
     monkeypatch.setattr(InferenceEngine, "predict", counting)
     data = setup["data"]
-    code, out, err = run(["evaluate", "--model", setup["model"], "--images", data / "probs", "--labels",
-                          data / "labels", "--lesion-label", "2", "--device", "cpu", "--splits", "5", "--epsilons",
-                          "0.2", "--alphas", "0.2", "--transforms", "identity", "--no-hd95", "--out", tmp_path / "ev"],
-                         capsys)
+    code, out, err = run(
+        [
+            "evaluate",
+            "--model",
+            setup["model"],
+            "--images",
+            data / "probs",
+            "--labels",
+            data / "labels",
+            "--lesion-label",
+            "2",
+            "--device",
+            "cpu",
+            "--splits",
+            "5",
+            "--epsilons",
+            "0.2",
+            "--alphas",
+            "0.2",
+            "--transforms",
+            "identity",
+            "--no-hd95",
+            "--out",
+            tmp_path / "ev",
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert len(calls) == 12  # the evaluation reads each case twice; the second read comes from the cache
     assert (tmp_path / "ev" / "report.md").is_file()
@@ -126,13 +176,48 @@ def test_evaluate_with_model_runs_inference_once_per_case(setup, tmp_path, capsy
 def test_apply_with_image_predicts_like_calibration(setup, tmp_path, capsys):
     data = setup["data"]
     profile = tmp_path / "p.json"
-    code, _, err = run(["calibrate", "--method", "cls", "--lesion-label", "2", "--epsilon", "0.2", "--alpha", "0.2",
-                        "--model", setup["model"], "--images", data / "probs", "--labels", data / "labels",
-                        "--device", "cpu", "--out", profile], capsys)
+    code, _, err = run(
+        [
+            "calibrate",
+            "--method",
+            "cls",
+            "--lesion-label",
+            "2",
+            "--epsilon",
+            "0.2",
+            "--alpha",
+            "0.2",
+            "--model",
+            setup["model"],
+            "--images",
+            data / "probs",
+            "--labels",
+            data / "labels",
+            "--device",
+            "cpu",
+            "--out",
+            profile,
+        ],
+        capsys,
+    )
     assert code == 0, err
     image = data / "probs" / "synth_000.nii.gz"
-    code, out, err = run(["apply", "--profile", profile, "--image", image, "--model", setup["model"], "--device", "cpu",
-                          "--out", tmp_path / "a"], capsys)
+    code, out, err = run(
+        [
+            "apply",
+            "--profile",
+            profile,
+            "--image",
+            image,
+            "--model",
+            setup["model"],
+            "--device",
+            "cpu",
+            "--out",
+            tmp_path / "a",
+        ],
+        capsys,
+    )
     assert code == 0, err
     code, _, err = run(["apply", "--profile", profile, "--prob", image, "--out", tmp_path / "b"], capsys)
     assert code == 0, err
@@ -141,8 +226,9 @@ def test_apply_with_image_predicts_like_calibration(setup, tmp_path, capsys):
     assert a == b
     assert (tmp_path / "a" / "probability.nii.gz").is_file()
     # another pipeline is refused, as is --image for a profile calibrated on precomputed maps
-    code, _, err = run(["apply", "--profile", profile, "--image", image, "--model", setup["other"], "--out",
-                        tmp_path / "c"], capsys)
+    code, _, err = run(
+        ["apply", "--profile", profile, "--image", image, "--model", setup["other"], "--out", tmp_path / "c"], capsys
+    )
     assert code == 2 and "not the pipeline the profile was calibrated with" in err
     with pytest.raises(ConformalSegError, match="precomputed probability maps"):
         engine_for_profile(None, setup["model"])
@@ -156,10 +242,49 @@ def test_unmatched_images_and_bad_options_are_clear_errors(setup, tmp_path, caps
         (labels / path.name).write_bytes(path.read_bytes())
     with pytest.raises(ConformalSegError, match="1 image\\(s\\) .* have no label file"):
         match_images_to_labels(data / "probs", labels)
-    code, _, err = run(["calibrate", "--method", "cls", "--lesion-label", "2", "--epsilon", "0.2", "--alpha", "0.2",
-                        "--images", data / "probs", "--labels", data / "labels", "--out", tmp_path / "x.json"], capsys)
+    code, _, err = run(
+        [
+            "calibrate",
+            "--method",
+            "cls",
+            "--lesion-label",
+            "2",
+            "--epsilon",
+            "0.2",
+            "--alpha",
+            "0.2",
+            "--images",
+            data / "probs",
+            "--labels",
+            data / "labels",
+            "--out",
+            tmp_path / "x.json",
+        ],
+        capsys,
+    )
     assert code == 2 and "--images needs --model" in err
-    code, _, err = run(["calibrate", "--method", "cls", "--lesion-label", "2", "--epsilon", "0.2", "--alpha", "0.2",
-                        "--model", setup["model"], "--images", data / "probs", "--probs", data / "probs",
-                        "--labels", data / "labels", "--out", tmp_path / "x.json"], capsys)
+    code, _, err = run(
+        [
+            "calibrate",
+            "--method",
+            "cls",
+            "--lesion-label",
+            "2",
+            "--epsilon",
+            "0.2",
+            "--alpha",
+            "0.2",
+            "--model",
+            setup["model"],
+            "--images",
+            data / "probs",
+            "--probs",
+            data / "probs",
+            "--labels",
+            data / "labels",
+            "--out",
+            tmp_path / "x.json",
+        ],
+        capsys,
+    )
     assert code == 2 and "not both" in err

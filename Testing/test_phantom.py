@@ -1,4 +1,4 @@
-"""Tests of ConformalSegLib.phantom: deterministic synthetic CT phantoms and their nnU-Net-style dataset."""
+"""Tests of ConformalSegLib.phantoms.generator: deterministic synthetic CT phantoms and their nnU-Net-style dataset."""
 
 from __future__ import annotations
 
@@ -10,11 +10,23 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-from ConformalSegLib.errors import ConformalSegError
-from ConformalSegLib.geometry import Geometry
-from ConformalSegLib.phantom import (BACKGROUND, BODY, BONE, KIDNEY, LABEL_NAMES, LESION, LESION_HOSTS, LIVER,
-                                     LUNG, MAX_LESION_RADIUS_MM, MAX_NODULE_RADIUS_MM, MIN_LESION_RADIUS_MM, SPLEEN,
-                                     Phantom, make_phantom, make_phantoms, phantom_seed, write_phantom_dataset)
+from ConformalSegLib.common.errors import ConformalSegError
+from ConformalSegLib.common.geometry import Geometry
+from ConformalSegLib.phantoms.dataset import write_phantom_dataset
+from ConformalSegLib.phantoms.generator import Phantom, make_phantom, make_phantoms, phantom_seed
+from ConformalSegLib.phantoms.labels import (
+    BACKGROUND,
+    BODY,
+    BONE,
+    KIDNEY,
+    LABEL_NAMES,
+    LESION,
+    LESION_HOSTS,
+    LIVER,
+    LUNG,
+    SPLEEN,
+)
+from ConformalSegLib.phantoms.lesions import MAX_LESION_RADIUS_MM, MAX_NODULE_RADIUS_MM, MIN_LESION_RADIUS_MM
 
 N_STATS = 30
 SMALL = {"shape": (20, 40, 40), "spacing": (3.7, 3.7, 7.0)}  # same field of view, quick to write
@@ -84,8 +96,16 @@ def test_anatomy_does_not_depend_on_lesion_options():
 
 
 def test_label_constants():
-    assert LABEL_NAMES == {0: "background", 1: "body", 2: "lung", 3: "liver", 4: "kidney", 5: "spleen",
-                           6: "lesion", 7: "bone"}
+    assert LABEL_NAMES == {
+        0: "background",
+        1: "body",
+        2: "lung",
+        3: "liver",
+        4: "kidney",
+        5: "spleen",
+        6: "lesion",
+        7: "bone",
+    }
     assert (BACKGROUND, BODY, LUNG, LIVER, KIDNEY, SPLEEN, LESION, BONE) == tuple(range(8))
     assert set(LESION_HOSTS) == {LUNG, LIVER, KIDNEY, SPLEEN}
 
@@ -206,8 +226,11 @@ def test_lesion_info_matches_the_label_map(phantoms):
             assert info.host in LESION_HOSTS
             # the nominal centre (LPS x, y, z mm) lies within its radius of a lesion voxel
             assert np.min(np.linalg.norm(lps - np.array(info.center_mm), axis=1)) <= info.radius_mm + 1.0
-            assert MIN_LESION_RADIUS_MM <= info.radius_mm <= (
-                MAX_NODULE_RADIUS_MM if info.host == LUNG else MAX_LESION_RADIUS_MM)
+            assert (
+                MIN_LESION_RADIUS_MM
+                <= info.radius_mm
+                <= (MAX_NODULE_RADIUS_MM if info.host == LUNG else MAX_LESION_RADIUS_MM)
+            )
 
 
 def test_lesion_sizes_in_mm_respect_anisotropic_spacing(phantoms):
@@ -258,14 +281,22 @@ def test_lung_nodules_occur_over_many_seeds(phantoms):
 def test_some_lesions_are_hard_some_easy(phantoms):
     sizes = [i.n_voxels for p in phantoms for i in p.lesions]
     assert min(sizes) < 30 and max(sizes) > 1000
-    subtle_small = [i for p in phantoms for i in p.lesions if i.host != LUNG and i.contrast_hu > -25 and
-                    i.n_voxels < 150]
+    subtle_small = [
+        i for p in phantoms for i in p.lesions if i.host != LUNG and i.contrast_hu > -25 and i.n_voxels < 150
+    ]
     assert subtle_small
 
 
 def test_invalid_arguments():
-    for kw in ({"shape": (8, 64, 64)}, {"shape": (32, 64)}, {"spacing": (1.0, 0.0, 2.0)},
-               {"empty_probability": 1.5}, {"n_lesions": -1}, {"n_lesions": (3, 1)}, {"n_lesions": 2.5}):
+    for kw in (
+        {"shape": (8, 64, 64)},
+        {"shape": (32, 64)},
+        {"spacing": (1.0, 0.0, 2.0)},
+        {"empty_probability": 1.5},
+        {"n_lesions": -1},
+        {"n_lesions": (3, 1)},
+        {"n_lesions": 2.5},
+    ):
         with pytest.raises(ConformalSegError):
             make_phantom(0, **kw)
 
@@ -282,8 +313,16 @@ def test_dataset_layout_json_and_round_trip(tmp_path):
 
     meta = json.loads((out / "dataset.json").read_text())
     assert meta["channel_names"] == {"0": "CT"}
-    assert meta["labels"] == {"background": 0, "body": 1, "lung": 2, "liver": 3, "kidney": 4, "spleen": 5,
-                              "lesion": 6, "bone": 7}
+    assert meta["labels"] == {
+        "background": 0,
+        "body": 1,
+        "lung": 2,
+        "liver": 3,
+        "kidney": 4,
+        "spleen": 5,
+        "lesion": 6,
+        "bone": 7,
+    }
     assert meta["numTraining"] == 3 and meta["file_ending"] == ".nii.gz"
 
     for p in make_phantoms(3, seed=4, **SMALL):

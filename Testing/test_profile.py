@@ -8,12 +8,12 @@ import warnings
 import numpy as np
 import pytest
 
-from ConformalSegLib.calibration import CalibrationRequest, calibrate
-from ConformalSegLib.cls import apply_threshold, calibrate_cls, critical_cutoff, conformal_lower_cutoff
-from ConformalSegLib.errors import CalibrationSetTooSmallWarning, ConformalSegError
-from ConformalSegLib.guarantees import guarantee_sentence, percent
-from ConformalSegLib.profile import load_profile
-from ConformalSegLib.synthetic import make_cases
+from ConformalSegLib.common.errors import CalibrationSetTooSmallWarning, ConformalSegError
+from ConformalSegLib.conformal.calibration import CalibrationRequest, calibrate
+from ConformalSegLib.conformal.cls import apply_threshold, calibrate_cls, conformal_lower_cutoff, critical_cutoff
+from ConformalSegLib.conformal.guarantee_sentences import guarantee_sentence, percent
+from ConformalSegLib.conformal.profile import load_profile
+from ConformalSegLib.phantoms.simulated_maps import make_cases
 
 
 @pytest.fixture(scope="module")
@@ -25,14 +25,17 @@ def _profile(cases, **kw):
     return calibrate(cases, CalibrationRequest(**kw))
 
 
-@pytest.mark.parametrize("kw", [
-    dict(method="cls", epsilon=0.1, alpha=0.1),
-    dict(method="cls", epsilon=0.2, alpha=0.2, precision="uint16"),
-    dict(method="crc", epsilon=0.15),
-    dict(method="sets", alpha=0.2),
-    dict(method="sets", alpha=0.2, joint="split", inner_transform="identity", outer_transform="distance"),
-    dict(method="sets", alpha=0.2, joint="max", inner_transform="gaussian:2"),
-])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(method="cls", epsilon=0.1, alpha=0.1),
+        dict(method="cls", epsilon=0.2, alpha=0.2, precision="uint16"),
+        dict(method="crc", epsilon=0.15),
+        dict(method="sets", alpha=0.2),
+        dict(method="sets", alpha=0.2, joint="split", inner_transform="identity", outer_transform="distance"),
+        dict(method="sets", alpha=0.2, joint="max", inner_transform="gaussian:2"),
+    ],
+)
 def test_round_trip_keeps_thresholds_and_recalibrates(tmp_path, cases, kw):
     profile = _profile(cases, **kw)
     json_path, npz_path = profile.save(tmp_path / "p.json")
@@ -61,7 +64,7 @@ def test_cls_profile_equals_direct_computation(tmp_path, cases):
         from_volumes = _profile(cases, method="cls", epsilon=eps, alpha=alpha).calibration
         assert profile.recalibrate(epsilon=eps, alpha=alpha).calibration == from_volumes
     masks = profile.masks(cases[0].probability, cases[0].geometry)
-    (name, mask), = masks.items()
+    ((name, mask),) = masks.items()
     assert name == "Lesion (FNR-controlled)"
     assert np.array_equal(mask, apply_threshold(cases[0].probability, profile.calibration.probability_threshold))
 
@@ -90,18 +93,21 @@ def test_tiny_calibration_set_infinite_quantile_round_trip(tmp_path, cases):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         loaded = load_profile(tmp_path / "tiny.json")
-    mask, = loaded.masks(cases[0].probability, cases[0].geometry).values()
+    (mask,) = loaded.masks(cases[0].probability, cases[0].geometry).values()
     assert mask.all()
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda d: d.update(format="other"), "not a ConformalSeg"),
-    (lambda d: d.update(format_version=99), "version"),
-    (lambda d: d.pop("n"), "'n'"),
-    (lambda d: d.update(method="magic"), "unknown method"),
-    (lambda d: d.update(probability_threshold="abc"), "number"),
-    (lambda d: d.update(probability_threshold=0.123456), "does not follow"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda d: d.update(format="other"), "not a ConformalSeg"),
+        (lambda d: d.update(format_version=99), "version"),
+        (lambda d: d.pop("n"), "'n'"),
+        (lambda d: d.update(method="magic"), "unknown method"),
+        (lambda d: d.update(probability_threshold="abc"), "number"),
+        (lambda d: d.update(probability_threshold=0.123456), "does not follow"),
+    ],
+)
 def test_invalid_profiles_name_the_file(tmp_path, cases, mutate, message):
     path, _ = _profile(cases, method="cls", epsilon=0.1, alpha=0.2).save(tmp_path / "p.json")
     doc = json.loads(path.read_text())

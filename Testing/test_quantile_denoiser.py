@@ -15,17 +15,24 @@ import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("monai")
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning",
-                                        "ignore:`torch.jit.save` is deprecated:DeprecationWarning")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:`torch.jit.script` is deprecated:DeprecationWarning",
+    "ignore:`torch.jit.save` is deprecated:DeprecationWarning",
+)
 
 from ConformalSegLib import cli  # noqa: E402
 from ConformalSegLib.cli import train_cmd  # noqa: E402
-from ConformalSegLib.errors import ConformalSegError  # noqa: E402
-from ConformalSegLib.geometry import Geometry  # noqa: E402
+from ConformalSegLib.common.errors import ConformalSegError  # noqa: E402
+from ConformalSegLib.common.geometry import Geometry  # noqa: E402
 from ConformalSegLib.inference import InferenceEngine, ModelCard, resolve_model  # noqa: E402
 from ConformalSegLib.io.volumes import Volume, load_image  # noqa: E402
-from ConformalSegLib.semcrc.phantom_denoising import (NOISE_SIGMA, PHANTOM_ORGANS, denoising_cases,  # noqa: E402
-                                                      window, write_denoising_dataset)
+from ConformalSegLib.semcrc.phantom_denoising import (  # noqa: E402
+    NOISE_SIGMA,
+    PHANTOM_ORGANS,
+    denoising_cases,
+    window,
+    write_denoising_dataset,
+)
 from ConformalSegLib.training.denoise import evaluate_denoiser, phantom_denoising_pairs  # noqa: E402
 from ConformalSegLib.training.losses import PinballLoss  # noqa: E402
 
@@ -46,10 +53,16 @@ def _few_threads():
 
 
 def quantile_card_dict(source: dict, *, patch=(16, 16, 8), spacing=None, orientation=None, levels=(0.1, 0.9)) -> dict:
-    return {"format": "conformalseg-model-card", "format_version": 1, "name": "tiny-quantile", "source": source,
-            "preprocessing": {"orientation": orientation, "spacing_mm": spacing, "intensity": {"kind": "none"}},
-            "inference": {"patch_size": list(patch), "overlap": 0.5, "blend": "gaussian", "sw_batch_size": 2},
-            "output": {"activation": "none", "quantiles": list(levels)}, "training": {}}
+    return {
+        "format": "conformalseg-model-card",
+        "format_version": 1,
+        "name": "tiny-quantile",
+        "source": source,
+        "preprocessing": {"orientation": orientation, "spacing_mm": spacing, "intensity": {"kind": "none"}},
+        "inference": {"patch_size": list(patch), "overlap": 0.5, "blend": "gaussian", "sw_batch_size": 2},
+        "output": {"activation": "none", "quantiles": list(levels)},
+        "training": {},
+    }
 
 
 class _Band(torch.nn.Module):
@@ -134,11 +147,13 @@ def test_quantile_card_round_trip_and_errors(band_card, tmp_path):
     lesion = ModelCard.from_dict({**data, "output": {"activation": "sigmoid", "lesion_channel": 0}}, band_card)
     assert lesion.to_dict()["output"] == {"activation": "sigmoid", "lesion_channel": 0}  # unchanged format
     assert not lesion.output.is_quantile
-    bad = {"softmax with quantiles": {"activation": "softmax", "quantiles": [0.1, 0.9]},
-           "decreasing": {"activation": "none", "quantiles": [0.9, 0.1]},
-           "one level": {"activation": "none", "quantiles": [0.5]},
-           "level 1": {"activation": "none", "quantiles": [0.1, 1.0]},
-           "none without quantiles": {"activation": "none", "lesion_channel": 0}}
+    bad = {
+        "softmax with quantiles": {"activation": "softmax", "quantiles": [0.1, 0.9]},
+        "decreasing": {"activation": "none", "quantiles": [0.9, 0.1]},
+        "one level": {"activation": "none", "quantiles": [0.5]},
+        "level 1": {"activation": "none", "quantiles": [0.1, 1.0]},
+        "none without quantiles": {"activation": "none", "lesion_channel": 0},
+    }
     for name, output in bad.items():
         with pytest.raises(ConformalSegError, match="quantile|output") as info:
             ModelCard.from_dict({**data, "output": output}, band_card)
@@ -162,8 +177,10 @@ def test_engine_quantile_geometry_blending_and_refusals(band_card):
         engine.predict(volume)
     # with resampling and reorientation the maps still come back on the input grid
     data = json.loads(band_card.read_text())
-    card = ModelCard.from_dict({**data, "preprocessing": {**data["preprocessing"], "orientation": "RAS",
-                                                          "spacing_mm": [2.0, 2.0, 2.0]}}, band_card)
+    card = ModelCard.from_dict(
+        {**data, "preprocessing": {**data["preprocessing"], "orientation": "RAS", "spacing_mm": [2.0, 2.0, 2.0]}},
+        band_card,
+    )
     resampled = InferenceEngine(card, device="cpu").predict_quantiles(volume)
     assert resampled.maps.shape == (2, *geometry.shape)
     assert np.all(resampled.lower <= resampled.upper)
@@ -204,10 +221,40 @@ def test_denoising_dataset_is_seeded_and_documented(tmp_path):
 
 def test_one_epoch_denoise_training_writes_a_loadable_card(tmp_path):
     out = tmp_path / "tiny_denoiser"
-    assert run_train("--task", "denoise", "--phantoms", "2", "--heldout", "1", "--epochs", "1",
-                     "--phantom-shape", "16", "16", "16", "--patch-size", "16", "16", "16",
-                     "--crop-size", "8", "8", "8", "--channels", "4", "8", "--strides", "2",
-                     "--device", "cpu", "--out", str(out)) == 0
+    assert (
+        run_train(
+            "--task",
+            "denoise",
+            "--phantoms",
+            "2",
+            "--heldout",
+            "1",
+            "--epochs",
+            "1",
+            "--phantom-shape",
+            "16",
+            "16",
+            "16",
+            "--patch-size",
+            "16",
+            "16",
+            "16",
+            "--crop-size",
+            "8",
+            "8",
+            "8",
+            "--channels",
+            "4",
+            "8",
+            "--strides",
+            "2",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        )
+        == 0
+    )
     card = resolve_model(out)
     assert card.output.quantiles == (0.1, 0.9)
     training = card.training
@@ -224,21 +271,66 @@ def test_one_epoch_denoise_training_writes_a_loadable_card(tmp_path):
 def test_infer_then_semcrc_organ_calibration_end_to_end(band_card, tmp_path, capsys):
     data = write_denoising_dataset(tmp_path / "data", 12, 11)
     pred = tmp_path / "pred"
-    assert cli.main(["infer", "--model", str(band_card), "--images", str(data / "noisy"), "--out", str(pred),
-                     "--device", "cpu"]) == 0
+    assert (
+        cli.main(
+            ["infer", "--model", str(band_card), "--images", str(data / "noisy"), "--out", str(pred), "--device", "cpu"]
+        )
+        == 0
+    )
     lower = sorted(p.name for p in (pred / "lower").iterdir())
-    assert lower == sorted(p.name for p in (pred / "upper").iterdir()) == \
-        sorted(p.name for p in (data / "clean").iterdir())
+    assert (
+        lower
+        == sorted(p.name for p in (pred / "upper").iterdir())
+        == sorted(p.name for p in (data / "clean").iterdir())
+    )
     assert not (pred / "probs").exists()
     report = json.loads((pred / "inference.json").read_text())
     assert report["cases"][0]["lower"] == "lower/phantom_000.nii.gz"
-    assert cli.main(["infer", "--model", str(band_card), "--images", str(data / "noisy"), "--out",
-                     str(tmp_path / "p2"), "--mc-dropout", "2"]) == 2
+    assert (
+        cli.main(
+            [
+                "infer",
+                "--model",
+                str(band_card),
+                "--images",
+                str(data / "noisy"),
+                "--out",
+                str(tmp_path / "p2"),
+                "--mc-dropout",
+                "2",
+            ]
+        )
+        == 2
+    )
     profile = tmp_path / "organs.json"
-    assert cli.main(["calibrate", "--method", "sem-crc-organ", "--lower", str(pred / "lower"), "--upper",
-                     str(pred / "upper"), "--truth", str(data / "clean"), "--organs", str(data / "organs"),
-                     "--organ-labels", PHANTOM_ORGANS, "--body", "nonzero", "--epsilon", "0.2", "--n-opt", "4",
-                     "--out", str(profile)]) == 0
+    assert (
+        cli.main(
+            [
+                "calibrate",
+                "--method",
+                "sem-crc-organ",
+                "--lower",
+                str(pred / "lower"),
+                "--upper",
+                str(pred / "upper"),
+                "--truth",
+                str(data / "clean"),
+                "--organs",
+                str(data / "organs"),
+                "--organ-labels",
+                PHANTOM_ORGANS,
+                "--body",
+                "nonzero",
+                "--epsilon",
+                "0.2",
+                "--n-opt",
+                "4",
+                "--out",
+                str(profile),
+            ]
+        )
+        == 0
+    )
     groups = json.loads(profile.read_text())
     assert "liver" in json.dumps(groups) and "lesion" in json.dumps(groups)
 
@@ -263,12 +355,19 @@ def test_shipped_denoiser_coverage_on_fresh_phantoms():
 
 
 def test_semcrc_demo_writes_its_files(tmp_path):
-    from ConformalSegLib.semcrc.demo import run_semcrc_demo
+    from ConformalSegLib.demo.semcrc_intervals import run_semcrc_demo
 
     text = run_semcrc_demo(tmp_path / "demo", n_cases=12, seed=7, model=SHIPPED, epsilon=0.2, runs=2)
     out = tmp_path / "demo"
-    for name in ("semcrc_demo.md", "interval_evaluation.png", "interval_evaluation.json", "heldout_length.png",
-                 "heldout_table.csv", "heldout_table.json", "profile.json"):
+    for name in (
+        "semcrc_demo.md",
+        "interval_evaluation.png",
+        "interval_evaluation.json",
+        "heldout_length.png",
+        "heldout_table.csv",
+        "heldout_table.json",
+        "profile.json",
+    ):
         assert (out / name).is_file(), name
     assert len(list((out / "pred" / "lower").iterdir())) == 12
     assert "| sem-CRC (per organ) |" in text and "heldout_length.png" in text and "| liver |" in text
@@ -287,18 +386,84 @@ def test_calibrate_intervals_from_a_quantile_model(tmp_path, capsys):
     from ConformalSegLib.semcrc.profile import load_interval_profile
 
     data = write_denoising_dataset(tmp_path / "data", 8, seed=4321)
-    assert main(["calibrate", "--method", "crc-interval", "--model", str(SHIPPED), "--images", str(data / "noisy"),
-                 "--truth", str(data / "clean"), "--epsilon", "0.2", "--device", "cpu",
-                 "--out", str(tmp_path / "direct.json")]) == 0
-    assert main(["infer", "--model", str(SHIPPED), "--images", str(data / "noisy"), "--device", "cpu",
-                 "--out", str(tmp_path / "pred")]) == 0
-    assert main(["calibrate", "--method", "crc-interval", "--lower", str(tmp_path / "pred" / "lower"),
-                 "--upper", str(tmp_path / "pred" / "upper"), "--truth", str(data / "clean"), "--epsilon", "0.2",
-                 "--out", str(tmp_path / "folders.json")]) == 0
+    assert (
+        main(
+            [
+                "calibrate",
+                "--method",
+                "crc-interval",
+                "--model",
+                str(SHIPPED),
+                "--images",
+                str(data / "noisy"),
+                "--truth",
+                str(data / "clean"),
+                "--epsilon",
+                "0.2",
+                "--device",
+                "cpu",
+                "--out",
+                str(tmp_path / "direct.json"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "infer",
+                "--model",
+                str(SHIPPED),
+                "--images",
+                str(data / "noisy"),
+                "--device",
+                "cpu",
+                "--out",
+                str(tmp_path / "pred"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "calibrate",
+                "--method",
+                "crc-interval",
+                "--lower",
+                str(tmp_path / "pred" / "lower"),
+                "--upper",
+                str(tmp_path / "pred" / "upper"),
+                "--truth",
+                str(data / "clean"),
+                "--epsilon",
+                "0.2",
+                "--out",
+                str(tmp_path / "folders.json"),
+            ]
+        )
+        == 0
+    )
     direct, folders = load_interval_profile(tmp_path / "direct.json"), load_interval_profile(tmp_path / "folders.json")
     assert direct.calibration.lam.tolist() == folders.calibration.lam.tolist()
     assert direct.provenance["inference"]["model"]["name"] == "phantom_denoiser_quantile"
     capsys.readouterr()
-    assert main(["calibrate", "--method", "crc-interval", "--images", str(data / "noisy"), "--truth",
-                 str(data / "clean"), "--epsilon", "0.2", "--out", str(tmp_path / "x.json")]) == 2
+    assert (
+        main(
+            [
+                "calibrate",
+                "--method",
+                "crc-interval",
+                "--images",
+                str(data / "noisy"),
+                "--truth",
+                str(data / "clean"),
+                "--epsilon",
+                "0.2",
+                "--out",
+                str(tmp_path / "x.json"),
+            ]
+        )
+        == 2
+    )
     assert "--images needs --model" in capsys.readouterr().err

@@ -16,12 +16,12 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage, special, stats
 
-from ConformalSegLib.cls import critical_cutoff, conformal_lower_cutoff
-from ConformalSegLib.confidence_sets import case_statistics, conformal_upper_quantile
-from ConformalSegLib.exact import conformal_rank
-from ConformalSegLib.geometry import Geometry
+from ConformalSegLib.common.geometry import Geometry
+from ConformalSegLib.conformal.cls import conformal_lower_cutoff, critical_cutoff
+from ConformalSegLib.conformal.confidence_sets import case_statistics, conformal_upper_quantile
+from ConformalSegLib.conformal.exact import conformal_rank
+from ConformalSegLib.conformal.score_transforms import parse_transform
 from ConformalSegLib.io.volumes import geometry_from_sitk
-from ConformalSegLib.transforms import parse_transform
 
 KITS = Path(__file__).resolve().parents[2] / "shared" / "data" / "kits19_labels"
 TUMOUR = 2
@@ -32,8 +32,11 @@ def simulated_prediction(tumour: np.ndarray, geometry: Geometry, rng: np.random.
     """An imperfect network output: a per-case miscalibrated logit of the signed distance (mm) to the
     true boundary plus smooth noise (float32 probabilities)."""
     sp = geometry.spacing_zyx
-    signed = np.where(tumour, -ndimage.distance_transform_edt(tumour, sampling=sp),
-                      ndimage.distance_transform_edt(~tumour, sampling=sp))
+    signed = np.where(
+        tumour,
+        -ndimage.distance_transform_edt(tumour, sampling=sp),
+        ndimage.distance_transform_edt(~tumour, sampling=sp),
+    )
     scale = np.exp(rng.uniform(np.log(0.3), np.log(2.5)))
     shift = rng.normal(-1.0, 1.0)
     noise = ndimage.gaussian_filter(rng.standard_normal(tumour.shape), [3.0 / s for s in sp])

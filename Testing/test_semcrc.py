@@ -25,14 +25,33 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from ConformalSegLib.errors import ConformalSegError  # noqa: E402
-from ConformalSegLib.semcrc import (AnchorSample, IntervalCalibrationError, IntervalData, IntervalInputError,  # noqa: E402
-                                    OmegaCurve, OrganMap, UncontrollableRiskWarning, bisect_omega,
-                                    calibrate_crc_interval, calibrate_interval_method, calibrate_kcrc,
-                                    calibrate_semcrc, calibrate_semcrc_organ, exact_omega, lambdas_at,
-                                    loss_quantile_partition, make_interval_scan, mc_dropout_intervals,
-                                    omega_thresholds, organ_memberships, scan_loss, solve_anchor, surrogate_risk,
-                                    synthetic_intervals)
+from ConformalSegLib.common.errors import ConformalSegError  # noqa: E402
+from ConformalSegLib.semcrc import (  # noqa: E402
+    AnchorSample,
+    IntervalCalibrationError,
+    IntervalData,
+    IntervalInputError,
+    OmegaCurve,
+    OrganMap,
+    UncontrollableRiskWarning,
+    bisect_omega,
+    calibrate_crc_interval,
+    calibrate_interval_method,
+    calibrate_kcrc,
+    calibrate_semcrc,
+    calibrate_semcrc_organ,
+    exact_omega,
+    lambdas_at,
+    loss_quantile_partition,
+    make_interval_scan,
+    mc_dropout_intervals,
+    omega_thresholds,
+    organ_memberships,
+    scan_loss,
+    solve_anchor,
+    surrogate_risk,
+    synthetic_intervals,
+)
 
 EPS = 0.1
 INF = math.inf
@@ -135,8 +154,10 @@ def test_thresholds_match_float_addition_exactly() -> None:
 def test_calibration_is_tight_at_the_returned_lambda(pool: IntervalData) -> None:
     """At lambda_hat the CRC condition holds exactly; one float step below omega_hat it fails."""
     cal = pool.subset(range(80))
-    for calib in (calibrate_crc_interval(cal, EPS),
-                  calibrate_semcrc(pool.subset(range(100)), EPS, n_opt=20, d_opt=100, gammas=(0.5,), seed=1)):
+    for calib in (
+        calibrate_crc_interval(cal, EPS),
+        calibrate_semcrc(pool.subset(range(100)), EPS, n_opt=20, d_opt=100, gammas=(0.5,), seed=1),
+    ):
         by_id = {s.case_id: s for s in pool.scans}
         scans = [by_id[c] for c in calib.cal_cases]
         assert len(scans) == 80 and not set(calib.cal_cases) & set(calib.opt_cases)
@@ -208,8 +229,7 @@ def test_anchor_keeps_best_gamma() -> None:
 # ----------------------------------------------------------------------------------------- validity
 
 
-def trial_risks(pool: IntervalData, method: str, trials: int, epsilon: float, n_cal: int = 60,
-                **options) -> np.ndarray:
+def trial_risks(pool: IntervalData, method: str, trials: int, epsilon: float, n_cal: int = 60, **options) -> np.ndarray:
     """Per trial: mean test risk (whole scan), or per organ (R, K) for sem-crc-organ."""
     rng = np.random.default_rng(1234)
     out = []
@@ -218,8 +238,12 @@ def trial_risks(pool: IntervalData, method: str, trials: int, epsilon: float, n_
         cal, test = pool.subset(perm[:n_cal]), pool.subset(perm[n_cal:])
         calib = calibrate_interval_method(method, cal, epsilon, seed=r, **options)
         if method == "sem-crc-organ":
-            out.append([np.mean([scan_loss(s.need[s.group == k], calib.lam[k]) for s in test.scans
-                                 if (s.group == k).any()]) for k in range(pool.n_groups)])
+            out.append(
+                [
+                    np.mean([scan_loss(s.need[s.group == k], calib.lam[k]) for s in test.scans if (s.group == k).any()])
+                    for k in range(pool.n_groups)
+                ]
+            )
         else:
             out.append(np.mean([scan_loss(s.need, calib.voxel_lambda(s)) for s in test.scans]))
     return np.asarray(out)
@@ -255,12 +279,14 @@ def test_per_organ_semcrc_validity_for_every_organ(pool: IntervalData) -> None:
     # whole-scan CRC does not control every organ in this data (the pancreas is under-covered)
     whole = []
     rng = np.random.default_rng(99)
-    for r in range(5):
+    for _run in range(5):
         perm = rng.permutation(pool.n)
         calib = calibrate_crc_interval(pool.subset(perm[:60]), EPS)
         test = pool.subset(perm[60:])
         k = pool.groups.index("pancreas")
-        whole.append(np.mean([scan_loss(s.need[s.group == k], calib.lam[0]) for s in test.scans if (s.group == k).any()]))
+        whole.append(
+            np.mean([scan_loss(s.need[s.group == k], calib.lam[0]) for s in test.scans if (s.group == k).any()])
+        )
     assert np.mean(whole) > 1.5 * EPS
 
 
@@ -281,8 +307,12 @@ def test_per_organ_from_anchor_never_goes_below_the_anchor(pool: IntervalData) -
 def one_scan(**changes) -> dict:
     rng = np.random.default_rng(0)
     y = rng.normal(0.5, 0.1, (2, 4, 4))
-    arrays = dict(lower=y - 0.1, upper=y + 0.1, truth=y + rng.normal(0, 0.1, y.shape),
-                  membership=np.zeros(y.shape, dtype=np.int32))
+    arrays = dict(
+        lower=y - 0.1,
+        upper=y + 0.1,
+        truth=y + rng.normal(0, 0.1, y.shape),
+        membership=np.zeros(y.shape, dtype=np.int32),
+    )
     arrays.update(changes)
     return arrays
 

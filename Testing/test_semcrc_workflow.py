@@ -18,12 +18,16 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from ConformalSegLib.cli.interval_options import add_interval_arguments, is_interval_profile  # noqa: E402
-from ConformalSegLib.errors import ConformalSegError  # noqa: E402
+from ConformalSegLib.common.errors import ConformalSegError  # noqa: E402
 from ConformalSegLib.semcrc import IntervalInputError, IntervalProfileError, synthetic_intervals  # noqa: E402
 from ConformalSegLib.semcrc.profile import load_interval_profile  # noqa: E402
 from ConformalSegLib.semcrc.synthetic import ORGANS  # noqa: E402
-from ConformalSegLib.semcrc.workflow import (apply_interval, calibrate_interval, discover_interval_cases,  # noqa: E402
-                                             write_interval_table)
+from ConformalSegLib.semcrc.workflow import (  # noqa: E402
+    apply_interval,
+    calibrate_interval,
+    discover_interval_cases,
+    write_interval_table,
+)
 
 ORGAN_SPEC = ",".join(f"{label}={name}" for name, label, *_ in ORGANS)
 FAST = dict(n_opt=8, d_opt=60, gammas=(0.5,), seed=0)
@@ -45,8 +49,17 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def calibrate(folders: dict[str, Path], method: str, **options):
-    return calibrate_interval(method, folders["lower"], folders["upper"], folders["truth"], folders["organs"], 0.1,
-                              organs=ORGAN_SPEC, body="nonzero", **{**FAST, **options})
+    return calibrate_interval(
+        method,
+        folders["lower"],
+        folders["upper"],
+        folders["truth"],
+        folders["organs"],
+        0.1,
+        organs=ORGAN_SPEC,
+        body="nonzero",
+        **{**FAST, **options},
+    )
 
 
 def test_profile_round_trip_keeps_lambda_exactly(folders: dict[str, Path], tmp_path: Path) -> None:
@@ -128,27 +141,88 @@ def test_cli_calibrate_then_apply(folders: dict[str, Path], tmp_path: Path, caps
     from ConformalSegLib.cli import main
 
     profile_path = tmp_path / "sem.json"
-    assert main([
-        "calibrate", "--method", "sem-crc-organ", "--epsilon", "0.1", "--out", str(profile_path),
-        "--lower", str(folders["lower"]), "--upper", str(folders["upper"]), "--truth", str(folders["truth"]),
-        "--organs", str(folders["organs"]), "--organ-labels", ORGAN_SPEC, "--body", "nonzero",
-        "--n-opt", "8", "--d-opt", "60", "--gammas", "0.5", "--organ-omega-from", "zero", "--seed", "2"]) == 0
+    assert (
+        main(
+            [
+                "calibrate",
+                "--method",
+                "sem-crc-organ",
+                "--epsilon",
+                "0.1",
+                "--out",
+                str(profile_path),
+                "--lower",
+                str(folders["lower"]),
+                "--upper",
+                str(folders["upper"]),
+                "--truth",
+                str(folders["truth"]),
+                "--organs",
+                str(folders["organs"]),
+                "--organ-labels",
+                ORGAN_SPEC,
+                "--body",
+                "nonzero",
+                "--n-opt",
+                "8",
+                "--d-opt",
+                "60",
+                "--gammas",
+                "0.5",
+                "--organ-omega-from",
+                "zero",
+                "--seed",
+                "2",
+            ]
+        )
+        == 0
+    )
     assert "liver: lambda" in capsys.readouterr().out
     assert load_interval_profile(profile_path).calibration.method == "sem-crc-organ"
 
     out = tmp_path / "applied"
-    argv = ["apply", "--profile", str(profile_path), "--out", str(out),
-            "--lower", str(folders["lower"] / "case01.npy"), "--upper", str(folders["upper"] / "case01.npy"),
-            "--organs", str(folders["organs"] / "case01.npy"), "--truth", str(folders["truth"] / "case01.npy")]
+    argv = [
+        "apply",
+        "--profile",
+        str(profile_path),
+        "--out",
+        str(out),
+        "--lower",
+        str(folders["lower"] / "case01.npy"),
+        "--upper",
+        str(folders["upper"] / "case01.npy"),
+        "--organs",
+        str(folders["organs"] / "case01.npy"),
+        "--truth",
+        str(folders["truth"] / "case01.npy"),
+    ]
     assert main(argv) == 0
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["interval_length.nii.gz", "intervals.csv", "intervals.json", "lower_conformal.nii.gz",
-                     "upper_conformal.nii.gz"]
+    assert names == [
+        "interval_length.nii.gz",
+        "intervals.csv",
+        "intervals.json",
+        "lower_conformal.nii.gz",
+        "upper_conformal.nii.gz",
+    ]
     capsys.readouterr()
     assert main(argv) == 2 and "already exists" in capsys.readouterr().err
-    assert main(["apply", "--profile", str(profile_path), "--out", str(tmp_path / "x"),
-                 "--lower", str(folders["lower"] / "case01.npy"),
-                 "--upper", str(folders["upper"] / "case01.npy")]) == 2
+    assert (
+        main(
+            [
+                "apply",
+                "--profile",
+                str(profile_path),
+                "--out",
+                str(tmp_path / "x"),
+                "--lower",
+                str(folders["lower"] / "case01.npy"),
+                "--upper",
+                str(folders["upper"] / "case01.npy"),
+            ]
+        )
+        == 2
+    )
     assert "--organs" in capsys.readouterr().err
 
 
@@ -159,16 +233,47 @@ def test_cli_options_reuse_existing_flags() -> None:
     assert p.parse_args([]).seed == 7
 
 
-def test_cli_evaluate_writes_table_1_and_figure_3(folders: dict[str, Path], tmp_path: Path,
-                                                   capsys: pytest.CaptureFixture) -> None:
+def test_cli_evaluate_writes_table_1_and_figure_3(
+    folders: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     from ConformalSegLib.cli import main
 
     n = len(list(folders["lower"].glob("*.npy")))
     out = tmp_path / "ev"
-    assert main(["evaluate", "--lower", str(folders["lower"]), "--upper", str(folders["upper"]),
-                 "--truth", str(folders["truth"]), "--organs", str(folders["organs"]), "--organ-labels", ORGAN_SPEC,
-                 "--body", "nonzero", "--n-opt", "6", "--d-opt", "40", "--gammas", "0.5", "--runs", "2",
-                 "--n-cal", str(n // 2 + 2), "--interval-epsilon", "0.2", "--out", str(out)]) == 0, capsys.readouterr().err
+    assert (
+        main(
+            [
+                "evaluate",
+                "--lower",
+                str(folders["lower"]),
+                "--upper",
+                str(folders["upper"]),
+                "--truth",
+                str(folders["truth"]),
+                "--organs",
+                str(folders["organs"]),
+                "--organ-labels",
+                ORGAN_SPEC,
+                "--body",
+                "nonzero",
+                "--n-opt",
+                "6",
+                "--d-opt",
+                "40",
+                "--gammas",
+                "0.5",
+                "--runs",
+                "2",
+                "--n-cal",
+                str(n // 2 + 2),
+                "--interval-epsilon",
+                "0.2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    ), capsys.readouterr().err
     summary = json.loads((out / "interval_evaluation.json").read_text())
     assert set(summary["methods"]) == {"crc", "k-crc", "sem-crc", "sem-crc-organ"} and summary["runs"] == 2
     assert (out / "interval_evaluation.png").stat().st_size > 0

@@ -28,16 +28,28 @@ FINDING = re.compile(r"^(?P<path>.+?):(?P<line>\d+): (?P<level>error|warning): (
 def test_slicer_api_checker_is_clean(index):
     if not CHECKER.is_file() or not (SHARED / "slicer-api" / index).is_file():
         pytest.skip(f"the Slicer API checker or its index {index} is not available at {SHARED / 'slicer-api'}")
-    proc = subprocess.run([sys.executable, str(CHECKER), str(SHARED / "slicer-api" / index), "ConformalSeg/",
-                           "ConformalSegLib/"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(CHECKER), str(SHARED / "slicer-api" / index), "ConformalSeg/", "ConformalSegLib/"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     findings = [FINDING.match(line) for line in proc.stdout.splitlines() if line.strip()]
     unparsed = [line for line, m in zip(proc.stdout.splitlines(), findings) if line.strip() and m is None]
     assert not unparsed, unparsed
     errors = [m.group(0) for m in findings if m and m.group("level") == "error"]
     assert not errors, "\n".join(errors)
-    unexplained = [m.group(0) for m in findings if m and m.group("level") == "warning" and not any(
-        re.search(p, m.group("path")) and c == m.group("code") and re.search(r, m.group("message"))
-        for p, c, r in EXPLAINED_WARNINGS)]
+    unexplained = [
+        m.group(0)
+        for m in findings
+        if m
+        and m.group("level") == "warning"
+        and not any(
+            re.search(p, m.group("path")) and c == m.group("code") and re.search(r, m.group("message"))
+            for p, c, r in EXPLAINED_WARNINGS
+        )
+    ]
     assert not unexplained, "\n".join(unexplained)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     checked = re.search(r"checked (\d+) file", proc.stderr)

@@ -32,10 +32,14 @@ SKIP_PARTS = {"__pycache__", ".pytest_cache", ".hypothesis", ".mypy_cache"}
 
 
 def _files(folder: Path, pattern: str = "*") -> list[Path]:
-    return sorted(p for p in folder.rglob(pattern)
-                  if p.is_file() and not SKIP_PARTS & set(p.relative_to(folder).parts)
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-                  and p.suffix not in (".pyc", ".pyo"))
+    return sorted(
+        p
+        for p in folder.rglob(pattern)
+        if p.is_file()
+        and not SKIP_PARTS & set(p.relative_to(folder).parts)
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+        and p.suffix not in (".pyc", ".pyo")
+    )
 
 
 def expected_lists() -> dict[str, list[str]]:
@@ -71,7 +75,7 @@ def render_block(name: str, entries: list[str]) -> str:
     for entry in entries:
         head, _, base = entry.rpartition("/")
         if name.startswith("MODULE_") and base.startswith("ConformalSeg."):  # ConformalSeg.py, .ui, .png
-            entry = (head + "/" if head else "") + "${MODULE_NAME}" + base[len("ConformalSeg"):]
+            entry = (head + "/" if head else "") + "${MODULE_NAME}" + base[len("ConformalSeg") :]
         lines.append(f"  {entry}")
     lines.append("  )")
     return "\n".join(lines) + "\n"
@@ -107,10 +111,12 @@ def test_lists_cover_what_the_module_needs():
     lists = expected_lists()
     assert lists["MODULE_PYTHON_SCRIPTS"][0] == "ConformalSeg.py"
     assert "ConformalSegSlicer/slicer_adapter.py" in lists["MODULE_PYTHON_SCRIPTS"]
-    assert {"Resources/UI/ConformalSeg.ui", "Resources/Icons/ConformalSeg.png",
-            "Resources/requirements.txt"} <= set(lists["MODULE_PYTHON_RESOURCES"])
-    assert {"__init__.py", "__main__.py", "cli/__init__.py", "profile.py"} <= set(
-        lists["CONFORMALSEGLIB_PYTHON_SCRIPTS"])
+    assert {"Resources/UI/ConformalSeg.ui", "Resources/Icons/ConformalSeg.png", "Resources/requirements.txt"} <= set(
+        lists["MODULE_PYTHON_RESOURCES"]
+    )
+    assert {"__init__.py", "__main__.py", "cli/__init__.py", "conformal/profile.py"} <= set(
+        lists["CONFORMALSEGLIB_PYTHON_SCRIPTS"]
+    )
     # Slicer loads every top-level .py of a scripted-module folder as a module: only ConformalSeg.py may be one
     assert [s for s in lists["MODULE_PYTHON_SCRIPTS"] if "/" not in s] == ["ConformalSeg.py"]
 
@@ -119,11 +125,14 @@ def test_update_writes_the_lists(tmp_path):
     copy = tmp_path / "CMakeLists.txt"
     text = MODULE_CMAKE.read_text(encoding="utf-8")
     stale = _block_pattern("CONFORMALSEGLIB_PYTHON_SCRIPTS").sub(
-        lambda m: m.group(1) + "set(CONFORMALSEGLIB_PYTHON_SCRIPTS\n  gone.py\n  )\n" + m.group(3), text)
+        lambda m: m.group(1) + "set(CONFORMALSEGLIB_PYTHON_SCRIPTS\n  gone.py\n  )\n" + m.group(3), text
+    )
     copy.write_text(stale, encoding="utf-8")
     assert update(copy)
-    assert listed(copy.read_text(encoding="utf-8"), "CONFORMALSEGLIB_PYTHON_SCRIPTS") == \
-        expected_lists()["CONFORMALSEGLIB_PYTHON_SCRIPTS"]
+    assert (
+        listed(copy.read_text(encoding="utf-8"), "CONFORMALSEGLIB_PYTHON_SCRIPTS")
+        == expected_lists()["CONFORMALSEGLIB_PYTHON_SCRIPTS"]
+    )
     assert not update(copy)
 
 
@@ -137,12 +146,23 @@ def _code(path: Path) -> str:
 
 def test_top_level_cmakelists():
     code = _code(TOP_CMAKE)
-    for needle in ('set(EXTENSION_CATEGORY "Segmentation")', 'set(EXTENSION_DEPENDS "PyTorch")',
-                   "find_package(Slicer REQUIRED)", "include(${Slicer_USE_FILE})", "add_subdirectory(ConformalSeg)",
-                   "include(${Slicer_EXTENSION_GENERATE_CONFIG})", "include(${Slicer_EXTENSION_CPACK})"):
+    for needle in (
+        'set(EXTENSION_CATEGORY "Segmentation")',
+        'set(EXTENSION_DEPENDS "PyTorch")',
+        "find_package(Slicer REQUIRED)",
+        "include(${Slicer_USE_FILE})",
+        "add_subdirectory(ConformalSeg)",
+        "include(${Slicer_EXTENSION_GENERATE_CONFIG})",
+        "include(${Slicer_EXTENSION_CPACK})",
+    ):
         assert needle in code, needle
-    for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION", "EXTENSION_ICONURL",
-                "EXTENSION_SCREENSHOTURLS"):
+    for key in (
+        "EXTENSION_HOMEPAGE",
+        "EXTENSION_CONTRIBUTORS",
+        "EXTENSION_DESCRIPTION",
+        "EXTENSION_ICONURL",
+        "EXTENSION_SCREENSHOTURLS",
+    ):
         assert re.search(rf'set\({key} "[^"]+"\)', code), key
     assert "GLOB" not in code.upper()
 
@@ -173,10 +193,12 @@ macro(slicerMacroBuildScriptedModule)
   endforeach()
   list(LENGTH MY_SCRIPTS n_scripts)
   list(LENGTH MY_RESOURCES n_resources)
-  message(STATUS "module ${{MY_NAME}} generic_tests=${{MY_WITH_GENERIC_TESTS}} scripts=${{n_scripts}} resources=${{n_resources}}")
+  message(STATUS "module ${{MY_NAME}} generic_tests=${{MY_WITH_GENERIC_TESTS}} "
+    "scripts=${{n_scripts}} resources=${{n_resources}}")
 endmacro()
 macro(ctkMacroCompilePythonScript)
-  cmake_parse_arguments(MY "NO_INSTALL_SUBDIR" "TARGET_NAME;SOURCE_DIR;DESTINATION_DIR;INSTALL_DIR" "SCRIPTS;RESOURCES" ${{ARGN}})
+  cmake_parse_arguments(MY "NO_INSTALL_SUBDIR" "TARGET_NAME;SOURCE_DIR;DESTINATION_DIR;INSTALL_DIR"
+    "SCRIPTS;RESOURCES" ${{ARGN}})
   foreach(f ${{MY_SCRIPTS}} ${{MY_RESOURCES}})
     if(NOT EXISTS "${{MY_SOURCE_DIR}}/${{f}}")
       message(FATAL_ERROR "ctkMacroCompilePythonScript: nonexistent ${{MY_SOURCE_DIR}}/${{f}}")
@@ -203,10 +225,14 @@ def test_module_cmakelists_runs_against_stub_macros(tmp_path):
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output
     lists = expected_lists()
-    assert (f"module ConformalSeg generic_tests=TRUE scripts={len(lists['MODULE_PYTHON_SCRIPTS'])} "
-            f"resources={len(lists['MODULE_PYTHON_RESOURCES'])}") in output
-    assert (f"library ConformalSegLib scripts={len(lists['CONFORMALSEGLIB_PYTHON_SCRIPTS'])} "
-            "install=lib/Slicer-5.12/qt-scripted-modules/ConformalSegLib") in output
+    assert (
+        f"module ConformalSeg generic_tests=TRUE scripts={len(lists['MODULE_PYTHON_SCRIPTS'])} "
+        f"resources={len(lists['MODULE_PYTHON_RESOURCES'])}"
+    ) in output
+    assert (
+        f"library ConformalSegLib scripts={len(lists['CONFORMALSEGLIB_PYTHON_SCRIPTS'])} "
+        "install=lib/Slicer-5.12/qt-scripted-modules/ConformalSegLib"
+    ) in output
     assert "unittest ConformalSeg.py" in output
 
 

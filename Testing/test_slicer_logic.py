@@ -23,16 +23,30 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "ConformalSeg"))
 
-from ConformalSegLib.errors import ConformalSegError  # noqa: E402
-from ConformalSegLib.geometry import Geometry  # noqa: E402
+from ConformalSegLib.common.errors import ConformalSegError  # noqa: E402
+from ConformalSegLib.common.geometry import Geometry  # noqa: E402
+from ConformalSegLib.conformal.profile import LESION_CRC, load_profile  # noqa: E402
 from ConformalSegLib.io.segmentation import INNER_SET, LESION_FNR, LESION_THRESHOLD, OUTER_SET  # noqa: E402
-from ConformalSegLib.profile import LESION_CRC, load_profile  # noqa: E402
-from ConformalSegSlicer import (commands, display, environment, evaluation_plots, fixtures, intervals,  # noqa: E402
-                                segments, spatial)
-from ConformalSegSlicer.process import (ProcessRunner, Progress, StagedProgress, kill_process_tree,  # noqa: E402
-                                        parse_progress, pid_alive, popen_group_options, split_lines)
-from ConformalSegSlicer.slider import (SliderSettings, SliderState, greater_than, initial_settings,  # noqa: E402
-                                       relevant_sliders, snap, validate_probability)
+from ConformalSegSlicer import commands, display, environment, evaluation_plots, fixtures, intervals, segments, spatial  # noqa: E402
+from ConformalSegSlicer.process import (  # noqa: E402
+    ProcessRunner,
+    Progress,
+    StagedProgress,
+    kill_process_tree,
+    parse_progress,
+    pid_alive,
+    popen_group_options,
+    split_lines,
+)
+from ConformalSegSlicer.slider import (  # noqa: E402
+    SliderSettings,
+    SliderState,
+    greater_than,
+    initial_settings,
+    relevant_sliders,
+    snap,
+    validate_probability,
+)
 
 PY = sys.executable
 
@@ -44,16 +58,23 @@ def child_env():
 # ----------------------------------------------------------------------------- progress parsing
 
 
-@pytest.mark.parametrize("line, fraction, label", [
-    ("PROGRESS 0.25 windows", 0.25, "windows"),
-    ("progress: 40% case 3", 0.4, "case 3"),
-    ("calibrating:  45%|####5     | 9/20 [00:01<00:02,  6.1case/s, synth_009]", 0.45, "calibrating"),
-    ("pass 1/2: case statistics:  40%|####      | 4/10 [00:01<00:02,  3.00case/s]", 0.4, "pass 1/2: case statistics"),
-    ("inference: 100%|##########| 1/1 [00:03<00:00,  3.2s/case]", 1.0, "inference"),
-    ("calibration splits:  33%|###3      | 33/100 [00:00<00:00]", 0.33, "calibration splits"),
-    ("weird:  50%|#####     |", 0.5, "weird"),
-    ("[model] 3/12 windows", 0.25, "model"),
-])
+@pytest.mark.parametrize(
+    "line, fraction, label",
+    [
+        ("PROGRESS 0.25 windows", 0.25, "windows"),
+        ("progress: 40% case 3", 0.4, "case 3"),
+        ("calibrating:  45%|####5     | 9/20 [00:01<00:02,  6.1case/s, synth_009]", 0.45, "calibrating"),
+        (
+            "pass 1/2: case statistics:  40%|####      | 4/10 [00:01<00:02,  3.00case/s]",
+            0.4,
+            "pass 1/2: case statistics",
+        ),
+        ("inference: 100%|##########| 1/1 [00:03<00:00,  3.2s/case]", 1.0, "inference"),
+        ("calibration splits:  33%|###3      | 33/100 [00:00<00:00]", 0.33, "calibration splits"),
+        ("weird:  50%|#####     |", 0.5, "weird"),
+        ("[model] 3/12 windows", 0.25, "model"),
+    ],
+)
 def test_parse_progress(line, fraction, label):
     progress = parse_progress(line)
     assert progress is not None
@@ -70,9 +91,13 @@ def test_staged_progress_is_monotone_over_the_evaluate_bars():
     staged = StagedProgress(commands.progress_stages("evaluate"))
     labels = commands.progress_stages("evaluate")
     assert len(labels) == 3
-    values = [staged.overall(Progress(0.5, labels[0])), staged.overall(Progress(0.0, labels[1])),
-              staged.overall(Progress(1.0, labels[1])), staged.overall(Progress(0.1, "something else")),
-              staged.overall(Progress(1.0, labels[2]))]
+    values = [
+        staged.overall(Progress(0.5, labels[0])),
+        staged.overall(Progress(0.0, labels[1])),
+        staged.overall(Progress(1.0, labels[1])),
+        staged.overall(Progress(0.1, "something else")),
+        staged.overall(Progress(1.0, labels[2])),
+    ]
     assert values == pytest.approx([1 / 6, 1 / 3, 2 / 3, 2 / 3, 1.0])
     assert StagedProgress().overall(Progress(0.3)) == pytest.approx(0.3)
 
@@ -96,9 +121,12 @@ def test_runner_delivers_output_progress_and_exit_status(tmp_path):
         sys.exit(3)
     """)
     events = []
-    runner = ProcessRunner([PY, "-c", script], on_output=lambda line: events.append(("out", line)),
-                           on_progress=lambda f, label: events.append(("progress", round(f, 2), label)),
-                           on_finished=lambda code, cancelled: events.append(("finished", code, cancelled)))
+    runner = ProcessRunner(
+        [PY, "-c", script],
+        on_output=lambda line: events.append(("out", line)),
+        on_progress=lambda f, label: events.append(("progress", round(f, 2), label)),
+        on_finished=lambda code, cancelled: events.append(("finished", code, cancelled)),
+    )
     assert not runner.started and not runner.poll()
     runner.start()
     assert runner.wait(timeout=60) == 3
@@ -126,8 +154,11 @@ def test_cancel_kills_the_whole_process_tree(ignore_sigterm):
     if ignore_sigterm and os.name == "nt":
         pytest.skip("SIGTERM semantics are POSIX")
     finished = []
-    runner = ProcessRunner([PY, "-c", GRANDCHILD.replace("{ignore}", str(ignore_sigterm))], grace=0.5,
-                           on_finished=lambda code, cancelled: finished.append((code, cancelled))).start()
+    runner = ProcessRunner(
+        [PY, "-c", GRANDCHILD.replace("{ignore}", str(ignore_sigterm))],
+        grace=0.5,
+        on_finished=lambda code, cancelled: finished.append((code, cancelled)),
+    ).start()
     for _ in range(400):
         runner.poll()
         if any(line.startswith("CHILD") for line in runner.output):
@@ -156,6 +187,7 @@ def test_popen_is_injectable():
     class FakePopen:
         def __init__(self, argv, **kwargs):
             import io
+
             calls.append((argv, kwargs))
             self.stdout = io.BytesIO(b"PROGRESS 0.5 half\nline\n")
             self.pid, self.returncode = 12345, None
@@ -165,8 +197,9 @@ def test_popen_is_injectable():
             return 0
 
     got = []
-    runner = ProcessRunner(["x", "y"], popen=FakePopen, on_progress=lambda f, label: got.append((f, label)),
-                           on_output=got.append).start()
+    runner = ProcessRunner(
+        ["x", "y"], popen=FakePopen, on_progress=lambda f, label: got.append((f, label)), on_output=got.append
+    ).start()
     assert runner.wait(timeout=10) == 0
     assert got == [(0.5, "half"), "line"]
     argv, kwargs = calls[0]
@@ -188,31 +221,66 @@ def test_find_python_slicer(tmp_path):
     assert commands.find_python_slicer(lambda name: "/opt/Slicer/bin/PythonSlicer") == "/opt/Slicer/bin/PythonSlicer"
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "PythonSlicer").write_text("")
-    assert commands.find_python_slicer(lambda name: None, slicer_home=tmp_path) == str(tmp_path / "bin" / "PythonSlicer")
+    assert commands.find_python_slicer(lambda name: None, slicer_home=tmp_path) == str(
+        tmp_path / "bin" / "PythonSlicer"
+    )
     assert commands.find_python_slicer(lambda name: None, fallback="py") == "py"
 
 
 def test_command_lines():
-    argv = commands.infer_command("PythonSlicer", model="m", images="i.nii.gz", out_dir="o", mc_dropout=4, device="cuda")
-    assert argv == ["PythonSlicer", "-m", "ConformalSegLib", "infer", "--model", "m", "--images", "i.nii.gz", "--out",
-                    "o", "--mc-dropout", "4", "--device", "cuda", "--force"]
+    argv = commands.infer_command(
+        "PythonSlicer", model="m", images="i.nii.gz", out_dir="o", mc_dropout=4, device="cuda"
+    )
+    assert argv == [
+        "PythonSlicer",
+        "-m",
+        "ConformalSegLib",
+        "infer",
+        "--model",
+        "m",
+        "--images",
+        "i.nii.gz",
+        "--out",
+        "o",
+        "--mc-dropout",
+        "4",
+        "--device",
+        "cuda",
+        "--force",
+    ]
     with pytest.raises(ValueError):
         commands.infer_command("p", model="m", images="i", out_dir="o", device="gpu")
-    cls = commands.calibrate_command("p", data_dir="d", method="cls", out_profile="o.json", lesion_labels=2,
-                                     epsilon=0.1, alpha=0.2)
-    assert cls[3:] == ["calibrate", "--data", "d", "--lesion-label", "2", "--method", "cls", "--epsilon", "0.1",
-                       "--alpha", "0.2", "--out", "o.json"]
-    sets = commands.calibrate_command("p", data_dir="d", method="sets", out_profile="o.json", alpha_inner=0.05,
-                                      alpha_outer=0.1, force=True)
+    cls = commands.calibrate_command(
+        "p", data_dir="d", method="cls", out_profile="o.json", lesion_labels=2, epsilon=0.1, alpha=0.2
+    )
+    assert cls[3:] == [
+        "calibrate",
+        "--data",
+        "d",
+        "--lesion-label",
+        "2",
+        "--method",
+        "cls",
+        "--epsilon",
+        "0.1",
+        "--alpha",
+        "0.2",
+        "--out",
+        "o.json",
+    ]
+    sets = commands.calibrate_command(
+        "p", data_dir="d", method="sets", out_profile="o.json", alpha_inner=0.05, alpha_outer=0.1, force=True
+    )
     assert "--alpha-inner" in sets and "--epsilon" not in sets and sets[-1] == "--force"
     ev = commands.evaluate_command("p", data_dir="d", out_dir="o", splits=7, epsilon=0.123, alpha=0.07)
-    eps = ev[ev.index("--epsilons") + 1:ev.index("--alphas")]
+    eps = ev[ev.index("--epsilons") + 1 : ev.index("--alphas")]
     assert "0.123" in eps and ev[ev.index("--main-alpha") + 1] == "0.07" and "--no-hd95" in ev
     with pytest.raises(ValueError):
         commands.evaluate_command("p", data_dir="d", out_dir="o", splits=0)
     with pytest.raises(ValueError):
-        commands.calibrate_command("p", data_dir="d", method="cls", out_profile="o", lesion_labels=0, epsilon=0.1,
-                                   alpha=0.1)
+        commands.calibrate_command(
+            "p", data_dir="d", method="cls", out_profile="o", lesion_labels=0, epsilon=0.1, alpha=0.1
+        )
 
 
 def test_find_inference_outputs(tmp_path):
@@ -230,7 +298,7 @@ def test_find_inference_outputs(tmp_path):
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    from ConformalSegLib.synthetic_dataset import write_synthetic_dataset
+    from ConformalSegLib.phantoms.simulated_dataset import write_synthetic_dataset
 
     root = tmp_path_factory.mktemp("slicer_cli") / "data"
     write_synthetic_dataset(root, 14, seed=3, shape=(20, 40, 40))
@@ -239,8 +307,9 @@ def dataset(tmp_path_factory):
 
 def _run(argv, stages=()):
     progress = []
-    runner = ProcessRunner(argv, env=child_env(), cwd=str(ROOT), stages=stages,
-                           on_progress=lambda f, label: progress.append(f))
+    runner = ProcessRunner(
+        argv, env=child_env(), cwd=str(ROOT), stages=stages, on_progress=lambda f, label: progress.append(f)
+    )
     runner.start()
     code = runner.wait(timeout=600)
     assert code == 0, "\n".join(runner.output[-30:])
@@ -249,8 +318,9 @@ def _run(argv, stages=()):
 
 def test_calibrate_and_evaluate_run_out_of_process(dataset, tmp_path):
     profile_path = tmp_path / "cls.json"
-    argv = commands.calibrate_command(PY, data_dir=dataset, method="cls", out_profile=profile_path, lesion_labels=2,
-                                      epsilon=0.2, alpha=0.25)
+    argv = commands.calibrate_command(
+        PY, data_dir=dataset, method="cls", out_profile=profile_path, lesion_labels=2, epsilon=0.2, alpha=0.25
+    )
     runner, progress = _run(argv, commands.progress_stages("calibrate"))
     assert progress and progress[-1] == pytest.approx(1.0) and progress == sorted(progress)
     profile = load_profile(profile_path)
@@ -258,8 +328,9 @@ def test_calibrate_and_evaluate_run_out_of_process(dataset, tmp_path):
     assert any("With probability at least 75%" in line for line in runner.output)
 
     out = tmp_path / "evaluation"
-    argv = commands.evaluate_command(PY, data_dir=dataset, out_dir=out, lesion_labels=2, splits=6, epsilon=0.15,
-                                     alpha=0.2)
+    argv = commands.evaluate_command(
+        PY, data_dir=dataset, out_dir=out, lesion_labels=2, splits=6, epsilon=0.15, alpha=0.2
+    )
     runner, progress = _run(argv, commands.progress_stages("evaluate"))
     assert progress[-1] == pytest.approx(1.0) and progress == sorted(progress)
     results = evaluation_plots.load_results(out)  # a folder means its results.json
@@ -334,8 +405,9 @@ def slider_fixture(tmp_path_factory):
 
 @pytest.fixture()
 def state(slider_fixture):
-    return SliderState.from_files(slider_fixture.profile_paths, slider_fixture.case.probability,
-                                  slider_fixture.case.geometry)
+    return SliderState.from_files(
+        slider_fixture.profile_paths, slider_fixture.case.probability, slider_fixture.case.geometry
+    )
 
 
 def _assert_library_equal(state, settings):
@@ -351,7 +423,8 @@ def _assert_library_equal(state, settings):
 def test_slider_masks_equal_the_library_for_many_settings(state):
     rng = np.random.default_rng(1)
     settings = list(fixtures.SLIDER_CHECKS) + [
-        SliderSettings(*rng.uniform(0.01, 0.6, 4), include_threshold=bool(rng.integers(2))) for _ in range(25)]
+        SliderSettings(*rng.uniform(0.01, 0.6, 4), include_threshold=bool(rng.integers(2))) for _ in range(25)
+    ]
     for s in settings:
         _assert_library_equal(state, s)
 
@@ -411,8 +484,8 @@ def test_initial_settings_reproduce_the_calibrated_profiles(slider_fixture):
 
 
 def test_joint_max_sets_follow_the_alpha_slider(tmp_path, slider_fixture):
-    from ConformalSegLib.calibration import CalibrationRequest, calibrate
-    from ConformalSegLib.synthetic import make_cases
+    from ConformalSegLib.conformal.calibration import CalibrationRequest, calibrate
+    from ConformalSegLib.phantoms.simulated_maps import make_cases
 
     cases = list(make_cases(12, 4, shape=(20, 32, 32)))
     profile = calibrate(cases, CalibrationRequest("sets", alpha=0.2, joint="max"))
@@ -445,7 +518,7 @@ def test_slider_state_rejects_bad_input(slider_fixture):
 
 
 def test_greater_than_is_exact_at_float32_ties():
-    from ConformalSegLib.confidence_sets import _greater  # the library's own rule, for comparison
+    from ConformalSegLib.conformal.confidence_sets import _greater  # the library's own rule, for comparison
 
     values = np.array([0.1, np.nextafter(np.float32(0.1), 1), 0.5, 1.0, 0.0], dtype=np.float32)
     out = np.empty(values.shape, bool)
@@ -474,7 +547,11 @@ def test_segment_metadata():
 def test_overlay_display():
     p = display.overlay_display("probability", hide_below=0.2)
     assert (p.color_node_id, p.window_min, p.window_max, p.lower_threshold) == (
-        "vtkMRMLColorTableNodeFileViridis.txt", 0.0, 1.0, 0.2)
+        "vtkMRMLColorTableNodeFileViridis.txt",
+        0.0,
+        1.0,
+        0.2,
+    )
     u = display.overlay_display("uncertainty", 0.0, 0.04, 0.25)
     assert u.color_node_id == "vtkMRMLColorTableNodeFileInferno.txt"
     assert (u.window_min, u.window_max, u.lower_threshold) == (0.0, 0.04, pytest.approx(0.01))
@@ -506,9 +583,18 @@ def hand_profile(body="all", lam=(0.1, 0.2, 0.05), status=("controlled",) * 3, m
     from ConformalSegLib.semcrc.procedures import IntervalCalibration
 
     groups = ("liver", "spleen", "body")
-    calibration = IntervalCalibration(method=method, epsilon=0.1, groups=groups, lam=np.array(lam, dtype=float),
-                                      anchor=np.zeros(3), omega=np.zeros(3), status=tuple(status),
-                                      n_cal=np.array([5, 5, 5]), n_opt=3, organs=groups)
+    calibration = IntervalCalibration(
+        method=method,
+        epsilon=0.1,
+        groups=groups,
+        lam=np.array(lam, dtype=float),
+        anchor=np.zeros(3),
+        omega=np.zeros(3),
+        status=tuple(status),
+        n_cal=np.array([5, 5, 5]),
+        n_opt=3,
+        organs=groups,
+    )
     return IntervalProfile(calibration, OrganMap({1: "liver", 2: "spleen", 3: "spleen"}), body)
 
 
@@ -578,13 +664,22 @@ def test_apply_profile_uses_the_library_and_reports():
     assert outcome.rows[1][:3] == ("spleen", "inf", "uncontrollable")
     assert outcome.rows[0][0] == "liver" and outcome.rows[0][4] != ""
     assert outcome.overlap_voxels == 1 and outcome.has_warning
-    for words in ("Organs found in the segmentation: liver, spleen.", "needle", "Not controlled here (infinite "
-                  "intervals): spleen.", "1 voxels lie in segments of two organs"):
+    for words in (
+        "Organs found in the segmentation: liver, spleen.",
+        "needle",
+        "Not controlled here (infinite intervals): spleen.",
+        "1 voxels lie in segments of two organs",
+    ):
         assert words in outcome.text, words
     spleen = np.zeros(lower.shape, dtype=np.uint8)
     spleen[0, 3, 3] = 1
-    quiet = intervals.apply_profile(hand_profile(), lower, upper, intervals.match_segments(
-        {"s1": "liver", "s9": "Spleen"}, ("liver", "spleen")), {"s1": _masks()["s1"], "s9": spleen})
+    quiet = intervals.apply_profile(
+        hand_profile(),
+        lower,
+        upper,
+        intervals.match_segments({"s1": "liver", "s9": "Spleen"}, ("liver", "spleen")),
+        {"s1": _masks()["s1"], "s9": spleen},
+    )
     assert not quiet.has_warning and quiet.rows[0][4] == "" and "two organs" not in quiet.text
 
 
@@ -648,16 +743,24 @@ def test_missing_requirements():
     assert environment.missing_requirements(["numpy"]) == []  # installed here
 
 
-@pytest.mark.parametrize("requested, cuda, expected_device, fallback, words", [
-    ("auto", True, "cuda", False, "GPU (NVIDIA X)"),
-    ("auto", False, "cpu", False, "CPU"),
-    ("cuda", False, "cpu", True, "falling back to the CPU"),
-    ("cuda", True, "cuda", False, "CUDA 12.4"),
-    ("cpu", True, "cpu", False, "CPU"),
-])
+@pytest.mark.parametrize(
+    "requested, cuda, expected_device, fallback, words",
+    [
+        ("auto", True, "cuda", False, "GPU (NVIDIA X)"),
+        ("auto", False, "cpu", False, "CPU"),
+        ("cuda", False, "cpu", True, "falling back to the CPU"),
+        ("cuda", True, "cuda", False, "CUDA 12.4"),
+        ("cpu", True, "cpu", False, "CPU"),
+    ],
+)
 def test_device_choice(requested, cuda, expected_device, fallback, words):
-    choice = environment.resolve_device(requested, torch_version="2.5.0", cuda_available=cuda,
-                                        cuda_version="12.4" if cuda else None, gpu_name="NVIDIA X" if cuda else None)
+    choice = environment.resolve_device(
+        requested,
+        torch_version="2.5.0",
+        cuda_available=cuda,
+        cuda_version="12.4" if cuda else None,
+        gpu_name="NVIDIA X" if cuda else None,
+    )
     assert (choice.device, choice.fallback) == (expected_device, fallback)
     assert words in choice.message
 

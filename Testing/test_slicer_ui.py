@@ -28,7 +28,9 @@ import pytest
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 ROOT = Path(__file__).resolve().parents[1]
-MODULE = ROOT / "ConformalSeg" / "ConformalSeg.py"
+MODULE = ROOT / "ConformalSeg" / "ConformalSeg.py"  # the parameter node
+#: The files that use ``self.ui``: the module glue and the panel (widget) it binds.
+PANEL_SOURCES = (MODULE, ROOT / "ConformalSeg" / "ConformalSegSlicer" / "widget.py")
 UI = ROOT / "ConformalSeg" / "Resources" / "UI" / "ConformalSeg.ui"
 SCREENSHOT = ROOT / "Resources" / "Screenshots" / "panel.png"
 INDEX = Path(__file__).resolve().parents[2] / "shared" / "slicer-api" / "slicer_api.json"
@@ -88,10 +90,17 @@ def module_tree() -> ast.Module:
     return ast.parse(MODULE.read_text(encoding="utf-8"))
 
 
+def panel_tree() -> ast.Module:
+    """The panel's sources as one module (each file's statements, in order)."""
+    body = [node for path in PANEL_SOURCES for node in ast.parse(path.read_text(encoding="utf-8")).body]
+    return ast.Module(body=body, type_ignores=[])
+
+
 def parameter_node_members() -> set[str]:
     for node in ast.walk(module_tree()):
-        if isinstance(node, ast.ClassDef) and any(getattr(d, "id", None) == "parameterNodeWrapper"
-                                                  for d in node.decorator_list):
+        if isinstance(node, ast.ClassDef) and any(
+            getattr(d, "id", None) == "parameterNodeWrapper" for d in node.decorator_list
+        ):
             return {st.target.id for st in node.body if isinstance(st, ast.AnnAssign)}
     raise AssertionError("no @parameterNodeWrapper class in ConformalSeg.py")
 
@@ -101,7 +110,7 @@ def ui_uses() -> dict[str, set[str]]:
     NAME_EXPR).ATTR`` (NAME_EXPR a string, or ``name + "Suffix"`` in a loop over a tuple of strings),
     and ``widget = <either>; widget.ATTR`` within one function. String constants that look like
     widget names count as uses too (with no attribute)."""
-    tree = module_tree()
+    tree = panel_tree()
     uses: dict[str, set[str]] = {}
     parents = {child: parent for parent in ast.walk(tree) for child in ast.iter_child_nodes(parent)}
 
@@ -120,11 +129,21 @@ def ui_uses() -> dict[str, set[str]]:
 
     def widget_names(expr) -> list[str]:
         """Names of the widgets an expression evaluates to (self.ui.X or getattr(self.ui, ...))."""
-        if (isinstance(expr, ast.Attribute) and isinstance(expr.value, ast.Attribute) and expr.value.attr == "ui"
-                and isinstance(expr.value.value, ast.Name) and expr.value.value.id == "self"):
+        if (
+            isinstance(expr, ast.Attribute)
+            and isinstance(expr.value, ast.Attribute)
+            and expr.value.attr == "ui"
+            and isinstance(expr.value.value, ast.Name)
+            and expr.value.value.id == "self"
+        ):
             return [expr.attr]
-        if (isinstance(expr, ast.Call) and getattr(expr.func, "id", None) == "getattr" and len(expr.args) >= 2
-                and isinstance(expr.args[0], ast.Attribute) and expr.args[0].attr == "ui"):
+        if (
+            isinstance(expr, ast.Call)
+            and getattr(expr.func, "id", None) == "getattr"
+            and len(expr.args) >= 2
+            and isinstance(expr.args[0], ast.Attribute)
+            and expr.args[0].attr == "ui"
+        ):
             return names_of(expr.args[1])
         return []
 
@@ -140,8 +159,7 @@ def ui_uses() -> dict[str, set[str]]:
                     function = parents.get(function)
                 variable = parent.targets[0].id
                 for sub in ast.walk(function):
-                    if (isinstance(sub, ast.Attribute) and isinstance(sub.value, ast.Name)
-                            and sub.value.id == variable):
+                    if isinstance(sub, ast.Attribute) and isinstance(sub.value, ast.Name) and sub.value.id == variable:
                         attrs.add(sub.attr)
         if isinstance(node, ast.Constant) and isinstance(node.value, str) and WIDGET_NAME.match(node.value):
             uses.setdefault(node.value, set())
@@ -245,26 +263,44 @@ def test_interval_section():
     assert section.find("property[@name='text']/string").text == "Organ-dependent uncertainty (sem-CRC)"
     inside = {w.get("name"): w.get("class") for w in section.iter("widget")}
     volume, segmentation = "vtkMRMLScalarVolumeNode", "vtkMRMLSegmentationNode"
-    selectors = {"lowerVolumeSelector": volume, "upperVolumeSelector": volume, "organSegmentationSelector": segmentation,
-                 "truthVolumeSelector": volume, "intervalLengthVolumeSelector": volume}
-    for name in list(selectors) + ["intervalProfilePathLineEdit", "applyIntervalsButton", "intervalsStatusLabel",
-                                   "intervalsTable"]:
+    selectors = {
+        "lowerVolumeSelector": volume,
+        "upperVolumeSelector": volume,
+        "organSegmentationSelector": segmentation,
+        "truthVolumeSelector": volume,
+        "intervalLengthVolumeSelector": volume,
+    }
+    for name in list(selectors) + [
+        "intervalProfilePathLineEdit",
+        "applyIntervalsButton",
+        "intervalsStatusLabel",
+        "intervalsTable",
+    ]:
         assert name in inside, f"{name} is not in the sem-CRC section"
         assert widgets[name] == expected_class(name)
     for name, node_type in selectors.items():
         types = [e.text for e in ui_element(name).findall("property[@name='nodeTypes']/stringlist/string")]
         assert types == [node_type], (name, types)
     bound = ui_parameter_names()
-    for parameter in ("intervalProfilePath", "lowerVolume", "upperVolume", "organSegmentation", "truthVolume",
-                      "intervalLengthVolume"):
+    for parameter in (
+        "intervalProfilePath",
+        "lowerVolume",
+        "upperVolume",
+        "organSegmentation",
+        "truthVolume",
+        "intervalLengthVolume",
+    ):
         suffix = "PathLineEdit" if parameter.endswith("Path") else "Selector"
         assert bound[parameter] == parameter.removesuffix("Path") + suffix
     headers = [c.find("property/string").text for c in ui_element("intervalsTable").findall("column")]
     assert tuple(headers) == intervals.TABLE_COLUMNS
     assert "interval" in display.OVERLAYS
     # every node selector is given the scene
-    receivers = {c.findtext("receiver") for c in ET.parse(UI).getroot().iter("connection")
-                 if c.findtext("slot") == "setMRMLScene(vtkMRMLScene*)"}
+    receivers = {
+        c.findtext("receiver")
+        for c in ET.parse(UI).getroot().iter("connection")
+        if c.findtext("slot") == "setMRMLScene(vtkMRMLScene*)"
+    }
     assert {n for n, c in widgets.items() if c == "qMRMLNodeComboBox"} <= receivers
 
 
@@ -298,8 +334,9 @@ def test_panel_renders(app, tmp_path):
 
 
 def test_readme_screenshot_is_committed():
-    assert SCREENSHOT.is_file() and SCREENSHOT.stat().st_size > 10_000, \
+    assert SCREENSHOT.is_file() and SCREENSHOT.stat().st_size > 10_000, (
         "run: .venv/bin/python Testing/test_slicer_ui.py --screenshot"
+    )
 
 
 # ----------------------------------------------------------------------------- stand-ins
@@ -308,8 +345,16 @@ def test_readme_screenshot_is_committed():
 def _standins():
     """Plain-Qt stand-ins for the Slicer/CTK widgets, so that the screenshot shows them."""
     from PySide6.QtCore import Property, Qt
-    from PySide6.QtWidgets import (QComboBox, QDoubleSpinBox, QGroupBox, QHBoxLayout, QLineEdit, QSlider,
-                                   QToolButton, QWidget)
+    from PySide6.QtWidgets import (
+        QComboBox,
+        QDoubleSpinBox,
+        QGroupBox,
+        QHBoxLayout,
+        QLineEdit,
+        QSlider,
+        QToolButton,
+        QWidget,
+    )
 
     class CollapsibleButton(QGroupBox):
         def _get_text(self):
@@ -392,8 +437,13 @@ def _standins():
     class NodeComboBox(QComboBox):
         pass
 
-    return {"ctkCollapsibleButton": CollapsibleButton, "ctkSliderWidget": SliderWidget,
-            "ctkPathLineEdit": PathLineEdit, "qMRMLNodeComboBox": NodeComboBox, "qMRMLWidget": QWidget}
+    return {
+        "ctkCollapsibleButton": CollapsibleButton,
+        "ctkSliderWidget": SliderWidget,
+        "ctkPathLineEdit": PathLineEdit,
+        "qMRMLNodeComboBox": NodeComboBox,
+        "qMRMLWidget": QWidget,
+    }
 
 
 def load_with_standins():
@@ -425,8 +475,15 @@ def demo_content():
         state = SliderState.from_files(fixture.profile_paths, fixture.case.probability, fixture.case.geometry)
         settings = SliderSettings(epsilon=0.1, alpha=0.2, alpha_inner=0.2, alpha_outer=0.2, include_threshold=True)
         result = state.update(settings)
-    rows = [(name, f"{result.segments[name].voxels:,}", f"{result.segments[name].volume_ml:.2f}",
-             result.segments[name].rule) for name in segments.sort_names(result.segments)]
+    rows = [
+        (
+            name,
+            f"{result.segments[name].voxels:,}",
+            f"{result.segments[name].volume_ml:.2f}",
+            result.segments[name].rule,
+        )
+        for name in segments.sort_names(result.segments)
+    ]
     device = environment.resolve_device("auto", torch_version="2.x", cuda_available=False).message
     return settings, result.text, rows, device
 
@@ -452,37 +509,60 @@ def interval_demo_content():
 
 
 def render_panel(path: Path) -> Path:
-    from PySide6.QtWidgets import (QApplication, QCheckBox, QComboBox, QLabel, QProgressBar, QPushButton,
-                                   QTableWidget, QTableWidgetItem, QWidget)
+    from PySide6.QtWidgets import (
+        QApplication,
+        QCheckBox,
+        QComboBox,
+        QLabel,
+        QProgressBar,
+        QPushButton,
+        QTableWidget,
+        QTableWidgetItem,
+        QWidget,
+    )
 
     QApplication.instance() or QApplication([])
     panel = load_with_standins()
     find = {child.objectName(): child for child in panel.findChildren(QWidget)}
     settings, guarantee, rows, device = demo_content()
-    for name, text in (("inputVolumeSelector", "synth_019 CT"), ("probabilityVolumeSelector",
-                                                                  "synth_019 CT lesion probability"),
-                       ("outputSegmentationSelector", "ConformalSeg"), ("uncertaintyVolumeSelector",
-                                                                        "synth_019 CT MC-dropout variance"),
-                       ("lowerVolumeSelector", "case_030 q05"), ("upperVolumeSelector", "case_030 q95"),
-                       ("organSegmentationSelector", "case_030 organs"), ("truthVolumeSelector", "case_030 CT"),
-                       ("intervalLengthVolumeSelector", "case_030 q05 interval length")):
+    for name, text in (
+        ("inputVolumeSelector", "synth_019 CT"),
+        ("probabilityVolumeSelector", "synth_019 CT lesion probability"),
+        ("outputSegmentationSelector", "ConformalSeg"),
+        ("uncertaintyVolumeSelector", "synth_019 CT MC-dropout variance"),
+        ("lowerVolumeSelector", "case_030 q05"),
+        ("upperVolumeSelector", "case_030 q95"),
+        ("organSegmentationSelector", "case_030 organs"),
+        ("truthVolumeSelector", "case_030 CT"),
+        ("intervalLengthVolumeSelector", "case_030 q05 interval length"),
+    ):
         find[name].addItem(text)
     from ConformalSegSlicer import display
 
-    for name, items in (("deviceComboBox", ["auto", "cuda", "cpu"]), ("overlayComboBox", list(display.OVERLAYS)),
-                        ("calibrationMethodComboBox", ["cls", "crc", "sets"])):
+    for name, items in (
+        ("deviceComboBox", ["auto", "cuda", "cpu"]),
+        ("overlayComboBox", list(display.OVERLAYS)),
+        ("calibrationMethodComboBox", ["cls", "crc", "sets"]),
+    ):
         combo: QComboBox = find[name]
         combo.addItems(items)
     find["overlayComboBox"].setCurrentIndex(1)
-    for name, text in (("modelPathLineEdit", "models/kidney-tumour-unet"), ("profilePathLineEdit", "profiles/cls.json"),
-                       ("secondProfilePathLineEdit", "profiles/sets.json"), ("datasetPathLineEdit", "data/calibration"),
-                       ("calibrationOutputPathLineEdit", "profiles"),
-                       ("evaluationResultsPathLineEdit", "profiles/evaluation/results.json"),
-                       ("intervalProfilePathLineEdit", "profiles/sem-crc-organ.json")):
+    for name, text in (
+        ("modelPathLineEdit", "models/kidney-tumour-unet"),
+        ("profilePathLineEdit", "profiles/cls.json"),
+        ("secondProfilePathLineEdit", "profiles/sets.json"),
+        ("datasetPathLineEdit", "data/calibration"),
+        ("calibrationOutputPathLineEdit", "profiles"),
+        ("evaluationResultsPathLineEdit", "profiles/evaluation/results.json"),
+        ("intervalProfilePathLineEdit", "profiles/sem-crc-organ.json"),
+    ):
         find[name].currentPath = text
-    for name, value in (("epsilonSliderWidget", settings.epsilon), ("alphaSliderWidget", settings.alpha),
-                        ("alphaInnerSliderWidget", settings.alpha_inner),
-                        ("alphaOuterSliderWidget", settings.alpha_outer)):
+    for name, value in (
+        ("epsilonSliderWidget", settings.epsilon),
+        ("alphaSliderWidget", settings.alpha),
+        ("alphaInnerSliderWidget", settings.alpha_inner),
+        ("alphaOuterSliderWidget", settings.alpha_outer),
+    ):
         find[name].value = value
     find["showThresholdCheckBox"].setChecked(True)
     label: QLabel = find["guaranteeLabel"]

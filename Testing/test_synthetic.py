@@ -1,4 +1,4 @@
-"""Tests of ConformalSegLib.synthetic: the deterministic synthetic calibration cases."""
+"""Tests of ConformalSegLib.phantoms.simulated_maps: the deterministic synthetic calibration cases."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from ConformalSegLib.errors import ConformalSegError
-from ConformalSegLib.geometry import Geometry
-from ConformalSegLib.synthetic import SyntheticCase, case_seed, make_case, make_cases
+from ConformalSegLib.common.errors import ConformalSegError
+from ConformalSegLib.common.geometry import Geometry
+from ConformalSegLib.phantoms.simulated_maps import SyntheticCase, case_seed, make_case, make_cases
 
 N_STATS = 40
 
@@ -50,8 +50,9 @@ def _lesion_extents(case_list: list[SyntheticCase]) -> np.ndarray:
 
 def test_same_seed_gives_bit_identical_case():
     _assert_same(make_case(123), make_case(123))
-    _assert_same(make_case(5, empty_probability=0.5, shape=(24, 40, 48)),
-                 make_case(5, empty_probability=0.5, shape=(24, 40, 48)))
+    _assert_same(
+        make_case(5, empty_probability=0.5, shape=(24, 40, 48)), make_case(5, empty_probability=0.5, shape=(24, 40, 48))
+    )
 
 
 def test_different_seeds_differ():
@@ -169,8 +170,7 @@ def test_fnr_and_dice_statistics(cases):
 
 
 def test_lesion_probabilities_are_spread(cases):
-    uncertain = [float(((c.probability[c.lesion] > 0.1) & (c.probability[c.lesion] < 0.9)).mean())
-                 for c in cases]
+    uncertain = [float(((c.probability[c.lesion] > 0.1) & (c.probability[c.lesion] < 0.9)).mean()) for c in cases]
     assert np.median(uncertain) > 0.3
     # per-case logit scale: some cases are over-confident (few uncertain voxels), some under-confident
     assert np.quantile(uncertain, 0.1) < 0.5 and np.quantile(uncertain, 0.9) > 0.8
@@ -213,14 +213,17 @@ def test_lesion_sizes_are_physical_for_anisotropic_spacing(cases):
 # ---- input validation ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kwargs", [
-    {"shape": (40, 64)},
-    {"shape": (4, 64, 64)},
-    {"spacing": (0.9, 0.0, 2.5)},
-    {"spacing": (0.9, float("nan"), 2.5)},
-    {"empty_probability": 1.5},
-    {"empty_probability": -0.1},
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"shape": (40, 64)},
+        {"shape": (4, 64, 64)},
+        {"spacing": (0.9, 0.0, 2.5)},
+        {"spacing": (0.9, float("nan"), 2.5)},
+        {"empty_probability": 1.5},
+        {"empty_probability": -0.1},
+    ],
+)
 def test_invalid_arguments_raise(kwargs):
     with pytest.raises(ConformalSegError):
         make_case(0, **kwargs)

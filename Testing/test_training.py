@@ -17,25 +17,71 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("monai")
 
 from ConformalSegLib.cli import train_cmd  # noqa: E402
-from ConformalSegLib.errors import ConformalSegError  # noqa: E402
+from ConformalSegLib.common.errors import ConformalSegError  # noqa: E402
+from ConformalSegLib.evaluation.metrics import dice_from_masks  # noqa: E402
 from ConformalSegLib.inference import InferenceEngine, resolve_model  # noqa: E402
 from ConformalSegLib.io.checksums import sha256_file  # noqa: E402
 from ConformalSegLib.io.volumes import Volume  # noqa: E402
-from ConformalSegLib.metrics import dice_from_masks  # noqa: E402
-from ConformalSegLib.phantom import LESION, make_phantom, phantom_seed, write_phantom_dataset  # noqa: E402
-from ConformalSegLib.training import (DiceCELoss, PatchSampler, TrainingCancelled, TrainingConfig,  # noqa: E402
-                                      UncertaintyAwareLoss, build_card, mc_dropout_variance, phantom_cases,
-                                      prepare_case, train, weighted_soft_dice)
+from ConformalSegLib.phantoms.dataset import write_phantom_dataset  # noqa: E402
+from ConformalSegLib.phantoms.generator import make_phantom, phantom_seed  # noqa: E402
+from ConformalSegLib.phantoms.labels import LESION  # noqa: E402
+from ConformalSegLib.training import (
+    DiceCELoss,
+    PatchSampler,
+    TrainingCancelled,
+    TrainingConfig,  # noqa: E402
+    UncertaintyAwareLoss,
+    build_card,
+    mc_dropout_variance,
+    phantom_cases,
+    prepare_case,
+    train,
+    weighted_soft_dice,
+)
 from ConformalSegLib.training.losses import SMOOTH, supervised_loss, voxel_cross_entropy  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "Resources" / "models" / "phantom_lesion_unet"
 TINY_SHAPE = (16, 32, 32)  # phantom (z, y, x)
-TINY = dict(patch_size=(16, 16, 16), crop_size=(16, 16, 8), spacing_mm=(3.2, 3.2, 3.0), channels=(4, 8, 16),
-            strides=(2, 2), epochs=2, batch_size=2, samples_per_case=2, device="cpu", name="tiny")
-TINY_ARGS = ["--phantom-shape", *map(str, TINY_SHAPE), "--patch-size", "16", "16", "16", "--crop-size", "16", "16",
-             "8", "--spacing-mm", "3.2", "3.2", "3.0", "--channels", "4", "8", "16", "--strides", "2", "2",
-             "--epochs", "1", "--device", "cpu"]
+TINY = dict(
+    patch_size=(16, 16, 16),
+    crop_size=(16, 16, 8),
+    spacing_mm=(3.2, 3.2, 3.0),
+    channels=(4, 8, 16),
+    strides=(2, 2),
+    epochs=2,
+    batch_size=2,
+    samples_per_case=2,
+    device="cpu",
+    name="tiny",
+)
+TINY_ARGS = [
+    "--phantom-shape",
+    *map(str, TINY_SHAPE),
+    "--patch-size",
+    "16",
+    "16",
+    "16",
+    "--crop-size",
+    "16",
+    "16",
+    "8",
+    "--spacing-mm",
+    "3.2",
+    "3.2",
+    "3.0",
+    "--channels",
+    "4",
+    "8",
+    "16",
+    "--strides",
+    "2",
+    "2",
+    "--epochs",
+    "1",
+    "--device",
+    "cpu",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -80,7 +126,9 @@ CE_HAND = [-math.log(0.5), -math.log(0.75), -math.log(0.75), -math.log(0.5)]
 
 def test_soft_dice_and_cross_entropy_hand_values():
     logits, target = two_class_logits(P), mask(G)
-    assert float(weighted_soft_dice(torch.tensor(P, dtype=torch.float64), torch.tensor(G, dtype=torch.float64))) == pytest.approx(DICE_HAND, abs=1e-12)
+    assert float(
+        weighted_soft_dice(torch.tensor(P, dtype=torch.float64), torch.tensor(G, dtype=torch.float64))
+    ) == pytest.approx(DICE_HAND, abs=1e-12)
     assert DICE_HAND == pytest.approx(0.375, abs=1e-5)
     ce = voxel_cross_entropy(logits, target).flatten().tolist()
     assert ce == pytest.approx(CE_HAND, abs=1e-12)
@@ -128,8 +176,9 @@ def test_uncertainty_is_a_constant_weight():
 
 def test_mc_dropout_variance_restores_modes_and_keeps_batchnorm_stats():
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.BatchNorm3d(4), torch.nn.Dropout(0.5),
-                              torch.nn.Conv3d(4, 2, 1))
+    net = torch.nn.Sequential(
+        torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.BatchNorm3d(4), torch.nn.Dropout(0.5), torch.nn.Conv3d(4, 2, 1)
+    )
     net.train()
     stats = net[1].running_mean.clone()
     x = torch.randn(2, 1, 6, 6, 6)

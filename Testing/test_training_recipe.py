@@ -15,11 +15,18 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("monai")
 
-from ConformalSegLib.errors import ConformalSegError  # noqa: E402
+from ConformalSegLib.common.errors import ConformalSegError  # noqa: E402
 from ConformalSegLib.inference import InferenceEngine, resolve_model  # noqa: E402
-from ConformalSegLib.phantom import LESION  # noqa: E402
-from ConformalSegLib.training import (AugmentationConfig, PhantomStream, PhantomStreamSampler,  # noqa: E402
-                                      TrainingCancelled, TrainingConfig, build_card, prepare_case, train)
+from ConformalSegLib.phantoms.labels import LESION  # noqa: E402
+from ConformalSegLib.training import (
+    AugmentationConfig,
+    PhantomStream,
+    PhantomStreamSampler,  # noqa: E402
+    TrainingCancelled,
+    TrainingConfig,
+    build_card,
+    train,
+)
 from ConformalSegLib.training.checkpoint import default_checkpoint_path  # noqa: E402
 from ConformalSegLib.training.data import PreparedCase  # noqa: E402
 from ConformalSegLib.training.networks import downsampling, parse_stride  # noqa: E402
@@ -27,10 +34,25 @@ from ConformalSegLib.training.patches import choose_centre, sample_patch  # noqa
 
 TINY_SHAPE = (16, 32, 32)
 STREAM = PhantomStream(11, {"shape": TINY_SHAPE})
-DYN = dict(network="dynunet", patch_size=(32, 32, 16), crop_size=(16, 16, 8), spacing_mm=None,
-           channels=(4, 8, 16), strides=((2, 2, 1), (2, 2, 2)), deep_supervision=True, epochs=2, batch_size=2,
-           steps_per_epoch=2, fg_fraction=0.5, augment=True, optimizer="adamw", lr_schedule="poly",
-           learning_rate=3e-3, device="cpu", name="tiny-dyn")
+DYN = dict(
+    network="dynunet",
+    patch_size=(32, 32, 16),
+    crop_size=(16, 16, 8),
+    spacing_mm=None,
+    channels=(4, 8, 16),
+    strides=((2, 2, 1), (2, 2, 2)),
+    deep_supervision=True,
+    epochs=2,
+    batch_size=2,
+    steps_per_epoch=2,
+    fg_fraction=0.5,
+    augment=True,
+    optimizer="adamw",
+    lr_schedule="poly",
+    learning_rate=3e-3,
+    device="cpu",
+    name="tiny-dyn",
+)
 
 
 @pytest.fixture(autouse=True)
@@ -44,9 +66,17 @@ def _few_threads():
 def _sampler(tmp_path: Path, num_workers: int = 0, augment: bool = True) -> PhantomStreamSampler:
     config = TrainingConfig(**DYN)
     card = build_card(config, tmp_path)
-    return PhantomStreamSampler(STREAM, card, (LESION,), config.crops, batch_size=2, steps_per_epoch=2,
-                                fg_fraction=0.5, augmentation=AugmentationConfig() if augment else None,
-                                num_workers=num_workers)
+    return PhantomStreamSampler(
+        STREAM,
+        card,
+        (LESION,),
+        config.crops,
+        batch_size=2,
+        steps_per_epoch=2,
+        fg_fraction=0.5,
+        augmentation=AugmentationConfig() if augment else None,
+        num_workers=num_workers,
+    )
 
 
 def test_strides_and_downsampling():
@@ -101,8 +131,9 @@ def test_foreground_rate_and_small_lesions_not_under_represented():
 
 def test_augmentation_is_seeded_and_keeps_a_binary_label():
     case = _case_with_two_lesions()
-    config = AugmentationConfig(p_rotate_scale=1.0, p_noise=1.0, p_blur=1.0, p_brightness=1.0, p_contrast=1.0,
-                                p_gamma=1.0)
+    config = AugmentationConfig(
+        p_rotate_scale=1.0, p_noise=1.0, p_blur=1.0, p_brightness=1.0, p_contrast=1.0, p_gamma=1.0
+    )
     one = sample_patch(case, (16, 16, 8), np.random.default_rng(5), fg_fraction=1.0, augmentation=config)
     two = sample_patch(case, (16, 16, 8), np.random.default_rng(5), fg_fraction=1.0, augmentation=config)
     assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
@@ -145,8 +176,13 @@ def test_resume_continues_bit_identically(tmp_path):
         train(config, STREAM, STREAM.heldout_cases(1), out, cancel=stop_in_epoch_three)
     assert not out.exists() and default_checkpoint_path(out).is_file()
     with pytest.raises(ConformalSegError, match="other settings .*learning_rate"):
-        train(TrainingConfig(**{**DYN, "epochs": 3, "learning_rate": 1e-3}), STREAM, STREAM.heldout_cases(1), out,
-              resume=True)
+        train(
+            TrainingConfig(**{**DYN, "epochs": 3, "learning_rate": 1e-3}),
+            STREAM,
+            STREAM.heldout_cases(1),
+            out,
+            resume=True,
+        )
     train(config, STREAM, STREAM.heldout_cases(1), out, resume=True)
     a = torch.load(tmp_path / "whole" / "weights.pt", weights_only=True)
     b = torch.load(out / "weights.pt", weights_only=True)
@@ -177,8 +213,9 @@ def test_roi_crops_around_stage1_components():
     assert len(tight) == len(wide) == len(crops) // 2
     for crop in tight:
         lesion = crop.labels.array == LESION
-        assert lesion.any() and all(lesion.any(axis=tuple(a for a in range(3) if a != k))[[0, -1]].all()
-                                    for k in range(3))  # margin 0: the box touches the lesion on every side
+        assert lesion.any() and all(
+            lesion.any(axis=tuple(a for a in range(3) if a != k))[[0, -1]].all() for k in range(3)
+        )  # margin 0: the box touches the lesion on every side
         other = wide[crop.case_id[:-3]]
         assert all(w >= t for w, t in zip(other.labels.array.shape, crop.labels.array.shape))
         assert crop.image.geometry.shape == crop.image.array.shape

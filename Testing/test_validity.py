@@ -49,7 +49,7 @@ from __future__ import annotations
 import math
 import sys
 from fractions import Fraction
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -61,12 +61,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from ConformalSegLib.cls import apply_threshold, calibrate_cls  # noqa: E402
-from ConformalSegLib.confidence_sets import SetStatistics, apply_sets, calibrate_sets, case_statistics  # noqa: E402
-from ConformalSegLib.crc import calibrate_crc  # noqa: E402
-from ConformalSegLib.geometry import Geometry  # noqa: E402
-from ConformalSegLib.summaries import LesionSummaries  # noqa: E402
-from ConformalSegLib.transforms import parse_transform  # noqa: E402
+from ConformalSegLib.common.geometry import Geometry  # noqa: E402
+from ConformalSegLib.conformal.cls import apply_threshold, calibrate_cls  # noqa: E402
+from ConformalSegLib.conformal.confidence_sets import SetStatistics, apply_sets, calibrate_sets, case_statistics  # noqa: E402
+from ConformalSegLib.conformal.crc import calibrate_crc  # noqa: E402
+from ConformalSegLib.conformal.score_transforms import parse_transform  # noqa: E402
+from ConformalSegLib.conformal.summaries import LesionSummaries  # noqa: E402
 
 LEVEL = 0.001
 EMPTY_FRAC = 0.1
@@ -127,29 +127,29 @@ class Pool:
         self.ids = tuple(f"c{i}" for i in range(n_cases))
 
     def summaries(self, start: int, n: int) -> LesionSummaries:
-        off = self.offsets[start:start + n + 1]
-        return LesionSummaries(self.values[off[0]:off[-1]], off - off[0], self.ids[start:start + n], "float32")
+        off = self.offsets[start : start + n + 1]
+        return LesionSummaries(self.values[off[0] : off[-1]], off - off[0], self.ids[start : start + n], "float32")
 
     def case(self, i: int) -> np.ndarray:
-        return self.values[self.offsets[i]:self.offsets[i + 1]]
+        return self.values[self.offsets[i] : self.offsets[i + 1]]
 
 
-@lru_cache(maxsize=None)
+@cache
 def uint16_summaries(pool_key: str) -> LesionSummaries:
     pool = POOLS(pool_key)[0]
     return LesionSummaries.from_sorted(((pool.ids[i], pool.case(i)) for i in range(len(pool.ids))), "uint16")
 
 
 def uint16_window(full: LesionSummaries, start: int, n: int) -> LesionSummaries:
-    off = full.offsets[start:start + n + 1]
-    return LesionSummaries(full.values[off[0]:off[-1]], off - off[0], full.case_ids[start:start + n], "uint16")
+    off = full.offsets[start : start + n + 1]
+    return LesionSummaries(full.values[off[0] : off[-1]], off - off[0], full.case_ids[start : start + n], "uint16")
 
 
 # pools: key -> (calibration pool, test pool of lesion cases, include-mode "test case is empty" flags, n, T)
 CONFIG = {"n20": (20, 1000, 11), "n100": (100, 500, 12)}
 
 
-@lru_cache(maxsize=None)
+@cache
 def POOLS(key: str):
     n, T, seed = CONFIG[key]
     cal = Pool(seed, n * T, EMPTY_FRAC)
@@ -175,7 +175,7 @@ def run_cls(key: str, eps: float, alpha: float, empty: str, precision: str = "fl
     for t in range(T):
         summ = cal.summaries(t * n, n) if full16 is None else uint16_window(full16, t * n, n)
         res = calibrate_cls(summ, eps, alpha, empty=empty)
-        n_t = n if empty == "include" else int(np.count_nonzero(cal.sizes[t * n:(t + 1) * n]))
+        n_t = n if empty == "include" else int(np.count_nonzero(cal.sizes[t * n : (t + 1) * n]))
         k_t = brute_rank(n_t, alpha)
         assert res.n == n_t and res.rank == k_t
         p_up.append(include_coverage(n, k_t) if empty == "include" else k_t / (n_t + 1))
@@ -186,12 +186,22 @@ def run_cls(key: str, eps: float, alpha: float, empty: str, precision: str = "fl
     return successes, T, float(np.mean(p_up))
 
 
-@pytest.mark.parametrize("key, eps, alpha", [
-    ("n20", 0.1, 0.1), ("n20", 0.2, 0.2), ("n20", 0.05, 0.15), ("n20", 0.3, 0.1),
-    ("n100", 0.1, 0.1), ("n100", 0.2, 0.05), ("n100", 0.3, 0.2),
-])
+@pytest.mark.parametrize(
+    "key, eps, alpha",
+    [
+        ("n20", 0.1, 0.1),
+        ("n20", 0.2, 0.2),
+        ("n20", 0.05, 0.15),
+        ("n20", 0.3, 0.1),
+        ("n100", 0.1, 0.1),
+        ("n100", 0.2, 0.05),
+        ("n100", 0.3, 0.2),
+    ],
+)
 @pytest.mark.parametrize("empty", ["exclude", "include"])
-@pytest.mark.filterwarnings("ignore::ConformalSegLib.errors.CalibrationSetTooSmallWarning")  # n_t < 19 for alpha 0.05
+@pytest.mark.filterwarnings(
+    "ignore::ConformalSegLib.common.errors.CalibrationSetTooSmallWarning"
+)  # n_t < 19 for alpha 0.05
 def test_cls_high_probability_fnr_control(key, eps, alpha, empty):
     """P(FNR_test <= eps) >= 1 - alpha (conditional on a lesion for 'exclude', marginal for 'include')."""
     successes, T, p_up = run_cls(key, eps, alpha, empty)
@@ -222,7 +232,7 @@ def run_crc(key: str, eps: float, empty: str):
     lower_terms = []
     for t in range(T):
         res = calibrate_crc(cal.summaries(t * n, n), eps, empty=empty)
-        n_t = n if empty == "include" else int(np.count_nonzero(cal.sizes[t * n:(t + 1) * n]))
+        n_t = n if empty == "include" else int(np.count_nonzero(cal.sizes[t * n : (t + 1) * n]))
         assert res.n == n_t
         lower_terms.append(eps - (1 + 2 / 20) / (n_t + 1))
         if empty == "include" and test_empty[t]:
@@ -252,8 +262,9 @@ CONTINUOUS = ("identity", "gaussian:1.5")
 
 
 def _smooth(rng, sigma_mm):
-    f = ndimage.gaussian_filter(rng.standard_normal(SET_GEOM.shape), [sigma_mm / s for s in SET_GEOM.spacing_zyx],
-                                mode="reflect")
+    f = ndimage.gaussian_filter(
+        rng.standard_normal(SET_GEOM.shape), [sigma_mm / s for s in SET_GEOM.spacing_zyx], mode="reflect"
+    )
     return f / f.std()
 
 
@@ -267,8 +278,11 @@ def volume_case(rng):
     lesion = field > rng.uniform(1.0, 2.6)
     sampling = SET_GEOM.spacing_zyx
     if lesion.any():
-        sd = np.where(lesion, ndimage.distance_transform_edt(lesion, sampling=sampling),
-                      -ndimage.distance_transform_edt(~lesion, sampling=sampling))
+        sd = np.where(
+            lesion,
+            ndimage.distance_transform_edt(lesion, sampling=sampling),
+            -ndimage.distance_transform_edt(~lesion, sampling=sampling),
+        )
     else:
         sd = np.full(SET_GEOM.shape, -6.0)
     sd = np.clip(sd, -6.0, 6.0)
@@ -276,7 +290,7 @@ def volume_case(rng):
     return special.expit(logit).astype(np.float32), lesion
 
 
-@lru_cache(maxsize=None)
+@cache
 def set_pool():
     """SET_POOL volumes: (probability, lesion) and per-case (tau, gamma) for every transform."""
     rng = np.random.default_rng(2024)
@@ -293,9 +307,10 @@ def set_pool():
     return stats, sizes, cases
 
 
-@lru_cache(maxsize=None)
-def set_outcomes(name: str, n: int, mode: str, alpha: float | None, alpha_inner: float | None,
-                 alpha_outer: float | None):
+@cache
+def set_outcomes(
+    name: str, n: int, mode: str, alpha: float | None, alpha_inner: float | None, alpha_outer: float | None
+):
     """Counts of (inner inside the lesion, lesion inside outer, both) over T = SET_POOL // (n + 1) trials:
     trial t calibrates on cases [t(n+1), t(n+1)+n) and tests on case t(n+1)+n."""
     stats, sizes, cases = set_pool()

@@ -21,8 +21,8 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -40,11 +40,13 @@ QUICK_SHAPE = (40, 160, 160)
 # command line / output
 
 
-def parse_args(description: str, argv: list[str] | None = None,
-               extra: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
+def parse_args(
+    description: str, argv: list[str] | None = None, extra: Callable[[argparse.ArgumentParser], None] | None = None
+) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--quick", action="store_true",
-                        help="small sizes and few repetitions (a few seconds; for CI smoke tests)")
+    parser.add_argument(
+        "--quick", action="store_true", help="small sizes and few repetitions (a few seconds; for CI smoke tests)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     if extra is not None:
         extra(parser)
@@ -59,8 +61,8 @@ def log(*parts: object) -> None:
 def md_table(header: list[str], rows: list[list[object]]) -> str:
     def cell(x: object) -> str:
         return str(x).replace("|", "\\|")
-    lines = ["| " + " | ".join(cell(h) for h in header) + " |",
-             "|" + "|".join("---" for _ in header) + "|"]
+
+    lines = ["| " + " | ".join(cell(h) for h in header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
 
@@ -166,8 +168,7 @@ def machine_info() -> dict[str, str]:
 
 def machine_line() -> str:
     m = machine_info()
-    return (f"{m['date']}; CPU {m['cpu']}, {m['cores']} cores, {m['ram']} RAM; "
-            f"Python {m['python']}, NumPy {m['numpy']}")
+    return f"{m['date']}; CPU {m['cpu']}, {m['cores']} cores, {m['ram']} RAM; Python {m['python']}, NumPy {m['numpy']}"
 
 
 def peak_rss_mb() -> float:
@@ -179,6 +180,7 @@ def peak_rss_mb() -> float:
     except OSError:
         pass
     import resource
+
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -189,6 +191,7 @@ def peak_rss_mb() -> float:
 def _smooth_field(rng: np.random.Generator, coarse: tuple[int, int, int], shape: tuple[int, int, int]) -> np.ndarray:
     """Smooth noise of unit-ish amplitude on ``shape``: coarse white noise, blurred, cubic-upsampled."""
     from scipy import ndimage
+
     field = ndimage.gaussian_filter(rng.standard_normal(coarse), 1.0, mode="wrap")
     field /= field.std() or 1.0
     zoom = [s / c for s, c in zip(shape, coarse)]
@@ -196,8 +199,9 @@ def _smooth_field(rng: np.random.Generator, coarse: tuple[int, int, int], shape:
     return out[: shape[0], : shape[1], : shape[2]]
 
 
-def make_volume(shape: tuple[int, int, int], seed: int = 0, lesion_fraction: float = 0.02,
-                slab: int = 16) -> tuple[np.ndarray, np.ndarray]:
+def make_volume(
+    shape: tuple[int, int, int], seed: int = 0, lesion_fraction: float = 0.02, slab: int = 16
+) -> tuple[np.ndarray, np.ndarray]:
     """A float32 probability volume and its bool ground-truth lesion, generated memory-aware.
 
     * **Lesion**: an irregular blob, the union of a main ellipsoid and two overlapping lobes whose
@@ -219,7 +223,7 @@ def make_volume(shape: tuple[int, int, int], seed: int = 0, lesion_fraction: flo
 
     # background, slab by slab: p = 0.05 * u**6 (median ~ 8e-4, a thin tail up to 0.05)
     for z0 in range(0, nz, slab):
-        block = probability[z0:z0 + slab]
+        block = probability[z0 : z0 + slab]
         rng.random(block.shape, dtype=np.float32, out=block)
         np.power(block, 6, out=block)
         block *= np.float32(0.05)
@@ -230,9 +234,11 @@ def make_volume(shape: tuple[int, int, int], seed: int = 0, lesion_fraction: flo
     scale = (target / (4 / 3 * math.pi * aspect.prod())) ** (1 / 3) * 0.92  # lobes add volume
     semi = aspect * scale
     center = np.array([nz * 0.5, ny * 0.45, nx * 0.55])
-    lobes = [(center, semi),
-             (center + semi * np.array([0.2, 0.75, -0.3]), semi * np.array([0.55, 0.5, 0.6])),
-             (center + semi * np.array([-0.3, -0.4, 0.8]), semi * np.array([0.5, 0.6, 0.45]))]
+    lobes = [
+        (center, semi),
+        (center + semi * np.array([0.2, 0.75, -0.3]), semi * np.array([0.55, 0.5, 0.6])),
+        (center + semi * np.array([-0.3, -0.4, 0.8]), semi * np.array([0.5, 0.6, 0.45])),
+    ]
     margin = 1.45  # perturbation and the probability halo reach beyond the ellipsoids
     lo = np.min([np.floor(c - s * margin) for c, s in lobes], axis=0).astype(int).clip(0)
     hi = np.max([np.ceil(c + s * margin) for c, s in lobes], axis=0).astype(int)
@@ -243,9 +249,11 @@ def make_volume(shape: tuple[int, int, int], seed: int = 0, lesion_fraction: flo
     zz, yy, xx = (np.arange(a, b, dtype=np.float32) for a, b in zip(lo, hi))
     dist = np.full(bshape, np.inf, dtype=np.float32)  # normalised distance: < 1 inside
     for c, s in lobes:
-        d = ((zz[:, None, None] - np.float32(c[0])) / np.float32(s[0])) ** 2 \
-            + ((yy[None, :, None] - np.float32(c[1])) / np.float32(s[1])) ** 2 \
+        d = (
+            ((zz[:, None, None] - np.float32(c[0])) / np.float32(s[0])) ** 2
+            + ((yy[None, :, None] - np.float32(c[1])) / np.float32(s[1])) ** 2
             + ((xx[None, None, :] - np.float32(c[2])) / np.float32(s[2])) ** 2
+        )
         np.sqrt(d, out=d)
         np.minimum(dist, d, out=dist)
         del d
@@ -258,8 +266,9 @@ def make_volume(shape: tuple[int, int, int], seed: int = 0, lesion_fraction: flo
     # under-segments one side (bias field) and is noisy
     logit = np.float32(14.0) * (np.float32(1.0) - dist)
     logit += np.float32(2.5) * _smooth_field(rng, tuple(max(4, b // 20) for b in bshape), bshape)
-    logit -= np.float32(3.0) * np.clip(_smooth_field(rng, tuple(max(4, b // 30) for b in bshape), bshape),
-                                       0, None)  # partly missed regions
+    logit -= np.float32(3.0) * np.clip(
+        _smooth_field(rng, tuple(max(4, b // 30) for b in bshape), bshape), 0, None
+    )  # partly missed regions
     logit += rng.standard_normal(bshape, dtype=np.float32)
     np.negative(logit, out=logit)
     np.exp(logit, out=logit)
@@ -285,7 +294,9 @@ def make_volume(shape: tuple[int, int, int], seed: int = 0, lesion_fraction: flo
 def volume_description(probability: np.ndarray, lesion: np.ndarray) -> str:
     values = probability[lesion]
     q = np.quantile(values, [0.05, 0.25, 0.5, 0.75, 0.95])
-    return (f"{'x'.join(str(s) for s in probability.shape[::-1])} (x*y*z) float32 volume "
-            f"({probability.nbytes / 1e6:.0f} MB), lesion {values.size:,} voxels "
-            f"({values.size / probability.size:.2%}); lesion probabilities: 5/25/50/75/95 % quantiles "
-            f"{', '.join(f'{v:.3f}' for v in q)}, {np.count_nonzero(values == 1.0):,} exactly 1.0")
+    return (
+        f"{'x'.join(str(s) for s in probability.shape[::-1])} (x*y*z) float32 volume "
+        f"({probability.nbytes / 1e6:.0f} MB), lesion {values.size:,} voxels "
+        f"({values.size / probability.size:.2%}); lesion probabilities: 5/25/50/75/95 % quantiles "
+        f"{', '.join(f'{v:.3f}' for v in q)}, {np.count_nonzero(values == 1.0):,} exactly 1.0"
+    )

@@ -1,7 +1,7 @@
 """Bisection baselines for the CLS critical cutoff -- kept ONLY for the benchmarks' comparisons.
 
 Nothing in :mod:`ConformalSegLib` uses this module. The library computes the critical cutoff of a
-case exactly, as an order statistic (``ConformalSegLib.cls.critical_cutoff``: the ``k``-th largest
+case exactly, as an order statistic (``ConformalSegLib.conformal.cls.critical_cutoff``: the ``k``-th largest
 lesion probability, ``k = m - floor(epsilon * m)``); the benchmarks compare it with the search that
 the CLS paper describes.
 
@@ -33,11 +33,11 @@ Why the baseline differs from the exact answer
   NEP 50), so the mask evaluated is ``prob >= fl32(1 - t)``: when ``1 - t`` is rounded down it keeps
   voxels just below ``1 - t``, so it is not exactly the mask ``prob >= 1 - t`` that the returned
   ``t`` describes. The exact cutoff is a stored data value and is compared exactly
-  (``ConformalSegLib.cls.apply_threshold`` rounds it *up* to the array's dtype). ``t`` itself is
+  (``ConformalSegLib.conformal.cls.apply_threshold`` rounds it *up* to the array's dtype). ``t`` itself is
   never a data value, so ``1 - t_hat`` is at best within the search resolution of ``c_hat``.
 * **FNR in floating point.** ``FNR = misses / m`` compared with ``epsilon`` in floating point can be
   off by one voxel near the boundary (``0.29 * 100`` is ``28.999999999999996``); the library compares
-  ``misses <= floor(epsilon * m)`` exactly (:mod:`ConformalSegLib.exact`).
+  ``misses <= floor(epsilon * m)`` exactly (:mod:`ConformalSegLib.conformal.exact`).
 
 :func:`largest_cutoff_bisection` is the *correct* variant: it bisects directly on the cutoff
 ``c`` (no ``1 - t``), keeps the invariant ``FNR(lo) <= epsilon < FNR(hi)`` with the exact
@@ -53,11 +53,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ConformalSegLib.cls import round_up_to_dtype
+from ConformalSegLib.conformal.cls import round_up_to_dtype
 
 DELTA = 1e-4
 MAX_ITER = 60
-DEFAULT_TOL = 2.0 ** -24  # float32 spacing just below 1.0 is 2**-24
+DEFAULT_TOL = 2.0**-24  # float32 spacing just below 1.0 is 2**-24
 
 
 @dataclass(frozen=True)
@@ -142,8 +142,9 @@ def cls_bisection(oracle, epsilon: float, *, delta: float = DELTA, max_iter: int
     return BisectionResult(1.0 - t, t, fnr, max_iter, False)
 
 
-def largest_cutoff_bisection(oracle, epsilon: float, *, tol: float = DEFAULT_TOL,
-                             max_iter: int = 200) -> BisectionResult:
+def largest_cutoff_bisection(
+    oracle, epsilon: float, *, tol: float = DEFAULT_TOL, max_iter: int = 200
+) -> BisectionResult:
     """Largest cutoff ``c`` in ``[0, 1]`` with ``FNR(c) <= epsilon``, by bisection to ``tol``.
 
     Invariant: ``FNR(lo) <= epsilon`` (``FNR(0) = 0`` for probabilities in ``[0, 1]``) and

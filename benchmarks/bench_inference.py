@@ -31,14 +31,13 @@ import gc
 import json
 import statistics
 import sys
-import time
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
-import numpy as np
-
 import _common as C
+import numpy as np
 
 try:
     import torch
@@ -48,7 +47,7 @@ except ImportError as exc:  # pragma: no cover - the inference extra is optional
     print(f"### Inference engine\n\nskipped: {exc} (install the `inference` extra: torch and monai)")
     sys.exit(0)
 
-from ConformalSegLib.geometry import Geometry
+from ConformalSegLib.common.geometry import Geometry
 from ConformalSegLib.inference import InferenceEngine, count_windows, load_model_card
 from ConformalSegLib.io.volumes import Volume
 
@@ -57,17 +56,29 @@ WINDOW = {"kind": "window", "a_min": -200.0, "a_max": 300.0, "b_min": 0.0, "b_ma
 
 def net_args(size: str) -> dict:
     channels = {"quick": [4, 8, 16], "cpu": [8, 16, 32, 64], "gpu": [16, 32, 64, 128, 256]}[size]
-    return {"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "channels": channels,
-            "strides": [2] * (len(channels) - 1), "num_res_units": 2, "dropout": 0.1}
+    return {
+        "spatial_dims": 3,
+        "in_channels": 1,
+        "out_channels": 2,
+        "channels": channels,
+        "strides": [2] * (len(channels) - 1),
+        "num_res_units": 2,
+        "dropout": 0.1,
+    }
 
 
-def write_card(folder: Path, name: str, args: dict, patch: list[int], sw_batch: int, *, orientation=None,
-               spacing=None) -> Path:
-    card = {"format": "conformalseg-model-card", "format_version": 1, "name": name,
-            "source": {"state_dict": {"network": "UNet", "args": args, "weights": "weights.pt"}},
-            "preprocessing": {"orientation": orientation, "spacing_mm": spacing, "intensity": WINDOW},
-            "inference": {"patch_size": patch, "overlap": 0.25, "blend": "gaussian", "sw_batch_size": sw_batch},
-            "output": {"activation": "softmax", "lesion_channel": 1}}
+def write_card(
+    folder: Path, name: str, args: dict, patch: list[int], sw_batch: int, *, orientation=None, spacing=None
+) -> Path:
+    card = {
+        "format": "conformalseg-model-card",
+        "format_version": 1,
+        "name": name,
+        "source": {"state_dict": {"network": "UNet", "args": args, "weights": "weights.pt"}},
+        "preprocessing": {"orientation": orientation, "spacing_mm": spacing, "intensity": WINDOW},
+        "inference": {"patch_size": patch, "overlap": 0.25, "blend": "gaussian", "sw_batch_size": sw_batch},
+        "output": {"activation": "softmax", "lesion_channel": 1},
+    }
     path = folder / f"{name}.json"
     path.write_text(json.dumps(card, indent=2))
     return path
@@ -102,8 +113,9 @@ class Bare:
 
     def predict(self, array_zyx: np.ndarray, pinned: bool = False) -> np.ndarray:
         with torch.inference_mode():
-            out = sliding_window_inference(self.window(array_zyx), self.patch, self.sw_batch, self._predictor,
-                                           overlap=0.25, mode="gaussian")
+            out = sliding_window_inference(
+                self.window(array_zyx), self.patch, self.sw_batch, self._predictor, overlap=0.25, mode="gaussian"
+            )
             out = out[0, 0].permute(2, 1, 0).contiguous()
             if pinned and out.is_cuda:  # what the engine does: device -> page-locked host memory
                 host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
@@ -120,8 +132,9 @@ class Bare:
                 x = self.window(array_zyx)
                 total = None
                 for _ in range(passes):
-                    out = sliding_window_inference(x, self.patch, self.sw_batch, self._predictor, overlap=0.25,
-                                                   mode="gaussian")
+                    out = sliding_window_inference(
+                        x, self.patch, self.sw_batch, self._predictor, overlap=0.25, mode="gaussian"
+                    )
                     total = out if total is None else total + out
                 return (total / passes)[0, 0].permute(2, 1, 0).contiguous().cpu().numpy()
         finally:
@@ -163,9 +176,22 @@ def profile_engine(engine: InferenceEngine, volume: Volume, **kwargs) -> None:
     C.log(text.getvalue())
 
 
-def run_section(title: str, device: torch.device, shape_zyx, patch, sw_batch, size: str, passes: int,
-                repeats: int, seed: int, workdir: Path, *, resample_row: bool, mc: bool,
-                profile: bool = False) -> list[str]:
+def run_section(
+    title: str,
+    device: torch.device,
+    shape_zyx,
+    patch,
+    sw_batch,
+    size: str,
+    passes: int,
+    repeats: int,
+    seed: int,
+    workdir: Path,
+    *,
+    resample_row: bool,
+    mc: bool,
+    profile: bool = False,
+) -> list[str]:
     torch.manual_seed(seed)
     args = net_args(size)
     net = UNet(**args).eval()
@@ -182,8 +208,9 @@ def run_section(title: str, device: torch.device, shape_zyx, patch, sw_batch, si
     if device.type == "cuda":
         fns["bare pinned"] = lambda: bare.predict(volume.array, pinned=True)
     if resample_row:
-        card = load_model_card(write_card(workdir, f"ras-{size}", args, patch, sw_batch, orientation="RAS",
-                                          spacing=[1.0, 1.0, 1.5]))
+        card = load_model_card(
+            write_card(workdir, f"ras-{size}", args, patch, sw_batch, orientation="RAS", spacing=[1.0, 1.0, 1.5])
+        )
         resampling = InferenceEngine(card, device=device, amp=amp)
         fns["resampling"] = lambda: resampling.predict(volume)
     t, out = interleaved(fns, repeats)
@@ -191,35 +218,65 @@ def run_section(title: str, device: torch.device, shape_zyx, patch, sw_batch, si
     if profile:
         profile_engine(engine, volume)
     diff = float(np.abs(out["engine"].probability - out["bare"]).max())
-    rows = [["bare MONAI `sliding_window_inference` (same maths)", C.fmt_s(t["bare"]), "1.000x", ""],
-            ["`InferenceEngine.predict` (no reorientation/resampling)", C.fmt_s(t["engine"]),
-             ratio(t["engine"], t["bare"]), f"max abs diff {diff:.1e}"]]
+    rows = [
+        ["bare MONAI `sliding_window_inference` (same maths)", C.fmt_s(t["bare"]), "1.000x", ""],
+        [
+            "`InferenceEngine.predict` (no reorientation/resampling)",
+            C.fmt_s(t["engine"]),
+            ratio(t["engine"], t["bare"]),
+            f"max abs diff {diff:.1e}",
+        ],
+    ]
     if "bare pinned" in t:
-        rows.insert(1, ["bare MONAI, result copied to the host through pinned memory (as the engine does)",
-                        C.fmt_s(t["bare pinned"]), ratio(t["bare pinned"], t["bare"]), ""])
+        rows.insert(
+            1,
+            [
+                "bare MONAI, result copied to the host through pinned memory (as the engine does)",
+                C.fmt_s(t["bare pinned"]),
+                ratio(t["bare pinned"], t["bare"]),
+                "",
+            ],
+        )
         rows[2][3] += f"; {ratio(t['engine'], t['bare pinned'])} of bare+pinned"
     if resample_row:
         grid = out["resampling"].info["network_grid_xyz"]
-        rows.append([f"engine, RAS + resampling to 1 x 1 x 1.5 mm (network grid {grid[0]}x{grid[1]}x{grid[2]}, "
-                     f"{out['resampling'].info['windows']} windows; more work)", C.fmt_s(t["resampling"]),
-                     ratio(t["resampling"], t["bare"]), ""])
-    lines = [f"#### {title}", "",
-             f"Volume {shape_zyx[2]} x {shape_zyx[1]} x {shape_zyx[0]} (x * y * z), UNet channels "
-             f"{args['channels']}, patch {patch[0]}x{patch[1]}x{patch[2]}, overlap 0.25, Gaussian blending, "
-             f"sw_batch_size {sw_batch}, {windows} windows, device {device}"
-             + (" (float16 autocast)" if amp else "") + f"; medians of {repeats} interleaved runs.", "",
-             C.md_table(["pipeline", "median time", "vs bare", "note"], rows), ""]
+        rows.append(
+            [
+                f"engine, RAS + resampling to 1 x 1 x 1.5 mm (network grid {grid[0]}x{grid[1]}x{grid[2]}, "
+                f"{out['resampling'].info['windows']} windows; more work)",
+                C.fmt_s(t["resampling"]),
+                ratio(t["resampling"], t["bare"]),
+                "",
+            ]
+        )
+    lines = [
+        f"#### {title}",
+        "",
+        f"Volume {shape_zyx[2]} x {shape_zyx[1]} x {shape_zyx[0]} (x * y * z), UNet channels "
+        f"{args['channels']}, patch {patch[0]}x{patch[1]}x{patch[2]}, overlap 0.25, Gaussian blending, "
+        f"sw_batch_size {sw_batch}, {windows} windows, device {device}"
+        + (" (float16 autocast)" if amp else "")
+        + f"; medians of {repeats} interleaved runs.",
+        "",
+        C.md_table(["pipeline", "median time", "vs bare", "note"], rows),
+        "",
+    ]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         engine.predict(volume)
-        lines.insert(-1, f"Peak GPU memory of one deterministic engine call: "
-                         f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB.\n")
+        lines.insert(
+            -1,
+            f"Peak GPU memory of one deterministic engine call: "
+            f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB.\n",
+        )
     if not mc:
         return lines
     sequential = InferenceEngine(plain_card, device=device, amp=amp, mc_chunk=1)
-    mc_fns = {"batched": lambda: engine.predict(volume, mc_dropout=passes),
-              "sequential": lambda: sequential.predict(volume, mc_dropout=passes),
-              "naive": lambda: bare.predict_mc_naive(volume.array, passes)}
+    mc_fns = {
+        "batched": lambda: engine.predict(volume, mc_dropout=passes),
+        "sequential": lambda: sequential.predict(volume, mc_dropout=passes),
+        "naive": lambda: bare.predict_mc_naive(volume.array, passes),
+    }
     mc_repeats = max(1, repeats - 1)
     t, out = interleaved(mc_fns, mc_repeats)
     C.log("  MC: " + ", ".join(f"{k} {C.fmt_s(v)}" for k, v in t.items()))
@@ -235,59 +292,143 @@ def run_section(title: str, device: torch.device, shape_zyx, patch, sw_batch, si
         mem = f" Peak GPU memory: batched {peaks['batched']:.2f} GiB, one pass per call {peaks['sequential']:.2f} GiB."
     same = float(np.abs(out["batched"].probability - out["sequential"].probability).max())
     naive_gap = float(np.abs(out["batched"].probability - out["naive"]).mean())
-    rows = [[f"engine, {passes} passes batched ({passes * sw_batch} rows per forward call)", C.fmt_s(t["batched"]),
-             "1.000x"],
-            [f"engine, one pass per forward call (`mc_chunk=1`, {sw_batch} rows)", C.fmt_s(t["sequential"]),
-             ratio(t["sequential"], t["batched"])],
-            [f"naive: {passes} full sliding-window passes (bare MONAI, train-mode dropout)", C.fmt_s(t["naive"]),
-             ratio(t["naive"], t["batched"])]]
-    lines += [f"MC dropout, {passes} passes (mean probability, variance and entropy maps for the engine; "
-              f"the naive baseline computes the mean only); medians of {mc_repeats} interleaved runs.{mem} "
-              f"Batched vs one-pass-per-call engine maps: max abs difference {same:.1e} (same seeded masks); "
-              f"engine vs naive mean: mean abs difference {naive_gap:.1e} (different masks, same distribution).", "",
-              C.md_table(["MC dropout", "median time", "vs batched"], rows), ""]
+    rows = [
+        [
+            f"engine, {passes} passes batched ({passes * sw_batch} rows per forward call)",
+            C.fmt_s(t["batched"]),
+            "1.000x",
+        ],
+        [
+            f"engine, one pass per forward call (`mc_chunk=1`, {sw_batch} rows)",
+            C.fmt_s(t["sequential"]),
+            ratio(t["sequential"], t["batched"]),
+        ],
+        [
+            f"naive: {passes} full sliding-window passes (bare MONAI, train-mode dropout)",
+            C.fmt_s(t["naive"]),
+            ratio(t["naive"], t["batched"]),
+        ],
+    ]
+    lines += [
+        f"MC dropout, {passes} passes (mean probability, variance and entropy maps for the engine; "
+        f"the naive baseline computes the mean only); medians of {mc_repeats} interleaved runs.{mem} "
+        f"Batched vs one-pass-per-call engine maps: max abs difference {same:.1e} (same seeded masks); "
+        f"engine vs naive mean: mean abs difference {naive_gap:.1e} (different masks, same distribution).",
+        "",
+        C.md_table(["MC dropout", "median time", "vs batched"], rows),
+        "",
+    ]
     return lines
 
 
 def _options(parser) -> None:
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="auto: CPU section, plus the CUDA sections when a GPU is present; cpu: CPU only")
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="auto: CPU section, plus the CUDA sections when a GPU is present; cpu: CPU only",
+    )
     parser.add_argument("--profile", action="store_true", help="print a cProfile of engine.predict to stderr")
     parser.add_argument("--skip-cpu", action="store_true", help="only the CUDA sections")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = C.parse_args(__doc__.splitlines()[0], argv,
-                        extra=_options)
+    args = C.parse_args(__doc__.splitlines()[0], argv, extra=_options)
     warnings.simplefilter("ignore", FutureWarning)
     cuda = torch.cuda.is_available() and args.device != "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
         C.log("CUDA requested but not available: CPU only")
-    out = ["### Inference engine", "", C.machine_line() + f"; torch {torch.__version__}, "
-           f"{torch.get_num_threads()} threads" + (f"; GPU {torch.cuda.get_device_name()}" if cuda else ""), ""]
+    out = [
+        "### Inference engine",
+        "",
+        C.machine_line() + f"; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads" + (f"; GPU {torch.cuda.get_device_name()}" if cuda else ""),
+        "",
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         cpu = torch.device("cpu")
         if args.skip_cpu and cuda:
             pass
         elif args.quick:
-            out += run_section("CPU (quick)", cpu, (40, 48, 48), [32, 32, 32], 2, "quick", passes=4, repeats=2,
-                               seed=args.seed, workdir=workdir, resample_row=True, mc=True)
+            out += run_section(
+                "CPU (quick)",
+                cpu,
+                (40, 48, 48),
+                [32, 32, 32],
+                2,
+                "quick",
+                passes=4,
+                repeats=2,
+                seed=args.seed,
+                workdir=workdir,
+                resample_row=True,
+                mc=True,
+            )
         else:
-            out += run_section("CPU", cpu, (80, 128, 128), [64, 64, 64], 2, "cpu", passes=4, repeats=9,
-                               seed=args.seed, workdir=workdir, resample_row=True, mc=True, profile=args.profile)
+            out += run_section(
+                "CPU",
+                cpu,
+                (80, 128, 128),
+                [64, 64, 64],
+                2,
+                "cpu",
+                passes=4,
+                repeats=9,
+                seed=args.seed,
+                workdir=workdir,
+                resample_row=True,
+                mc=True,
+                profile=args.profile,
+            )
         if cuda:
             gpu = torch.device("cuda")
             if args.quick:
-                out += run_section("CUDA (quick)", gpu, (64, 128, 128), [64, 64, 64], 4, "gpu", passes=4,
-                                   repeats=2, seed=args.seed, workdir=workdir, resample_row=False, mc=True)
+                out += run_section(
+                    "CUDA (quick)",
+                    gpu,
+                    (64, 128, 128),
+                    [64, 64, 64],
+                    4,
+                    "gpu",
+                    passes=4,
+                    repeats=2,
+                    seed=args.seed,
+                    workdir=workdir,
+                    resample_row=False,
+                    mc=True,
+                )
             else:
-                out += run_section("CUDA, 512 x 512 x 300", gpu, (300, 512, 512), [96, 96, 96], 4, "gpu",
-                                   passes=8, repeats=3, seed=args.seed, workdir=workdir, resample_row=True, mc=True,
-                                   profile=args.profile)
-                out += run_section("CUDA, small volume 128 x 128 x 64 (batching matters most)", gpu, (64, 128, 128),
-                                   [64, 64, 64], 4, "gpu", passes=8, repeats=5, seed=args.seed, workdir=workdir,
-                                   resample_row=False, mc=True, profile=args.profile)
+                out += run_section(
+                    "CUDA, 512 x 512 x 300",
+                    gpu,
+                    (300, 512, 512),
+                    [96, 96, 96],
+                    4,
+                    "gpu",
+                    passes=8,
+                    repeats=3,
+                    seed=args.seed,
+                    workdir=workdir,
+                    resample_row=True,
+                    mc=True,
+                    profile=args.profile,
+                )
+                out += run_section(
+                    "CUDA, small volume 128 x 128 x 64 (batching matters most)",
+                    gpu,
+                    (64, 128, 128),
+                    [64, 64, 64],
+                    4,
+                    "gpu",
+                    passes=8,
+                    repeats=5,
+                    seed=args.seed,
+                    workdir=workdir,
+                    resample_row=False,
+                    mc=True,
+                    profile=args.profile,
+                )
         elif not args.quick:
             out += ["CUDA not available: the 512 x 512 x 300 GPU timing was skipped.", ""]
     print("\n".join(out))

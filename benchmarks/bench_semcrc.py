@@ -22,24 +22,41 @@ import math
 import sys
 from fractions import Fraction
 
+import _common as C
 import numpy as np
 
-import _common as C
-from ConformalSegLib.crc import crc_budget
-from ConformalSegLib.semcrc import (OmegaCurve, bisect_omega, exact_omega, omega_thresholds, solve_anchor,
-                                    stratified_sample, synthetic_intervals)
+from ConformalSegLib.conformal.crc import crc_budget
+from ConformalSegLib.semcrc import (
+    OmegaCurve,
+    bisect_omega,
+    exact_omega,
+    omega_thresholds,
+    solve_anchor,
+    stratified_sample,
+    synthetic_intervals,
+)
 from ConformalSegLib.semcrc.anchor import DEFAULT_GAMMAS
 
 EPS = 0.1
 
 
-def recount_bisection(need: np.ndarray, anchor_voxel: np.ndarray, scan_of: np.ndarray, sizes: np.ndarray,
-                      budget: Fraction, lo: float, hi: float, tol: float = 1e-12) -> tuple[float, int]:
+def recount_bisection(
+    need: np.ndarray,
+    anchor_voxel: np.ndarray,
+    scan_of: np.ndarray,
+    sizes: np.ndarray,
+    budget: Fraction,
+    lo: float,
+    hi: float,
+    tol: float = 1e-12,
+) -> tuple[float, int]:
     """Bisection recounting coverage of every voxel per step (float loss sum; the usual implementation)."""
+
     def ok(w: float) -> bool:
         lam = np.maximum(0.0, anchor_voxel + w)
         misses = np.bincount(scan_of, weights=need > lam, minlength=sizes.size)
         return float(np.sum(misses / sizes)) <= float(budget)
+
     if ok(lo):
         return lo, 1
     steps = 1
@@ -60,22 +77,50 @@ def anchor_section(quick: bool, seed: int) -> tuple[str, list]:
     rows = []
     warm = True
     for d_opt in d_opts:
-        sample = stratified_sample([s.need for s in opt.scans], [s.width for s in opt.scans],
-                                   [s.group.astype(np.int64) for s in opt.scans], opt.n_groups,
-                                   d_opt=d_opt, d_min=2, rng=np.random.default_rng(seed))
+        sample = stratified_sample(
+            [s.need for s in opt.scans],
+            [s.width for s in opt.scans],
+            [s.group.astype(np.int64) for s in opt.scans],
+            opt.n_groups,
+            d_opt=d_opt,
+            d_min=2,
+            rng=np.random.default_rng(seed),
+        )
         C.log(f"[semcrc] anchor d_opt={d_opt} ({sample.offset.size} voxels) ...")
         n_rep = reps if sample.offset.size < 20000 else 1
         t1, _, r1 = C.time_call(lambda: solve_anchor(sample, EPS, gammas=(0.5,)), n_rep, warmup=int(warm))
         t5, _, r5 = C.time_call(lambda: solve_anchor(sample, EPS, gammas=DEFAULT_GAMMAS), n_rep, warmup=0)
         warm = False  # the first untimed call imports cvxpy and warms its caches
-        rows.append([d_opt, f"{sample.offset.size:,}", C.fmt_s(t1), C.fmt_s(t5), r5.gamma,
-                     f"{r5.objective:.4f}", " ".join(f"{v:.3f}" for v in r5.lam)])
-    text = "\n".join([
-        f"Anchor problem (Psem) on n_opt = {n_opt} synthetic scans of {shape}, {opt.n_groups} groups "
-        f"({', '.join(opt.groups)}), epsilon = {EPS}; median of {reps} (1 above 20,000 voxels); "
-        "one cvxpy problem per gamma (voxels whose surrogate is 0 at lambda = 0 left out), Clarabel.\n",
-        C.md_table(["d_opt", "sampled voxels", "1 gamma", f"{len(DEFAULT_GAMMAS)} gammas", "best gamma",
-                    "objective", "anchor per group"], rows)])
+        rows.append(
+            [
+                d_opt,
+                f"{sample.offset.size:,}",
+                C.fmt_s(t1),
+                C.fmt_s(t5),
+                r5.gamma,
+                f"{r5.objective:.4f}",
+                " ".join(f"{v:.3f}" for v in r5.lam),
+            ]
+        )
+    text = "\n".join(
+        [
+            f"Anchor problem (Psem) on n_opt = {n_opt} synthetic scans of {shape}, {opt.n_groups} groups "
+            f"({', '.join(opt.groups)}), epsilon = {EPS}; median of {reps} (1 above 20,000 voxels); "
+            "one cvxpy problem per gamma (voxels whose surrogate is 0 at lambda = 0 left out), Clarabel.\n",
+            C.md_table(
+                [
+                    "d_opt",
+                    "sampled voxels",
+                    "1 gamma",
+                    f"{len(DEFAULT_GAMMAS)} gammas",
+                    "best gamma",
+                    "objective",
+                    "anchor per group",
+                ],
+                rows,
+            ),
+        ]
+    )
     return text, rows
 
 
@@ -88,8 +133,10 @@ def omega_section(quick: bool, seed: int) -> tuple[str, dict]:
     anchor = rng.uniform(0.0, 0.05, cal.n_groups)
 
     def build() -> OmegaCurve:
-        return OmegaCurve.from_scans([omega_thresholds(s.need, anchor[s.group]) for s in cal.scans],
-                                     [s.d for s in cal.scans])
+        return OmegaCurve.from_scans(
+            [omega_thresholds(s.need, anchor[s.group]) for s in cal.scans], [s.d for s in cal.scans]
+        )
+
     t_build, _, curve = C.time_call(build, reps, warmup=0)
     lo, hi = -float(anchor.max()), math.inf
     t_exact, _, w_exact = C.time_call(lambda: exact_omega(curve, EPS, omega_min=lo, omega_max=hi), reps)
@@ -100,23 +147,46 @@ def omega_section(quick: bool, seed: int) -> tuple[str, dict]:
     sizes = np.array([s.d for s in cal.scans], dtype=np.float64)
     top = max(float(t[-1]) for t in curve.thresholds if t.size)
     t_rec, _, (w_rec, steps) = C.time_call(
-        lambda: recount_bisection(need, anchor_voxel, scan_of, sizes, crc_budget(cal.n, EPS), lo, top), 1, warmup=0)
+        lambda: recount_bisection(need, anchor_voxel, scan_of, sizes, crc_budget(cal.n, EPS), lo, top), 1, warmup=0
+    )
     voxels = int(sizes.sum())
     bisect_steps = math.ceil(math.log2((top - lo) / 1e-12))
-    rows = [["exact_omega (bracket + merge + order statistic)", C.fmt_s(t_exact), "-", f"{w_exact:.12g}", "1.00x"],
-            ["bisect_omega (tol 1e-12, exact predicate)", C.fmt_s(t_bis), str(bisect_steps), f"{w_bis:.12g}",
-             C.fmt_ratio(t_bis / t_exact)],
-            ["bisection recounting all voxels per step", C.fmt_s(t_rec), str(steps), f"{w_rec:.12g}",
-             C.fmt_ratio(t_rec / t_exact)]]
-    text = "\n".join([
-        f"omega_hat on n_cal = {n_cal} scans of {shape} ({voxels:,} counted voxels), epsilon = {EPS}; "
-        f"median of {reps}. Building the thresholds and the sorted per-scan curve (needed once, shared): "
-        f"{C.fmt_s(t_build)}.\n",
-        C.md_table(["method", "time", "steps", "omega_hat", "time / exact"], rows), "",
-        f"bisection - exact = {w_bis - w_exact:.3g} (bisection approaches omega_hat from above).\n"])
-    return text, {"t_exact": t_exact, "t_bisect": t_bis, "t_recount": t_rec, "t_build": t_build,
-                  "ratio_bisect": t_bis / t_exact, "ratio_recount": t_rec / t_exact,
-                  "agree": 0 <= w_bis - w_exact <= 1e-12}
+    rows = [
+        ["exact_omega (bracket + merge + order statistic)", C.fmt_s(t_exact), "-", f"{w_exact:.12g}", "1.00x"],
+        [
+            "bisect_omega (tol 1e-12, exact predicate)",
+            C.fmt_s(t_bis),
+            str(bisect_steps),
+            f"{w_bis:.12g}",
+            C.fmt_ratio(t_bis / t_exact),
+        ],
+        [
+            "bisection recounting all voxels per step",
+            C.fmt_s(t_rec),
+            str(steps),
+            f"{w_rec:.12g}",
+            C.fmt_ratio(t_rec / t_exact),
+        ],
+    ]
+    text = "\n".join(
+        [
+            f"omega_hat on n_cal = {n_cal} scans of {shape} ({voxels:,} counted voxels), epsilon = {EPS}; "
+            f"median of {reps}. Building the thresholds and the sorted per-scan curve (needed once, shared): "
+            f"{C.fmt_s(t_build)}.\n",
+            C.md_table(["method", "time", "steps", "omega_hat", "time / exact"], rows),
+            "",
+            f"bisection - exact = {w_bis - w_exact:.3g} (bisection approaches omega_hat from above).\n",
+        ]
+    )
+    return text, {
+        "t_exact": t_exact,
+        "t_bisect": t_bis,
+        "t_recount": t_rec,
+        "t_build": t_build,
+        "ratio_bisect": t_bis / t_exact,
+        "ratio_recount": t_rec / t_exact,
+        "agree": 0 <= w_bis - w_exact <= 1e-12,
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -8,7 +8,7 @@ each time: nothing is cached between steps) and times, with the library only:
 * ``recalibrate + masks``: :meth:`CalibrationProfile.masks` (allocates new masks), for CLS,
   expected-FNR control (CRC) and identity-transform confidence sets (inner and outer);
 * ``recalibrate + apply_threshold(out=)`` + voxel count: what the panel does per step for a lesion
-  mask (:func:`ConformalSegLib.cls.apply_threshold` into a mask allocated once, then
+  mask (:func:`ConformalSegLib.conformal.cls.apply_threshold` into a mask allocated once, then
   ``np.count_nonzero`` for the results table).
 
 Not per step (reported once): CRC's first call after loading a profile (it sorts all stored lesion
@@ -30,16 +30,16 @@ import sys
 import time
 import warnings
 
+import _common as C
 import numpy as np
 
-import _common as C
-from ConformalSegLib.cls import apply_threshold, calibrate_cls
-from ConformalSegLib.confidence_sets import SetStatistics, calibrate_sets
-from ConformalSegLib.crc import calibrate_crc
-from ConformalSegLib.geometry import Geometry
-from ConformalSegLib.profile import CalibrationProfile
-from ConformalSegLib.summaries import LesionSummaries, SummaryBuilder
-from ConformalSegLib.transforms import parse_transform
+from ConformalSegLib.common.geometry import Geometry
+from ConformalSegLib.conformal.cls import apply_threshold, calibrate_cls
+from ConformalSegLib.conformal.confidence_sets import SetStatistics, calibrate_sets
+from ConformalSegLib.conformal.crc import calibrate_crc
+from ConformalSegLib.conformal.profile import CalibrationProfile
+from ConformalSegLib.conformal.score_transforms import parse_transform
+from ConformalSegLib.conformal.summaries import LesionSummaries, SummaryBuilder
 
 GOAL_S = 0.100
 EPSILONS = (0.05, 0.08, 0.1, 0.12, 0.15, 0.2, 0.25, 0.3)
@@ -60,12 +60,15 @@ def summaries(n: int, lo: int, hi: int, seed: int):
 def profiles(n: int, lo: int, hi: int, seed: int) -> dict[str, CalibrationProfile]:
     s = summaries(n, lo, hi, seed)
     rng = np.random.default_rng(seed + 1)
-    stats = SetStatistics(rng.uniform(0.3, 0.99, n), -rng.uniform(0.0, 0.4, n), s.case_ids, "identity", "identity",
-                          s.lesion_sizes)
+    stats = SetStatistics(
+        rng.uniform(0.3, 0.99, n), -rng.uniform(0.0, 0.4, n), s.case_ids, "identity", "identity", s.lesion_sizes
+    )
     fresh = LesionSummaries(s.values, s.offsets, s.case_ids, s.precision)  # no CRC cache yet (as after loading)
-    return {"cls": CalibrationProfile(calibrate_cls(s, 0.1, 0.1), s),
-            "crc": CalibrationProfile(calibrate_crc(s, 0.1), fresh),
-            "sets": CalibrationProfile(calibrate_sets(stats, alpha_inner=0.1, alpha_outer=0.1), s, stats, "include")}
+    return {
+        "cls": CalibrationProfile(calibrate_cls(s, 0.1, 0.1), s),
+        "crc": CalibrationProfile(calibrate_crc(s, 0.1), fresh),
+        "sets": CalibrationProfile(calibrate_sets(stats, alpha_inner=0.1, alpha_outer=0.1), s, stats, "include"),
+    }
 
 
 def settings(steps: int):
@@ -108,12 +111,21 @@ def main(argv: list[str] | None = None) -> dict:
     cases = [
         ("CLS", "`recalibrate` only", lambda e, a, i: p["cls"].recalibrate(epsilon=e, alpha=a)),
         ("CLS", "`recalibrate` + `apply_threshold(out=)` + voxel count (panel path)", panel_step),
-        ("CLS", "`recalibrate` + `masks` (new arrays)",
-         lambda e, a, i: p["cls"].recalibrate(epsilon=e, alpha=a).masks(prob, geometry)),
-        ("CRC", "`recalibrate` + `masks` (after the first call)",
-         lambda e, a, i: p["crc"].recalibrate(epsilon=e).masks(prob, geometry)),
-        ("sets (identity)", "`recalibrate` + `masks` (inner and outer)",
-         lambda e, a, i: p["sets"].recalibrate(alpha_inner=a, alpha_outer=min(0.5, e + a)).masks(prob, geometry)),
+        (
+            "CLS",
+            "`recalibrate` + `masks` (new arrays)",
+            lambda e, a, i: p["cls"].recalibrate(epsilon=e, alpha=a).masks(prob, geometry),
+        ),
+        (
+            "CRC",
+            "`recalibrate` + `masks` (after the first call)",
+            lambda e, a, i: p["crc"].recalibrate(epsilon=e).masks(prob, geometry),
+        ),
+        (
+            "sets (identity)",
+            "`recalibrate` + `masks` (inner and outer)",
+            lambda e, a, i: p["sets"].recalibrate(alpha_inner=a, alpha_outer=min(0.5, e + a)).masks(prob, geometry),
+        ),
     ]
     rows, results = [], {}
     with warnings.catch_warnings():
@@ -123,22 +135,25 @@ def main(argv: list[str] | None = None) -> dict:
             step(*settings(1)[0], 0)  # warm-up
             times = timed_steps(step, steps)
             median, worst = statistics.median(times), max(times)
-            rows.append([method, what, C.fmt_s(median), C.fmt_s(worst),
-                         "PASS" if median < GOAL_S else "FAIL"])
+            rows.append([method, what, C.fmt_s(median), C.fmt_s(worst), "PASS" if median < GOAL_S else "FAIL"])
             results[f"{method}|{what}"] = median
     t0 = time.perf_counter()
     parse_transform("distance:0.5")(prob, geometry)
     distance_once = time.perf_counter() - t0
 
-    out = ["### Slider latency (recalibrate + mask)\n",
-           f"{side}^3 float32 probability volume ({prob.nbytes / 1e6:.0f} MB, `_common.make_volume`); profiles with "
-           f"{n} calibration cases (lesion sizes log-uniform in {lo:,}..{hi:,} voxels); {steps} slider steps, each "
-           f"to a new (epsilon, alpha). Goal: median under {GOAL_S * 1e3:.0f} ms per step.\n",
-           C.md_table(["method", "per step", "median", "max", "goal"], rows), "",
-           f"Once per profile / probability map (not per step): CRC's first `recalibrate` "
-           f"{C.fmt_s(crc_first)} (sorts the stored lesion values once); distance-transform score map "
-           f"{C.fmt_s(distance_once)} (cached by the panel, so distance-transform sets cost the same per step as "
-           f"identity ones).", ""]
+    out = [
+        "### Slider latency (recalibrate + mask)\n",
+        f"{side}^3 float32 probability volume ({prob.nbytes / 1e6:.0f} MB, `_common.make_volume`); profiles with "
+        f"{n} calibration cases (lesion sizes log-uniform in {lo:,}..{hi:,} voxels); {steps} slider steps, each "
+        f"to a new (epsilon, alpha). Goal: median under {GOAL_S * 1e3:.0f} ms per step.\n",
+        C.md_table(["method", "per step", "median", "max", "goal"], rows),
+        "",
+        f"Once per profile / probability map (not per step): CRC's first `recalibrate` "
+        f"{C.fmt_s(crc_first)} (sorts the stored lesion values once); distance-transform score map "
+        f"{C.fmt_s(distance_once)} (cached by the panel, so distance-transform sets cost the same per step as "
+        f"identity ones).",
+        "",
+    ]
     print("\n".join(out))
     sys.stdout.flush()
     C.log(f"[slider] peak RSS {C.peak_rss_mb():.0f} MiB")

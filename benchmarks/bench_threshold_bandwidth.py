@@ -1,4 +1,4 @@
-"""One threshold pass (``ConformalSegLib.cls.apply_threshold``) vs this machine's memory bandwidth.
+"""One threshold pass (``ConformalSegLib.conformal.cls.apply_threshold``) vs this machine's memory bandwidth.
 
 On the 512 x 512 x 300 float32 probability volume of ``_common.make_volume`` (``--quick``: a small
 one), times
@@ -23,15 +23,18 @@ from __future__ import annotations
 
 import sys
 
+import _common as C
 import numpy as np
 
-import _common as C
-from ConformalSegLib.cls import apply_threshold, round_up_to_dtype
+from ConformalSegLib.conformal.cls import apply_threshold, round_up_to_dtype
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = C.parse_args(__doc__.splitlines()[0], argv, lambda p: p.add_argument(
-        "--cutoff", type=float, default=0.5, help="probability cutoff (default 0.5)"))
+    args = C.parse_args(
+        __doc__.splitlines()[0],
+        argv,
+        lambda p: p.add_argument("--cutoff", type=float, default=0.5, help="probability cutoff (default 0.5)"),
+    )
     shape = C.QUICK_SHAPE if args.quick else C.FULL_SHAPE
     repeats = 5 if args.quick else 15
 
@@ -71,24 +74,30 @@ def main(argv: list[str] | None = None) -> dict:
     t_apply = timings[cases[4][0]][0]
     t_bare = timings[cases[2][0]][0]
     t_fresh = timings[cases[3][0]][0]
-    lines = ["### Threshold pass vs memory bandwidth\n",
-             f"{'x'.join(str(s) for s in shape[::-1])} (x*y*z) float32 volume ({prob.nbytes / 1e6:.0f} MB, "
-             f"{v:,} voxels), cutoff {cutoff}; median of {repeats} runs. GB/s counts bytes read + written "
-             f"per voxel (1 GB = 1e9 B).\n",
-             C.md_table(["operation", "median time", "bytes / voxel", "GB/s", "time / copy", "% of copy-bound"], rows),
-             "",
-             f"`apply_threshold` moves data at {5 * v / t_apply / 1e9:.1f} GB/s vs {copy_gbs:.1f} GB/s for the copy "
-             f"(bandwidth ratio {5 * v / t_apply / 1e9 / copy_gbs:.2f}); it takes {t_apply / t_copy:.2f}x the time of "
-             f"the copy and {t_apply / t_bare:.2f}x the time of the bare preallocated comparison; the difference "
-             f"with `a >= c` ({C.fmt_s(t_fresh - t_bare)}) is the cost of a freshly allocated "
-             f"{v / 1e6:.0f} MB bool result (page faults on first touch).\n"]
+    lines = [
+        "### Threshold pass vs memory bandwidth\n",
+        f"{'x'.join(str(s) for s in shape[::-1])} (x*y*z) float32 volume ({prob.nbytes / 1e6:.0f} MB, "
+        f"{v:,} voxels), cutoff {cutoff}; median of {repeats} runs. GB/s counts bytes read + written "
+        f"per voxel (1 GB = 1e9 B).\n",
+        C.md_table(["operation", "median time", "bytes / voxel", "GB/s", "time / copy", "% of copy-bound"], rows),
+        "",
+        f"`apply_threshold` moves data at {5 * v / t_apply / 1e9:.1f} GB/s vs {copy_gbs:.1f} GB/s for the copy "
+        f"(bandwidth ratio {5 * v / t_apply / 1e9 / copy_gbs:.2f}); it takes {t_apply / t_copy:.2f}x the time of "
+        f"the copy and {t_apply / t_bare:.2f}x the time of the bare preallocated comparison; the difference "
+        f"with `a >= c` ({C.fmt_s(t_fresh - t_bare)}) is the cost of a freshly allocated "
+        f"{v / 1e6:.0f} MB bool result (page faults on first touch).\n",
+    ]
     if args.quick:
         lines.append("(`--quick`: the volume fits in cache, so these are not memory-bandwidth numbers.)\n")
     print("\n".join(lines))
     sys.stdout.flush()
     C.log(f"[bw] peak RSS {C.peak_rss_mb():.0f} MiB")
-    return {"copy_gbs": copy_gbs, "apply_gbs": 5 * v / t_apply / 1e9, "time_ratio_apply_copy": t_apply / t_copy,
-            "time_ratio_apply_bare": t_apply / t_bare}
+    return {
+        "copy_gbs": copy_gbs,
+        "apply_gbs": 5 * v / t_apply / 1e9,
+        "time_ratio_apply_copy": t_apply / t_copy,
+        "time_ratio_apply_bare": t_apply / t_bare,
+    }
 
 
 if __name__ == "__main__":

@@ -34,14 +34,24 @@ def main(argv: list[str] | None = None) -> int:
     args = C.parse_args(__doc__.splitlines()[0], argv, _extra)
     if args.seed == 0:
         args.seed = 3000
-    from ConformalSegLib.cascade.evaluation import (evaluate_cascade, hu_refiner, phantom_lung_cases,
-                                                    report_markdown, simulated_coarse_predictor, write_report)
+    from ConformalSegLib.cascade.evaluation import (
+        evaluate_cascade,
+        hu_refiner,
+        phantom_lung_cases,
+        report_markdown,
+        simulated_coarse_predictor,
+        write_report,
+    )
 
     n = 12 if args.quick else args.phantoms
     t0 = time.perf_counter()
     cases = phantom_lung_cases(n, seed=args.seed)
     if args.stand_ins:
-        stage1, stage2, models = simulated_coarse_predictor, hu_refiner(), "stand-ins (simulated coarse network, HU refiner)"
+        stage1, stage2, models = (
+            simulated_coarse_predictor,
+            hu_refiner(),
+            "stand-ins (simulated coarse network, HU refiner)",
+        )
     else:
         from ConformalSegLib.inference import InferenceEngine, resolve_model
 
@@ -54,8 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     write_report(report, OUT / ("quick" if args.quick else "full"), force=True)
     body = report_markdown(report).split("\n", 1)[1]  # drop the report's own title
     print(f"### Cascade study (eval_cascade.py{' --quick' if args.quick else ''})\n")
-    print(f"- {report['n_cases']} phantom lung cases of {n} phantoms (seed {args.seed}); models: {models}; lung mask: "
-          f"{report['lung_mask']}; {seconds:.0f} s.\n")
+    print(
+        f"- {report['n_cases']} phantom lung cases of {n} phantoms (seed {args.seed}); models: {models}; lung mask: "
+        f"{report['lung_mask']}; {seconds:.0f} s.\n"
+    )
     print(body.replace("\n## ", "\n#### "))
     return 0
 

@@ -63,13 +63,25 @@ def _config(args):  # noqa: ANN001
     from ConformalSegLib.training import TrainingConfig
 
     # 128^3 CTs at about 4-5 mm x 2-3 mm: resampled to 6 mm isotropic the whole head and neck fits one window.
-    return TrainingConfig(lesion_labels=(PTV70,), loss="dice-ce", epochs=args.epochs, patch_size=(96, 96, 64),
-                          crop_size=(64, 64, 48), spacing_mm=(6.0, 6.0, 6.0), orientation="RAS",
-                          intensity={"kind": "window", "a_min": -200.0, "a_max": 300.0, "b_min": 0.0, "b_max": 1.0,
-                                     "clip": True},
-                          channels=(8, 16, 32, 64), strides=(2, 2, 2), dropout=0.1, batch_size=2,
-                          samples_per_case=2, pos_fraction=0.6, seed=args.seed, device=args.device,
-                          name="openkbp_ptv70_unet")
+    return TrainingConfig(
+        lesion_labels=(PTV70,),
+        loss="dice-ce",
+        epochs=args.epochs,
+        patch_size=(96, 96, 64),
+        crop_size=(64, 64, 48),
+        spacing_mm=(6.0, 6.0, 6.0),
+        orientation="RAS",
+        intensity={"kind": "window", "a_min": -200.0, "a_max": 300.0, "b_min": 0.0, "b_max": 1.0, "clip": True},
+        channels=(8, 16, 32, 64),
+        strides=(2, 2, 2),
+        dropout=0.1,
+        batch_size=2,
+        samples_per_case=2,
+        pos_fraction=0.6,
+        seed=args.seed,
+        device=args.device,
+        name="openkbp_ptv70_unet",
+    )
 
 
 def _model(args, train_ids: list[str], cases: dict, quick: bool) -> Path:  # noqa: ANN001
@@ -82,14 +94,24 @@ def _model(args, train_ids: list[str], cases: dict, quick: bool) -> Path:  # noq
     if stamp.is_file() and json.loads(stamp.read_text()) == wanted:
         C.log(f"reusing the cached model {out}")
         return out
-    train_cases = [TrainingCase(cid, cases[cid][0], cases[cid][1]) for cid in train_ids[args.heldout:]]
-    held = [TrainingCase(cid, cases[cid][0], cases[cid][1]) for cid in train_ids[:args.heldout]]
+    train_cases = [TrainingCase(cid, cases[cid][0], cases[cid][1]) for cid in train_ids[args.heldout :]]
+    held = [TrainingCase(cid, cases[cid][0], cases[cid][1]) for cid in train_ids[: args.heldout]]
     C.log(f"training on {len(train_cases)} cases ({config.epochs} epochs), {len(held)} held out")
     t0 = time.perf_counter()
-    result = train(config, train_cases, held, out, force=True,
-                   data_info={"source": "OpenKBP (../shared/data/openkbp)", "label": "PTV70 (ptv.nii.gz == 3)",
-                              "train_ids": train_ids[args.heldout:], "heldout_ids": train_ids[:args.heldout]},
-                   command=" ".join(sys.argv))
+    result = train(
+        config,
+        train_cases,
+        held,
+        out,
+        force=True,
+        data_info={
+            "source": "OpenKBP (../shared/data/openkbp)",
+            "label": "PTV70 (ptv.nii.gz == 3)",
+            "train_ids": train_ids[args.heldout :],
+            "heldout_ids": train_ids[: args.heldout],
+        },
+        command=" ".join(sys.argv),
+    )
     C.log(f"trained in {time.perf_counter() - t0:.0f} s; held-out Dice {result.heldout.get('mean_dice')}")
     stamp.write_text(json.dumps(wanted))
     return out
@@ -103,10 +125,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import numpy as np
 
-    from ConformalSegLib.evaluation import evaluate_dataset
+    from ConformalSegLib.evaluation.protocol import evaluate_dataset
+    from ConformalSegLib.evaluation.report import write_report
     from ConformalSegLib.inference import InferenceEngine, resolve_model
     from ConformalSegLib.inference.model_dataset import InferenceDataset
-    from ConformalSegLib.reporting import write_report
 
     if args.quick:
         args.train, args.heldout, args.epochs, args.splits = 12, 2, 2, 10
@@ -115,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     order = [listed[i][0] for i in np.random.default_rng(args.seed).permutation(len(listed))]
     if args.quick:
         order = order[:24]
-    train_ids, pool_ids = order[:args.train], sorted(order[args.train:])
+    train_ids, pool_ids = order[: args.train], sorted(order[args.train :])
     model = _model(args, train_ids, cases, args.quick)
     card = resolve_model(model)
     t0 = time.perf_counter()
@@ -129,34 +151,56 @@ def main(argv: list[str] | None = None) -> int:
                 link.symlink_to(src.resolve())
     engine = InferenceEngine(card, device=args.device, seed=0)
     cache = pool / f"probs_{card.pipeline_sha256()[:12]}"
-    dataset = InferenceDataset(engine, pool / "images", pool / "labels", [PTV70], cache,
-                               progress=lambda done, total, cid: C.log(f"  inference {done}/{total} {cid}")
-                               if done % 20 == 0 or done == total else None)
+    dataset = InferenceDataset(
+        engine,
+        pool / "images",
+        pool / "labels",
+        [PTV70],
+        cache,
+        progress=lambda done, total, cid: (
+            C.log(f"  inference {done}/{total} {cid}") if done % 20 == 0 or done == total else None
+        ),
+    )
     for _ in dataset:
         pass
     dataset.progress = None
     inference_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     epsilons, alphas = (0.05, 0.1, 0.2, 0.3), (0.05, 0.1, 0.2)
-    result = evaluate_dataset(dataset, epsilons=epsilons, alphas=alphas, main_epsilon=0.1, main_alpha=0.1,
-                              splits=args.splits, cal_fraction=0.5, seed=args.seed, transforms=("identity", "distance"),
-                              hd95=args.hd95)
+    result = evaluate_dataset(
+        dataset,
+        epsilons=epsilons,
+        alphas=alphas,
+        main_epsilon=0.1,
+        main_alpha=0.1,
+        splits=args.splits,
+        cal_fraction=0.5,
+        seed=args.seed,
+        transforms=("identity", "distance"),
+        hd95=args.hd95,
+    )
     eval_s = time.perf_counter() - t0
     write_report(result, CACHE / ("eval_quick" if args.quick else "eval"), force=True)
 
     training = card.training or {}
     held_dice = training.get("heldout_mean_dice")
-    print(f"- Cases: {len(listed)} found; {len(train_ids) - args.heldout} for training, {args.heldout} held out "
-          f"from training (Dice {held_dice if held_dice is None else round(held_dice, 3)}), {len(pool_ids)} in the "
-          f"calibration/test pool; {args.splits} random 50/50 splits (seed {args.seed}).")
-    print(f"- Network: MONAI UNet {list(_config(args).channels)}, 6 mm isotropic, {args.epochs} epochs "
-          f"(`{model.relative_to(C.REPO_ROOT)}`); pool inference {inference_s:.0f} s, evaluation {eval_s:.0f} s "
-          f"on {engine.device}.\n")
+    print(
+        f"- Cases: {len(listed)} found; {len(train_ids) - args.heldout} for training, {args.heldout} held out "
+        f"from training (Dice {held_dice if held_dice is None else round(held_dice, 3)}), {len(pool_ids)} in the "
+        f"calibration/test pool; {args.splits} random 50/50 splits (seed {args.seed})."
+    )
+    print(
+        f"- Network: MONAI UNet {list(_config(args).channels)}, 6 mm isotropic, {args.epochs} epochs "
+        f"(`{model.relative_to(C.REPO_ROOT)}`); pool inference {inference_s:.0f} s, evaluation {eval_s:.0f} s "
+        f"on {engine.device}.\n"
+    )
     rows = []
     for row in result.summary_rows():
         m = row["metrics"]
         if row["method"] == "baseline" and row["epsilon"] == 0.1:
-            rows.append(["fixed 0.5 threshold, ε = 0.1", "none", _pm(m["ecr"]), _pm(m["fnr"]), _pm(m["pc"], 4), _pm(m["dice"])])
+            rows.append(
+                ["fixed 0.5 threshold, ε = 0.1", "none", _pm(m["ecr"]), _pm(m["fnr"]), _pm(m["pc"], 4), _pm(m["dice"])]
+            )
         elif row["method"] in ("cls", "crc") and row["epsilon"] in (0.05, 0.1, 0.2) and row["alpha"] in (None, 0.1):
             label = ("CLS" if row["method"] == "cls" else "expected-FNR") + f", ε = {row['epsilon']:g}"
             target = f"ECR ≥ {1 - row['alpha']:g}" if row["method"] == "cls" else f"mean FNR ≤ {row['epsilon']:g}"
@@ -167,8 +211,16 @@ def main(argv: list[str] | None = None) -> int:
     for row in result.summary_rows():
         if row["method"] == "sets" and row["mode"] == "joint-split" and row["alpha"] == 0.1:
             m = row["metrics"]
-            set_rows.append([row["transform"], _pm(m["inner_coverage"]), _pm(m["outer_coverage"]),
-                             _pm(m["joint_coverage"]), _pm(m["inner_ml"], 1), _pm(m["outer_ml"], 1)])
+            set_rows.append(
+                [
+                    row["transform"],
+                    _pm(m["inner_coverage"]),
+                    _pm(m["outer_coverage"]),
+                    _pm(m["joint_coverage"]),
+                    _pm(m["inner_ml"], 1),
+                    _pm(m["outer_ml"], 1),
+                ]
+            )
     print("Joint confidence sets (α = 0.1, split between inner and outer; target joint coverage ≥ 0.9):\n")
     print(C.md_table(["transform", "inner ⊆ lesion", "outer ⊇ lesion", "both", "inner mL", "outer mL"], set_rows))
     print()

@@ -41,11 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     m = C.machine_info()
-    parts = [f"## Benchmark results{' (--quick: smoke-test sizes, not meaningful numbers)' if args.quick else ''}\n",
-             f"- Date: {m['date']}",
-             f"- Machine: CPU {m['cpu']}, {m['cores']} cores, {m['ram']} RAM",
-             f"- Software: Python {m['python']}, NumPy {m['numpy']}",
-             f"- Command: `.venv/bin/python benchmarks/run_all.py{' --quick' if args.quick else ''}`\n"]
+    parts = [
+        f"## Benchmark results{' (--quick: smoke-test sizes, not meaningful numbers)' if args.quick else ''}\n",
+        f"- Date: {m['date']}",
+        f"- Machine: CPU {m['cpu']}, {m['cores']} cores, {m['ram']} RAM",
+        f"- Software: Python {m['python']}, NumPy {m['numpy']}",
+        f"- Command: `.venv/bin/python benchmarks/run_all.py{' --quick' if args.quick else ''}`\n",
+    ]
     failed = []
     total0 = time.perf_counter()
     for script in args.only or BENCHMARKS:
@@ -62,8 +64,11 @@ def main(argv: list[str] | None = None) -> int:
             continue
         parts.append(proc.stdout.rstrip() + "\n")
         parts.append(f"_`{script}` ran in {elapsed:.1f} s._\n")
-    parts.append(f"Total: {time.perf_counter() - total0:.1f} s"
-                 + (f"; **failed: {', '.join(failed)}**" if failed else "") + ".\n")
+    parts.append(
+        f"Total: {time.perf_counter() - total0:.1f} s"
+        + (f"; **failed: {', '.join(failed)}**" if failed else "")
+        + ".\n"
+    )
     text = "\n".join(parts)
     print(text)
     if args.output is not None:

@@ -1,7 +1,15 @@
 """The 3D Slicer side of ConformalSeg, kept out of ``ConformalSeg.py`` so that it stays thin glue.
 
-Every module here except :mod:`ConformalSegSlicer.slicer_adapter` is free of Slicer, VTK and Qt and
-is tested with pytest outside Slicer (``Testing/test_slicer_logic.py``):
+The Slicer-facing modules (checked statically against Slicer's API, run inside Slicer):
+
+* :mod:`~ConformalSegSlicer.widget`: the panel (``ConformalSegWidget``);
+* :mod:`~ConformalSegSlicer.logic`: everything the panel does, usable from scripts (``ConformalSegLogic``);
+* :mod:`~ConformalSegSlicer.self_test`: the self-tests (``ConformalSegTest``);
+* :mod:`~ConformalSegSlicer.slicer_adapter`: MRML nodes <-> numpy arrays, the one module the others
+  go through to read and write the scene.
+
+Every other module is free of Slicer, VTK and Qt and is tested with pytest outside Slicer
+(``Testing/test_slicer_logic.py``):
 
 * :mod:`~ConformalSegSlicer.process`: the out-of-process runner (progress parsed from the output,
   cancellation kills the whole process tree);
@@ -15,7 +23,4 @@ is tested with pytest outside Slicer (``Testing/test_slicer_logic.py``):
 * :mod:`~ConformalSegSlicer.evaluation_plots`: ECR and PC versus alpha from ``conformalseg evaluate``;
 * :mod:`~ConformalSegSlicer.environment`: Python requirements, PyTorch device choice, module reload;
 * :mod:`~ConformalSegSlicer.fixtures`: synthetic data, profiles and a tiny model for the self-tests.
-
-:mod:`~ConformalSegSlicer.slicer_adapter` converts between MRML nodes and numpy arrays and is the
-only module that imports ``slicer``.
 """

@@ -34,7 +34,9 @@ def library_root() -> Path:
     return Path(ConformalSegLib.__file__).resolve().parent.parent
 
 
-def child_environment(base: Mapping[str, str] | None = None, *, library_dir: str | PathLike[str] | None = None) -> dict[str, str]:
+def child_environment(
+    base: Mapping[str, str] | None = None, *, library_dir: str | PathLike[str] | None = None
+) -> dict[str, str]:
     """Environment of the child: ``base`` (default ``os.environ``) with the library folder first on
     ``PYTHONPATH``, unbuffered UTF-8 output (progress arrives as it happens) and no user site."""
     env = dict(os.environ if base is None else base)
@@ -47,8 +49,9 @@ def child_environment(base: Mapping[str, str] | None = None, *, library_dir: str
     return env
 
 
-def find_python_slicer(which=shutil.which, *, slicer_home: str | PathLike[str] | None = None,
-                       fallback: str | None = None) -> str:
+def find_python_slicer(
+    which=shutil.which, *, slicer_home: str | PathLike[str] | None = None, fallback: str | None = None
+) -> str:
     """Path of ``PythonSlicer`` (Slicer's Python launcher): on ``PATH`` inside Slicer, else in
     ``slicer_home/bin``; ``fallback`` (default ``sys.executable``) outside Slicer."""
     found = which("PythonSlicer")
@@ -67,15 +70,32 @@ def module_command(python: str, command: str, *args: str) -> list[str]:
     return [str(python), "-m", "ConformalSegLib", command, *[str(a) for a in args]]
 
 
-def infer_command(python: str, *, model: str | PathLike[str], images: str | PathLike[str],
-                  out_dir: str | PathLike[str], mc_dropout: int = 0, device: str = "auto",
-                  force: bool = True) -> list[str]:
+def infer_command(
+    python: str,
+    *,
+    model: str | PathLike[str],
+    images: str | PathLike[str],
+    out_dir: str | PathLike[str],
+    mc_dropout: int = 0,
+    device: str = "auto",
+    force: bool = True,
+) -> list[str]:
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
     if int(mc_dropout) < 0:
         raise ValueError("mc_dropout must be >= 0")
-    args = ["--model", str(model), "--images", str(images), "--out", str(out_dir),
-            "--mc-dropout", str(int(mc_dropout)), "--device", device]
+    args = [
+        "--model",
+        str(model),
+        "--images",
+        str(images),
+        "--out",
+        str(out_dir),
+        "--mc-dropout",
+        str(int(mc_dropout)),
+        "--device",
+        device,
+    ]
     return module_command(python, "infer", *args, *(["--force"] if force else []))
 
 
@@ -86,10 +106,19 @@ def _label_args(lesion_labels: int | Sequence[int]) -> list[str]:
     return ["--lesion-label", *[str(int(v)) for v in labels]]
 
 
-def calibrate_command(python: str, *, data_dir: str | PathLike[str], method: str, out_profile: str | PathLike[str],
-                      lesion_labels: int | Sequence[int] = 1, epsilon: float | None = None,
-                      alpha: float | None = None, alpha_inner: float | None = None,
-                      alpha_outer: float | None = None, force: bool = False) -> list[str]:
+def calibrate_command(
+    python: str,
+    *,
+    data_dir: str | PathLike[str],
+    method: str,
+    out_profile: str | PathLike[str],
+    lesion_labels: int | Sequence[int] = 1,
+    epsilon: float | None = None,
+    alpha: float | None = None,
+    alpha_inner: float | None = None,
+    alpha_outer: float | None = None,
+    force: bool = False,
+) -> list[str]:
     """``conformalseg calibrate`` on a dataset folder with ``probs/`` and ``labels/``."""
     if method not in ("cls", "crc", "sets"):
         raise ValueError(f"method must be cls, crc or sets, got {method!r}")
@@ -112,16 +141,34 @@ def evaluation_grid(values: Sequence[float], extra: float | None) -> list[float]
     return sorted(grid)
 
 
-def evaluate_command(python: str, *, data_dir: str | PathLike[str], out_dir: str | PathLike[str],
-                     lesion_labels: int | Sequence[int] = 1, splits: int = 100, epsilon: float | None = None,
-                     alpha: float | None = None, hd95: bool = False, force: bool = True) -> list[str]:
+def evaluate_command(
+    python: str,
+    *,
+    data_dir: str | PathLike[str],
+    out_dir: str | PathLike[str],
+    lesion_labels: int | Sequence[int] = 1,
+    splits: int = 100,
+    epsilon: float | None = None,
+    alpha: float | None = None,
+    hd95: bool = False,
+    force: bool = True,
+) -> list[str]:
     """``conformalseg evaluate`` over the panel's epsilon/alpha grids (plus the current sliders)."""
     if int(splits) < 1:
         raise ValueError("splits must be >= 1")
     epsilons = evaluation_grid(EVALUATION_EPSILONS, epsilon)
     alphas = evaluation_grid(EVALUATION_ALPHAS, alpha)
-    args = ["--data", str(data_dir), *_label_args(lesion_labels), "--splits", str(int(splits)),
-            "--epsilons", *[repr(e) for e in epsilons], "--alphas", *[repr(a) for a in alphas]]
+    args = [
+        "--data",
+        str(data_dir),
+        *_label_args(lesion_labels),
+        "--splits",
+        str(int(splits)),
+        "--epsilons",
+        *[repr(e) for e in epsilons],
+        "--alphas",
+        *[repr(a) for a in alphas],
+    ]
     if epsilon is not None and round(float(epsilon), 6) in epsilons:
         args += ["--main-epsilon", repr(round(float(epsilon), 6))]
     if alpha is not None and round(float(alpha), 6) in alphas:
@@ -157,7 +204,7 @@ def progress_stages(command: str) -> tuple[str, ...]:
     """Labels of the tqdm bars a command draws, in order (for :class:`~ConformalSegSlicer.process.StagedProgress`)."""
     if command == "evaluate":
         try:
-            from ConformalSegLib.evaluation import TqdmProgress
+            from ConformalSegLib.evaluation.progress import TqdmProgress
 
             labels = TqdmProgress.LABELS
             return (labels["statistics"], labels["splits"], labels["sizes"])

@@ -34,7 +34,9 @@ class OverlayDisplay:
     upper_threshold: float
 
 
-def overlay_display(kind: str, data_min: float = 0.0, data_max: float = 1.0, hide_below: float = 0.05) -> OverlayDisplay:
+def overlay_display(
+    kind: str, data_min: float = 0.0, data_max: float = 1.0, hide_below: float = 0.05
+) -> OverlayDisplay:
     """Display settings of an overlay.
 
     ``hide_below`` is a fraction of the window in [0, 1]: for the probability it is the probability

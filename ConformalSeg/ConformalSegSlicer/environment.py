@@ -64,8 +64,9 @@ def _installed_version(name: str) -> str | None:
         return None
 
 
-def missing_requirements(requirements: Iterable[str],
-                         version_of: Callable[[str], str | None] = _installed_version) -> list[str]:
+def missing_requirements(
+    requirements: Iterable[str], version_of: Callable[[str], str | None] = _installed_version
+) -> list[str]:
     """The requirements that are not installed, or installed in a version outside their specifier."""
     try:
         from packaging.requirements import Requirement
@@ -92,28 +93,46 @@ class DeviceChoice:
     fallback: bool  # True when the requested device cannot be used
 
 
-def resolve_device(requested: str, *, torch_version: str | None, cuda_available: bool,
-                   cuda_version: str | None = None, gpu_name: str | None = None) -> DeviceChoice:
+def resolve_device(
+    requested: str,
+    *,
+    torch_version: str | None,
+    cuda_available: bool,
+    cuda_version: str | None = None,
+    gpu_name: str | None = None,
+) -> DeviceChoice:
     """Which device inference will use, and the message that explains it."""
     requested = (requested or "auto").lower()
     if requested not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda, got {requested!r}")
     if torch_version is None:
-        return DeviceChoice("cpu" if requested == "cpu" else requested,
-                            "PyTorch is not installed yet: it will be installed (PyTorch extension) before the "
-                            "model runs.", False)
+        return DeviceChoice(
+            "cpu" if requested == "cpu" else requested,
+            "PyTorch is not installed yet: it will be installed (PyTorch extension) before the model runs.",
+            False,
+        )
     gpu = f" ({gpu_name})" if gpu_name else ""
     if requested == "cpu":
         return DeviceChoice("cpu", f"Running on the CPU (PyTorch {torch_version}).", False)
     if cuda_available:
-        return DeviceChoice("cuda", f"Running on the GPU{gpu} with CUDA {cuda_version or ''} "
-                                    f"(PyTorch {torch_version}).".replace("  ", " "), False)
-    why = ("this PyTorch build has no CUDA support (CPU-only build)" if not cuda_version
-           else "no CUDA GPU is visible (driver missing or no NVIDIA GPU)")
+        return DeviceChoice(
+            "cuda",
+            f"Running on the GPU{gpu} with CUDA {cuda_version or ''} (PyTorch {torch_version}).".replace("  ", " "),
+            False,
+        )
+    why = (
+        "this PyTorch build has no CUDA support (CPU-only build)"
+        if not cuda_version
+        else "no CUDA GPU is visible (driver missing or no NVIDIA GPU)"
+    )
     if requested == "auto":
         return DeviceChoice("cpu", f"Running on the CPU: {why}.", False)
-    return DeviceChoice("cpu", f"CUDA was requested but {why}: falling back to the CPU (slower). Reinstall PyTorch "
-                               "with CUDA from the PyTorch Utils module to use the GPU.", True)
+    return DeviceChoice(
+        "cpu",
+        f"CUDA was requested but {why}: falling back to the CPU (slower). Reinstall PyTorch "
+        "with CUDA from the PyTorch Utils module to use the GPU.",
+        True,
+    )
 
 
 def describe_unprobed(requested: str) -> str:
@@ -122,13 +141,18 @@ def describe_unprobed(requested: str) -> str:
     if requested == "cpu":
         return "The model will run on the CPU."
     if requested == "cuda":
-        return ("The model will run on the GPU; if PyTorch sees no CUDA GPU it falls back to the CPU "
-                "(checked when the model starts).")
+        return (
+            "The model will run on the GPU; if PyTorch sees no CUDA GPU it falls back to the CPU "
+            "(checked when the model starts)."
+        )
     return "The model will run on the GPU when PyTorch sees one, else on the CPU (checked when the model starts)."
 
 
-def reload_packages(prefixes: Iterable[str], modules: MutableMapping[str, object] | None = None,
-                    import_module: Callable[[str], object] = importlib.import_module) -> list[str]:
+def reload_packages(
+    prefixes: Iterable[str],
+    modules: MutableMapping[str, object] | None = None,
+    import_module: Callable[[str], object] = importlib.import_module,
+) -> list[str]:
     """Re-import every loaded module of the given packages from source; return their names.
 
     The modules are first dropped from ``modules`` (``sys.modules``), then imported again with

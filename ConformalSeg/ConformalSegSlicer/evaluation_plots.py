@@ -1,6 +1,6 @@
 """ECR versus alpha and PC versus alpha from the results of ``conformalseg evaluate``.
 
-``results.json`` (written by :func:`ConformalSegLib.reporting.write_report`) has a ``summary`` list
+``results.json`` (written by :func:`ConformalSegLib.evaluation.report.write_report`) has a ``summary`` list
 with one row per (method, epsilon, alpha): for CLS the mean and standard deviation over splits of
 the empirical coverage rate (ECR: share of test scans with FNR <= epsilon) and of the prediction
 compactness (PC: predicted / total voxels). The panel plots, for the evaluated epsilon nearest to
@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ConformalSegLib.errors import ConformalSegError
+from ConformalSegLib.common.errors import ConformalSegError
 
 
 def _number(value: Any) -> float:
@@ -32,15 +32,23 @@ def load_results(path: str | PathLike[str]) -> dict[str, Any]:
     if path.is_dir():
         path = path / "results.json"
     if not path.is_file():
-        raise ConformalSegError("evaluation results not found", path=path,
-                                fix="run the evaluation first, or choose the results.json it wrote")
+        raise ConformalSegError(
+            "evaluation results not found",
+            path=path,
+            fix="run the evaluation first, or choose the results.json it wrote",
+        )
     try:
         results = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConformalSegError(f"not a valid results.json ({exc})", path=path, fix="re-run conformalseg evaluate") from exc
+        raise ConformalSegError(
+            f"not a valid results.json ({exc})", path=path, fix="re-run conformalseg evaluate"
+        ) from exc
     if not isinstance(results, dict) or "summary" not in results or "config" not in results:
-        raise ConformalSegError("not a results.json of conformalseg evaluate (no 'summary'/'config')", path=path,
-                                fix="choose the results.json that conformalseg evaluate wrote")
+        raise ConformalSegError(
+            "not a results.json of conformalseg evaluate (no 'summary'/'config')",
+            path=path,
+            fix="choose the results.json that conformalseg evaluate wrote",
+        )
     return results
 
 

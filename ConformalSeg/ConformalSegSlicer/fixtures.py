@@ -1,8 +1,8 @@
 """Test data for the module's self-tests (in Slicer) and for pytest (outside): no Slicer here.
 
-* :func:`make_slider_fixture`: synthetic CT-like cases (:mod:`ConformalSegLib.synthetic`), CLS,
+* :func:`make_slider_fixture`: synthetic CT-like cases (:mod:`ConformalSegLib.phantoms.simulated_maps`), CLS,
   expected-FNR and confidence-set profiles calibrated on all but the last case
-  (:func:`ConformalSegLib.calibration.calibrate`), and that last case as the "new scan".
+  (:func:`ConformalSegLib.conformal.calibration.calibrate`), and that last case as the "new scan".
 * :func:`make_interval_fixture`: a per-organ sem-CRC interval profile calibrated on synthetic
   interval scans (:mod:`ConformalSegLib.semcrc.synthetic`) and the next scan with its organs as
   named segment masks.
@@ -32,7 +32,7 @@ SLIDER_CHECKS: tuple[SliderSettings, ...] = (
 
 @dataclass
 class SliderFixture:
-    case: object  # ConformalSegLib.synthetic.SyntheticCase: image, probability, lesion, geometry
+    case: object  # ConformalSegLib.phantoms.simulated_maps.SyntheticCase: image, probability, lesion, geometry
     profiles: dict[str, Path] = field(default_factory=dict)  # method -> profile JSON
 
     @property
@@ -40,11 +40,17 @@ class SliderFixture:
         return [self.profiles[m] for m in ("cls", "crc", "sets") if m in self.profiles]
 
 
-def make_slider_fixture(out_dir: str | PathLike[str], *, n_calibration: int = 19, shape: tuple[int, int, int] = (20, 40, 40),
-                        seed: int = 7, methods: tuple[str, ...] = ("cls", "crc", "sets")) -> SliderFixture:
+def make_slider_fixture(
+    out_dir: str | PathLike[str],
+    *,
+    n_calibration: int = 19,
+    shape: tuple[int, int, int] = (20, 40, 40),
+    seed: int = 7,
+    methods: tuple[str, ...] = ("cls", "crc", "sets"),
+) -> SliderFixture:
     """Calibrate ``methods`` on ``n_calibration`` synthetic cases; the next case is the test scan."""
-    from ConformalSegLib.calibration import CalibrationRequest, calibrate
-    from ConformalSegLib.synthetic import make_cases
+    from ConformalSegLib.conformal.calibration import CalibrationRequest, calibrate
+    from ConformalSegLib.phantoms.simulated_maps import make_cases
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -53,8 +59,9 @@ def make_slider_fixture(out_dir: str | PathLike[str], *, n_calibration: int = 19
     requests = {
         "cls": CalibrationRequest("cls", epsilon=0.1, alpha=0.2),
         "crc": CalibrationRequest("crc", epsilon=0.1),
-        "sets": CalibrationRequest("sets", alpha_inner=0.2, alpha_outer=0.2, inner_transform="identity",
-                                   outer_transform="distance:0.5"),
+        "sets": CalibrationRequest(
+            "sets", alpha_inner=0.2, alpha_outer=0.2, inner_transform="identity", outer_transform="distance:0.5"
+        ),
     }
     fixture = SliderFixture(test)
     for method in methods:
@@ -66,8 +73,15 @@ def make_slider_fixture(out_dir: str | PathLike[str], *, n_calibration: int = 19
 
 # ----------------------------------------------------------------------------- tiny model
 
-TINY_NETWORK_ARGS = {"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "channels": [4, 8], "strides": [2],
-                     "num_res_units": 0, "dropout": 0.2}
+TINY_NETWORK_ARGS = {
+    "spatial_dims": 3,
+    "in_channels": 1,
+    "out_channels": 2,
+    "channels": [4, 8],
+    "strides": [2],
+    "num_res_units": 0,
+    "dropout": 0.2,
+}
 
 
 def tiny_model_unavailable_reason() -> str | None:
@@ -92,7 +106,8 @@ def make_tiny_model(out_dir: str | PathLike[str], *, seed: int = 0) -> Path:
     import torch
     from monai.networks.nets import UNet
 
-    from ConformalSegLib.inference.model_card import CARD_FILE, FORMAT, FORMAT_VERSION, load_model_card
+    from ConformalSegLib.inference.card_format import CARD_FILE, FORMAT, FORMAT_VERSION
+    from ConformalSegLib.inference.model_card import load_model_card
 
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
@@ -100,11 +115,15 @@ def make_tiny_model(out_dir: str | PathLike[str], *, seed: int = 0) -> Path:
     network = UNet(**TINY_NETWORK_ARGS)
     torch.save(network.state_dict(), folder / "unet.pt")
     card = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "name": "conformalseg-selftest-tiny-unet",
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "name": "conformalseg-selftest-tiny-unet",
         "source": {"state_dict": {"network": "UNet", "args": TINY_NETWORK_ARGS, "weights": "unet.pt"}},
-        "preprocessing": {"orientation": None, "spacing_mm": None,
-                          "intensity": {"kind": "window", "a_min": -200, "a_max": 300, "b_min": 0.0, "b_max": 1.0,
-                                        "clip": True}},
+        "preprocessing": {
+            "orientation": None,
+            "spacing_mm": None,
+            "intensity": {"kind": "window", "a_min": -200, "a_max": 300, "b_min": 0.0, "b_max": 1.0, "clip": True},
+        },
         "inference": {"patch_size": [32, 32, 16], "overlap": 0.25, "blend": "gaussian", "sw_batch_size": 2},
         "output": {"activation": "softmax", "lesion_channel": 1},
         "training": {"data": "none: random weights for the ConformalSeg self-test"},
@@ -138,8 +157,13 @@ class IntervalFixture:
         """The library's result on the original label map: ``apply_interval(...)``."""
         from ConformalSegLib.semcrc import apply_interval, load_interval_profile
 
-        return apply_interval(load_interval_profile(self.profile_path), self.lower, self.upper, self.labels,
-                              truth=self.truth if with_truth else None)
+        return apply_interval(
+            load_interval_profile(self.profile_path),
+            self.lower,
+            self.upper,
+            self.labels,
+            truth=self.truth if with_truth else None,
+        )
 
 
 #: Segment names of the fixture's organs (matched to the profile's lower-case names case-insensitively).
@@ -153,9 +177,15 @@ def interval_fixture_unavailable_reason() -> str | None:
     return None
 
 
-def make_interval_fixture(out_dir: str | PathLike[str], *, n_calibration: int = 30,
-                          shape: tuple[int, int, int] = (2, 24, 24), seed: int = 5,
-                          method: str = "sem-crc-organ", epsilon: float = 0.1) -> IntervalFixture:
+def make_interval_fixture(
+    out_dir: str | PathLike[str],
+    *,
+    n_calibration: int = 30,
+    shape: tuple[int, int, int] = (2, 24, 24),
+    seed: int = 5,
+    method: str = "sem-crc-organ",
+    epsilon: float = 0.1,
+) -> IntervalFixture:
     """Calibrate ``method`` on ``n_calibration`` synthetic interval scans
     (:func:`ConformalSegLib.semcrc.synthetic_intervals`, background excluded) and write the profile
     ``out_dir/intervals.json``; the scan after them is the new scan (seed 5: liver and spleen present,
@@ -177,7 +207,8 @@ def make_interval_fixture(out_dir: str | PathLike[str], *, n_calibration: int = 
         calibration = calibrate(train.data("nonzero"), epsilon, n_opt=n_calibration // 3, seed=0)
     path = out / "intervals.json"
     IntervalProfile(calibration, syn.organs, "nonzero", {"data": "ConformalSegSlicer.fixtures (synthetic)"}).save(
-        path, force=True)
+        path, force=True
+    )
     labels = syn.labels[-1]
     segments = {}
     for value, organ in sorted(syn.organs.labels.items()):

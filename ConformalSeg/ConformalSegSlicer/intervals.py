@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from ConformalSegLib.geometry import Geometry
+from ConformalSegLib.common.geometry import Geometry
 from ConformalSegLib.semcrc import BODY, IntervalApplication, IntervalProfile, apply_interval, load_interval_profile
 from ConformalSegLib.semcrc.errors import IntervalInputError
 
@@ -92,8 +92,9 @@ def match_segments(segment_names: Mapping[str, str], organs: tuple[str, ...] | l
             body.append(segment_id)
         else:
             unused.append(str(name))
-    return SegmentMatch({o: ids for o, ids in matched.items() if ids}, [o for o, ids in matched.items() if not ids],
-                        unused, body)
+    return SegmentMatch(
+        {o: ids for o, ids in matched.items() if ids}, [o for o, ids in matched.items() if not ids], unused, body
+    )
 
 
 def excludes_background(profile: IntervalProfile, match: SegmentMatch | None) -> bool:
@@ -101,8 +102,9 @@ def excludes_background(profile: IntervalProfile, match: SegmentMatch | None) ->
     return profile.body == "nonzero" and match is not None and bool(match.body_segments)
 
 
-def assemble_label_map(profile: IntervalProfile, match: SegmentMatch, masks: Mapping[str, np.ndarray],
-                       shape: tuple[int, ...]) -> tuple[np.ndarray, int]:
+def assemble_label_map(
+    profile: IntervalProfile, match: SegmentMatch, masks: Mapping[str, np.ndarray], shape: tuple[int, ...]
+) -> tuple[np.ndarray, int]:
     """The organ label map (int32, ``shape``) from per-segment masks ``{segment id: array}`` (nonzero =
     inside), and the number of voxels claimed by two organs (module docstring)."""
     values = organ_label_values(profile)
@@ -114,8 +116,10 @@ def assemble_label_map(profile: IntervalProfile, match: SegmentMatch, masks: Map
             raise IntervalInputError(f"no mask for segment {segment_id!r}", fix="pass every matched segment's mask")
         mask = np.asarray(masks[segment_id])
         if mask.shape != shape:
-            raise IntervalInputError(f"segment {segment_id!r} has shape {mask.shape}, the quantile maps {shape}",
-                                     fix="export the segments on the lower quantile volume's grid")
+            raise IntervalInputError(
+                f"segment {segment_id!r} has shape {mask.shape}, the quantile maps {shape}",
+                fix="export the segments on the lower quantile volume's grid",
+            )
         return mask != 0
 
     organ_masks = {}
@@ -160,8 +164,15 @@ def table_rows(table: list[dict[str, Any]], with_risk: bool) -> list[tuple[str, 
     rows = []
     for row in table:
         risk = format_number(row.get("risk"), 3) if with_risk else ""
-        rows.append((str(row["group"]), format_number(row["lambda"]), str(row["status"]),
-                     format_number(row.get("mean_length")), risk))
+        rows.append(
+            (
+                str(row["group"]),
+                format_number(row["lambda"]),
+                str(row["status"]),
+                format_number(row.get("mean_length")),
+                risk,
+            )
+        )
     return rows
 
 
@@ -183,8 +194,9 @@ def needs_organs(profile: IntervalProfile) -> bool:
     return profile.calibration.method in ORGAN_METHODS or profile.body == "nonzero"
 
 
-def describe(profile: IntervalProfile, application: IntervalApplication, match: SegmentMatch | None,
-             overlap: int) -> tuple[str, bool]:
+def describe(
+    profile: IntervalProfile, application: IntervalApplication, match: SegmentMatch | None, overlap: int
+) -> tuple[str, bool]:
     """The status text (guarantee, what matched, what is not controlled) and whether it warns."""
     c = profile.calibration
     lines = [f"{c.method}, epsilon = {c.epsilon:g}: {c.guarantee}."]
@@ -194,22 +206,29 @@ def describe(profile: IntervalProfile, application: IntervalApplication, match: 
             lines.append("Organs found in the segmentation: " + ", ".join(match.organs) + ".")
         if match.unmatched_organs:
             warn = True
-            lines.append("Profile organs with no segment of that name (their voxels count as body): "
-                         + ", ".join(match.unmatched_organs) + ".")
+            lines.append(
+                "Profile organs with no segment of that name (their voxels count as body): "
+                + ", ".join(match.unmatched_organs)
+                + "."
+            )
         if match.unused_segments:
-            lines.append("Segments that match no organ (not used as organs): " + ", ".join(match.unused_segments)
-                         + ".")
+            lines.append("Segments that match no organ (not used as organs): " + ", ".join(match.unused_segments) + ".")
         if excludes_background(profile, match):
-            lines.append("Voxels outside the body and organ segments are background (no guarantee), as at "
-                         "calibration (body: nonzero).")
+            lines.append(
+                "Voxels outside the body and organ segments are background (no guarantee), as at "
+                "calibration (body: nonzero)."
+            )
         elif profile.body == "nonzero":
             warn = True
-            lines.append("The profile excluded background at calibration (body: nonzero) but the segmentation "
-                         "has no 'body' segment: every voxel outside the organs counts as body.")
+            lines.append(
+                "The profile excluded background at calibration (body: nonzero) but the segmentation "
+                "has no 'body' segment: every voxel outside the organs counts as body."
+            )
     if overlap:
         warn = True
-        lines.append(f"{overlap} voxels lie in segments of two organs (the organ listed first in the profile "
-                     "was used).")
+        lines.append(
+            f"{overlap} voxels lie in segments of two organs (the organ listed first in the profile was used)."
+        )
     absent = [row["group"] for row in application.table if row["status"] != "controlled" and row["voxels"]]
     if absent:
         warn = True
@@ -217,28 +236,40 @@ def describe(profile: IntervalProfile, application: IntervalApplication, match: 
     return " ".join(lines), warn
 
 
-def apply_profile(profile: IntervalProfile, lower: np.ndarray, upper: np.ndarray,
-                  match: SegmentMatch | None = None, masks: Mapping[str, np.ndarray] | None = None,
-                  truth: np.ndarray | None = None) -> IntervalOutcome:
+def apply_profile(
+    profile: IntervalProfile,
+    lower: np.ndarray,
+    upper: np.ndarray,
+    match: SegmentMatch | None = None,
+    masks: Mapping[str, np.ndarray] | None = None,
+    truth: np.ndarray | None = None,
+) -> IntervalOutcome:
     """Assemble the organ label map (when ``match`` is given), call the library's ``apply_interval``
     and build the rows and text. ``masks``: ``{segment id: (z, y, x) array}`` of ``match.segment_ids``
     on the quantile maps' grid."""
     lower = np.asarray(lower)
     if np.asarray(upper).shape != lower.shape:
-        raise IntervalInputError(f"lower and upper quantile maps differ in shape: {lower.shape} vs "
-                                 f"{np.asarray(upper).shape}", fix="choose the two quantile volumes of one scan")
+        raise IntervalInputError(
+            f"lower and upper quantile maps differ in shape: {lower.shape} vs {np.asarray(upper).shape}",
+            fix="choose the two quantile volumes of one scan",
+        )
     if truth is not None and np.asarray(truth).shape != lower.shape:
-        raise IntervalInputError(f"the ground truth has shape {np.asarray(truth).shape}, the quantile maps "
-                                 f"{lower.shape}", fix="choose the ground truth of the same scan, on the same grid")
+        raise IntervalInputError(
+            f"the ground truth has shape {np.asarray(truth).shape}, the quantile maps {lower.shape}",
+            fix="choose the ground truth of the same scan, on the same grid",
+        )
     if match is None and needs_organs(profile):
-        raise IntervalInputError(f"a {profile.calibration.method} profile (body: {profile.body}) needs the scan's "
-                                 "organ segmentation", fix="choose a segmentation whose segments are named like "
-                                 "the profile's organs: " + ", ".join(profile_organs(profile)))
+        raise IntervalInputError(
+            f"a {profile.calibration.method} profile (body: {profile.body}) needs the scan's organ segmentation",
+            fix="choose a segmentation whose segments are named like "
+            "the profile's organs: " + ", ".join(profile_organs(profile)),
+        )
     labels, overlap = (None, 0) if match is None else assemble_label_map(profile, match, masks or {}, lower.shape)
     application = apply_interval(profile, lower, upper, labels, truth=truth)
     text, warn = describe(profile, application, match, overlap)
-    return IntervalOutcome(profile, application, match, labels, overlap, table_rows(application.table,
-                                                                                    truth is not None), text, warn)
+    return IntervalOutcome(
+        profile, application, match, labels, overlap, table_rows(application.table, truth is not None), text, warn
+    )
 
 
 @dataclass(frozen=True)
@@ -259,9 +290,11 @@ def check_grids(lower: Geometry, others: Mapping[str, Geometry | None]) -> None:
             continue
         mismatch = lower.mismatch(geometry)
         if mismatch:
-            raise IntervalInputError(f"the {what} is not on the lower quantile volume's grid ({mismatch})",
-                                     fix="resample it onto the lower quantile volume (module Resample Scalar Volume, "
-                                         "or Crop Volume) or choose the volumes of one scan")
+            raise IntervalInputError(
+                f"the {what} is not on the lower quantile volume's grid ({mismatch})",
+                fix="resample it onto the lower quantile volume (module Resample Scalar Volume, "
+                "or Crop Volume) or choose the volumes of one scan",
+            )
 
 
 def load_profile(path: str | PathLike[str]) -> IntervalProfile:

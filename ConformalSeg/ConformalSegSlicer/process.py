@@ -44,8 +44,11 @@ FinishedCallback = Callable[[int, bool], None]
 _EXPLICIT = re.compile(r"^\s*PROGRESS[:\s]\s*(?P<value>\d+(?:\.\d+)?)\s*(?P<pct>%?)\s*(?P<label>.*)$", re.IGNORECASE)
 _TQDM_PERCENT = re.compile(r"^(?P<label>.*?)\s*(?P<pct>\d{1,3})%\|")
 _TQDM_COUNT = re.compile(r"\|\s*(?P<done>\d+)/(?P<total>\d+)\s*\[")
-_COUNT = re.compile(r"^(?P<label>.*?)\b(?P<done>\d+)\s*/\s*(?P<total>\d+)\s+"
-                    r"(?:cases?|windows?|steps?|splits?|batches?|passes|it)\b", re.IGNORECASE)
+_COUNT = re.compile(
+    r"^(?P<label>.*?)\b(?P<done>\d+)\s*/\s*(?P<total>\d+)\s+"
+    r"(?:cases?|windows?|steps?|splits?|batches?|passes|it)\b",
+    re.IGNORECASE,
+)
 
 
 @dataclass(frozen=True)
@@ -79,8 +82,9 @@ def parse_progress(line: str) -> Progress | None:
         return Progress(_clamp(int(match.group("pct")) / 100), label)
     match = _COUNT.match(line)
     if match and int(match.group("total")) > 0:
-        return Progress(_clamp(int(match.group("done")) / int(match.group("total"))),
-                        _clean_label(match.group("label")).strip("[]"))
+        return Progress(
+            _clamp(int(match.group("done")) / int(match.group("total"))), _clean_label(match.group("label")).strip("[]")
+        )
     return None
 
 
@@ -186,11 +190,20 @@ class ProcessRunner:
     ``popen`` is injectable for tests (anything with Popen's signature).
     """
 
-    def __init__(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
-                 cwd: str | PathLike[str] | None = None, on_output: OutputCallback | None = None,
-                 on_progress: ProgressCallback | None = None, on_finished: FinishedCallback | None = None,
-                 stages: Sequence[str] = (), grace: float = 2.0, popen: Callable[..., subprocess.Popen] = subprocess.Popen,
-                 max_output_lines: int = 20000):
+    def __init__(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | PathLike[str] | None = None,
+        on_output: OutputCallback | None = None,
+        on_progress: ProgressCallback | None = None,
+        on_finished: FinishedCallback | None = None,
+        stages: Sequence[str] = (),
+        grace: float = 2.0,
+        popen: Callable[..., subprocess.Popen] = subprocess.Popen,
+        max_output_lines: int = 20000,
+    ):
         self.argv = [str(a) for a in argv]
         self.env = None if env is None else dict(env)
         self.cwd = None if cwd is None else str(cwd)
@@ -211,12 +224,19 @@ class ProcessRunner:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def start(self) -> "ProcessRunner":
+    def start(self) -> ProcessRunner:
         if self._proc is not None:
             raise RuntimeError("this runner was already started")
-        self._proc = self._popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd, bufsize=0,
-                                 **popen_group_options())
+        self._proc = self._popen(
+            self.argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            cwd=self.cwd,
+            bufsize=0,
+            **popen_group_options(),
+        )
         self._reader = threading.Thread(target=self._read, name="ConformalSeg process output", daemon=True)
         self._reader.start()
         return self
@@ -328,8 +348,9 @@ def pid_alive(pid: int, *, timeout: float = 0.0) -> bool:
 
 def _pid_running(pid: int) -> bool:
     if os.name == "nt":
-        out = subprocess.run(["tasklist", "/FI", f"PID eq {int(pid)}", "/NH"], capture_output=True, text=True,
-                             check=False).stdout
+        out = subprocess.run(
+            ["tasklist", "/FI", f"PID eq {int(pid)}", "/NH"], capture_output=True, text=True, check=False
+        ).stdout
         return str(int(pid)) in out.split()
     try:
         os.kill(pid, 0)

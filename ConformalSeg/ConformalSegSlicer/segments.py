@@ -9,9 +9,17 @@ same. Slicer stores a segment's terminology as one string (``vtkSegment.SetTermi
 
 from __future__ import annotations
 
-from ConformalSegLib.io.segmentation import (DEFAULT_COLOR, INNER_SET, LESION_FNR, LESION_THRESHOLD, OUTER_SET,
-                                             SEGMENT_COLORS, SEGMENT_TERMINOLOGY, slug)
-from ConformalSegLib.profile import LESION_CRC
+from ConformalSegLib.conformal.profile import LESION_CRC
+from ConformalSegLib.io.segmentation import (
+    DEFAULT_COLOR,
+    INNER_SET,
+    LESION_FNR,
+    LESION_THRESHOLD,
+    OUTER_SET,
+    SEGMENT_COLORS,
+    SEGMENT_TERMINOLOGY,
+    slug,
+)
 
 #: Display order of the segments (lesion masks first, then the sets, then the 0.5 baseline).
 SEGMENT_ORDER: tuple[str, ...] = (LESION_FNR, LESION_CRC, INNER_SET, OUTER_SET, LESION_THRESHOLD)
@@ -47,9 +55,17 @@ def terminology_string(name: str) -> str | None:
         entry = SEGMENT_TERMINOLOGY.get(LESION_FNR)
     if entry is None:
         return None
-    return "~".join([str(entry.get("contextName", "")), _code(entry.get("category")), _code(entry.get("type")),
-                     _code(entry.get("typeModifier")), str(entry.get("anatomicContextName", "")),
-                     _code(entry.get("anatomicRegion")), _code(entry.get("anatomicRegionModifier"))])
+    return "~".join(
+        [
+            str(entry.get("contextName", "")),
+            _code(entry.get("category")),
+            _code(entry.get("type")),
+            _code(entry.get("typeModifier")),
+            str(entry.get("anatomicContextName", "")),
+            _code(entry.get("anatomicRegion")),
+            _code(entry.get("anatomicRegionModifier")),
+        ]
+    )
 
 
 def sort_names(names) -> list[str]:

@@ -1,7 +1,7 @@
-"""MRML nodes <-> numpy arrays and library geometry: the only module of the package that imports Slicer.
+"""MRML nodes <-> numpy arrays and library geometry: how the panel, logic and self-tests touch the scene.
 
 * Volumes: ``slicer.util.arrayFromVolume`` gives the numpy ``(z, y, x)`` array the library uses;
-  the node's IJK-to-RAS matrix becomes an LPS :class:`~ConformalSegLib.geometry.Geometry`
+  the node's IJK-to-RAS matrix becomes an LPS :class:`~ConformalSegLib.common.geometry.Geometry`
   (:mod:`ConformalSegSlicer.spatial`).
 * Segments: all the segments of one slider update are written inside one ``NodeModify`` block (one
   batch of display updates), each with ``slicer.util.updateSegmentBinaryLabelmapFromArray`` on the
@@ -29,7 +29,7 @@ import slicer
 import vtk
 from slicer.i18n import tr as _
 
-from ConformalSegLib.geometry import Geometry
+from ConformalSegLib.common.geometry import Geometry
 
 from . import commands, environment, segments, spatial
 from .display import OverlayDisplay, finite_range
@@ -193,8 +193,9 @@ def add_named_segments(segmentationNode, masks: Mapping[str, np.ndarray], refere
     with slicer.util.NodeModify(segmentationNode):
         for name, mask in masks.items():
             segmentId = segmentation.AddEmptySegment("", name)
-            slicer.util.updateSegmentBinaryLabelmapFromArray(np.ascontiguousarray(mask).astype(np.uint8),
-                                                             segmentationNode, segmentId, referenceVolumeNode)
+            slicer.util.updateSegmentBinaryLabelmapFromArray(
+                np.ascontiguousarray(mask).astype(np.uint8), segmentationNode, segmentId, referenceVolumeNode
+            )
             ids.append(segmentId)
     return ids
 
@@ -238,8 +239,9 @@ def show_overlay(volumeNode, display: OverlayDisplay, opacity: float = 0.5, back
         displayNode.SetLowerThreshold(display.lower_threshold)
         displayNode.SetUpperThreshold(display.upper_threshold)
         displayNode.ApplyThresholdOn()
-    slicer.util.setSliceViewerLayers(background=backgroundVolumeNode or "keep-current", foreground=volumeNode,
-                                     foregroundOpacity=opacity)
+    slicer.util.setSliceViewerLayers(
+        background=backgroundVolumeNode or "keep-current", foreground=volumeNode, foregroundOpacity=opacity
+    )
 
 
 def hide_overlay() -> None:
@@ -265,8 +267,9 @@ def node_with_role(className: str, role: str, name: str):
 
 
 def _fill_table(tableNode, columns: Mapping[str, np.ndarray]) -> None:
-    slicer.util.updateTableFromArray(tableNode, [np.asarray(v, dtype=float) for v in columns.values()],
-                                     columnNames=list(columns))
+    slicer.util.updateTableFromArray(
+        tableNode, [np.asarray(v, dtype=float) for v in columns.values()], columnNames=list(columns)
+    )
 
 
 def _series(role: str, name: str, tableNode, x: str, y: str, color, *, line: bool, marker: bool):
@@ -275,9 +278,12 @@ def _series(role: str, name: str, tableNode, x: str, y: str, color, *, line: boo
     series.SetXColumnName(x)
     series.SetYColumnName(y)
     series.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeScatter)
-    series.SetLineStyle(slicer.vtkMRMLPlotSeriesNode.LineStyleSolid if line else slicer.vtkMRMLPlotSeriesNode.LineStyleNone)
-    series.SetMarkerStyle(slicer.vtkMRMLPlotSeriesNode.MarkerStyleCircle if marker
-                          else slicer.vtkMRMLPlotSeriesNode.MarkerStyleNone)
+    series.SetLineStyle(
+        slicer.vtkMRMLPlotSeriesNode.LineStyleSolid if line else slicer.vtkMRMLPlotSeriesNode.LineStyleNone
+    )
+    series.SetMarkerStyle(
+        slicer.vtkMRMLPlotSeriesNode.MarkerStyleCircle if marker else slicer.vtkMRMLPlotSeriesNode.MarkerStyleNone
+    )
     series.SetColor(*color)
     return series
 
@@ -306,23 +312,40 @@ def update_evaluation_plots(curves: AlphaCurves, alpha: float):
     eps = f"epsilon = {curves.epsilon:g}"
     ecrSeries = [
         _series("ecr", f"CLS ECR ({eps})", table, "alpha", "ECR", (0.85, 0.1, 0.1), line=True, marker=True),
-        _series("ecrTarget", "target 1 - alpha", table, "alpha", "target 1-alpha", (0.2, 0.2, 0.2), line=True,
-                marker=False),
-        _series("ecrBaseline", "threshold 0.5", table, "alpha", "ECR threshold 0.5", (0.1, 0.6, 0.2), line=True,
-                marker=False),
+        _series(
+            "ecrTarget", "target 1 - alpha", table, "alpha", "target 1-alpha", (0.2, 0.2, 0.2), line=True, marker=False
+        ),
+        _series(
+            "ecrBaseline",
+            "threshold 0.5",
+            table,
+            "alpha",
+            "ECR threshold 0.5",
+            (0.1, 0.6, 0.2),
+            line=True,
+            marker=False,
+        ),
         _series("ecrMarker", "current alpha", marker, "alpha", "ECR", (0.1, 0.3, 0.9), line=False, marker=True),
     ]
     pcSeries = [
         _series("pc", f"CLS PC ({eps})", table, "alpha", "PC", (0.85, 0.1, 0.1), line=True, marker=True),
-        _series("pcCrc", "expected-FNR control", table, "alpha", "PC expected-FNR", (0.95, 0.55, 0.1), line=True,
-                marker=False),
-        _series("pcBaseline", "threshold 0.5", table, "alpha", "PC threshold 0.5", (0.1, 0.6, 0.2), line=True,
-                marker=False),
+        _series(
+            "pcCrc",
+            "expected-FNR control",
+            table,
+            "alpha",
+            "PC expected-FNR",
+            (0.95, 0.55, 0.1),
+            line=True,
+            marker=False,
+        ),
+        _series(
+            "pcBaseline", "threshold 0.5", table, "alpha", "PC threshold 0.5", (0.1, 0.6, 0.2), line=True, marker=False
+        ),
         _series("pcMarker", "current alpha", marker, "alpha", "PC", (0.1, 0.3, 0.9), line=False, marker=True),
     ]
     title = f"{curves.n_cases} scans, {curves.splits} splits"
-    ecrChart = _chart("ecrChart", f"ECR vs alpha ({eps}; {title})", "ECR = P(FNR <= epsilon)", ecrSeries,
-                      (0.0, 1.05))
+    ecrChart = _chart("ecrChart", f"ECR vs alpha ({eps}; {title})", "ECR = P(FNR <= epsilon)", ecrSeries, (0.0, 1.05))
     pcChart = _chart("pcChart", f"PC vs alpha ({eps}; {title})", "PC = predicted / total voxels", pcSeries)
     return ecrChart, pcChart
 
@@ -344,7 +367,7 @@ class ProcessPump:
         self.timer.setInterval(intervalMsec)
         self.timer.timeout.connect(self._tick)
 
-    def start(self) -> "ProcessPump":
+    def start(self) -> ProcessPump:
         if not self.runner.started:
             self.runner.start()
         self.timer.start()
@@ -396,10 +419,12 @@ def torch_module(install: bool):
         return torch
     except ImportError:
         if install:
-            from ConformalSegLib.errors import ConformalSegError
+            from ConformalSegLib.common.errors import ConformalSegError
 
-            raise ConformalSegError("PyTorch is not installed", fix="install the PyTorch extension from the "
-                                    "Extensions Manager, restart Slicer, and try again") from None
+            raise ConformalSegError(
+                "PyTorch is not installed",
+                fix="install the PyTorch extension from the Extensions Manager, restart Slicer, and try again",
+            ) from None
         return None
 
 
@@ -408,9 +433,13 @@ def device_choice(requested: str) -> environment.DeviceChoice:
     if torch is None:
         return environment.resolve_device(requested, torch_version=None, cuda_available=False)
     available = bool(torch.cuda.is_available())
-    return environment.resolve_device(requested, torch_version=torch.__version__, cuda_available=available,
-                                      cuda_version=torch.version.cuda,
-                                      gpu_name=torch.cuda.get_device_name(0) if available else None)
+    return environment.resolve_device(
+        requested,
+        torch_version=torch.__version__,
+        cuda_available=available,
+        cuda_version=torch.version.cuda,
+        gpu_name=torch.cuda.get_device_name(0) if available else None,
+    )
 
 
 def ensure_requirements(requirements: list, requester: str) -> bool:
@@ -431,8 +460,10 @@ def ensure_requirements(requirements: list, requester: str) -> bool:
             return False
     else:
         if not slicer.util.confirmOkCancelDisplay(
-                _("{requester} needs these Python packages:\n{packages}\n\nInstall them now?").format(
-                    requester=requester, packages="\n".join(missing))):
+            _("{requester} needs these Python packages:\n{packages}\n\nInstall them now?").format(
+                requester=requester, packages="\n".join(missing)
+            )
+        ):
             return False
         slicer.util.pip_install(" ".join(missing))
     still = environment.missing_requirements(requirements)

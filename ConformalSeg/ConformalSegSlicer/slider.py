@@ -6,7 +6,7 @@ A :class:`SliderState` holds the loaded calibration profiles and one probability
 and recomputes only the masks whose threshold changed, into buffers allocated once. The masks are
 exactly the library's (:meth:`CalibrationProfile.masks`, tested voxel for voxel):
 
-* CLS / expected-FNR lesion: ``prob >= c`` (:func:`ConformalSegLib.cls.apply_threshold`);
+* CLS / expected-FNR lesion: ``prob >= c`` (:func:`ConformalSegLib.conformal.cls.apply_threshold`);
 * confidence sets: outer ``T_out >= outer_threshold``, inner ``(T_in > inner_threshold) & outer``,
   where the score maps ``T`` (e.g. a distance transform) are computed once per probability map and
   cached, so a slider move never recomputes them;
@@ -32,14 +32,14 @@ from os import PathLike
 
 import numpy as np
 
-from ConformalSegLib.cls import apply_threshold, round_up_to_dtype
-from ConformalSegLib.confidence_sets import SetsCalibration
-from ConformalSegLib.errors import CalibrationSetTooSmallWarning, ConformalSegError
-from ConformalSegLib.geometry import Geometry
+from ConformalSegLib.common.errors import CalibrationSetTooSmallWarning, ConformalSegError
+from ConformalSegLib.common.geometry import Geometry
+from ConformalSegLib.conformal.cls import apply_threshold, round_up_to_dtype
+from ConformalSegLib.conformal.confidence_sets import SetsCalibration
+from ConformalSegLib.conformal.profile import LESION_CRC, CalibrationProfile, load_profile
+from ConformalSegLib.conformal.score_transforms import parse_transform
 from ConformalSegLib.io.segmentation import INNER_SET, LESION_FNR, LESION_THRESHOLD, OUTER_SET
 from ConformalSegLib.io.volumes import PROBABILITY_TOLERANCE
-from ConformalSegLib.profile import LESION_CRC, CalibrationProfile, load_profile
-from ConformalSegLib.transforms import parse_transform
 
 #: Decimals of the panel's sliders (and of the parameter node's ``Decimals`` annotation).
 SLIDER_DECIMALS = 3
@@ -62,9 +62,14 @@ class SliderSettings:
     alpha_outer: float = 0.1
     include_threshold: bool = False
 
-    def snapped(self) -> "SliderSettings":
-        return replace(self, epsilon=snap(self.epsilon), alpha=snap(self.alpha), alpha_inner=snap(self.alpha_inner),
-                       alpha_outer=snap(self.alpha_outer))
+    def snapped(self) -> SliderSettings:
+        return replace(
+            self,
+            epsilon=snap(self.epsilon),
+            alpha=snap(self.alpha),
+            alpha_inner=snap(self.alpha_inner),
+            alpha_outer=snap(self.alpha_outer),
+        )
 
 
 @dataclass
@@ -103,7 +108,7 @@ class SliderResult:
 
 def greater_than(values: np.ndarray, threshold: float, out: np.ndarray) -> np.ndarray:
     """``values > threshold`` exactly for float arrays (the threshold rounded *down* to the dtype,
-    the mirror image of :func:`ConformalSegLib.cls.apply_threshold`), written into ``out``."""
+    the mirror image of :func:`ConformalSegLib.conformal.cls.apply_threshold`), written into ``out``."""
     if math.isinf(threshold):
         out.fill(threshold < 0)
         return out
@@ -119,15 +124,21 @@ def validate_probability(probability: np.ndarray, what: str = "probability map")
     if array.ndim != 3:
         raise ConformalSegError(f"the {what} must be a 3D volume, got shape {array.shape}")
     if array.dtype.kind != "f":
-        raise ConformalSegError(f"the {what} has integer voxels ({array.dtype}): it looks like a segmentation or an "
-                                "image, not probabilities", fix="select the probability map the model produced")
+        raise ConformalSegError(
+            f"the {what} has integer voxels ({array.dtype}): it looks like a segmentation or an "
+            "image, not probabilities",
+            fix="select the probability map the model produced",
+        )
     if not np.isfinite(array).all():
-        raise ConformalSegError(f"the {what} contains NaN or infinite values",
-                                fix="select a valid probability map (values in [0, 1])")
+        raise ConformalSegError(
+            f"the {what} contains NaN or infinite values", fix="select a valid probability map (values in [0, 1])"
+        )
     low, high = float(array.min()), float(array.max())
     if low < -PROBABILITY_TOLERANCE or high > 1 + PROBABILITY_TOLERANCE:
-        raise ConformalSegError(f"the {what} has values in [{low:g}, {high:g}], outside [0, 1]",
-                                fix="select the probability map (not the CT image); apply softmax/sigmoid to logits")
+        raise ConformalSegError(
+            f"the {what} has values in [{low:g}, {high:g}], outside [0, 1]",
+            fix="select the probability map (not the CT image); apply softmax/sigmoid to logits",
+        )
     return array
 
 
@@ -152,7 +163,9 @@ def relevant_sliders(profiles: Iterable[CalibrationProfile]) -> set[str]:
     return names
 
 
-def initial_settings(profiles: Iterable[CalibrationProfile], default: SliderSettings = SliderSettings()) -> SliderSettings:
+def initial_settings(
+    profiles: Iterable[CalibrationProfile], default: SliderSettings = SliderSettings()
+) -> SliderSettings:
     """Slider positions that reproduce the profiles as calibrated."""
     settings = default
     for profile in profiles:
@@ -209,15 +222,19 @@ class SliderState:
         names = [name for p in self.profiles for name in _segment_names(p)]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
-            raise ConformalSegError(f"two profiles give the same segment(s) {', '.join(duplicates)}",
-                                    fix="load at most one CLS, one expected-FNR and one confidence-set profile")
+            raise ConformalSegError(
+                f"two profiles give the same segment(s) {', '.join(duplicates)}",
+                fix="load at most one CLS, one expected-FNR and one confidence-set profile",
+            )
         self._buffers: dict[str, np.ndarray] = {}
         self._keys: dict[str, object] = {}
         self._stats: dict[str, tuple[int, float]] = {}
         self._scores: dict[str, np.ndarray] = {}
 
     @classmethod
-    def from_files(cls, paths: Iterable[str | PathLike[str]], probability: np.ndarray, geometry: Geometry) -> "SliderState":
+    def from_files(
+        cls, paths: Iterable[str | PathLike[str]], probability: np.ndarray, geometry: Geometry
+    ) -> SliderState:
         return cls([load_profile(p) for p in paths], probability, geometry)
 
     # ------------------------------------------------------------------ helpers
@@ -269,8 +286,9 @@ class SliderState:
                     for name in _segment_names(profile):  # keep the last valid mask, if any
                         if name in self._stats:
                             voxels, ml = self._stats[name]
-                            result.segments[name] = SegmentUpdate(name, self._buffers[name], False, "unchanged",
-                                                                  voxels, ml)
+                            result.segments[name] = SegmentUpdate(
+                                name, self._buffers[name], False, "unchanged", voxels, ml
+                            )
                     continue
             result.warnings += [str(w.message) for w in caught if issubclass(w.category, CalibrationSetTooSmallWarning)]
             result.guarantees.append(new.guarantee)
@@ -278,30 +296,41 @@ class SliderState:
             if isinstance(c, SetsCalibration):
                 t_out = self.scores(c.outer_transform)
                 t_in = self.scores(c.inner_transform)
-                outer = self._segment(OUTER_SET, ("outer", c.outer_transform, c.outer_threshold),
-                                      lambda out: apply_threshold(t_out, c.outer_threshold, out=out),
-                                      f"{score_label(c.outer_transform)} >= {_fmt(c.outer_threshold)}")
+                outer = self._segment(
+                    OUTER_SET,
+                    ("outer", c.outer_transform, c.outer_threshold),
+                    lambda out: apply_threshold(t_out, c.outer_threshold, out=out),
+                    f"{score_label(c.outer_transform)} >= {_fmt(c.outer_threshold)}",
+                )
 
                 def inner_mask(out: np.ndarray) -> None:
                     greater_than(t_in, c.inner_threshold, out)
                     np.logical_and(out, outer.mask, out=out)
 
-                inner = self._segment(INNER_SET, ("inner", c.inner_transform, c.inner_threshold, self._keys[OUTER_SET]),
-                                      inner_mask,
-                                      f"{score_label(c.inner_transform)} > {_fmt(c.inner_threshold)}, within the outer set")
+                inner = self._segment(
+                    INNER_SET,
+                    ("inner", c.inner_transform, c.inner_threshold, self._keys[OUTER_SET]),
+                    inner_mask,
+                    f"{score_label(c.inner_transform)} > {_fmt(c.inner_threshold)}, within the outer set",
+                )
                 result.segments[INNER_SET] = inner
                 result.segments[OUTER_SET] = outer
             else:
                 name = LESION_FNR if c.method == "cls" else LESION_CRC
                 cutoff = c.probability_threshold
                 result.segments[name] = self._segment(
-                    name, ("prob", cutoff), lambda out: apply_threshold(self.probability, cutoff, out=out),
-                    f"probability >= {_fmt(cutoff)}")
+                    name,
+                    ("prob", cutoff),
+                    lambda out: apply_threshold(self.probability, cutoff, out=out),
+                    f"probability >= {_fmt(cutoff)}",
+                )
         if settings.include_threshold:
             result.segments[LESION_THRESHOLD] = self._segment(
-                LESION_THRESHOLD, ("prob", THRESHOLD_CUTOFF),
+                LESION_THRESHOLD,
+                ("prob", THRESHOLD_CUTOFF),
                 lambda out: apply_threshold(self.probability, THRESHOLD_CUTOFF, out=out),
-                f"probability >= {THRESHOLD_CUTOFF}")
+                f"probability >= {THRESHOLD_CUTOFF}",
+            )
         return result
 
     def library_masks(self, settings: SliderSettings) -> dict[str, np.ndarray]:

@@ -1,4 +1,4 @@
-"""Slicer's IJK-to-RAS matrices <-> the library's :class:`~ConformalSegLib.geometry.Geometry` (LPS).
+"""Slicer's IJK-to-RAS matrices <-> the library's :class:`~ConformalSegLib.common.geometry.Geometry` (LPS).
 
 Slicer works in RAS (+x Right, +y Anterior, +z Superior); ITK, DICOM and ConformalSegLib in LPS
 (+x Left, +y Posterior). The two differ by negating the first two world coordinates:
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ConformalSegLib.geometry import LPS_TO_RAS, Geometry, geometry_from_ijk_to_ras
+from ConformalSegLib.common.geometry import LPS_TO_RAS, Geometry, geometry_from_ijk_to_ras
 
 __all__ = ["LPS_TO_RAS", "geometry_from_ijk_to_ras", "ijk_to_ras_from_geometry", "lps_to_ras", "ras_to_lps"]
 

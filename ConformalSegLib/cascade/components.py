@@ -21,18 +21,30 @@ lung-overlap filter with the borderline rescue -> Top-K by volume.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Sequence
 
 import numpy as np
 from scipy import ndimage
 
-from ..errors import ConformalSegError
+from ..common.errors import ConformalSegError
 
 __all__ = [
-    "CONNECTIVITIES", "ComponentInfo", "ball", "bounding_boxes", "component_volumes_mm3", "filter_lung_overlap",
-    "filter_min_volume", "label_components", "lung_distances_mm", "lung_overlap_fractions", "merge_components",
-    "relabel_sequential", "select_components", "structure", "top_k",
+    "CONNECTIVITIES",
+    "ComponentInfo",
+    "ball",
+    "bounding_boxes",
+    "component_volumes_mm3",
+    "filter_lung_overlap",
+    "filter_min_volume",
+    "label_components",
+    "lung_distances_mm",
+    "lung_overlap_fractions",
+    "merge_components",
+    "relabel_sequential",
+    "select_components",
+    "structure",
+    "top_k",
 ]
 
 CONNECTIVITIES = (6, 18, 26)
@@ -46,14 +58,14 @@ def structure(connectivity: int = 26) -> np.ndarray:
     return ndimage.generate_binary_structure(3, {6: 1, 18: 2, 26: 3}[connectivity])
 
 
-def _spacing(spacing_zyx: Sequence[float]) -> np.ndarray:
+def _spacing(spacing_zyx: Sequence[float] | np.ndarray) -> np.ndarray:
     sp = np.asarray(spacing_zyx, dtype=float)
     if sp.shape != (3,) or not np.all(np.isfinite(sp)) or np.any(sp <= 0):
         raise ConformalSegError(f"spacing must be three positive numbers in numpy (z, y, x) order, got {spacing_zyx!r}")
     return sp
 
 
-def ball(radius_mm: float, spacing_zyx: Sequence[float]) -> np.ndarray:
+def ball(radius_mm: float, spacing_zyx: Sequence[float] | np.ndarray) -> np.ndarray:
     """Boolean structuring element: voxel offsets within ``radius_mm`` of the centre (see module docstring)."""
     sp = _spacing(spacing_zyx)
     reach = np.floor(max(float(radius_mm), 0.0) / sp + 1e-9).astype(int)
@@ -82,8 +94,9 @@ def label_components(mask: np.ndarray, connectivity: int = 26) -> tuple[np.ndarr
     return labels.astype(np.int32, copy=False), int(n)
 
 
-def merge_components(mask: np.ndarray, spacing_zyx: Sequence[float], radius_mm: float,
-                     connectivity: int = 26) -> tuple[np.ndarray, int]:
+def merge_components(
+    mask: np.ndarray, spacing_zyx: Sequence[float] | np.ndarray, radius_mm: float, connectivity: int = 26
+) -> tuple[np.ndarray, int]:
     """Component merging by 3D dilation (paper step 1).
 
     The mask is dilated with a ball of ``radius_mm`` (see module docstring); the connected components
@@ -108,7 +121,7 @@ def _counts(labels: np.ndarray) -> np.ndarray:
     return np.bincount(np.asarray(labels).ravel())
 
 
-def component_volumes_mm3(labels: np.ndarray, spacing_zyx: Sequence[float]) -> dict[int, float]:
+def component_volumes_mm3(labels: np.ndarray, spacing_zyx: Sequence[float] | np.ndarray) -> dict[int, float]:
     """``{id: volume in mm³}`` of every non-zero id present."""
     counts = _counts(labels)
     voxel = float(np.prod(_spacing(spacing_zyx)))
@@ -120,7 +133,9 @@ def _keep(labels: np.ndarray, ids: Sequence[int] | np.ndarray) -> np.ndarray:
     return np.where(np.isin(labels, np.asarray(list(ids), dtype=labels.dtype)), labels, 0).astype(labels.dtype)
 
 
-def filter_min_volume(labels: np.ndarray, spacing_zyx: Sequence[float], min_volume_mm3: float) -> np.ndarray:
+def filter_min_volume(
+    labels: np.ndarray, spacing_zyx: Sequence[float] | np.ndarray, min_volume_mm3: float
+) -> np.ndarray:
     """Keep components whose volume (mm³) is **>=** ``min_volume_mm3``."""
     volumes = component_volumes_mm3(labels, spacing_zyx)
     return _keep(labels, [i for i, v in volumes.items() if v >= float(min_volume_mm3)])
@@ -131,14 +146,18 @@ def lung_overlap_fractions(labels: np.ndarray, lung: np.ndarray) -> dict[int, fl
     labels = np.asarray(labels)
     lung = np.asarray(lung, dtype=bool)
     if lung.shape != labels.shape:
-        raise ConformalSegError(f"the lung mask shape {lung.shape} differs from the volume shape {labels.shape}",
-                                fix="give a lung mask on the image's grid")
+        raise ConformalSegError(
+            f"the lung mask shape {lung.shape} differs from the volume shape {labels.shape}",
+            fix="give a lung mask on the image's grid",
+        )
     total = _counts(labels)
     inside = np.bincount(labels[lung].ravel(), minlength=total.size)
     return {int(i): float(inside[i]) / float(total[i]) for i in np.flatnonzero(total) if i != 0}
 
 
-def lung_distances_mm(labels: np.ndarray, lung: np.ndarray, spacing_zyx: Sequence[float]) -> dict[int, float]:
+def lung_distances_mm(
+    labels: np.ndarray, lung: np.ndarray, spacing_zyx: Sequence[float] | np.ndarray
+) -> dict[int, float]:
     """``{id: distance in mm from the component to the lung}``: the minimum over the component's voxels of
     the Euclidean distance between its centre and the nearest lung voxel centre. 0 for a component
     that overlaps the lung; one voxel spacing for one that merely touches it; ``inf`` without lung."""
@@ -152,9 +171,15 @@ def lung_distances_mm(labels: np.ndarray, lung: np.ndarray, spacing_zyx: Sequenc
     return {i: float(d) for i, d in zip(ids, np.atleast_1d(minima))}
 
 
-def filter_lung_overlap(labels: np.ndarray, lung: np.ndarray, spacing_zyx: Sequence[float], *,
-                        min_overlap: float = 0.8, rescue_distance_mm: float | None = None,
-                        rescue_min_volume_mm3: float = 0.0) -> np.ndarray:
+def filter_lung_overlap(
+    labels: np.ndarray,
+    lung: np.ndarray,
+    spacing_zyx: Sequence[float] | np.ndarray,
+    *,
+    min_overlap: float = 0.8,
+    rescue_distance_mm: float | None = None,
+    rescue_min_volume_mm3: float = 0.0,
+) -> np.ndarray:
     """Lung-overlap filtering with the borderline rescue (paper steps 2 and 3).
 
     A component is kept when its lung overlap fraction is **>=** ``min_overlap``, or -- the rescue
@@ -168,7 +193,9 @@ def filter_lung_overlap(labels: np.ndarray, lung: np.ndarray, spacing_zyx: Seque
     if rescue_distance_mm is not None and low:
         volumes = component_volumes_mm3(labels, spacing_zyx)
         distances = lung_distances_mm(_keep(labels, low), lung, spacing_zyx)
-        keep += [i for i in low if distances[i] <= float(rescue_distance_mm) and volumes[i] >= float(rescue_min_volume_mm3)]
+        keep += [
+            i for i in low if distances[i] <= float(rescue_distance_mm) and volumes[i] >= float(rescue_min_volume_mm3)
+        ]
     return _keep(labels, keep)
 
 
@@ -189,7 +216,7 @@ def top_k(labels: np.ndarray, k: int | None) -> np.ndarray:
     nz = ids != 0
     ids, first, counts = ids[nz], first[nz], counts[nz]
     order = np.lexsort((first, -counts))  # primary: larger count; secondary: earlier first voxel
-    return _keep(labels, ids[order[:int(k)]])
+    return _keep(labels, ids[order[: int(k)]])
 
 
 def bounding_boxes(labels: np.ndarray) -> dict[int, Box]:
@@ -226,11 +253,19 @@ class ComponentInfo:
         return asdict(self)
 
 
-def select_components(mask: np.ndarray, spacing_zyx: Sequence[float], *, lung: np.ndarray | None = None,
-                      connectivity: int = 26, merge_radius_mm: float | None = None,
-                      min_volume_mm3: float | None = None, min_lung_overlap: float | None = 0.8,
-                      rescue_distance_mm: float | None = None, rescue_min_volume_mm3: float = 0.0,
-                      k: int | None = None) -> tuple[np.ndarray, list[ComponentInfo]]:
+def select_components(
+    mask: np.ndarray,
+    spacing_zyx: Sequence[float] | np.ndarray,
+    *,
+    lung: np.ndarray | None = None,
+    connectivity: int = 26,
+    merge_radius_mm: float | None = None,
+    min_volume_mm3: float | None = None,
+    min_lung_overlap: float | None = 0.8,
+    rescue_distance_mm: float | None = None,
+    rescue_min_volume_mm3: float = 0.0,
+    k: int | None = None,
+) -> tuple[np.ndarray, list[ComponentInfo]]:
     """Run the whole post-processing on a binary coarse mask (each step off when its parameter is None;
     the lung filter also when ``lung`` is None).
 
@@ -253,9 +288,14 @@ def select_components(mask: np.ndarray, spacing_zyx: Sequence[float], *, lung: n
         overlap = lung_overlap_fractions(labels, lung)
         if rescue_distance_mm is not None:
             distance = lung_distances_mm(labels, lung, sp)
-        after = filter_lung_overlap(current, lung, sp, min_overlap=min_lung_overlap,
-                                    rescue_distance_mm=rescue_distance_mm,
-                                    rescue_min_volume_mm3=rescue_min_volume_mm3)
+        after = filter_lung_overlap(
+            current,
+            lung,
+            sp,
+            min_overlap=min_lung_overlap,
+            rescue_distance_mm=rescue_distance_mm,
+            rescue_min_volume_mm3=rescue_min_volume_mm3,
+        )
         present = set(np.unique(after).tolist())
         for i in status:
             if status[i] == "kept":
@@ -270,9 +310,16 @@ def select_components(mask: np.ndarray, spacing_zyx: Sequence[float], *, lung: n
         status.update({i: "not_top_k" for i in status if status[i] in ("kept", "rescued") and i not in present})
         current = after
     voxel = float(np.prod(sp))
-    table = [ComponentInfo(id=i, n_voxels=int(counts[i]), volume_mm3=float(counts[i]) * voxel,
-                           bbox=tuple((int(s.start), int(s.stop)) for s in boxes[i]),  # type: ignore[arg-type]
-                           lung_overlap=overlap.get(i), lung_distance_mm=distance.get(i), status=status[i])
-             for i in sorted(status)]
+    table = [
+        ComponentInfo(
+            id=i,
+            n_voxels=int(counts[i]),
+            volume_mm3=float(counts[i]) * voxel,
+            bbox=tuple((int(s.start), int(s.stop)) for s in boxes[i]),  # type: ignore[arg-type]
+            lung_overlap=overlap.get(i),
+            lung_distance_mm=distance.get(i),
+            status=status[i],
+        )
+        for i in sorted(status)
+    ]
     return current, table
-

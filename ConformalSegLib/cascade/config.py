@@ -56,7 +56,7 @@ from os import PathLike
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConformalSegError
+from ..common.errors import ConformalSegError
 from ..io.json_file import read_json_file
 from .components import CONNECTIVITIES
 
@@ -115,25 +115,36 @@ class CascadeConfig:
         return atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n", force=force)
 
     @classmethod
-    def from_dict(cls, data: Any, path: str | PathLike[str] | None = None) -> "CascadeConfig":
+    def from_dict(cls, data: Any, path: str | PathLike[str] | None = None) -> CascadeConfig:
         """Validate a parsed config; ``path`` names the file in errors."""
         where = None if path is None else Path(path)
         if not isinstance(data, dict):
-            raise CascadeConfigError(f"the cascade config must be a JSON object, got {type(data).__name__}",
-                                     path=where, fix=CONFIG_FIX)
+            raise CascadeConfigError(
+                f"the cascade config must be a JSON object, got {type(data).__name__}", path=where, fix=CONFIG_FIX
+            )
         if data.get("format") != FORMAT:
-            raise CascadeConfigError(f"'format' must be {FORMAT!r}, got {data.get('format')!r}", path=where,
-                                     fix=f'add "format": "{FORMAT}", "format_version": {FORMAT_VERSION}')
+            raise CascadeConfigError(
+                f"'format' must be {FORMAT!r}, got {data.get('format')!r}",
+                path=where,
+                fix=f'add "format": "{FORMAT}", "format_version": {FORMAT_VERSION}',
+            )
         if data.get("format_version") != FORMAT_VERSION:
-            raise CascadeConfigError(f"unsupported format_version {data.get('format_version')!r}", path=where,
-                                     fix=f"use format_version {FORMAT_VERSION}")
+            raise CascadeConfigError(
+                f"unsupported format_version {data.get('format_version')!r}",
+                path=where,
+                fix=f"use format_version {FORMAT_VERSION}",
+            )
         names = [f.name for f in dataclasses.fields(cls) if f.name != "path"]
         unknown = [k for k in data if k not in names and k not in ("format", "format_version")]
         if unknown:
-            hints = [repr(k) + (f" (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(str(k), names, 1))
-                                else "") for k in unknown]
-            raise CascadeConfigError(f"unknown key(s) {', '.join(hints)}", path=where,
-                                     fix=f"use only: {', '.join(names)}")
+            hints = [
+                repr(k)
+                + (f" (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(str(k), names, 1)) else "")
+                for k in unknown
+            ]
+            raise CascadeConfigError(
+                f"unknown key(s) {', '.join(hints)}", path=where, fix=f"use only: {', '.join(names)}"
+            )
         values = {k: data[k] for k in names if k in data}
         if isinstance(values.get("lung_labels"), list):
             values["lung_labels"] = tuple(values["lung_labels"])
@@ -156,7 +167,7 @@ class CascadeConfig:
         p = Path(value)
         return p if p.is_absolute() or self.path is None else self.path.parent / p
 
-    def replace(self, **changes: Any) -> "CascadeConfig":
+    def replace(self, **changes: Any) -> CascadeConfig:
         """A copy with some parameters changed (validated again), e.g. ``config.replace(top_k=2)``."""
         return dataclasses.replace(self, **changes)
 
@@ -165,8 +176,16 @@ def _fail(message: str) -> CascadeConfigError:
     return CascadeConfigError(message, fix=CONFIG_FIX)
 
 
-def _number(value: Any, key: str, *, optional: bool = False, lo: float | None = None, hi: float | None = None,
-            lo_open: bool = False, hi_open: bool = False) -> None:
+def _number(
+    value: Any,
+    key: str,
+    *,
+    optional: bool = False,
+    lo: float | None = None,
+    hi: float | None = None,
+    lo_open: bool = False,
+    hi_open: bool = False,
+) -> None:
     if value is None and optional:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -196,10 +215,15 @@ def _validate(c: CascadeConfig) -> None:
     _number(c.min_volume_mm3, "min_volume_mm3", optional=True, lo=0.0)
     if c.lung_source not in LUNG_SOURCES:
         close = difflib.get_close_matches(str(c.lung_source), LUNG_SOURCES, 1)
-        raise _fail(f"'lung_source' must be one of {', '.join(LUNG_SOURCES)}, got {c.lung_source!r}"
-                    + (f" (did you mean {close[0]!r}?)" if close else ""))
-    if not isinstance(c.lung_labels, tuple) or not c.lung_labels or any(
-            isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in c.lung_labels):
+        raise _fail(
+            f"'lung_source' must be one of {', '.join(LUNG_SOURCES)}, got {c.lung_source!r}"
+            + (f" (did you mean {close[0]!r}?)" if close else "")
+        )
+    if (
+        not isinstance(c.lung_labels, tuple)
+        or not c.lung_labels
+        or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in c.lung_labels)
+    ):
         raise _fail(f"'lung_labels' must be a non-empty list of label values >= 1, got {c.lung_labels!r}")
     if not isinstance(c.lung_fill_holes, bool):
         raise _fail(f"'lung_fill_holes' must be true or false, got {c.lung_fill_holes!r}")
@@ -208,8 +232,10 @@ def _validate(c: CascadeConfig) -> None:
     _number(c.rescue_min_volume_mm3, "rescue_min_volume_mm3", lo=0.0)
     _integer(c.top_k, "top_k", optional=True, minimum=1)
     if (c.roi_margin_voxels is None) == (c.roi_margin_mm is None):
-        raise _fail("give exactly one of 'roi_margin_voxels' and 'roi_margin_mm' (the other null), got "
-                    f"{c.roi_margin_voxels!r} and {c.roi_margin_mm!r}")
+        raise _fail(
+            "give exactly one of 'roi_margin_voxels' and 'roi_margin_mm' (the other null), got "
+            f"{c.roi_margin_voxels!r} and {c.roi_margin_mm!r}"
+        )
     _integer(c.roi_margin_voxels, "roi_margin_voxels", optional=True)
     _number(c.roi_margin_mm, "roi_margin_mm", optional=True, lo=0.0)
     _integer(c.stage2_mc_passes, "stage2_mc_passes")

@@ -26,12 +26,12 @@ The result is boolean; an all-False mask when nothing qualifies (e.g. an abdomin
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 from scipy import ndimage
 
-from ..errors import ConformalSegError
+from ..common.errors import ConformalSegError
 from .components import ball, label_components, structure
 
 __all__ = ["classical_lung_mask", "fill_holes_axial", "lung_mask_from_labels"]
@@ -55,8 +55,10 @@ def lung_mask_from_labels(label_map: np.ndarray, values: Iterable[int], *, fill_
         raise ConformalSegError("no lung label value given", fix="give the lung label value(s), e.g. [2]")
     mask = np.isin(np.asarray(label_map), values)
     if not mask.any():
-        raise ConformalSegError(f"the lung label map has no voxel with value(s) {values}",
-                                fix="check the lung label value(s) (the phantom's lung is 2)")
+        raise ConformalSegError(
+            f"the lung label map has no voxel with value(s) {values}",
+            fix="check the lung label value(s) (the phantom's lung is 2)",
+        )
     return fill_holes_axial(mask) if fill_holes else mask
 
 
@@ -68,9 +70,16 @@ def _largest(labels: np.ndarray, n: int) -> np.ndarray:
     return labels == int(np.argmax(counts))
 
 
-def classical_lung_mask(image_hu: np.ndarray, spacing_zyx: Sequence[float], *, body_hu: float = -500.0,
-                        air_hu: float = -400.0, closing_mm: float = 3.0, min_volume_mm3: float = 10_000.0,
-                        second_lung_fraction: float = 0.1) -> np.ndarray:
+def classical_lung_mask(
+    image_hu: np.ndarray,
+    spacing_zyx: Sequence[float] | np.ndarray,
+    *,
+    body_hu: float = -500.0,
+    air_hu: float = -400.0,
+    closing_mm: float = 3.0,
+    min_volume_mm3: float = 10_000.0,
+    second_lung_fraction: float = 0.1,
+) -> np.ndarray:
     """Lungs of a CT (HU) by thresholds and morphology; see the module docstring for the steps."""
     image = np.asarray(image_hu)
     if image.ndim != 3:
@@ -83,8 +92,11 @@ def classical_lung_mask(image_hu: np.ndarray, spacing_zyx: Sequence[float], *, b
     labels, n = ndimage.label(air, structure=six)
     if n == 0:
         return np.zeros(image.shape, dtype=bool)
-    border = np.unique(np.concatenate([labels[:, 0, :].ravel(), labels[:, -1, :].ravel(),
-                                       labels[:, :, 0].ravel(), labels[:, :, -1].ravel()]))
+    border = np.unique(
+        np.concatenate(
+            [labels[:, 0, :].ravel(), labels[:, -1, :].ravel(), labels[:, :, 0].ravel(), labels[:, :, -1].ravel()]
+        )
+    )
     counts = np.bincount(labels.ravel()).astype(float)
     counts[0] = 0
     counts[border] = 0
@@ -100,5 +112,6 @@ def classical_lung_mask(image_hu: np.ndarray, spacing_zyx: Sequence[float], *, b
         element = ball(closing_mm, sp)
         pad = [(r, r) for r in (np.array(element.shape) // 2)]
         lungs = ndimage.binary_closing(np.pad(lungs, pad), structure=element)[
-            tuple(slice(p, p + s) for (p, _), s in zip(pad, image.shape))]
+            tuple(slice(p, p + s) for (p, _), s in zip(pad, image.shape))
+        ]
     return fill_holes_axial(lungs) & body

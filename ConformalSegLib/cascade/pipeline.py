@@ -51,20 +51,29 @@ mc_dropout=mc_passes)``); tests and studies may pass cheap stand-ins through exa
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from ..errors import ConformalSegError
+from ..common.errors import ConformalSegError
 from ..io.volumes import Volume
 from .components import ComponentInfo, select_components
 from .config import CascadeConfig
 from .lungs import classical_lung_mask, lung_mask_from_labels
 from .roi import Box, crop_geometry, margin_voxels, paste_max, roi_box
 
-__all__ = ["CascadeCancelled", "CascadeResult", "Predictor", "StageOutput", "as_predictor", "compute_lung_mask",
-           "run_cascade", "select_rois"]
+__all__ = [
+    "CascadeCancelled",
+    "CascadeResult",
+    "Predictor",
+    "StageOutput",
+    "as_predictor",
+    "compute_lung_mask",
+    "run_cascade",
+    "select_rois",
+]
 
 ProgressCallback = Callable[[int, int, str], None]
 CancelToken = Callable[[], bool] | threading.Event
@@ -98,7 +107,9 @@ def as_predictor(model: Any) -> Predictor:
         return predict
     if callable(model):
         return model
-    raise ConformalSegError(f"a cascade stage needs an InferenceEngine or a callable predictor, got {type(model).__name__}")
+    raise ConformalSegError(
+        f"a cascade stage needs an InferenceEngine or a callable predictor, got {type(model).__name__}"
+    )
 
 
 @dataclass
@@ -138,15 +149,16 @@ class CascadeResult:
         rows = []
         for c in self.components:
             box = self.roi_boxes.get(c.id)
-            rows.append({**c.to_dict(), "kept": c.kept,
-                         "roi": None if box is None else [[s.start, s.stop] for s in box]})
+            rows.append(
+                {**c.to_dict(), "kept": c.kept, "roi": None if box is None else [[s.start, s.stop] for s in box]}
+            )
         return rows
 
 
 def _check_cancel(cancel: CancelToken | None) -> None:
     if cancel is None:
         return
-    if (cancel.is_set() if hasattr(cancel, "is_set") else bool(cancel())):
+    if cancel.is_set() if hasattr(cancel, "is_set") else bool(cancel()):
         raise CascadeCancelled("the cascade was cancelled")
 
 
@@ -159,16 +171,22 @@ def _stage_output(raw: Any, shape: tuple[int, ...], stage: str, with_variance: b
         raw = StageOutput(raw, None)
     probability = np.asarray(raw.probability, dtype=np.float32)
     if probability.shape != shape:
-        raise ConformalSegError(f"{stage} returned a probability map of shape {probability.shape} for an input of "
-                                f"shape {shape}", fix="the predictor must return maps on its input's grid")
+        raise ConformalSegError(
+            f"{stage} returned a probability map of shape {probability.shape} for an input of shape {shape}",
+            fix="the predictor must return maps on its input's grid",
+        )
     if not np.all(np.isfinite(probability)) or probability.min(initial=0) < 0 or probability.max(initial=0) > 1:
-        raise ConformalSegError(f"{stage} returned probabilities outside [0, 1] (or NaN)",
-                                fix="return probabilities (apply the sigmoid/softmax)")
+        raise ConformalSegError(
+            f"{stage} returned probabilities outside [0, 1] (or NaN)",
+            fix="return probabilities (apply the sigmoid/softmax)",
+        )
     variance = None
     if with_variance:
         if raw.variance is None:
-            raise ConformalSegError(f"{stage} returned no variance map although MC dropout passes were requested",
-                                    fix="use a network with dropout, or set stage2_mc_passes to 0")
+            raise ConformalSegError(
+                f"{stage} returned no variance map although MC dropout passes were requested",
+                fix="use a network with dropout, or set stage2_mc_passes to 0",
+            )
         variance = np.asarray(raw.variance, dtype=np.float32)
         if variance.shape != shape:
             raise ConformalSegError(f"{stage} returned a variance map of shape {variance.shape} for {shape}")
@@ -185,34 +203,94 @@ def compute_lung_mask(volume: Volume, config: CascadeConfig, lung_labels: Any = 
     if config.lung_source == "hu":
         return classical_lung_mask(np.asarray(volume.array, dtype=np.float32), volume.geometry.spacing_zyx)
     if lung_labels is None:
-        raise ConformalSegError("the cascade config asks for lung_source 'labels' but no lung label map was given",
-                                path=config.path, fix="pass the lung label map, or use lung_source 'hu'")
+        raise ConformalSegError(
+            "the cascade config asks for lung_source 'labels' but no lung label map was given",
+            path=config.path,
+            fix="pass the lung label map, or use lung_source 'hu'",
+        )
     array = np.asarray(getattr(lung_labels, "array", lung_labels))
     if array.shape != volume.geometry.shape:
-        raise ConformalSegError(f"the lung label map has shape {array.shape}, the image {volume.geometry.shape}",
-                                path=getattr(lung_labels, "path", None), fix="give a label map on the image's grid")
+        raise ConformalSegError(
+            f"the lung label map has shape {array.shape}, the image {volume.geometry.shape}",
+            path=getattr(lung_labels, "path", None),
+            fix="give a label map on the image's grid",
+        )
     return lung_mask_from_labels(array, config.lung_labels, fill_holes=config.lung_fill_holes)
 
 
-def select_rois(coarse: np.ndarray, geometry: Any, config: CascadeConfig,
-                lung: np.ndarray | None) -> tuple[list[ComponentInfo], dict[int, Box]]:
-    """Steps 3 and the ROI boxes of step 4: the component table of ``coarse >= stage1_threshold`` and
+def _lung(volume: Volume, config: CascadeConfig, lung_mask: np.ndarray | None, lung_labels: Any) -> np.ndarray | None:
+    """The given lung mask (checked to be on the image grid), else the one ``config.lung_source`` says."""
+    if lung_mask is None:
+        return compute_lung_mask(volume, config, lung_labels)
+    given = np.asarray(lung_mask, dtype=bool)
+    if given.shape != tuple(volume.geometry.shape):
+        raise ConformalSegError(
+            f"the lung mask has shape {given.shape}, the image {tuple(volume.geometry.shape)}",
+            fix="give a lung mask on the image's grid",
+        )
+    return given
+
+
+def _refine_rois(
+    volume: Volume,
+    boxes: dict[int, Box],
+    predict2: Callable[[Volume, int], Any],
+    mc: int,
+    cancel: CancelToken | None,
+    report: Callable[[int, int, str], None],
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """Stage 2 on each ROI, pasted by maximum: ``(probability, variance or None, covered)`` on the image grid."""
+    shape = tuple(volume.geometry.shape)
+    total = 2 + len(boxes)
+    roi_probability = np.zeros(shape, dtype=np.float32)
+    variance = np.zeros(shape, dtype=np.float32) if mc else None
+    covered = np.zeros(shape, dtype=bool)
+    for done, (cid, box) in enumerate(boxes.items(), start=2):
+        _check_cancel(cancel)
+        crop = Volume(np.asarray(volume.array)[box], crop_geometry(volume.geometry, box), volume.path)
+        out = _stage_output(predict2(crop, mc), crop.geometry.shape, f"stage 2 (ROI of component {cid})", bool(mc))
+        paste_max(roi_probability, out.probability, box)
+        if variance is not None:
+            assert out.variance is not None  # checked by _stage_output when mc
+            paste_max(variance, out.variance, box)
+        covered[box] = True
+        report(done, total, f"stage 2: ROI {done - 1} of {len(boxes)}")
+    return roi_probability, variance, covered
+
+
+def select_rois(
+    coarse: np.ndarray, geometry: Any, config: CascadeConfig, lung: np.ndarray | None
+) -> tuple[list[ComponentInfo], dict[int, Box]]:
+    """Step 3 and the ROI boxes of step 4: the component table of ``coarse >= stage1_threshold`` and
     ``{component id: box}`` of the kept components (margin included, clipped to the volume)."""
     spacing = geometry.spacing_zyx
     _, table = select_components(
-        np.asarray(coarse) >= np.float32(config.stage1_threshold), spacing, lung=lung,
-        connectivity=config.connectivity, merge_radius_mm=config.merge_radius_mm or None,
+        np.asarray(coarse) >= np.float32(config.stage1_threshold),
+        spacing,
+        lung=lung,
+        connectivity=config.connectivity,
+        merge_radius_mm=config.merge_radius_mm or None,
         min_volume_mm3=config.min_volume_mm3 or None,
         min_lung_overlap=config.min_lung_overlap if lung is not None else None,
-        rescue_distance_mm=config.rescue_distance_mm, rescue_min_volume_mm3=config.rescue_min_volume_mm3,
-        k=config.top_k)
+        rescue_distance_mm=config.rescue_distance_mm,
+        rescue_min_volume_mm3=config.rescue_min_volume_mm3,
+        k=config.top_k,
+    )
     margin = margin_voxels(spacing, voxels=config.roi_margin_voxels, mm=config.roi_margin_mm)
     return table, {c.id: roi_box(c.bbox, margin, tuple(geometry.shape)) for c in table if c.kept}
 
 
-def run_cascade(volume: Volume, config: CascadeConfig, stage1: Any, stage2: Any = None, *,
-                lung_labels: Any = None, lung_mask: np.ndarray | None = None,
-                progress: ProgressCallback | None = None, cancel: CancelToken | None = None) -> CascadeResult:
+def run_cascade(
+    volume: Volume,
+    config: CascadeConfig,
+    stage1: Any,
+    stage2: Any = None,
+    *,
+    lung_labels: Any = None,
+    lung_mask: np.ndarray | None = None,
+    progress: ProgressCallback | None = None,
+    cancel: CancelToken | None = None,
+) -> CascadeResult:
     """Run the cascade on one volume (see the module docstring).
 
     ``stage1``/``stage2``: :class:`~ConformalSegLib.inference.InferenceEngine` or predictor callables
@@ -233,38 +311,34 @@ def run_cascade(volume: Volume, config: CascadeConfig, stage1: Any, stage2: Any 
 
     _check_cancel(cancel)
     coarse = _stage_output(predict1(volume, 0), shape, "stage 1", False).probability
-    if lung_mask is not None:
-        lung = np.asarray(lung_mask, dtype=bool)
-        if lung.shape != shape:
-            raise ConformalSegError(f"the lung mask has shape {lung.shape}, the image {shape}",
-                                    fix="give a lung mask on the image's grid")
-    else:
-        lung = compute_lung_mask(volume, config, lung_labels)
+    lung = _lung(volume, config, lung_mask, lung_labels)
     table, boxes = select_rois(coarse, geometry, config, lung)
+    margin = margin_voxels(geometry.spacing_zyx, voxels=config.roi_margin_voxels, mm=config.roi_margin_mm)
     total = 2 + len(boxes)
     report(1, total, "stage 1 and component selection")
 
-    roi_probability = np.zeros(shape, dtype=np.float32)
-    variance = np.zeros(shape, dtype=np.float32) if mc else None
-    covered = np.zeros(shape, dtype=bool)
-    for done, (cid, box) in enumerate(boxes.items(), start=2):
-        _check_cancel(cancel)
-        crop = Volume(np.asarray(volume.array)[box], crop_geometry(geometry, box), volume.path)
-        out = _stage_output(predict2(crop, mc), crop.geometry.shape, f"stage 2 (ROI of component {cid})", bool(mc))
-        paste_max(roi_probability, out.probability, box)
-        if variance is not None:
-            paste_max(variance, out.variance, box)
-        covered[box] = True
-        report(done, total, f"stage 2: ROI {done - 1} of {len(boxes)}")
+    roi_probability, variance, covered = _refine_rois(volume, boxes, predict2, mc, cancel, report)
     if config.outside_roi_scale > 0:
         outside = (np.float32(config.outside_roi_scale) * coarse).astype(np.float32)
         probability = np.where(covered, roi_probability, outside).astype(np.float32)
     else:
         probability = roi_probability
     report(total, total, "done")
-    margin = margin_voxels(geometry.spacing_zyx, voxels=config.roi_margin_voxels, mm=config.roi_margin_mm)
-    info = {"n_candidates": len(table), "n_kept": len(boxes), "roi_margin_voxels_zyx": list(margin),
-            "stage2_mc_passes": mc, "roi_voxels": int(covered.sum())}
-    return CascadeResult(probability=probability, variance=variance, coarse_probability=coarse, lung_mask=lung,
-                         components=table, roi_boxes=boxes, geometry=geometry,
-                         config_fingerprint=config.fingerprint(), info=info)
+    info = {
+        "n_candidates": len(table),
+        "n_kept": len(boxes),
+        "roi_margin_voxels_zyx": list(margin),
+        "stage2_mc_passes": mc,
+        "roi_voxels": int(covered.sum()),
+    }
+    return CascadeResult(
+        probability=probability,
+        variance=variance,
+        coarse_probability=coarse,
+        lung_mask=lung,
+        components=table,
+        roi_boxes=boxes,
+        geometry=geometry,
+        config_fingerprint=config.fingerprint(),
+        info=info,
+    )

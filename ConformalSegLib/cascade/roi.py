@@ -14,20 +14,21 @@ one ROI covers the voxel, the maximum over ROIs where several overlap, 0 elsewhe
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
-from ..errors import ConformalSegError
-from ..geometry import Geometry
+from ..common.errors import ConformalSegError
+from ..common.geometry import Geometry
 
 __all__ = ["Box", "crop_geometry", "margin_voxels", "paste_max", "roi_box"]
 
 Box = tuple[slice, slice, slice]
 
 
-def margin_voxels(spacing_zyx: Sequence[float], *, voxels: int | None = None,
-                  mm: float | None = None) -> tuple[int, int, int]:
+def margin_voxels(
+    spacing_zyx: Sequence[float], *, voxels: int | None = None, mm: float | None = None
+) -> tuple[int, int, int]:
     """Per-axis margin in voxels (numpy order) from exactly one of ``voxels`` or ``mm``
     (``ceil(mm / spacing)``, with a 1e-9 tolerance so that 3.2 mm on a 1.6 mm grid is 2 voxels)."""
     if (voxels is None) == (mm is None):
@@ -36,6 +37,7 @@ def margin_voxels(spacing_zyx: Sequence[float], *, voxels: int | None = None,
         if isinstance(voxels, bool) or int(voxels) != voxels or voxels < 0:
             raise ConformalSegError(f"the ROI margin in voxels must be an integer >= 0, got {voxels!r}")
         return (int(voxels),) * 3
+    assert mm is not None
     if not math.isfinite(mm) or mm < 0:
         raise ConformalSegError(f"the ROI margin in mm must be >= 0, got {mm!r}")
     return tuple(int(math.ceil(float(mm) / float(s) - 1e-9)) for s in spacing_zyx)  # type: ignore[return-value]
@@ -43,8 +45,9 @@ def margin_voxels(spacing_zyx: Sequence[float], *, voxels: int | None = None,
 
 def roi_box(bbox: Sequence[tuple[int, int]], margin: Sequence[int], shape: Sequence[int]) -> Box:
     """``bbox`` (half-open ``(start, stop)`` per axis) grown by ``margin`` voxels per axis, clipped to ``shape``."""
-    return tuple(slice(max(int(a) - int(m), 0), min(int(b) + int(m), int(n)))
-                 for (a, b), m, n in zip(bbox, margin, shape))  # type: ignore[return-value]
+    return tuple(
+        slice(max(int(a) - int(m), 0), min(int(b) + int(m), int(n))) for (a, b), m, n in zip(bbox, margin, shape)
+    )  # type: ignore[return-value]
 
 
 def crop_geometry(geometry: Geometry, box: Box) -> Geometry:

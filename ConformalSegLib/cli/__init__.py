@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from .. import __version__
-from ..errors import ConformalSegError
+from ..common.errors import ConformalSegError
 from . import apply_cmd, calibrate_cmd, demo_cmd, evaluate_cmd, infer_cmd, synth_cmd, train_cmd
 from .common import close_progress_bars, install_warning_format
 
@@ -21,7 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="conformalseg",
         description="Statistical guarantees for 3D lesion segmentation: CLS (high-probability FNR control), "
-                    "expected-FNR control (conformal risk control) and conformal confidence sets.")
+        "expected-FNR control (conformal risk control) and conformal confidence sets.",
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

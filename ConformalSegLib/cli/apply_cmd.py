@@ -6,28 +6,34 @@ import argparse
 import json
 from pathlib import Path
 
-from ..cls import apply_threshold
+from ..common.errors import ConformalSegError
+from ..conformal.cls import apply_threshold
+from ..conformal.profile import load_profile
 from ..io.atomic import atomic_write_text, check_can_write
 from ..io.segmentation import LESION_THRESHOLD, write_masks_nifti, write_seg_nrrd
-from ..errors import ConformalSegError
 from ..io.volumes import Volume, load_image, load_probability_map, save_volume
-from ..profile import load_profile
 from .cascade_options import add_cascade_argument, cascade_predictor_from_args
 from .common import add_force
 from .interval_options import add_interval_apply_arguments, is_interval_profile, run_interval_apply
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("apply", help="apply a calibration profile to a probability map",
-                       description="Write the calibrated masks/sets as NIfTI files and one Slicer .seg.nrrd. "
-                                   "With --epsilon/--alpha the thresholds are recalibrated from the profile's "
-                                   "summaries first (no volume is re-read).")
+    p = sub.add_parser(
+        "apply",
+        help="apply a calibration profile to a probability map",
+        description="Write the calibrated masks/sets as NIfTI files and one Slicer .seg.nrrd. "
+        "With --epsilon/--alpha the thresholds are recalibrated from the profile's "
+        "summaries first (no volume is re-read).",
+    )
     p.add_argument("--profile", type=Path, required=True, help="profile JSON written by `calibrate`")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--prob", type=Path, help="probability map of the new scan")
-    source.add_argument("--image", type=Path,
-                        help="the new scan itself, predicted with --model exactly as in calibration (profiles "
-                             "calibrated with --model --images); the probability map is written to OUT too")
+    source.add_argument(
+        "--image",
+        type=Path,
+        help="the new scan itself, predicted with --model exactly as in calibration (profiles "
+        "calibrated with --model --images); the probability map is written to OUT too",
+    )
     p.add_argument("--model", type=Path, help="with --image: the model card the profile was calibrated with")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="with --image: inference device")
     add_cascade_argument(p)
@@ -37,8 +43,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--alpha", type=float, help="recalibrate for this risk level")
     p.add_argument("--alpha-inner", type=float, help="sets: recalibrate the inner level")
     p.add_argument("--alpha-outer", type=float, help="sets: recalibrate the outer level")
-    p.add_argument("--compare-threshold", action="store_true",
-                   help="also write the fixed 0.5-threshold mask for comparison")
+    p.add_argument(
+        "--compare-threshold", action="store_true", help="also write the fixed 0.5-threshold mask for comparison"
+    )
     p.add_argument("--out", type=Path, required=True, help="output folder")
     add_force(p)
     p.set_defaults(func=run)
@@ -51,8 +58,9 @@ def run(args: argparse.Namespace) -> int:
         raise ConformalSegError("no scan given", fix="pass --prob PROBABILITY_MAP (or --image SCAN --model CARD)")
     profile = load_profile(args.profile)
     if any(v is not None for v in (args.epsilon, args.alpha, args.alpha_inner, args.alpha_outer)):
-        profile = profile.recalibrate(epsilon=args.epsilon, alpha=args.alpha, alpha_inner=args.alpha_inner,
-                                      alpha_outer=args.alpha_outer)
+        profile = profile.recalibrate(
+            epsilon=args.epsilon, alpha=args.alpha, alpha_inner=args.alpha_inner, alpha_outer=args.alpha_outer
+        )
     if args.image is not None:
         volume = _predict(args, profile)
     else:
@@ -82,15 +90,18 @@ def run(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace, profile) -> Volume:  # noqa: ANN001
     """Run the profile's inference pipeline on ``--image``; write ``OUT/probability.nii.gz``."""
     if args.model is None and args.cascade is None:
-        raise ConformalSegError("--image needs --model (the model card the profile was calibrated with)",
-                                fix="pass --model CARD.json (or --cascade CONFIG)")
+        raise ConformalSegError(
+            "--image needs --model (the model card the profile was calibrated with)",
+            fix="pass --model CARD.json (or --cascade CONFIG)",
+        )
     from ..inference.model_dataset import engine_for_profile
 
     record = profile.provenance.get("inference")
     if args.cascade is not None:
         args.seed = (record or {}).get("seed") or 0
-    engine, options = engine_for_profile(record, args.model, device=args.device, profile_path=args.profile,
-                                         engine=cascade_predictor_from_args(args))
+    engine, options = engine_for_profile(
+        record, args.model, device=args.device, profile_path=args.profile, engine=cascade_predictor_from_args(args)
+    )
     prob_path = args.out / "probability.nii.gz"
     if not args.force:
         check_can_write(prob_path)

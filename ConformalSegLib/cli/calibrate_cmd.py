@@ -5,27 +5,36 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..calibration import CalibrationRequest, calibrate
-from ..confidence_sets import select_transforms
-from ..transforms import DEFAULT_CANDIDATES
-from ..errors import ConformalSegError
+from ..common.errors import ConformalSegError
+from ..conformal.calibration import CalibrationRequest, calibrate
+from ..conformal.confidence_sets import select_transforms
+from ..conformal.score_transforms import DEFAULT_CANDIDATES
 from ..io.atomic import check_can_write
+from ..io.checksums import sha256_file
 from ..io.dataset import CalibrationDataset
-from ..profile import sha256_file
-from .interval_options import INTERVAL_METHODS, add_interval_arguments, run_interval_calibrate
 from .common import add_empty_option, add_force, add_lesion_options, progress_bar
+from .interval_options import INTERVAL_METHODS, add_interval_arguments, run_interval_calibrate
 from .model_options import add_model_options, open_model_dataset
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("calibrate", help="calibrate CLS, expected-FNR control or confidence sets on a dataset",
-                       description="Calibrate on cases in --probs/--labels (matched by case id) and write a profile "
-                                   "(JSON + .npz of summaries) that `apply` uses and can recalibrate from.")
+    p = sub.add_parser(
+        "calibrate",
+        help="calibrate CLS, expected-FNR control or confidence sets on a dataset",
+        description="Calibrate on cases in --probs/--labels (matched by case id) and write a profile "
+        "(JSON + .npz of summaries) that `apply` uses and can recalibrate from.",
+    )
     add_data_options(p)
     add_method_options(p)
-    p.add_argument("--precision", choices=("float32", "uint16"), default="float32",
-                   help="storage of the lesion summaries (uint16: half the size, conservative by <= 1/65535)")
-    p.add_argument("--out", type=Path, required=True, help="profile file to write (PROFILE.json; PROFILE.npz beside it)")
+    p.add_argument(
+        "--precision",
+        choices=("float32", "uint16"),
+        default="float32",
+        help="storage of the lesion summaries (uint16: half the size, conservative by <= 1/65535)",
+    )
+    p.add_argument(
+        "--out", type=Path, required=True, help="profile file to write (PROFILE.json; PROFILE.npz beside it)"
+    )
     add_force(p)
     add_interval_arguments(p)
     p.set_defaults(func=run)
@@ -40,22 +49,37 @@ def add_data_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_method_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", choices=("cls", "crc", "sets", *INTERVAL_METHODS), required=True,
-                   help="cls: P(FNR <= epsilon) >= 1 - alpha; crc: E[FNR] <= epsilon; sets: inner/outer confidence sets; "
-                        "crc-interval, k-crc, sem-crc, sem-crc-organ: risk control of voxel intervals (--lower/--upper/"
-                        "--truth/--organs)")
+    p.add_argument(
+        "--method",
+        choices=("cls", "crc", "sets", *INTERVAL_METHODS),
+        required=True,
+        help="cls: P(FNR <= epsilon) >= 1 - alpha; crc: E[FNR] <= epsilon; sets: inner/outer confidence sets; "
+        "crc-interval, k-crc, sem-crc, sem-crc-organ: risk control of voxel intervals (--lower/--upper/"
+        "--truth/--organs)",
+    )
     p.add_argument("--epsilon", type=float, help="FNR tolerance (cls, crc)")
     p.add_argument("--alpha", type=float, help="risk level (cls, sets)")
     p.add_argument("--alpha-inner", type=float, help="sets: risk level of the inner set")
     p.add_argument("--alpha-outer", type=float, help="sets: risk level of the outer set")
     p.add_argument("--joint", action="store_true", help="sets: joint guarantee for inner and outer at once")
-    p.add_argument("--joint-method", choices=("split", "max"), default="split",
-                   help="sets --joint: split alpha between the sets (Corollary 2.3, default) or max-based (Theorem 2.4)")
-    p.add_argument("--transform", default="identity",
-                   help="sets: score transform for both sets: identity, distance[:LEVEL] (mm), gaussian:SIGMA_MM, "
-                        "or auto (chosen on --learning-data, kept apart from calibration)")
-    p.add_argument("--learning-data", type=Path, default=None,
-                   help="sets --transform auto: folder with probs/ and labels/ of cases NOT used for calibration")
+    p.add_argument(
+        "--joint-method",
+        choices=("split", "max"),
+        default="split",
+        help="sets --joint: split alpha between the sets (Corollary 2.3, default) or max-based (Theorem 2.4)",
+    )
+    p.add_argument(
+        "--transform",
+        default="identity",
+        help="sets: score transform for both sets: identity, distance[:LEVEL] (mm), gaussian:SIGMA_MM, "
+        "or auto (chosen on --learning-data, kept apart from calibration)",
+    )
+    p.add_argument(
+        "--learning-data",
+        type=Path,
+        default=None,
+        help="sets --transform auto: folder with probs/ and labels/ of cases NOT used for calibration",
+    )
     p.add_argument("--inner-transform", default=None, help="sets: transform of the inner set (overrides --transform)")
     p.add_argument("--outer-transform", default=None, help="sets: transform of the outer set (overrides --transform)")
     add_empty_option(p)
@@ -76,41 +100,65 @@ def open_dataset(args: argparse.Namespace, description: str) -> CalibrationDatas
 
 def request_from_args(args: argparse.Namespace, provenance: dict) -> CalibrationRequest:
     return CalibrationRequest(
-        method=args.method, epsilon=args.epsilon, alpha=args.alpha, alpha_inner=args.alpha_inner,
-        alpha_outer=args.alpha_outer, joint=args.joint_method if args.joint else None,
-        inner_transform=args.inner_transform or args.transform, outer_transform=args.outer_transform or args.transform,
-        empty=args.empty, precision=getattr(args, "precision", "float32"), provenance=provenance)
+        method=args.method,
+        epsilon=args.epsilon,
+        alpha=args.alpha,
+        alpha_inner=args.alpha_inner,
+        alpha_outer=args.alpha_outer,
+        joint=args.joint_method if args.joint else None,
+        inner_transform=args.inner_transform or args.transform,
+        outer_transform=args.outer_transform or args.transform,
+        empty=args.empty,
+        precision=getattr(args, "precision", "float32"),
+        provenance=provenance,
+    )
 
 
 def choose_transforms_from_learning_data(args: argparse.Namespace, provenance: dict) -> None:
     """Resolve ``--transform auto``: pick inner/outer transforms on a separate learning set."""
     if args.learning_data is None:
-        raise ConformalSegError("--transform auto needs --learning-data DIR (cases kept apart from calibration)",
-                                fix="pass --learning-data, or name a transform (identity, distance, gaussian:2)")
-    learning = CalibrationDataset.from_root(args.learning_data, args.lesion_label, args.channel,
-                                            progress=progress_bar("learning transforms"))
+        raise ConformalSegError(
+            "--transform auto needs --learning-data DIR (cases kept apart from calibration)",
+            fix="pass --learning-data, or name a transform (identity, distance, gaussian:2)",
+        )
+    learning = CalibrationDataset.from_root(
+        args.learning_data, args.lesion_label, args.channel, progress=progress_bar("learning transforms")
+    )
     calibration = open_dataset(args, "")
     shared_ids = sorted(set(calibration.case_ids) & set(learning.case_ids))
     if hasattr(calibration, "provenance"):  # calibration maps not made yet: any shared case id is suspect
         same = shared_ids
     else:
-        same = [cid for cid in shared_ids
-                if sha256_file(calibration.paths(cid)[0]) == sha256_file(learning.paths(cid)[0])]
+        same = [
+            cid for cid in shared_ids if sha256_file(calibration.paths(cid)[0]) == sha256_file(learning.paths(cid)[0])
+        ]
     if same:
-        raise ConformalSegError(f"{len(same)} probability map(s) are identical in the learning and the calibration data "
-                                f"(e.g. {same[0]}): choosing the transform on calibration cases breaks the guarantee",
-                                path=args.learning_data, fix="use learning cases kept apart from calibration")
+        raise ConformalSegError(
+            f"{len(same)} probability map(s) are identical in the learning and the calibration data "
+            f"(e.g. {same[0]}): choosing the transform on calibration cases breaks the guarantee",
+            path=args.learning_data,
+            fix="use learning cases kept apart from calibration",
+        )
     alpha_inner = args.alpha_inner if args.alpha_inner is not None else (args.alpha or 0.1)
     alpha_outer = args.alpha_outer if args.alpha_outer is not None else (args.alpha or 0.1)
-    selection = select_transforms(((c.probability.array, c.lesion.array, c.probability.geometry) for c in learning),
-                                  DEFAULT_CANDIDATES, alpha_inner=alpha_inner, alpha_outer=alpha_outer)
+    selection = select_transforms(
+        ((c.probability.array, c.lesion.array, c.probability.geometry) for c in learning),
+        DEFAULT_CANDIDATES,
+        alpha_inner=alpha_inner,
+        alpha_outer=alpha_outer,
+    )
     args.inner_transform, args.outer_transform = selection.inner.name, selection.outer.name
-    provenance["transform_selection"] = {"learning_cases": learning.case_ids,
-                                         "mean_inner_voxels": selection.mean_inner_size,
-                                         "mean_outer_voxels": selection.mean_outer_size,
-                                         "inner": selection.inner.name, "outer": selection.outer.name}
-    print(f"transforms chosen on {len(learning)} learning cases: inner {selection.inner.name}, "
-          f"outer {selection.outer.name}")
+    provenance["transform_selection"] = {
+        "learning_cases": learning.case_ids,
+        "mean_inner_voxels": selection.mean_inner_size,
+        "mean_outer_voxels": selection.mean_outer_size,
+        "inner": selection.inner.name,
+        "outer": selection.outer.name,
+    }
+    print(
+        f"transforms chosen on {len(learning)} learning cases: inner {selection.inner.name}, "
+        f"outer {selection.outer.name}"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -122,8 +170,12 @@ def run(args: argparse.Namespace) -> int:
         check_can_write(args.out)
         check_can_write(args.out.with_suffix(".npz"))
     dataset = open_dataset(args, "calibrating")
-    provenance = {"probs_dir": str(dataset.probs_dir.resolve()), "labels_dir": str(dataset.labels_dir.resolve()),
-                  "lesion_labels": list(dataset.lesion_labels), "probability_channel": args.channel}
+    provenance = {
+        "probs_dir": str(dataset.probs_dir.resolve()),
+        "labels_dir": str(dataset.labels_dir.resolve()),
+        "lesion_labels": list(dataset.lesion_labels),
+        "probability_channel": args.channel,
+    }
     if hasattr(dataset, "provenance"):  # predicted by --model from --images
         provenance["inference"] = dataset.provenance()
         if args.probs_cache is None:

@@ -25,21 +25,37 @@ from pathlib import Path
 from typing import Any
 
 from ..cascade import CascadeConfig, CascadeResult, load_cascade_config, run_cascade
-from ..errors import ConformalSegError
+from ..common.errors import ConformalSegError
 from ..io.volumes import Volume
 
-__all__ = ["CascadeCard", "CascadePredictor", "add_cascade_argument", "cascade_predictor_from_args", "cascade_provenance"]
+__all__ = [
+    "CascadeCard",
+    "CascadePredictor",
+    "add_cascade_argument",
+    "cascade_predictor_from_args",
+    "cascade_provenance",
+]
 
 
 def add_cascade_argument(parser: argparse.ArgumentParser) -> None:
     """Add ``--cascade CONFIG`` and ``--cascade-lungs DIR`` to ``parser``."""
     g = parser.add_argument_group("coarse-to-fine cascade (Isler et al.)")
-    g.add_argument("--cascade", type=Path, default=None, metavar="CONFIG",
-                   help="cascade config JSON (see ConformalSegLib/cascade/config.py): coarse model, anatomy-aware "
-                        "component filters, ROI refinement; replaces the single-model prediction")
-    g.add_argument("--cascade-lungs", type=Path, default=None, metavar="DIR",
-                   help="folder of lung label maps (CASE.nii.gz, same case ids as the images) for a config with "
-                        "lung_source 'labels'")
+    g.add_argument(
+        "--cascade",
+        type=Path,
+        default=None,
+        metavar="CONFIG",
+        help="cascade config JSON (see ConformalSegLib/cascade/config.py): coarse model, anatomy-aware "
+        "component filters, ROI refinement; replaces the single-model prediction",
+    )
+    g.add_argument(
+        "--cascade-lungs",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="folder of lung label maps (CASE.nii.gz, same case ids as the images) for a config with "
+        "lung_source 'labels'",
+    )
 
 
 class CascadePredictor:
@@ -52,12 +68,15 @@ class CascadePredictor:
         self.lungs_dir = lungs_dir
         self._lung_files: dict[str, Path] | None = None
         if config.lung_source == "labels" and config.min_lung_overlap is not None and lungs_dir is None:
-            raise ConformalSegError("the cascade config has lung_source 'labels' but no lung label folder was given",
-                                    path=config.path, fix="pass --cascade-lungs DIR, or use lung_source 'hu'")
+            raise ConformalSegError(
+                "the cascade config has lung_source 'labels' but no lung label folder was given",
+                path=config.path,
+                fix="pass --cascade-lungs DIR, or use lung_source 'hu'",
+            )
 
     # engine-like attributes (of the stage-1 engine, except the card: see CascadeCard)
     @property
-    def card(self) -> "CascadeCard":
+    def card(self) -> CascadeCard:
         return CascadeCard(self)
 
     @property
@@ -83,18 +102,30 @@ class CascadePredictor:
             self._lung_files = scan_folder(self.lungs_dir, probability=False)
         cid = case_id(volume.path) if volume.path else None
         if cid is None:
-            raise ConformalSegError("cannot tell the case id of an in-memory image to find its lung label map",
-                                    fix="give images from files, or use lung_source 'hu'")
+            raise ConformalSegError(
+                "cannot tell the case id of an in-memory image to find its lung label map",
+                fix="give images from files, or use lung_source 'hu'",
+            )
         candidates = [cid] + ([cid[:-5]] if cid.endswith("_0000") else [])
         path = next((self._lung_files[c] for c in candidates if c in self._lung_files), None)
         if path is None:
-            raise ConformalSegError(f"no lung label map for case {cid!r}", path=self.lungs_dir,
-                                    fix=f"add {candidates[-1]}.nii.gz to the folder")
+            raise ConformalSegError(
+                f"no lung label map for case {cid!r}",
+                path=self.lungs_dir,
+                fix=f"add {candidates[-1]}.nii.gz to the folder",
+            )
         return load_label_map(path)
 
     def __call__(self, volume: Volume, *, progress=None, cancel=None) -> CascadeResult:
-        return run_cascade(volume, self.config, self.stage1, self.stage2, lung_labels=self.lung_labels_for(volume),
-                           progress=progress, cancel=cancel)
+        return run_cascade(
+            volume,
+            self.config,
+            self.stage1,
+            self.stage2,
+            lung_labels=self.lung_labels_for(volume),
+            progress=progress,
+            cancel=cancel,
+        )
 
     def predict(self, volume: Volume, *, mc_dropout: int = 0, tta_flips: bool = False):
         """Engine-compatible: the cascade as a ``Prediction``. MC passes come from the config
@@ -106,14 +137,23 @@ class CascadePredictor:
         if tta_flips:
             raise ConformalSegError("--tta is not supported with --cascade", fix="drop --tta")
         if mc_dropout not in (0, self.config.stage2_mc_passes):
-            raise ConformalSegError(f"--mc-dropout {mc_dropout} differs from stage2_mc_passes "
-                                    f"{self.config.stage2_mc_passes} of the cascade config", path=self.config.path,
-                                    fix="set the MC passes in the cascade config (stage2_mc_passes) only")
+            raise ConformalSegError(
+                f"--mc-dropout {mc_dropout} differs from stage2_mc_passes "
+                f"{self.config.stage2_mc_passes} of the cascade config",
+                path=self.config.path,
+                fix="set the MC passes in the cascade config (stage2_mc_passes) only",
+            )
         start = time.perf_counter()
         result = self(volume)
-        return Prediction(probability=result.probability, geometry=volume.geometry, variance=result.variance,
-                          mc_passes=self.config.stage2_mc_passes, seconds=time.perf_counter() - start,
-                          device=str(self.device), info={"cascade": result.table(), **result.info})
+        return Prediction(
+            probability=result.probability,
+            geometry=volume.geometry,
+            variance=result.variance,
+            mc_passes=self.config.stage2_mc_passes,
+            seconds=time.perf_counter() - start,
+            device=str(self.device),
+            info={"cascade": result.table(), **result.info},
+        )
 
     def provenance(self) -> dict[str, Any]:
         return cascade_provenance(self.config, self.stage1, self.stage2)
@@ -148,8 +188,11 @@ class CascadeCard:
 def cascade_provenance(config: CascadeConfig, stage1: Any = None, stage2: Any = None) -> dict[str, Any]:
     """The cascade's identity: config fingerprint and parameters, and the cards' pipeline fingerprints
     (when the stages are engines) and the MC seed."""
-    record: dict[str, Any] = {"config": str(config.path.resolve()) if config.path else None,
-                              "sha256": config.fingerprint(), "parameters": config.parameters()}
+    record: dict[str, Any] = {
+        "config": str(config.path.resolve()) if config.path else None,
+        "sha256": config.fingerprint(),
+        "parameters": config.parameters(),
+    }
     for name, stage in (("stage1", stage1), ("stage2", stage2 if stage2 is not None else stage1)):
         card = getattr(stage, "card", None)
         if card is not None:
@@ -171,12 +214,19 @@ def cascade_predictor_from_args(args: argparse.Namespace) -> CascadePredictor | 
 
     first = config.model_path(1) or getattr(args, "model", None)
     if first is None:
-        raise ConformalSegError("the cascade config has no stage1_model and no --model was given", path=config.path,
-                                fix="set stage1_model in the cascade config or pass --model")
+        raise ConformalSegError(
+            "the cascade config has no stage1_model and no --model was given",
+            path=config.path,
+            fix="set stage1_model in the cascade config or pass --model",
+        )
     seed = getattr(args, "dropout_seed", None)
     seed = getattr(args, "seed", 0) if seed is None else seed
-    options = {"device": getattr(args, "device", "auto"), "amp": not getattr(args, "no_amp", False),
-               "sw_batch_size": getattr(args, "sw_batch_size", None), "seed": seed}
+    options: dict[str, Any] = {
+        "device": getattr(args, "device", "auto"),
+        "amp": not getattr(args, "no_amp", False),
+        "sw_batch_size": getattr(args, "sw_batch_size", None),
+        "seed": seed,
+    }
     stage1 = InferenceEngine(resolve_model(first), **options)
     second = config.model_path(2)
     stage2 = InferenceEngine(resolve_model(second), **options) if second is not None else None

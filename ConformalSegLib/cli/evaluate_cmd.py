@@ -5,28 +5,40 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..evaluation import TqdmProgress, evaluate_dataset
-from ..reporting import write_report
+from ..evaluation.progress import TqdmProgress
+from ..evaluation.protocol import evaluate_dataset
+from ..evaluation.report import write_report
 from .calibrate_cmd import add_data_options, open_dataset
 from .common import add_empty_option, add_force
 from .interval_options import add_interval_evaluate_arguments, run_interval_evaluate
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("evaluate", help="test ECR, FNR, PC, set coverage, Dice and HD95 over random splits",
-                       description="Repeated random calibration/test splits (Tan et al.: 100 splits, half for "
-                                   "calibration): test FNR and ECR for the fixed 0.5 threshold, CLS and expected-FNR "
-                                   "control across epsilon and alpha grids, prediction compactness, confidence-set "
-                                   "coverage and sizes, Dice and HD95. Writes results.json, report.md and PNG plots.")
+    p = sub.add_parser(
+        "evaluate",
+        help="test ECR, FNR, PC, set coverage, Dice and HD95 over random splits",
+        description="Repeated random calibration/test splits (Tan et al.: 100 splits, half for "
+        "calibration): test FNR and ECR for the fixed 0.5 threshold, CLS and expected-FNR "
+        "control across epsilon and alpha grids, prediction compactness, confidence-set "
+        "coverage and sizes, Dice and HD95. Writes results.json, report.md and PNG plots.",
+    )
     add_data_options(p)
     p.add_argument("--splits", type=int, default=100, help="number of random splits (default 100)")
     p.add_argument("--cal-fraction", type=float, default=0.5, help="share of cases used for calibration (default 0.5)")
     p.add_argument("--epsilons", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.3], help="FNR tolerances")
     p.add_argument("--alphas", type=float, nargs="+", default=[0.05, 0.1, 0.15, 0.2, 0.3], help="risk levels")
-    p.add_argument("--main-epsilon", type=float, default=None, help="setting for HD95 and the FNR plot (default: first)")
-    p.add_argument("--main-alpha", type=float, default=None, help="setting for HD95 and the FNR plot (default: 0.1 if listed)")
-    p.add_argument("--transforms", nargs="+", default=["identity", "distance"],
-                   help="score transforms for the confidence sets (identity, distance[:LEVEL], gaussian:SIGMA_MM)")
+    p.add_argument(
+        "--main-epsilon", type=float, default=None, help="setting for HD95 and the FNR plot (default: first)"
+    )
+    p.add_argument(
+        "--main-alpha", type=float, default=None, help="setting for HD95 and the FNR plot (default: 0.1 if listed)"
+    )
+    p.add_argument(
+        "--transforms",
+        nargs="+",
+        default=["identity", "distance"],
+        help="score transforms for the confidence sets (identity, distance[:LEVEL], gaussian:SIGMA_MM)",
+    )
     p.add_argument("--no-hd95", action="store_true", help="skip HD95 (the slowest metric)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random splits")
     add_interval_evaluate_arguments(p)
@@ -43,13 +55,25 @@ def run(args: argparse.Namespace) -> int:
     dataset.progress = None  # the evaluation draws its own bars
     main_alpha = args.main_alpha if args.main_alpha is not None else (0.1 if 0.1 in args.alphas else None)
     with TqdmProgress() as progress:
-        result = evaluate_dataset(dataset, epsilons=args.epsilons, alphas=args.alphas, main_alpha=main_alpha,
-                                  main_epsilon=args.main_epsilon, splits=args.splits, cal_fraction=args.cal_fraction,
-                                  seed=args.seed, transforms=tuple(args.transforms), hd95=not args.no_hd95,
-                                  empty=args.empty or "exclude", progress=progress)
+        result = evaluate_dataset(
+            dataset,
+            epsilons=args.epsilons,
+            alphas=args.alphas,
+            main_alpha=main_alpha,
+            main_epsilon=args.main_epsilon,
+            splits=args.splits,
+            cal_fraction=args.cal_fraction,
+            seed=args.seed,
+            transforms=tuple(args.transforms),
+            hd95=not args.no_hd95,
+            empty=args.empty or "exclude",
+            progress=progress,
+        )
     written = write_report(result, args.out, force=args.force)
     for line in result.warnings:
         print(f"warning: {line}")
-    print(f"evaluated {result.n_cases} cases over {args.splits} splits; wrote {len(written)} files to {args.out} "
-          f"(start with {args.out / 'report.md'})")
+    print(
+        f"evaluated {result.n_cases} cases over {args.splits} splits; wrote {len(written)} files to {args.out} "
+        f"(start with {args.out / 'report.md'})"
+    )
     return 0

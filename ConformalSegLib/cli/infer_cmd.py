@@ -31,9 +31,10 @@ import json
 import platform
 import time
 from pathlib import Path
+from typing import Any
 
 from .. import __version__
-from ..errors import ConformalSegError
+from ..common.errors import ConformalSegError
 from ..io.atomic import atomic_write_text, check_can_write
 from .cascade_options import add_cascade_argument, cascade_predictor_from_args
 from .common import add_force, progress_bar
@@ -43,27 +44,55 @@ INFERENCE_FORMAT_VERSION = 1
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("infer", help="run a network (model card) on images and write probability maps",
-                       description="Predict lesion probability maps (and MC-dropout uncertainty maps) for every "
-                                   "image in --images with the pipeline fixed by a model card, on each image's own "
-                                   "grid, ready for `calibrate`/`apply`.")
-    p.add_argument("--model", type=Path, default=None,
-                   help="model card .json, folder with model_card.json (also a MONAI bundle), or a TorchScript "
-                        "file X.ts/X.pt with its card X.json beside it")
-    p.add_argument("--images", type=Path, required=True,
-                   help="image file, folder of images (.nii.gz/.nrrd/.mha), or an MSD/nnU-Net dataset folder")
-    p.add_argument("--subset", choices=("all", "tr", "ts"), default="all",
-                   help="MSD/nnU-Net datasets: imagesTr and imagesTs (all, default), imagesTr (tr) or imagesTs (ts)")
+    p = sub.add_parser(
+        "infer",
+        help="run a network (model card) on images and write probability maps",
+        description="Predict lesion probability maps (and MC-dropout uncertainty maps) for every "
+        "image in --images with the pipeline fixed by a model card, on each image's own "
+        "grid, ready for `calibrate`/`apply`.",
+    )
+    p.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="model card .json, folder with model_card.json (also a MONAI bundle), or a TorchScript "
+        "file X.ts/X.pt with its card X.json beside it",
+    )
+    p.add_argument(
+        "--images",
+        type=Path,
+        required=True,
+        help="image file, folder of images (.nii.gz/.nrrd/.mha), or an MSD/nnU-Net dataset folder",
+    )
+    p.add_argument(
+        "--subset",
+        choices=("all", "tr", "ts"),
+        default="all",
+        help="MSD/nnU-Net datasets: imagesTr and imagesTs (all, default), imagesTr (tr) or imagesTs (ts)",
+    )
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--mc-dropout", type=int, default=0, metavar="N",
-                   help="MC dropout passes (run as one batch); the probability is their mean, and variance and "
-                        "entropy maps are written (default 0: deterministic)")
+    p.add_argument(
+        "--mc-dropout",
+        type=int,
+        default=0,
+        metavar="N",
+        help="MC dropout passes (run as one batch); the probability is their mean, and variance and "
+        "entropy maps are written (default 0: deterministic)",
+    )
     p.add_argument("--tta", action="store_true", help="average over the 8 flips of the spatial axes")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="auto: CUDA when available (default); cuda without a GPU falls back to the CPU")
+    p.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="auto: CUDA when available (default); cuda without a GPU falls back to the CPU",
+    )
     p.add_argument("--no-amp", action="store_true", help="CUDA: full float32 instead of float16 mixed precision")
-    p.add_argument("--sw-batch-size", type=int, default=None,
-                   help="windows per forward call (default: the model card's); speed/memory only")
+    p.add_argument(
+        "--sw-batch-size",
+        type=int,
+        default=None,
+        help="windows per forward call (default: the model card's); speed/memory only",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the MC dropout masks (default 0)")
     add_cascade_argument(p)
     add_force(p)
@@ -84,44 +113,38 @@ def quantile_output_paths(out: Path, case_id: str) -> dict[str, Path]:
     return {"lower": out / "lower" / f"{case_id}.nii.gz", "upper": out / "upper" / f"{case_id}.nii.gz"}
 
 
-def run(args: argparse.Namespace) -> int:
-    from ..inference import InferenceEngine, find_images, resolve_model
-    from ..inference.model_dataset import inference_provenance
-    from ..io.volumes import load_image, save_volume
-
+def _check_options(args: argparse.Namespace) -> None:
     if args.mc_dropout < 0:
         raise ConformalSegError(f"--mc-dropout must be >= 0, got {args.mc_dropout}")
     if args.sw_batch_size is not None and args.sw_batch_size < 1:
         raise ConformalSegError(f"--sw-batch-size must be >= 1, got {args.sw_batch_size}")
     if args.out.exists() and not args.out.is_dir():
         raise ConformalSegError("output path exists and is not a folder", path=args.out, fix="give a folder for --out")
-    cascade = cascade_predictor_from_args(args)  # builds its own engines from the config (and --model)
-    if cascade is None and args.model is None:
-        raise ConformalSegError("no model given", fix="pass --model CARD.json (or --cascade CONFIG)")
-    card = cascade.card if cascade is not None else resolve_model(args.model)
-    quantile = card.output.is_quantile
-    if quantile and (args.mc_dropout or args.tta or cascade is not None):
-        raise ConformalSegError(f"{card.describe()} is a quantile regression model: --mc-dropout, --tta and "
-                                "--cascade apply to lesion models only", fix="run it without those options")
-    cases = find_images(args.images, subset=args.subset)
-    mc = args.mc_dropout > 0 or (cascade is not None and cascade.config.stage2_mc_passes > 0)
-    report_path = args.out / "inference.json"
-    planned = [(case, quantile_output_paths(args.out, case.case_id) if quantile else
-                output_paths(args.out, case.case_id, mc, entropy=cascade is None)) for case in cases]
-    if not args.force:  # fail before the long run, not after it
+
+
+def _check_outputs(planned: list[tuple[Any, dict[str, Path]]], report_path: Path, args: argparse.Namespace) -> None:
+    """Refuse existing outputs (unless ``--force``) before anything runs."""
+    if not args.force:
         existing = [p for _, paths in planned for p in paths.values() if p.exists()]
         if report_path.exists():
             existing.append(report_path)
         if existing:
-            raise ConformalSegError(f"{len(existing)} output file(s) already exist (e.g. {existing[0]})", path=args.out,
-                                    fix="pass --force to overwrite or choose another --out")
+            raise ConformalSegError(
+                f"{len(existing)} output file(s) already exist (e.g. {existing[0]})",
+                path=args.out,
+                fix="pass --force to overwrite or choose another --out",
+            )
     check_can_write(report_path, force=args.force)
 
-    engine = cascade or InferenceEngine(card, device=args.device, amp=not args.no_amp,
-                                        sw_batch_size=args.sw_batch_size, seed=args.seed)
+
+def _predict_all(
+    engine: Any, planned: list[tuple[Any, dict[str, Path]]], args: argparse.Namespace, *, quantile: bool, mc: bool
+) -> list[dict[str, Any]]:
+    """Predict and write every planned case, one at a time; return the per-case records."""
+    from ..io.volumes import load_image, save_volume
+
     progress = progress_bar("inference")
     records = []
-    started = time.perf_counter()
     progress(0, len(planned), "")  # show the bar before the first (possibly long) case
     for done, (case, paths) in enumerate(planned, start=1):
         t0 = time.perf_counter()
@@ -137,20 +160,66 @@ def run(args: argparse.Namespace) -> int:
             save_volume(prediction.variance, volume.geometry, paths["variance"], force=args.force)
             if "entropy" in paths:
                 save_volume(prediction.entropy, volume.geometry, paths["entropy"], force=args.force)
-        record = {"case_id": case.case_id, "image": str(case.path.resolve()),
-                  **{key: str(path.relative_to(args.out)) for key, path in paths.items()},
-                  "seconds": round(time.perf_counter() - t0, 3),
-                  "inference_seconds": round(prediction.seconds, 3),
-                  "windows": prediction.info.get("windows")}
-        records.append(record)
+        records.append(
+            {
+                "case_id": case.case_id,
+                "image": str(case.path.resolve()),
+                **{key: str(path.relative_to(args.out)) for key, path in paths.items()},
+                "seconds": round(time.perf_counter() - t0, 3),
+                "inference_seconds": round(prediction.seconds, 3),
+                "windows": prediction.info.get("windows"),
+            }
+        )
         progress(done, len(planned), case.case_id)
         del volume, prediction
+    return records
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..inference import InferenceEngine, find_images, resolve_model
+    from ..inference.model_dataset import inference_provenance
+
+    _check_options(args)
+    cascade = cascade_predictor_from_args(args)  # builds its own engines from the config (and --model)
+    if cascade is None and args.model is None:
+        raise ConformalSegError("no model given", fix="pass --model CARD.json (or --cascade CONFIG)")
+    card: Any = cascade.card if cascade is not None else resolve_model(args.model)  # a CascadeCard reads like one
+    quantile = card.output.is_quantile
+    if quantile and (args.mc_dropout or args.tta or cascade is not None):
+        raise ConformalSegError(
+            f"{card.describe()} is a quantile regression model: --mc-dropout, --tta and "
+            "--cascade apply to lesion models only",
+            fix="run it without those options",
+        )
+    cases = find_images(args.images, subset=args.subset)
+    mc = args.mc_dropout > 0 or (cascade is not None and cascade.config.stage2_mc_passes > 0)
+    report_path = args.out / "inference.json"
+    planned = [
+        (
+            case,
+            quantile_output_paths(args.out, case.case_id)
+            if quantile
+            else output_paths(args.out, case.case_id, mc, entropy=cascade is None),
+        )
+        for case in cases
+    ]
+    _check_outputs(planned, report_path, args)  # before the long run, not after it
+
+    engine: Any = cascade or InferenceEngine(
+        card, device=args.device, amp=not args.no_amp, sw_batch_size=args.sw_batch_size, seed=args.seed
+    )
+    started = time.perf_counter()
+    records = _predict_all(engine, planned, args, quantile=quantile, mc=mc)
     report = {
-        "format": INFERENCE_FORMAT, "format_version": INFERENCE_FORMAT_VERSION,
+        "format": INFERENCE_FORMAT,
+        "format_version": INFERENCE_FORMAT_VERSION,
         **inference_provenance(card, engine, mc_dropout=args.mc_dropout, tta_flips=args.tta, seed=args.seed),
         **(cascade.provenance() if cascade is not None else {}),
-        "card_content": card.to_dict(), "seeded_dropout": bool(mc and getattr(engine, "seeded_dropout", True)),
-        "sw_batch_size": getattr(engine, "sw_batch_size", None), "images": str(args.images.resolve()), "cases": records,
+        "card_content": card.to_dict(),
+        "seeded_dropout": bool(mc and getattr(engine, "seeded_dropout", True)),
+        "sw_batch_size": getattr(engine, "sw_batch_size", None),
+        "images": str(args.images.resolve()),
+        "cases": records,
         "total_seconds": round(time.perf_counter() - started, 3),
         "created_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "versions": _versions(),
@@ -158,11 +227,16 @@ def run(args: argparse.Namespace) -> int:
     atomic_write_text(report_path, json.dumps(report, indent=2) + "\n", force=args.force)
     if quantile:
         levels = card.output.quantiles
-        print(f"wrote {len(records)} quantile interval(s): q_{levels[0]:g} to {args.out / 'lower'}, "
-              f"q_{levels[-1]:g} to {args.out / 'upper'}; report {report_path}")
+        print(
+            f"wrote {len(records)} quantile interval(s): q_{levels[0]:g} to {args.out / 'lower'}, "
+            f"q_{levels[-1]:g} to {args.out / 'upper'}; report {report_path}"
+        )
         return 0
-    print(f"wrote {len(records)} probability map(s) to {args.out / 'probs'}"
-          + (f" and uncertainty maps to {args.out / 'uncertainty'}" if mc else "") + f"; report {report_path}")
+    print(
+        f"wrote {len(records)} probability map(s) to {args.out / 'probs'}"
+        + (f" and uncertainty maps to {args.out / 'uncertainty'}" if mc else "")
+        + f"; report {report_path}"
+    )
     return 0
 
 
@@ -170,6 +244,10 @@ def _versions() -> dict[str, str]:
     import monai
     import torch
 
-    return {"conformalseg": __version__, "torch": torch.__version__, "monai": monai.__version__,
-            "python": platform.python_version(),
-            "cuda": torch.version.cuda or "none"}
+    return {
+        "conformalseg": __version__,
+        "torch": torch.__version__,
+        "monai": monai.__version__,
+        "python": platform.python_version(),
+        "cuda": torch.version.cuda or "none",
+    }

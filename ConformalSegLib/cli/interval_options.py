@@ -18,8 +18,9 @@ import argparse
 import json
 import math
 from pathlib import Path
+from typing import Any
 
-from ..errors import ConformalSegError
+from ..common.errors import ConformalSegError
 from ..io.atomic import check_can_write
 from ..io.volumes import check_same_geometry, load_label_map, save_volume
 from ..semcrc.anchor import DEFAULT_GAMMAS
@@ -28,12 +29,19 @@ from ..semcrc.workflow import CLI_METHODS, apply_interval, calibrate_interval, l
 from .common import progress_bar
 
 INTERVAL_METHODS: tuple[str, ...] = tuple(CLI_METHODS)
-__all__ = ["INTERVAL_METHODS", "add_interval_arguments", "add_interval_apply_arguments",
-           "add_interval_evaluate_arguments", "is_interval_profile", "run_interval_apply", "run_interval_calibrate",
-           "run_interval_evaluate"]
+__all__ = [
+    "INTERVAL_METHODS",
+    "add_interval_arguments",
+    "add_interval_apply_arguments",
+    "add_interval_evaluate_arguments",
+    "is_interval_profile",
+    "run_interval_apply",
+    "run_interval_calibrate",
+    "run_interval_evaluate",
+]
 
 
-def _add(parser: argparse.ArgumentParser, flag: str, **kwargs) -> None:
+def _add(parser: argparse._ActionsContainer, flag: str, **kwargs: Any) -> None:
     if flag not in parser._option_string_actions:  # noqa: SLF001 - argparse has no public query
         parser.add_argument(flag, **kwargs)
 
@@ -52,21 +60,46 @@ def add_interval_arguments(parser: argparse.ArgumentParser) -> None:
     _add(g, "--upper", type=Path, help="folder of upper quantile maps (q_hi), same case ids")
     _add(g, "--truth", type=Path, help="folder of ground-truth images, same case ids")
     _add(g, "--organs", type=Path, help="folder of organ label maps s(y) (segmentation model output), same case ids")
-    _add(g, "--organ-labels", default=None,
-         help="organ label values and names, e.g. 1=spleen,2=kidney,3=kidney,6=liver (other voxels are 'body')")
-    _add(g, "--body", choices=("all", "nonzero"), default="all",
-         help="voxels that count: all (default) or label > 0 in the organ map (excludes background)")
+    _add(
+        g,
+        "--organ-labels",
+        default=None,
+        help="organ label values and names, e.g. 1=spleen,2=kidney,3=kidney,6=liver (other voxels are 'body')",
+    )
+    _add(
+        g,
+        "--body",
+        choices=("all", "nonzero"),
+        default="all",
+        help="voxels that count: all (default) or label > 0 in the organ map (excludes background)",
+    )
     _add(g, "--n-opt", type=int, default=32, help="k-crc/sem-crc: scans of the optimisation split S_opt (default 32)")
-    _add(g, "--d-opt", type=int, default=None,
-         help="voxels per S_opt scan for the anchor problem (default: k-crc 50; sem-crc d_min / smallest organ fraction)")
+    _add(
+        g,
+        "--d-opt",
+        type=int,
+        default=None,
+        help="voxels per S_opt scan for the anchor problem "
+        "(default: k-crc 50; sem-crc d_min / smallest organ fraction)",
+    )
     _add(g, "--d-min", type=int, default=2, help="sem-crc: at least this many sampled voxels per organ and scan")
     _add(g, "--k-groups", type=int, default=4, help="k-crc: number of loss-quantile groups K (default 4)")
-    _add(g, "--gammas", type=_gammas, default=DEFAULT_GAMMAS,
-         help="surrogate gamma grid, comma-separated in (0,1) (default 0.1,0.3,0.5,0.7,0.9)")
+    _add(
+        g,
+        "--gammas",
+        type=_gammas,
+        default=DEFAULT_GAMMAS,
+        help="surrogate gamma grid, comma-separated in (0,1) (default 0.1,0.3,0.5,0.7,0.9)",
+    )
     _add(g, "--lambda-max", type=float, default=None, help="upper bound on lambda (image units; default none)")
-    _add(g, "--organ-omega-from", choices=("anchor", "zero"), default="anchor",
-         help="sem-crc-organ: lambda_k = anchor_k + omega_k with omega_k >= 0 (anchor, the paper's eq. 12) "
-              "or lambda_k >= 0 (zero: shorter, same guarantee)")
+    _add(
+        g,
+        "--organ-omega-from",
+        choices=("anchor", "zero"),
+        default="anchor",
+        help="sem-crc-organ: lambda_k = anchor_k + omega_k with omega_k >= 0 (anchor, the paper's eq. 12) "
+        "or lambda_k >= 0 (zero: shorter, same guarantee)",
+    )
     _add(g, "--seed", type=int, default=0, help="seed of the S_opt/S_cal split and the voxel subsampling")
 
 
@@ -99,18 +132,31 @@ def run_interval_calibrate(args: argparse.Namespace) -> int:
         return _calibrate_from_model(args)
     for flag in ("lower", "upper", "truth"):
         if getattr(args, flag, None) is None:
-            raise ConformalSegError(f"--method {args.method} needs --{flag} DIR",
-                                    fix="pass --lower DIR --upper DIR --truth DIR [--organs DIR --organ-labels ...]")
+            raise ConformalSegError(
+                f"--method {args.method} needs --{flag} DIR",
+                fix="pass --lower DIR --upper DIR --truth DIR [--organs DIR --organ-labels ...]",
+            )
     if args.epsilon is None:
         raise ConformalSegError(f"--method {args.method} needs --epsilon", fix="pass e.g. --epsilon 0.1")
     if args.out.suffix.lower() != ".json":
-        raise ConformalSegError("the profile file name must end in .json", path=args.out, fix="e.g. --out intervals.json")
+        raise ConformalSegError(
+            "the profile file name must end in .json", path=args.out, fix="e.g. --out intervals.json"
+        )
     if not args.force:
         check_can_write(args.out)
     method = CLI_METHODS[args.method]
-    profile = calibrate_interval(method, args.lower, args.upper, args.truth, args.organs, args.epsilon,
-                                 organs=args.organ_labels, body=args.body, progress=progress_bar("calibrating"),
-                                 **_options(args, method))
+    profile = calibrate_interval(
+        method,
+        args.lower,
+        args.upper,
+        args.truth,
+        args.organs,
+        args.epsilon,
+        organs=args.organ_labels,
+        body=args.body,
+        progress=progress_bar("calibrating"),
+        **_options(args, method),
+    )
     if getattr(args, "inference_record", None):
         profile.provenance["inference"] = args.inference_record
     written = profile.save(args.out, force=args.force)
@@ -125,8 +171,11 @@ def run_interval_apply(args: argparse.Namespace) -> int:
     """``apply`` with an interval profile: write lower/upper/length volumes and the per-group table."""
     profile = load_interval_profile(args.profile)
     if args.lower is None or args.upper is None:
-        raise ConformalSegError("an interval profile needs --lower FILE and --upper FILE", path=args.profile,
-                                fix="pass the new scan's quantile maps")
+        raise ConformalSegError(
+            "an interval profile needs --lower FILE and --upper FILE",
+            path=args.profile,
+            fix="pass the new scan's quantile maps",
+        )
     lower = load_float_volume(args.lower, "lower quantile map")
     upper = load_float_volume(args.upper, "upper quantile map")
     check_same_geometry(lower, upper, what="lower and upper quantile maps")
@@ -136,8 +185,11 @@ def run_interval_apply(args: argparse.Namespace) -> int:
         check_same_geometry(lower, label_map, what="lower quantile map and organ label map")
         organs = label_map.array
     elif profile.calibration.method.startswith("sem-crc") or profile.body == "nonzero":
-        raise ConformalSegError(f"a {profile.calibration.method} profile needs the scan's organ label map",
-                                path=args.profile, fix="pass --organs FILE (same segmentation model as calibration)")
+        raise ConformalSegError(
+            f"a {profile.calibration.method} profile needs the scan's organ label map",
+            path=args.profile,
+            fix="pass --organs FILE (same segmentation model as calibration)",
+        )
     truth = None
     if args.truth is not None:
         truth_volume = load_float_volume(args.truth, "ground-truth image")
@@ -152,9 +204,18 @@ def run_interval_apply(args: argparse.Namespace) -> int:
             check_can_write(path)
     for key, name in names.items():
         save_volume(getattr(result, key), lower.geometry, out / name, force=args.force)
-    write_interval_table(result.table, table_csv, table_json, force=args.force,
-                         extra={"profile": str(Path(args.profile).resolve()), "method": profile.calibration.method,
-                                "epsilon": profile.calibration.epsilon, "guarantee": profile.calibration.guarantee})
+    write_interval_table(
+        result.table,
+        table_csv,
+        table_json,
+        force=args.force,
+        extra={
+            "profile": str(Path(args.profile).resolve()),
+            "method": profile.calibration.method,
+            "epsilon": profile.calibration.epsilon,
+            "guarantee": profile.calibration.guarantee,
+        },
+    )
     print(json.dumps({row["group"]: row["lambda"] if math.isfinite(row["lambda"]) else "inf" for row in result.table}))
     print(f"wrote {', '.join(names.values())}, {table_csv.name} and {table_json.name} to {out}")
     return 0
@@ -177,24 +238,36 @@ def run_interval_evaluate(args: argparse.Namespace) -> int:
 
     for flag in ("upper", "truth"):
         if getattr(args, flag, None) is None:
-            raise ConformalSegError(f"interval evaluation needs --{flag} DIR",
-                                    fix="pass --lower DIR --upper DIR --truth DIR --organs DIR --organ-labels ...")
+            raise ConformalSegError(
+                f"interval evaluation needs --{flag} DIR",
+                fix="pass --lower DIR --upper DIR --truth DIR --organs DIR --organ-labels ...",
+            )
     organ_map = as_organ_map(args.organ_labels)
     methods = ("crc", "k-crc") + (("sem-crc", "sem-crc-organ") if args.organs is not None and organ_map.labels else ())
     if not args.force:
         check_can_write(args.out / "interval_evaluation.json")
-    data = load_interval_data(args.lower, args.upper, args.truth, args.organs, organ_map, args.body,
-                              progress=progress_bar("loading"))
+    data = load_interval_data(
+        args.lower, args.upper, args.truth, args.organs, organ_map, args.body, progress=progress_bar("loading")
+    )
     n_cal = args.n_cal if args.n_cal is not None else data.n // 2
-    options = {"lambda_max": args.lambda_max, "n_opt": args.n_opt, "gammas": args.gammas, "d_min": args.d_min,
-               "k": args.k_groups, "from_anchor": args.organ_omega_from == "anchor"}
+    options = {
+        "lambda_max": args.lambda_max,
+        "n_opt": args.n_opt,
+        "gammas": args.gammas,
+        "d_min": args.d_min,
+        "k": args.k_groups,
+        "from_anchor": args.organ_omega_from == "anchor",
+    }
     if args.d_opt is not None:
         options["d_opt"] = args.d_opt
-    summary = evaluate_interval_methods(data, args.interval_epsilon, runs=args.runs, n_cal=n_cal, methods=methods,
-                                        seed=args.seed, **options)
+    summary = evaluate_interval_methods(
+        data, args.interval_epsilon, runs=args.runs, n_cal=n_cal, methods=methods, seed=args.seed, **options
+    )
     written = write_interval_evaluation(summary, args.out, force=args.force)
-    print(f"evaluated {', '.join(methods)} over {args.runs} calibrations of {n_cal} scans; wrote "
-          + ", ".join(str(p) for p in written))
+    print(
+        f"evaluated {', '.join(methods)} over {args.runs} calibrations of {n_cal} scans; wrote "
+        + ", ".join(str(p) for p in written)
+    )
     return 0
 
 
@@ -207,14 +280,18 @@ def _calibrate_from_model(args: argparse.Namespace) -> int:
     from ..semcrc.workflow import predict_quantile_folder
 
     if args.model is None:
-        raise ConformalSegError("--images needs --model (a quantile regression model card)",
-                                fix="pass --model CARD.json, or give --lower/--upper folders")
+        raise ConformalSegError(
+            "--images needs --model (a quantile regression model card)",
+            fix="pass --model CARD.json, or give --lower/--upper folders",
+        )
     with tempfile.TemporaryDirectory(prefix="conformalseg-quantiles-") as tmp:
         folder = args.probs_cache if getattr(args, "probs_cache", None) is not None else Path(tmp)
         card = resolve_model(args.model)
         predict_quantile_folder(card, args.images, folder, device=args.device, force=args.force)
         args.lower, args.upper = folder / "lower", folder / "upper"
-        args.inference_record = {"model": {"name": card.name, "card": str(card.path) if card.path else None,
-                                           "sha256": card.sha256()},
-                                 "pipeline_sha256": card.pipeline_sha256(), "images": str(args.images.resolve())}
+        args.inference_record = {
+            "model": {"name": card.name, "card": str(card.path) if card.path else None, "sha256": card.sha256()},
+            "pipeline_sha256": card.pipeline_sha256(),
+            "images": str(args.images.resolve()),
+        }
         return run_interval_calibrate(args)

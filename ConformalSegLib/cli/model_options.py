@@ -10,53 +10,87 @@ from __future__ import annotations
 import argparse
 import tempfile
 from pathlib import Path
+from typing import Any
 
-from ..errors import ConformalSegError
+from ..common.errors import ConformalSegError
 from .cascade_options import add_cascade_argument, cascade_predictor_from_args
 from .common import progress_bar
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("predicting the probability maps with a model (instead of --probs)")
-    g.add_argument("--model", type=Path, default=None,
-                   help="model card .json / folder / TorchScript (with --images: run it on every image); with --probs: "
-                        "the model file the maps came from (its SHA-256 is recorded)")
-    g.add_argument("--images", type=Path, default=None,
-                   help="folder of images, or an MSD/nnU-Net dataset folder, matched to --labels by case id")
-    g.add_argument("--mc-dropout", type=int, default=0, metavar="N",
-                   help="MC dropout passes; the probability is their mean (use the same N at test time)")
+    g.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="model card .json / folder / TorchScript (with --images: run it on every image); with --probs: "
+        "the model file the maps came from (its SHA-256 is recorded)",
+    )
+    g.add_argument(
+        "--images",
+        type=Path,
+        default=None,
+        help="folder of images, or an MSD/nnU-Net dataset folder, matched to --labels by case id",
+    )
+    g.add_argument(
+        "--mc-dropout",
+        type=int,
+        default=0,
+        metavar="N",
+        help="MC dropout passes; the probability is their mean (use the same N at test time)",
+    )
     g.add_argument("--tta", action="store_true", help="average over the 8 flips of the spatial axes")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="inference device (default auto)")
     g.add_argument("--dropout-seed", type=int, default=0, help="seed of the MC dropout masks (default 0)")
-    g.add_argument("--probs-cache", type=Path, default=None,
-                   help="keep the predicted probability maps in this folder (default: a temporary folder)")
+    g.add_argument(
+        "--probs-cache",
+        type=Path,
+        default=None,
+        help="keep the predicted probability maps in this folder (default: a temporary folder)",
+    )
     add_cascade_argument(p)
 
 
 def open_model_dataset(args: argparse.Namespace, description: str):
     """The :class:`~ConformalSegLib.inference.model_dataset.InferenceDataset` of ``--model --images --labels``."""
     if args.model is None and getattr(args, "cascade", None) is None:
-        raise ConformalSegError("--images needs --model (the network that predicts the probability maps)",
-                                fix="pass --model CARD.json or --cascade CONFIG (or use precomputed maps with --probs)")
+        raise ConformalSegError(
+            "--images needs --model (the network that predicts the probability maps)",
+            fix="pass --model CARD.json or --cascade CONFIG (or use precomputed maps with --probs)",
+        )
     if args.labels is None:
-        raise ConformalSegError("--images needs --labels DIR (the ground truth of the same cases)",
-                                fix="pass --labels DIR")
+        raise ConformalSegError(
+            "--images needs --labels DIR (the ground truth of the same cases)", fix="pass --labels DIR"
+        )
     if args.probs is not None or args.data is not None:
         raise ConformalSegError("give either --images (with --model) or --probs/--data, not both")
     if getattr(args, "channel", None) is not None:
-        raise ConformalSegError("--channel applies to precomputed multi-channel maps, not to --model",
-                                fix="the model card's output.lesion_channel chooses the channel")
+        raise ConformalSegError(
+            "--channel applies to precomputed multi-channel maps, not to --model",
+            fix="the model card's output.lesion_channel chooses the channel",
+        )
     from ..inference import InferenceEngine, resolve_model
     from ..inference.model_dataset import InferenceDataset
 
-    engine = cascade_predictor_from_args(args) or InferenceEngine(resolve_model(args.model), device=args.device,
-                                                                  seed=args.dropout_seed)
+    # a cascade predictor stands in for an engine (it predicts alike)
+    engine: Any = cascade_predictor_from_args(args) or InferenceEngine(
+        resolve_model(args.model), device=args.device, seed=args.dropout_seed
+    )
     temporary = None
     cache = args.probs_cache
     if cache is None:
         temporary = tempfile.TemporaryDirectory(prefix="conformalseg-probs-")
         cache = Path(temporary.name) / "probs"
-    dataset = InferenceDataset(engine, args.images, args.labels, args.lesion_label, cache, mc_dropout=args.mc_dropout,
-                               tta_flips=args.tta, progress=progress_bar(description))
-    dataset.temporary_cache = temporary  # removed when the dataset is garbage collected or at exit
+    dataset = InferenceDataset(
+        engine,
+        args.images,
+        args.labels,
+        args.lesion_label,
+        cache,
+        mc_dropout=args.mc_dropout,
+        tta_flips=args.tta,
+        progress=progress_bar(description),
+    )
+    # removed when the dataset is garbage collected or at exit
+    dataset.temporary_cache = temporary  # type: ignore[attr-defined]
     return dataset

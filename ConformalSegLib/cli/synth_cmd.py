@@ -5,14 +5,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..synthetic_dataset import LESION_LABEL, write_synthetic_dataset
+from ..phantoms.simulated_dataset import LESION_LABEL, write_synthetic_dataset
 from .common import add_force, progress_bar
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("synth", help="write a synthetic dataset (imitated network outputs with ground truth)",
-                       description="Deterministic synthetic CT-like cases with imperfect probability maps, "
-                                   f"written as DIR/probs, DIR/labels (lesion label {LESION_LABEL}) and DIR/images.")
+    p = sub.add_parser(
+        "synth",
+        help="write a synthetic dataset (imitated network outputs with ground truth)",
+        description="Deterministic synthetic CT-like cases with imperfect probability maps, "
+        f"written as DIR/probs, DIR/labels (lesion label {LESION_LABEL}) and DIR/images.",
+    )
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--cases", type=int, default=40, help="number of cases (default 40)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -22,9 +25,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    write_synthetic_dataset(args.out, args.cases, seed=args.seed, force=args.force,
-                            empty_probability=args.empty_fraction, progress=progress_bar("writing"))
-    print(f"wrote {args.cases} cases to {args.out} (lesion label {LESION_LABEL}); "
-          f"try: conformalseg calibrate --method cls --data {args.out} --lesion-label {LESION_LABEL} "
-          f"--epsilon 0.1 --alpha 0.1 --out profile.json")
+    write_synthetic_dataset(
+        args.out,
+        args.cases,
+        seed=args.seed,
+        force=args.force,
+        empty_probability=args.empty_fraction,
+        progress=progress_bar("writing"),
+    )
+    print(
+        f"wrote {args.cases} cases to {args.out} (lesion label {LESION_LABEL}); "
+        f"try: conformalseg calibrate --method cls --data {args.out} --lesion-label {LESION_LABEL} "
+        f"--epsilon 0.1 --alpha 0.1 --out profile.json"
+    )
     return 0

@@ -10,17 +10,38 @@ Needs the ``inference`` extra (``torch`` and ``monai``). Typical use::
     prediction.probability  # float32 (z, y, x) on the CT's grid: the mean over the 10 MC passes
 
 Calibration and test cases must go through the same card, MC passes, flips and seed
-(:meth:`ModelCard.pipeline_sha256` fingerprints the card).
+(:meth:`ModelCard.pipeline_sha256` fingerprints the card). Modules:
+
+* :mod:`.model_card` (+ :mod:`.card_parsing`, :mod:`.networks`): the card format, its validation and
+  building the network it names;
+* :mod:`.engine`: :class:`InferenceEngine`, running the steps below on a volume;
+* :mod:`.preprocessing`: axes, world space and the card's transforms;
+* :mod:`.sliding_window`: windows, blending and the CUDA out-of-memory fallback;
+* :mod:`.mc_passes`: MC dropout (seeded per-pass masks) and flip TTA;
+* :mod:`.outputs`: the maps back on the input grid, :class:`Prediction` / :class:`QuantilePrediction`;
+* :mod:`.datasets`: input discovery (files, folders, MSD / nnU-Net roots);
+* :mod:`.model_dataset`: a calibration dataset whose probability maps a model predicts (cached).
 """
 
 from __future__ import annotations
 
+from .card_format import (
+    CARD_FILE,
+    FORMAT,
+    FORMAT_VERSION,
+    InferenceSettings,
+    Intensity,
+    ModelSource,
+    OutputSpec,
+    Preprocessing,
+)
 from .datasets import ImageCase, find_images, is_dataset_root
-from .engine import (ALL_FLIPS, DeviceFallbackWarning, InferenceCancelled, InferenceEngine, MCDropoutInactiveWarning,
-                     Prediction, QuantilePrediction, count_windows, from_network_axes, geometry_from_affine, network_affine,
-                     predict_volume, resolve_device, to_network_axes)
-from .model_card import (CARD_FILE, FORMAT, FORMAT_VERSION, InferenceSettings, Intensity, ModelCard, ModelSource,
-                         OutputSpec, Preprocessing, load_model_card, resolve_model)
+from .engine import DeviceFallbackWarning, InferenceCancelled, InferenceEngine, predict_volume, resolve_device
+from .mc_passes import ALL_FLIPS, MCDropoutInactiveWarning
+from .model_card import ModelCard, load_model_card, resolve_model
+from .outputs import Prediction, QuantilePrediction
+from .preprocessing import from_network_axes, geometry_from_affine, network_affine, to_network_axes
+from .sliding_window import count_windows
 
 __all__ = [
     "ALL_FLIPS",

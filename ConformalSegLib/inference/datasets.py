@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
 
-from ..errors import ConformalSegError
+from ..common.errors import ConformalSegError
 from ..io.dataset import case_id as _file_case_id
 from ..io.volumes import IMAGE_EXTENSIONS, volume_extension
 
@@ -41,8 +41,10 @@ CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 SUBSETS = ("all", "tr", "ts")
 DATASET_FOLDERS = {"tr": "imagesTr", "ts": "imagesTs"}
 MAX_LISTED = 10
-SINGLE_CHANNEL_FIX = ("only single-channel inputs (one CT per case) are supported; run a single-channel "
-                      "model, or predict the probability maps with your own pipeline and calibrate those")
+SINGLE_CHANNEL_FIX = (
+    "only single-channel inputs (one CT per case) are supported; run a single-channel "
+    "model, or predict the probability maps with your own pipeline and calibrate those"
+)
 
 
 @dataclass(frozen=True)
@@ -72,8 +74,9 @@ def _stem(path: Path) -> str:
 
 def is_dataset_root(folder: Path) -> bool:
     """True for an MSD / nnU-Net raw dataset folder (``dataset.json`` or ``imagesTr``/``imagesTs``)."""
-    return folder.is_dir() and ((folder / "dataset.json").is_file()
-                                or any((folder / name).is_dir() for name in DATASET_FOLDERS.values()))
+    return folder.is_dir() and (
+        (folder / "dataset.json").is_file() or any((folder / name).is_dir() for name in DATASET_FOLDERS.values())
+    )
 
 
 def dataset_channels(dataset_json: Path) -> dict[str, str] | None:
@@ -81,17 +84,22 @@ def dataset_channels(dataset_json: Path) -> dict[str, str] | None:
     try:
         data = json.loads(dataset_json.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConformalSegError(f"cannot read dataset.json ({exc})", path=dataset_json,
-                                fix="give a valid MSD / nnU-Net dataset.json") from exc
+        raise ConformalSegError(
+            f"cannot read dataset.json ({exc})", path=dataset_json, fix="give a valid MSD / nnU-Net dataset.json"
+        ) from exc
     if not isinstance(data, dict):
-        raise ConformalSegError("dataset.json is not a JSON object", path=dataset_json,
-                                fix="give a valid MSD / nnU-Net dataset.json")
+        raise ConformalSegError(
+            "dataset.json is not a JSON object", path=dataset_json, fix="give a valid MSD / nnU-Net dataset.json"
+        )
     channels = data.get("channel_names", data.get("modality"))
     if channels is None:
         return None
     if not isinstance(channels, dict) or not channels:
-        raise ConformalSegError(f"dataset.json has an invalid channel list {channels!r}", path=dataset_json,
-                                fix="channel_names (nnU-Net v2) / modality (MSD) must map '0' to a name, e.g. {\"0\": \"CT\"}")
+        raise ConformalSegError(
+            f"dataset.json has an invalid channel list {channels!r}",
+            path=dataset_json,
+            fix='channel_names (nnU-Net v2) / modality (MSD) must map \'0\' to a name, e.g. {"0": "CT"}',
+        )
     return {str(k): str(v) for k, v in channels.items()}
 
 
@@ -101,8 +109,9 @@ def _check_single_channel(dataset_json: Path) -> None:
     channels = dataset_channels(dataset_json)
     if channels is not None and len(channels) > 1:
         names = ", ".join(f"{k}: {v}" for k, v in sorted(channels.items()))
-        raise ConformalSegError(f"the dataset has {len(channels)} input channels ({names})", path=dataset_json,
-                                fix=SINGLE_CHANNEL_FIX)
+        raise ConformalSegError(
+            f"the dataset has {len(channels)} input channels ({names})", path=dataset_json, fix=SINGLE_CHANNEL_FIX
+        )
 
 
 def _group(files: list[Path], *, dataset: bool, folder: Path) -> dict[str, Path]:
@@ -129,12 +138,18 @@ def _group(files: list[Path], *, dataset: bool, folder: Path) -> dict[str, Path]
                 channel_files.setdefault(match.group("case"), []).append(path.name)
     if channel_files:
         examples = sorted(name for names in channel_files.values() for name in names)
-        raise ConformalSegError(f"{len(channel_files)} case(s) have more than one input channel (files "
-                                f"{_listing(examples)})", path=folder, fix=SINGLE_CHANNEL_FIX)
+        raise ConformalSegError(
+            f"{len(channel_files)} case(s) have more than one input channel (files {_listing(examples)})",
+            path=folder,
+            fix=SINGLE_CHANNEL_FIX,
+        )
     duplicates = [f"{cid} ({', '.join(p.name for p in paths)})" for cid, paths in cases.items() if len(paths) > 1]
     if duplicates:
-        raise ConformalSegError(f"{len(duplicates)} case id(s) have more than one image: {_listing(sorted(duplicates))}",
-                                path=folder, fix="keep exactly one image per case in the folder")
+        raise ConformalSegError(
+            f"{len(duplicates)} case id(s) have more than one image: {_listing(sorted(duplicates))}",
+            path=folder,
+            fix="keep exactly one image per case in the folder",
+        )
     return {cid: paths[0] for cid, paths in cases.items()}
 
 
@@ -152,12 +167,16 @@ def find_images(path: str | PathLike[str], *, subset: str = "all") -> list[Image
     if subset not in SUBSETS:
         raise ConformalSegError(f"unknown subset {subset!r}", fix=f"use one of {', '.join(SUBSETS)}")
     if not path.exists():
-        raise ConformalSegError("image path does not exist", path=path,
-                                fix="give an image file, a folder of images or an MSD/nnU-Net dataset folder")
+        raise ConformalSegError(
+            "image path does not exist",
+            path=path,
+            fix="give an image file, a folder of images or an MSD/nnU-Net dataset folder",
+        )
     if path.is_file():
         if not _is_image(path):
-            raise ConformalSegError("unsupported image format", path=path,
-                                    fix=f"use one of: {' '.join(IMAGE_EXTENSIONS)}")
+            raise ConformalSegError(
+                "unsupported image format", path=path, fix=f"use one of: {' '.join(IMAGE_EXTENSIONS)}"
+            )
         stem = _stem(path)
         match = CHANNEL_SUFFIX.match(stem)
         cid = match.group("case") if match and match.group("channel") == "0000" else stem
@@ -168,23 +187,32 @@ def find_images(path: str | PathLike[str], *, subset: str = "all") -> list[Image
         wanted = DATASET_FOLDERS.values() if subset == "all" else (DATASET_FOLDERS[subset],)
         folders = [path / name for name in wanted if (path / name).is_dir()]
         if not folders:
-            raise ConformalSegError(f"the dataset has no {' or '.join(wanted)} folder", path=path,
-                                    fix="give the dataset root holding imagesTr/imagesTs, or a folder of images")
+            raise ConformalSegError(
+                f"the dataset has no {' or '.join(wanted)} folder",
+                path=path,
+                fix="give the dataset root holding imagesTr/imagesTs, or a folder of images",
+            )
         seen: dict[str, Path] = {}
         for folder in folders:
             for cid, file in _scan(folder, dataset=True).items():
                 if cid in seen:
-                    raise ConformalSegError(f"case id {cid!r} is in both {seen[cid].parent.name} and {folder.name}",
-                                            path=path, fix="pick one subset (--subset tr or ts)")
+                    raise ConformalSegError(
+                        f"case id {cid!r} is in both {seen[cid].parent.name} and {folder.name}",
+                        path=path,
+                        fix="pick one subset (--subset tr or ts)",
+                    )
                 seen[cid] = file
                 cases.append(ImageCase(cid, file, folder.name))
     else:
         in_dataset = path.name in DATASET_FOLDERS.values()
         if in_dataset:
             _check_single_channel(path.parent / "dataset.json")
-        cases = [ImageCase(cid, file, path.name if in_dataset else None)
-                 for cid, file in _scan(path, dataset=in_dataset).items()]
+        cases = [
+            ImageCase(cid, file, path.name if in_dataset else None)
+            for cid, file in _scan(path, dataset=in_dataset).items()
+        ]
     if not cases:
-        raise ConformalSegError("no images found", path=path,
-                                fix=f"put images ({' '.join(IMAGE_EXTENSIONS)}) in the folder")
+        raise ConformalSegError(
+            "no images found", path=path, fix=f"put images ({' '.join(IMAGE_EXTENSIONS)}) in the folder"
+        )
     return sorted(cases, key=lambda c: c.case_id)

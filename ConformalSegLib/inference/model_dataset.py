@@ -25,11 +25,19 @@ from os import PathLike
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConformalSegError
+from ..common.errors import ConformalSegError
 from ..io.atomic import atomic_write_text
-from ..io.dataset import Case, CalibrationDataset, ProgressCallback, _listing, scan_folder
-from ..io.volumes import (Volume, check_same_geometry, label_values, load_image, load_label_map,
-                          load_probability_map, mask_from_labels, save_volume)
+from ..io.dataset import CalibrationDataset, Case, ProgressCallback, _listing, scan_folder
+from ..io.volumes import (
+    Volume,
+    check_same_geometry,
+    label_values,
+    load_image,
+    load_label_map,
+    load_probability_map,
+    mask_from_labels,
+    save_volume,
+)
 from .datasets import find_images
 from .engine import InferenceEngine
 from .model_card import ModelCard
@@ -40,21 +48,35 @@ CACHE_MANIFEST = "conformalseg-inference-cache.json"
 def inference_fingerprint(card: ModelCard, *, mc_dropout: int, tta_flips: bool, seed: int) -> dict[str, Any]:
     """What makes two probability maps of one image comparable: pipeline (weights, card), MC passes,
     flips and the dropout seed (only meaningful with MC dropout)."""
-    return {"pipeline_sha256": card.pipeline_sha256(), "mc_passes": int(mc_dropout),
-            "tta_flips": 8 if tta_flips else 1, "seed": int(seed) if mc_dropout else None}
+    return {
+        "pipeline_sha256": card.pipeline_sha256(),
+        "mc_passes": int(mc_dropout),
+        "tta_flips": 8 if tta_flips else 1,
+        "seed": int(seed) if mc_dropout else None,
+    }
 
 
-def inference_provenance(card: ModelCard, engine: InferenceEngine, *, mc_dropout: int, tta_flips: bool,
-                         seed: int) -> dict[str, Any]:
+def inference_provenance(
+    card: ModelCard, engine: InferenceEngine, *, mc_dropout: int, tta_flips: bool, seed: int
+) -> dict[str, Any]:
     """The record of how probability maps were made, for profiles and ``inference.json``."""
-    return {"model": {"name": card.name, "card": str(card.path.resolve()) if card.path else None,
-                      "source": card.source.kind, "sha256": card.sha256()},
-            **inference_fingerprint(card, mc_dropout=mc_dropout, tta_flips=tta_flips, seed=seed),
-            "probability": ("mean over MC dropout passes" if mc_dropout else "deterministic (dropout off)"),
-            "device": str(engine.device), "amp": engine.amp}
+    return {
+        "model": {
+            "name": card.name,
+            "card": str(card.path.resolve()) if card.path else None,
+            "source": card.source.kind,
+            "sha256": card.sha256(),
+        },
+        **inference_fingerprint(card, mc_dropout=mc_dropout, tta_flips=tta_flips, seed=seed),
+        "probability": ("mean over MC dropout passes" if mc_dropout else "deterministic (dropout off)"),
+        "device": str(engine.device),
+        "amp": engine.amp,
+    }
 
 
-def match_images_to_labels(images: str | PathLike[str], labels_dir: str | PathLike[str]) -> dict[str, tuple[Path, Path]]:
+def match_images_to_labels(
+    images: str | PathLike[str], labels_dir: str | PathLike[str]
+) -> dict[str, tuple[Path, Path]]:
     """``case_id -> (image, label)``; every image needs a label and every label an image."""
     image_cases = {case.case_id: case.path for case in find_images(images)}
     label_files = scan_folder(labels_dir, probability=False)
@@ -62,15 +84,19 @@ def match_images_to_labels(images: str | PathLike[str], labels_dir: str | PathLi
     only_labels = sorted(set(label_files) - set(image_cases))
     problems = []
     if only_images:
-        problems.append(f"{len(only_images)} image(s) in {images} have no label file in {labels_dir}: "
-                        f"{_listing(only_images)}")
+        problems.append(
+            f"{len(only_images)} image(s) in {images} have no label file in {labels_dir}: {_listing(only_images)}"
+        )
     if only_labels:
-        problems.append(f"{len(only_labels)} label file(s) in {labels_dir} have no image in {images}: "
-                        f"{_listing(only_labels)}")
+        problems.append(
+            f"{len(only_labels)} label file(s) in {labels_dir} have no image in {images}: {_listing(only_labels)}"
+        )
     if problems:
-        raise ConformalSegError("; ".join(problems) + ".",
-                                fix="give every case an image and a label file with the same case id (an nnU-Net "
-                                    "channel suffix _0000 on image names is ignored)")
+        raise ConformalSegError(
+            "; ".join(problems) + ".",
+            fix="give every case an image and a label file with the same case id (an nnU-Net "
+            "channel suffix _0000 on image names is ignored)",
+        )
     return {cid: (image_cases[cid], label_files[cid]) for cid in sorted(image_cases)}
 
 
@@ -81,20 +107,41 @@ class InferenceDataset(CalibrationDataset):
     (created; it must be empty or an earlier cache of the same :func:`inference_fingerprint`).
     """
 
-    def __init__(self, engine: InferenceEngine, images: str | PathLike[str], labels_dir: str | PathLike[str],
-                 lesion_labels: Sequence[int], cache_dir: str | PathLike[str], *, mc_dropout: int = 0,
-                 tta_flips: bool = False, progress: ProgressCallback | None = None):
+    def __init__(
+        self,
+        engine: InferenceEngine,
+        images: str | PathLike[str],
+        labels_dir: str | PathLike[str],
+        lesion_labels: Sequence[int],
+        cache_dir: str | PathLike[str],
+        *,
+        mc_dropout: int = 0,
+        tta_flips: bool = False,
+        progress: ProgressCallback | None = None,
+    ):
         if mc_dropout < 0:
-            raise ConformalSegError(f"the number of MC dropout passes must be >= 0, got {mc_dropout}",
-                                    fix="pass --mc-dropout 0 (deterministic) or a positive number")
-        super().__init__(cache_dir, labels_dir, lesion_labels, None, progress=progress,
-                         pairs=match_images_to_labels(images, labels_dir))
+            raise ConformalSegError(
+                f"the number of MC dropout passes must be >= 0, got {mc_dropout}",
+                fix="pass --mc-dropout 0 (deterministic) or a positive number",
+            )
+        super().__init__(
+            cache_dir,
+            labels_dir,
+            lesion_labels,
+            None,
+            progress=progress,
+            pairs=match_images_to_labels(images, labels_dir),
+        )
         self.images = Path(images)
         self.engine = engine
         self.mc_dropout = int(mc_dropout)
         self.tta_flips = bool(tta_flips)
-        self.fingerprint = inference_fingerprint(engine.card, mc_dropout=self.mc_dropout, tta_flips=self.tta_flips,
-                                                 seed=engine.seed if engine.seed is not None else 0)
+        self.fingerprint = inference_fingerprint(
+            engine.card,
+            mc_dropout=self.mc_dropout,
+            tta_flips=self.tta_flips,
+            seed=engine.seed if engine.seed is not None else 0,
+        )
         self.inference_seconds: dict[str, float] = {}
         self._open_cache()
 
@@ -104,25 +151,41 @@ class InferenceDataset(CalibrationDataset):
             try:
                 stored = json.loads(manifest.read_text())
             except (OSError, ValueError) as exc:
-                raise ConformalSegError(f"unreadable inference cache manifest ({exc})", path=manifest,
-                                        fix="delete the cache folder or choose another one") from exc
+                raise ConformalSegError(
+                    f"unreadable inference cache manifest ({exc})",
+                    path=manifest,
+                    fix="delete the cache folder or choose another one",
+                ) from exc
             if stored.get("fingerprint") != self.fingerprint:
-                raise ConformalSegError("this probability cache was written by another model, pipeline, number of "
-                                        f"MC passes, flips or seed (cache: {stored.get('fingerprint')}, now: "
-                                        f"{self.fingerprint})", path=self.probs_dir,
-                                        fix="choose an empty cache folder or delete this one")
+                raise ConformalSegError(
+                    "this probability cache was written by another model, pipeline, number of "
+                    f"MC passes, flips or seed (cache: {stored.get('fingerprint')}, now: "
+                    f"{self.fingerprint})",
+                    path=self.probs_dir,
+                    fix="choose an empty cache folder or delete this one",
+                )
             return
         if self.probs_dir.exists() and any(self.probs_dir.iterdir()):
-            raise ConformalSegError("the probability cache folder is not empty and has no cache manifest",
-                                    path=self.probs_dir, fix="choose an empty or new folder for the cache")
+            raise ConformalSegError(
+                "the probability cache folder is not empty and has no cache manifest",
+                path=self.probs_dir,
+                fix="choose an empty or new folder for the cache",
+            )
         self.probs_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(manifest, json.dumps({"fingerprint": self.fingerprint}, indent=2) + "\n")
 
     def provenance(self) -> dict[str, Any]:
         """How the probability maps were made (recorded in calibration profiles)."""
-        record = {"images": str(self.images.resolve()),
-                  **inference_provenance(self.engine.card, self.engine, mc_dropout=self.mc_dropout,
-                                         tta_flips=self.tta_flips, seed=self.fingerprint["seed"] or 0)}
+        record = {
+            "images": str(self.images.resolve()),
+            **inference_provenance(
+                self.engine.card,
+                self.engine,
+                mc_dropout=self.mc_dropout,
+                tta_flips=self.tta_flips,
+                seed=self.fingerprint["seed"] or 0,
+            ),
+        }
         if hasattr(self.engine, "provenance"):  # a cascade: its config and both stages
             record.update(self.engine.provenance())
         return record
@@ -147,14 +210,23 @@ class InferenceDataset(CalibrationDataset):
             del image, prediction
         check_same_geometry(probability, label_map, what=f"probability map and label map of case {case_id!r}")
         self.labels_seen[case_id] = frozenset(label_values(label_map.array))
-        lesion = Volume(mask_from_labels(label_map.array, self.lesion_labels), label_map.geometry, label_map.path,
-                        geometry_known=label_map.geometry_known)
+        lesion = Volume(
+            mask_from_labels(label_map.array, self.lesion_labels),
+            label_map.geometry,
+            label_map.path,
+            geometry_known=label_map.geometry_known,
+        )
         return Case(case_id, probability, lesion)
 
 
-def engine_for_profile(inference_record: dict[str, Any] | None, model: str | PathLike[str] | None, *,
-                       device: str = "auto", profile_path: str | PathLike[str] | None = None,
-                       engine: Any = None) -> tuple[Any, dict]:
+def engine_for_profile(
+    inference_record: dict[str, Any] | None,
+    model: str | PathLike[str] | None,
+    *,
+    device: str = "auto",
+    profile_path: str | PathLike[str] | None = None,
+    engine: Any = None,
+) -> tuple[Any, dict]:
     """An engine that predicts exactly like the calibration did, and the ``predict`` keyword arguments.
 
     ``inference_record`` is ``profile.provenance["inference"]`` (written when the profile was
@@ -165,21 +237,32 @@ def engine_for_profile(inference_record: dict[str, Any] | None, model: str | Pat
     from .model_card import resolve_model
 
     if not inference_record:
-        raise ConformalSegError("this profile was calibrated on precomputed probability maps, so the way they were "
-                                "predicted is unknown", path=profile_path,
-                                fix="predict the new scan with the same pipeline yourself and pass --prob, or "
-                                    "calibrate with --model --images")
+        raise ConformalSegError(
+            "this profile was calibrated on precomputed probability maps, so the way they were predicted is unknown",
+            path=profile_path,
+            fix="predict the new scan with the same pipeline yourself and pass --prob, or "
+            "calibrate with --model --images",
+        )
     if engine is None and "cascade" in inference_record:
-        raise ConformalSegError("this profile was calibrated on the output of a cascade", path=profile_path,
-                                fix="pass the same --cascade CONFIG")
+        raise ConformalSegError(
+            "this profile was calibrated on the output of a cascade",
+            path=profile_path,
+            fix="pass the same --cascade CONFIG",
+        )
     passes = int(inference_record.get("mc_passes", 0))
     if engine is None:
-        engine = InferenceEngine(resolve_model(model), device=device, seed=inference_record.get("seed") or 0)
+        engine = InferenceEngine(
+            resolve_model(model),  # type: ignore[arg-type]  # None fails there, as it always did
+            device=device,
+            seed=inference_record.get("seed") or 0,
+        )
     card = engine.card
     if card.pipeline_sha256() != inference_record.get("pipeline_sha256"):
-        raise ConformalSegError(f"model {card.name!r} is not the pipeline the profile was calibrated with "
-                                f"(pipeline SHA-256 {card.pipeline_sha256()[:12]}... != "
-                                f"{str(inference_record.get('pipeline_sha256'))[:12]}...)", path=model or profile_path,
-                                fix="use the model card, weights (and cascade config) recorded in the profile's "
-                                    "provenance")
+        raise ConformalSegError(
+            f"model {card.name!r} is not the pipeline the profile was calibrated with "
+            f"(pipeline SHA-256 {card.pipeline_sha256()[:12]}... != "
+            f"{str(inference_record.get('pipeline_sha256'))[:12]}...)",
+            path=model or profile_path,
+            fix="use the model card, weights (and cascade config) recorded in the profile's provenance",
+        )
     return engine, {"mc_dropout": passes, "tta_flips": int(inference_record.get("tta_flips", 1)) == 8}

@@ -1,19 +1,40 @@
 """Data input/output: probability maps, label maps, calibration datasets and Slicer segmentations.
 
 Arrays are in numpy ``(z, y, x)`` order; geometry spacing/origin/direction in ITK ``(x, y, z)`` order
-(see :mod:`ConformalSegLib.geometry`). Every failure caused by the user's files raises
-:class:`~ConformalSegLib.errors.ConformalSegError` naming the file and the fix. All writers are
+(see :mod:`ConformalSegLib.common.geometry`). Every failure caused by the user's files raises
+:class:`~ConformalSegLib.common.errors.ConformalSegError` naming the file and the fix. All writers are
 atomic and refuse to overwrite existing files unless ``force=True``.
 """
 
 from __future__ import annotations
 
 from .atomic import atomic_output, atomic_write_bytes, atomic_write_text
-from .dataset import Case, CalibrationDataset, case_id, discover_pairs
-from .segmentation import (INNER_SET, LESION_FNR, LESION_THRESHOLD, OUTER_SET, SEGMENT_COLORS, SEGMENT_TERMINOLOGY,
-                           read_seg_nrrd, slug, write_masks_nifti, write_seg_nrrd)
-from .volumes import (Volume, check_same_geometry, geometry_from_sitk, label_values, load_label_map,
-                      load_image, load_label_mask, load_probability_map, mask_from_labels, save_volume, sitk_image)
+from .dataset import CalibrationDataset, Case, case_id, discover_pairs
+from .segmentation import (
+    INNER_SET,
+    LESION_FNR,
+    LESION_THRESHOLD,
+    OUTER_SET,
+    SEGMENT_COLORS,
+    SEGMENT_TERMINOLOGY,
+    read_seg_nrrd,
+    slug,
+    write_masks_nifti,
+    write_seg_nrrd,
+)
+from .volumes import (
+    Volume,
+    check_same_geometry,
+    geometry_from_sitk,
+    label_values,
+    load_image,
+    load_label_map,
+    load_label_mask,
+    load_probability_map,
+    mask_from_labels,
+    save_volume,
+    sitk_image,
+)
 
 __all__ = [
     "INNER_SET",

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from os import PathLike
 from pathlib import Path
 
-from ..errors import ConformalSegError
+from ..common.errors import ConformalSegError
 
 #: Multi-part extensions that must stay together on a temporary file name.
 COMPOUND_SUFFIXES: tuple[str, ...] = (".nii.gz", ".seg.nrrd", ".tar.gz")
@@ -29,7 +29,7 @@ def format_suffix(path: str | PathLike[str]) -> str:
     name = Path(path).name.lower()
     for suffix in COMPOUND_SUFFIXES:
         if name.endswith(suffix):
-            return Path(path).name[-len(suffix):]
+            return Path(path).name[-len(suffix) :]
     return Path(path).suffix
 
 
@@ -37,8 +37,7 @@ def check_can_write(path: str | PathLike[str], *, force: bool = False) -> Path:
     """Raise :class:`ConformalSegError` if ``path`` may not be (over)written; return it as a Path."""
     target = Path(path)
     if target.is_dir():
-        raise ConformalSegError("output path is an existing folder", path=target,
-                                fix="give a file name, not a folder")
+        raise ConformalSegError("output path is an existing folder", path=target, fix="give a file name, not a folder")
     if target.exists() and not force:
         raise ConformalSegError("output file already exists", path=target, fix=OVERWRITE_FIX)
     return target
@@ -65,8 +64,11 @@ def atomic_output(path: str | PathLike[str], *, force: bool = False) -> Iterator
         stem = target.name[: len(target.name) - len(suffix)]
         fd, tmp_name = tempfile.mkstemp(prefix=f".{stem}.tmp-", suffix=suffix, dir=target.parent)
     except OSError as exc:
-        raise ConformalSegError(f"cannot create the output file ({exc.strerror or exc})", path=target,
-                                fix="choose a writable output location") from exc
+        raise ConformalSegError(
+            f"cannot create the output file ({exc.strerror or exc})",
+            path=target,
+            fix="choose a writable output location",
+        ) from exc
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -89,7 +91,6 @@ def atomic_write_bytes(path: str | PathLike[str], data: bytes, *, force: bool = 
     return Path(path)
 
 
-def atomic_write_text(path: str | PathLike[str], text: str, *, force: bool = False,
-                      encoding: str = "utf-8") -> Path:
+def atomic_write_text(path: str | PathLike[str], text: str, *, force: bool = False, encoding: str = "utf-8") -> Path:
     """Write ``text`` to ``path`` atomically; return the path."""
     return atomic_write_bytes(path, text.encode(encoding), force=force)

@@ -27,10 +27,19 @@ from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
 
-from ..errors import ConformalSegError
-from .volumes import (IMAGE_EXTENSIONS, VOLUME_EXTENSIONS, Volume, check_same_geometry, label_values,
-                      load_label_map, load_probability_map, mask_from_labels, validate_lesion_labels,
-                      volume_extension)
+from ..common.errors import ConformalSegError
+from .volumes import (
+    IMAGE_EXTENSIONS,
+    VOLUME_EXTENSIONS,
+    Volume,
+    check_same_geometry,
+    label_values,
+    load_label_map,
+    load_probability_map,
+    mask_from_labels,
+    validate_lesion_labels,
+    volume_extension,
+)
 
 PROBABILITY_SUFFIXES: tuple[str, ...] = ("_probabilities", "_probability", "_probs", "_prob")
 IGNORED_EXTENSIONS: tuple[str, ...] = (".json", ".pkl", ".raw", ".zraw", ".csv", ".md", ".txt")
@@ -64,8 +73,11 @@ def _is_nnunet_pair(paths: list[Path]) -> bool:
         return False
     npz = [p for p in paths if volume_extension(p) == ".npz"]
     other = [p for p in paths if volume_extension(p) in IMAGE_EXTENSIONS]
-    return (len(npz) == 1 and len(other) == 1
-            and npz[0].name[: -len(".npz")] == other[0].name[: -len(volume_extension(other[0]))])
+    return (
+        len(npz) == 1
+        and len(other) == 1
+        and npz[0].name[: -len(".npz")] == other[0].name[: -len(volume_extension(other[0]) or "")]
+    )
 
 
 def scan_folder(folder: str | PathLike[str], *, probability: bool) -> dict[str, Path]:
@@ -74,8 +86,9 @@ def scan_folder(folder: str | PathLike[str], *, probability: bool) -> dict[str, 
     role = "probability" if probability else "label"
     if not folder.is_dir():
         problem = "is not a folder" if folder.exists() else "does not exist"
-        raise ConformalSegError(f"{role} folder {problem}", path=folder,
-                                fix=f"give the folder that holds the {role} maps")
+        raise ConformalSegError(
+            f"{role} folder {problem}", path=folder, fix=f"give the folder that holds the {role} maps"
+        )
     groups: dict[str, list[Path]] = {}
     skipped: list[str] = []
     for entry in sorted(folder.iterdir()):
@@ -86,8 +99,11 @@ def scan_folder(folder: str | PathLike[str], *, probability: bool) -> dict[str, 
             groups.setdefault(cid, []).append(entry)
     if not groups:
         seen = f" (ignored: {_listing(skipped)})" if skipped else ""
-        raise ConformalSegError(f"{role} folder contains no {role} map files{seen}", path=folder,
-                                fix=f"put {role} maps ({' '.join(VOLUME_EXTENSIONS)}) in the folder")
+        raise ConformalSegError(
+            f"{role} folder contains no {role} map files{seen}",
+            path=folder,
+            fix=f"put {role} maps ({' '.join(VOLUME_EXTENSIONS)}) in the folder",
+        )
     files: dict[str, Path] = {}
     duplicates: list[str] = []
     for cid, paths in groups.items():
@@ -98,9 +114,11 @@ def scan_folder(folder: str | PathLike[str], *, probability: bool) -> dict[str, 
         else:
             duplicates.append(f"{cid} ({', '.join(p.name for p in paths)})")
     if duplicates:
-        raise ConformalSegError(f"{len(duplicates)} case id(s) have more than one {role} file: "
-                                f"{_listing(duplicates)}", path=folder,
-                                fix="keep exactly one file per case in the folder (move the others elsewhere)")
+        raise ConformalSegError(
+            f"{len(duplicates)} case id(s) have more than one {role} file: {_listing(duplicates)}",
+            path=folder,
+            fix="keep exactly one file per case in the folder (move the others elsewhere)",
+        )
     return files
 
 
@@ -116,16 +134,21 @@ def discover_pairs(probs_dir: str | PathLike[str], labels_dir: str | PathLike[st
     only_labels = sorted(set(labels) - set(probs))
     problems = []
     if only_probs:
-        problems.append(f"{len(only_probs)} case(s) in {probs_dir} have no label file in {labels_dir}: "
-                        f"{_listing(only_probs)}")
+        problems.append(
+            f"{len(only_probs)} case(s) in {probs_dir} have no label file in {labels_dir}: {_listing(only_probs)}"
+        )
     if only_labels:
-        problems.append(f"{len(only_labels)} case(s) in {labels_dir} have no probability map in {probs_dir}: "
-                        f"{_listing(only_labels)}")
+        problems.append(
+            f"{len(only_labels)} case(s) in {labels_dir} have no probability map in {probs_dir}: "
+            f"{_listing(only_labels)}"
+        )
     if problems:
-        raise ConformalSegError("; ".join(problems) + ".",
-                                fix="give every case both files with the same case id (file name without "
-                                    "extension; a _prob/_probs/_probability/_probabilities suffix on "
-                                    "probability files is ignored)")
+        raise ConformalSegError(
+            "; ".join(problems) + ".",
+            fix="give every case both files with the same case id (file name without "
+            "extension; a _prob/_probs/_probability/_probabilities suffix on "
+            "probability files is ignored)",
+        )
     return [(cid, probs[cid], labels[cid]) for cid in sorted(probs)]
 
 
@@ -147,9 +170,16 @@ class CalibrationDataset:
     ``labels_seen`` maps each case id loaded so far to the label values of its label file.
     """
 
-    def __init__(self, probs_dir: str | PathLike[str], labels_dir: str | PathLike[str],
-                 lesion_labels: Sequence[int], channel: int | None = None, *,
-                 progress: ProgressCallback | None = None, pairs: dict[str, tuple[Path, Path]] | None = None):
+    def __init__(
+        self,
+        probs_dir: str | PathLike[str],
+        labels_dir: str | PathLike[str],
+        lesion_labels: Sequence[int],
+        channel: int | None = None,
+        *,
+        progress: ProgressCallback | None = None,
+        pairs: dict[str, tuple[Path, Path]] | None = None,
+    ):
         """``pairs`` (``case_id -> (file, label_path)``) replaces the folder scan, for subclasses whose
         probability maps are made from other files (e.g. images run through a model)."""
         self.probs_dir = Path(probs_dir)
@@ -163,16 +193,23 @@ class CalibrationDataset:
         self.labels_seen: dict[str, frozenset[int]] = {}
 
     @classmethod
-    def from_root(cls, root: str | PathLike[str], lesion_labels: Sequence[int], channel: int | None = None, *,
-                  progress: ProgressCallback | None = None) -> CalibrationDataset:
+    def from_root(
+        cls,
+        root: str | PathLike[str],
+        lesion_labels: Sequence[int],
+        channel: int | None = None,
+        *,
+        progress: ProgressCallback | None = None,
+    ) -> CalibrationDataset:
         """Dataset from ``root/probs`` and ``root/labels``."""
         root = Path(root)
         missing = [name for name in ("probs", "labels") if not (root / name).is_dir()]
         if missing:
-            raise ConformalSegError(f"calibration folder has no {' or '.join(f'{m}/' for m in missing)} "
-                                    f"subfolder", path=root,
-                                    fix=f"put probability maps in {root / 'probs'} and label maps in "
-                                        f"{root / 'labels'}")
+            raise ConformalSegError(
+                f"calibration folder has no {' or '.join(f'{m}/' for m in missing)} subfolder",
+                path=root,
+                fix=f"put probability maps in {root / 'probs'} and label maps in {root / 'labels'}",
+            )
         return cls(root / "probs", root / "labels", lesion_labels, channel, progress=progress)
 
     @property
@@ -182,8 +219,9 @@ class CalibrationDataset:
     def paths(self, case_id: str) -> tuple[Path, Path]:
         """``(probability_path, label_path)`` of a case."""
         if case_id not in self._pairs:
-            raise ConformalSegError(f"unknown case id {case_id!r}", path=self.probs_dir,
-                                    fix=f"use one of: {_listing(self.case_ids)}")
+            raise ConformalSegError(
+                f"unknown case id {case_id!r}", path=self.probs_dir, fix=f"use one of: {_listing(self.case_ids)}"
+            )
         return self._pairs[case_id]
 
     def __len__(self) -> int:
@@ -198,8 +236,12 @@ class CalibrationDataset:
         if not probability.geometry_known:  # a bare array: adopt the label map's physical grid
             probability.geometry, probability.geometry_known = label_map.geometry, label_map.geometry_known
         self.labels_seen[case_id] = frozenset(label_values(label_map.array))
-        lesion = Volume(mask_from_labels(label_map.array, self.lesion_labels), label_map.geometry,
-                        label_map.path, geometry_known=label_map.geometry_known)
+        lesion = Volume(
+            mask_from_labels(label_map.array, self.lesion_labels),
+            label_map.geometry,
+            label_map.path,
+            geometry_known=label_map.geometry_known,
+        )
         return Case(case_id, probability, lesion)
 
     def __iter__(self) -> Iterator[Case]:
@@ -219,7 +261,13 @@ class CalibrationDataset:
         if not missing:
             return
         values = ", ".join(str(v) for v in sorted(seen)) or "none"
-        subject = (f"label value {missing[0]} does not occur" if len(missing) == 1 else
-                   f"label values {', '.join(map(str, missing))} do not occur")
-        raise ConformalSegError(f"{subject} in any label file (values seen: {values})", path=self.labels_dir,
-                                fix="pass the lesion label value(s) with --lesion-label")
+        subject = (
+            f"label value {missing[0]} does not occur"
+            if len(missing) == 1
+            else f"label values {', '.join(map(str, missing))} do not occur"
+        )
+        raise ConformalSegError(
+            f"{subject} in any label file (values seen: {values})",
+            path=self.labels_dir,
+            fix="pass the lesion label value(s) with --lesion-label",
+        )

@@ -18,11 +18,12 @@ import re
 from collections.abc import Mapping
 from os import PathLike
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from ..errors import ConformalSegError
-from ..geometry import Geometry
+from ..common.errors import ConformalSegError
+from ..common.geometry import Geometry
 from .atomic import atomic_output, check_can_write
 from .volumes import save_volume
 
@@ -93,8 +94,9 @@ def _segment(name: str, index: int, shape_ijk: tuple[int, ...]) -> dict[str, obj
     return segment
 
 
-def write_seg_nrrd(masks: Mapping[str, np.ndarray], geometry: Geometry, path: str | PathLike[str], *,
-                   force: bool = False) -> Path:
+def write_seg_nrrd(
+    masks: Mapping[str, np.ndarray], geometry: Geometry, path: str | PathLike[str], *, force: bool = False
+) -> Path:
     """Write bool masks as a Slicer ``.seg.nrrd`` (one layer per segment; overlaps are kept).
 
     Standard segment names get the colours in :data:`SEGMENT_COLORS` and terminology in
@@ -104,15 +106,16 @@ def write_seg_nrrd(masks: Mapping[str, np.ndarray], geometry: Geometry, path: st
 
     path = Path(path)
     if not path.name.lower().endswith(".nrrd"):
-        raise ConformalSegError("a Slicer segmentation must be a .seg.nrrd file", path=path,
-                                fix="give an output name ending in .seg.nrrd")
+        raise ConformalSegError(
+            "a Slicer segmentation must be a .seg.nrrd file", path=path, fix="give an output name ending in .seg.nrrd"
+        )
     checked = _check_masks(masks, geometry)
     check_can_write(path, force=force)
     shape_ijk = tuple(reversed(geometry.shape))
     layers = np.zeros((len(checked),) + shape_ijk, dtype=np.uint8)
     for index, mask in enumerate(checked.values()):
         layers[index] = mask.transpose(2, 1, 0)
-    segmentation = {
+    segmentation: dict[str, Any] = {
         "voxels": layers if len(checked) > 1 else layers[0],
         "ijkToLPS": geometry.ijk_to_lps(),
         "containedRepresentationNames": ["Binary labelmap"],
@@ -135,8 +138,12 @@ def _geometry_from_ijk_to_lps(matrix: np.ndarray, shape_ijk: tuple[int, ...]) ->
     axes = matrix[:3, :3]
     spacing = np.linalg.norm(axes, axis=0)
     direction = axes / spacing
-    return Geometry(shape=tuple(reversed(shape_ijk)), spacing=tuple(spacing), origin=tuple(matrix[:3, 3]),
-                    direction=tuple(direction.reshape(-1)))
+    return Geometry(
+        shape=tuple(reversed(shape_ijk)),
+        spacing=tuple(spacing),
+        origin=tuple(matrix[:3, 3]),
+        direction=tuple(direction.reshape(-1)),
+    )
 
 
 def read_seg_nrrd(path: str | PathLike[str]) -> tuple[dict[str, np.ndarray], Geometry]:
@@ -153,21 +160,26 @@ def read_seg_nrrd(path: str | PathLike[str]) -> tuple[dict[str, np.ndarray], Geo
             raise ValueError(f"voxel array is {voxels.ndim}D")
         geometry = _geometry_from_ijk_to_lps(segmentation["ijkToLPS"], voxels.shape[-3:])
     except Exception as exc:  # pynrrd and slicerio raise many types (NRRDError, IOError, ValueError...)
-        raise ConformalSegError(f"cannot read the segmentation: the file is corrupt or not a .seg.nrrd ({exc})",
-                                path=path, fix="re-export the segmentation from Slicer as .seg.nrrd") from exc
+        raise ConformalSegError(
+            f"cannot read the segmentation: the file is corrupt or not a .seg.nrrd ({exc})",
+            path=path,
+            fix="re-export the segmentation from Slicer as .seg.nrrd",
+        ) from exc
     masks: dict[str, np.ndarray] = {}
     for segment in segmentation.get("segments", []):
         name = segment.get("name", segment.get("id"))
         if name in masks:
-            raise ConformalSegError(f"two segments are named {name!r}", path=path,
-                                    fix="give every segment a unique name in Slicer")
+            raise ConformalSegError(
+                f"two segments are named {name!r}", path=path, fix="give every segment a unique name in Slicer"
+            )
         layer = voxels[segment.get("layer", 0)] if voxels.ndim == 4 else voxels
         masks[name] = np.ascontiguousarray((layer == segment.get("labelValue", 1)).transpose(2, 1, 0))
     return masks, geometry
 
 
-def write_masks_nifti(masks: Mapping[str, np.ndarray], geometry: Geometry, out_dir: str | PathLike[str], *,
-                      force: bool = False) -> list[Path]:
+def write_masks_nifti(
+    masks: Mapping[str, np.ndarray], geometry: Geometry, out_dir: str | PathLike[str], *, force: bool = False
+) -> list[Path]:
     """Write each mask as ``out_dir/<slug of name>.nii.gz`` (uint8 0/1); return the paths.
 
     All targets are checked before anything is written, so an existing file leaves no partial set.

@@ -3,7 +3,7 @@
 Conventions
 -----------
 * Arrays are in numpy order ``(z, y, x)`` exactly as ``SimpleITK.GetArrayFromImage`` returns them;
-  :class:`~ConformalSegLib.geometry.Geometry` keeps spacing/origin/direction in ITK ``(x, y, z)`` order.
+  :class:`~ConformalSegLib.common.geometry.Geometry` keeps spacing/origin/direction in ITK ``(x, y, z)`` order.
 * Probability maps are float32 (float64 inputs stay float64), finite and within ``[0, 1]`` (values
   at most ``PROBABILITY_TOLERANCE`` outside are rounding noise and are clipped). Integer-typed maps
   are rejected: they are segmentations, not probabilities.
@@ -17,6 +17,10 @@ Conventions
 * Files without geometry (``.npy``, an ``.npz`` without sibling) get an identity geometry with
   ``geometry_known=False``; :func:`check_same_geometry` then compares only the shape.
 * Every failure caused by the user's files raises :class:`ConformalSegError` naming the file.
+
+This file is long because every format's reader goes through the same checks and error messages
+(file present and readable, 3D, geometry, finite values in range): they are read together here, in
+one place, so that no reader can skip one. Its sections: helpers, probability maps, label maps, writing.
 """
 
 from __future__ import annotations
@@ -27,12 +31,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
 
-from ..errors import ConformalSegError
-from ..geometry import Geometry
+from ..common.errors import ConformalSegError
+from ..common.geometry import Geometry
 from .atomic import atomic_output
 
 PathLikeStr = str | PathLike[str]
@@ -56,7 +61,7 @@ class Volume:
 
     array: np.ndarray
     geometry: Geometry
-    path: str | None
+    path: str | PathLike[str] | None
     geometry_known: bool = True  # False for .npy / sibling-less .npz: identity geometry was assumed
 
 
@@ -73,8 +78,12 @@ def geometry_from_sitk(img: sitk.Image) -> Geometry:
     """Geometry of a 3D SimpleITK image (shape reversed into numpy order)."""
     if img.GetDimension() != 3:
         raise ValueError(f"expected a 3D image, got {img.GetDimension()}D")
-    return Geometry(shape=tuple(reversed(img.GetSize())), spacing=img.GetSpacing(),
-                    origin=img.GetOrigin(), direction=img.GetDirection())
+    return Geometry(
+        shape=tuple(reversed(img.GetSize())),
+        spacing=img.GetSpacing(),
+        origin=img.GetOrigin(),
+        direction=img.GetDirection(),
+    )
 
 
 def sitk_image(array: np.ndarray, geometry: Geometry) -> sitk.Image:
@@ -103,14 +112,16 @@ def _require_file(path: PathLikeStr, what: str) -> Path:
 def _unreadable(path: Path, what: str, exc: BaseException) -> ConformalSegError:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     reason = (lines[-1] if lines else type(exc).__name__)[:200]
-    return ConformalSegError(f"cannot read the {what}: the file is corrupt or not a valid "
-                             f"{volume_extension(path) or 'image'} file ({reason})", path=path,
-                             fix="re-export or re-copy the file")
+    return ConformalSegError(
+        f"cannot read the {what}: the file is corrupt or not a valid "
+        f"{volume_extension(path) or 'image'} file ({reason})",
+        path=path,
+        fix="re-export or re-copy the file",
+    )
 
 
 def _unsupported(path: Path, what: str, allowed: Iterable[str]) -> ConformalSegError:
-    return ConformalSegError(f"unsupported {what} format", path=path,
-                             fix=f"use one of: {' '.join(allowed)}")
+    return ConformalSegError(f"unsupported {what} format", path=path, fix=f"use one of: {' '.join(allowed)}")
 
 
 def _read_sitk(path: Path, what: str) -> sitk.Image:
@@ -137,14 +148,18 @@ def _header_geometry(reader: sitk.ImageFileReader, path: Path, what: str) -> Geo
     if dim < 3:
         raise ConformalSegError(f"{what} is {dim}D, expected 3D", path=path, fix="give a 3D image")
     direction = np.asarray(reader.GetDirection(), dtype=float).reshape(dim, dim)[:3, :3]
-    return Geometry(shape=tuple(reversed(reader.GetSize()[:3])), spacing=reader.GetSpacing()[:3],
-                    origin=reader.GetOrigin()[:3], direction=tuple(direction.reshape(-1)))
+    return Geometry(
+        shape=tuple(reversed(reader.GetSize()[:3])),
+        spacing=reader.GetSpacing()[:3],
+        origin=reader.GetOrigin()[:3],
+        direction=tuple(direction.reshape(-1)),
+    )
 
 
 NUMPY_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError)
 
 
-def _load_numpy(path: Path, what: str, *, archive: bool) -> np.ndarray | np.lib.npyio.NpzFile:
+def _load_numpy(path: Path, what: str, *, archive: bool) -> Any:  # np.ndarray, or an NpzFile when archive
     """``np.load`` without pickles; ``archive`` says whether an .npz (else a single .npy array) is expected."""
     try:
         loaded = np.load(path, allow_pickle=False)
@@ -154,8 +169,11 @@ def _load_numpy(path: Path, what: str, *, archive: bool) -> np.ndarray | np.lib.
         if not archive:
             loaded.close()
         expected, got = (".npz archive", "single .npy array") if archive else (".npy array", ".npz archive")
-        raise ConformalSegError(f"{what} should be a {expected} but the file holds a {got}", path=path,
-                                fix="give the file the extension that matches its content")
+        raise ConformalSegError(
+            f"{what} should be a {expected} but the file holds a {got}",
+            path=path,
+            fix="give the file the extension that matches its content",
+        )
     return loaded
 
 
@@ -163,14 +181,18 @@ def _identity_geometry(shape: tuple[int, ...], spacing: Sequence[float] | None, 
     try:
         return Geometry(shape=tuple(shape), spacing=tuple(spacing) if spacing else (1.0, 1.0, 1.0))
     except ValueError as exc:
-        raise ConformalSegError(f"invalid spacing {spacing}", path=path,
-                                fix="give three positive numbers (x, y, z) in mm") from exc
+        raise ConformalSegError(
+            f"invalid spacing {spacing}", path=path, fix="give three positive numbers (x, y, z) in mm"
+        ) from exc
 
 
 def _require_3d(array: np.ndarray, path: Path, what: str) -> None:
     if array.ndim != 3:
-        raise ConformalSegError(f"{what} is {array.ndim}D with shape {array.shape}, expected a 3D volume",
-                                path=path, fix="save one 3D (z, y, x) array per file")
+        raise ConformalSegError(
+            f"{what} is {array.ndim}D with shape {array.shape}, expected a 3D volume",
+            path=path,
+            fix="save one 3D (z, y, x) array per file",
+        )
 
 
 # ----------------------------------------------------------------------------- probability maps
@@ -180,11 +202,17 @@ def _channel_index(channel: int | None, n_channels: int, path: Path) -> int:
     if channel is None:
         if n_channels == 1:
             return 0
-        raise ConformalSegError(f"the probability map has {n_channels} channels (classes 0..{n_channels - 1})",
-                                path=path, fix="pass --channel with the lesion class index (e.g. --channel 1)")
+        raise ConformalSegError(
+            f"the probability map has {n_channels} channels (classes 0..{n_channels - 1})",
+            path=path,
+            fix="pass --channel with the lesion class index (e.g. --channel 1)",
+        )
     if not 0 <= channel < n_channels:
-        raise ConformalSegError(f"channel {channel} does not exist: the file has {n_channels} channel(s)",
-                                path=path, fix=f"pass --channel between 0 and {n_channels - 1}")
+        raise ConformalSegError(
+            f"channel {channel} does not exist: the file has {n_channels} channel(s)",
+            path=path,
+            fix=f"pass --channel between 0 and {n_channels - 1}",
+        )
     return channel
 
 
@@ -199,15 +227,17 @@ def _read_nifti_probability(path: Path, channel: int | None) -> tuple[np.ndarray
     what = "probability map"
     reader = _read_header(path, what)
     try:
-        proxy = nib.load(str(path)).dataobj
+        proxy = nib.load(str(path)).dataobj  # type: ignore[attr-defined]  # the stub's base class lacks it
     except Exception as exc:  # nibabel raises many types for corrupt files
         raise _unreadable(path, what, exc) from exc
     shape = tuple(proxy.shape)
     extra = [n for n in shape[3:] if n != 1]  # time / vector axes: the classes
     if len(shape) < 3 or len(extra) > 1:
-        raise ConformalSegError(f"{what} is {len(shape)}D with shape {shape} (x, y, z, ...), expected a 3D "
-                                "volume or one channel axis", path=path,
-                                fix="give a 3D probability map (or a 4D one with --channel)")
+        raise ConformalSegError(
+            f"{what} is {len(shape)}D with shape {shape} (x, y, z, ...), expected a 3D volume or one channel axis",
+            path=path,
+            fix="give a 3D probability map (or a 4D one with --channel)",
+        )
     n_channels = extra[0] if extra else 1
     index = _channel_index(channel, n_channels, path)
     try:
@@ -217,8 +247,11 @@ def _read_nifti_probability(path: Path, channel: int | None) -> tuple[np.ndarray
     array = np.array(data.T) if n_channels > 1 else np.ascontiguousarray(data.T)  # (x,y,z) -> (z,y,x)
     geometry = _header_geometry(reader, path, what)
     if geometry.shape != array.shape:
-        raise ConformalSegError(f"NIfTI header size {geometry.shape} disagrees with the data {array.shape}",
-                                path=path, fix="re-export the file")
+        raise ConformalSegError(
+            f"NIfTI header size {geometry.shape} disagrees with the data {array.shape}",
+            path=path,
+            fix="re-export the file",
+        )
     return array, geometry
 
 
@@ -248,8 +281,11 @@ def _read_probability_image(path: Path, channel: int | None) -> tuple[np.ndarray
     else:
         _channel_index(channel, 1, path)
     if img.GetDimension() != 3:
-        raise ConformalSegError(f"probability map is {img.GetDimension()}D, expected a 3D volume", path=path,
-                                fix="give a 3D probability map (or a 4D/vector one with --channel)")
+        raise ConformalSegError(
+            f"probability map is {img.GetDimension()}D, expected a 3D volume",
+            path=path,
+            fix="give a 3D probability map (or a 4D/vector one with --channel)",
+        )
     array = sitk.GetArrayFromImage(img)
     return array, geometry_from_sitk(img)
 
@@ -265,8 +301,11 @@ def nnunet_sibling(npz_path: PathLikeStr) -> Path | None:
 def _read_npz(path: Path, channel: int | None) -> np.ndarray:
     with _load_numpy(path, "probability map", archive=True) as data:
         if NPZ_KEY not in data.files:
-            raise ConformalSegError(f"the .npz has no '{NPZ_KEY}' array (arrays: {', '.join(data.files) or 'none'})",
-                                    path=path, fix="use the .npz written by nnU-Net predict --save_probabilities")
+            raise ConformalSegError(
+                f"the .npz has no '{NPZ_KEY}' array (arrays: {', '.join(data.files) or 'none'})",
+                path=path,
+                fix="use the .npz written by nnU-Net predict --save_probabilities",
+            )
         try:
             probabilities = data[NPZ_KEY]
         except NUMPY_ERRORS as exc:
@@ -275,8 +314,11 @@ def _read_npz(path: Path, channel: int | None) -> np.ndarray:
         _channel_index(channel, 1, path)
         return probabilities
     if probabilities.ndim != 4:
-        raise ConformalSegError(f"'{NPZ_KEY}' has shape {probabilities.shape}, expected (C, z, y, x)",
-                                path=path, fix="use the .npz written by nnU-Net predict --save_probabilities")
+        raise ConformalSegError(
+            f"'{NPZ_KEY}' has shape {probabilities.shape}, expected (C, z, y, x)",
+            path=path,
+            fix="use the .npz written by nnU-Net predict --save_probabilities",
+        )
     index = _channel_index(channel, probabilities.shape[0], path)
     return np.array(probabilities[index])  # copy, so the other channels are freed
 
@@ -288,9 +330,12 @@ def _npz_geometry(path: Path, shape: tuple[int, ...], spacing: Sequence[float] |
     what = "nnU-Net segmentation next to the .npz"
     geometry = _header_geometry(_read_header(sibling, what), sibling, what)
     if geometry.shape != tuple(shape):
-        raise ConformalSegError(f"probabilities have shape {tuple(shape)} but the nnU-Net segmentation "
-                                f"{sibling.name} next to it has shape {geometry.shape}", path=path,
-                                fix="keep the .npz and the segmentation of the same nnU-Net prediction together")
+        raise ConformalSegError(
+            f"probabilities have shape {tuple(shape)} but the nnU-Net segmentation "
+            f"{sibling.name} next to it has shape {geometry.shape}",
+            path=path,
+            fix="keep the .npz and the segmentation of the same nnU-Net prediction together",
+        )
     return geometry, True
 
 
@@ -298,16 +343,20 @@ def _check_probabilities(array: np.ndarray, path: Path) -> np.ndarray:
     """Validate finiteness and range (clipping rounding noise); return float32/float64 array."""
     if not np.issubdtype(array.dtype, np.floating):
         kind = "integer" if array.dtype == bool or np.issubdtype(array.dtype, np.integer) else "non-numeric"
-        raise ConformalSegError(f"probability map has {kind} voxels ({array.dtype}): it looks like a "
-                                f"segmentation, not probabilities", path=path,
-                                fix="give floating point probabilities (nnU-Net: predict with "
-                                    "--save_probabilities and use the .npz)")
+        raise ConformalSegError(
+            f"probability map has {kind} voxels ({array.dtype}): it looks like a segmentation, not probabilities",
+            path=path,
+            fix="give floating point probabilities (nnU-Net: predict with --save_probabilities and use the .npz)",
+        )
     if array.dtype != np.float64:
         array = array.astype(np.float32, copy=False)
     n_bad = array.size - int(np.count_nonzero(np.isfinite(array)))
     if n_bad:
-        raise ConformalSegError(f"probability map contains {n_bad} NaN or infinite voxel(s)", path=path,
-                                fix="re-run the prediction; every voxel needs a probability in [0,1]")
+        raise ConformalSegError(
+            f"probability map contains {n_bad} NaN or infinite voxel(s)",
+            path=path,
+            fix="re-run the prediction; every voxel needs a probability in [0,1]",
+        )
     if array.size == 0:
         raise ConformalSegError("probability map is empty (0 voxels)", path=path, fix="give a non-empty volume")
     low, high = float(array.min()), float(array.max())
@@ -318,8 +367,9 @@ def _check_probabilities(array: np.ndarray, path: Path) -> np.ndarray:
     return array
 
 
-def load_probability_map(path: PathLikeStr, *, channel: int | None = None,
-                         spacing: Sequence[float] | None = None) -> Volume:
+def load_probability_map(
+    path: PathLikeStr, *, channel: int | None = None, spacing: Sequence[float] | None = None
+) -> Volume:
     """Read a 3D probability map (see module docstring for formats and checks).
 
     ``channel`` selects the class of a multi-channel file (4D image, vector image, nnU-Net ``.npz``);
@@ -355,14 +405,17 @@ def _integer_labels(array: np.ndarray, path: Path) -> np.ndarray:
     if np.issubdtype(array.dtype, np.integer):
         return array
     if not np.issubdtype(array.dtype, np.floating):
-        raise ConformalSegError(f"label map has voxel type {array.dtype}", path=path,
-                                fix="save the label map with integer voxels")
+        raise ConformalSegError(
+            f"label map has voxel type {array.dtype}", path=path, fix="save the label map with integer voxels"
+        )
     n_bad = int(np.count_nonzero(array != np.round(array)))  # NaN counts as bad too
     if n_bad:
-        raise ConformalSegError(f"label map has {n_bad} non-integer voxel value(s) (e.g. "
-                                f"{array[array != np.round(array)].flat[0]:.6g})", path=path,
-                                fix="give an integer label map (not probabilities or a resampled "
-                                    "label map with linear interpolation; use nearest neighbour)")
+        raise ConformalSegError(
+            f"label map has {n_bad} non-integer voxel value(s) (e.g. {array[array != np.round(array)].flat[0]:.6g})",
+            path=path,
+            fix="give an integer label map (not probabilities or a resampled "
+            "label map with linear interpolation; use nearest neighbour)",
+        )
     return array.astype(np.int32)
 
 
@@ -373,9 +426,12 @@ def load_image(path: PathLikeStr) -> Volume:
         raise _unsupported(path, "image", IMAGE_EXTENSIONS)
     img = _read_sitk(path, "image")
     if img.GetNumberOfComponentsPerPixel() != 1 or img.GetDimension() != 3:
-        raise ConformalSegError(f"image is {img.GetDimension()}D with {img.GetNumberOfComponentsPerPixel()} "
-                                "component(s), expected a 3D scalar image", path=path,
-                                fix="give a single 3D volume")
+        raise ConformalSegError(
+            f"image is {img.GetDimension()}D with {img.GetNumberOfComponentsPerPixel()} "
+            "component(s), expected a 3D scalar image",
+            path=path,
+            fix="give a single 3D volume",
+        )
     return Volume(sitk.GetArrayFromImage(img).astype(np.float32, copy=False), geometry_from_sitk(img), str(path))
 
 
@@ -386,9 +442,12 @@ def load_label_map(path: PathLikeStr) -> Volume:
     if ext in IMAGE_EXTENSIONS:
         img = _read_sitk(path, "label map")
         if img.GetNumberOfComponentsPerPixel() != 1 or img.GetDimension() != 3:
-            raise ConformalSegError(f"label map is {img.GetDimension()}D with "
-                                    f"{img.GetNumberOfComponentsPerPixel()} component(s), expected a 3D scalar image",
-                                    path=path, fix="export a single 3D labelmap (no overlapping segments)")
+            raise ConformalSegError(
+                f"label map is {img.GetDimension()}D with "
+                f"{img.GetNumberOfComponentsPerPixel()} component(s), expected a 3D scalar image",
+                path=path,
+                fix="export a single 3D labelmap (no overlapping segments)",
+            )
         array, geometry, known = sitk.GetArrayFromImage(img), geometry_from_sitk(img), True
         del img
     elif ext == ".npy":
@@ -414,7 +473,7 @@ def label_values(array: np.ndarray) -> set[int]:
         flat = array.reshape(-1)
         chunk = 1 << 22
         for start in range(0, flat.size, chunk):
-            counts += np.bincount(flat[start:start + chunk].astype(np.int64) - offset, minlength=counts.size)
+            counts += np.bincount(flat[start : start + chunk].astype(np.int64) - offset, minlength=counts.size)
         return {int(v) + offset for v in np.flatnonzero(counts)}
     return {int(v) for v in np.unique(array)}
 
@@ -428,8 +487,10 @@ def validate_lesion_labels(lesion_labels: Sequence[int]) -> tuple[int, ...]:
     """Check that lesion labels are a non-empty sequence of integers; return them as a tuple."""
     values = tuple(lesion_labels) if not isinstance(lesion_labels, (int, np.integer)) else (lesion_labels,)
     if not values or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) for v in values):
-        raise ConformalSegError(f"lesion labels must be integers, got {lesion_labels!r}",
-                                fix="pass the lesion label value(s) with --lesion-label, e.g. --lesion-label 1")
+        raise ConformalSegError(
+            f"lesion labels must be integers, got {lesion_labels!r}",
+            fix="pass the lesion label value(s) with --lesion-label, e.g. --lesion-label 1",
+        )
     return tuple(int(v) for v in values)
 
 
@@ -437,8 +498,12 @@ def load_label_mask(path: PathLikeStr, lesion_labels: Sequence[int]) -> Volume:
     """Read a label map and return the bool lesion mask (label value in ``lesion_labels``)."""
     labels = validate_lesion_labels(lesion_labels)
     label_map = load_label_map(path)
-    return Volume(mask_from_labels(label_map.array, labels), label_map.geometry, label_map.path,
-                  geometry_known=label_map.geometry_known)
+    return Volume(
+        mask_from_labels(label_map.array, labels),
+        label_map.geometry,
+        label_map.path,
+        geometry_known=label_map.geometry_known,
+    )
 
 
 def check_same_geometry(a: Volume, b: Volume, *, what: str = "probability map and label map") -> None:
@@ -453,16 +518,18 @@ def check_same_geometry(a: Volume, b: Volume, *, what: str = "probability map an
     else:
         mismatch = None
     if mismatch:
-        raise ConformalSegError(f"{what} are on different voxel grids ({mismatch}): {a.path} vs {b.path}",
-                                fix="resample one onto the other's grid (e.g. with SimpleITK.Resample) "
-                                    "before calibration")
+        raise ConformalSegError(
+            f"{what} are on different voxel grids ({mismatch}): {a.path} vs {b.path}",
+            fix="resample one onto the other's grid (e.g. with SimpleITK.Resample) before calibration",
+        )
 
 
 # ----------------------------------------------------------------------------- writing
 
 
-def save_volume(array: np.ndarray, geometry: Geometry, path: PathLikeStr, *, force: bool = False,
-                compress: bool = True) -> Path:
+def save_volume(
+    array: np.ndarray, geometry: Geometry, path: PathLikeStr, *, force: bool = False, compress: bool = True
+) -> Path:
     """Write ``array`` (numpy order) with ``geometry`` atomically; the format follows the extension.
 
     Bool arrays are written as uint8. Refuses to overwrite an existing file unless ``force``.
@@ -476,6 +543,9 @@ def save_volume(array: np.ndarray, geometry: Geometry, path: PathLikeStr, *, for
         try:
             sitk.WriteImage(img, str(tmp), useCompression=compress)
         except RuntimeError as exc:
-            raise ConformalSegError(f"cannot write the image ({str(exc).strip().splitlines()[-1][:200]})",
-                                    path=path, fix="choose a writable output location with enough space") from exc
+            raise ConformalSegError(
+                f"cannot write the image ({str(exc).strip().splitlines()[-1][:200]})",
+                path=path,
+                fix="choose a writable output location with enough space",
+            ) from exc
     return path

@@ -17,8 +17,9 @@ Problem (PK)/(Psem) on the optimisation split::
 solved for every ``gamma`` of a small grid; the solution with the smallest objective wins (the
 authors' choice). Voxels whose surrogate is already 0 at ``lambda = 0`` (``|y - c| <= gamma I / 2``)
 are left out of that gamma's problem: the surrogate is non-increasing in lambda, so they contribute 0
-at every feasible point (an exact reduction that shrinks the conic problem considerably). ``upper`` is ``lambda_max`` when given, otherwise the
-smallest value at which every sampled surrogate is 0 (so the problem is always feasible).
+at every feasible point (an exact reduction that shrinks the conic problem considerably). ``upper``
+is ``lambda_max`` when given, otherwise the smallest value at which every sampled surrogate is 0 (so
+the problem is always feasible).
 
 Voxel subsampling (stratified by group): in each scan ``i`` and group ``k`` with ``n_ik > 0`` voxels,
 ``m_ik = min(n_ik, max(d_min, round(d_opt * n_ik / d_i)))`` voxels are drawn without replacement
@@ -68,12 +69,21 @@ class AnchorResult:
     trials: list[tuple[float, str, float]] = field(default_factory=list)
 
 
-def stratified_sample(need: Sequence[np.ndarray], width: Sequence[np.ndarray], group: Sequence[np.ndarray],
-                      n_groups: int, *, d_opt: int, d_min: int, rng: np.random.Generator) -> AnchorSample:
+def stratified_sample(
+    need: Sequence[np.ndarray],
+    width: Sequence[np.ndarray],
+    group: Sequence[np.ndarray],
+    n_groups: int,
+    *,
+    d_opt: int,
+    d_min: int,
+    rng: np.random.Generator,
+) -> AnchorSample:
     """Draw the optimisation voxels of every scan, stratified by group (module docstring)."""
     if d_opt < 1 or d_min < 0:
-        raise IntervalCalibrationError(f"d_opt must be >= 1 and d_min >= 0, got d_opt={d_opt}, d_min={d_min}",
-                                       fix="pass e.g. d_opt=3000, d_min=2")
+        raise IntervalCalibrationError(
+            f"d_opt must be >= 1 and d_min >= 0, got d_opt={d_opt}, d_min={d_min}", fix="pass e.g. d_opt=3000, d_min=2"
+        )
     n = len(need)
     parts: dict[str, list[np.ndarray]] = {"offset": [], "width": [], "group": [], "weight": []}
     counts = np.zeros((n, n_groups), dtype=np.float64)
@@ -97,8 +107,9 @@ def stratified_sample(need: Sequence[np.ndarray], width: Sequence[np.ndarray], g
             parts["weight"].append(np.full(m_ik, (n_ik / d) / m_ik / n))
     cost = counts.mean(axis=0) / max(sizes.mean(), 1.0)
     arrays = {key: np.concatenate(value) if value else np.zeros(0) for key, value in parts.items()}
-    return AnchorSample(np.maximum(arrays["offset"], 0.0), arrays["width"], arrays["group"].astype(np.int64),
-                        arrays["weight"], cost)
+    return AnchorSample(
+        np.maximum(arrays["offset"], 0.0), arrays["width"], arrays["group"].astype(np.int64), arrays["weight"], cost
+    )
 
 
 def surrogate_loss(offset: np.ndarray, width: np.ndarray, lam: np.ndarray, gamma: float) -> np.ndarray:
@@ -130,13 +141,20 @@ def surrogate_upper_bound(sample: AnchorSample, gammas: Sequence[float]) -> floa
 def _check_gammas(gammas: Sequence[float]) -> tuple[float, ...]:
     values = tuple(float(g) for g in gammas)
     if not values or not all(0.0 < g < 1.0 for g in values):
-        raise IntervalCalibrationError(f"gamma values must lie strictly between 0 and 1, got {gammas!r}",
-                                       fix="pass e.g. gammas=(0.1, 0.5, 0.9)")
+        raise IntervalCalibrationError(
+            f"gamma values must lie strictly between 0 and 1, got {gammas!r}", fix="pass e.g. gammas=(0.1, 0.5, 0.9)"
+        )
     return values
 
 
-def solve_anchor(sample: AnchorSample, epsilon: float, *, gammas: Sequence[float] = DEFAULT_GAMMAS,
-                 lambda_max: float | None = None, solver: str | None = None) -> AnchorResult:
+def solve_anchor(
+    sample: AnchorSample,
+    epsilon: float,
+    *,
+    gammas: Sequence[float] = DEFAULT_GAMMAS,
+    lambda_max: float | None = None,
+    solver: str | None = None,
+) -> AnchorResult:
     """Solve (PK)/(Psem) for each gamma and keep the smallest objective (module docstring).
 
     Groups with zero cost (absent from the optimisation scans) get anchor 0. If no gamma yields a
@@ -145,9 +163,10 @@ def solve_anchor(sample: AnchorSample, epsilon: float, *, gammas: Sequence[float
     try:
         import cvxpy as cp
     except ImportError as exc:  # e.g. Slicer's Python without the package
-        raise IntervalCalibrationError("K-CRC and sem-CRC need the cvxpy package for the anchor problem",
-                                       fix="pip install 'cvxpy>=1.4' (in Slicer: slicer.util.pip_install('cvxpy'))"
-                                       ) from exc
+        raise IntervalCalibrationError(
+            "K-CRC and sem-CRC need the cvxpy package for the anchor problem",
+            fix="pip install 'cvxpy>=1.4' (in Slicer: slicer.util.pip_install('cvxpy'))",
+        ) from exc
 
     gammas = _check_gammas(gammas)
     k = sample.n_groups
@@ -175,23 +194,36 @@ def solve_anchor(sample: AnchorSample, epsilon: float, *, gammas: Sequence[float
             trials.append((gamma, status, math.nan))
     seconds = time.perf_counter() - start
     if best is None:
-        warnings.warn(f"the anchor problem had no solution for any gamma in {gammas} (statuses: "
-                      f"{sorted({s for _, s, _ in trials})}); using anchor 0. Fix: raise lambda_max or epsilon",
-                      AnchorWarning, stacklevel=2)
+        warnings.warn(
+            f"the anchor problem had no solution for any gamma in {gammas} (statuses: "
+            f"{sorted({s for _, s, _ in trials})}); using anchor 0. Fix: raise lambda_max or epsilon",
+            AnchorWarning,
+            stacklevel=2,
+        )
         return AnchorResult(np.zeros(k), None, 0.0, seconds, trials)
     return AnchorResult(best[1], best[0], best[2], seconds, trials)
 
 
-def _solve_one(cp, sample: AnchorSample, width: np.ndarray, active: np.ndarray, q: float, k: int, upper: float,
-               epsilon: float, solver: str | None) -> tuple[str, np.ndarray | None]:
+def _solve_one(
+    cp,
+    sample: AnchorSample,
+    width: np.ndarray,
+    active: np.ndarray,
+    q: float,
+    k: int,
+    upper: float,
+    epsilon: float,
+    solver: str | None,
+) -> tuple[str, np.ndarray | None]:
     """One (PK)/(Psem) solve for one gamma on the active voxels; ``(status, lambda or None)``."""
     if not active.any():
         return "optimal", np.zeros(k)
     lam = cp.Variable(k)
     offset, group = sample.offset[active], sample.group[active]
     terms = cp.pos(2.0 * (1.0 + q) * cp.multiply(offset, cp.inv_pos(width[active] + 2 * lam[group])) - q)
-    problem = cp.Problem(cp.Minimize(sample.cost @ lam),
-                         [lam >= 0, lam <= upper, sample.weight[active] @ terms <= epsilon])
+    problem = cp.Problem(
+        cp.Minimize(sample.cost @ lam), [lam >= 0, lam <= upper, sample.weight[active] @ terms <= epsilon]
+    )
     try:
         problem.solve(solver=solver)
     except cp.error.SolverError as exc:  # pragma: no cover - solver failures are rare

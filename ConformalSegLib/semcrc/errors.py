@@ -1,12 +1,12 @@
 """Errors and warnings of the interval (sem-CRC) methods.
 
-Every error is a :class:`~ConformalSegLib.errors.ConformalSegError` (the CLI prints its message and
+Every error is a :class:`~ConformalSegLib.common.errors.ConformalSegError` (the CLI prints its message and
 exits with status 2), so a message always names the offending input and says how to fix it.
 """
 
 from __future__ import annotations
 
-from ..errors import CalibrationSetTooSmallWarning, ConformalSegError
+from ..common.errors import CalibrationSetTooSmallWarning, ConformalSegError
 
 
 class IntervalInputError(ConformalSegError):

@@ -25,17 +25,17 @@ from typing import Any
 
 import numpy as np
 
+from ..common.jsonable import jsonable
+from ..evaluation.figures import agg_figure
 from ..io.atomic import atomic_output, atomic_write_text, check_can_write
-from ..reporting import _figure
 from .errors import IntervalCalibrationError
 from .intervals import IntervalData, mean_length, scan_loss
 from .procedures import METHODS, calibrate_interval_method
-from .profile import json_safe
 
 LABELS = {"crc": "CRC", "k-crc": "K-CRC", "sem-crc": "sem-CRC", "sem-crc-organ": "sem-CRC (per organ)"}
 
 
-def _stats(values: Sequence[float]) -> dict[str, float]:
+def _stats(values: Sequence[float] | np.ndarray) -> dict[str, float]:
     a = np.asarray(values, dtype=np.float64)
     if a.size == 0:
         return {"mean": math.nan, "std": math.nan}
@@ -61,24 +61,35 @@ def _test_metrics(calib, test: IntervalData) -> tuple[float, float, list[float],
     return mean(risks), mean(lengths), [mean(v) for v in organ_risk], [mean(v) for v in organ_length]
 
 
-def evaluate_interval_methods(data: IntervalData, epsilon: float, *, runs: int = 20, n_cal: int,
-                              n_test: int | None = None, methods: Sequence[str] = METHODS, seed: int = 0,
-                              **options: Any) -> dict[str, Any]:
+def evaluate_interval_methods(
+    data: IntervalData,
+    epsilon: float,
+    *,
+    runs: int = 20,
+    n_cal: int,
+    n_test: int | None = None,
+    methods: Sequence[str] = METHODS,
+    seed: int = 0,
+    **options: Any,
+) -> dict[str, Any]:
     """Table 1 / Fig. 3 statistics (module docstring); ``options`` go to every procedure."""
     if runs < 1 or not 1 <= n_cal < data.n:
-        raise IntervalCalibrationError(f"need runs >= 1 and 1 <= n_cal < {data.n} scans, got runs={runs}, "
-                                       f"n_cal={n_cal}", fix="lower n_cal or add scans")
+        raise IntervalCalibrationError(
+            f"need runs >= 1 and 1 <= n_cal < {data.n} scans, got runs={runs}, n_cal={n_cal}",
+            fix="lower n_cal or add scans",
+        )
     n_test = data.n - n_cal if n_test is None else int(n_test)
     if not 1 <= n_test <= data.n - n_cal:
         raise IntervalCalibrationError(f"n_test must be in 1..{data.n - n_cal}, got {n_test}", fix="lower n_test")
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise IntervalCalibrationError(f"unknown method(s) {unknown}", fix=f"use {', '.join(METHODS)}")
-    raw: dict[str, dict[str, list]] = {m: {"risk": [], "length": [], "organ_risk": [], "organ_length": [],
-                                           "lambda": []} for m in methods}
+    raw: dict[str, dict[str, list]] = {
+        m: {"risk": [], "length": [], "organ_risk": [], "organ_length": [], "lambda": []} for m in methods
+    }
     for r in range(runs):
         perm = np.random.default_rng(seed + r).permutation(data.n)
-        cal, test = data.subset(perm[:n_cal]), data.subset(perm[n_cal:n_cal + n_test])
+        cal, test = data.subset(perm[:n_cal]), data.subset(perm[n_cal : n_cal + n_test])
         for method in methods:
             calib = calibrate_interval_method(method, cal, epsilon, seed=r, **options)
             risk, length, organ_risk, organ_length = _test_metrics(calib, test)
@@ -88,17 +99,27 @@ def evaluate_interval_methods(data: IntervalData, epsilon: float, *, runs: int =
             store["organ_risk"].append(organ_risk)
             store["organ_length"].append(organ_length)
             store["lambda"].append(dict(zip(calib.groups, calib.lam.tolist())))
-    summary: dict[str, Any] = {"epsilon": epsilon, "runs": runs, "n_cal": n_cal, "n_test": n_test,
-                               "organs": list(data.groups), "methods": {}}
+    summary: dict[str, Any] = {
+        "epsilon": epsilon,
+        "runs": runs,
+        "n_cal": n_cal,
+        "n_test": n_test,
+        "organs": list(data.groups),
+        "methods": {},
+    }
     for method in methods:
         store = raw[method]
-        organ_risk = np.asarray(store["organ_risk"], dtype=np.float64)
-        organ_length = np.asarray(store["organ_length"], dtype=np.float64)
+        risk_by_organ = np.asarray(store["organ_risk"], dtype=np.float64)
+        length_by_organ = np.asarray(store["organ_length"], dtype=np.float64)
         summary["methods"][method] = {
-            "risk": _stats(store["risk"]), "length": _stats(store["length"]),
-            "organ_risk": {g: _stats(organ_risk[:, k][~np.isnan(organ_risk[:, k])]) for k, g in enumerate(data.groups)},
-            "organ_length": {g: _stats(organ_length[:, k][~np.isnan(organ_length[:, k])])
-                             for k, g in enumerate(data.groups)},
+            "risk": _stats(store["risk"]),
+            "length": _stats(store["length"]),
+            "organ_risk": {
+                g: _stats(risk_by_organ[:, k][~np.isnan(risk_by_organ[:, k])]) for k, g in enumerate(data.groups)
+            },
+            "organ_length": {
+                g: _stats(length_by_organ[:, k][~np.isnan(length_by_organ[:, k])]) for k, g in enumerate(data.groups)
+            },
             "runs": {"risk": store["risk"], "length": store["length"], "lambda": store["lambda"]},
         }
     return summary
@@ -116,16 +137,27 @@ def _fmt(stat: dict[str, float], scale: float = 1.0, digits: int = 3) -> str:
 def evaluation_markdown(summary: dict[str, Any]) -> str:
     """Table 1 (risk, length ×10⁻²) and the per-organ risk/length tables as Markdown."""
     methods = list(summary["methods"])
-    lines = [f"Risk tolerance epsilon = {summary['epsilon']}; mean ± std over {summary['runs']} calibrations "
-             f"(n_cal = {summary['n_cal']}, n_test = {summary['n_test']}).", "",
-             "| Procedure | Risk | Length (×10⁻²) |", "|---|---|---|"]
+    lines = [
+        f"Risk tolerance epsilon = {summary['epsilon']}; mean ± std over {summary['runs']} calibrations "
+        f"(n_cal = {summary['n_cal']}, n_test = {summary['n_test']}).",
+        "",
+        "| Procedure | Risk | Length (×10⁻²) |",
+        "|---|---|---|",
+    ]
     for m in methods:
         s = summary["methods"][m]
         lines.append(f"| {LABELS.get(m, m)} | {_fmt(s['risk'])} | {_fmt(s['length'], 100, 2)} |")
-    for key, title, scale, digits in (("organ_risk", "Per-organ risk", 1.0, 3),
-                                      ("organ_length", "Per-organ mean length (×10⁻²)", 100.0, 2)):
-        lines += ["", f"**{title}**", "", "| Organ | " + " | ".join(LABELS.get(m, m) for m in methods) + " |",
-                  "|---|" + "---|" * len(methods)]
+    for key, title, scale, digits in (
+        ("organ_risk", "Per-organ risk", 1.0, 3),
+        ("organ_length", "Per-organ mean length (×10⁻²)", 100.0, 2),
+    ):
+        lines += [
+            "",
+            f"**{title}**",
+            "",
+            "| Organ | " + " | ".join(LABELS.get(m, m) for m in methods) + " |",
+            "|---|" + "---|" * len(methods),
+        ]
         for organ in summary["organs"]:
             cells = [_fmt(summary["methods"][m][key][organ], scale, digits) for m in methods]
             lines.append(f"| {organ} | " + " | ".join(cells) + " |")
@@ -137,7 +169,7 @@ def plot_organ_metrics(summary: dict[str, Any], path: str | PathLike[str], *, fo
     organs, methods = summary["organs"], list(summary["methods"])
     x = np.arange(len(organs))
     width = 0.8 / max(1, len(methods))
-    fig = _figure(11, 3.8)  # a bare Agg figure: no pyplot state, no global backend switch
+    fig = agg_figure(11, 3.8)  # a bare Agg figure: no pyplot state, no global backend switch
     axes = fig.subplots(1, 2)
     for j, m in enumerate(methods):
         for ax, key in zip(axes, ("organ_length", "organ_risk")):
@@ -157,14 +189,16 @@ def plot_organ_metrics(summary: dict[str, Any], path: str | PathLike[str], *, fo
     return target
 
 
-def write_interval_evaluation(summary: dict[str, Any], out_dir: str | PathLike[str], *,
-                              force: bool = False) -> list[Path]:
+def write_interval_evaluation(
+    summary: dict[str, Any], out_dir: str | PathLike[str], *, force: bool = False
+) -> list[Path]:
     """Write ``interval_evaluation.json``, ``.md`` and ``.png`` into ``out_dir`` (atomically)."""
     out = Path(out_dir)
     paths = [out / "interval_evaluation.json", out / "interval_evaluation.md", out / "interval_evaluation.png"]
     for p in paths:
         check_can_write(p, force=force)
-    atomic_write_text(paths[0], json.dumps(json_safe(summary), indent=2, allow_nan=False) + "\n", force=force)
+    text = json.dumps(jsonable(summary, non_finite="inf-string"), indent=2, allow_nan=False) + "\n"
+    atomic_write_text(paths[0], text, force=force)
     atomic_write_text(paths[1], evaluation_markdown(summary), force=force)
     plot_organ_metrics(summary, paths[2], force=force)
     return paths

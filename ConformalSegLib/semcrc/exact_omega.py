@@ -20,15 +20,16 @@ right-continuous non-increasing step function in [0, 1] (``B = 1``). The CRC con
     n/(n+1) * Rhat(omega) + B/(n+1) <= epsilon
     <=>  F(omega) := sum_i L_i(omega) <= (n + 1) * epsilon - 1 =: budget
 
-(``epsilon`` is the exact fraction of its shortest decimal, :func:`~ConformalSegLib.exact.as_fraction`).
+(``epsilon`` is the exact fraction of its shortest decimal, :func:`~ConformalSegLib.conformal.exact.as_fraction`).
 ``omega_hat = inf{omega in [omega_min, omega_max] : F(omega) <= budget}``. As ``F`` is a
 right-continuous step function the infimum is attained and is either ``omega_min`` or one of the
 ``t_v``: the per-scan sorted thresholds are merged in one sorted list, ``F`` at each distinct value is
 a suffix sum of weights ``1/d_i``, and ``omega_hat`` is the order statistic found by one binary search
 on that monotone sequence. (For large curves only the slice of thresholds around the answer is
-merged: a few exact checks at sample quantiles narrow the range first.) The float sums only locate the candidate; the candidate and its neighbours are
-re-checked with exact per-scan miss counts (correctly rounded sum; exact fractions inside its
-rounding band), so ``omega_hat`` is exact for the stored ``need`` values.
+merged: a few exact checks at sample quantiles narrow the range first.) The float sums only locate
+the candidate; the candidate and its neighbours are re-checked with exact per-scan miss counts
+(correctly rounded sum; exact fractions inside its rounding band), so ``omega_hat`` is exact for the
+stored ``need`` values.
 
 No valid omega: ``budget < 0`` (``n < 1/epsilon - 1``) or ``F(omega_max) > budget`` for a finite
 ``omega_max``: ``omega_hat = +inf`` (lambda infinite: the whole real line, the only valid choice).
@@ -47,7 +48,7 @@ from fractions import Fraction
 
 import numpy as np
 
-from ..crc import crc_budget
+from ..conformal.crc import crc_budget
 
 _SIGN = np.int64(-0x8000000000000000)
 _MAGNITUDE = np.int64(0x7FFFFFFFFFFFFFFF)
@@ -126,7 +127,7 @@ class OmegaCurve:
     sizes: np.ndarray
 
     @classmethod
-    def from_scans(cls, thresholds: Sequence[np.ndarray], sizes: Sequence[int]) -> "OmegaCurve":
+    def from_scans(cls, thresholds: Sequence[np.ndarray], sizes: Sequence[int]) -> OmegaCurve:
         kept = tuple(np.sort(np.asarray(t, dtype=np.float64)[np.isfinite(t)]) for t in thresholds)
         d = np.asarray(sizes, dtype=np.int64)
         if d.shape != (len(kept),) or (d <= 0).any():
@@ -163,10 +164,11 @@ class OmegaCurve:
 
     def between(self, lo: float, hi: float) -> list[np.ndarray]:
         """Per scan the thresholds ``t`` with ``lo < t < hi`` (views)."""
-        return [t[np.searchsorted(t, lo, side="right"):np.searchsorted(t, hi, side="left")] for t in self.thresholds]
+        return [t[np.searchsorted(t, lo, side="right") : np.searchsorted(t, hi, side="left")] for t in self.thresholds]
 
-    def bracket(self, lo: float, hi: float, budget: Fraction, *, limit: int = 1 << 16,
-                pivots: int = 63) -> tuple[float, float]:
+    def bracket(
+        self, lo: float, hi: float, budget: Fraction, *, limit: int = 1 << 16, pivots: int = 63
+    ) -> tuple[float, float]:
         """Narrow ``(lo, hi)`` (``F(lo) > budget``; ``F(hi) <= budget`` or ``hi = inf``) to at most ``limit``
         thresholds strictly inside, by exact checks at ``pivots`` sample quantiles of the thresholds
         (a binary search over the pivots: about 6 checks per round, each round keeps ~1/64)."""
@@ -193,7 +195,9 @@ class OmegaCurve:
 
     def merged(self, lo: float, hi: float = math.inf) -> tuple[np.ndarray, np.ndarray]:
         """Distinct thresholds in ``(lo, hi]`` ascending and ``F`` at each of them (float, for locating)."""
-        parts = [t[np.searchsorted(t, lo, side="right"):np.searchsorted(t, hi, side="right")] for t in self.thresholds]
+        parts = [
+            t[np.searchsorted(t, lo, side="right") : np.searchsorted(t, hi, side="right")] for t in self.thresholds
+        ]
         base = 0.0 if hi == math.inf else math.fsum(((self.misses(hi)) / self.sizes).tolist())
         weights = np.concatenate([np.full(p.size, 1.0 / d) for p, d in zip(parts, self.sizes)])
         values = np.concatenate(parts)
@@ -208,8 +212,14 @@ class OmegaCurve:
         return distinct, above + base
 
 
-def exact_omega(curve: OmegaCurve, epsilon: float, *, omega_min: float = 0.0,
-                omega_max: float = math.inf, merge_limit: int = 1 << 16) -> float:
+def exact_omega(
+    curve: OmegaCurve,
+    epsilon: float,
+    *,
+    omega_min: float = 0.0,
+    omega_max: float = math.inf,
+    merge_limit: int = 1 << 16,
+) -> float:
     """``inf{omega in [omega_min, omega_max] : n/(n+1) Rhat(omega) + 1/(n+1) <= epsilon}`` exactly.
 
     Returns ``+inf`` when no omega in the range satisfies the condition (module docstring). For
@@ -237,8 +247,15 @@ def exact_omega(curve: OmegaCurve, epsilon: float, *, omega_min: float = 0.0,
     return omega if omega <= omega_max else math.inf
 
 
-def bisect_omega(curve: OmegaCurve, epsilon: float, *, omega_min: float = 0.0, omega_max: float = math.inf,
-                 tol: float = 1e-12, max_iter: int = 200) -> float:
+def bisect_omega(
+    curve: OmegaCurve,
+    epsilon: float,
+    *,
+    omega_min: float = 0.0,
+    omega_max: float = math.inf,
+    tol: float = 1e-12,
+    max_iter: int = 200,
+) -> float:
     """Baseline: bisection on the same exact predicate, to ``tol``; returns the upper (valid) end.
 
     Converges to :func:`exact_omega` from above (the valid set is ``[omega_hat, omega_max]``).

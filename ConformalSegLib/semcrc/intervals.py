@@ -79,21 +79,24 @@ class IntervalData:
             return np.zeros((0, self.n_groups), dtype=np.int64)
         return np.stack([s.group_sizes(self.n_groups) for s in self.scans])
 
-    def subset(self, indices: Sequence[int] | np.ndarray) -> "IntervalData":
+    def subset(self, indices: Sequence[int] | np.ndarray) -> IntervalData:
         return IntervalData([self.scans[int(i)] for i in indices], self.groups)
 
 
 def _as_float_volume(array: np.ndarray, name: str, case: str) -> np.ndarray:
     a = np.asarray(array)
     if a.dtype == bool or not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)):
-        raise IntervalInputError(f"{name} of case {case!r} has voxel type {a.dtype}, expected numbers",
-                                 fix=f"pass {name} as a float array")
+        raise IntervalInputError(
+            f"{name} of case {case!r} has voxel type {a.dtype}, expected numbers", fix=f"pass {name} as a float array"
+        )
     a = a.astype(np.float64, copy=False)
     bad = ~np.isfinite(a)
     if bad.any():
-        raise IntervalInputError(f"{name} of case {case!r} has {int(bad.sum())} NaN/Inf voxel(s) "
-                                 f"(first at flat index {int(np.flatnonzero(bad)[0])})",
-                                 fix=f"fill or crop the non-finite voxels of {name} before calibration")
+        raise IntervalInputError(
+            f"{name} of case {case!r} has {int(bad.sum())} NaN/Inf voxel(s) "
+            f"(first at flat index {int(np.flatnonzero(bad)[0])})",
+            fix=f"fill or crop the non-finite voxels of {name} before calibration",
+        )
     return a
 
 
@@ -105,8 +108,9 @@ def need_values(lower: np.ndarray, upper: np.ndarray, truth: np.ndarray) -> np.n
     return np.maximum(lo - y, y - hi)
 
 
-def make_interval_scan(lower: np.ndarray, upper: np.ndarray, truth: np.ndarray, membership: np.ndarray,
-                       *, case_id: str = "") -> IntervalScan:
+def make_interval_scan(
+    lower: np.ndarray, upper: np.ndarray, truth: np.ndarray, membership: np.ndarray, *, case_id: str = ""
+) -> IntervalScan:
     """Validate one scan and keep its counted voxels (``membership != EXCLUDED``).
 
     ``membership`` is an integer array of the same shape with organ indices ``0..K-1`` or
@@ -121,42 +125,60 @@ def make_interval_scan(lower: np.ndarray, upper: np.ndarray, truth: np.ndarray, 
     m = np.asarray(membership)
     for name, a in (("upper", hi), ("truth", y), ("organs", m)):
         if a.shape != lo.shape:
-            raise IntervalInputError(f"{name} of case {case!r} has shape {a.shape}, lower has {lo.shape}",
-                                     fix="give lower, upper, truth and organ maps on the same voxel grid")
+            raise IntervalInputError(
+                f"{name} of case {case!r} has shape {a.shape}, lower has {lo.shape}",
+                fix="give lower, upper, truth and organ maps on the same voxel grid",
+            )
     if not np.issubdtype(m.dtype, np.integer):
-        raise IntervalInputError(f"organ memberships of case {case!r} must be integers, got {m.dtype}",
-                                 fix="build them with organ_memberships() from an integer label map")
+        raise IntervalInputError(
+            f"organ memberships of case {case!r} must be integers, got {m.dtype}",
+            fix="build them with organ_memberships() from an integer label map",
+        )
     crossing = lo > hi
     if crossing.any():
-        raise IntervalInputError(f"lower > upper in {int(crossing.sum())} voxel(s) of case {case!r} "
-                                 "(crossing quantiles)",
-                                 fix="pass np.minimum(lower, upper) and np.maximum(lower, upper), or fix the model")
+        raise IntervalInputError(
+            f"lower > upper in {int(crossing.sum())} voxel(s) of case {case!r} (crossing quantiles)",
+            fix="pass np.minimum(lower, upper) and np.maximum(lower, upper), or fix the model",
+        )
     counted = m.reshape(-1) != EXCLUDED
     if not counted.any():
-        raise IntervalInputError(f"case {case!r} has no voxel inside the body mask",
-                                 fix="check the body mask / organ label map of this case")
+        raise IntervalInputError(
+            f"case {case!r} has no voxel inside the body mask", fix="check the body mask / organ label map of this case"
+        )
     if (m.reshape(-1)[counted] < 0).any():
-        raise IntervalInputError(f"organ memberships of case {case!r} contain negative values other than "
-                                 f"{EXCLUDED}", fix="use organ_memberships() to build the memberships")
+        raise IntervalInputError(
+            f"organ memberships of case {case!r} contain negative values other than {EXCLUDED}",
+            fix="use organ_memberships() to build the memberships",
+        )
     index = np.flatnonzero(counted).astype(np.int64)
     flat_lo, flat_hi, flat_y = lo.reshape(-1)[index], hi.reshape(-1)[index], y.reshape(-1)[index]
-    return IntervalScan(shape=tuple(lo.shape), index=index, need=need_values(flat_lo, flat_hi, flat_y),
-                        width=flat_hi - flat_lo, group=m.reshape(-1)[index].astype(np.int32), case_id=case_id)
+    return IntervalScan(
+        shape=tuple(lo.shape),
+        index=index,
+        need=need_values(flat_lo, flat_hi, flat_y),
+        width=flat_hi - flat_lo,
+        group=m.reshape(-1)[index].astype(np.int32),
+        case_id=case_id,
+    )
 
 
 def check_groups(data: IntervalData) -> None:
     """Raise :class:`IntervalInputError` if a scan uses a group index outside ``0..K-1``."""
     for scan in data.scans:
         if scan.group.size and int(scan.group.max()) >= data.n_groups:
-            raise IntervalInputError(f"case {scan.case_id!r} has organ index {int(scan.group.max())} but only "
-                                     f"{data.n_groups} organ group(s) are named", fix="name every organ group")
+            raise IntervalInputError(
+                f"case {scan.case_id!r} has organ index {int(scan.group.max())} but only "
+                f"{data.n_groups} organ group(s) are named",
+                fix="name every organ group",
+            )
 
 
 def scan_loss(need: np.ndarray, lam: np.ndarray | float) -> float:
     """Eq. 2 for one scan: fraction of voxels with ``need > lambda`` (covered iff ``lambda >= need``)."""
     if need.size == 0:
-        raise IntervalInputError("loss of a scan without counted voxels is undefined",
-                                 fix="exclude scans without voxels in the group")
+        raise IntervalInputError(
+            "loss of a scan without counted voxels is undefined", fix="exclude scans without voxels in the group"
+        )
     return float(np.count_nonzero(need > lam)) / need.size
 
 

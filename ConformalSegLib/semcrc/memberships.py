@@ -45,14 +45,20 @@ class OrganMap:
     def __post_init__(self) -> None:
         for value, name in self.labels.items():
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-                raise IntervalInputError(f"organ label values must be integers, got {value!r}",
-                                         fix="map integer label values to names, e.g. {1: 'liver'}")
+                raise IntervalInputError(
+                    f"organ label values must be integers, got {value!r}",
+                    fix="map integer label values to names, e.g. {1: 'liver'}",
+                )
             if int(value) <= 0:
-                raise IntervalInputError(f"organ label value {value} must be positive (0 is background)",
-                                         fix="use the organ label values of the label map")
+                raise IntervalInputError(
+                    f"organ label value {value} must be positive (0 is background)",
+                    fix="use the organ label values of the label map",
+                )
             if not str(name) or str(name) == BODY:
-                raise IntervalInputError(f"organ name {name!r} for label {value} is empty or reserved",
-                                         fix=f"give every organ a name other than {BODY!r}")
+                raise IntervalInputError(
+                    f"organ name {name!r} for label {value} is empty or reserved",
+                    fix=f"give every organ a name other than {BODY!r}",
+                )
 
     @property
     def groups(self) -> tuple[str, ...]:
@@ -63,7 +69,7 @@ class OrganMap:
         return tuple(names) + (BODY,)
 
     @classmethod
-    def parse(cls, spec: str) -> "OrganMap":
+    def parse(cls, spec: str) -> OrganMap:
         """Parse ``"1=spleen,2=kidney,3=kidney"`` (also ``;``-separated)."""
         labels: dict[int, str] = {}
         for item in spec.replace(";", ",").split(","):
@@ -75,8 +81,10 @@ class OrganMap:
             except ValueError:
                 key = None
             if not sep or key is None or not name.strip():
-                raise IntervalInputError(f"cannot read organ spec item {item!r}",
-                                         fix="write organs as VALUE=NAME pairs, e.g. 1=spleen,2=kidney")
+                raise IntervalInputError(
+                    f"cannot read organ spec item {item!r}",
+                    fix="write organs as VALUE=NAME pairs, e.g. 1=spleen,2=kidney",
+                )
             labels[key] = name.strip()
         if not labels:
             raise IntervalInputError("no organ given", fix="write organs as VALUE=NAME pairs, e.g. 1=spleen")
@@ -87,8 +95,10 @@ def organ_memberships(label_map: np.ndarray, organs: OrganMap, body: str | np.nd
     """Group index per voxel (int32): organ index, ``len(organs.groups) - 1`` for body, -1 excluded."""
     labels = np.asarray(label_map)
     if not np.issubdtype(labels.dtype, np.integer) and labels.dtype != bool:
-        raise IntervalInputError(f"organ label map must be integer, got {labels.dtype}",
-                                 fix="pass an integer label map (nearest-neighbour resampled)")
+        raise IntervalInputError(
+            f"organ label map must be integer, got {labels.dtype}",
+            fix="pass an integer label map (nearest-neighbour resampled)",
+        )
     groups = organs.groups
     body_index = len(groups) - 1
     if isinstance(body, str):
@@ -101,8 +111,10 @@ def organ_memberships(label_map: np.ndarray, organs: OrganMap, body: str | np.nd
     else:
         body_mask = np.asarray(body, dtype=bool)
         if body_mask.shape != labels.shape:
-            raise IntervalInputError(f"body mask has shape {body_mask.shape}, label map has {labels.shape}",
-                                     fix="give the body mask on the label map's voxel grid")
+            raise IntervalInputError(
+                f"body mask has shape {body_mask.shape}, label map has {labels.shape}",
+                fix="give the body mask on the label map's voxel grid",
+            )
     out = np.where(body_mask, body_index, EXCLUDED).astype(np.int32)
     for value, name in organs.labels.items():
         out[labels == value] = groups.index(str(name))
@@ -118,8 +130,10 @@ def loss_quantile_partition(opt: IntervalData, k: int) -> tuple[np.ndarray, int]
         raise IntervalInputError(f"K must be >= 1, got {k}", fix="pass e.g. k=4")
     shapes = {s.shape for s in opt.scans}
     if len(shapes) != 1:
-        raise IntervalInputError(f"K-CRC needs all scans on one voxel grid, got shapes {sorted(shapes)}",
-                                 fix="crop/pad the scans to a common shape, or use sem-CRC")
+        raise IntervalInputError(
+            f"K-CRC needs all scans on one voxel grid, got shapes {sorted(shapes)}",
+            fix="crop/pad the scans to a common shape, or use sem-CRC",
+        )
     size = int(np.prod(next(iter(shapes))))
     misses = np.zeros(size, dtype=np.float64)
     for scan in opt.scans:

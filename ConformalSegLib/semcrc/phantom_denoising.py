@@ -1,6 +1,6 @@
 """Seeded CT denoising data from phantoms: noisy inputs, clean targets and organ label maps.
 
-The setting of Teneggi et al. (Sec. 4, denoising), on :mod:`ConformalSegLib.phantom` phantoms:
+The setting of Teneggi et al. (Sec. 4, denoising), on :mod:`ConformalSegLib.phantoms.generator` phantoms:
 
 1. **Window.** The phantom image (HU; it already carries the phantom's own mild CT-like noise) is
    windowed: ``clean = clip((HU - (-175)) / (250 - (-175)), 0, 1)`` -- HU -175..250 mapped to [0, 1].
@@ -37,8 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ConformalSegError
-from ..geometry import Geometry
+from ..common.errors import ConformalSegError
+from ..common.geometry import Geometry
 
 WINDOW_HU = (-175.0, 250.0)  #: the paper's window (HU), mapped to [0, 1]
 NOISE_SIGMA = 0.2  #: Gaussian noise standard deviation in windowed units (the paper's sigma)
@@ -72,12 +72,18 @@ class DenoisingCase:
     geometry: Geometry
 
 
-def denoising_cases(n: int, seed: int, *, shape: tuple[int, int, int] = DEFAULT_SHAPE,
-                    spacing: tuple[float, float, float] = DEFAULT_SPACING, sigma: float = NOISE_SIGMA,
-                    first: int = 0) -> Iterator[DenoisingCase]:
+def denoising_cases(
+    n: int,
+    seed: int,
+    *,
+    shape: tuple[int, int, int] = DEFAULT_SHAPE,
+    spacing: tuple[float, float, float] = DEFAULT_SPACING,
+    sigma: float = NOISE_SIGMA,
+    first: int = 0,
+) -> Iterator[DenoisingCase]:
     """Cases ``first .. first + n - 1`` of the phantom stream ``seed`` (``make_phantoms`` numbering and
     case ids), windowed and with noise (module docstring). Deterministic in ``(seed, index, sigma)``."""
-    from ..phantom import make_phantom, phantom_seed
+    from ..phantoms.generator import make_phantom, phantom_seed
 
     if isinstance(n, bool) or int(n) != n or n < 0 or first < 0:
         raise ConformalSegError(f"the number of cases must be a non-negative integer, got {n}")
@@ -91,10 +97,17 @@ def denoising_cases(n: int, seed: int, *, shape: tuple[int, int, int] = DEFAULT_
         yield DenoisingCase(phantom.case_id, noisy, clean, phantom.labels.astype(np.uint8), phantom.geometry)
 
 
-def write_denoising_dataset(out: str | PathLike[str], n: int, seed: int, *,
-                            shape: tuple[int, int, int] = DEFAULT_SHAPE,
-                            spacing: tuple[float, float, float] = DEFAULT_SPACING,
-                            sigma: float = NOISE_SIGMA, first: int = 0, force: bool = False) -> Path:
+def write_denoising_dataset(
+    out: str | PathLike[str],
+    n: int,
+    seed: int,
+    *,
+    shape: tuple[int, int, int] = DEFAULT_SHAPE,
+    spacing: tuple[float, float, float] = DEFAULT_SPACING,
+    sigma: float = NOISE_SIGMA,
+    first: int = 0,
+    force: bool = False,
+) -> Path:
     """Write ``noisy/``, ``clean/``, ``organs/`` and ``dataset.json`` under ``out`` (module docstring).
 
     Existing files are not overwritten without ``force`` (checked before anything is written).
@@ -106,19 +119,32 @@ def write_denoising_dataset(out: str | PathLike[str], n: int, seed: int, *,
     if out.exists() and not out.is_dir():
         raise ConformalSegError("the output path is a file", path=out, fix="give a folder")
     if not force and any((out / f).exists() and any((out / f).iterdir()) for f in FOLDERS):
-        raise ConformalSegError("the denoising dataset folder already holds data", path=out,
-                                fix="choose another folder or pass force=True")
+        raise ConformalSegError(
+            "the denoising dataset folder already holds data", path=out, fix="choose another folder or pass force=True"
+        )
     ids = []
     for case in denoising_cases(n, seed, shape=shape, spacing=spacing, sigma=sigma, first=first):
         for folder, array in zip(FOLDERS, (case.noisy, case.clean, case.organs)):
             save_volume(array, case.geometry, out / folder / f"{case.case_id}.nii.gz", force=force)
         ids.append(case.case_id)
-    meta = {"format": "conformalseg-denoising-dataset", "format_version": 1, "source": "phantoms",
-            "phantom_seed": int(seed), "first_index": int(first), "cases": ids,
-            "shape_zyx": list(shape), "spacing_mm_xyz": list(spacing), "window_hu": list(WINDOW_HU),
-            "noise": {"kind": "gaussian", "sigma": float(sigma), "units": "windowed [0, 1]",
-                      "added": "after windowing, not clipped"},
-            "organ_labels": PHANTOM_ORGANS, "folders": {"noisy": "network input", "clean": "truth",
-                                                         "organs": "phantom label map s(y)"}}
+    meta = {
+        "format": "conformalseg-denoising-dataset",
+        "format_version": 1,
+        "source": "phantoms",
+        "phantom_seed": int(seed),
+        "first_index": int(first),
+        "cases": ids,
+        "shape_zyx": list(shape),
+        "spacing_mm_xyz": list(spacing),
+        "window_hu": list(WINDOW_HU),
+        "noise": {
+            "kind": "gaussian",
+            "sigma": float(sigma),
+            "units": "windowed [0, 1]",
+            "added": "after windowing, not clipped",
+        },
+        "organ_labels": PHANTOM_ORGANS,
+        "folders": {"noisy": "network input", "clean": "truth", "organs": "phantom label map s(y)"},
+    }
     atomic_write_text(out / "dataset.json", json.dumps(meta, indent=2) + "\n", force=True)
     return out

@@ -35,9 +35,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..crc import min_crc_calibration_size
-from ..errors import ConformalSegError
-from ..exact import check_epsilon
+from ..common.errors import ConformalSegError
+from ..conformal.crc import min_crc_calibration_size
+from ..conformal.exact import check_epsilon
 from .anchor import DEFAULT_GAMMAS, AnchorResult, solve_anchor, stratified_sample
 from .errors import IntervalCalibrationError, UncontrollableRiskWarning
 from .exact_omega import OmegaCurve, exact_omega, lambdas_at, omega_thresholds
@@ -84,14 +84,17 @@ class IntervalCalibration:
             return np.zeros(scan.d, dtype=np.int64)
         if self.method == "k-crc":
             if self.partition is None or tuple(scan.shape) != tuple(self.shape or ()):
-                raise IntervalCalibrationError(f"K-CRC was calibrated on grid {self.shape}, scan "
-                                               f"{scan.case_id!r} has {scan.shape}",
-                                               fix="apply K-CRC only to scans on its calibration grid")
+                raise IntervalCalibrationError(
+                    f"K-CRC was calibrated on grid {self.shape}, scan {scan.case_id!r} has {scan.shape}",
+                    fix="apply K-CRC only to scans on its calibration grid",
+                )
             return self.partition[scan.index].astype(np.int64)
         if int(scan.group.max(initial=0)) >= len(self.groups):
-            raise IntervalCalibrationError(f"scan {scan.case_id!r} has organ index {int(scan.group.max())}, the "
-                                           f"calibration knows {len(self.groups)} groups",
-                                           fix="use the same organ map as for calibration")
+            raise IntervalCalibrationError(
+                f"scan {scan.case_id!r} has organ index {int(scan.group.max())}, the "
+                f"calibration knows {len(self.groups)} groups",
+                fix="use the same organ map as for calibration",
+            )
         return scan.group.astype(np.int64)
 
     def voxel_lambda(self, scan: IntervalScan) -> np.ndarray:
@@ -107,12 +110,16 @@ class IntervalCalibration:
         infinite = [g for g, s in zip(self.groups, self.status) if s != CONTROLLED]
         note = f"; infinite intervals (not controllable) for: {', '.join(infinite)}" if infinite else ""
         if self.method == "sem-crc-organ":
-            return (f"for each organ k: E[fraction of organ-k voxels outside their interval | organ k present] "
-                    f"<= {eps} over scans exchangeable with the calibration scans (sem-CRC per organ, n_cal per "
-                    f"organ {dict(zip(self.groups, self.n_cal.tolist()))}{note})")
-        return (f"E[fraction of counted (body-mask) voxels outside their interval] <= {eps} over scans "
-                f"exchangeable with the calibration scans ({self.method}, n_cal={int(self.n_cal[0])}, "
-                f"n_opt={self.n_opt}{note})")
+            return (
+                f"for each organ k: E[fraction of organ-k voxels outside their interval | organ k present] "
+                f"<= {eps} over scans exchangeable with the calibration scans (sem-CRC per organ, n_cal per "
+                f"organ {dict(zip(self.groups, self.n_cal.tolist()))}{note})"
+            )
+        return (
+            f"E[fraction of counted (body-mask) voxels outside their interval] <= {eps} over scans "
+            f"exchangeable with the calibration scans ({self.method}, n_cal={int(self.n_cal[0])}, "
+            f"n_opt={self.n_opt}{note})"
+        )
 
 
 def _generator(seed: int | np.random.Generator) -> np.random.Generator:
@@ -131,8 +138,10 @@ def _check_common(data: IntervalData, epsilon: float, lambda_max: float | None) 
     if e == 0:
         raise IntervalCalibrationError("epsilon must be > 0 for risk control", fix="pass e.g. epsilon=0.1")
     if lambda_max is not None and not (math.isfinite(lambda_max) and lambda_max >= 0):
-        raise IntervalCalibrationError(f"lambda_max must be a finite number >= 0, got {lambda_max}",
-                                       fix="pass e.g. lambda_max=0.5 (image units), or None for no bound")
+        raise IntervalCalibrationError(
+            f"lambda_max must be a finite number >= 0, got {lambda_max}",
+            fix="pass e.g. lambda_max=0.5 (image units), or None for no bound",
+        )
     check_groups(data)
     return float(epsilon)
 
@@ -143,7 +152,8 @@ def _require_calibration_size(n_cal: int, epsilon: float, what: str) -> None:
         raise IntervalCalibrationError(
             f"{what} has {n_cal} scan(s); CRC at epsilon={epsilon} needs at least {max(1, needed)} "
             f"(n >= 1/epsilon - 1), otherwise no finite lambda controls the risk",
-            fix="add calibration scans, raise epsilon, or lower n_opt")
+            fix="add calibration scans, raise epsilon, or lower n_opt",
+        )
 
 
 def _case_ids(data: IntervalData) -> tuple[str, ...]:
@@ -152,63 +162,131 @@ def _case_ids(data: IntervalData) -> tuple[str, ...]:
 
 def _split(data: IntervalData, n_opt: int, rng: np.random.Generator) -> tuple[IntervalData, IntervalData]:
     if isinstance(n_opt, bool) or not isinstance(n_opt, (int, np.integer)) or not 1 <= n_opt < data.n:
-        raise IntervalCalibrationError(f"n_opt must be an integer in 1..{data.n - 1} (there are {data.n} scans), "
-                                       f"got {n_opt!r}", fix="pass e.g. n_opt=32 with enough scans left to calibrate")
+        raise IntervalCalibrationError(
+            f"n_opt must be an integer in 1..{data.n - 1} (there are {data.n} scans), got {n_opt!r}",
+            fix="pass e.g. n_opt=32 with enough scans left to calibrate",
+        )
     perm = rng.permutation(data.n)
     return data.subset(perm[:n_opt]), data.subset(perm[n_opt:])
 
 
 def _warn_uncontrollable(what: str, n: int, epsilon: float, lambda_max: float | None) -> None:
     needed = min_crc_calibration_size(epsilon)
-    cause = (f"only {n} calibration scan(s), at least {needed} are needed" if n < needed
-             else f"risk stays above epsilon up to lambda_max={lambda_max}")
-    warnings.warn(f"{what}: risk cannot be brought under epsilon={epsilon} ({cause}); its lambda is +inf "
-                  f"(status '{UNCONTROLLABLE}')", UncontrollableRiskWarning, stacklevel=3)
+    cause = (
+        f"only {n} calibration scan(s), at least {needed} are needed"
+        if n < needed
+        else f"risk stays above epsilon up to lambda_max={lambda_max}"
+    )
+    warnings.warn(
+        f"{what}: risk cannot be brought under epsilon={epsilon} ({cause}); its lambda is +inf "
+        f"(status '{UNCONTROLLABLE}')",
+        UncontrollableRiskWarning,
+        stacklevel=3,
+    )
 
 
-def _backtrack(cal: IntervalData, groups_of, anchor: np.ndarray, epsilon: float, *, omega_min: float,
-               omega_max: float) -> float:
+def _backtrack(
+    cal: IntervalData, groups_of, anchor: np.ndarray, epsilon: float, *, omega_min: float, omega_max: float
+) -> float:
     """Exact omega_hat for the whole-scan loss with per-group anchors."""
     thresholds = [omega_thresholds(s.need, anchor[groups_of(s)]) for s in cal.scans]
     curve = OmegaCurve.from_scans(thresholds, [s.d for s in cal.scans])
     return exact_omega(curve, epsilon, omega_min=omega_min, omega_max=omega_max)
 
 
-def _finish_shared(method: str, cal: IntervalData, organs: tuple[str, ...], groups: tuple[str, ...],
-                   anchor: np.ndarray, omega: float, epsilon: float, n_opt: int, lambda_max: float | None,
-                   **extra) -> IntervalCalibration:
+def _finish_shared(
+    method: str,
+    cal: IntervalData,
+    organs: tuple[str, ...],
+    groups: tuple[str, ...],
+    anchor: np.ndarray,
+    omega: float,
+    epsilon: float,
+    n_opt: int,
+    lambda_max: float | None,
+    **extra,
+) -> IntervalCalibration:
     status = CONTROLLED if math.isfinite(omega) else UNCONTROLLABLE
     if status == UNCONTROLLABLE:
         _warn_uncontrollable(f"{method} (whole scan)", cal.n, epsilon, lambda_max)
     k = len(groups)
-    return IntervalCalibration(method=method, epsilon=epsilon, groups=groups, lam=lambdas_at(anchor, omega),
-                               anchor=np.asarray(anchor, dtype=np.float64), omega=np.full(k, omega),
-                               status=(status,) * k, n_cal=np.full(k, cal.n, dtype=np.int64), n_opt=n_opt,
-                               organs=organs, lambda_max=lambda_max, cal_cases=_case_ids(cal), **extra)
+    return IntervalCalibration(
+        method=method,
+        epsilon=epsilon,
+        groups=groups,
+        lam=lambdas_at(anchor, omega),
+        anchor=np.asarray(anchor, dtype=np.float64),
+        omega=np.full(k, omega),
+        status=(status,) * k,
+        n_cal=np.full(k, cal.n, dtype=np.int64),
+        n_opt=n_opt,
+        organs=organs,
+        lambda_max=lambda_max,
+        cal_cases=_case_ids(cal),
+        **extra,
+    )
 
 
-def calibrate_crc_interval(data: IntervalData, epsilon: float, *, lambda_max: float | None = None) -> IntervalCalibration:
+def calibrate_crc_interval(
+    data: IntervalData, epsilon: float, *, lambda_max: float | None = None
+) -> IntervalCalibration:
     """CRC with one scalar lambda (eq. 3) on all scans of ``data``."""
     epsilon = _check_common(data, epsilon, lambda_max)
     _require_calibration_size(data.n, epsilon, "the calibration set")
     start = time.perf_counter()
-    omega = _backtrack(data, lambda s: np.zeros(s.d, dtype=np.int64), np.zeros(1), epsilon, omega_min=0.0,
-                       omega_max=math.inf if lambda_max is None else lambda_max)
-    return _finish_shared("crc", data, data.groups, ("all",), np.zeros(1), omega, epsilon, 0, lambda_max,
-                          seconds={"omega": time.perf_counter() - start})
+    omega = _backtrack(
+        data,
+        lambda s: np.zeros(s.d, dtype=np.int64),
+        np.zeros(1),
+        epsilon,
+        omega_min=0.0,
+        omega_max=math.inf if lambda_max is None else lambda_max,
+    )
+    return _finish_shared(
+        "crc",
+        data,
+        data.groups,
+        ("all",),
+        np.zeros(1),
+        omega,
+        epsilon,
+        0,
+        lambda_max,
+        seconds={"omega": time.perf_counter() - start},
+    )
 
 
-def _anchor_for(opt: IntervalData, groups_of, n_groups: int, epsilon: float, *, d_opt: int, d_min: int,
-                gammas: Sequence[float], lambda_max: float | None, rng: np.random.Generator) -> AnchorResult:
+def _anchor_for(
+    opt: IntervalData,
+    groups_of,
+    n_groups: int,
+    epsilon: float,
+    *,
+    d_opt: int,
+    d_min: int,
+    gammas: Sequence[float],
+    lambda_max: float | None,
+    rng: np.random.Generator,
+) -> AnchorResult:
     groups = [groups_of(s) for s in opt.scans]
-    sample = stratified_sample([s.need for s in opt.scans], [s.width for s in opt.scans], groups, n_groups,
-                               d_opt=d_opt, d_min=d_min, rng=rng)
+    sample = stratified_sample(
+        [s.need for s in opt.scans], [s.width for s in opt.scans], groups, n_groups, d_opt=d_opt, d_min=d_min, rng=rng
+    )
     return solve_anchor(sample, epsilon, gammas=gammas, lambda_max=lambda_max)
 
 
-def calibrate_kcrc(data: IntervalData, epsilon: float, *, n_opt: int, k: int = 4, d_opt: int = 50, d_min: int = 1,
-                   gammas: Sequence[float] = DEFAULT_GAMMAS, lambda_max: float | None = None,
-                   seed: int | np.random.Generator = 0) -> IntervalCalibration:
+def calibrate_kcrc(
+    data: IntervalData,
+    epsilon: float,
+    *,
+    n_opt: int,
+    k: int = 4,
+    d_opt: int = 50,
+    d_min: int = 1,
+    gammas: Sequence[float] = DEFAULT_GAMMAS,
+    lambda_max: float | None = None,
+    seed: int | np.random.Generator = 0,
+) -> IntervalCalibration:
     """K-CRC (eq. 6): fixed K-quantile partition and (PK) anchor on ``S_opt``, exact omega on ``S_cal``."""
     epsilon = _check_common(data, epsilon, lambda_max)
     rng = _generator(seed)
@@ -216,16 +294,34 @@ def calibrate_kcrc(data: IntervalData, epsilon: float, *, n_opt: int, k: int = 4
     _require_calibration_size(cal.n, epsilon, "the calibration split S_cal")
     partition, k_eff = loss_quantile_partition(opt, k)
     groups_of = lambda s: partition[s.index].astype(np.int64)  # noqa: E731
-    anchor = _anchor_for(opt, groups_of, k_eff, epsilon, d_opt=d_opt, d_min=d_min, gammas=gammas,
-                         lambda_max=lambda_max, rng=rng)
+    anchor = _anchor_for(
+        opt, groups_of, k_eff, epsilon, d_opt=d_opt, d_min=d_min, gammas=gammas, lambda_max=lambda_max, rng=rng
+    )
     start = time.perf_counter()
-    omega = _backtrack(cal, groups_of, anchor.lam, epsilon, omega_min=-float(anchor.lam.max(initial=0.0)),
-                       omega_max=math.inf if lambda_max is None else lambda_max)
-    return _finish_shared("k-crc", cal, data.groups, tuple(f"q{j + 1}" for j in range(k_eff)), anchor.lam, omega,
-                          epsilon, opt.n, lambda_max, gamma=anchor.gamma, partition=partition,
-                          opt_cases=_case_ids(opt),
-                          shape=tuple(opt.scans[0].shape),
-                          seconds={"anchor": anchor.solve_seconds, "omega": time.perf_counter() - start})
+    omega = _backtrack(
+        cal,
+        groups_of,
+        anchor.lam,
+        epsilon,
+        omega_min=-float(anchor.lam.max(initial=0.0)),
+        omega_max=math.inf if lambda_max is None else lambda_max,
+    )
+    return _finish_shared(
+        "k-crc",
+        cal,
+        data.groups,
+        tuple(f"q{j + 1}" for j in range(k_eff)),
+        anchor.lam,
+        omega,
+        epsilon,
+        opt.n,
+        lambda_max,
+        gamma=anchor.gamma,
+        partition=partition,
+        opt_cases=_case_ids(opt),
+        shape=tuple(opt.scans[0].shape),
+        seconds={"anchor": anchor.solve_seconds, "omega": time.perf_counter() - start},
+    )
 
 
 def auto_d_opt(opt: IntervalData, d_min: int) -> int:
@@ -235,30 +331,71 @@ def auto_d_opt(opt: IntervalData, d_min: int) -> int:
     return int(min(MAX_AUTO_D_OPT, math.ceil(max(d_min, 1) / smallest)))
 
 
-def _sem_anchor(data: IntervalData, epsilon: float, n_opt: int, d_opt: int | None, d_min: int,
-                gammas: Sequence[float], lambda_max: float | None, rng: np.random.Generator):
+def _sem_anchor(
+    data: IntervalData,
+    epsilon: float,
+    n_opt: int,
+    d_opt: int | None,
+    d_min: int,
+    gammas: Sequence[float],
+    lambda_max: float | None,
+    rng: np.random.Generator,
+):
     opt, cal = _split(data, n_opt, rng)
     d_opt = auto_d_opt(opt, d_min) if d_opt is None else d_opt
-    anchor = _anchor_for(opt, lambda s: s.group.astype(np.int64), data.n_groups, epsilon, d_opt=d_opt, d_min=d_min,
-                         gammas=gammas, lambda_max=lambda_max, rng=rng)
+    anchor = _anchor_for(
+        opt,
+        lambda s: s.group.astype(np.int64),
+        data.n_groups,
+        epsilon,
+        d_opt=d_opt,
+        d_min=d_min,
+        gammas=gammas,
+        lambda_max=lambda_max,
+        rng=rng,
+    )
     return opt, cal, anchor
 
 
-def calibrate_semcrc(data: IntervalData, epsilon: float, *, n_opt: int, d_opt: int | None = None, d_min: int = 2,
-                     gammas: Sequence[float] = DEFAULT_GAMMAS, lambda_max: float | None = None,
-                     seed: int | np.random.Generator = 0) -> IntervalCalibration:
+def calibrate_semcrc(
+    data: IntervalData,
+    epsilon: float,
+    *,
+    n_opt: int,
+    d_opt: int | None = None,
+    d_min: int = 2,
+    gammas: Sequence[float] = DEFAULT_GAMMAS,
+    lambda_max: float | None = None,
+    seed: int | np.random.Generator = 0,
+) -> IntervalCalibration:
     """sem-CRC (eqs. 7-9): organ memberships, (Psem) anchor on ``S_opt``, exact omega on ``S_cal``."""
     epsilon = _check_common(data, epsilon, lambda_max)
     rng = _generator(seed)
     opt, cal, anchor = _sem_anchor(data, epsilon, n_opt, d_opt, d_min, gammas, lambda_max, rng)
     _require_calibration_size(cal.n, epsilon, "the calibration split S_cal")
     start = time.perf_counter()
-    omega = _backtrack(cal, lambda s: s.group.astype(np.int64), anchor.lam, epsilon,
-                       omega_min=-float(anchor.lam.max(initial=0.0)),
-                       omega_max=math.inf if lambda_max is None else lambda_max)
-    return _finish_shared("sem-crc", cal, data.groups, data.groups, anchor.lam, omega, epsilon, opt.n, lambda_max,
-                          gamma=anchor.gamma, opt_cases=_case_ids(opt), seconds={"anchor": anchor.solve_seconds,
-                                                       "omega": time.perf_counter() - start})
+    omega = _backtrack(
+        cal,
+        lambda s: s.group.astype(np.int64),
+        anchor.lam,
+        epsilon,
+        omega_min=-float(anchor.lam.max(initial=0.0)),
+        omega_max=math.inf if lambda_max is None else lambda_max,
+    )
+    return _finish_shared(
+        "sem-crc",
+        cal,
+        data.groups,
+        data.groups,
+        anchor.lam,
+        omega,
+        epsilon,
+        opt.n,
+        lambda_max,
+        gamma=anchor.gamma,
+        opt_cases=_case_ids(opt),
+        seconds={"anchor": anchor.solve_seconds, "omega": time.perf_counter() - start},
+    )
 
 
 def organ_curve(cal: IntervalData, k: int, anchor_k: float) -> OmegaCurve | None:
@@ -272,9 +409,18 @@ def organ_curve(cal: IntervalData, k: int, anchor_k: float) -> OmegaCurve | None
     return OmegaCurve.from_scans(thresholds, sizes) if sizes else None
 
 
-def calibrate_semcrc_organ(data: IntervalData, epsilon: float, *, n_opt: int, d_opt: int | None = None,
-                           d_min: int = 2, gammas: Sequence[float] = DEFAULT_GAMMAS, lambda_max: float | None = None,
-                           from_anchor: bool = True, seed: int | np.random.Generator = 0) -> IntervalCalibration:
+def calibrate_semcrc_organ(
+    data: IntervalData,
+    epsilon: float,
+    *,
+    n_opt: int,
+    d_opt: int | None = None,
+    d_min: int = 2,
+    gammas: Sequence[float] = DEFAULT_GAMMAS,
+    lambda_max: float | None = None,
+    from_anchor: bool = True,
+    seed: int | np.random.Generator = 0,
+) -> IntervalCalibration:
     """Per-organ sem-CRC (eq. 12): risk control for every organ separately (module docstring)."""
     epsilon = _check_common(data, epsilon, lambda_max)
     rng = _generator(seed)
@@ -288,25 +434,39 @@ def calibrate_semcrc_organ(data: IntervalData, epsilon: float, *, n_opt: int, d_
         curve = organ_curve(cal, k, float(anchor.lam[k]))
         if curve is None:
             status.append(NO_DATA)
-            warnings.warn(f"organ {data.groups[k]!r} is absent from every calibration scan: its lambda is +inf "
-                          f"(status '{NO_DATA}'). Fix: add calibration scans that contain it",
-                          UncontrollableRiskWarning, stacklevel=2)
+            warnings.warn(
+                f"organ {data.groups[k]!r} is absent from every calibration scan: its lambda is +inf "
+                f"(status '{NO_DATA}'). Fix: add calibration scans that contain it",
+                UncontrollableRiskWarning,
+                stacklevel=2,
+            )
             continue
         n_cal[k] = curve.n
         lo = 0.0 if from_anchor else -float(anchor.lam[k])
-        omega[k] = exact_omega(curve, epsilon, omega_min=lo,
-                               omega_max=math.inf if lambda_max is None else lambda_max)
+        omega[k] = exact_omega(curve, epsilon, omega_min=lo, omega_max=math.inf if lambda_max is None else lambda_max)
         if math.isfinite(omega[k]):
             status.append(CONTROLLED)
         else:
             status.append(UNCONTROLLABLE)
             _warn_uncontrollable(f"organ {data.groups[k]!r}", curve.n, epsilon, lambda_max)
     lam = np.array([lambdas_at(anchor.lam[k], omega[k]) for k in range(k_groups)], dtype=np.float64).reshape(-1)
-    return IntervalCalibration(method="sem-crc-organ", epsilon=epsilon, groups=data.groups, lam=lam,
-                               anchor=anchor.lam, omega=omega, status=tuple(status), n_cal=n_cal, n_opt=opt.n,
-                               organs=data.groups, gamma=anchor.gamma, lambda_max=lambda_max,
-                               opt_cases=_case_ids(opt), cal_cases=_case_ids(cal),
-                               seconds={"anchor": anchor.solve_seconds, "omega": time.perf_counter() - start})
+    return IntervalCalibration(
+        method="sem-crc-organ",
+        epsilon=epsilon,
+        groups=data.groups,
+        lam=lam,
+        anchor=anchor.lam,
+        omega=omega,
+        status=tuple(status),
+        n_cal=n_cal,
+        n_opt=opt.n,
+        organs=data.groups,
+        gamma=anchor.gamma,
+        lambda_max=lambda_max,
+        opt_cases=_case_ids(opt),
+        cal_cases=_case_ids(cal),
+        seconds={"anchor": anchor.solve_seconds, "omega": time.perf_counter() - start},
+    )
 
 
 def calibrate_interval_method(method: str, data: IntervalData, epsilon: float, **options) -> IntervalCalibration:

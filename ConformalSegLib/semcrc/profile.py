@@ -33,9 +33,10 @@ from typing import Any
 import numpy as np
 
 from .. import __version__
+from ..conformal.profile import _decode_float as _decode  # same JSON float convention
+from ..conformal.profile import _encode_float as _encode
 from ..io.atomic import atomic_write_bytes, atomic_write_text, check_can_write
 from ..io.checksums import sha256_file
-from ..profile import _decode_float as _decode, _encode_float as _encode  # same JSON float convention
 from .errors import IntervalProfileError
 from .memberships import OrganMap
 from .procedures import CONTROLLED, METHODS, NO_DATA, UNCONTROLLABLE, IntervalCalibration
@@ -44,17 +45,6 @@ FORMAT = "conformalseg-interval-profile"
 FORMAT_VERSION = 1
 COVERAGE = "y covered iff q_lo - lambda <= y <= q_hi + lambda (closed interval; lambda >= need)"
 RERUN_FIX = "re-create it with `conformalseg calibrate --method crc-interval|k-crc|sem-crc|sem-crc-organ`"
-
-
-def json_safe(value: Any) -> Any:
-    """``value`` with infinite floats as ``"inf"``/``"-inf"`` and NaN as ``None`` (recursively), for JSON."""
-    if isinstance(value, float):
-        return None if math.isnan(value) else _encode(value)
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
 
 
 @dataclass(frozen=True)
@@ -74,16 +64,32 @@ class IntervalProfile:
         c = self.calibration
         by_group = lambda values: {g: _encode(v) for g, v in zip(c.groups, np.asarray(values).tolist())}  # noqa: E731
         doc: dict[str, Any] = {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "method": c.method, "epsilon": c.epsilon,
-            "guarantee": c.guarantee, "coverage": COVERAGE, "groups": list(c.groups), "organs": list(c.organs),
-            "lambda": by_group(c.lam), "anchor": by_group(c.anchor), "omega": by_group(c.omega),
-            "status": dict(zip(c.groups, c.status)), "n_cal": dict(zip(c.groups, (int(v) for v in c.n_cal))),
-            "n_opt": c.n_opt, "gamma": c.gamma, "lambda_max": _encode(c.lambda_max),
-            "organ_labels": {str(k): v for k, v in sorted(self.organs.labels.items())}, "body": self.body,
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "method": c.method,
+            "epsilon": c.epsilon,
+            "guarantee": c.guarantee,
+            "coverage": COVERAGE,
+            "groups": list(c.groups),
+            "organs": list(c.organs),
+            "lambda": by_group(c.lam),
+            "anchor": by_group(c.anchor),
+            "omega": by_group(c.omega),
+            "status": dict(zip(c.groups, c.status)),
+            "n_cal": dict(zip(c.groups, (int(v) for v in c.n_cal))),
+            "n_opt": c.n_opt,
+            "gamma": c.gamma,
+            "lambda_max": _encode(c.lambda_max),
+            "organ_labels": {str(k): v for k, v in sorted(self.organs.labels.items())},
+            "body": self.body,
             "seconds": {k: round(float(v), 6) for k, v in c.seconds.items()},
-            "provenance": {"package_version": __version__,
-                           "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                           "opt_cases": list(c.opt_cases), "cal_cases": list(c.cal_cases), **self.provenance},
+            "provenance": {
+                "package_version": __version__,
+                "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "opt_cases": list(c.opt_cases),
+                "cal_cases": list(c.cal_cases),
+                **self.provenance,
+            },
         }
         if c.method == "k-crc":
             doc["partition"] = {"file": npz_name, "sha256": npz_sha256, "shape": list(c.shape or ())}
@@ -93,8 +99,9 @@ class IntervalProfile:
         """Write ``PATH.json`` (and ``PATH.npz`` for K-CRC) atomically; return the written paths."""
         path = Path(path)
         if path.suffix.lower() != ".json":
-            raise IntervalProfileError("an interval profile file name must end in .json", path=path,
-                                       fix="e.g. --out intervals.json")
+            raise IntervalProfileError(
+                "an interval profile file name must end in .json", path=path, fix="e.g. --out intervals.json"
+            )
         check_can_write(path, force=force)
         written: list[Path] = []
         npz_name = sha = None
@@ -107,8 +114,9 @@ class IntervalProfile:
             atomic_write_bytes(npz_path, data, force=force)
             npz_name, sha = npz_path.name, hashlib.sha256(data).hexdigest()
             written.append(npz_path)
-        atomic_write_text(path, json.dumps(self.to_json_dict(npz_name, sha), indent=2, allow_nan=False) + "\n",
-                          force=force)
+        atomic_write_text(
+            path, json.dumps(self.to_json_dict(npz_name, sha), indent=2, allow_nan=False) + "\n", force=force
+        )
         return [path] + written
 
 
@@ -124,9 +132,53 @@ def is_interval_profile(path: str | PathLike[str]) -> bool:
 def _mapping(doc: dict[str, Any], key: str, groups: list[str], path: Path) -> dict[str, Any]:
     value = doc.get(key)
     if not isinstance(value, dict) or list(value) != groups:
-        raise IntervalProfileError(f"{key!r} must map every group {groups} (in order), got {value!r}", path=path,
-                                   fix=RERUN_FIX)
+        raise IntervalProfileError(
+            f"{key!r} must map every group {groups} (in order), got {value!r}", path=path, fix=RERUN_FIX
+        )
     return value
+
+
+def _check_header(doc: Any, path: Path) -> tuple[str, list[str]]:
+    """Format, version, method and group names of a parsed profile."""
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise IntervalProfileError(f"not an interval profile (no 'format': '{FORMAT}')", path=path, fix=RERUN_FIX)
+    if doc.get("format_version") != FORMAT_VERSION:
+        raise IntervalProfileError(
+            f"format version {doc.get('format_version')!r} is not supported (this is {FORMAT_VERSION})",
+            path=path,
+            fix=RERUN_FIX,
+        )
+    method = doc.get("method")
+    if method not in METHODS:
+        raise IntervalProfileError(f"unknown method {method!r}", path=path, fix=RERUN_FIX)
+    groups = doc.get("groups")
+    if not isinstance(groups, list) or not groups or not all(isinstance(g, str) for g in groups):
+        raise IntervalProfileError("'groups' must be a non-empty list of names", path=path, fix=RERUN_FIX)
+    return method, groups
+
+
+def _read_partition(doc: dict[str, Any], path: Path, n_groups: int) -> tuple[np.ndarray, tuple[int, ...]]:
+    """The K-CRC partition stored beside the profile (checksum verified) and its grid shape."""
+    info = doc.get("partition") or {}
+    npz_path = path.with_name(str(info.get("file", "")))
+    if not npz_path.is_file():
+        raise IntervalProfileError(
+            f"the partition file {npz_path.name} is missing beside the profile",
+            path=path,
+            fix="keep the .npz next to the .json (copy both), or re-calibrate",
+        )
+    if sha256_file(npz_path) != info.get("sha256"):
+        raise IntervalProfileError(
+            "partition file does not match the profile's checksum",
+            path=npz_path,
+            fix="restore the matching .npz or re-calibrate",
+        )
+    with np.load(npz_path, allow_pickle=False) as arrays:
+        partition = np.asarray(arrays["partition"], dtype=np.int32)
+    shape = tuple(int(s) for s in info.get("shape", ()))
+    if int(np.prod(shape)) != partition.size or partition.max(initial=0) >= n_groups:
+        raise IntervalProfileError("partition does not fit the stored grid / groups", path=npz_path, fix=RERUN_FIX)
+    return partition, shape
 
 
 def load_interval_profile(path: str | PathLike[str]) -> IntervalProfile:
@@ -138,17 +190,7 @@ def load_interval_profile(path: str | PathLike[str]) -> IntervalProfile:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise IntervalProfileError(f"not a valid JSON profile ({exc})", path=path, fix=RERUN_FIX) from exc
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise IntervalProfileError(f"not an interval profile (no 'format': '{FORMAT}')", path=path, fix=RERUN_FIX)
-    if doc.get("format_version") != FORMAT_VERSION:
-        raise IntervalProfileError(f"format version {doc.get('format_version')!r} is not supported "
-                                   f"(this is {FORMAT_VERSION})", path=path, fix=RERUN_FIX)
-    method = doc.get("method")
-    if method not in METHODS:
-        raise IntervalProfileError(f"unknown method {method!r}", path=path, fix=RERUN_FIX)
-    groups = doc.get("groups")
-    if not isinstance(groups, list) or not groups or not all(isinstance(g, str) for g in groups):
-        raise IntervalProfileError("'groups' must be a non-empty list of names", path=path, fix=RERUN_FIX)
+    method, groups = _check_header(doc, path)
     lam = np.array([_decode(v, f"lambda[{g}]", path) for g, v in _mapping(doc, "lambda", groups, path).items()])
     anchor = np.array([_decode(v, f"anchor[{g}]", path) for g, v in _mapping(doc, "anchor", groups, path).items()])
     omega = np.array([_decode(v, f"omega[{g}]", path) for g, v in _mapping(doc, "omega", groups, path).items()])
@@ -156,39 +198,39 @@ def load_interval_profile(path: str | PathLike[str]) -> IntervalProfile:
     if not set(status) <= {CONTROLLED, UNCONTROLLABLE, NO_DATA}:
         raise IntervalProfileError(f"unknown status in {status}", path=path, fix=RERUN_FIX)
     if (lam < 0).any() or any(s != CONTROLLED and v != math.inf for s, v in zip(status, lam)):
-        raise IntervalProfileError("lambda must be >= 0, and 'inf' for every group that is not controlled",
-                                   path=path, fix=RERUN_FIX)
+        raise IntervalProfileError(
+            "lambda must be >= 0, and 'inf' for every group that is not controlled", path=path, fix=RERUN_FIX
+        )
     n_cal = np.array(list(_mapping(doc, "n_cal", groups, path).values()), dtype=np.int64)
     epsilon = _decode(doc.get("epsilon"), "epsilon", path)
     try:
         organs = OrganMap({int(k): str(v) for k, v in dict(doc.get("organ_labels") or {}).items()})
     except (TypeError, ValueError) as exc:
         raise IntervalProfileError(f"'organ_labels' is malformed ({exc})", path=path, fix=RERUN_FIX) from exc
-    partition = shape = None
-    if method == "k-crc":
-        info = doc.get("partition") or {}
-        npz_path = path.with_name(str(info.get("file", "")))
-        if not npz_path.is_file():
-            raise IntervalProfileError(f"the partition file {npz_path.name} is missing beside the profile", path=path,
-                                       fix="keep the .npz next to the .json (copy both), or re-calibrate")
-        if sha256_file(npz_path) != info.get("sha256"):
-            raise IntervalProfileError("partition file does not match the profile's checksum", path=npz_path,
-                                       fix="restore the matching .npz or re-calibrate")
-        with np.load(npz_path, allow_pickle=False) as arrays:
-            partition = np.asarray(arrays["partition"], dtype=np.int32)
-        shape = tuple(int(s) for s in info.get("shape", ()))
-        if int(np.prod(shape)) != partition.size or partition.max(initial=0) >= len(groups):
-            raise IntervalProfileError("partition does not fit the stored grid / groups", path=npz_path, fix=RERUN_FIX)
+    partition, shape = _read_partition(doc, path, len(groups)) if method == "k-crc" else (None, None)
     provenance = dict(doc.get("provenance") or {})
     lambda_max = doc.get("lambda_max")
     calibration = IntervalCalibration(
-        method=method, epsilon=epsilon, groups=tuple(groups), lam=lam, anchor=anchor, omega=omega, status=status,
-        n_cal=n_cal, n_opt=int(doc.get("n_opt", 0)), organs=tuple(doc.get("organs") or groups),
-        gamma=doc.get("gamma"), partition=partition, shape=shape,
+        method=method,
+        epsilon=epsilon,
+        groups=tuple(groups),
+        lam=lam,
+        anchor=anchor,
+        omega=omega,
+        status=status,
+        n_cal=n_cal,
+        n_opt=int(doc.get("n_opt", 0)),
+        organs=tuple(doc.get("organs") or groups),
+        gamma=doc.get("gamma"),
+        partition=partition,
+        shape=shape,
         lambda_max=None if lambda_max is None else _decode(lambda_max, "lambda_max", path),
-        seconds=dict(doc.get("seconds") or {}), opt_cases=tuple(provenance.pop("opt_cases", ()) or ()),
-        cal_cases=tuple(provenance.pop("cal_cases", ()) or ()))
+        seconds=dict(doc.get("seconds") or {}),
+        opt_cases=tuple(provenance.pop("opt_cases", ()) or ()),
+        cal_cases=tuple(provenance.pop("cal_cases", ()) or ()),
+    )
     if method != "k-crc" and method != "crc" and tuple(groups) != organs.groups:
-        raise IntervalProfileError(f"groups {groups} do not match the organ labels {organs.groups}", path=path,
-                                   fix=RERUN_FIX)
+        raise IntervalProfileError(
+            f"groups {groups} do not match the organ labels {organs.groups}", path=path, fix=RERUN_FIX
+        )
     return IntervalProfile(calibration, organs, str(doc.get("body", "all")), provenance)

@@ -43,18 +43,23 @@ class SyntheticIntervals:
 
     def data(self, body: str = "nonzero") -> IntervalData:
         """The scans as :class:`IntervalData` (background excluded with ``body="nonzero"``)."""
-        scans = [make_interval_scan(lo, hi, y, organ_memberships(lab, self.organs, body), case_id=f"case{i:04d}")
-                 for i, (lo, hi, y, lab) in enumerate(zip(self.lower, self.upper, self.truth, self.labels))]
+        scans = [
+            make_interval_scan(lo, hi, y, organ_memberships(lab, self.organs, body), case_id=f"case{i:04d}")
+            for i, (lo, hi, y, lab) in enumerate(zip(self.lower, self.upper, self.truth, self.labels))
+        ]
         return IntervalData(scans, self.organs.groups)
 
 
 def _ellipsoid(shape: tuple[int, int, int], centre: np.ndarray, radii: np.ndarray) -> np.ndarray:
     zz, yy, xx = np.meshgrid(*(np.arange(s, dtype=np.float64) for s in shape), indexing="ij")
-    return ((zz - centre[0]) / radii[0]) ** 2 + ((yy - centre[1]) / radii[1]) ** 2 + ((xx - centre[2]) / radii[2]) ** 2 <= 1
+    return ((zz - centre[0]) / radii[0]) ** 2 + ((yy - centre[1]) / radii[1]) ** 2 + (
+        (xx - centre[2]) / radii[2]
+    ) ** 2 <= 1
 
 
-def synthetic_intervals(n: int, *, shape: tuple[int, int, int] = (2, 24, 24), seed: int = 0,
-                        dtype: type = np.float32) -> SyntheticIntervals:
+def synthetic_intervals(
+    n: int, *, shape: tuple[int, int, int] = (2, 24, 24), seed: int = 0, dtype: type = np.float32
+) -> SyntheticIntervals:
     """``n`` synthetic scans (module docstring), reproducible from ``seed``."""
     rng = np.random.default_rng(seed)
     z, h, w = shape
@@ -68,7 +73,7 @@ def synthetic_intervals(n: int, *, shape: tuple[int, int, int] = (2, 24, 24), se
         truth = np.where(body, BODY_INTENSITY, 0.0) + body * rng.normal(0, 0.02, shape)
         sigma = np.where(body, BODY_SIGMA, 0.002)
         factor = np.where(body, BODY_FACTOR, 1.0)
-        for name, label, intensity, organ_sigma, organ_factor, presence, radius in ORGANS:
+        for _name, label, intensity, organ_sigma, organ_factor, presence, radius in ORGANS:
             if rng.uniform() > presence:
                 continue
             r = radius * rng.uniform(0.7, 1.3) * np.array([z * 10.0, h, w])

@@ -8,8 +8,8 @@ segmentation model's output ``s(y)``). Volumes may be any format :mod:`Conformal
 :func:`apply_interval` returns the conformalised bounds, the interval length map and a per-group
 table; voxels outside the body mask keep their raw interval (``lambda = 0``) and are outside every
 guarantee. The bounds are written as float32 rounded *outward* (lower down, upper up), so the written
-interval always contains the calibrated one. Memory: calibration keeps four numbers per counted voxel and scan in RAM (crop or
-subsample slices, as the paper does, for large data sets).
+interval always contains the calibrated one. Memory: calibration keeps four numbers per counted
+voxel and scan in RAM (crop or subsample slices, as the paper does, for large data sets).
 """
 
 from __future__ import annotations
@@ -21,11 +21,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import ConformalSegError
+from ..common.errors import ConformalSegError
+from ..common.jsonable import jsonable
 from ..io.atomic import atomic_write_text, check_can_write
 from ..io.dataset import scan_folder
 from ..io.volumes import IMAGE_EXTENSIONS, Volume, check_same_geometry, load_image, load_label_map, volume_extension
@@ -33,13 +34,20 @@ from .errors import IntervalInputError
 from .intervals import EXCLUDED, IntervalData, IntervalScan, make_interval_scan, scan_loss
 from .memberships import OrganMap, organ_memberships
 from .procedures import METHODS, calibrate_interval_method
-from .profile import IntervalProfile, json_safe
+from .profile import IntervalProfile
+
+if TYPE_CHECKING:
+    from ..inference.model_card import ModelCard
 
 PathLikeStr = str | PathLike[str]
 ProgressCallback = Callable[[int, int, str], None]
 #: CLI spelling -> library method name
-CLI_METHODS: dict[str, str] = {"crc-interval": "crc", "k-crc": "k-crc", "sem-crc": "sem-crc",
-                               "sem-crc-organ": "sem-crc-organ"}
+CLI_METHODS: dict[str, str] = {
+    "crc-interval": "crc",
+    "k-crc": "k-crc",
+    "sem-crc": "sem-crc",
+    "sem-crc-organ": "sem-crc-organ",
+}
 
 
 def load_float_volume(path: PathLikeStr, what: str) -> Volume:
@@ -52,16 +60,19 @@ def load_float_volume(path: PathLikeStr, what: str) -> Volume:
             array = np.load(path, allow_pickle=False)
         except (ValueError, OSError) as exc:
             raise IntervalInputError(f"cannot read the {what} ({exc})", path=path, fix="re-export the file") from exc
-        from ..geometry import Geometry
+        from ..common.geometry import Geometry
 
         if array.ndim != 3:
-            raise IntervalInputError(f"{what} must be 3D, got shape {array.shape}", path=path,
-                                     fix="save one 3D volume per file")
-        return Volume(array.astype(np.float32, copy=False), Geometry(shape=tuple(array.shape)), str(path),
-                      geometry_known=False)
+            raise IntervalInputError(
+                f"{what} must be 3D, got shape {array.shape}", path=path, fix="save one 3D volume per file"
+            )
+        return Volume(
+            array.astype(np.float32, copy=False), Geometry(shape=tuple(array.shape)), str(path), geometry_known=False
+        )
     if volume_extension(path) not in IMAGE_EXTENSIONS:
-        raise IntervalInputError(f"unsupported {what} format", path=path,
-                                 fix=f"use one of {' '.join(IMAGE_EXTENSIONS + ('.npy',))}")
+        raise IntervalInputError(
+            f"unsupported {what} format", path=path, fix=f"use one of {' '.join(IMAGE_EXTENSIONS + ('.npy',))}"
+        )
     return load_image(path)
 
 
@@ -75,8 +86,9 @@ def as_organ_map(organs: OrganMap | Mapping[int, str] | str | None) -> OrganMap:
     return OrganMap(dict(organs))
 
 
-def discover_interval_cases(lower_dir: PathLikeStr, upper_dir: PathLikeStr, truth_dir: PathLikeStr,
-                            organs_dir: PathLikeStr | None) -> list[tuple[str, dict[str, Path]]]:
+def discover_interval_cases(
+    lower_dir: PathLikeStr, upper_dir: PathLikeStr, truth_dir: PathLikeStr, organs_dir: PathLikeStr | None
+) -> list[tuple[str, dict[str, Path]]]:
     """``(case_id, {"lower", "upper", "truth", "organs"} -> path)`` for every case, sorted by case id."""
     folders = {"lower": lower_dir, "upper": upper_dir, "truth": truth_dir}
     if organs_dir is not None:
@@ -85,10 +97,13 @@ def discover_interval_cases(lower_dir: PathLikeStr, upper_dir: PathLikeStr, trut
     ids = set.intersection(*(set(f) for f in files.values()))
     missing = {role: sorted(set(f) - ids) for role, f in files.items() if set(f) - ids}
     if missing:
-        detail = "; ".join(f"{len(v)} case(s) only partly present, e.g. {v[0]!r} in the {role} folder"
-                           for role, v in missing.items())
-        raise IntervalInputError(f"the input folders do not hold the same case ids: {detail}",
-                                 fix="give every case a lower, upper, truth (and organ) file with the same name")
+        detail = "; ".join(
+            f"{len(v)} case(s) only partly present, e.g. {v[0]!r} in the {role} folder" for role, v in missing.items()
+        )
+        raise IntervalInputError(
+            f"the input folders do not hold the same case ids: {detail}",
+            fix="give every case a lower, upper, truth (and organ) file with the same name",
+        )
     return [(cid, {role: files[role][cid] for role in files}) for cid in sorted(ids)]
 
 
@@ -111,9 +126,16 @@ def load_interval_scan(paths: Mapping[str, Path], organs: OrganMap, body: str, c
         raise IntervalInputError(exc.message, path=paths["lower"], fix=exc.fix) from exc
 
 
-def load_interval_data(lower_dir: PathLikeStr, upper_dir: PathLikeStr, truth_dir: PathLikeStr,
-                       organs_dir: PathLikeStr | None, organs: OrganMap | Mapping[int, str] | str | None = None,
-                       body: str = "all", *, progress: ProgressCallback | None = None) -> IntervalData:
+def load_interval_data(
+    lower_dir: PathLikeStr,
+    upper_dir: PathLikeStr,
+    truth_dir: PathLikeStr,
+    organs_dir: PathLikeStr | None,
+    organs: OrganMap | Mapping[int, str] | str | None = None,
+    body: str = "all",
+    *,
+    progress: ProgressCallback | None = None,
+) -> IntervalData:
     """Every scan of the four folders (matched by case id) as :class:`IntervalData`."""
     organ_map = as_organ_map(organs)
     cases = discover_interval_cases(lower_dir, upper_dir, truth_dir, organs_dir)
@@ -125,10 +147,19 @@ def load_interval_data(lower_dir: PathLikeStr, upper_dir: PathLikeStr, truth_dir
     return IntervalData(scans, organ_map.groups)
 
 
-def calibrate_interval(method: str, lower_dir: PathLikeStr, upper_dir: PathLikeStr, truth_dir: PathLikeStr,
-                       organs_dir: PathLikeStr | None, epsilon: float, *,
-                       organs: OrganMap | Mapping[int, str] | str | None = None, body: str = "all",
-                       progress: ProgressCallback | None = None, **options: Any) -> IntervalProfile:
+def calibrate_interval(
+    method: str,
+    lower_dir: PathLikeStr,
+    upper_dir: PathLikeStr,
+    truth_dir: PathLikeStr,
+    organs_dir: PathLikeStr | None,
+    epsilon: float,
+    *,
+    organs: OrganMap | Mapping[int, str] | str | None = None,
+    body: str = "all",
+    progress: ProgressCallback | None = None,
+    **options: Any,
+) -> IntervalProfile:
     """Calibrate ``method`` (library or CLI spelling, see :data:`CLI_METHODS`) on folders of volumes.
 
     ``options`` go to the procedure (``n_opt``, ``d_opt``, ``d_min``, ``k``, ``gammas``, ``lambda_max``,
@@ -139,13 +170,18 @@ def calibrate_interval(method: str, lower_dir: PathLikeStr, upper_dir: PathLikeS
         raise IntervalInputError(f"unknown interval method {method!r}", fix=f"use one of {', '.join(CLI_METHODS)}")
     organ_map = as_organ_map(organs)
     if method.startswith("sem-crc") and (organs_dir is None or not organ_map.labels):
-        raise IntervalInputError(f"{method} needs organ label maps and organ names",
-                                 fix="pass --organs DIR and --organ-labels 1=liver,2=spleen,...")
+        raise IntervalInputError(
+            f"{method} needs organ label maps and organ names",
+            fix="pass --organs DIR and --organ-labels 1=liver,2=spleen,...",
+        )
     data = load_interval_data(lower_dir, upper_dir, truth_dir, organs_dir, organ_map, body, progress=progress)
     calibration = calibrate_interval_method(method, data, epsilon, **options)
-    provenance = {"lower_dir": str(Path(lower_dir).resolve()), "upper_dir": str(Path(upper_dir).resolve()),
-                  "truth_dir": str(Path(truth_dir).resolve()),
-                  "organs_dir": None if organs_dir is None else str(Path(organs_dir).resolve())}
+    provenance = {
+        "lower_dir": str(Path(lower_dir).resolve()),
+        "upper_dir": str(Path(upper_dir).resolve()),
+        "truth_dir": str(Path(truth_dir).resolve()),
+        "organs_dir": None if organs_dir is None else str(Path(organs_dir).resolve()),
+    }
     return IntervalProfile(calibration, organ_map, body, provenance)
 
 
@@ -163,8 +199,14 @@ class IntervalApplication:
         return iter((self.lower, self.upper, self.length, self.table))
 
 
-def apply_interval(profile: IntervalProfile, lower: np.ndarray, upper: np.ndarray, organs: np.ndarray | None,
-                   *, truth: np.ndarray | None = None) -> IntervalApplication:
+def apply_interval(
+    profile: IntervalProfile,
+    lower: np.ndarray,
+    upper: np.ndarray,
+    organs: np.ndarray | None,
+    *,
+    truth: np.ndarray | None = None,
+) -> IntervalApplication:
     """Widen ``[lower, upper]`` by the profile's lambdas (module docstring).
 
     The table has per group: ``group``, ``lambda``, ``status``, ``voxels`` and ``mean_length``;
@@ -180,17 +222,20 @@ def apply_interval(profile: IntervalProfile, lower: np.ndarray, upper: np.ndarra
     calib = profile.calibration
     groups = calib.voxel_groups(scan)
     lam_voxel = calib.lam[groups]
-    lam_map = np.zeros(lo.size, dtype=np.float64)
+    lam_map: np.ndarray = np.zeros(lo.size, dtype=np.float64)
     lam_map[scan.index] = lam_voxel
     lam_map = lam_map.reshape(lo.shape)
     out_lo, out_hi = _round_outward(lo - lam_map, hi + lam_map)
     table = []
     for k, name in enumerate(calib.groups):
         inside = groups == k
-        row: dict[str, Any] = {"group": name, "lambda": float(calib.lam[k]), "status": calib.status[k],
-                               "voxels": int(inside.sum()),
-                               "mean_length": float(np.mean(scan.width[inside] + 2 * lam_voxel[inside]))
-                               if inside.any() else None}
+        row: dict[str, Any] = {
+            "group": name,
+            "lambda": float(calib.lam[k]),
+            "status": calib.status[k],
+            "voxels": int(inside.sum()),
+            "mean_length": float(np.mean(scan.width[inside] + 2 * lam_voxel[inside])) if inside.any() else None,
+        }
         if truth is not None:
             row["risk"] = scan_loss(scan.need[inside], lam_voxel[inside]) if inside.any() else None
         table.append(row)
@@ -205,8 +250,14 @@ def _round_outward(lower: np.ndarray, upper: np.ndarray) -> tuple[np.ndarray, np
     return lo32, hi32
 
 
-def write_interval_table(rows: list[dict[str, Any]], csv_path: PathLikeStr, json_path: PathLikeStr, *,
-                         force: bool = False, extra: Mapping[str, Any] | None = None) -> tuple[Path, Path]:
+def write_interval_table(
+    rows: list[dict[str, Any]],
+    csv_path: PathLikeStr,
+    json_path: PathLikeStr,
+    *,
+    force: bool = False,
+    extra: Mapping[str, Any] | None = None,
+) -> tuple[Path, Path]:
     """Write the per-group table as CSV and JSON (atomically; infinite values as ``"inf"``)."""
     check_can_write(csv_path, force=force)
     check_can_write(json_path, force=force)
@@ -215,9 +266,11 @@ def write_interval_table(rows: list[dict[str, Any]], csv_path: PathLikeStr, json
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: ("" if row.get(k) is None else json_safe(row.get(k))) for k in columns})
+        writer.writerow(
+            {k: ("" if row.get(k) is None else jsonable(row.get(k), non_finite="inf-string")) for k in columns}
+        )
     atomic_write_text(csv_path, buffer.getvalue(), force=force)
-    doc = json_safe({**(extra or {}), "groups": rows})
+    doc = jsonable({**(extra or {}), "groups": rows}, non_finite="inf-string")
     atomic_write_text(json_path, json.dumps(doc, indent=2, allow_nan=False) + "\n", force=force)
     return Path(csv_path), Path(json_path)
 
@@ -227,16 +280,20 @@ def excluded_fraction(membership: np.ndarray) -> float:
     return float(np.mean(np.asarray(membership) == EXCLUDED))
 
 
-def predict_quantile_folder(model: str | PathLike[str], images: Path, out: Path, *, device: str = "cpu",
-                            force: bool = False) -> list[str]:
+def predict_quantile_folder(
+    model: ModelCard | str | PathLike[str], images: Path, out: Path, *, device: str = "cpu", force: bool = False
+) -> list[str]:
     """Write ``out/lower/CASE.nii.gz`` and ``out/upper/CASE.nii.gz`` for every image in ``images``."""
     from ..inference import InferenceEngine, find_images
     from ..io.volumes import load_image, save_volume
 
     engine = InferenceEngine(model, device=device)
     if not engine.card.output.is_quantile:
-        raise ConformalSegError(f"{engine.card.describe()} is not a quantile regression model",
-                                path=engine.card.path, fix="give a model card with output.quantiles")
+        raise ConformalSegError(
+            f"{engine.card.describe()} is not a quantile regression model",
+            path=engine.card.path,
+            fix="give a model card with output.quantiles",
+        )
     ids = []
     for case in find_images(images):
         volume = load_image(case.path)

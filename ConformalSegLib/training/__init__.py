@@ -23,15 +23,39 @@ schedules), :mod:`.checkpoint` (resuming), :mod:`.validation` (held-out metrics)
 from __future__ import annotations
 
 from .augmentation import AugmentationConfig
-from .data import PatchSampler, PreparedCase, TrainingCase, folder_cases, phantom_cases, prepare_case, prepare_cases, split_cases
-from .losses import LOSS_NAMES, DiceCELoss, UncertaintyAwareLoss, build_loss, mc_dropout_variance, weighted_soft_dice
-from .denoise import (DenoisingConfig, DenoisingPair, build_denoiser_card, evaluate_denoiser, folder_denoising_pairs,
-                      phantom_denoising_pairs, train_denoiser)
-from .losses import PinballLoss
+from .config import TrainingConfig
+from .data import (
+    PatchSampler,
+    PreparedCase,
+    TrainingCase,
+    folder_cases,
+    phantom_cases,
+    prepare_case,
+    prepare_cases,
+    split_cases,
+)
+from .denoise import (
+    DenoisingConfig,
+    DenoisingPair,
+    build_denoiser_card,
+    evaluate_denoiser,
+    folder_denoising_pairs,
+    phantom_denoising_pairs,
+    train_denoiser,
+)
+from .losses import (
+    LOSS_NAMES,
+    DiceCELoss,
+    PinballLoss,
+    UncertaintyAwareLoss,
+    build_loss,
+    mc_dropout_variance,
+    weighted_soft_dice,
+)
 from .model_folder import LOG_FILE, WEIGHTS_FILE, check_output_folder
 from .optimization import TrainingCancelled
 from .phantom_stream import PhantomStream, PhantomStreamSampler
-from .trainer import TrainingConfig, TrainingResult, build_card, train
+from .trainer import TrainingResult, build_card, train
 
 __all__ = [
     "AugmentationConfig",

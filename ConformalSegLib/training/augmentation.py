@@ -67,8 +67,9 @@ class AugmentationConfig:
         return grown.astype(np.int64) + 2
 
 
-def spatial_augment(image: torch.Tensor, label: torch.Tensor, patch: np.ndarray, rng: np.random.Generator,
-                    config: AugmentationConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def spatial_augment(
+    image: torch.Tensor, label: torch.Tensor, patch: np.ndarray, rng: np.random.Generator, config: AugmentationConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate/scale (from a larger crop) to ``patch`` and mirror; ``image``/``label`` are ``(1, *crop)``
     centred on the patch centre (see the module docstring)."""
     from monai.transforms import Affine, Flip
@@ -77,18 +78,26 @@ def spatial_augment(image: torch.Tensor, label: torch.Tensor, patch: np.ndarray,
     if tuple(image.shape[1:]) != tuple(size):
         angle = math.radians(float(rng.uniform(-config.rotate_deg, config.rotate_deg)))
         zoom = float(rng.uniform(*config.scale))
-        kw = dict(rotate_params=(0.0, 0.0, angle), scale_params=(zoom, zoom, zoom), spatial_size=size,
-                  padding_mode="zeros", image_only=True)
-        image = Affine(mode="bilinear", **kw)(image)
-        label = (Affine(mode="bilinear", **kw)(label.float()) > 0.5).to(label.dtype)
-        image = image.as_tensor() if hasattr(image, "as_tensor") else image
-        label = label.as_tensor() if hasattr(label, "as_tensor") else label
+        affine = Affine(
+            rotate_params=(0.0, 0.0, angle),
+            scale_params=(zoom, zoom, zoom),
+            spatial_size=size,
+            mode="bilinear",
+            padding_mode="zeros",
+            image_only=True,
+        )
+        image = _plain(affine(image))
+        label = (_plain(affine(label.float())) > 0.5).to(label.dtype)
     for axis in (0, 1):
         if rng.random() < config.p_flip:
-            image, label = Flip(spatial_axis=axis)(image), Flip(spatial_axis=axis)(label)
-    image = image.as_tensor() if hasattr(image, "as_tensor") else image
-    label = label.as_tensor() if hasattr(label, "as_tensor") else label
+            flip = Flip(spatial_axis=axis)
+            image, label = _plain(flip(image)), _plain(flip(label))
     return image.contiguous(), label.contiguous()
+
+
+def _plain(value: Any) -> torch.Tensor:
+    """A plain tensor from what a MONAI transform returns (a MetaTensor, or a tensor)."""
+    return value.as_tensor() if hasattr(value, "as_tensor") else torch.as_tensor(value)
 
 
 def intensity_augment(image: torch.Tensor, rng: np.random.Generator, config: AugmentationConfig) -> torch.Tensor:

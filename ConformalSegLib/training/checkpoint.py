@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ConformalSegError
+from ..common.errors import ConformalSegError
 
 FORMAT = "conformalseg-training-checkpoint"
 
@@ -52,11 +52,21 @@ class Checkpoint:
         """Write atomically (temporary file in the same folder, then rename)."""
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        payload = {"format": FORMAT, "format_version": 1, "config_json": self.config_json, "epoch": self.epoch,
-                   "network": self.network, "optimizer": self.optimizer, "scheduler": self.scheduler,
-                   "best_network": self.best_network, "best_score": self.best_score, "best_epoch": self.best_epoch,
-                   "log_json": json.dumps(self.log), "rng_state": self.rng_state,
-                   "elapsed_seconds": float(self.elapsed_seconds)}
+        payload = {
+            "format": FORMAT,
+            "format_version": 1,
+            "config_json": self.config_json,
+            "epoch": self.epoch,
+            "network": self.network,
+            "optimizer": self.optimizer,
+            "scheduler": self.scheduler,
+            "best_network": self.best_network,
+            "best_score": self.best_score,
+            "best_epoch": self.best_epoch,
+            "log_json": json.dumps(self.log),
+            "rng_state": self.rng_state,
+            "elapsed_seconds": float(self.elapsed_seconds),
+        }
         try:
             torch.save(payload, tmp)
             os.replace(tmp, path)
@@ -65,24 +75,46 @@ class Checkpoint:
                 tmp.unlink()
 
     @classmethod
-    def load(cls, path: Path, config_json: str) -> "Checkpoint":
+    def load(cls, path: Path, config_json: str) -> Checkpoint:
         """Read ``path`` and check it belongs to a run with configuration ``config_json``."""
         if not path.is_file():
-            raise ConformalSegError("there is no training checkpoint to resume from", path=path,
-                                    fix="start without --resume, or pass the checkpoint with --checkpoint FILE")
+            raise ConformalSegError(
+                "there is no training checkpoint to resume from",
+                path=path,
+                fix="start without --resume, or pass the checkpoint with --checkpoint FILE",
+            )
         try:
             data = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same message
-            raise ConformalSegError(f"the training checkpoint cannot be read ({exc})", path=path,
-                                    fix="delete it and start again without --resume") from exc
+            raise ConformalSegError(
+                f"the training checkpoint cannot be read ({exc})",
+                path=path,
+                fix="delete it and start again without --resume",
+            ) from exc
         if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise ConformalSegError("not a ConformalSeg training checkpoint", path=path,
-                                    fix="pass the OUT.checkpoint.pt file written by `conformalseg train`")
+            raise ConformalSegError(
+                "not a ConformalSeg training checkpoint",
+                path=path,
+                fix="pass the OUT.checkpoint.pt file written by `conformalseg train`",
+            )
         if data["config_json"] != config_json:
             old, new = json.loads(data["config_json"]), json.loads(config_json)
             keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-            raise ConformalSegError(f"the checkpoint belongs to a run with other settings ({', '.join(keys)})",
-                                    path=path, fix="resume with the original command, or start again without --resume")
-        return cls(data["config_json"], int(data["epoch"]), data["network"], data["optimizer"], data["scheduler"],
-                   data["best_network"], data["best_score"], data["best_epoch"], json.loads(data["log_json"]),
-                   data["rng_state"], float(data.get("elapsed_seconds", 0.0)))
+            raise ConformalSegError(
+                f"the checkpoint belongs to a run with other settings ({', '.join(keys)})",
+                path=path,
+                fix="resume with the original command, or start again without --resume",
+            )
+        return cls(
+            data["config_json"],
+            int(data["epoch"]),
+            data["network"],
+            data["optimizer"],
+            data["scheduler"],
+            data["best_network"],
+            data["best_score"],
+            data["best_epoch"],
+            json.loads(data["log_json"]),
+            data["rng_state"],
+            float(data.get("elapsed_seconds", 0.0)),
+        )

@@ -3,10 +3,10 @@ own pipeline, and seeded positive/negative balanced patch sampling.
 
 Preprocessing (the exchangeability requirement)
 -----------------------------------------------
-Every image goes through :func:`ConformalSegLib.inference.engine.build_preprocessing` -- the very
+Every image goes through :func:`ConformalSegLib.inference.preprocessing.build_preprocessing` -- the very
 transforms :class:`~ConformalSegLib.inference.engine.InferenceEngine` applies at test time -- after
 the engine's conversion to network axes (numpy ``(z, y, x)`` -> MONAI ``(x, y, z)`` with the RAS
-affine of :func:`~ConformalSegLib.inference.engine.network_affine`). The label map is brought onto
+affine of :func:`~ConformalSegLib.inference.preprocessing.network_affine`). The label map is brought onto
 the resulting grid by nearest-neighbour resampling (``monai.transforms.ResampleToMatch``), so the
 network is trained on exactly the tensors it will see at inference. Volumes smaller than the patch
 are zero-padded symmetrically after preprocessing, like ``sliding_window_inference`` pads them.
@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from ..errors import ConformalSegError
+from ..common.errors import ConformalSegError
 from ..io.volumes import IMAGE_EXTENSIONS, Volume, check_same_geometry, load_image, load_label_map
 from .augmentation import AugmentationConfig
 from .patches import sample_patch
@@ -77,8 +77,11 @@ class PreparedCase:
             if len(self.lesion_voxels):
                 mask[tuple(self.lesion_voxels.T)] = True
             components, _ = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
-            self.lesion_component = (components[tuple(self.lesion_voxels.T)] - 1).astype(np.int64) \
-                if len(self.lesion_voxels) else np.zeros(0, dtype=np.int64)
+            self.lesion_component = (
+                (components[tuple(self.lesion_voxels.T)] - 1).astype(np.int64)
+                if len(self.lesion_voxels)
+                else np.zeros(0, dtype=np.int64)
+            )
 
     @property
     def has_lesion(self) -> bool:
@@ -95,10 +98,12 @@ class PreparedCase:
 
 def phantom_cases(n: int, seed: int, **phantom_options) -> list[TrainingCase]:
     """``n`` phantoms ``make_phantoms(n, seed, **phantom_options)`` as training cases (in memory)."""
-    from ..phantom import make_phantoms
+    from ..phantoms.generator import make_phantoms
 
-    return [TrainingCase(p.case_id, Volume(p.image, p.geometry, None), Volume(p.labels, p.geometry, None))
-            for p in make_phantoms(n, seed=seed, **phantom_options)]
+    return [
+        TrainingCase(p.case_id, Volume(p.image, p.geometry, None), Volume(p.labels, p.geometry, None))
+        for p in make_phantoms(n, seed=seed, **phantom_options)
+    ]
 
 
 def folder_cases(root: str | PathLike[str]) -> list[TrainingCase]:
@@ -108,21 +113,35 @@ def folder_cases(root: str | PathLike[str]) -> list[TrainingCase]:
 
     root = Path(root)
     if not root.is_dir():
-        raise ConformalSegError("training data folder not found" if not root.exists() else
-                                "training data is not a folder", path=root,
-                                fix="give an MSD/nnU-Net dataset folder holding imagesTr/ and labelsTr/")
+        raise ConformalSegError(
+            "training data folder not found" if not root.exists() else "training data is not a folder",
+            path=root,
+            fix="give an MSD/nnU-Net dataset folder holding imagesTr/ and labelsTr/",
+        )
     if not (root / "imagesTr").is_dir() or not (root / "labelsTr").is_dir():
-        raise ConformalSegError("the training data folder has no imagesTr/ and labelsTr/ folders", path=root,
-                                fix="give an MSD/nnU-Net dataset folder (imagesTr/CASE_0000.nii.gz, "
-                                    "labelsTr/CASE.nii.gz), or use --phantoms N")
+        raise ConformalSegError(
+            "the training data folder has no imagesTr/ and labelsTr/ folders",
+            path=root,
+            fix="give an MSD/nnU-Net dataset folder (imagesTr/CASE_0000.nii.gz, "
+            "labelsTr/CASE.nii.gz), or use --phantoms N",
+        )
     images = find_images(root, subset="tr")
     cases = []
     for image in images:
-        label = next((root / "labelsTr" / f"{image.case_id}{ext}" for ext in IMAGE_EXTENSIONS
-                      if (root / "labelsTr" / f"{image.case_id}{ext}").is_file()), None)
+        label = next(
+            (
+                root / "labelsTr" / f"{image.case_id}{ext}"
+                for ext in IMAGE_EXTENSIONS
+                if (root / "labelsTr" / f"{image.case_id}{ext}").is_file()
+            ),
+            None,
+        )
         if label is None:
-            raise ConformalSegError(f"case {image.case_id!r} has no label map in labelsTr/", path=image.path,
-                                    fix=f"add labelsTr/{image.case_id}.nii.gz or remove the image")
+            raise ConformalSegError(
+                f"case {image.case_id!r} has no label map in labelsTr/",
+                path=image.path,
+                fix=f"add labelsTr/{image.case_id}.nii.gz or remove the image",
+            )
         cases.append(TrainingCase(image.case_id, image.path, label))
     return cases
 
@@ -130,8 +149,10 @@ def folder_cases(root: str | PathLike[str]) -> list[TrainingCase]:
 def split_cases(cases: Sequence[TrainingCase], n_val: int, seed: int) -> tuple[list[TrainingCase], list[TrainingCase]]:
     """Seeded split into ``(train, held-out)`` with ``n_val`` held-out cases (at least one case for training)."""
     if not 0 <= n_val < len(cases):
-        raise ConformalSegError(f"cannot hold out {n_val} of {len(cases)} case(s) and still train",
-                                fix="use more cases or fewer held-out cases")
+        raise ConformalSegError(
+            f"cannot hold out {n_val} of {len(cases)} case(s) and still train",
+            fix="use more cases or fewer held-out cases",
+        )
     order = np.random.default_rng(seed).permutation(len(cases))
     held = sorted(int(i) for i in order[:n_val])
     return [c for i, c in enumerate(cases) if i not in held], [cases[i] for i in held]
@@ -145,7 +166,7 @@ def to_meta_tensor(volume: Volume, dtype: torch.dtype = torch.float32):
     (the same conversion as the inference engine)."""
     from monai.data import MetaTensor
 
-    from ..inference.engine import network_affine, to_network_axes
+    from ..inference.preprocessing import network_affine, to_network_axes
 
     data = torch.from_numpy(np.ascontiguousarray(to_network_axes(np.asarray(volume.array)))).to(dtype)
     affine = torch.as_tensor(network_affine(volume.geometry), dtype=torch.float64)
@@ -156,17 +177,22 @@ def prepare_case(card, case: TrainingCase, lesion_labels: Sequence[int], patch_s
     """Preprocess one case with the card's pipeline (see the module docstring)."""
     from monai.transforms import ResampleToMatch
 
-    from ..inference.engine import build_preprocessing
+    from ..inference.preprocessing import build_preprocessing
 
     spatial, intensity = build_preprocessing(card)
     image_volume, label_volume = case.volumes()
     image = to_meta_tensor(image_volume)
     if not bool(torch.isfinite(image.as_tensor()).all()):
-        raise ConformalSegError("image contains NaN or infinite voxels", path=image_volume.path or case.case_id,
-                                fix="fix or re-export the image")
+        raise ConformalSegError(
+            "image contains NaN or infinite voxels",
+            path=image_volume.path or case.case_id,
+            fix="fix or re-export the image",
+        )
     labels_np = np.asarray(label_volume.array)
     lesion_np = np.isin(labels_np, np.asarray(list(lesion_labels)))
-    values = tuple(int(v) for v in np.unique(labels_np)) if not lesion_np.any() else tuple(int(v) for v in lesion_labels)
+    values = (
+        tuple(int(v) for v in np.unique(labels_np)) if not lesion_np.any() else tuple(int(v) for v in lesion_labels)
+    )
     label = to_meta_tensor(Volume(lesion_np.astype(np.float32), label_volume.geometry, None))
     if spatial is not None:
         image = spatial(image)
@@ -176,7 +202,10 @@ def prepare_case(card, case: TrainingCase, lesion_labels: Sequence[int], patch_s
         image_t = intensity(image_t)
         image_t = image_t.as_tensor() if hasattr(image_t, "as_tensor") else image_t
     label_t = label.as_tensor() if hasattr(label, "as_tensor") else label
-    image_t, label_t = _pad_to(image_t.to(torch.float32), patch_size), _pad_to((label_t > 0.5).to(torch.float32), patch_size)
+    image_t, label_t = (
+        _pad_to(image_t.to(torch.float32), patch_size),
+        _pad_to((label_t > 0.5).to(torch.float32), patch_size),
+    )
     voxels = torch.nonzero(label_t[0]).numpy().astype(np.int64)
     return PreparedCase(case.case_id, image_t.contiguous(), label_t.contiguous(), voxels, values)
 
@@ -190,8 +219,15 @@ def _pad_to(tensor: torch.Tensor, patch_size: Sequence[int]) -> torch.Tensor:
     return torch.nn.functional.pad(tensor, pads) if any(pads) else tensor
 
 
-def prepare_cases(card, cases: Sequence[TrainingCase], lesion_labels: Sequence[int], patch_size: Sequence[int],
-                  *, progress: ProgressCallback | None = None, what: str = "training") -> list[PreparedCase]:
+def prepare_cases(
+    card,
+    cases: Sequence[TrainingCase],
+    lesion_labels: Sequence[int],
+    patch_size: Sequence[int],
+    *,
+    progress: ProgressCallback | None = None,
+    what: str = "training",
+) -> list[PreparedCase]:
     """Preprocess every case; raise :class:`ConformalSegError` for an empty list or when no case
     contains the lesion label (naming the label values that are present)."""
     if not cases:
@@ -206,10 +242,11 @@ def prepare_cases(card, cases: Sequence[TrainingCase], lesion_labels: Sequence[i
             progress(done, len(cases), case.case_id)
     if what == "training" and not any(p.has_lesion for p in prepared):
         shown = ", ".join(str(int(v)) for v in sorted(values)[:20])
-        raise ConformalSegError(f"no {what} case contains the lesion label {', '.join(map(str, lesion_labels))} "
-                                f"(label values present: {shown})",
-                                fix="pass the label value that marks the lesion with --lesion-label "
-                                    "(6 for the phantoms)")
+        raise ConformalSegError(
+            f"no {what} case contains the lesion label {', '.join(map(str, lesion_labels))} "
+            f"(label values present: {shown})",
+            fix="pass the label value that marks the lesion with --lesion-label (6 for the phantoms)",
+        )
     return prepared
 
 
@@ -219,9 +256,17 @@ def prepare_cases(card, cases: Sequence[TrainingCase], lesion_labels: Sequence[i
 class PatchSampler:
     """Seeded, lesion-balanced crops from prepared cases (see the module docstring)."""
 
-    def __init__(self, cases: Sequence[PreparedCase], patch_size: Sequence[int], *, samples_per_case: int = 2,
-                 fg_fraction: float = 0.5, batch_size: int = 2, seed: int = 0,
-                 augmentation: AugmentationConfig | None = None):
+    def __init__(
+        self,
+        cases: Sequence[PreparedCase],
+        patch_size: Sequence[int],
+        *,
+        samples_per_case: int = 2,
+        fg_fraction: float = 0.5,
+        batch_size: int = 2,
+        seed: int = 0,
+        augmentation: AugmentationConfig | None = None,
+    ):
         if not cases:
             raise ConformalSegError("no training cases to sample patches from")
         if samples_per_case < 1 or batch_size < 1 or not 0.0 <= fg_fraction <= 1.0:
@@ -242,10 +287,12 @@ class PatchSampler:
         """The batches ``(images (B, 1, *patch), lesion masks (B, 1, *patch))`` of one epoch, in a
         seeded random order."""
         rng = np.random.default_rng((self.seed, int(epoch)))
-        crops = [sample_patch(case, self.patch_size, rng, fg_fraction=self.fg_fraction,
-                              augmentation=self.augmentation)[:2]
-                 for case in self.cases for _ in range(self.samples_per_case)]
+        crops = [
+            sample_patch(case, self.patch_size, rng, fg_fraction=self.fg_fraction, augmentation=self.augmentation)[:2]
+            for case in self.cases
+            for _ in range(self.samples_per_case)
+        ]
         order = rng.permutation(len(crops))
         for first in range(0, len(order), self.batch_size):
-            chosen = [crops[int(i)] for i in order[first:first + self.batch_size]]
+            chosen = [crops[int(i)] for i in order[first : first + self.batch_size]]
             yield torch.stack([c[0] for c in chosen]), torch.stack([c[1] for c in chosen])

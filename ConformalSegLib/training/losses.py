@@ -74,13 +74,15 @@ def _check(logits: torch.Tensor, target: torch.Tensor, lesion_channel: int) -> t
     if not 0 <= lesion_channel < logits.shape[1]:
         raise ValueError(f"lesion_channel {lesion_channel} is not a channel of logits {tuple(logits.shape)}")
     if target.shape[0] != logits.shape[0] or target.shape[2:] != logits.shape[2:] or target.shape[1] != 1:
-        raise ValueError(f"target must be (batch, 1, ...) matching logits {tuple(logits.shape)}, "
-                         f"got {tuple(target.shape)}")
+        raise ValueError(
+            f"target must be (batch, 1, ...) matching logits {tuple(logits.shape)}, got {tuple(target.shape)}"
+        )
     return target.to(logits.dtype)
 
 
-def weighted_soft_dice(probability: torch.Tensor, target: torch.Tensor,
-                       weight: torch.Tensor | None = None, smooth: float = SMOOTH) -> torch.Tensor:
+def weighted_soft_dice(
+    probability: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None, smooth: float = SMOOTH
+) -> torch.Tensor:
     """``1 - (2 sum w p g + s) / (sum w (p + g) + s)`` over all elements (``w = 1`` when None)."""
     if weight is None:
         intersection = (probability * target).sum()
@@ -100,8 +102,8 @@ def voxel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, lesion_chann
     if logits.shape[1] != 2:
         raise ValueError(f"the lesion losses need exactly 2 output channels, got {logits.shape[1]}")
     log_p = F.log_softmax(logits, dim=1)
-    lesion = log_p[:, lesion_channel:lesion_channel + 1]
-    other = log_p[:, 1 - lesion_channel:2 - lesion_channel]
+    lesion = log_p[:, lesion_channel : lesion_channel + 1]
+    other = log_p[:, 1 - lesion_channel : 2 - lesion_channel]
     return -(target * lesion + (1.0 - target) * other)
 
 
@@ -120,8 +122,14 @@ class DiceCELoss(nn.Module):
             raise ValueError("the Dice + cross entropy loss takes the lesion as channel 1 of two")
         self.lesion_channel = 1
         self.smooth = float(smooth)
-        self.monai = MonaiDiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True,
-                                     smooth_nr=self.smooth, smooth_dr=self.smooth)
+        self.monai = MonaiDiceCELoss(
+            to_onehot_y=True,
+            softmax=True,
+            include_background=False,
+            batch=True,
+            smooth_nr=self.smooth,
+            smooth_dr=self.smooth,
+        )
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         target = _check(logits, target, self.lesion_channel)
@@ -153,7 +161,7 @@ class UncertaintyAwareLoss(nn.Module):
     def forward(self, logits: torch.Tensor, target: torch.Tensor, uncertainty: torch.Tensor) -> torch.Tensor:
         target = _check(logits, target, self.lesion_channel)
         a = self.weight(uncertainty.to(logits.dtype)).expand_as(target)
-        p = torch.softmax(logits, dim=1)[:, self.lesion_channel:self.lesion_channel + 1]
+        p = torch.softmax(logits, dim=1)[:, self.lesion_channel : self.lesion_channel + 1]
         dice = weighted_soft_dice(p, target, a, self.smooth)
         ce = ((1.0 - a) * voxel_cross_entropy(logits, target, self.lesion_channel)).mean()
         return dice + ce
@@ -179,20 +187,21 @@ def mc_dropout_variance(network: nn.Module, inputs: torch.Tensor, passes: int, l
         for m in dropouts:
             m.train(True)
         with torch.no_grad():
-            total = total_sq = None
-            for _ in range(passes):
-                p = torch.softmax(main_output(network(inputs)).float(), dim=1)[:, lesion_channel:lesion_channel + 1].double()
-                total = p if total is None else total + p
-                total_sq = p * p if total_sq is None else total_sq + p * p
+            lesion = slice(lesion_channel, lesion_channel + 1)
+            samples = [
+                torch.softmax(main_output(network(inputs)).float(), dim=1)[:, lesion].double() for _ in range(passes)
+            ]
+            total = torch.stack(samples).sum(dim=0)
+            total_sq = torch.stack([p * p for p in samples]).sum(dim=0)
             mean = total / passes
             variance = (total_sq / passes - mean * mean).clamp(min=0.0)
     finally:
-        for m, mode in modes.items():
-            m.train(mode)
+        for module, mode in modes.items():
+            module.train(mode)
     return variance.to(inputs.dtype).detach()
 
 
-def pinball(prediction: torch.Tensor, target: torch.Tensor, tau: float) -> torch.Tensor:
+def pinball(prediction: torch.Tensor, target: torch.Tensor, tau: float | torch.Tensor) -> torch.Tensor:
     """Elementwise check loss ``rho_tau(target - prediction)`` (broadcasting)."""
     residual = target - prediction
     return torch.maximum(tau * residual, (tau - 1.0) * residual)
@@ -208,6 +217,7 @@ class PinballLoss(nn.Module):
 
     name = "pinball"
     needs_uncertainty = False
+    taus: torch.Tensor
 
     def __init__(self, quantiles: Sequence[float] = DEFAULT_QUANTILES):
         super().__init__()
@@ -222,7 +232,9 @@ class PinballLoss(nn.Module):
         if prediction.dim() < 3 or prediction.shape[1] != q:
             raise ValueError(f"prediction must be (batch, {q} quantiles, ...), got {tuple(prediction.shape)}")
         if target.shape[0] != prediction.shape[0] or target.shape[1] != 1 or target.shape[2:] != prediction.shape[2:]:
-            raise ValueError(f"target must be (batch, 1, ...) matching {tuple(prediction.shape)}, got {tuple(target.shape)}")
+            raise ValueError(
+                f"target must be (batch, 1, ...) matching {tuple(prediction.shape)}, got {tuple(target.shape)}"
+            )
         taus = self.taus.to(prediction.dtype).view(1, q, *([1] * (prediction.dim() - 2)))
         return pinball(prediction, target.to(prediction.dtype), taus).mean()
 
@@ -247,12 +259,20 @@ class _WithUncertainty(nn.Module):
         return self.loss(logits, target, self.uncertainty)
 
 
-def supervised_loss(loss: DiceCELoss | UncertaintyAwareLoss, heads: Sequence[torch.Tensor], target: torch.Tensor,
-                    uncertainty: torch.Tensor | None = None) -> torch.Tensor:
+def supervised_loss(
+    loss: DiceCELoss | UncertaintyAwareLoss,
+    heads: Sequence[torch.Tensor],
+    target: torch.Tensor,
+    uncertainty: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``loss`` of the main head, or MONAI's ``DeepSupervisionLoss`` (``"exp"`` weights) over all heads."""
     from monai.losses import DeepSupervisionLoss
 
-    bound = _WithUncertainty(loss, uncertainty) if loss.needs_uncertainty else loss
+    bound: nn.Module = loss
+    if loss.needs_uncertainty:
+        if uncertainty is None:
+            raise ValueError(f"the {loss.name} loss needs the MC dropout uncertainty")
+        bound = _WithUncertainty(loss, uncertainty)
     if len(heads) == 1:
         return bound(heads[0], target)
-    return DeepSupervisionLoss(bound, weight_mode="exp")(list(heads), target)
+    return DeepSupervisionLoss(bound, weight_mode="exp")(list(heads), target)  # type: ignore[arg-type]

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ConformalSegError
+from ..common.errors import ConformalSegError
 from ..io.atomic import OVERWRITE_FIX
 
 WEIGHTS_FILE = "weights.pt"
@@ -33,8 +33,9 @@ def check_output_folder(out: str | PathLike[str], *, force: bool = False) -> Pat
     or is a file); return it as a Path."""
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise ConformalSegError("the output path is an existing file, not a folder", path=out,
-                                fix="give a new folder name with --out")
+        raise ConformalSegError(
+            "the output path is an existing file, not a folder", path=out, fix="give a new folder name with --out"
+        )
     if out.exists() and not force:
         raise ConformalSegError("the output folder already exists", path=out, fix=OVERWRITE_FIX)
     return out

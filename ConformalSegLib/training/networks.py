@@ -60,24 +60,46 @@ def downsampling(strides: Sequence[Stride]) -> tuple[int, int, int]:
     return tuple(math.prod(t[axis] for t in triplets) for axis in range(3))  # type: ignore[return-value]
 
 
-def network_args(kind: str, channels: Sequence[int], strides: Sequence[Stride], *, dropout: float,
-                 num_res_units: int = 1, deep_supervision: bool = False, out_channels: int = 2) -> dict[str, Any]:
+def network_args(
+    kind: str,
+    channels: Sequence[int],
+    strides: Sequence[Stride],
+    *,
+    dropout: float,
+    num_res_units: int = 1,
+    deep_supervision: bool = False,
+    out_channels: int = 2,
+) -> dict[str, Any]:
     """Keyword arguments of the MONAI class of ``kind`` (as written into the model card)."""
     if kind == "unet":
         if any(isinstance(s, (tuple, list)) and len(set(s)) > 1 for s in strides):
             raise ValueError("the unet network takes isotropic strides only; use --network dynunet for AxBxC strides")
-        return {"spatial_dims": 3, "in_channels": 1, "out_channels": out_channels,
-                "channels": [int(c) for c in channels], "strides": [stride_triplet(s)[0] for s in strides],
-                "num_res_units": int(num_res_units), "dropout": float(dropout)}
+        return {
+            "spatial_dims": 3,
+            "in_channels": 1,
+            "out_channels": out_channels,
+            "channels": [int(c) for c in channels],
+            "strides": [stride_triplet(s)[0] for s in strides],
+            "num_res_units": int(num_res_units),
+            "dropout": float(dropout),
+        }
     if kind == "dynunet":
         per_level = [[1, 1, 1]] + [list(stride_triplet(s)) for s in strides]
-        return {"spatial_dims": 3, "in_channels": 1, "out_channels": out_channels,
-                "kernel_size": [[3, 3, 3]] * len(per_level), "strides": per_level,
-                "upsample_kernel_size": per_level[1:], "filters": [int(c) for c in channels],
-                "dropout": float(dropout), "norm_name": ["INSTANCE", {"affine": True}],
-                "act_name": ["leakyrelu", {"inplace": True, "negative_slope": 0.01}],
-                "deep_supervision": bool(deep_supervision),
-                "deep_supr_num": max(1, min(2, len(strides) - 1)), "res_block": False}
+        return {
+            "spatial_dims": 3,
+            "in_channels": 1,
+            "out_channels": out_channels,
+            "kernel_size": [[3, 3, 3]] * len(per_level),
+            "strides": per_level,
+            "upsample_kernel_size": per_level[1:],
+            "filters": [int(c) for c in channels],
+            "dropout": float(dropout),
+            "norm_name": ["INSTANCE", {"affine": True}],
+            "act_name": ["leakyrelu", {"inplace": True, "negative_slope": 0.01}],
+            "deep_supervision": bool(deep_supervision),
+            "deep_supr_num": max(1, min(2, len(strides) - 1)),
+            "res_block": False,
+        }
     raise ValueError(f"unknown network {kind!r}; use one of {', '.join(NETWORKS)}")
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import ConformalSegError
+from ..common.errors import ConformalSegError
 
 ProgressCallback = Callable[[int, int, str], None]
 CancelToken = Callable[[], bool] | threading.Event
@@ -41,7 +41,9 @@ def is_set(cancel: CancelToken | None) -> bool:
     return cancel.is_set() if hasattr(cancel, "is_set") else bool(cancel())
 
 
-def build_optimizer(name: str, parameters: Any, learning_rate: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+def build_optimizer(
+    name: str, parameters: Any, learning_rate: float, weight_decay: float = 0.0
+) -> torch.optim.Optimizer:
     """The optimiser ``name`` (one of :data:`OPTIMIZERS`)."""
     if name == "adam":
         return torch.optim.Adam(parameters, lr=learning_rate, weight_decay=weight_decay)
@@ -67,12 +69,24 @@ def build_scheduler(name: str | None, optimizer: torch.optim.Optimizer, total_st
 EpochCallback = Callable[[int, dict[str, Any], torch.optim.Optimizer, Any], None]
 
 
-def fit(network: torch.nn.Module, sampler: Any, compute_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *,
-        epochs: int, learning_rate: float, lr_schedule: str | None, device: torch.device,
-        progress: ProgressCallback | None = None, cancel: CancelToken | None = None,
-        loss_label: str = "loss", optimizer: str = "adam", weight_decay: float = 0.0,
-        start_epoch: int = 0, resume: dict[str, Any] | None = None,
-        on_epoch_end: EpochCallback | None = None) -> list[dict[str, Any]]:
+def fit(
+    network: torch.nn.Module,
+    sampler: Any,
+    compute_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    *,
+    epochs: int,
+    learning_rate: float,
+    lr_schedule: str | None,
+    device: torch.device,
+    progress: ProgressCallback | None = None,
+    cancel: CancelToken | None = None,
+    loss_label: str = "loss",
+    optimizer: str = "adam",
+    weight_decay: float = 0.0,
+    start_epoch: int = 0,
+    resume: dict[str, Any] | None = None,
+    on_epoch_end: EpochCallback | None = None,
+) -> list[dict[str, Any]]:
     """Optimise ``network`` for epochs ``start_epoch .. epochs - 1``.
 
     One step per batch of ``sampler.epoch(e)`` with ``compute_loss(images, targets)`` on ``device``; a
@@ -98,8 +112,10 @@ def fit(network: torch.nn.Module, sampler: Any, compute_loss: Callable[[torch.Te
                 raise TrainingCancelled("training was cancelled")
             loss = compute_loss(images.to(device), targets.to(device))
             if not torch.isfinite(loss):
-                raise ConformalSegError(f"the training loss became {float(loss)} in epoch {epoch + 1}",
-                                        fix="lower the learning rate or check the images for extreme values")
+                raise ConformalSegError(
+                    f"the training loss became {float(loss)} in epoch {epoch + 1}",
+                    fix="lower the learning rate or check the images for extreme values",
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -109,9 +125,12 @@ def fit(network: torch.nn.Module, sampler: Any, compute_loss: Callable[[torch.Te
             done += 1
             if progress is not None:
                 progress(done, total, f"epoch {epoch + 1}/{epochs} {loss_label} {np.mean(losses):.4f}")
-        record: dict[str, Any] = {"epoch": epoch + 1, "loss": float(np.mean(losses)),
-                                  "seconds": round(time.perf_counter() - epoch_start, 3),
-                                  "learning_rate": float(opt.param_groups[0]["lr"])}
+        record: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "loss": float(np.mean(losses)),
+            "seconds": round(time.perf_counter() - epoch_start, 3),
+            "learning_rate": float(opt.param_groups[0]["lr"]),
+        }
         if on_epoch_end is not None:
             on_epoch_end(epoch, record, opt, scheduler)
         log.append(record)

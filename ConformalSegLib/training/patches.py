@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from .data import PreparedCase
 
 
-def choose_centre(case: "PreparedCase", rng: np.random.Generator, fg_fraction: float) -> tuple[np.ndarray, bool]:
+def choose_centre(case: PreparedCase, rng: np.random.Generator, fg_fraction: float) -> tuple[np.ndarray, bool]:
     """``(centre voxel, positive)`` of one patch of ``case`` (see the module docstring)."""
     shape = np.array(case.image.shape[1:])
     positive = case.has_lesion and rng.random() < fg_fraction
@@ -57,9 +57,14 @@ def inside_centre(centre: np.ndarray, shape: np.ndarray, patch: np.ndarray) -> n
     return start + patch // 2
 
 
-def sample_patch(case: "PreparedCase", patch_size: np.ndarray | tuple[int, ...], rng: np.random.Generator, *,
-                 fg_fraction: float, augmentation: AugmentationConfig | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+def sample_patch(
+    case: PreparedCase,
+    patch_size: np.ndarray | tuple[int, ...],
+    rng: np.random.Generator,
+    *,
+    fg_fraction: float,
+    augmentation: AugmentationConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """``(image (1, *patch), lesion (1, *patch), positive)`` of one random patch of ``case``."""
     patch = np.asarray(patch_size, dtype=np.int64)
     centre, positive = choose_centre(case, rng, fg_fraction)
@@ -67,6 +72,7 @@ def sample_patch(case: "PreparedCase", patch_size: np.ndarray | tuple[int, ...],
     if augmentation is None:
         return crop(case.image, centre, patch), crop(case.lesion, centre, patch), positive
     size = augmentation.margin(patch) if rng.random() < augmentation.p_rotate_scale else patch
-    image, lesion = spatial_augment(crop(case.image, centre, size), crop(case.lesion, centre, size), patch, rng,
-                                    augmentation)
+    image, lesion = spatial_augment(
+        crop(case.image, centre, size), crop(case.lesion, centre, size), patch, rng, augmentation
+    )
     return intensity_augment(image, rng, augmentation), lesion, positive

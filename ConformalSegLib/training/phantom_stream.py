@@ -2,10 +2,10 @@
 
 A fixed set of a few dozen phantoms is memorised by a 3D U-Net long before it has seen enough
 lesions; generating a new phantom per sample (0.1-0.3 s on one core) removes that ceiling. The
-phantom generator (:mod:`ConformalSegLib.phantom`) is used exactly as it is, with its own lesion
+phantom generator (:mod:`ConformalSegLib.phantoms.generator`) is used exactly as it is, with its own lesion
 distribution: it is the benchmark, not a knob.
 
-Seeds (all disjoint from :func:`~ConformalSegLib.phantom.make_phantoms`' ``spawn_key=(index,)``)
+Seeds (all disjoint from :func:`~ConformalSegLib.phantoms.generator.make_phantoms`' ``spawn_key=(index,)``)
 ------------------------------------------------------------------------------------------------
 * training sample ``i``: ``make_phantom(SeedSequence(seed, spawn_key=(0, i)))``;
 * held-out phantom ``j`` (checkpoint selection): ``make_phantom(SeedSequence(seed, spawn_key=(1, j)))``.
@@ -25,9 +25,9 @@ any ``num_workers``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,29 +51,34 @@ class PhantomStream:
 
     def heldout_cases(self, n: int) -> list[TrainingCase]:
         """The ``n`` held-out phantoms used for checkpoint selection."""
-        return [self._case(np.random.SeedSequence(int(self.seed), spawn_key=(1, j)), f"heldout_{j:03d}")
-                for j in range(int(n))]
+        return [
+            self._case(np.random.SeedSequence(int(self.seed), spawn_key=(1, j)), f"heldout_{j:03d}")
+            for j in range(int(n))
+        ]
 
     def _case(self, seed: np.random.SeedSequence, case_id: str) -> TrainingCase:
-        from ..phantom import make_phantom
+        from ..phantoms.generator import make_phantom
 
         p = make_phantom(seed, case_id=case_id, **self.options)
         return TrainingCase(p.case_id, Volume(p.image, p.geometry, None), Volume(p.labels, p.geometry, None))
 
     def describe(self) -> dict[str, Any]:
         """How the run's phantoms are drawn (recorded in the model card)."""
-        return {"source": "phantom-stream", "phantom_seed": int(self.seed),
-                "phantom_options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.options.items()},
-                "train": f"sample i = make_phantom(SeedSequence({self.seed}, spawn_key=(0, i))), a fresh phantom "
-                         "per training sample",
-                "heldout": f"phantom j = make_phantom(SeedSequence({self.seed}, spawn_key=(1, j)))"}
+        return {
+            "source": "phantom-stream",
+            "phantom_seed": int(self.seed),
+            "phantom_options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.options.items()},
+            "train": f"sample i = make_phantom(SeedSequence({self.seed}, spawn_key=(0, i))), a fresh phantom "
+            "per training sample",
+            "heldout": f"phantom j = make_phantom(SeedSequence({self.seed}, spawn_key=(1, j)))",
+        }
 
 
 class _EpochBatches(torch.utils.data.IterableDataset):
     """Batches ``first .. first + count - 1`` of a stream; loader worker ``w`` of ``W`` builds the
     batches ``b`` with ``b % W == w`` (the loader interleaves workers in that order)."""
 
-    def __init__(self, sampler: "PhantomStreamSampler", first: int, count: int):
+    def __init__(self, sampler: PhantomStreamSampler, first: int, count: int):
         super().__init__()
         self.sampler, self.first, self.count = sampler, first, count
 
@@ -89,9 +94,19 @@ class _EpochBatches(torch.utils.data.IterableDataset):
 class PhantomStreamSampler:
     """Batches of fresh-phantom patches, ``steps_per_epoch`` batches per epoch (see the module docstring)."""
 
-    def __init__(self, stream: PhantomStream, card: Any, lesion_labels: Sequence[int], patch_size: Sequence[int], *,
-                 batch_size: int, steps_per_epoch: int, fg_fraction: float,
-                 augmentation: AugmentationConfig | None, num_workers: int = 0):
+    def __init__(
+        self,
+        stream: PhantomStream,
+        card: Any,
+        lesion_labels: Sequence[int],
+        patch_size: Sequence[int],
+        *,
+        batch_size: int,
+        steps_per_epoch: int,
+        fg_fraction: float,
+        augmentation: AugmentationConfig | None,
+        num_workers: int = 0,
+    ):
         self.stream, self.card = stream, card
         self.lesion_labels = tuple(int(v) for v in lesion_labels)
         self.patch_size = tuple(int(p) for p in patch_size)
@@ -105,8 +120,9 @@ class PhantomStreamSampler:
         """``(image (1, *patch), lesion (1, *patch))`` of training sample ``index``."""
         prepared = prepare_case(self.card, self.stream.training_case(index), self.lesion_labels, self.patch_size)
         rng = np.random.default_rng((int(self.stream.seed), 2, int(index)))
-        image, lesion, _ = sample_patch(prepared, self.patch_size, rng, fg_fraction=self.fg_fraction,
-                                        augmentation=self.augmentation)
+        image, lesion, _ = sample_patch(
+            prepared, self.patch_size, rng, fg_fraction=self.fg_fraction, augmentation=self.augmentation
+        )
         return image, lesion
 
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -35,10 +35,16 @@ from .data import TrainingCase
 DEFAULT_MARGINS = (0, 16)
 
 
-def roi_training_cases(stage1: Any, cases: Iterable[TrainingCase], *, margins: Sequence[int] = DEFAULT_MARGINS,
-                       config: CascadeConfig | None = None, lesion_labels: Sequence[int] = (6,),
-                       progress: Callable[[int, int, str], None] | None = None, total: int | None = None
-                       ) -> tuple[list[TrainingCase], dict[str, Any]]:
+def roi_training_cases(
+    stage1: Any,
+    cases: Iterable[TrainingCase],
+    *,
+    margins: Sequence[int] = DEFAULT_MARGINS,
+    config: CascadeConfig | None = None,
+    lesion_labels: Sequence[int] = (6,),
+    progress: Callable[[int, int, str], None] | None = None,
+    total: int | None = None,
+) -> tuple[list[TrainingCase], dict[str, Any]]:
     """ROI crops of ``cases`` (see the module docstring) and a summary of what was cut.
 
     ``stage1``: an :class:`~ConformalSegLib.inference.InferenceEngine` or a cascade predictor.
@@ -58,14 +64,25 @@ def roi_training_cases(stage1: Any, cases: Iterable[TrainingCase], *, margins: S
             for cid, box in boxes.items():
                 geometry = crop_geometry(image.geometry, box)
                 label_crop = np.ascontiguousarray(np.asarray(labels.array)[box])
-                crops.append(TrainingCase(f"{case.case_id}_c{cid}_m{margin}",
-                                          Volume(np.ascontiguousarray(np.asarray(image.array)[box]), geometry, None),
-                                          Volume(label_crop, geometry, None)))
+                crops.append(
+                    TrainingCase(
+                        f"{case.case_id}_c{cid}_m{margin}",
+                        Volume(np.ascontiguousarray(np.asarray(image.array)[box]), geometry, None),
+                        Volume(label_crop, geometry, None),
+                    )
+                )
         n_phantoms += 1
         if progress is not None:
             progress(done, total or done, case.case_id)
     for crop in crops:
-        with_truth += int(np.isin(np.asarray(crop.labels.array), np.asarray(list(lesion_labels))).any())
-    info = {"phantoms": n_phantoms, "crops": len(crops), "margins_voxels": [int(m) for m in margins],
-            "component_selection": base.parameters(), "crops_with_lesion": with_truth}
+        labels_crop = crop.labels
+        assert isinstance(labels_crop, Volume)  # crops are built in memory above
+        with_truth += int(np.isin(np.asarray(labels_crop.array), np.asarray(list(lesion_labels))).any())
+    info = {
+        "phantoms": n_phantoms,
+        "crops": len(crops),
+        "margins_voxels": [int(m) for m in margins],
+        "component_selection": base.parameters(),
+        "crops_with_lesion": with_truth,
+    }
     return crops, info

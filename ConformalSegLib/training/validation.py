@@ -7,7 +7,7 @@
   a test result.
 * :func:`evaluate_heldout` -- the final report, with the real
   :class:`~ConformalSegLib.inference.engine.InferenceEngine` on each case's own grid: per-case Dice,
-  pooled Dice, and lesion-wise detection (:mod:`ConformalSegLib.lesion_metrics`: sensitivity by
+  pooled Dice, and lesion-wise detection (:mod:`ConformalSegLib.evaluation.lesion_metrics`: sensitivity by
   lesion size, false-positive components and mL per scan).
 """
 
@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..lesion_metrics import DetectionTally, lesion_detection
+from ..evaluation.lesion_metrics import DetectionTally, lesion_detection
 from .data import PreparedCase, TrainingCase
 from .networks import main_output
 from .optimization import CancelToken
@@ -27,12 +27,13 @@ from .optimization import CancelToken
 THRESHOLD = 0.5
 
 
-def validation_dice(network: torch.nn.Module, cases: Sequence[PreparedCase], card: Any,
-                    device: torch.device) -> dict[str, Any]:
+def validation_dice(
+    network: torch.nn.Module, cases: Sequence[PreparedCase], card: Any, device: torch.device
+) -> dict[str, Any]:
     """Mean per-case lesion Dice (``p >= 0.5``) of ``network`` on prepared held-out cases."""
     from monai.inferers import sliding_window_inference
 
-    from ..metrics import dice_from_masks
+    from ..evaluation.metrics import dice_from_masks
 
     was_training = network.training
     network.eval()
@@ -41,9 +42,15 @@ def validation_dice(network: torch.nn.Module, cases: Sequence[PreparedCase], car
     try:
         with torch.no_grad():
             for case in cases:
-                logits = sliding_window_inference(case.image[None].to(device), list(window.patch_size),
-                                                  window.sw_batch_size, lambda x: main_output(network(x)),
-                                                  overlap=window.overlap, mode="gaussian")
+                logits = sliding_window_inference(
+                    case.image[None].to(device),
+                    list(window.patch_size),
+                    window.sw_batch_size,
+                    lambda x: main_output(network(x)),
+                    overlap=window.overlap,
+                    mode="gaussian",
+                )
+                assert isinstance(logits, torch.Tensor)  # one output tensor, not a tuple or dict
                 p = torch.softmax(logits.float(), dim=1)[0, 1].cpu().numpy()
                 truth = case.lesion[0].numpy() > 0.5
                 if truth.any():
@@ -53,16 +60,21 @@ def validation_dice(network: torch.nn.Module, cases: Sequence[PreparedCase], car
     return {"val_dice": float(np.mean(scores)) if scores else None, "val_cases_with_lesion": len(scores)}
 
 
-def evaluate_heldout(card: Any, cases: Sequence[TrainingCase], lesion_labels: Sequence[int], device: torch.device,
-                     cancel: CancelToken | None = None) -> dict[str, Any]:
+def evaluate_heldout(
+    card: Any,
+    cases: Sequence[TrainingCase],
+    lesion_labels: Sequence[int],
+    device: torch.device,
+    cancel: CancelToken | None = None,
+) -> dict[str, Any]:
     """Held-out Dice and lesion-wise detection with the real inference engine (``p >= 0.5``, no MC dropout)."""
+    from ..evaluation.metrics import dice_from_masks
     from ..inference.engine import InferenceEngine
-    from ..metrics import dice_from_masks
 
     if not cases:
         return {"cases": [], "mean_dice": None, "pooled_dice": None, "threshold": THRESHOLD, "mc_dropout": 0}
     engine = InferenceEngine(card, device=device, cancel=cancel)
-    rows = []
+    rows: list[dict[str, Any]] = []
     tally = DetectionTally()
     tp = predicted = truth_total = 0
     for case in cases:
@@ -75,16 +87,27 @@ def evaluate_heldout(card: Any, cases: Sequence[TrainingCase], lesion_labels: Se
         tp += int(np.count_nonzero(mask & truth))
         predicted += int(np.count_nonzero(mask))
         truth_total += int(np.count_nonzero(truth))
-        rows.append({"case_id": case.case_id, "dice": dice_from_masks(mask, truth),
-                     "lesion_voxels": int(np.count_nonzero(truth)), "predicted_voxels": int(np.count_nonzero(mask)),
-                     "lesions": detection.n_lesions, "lesions_detected": detection.n_lesions - detection.n_missed,
-                     "false_positive_components": detection.false_positive_components,
-                     "seconds": round(float(prediction.seconds), 4)})
+        rows.append(
+            {
+                "case_id": case.case_id,
+                "dice": dice_from_masks(mask, truth),
+                "lesion_voxels": int(np.count_nonzero(truth)),
+                "predicted_voxels": int(np.count_nonzero(mask)),
+                "lesions": detection.n_lesions,
+                "lesions_detected": detection.n_lesions - detection.n_missed,
+                "false_positive_components": detection.false_positive_components,
+                "seconds": round(float(prediction.seconds), 4),
+            }
+        )
     with_lesion = [r["dice"] for r in rows if r["lesion_voxels"] > 0]
-    return {"cases": rows, "threshold": THRESHOLD, "mc_dropout": 0,
-            "mean_dice": float(np.mean(with_lesion)) if with_lesion else None,
-            "median_dice": float(np.median(with_lesion)) if with_lesion else None,
-            "cases_with_lesion": len(with_lesion),
-            "pooled_dice": float(2 * tp / (predicted + truth_total)) if predicted + truth_total else None,
-            "detection": tally.as_dict(),
-            "mean_seconds_per_case": float(np.mean([r["seconds"] for r in rows]))}
+    return {
+        "cases": rows,
+        "threshold": THRESHOLD,
+        "mc_dropout": 0,
+        "mean_dice": float(np.mean(with_lesion)) if with_lesion else None,
+        "median_dice": float(np.median(with_lesion)) if with_lesion else None,
+        "cases_with_lesion": len(with_lesion),
+        "pooled_dice": float(2 * tp / (predicted + truth_total)) if predicted + truth_total else None,
+        "detection": tally.as_dict(),
+        "mean_seconds_per_case": float(np.mean([r["seconds"] for r in rows])),
+    }

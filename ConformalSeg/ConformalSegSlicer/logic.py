@@ -1,0 +1,322 @@
+"""The module's logic: everything the panel does, usable from scripts without the GUI.
+
+``ConformalSeg.py`` subclasses :class:`Logic` as ``ConformalSegLogic`` (the name Slicer looks up) to
+give it the module's parameter node. Segments are computed in process (:mod:`ConformalSegSlicer.slider`);
+the model, calibration and evaluation run out of process (``conformalseg`` in PythonSlicer, through
+:class:`ConformalSegSlicer.process.ProcessRunner`); MRML nodes are read and written by
+:mod:`ConformalSegSlicer.slicer_adapter`.
+"""
+
+import logging
+import os
+import sys
+
+from slicer.i18n import tr as _
+from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic
+
+from ConformalSegLib.common.errors import ConformalSegError
+
+from . import commands, display, environment, evaluation_plots, intervals
+from . import slicer_adapter as adapter
+from .process import ProcessRunner
+from .slider import SliderSettings, SliderState
+
+#: The module's folder (``ConformalSeg.py``, ``Resources/``), one above this package.
+MODULE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Logic(ScriptedLoadableModuleLogic):
+    """Everything the panel does, usable from scripts without the GUI.
+
+    ``runnerFactory`` makes the out-of-process runner (default
+    :class:`ConformalSegSlicer.process.ProcessRunner`): it is called as
+    ``runnerFactory(argv, env=..., on_output=..., on_progress=..., on_finished=..., stages=...)``.
+    """
+
+    def __init__(self, runnerFactory=None) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        self.runnerFactory = runnerFactory or ProcessRunner
+
+    # ------------------------------------------------------------------ segments (in process)
+
+    def loadSliderState(self, probabilityVolume, profilePaths) -> SliderState:
+        """Profiles + the probability map of a volume node (copied) on its own grid."""
+        return SliderState.from_files(
+            profilePaths, adapter.volume_array(probabilityVolume), adapter.volume_geometry(probabilityVolume)
+        )
+
+    def updateSegmentation(
+        self,
+        state: SliderState,
+        settings: SliderSettings,
+        segmentationNode,
+        referenceVolume,
+        maskVolume=None,
+        writeAll: bool = True,
+    ):
+        """Recalibrate for ``settings`` and write the changed segments (all with ``writeAll``) into
+        ``segmentationNode`` (created when None, with ``referenceVolume``'s geometry); the masks are on
+        the grid of ``maskVolume`` (the probability map; default ``referenceVolume``). Returns
+        ``(segmentationNode, SliderResult)``."""
+        if referenceVolume is None:
+            raise ValueError("a reference volume is needed for the segmentation geometry")
+        result = state.update(settings)
+        segmentationNode = adapter.ensure_segmentation(segmentationNode, referenceVolume)
+        names = list(result.segments) if writeAll else result.changed
+        adapter.update_segments(
+            segmentationNode, {n: result.segments[n].mask for n in names}, maskVolume or referenceVolume
+        )
+        adapter.remove_segments(segmentationNode, keep=result.segments)
+        return segmentationNode, result
+
+    def process(
+        self,
+        probabilityVolume,
+        profilePaths,
+        settings: SliderSettings | None = None,
+        segmentationNode=None,
+        referenceVolume=None,
+    ):
+        """One call: profiles + probability volume -> segmentation node (and the SliderResult)."""
+        state = self.loadSliderState(probabilityVolume, profilePaths)
+        return self.updateSegmentation(
+            state,
+            settings or state.initial_settings(),
+            segmentationNode,
+            referenceVolume or probabilityVolume,
+            probabilityVolume,
+        )
+
+    def showSegments(self, segmentationNode, visible, show3D: bool) -> None:
+        adapter.set_segment_visibility(segmentationNode, visible)
+        displayNode = segmentationNode.GetDisplayNode()
+        if displayNode is not None and bool(displayNode.GetVisibility3D()) != bool(show3D):
+            adapter.show_segmentation_3d(segmentationNode, show3D)
+
+    def showOverlay(self, volumeNode, kind: str, hideBelow: float, opacity: float, backgroundVolume=None) -> None:
+        """``volumeNode`` as the slice views' foreground ("probability", "uncertainty" or "interval"
+        display: see :mod:`ConformalSegSlicer.display`)."""
+        low, high = (0.0, 1.0) if kind == "probability" else adapter.data_range(volumeNode)
+        adapter.show_overlay(volumeNode, display.overlay_display(kind, low, high, hideBelow), opacity, backgroundVolume)
+
+    # ------------------------------------------------------------------ organ-dependent intervals (sem-CRC)
+
+    def applyIntervalProfile(
+        self, profilePath, lowerNode, upperNode, segmentationNode=None, truthNode=None, lengthNode=None
+    ) -> intervals.AppliedIntervals:
+        """Apply an interval profile (``conformalseg calibrate --method sem-crc...``) to one scan's lower
+        and upper quantile volumes with the library's ``apply_interval``. ``segmentationNode``: the
+        scan's organs, segments matched to the profile's organ names by name (case-insensitive; see
+        :mod:`ConformalSegSlicer.intervals`); ``truthNode`` (optional) adds the per-organ risk. Writes
+        the conformalised bounds and the interval length into scene volumes (reused by later calls;
+        the length into ``lengthNode`` when given) on the lower volume's grid; returns them with the
+        outcome (table rows, status text)."""
+        if lowerNode is None or upperNode is None:
+            raise ValueError(_("choose the lower and the upper quantile volumes"))
+        given = [n.GetID() for n in (lowerNode, upperNode, truthNode) if n is not None]
+        if lengthNode is not None and lengthNode.GetID() in given:
+            raise ValueError(_("the interval-length output must not be one of the input volumes"))
+        intervals.check_grids(
+            adapter.volume_geometry(lowerNode),
+            {
+                "upper quantile volume": adapter.volume_geometry(upperNode),
+                "ground truth": adapter.volume_geometry(truthNode) if truthNode is not None else None,
+            },
+        )
+        profile = intervals.load_profile(profilePath)
+        match = masks = None
+        if segmentationNode is not None:
+            match = intervals.match_segments(adapter.segment_names(segmentationNode), intervals.profile_organs(profile))
+            masks = adapter.segment_arrays(segmentationNode, match.segment_ids, lowerNode)
+        outcome = intervals.apply_profile(
+            profile,
+            adapter.volume_array(lowerNode, copy=False),
+            adapter.volume_array(upperNode, copy=False),
+            match,
+            masks,
+            adapter.volume_array(truthNode, copy=False) if truthNode is not None else None,
+        )
+        base, result = lowerNode.GetName(), outcome.application
+        lower = adapter.output_volume("intervalLower", f"{base} conformal lower", result.lower, lowerNode)
+        upper = adapter.output_volume("intervalUpper", f"{base} conformal upper", result.upper, lowerNode)
+        length = (
+            adapter.write_volume(lengthNode, result.length, lowerNode)
+            if lengthNode is not None
+            else adapter.output_volume("intervalLength", f"{base} interval length", result.length, lowerNode)
+        )
+        return intervals.AppliedIntervals(outcome, lower, upper, length)
+
+    # ------------------------------------------------------------------ out of process
+
+    def _start(self, argv, stages, onOutput, onProgress, onFinished):
+        runner = self.runnerFactory(
+            argv,
+            env=adapter.environment_for_child(),
+            on_output=onOutput,
+            on_progress=onProgress,
+            on_finished=onFinished,
+            stages=stages,
+        )
+        logging.info("ConformalSeg: running %s", " ".join(str(a) for a in argv))
+        return adapter.ProcessPump(runner).start()
+
+    def startInference(
+        self, inputVolume, modelPath, device="auto", mcDropout=0, onOutput=None, onProgress=None, onFinished=None
+    ):
+        """Export ``inputVolume`` and run ``conformalseg infer`` on it in PythonSlicer; returns the
+        pump. ``onFinished(returncode, cancelled, outDir)``."""
+        if inputVolume is None:
+            raise ValueError("choose the input volume the model runs on")
+        work = adapter.temporary_folder()
+        image = os.path.join(work, "images", commands.INPUT_CASE_ID + ".nii.gz")
+        os.makedirs(os.path.dirname(image))
+        adapter.export_volume(inputVolume, image)
+        outDir = os.path.join(work, "out")
+        argv = commands.infer_command(
+            adapter.python_slicer(), model=modelPath, images=image, out_dir=outDir, mc_dropout=mcDropout, device=device
+        )
+        return self._start(
+            argv,
+            commands.progress_stages("infer"),
+            onOutput,
+            onProgress,
+            lambda code, cancelled: onFinished and onFinished(code, cancelled, outDir),
+        )
+
+    def loadInferenceResults(self, outDir, referenceVolume=None):
+        """Probability (and MC-dropout variance) volumes written by ``conformalseg infer``."""
+        found = commands.find_inference_outputs(outDir)
+        if found.probability is None:
+            raise ConformalSegError("the model wrote no probability map", path=outDir, fix="see the log for its error")
+        base = referenceVolume.GetName() if referenceVolume is not None else "ConformalSeg"
+        probability = adapter.load_volume(found.probability, f"{base} lesion probability")
+        uncertainty = adapter.load_volume(found.variance, f"{base} MC-dropout variance") if found.variance else None
+        return probability, uncertainty
+
+    def runInference(self, inputVolume, modelPath, device="cpu", mcDropout=0, timeout=None):
+        """Blocking inference (scripts, tests): returns ``(probabilityVolume, uncertaintyVolume)``."""
+        finished = {}
+        pump = self.startInference(
+            inputVolume,
+            modelPath,
+            device,
+            mcDropout,
+            onFinished=lambda code, cancelled, out: finished.update(code=code, out=out),
+        )
+        pump.timer.stop()
+        if pump.runner.wait(timeout) is None:
+            pump.cancel()
+            pump.runner.wait(30)
+            raise RuntimeError("the model did not finish in time")
+        if finished.get("code") != 0:
+            raise RuntimeError("the model failed:\n" + "\n".join(pump.runner.output[-20:]))
+        try:
+            return self.loadInferenceResults(finished["out"], inputVolume)
+        finally:
+            adapter.remove_work_folder(finished["out"])
+
+    def startCalibration(
+        self,
+        dataDir,
+        method,
+        lesionLabel,
+        outDir,
+        settings: SliderSettings,
+        onOutput=None,
+        onProgress=None,
+        onFinished=None,
+    ):
+        """``conformalseg calibrate`` in the background; ``onFinished(returncode, cancelled, profilePath)``."""
+        os.makedirs(outDir, exist_ok=True)
+        profile = os.path.join(str(outDir), f"{method}.json")
+        s = settings.snapped()
+        argv = commands.calibrate_command(
+            adapter.python_slicer(),
+            data_dir=dataDir,
+            method=method,
+            out_profile=profile,
+            lesion_labels=lesionLabel,
+            epsilon=s.epsilon,
+            alpha=s.alpha,
+            alpha_inner=s.alpha_inner,
+            alpha_outer=s.alpha_outer,
+            force=True,
+        )
+        return self._start(
+            argv,
+            commands.progress_stages("calibrate"),
+            onOutput,
+            onProgress,
+            lambda code, cancelled: onFinished and onFinished(code, cancelled, profile),
+        )
+
+    def startEvaluation(
+        self,
+        dataDir,
+        lesionLabel,
+        splits,
+        outDir,
+        settings: SliderSettings,
+        onOutput=None,
+        onProgress=None,
+        onFinished=None,
+    ):
+        """``conformalseg evaluate`` in the background; ``onFinished(returncode, cancelled, resultsJson)``."""
+        out = os.path.join(str(outDir), "evaluation")
+        s = settings.snapped()
+        argv = commands.evaluate_command(
+            adapter.python_slicer(),
+            data_dir=dataDir,
+            out_dir=out,
+            lesion_labels=lesionLabel,
+            splits=splits,
+            epsilon=s.epsilon,
+            alpha=s.alpha,
+        )
+        return self._start(
+            argv,
+            commands.progress_stages("evaluate"),
+            onOutput,
+            onProgress,
+            lambda code, cancelled: onFinished and onFinished(code, cancelled, os.path.join(out, "results.json")),
+        )
+
+    def updateEvaluationPlots(self, results, epsilon: float, alpha: float):
+        """ECR-vs-alpha and PC-vs-alpha charts for the evaluated epsilon nearest ``epsilon``."""
+        return adapter.update_evaluation_plots(evaluation_plots.alpha_curves(results, epsilon), alpha)
+
+    # ------------------------------------------------------------------ dependencies
+
+    def deviceChoice(self, requested: str) -> environment.DeviceChoice:
+        """The device inference will use (imports torch: seconds the first time)."""
+        return adapter.device_choice(requested)
+
+    def describeDevice(self, requested: str, probe: bool = False) -> str:
+        """The device message; PyTorch is queried only when already imported or ``probe``."""
+        if not probe and "torch" not in sys.modules:
+            return environment.describe_unprobed(requested)
+        try:
+            return self.deviceChoice(requested).message
+        except Exception as exc:  # a broken PyTorch install must not break the panel
+            return _("Cannot query PyTorch: {error}").format(error=exc)
+
+    def requirements(self, inference: bool = False) -> list:
+        """``Resources/requirements.txt`` (without the inference packages unless ``inference``)."""
+        wanted = environment.read_requirements(os.path.join(MODULE_DIR, "Resources", "requirements.txt"))
+        if inference:
+            return wanted
+        return [
+            r
+            for r in wanted
+            if environment.canonical(environment.requirement_name(r)) not in environment.INFERENCE_PACKAGES
+        ]
+
+    def ensurePythonRequirements(self, inference: bool = False) -> bool:
+        """Install the missing requirements after a confirmation (never Slicer's numpy, SimpleITK...)."""
+        return adapter.ensure_requirements(self.requirements(inference), requester="ConformalSeg")
+
+    def ensureInferenceDependencies(self) -> bool:
+        """PyTorch (through the PyTorch extension) and MONAI; False when the user declined."""
+        if adapter.torch_module(install=True) is None:
+            return False
+        return self.ensurePythonRequirements(inference=True)

@@ -1,0 +1,148 @@
+"""The module's self-tests in Slicer: segments equal the library's masks, cancel kills the process tree,
+the sem-CRC overlay equals the library's, a tiny model runs end to end.
+
+``ConformalSeg.py`` subclasses :class:`SelfTest` as ``ConformalSegTest`` (the name Slicer and ctest look
+up). The same computations are tested without Slicer by ``Testing/test_slicer_logic.py``.
+"""
+
+import logging
+import os
+import tempfile
+
+import numpy as np
+import slicer
+from slicer.ScriptedLoadableModule import ScriptedLoadableModuleTest
+
+from ConformalSegLib.common.geometry import Geometry
+
+from . import display, fixtures, intervals, segments
+from . import slicer_adapter as adapter
+from .logic import Logic
+from .process import ProcessRunner, pid_alive
+
+
+class SelfTest(ScriptedLoadableModuleTest):
+    """Self-tests: run from the Reload & Test button, ``slicer.selfTests["ConformalSeg"]()``, or ctest."""
+
+    #: The logic under test; ``ConformalSeg.py`` sets the module's own.
+    logicClass = Logic
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_SegmentsMatchLibraryForTwoSliderSettings()
+        self.setUp()
+        self.test_CancelKillsProcessTree()
+        self.setUp()
+        self.test_IntervalOverlayMatchesLibrary()
+        self.setUp()
+        self.test_TinyModelEndToEnd()
+
+    def _addCase(self, case):
+        image = adapter.add_volume(case.image, case.geometry, "ConformalSegTest CT")
+        probability = adapter.add_volume(case.probability, case.geometry, "ConformalSegTest probability")
+        return image, probability
+
+    def _assertSegmentsMatch(self, logic, state, settings, segmentation, reference):
+        segmentation, result = logic.updateSegmentation(state, settings, segmentation, reference)
+        expected = state.library_masks(settings)
+        ids = segmentation.GetSegmentation().GetSegmentIDs()
+        self.assertEqual(sorted(segments.segment_id(n) for n in expected), sorted(ids))
+        for name, mask in expected.items():
+            actual = adapter.segment_mask(segmentation, name, reference)
+            self.assertEqual(int(np.count_nonzero(actual)), int(np.count_nonzero(mask)), name)
+            self.assertTrue(np.array_equal(actual, mask), name)
+        return segmentation, result
+
+    def test_SegmentsMatchLibraryForTwoSliderSettings(self):
+        self.delayDisplay("Synthetic scan, probability map and profiles")
+        with tempfile.TemporaryDirectory() as folder:
+            fixture = fixtures.make_slider_fixture(folder)
+            image, probability = self._addCase(fixture.case)
+            self.assertIsNone(fixture.case.geometry.mismatch(adapter.volume_geometry(probability)))
+            logic = self.logicClass()
+            state = logic.loadSliderState(probability, fixture.profile_paths)
+            segmentation = None
+            for settings in fixtures.SLIDER_CHECKS:
+                segmentation, result = self._assertSegmentsMatch(logic, state, settings, segmentation, image)
+            self.assertIn("too few", result.text)  # alpha = 0.04 needs 24 scans, the profile has 19
+            self.assertTrue(result.has_warning)
+        self.delayDisplay("Segments equal the library's masks")
+
+    def test_CancelKillsProcessTree(self):
+        code = (
+            "import subprocess, sys, time; child = subprocess.Popen([sys.executable, '-c', "
+            "'import time; time.sleep(300)']); print('CHILD', child.pid, flush=True); time.sleep(300)"
+        )
+        runner = ProcessRunner([adapter.python_slicer(), "-c", code]).start()
+        deadline = 60
+        while not any(line.startswith("CHILD") for line in runner.output) and deadline > 0:
+            runner.wait(timeout=0.5)
+            deadline -= 0.5
+        child = int(next(line for line in runner.output if line.startswith("CHILD")).split()[1])
+        runner.cancel()
+        self.assertIsNotNone(runner.wait(timeout=30))
+        self.assertTrue(runner.cancelled)
+        self.assertFalse(pid_alive(child, timeout=10))
+        self.delayDisplay("Cancel stopped the process and its child")
+
+    def test_TinyModelEndToEnd(self):
+        reason = fixtures.tiny_model_unavailable_reason()
+        if reason:
+            logging.warning("ConformalSeg tiny-model end-to-end test SKIPPED: %s", reason)
+            self.delayDisplay(f"Skipped the tiny-model end-to-end test: {reason}")
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            fixture = fixtures.make_slider_fixture(folder, methods=("cls",))
+            model = fixtures.make_tiny_model(os.path.join(folder, "model"))
+            image, _probability = self._addCase(fixture.case)
+            logic = self.logicClass()
+            probability, uncertainty = logic.runInference(image, model, device="cpu", mcDropout=2, timeout=600)
+            self.assertIsNotNone(uncertainty)
+            self.assertIsNone(adapter.volume_geometry(image).mismatch(adapter.volume_geometry(probability)))
+            values = adapter.volume_array(probability, copy=False)
+            self.assertTrue(0.0 <= float(values.min()) and float(values.max()) <= 1.0)
+            state = logic.loadSliderState(probability, fixture.profile_paths)
+            self._assertSegmentsMatch(logic, state, fixtures.SLIDER_CHECKS[0], None, image)
+        self.delayDisplay("Tiny model ran end to end on the CPU")
+
+    def test_IntervalOverlayMatchesLibrary(self):
+        reason = fixtures.interval_fixture_unavailable_reason()
+        if reason:
+            logging.warning("ConformalSeg sem-CRC self-test SKIPPED: %s", reason)
+            self.delayDisplay(f"Skipped the sem-CRC self-test: {reason}")
+            return
+        self.delayDisplay("Synthetic quantile volumes, organ segments and a per-organ sem-CRC profile")
+        with tempfile.TemporaryDirectory() as folder:
+            fixture = fixtures.make_interval_fixture(folder)
+            geometry = Geometry(shape=fixture.lower.shape, spacing=(0.8, 0.7, 2.5), origin=(-10.0, 4.0, 30.0))
+            lower = adapter.add_volume(fixture.lower, geometry, "ConformalSegTest lower quantile")
+            upper = adapter.add_volume(fixture.upper, geometry, "ConformalSegTest upper quantile")
+            truth = adapter.add_volume(fixture.truth, geometry, "ConformalSegTest truth")
+            organs = adapter.ensure_segmentation(None, lower, name="ConformalSegTest organs")
+            adapter.add_named_segments(organs, fixture.segments, lower)
+            logic = self.logicClass()
+            applied = logic.applyIntervalProfile(fixture.profile_path, lower, upper, organs, truth)
+            expected = fixture.expected(with_truth=True)
+            volumes = len(slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode"))
+            again = logic.applyIntervalProfile(fixture.profile_path, lower, upper, organs, None, applied.lengthNode)
+        self.assertEqual(len(slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")), volumes)  # outputs reused
+        self.assertEqual(again.lengthNode.GetID(), applied.lengthNode.GetID())
+        self.assertEqual(again.outcome.rows[0][-1], "")  # no ground truth: no risk
+        overlay = adapter.volume_array(applied.lengthNode)
+        self.assertTrue(np.array_equal(overlay, expected.length))
+        self.assertTrue(np.array_equal(adapter.volume_array(applied.lowerNode), expected.lower))
+        self.assertTrue(np.array_equal(adapter.volume_array(applied.upperNode), expected.upper))
+        self.assertIsNone(geometry.mismatch(adapter.volume_geometry(applied.lengthNode)))
+        outcome = applied.outcome
+        self.assertEqual(outcome.match.unmatched_organs, ["kidney", "pancreas"])
+        self.assertEqual(sorted(outcome.match.organs), ["liver", "spleen"])
+        self.assertIn("kidney, pancreas", outcome.text)
+        self.assertEqual(outcome.rows, intervals.table_rows(expected.table, with_risk=True))
+        logic.showOverlay(applied.lengthNode, "interval", 0.0, 0.5, lower)
+        self.assertEqual(applied.lengthNode.GetDisplayNode().GetColorNodeID(), display.INTERVAL_COLOR_NODE_ID)
+        foreground = [n.GetForegroundVolumeID() for n in slicer.util.getNodesByClass("vtkMRMLSliceCompositeNode")]
+        self.assertIn(applied.lengthNode.GetID(), foreground)
+        self.delayDisplay("The interval-length overlay equals the library's length map")

@@ -1,0 +1,466 @@
+"""The ConformalSeg panel (the module's widget): the .ui, the parameter node and the logic, kept in sync.
+
+``ConformalSeg.py`` subclasses :class:`Widget` as ``ConformalSegWidget`` (the name Slicer looks up) with
+the module's logic. Everything the panel computes is done by :mod:`ConformalSegSlicer.logic` and the
+Slicer-free helpers; this module only reads and writes widgets and the parameter node.
+"""
+
+import logging
+import os
+from pathlib import Path
+
+import qt
+import slicer
+import vtk
+from slicer.i18n import tr as _
+from slicer.ScriptedLoadableModule import ScriptedLoadableModuleWidget
+from slicer.util import VTKObservationMixin
+
+from ConformalSegLib.common.errors import ConformalSegError
+
+from . import environment, evaluation_plots, intervals, segments
+from . import slicer_adapter as adapter
+from .logic import Logic
+from .slider import SliderSettings, relevant_sliders
+
+
+def isSet(path) -> bool:
+    """A path parameter that was given (an unset pathlib parameter reads as ``.``)."""
+    return path is not None and str(path) not in ("", ".")
+
+
+def sliderSettings(p) -> SliderSettings:
+    return SliderSettings(p.epsilon, p.alpha, p.alphaInner, p.alphaOuter, p.showThresholdSegment)
+
+
+class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """The panel: glue between the .ui, the parameter node and the logic (:attr:`logicClass`).
+
+    One class, in sections (segments, model inference, calibration, sem-CRC intervals): it loads the
+    .ui itself, so every ``self.ui.<name>`` here is checked statically against the .ui by the Slicer
+    API checker (names, and C++ methods PythonQt does not expose).
+    """
+
+    #: The logic the panel drives; ``ConformalSeg.py`` sets the module's own (with its parameter node).
+    logicClass = Logic
+
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._state = None  # SliderState of the current profiles + probability map
+        self._stateKey = None
+        self._profilesKey = None
+        self._written = None  # (segmentation id, id(state)): where the state's masks were written
+        self._results = None  # ((path, mtime), results dict) of conformalseg evaluate
+        self._plotsKey = None
+        self._overlayKey = None
+        self._overlayShown = False
+        self._inference = None  # ProcessPump
+        self._background = None  # ProcessPump of calibrate / evaluate
+        self._refreshTimer = qt.QTimer()
+        self._refreshTimer.setSingleShot(True)
+        self._refreshTimer.setInterval(60)  # coalesce slider drags
+        self._refreshTimer.timeout.connect(self.refresh)
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/ConformalSeg.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = self.logicClass()
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.calibrateButton.connect("clicked(bool)", self.onCalibrateButton)
+        self.ui.evaluateButton.connect("clicked(bool)", self.onEvaluateButton)
+        self.ui.showPlotsButton.connect("clicked(bool)", self.onShowPlotsButton)
+        self.ui.applyIntervalsButton.connect("clicked(bool)", self.onApplyIntervalsButton)
+        self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        self._refreshTimer.stop()
+        for pump in (self._inference, self._background):
+            if pump is not None:
+                pump.stop()
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
+
+    def onReload(self) -> None:
+        """Developer reload: re-import the helper package and the library too (importlib)."""
+        self.cleanup()
+        environment.reload_packages(("ConformalSegSlicer", "ConformalSegLib"))
+        ScriptedLoadableModuleWidget.onReload(self)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self.setParameterNode(None)
+        self._state = self._stateKey = self._profilesKey = self._written = None
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if firstVolumeNode:
+                self._parameterNode.inputVolume = firstVolumeNode
+
+    def setParameterNode(self, inputParameterNode) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            # each widget of the .ui carries a "SlicerParameterName" dynamic property
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            for name in (
+                "modelPathLineEdit",
+                "profilePathLineEdit",
+                "secondProfilePathLineEdit",
+                "datasetPathLineEdit",
+                "calibrationOutputPathLineEdit",
+                "evaluationResultsPathLineEdit",
+                "intervalProfilePathLineEdit",
+            ):
+                lineEdit = getattr(self.ui, name)
+                if lineEdit.currentPath in (".", "./"):
+                    lineEdit.currentPath = ""  # an unset path parameter reads "."
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
+            self.onParameterNodeModified()
+
+    def onParameterNodeModified(self, caller=None, event=None) -> None:
+        self._refreshTimer.start()
+
+    # ------------------------------------------------------------------ refresh
+
+    def refresh(self) -> None:
+        """Bring the segments, overlays, plots and buttons in line with the parameter node."""
+        p = self._parameterNode
+        if p is None:
+            return
+        self._updateButtons()
+        self._updateSegments()
+        self._updateDisplay()
+        self._updatePlots()
+
+    def _updateButtons(self) -> None:
+        p = self._parameterNode
+        running = self._inference is not None and self._inference.running
+        canApply = bool(p.inputVolume and isSet(p.modelPath)) or bool(p.probabilityVolume and isSet(p.profilePath))
+        self.ui.applyButton.enabled = running or canApply
+        self.ui.applyButton.text = _("Cancel") if running else _("Apply")
+        self.ui.applyButton.toolTip = (
+            _("Stop the model (kills the process and all its children)")
+            if running
+            else _("Run the model on the input volume (out of process), then compute the segments")
+            if isSet(p.modelPath)
+            else _("Compute the segments from the probability map")
+        )
+        busy = self._background is not None and self._background.running
+        hasData = isSet(p.datasetPath) and isSet(p.calibrationOutputPath)
+        self.ui.calibrateButton.enabled = hasData and (not busy or self._backgroundCommand == "calibrate")
+        self.ui.evaluateButton.enabled = hasData and (not busy or self._backgroundCommand == "evaluate")
+        self.ui.calibrateButton.text = (
+            _("Cancel") if busy and self._backgroundCommand == "calibrate" else _("Calibrate")
+        )
+        self.ui.evaluateButton.text = _("Cancel") if busy and self._backgroundCommand == "evaluate" else _("Evaluate")
+        self.ui.showPlotsButton.enabled = isSet(p.evaluationResultsPath)
+        self.ui.applyIntervalsButton.enabled = bool(isSet(p.intervalProfilePath) and p.lowerVolume and p.upperVolume)
+
+    def _profilePaths(self) -> list:
+        p = self._parameterNode
+        return [path for path in (p.profilePath, p.secondProfilePath) if isSet(path)]
+
+    def _updateSegments(self) -> None:
+        p = self._parameterNode
+        paths = self._profilePaths()
+        if not paths or not p.probabilityVolume:
+            self._state = None
+            self._setGuarantee(_("Choose a calibration profile and a probability map (or a model to produce one)."))
+            return
+        try:
+            profilesKey = tuple((str(path), os.path.getmtime(path) if os.path.exists(path) else None) for path in paths)
+            imageData = p.probabilityVolume.GetImageData()
+            stateKey = (profilesKey, p.probabilityVolume.GetID(), imageData.GetMTime() if imageData else None)
+            if stateKey != self._stateKey:
+                self._state = None
+                self._stateKey = stateKey
+                self._state = self.logic.loadSliderState(p.probabilityVolume, paths)
+                if profilesKey != self._profilesKey:  # a new profile: start from its calibrated parameters
+                    self._profilesKey = profilesKey
+                    self._applySettings(self._state.initial_settings())
+            if self._state is None:
+                return
+            enabled = relevant_sliders(self._state.profiles)
+            for name in ("epsilon", "alpha", "alphaInner", "alphaOuter"):
+                getattr(self.ui, name + "SliderWidget").enabled = name in enabled
+            reference = p.inputVolume or p.probabilityVolume
+            writeAll = self._written != (
+                p.outputSegmentation.GetID() if p.outputSegmentation else None,
+                id(self._state),
+            )
+            segmentation, result = self.logic.updateSegmentation(
+                self._state, sliderSettings(p), p.outputSegmentation, reference, p.probabilityVolume, writeAll=writeAll
+            )
+            self._written = (segmentation.GetID(), id(self._state))
+            if p.outputSegmentation is None or p.outputSegmentation.GetID() != segmentation.GetID():
+                p.outputSegmentation = segmentation
+            self._setGuarantee(result.text, warning=result.has_warning)
+            self._fillResultsTable(result)
+        except (ConformalSegError, ValueError, OSError) as exc:
+            self._state = None
+            self._setGuarantee(str(exc), warning=True)
+        except Exception as exc:  # keep the panel usable; the traceback goes to the log
+            logging.exception("ConformalSeg: updating the segments failed")
+            self._state = None
+            self._setGuarantee(_("Updating the segments failed: {error}").format(error=exc), warning=True)
+
+    def _applySettings(self, settings: SliderSettings) -> None:
+        p = self._parameterNode
+        p.epsilon, p.alpha, p.alphaInner, p.alphaOuter = (
+            settings.epsilon,
+            settings.alpha,
+            settings.alpha_inner,
+            settings.alpha_outer,
+        )
+
+    @staticmethod
+    def _setStatus(label, text: str, warning: bool = False) -> None:
+        label.text = text
+        label.styleSheet = "QLabel { color: #b34700; }" if warning else ""
+
+    def _setGuarantee(self, text: str, warning: bool = False) -> None:
+        self._setStatus(self.ui.guaranteeLabel, text, warning)
+
+    def _fillResultsTable(self, result) -> None:
+        table = self.ui.resultsTable
+        names = segments.sort_names(result.segments)
+        table.setRowCount(len(names))
+        for row, name in enumerate(names):
+            segment = result.segments[name]
+            for column, text in enumerate((name, f"{segment.voxels:,}", f"{segment.volume_ml:.2f}", segment.rule)):
+                table.setItem(row, column, qt.QTableWidgetItem(text))
+        table.resizeColumnsToContents()
+
+    def _fillIntervalsTable(self, rows, withRisk: bool) -> None:
+        """One row per organ of the profile (``intervals.TABLE_COLUMNS``); the risk column only with a ground truth."""
+        table = self.ui.intervalsTable
+        table.setRowCount(len(rows))
+        for row, texts in enumerate(rows):
+            for column, text in enumerate(texts):
+                table.setItem(row, column, qt.QTableWidgetItem(text))
+        table.setColumnHidden(len(intervals.TABLE_COLUMNS) - 1, not withRisk)
+        table.resizeColumnsToContents()
+
+    def _updateDisplay(self) -> None:
+        p = self._parameterNode
+        if p.outputSegmentation:
+            visible = {name: getattr(p, segments.VISIBILITY_PARAMETER[name]) for name in segments.SEGMENT_ORDER}
+            self.logic.showSegments(p.outputSegmentation, visible, p.show3D)
+        overlayNode = {
+            "probability": p.probabilityVolume,
+            "uncertainty": p.uncertaintyVolume,
+            "interval": p.intervalLengthVolume,
+        }.get(p.overlay)
+        imageData = overlayNode.GetImageData() if overlayNode else None
+        key = (
+            overlayNode.GetID() if overlayNode else None,
+            imageData.GetMTime() if imageData else None,
+            p.overlay,
+            p.overlayHideBelow,
+            p.overlayOpacity,
+        )
+        if key != self._overlayKey:
+            self._overlayKey = key
+            if overlayNode is not None:
+                self.logic.showOverlay(overlayNode, p.overlay, p.overlayHideBelow, p.overlayOpacity, p.inputVolume)
+                self._overlayShown = True
+            elif self._overlayShown:  # only ever clear a foreground layer this module set
+                adapter.hide_overlay()
+                self._overlayShown = False
+
+    def _updatePlots(self, show: bool = False) -> None:
+        p = self._parameterNode
+        if not isSet(p.evaluationResultsPath):
+            return
+        path = Path(p.evaluationResultsPath)
+        key = (str(path), path.stat().st_mtime if path.exists() else None)
+        try:
+            if self._results is None or self._results[0] != key:
+                self._results = (key, None)  # a file that fails is reported once, not at every refresh
+                self._results = (key, evaluation_plots.load_results(path))
+            if self._results[1] is None:
+                return
+            plotsKey = (key, p.epsilon, p.alpha)
+            if plotsKey != self._plotsKey or show:
+                self._plotsKey = plotsKey
+                charts = self.logic.updateEvaluationPlots(self._results[1], p.epsilon, p.alpha)
+                if show:
+                    adapter.show_chart(charts[0])
+        except (ConformalSegError, OSError, KeyError, ValueError) as exc:
+            self.ui.calibrationLogTextEdit.appendPlainText(_("Cannot plot the evaluation: {error}").format(error=exc))
+
+    # ------------------------------------------------------------------ inference
+
+    def onDeviceChanged(self, index=None) -> None:
+        # the combo box, not the parameter node: this slot may run before the node is updated
+        self.ui.deviceLabel.text = self.logic.describeDevice(self.ui.deviceComboBox.currentText or "auto")
+
+    def onApplyButton(self) -> None:
+        if self._inference is not None and self._inference.running:
+            self._inference.cancel()
+            return
+        p = self._parameterNode
+        if not isSet(p.modelPath):
+            self._stateKey = None  # recompute from the probability map now
+            self.refresh()
+            return
+        with slicer.util.tryWithErrorDisplay(_("Failed to start the model."), waitCursor=True):
+            if not self.logic.ensureInferenceDependencies():
+                return
+            choice = self.logic.deviceChoice(p.device)
+            self.ui.deviceLabel.text = choice.message
+            self.ui.logTextEdit.clear()
+            self.ui.progressBar.value = 0
+            self._inference = self.logic.startInference(
+                p.inputVolume,
+                p.modelPath,
+                choice.device,
+                p.mcDropoutSamples,
+                onOutput=self.ui.logTextEdit.appendPlainText,
+                onProgress=self._onInferenceProgress,
+                onFinished=self._onInferenceFinished,
+            )
+        self._updateButtons()
+
+    def _onInferenceProgress(self, fraction: float, label: str) -> None:
+        self.ui.progressBar.value = int(round(100 * fraction))
+        self.ui.progressBar.format = f"{label} %p%" if label else "%p%"
+
+    def _onInferenceFinished(self, returncode: int, cancelled: bool, outDir: str) -> None:
+        p = self._parameterNode
+        log = self.ui.logTextEdit.appendPlainText
+        if cancelled:
+            log(_("Cancelled: the model process and its children were stopped."))
+        elif returncode != 0:
+            log(_("The model failed (exit status {status}); see the messages above.").format(status=returncode))
+            slicer.util.errorDisplay(_("The model failed. See the log in the Model inference section."))
+        else:
+            with slicer.util.tryWithErrorDisplay(_("Failed to load the model's output."), waitCursor=True):
+                probability, uncertainty = self.logic.loadInferenceResults(outDir, p.inputVolume)
+                p.probabilityVolume = probability
+                if uncertainty is not None:
+                    p.uncertaintyVolume = uncertainty
+                self.ui.progressBar.value = 100
+                log(_("Loaded {name}.").format(name=probability.GetName()))
+        adapter.remove_work_folder(outDir)
+        self._updateButtons()
+
+    # ------------------------------------------------------------------ calibration (researchers)
+
+    _backgroundCommand = None
+
+    def _startBackground(self, command: str) -> None:
+        if self._background is not None and self._background.running:
+            self._background.cancel()
+            return
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay(_("Failed to start {command}.").format(command=command), waitCursor=True):
+            if not self.logic.ensurePythonRequirements():
+                return
+            self.ui.calibrationLogTextEdit.clear()
+            self.ui.calibrationProgressBar.value = 0
+            callbacks = dict(
+                onOutput=self.ui.calibrationLogTextEdit.appendPlainText,
+                onProgress=self._onBackgroundProgress,
+                onFinished=self._onBackgroundFinished,
+            )
+            if command == "calibrate":
+                self._background = self.logic.startCalibration(
+                    p.datasetPath,
+                    p.calibrationMethod,
+                    p.lesionLabel,
+                    p.calibrationOutputPath,
+                    sliderSettings(p),
+                    **callbacks,
+                )
+            else:
+                self._background = self.logic.startEvaluation(
+                    p.datasetPath,
+                    p.lesionLabel,
+                    p.evaluationSplits,
+                    p.calibrationOutputPath,
+                    sliderSettings(p),
+                    **callbacks,
+                )
+            self._backgroundCommand = command
+        self._updateButtons()
+
+    def _onBackgroundProgress(self, fraction: float, label: str) -> None:
+        self.ui.calibrationProgressBar.value = int(round(100 * fraction))
+
+    def onCalibrateButton(self) -> None:
+        self._startBackground("calibrate")
+
+    def onEvaluateButton(self) -> None:
+        self._startBackground("evaluate")
+
+    def _onBackgroundFinished(self, returncode: int, cancelled: bool, output: str) -> None:
+        p = self._parameterNode
+        log = self.ui.calibrationLogTextEdit.appendPlainText
+        if cancelled:
+            log(_("Cancelled."))
+        elif returncode != 0:
+            log(_("Failed (exit status {status}); see the messages above.").format(status=returncode))
+        elif self._backgroundCommand == "calibrate":
+            if p.calibrationMethod == "sets":
+                p.secondProfilePath = Path(output)
+            else:
+                p.profilePath = Path(output)
+            log(_("Profile loaded: {path}").format(path=output))
+        else:
+            p.evaluationResultsPath = Path(output)
+            self._updatePlots(show=True)
+        self.ui.calibrationProgressBar.value = 100 if returncode == 0 else self.ui.calibrationProgressBar.value
+        self._updateButtons()
+
+    def onShowPlotsButton(self) -> None:
+        self._updatePlots(show=True)
+
+    # ------------------------------------------------------------------ organ-dependent intervals (sem-CRC)
+
+    def onApplyIntervalsButton(self) -> None:
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay(_("Failed to apply the interval profile."), waitCursor=True):
+            try:
+                applied = self.logic.applyIntervalProfile(
+                    p.intervalProfilePath,
+                    p.lowerVolume,
+                    p.upperVolume,
+                    p.organSegmentation,
+                    p.truthVolume,
+                    p.intervalLengthVolume,
+                )
+            except (ConformalSegError, ValueError, OSError) as exc:
+                self._setStatus(self.ui.intervalsStatusLabel, str(exc), warning=True)
+                return
+            outcome = applied.outcome
+            self._setStatus(self.ui.intervalsStatusLabel, outcome.text, warning=outcome.has_warning)
+            self._fillIntervalsTable(outcome.rows, withRisk=p.truthVolume is not None)
+            p.intervalLengthVolume = applied.lengthNode
+            p.overlay = "interval"

@@ -1,0 +1,350 @@
+"""The options of ``conformalseg train`` (three tasks), their task-dependent defaults, and the canonical
+command line that reproduces a run (recorded in the model card).
+
+:data:`DEFAULTS` is the recipe of the shipped phantom lesion model, :data:`ROI_DEFAULTS` of the shipped
+ROI models of the cascade, :data:`DENOISE_DEFAULTS` of the shipped quantile denoiser; options a user
+leaves unset take their task's default (:func:`apply_task_defaults`).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+PHANTOM_LESION_LABEL = 6
+#: ``--task lesion`` defaults: the recipe of the shipped phantom model (nnU-Net-style DynUNet with deep
+#: supervision on the phantoms' own 1.6 x 1.6 x 3.0 mm grid; one 96 x 96 x 48 window covers a phantom)
+DEFAULTS = {
+    "epochs": 40,
+    "patch_size": (96, 96, 48),
+    "crop_size": (64, 64, 32),
+    "spacing_mm": None,
+    "window": (-200.0, 300.0),
+    "network": "dynunet",
+    "channels": (16, 32, 64, 128),
+    "strides": ((2, 2, 1), (2, 2, 2), (2, 2, 2)),
+    "dropout": 0.1,
+    "lr": 2e-3,
+    "optimizer": "adamw",
+    "weight_decay": 1e-4,
+    "lr_schedule": "poly",
+    "batch_size": 2,
+    "samples_per_case": 4,
+    "steps_per_epoch": 100,
+    "fg_fraction": 0.33,
+    "mc_passes": 4,
+}
+#: ``--task denoise`` defaults (coarse 24 x 48 x 48 phantoms: one 48 x 48 x 24 window per case)
+DENOISE_DEFAULTS = {
+    "epochs": 40,
+    "patch_size": (48, 48, 24),
+    "crop_size": (32, 32, 16),
+    "spacing_mm": None,
+    "channels": (16, 32, 64),
+    "strides": (2, 2),
+    "dropout": 0.0,
+    "lr": 3e-3,
+    "lr_schedule": "cosine",
+    "batch_size": 4,
+}
+#: ``--task roi`` defaults: a smaller DynUNet for the cascade's ROI crops (one 48 x 48 x 32 window covers
+#: most ROI-16 crops of phantom nodules; ROI-0 crops are zero-padded to it)
+ROI_DEFAULTS = {
+    "epochs": 8,
+    "patch_size": (48, 48, 32),
+    "crop_size": (32, 32, 16),
+    "spacing_mm": None,
+    "channels": (16, 32, 64),
+    "strides": ((2, 2, 1), 2),
+    "dropout": 0.1,
+    "lr": 2e-3,
+    "lr_schedule": "poly",
+    "batch_size": 4,
+}
+#: options whose default depends on the task (None in the parser, filled in by :func:`apply_task_defaults`)
+TASK_DEPENDENT = (
+    "epochs",
+    "patch_size",
+    "crop_size",
+    "spacing_mm",
+    "channels",
+    "strides",
+    "dropout",
+    "lr",
+    "lr_schedule",
+    "batch_size",
+)
+
+
+def add_train_options(p: argparse.ArgumentParser) -> None:
+    """Every option of ``conformalseg train``, by group."""
+    for add in (_task_options, _data_options, _model_options, _optimisation_options, _run_options):
+        add(p)
+
+
+def _task_options(p: argparse.ArgumentParser) -> None:
+    """``--task`` and the ROI task's stage-1 model, phantoms and margins."""
+    p.add_argument(
+        "--task",
+        choices=("lesion", "denoise", "roi"),
+        default="lesion",
+        help="lesion: softmax lesion segmentation (default); denoise: quantile regression denoiser "
+        "(noisy windowed image in, --quantiles of the clean image out, pinball loss); roi: the "
+        "cascade's ROI (stage-2) model, trained on crops around --stage1-model's components",
+    )
+    p.add_argument(
+        "--stage1-model",
+        type=Path,
+        default=None,
+        help="--task roi: the coarse model whose components the ROI crops are cut around",
+    )
+    p.add_argument(
+        "--roi-phantoms",
+        type=int,
+        default=300,
+        metavar="N",
+        help="--task roi with --phantom-stream: phantoms whose stage-1 components give the training crops",
+    )
+    p.add_argument(
+        "--roi-margins",
+        type=int,
+        nargs="+",
+        default=[0, 16],
+        metavar="V",
+        help="--task roi: ROI margins in voxels (default 0 16, the paper's two settings)",
+    )
+
+
+def _data_options(p: argparse.ArgumentParser) -> None:
+    """Where the training data come from, the held-out cases, the lesion label and the output."""
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--data",
+        type=Path,
+        help="MSD/nnU-Net dataset folder with imagesTr/ and labelsTr/ (denoise: a folder with noisy/ and clean/)",
+    )
+    source.add_argument("--phantoms", type=int, metavar="N", help="train on N synthetic phantoms (a fixed set)")
+    source.add_argument(
+        "--phantom-stream",
+        action="store_true",
+        help="lesion task: train on a fresh synthetic phantom for every sample (no fixed set; "
+        "--epochs x --steps-per-epoch x --batch-size phantoms in all)",
+    )
+    p.add_argument(
+        "--phantom-seed",
+        type=int,
+        default=0,
+        metavar="S",
+        help="phantom seed (--phantoms: phantoms 0..N-1 train, the next --heldout ones are held out; "
+        "--phantom-stream: the stream and its held-out phantoms)",
+    )
+    p.add_argument(
+        "--phantom-shape",
+        type=int,
+        nargs=3,
+        default=None,
+        metavar=("Z", "Y", "X"),
+        help="phantom array shape, numpy (z, y, x) order (default: the phantom default 48 96 96)",
+    )
+    p.add_argument(
+        "--heldout",
+        type=int,
+        default=None,
+        metavar="N",
+        help="held-out cases for checkpoint selection and the validation Dice (default: max(2, N/5) extra "
+        "phantoms; 24 with --phantom-stream; with --data 20%% of the cases, at least 1)",
+    )
+    p.add_argument(
+        "--lesion-label",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="V",
+        help=f"label value(s) marking the lesion (default {PHANTOM_LESION_LABEL} with --phantoms; "
+        "required with --data)",
+    )
+    p.add_argument("--out", type=Path, required=True, help="model folder to write")
+
+
+def _model_options(p: argparse.ArgumentParser) -> None:
+    """Loss, epochs, preprocessing and the network."""
+    p.add_argument(
+        "--loss",
+        choices=("dice-ce", "uncertainty-aware"),
+        default="dice-ce",
+        help="dice-ce (soft Dice + cross entropy) or uncertainty-aware (MC-dropout weighted, Isler et al.)",
+    )
+    p.add_argument(
+        "--epochs", type=int, default=None, help=f"default {DEFAULTS['epochs']} (denoise {DENOISE_DEFAULTS['epochs']})"
+    )
+    p.add_argument(
+        "--patch-size",
+        type=int,
+        nargs=3,
+        default=None,
+        metavar=("X", "Y", "Z"),
+        help="sliding-window size of the model card, network axes (x, y, z) after resampling "
+        "(default 64 64 48; denoise 48 48 24)",
+    )
+    p.add_argument(
+        "--crop-size",
+        type=int,
+        nargs=3,
+        default=None,
+        metavar=("X", "Y", "Z"),
+        help="training crop size (default 48 48 32, denoise 32 32 16; multiples of the total stride)",
+    )
+    p.add_argument(
+        "--spacing-mm",
+        type=float,
+        nargs=3,
+        default=None,
+        metavar=("X", "Y", "Z"),
+        help="resampling spacing of the model card in mm (x, y, z) (default: none, the images' own grid, "
+        "for phantoms 1.6 1.6 3.0)",
+    )
+    p.add_argument(
+        "--window",
+        type=float,
+        nargs=2,
+        default=DEFAULTS["window"],
+        metavar=("A_MIN", "A_MAX"),
+        help="intensity window in HU mapped to [0, 1] and clipped (default -200 300: soft tissue)",
+    )
+    p.add_argument(
+        "--network",
+        choices=("dynunet", "unet"),
+        default=None,
+        help="dynunet: MONAI's nnU-Net architecture (per-axis strides, deep supervision; default); "
+        "unet: MONAI's residual UNet (isotropic strides)",
+    )
+    p.add_argument(
+        "--channels",
+        type=int,
+        nargs="+",
+        default=None,
+        help="channels per level (default 16 32 64 128; denoise 16 32 64)",
+    )
+    p.add_argument(
+        "--strides",
+        type=_stride,
+        nargs="+",
+        default=None,
+        help="downsampling per level: N or AxBxC in network axes x, y, z (default 2x2x1 2 2; denoise 2 2)",
+    )
+    p.add_argument(
+        "--deep-supervision",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="dynunet: deep supervision over the two coarser heads (default on for dynunet)",
+    )
+    p.add_argument(
+        "--dropout", type=float, default=None, help="dropout probability (MC dropout; default 0.1, denoise 0)"
+    )
+
+
+def _optimisation_options(p: argparse.ArgumentParser) -> None:
+    """Optimiser, schedule, batches, patches and augmentation (and the denoiser's levels)."""
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default 2e-3; denoise 3e-3)")
+    p.add_argument(
+        "--optimizer",
+        choices=("adamw", "adam", "sgd"),
+        default=DEFAULTS["optimizer"],
+        help="adamw (default), adam, or sgd (Nesterov momentum 0.99, nnU-Net's)",
+    )
+    p.add_argument("--weight-decay", type=float, default=DEFAULTS["weight_decay"], help="default 1e-4")
+    p.add_argument(
+        "--quantiles",
+        type=float,
+        nargs="+",
+        default=[0.1, 0.9],
+        metavar="TAU",
+        help="denoise: quantile levels, increasing in (0, 1) (default 0.1 0.9)",
+    )
+    p.add_argument(
+        "--noise-sigma",
+        type=float,
+        default=0.2,
+        help="denoise with --phantoms: Gaussian noise sigma in windowed units (default 0.2)",
+    )
+    p.add_argument(
+        "--lr-schedule",
+        choices=("poly", "cosine", "constant"),
+        default=None,
+        help="poly: nnU-Net's (1 - step/total)^0.9 (lesion default); cosine: decay to 0 (denoise default); constant",
+    )
+    p.add_argument("--batch-size", type=int, default=None, help="default 2 (denoise 4)")
+    p.add_argument(
+        "--samples-per-case",
+        type=int,
+        default=DEFAULTS["samples_per_case"],
+        help="--phantoms/--data: crops per case and epoch",
+    )
+    p.add_argument(
+        "--steps-per-epoch",
+        type=int,
+        default=DEFAULTS["steps_per_epoch"],
+        help="--phantom-stream: batches per epoch (validation and checkpoint after each epoch)",
+    )
+    p.add_argument(
+        "--fg-fraction",
+        type=float,
+        default=DEFAULTS["fg_fraction"],
+        help="fraction of crops centred on a lesion (the lesion chosen uniformly, so small ones count as "
+        "much as large ones; default 0.33)",
+    )
+    p.add_argument(
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="MONAI spatial and intensity augmentation, seeded per sample (default on)",
+    )
+
+
+def _run_options(p: argparse.ArgumentParser) -> None:
+    """Workers, threads, checkpoints, naming, device and seed."""
+    p.add_argument(
+        "--num-workers",
+        type=int,
+        default=None,
+        help="background processes generating phantoms / patches (default 1 with --phantom-stream, else 0)",
+    )
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, one per core)")
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="resumable checkpoint written after every epoch (default OUT.checkpoint.pt; removed at the end)",
+    )
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
+    p.add_argument(
+        "--mc-passes", type=int, default=DEFAULTS["mc_passes"], help="MC dropout passes for the uncertainty-aware loss"
+    )
+    p.add_argument("--name", default=None, help="model name in the card (default: the --out folder name)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (cuda:N)")
+    p.add_argument("--seed", type=int, default=0, help="training seed (weights, dropout, patches)")
+
+
+def _stride(text: str):  # noqa: ANN202 - int or a triplet
+    from ..training.networks import parse_stride
+
+    try:
+        return parse_stride(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def apply_task_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the task-dependent options the user left unset (see :data:`TASK_DEPENDENT`)."""
+    defaults = {"denoise": DENOISE_DEFAULTS, "roi": ROI_DEFAULTS}.get(getattr(args, "task", "lesion"), DEFAULTS)
+    for key in TASK_DEPENDENT:
+        if getattr(args, key, None) is None and defaults[key] is not None:
+            setattr(args, key, defaults[key])
+    if getattr(args, "task", "lesion") != "denoise":
+        if getattr(args, "network", None) is None:
+            args.network = DEFAULTS["network"]
+        if getattr(args, "deep_supervision", None) is None:
+            args.deep_supervision = args.network == "dynunet"
+        if getattr(args, "num_workers", None) is None:
+            args.num_workers = 1 if getattr(args, "phantom_stream", False) and args.task == "lesion" else 0
+    return args

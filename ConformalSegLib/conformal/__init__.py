@@ -1,0 +1,14 @@
+"""The lesion-mask guarantees: thresholds of a probability map with a conformal statement attached.
+
+* :mod:`.exact`: exact arithmetic (epsilon and alpha as the decimals typed, conformal ranks);
+* :mod:`.summaries`: per-scan sorted lesion probabilities, the input of every calibration;
+* :mod:`.cls`: conformal lesion segmentation (Tan et al.), P(FNR <= epsilon) >= 1 - alpha;
+* :mod:`.crc`: expected-FNR control (conformal risk control), E[FNR] <= epsilon;
+* :mod:`.confidence_sets`: inner/outer confidence sets (Davenport), marginal and joint;
+* :mod:`.score_transforms`: the score transforms of the confidence sets (identity, signed distance);
+* :mod:`.guarantee_sentences`: the one-sentence statement of each calibrated guarantee;
+* :mod:`.profile`: calibration profiles on disk (JSON + summaries), recalibration, masks;
+* :mod:`.calibration`: one call from cases to a profile, shared by the CLI, the demo and Slicer.
+
+Imports only :mod:`ConformalSegLib.common` and :mod:`ConformalSegLib.io`.
+"""

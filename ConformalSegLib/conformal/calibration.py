@@ -1,0 +1,111 @@
+"""Calibrate a profile from a stream of cases (a dataset folder, or cases produced in memory).
+
+Cases are consumed one at a time: only the compact summaries (sorted lesion probabilities and,
+for confidence sets, two numbers per case) are kept, so peak memory stays near one case's volumes
+whatever the number of cases.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, cast
+
+import numpy as np
+
+from ..common.errors import ConformalSegError
+from ..common.geometry import Geometry
+from .cls import ThresholdCalibration, calibrate_cls
+from .confidence_sets import SetsCalibration, SetStatistics, SetStatisticsBuilder, calibrate_sets
+from .crc import calibrate_crc
+from .profile import METHODS, CalibrationProfile
+from .score_transforms import parse_transform
+from .summaries import SummaryBuilder
+
+
+@dataclass(frozen=True)
+class CalibrationRequest:
+    """Method and parameters of one calibration (CLI flags map one to one onto these fields)."""
+
+    method: str
+    epsilon: float | None = None
+    alpha: float | None = None
+    alpha_inner: float | None = None
+    alpha_outer: float | None = None
+    joint: str | None = None  # None (marginal), "split" or "max"
+    inner_transform: str = "identity"
+    outer_transform: str = "identity"
+    empty: str | None = None  # default: exclude for cls/crc, include for sets
+    precision: str = "float32"
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConformalSegError(f"unknown method {self.method!r}", fix=f"use one of {', '.join(METHODS)}")
+        if self.method in ("cls", "crc") and self.epsilon is None:
+            raise ConformalSegError(f"--method {self.method} needs --epsilon (the FNR tolerance, e.g. 0.1)")
+        if self.method == "cls" and self.alpha is None:
+            raise ConformalSegError("--method cls needs --alpha (the risk level, e.g. 0.1)")
+        if self.joint not in (None, "split", "max"):
+            raise ConformalSegError(f"unknown joint method {self.joint!r}", fix="use split or max")
+        parse_transform(self.inner_transform)
+        parse_transform(self.outer_transform)
+
+    @property
+    def empty_policy(self) -> str:
+        return self.empty or ("include" if self.method == "sets" else "exclude")
+
+    @property
+    def sets_mode(self) -> str:
+        return {None: "marginal", "split": "joint-split", "max": "joint-max"}[self.joint]
+
+
+def _parts(case: Any) -> tuple[str, np.ndarray, np.ndarray, Geometry]:
+    """Accept io.Case (Volume members) or any object with arrays and a geometry."""
+    probability, lesion = case.probability, case.lesion
+    geometry = cast(Geometry, getattr(case, "geometry", None))  # None is fine for CLS / CRC
+    if hasattr(probability, "array"):
+        geometry = probability.geometry
+        probability, lesion = probability.array, lesion.array
+    return case.case_id, probability, lesion, geometry
+
+
+def calibrate(cases: Iterable[Any], request: CalibrationRequest) -> CalibrationProfile:
+    """Stream ``cases`` once, build summaries, and calibrate the requested method."""
+    summaries = SummaryBuilder(request.precision)
+    sets = (
+        SetStatisticsBuilder(parse_transform(request.inner_transform), parse_transform(request.outer_transform))
+        if request.method == "sets"
+        else None
+    )
+    for case in cases:
+        case_id, probability, lesion, geometry = _parts(case)
+        summaries.add_case(case_id, probability, lesion)
+        if sets is not None:
+            sets.add_case(case_id, probability, lesion, geometry)
+    lesion_summaries = summaries.build()
+    if lesion_summaries.n == 0:
+        raise ConformalSegError("no calibration cases found", fix="check the --probs and --labels folders")
+    empty = request.empty_policy
+    calibration: ThresholdCalibration | SetsCalibration
+    stats: SetStatistics | None = None
+    if request.method == "cls":
+        assert request.epsilon is not None and request.alpha is not None  # checked in __post_init__
+        calibration = calibrate_cls(lesion_summaries, request.epsilon, request.alpha, empty=empty)
+    elif request.method == "crc":
+        assert request.epsilon is not None  # checked in __post_init__
+        calibration = calibrate_crc(lesion_summaries, request.epsilon, empty=empty)
+    else:
+        assert sets is not None
+        stats = sets.build()
+        used = stats if empty == "include" else stats.without_empty()
+        calibration = calibrate_sets(
+            used,
+            alpha=request.alpha,
+            alpha_inner=request.alpha_inner,
+            alpha_outer=request.alpha_outer,
+            mode=request.sets_mode,
+        )
+    provenance = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **request.provenance}
+    return CalibrationProfile(calibration, lesion_summaries, stats, empty, provenance)

@@ -1,0 +1,112 @@
+"""Exact integer arithmetic for the two integer roundings every method relies on.
+
+Two roundings decide every guarantee in this package:
+
+* the conformal rank ``k = ceil((1 - alpha) * (n + 1))`` (how many calibration scores the threshold
+  must dominate), and
+* the allowed number of missed lesion voxels ``floor(epsilon * m)`` for a lesion of ``m`` voxels.
+
+Evaluated in floating point both can be off by one: ``(1 - 0.1) * 10`` is ``9.000000000000002``
+in some orders of evaluation, whose ceiling is 10, not 9; ``0.29 * 100`` is ``28.999999999999996``,
+whose floor is 28, not 29. An off-by-one in the rank silently weakens the guarantee (or wastes
+power), so we never round a float product.
+
+**Convention.** A user parameter ``x`` (epsilon or alpha) is interpreted as the *shortest decimal
+that round-trips to the same float*, i.e. ``Fraction(repr(x))``: ``0.1`` means exactly 1/10 and
+``0.29`` exactly 29/100. That is what the user typed, and every product and comparison against it is
+then done in exact integer/rational arithmetic.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from math import ceil, floor
+
+import numpy as np
+
+from ..common.errors import ConformalSegError
+
+_INT64_SAFE = 2**62
+
+
+def as_fraction(x: float) -> Fraction:
+    """The exact rational a float parameter stands for: the shortest round-trip decimal of ``x``."""
+    value = float(x)
+    if not np.isfinite(value):
+        raise ConformalSegError(f"parameter must be a finite number, got {x!r}")
+    return Fraction(repr(value))
+
+
+def check_alpha(alpha: float, name: str = "alpha") -> Fraction:
+    """Validate a risk level, which must lie strictly between 0 and 1; return it as a fraction."""
+    try:
+        a = as_fraction(alpha)
+    except (TypeError, ValueError) as exc:
+        raise ConformalSegError(f"{name} must be a number, got {alpha!r}") from exc
+    if not 0 < a < 1:
+        raise ConformalSegError(
+            f"{name} must be strictly between 0 and 1, got {alpha}", fix=f"pass e.g. --{name.replace('_', '-')} 0.1"
+        )
+    return a
+
+
+def check_epsilon(epsilon: float) -> Fraction:
+    """Validate an FNR tolerance in [0, 1]; return it as a fraction."""
+    try:
+        e = as_fraction(epsilon)
+    except (TypeError, ValueError) as exc:
+        raise ConformalSegError(f"epsilon must be a number, got {epsilon!r}") from exc
+    if not 0 <= e <= 1:
+        raise ConformalSegError(f"epsilon must lie in [0, 1], got {epsilon}", fix="pass e.g. --epsilon 0.1")
+    return e
+
+
+def conformal_rank(n: int, alpha: float) -> int:
+    """``ceil((1 - alpha) * (n + 1))`` computed exactly.
+
+    The split-conformal threshold is the ``k``-th smallest of ``n`` exchangeable scores; when
+    ``k > n`` it is ``+inf`` (the calibration set is too small for ``alpha``).
+    """
+    if n < 0:
+        raise ValueError("n must be non-negative")
+    a = check_alpha(alpha)
+    return ceil((1 - a) * (n + 1))
+
+
+def min_calibration_size(alpha: float) -> int:
+    """Smallest ``n`` for which ``conformal_rank(n, alpha) <= n`` (a finite conformal quantile).
+
+    ``ceil((1-a)(n+1)) <= n  <=>  (1-a)(n+1) <= n  <=>  n >= (1-a)/a``.
+    """
+    a = check_alpha(alpha)
+    return ceil((1 - a) / a)
+
+
+def allowed_misses(lesion_size: int, epsilon: float) -> int:
+    """``floor(epsilon * m)``: the most lesion voxels a mask may miss while FNR <= epsilon.
+
+    ``FNR = misses / m <= epsilon  <=>  misses <= epsilon * m  <=>  misses <= floor(epsilon * m)``.
+    """
+    e = check_epsilon(epsilon)
+    return floor(e * int(lesion_size))
+
+
+def allowed_misses_array(lesion_sizes: np.ndarray, epsilon: float) -> np.ndarray:
+    """Vectorised :func:`allowed_misses` (int64), exact for every size.
+
+    Uses ``(p * m) // q`` in int64 when it cannot overflow, Python integers otherwise.
+    """
+    e = check_epsilon(epsilon)
+    sizes = np.asarray(lesion_sizes, dtype=np.int64)
+    p, q = e.numerator, e.denominator
+    largest = int(sizes.max()) if sizes.size else 0
+    if p * largest < _INT64_SAFE and q < _INT64_SAFE:
+        allowed: np.ndarray = (sizes * np.int64(p)) // np.int64(q)
+        return allowed
+    return np.array([(p * int(m)) // q for m in sizes], dtype=np.int64)
+
+
+def fnr_exceeds(misses: np.ndarray | int, lesion_size: np.ndarray | int, epsilon: float) -> np.ndarray:
+    """Exact test of ``misses / lesion_size > epsilon`` (False where the lesion is empty: FNR := 0)."""
+    m = np.asarray(lesion_size, dtype=np.int64)
+    return np.asarray(misses, dtype=np.int64) > allowed_misses_array(np.atleast_1d(m), epsilon).reshape(m.shape)

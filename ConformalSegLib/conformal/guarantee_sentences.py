@@ -1,0 +1,80 @@
+"""The guarantee of a calibration, as one plain sentence (shown by the CLI, reports and Slicer)."""
+
+from __future__ import annotations
+
+import math
+
+from .cls import ThresholdCalibration
+from .confidence_sets import SetsCalibration
+from .exact import min_calibration_size
+
+
+def percent(x: float) -> str:
+    """``0.1 -> '10%'``, ``0.025 -> '2.5%'`` (no float noise)."""
+    return f"{round(100 * x, 6):g}%"
+
+
+def _cases(n: int, what: str) -> str:
+    return f"calibrated on {n} {what}{'' if n == 1 else 's'}"
+
+
+def guarantee_sentence(calibration: ThresholdCalibration | SetsCalibration) -> str:
+    """One sentence stating what the calibrated output guarantees, and a warning when trivial."""
+    if isinstance(calibration, SetsCalibration):
+        return _sets_sentence(calibration)
+    if calibration.method == "cls":
+        assert calibration.alpha is not None  # CLS always has one
+        sentence = (
+            f"With probability at least {percent(1 - calibration.alpha)}, at most "
+            f"{percent(calibration.epsilon)} of the lesion voxels of a new scan are missed; "
+            f"{_cases(calibration.n, 'scan')} with a lesion."
+        )
+        if calibration.is_trivial:
+            sentence += (
+                f" Warning: {calibration.n} scans are too few for alpha = {calibration.alpha:g} "
+                f"(at least {min_calibration_size(calibration.alpha)} are needed), so the mask is the whole "
+                "image."
+            )
+        return sentence
+    sentence = (
+        f"On average over new scans, at most {percent(calibration.epsilon)} of the lesion voxels are "
+        f"missed (expected FNR control); {_cases(calibration.n, 'scan')} with a lesion."
+    )
+    if calibration.is_trivial:
+        needed = max(0, math.ceil(1 / calibration.epsilon - 1)) if calibration.epsilon > 0 else "more"
+        sentence += (
+            f" Warning: {calibration.n} scans are too few for epsilon = {calibration.epsilon:g} "
+            f"(at least {needed} are needed), so the mask is the whole image."
+        )
+    return sentence
+
+
+def _sets_sentence(c: SetsCalibration) -> str:
+    if c.mode == "marginal":
+        sentence = (
+            f"With probability at least {percent(1 - c.alpha_inner)}, the inner set lies inside the true "
+            f"lesion; with probability at least {percent(1 - c.alpha_outer)}, the outer set contains the "
+            f"whole lesion; {_cases(c.n, 'scan')}."
+        )
+    else:
+        how = (
+            "max-based, Theorem 2.4"
+            if c.mode == "joint-max"
+            else (f"alpha split {c.alpha_inner:g} + {c.alpha_outer:g}, Corollary 2.3")
+        )
+        sentence = (
+            f"With probability at least {percent(1 - c.alpha)}, the inner set lies inside the true lesion "
+            f"and the outer set contains it, both at once ({how}); {_cases(c.n, 'scan')}."
+        )
+    if (
+        math.isinf(c.inner_threshold)
+        and c.inner_threshold > 0
+        or (math.isinf(c.outer_threshold) and c.outer_threshold < 0)
+    ):
+        level = min(c.alpha_inner, c.alpha_outer)
+        sentence += (
+            f" Warning: {c.n} scans are too few for alpha = {level:g} (at least "
+            f"{min_calibration_size(level)} are needed): the inner set is empty and/or the outer set is the "
+            "whole image."
+        )
+    return sentence

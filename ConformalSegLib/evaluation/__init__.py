@@ -1,0 +1,12 @@
+"""Evaluation of the lesion-mask guarantees over repeated random calibration/test splits.
+
+* :mod:`.protocol`: :func:`~.protocol.evaluate_dataset`, the split protocol of the papers, exact and
+  streaming, one function per step (pass 1, split thresholds, test FNRs, pass 2, assembly);
+* :mod:`.config`: its parameters, checked before any case is read;
+* :mod:`.cases`: the cases it reads, from a dataset or any list of case-like objects;
+* :mod:`.results`: what it returns, summary rows and PASS/CHECK verdicts;
+* :mod:`.progress`: the progress callback and its tqdm drawing;
+* :mod:`.metrics`: FNR, Dice, prediction compactness, HD95, exact voxel counts;
+* :mod:`.report`: ``results.json``, the Markdown report and its plots;
+* :mod:`.figures`: slice overlays of masks on an image.
+"""

@@ -1,0 +1,608 @@
+"""The papers' evaluation protocol, computed exactly and streaming (two passes over the cases).
+
+Protocol (CLS paper, Tan et al.; also used for the confidence sets of Davenport)
+-------------------------------------------------------------------------------
+The cases are split ``splits`` times (default 100) at random into a calibration side of
+``floor(cal_fraction * n)`` cases (default half; the fraction is read exactly as typed, see
+:mod:`ConformalSegLib.conformal.exact`) and a test side (the rest), with ``numpy.random.default_rng(seed)``
+(split ``s`` is the ``s``-th ``rng.permutation(n)``: its first ``n_cal`` entries calibrate). On each
+split and for each ``epsilon`` / ``alpha`` of the grids:
+
+* **CLS** (:mod:`ConformalSegLib.conformal.cls`): the cutoff is the conformal lower cutoff of the critical
+  cutoffs of the calibration cases (critical cutoffs are computed once per epsilon for all cases);
+  the test mask is ``prob >= cutoff``.
+* **CRC** (expected-FNR control, :mod:`ConformalSegLib.conformal.crc`): ``crc_cutoff`` of the calibration
+  summaries, per epsilon (no alpha).
+* **Baseline**: the fixed cutoff 0.5 (``prob >= 0.5``); it does not depend on the split, but its
+  per-split numbers are means over the same test cases as the other methods.
+* **Confidence sets** (:mod:`ConformalSegLib.conformal.confidence_sets`) for each requested transform and mode:
+  ``marginal`` calibrates inner and outer at ``alpha`` each, ``joint-split`` at ``alpha/2`` each
+  (``joint-max`` is available too).
+
+Populations and empty lesions. CLS, CRC and the baseline follow the empty-lesion policy of
+:mod:`ConformalSegLib.conformal.cls`: with ``"exclude"`` (default) cases without lesion voxels are dropped from
+the calibration *and* test sides of these three methods (the guarantee is conditional on a lesion),
+with ``"include"`` they count everywhere (FNR 0). Confidence sets always use every case. So the
+number of calibration / test cases of CLS/CRC varies a little between splits; it is recorded.
+
+Metrics (per split: the mean over that split's test cases; then mean and std over splits)
+-----------------------------------------------------------------------------------------
+ECR (fraction of test cases with ``FNR <= epsilon``, exact integer rule), mean test FNR, PC
+(predicted / total voxels), Dice (:mod:`ConformalSegLib.evaluation.metrics`), HD95 (mm, needs MONAI; at the
+*main* setting only: ``main_epsilon`` (default: the first epsilon) and ``main_alpha``, and for the
+baseline; cases with an empty prediction or lesion are left out of the mean and counted).
+Sets: inner / outer / joint coverage (inner ok iff
+``tau_test <= inner_threshold``; outer ok iff ``gamma_test <= -outer_threshold``; joint = both) and
+mean sizes in voxels and mL. The inner *coverage* is that of ``I = {T > lambda_in}`` (the set of the
+guarantee); the inner *size* is that of the displayed ``I & O`` (equal to ``|I|`` whenever
+``lambda_in >= outer_threshold``, i.e. in every non-degenerate case). Standard deviations are
+sample standard deviations over splits (``ddof=1``).
+
+Exactness. Test FNRs come from the lesion summaries (number of stored lesion values ``>=`` the
+cutoff: one ``searchsorted`` on each case's descending run); the summaries are float32 and every
+cutoff is a float32 value or ``+-inf`` or 0.5, so this equals the count on the volume. Predicted
+voxel counts are exact counts on the volume (:func:`ConformalSegLib.evaluation.metrics.count_at_least`,
+``count_greater``), Dice uses ``TP = m - misses``.
+
+Streaming. Pass 1 reads one case at a time and keeps only the summaries (sorted lesion
+probabilities), per-case ``(tau, gamma)`` per transform and a few counts. The splits need no volume.
+Pass 2 reads the cases again, one at a time, and counts each case's voxels at every distinct
+cutoff / threshold it meets as a test case with one ``searchsorted`` pass. Peak memory is about
+one probability map, its lesion mask and one transformed map, plus arrays of size
+``splits x |epsilons| x |alphas|`` and ``splits x n``.
+
+Too few cases. Each side of the split needs at least one case (else
+:class:`~ConformalSegLib.common.errors.ConformalSegError`). Points whose calibration side is too small for
+``alpha`` (the conformal quantile is infinite) are kept and reported as *trivial* (whole-image mask /
+empty inner set, whole-image outer set), with a
+:class:`~ConformalSegLib.common.errors.CalibrationSetTooSmallWarning` saying how many cases are needed.
+
+This file is long because it is the protocol, to be read top to bottom: this docstring specifies it,
+:func:`evaluate_dataset` calls one function per step (pass 1, the splits, test FNRs, pass 2, assembly),
+and the steps hand each other small private containers. The parameters (:mod:`.config`), the cases
+(:mod:`.cases`) and the results (:mod:`.results`) live in their own modules.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..common.errors import CalibrationSetTooSmallWarning, ConformalSegError
+from ..conformal.cls import apply_threshold, conformal_lower_cutoff, critical_cutoffs
+from ..conformal.confidence_sets import SetStatistics, SetStatisticsBuilder, calibrate_sets
+from ..conformal.crc import crc_cutoff
+from ..conformal.score_transforms import ScoreTransform
+from ..conformal.summaries import LesionSummaries, SummaryBuilder
+from .cases import CaseSource, EvalCase
+from .config import DEFAULT_SET_MODES, EvaluationConfig, make_config, split_sizes
+from .metrics import count_at_least, count_greater, dice, fnr, fnr_within, lesion_hits, require_monai
+from .metrics import hd95 as hd95_metric
+from .progress import ProgressCallback
+from .results import BASELINE_CUTOFF, EvaluationResult, trivial_warnings
+
+__all__ = ["evaluate_dataset"]
+
+#: Per-case sums of the confidence-set sizes: ``[transform][mode][key]`` (S, A).
+SetArrays = dict[str, dict[str, dict[str, np.ndarray]]]
+
+
+def evaluate_dataset(
+    dataset_or_cases: Iterable[Any],
+    *,
+    epsilons: Sequence[float],
+    alphas: Sequence[float],
+    main_alpha: float | None = None,
+    main_epsilon: float | None = None,
+    splits: int = 100,
+    cal_fraction: float = 0.5,
+    seed: int = 0,
+    transforms: Sequence[str | ScoreTransform] = ("identity",),
+    set_modes: Sequence[str] = DEFAULT_SET_MODES,
+    hd95: bool = True,
+    empty: str = "exclude",
+    progress: ProgressCallback | None = None,
+) -> EvaluationResult:
+    """Run the random-split protocol (module docstring) on a dataset, exactly, in two streaming passes.
+
+    ``dataset_or_cases``: a :class:`~ConformalSegLib.io.dataset.CalibrationDataset` or a re-iterable
+    (e.g. a list) of objects with ``case_id``, ``probability`` and ``lesion`` arrays and ``geometry``.
+    The *main setting* (HD95, the FNR distribution) is (``main_epsilon``, ``main_alpha``); each
+    defaults to the first value of its grid and must be one of the grid's values. ``transforms``
+    (names such as ``"distance"`` or :class:`ScoreTransform`) may be empty: no confidence sets.
+    ``progress(done, total, stage)`` is called per case in each pass and per split, with ``stage``
+    one of :data:`~ConformalSegLib.evaluation.progress.STAGES`.
+    """
+    config, score_transforms = make_config(
+        epsilons, alphas, main_alpha, main_epsilon, splits, cal_fraction, seed, transforms, set_modes, hd95, empty
+    )
+    if hd95:
+        require_monai()  # fail before the first pass, not after it
+    source = CaseSource(dataset_or_cases)
+    stats = _pass1_statistics(source, config, score_transforms, progress)
+    n_cal, n_test = split_sizes(stats.n, cal_fraction)
+    stats.check_population(config.empty)
+    split = _split_thresholds(stats, config, n_cal, progress)
+    fnrs = _test_fnrs(stats, split, config)
+    sizes = _pass2_sizes(source, stats, split, config, score_transforms, progress)
+    result = _assemble(config, stats, split, fnrs, sizes, n_cal, n_test)
+    result.warnings.extend(trivial_warnings(result))
+    for message in result.warnings:
+        warnings.warn(message, CalibrationSetTooSmallWarning, stacklevel=2)
+    return result
+
+
+def _report(progress: ProgressCallback | None, done: int, total: int | None, stage: str) -> None:
+    if progress is not None:
+        progress(done, total, stage)
+
+
+# ----------------------------------------------------------------------------- pass 1: case statistics
+
+
+@dataclass
+class _CaseStatistics:
+    """What pass 1 keeps of the cases: summaries, set statistics and the baseline's counts (n,)."""
+
+    ids: list[str]
+    summaries: LesionSummaries
+    set_stats: dict[str, SetStatistics]
+    n_voxels: np.ndarray  # int64
+    voxel_ml: np.ndarray  # float64
+    base_pred: np.ndarray  # int64: voxels of the 0.5 mask
+    base_fp: np.ndarray  # int64: voxels of the 0.5 mask outside the lesion
+    base_hd: np.ndarray  # float64: HD95 of the 0.5 mask (NaN when not computed)
+    population: np.ndarray  # bool: cases used by CLS / CRC / baseline
+
+    @property
+    def n(self) -> int:
+        return len(self.ids)
+
+    @property
+    def sizes(self) -> np.ndarray:
+        return self.summaries.lesion_sizes
+
+    def check_population(self, empty: str) -> None:
+        if empty == "exclude" and np.count_nonzero(self.population) < 2:
+            raise ConformalSegError(
+                f"only {int(np.count_nonzero(self.population))} of {self.n} case(s) have lesion voxels: "
+                "CLS and expected-FNR control need lesion cases on both sides of the split",
+                fix="check the lesion label value(s) (--lesion-label), add lesion cases, or use --empty include",
+            )
+
+
+def _pass1_statistics(
+    source: CaseSource,
+    config: EvaluationConfig,
+    score_transforms: list[ScoreTransform],
+    progress: ProgressCallback | None,
+) -> _CaseStatistics:
+    """Read every case once; keep the summaries, per-transform set statistics and baseline counts."""
+    builder = SummaryBuilder("float32")
+    set_builders = {t.name: SetStatisticsBuilder(t, t) for t in score_transforms}
+    ids: list[str] = []
+    n_voxels: list[int] = []
+    voxel_ml: list[float] = []
+    base_pred: list[int] = []
+    base_fp: list[int] = []
+    base_hd: list[float] = []
+    set_ids: set[str] = set()
+    total = source.known_length
+    for case in source:
+        if case.case_id in set_ids:
+            raise ConformalSegError(
+                f"duplicate case id {case.case_id!r} in the evaluation data", fix="give every case a unique id"
+            )
+        set_ids.add(case.case_id)
+        prob, lesion = case.probability, case.lesion
+        builder.add_case(case.case_id, prob, lesion)
+        for t in score_transforms:
+            set_builders[t.name].add_case(case.case_id, prob, lesion, case.geometry)
+        ids.append(case.case_id)
+        n_voxels.append(int(prob.size))
+        voxel_ml.append(case.geometry.voxel_volume_mm3 / 1000.0)
+        base_mask = apply_threshold(prob, BASELINE_CUTOFF)
+        base_pred.append(int(np.count_nonzero(base_mask)))
+        base_fp.append(int(np.count_nonzero(base_mask & ~lesion)))
+        in_population = config.empty == "include" or bool(lesion.any())
+        base_hd.append(
+            hd95_metric(base_mask, lesion, case.geometry.spacing_zyx) if config.hd95 and in_population else float("nan")
+        )
+        del base_mask, case, prob, lesion
+        _report(progress, len(ids), total, "statistics")
+    summaries = builder.build()
+    del builder
+    set_stats = {name: b.build() for name, b in set_builders.items()}
+    del set_builders
+    n = len(ids)
+    population = summaries.lesion_sizes > 0 if config.empty == "exclude" else np.ones(n, dtype=bool)
+    return _CaseStatistics(
+        ids,
+        summaries,
+        set_stats,
+        np.asarray(n_voxels, dtype=np.int64),
+        np.asarray(voxel_ml, dtype=np.float64),
+        np.asarray(base_pred, dtype=np.int64),
+        np.asarray(base_fp, dtype=np.int64),
+        np.asarray(base_hd, dtype=np.float64),
+        population,
+    )
+
+
+# ----------------------------------------------------------------------------- the splits (no volumes)
+
+
+@dataclass
+class _SplitThresholds:
+    """Per split: which cases are tested, the calibrated cutoffs / thresholds and the set coverages."""
+
+    test_mask: np.ndarray  # (S, n) bool
+    cls_cut: np.ndarray  # (S, E, A)
+    crc_cut: np.ndarray  # (S, E)
+    cls_ncal: np.ndarray  # (S,) calibration cases of the population
+    sets: SetArrays  # thresholds and coverages, (S, A)
+    test_pop: np.ndarray  # (S, n) test cases of the population
+    n_test_pop: np.ndarray  # (S,)
+    inv_pop: np.ndarray  # (S,) 1 / n_test_pop, NaN without test cases
+
+
+def _split_thresholds(
+    stats: _CaseStatistics, config: EvaluationConfig, n_cal: int, progress: ProgressCallback | None
+) -> _SplitThresholds:
+    """Draw the splits (``rng.permutation``) and calibrate every method on each calibration side."""
+    S, E, A, n = config.splits, len(config.epsilons), len(config.alphas), stats.n
+    critical = np.stack([critical_cutoffs(stats.summaries, eps) for eps in config.epsilons])  # (E, n)
+    rng = np.random.default_rng(config.seed)
+    test_mask = np.zeros((S, n), dtype=bool)
+    cls_cut = np.empty((S, E, A))
+    crc_cut = np.empty((S, E))
+    cls_ncal = np.zeros(S, dtype=np.int64)
+    set_thr: SetArrays = {}
+    for name in stats.set_stats:
+        set_thr[name] = {}
+        for mode in config.set_modes:
+            set_thr[name][mode] = {k: np.empty((S, A)) for k in ("inner_threshold", "outer_threshold")}
+            set_thr[name][mode].update(
+                {k: np.full((S, A), np.nan) for k in ("inner_coverage", "outer_coverage", "joint_coverage")}
+            )
+    for s in range(S):
+        perm = rng.permutation(n)
+        cal = np.sort(perm[:n_cal])
+        test = perm[n_cal:]
+        test_mask[s, test] = True
+        cal_pop = cal[stats.population[cal]]
+        cls_ncal[s] = cal_pop.size
+        for e in range(E):
+            crit_cal = critical[e, cal_pop]
+            for a, alpha in enumerate(config.alphas):
+                cls_cut[s, e, a] = conformal_lower_cutoff(crit_cal, alpha)
+        cal_summaries = stats.summaries.subset(cal_pop)
+        for e, eps in enumerate(config.epsilons):
+            crc_cut[s, e] = crc_cutoff(cal_summaries, eps)
+        del cal_summaries
+        for name, st in stats.set_stats.items():
+            _calibrate_sets_on_split(st, cal, test, s, config, set_thr[name])
+        _report(progress, s + 1, S, "splits")
+    test_pop = test_mask & stats.population[None, :]
+    n_test_pop = test_pop.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        inv_pop = np.where(n_test_pop > 0, 1.0 / np.maximum(n_test_pop, 1), np.nan)
+    return _SplitThresholds(test_mask, cls_cut, crc_cut, cls_ncal, set_thr, test_pop, n_test_pop, inv_pop)
+
+
+def _calibrate_sets_on_split(
+    st: SetStatistics,
+    cal: np.ndarray,
+    test: np.ndarray,
+    s: int,
+    config: EvaluationConfig,
+    by_mode: dict[str, dict[str, np.ndarray]],
+) -> None:
+    """Confidence-set thresholds of split ``s`` for every mode and alpha, and their test coverages."""
+    cal_stats = st.subset(cal)
+    tau_test, gamma_test = st.tau[test], st.gamma[test]
+    for mode in config.set_modes:
+        arrays = by_mode[mode]
+        for a, alpha in enumerate(config.alphas):
+            calibration = calibrate_sets(cal_stats, alpha=alpha, mode=mode, warn=False)
+            arrays["inner_threshold"][s, a] = calibration.inner_threshold
+            arrays["outer_threshold"][s, a] = calibration.outer_threshold
+            inner_ok = tau_test <= calibration.inner_threshold
+            outer_ok = gamma_test <= -calibration.outer_threshold
+            arrays["inner_coverage"][s, a] = inner_ok.mean()
+            arrays["outer_coverage"][s, a] = outer_ok.mean()
+            arrays["joint_coverage"][s, a] = (inner_ok & outer_ok).mean()
+
+
+# ----------------------------------------------------------------------------- test FNRs from the summaries
+
+
+@dataclass
+class _TestFnrs:
+    """Sums over each split's test population of the FNR and of ``FNR <= epsilon``, exactly."""
+
+    cls_fnr_sum: np.ndarray  # (S, E, A)
+    cls_ok_sum: np.ndarray  # (S, E, A)
+    crc_fnr_sum: np.ndarray  # (S, E)
+    crc_ok_sum: np.ndarray  # (S, E)
+    cls_main_fnr: np.ndarray  # (S, n), NaN where the case is not a test case of the population
+    base_hits: np.ndarray  # (n,) lesion voxels of the 0.5 mask
+
+
+def _test_fnrs(stats: _CaseStatistics, split: _SplitThresholds, config: EvaluationConfig) -> _TestFnrs:
+    """Test FNRs of every split, counted on the summaries (one ``searchsorted`` per case)."""
+    S, E, A, n = config.splits, len(config.epsilons), len(config.alphas), stats.n
+    e_main, a_main = config.main_epsilon_index, config.main_alpha_index
+    out = _TestFnrs(
+        np.zeros((S, E, A)),
+        np.zeros((S, E, A)),
+        np.zeros((S, E)),
+        np.zeros((S, E)),
+        np.full((S, n), np.nan),
+        np.zeros(n, dtype=np.int64),
+    )
+    summaries, offsets, sizes = stats.summaries, stats.summaries.offsets, stats.sizes
+    for i in range(n):
+        run = summaries.values[offsets[i] : offsets[i + 1]]
+        m = int(sizes[i])
+        out.base_hits[i] = int(lesion_hits(run, [BASELINE_CUTOFF])[0])
+        s_idx = np.flatnonzero(split.test_pop[:, i])
+        if s_idx.size == 0:
+            continue
+        miss_cls = m - lesion_hits(run, split.cls_cut[s_idx])  # (S_i, E, A)
+        miss_crc = m - lesion_hits(run, split.crc_cut[s_idx])  # (S_i, E)
+        fnr_cls = fnr(miss_cls, m)
+        out.cls_fnr_sum[s_idx] += fnr_cls
+        out.crc_fnr_sum[s_idx] += fnr(miss_crc, m)
+        for e, eps in enumerate(config.epsilons):
+            out.cls_ok_sum[s_idx, e, :] += fnr_within(miss_cls[:, e, :], m, eps)
+            out.crc_ok_sum[s_idx, e] += fnr_within(miss_crc[:, e], m, eps)
+        out.cls_main_fnr[s_idx, i] = fnr_cls[:, e_main, a_main]
+    return out
+
+
+# ----------------------------------------------------------------------------- pass 2: mask sizes (and HD95)
+
+
+@dataclass
+class _MaskSizes:
+    """Sums over each split's test cases of PC and Dice, the main setting's HD95, the set sizes."""
+
+    cls_pc_sum: np.ndarray  # (S, E, A)
+    cls_dice_sum: np.ndarray  # (S, E, A)
+    crc_pc_sum: np.ndarray  # (S, E)
+    crc_dice_sum: np.ndarray  # (S, E)
+    cls_main_hd: np.ndarray  # (S, n)
+    set_sums: SetArrays  # inner/outer voxels and mL, (S, A)
+
+
+def _pass2_sizes(
+    source: CaseSource,
+    stats: _CaseStatistics,
+    split: _SplitThresholds,
+    config: EvaluationConfig,
+    score_transforms: list[ScoreTransform],
+    progress: ProgressCallback | None,
+) -> _MaskSizes:
+    """Read the cases again and count each one's voxels at every cutoff / threshold it meets as a test case."""
+    S, E, A, n = config.splits, len(config.epsilons), len(config.alphas), stats.n
+    sizes = _MaskSizes(
+        np.zeros((S, E, A)),
+        np.zeros((S, E, A)),
+        np.zeros((S, E)),
+        np.zeros((S, E)),
+        np.full((S, n), np.nan),
+        {
+            name: {
+                mode: {k: np.zeros((S, A)) for k in ("inner_voxels", "outer_voxels", "inner_ml", "outer_ml")}
+                for mode in config.set_modes
+            }
+            for name in stats.set_stats
+        },
+    )
+    if not (bool(stats.set_stats) or bool(split.test_pop.any())):
+        return sizes
+    seen = 0
+    for i, case in enumerate(source):
+        seen = i + 1
+        if i >= n or case.case_id != stats.ids[i] or case.probability.size != stats.n_voxels[i]:
+            raise ConformalSegError(
+                f"the cases changed between the two passes over the data (case {case.case_id!r} at position {i})",
+                fix="pass a dataset that yields the same cases in the same order each time",
+            )
+        _lesion_mask_sizes(case, i, stats, split, config, sizes)
+        s_all = np.flatnonzero(split.test_mask[:, i])
+        if s_all.size and stats.set_stats:
+            _set_sizes(
+                case, s_all, float(stats.voxel_ml[i]), score_transforms, split.sets, config.set_modes, sizes.set_sums
+            )
+        del case
+        _report(progress, i + 1, n, "sizes")
+    if seen != n:
+        raise ConformalSegError(
+            f"the cases changed between the two passes over the data ({seen} case(s) the second time, {n} the first)",
+            fix="pass a dataset that yields the same cases in the same order each time",
+        )
+    return sizes
+
+
+def _lesion_mask_sizes(
+    case: EvalCase, i: int, stats: _CaseStatistics, split: _SplitThresholds, config: EvaluationConfig, sizes: _MaskSizes
+) -> None:
+    """Add case ``i``'s PC and Dice (and HD95 at the main setting) to the splits that test it."""
+    s_pop = np.flatnonzero(split.test_pop[:, i])
+    if not s_pop.size:
+        return
+    prob, m, n_voxels = case.probability, int(stats.sizes[i]), stats.n_voxels[i]
+    cuts_cls, cuts_crc = split.cls_cut[s_pop], split.crc_cut[s_pop]
+    counts = count_at_least(prob, np.concatenate([cuts_cls.ravel(), cuts_crc.ravel()]))
+    pred_cls = counts[: cuts_cls.size].reshape(cuts_cls.shape)
+    pred_crc = counts[cuts_cls.size :].reshape(cuts_crc.shape)
+    offsets = stats.summaries.offsets
+    run = stats.summaries.values[offsets[i] : offsets[i + 1]]
+    sizes.cls_pc_sum[s_pop] += pred_cls / n_voxels
+    sizes.crc_pc_sum[s_pop] += pred_crc / n_voxels
+    sizes.cls_dice_sum[s_pop] += dice(lesion_hits(run, cuts_cls), pred_cls, m)
+    sizes.crc_dice_sum[s_pop] += dice(lesion_hits(run, cuts_crc), pred_crc, m)
+    if config.hd95:
+        main_cuts = cuts_cls[:, config.main_epsilon_index, config.main_alpha_index]
+        distinct, inverse = np.unique(main_cuts, return_inverse=True)
+        values = np.array(
+            [hd95_metric(apply_threshold(prob, c), case.lesion, case.geometry.spacing_zyx) for c in distinct]
+        )
+        sizes.cls_main_hd[s_pop, i] = values[inverse.reshape(-1)]
+
+
+def _set_sizes(
+    case: EvalCase,
+    s_all: np.ndarray,
+    voxel_ml: float,
+    score_transforms: list[ScoreTransform],
+    set_thr: SetArrays,
+    set_modes: tuple[str, ...],
+    set_sums: SetArrays,
+) -> None:
+    """Add the case's inner / outer set sizes to the splits ``s_all`` that test it."""
+    for t in score_transforms:
+        scores = t(case.probability, case.geometry)
+        inner = np.stack([set_thr[t.name][mode]["inner_threshold"][s_all] for mode in set_modes])
+        outer = np.stack([set_thr[t.name][mode]["outer_threshold"][s_all] for mode in set_modes])
+        n_gt = count_greater(scores, inner)  # |T > lambda_in|   (M, S_i, A)
+        n_ge_outer = count_at_least(scores, outer)  # |T >= t_out|
+        del scores
+        # displayed inner set I & O: = I when lambda_in >= t_out, else = O
+        n_inner = np.where(inner >= outer, n_gt, n_ge_outer)
+        for k, mode in enumerate(set_modes):
+            sums = set_sums[t.name][mode]
+            sums["inner_voxels"][s_all] += n_inner[k]
+            sums["outer_voxels"][s_all] += n_ge_outer[k]
+            sums["inner_ml"][s_all] += n_inner[k] * voxel_ml
+            sums["outer_ml"][s_all] += n_ge_outer[k] * voxel_ml
+
+
+# ----------------------------------------------------------------------------- assembly
+
+
+def _assemble(
+    config: EvaluationConfig,
+    stats: _CaseStatistics,
+    split: _SplitThresholds,
+    fnrs: _TestFnrs,
+    sizes: _MaskSizes,
+    n_cal: int,
+    n_test: int,
+) -> EvaluationResult:
+    """Per-split means of every metric, in the arrays of :class:`EvaluationResult`."""
+    S, E = config.splits, len(config.epsilons)
+    inv_pop, test_pop = split.inv_pop, split.test_pop
+    pop_f = test_pop.astype(np.float64)
+
+    def split_mean(per_case: np.ndarray) -> np.ndarray:
+        return (pop_f @ np.asarray(per_case, dtype=np.float64)) * inv_pop
+
+    base = _baseline_per_case(stats, fnrs.base_hits, config.epsilons)
+    cls = {
+        "cutoff": split.cls_cut,
+        "trivial": np.isneginf(split.cls_cut),
+        "n_cal": split.cls_ncal,
+        "n_test": split.n_test_pop,
+        "ecr": fnrs.cls_ok_sum * inv_pop[:, None, None],
+        "fnr": fnrs.cls_fnr_sum * inv_pop[:, None, None],
+        "pc": sizes.cls_pc_sum * inv_pop[:, None, None],
+        "dice": sizes.cls_dice_sum * inv_pop[:, None, None],
+    }
+    crc = {
+        "cutoff": split.crc_cut,
+        "trivial": np.isneginf(split.crc_cut),
+        "ecr": fnrs.crc_ok_sum * inv_pop[:, None],
+        "fnr": fnrs.crc_fnr_sum * inv_pop[:, None],
+        "pc": sizes.crc_pc_sum * inv_pop[:, None],
+        "dice": sizes.crc_dice_sum * inv_pop[:, None],
+    }
+    baseline = {
+        "ecr": np.stack([split_mean(base["ok"][e]) for e in range(E)], axis=1),
+        "fnr": split_mean(base["fnr"]),
+        "pc": split_mean(base["pc"]),
+        "dice": split_mean(base["dice"]),
+        "inside": split_mean(base["inside"]),
+        "contains": split_mean(base["contains"]),
+    }
+    if config.hd95:
+        base_hd_split = np.where(test_pop, stats.base_hd[None, :], np.nan)
+        cls["hd95"], cls["hd95_excluded"] = _hd_split_means(sizes.cls_main_hd, test_pop)
+        baseline["hd95"], baseline["hd95_excluded"] = _hd_split_means(base_hd_split, test_pop)
+    else:
+        for d in (cls, baseline):
+            d["hd95"], d["hd95_excluded"] = np.full(S, np.nan), np.zeros(S, dtype=np.int64)
+    sets = _set_results(stats, split, sizes, config.set_modes, n_test)
+    per_case = {
+        "baseline_fnr": np.where(stats.population, base["fnr"], np.nan),
+        "baseline_pc": base["pc"],
+        "baseline_dice": base["dice"],
+        "baseline_hd95": stats.base_hd,
+        "cls_main_fnr": fnrs.cls_main_fnr,
+        "cls_main_hd95": sizes.cls_main_hd,
+    }
+    return EvaluationResult(
+        config,
+        tuple(stats.ids),
+        stats.sizes.copy(),
+        stats.n_voxels,
+        stats.voxel_ml,
+        stats.population,
+        split.test_mask,
+        n_cal,
+        n_test,
+        cls,
+        crc,
+        baseline,
+        sets,
+        per_case,
+    )
+
+
+def _set_results(
+    stats: _CaseStatistics, split: _SplitThresholds, sizes: _MaskSizes, set_modes: tuple[str, ...], n_test: int
+) -> SetArrays:
+    """Per transform and mode: thresholds, coverages, trivial flags and mean sizes per split."""
+    sets: SetArrays = {}
+    for name in stats.set_stats:
+        sets[name] = {}
+        for mode in set_modes:
+            arrays = dict(split.sets[name][mode])
+            arrays["trivial"] = np.isposinf(arrays["inner_threshold"]) | np.isneginf(arrays["outer_threshold"])
+            for k, v in sizes.set_sums[name][mode].items():
+                arrays[k] = v / n_test
+            sets[name][mode] = arrays
+    return sets
+
+
+def _baseline_per_case(
+    stats: _CaseStatistics, base_hits: np.ndarray, epsilons: tuple[float, ...]
+) -> dict[str, np.ndarray]:
+    """The fixed 0.5 threshold per case: FNR, ``FNR <= epsilon`` (E, n), PC, Dice, inside / contains."""
+    sizes = stats.sizes
+    base_miss = sizes - base_hits
+    return {
+        "fnr": fnr(base_miss, sizes),
+        "ok": np.stack([fnr_within(base_miss, sizes, eps) for eps in epsilons]),
+        "pc": stats.base_pred / stats.n_voxels,
+        "dice": dice(base_hits, stats.base_pred, sizes),
+        "inside": stats.base_fp == 0,
+        "contains": base_miss == 0,
+    }
+
+
+def _hd_split_means(values: np.ndarray, test_pop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per split: mean HD95 over finite values of the test population, and how many were left out."""
+    finite = np.isfinite(values) & test_pop
+    excluded = (test_pop & ~finite).sum(axis=1)
+    counts = finite.sum(axis=1)
+    totals = np.where(finite, values, 0.0).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = np.where(counts > 0, totals / np.maximum(counts, 1), np.nan)
+    return means, excluded.astype(np.int64)
