@@ -108,3 +108,36 @@ def fnr_exceeds(misses: np.ndarray | int, lesion_size: np.ndarray | int, epsilon
     """Exact test of ``misses / lesion_size > epsilon`` (False where the lesion is empty: FNR := 0)."""
     m = np.asarray(lesion_size, dtype=np.int64)
     return np.asarray(misses, dtype=np.int64) > allowed_misses_array(np.atleast_1d(m), epsilon).reshape(m.shape)
+
+
+def check_detect_fraction(tau: float) -> Fraction:
+    """Validate a lesion detection fraction in ``(0, 1]``; return it as a fraction."""
+    try:
+        t = as_fraction(tau)
+    except (TypeError, ValueError) as exc:
+        raise ConformalSegError(f"the detection fraction must be a number, got {tau!r}") from exc
+    if not 0 < t <= 1:
+        raise ConformalSegError(f"the detection fraction must lie in (0, 1], got {tau}",
+                                fix="pass e.g. --detect-fraction 0.5 (half of a lesion's voxels in the mask)")
+    return t
+
+
+def detection_count(lesion_size: int, tau: float) -> int:
+    """``ceil(tau * m)``: how many of a lesion's ``m`` voxels a mask must hold to *detect* it (>= 1).
+
+    ``tau`` is read as the decimal typed (``0.29`` is exactly 29/100), so ``ceil`` is exact.
+    """
+    return max(1, ceil(check_detect_fraction(tau) * int(lesion_size)))
+
+
+def detection_counts(lesion_sizes: np.ndarray, tau: float) -> np.ndarray:
+    """Vectorised :func:`detection_count` (int64), exact: ``ceil(p m / q) = (p m + q - 1) // q``."""
+    t = check_detect_fraction(tau)
+    sizes = np.asarray(lesion_sizes, dtype=np.int64)
+    p, q = t.numerator, t.denominator
+    largest = int(sizes.max()) if sizes.size else 0
+    if p * largest + q < _INT64_SAFE:
+        counts = (sizes * np.int64(p) + np.int64(q - 1)) // np.int64(q)
+    else:
+        counts = np.array([-((-p * int(m)) // q) for m in sizes], dtype=np.int64)
+    return np.maximum(counts, 1)
