@@ -141,3 +141,51 @@ def detection_counts(lesion_sizes: np.ndarray, tau: float) -> np.ndarray:
     else:
         counts = np.array([-((-p * int(m)) // q) for m in sizes], dtype=np.int64)
     return np.maximum(counts, 1)
+
+
+def _binomial_tail_exact(n: int, p: Fraction, k: int) -> Fraction:
+    """``P(Binomial(n, p) >= k)`` in exact rational arithmetic."""
+    q = 1 - p
+    total = Fraction(0)
+    term = q ** n  # P(X = 0)
+    for j in range(n + 1):
+        if j >= k:
+            total += term
+        if j < n:
+            term = term * (n - j) / (j + 1) * p / q if q else Fraction(0)
+    return total if q else Fraction(int(k <= n))
+
+
+def pac_rank(n: int, alpha: float, delta: float) -> int:
+    """Calibration-conditional (PAC) rank: the smallest ``k`` in ``1..n`` with
+    ``BetaCDF_{k, n+1-k}(1 - alpha) <= delta``, or ``n + 1`` when none works (the trivial set).
+
+    The conditional coverage of the ``k``-th smallest of ``n`` exchangeable continuous scores (given
+    the calibration set) is Beta(k, n + 1 - k) distributed, so with this ``k``
+    ``P(coverage >= 1 - alpha) >= 1 - delta`` over the calibration draw (ties only raise the coverage).
+    ``BetaCDF_{k,n+1-k}(x) = P(Binomial(n, x) >= k)`` falls strictly as ``k`` rises, so the smallest
+    ``k`` is found by bisection on the integers (an exact answer, not an approximation): each test is
+    scipy's binomial tail, decided in exact rational arithmetic (``alpha`` and ``delta`` as typed)
+    whenever scipy's value is within 1e-9 of ``delta``.
+    """
+    from scipy.stats import binom
+
+    if n < 0:
+        raise ValueError("n must be non-negative")
+    x = 1 - check_alpha(alpha)
+    d = check_alpha(delta, "delta")
+
+    def works(k: int) -> bool:
+        approx = float(binom.sf(k - 1, n, float(x)))  # P(Bin(n, x) >= k)
+        if abs(approx - float(d)) <= 1e-9:
+            return _binomial_tail_exact(n, x, k) <= d
+        return approx <= float(d)
+
+    lo, hi = 1, n + 1  # invariant: the answer lies in [lo, hi]; hi = n + 1 means none works
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if works(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
