@@ -110,3 +110,84 @@ def fnr_exceeds(misses: np.ndarray | int, lesion_size: np.ndarray | int, epsilon
     """Exact test of ``misses / lesion_size > epsilon`` (False where the lesion is empty: FNR := 0)."""
     m = np.asarray(lesion_size, dtype=np.int64)
     return np.asarray(misses, dtype=np.int64) > allowed_misses_array(np.atleast_1d(m), epsilon).reshape(m.shape)
+
+
+def check_detect_fraction(tau: float) -> Fraction:
+    """Validate a lesion detection fraction in ``(0, 1]``; return it as a fraction."""
+    try:
+        t = as_fraction(tau)
+    except (TypeError, ValueError) as exc:
+        raise ConformalSegError(f"the detection fraction must be a number, got {tau!r}") from exc
+    if not 0 < t <= 1:
+        raise ConformalSegError(f"the detection fraction must lie in (0, 1], got {tau}",
+                                fix="pass e.g. --detect-fraction 0.5 (half of a lesion's voxels in the mask)")
+    return t
+
+
+def detection_count(lesion_size: int, tau: float) -> int:
+    """``ceil(tau * m)``: how many of a lesion's ``m`` voxels a mask must hold to *detect* it (>= 1).
+
+    ``tau`` is read as the decimal typed (``0.29`` is exactly 29/100), so ``ceil`` is exact.
+    """
+    return max(1, ceil(check_detect_fraction(tau) * int(lesion_size)))
+
+
+def detection_counts(lesion_sizes: np.ndarray, tau: float) -> np.ndarray:
+    """Vectorised :func:`detection_count` (int64), exact: ``ceil(p m / q) = (p m + q - 1) // q``."""
+    t = check_detect_fraction(tau)
+    sizes = np.asarray(lesion_sizes, dtype=np.int64)
+    p, q = t.numerator, t.denominator
+    largest = int(sizes.max()) if sizes.size else 0
+    if p * largest + q < _INT64_SAFE:
+        counts = (sizes * np.int64(p) + np.int64(q - 1)) // np.int64(q)
+    else:
+        counts = np.array([-((-p * int(m)) // q) for m in sizes], dtype=np.int64)
+    return np.maximum(counts, 1)
+
+
+def _binomial_tail_exact(n: int, p: Fraction, k: int) -> Fraction:
+    """``P(Binomial(n, p) >= k)`` in exact rational arithmetic."""
+    q = 1 - p
+    total = Fraction(0)
+    term = q ** n  # P(X = 0)
+    for j in range(n + 1):
+        if j >= k:
+            total += term
+        if j < n:
+            term = term * (n - j) / (j + 1) * p / q if q else Fraction(0)
+    return total if q else Fraction(int(k <= n))
+
+
+def pac_rank(n: int, alpha: float, delta: float) -> int:
+    """Calibration-conditional (PAC) rank: the smallest ``k`` in ``1..n`` with
+    ``BetaCDF_{k, n+1-k}(1 - alpha) <= delta``, or ``n + 1`` when none works (the trivial set).
+
+    The conditional coverage of the ``k``-th smallest of ``n`` exchangeable continuous scores (given
+    the calibration set) is Beta(k, n + 1 - k) distributed, so with this ``k``
+    ``P(coverage >= 1 - alpha) >= 1 - delta`` over the calibration draw (ties only raise the coverage).
+    ``BetaCDF_{k,n+1-k}(x) = P(Binomial(n, x) >= k)`` falls strictly as ``k`` rises, so the smallest
+    ``k`` is found by bisection on the integers (an exact answer, not an approximation): each test is
+    scipy's binomial tail, decided in exact rational arithmetic (``alpha`` and ``delta`` as typed)
+    whenever scipy's value is within 1e-9 of ``delta``.
+    """
+    from scipy.stats import binom
+
+    if n < 0:
+        raise ValueError("n must be non-negative")
+    x = 1 - check_alpha(alpha)
+    d = check_alpha(delta, "delta")
+
+    def works(k: int) -> bool:
+        approx = float(binom.sf(k - 1, n, float(x)))  # P(Bin(n, x) >= k)
+        if abs(approx - float(d)) <= 1e-9:
+            return _binomial_tail_exact(n, x, k) <= d
+        return approx <= float(d)
+
+    lo, hi = 1, n + 1  # invariant: the answer lies in [lo, hi]; hi = n + 1 means none works
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if works(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
