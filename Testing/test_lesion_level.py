@@ -24,8 +24,14 @@ from scipy.stats import binom
 from ConformalSegLib.common.errors import CalibrationSetTooSmallWarning, ConformalSegError
 from ConformalSegLib.conformal.cls import critical_cutoffs
 from ConformalSegLib.conformal.exact import conformal_rank, detection_count, detection_counts
-from ConformalSegLib.conformal.lesion_level import (LesionLevelBuilder, calibrate_lesion, detection_thresholds,
-                                                    missed_lesions, scan_critical, scan_scores)
+from ConformalSegLib.conformal.lesion_level import (
+    LesionLevelBuilder,
+    calibrate_lesion,
+    detection_thresholds,
+    missed_lesions,
+    scan_critical,
+    scan_scores,
+)
 from ConformalSegLib.conformal.summaries import SummaryBuilder
 
 LEVEL = 0.001
@@ -36,7 +42,9 @@ S26 = np.ones((3, 3, 3), dtype=bool)
 # ----------------------------------------------------------------------------- brute force
 
 
-def brute_missed(probability: np.ndarray, lesion: np.ndarray, t: float, tau: float, min_voxels: int = 0) -> tuple[int, int]:
+def brute_missed(
+    probability: np.ndarray, lesion: np.ndarray, t: float, tau: float, min_voxels: int = 0
+) -> tuple[int, int]:
     """(missed lesions, counted lesions) of the mask probability >= t, by counting voxels per component."""
     labels, count = ndimage.label(lesion, structure=S26)
     missed = counted = 0
@@ -67,7 +75,9 @@ def test_detection_thresholds_and_criticals_brute_force(tau):
         probability, lesion = random_case(rng, levels=None if trial % 3 == 0 else 5)
         d, sizes = detection_thresholds(probability, lesion, detect_fraction=tau)
         assert np.all(np.diff(d) >= 0)
-        thresholds = np.concatenate([np.unique(probability), [0.0, 1.0, 1.5, -0.5], np.nextafter(np.unique(probability), 2)])
+        thresholds = np.concatenate(
+            [np.unique(probability), [0.0, 1.0, 1.5, -0.5], np.nextafter(np.unique(probability), 2)]
+        )
         for t in thresholds:
             missed, counted = brute_missed(probability, lesion, float(t), tau)
             assert counted == d.size
@@ -201,8 +211,9 @@ def test_lesion_level_validity(joint):
             probability, lesion = chain_scan(rng)
             builder.add_case(str(i), probability, lesion)
             voxels.add_case(str(i), probability, lesion)
-        cal = calibrate_lesion(builder.build(), eps, alpha, voxel_epsilon=ev if joint else None,
-                               voxel_summaries=voxels.build())
+        cal = calibrate_lesion(
+            builder.build(), eps, alpha, voxel_epsilon=ev if joint else None, voxel_summaries=voxels.build()
+        )
         probability, lesion = chain_scan(rng)
         t = cal.probability_threshold
         missed, counted = brute_missed(probability, lesion, t, 0.5)

@@ -9,24 +9,19 @@ import numpy as np
 import pytest
 
 from ConformalSegLib.common.errors import ConformalSegError
-from ConformalSegLib.evaluation.lesion_metrics import (
-    DetectionTally,
-    detection_need,
-    equivalent_radius_mm,
-    lesion_detection,
-    size_class,
-)
+from ConformalSegLib.conformal.exact import detection_count
+from ConformalSegLib.evaluation.lesion_metrics import DetectionTally, equivalent_radius_mm, lesion_detection, size_class
 
 
-def test_detection_need_is_exact():
-    assert detection_need(10, 0.5) == 5
-    assert detection_need(3, 0.5) == 2  # ceil(1.5)
-    assert detection_need(100, 0.29) == 29  # 0.29 * 100 = 28.999... in floating point
-    assert detection_need(7, 1.0) == 7
-    assert detection_need(1000, 1e-9) == 1  # any overlap
+def test_detection_count_is_exact():
+    assert detection_count(10, 0.5) == 5
+    assert detection_count(3, 0.5) == 2  # ceil(1.5)
+    assert detection_count(100, 0.29) == 29  # 0.29 * 100 = 28.999... in floating point
+    assert detection_count(7, 1.0) == 7
+    assert detection_count(1000, 1e-9) == 1  # any overlap
     for bad in (0.0, -0.1, 1.5):
         with pytest.raises(ConformalSegError, match=r"\(0, 1\]"):
-            detection_need(5, bad)
+            detection_count(5, bad)
 
 
 def test_lesions_touching_diagonally_are_one_lesion():

@@ -119,8 +119,10 @@ def check_detect_fraction(tau: float) -> Fraction:
     except (TypeError, ValueError) as exc:
         raise ConformalSegError(f"the detection fraction must be a number, got {tau!r}") from exc
     if not 0 < t <= 1:
-        raise ConformalSegError(f"the detection fraction must lie in (0, 1], got {tau}",
-                                fix="pass e.g. --detect-fraction 0.5 (half of a lesion's voxels in the mask)")
+        raise ConformalSegError(
+            f"the detection fraction must lie in (0, 1], got {tau}",
+            fix="pass e.g. --detect-fraction 0.5 (half of a lesion's voxels in the mask)",
+        )
     return t
 
 
@@ -142,14 +144,15 @@ def detection_counts(lesion_sizes: np.ndarray, tau: float) -> np.ndarray:
         counts = (sizes * np.int64(p) + np.int64(q - 1)) // np.int64(q)
     else:
         counts = np.array([-((-p * int(m)) // q) for m in sizes], dtype=np.int64)
-    return np.maximum(counts, 1)
+    result: np.ndarray = np.maximum(counts, 1)
+    return result
 
 
 def _binomial_tail_exact(n: int, p: Fraction, k: int) -> Fraction:
     """``P(Binomial(n, p) >= k)`` in exact rational arithmetic."""
     q = 1 - p
     total = Fraction(0)
-    term = q ** n  # P(X = 0)
+    term = q**n  # P(X = 0)
     for j in range(n + 1):
         if j >= k:
             total += term

@@ -57,17 +57,24 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import numpy as np
 from scipy import ndimage
 
 from ..common.errors import CalibrationSetTooSmallWarning, ConformalSegError
 from .cls import ThresholdCalibration, conformal_lower_cutoff, critical_cutoffs, too_small_message
-from .exact import (allowed_misses_array, as_fraction, check_alpha, check_detect_fraction, conformal_rank,
-                    detection_counts, min_calibration_size)
-from .summaries import LesionSummaries, _round_down_float32
+from .exact import (
+    allowed_misses_array,
+    as_fraction,
+    check_alpha,
+    check_detect_fraction,
+    conformal_rank,
+    detection_counts,
+    min_calibration_size,
+)
+from .summaries import LesionSummaries, round_down_float32
 
 METHOD = "lesion"
 DEFAULT_DETECT_FRACTION = 0.5
@@ -77,12 +84,16 @@ STRUCTURE_26 = np.ones((3, 3, 3), dtype=bool)
 def check_min_size(min_lesion_voxels: int = 0, min_lesion_mm3: float = 0.0) -> tuple[int, float]:
     """Validate the size filter: an integer ``>= 0`` and a finite number ``>= 0``."""
     if isinstance(min_lesion_voxels, bool) or int(min_lesion_voxels) != min_lesion_voxels or min_lesion_voxels < 0:
-        raise ConformalSegError(f"the minimum lesion size in voxels must be an integer >= 0, got {min_lesion_voxels!r}",
-                                fix="e.g. --min-lesion-voxels 10")
+        raise ConformalSegError(
+            f"the minimum lesion size in voxels must be an integer >= 0, got {min_lesion_voxels!r}",
+            fix="e.g. --min-lesion-voxels 10",
+        )
     mm3 = float(min_lesion_mm3)
     if not math.isfinite(mm3) or mm3 < 0:
-        raise ConformalSegError(f"the minimum lesion volume must be a number >= 0 mm^3, got {min_lesion_mm3!r}",
-                                fix="e.g. --min-lesion-mm3 30")
+        raise ConformalSegError(
+            f"the minimum lesion volume must be a number >= 0 mm^3, got {min_lesion_mm3!r}",
+            fix="e.g. --min-lesion-mm3 30",
+        )
     return int(min_lesion_voxels), mm3
 
 
@@ -92,16 +103,23 @@ def lesion_labels(lesion: np.ndarray) -> tuple[np.ndarray, int]:
     return labels.astype(np.int32, copy=False), int(count)
 
 
-def counted_sizes(sizes: np.ndarray, voxel_mm3: float, min_lesion_voxels: int = 0,
-                  min_lesion_mm3: float = 0.0) -> np.ndarray:
+def counted_sizes(
+    sizes: np.ndarray, voxel_mm3: float, min_lesion_voxels: int = 0, min_lesion_mm3: float = 0.0
+) -> np.ndarray:
     """Boolean: which lesions of ``sizes`` (voxels) are counted under the size filter."""
     sizes = np.asarray(sizes, dtype=np.int64)
     return (sizes >= int(min_lesion_voxels)) & (sizes * float(voxel_mm3) >= float(min_lesion_mm3))
 
 
-def detection_thresholds(probability: np.ndarray, lesion: np.ndarray, *, detect_fraction: float = DEFAULT_DETECT_FRACTION,
-                         voxel_mm3: float = 1.0, min_lesion_voxels: int = 0, min_lesion_mm3: float = 0.0
-                         ) -> tuple[np.ndarray, np.ndarray]:
+def detection_thresholds(
+    probability: np.ndarray,
+    lesion: np.ndarray,
+    *,
+    detect_fraction: float = DEFAULT_DETECT_FRACTION,
+    voxel_mm3: float = 1.0,
+    min_lesion_voxels: int = 0,
+    min_lesion_mm3: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray]:
     """``(d, sizes)``: detection threshold and size of every counted lesion, sorted by ``d`` ascending
     (ties by size). ``d`` keeps the map's dtype. O(V + V_lesion log V_lesion): one sort of the lesion
     voxels grouped by lesion."""
@@ -150,9 +168,13 @@ class LesionLevelSummaries:
     min_lesion_mm3: float = 0.0
 
     def __post_init__(self) -> None:
-        if len(self.offsets) != len(self.case_ids) + 1 or self.offsets[0] != 0 \
-                or self.offsets[-1] != len(self.values) or len(self.sizes) != len(self.values) \
-                or np.any(np.diff(self.offsets) < 0):
+        if (
+            len(self.offsets) != len(self.case_ids) + 1
+            or self.offsets[0] != 0
+            or self.offsets[-1] != len(self.values)
+            or len(self.sizes) != len(self.values)
+            or np.any(np.diff(self.offsets) < 0)
+        ):
             raise ValueError("inconsistent lesion-level summary offsets")
         if self.values.dtype != np.float32:
             raise ValueError(f"lesion-level summary values must be float32, got {self.values.dtype}")
@@ -168,7 +190,7 @@ class LesionLevelSummaries:
 
     def case(self, i: int) -> np.ndarray:
         """Ascending detection thresholds of scan ``i`` (float64)."""
-        return self.values[self.offsets[i]:self.offsets[i + 1]].astype(np.float64)
+        return self.values[self.offsets[i] : self.offsets[i + 1]].astype(np.float64)
 
     def critical_cutoffs(self, epsilon: float) -> np.ndarray:
         """``c_i`` of every scan, vectorised (``+inf`` where ``floor(epsilon L_i) >= L_i``, including ``L_i = 0``)."""
@@ -179,33 +201,58 @@ class LesionLevelSummaries:
         out[binding] = self.values[self.offsets[:-1][binding] + k[binding]].astype(np.float64)
         return out
 
-    def subset(self, indices: Sequence[int] | np.ndarray) -> "LesionLevelSummaries":
+    def subset(self, indices: Sequence[int] | np.ndarray) -> LesionLevelSummaries:
         idx = np.asarray(indices, dtype=np.int64)
         counts = self.lesion_counts[idx]
         offsets = np.zeros(idx.size + 1, dtype=np.int64)
         np.cumsum(counts, out=offsets[1:])
-        take = np.concatenate([np.arange(self.offsets[i], self.offsets[i + 1]) for i in idx]) if idx.size \
+        take = (
+            np.concatenate([np.arange(self.offsets[i], self.offsets[i + 1]) for i in idx])
+            if idx.size
             else np.zeros(0, dtype=np.int64)
-        return LesionLevelSummaries(self.values[take], self.sizes[take], offsets, tuple(self.case_ids[i] for i in idx),
-                                    self.detect_fraction, self.min_lesion_voxels, self.min_lesion_mm3)
+        )
+        return LesionLevelSummaries(
+            self.values[take],
+            self.sizes[take],
+            offsets,
+            tuple(self.case_ids[i] for i in idx),
+            self.detect_fraction,
+            self.min_lesion_voxels,
+            self.min_lesion_mm3,
+        )
 
     def to_arrays(self, prefix: str = "lesionlevel_") -> dict[str, np.ndarray]:
         """Arrays for a profile's ``.npz`` (see :meth:`from_arrays`)."""
         return {f"{prefix}values": self.values, f"{prefix}sizes": self.sizes, f"{prefix}offsets": self.offsets}
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray], case_ids: Sequence[str], *, detect_fraction: float,
-                    min_lesion_voxels: int, min_lesion_mm3: float, prefix: str = "lesionlevel_") -> "LesionLevelSummaries":
-        return cls(np.asarray(arrays[f"{prefix}values"]), np.asarray(arrays[f"{prefix}sizes"], dtype=np.int64),
-                   np.asarray(arrays[f"{prefix}offsets"], dtype=np.int64), tuple(case_ids), float(detect_fraction),
-                   int(min_lesion_voxels), float(min_lesion_mm3))
+    def from_arrays(
+        cls,
+        arrays: dict[str, np.ndarray],
+        case_ids: Sequence[str],
+        *,
+        detect_fraction: float,
+        min_lesion_voxels: int,
+        min_lesion_mm3: float,
+        prefix: str = "lesionlevel_",
+    ) -> LesionLevelSummaries:
+        return cls(
+            np.asarray(arrays[f"{prefix}values"]),
+            np.asarray(arrays[f"{prefix}sizes"], dtype=np.int64),
+            np.asarray(arrays[f"{prefix}offsets"], dtype=np.int64),
+            tuple(case_ids),
+            float(detect_fraction),
+            int(min_lesion_voxels),
+            float(min_lesion_mm3),
+        )
 
 
 class LesionLevelBuilder:
     """Accumulates :class:`LesionLevelSummaries` while scans are streamed (one scan in memory at a time)."""
 
-    def __init__(self, detect_fraction: float = DEFAULT_DETECT_FRACTION, min_lesion_voxels: int = 0,
-                 min_lesion_mm3: float = 0.0):
+    def __init__(
+        self, detect_fraction: float = DEFAULT_DETECT_FRACTION, min_lesion_voxels: int = 0, min_lesion_mm3: float = 0.0
+    ):
         check_detect_fraction(detect_fraction)
         self.min_lesion_voxels, self.min_lesion_mm3 = check_min_size(min_lesion_voxels, min_lesion_mm3)
         self.detect_fraction = float(detect_fraction)
@@ -214,20 +261,29 @@ class LesionLevelBuilder:
         self._ids: list[str] = []
 
     def add_case(self, case_id: str, probability: np.ndarray, lesion: np.ndarray, voxel_mm3: float = 1.0) -> None:
-        d, sizes = detection_thresholds(probability, lesion, detect_fraction=self.detect_fraction, voxel_mm3=voxel_mm3,
-                                        min_lesion_voxels=self.min_lesion_voxels, min_lesion_mm3=self.min_lesion_mm3)
+        d, sizes = detection_thresholds(
+            probability,
+            lesion,
+            detect_fraction=self.detect_fraction,
+            voxel_mm3=voxel_mm3,
+            min_lesion_voxels=self.min_lesion_voxels,
+            min_lesion_mm3=self.min_lesion_mm3,
+        )
         d = np.asarray(d)
-        self._values.append(_round_down_float32(d if d.dtype.kind == "f" else d.astype(np.float64)))
+        self._values.append(round_down_float32(d if d.dtype.kind == "f" else d.astype(np.float64)))
         self._sizes.append(sizes)
         self._ids.append(str(case_id))
 
     def build(self) -> LesionLevelSummaries:
         offsets = np.zeros(len(self._values) + 1, dtype=np.int64)
         np.cumsum([v.size for v in self._values], out=offsets[1:])
-        values = np.concatenate(self._values).astype(np.float32, copy=False) if self._values else np.zeros(0, np.float32)
+        values = (
+            np.concatenate(self._values).astype(np.float32, copy=False) if self._values else np.zeros(0, np.float32)
+        )
         sizes = np.concatenate(self._sizes).astype(np.int64, copy=False) if self._sizes else np.zeros(0, np.int64)
-        return LesionLevelSummaries(values, sizes, offsets, tuple(self._ids), self.detect_fraction,
-                                    self.min_lesion_voxels, self.min_lesion_mm3)
+        return LesionLevelSummaries(
+            values, sizes, offsets, tuple(self._ids), self.detect_fraction, self.min_lesion_voxels, self.min_lesion_mm3
+        )
 
 
 @dataclass(frozen=True)
@@ -248,8 +304,13 @@ class LesionLevelCalibration(ThresholdCalibration):
         return self.voxel_epsilon is not None
 
 
-def scan_scores(summaries: LesionLevelSummaries, epsilon: float, *, voxel_epsilon: float | None = None,
-                voxel_summaries: LesionSummaries | None = None) -> np.ndarray:
+def scan_scores(
+    summaries: LesionLevelSummaries,
+    epsilon: float,
+    *,
+    voxel_epsilon: float | None = None,
+    voxel_summaries: LesionSummaries | None = None,
+) -> np.ndarray:
     """Per-scan score: the lesion critical threshold, or ``min(lesion, voxel)`` critical when joint."""
     scores = summaries.critical_cutoffs(epsilon)
     if voxel_epsilon is None:
@@ -258,12 +319,19 @@ def scan_scores(summaries: LesionLevelSummaries, epsilon: float, *, voxel_epsilo
         raise ConformalSegError("the joint lesion + voxel guarantee needs the voxel summaries of the same scans")
     if tuple(voxel_summaries.case_ids) != tuple(summaries.case_ids):
         raise ConformalSegError("the voxel and lesion-level summaries are not of the same scans in the same order")
-    return np.minimum(scores, critical_cutoffs(voxel_summaries, voxel_epsilon))
+    joint: np.ndarray = np.minimum(scores, critical_cutoffs(voxel_summaries, voxel_epsilon))
+    return joint
 
 
-def calibrate_lesion(summaries: LesionLevelSummaries, epsilon: float, alpha: float, *,
-                     voxel_epsilon: float | None = None, voxel_summaries: LesionSummaries | None = None,
-                     warn: bool = True) -> LesionLevelCalibration:
+def calibrate_lesion(
+    summaries: LesionLevelSummaries,
+    epsilon: float,
+    alpha: float,
+    *,
+    voxel_epsilon: float | None = None,
+    voxel_summaries: LesionSummaries | None = None,
+    warn: bool = True,
+) -> LesionLevelCalibration:
     """Lesion-level (or joint lesion + voxel) calibration from summaries: exact, O(n) (see the module docstring)."""
     check_alpha(alpha)
     if not 0 <= as_fraction(epsilon) <= 1:
@@ -273,18 +341,32 @@ def calibrate_lesion(summaries: LesionLevelSummaries, epsilon: float, alpha: flo
     if n == 0:
         size = ""
         if summaries.min_lesion_voxels or summaries.min_lesion_mm3:
-            size = (f" of at least {summaries.min_lesion_voxels} voxels and {summaries.min_lesion_mm3:g} mm^3")
-        raise ConformalSegError(f"no calibration scan has a lesion{size}: lesion-level calibration needs scans with "
-                                "lesions", fix="check the lesion label value(s) (--lesion-label) and the size filter")
+            size = f" of at least {summaries.min_lesion_voxels} voxels and {summaries.min_lesion_mm3:g} mm^3"
+        raise ConformalSegError(
+            f"no calibration scan has a lesion{size}: lesion-level calibration needs scans with lesions",
+            fix="check the lesion label value(s) (--lesion-label) and the size filter",
+        )
     scores = scan_scores(summaries, epsilon, voxel_epsilon=voxel_epsilon, voxel_summaries=voxel_summaries)
     cutoff = conformal_lower_cutoff(scores[used], alpha)
     if warn and cutoff == float("-inf"):
-        warnings.warn(too_small_message("lesion-level", n, min_calibration_size(alpha), f"alpha={alpha}"),
-                      CalibrationSetTooSmallWarning, stacklevel=2)
-    return LesionLevelCalibration(METHOD, float(epsilon), float(alpha), n, summaries.n - n, cutoff,
-                                  conformal_rank(n, alpha), summaries.detect_fraction,
-                                  None if voxel_epsilon is None else float(voxel_epsilon),
-                                  summaries.min_lesion_voxels, summaries.min_lesion_mm3)
+        warnings.warn(
+            too_small_message("lesion-level", n, min_calibration_size(alpha), f"alpha={alpha}"),
+            CalibrationSetTooSmallWarning,
+            stacklevel=2,
+        )
+    return LesionLevelCalibration(
+        METHOD,
+        float(epsilon),
+        float(alpha),
+        n,
+        summaries.n - n,
+        cutoff,
+        conformal_rank(n, alpha),
+        summaries.detect_fraction,
+        None if voxel_epsilon is None else float(voxel_epsilon),
+        summaries.min_lesion_voxels,
+        summaries.min_lesion_mm3,
+    )
 
 
 def missed_lesions(d_ascending: np.ndarray, cutoffs: np.ndarray | Sequence[float]) -> np.ndarray:
@@ -293,9 +375,13 @@ def missed_lesions(d_ascending: np.ndarray, cutoffs: np.ndarray | Sequence[float
     return np.searchsorted(d, np.asarray(cutoffs, dtype=np.float64), side="left").astype(np.int64)
 
 
-def build_lesion_level(cases: Iterable[tuple[str, np.ndarray, np.ndarray, float]], *,
-                       detect_fraction: float = DEFAULT_DETECT_FRACTION, min_lesion_voxels: int = 0,
-                       min_lesion_mm3: float = 0.0) -> LesionLevelSummaries:
+def build_lesion_level(
+    cases: Iterable[tuple[str, np.ndarray, np.ndarray, float]],
+    *,
+    detect_fraction: float = DEFAULT_DETECT_FRACTION,
+    min_lesion_voxels: int = 0,
+    min_lesion_mm3: float = 0.0,
+) -> LesionLevelSummaries:
     """Summaries from ``(case_id, probability, lesion mask, voxel volume mm^3)`` tuples."""
     builder = LesionLevelBuilder(detect_fraction, min_lesion_voxels, min_lesion_mm3)
     for case_id, probability, lesion, voxel_mm3 in cases:

@@ -48,9 +48,9 @@ each slider step then only reads ``c_hat`` at the chosen stop.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -86,12 +86,14 @@ def band_scores(criticals: np.ndarray) -> np.ndarray:
     if criticals.shape[0] == 0:
         return np.zeros(0, dtype=np.int64)
     ranks = np.stack([descending_ranks(criticals[:, e]) for e in range(criticals.shape[1])], axis=1)
-    return ranks.max(axis=1).astype(np.int64)
+    scores: np.ndarray = ranks.max(axis=1).astype(np.int64)
+    return scores
 
 
 @dataclass(frozen=True)
 class SimultaneousBand:
-    """Slider-safe thresholds: ``threshold(eps)`` for every ``eps`` of ``grid`` (one event, see the module docstring)."""
+    """Slider-safe thresholds: ``threshold(eps)`` for every ``eps`` of ``grid`` (one event; see the module
+    docstring)."""
 
     grid: tuple[float, ...]
     thresholds: tuple[float, ...]  #: c_hat at each grid epsilon (-inf: the whole image)
@@ -110,12 +112,20 @@ class SimultaneousBand:
         for e, t in zip(self.grid, self.thresholds):
             if as_fraction(e) == target:
                 return t
-        raise ConformalSegError(f"epsilon {epsilon} is not on the slider-safe grid",
-                                fix="use a grid epsilon, or the per-(epsilon, alpha) mode for other values")
+        raise ConformalSegError(
+            f"epsilon {epsilon} is not on the slider-safe grid",
+            fix="use a grid epsilon, or the per-(epsilon, alpha) mode for other values",
+        )
 
 
-def simultaneous_band(critical_curve: Callable[[float], np.ndarray], used: np.ndarray, alpha: float,
-                      grid: Sequence[float] = DEFAULT_GRID, *, warn: bool = True) -> SimultaneousBand:
+def simultaneous_band(
+    critical_curve: Callable[[float], np.ndarray],
+    used: np.ndarray,
+    alpha: float,
+    grid: Sequence[float] = DEFAULT_GRID,
+    *,
+    warn: bool = True,
+) -> SimultaneousBand:
     """The slider-safe band from ``critical_curve(eps)`` (each scan's critical cutoff at ``eps``; the
     scans where ``used`` is True are the calibration set)."""
     check_alpha(alpha)
@@ -124,8 +134,10 @@ def simultaneous_band(critical_curve: Callable[[float], np.ndarray], used: np.nd
     criticals = np.stack([np.asarray(critical_curve(e), dtype=np.float64)[used] for e in grid], axis=1)
     n = criticals.shape[0]
     if n == 0:
-        raise ConformalSegError("no calibration scan with a lesion: the slider-safe band needs scans with lesions",
-                                fix="check the lesion label value(s) (--lesion-label)")
+        raise ConformalSegError(
+            "no calibration scan with a lesion: the slider-safe band needs scans with lesions",
+            fix="check the lesion label value(s) (--lesion-label)",
+        )
     q = conformal_rank(n, alpha)
     if q > n:
         level = n + 1
@@ -136,9 +148,13 @@ def simultaneous_band(critical_curve: Callable[[float], np.ndarray], used: np.nd
         thresholds = tuple(float("-inf") for _ in grid)
         if warn:
             needed = min_calibration_size(alpha)
-            warnings.warn(f"slider-safe band: {n} calibration scan(s) give no finite band for alpha={alpha} "
-                          f"(a fixed epsilon needs at least {needed}; the band needs more when the scans' curves "
-                          "cross). The mask is the whole image.", CalibrationSetTooSmallWarning, stacklevel=2)
+            warnings.warn(
+                f"slider-safe band: {n} calibration scan(s) give no finite band for alpha={alpha} "
+                f"(a fixed epsilon needs at least {needed}; the band needs more when the scans' curves "
+                "cross). The mask is the whole image.",
+                CalibrationSetTooSmallWarning,
+                stacklevel=2,
+            )
     else:
         # the level-th largest of each column
         thresholds = tuple(float(v) for v in np.partition(criticals, n - level, axis=0)[n - level])

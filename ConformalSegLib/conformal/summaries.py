@@ -30,7 +30,7 @@ PRECISIONS = ("float32", "uint16")
 _UINT16_SCALE = 65535.0
 
 
-def _round_down_float32(values: np.ndarray) -> np.ndarray:
+def round_down_float32(values: np.ndarray) -> np.ndarray:
     """Convert to float32 rounding towards -inf, so that the result never exceeds the input."""
     as32 = values.astype(np.float32)
     if values.dtype == np.float32:
@@ -205,7 +205,7 @@ class SummaryBuilder:
         values = np.asarray(values)
         if values.dtype.kind != "f":
             values = values.astype(np.float64)
-        encoded = _quantize_uint16(values) if self.precision == "uint16" else _round_down_float32(values)
+        encoded = _quantize_uint16(values) if self.precision == "uint16" else round_down_float32(values)
         self._parts.append(encoded)
         self._ids.append(str(case_id))
 

@@ -5,9 +5,9 @@ Definitions (used by the trainer's held-out report, the model benchmarks and the
 * **Lesions** are the 26-connected components of the true lesion mask (``scipy.ndimage.label`` with
   the full 3x3x3 structure), so two lesions touching at a corner are one lesion.
 * A true lesion is **detected** by a predicted mask when at least ``ceil(tau * size)`` of its voxels are
-  in the mask (``tau`` = ``detect_fraction``; ``tau`` is read as the decimal typed and the ceiling is
-  exact, see :func:`detection_need`). ``tau`` must lie in ``(0, 1]``; a very small ``tau`` makes one
-  voxel enough.
+  in the mask (``tau`` = ``detect_fraction`` in ``(0, 1]``, read as the decimal typed, the ceiling exact:
+  :func:`ConformalSegLib.conformal.exact.detection_count`, the rule of the lesion-level guarantee of
+  :mod:`ConformalSegLib.conformal.lesion_level`); a very small ``tau`` makes one voxel enough.
 * A predicted component (26-connected) is a **false-positive component** when it shares no voxel with
   any true lesion. ``false_positive_ml`` is its volume in mL.
 * A lesion's **size class** is given by its *equivalent radius* ``r = (3 V / (4 pi))^(1/3)`` in mm, with
@@ -21,12 +21,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from fractions import Fraction
 
 import numpy as np
-from scipy import ndimage
 
 from ..common.errors import ConformalSegError
+from ..conformal.exact import detection_counts
+from ..conformal.lesion_level import lesion_labels
 
 #: ``(name, lo_mm, hi_mm)``: equivalent-radius classes ``[lo, hi)`` (see the module docstring).
 SIZE_CLASSES: tuple[tuple[str, float, float], ...] = (
@@ -34,19 +34,6 @@ SIZE_CLASSES: tuple[tuple[str, float, float], ...] = (
     ("5-10 mm", 5.0, 10.0),
     ("10-20 mm", 10.0, math.inf),
 )
-
-_STRUCTURE_26 = np.ones((3, 3, 3), dtype=bool)
-
-
-def detection_need(size: int, detect_fraction: float) -> int:
-    """``ceil(tau * size)``, exact (``tau`` read as the shortest decimal of the float), at least 1."""
-    tau = Fraction(repr(float(detect_fraction)))
-    if not 0 < tau <= 1:
-        raise ConformalSegError(
-            f"the detection fraction must lie in (0, 1], got {detect_fraction}",
-            fix="pass e.g. 0.5 (half of a lesion's voxels) or 0.01 (almost any overlap)",
-        )
-    return max(1, math.ceil(tau * int(size)))
 
 
 def equivalent_radius_mm(voxels: int | np.ndarray, voxel_mm3: float) -> np.ndarray:
@@ -104,16 +91,15 @@ def lesion_detection(
             fix="compare masks on the same voxel grid",
         )
     voxel_mm3 = float(np.prod(np.asarray(spacing_zyx, dtype=np.float64)))
-    true_labels, n_true = ndimage.label(truth, structure=_STRUCTURE_26)
+    true_labels, n_true = lesion_labels(truth)
     if n_true:
         sizes = np.bincount(true_labels.ravel(), minlength=n_true + 1)[1:]
         hits = np.bincount(true_labels[prediction], minlength=n_true + 1)[1:]
-        need = np.array([detection_need(int(s), detect_fraction) for s in sizes])
-        detected = hits >= need
+        detected = hits >= detection_counts(sizes, detect_fraction)
     else:
         sizes = hits = np.zeros(0, dtype=np.int64)
         detected = np.zeros(0, dtype=bool)
-    pred_labels, n_pred = ndimage.label(prediction, structure=_STRUCTURE_26)
+    pred_labels, n_pred = lesion_labels(prediction)
     if n_pred:
         touching = np.zeros(n_pred + 1, dtype=bool)
         touching[np.unique(pred_labels[truth & prediction])] = True
