@@ -407,3 +407,59 @@ def test_transform_auto_uses_separate_learning_data(tmp_path, data, capsys):
         capsys,
     )
     assert code == 2 and "--learning-data" in err
+
+
+def test_lesion_level_calibrate_and_apply(tmp_path, data, capsys):
+    profile = tmp_path / "lesion.json"
+    code, out, _ = run(
+        [
+            "calibrate",
+            "--method",
+            "lesion",
+            "--data",
+            data,
+            "--lesion-label",
+            2,
+            "--epsilon",
+            0.5,
+            "--alpha",
+            0.2,
+            "--voxel-epsilon",
+            0.3,
+            "--out",
+            profile,
+        ],  # fmt: skip
+        capsys,
+    )
+    assert code == 0 and "of the lesions of a new scan are missed" in out and "30% of its lesion voxels" in out
+    loaded = load_profile(profile)
+    assert loaded.method == "lesion" and loaded.calibration.voxel_epsilon == 0.3
+    out_dir = tmp_path / "applied"
+    code, out, _ = run(
+        [
+            "apply",
+            "--profile",
+            profile,
+            "--prob",
+            data / "probs" / "synth_000.nii.gz",
+            "--no-voxel-epsilon",
+            "--alpha",
+            0.3,
+            "--out",
+            out_dir,
+        ],  # fmt: skip
+        capsys,
+    )
+    assert code == 0 and "lesion voxels" not in out.splitlines()[0]
+    summary = json.loads((out_dir / "apply.json").read_text())
+    assert summary["method"] == "lesion" and summary["voxel_epsilon"] is None and summary["alpha"] == 0.3
+    assert "Lesion (lesion-level)" in summary["voxels"]
+    cls_profile = tmp_path / "cls.json"
+    run(["calibrate", "--method", "cls", "--data", data, "--lesion-label", 2, "--epsilon", 0.1, "--alpha", 0.2,
+         "--out", cls_profile], capsys)  # fmt: skip
+    code, _, err = run(
+        ["apply", "--profile", cls_profile, "--prob", data / "probs" / "synth_000.nii.gz", "--voxel-epsilon", 0.1,
+         "--out", tmp_path / "x"],  # fmt: skip
+        capsys,
+    )
+    assert code == 2 and "lesion-level profiles only" in err and not (tmp_path / "x").exists()

@@ -34,6 +34,8 @@ def _profile(cases, **kw):
         dict(method="sets", alpha=0.2),
         dict(method="sets", alpha=0.2, joint="split", inner_transform="identity", outer_transform="distance"),
         dict(method="sets", alpha=0.2, joint="max", inner_transform="gaussian:2"),
+        dict(method="lesion", epsilon=0.5, alpha=0.2),
+        dict(method="lesion", epsilon=0.34, alpha=0.2, voxel_epsilon=0.2, detect_fraction=0.3, min_lesion_voxels=5),
     ],
 )
 def test_round_trip_keeps_thresholds_and_recalibrates(tmp_path, cases, kw):
@@ -47,7 +49,7 @@ def test_round_trip_keeps_thresholds_and_recalibrates(tmp_path, cases, kw):
     doc = json.loads(json_path.read_text())
     for key in ("method", "epsilon", "alpha", "n", "guarantee", "provenance"):
         assert key in doc
-    if kw["method"] in ("cls", "crc"):
+    if kw["method"] in ("cls", "crc", "lesion"):
         assert "probability_threshold" in doc
     else:
         assert {"inner_threshold", "outer_threshold", "transform"} <= doc.keys()
@@ -151,3 +153,37 @@ def test_guarantee_sentences(cases):
     assert percent(0.025) == "2.5%" and percent(0.1) == "10%" and percent(1 - 0.9) == "10%"
     sets = calibrate(cases, CalibrationRequest("sets", alpha=0.2, joint="split")).calibration
     assert "both at once" in guarantee_sentence(sets) and "0.1 + 0.1" in guarantee_sentence(sets)
+
+
+def test_lesion_profile_recalibrates_like_a_fresh_calibration(tmp_path, cases):
+    """Any new (epsilon, alpha, voxel epsilon) from the stored summaries equals calibrating on the volumes."""
+    profile = _profile(cases, method="lesion", epsilon=0.5, alpha=0.2, detect_fraction=0.5)
+    loaded = load_profile(profile.save(tmp_path / "l.json")[0])
+    assert loaded.lesion_level is not None and loaded.lesion_level.n == len(cases)
+    for eps, alpha, ev in ((0.0, 0.2, None), (0.34, 0.3, 0.1), (1.0, 0.1, 0.05)):
+        fresh = _profile(cases, method="lesion", epsilon=eps, alpha=alpha, voxel_epsilon=ev)
+        again = loaded.recalibrate(epsilon=eps, alpha=alpha, voxel_epsilon=ev)
+        assert again.calibration == fresh.calibration
+    joint = loaded.recalibrate(voxel_epsilon=0.1)
+    assert joint.calibration.voxel_epsilon == 0.1
+    assert joint.recalibrate(alpha=0.3).calibration.voxel_epsilon == 0.1  # kept unless changed
+    assert joint.recalibrate(voxel_epsilon=None).calibration.voxel_epsilon is None
+    masks = loaded.masks(cases[0].probability, cases[0].geometry)
+    assert list(masks) == ["Lesion (lesion-level)"]
+    # a hand edit of the threshold is refused
+    doc = json.loads((tmp_path / "l.json").read_text())
+    doc["probability_threshold"] = 0.99
+    (tmp_path / "l.json").write_text(json.dumps(doc))
+    with pytest.raises(ConformalSegError, match="edited by hand"):
+        load_profile(tmp_path / "l.json")
+
+
+def test_lesion_request_validation():
+    with pytest.raises(ConformalSegError, match="needs --epsilon .*missed-lesion"):
+        CalibrationRequest(method="lesion", alpha=0.1)
+    with pytest.raises(ConformalSegError, match="needs --alpha"):
+        CalibrationRequest(method="lesion", epsilon=0.1)
+    with pytest.raises(ConformalSegError, match=r"\(0, 1\]"):
+        CalibrationRequest(method="lesion", epsilon=0.1, alpha=0.1, detect_fraction=1.5)
+    with pytest.raises(ConformalSegError, match="scans with a lesion only"):
+        CalibrationRequest(method="lesion", epsilon=0.1, alpha=0.1, empty="include")

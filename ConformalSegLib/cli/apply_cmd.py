@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..common.errors import ConformalSegError
 from ..conformal.cls import apply_threshold
-from ..conformal.profile import load_profile
+from ..conformal.profile import UNCHANGED, CalibrationProfile, Unchanged, load_profile
 from ..io.atomic import atomic_write_text, check_can_write
 from ..io.segmentation import LESION_THRESHOLD, write_masks_nifti, write_seg_nrrd
 from ..io.volumes import Volume, load_image, load_probability_map, save_volume
@@ -39,7 +39,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_cascade_argument(p)
     add_interval_apply_arguments(p)
     p.add_argument("--channel", type=int, default=None, help="channel of a multi-channel probability map")
-    p.add_argument("--epsilon", type=float, help="recalibrate for this FNR tolerance")
+    p.add_argument("--epsilon", type=float, help="recalibrate for this FNR (lesion: missed-lesion) tolerance")
+    p.add_argument(
+        "--voxel-epsilon",
+        type=float,
+        default=None,
+        help="lesion profiles: recalibrate jointly with this voxel-FNR tolerance",
+    )
+    p.add_argument(
+        "--no-voxel-epsilon", action="store_true", help="lesion profiles: recalibrate without the voxel-FNR part"
+    )
     p.add_argument("--alpha", type=float, help="recalibrate for this risk level")
     p.add_argument("--alpha-inner", type=float, help="sets: recalibrate the inner level")
     p.add_argument("--alpha-outer", type=float, help="sets: recalibrate the outer level")
@@ -57,10 +66,7 @@ def run(args: argparse.Namespace) -> int:
     if args.prob is None and args.image is None:
         raise ConformalSegError("no scan given", fix="pass --prob PROBABILITY_MAP (or --image SCAN --model CARD)")
     profile = load_profile(args.profile)
-    if any(v is not None for v in (args.epsilon, args.alpha, args.alpha_inner, args.alpha_outer)):
-        profile = profile.recalibrate(
-            epsilon=args.epsilon, alpha=args.alpha, alpha_inner=args.alpha_inner, alpha_outer=args.alpha_outer
-        )
+    profile = _recalibrated(args, profile)
     if args.image is not None:
         volume = _predict(args, profile)
     else:
@@ -87,7 +93,31 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _predict(args: argparse.Namespace, profile) -> Volume:  # noqa: ANN001
+def _recalibrated(args: argparse.Namespace, profile: CalibrationProfile) -> CalibrationProfile:
+    """The profile recalibrated for the parameters given on the command line (as it is without any)."""
+    voxel: float | None | Unchanged = UNCHANGED
+    if args.voxel_epsilon is not None or args.no_voxel_epsilon:
+        if profile.method != "lesion":
+            raise ConformalSegError(
+                "--voxel-epsilon and --no-voxel-epsilon apply to lesion-level profiles only",
+                path=args.profile,
+                fix="leave them out, or calibrate with --method lesion",
+            )
+        if args.voxel_epsilon is not None and args.no_voxel_epsilon:
+            raise ConformalSegError("give --voxel-epsilon or --no-voxel-epsilon, not both")
+        voxel = None if args.no_voxel_epsilon else args.voxel_epsilon
+    if all(v is None for v in (args.epsilon, args.alpha, args.alpha_inner, args.alpha_outer)) and voxel is UNCHANGED:
+        return profile
+    return profile.recalibrate(
+        epsilon=args.epsilon,
+        alpha=args.alpha,
+        alpha_inner=args.alpha_inner,
+        alpha_outer=args.alpha_outer,
+        voxel_epsilon=voxel,
+    )
+
+
+def _predict(args: argparse.Namespace, profile: CalibrationProfile) -> Volume:
     """Run the profile's inference pipeline on ``--image``; write ``OUT/probability.nii.gz``."""
     if args.model is None and args.cascade is None:
         raise ConformalSegError(

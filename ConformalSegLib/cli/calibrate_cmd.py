@@ -8,6 +8,7 @@ from pathlib import Path
 from ..common.errors import ConformalSegError
 from ..conformal.calibration import CalibrationRequest, calibrate
 from ..conformal.confidence_sets import select_transforms
+from ..conformal.lesion_level import DEFAULT_DETECT_FRACTION
 from ..conformal.score_transforms import DEFAULT_CANDIDATES
 from ..io.atomic import check_can_write
 from ..io.checksums import sha256_file
@@ -20,7 +21,7 @@ from .model_options import add_model_options, open_model_dataset
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "calibrate",
-        help="calibrate CLS, expected-FNR control or confidence sets on a dataset",
+        help="calibrate CLS, expected-FNR control, lesion-level control or confidence sets on a dataset",
         description="Calibrate on cases in --probs/--labels (matched by case id) and write a profile "
         "(JSON + .npz of summaries) that `apply` uses and can recalibrate from.",
     )
@@ -51,14 +52,16 @@ def add_data_options(p: argparse.ArgumentParser) -> None:
 def add_method_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--method",
-        choices=("cls", "crc", "sets", *INTERVAL_METHODS),
+        choices=("cls", "crc", "lesion", "sets", *INTERVAL_METHODS),
         required=True,
-        help="cls: P(FNR <= epsilon) >= 1 - alpha; crc: E[FNR] <= epsilon; sets: inner/outer confidence sets; "
-        "crc-interval, k-crc, sem-crc, sem-crc-organ: risk control of voxel intervals (--lower/--upper/"
-        "--truth/--organs)",
+        help="cls: P(FNR <= epsilon) >= 1 - alpha; crc: E[FNR] <= epsilon; lesion: P(missed lesions <= "
+        "epsilon x lesions) >= 1 - alpha (joint with the voxel FNR with --voxel-epsilon); sets: inner/outer "
+        "confidence sets; crc-interval, k-crc, sem-crc, sem-crc-organ: risk control of voxel intervals "
+        "(--lower/--upper/--truth/--organs)",
     )
-    p.add_argument("--epsilon", type=float, help="FNR tolerance (cls, crc)")
-    p.add_argument("--alpha", type=float, help="risk level (cls, sets)")
+    p.add_argument("--epsilon", type=float, help="FNR tolerance (cls, crc); missed-lesion tolerance (lesion)")
+    p.add_argument("--alpha", type=float, help="risk level (cls, lesion, sets)")
+    add_lesion_level_options(p)
     p.add_argument("--alpha-inner", type=float, help="sets: risk level of the inner set")
     p.add_argument("--alpha-outer", type=float, help="sets: risk level of the outer set")
     p.add_argument("--joint", action="store_true", help="sets: joint guarantee for inner and outer at once")
@@ -83,6 +86,30 @@ def add_method_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inner-transform", default=None, help="sets: transform of the inner set (overrides --transform)")
     p.add_argument("--outer-transform", default=None, help="sets: transform of the outer set (overrides --transform)")
     add_empty_option(p)
+
+
+def add_lesion_level_options(p: argparse.ArgumentParser) -> None:
+    """The options of ``--method lesion`` (shared with ``evaluate``)."""
+    p.add_argument(
+        "--detect-fraction",
+        type=float,
+        default=DEFAULT_DETECT_FRACTION,
+        metavar="TAU",
+        help="lesion: a lesion is found when at least ceil(TAU x its voxels) are in the mask (default 0.5; "
+        "in (0, 1], a tiny TAU means one voxel)",
+    )
+    p.add_argument(
+        "--voxel-epsilon",
+        type=float,
+        default=None,
+        help="lesion: also at most this fraction of the lesion voxels missed, jointly (one guarantee for both)",
+    )
+    p.add_argument(
+        "--min-lesion-voxels", type=int, default=0, help="lesion: do not count lesions of fewer voxels (default 0)"
+    )
+    p.add_argument(
+        "--min-lesion-mm3", type=float, default=0.0, help="lesion: do not count lesions under this volume (default 0)"
+    )
 
 
 def open_dataset(args: argparse.Namespace, description: str) -> CalibrationDataset:
@@ -111,6 +138,10 @@ def request_from_args(args: argparse.Namespace, provenance: dict) -> Calibration
         empty=args.empty,
         precision=getattr(args, "precision", "float32"),
         provenance=provenance,
+        detect_fraction=args.detect_fraction,
+        voxel_epsilon=args.voxel_epsilon,
+        min_lesion_voxels=args.min_lesion_voxels,
+        min_lesion_mm3=args.min_lesion_mm3,
     )
 
 

@@ -19,6 +19,8 @@ from ..common.geometry import Geometry
 from .cls import ThresholdCalibration, calibrate_cls
 from .confidence_sets import SetsCalibration, SetStatistics, SetStatisticsBuilder, calibrate_sets
 from .crc import calibrate_crc
+from .exact import check_detect_fraction, check_epsilon
+from .lesion_level import DEFAULT_DETECT_FRACTION, LesionLevelBuilder, calibrate_lesion, check_min_size
 from .profile import METHODS, CalibrationProfile
 from .score_transforms import parse_transform
 from .summaries import SummaryBuilder
@@ -36,17 +38,31 @@ class CalibrationRequest:
     joint: str | None = None  # None (marginal), "split" or "max"
     inner_transform: str = "identity"
     outer_transform: str = "identity"
-    empty: str | None = None  # default: exclude for cls/crc, include for sets
+    empty: str | None = None  # default: exclude for cls/crc/lesion, include for sets
     precision: str = "float32"
     provenance: dict[str, Any] = field(default_factory=dict)
+    detect_fraction: float = DEFAULT_DETECT_FRACTION  # lesion: share of a lesion's voxels that finds it
+    voxel_epsilon: float | None = None  # lesion: joint with the voxel FNR at this tolerance
+    min_lesion_voxels: int = 0  # lesion: smaller lesions are not counted
+    min_lesion_mm3: float = 0.0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ConformalSegError(f"unknown method {self.method!r}", fix=f"use one of {', '.join(METHODS)}")
-        if self.method in ("cls", "crc") and self.epsilon is None:
-            raise ConformalSegError(f"--method {self.method} needs --epsilon (the FNR tolerance, e.g. 0.1)")
-        if self.method == "cls" and self.alpha is None:
-            raise ConformalSegError("--method cls needs --alpha (the risk level, e.g. 0.1)")
+        if self.method in ("cls", "crc", "lesion") and self.epsilon is None:
+            what = "missed-lesion" if self.method == "lesion" else "FNR"
+            raise ConformalSegError(f"--method {self.method} needs --epsilon (the {what} tolerance, e.g. 0.1)")
+        if self.method in ("cls", "lesion") and self.alpha is None:
+            raise ConformalSegError(f"--method {self.method} needs --alpha (the risk level, e.g. 0.1)")
+        if self.method == "lesion":
+            check_detect_fraction(self.detect_fraction)
+            check_min_size(self.min_lesion_voxels, self.min_lesion_mm3)
+            if self.voxel_epsilon is not None:
+                check_epsilon(self.voxel_epsilon)
+            if self.empty == "include":
+                raise ConformalSegError(
+                    "--method lesion calibrates on scans with a lesion only", fix="leave out --empty include"
+                )
         if self.joint not in (None, "split", "max"):
             raise ConformalSegError(f"unknown joint method {self.joint!r}", fix="use split or max")
         parse_transform(self.inner_transform)
@@ -79,23 +95,41 @@ def calibrate(cases: Iterable[Any], request: CalibrationRequest) -> CalibrationP
         if request.method == "sets"
         else None
     )
+    lesions = (
+        LesionLevelBuilder(request.detect_fraction, request.min_lesion_voxels, request.min_lesion_mm3)
+        if request.method == "lesion"
+        else None
+    )
     for case in cases:
         case_id, probability, lesion, geometry = _parts(case)
         summaries.add_case(case_id, probability, lesion)
         if sets is not None:
             sets.add_case(case_id, probability, lesion, geometry)
+        if lesions is not None:
+            lesions.add_case(case_id, probability, lesion, _voxel_mm3(geometry, request, case_id))
     lesion_summaries = summaries.build()
     if lesion_summaries.n == 0:
         raise ConformalSegError("no calibration cases found", fix="check the --probs and --labels folders")
     empty = request.empty_policy
     calibration: ThresholdCalibration | SetsCalibration
     stats: SetStatistics | None = None
+    lesion_level = None
     if request.method == "cls":
         assert request.epsilon is not None and request.alpha is not None  # checked in __post_init__
         calibration = calibrate_cls(lesion_summaries, request.epsilon, request.alpha, empty=empty)
     elif request.method == "crc":
         assert request.epsilon is not None  # checked in __post_init__
         calibration = calibrate_crc(lesion_summaries, request.epsilon, empty=empty)
+    elif request.method == "lesion":
+        assert lesions is not None and request.epsilon is not None and request.alpha is not None
+        lesion_level = lesions.build()
+        calibration = calibrate_lesion(
+            lesion_level,
+            request.epsilon,
+            request.alpha,
+            voxel_epsilon=request.voxel_epsilon,
+            voxel_summaries=lesion_summaries,
+        )
     else:
         assert sets is not None
         stats = sets.build()
@@ -108,4 +142,16 @@ def calibrate(cases: Iterable[Any], request: CalibrationRequest) -> CalibrationP
             mode=request.sets_mode,
         )
     provenance = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **request.provenance}
-    return CalibrationProfile(calibration, lesion_summaries, stats, empty, provenance)
+    return CalibrationProfile(calibration, lesion_summaries, stats, empty, provenance, lesion_level)
+
+
+def _voxel_mm3(geometry: Geometry | None, request: CalibrationRequest, case_id: str) -> float:
+    """The voxel volume for the lesion size filter in mm^3 (1 without a geometry, refused with a mm^3 filter)."""
+    if geometry is None:
+        if request.min_lesion_mm3:
+            raise ConformalSegError(
+                f"case {case_id!r} has no voxel spacing, so --min-lesion-mm3 cannot be applied",
+                fix="give NIfTI/NRRD probability maps, or filter by --min-lesion-voxels",
+            )
+        return 1.0
+    return float(geometry.voxel_volume_mm3)

@@ -7,6 +7,7 @@ import math
 from .cls import ThresholdCalibration
 from .confidence_sets import SetsCalibration
 from .exact import min_calibration_size
+from .lesion_level import LesionLevelCalibration
 
 
 def percent(x: float) -> str:
@@ -22,6 +23,8 @@ def guarantee_sentence(calibration: ThresholdCalibration | SetsCalibration) -> s
     """One sentence stating what the calibrated output guarantees, and a warning when trivial."""
     if isinstance(calibration, SetsCalibration):
         return _sets_sentence(calibration)
+    if isinstance(calibration, LesionLevelCalibration):
+        return _lesion_level_sentence(calibration)
     if calibration.method == "cls":
         assert calibration.alpha is not None  # CLS always has one
         sentence = (
@@ -76,5 +79,36 @@ def _sets_sentence(c: SetsCalibration) -> str:
             f" Warning: {c.n} scans are too few for alpha = {level:g} (at least "
             f"{min_calibration_size(level)} are needed): the inner set is empty and/or the outer set is the "
             "whole image."
+        )
+    return sentence
+
+
+def _detection_rule(c: LesionLevelCalibration) -> str:
+    """How a lesion counts as found, and which lesions count (the size filter)."""
+    share = percent(c.detect_fraction)
+    rule = f"a lesion counts as found when at least {share} of its voxels, and one at least, are in the mask"
+    sizes = []
+    if c.min_lesion_voxels:
+        sizes.append(f"{c.min_lesion_voxels} voxels")
+    if c.min_lesion_mm3:
+        sizes.append(f"{c.min_lesion_mm3:g} mm^3")
+    if sizes:
+        rule += f"; lesions smaller than {' or '.join(sizes)} are not counted"
+    return rule
+
+
+def _lesion_level_sentence(c: LesionLevelCalibration) -> str:
+    assert c.alpha is not None  # lesion-level calibrations always have one
+    missed = f"at most {percent(c.epsilon)} of the lesions of a new scan are missed"
+    if c.voxel_epsilon is not None:
+        missed += f" and, at the same time, at most {percent(c.voxel_epsilon)} of its lesion voxels"
+    sentence = (
+        f"With probability at least {percent(1 - c.alpha)}, {missed} ({_detection_rule(c)}); "
+        f"{_cases(c.n, 'scan')} with a lesion."
+    )
+    if c.is_trivial:
+        sentence += (
+            f" Warning: {c.n} scans are too few for alpha = {c.alpha:g} (at least "
+            f"{min_calibration_size(c.alpha)} are needed), so the mask is the whole image."
         )
     return sentence

@@ -5,8 +5,12 @@ and (b) recalibrate for any other epsilon/alpha without touching a volume:
 
 ``PROFILE.json`` (format ``conformalseg-profile``, ``format_version`` 1), top-level keys:
 
-* ``method``: ``cls`` | ``crc`` | ``sets``; ``epsilon`` (null for sets), ``alpha`` (null for crc), ``n``;
-* cls/crc: ``probability_threshold`` (mask = ``prob >= probability_threshold``);
+* ``method``: ``cls`` | ``crc`` | ``sets`` | ``lesion``; ``epsilon`` (null for sets), ``alpha`` (null for
+  crc), ``n``;
+* cls/crc/lesion: ``probability_threshold`` (mask = ``prob >= probability_threshold``) and ``rank``;
+* lesion: ``detect_fraction``, ``voxel_epsilon`` (null unless joint), ``min_lesion_voxels``,
+  ``min_lesion_mm3`` (:mod:`ConformalSegLib.conformal.lesion_level`); the ``.npz`` also holds each
+  scan's detection thresholds and lesion sizes;
 * sets: ``inner_threshold``, ``outer_threshold`` (inner = ``T > inner_threshold``, outer =
   ``T >= outer_threshold``, ``T`` the score transform; probabilities for ``identity``), ``transform``
   (inner and outer transform names), ``mode``, ``alpha_inner``, ``alpha_outer``;
@@ -39,17 +43,25 @@ from ..common.errors import ConformalSegError
 from ..common.geometry import Geometry
 from ..io.atomic import atomic_write_bytes, atomic_write_text, check_can_write
 from ..io.checksums import sha256_file
-from ..io.segmentation import INNER_SET, LESION_FNR, OUTER_SET
+from ..io.segmentation import INNER_SET, LESION_FNR, LESION_LEVEL, OUTER_SET
 from .cls import ThresholdCalibration, apply_threshold, calibrate_cls
 from .confidence_sets import SetsCalibration, SetStatistics, apply_sets, calibrate_sets
 from .crc import calibrate_crc
 from .guarantee_sentences import guarantee_sentence
+from .lesion_level import LesionLevelCalibration, LesionLevelSummaries, calibrate_lesion
 from .summaries import LesionSummaries
 
 FORMAT = "conformalseg-profile"
 FORMAT_VERSION = 1
-METHODS = ("cls", "crc", "sets")
+METHODS = ("cls", "crc", "sets", "lesion")
 LESION_CRC = "Lesion (expected-FNR-controlled)"
+
+
+class Unchanged:
+    """The type of :data:`UNCHANGED`: "keep the calibrated value" in :meth:`CalibrationProfile.recalibrate`."""
+
+
+UNCHANGED = Unchanged()
 RERUN_FIX = "re-create it with `conformalseg calibrate`"
 
 
@@ -85,6 +97,7 @@ class CalibrationProfile:
     set_statistics: SetStatistics | None = None
     empty_policy: str = "exclude"
     provenance: dict[str, Any] = field(default_factory=dict)
+    lesion_level: LesionLevelSummaries | None = None  #: lesion-level profiles only
 
     @property
     def method(self) -> str:
@@ -103,11 +116,25 @@ class CalibrationProfile:
         alpha_inner: float | None = None,
         alpha_outer: float | None = None,
         mode: str | None = None,
+        voxel_epsilon: float | None | Unchanged = UNCHANGED,
     ) -> CalibrationProfile:
-        """A profile for new parameters, computed from the stored summaries only (no volume)."""
+        """A profile for new parameters, computed from the stored summaries only (no volume).
+
+        ``voxel_epsilon`` (lesion-level profiles): a number makes the guarantee joint with the voxel FNR,
+        ``None`` removes the voxel part; left out, it stays as calibrated.
+        """
         c = self.calibration
         new: ThresholdCalibration | SetsCalibration
-        if isinstance(c, SetsCalibration):
+        if isinstance(c, LesionLevelCalibration):
+            assert self.lesion_level is not None and c.alpha is not None  # read together with the calibration
+            new = calibrate_lesion(
+                self.lesion_level,
+                c.epsilon if epsilon is None else epsilon,
+                c.alpha if alpha is None else alpha,
+                voxel_epsilon=c.voxel_epsilon if isinstance(voxel_epsilon, Unchanged) else voxel_epsilon,
+                voxel_summaries=self.summaries,
+            )
+        elif isinstance(c, SetsCalibration):
             assert self.set_statistics is not None
             mode = mode or c.mode
             if alpha is None and alpha_inner is None and alpha_outer is None:
@@ -132,7 +159,7 @@ class CalibrationProfile:
         if isinstance(c, SetsCalibration):
             inner, outer = apply_sets(probability, geometry, c)
             return {INNER_SET: inner, OUTER_SET: outer}
-        name = LESION_FNR if c.method == "cls" else LESION_CRC
+        name = {"cls": LESION_FNR, "lesion": LESION_LEVEL}.get(c.method, LESION_CRC)
         return {name: apply_threshold(probability, c.probability_threshold)}
 
     # ------------------------------------------------------------------------------ serialisation
@@ -158,6 +185,13 @@ class CalibrationProfile:
                 n=c.n,
                 probability_threshold=_encode_float(c.probability_threshold),
                 rank=c.rank,
+            )
+        if isinstance(c, LesionLevelCalibration):
+            doc.update(
+                detect_fraction=c.detect_fraction,
+                voxel_epsilon=c.voxel_epsilon,
+                min_lesion_voxels=c.min_lesion_voxels,
+                min_lesion_mm3=c.min_lesion_mm3,
             )
         doc.update(
             guarantee=self.guarantee,
@@ -188,6 +222,8 @@ class CalibrationProfile:
         arrays = self.summaries.to_arrays()
         if self.set_statistics is not None:
             arrays.update(self.set_statistics.to_arrays())
+        if self.lesion_level is not None:
+            arrays.update(self.lesion_level.to_arrays())
         return arrays
 
     def save(self, path: str | PathLike[str], *, force: bool = False) -> tuple[Path, Path]:
@@ -217,9 +253,11 @@ def load_profile(path: str | PathLike[str]) -> CalibrationProfile:
     """Load and validate a profile and its summaries (see module docstring)."""
     path = Path(path)
     doc, method, n = _read_document(path)
-    summaries, stats, provenance = _read_summaries(doc, path, method)
+    summaries, stats, lesion_level, provenance = _read_summaries(doc, path, method)
     calibration = _read_calibration(doc, path, method, n, stats)
-    profile = CalibrationProfile(calibration, summaries, stats, doc.get("empty_policy", "exclude"), provenance)
+    profile = CalibrationProfile(
+        calibration, summaries, stats, doc.get("empty_policy", "exclude"), provenance, lesion_level
+    )
     _check_consistent(profile, path)
     return profile
 
@@ -258,7 +296,7 @@ def _read_document(path: Path) -> tuple[dict[str, Any], str, int]:
 
 def _read_summaries(
     doc: dict[str, Any], path: Path, method: str
-) -> tuple[LesionSummaries, SetStatistics | None, dict[str, Any]]:
+) -> tuple[LesionSummaries, SetStatistics | None, LesionLevelSummaries | None, dict[str, Any]]:
     """The ``.npz`` beside the profile (checksum verified), its summaries, set statistics and the provenance."""
     summaries_doc = _require(doc, "summaries", path)
     npz_path = path.with_name(str(summaries_doc.get("file", "")))
@@ -284,15 +322,23 @@ def _read_summaries(
         with np.load(npz_path, allow_pickle=False) as arrays:
             arrays = dict(arrays)
         summaries = LesionSummaries.from_arrays(arrays, case_ids, summaries_doc.get("precision", "float32"))
-        stats = None
+        stats = lesion_level = None
         if method == "sets":
             transform = _require(doc, "transform", path)
             stats = SetStatistics.from_arrays(arrays, case_ids, transform["inner"], transform["outer"])
+        if method == "lesion":
+            lesion_level = LesionLevelSummaries.from_arrays(
+                arrays,
+                case_ids,
+                detect_fraction=float(_require(doc, "detect_fraction", path)),
+                min_lesion_voxels=int(_require(doc, "min_lesion_voxels", path)),
+                min_lesion_mm3=float(_require(doc, "min_lesion_mm3", path)),
+            )
     except (KeyError, ValueError, TypeError, OSError) as exc:
         raise ConformalSegError(
             f"summaries file is corrupt or incomplete ({exc})", path=npz_path, fix=RERUN_FIX
         ) from exc
-    return summaries, stats, provenance
+    return summaries, stats, lesion_level, provenance
 
 
 def _read_calibration(
@@ -314,8 +360,24 @@ def _read_calibration(
         )
     epsilon = _decode_float(_require(doc, "epsilon", path), "epsilon", path)
     alpha = doc.get("alpha")
-    if method == "cls" and alpha is None:
-        raise ConformalSegError("a CLS profile needs 'alpha'", path=path, fix=RERUN_FIX)
+    if method in ("cls", "lesion") and alpha is None:
+        raise ConformalSegError(f"a {method} profile needs 'alpha'", path=path, fix=RERUN_FIX)
+    if method == "lesion":
+        assert alpha is not None  # checked above
+        voxel_epsilon = doc.get("voxel_epsilon")
+        return LesionLevelCalibration(
+            method,
+            epsilon,
+            float(alpha),
+            n,
+            int(doc.get("n_excluded_empty", 0)),
+            _decode_float(_require(doc, "probability_threshold", path), "probability_threshold", path),
+            doc.get("rank"),
+            float(_require(doc, "detect_fraction", path)),
+            None if voxel_epsilon is None else float(voxel_epsilon),
+            int(_require(doc, "min_lesion_voxels", path)),
+            float(_require(doc, "min_lesion_mm3", path)),
+        )
     return ThresholdCalibration(
         method,
         epsilon,

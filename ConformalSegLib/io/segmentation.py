@@ -28,6 +28,7 @@ from .atomic import atomic_output, check_can_write
 from .volumes import save_volume
 
 LESION_FNR = "Lesion (FNR-controlled)"
+LESION_LEVEL = "Lesion (lesion-level)"
 INNER_SET = "Inner set"
 OUTER_SET = "Outer set"
 LESION_THRESHOLD = "Lesion (threshold 0.5)"
@@ -35,6 +36,7 @@ LESION_THRESHOLD = "Lesion (threshold 0.5)"
 #: Display colour (RGB in [0, 1]) of each standard segment.
 SEGMENT_COLORS: dict[str, tuple[float, float, float]] = {
     LESION_FNR: (0.90, 0.10, 0.10),  # red
+    LESION_LEVEL: (0.95, 0.45, 0.05),  # orange
     INNER_SET: (1.00, 0.85, 0.00),  # yellow
     OUTER_SET: (0.10, 0.40, 1.00),  # blue
     LESION_THRESHOLD: (0.10, 0.75, 0.20),  # green
@@ -52,6 +54,7 @@ NEOPLASM_TERMINOLOGY: dict[str, object] = {
 #: known to be neoplasm, so it has none.
 SEGMENT_TERMINOLOGY: dict[str, dict[str, object]] = {
     LESION_FNR: NEOPLASM_TERMINOLOGY,
+    LESION_LEVEL: NEOPLASM_TERMINOLOGY,
     INNER_SET: NEOPLASM_TERMINOLOGY,
     LESION_THRESHOLD: NEOPLASM_TERMINOLOGY,
 }
