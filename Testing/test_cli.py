@@ -458,8 +458,17 @@ def test_lesion_level_calibrate_and_apply(tmp_path, data, capsys):
     run(["calibrate", "--method", "cls", "--data", data, "--lesion-label", 2, "--epsilon", 0.1, "--alpha", 0.2,
          "--out", cls_profile], capsys)  # fmt: skip
     code, _, err = run(
-        ["apply", "--profile", cls_profile, "--prob", data / "probs" / "synth_000.nii.gz", "--voxel-epsilon", 0.1,
-         "--out", tmp_path / "x"],  # fmt: skip
+        [
+            "apply",
+            "--profile",
+            cls_profile,
+            "--prob",
+            data / "probs" / "synth_000.nii.gz",
+            "--voxel-epsilon",
+            0.1,
+            "--out",
+            tmp_path / "x",
+        ],  # fmt: skip
         capsys,
     )
     assert code == 2 and "lesion-level profiles only" in err and not (tmp_path / "x").exists()

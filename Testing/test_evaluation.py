@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import sys
 import warnings
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +23,14 @@ from ConformalSegLib.common.geometry import Geometry  # noqa: E402
 from ConformalSegLib.conformal.cls import apply_threshold, conformal_lower_cutoff, critical_cutoff, critical_cutoffs  # noqa: E402
 from ConformalSegLib.conformal.confidence_sets import SetStatisticsBuilder, apply_sets, calibrate_sets  # noqa: E402
 from ConformalSegLib.conformal.crc import calibrate_crc  # noqa: E402
+from ConformalSegLib.conformal.lesion_level import LesionLevelBuilder, calibrate_lesion  # noqa: E402
 from ConformalSegLib.conformal.score_transforms import parse_transform  # noqa: E402
-from ConformalSegLib.conformal.summaries import LesionSummaries  # noqa: E402
+from ConformalSegLib.conformal.simultaneous import simultaneous_band  # noqa: E402
+from ConformalSegLib.conformal.summaries import (
+    LesionSummaries,  # noqa: E402
+    SummaryBuilder,  # noqa: E402
+)
+from ConformalSegLib.evaluation.lesion_metrics import lesion_detection  # noqa: E402
 from ConformalSegLib.evaluation.metrics import hd95  # noqa: E402
 from ConformalSegLib.evaluation.progress import STAGES  # noqa: E402
 from ConformalSegLib.evaluation.protocol import evaluate_dataset  # noqa: E402
@@ -214,6 +222,88 @@ def test_one_split_equals_brute_force_on_synthetic_volumes(synthetic, synthetic_
     brute_force_split(synthetic, synthetic_result, s=2)
 
 
+def brute_force_lesion_split(cases, result, s: int) -> None:
+    """The lesion-level method, both slider-safe bands and the lesion-wise metrics of split ``s`` from the
+    volumes: lesion counting with :func:`lesion_detection`, calibration with the conformal package."""
+    cfg = result.config
+    test = np.flatnonzero(result.test_mask[s])
+    cal = np.flatnonzero(~result.test_mask[s])
+    has = [bool(c.lesion.any()) for c in cases]
+    cal_l, test_l = [i for i in cal if has[i]], [i for i in test if has[i]]
+    builder, voxel = LesionLevelBuilder(cfg.detect_fraction), SummaryBuilder()
+    for i in cal_l:
+        c = cases[i]
+        builder.add_case(c.case_id, c.probability, c.lesion, c.geometry.voxel_volume_mm3)
+        voxel.add_case(c.case_id, c.probability, c.lesion)
+    ll, vs = builder.build(), voxel.build()
+    e_main, a_main = cfg.main_epsilon_index, cfg.main_alpha_index
+
+    def lesion_outcomes(cutoff, eps):
+        ok, rate = [], []
+        for i in test_l:
+            c = cases[i]
+            det = lesion_detection(apply_threshold(c.probability, cutoff), c.lesion, c.geometry.spacing_zyx,
+                                   detect_fraction=cfg.detect_fraction)  # fmt: skip
+            ok.append(det.n_missed <= math.floor(Fraction(repr(eps)) * det.n_lesions))
+            rate.append(det.missed_fraction)
+        return np.mean(ok), np.mean(rate)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CalibrationSetTooSmallWarning)
+        for e, eps in enumerate(cfg.epsilons):
+            for a, alpha in enumerate(cfg.alphas):
+                cut = calibrate_lesion(ll, eps, alpha, voxel_epsilon=cfg.voxel_epsilon, voxel_summaries=vs)
+                assert result.lesion["cutoff"][s, e, a] == cut.probability_threshold
+                ecr, rate = lesion_outcomes(cut.probability_threshold, eps)
+                assert result.lesion["lesion_ecr"][s, e, a] == pytest.approx(ecr, abs=1e-12)
+                assert result.lesion["missed_rate"][s, e, a] == pytest.approx(rate, abs=1e-12)
+            ecr_b, rate_b = lesion_outcomes(0.5, eps)
+            assert result.lesionwise["baseline"]["lesion_ecr"][s, e] == pytest.approx(ecr_b, abs=1e-12)
+            assert result.lesionwise["baseline"]["missed_rate"][s, e] == pytest.approx(rate_b, abs=1e-12)
+        # the CLS band: every epsilon at once
+        cls_cal = [i for i in cal if has[i] or cfg.empty == "include"]
+        cls_sum = LesionSummaries.from_volumes(
+            (cases[i].case_id, cases[i].probability, cases[i].lesion) for i in cls_cal
+        )
+        order = np.argsort(cfg.epsilons)
+        grid = tuple(cfg.epsilons[k] for k in order)
+        for a, alpha in enumerate(cfg.alphas):
+            band = simultaneous_band(lambda x: critical_cutoffs(cls_sum, x), np.ones(cls_sum.n, bool), alpha, grid,
+                                     warn=False)  # fmt: skip
+            assert list(result.bands["cls"]["cutoff"][s, order, a]) == list(band.thresholds)
+            assert result.bands["cls"]["level"][s, a] == band.level
+        # false positives at the main setting
+        fp = []
+        for i in test_l:
+            c = cases[i]
+            cut = result.lesion["cutoff"][s, e_main, a_main]
+            fp.append(lesion_detection(apply_threshold(c.probability, cut), c.lesion, c.geometry.spacing_zyx)
+                      .false_positive_components)  # fmt: skip
+        assert result.lesionwise["lesion"]["fp_components"][s] == pytest.approx(np.mean(fp), abs=1e-12)
+
+
+def test_lesion_parts_equal_brute_force(synthetic, synthetic_result, tied, tied_result):
+    for s in (0, 2):
+        brute_force_lesion_split(synthetic, synthetic_result, s)
+    brute_force_lesion_split(tied, tied_result, 1)
+
+
+def test_lesion_level_and_bands_hold_over_many_splits(synthetic):
+    result = evaluate_dataset(
+        synthetic, epsilons=(0.25, 0.5, 0.75), alphas=(0.2, 0.3), splits=200, seed=4, hd95=False, transforms=(),
+        lesionwise=False,
+    )  # fmt: skip
+    n_l = float(np.mean(result.lesion["n_test"]))
+    for a, alpha in enumerate((0.2, 0.3)):
+        for e in range(3):
+            assert np.nanmean(result.lesion["lesion_ecr"][:, e, a]) >= 1 - alpha - binomial_tolerance(alpha, n_l)
+        for name in ("cls", "lesion"):
+            band = result.bands[name]
+            assert np.nanmean(band["simultaneous_ecr"][:, a]) >= 1 - alpha - binomial_tolerance(alpha, n_l)
+            fixed = result.cls if name == "cls" else result.lesion
+            assert np.all(band["pc"][:, :, a] >= fixed["pc"][:, :, a] - 1e-12)  # simultaneity costs, never gains
+
+
 def test_one_split_equals_brute_force_with_ties(tied, tied_result):
     brute_force_split(tied, tied_result, s=3)
 
@@ -279,7 +369,9 @@ def test_internal_consistency(synthetic, synthetic_result):
             assert np.all(arrays["joint_coverage"] <= np.minimum(arrays["inner_coverage"], arrays["outer_coverage"]))
             assert np.all(arrays["inner_voxels"] <= arrays["outer_voxels"])
     rows = r.summary_rows()
-    assert {row["method"] for row in rows} == {"baseline", "cls", "crc", "sets"}
+    assert {row["method"] for row in rows} == {
+        "baseline", "cls", "crc", "sets", "lesion", "cls-slider-safe", "lesion-slider-safe"
+    }  # fmt: skip
     main = [row for row in rows if row["method"] == "cls" and row["epsilon"] == 0.3 and row["alpha"] == 0.2][0]
     assert main["metrics"]["ecr"]["mean"] == pytest.approx(mean_std(r.cls["ecr"][:, 1, 1])[0])
     assert ("hd95" in main["metrics"]) == HAVE_MONAI

@@ -16,11 +16,13 @@ from .interval_options import add_interval_evaluate_arguments, run_interval_eval
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "evaluate",
-        help="test ECR, FNR, PC, set coverage, Dice and HD95 over random splits",
+        help="test ECR, FNR, PC, set coverage, lesion-wise detection, Dice and HD95 over random splits",
         description="Repeated random calibration/test splits (Tan et al.: 100 splits, half for "
-        "calibration): test FNR and ECR for the fixed 0.5 threshold, CLS and expected-FNR "
-        "control across epsilon and alpha grids, prediction compactness, confidence-set "
-        "coverage and sizes, Dice and HD95. Writes results.json, report.md and PNG plots.",
+        "calibration): test FNR and ECR for the fixed 0.5 threshold, CLS, expected-FNR and "
+        "lesion-level control across epsilon and alpha grids, the slider-safe bands (every epsilon at "
+        "once), lesion-wise sensitivity by lesion size and false positives for every method, "
+        "prediction compactness, confidence-set coverage and sizes, Dice and HD95. Writes "
+        "results.json, report.md and PNG plots.",
     )
     add_data_options(p)
     p.add_argument("--splits", type=int, default=100, help="number of random splits (default 100)")
@@ -40,6 +42,22 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="score transforms for the confidence sets (identity, distance[:LEVEL], gaussian:SIGMA_MM)",
     )
     p.add_argument("--no-hd95", action="store_true", help="skip HD95 (the slowest metric)")
+    p.add_argument(
+        "--detect-fraction",
+        type=float,
+        default=0.5,
+        metavar="TAU",
+        help="lesion-level method and lesion-wise metrics: a lesion is found when ceil(TAU x its voxels) are in "
+        "the mask (default 0.5)",
+    )
+    p.add_argument(
+        "--voxel-epsilon", type=float, default=None, help="lesion-level method: joint with this voxel-FNR tolerance"
+    )
+    p.add_argument(
+        "--no-false-positives",
+        action="store_true",
+        help="skip false-positive components and mL (one connected-component labelling per test case and cutoff)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the random splits")
     add_interval_evaluate_arguments(p)
     add_empty_option(p)
@@ -68,6 +86,9 @@ def run(args: argparse.Namespace) -> int:
             hd95=not args.no_hd95,
             empty=args.empty or "exclude",
             progress=progress,
+            detect_fraction=args.detect_fraction,
+            voxel_epsilon=args.voxel_epsilon,
+            lesionwise=not args.no_false_positives,
         )
     written = write_report(result, args.out, force=args.force)
     for line in result.warnings:

@@ -16,7 +16,7 @@ import numpy as np
 from ..common.errors import ConformalSegError
 from ..conformal.cls import EMPTY_POLICIES
 from ..conformal.confidence_sets import MODES
-from ..conformal.exact import as_fraction, check_alpha, check_epsilon
+from ..conformal.exact import as_fraction, check_alpha, check_detect_fraction, check_epsilon
 from ..conformal.score_transforms import ScoreTransform, parse_transform
 
 __all__ = ["DEFAULT_SET_MODES", "EvaluationConfig", "check_fraction", "check_grid", "make_config", "split_sizes"]
@@ -40,6 +40,9 @@ class EvaluationConfig:
     set_modes: tuple[str, ...]
     hd95: bool
     empty: str
+    detect_fraction: float = 0.5  #: lesion-level method and lesion-wise metrics: share of a lesion that finds it
+    voxel_epsilon: float | None = None  #: lesion-level method: joint with the voxel FNR at this tolerance
+    lesionwise: bool = True  #: false-positive components and mL at the main setting (pass 2 labelling)
 
     @property
     def main_epsilon_index(self) -> int:
@@ -70,6 +73,9 @@ def make_config(
     set_modes: Sequence[str],
     hd95: bool,
     empty: str,
+    detect_fraction: float = 0.5,
+    voxel_epsilon: float | None = None,
+    lesionwise: bool = True,
 ) -> tuple[EvaluationConfig, list[ScoreTransform]]:
     """Check every parameter of :func:`~ConformalSegLib.evaluation.protocol.evaluate_dataset` before any
     case is read; return the configuration and the score transforms."""
@@ -122,7 +128,13 @@ def make_config(
         set_modes if score_transforms else (),
         bool(hd95),
         empty,
+        float(detect_fraction),
+        None if voxel_epsilon is None else float(voxel_epsilon),
+        bool(lesionwise),
     )
+    check_detect_fraction(detect_fraction)
+    if voxel_epsilon is not None:
+        check_epsilon(voxel_epsilon)
     return config, score_transforms
 
 

@@ -67,7 +67,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -80,6 +80,18 @@ from ..conformal.score_transforms import ScoreTransform
 from ..conformal.summaries import LesionSummaries, SummaryBuilder
 from .cases import CaseSource, EvalCase
 from .config import DEFAULT_SET_MODES, EvaluationConfig, make_config, split_sizes
+from .lesion_protocol import (
+    LESIONWISE_METHODS,
+    SIZE_CLASSES,
+    LesionSplit,
+    LesionStatistics,
+    LesionStatisticsBuilder,
+    LesionwiseSums,
+    false_positives_at,
+    lesion_split_thresholds,
+    lesionwise_sums,
+    voxel_simultaneous,
+)
 from .metrics import count_at_least, count_greater, dice, fnr, fnr_within, lesion_hits, require_monai
 from .metrics import hd95 as hd95_metric
 from .progress import ProgressCallback
@@ -106,6 +118,9 @@ def evaluate_dataset(
     hd95: bool = True,
     empty: str = "exclude",
     progress: ProgressCallback | None = None,
+    detect_fraction: float = 0.5,
+    voxel_epsilon: float | None = None,
+    lesionwise: bool = True,
 ) -> EvaluationResult:
     """Run the random-split protocol (module docstring) on a dataset, exactly, in two streaming passes.
 
@@ -115,11 +130,14 @@ def evaluate_dataset(
     defaults to the first value of its grid and must be one of the grid's values. ``transforms``
     (names such as ``"distance"`` or :class:`ScoreTransform`) may be empty: no confidence sets.
     ``progress(done, total, stage)`` is called per case in each pass and per split, with ``stage``
-    one of :data:`~ConformalSegLib.evaluation.progress.STAGES`.
+    one of :data:`~ConformalSegLib.evaluation.progress.STAGES`. ``detect_fraction`` and ``voxel_epsilon``
+    configure the lesion-level method (:mod:`.lesion_protocol`); ``lesionwise`` adds false-positive
+    components and mL at the main setting (one labelling per distinct cutoff of each test case).
     """
     config, score_transforms = make_config(
-        epsilons, alphas, main_alpha, main_epsilon, splits, cal_fraction, seed, transforms, set_modes, hd95, empty
-    )
+        epsilons, alphas, main_alpha, main_epsilon, splits, cal_fraction, seed, transforms, set_modes, hd95, empty,
+        detect_fraction, voxel_epsilon, lesionwise,
+    )  # fmt: skip
     if hd95:
         require_monai()  # fail before the first pass, not after it
     source = CaseSource(dataset_or_cases)
@@ -127,9 +145,19 @@ def evaluate_dataset(
     n_cal, n_test = split_sizes(stats.n, cal_fraction)
     stats.check_population(config.empty)
     split = _split_thresholds(stats, config, n_cal, progress)
+    lsplit = lesion_split_thresholds(
+        stats.lesions, stats.summaries, split.critical, stats.population, split.test_mask, config.epsilons,
+        config.alphas, config.voxel_epsilon,
+    )  # fmt: skip
     fnrs = _test_fnrs(stats, split, config)
-    sizes = _pass2_sizes(source, stats, split, config, score_transforms, progress)
+    extra = _extra_voxel_sums(stats, split, lsplit, config)
+    lesionwise_metrics = lesionwise_sums(
+        stats.lesions, _method_cuts(split, lsplit), lsplit, config.epsilons,
+        (config.main_epsilon_index, config.main_alpha_index),
+    )  # fmt: skip
+    sizes = _pass2_sizes(source, stats, split, lsplit, config, score_transforms, progress)
     result = _assemble(config, stats, split, fnrs, sizes, n_cal, n_test)
+    _assemble_lesion(result, stats, split, lsplit, extra, lesionwise_metrics, sizes)
     result.warnings.extend(trivial_warnings(result))
     for message in result.warnings:
         warnings.warn(message, CalibrationSetTooSmallWarning, stacklevel=2)
@@ -157,6 +185,7 @@ class _CaseStatistics:
     base_fp: np.ndarray  # int64: voxels of the 0.5 mask outside the lesion
     base_hd: np.ndarray  # float64: HD95 of the 0.5 mask (NaN when not computed)
     population: np.ndarray  # bool: cases used by CLS / CRC / baseline
+    lesions: LesionStatistics  # detection thresholds and lesion sizes (lesion-level method, lesion-wise metrics)
 
     @property
     def n(self) -> int:
@@ -183,6 +212,7 @@ def _pass1_statistics(
 ) -> _CaseStatistics:
     """Read every case once; keep the summaries, per-transform set statistics and baseline counts."""
     builder = SummaryBuilder("float32")
+    lesion_builder = LesionStatisticsBuilder(config.detect_fraction)
     set_builders = {t.name: SetStatisticsBuilder(t, t) for t in score_transforms}
     ids: list[str] = []
     n_voxels: list[int] = []
@@ -200,6 +230,7 @@ def _pass1_statistics(
         set_ids.add(case.case_id)
         prob, lesion = case.probability, case.lesion
         builder.add_case(case.case_id, prob, lesion)
+        lesion_builder.add_case(case.case_id, prob, lesion, case.geometry.voxel_volume_mm3)
         for t in score_transforms:
             set_builders[t.name].add_case(case.case_id, prob, lesion, case.geometry)
         ids.append(case.case_id)
@@ -230,6 +261,7 @@ def _pass1_statistics(
         np.asarray(base_fp, dtype=np.int64),
         np.asarray(base_hd, dtype=np.float64),
         population,
+        lesion_builder.build(),
     )
 
 
@@ -248,6 +280,7 @@ class _SplitThresholds:
     test_pop: np.ndarray  # (S, n) test cases of the population
     n_test_pop: np.ndarray  # (S,)
     inv_pop: np.ndarray  # (S,) 1 / n_test_pop, NaN without test cases
+    critical: np.ndarray  # (E, n) CLS critical cutoffs of every case
 
 
 def _split_thresholds(
@@ -291,7 +324,7 @@ def _split_thresholds(
     n_test_pop = test_pop.sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         inv_pop = np.where(n_test_pop > 0, 1.0 / np.maximum(n_test_pop, 1), np.nan)
-    return _SplitThresholds(test_mask, cls_cut, crc_cut, cls_ncal, set_thr, test_pop, n_test_pop, inv_pop)
+    return _SplitThresholds(test_mask, cls_cut, crc_cut, cls_ncal, set_thr, test_pop, n_test_pop, inv_pop, critical)
 
 
 def _calibrate_sets_on_split(
@@ -365,6 +398,62 @@ def _test_fnrs(stats: _CaseStatistics, split: _SplitThresholds, config: Evaluati
     return out
 
 
+@dataclass
+class _ExtraVoxelSums:
+    """Voxel-FNR sums of the lesion-level masks and of the CLS slider-safe band, and the band's and the
+    fixed-epsilon CLS's "every epsilon at once" pass counts."""
+
+    lesion_fnr_sum: np.ndarray  # (S, E, A), lesion population
+    lesion_ok_sum: np.ndarray  # (S, E, A)
+    band_fnr_sum: np.ndarray  # (S, E, A), CLS population
+    band_ok_sum: np.ndarray  # (S, E, A)
+    band_simultaneous: np.ndarray  # (S, A)
+    posthoc: np.ndarray  # (S, A)
+
+
+def _method_cuts(split: _SplitThresholds, lsplit: LesionSplit) -> dict[str, np.ndarray]:
+    """Every method's cutoffs, for the lesion-wise metrics (the baseline's is one number)."""
+    return {
+        "baseline": np.asarray(BASELINE_CUTOFF),
+        "cls": split.cls_cut,
+        "crc": split.crc_cut,
+        "lesion": lsplit.lesion_cut,
+    }
+
+
+def _extra_voxel_sums(
+    stats: _CaseStatistics, split: _SplitThresholds, lsplit: LesionSplit, config: EvaluationConfig
+) -> _ExtraVoxelSums:
+    """Test FNRs of the lesion-level masks and of the CLS band, counted on the summaries (exact)."""
+    shape = split.cls_cut.shape
+    per_alpha = (shape[0], shape[2])
+    out = _ExtraVoxelSums(
+        np.zeros(shape), np.zeros(shape), np.zeros(shape), np.zeros(shape), np.zeros(per_alpha), np.zeros(per_alpha)
+    )
+    summaries, offsets, sizes = stats.summaries, stats.summaries.offsets, stats.sizes
+    for i in range(stats.n):
+        run, m = summaries.values[offsets[i] : offsets[i + 1]], int(sizes[i])
+        for cuts, test, fnr_sum, ok_sum in (
+            (lsplit.lesion_cut, lsplit.test_lpop, out.lesion_fnr_sum, out.lesion_ok_sum),
+            (lsplit.band_cut["cls"], split.test_pop, out.band_fnr_sum, out.band_ok_sum),
+        ):
+            s_idx = np.flatnonzero(test[:, i])
+            if not s_idx.size:
+                continue
+            miss = m - lesion_hits(run, cuts[s_idx])
+            fnr_sum[s_idx] += fnr(miss, m)
+            for e, eps in enumerate(config.epsilons):
+                ok_sum[s_idx, e, :] += fnr_within(miss[:, e, :], m, eps)
+        s_idx = np.flatnonzero(split.test_pop[:, i])
+        if s_idx.size:
+            band_ok, fixed_ok = voxel_simultaneous(
+                run, m, lsplit.band_cut["cls"][s_idx], split.cls_cut[s_idx], config.epsilons, lesion_hits
+            )
+            out.band_simultaneous[s_idx] += band_ok
+            out.posthoc[s_idx] += fixed_ok
+    return out
+
+
 # ----------------------------------------------------------------------------- pass 2: mask sizes (and HD95)
 
 
@@ -378,12 +467,17 @@ class _MaskSizes:
     crc_dice_sum: np.ndarray  # (S, E)
     cls_main_hd: np.ndarray  # (S, n)
     set_sums: SetArrays  # inner/outer voxels and mL, (S, A)
+    extra_pc_sum: dict[str, np.ndarray] = field(default_factory=dict)  # lesion / cls_band / lesion_band (S, E, A)
+    extra_dice_sum: dict[str, np.ndarray] = field(default_factory=dict)
+    fp_components_sum: dict[str, np.ndarray] = field(default_factory=dict)  # method -> (S,), main setting
+    fp_ml_sum: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def _pass2_sizes(
     source: CaseSource,
     stats: _CaseStatistics,
     split: _SplitThresholds,
+    lsplit: LesionSplit,
     config: EvaluationConfig,
     score_transforms: list[ScoreTransform],
     progress: ProgressCallback | None,
@@ -403,8 +497,12 @@ def _pass2_sizes(
             }
             for name in stats.set_stats
         },
+        {k: np.zeros((S, E, A)) for k in ("lesion", "cls_band", "lesion_band")},
+        {k: np.zeros((S, E, A)) for k in ("lesion", "cls_band", "lesion_band")},
+        {m: np.zeros(S) for m in LESIONWISE_METHODS},
+        {m: np.zeros(S) for m in LESIONWISE_METHODS},
     )
-    if not (bool(stats.set_stats) or bool(split.test_pop.any())):
+    if not (bool(stats.set_stats) or bool(split.test_pop.any()) or bool(lsplit.test_lpop.any())):
         return sizes
     seen = 0
     for i, case in enumerate(source):
@@ -415,6 +513,7 @@ def _pass2_sizes(
                 fix="pass a dataset that yields the same cases in the same order each time",
             )
         _lesion_mask_sizes(case, i, stats, split, config, sizes)
+        _extra_mask_sizes(case, i, stats, split, lsplit, config, sizes)
         s_all = np.flatnonzero(split.test_mask[:, i])
         if s_all.size and stats.set_stats:
             _set_sizes(
@@ -455,6 +554,47 @@ def _lesion_mask_sizes(
             [hd95_metric(apply_threshold(prob, c), case.lesion, case.geometry.spacing_zyx) for c in distinct]
         )
         sizes.cls_main_hd[s_pop, i] = values[inverse.reshape(-1)]
+
+
+def _extra_mask_sizes(
+    case: EvalCase,
+    i: int,
+    stats: _CaseStatistics,
+    split: _SplitThresholds,
+    lsplit: LesionSplit,
+    config: EvaluationConfig,
+    sizes: _MaskSizes,
+) -> None:
+    """PC and Dice of the lesion-level masks and of both bands; false positives at the main setting."""
+    prob, m, n_voxels = case.probability, int(stats.sizes[i]), stats.n_voxels[i]
+    offsets = stats.summaries.offsets
+    run = stats.summaries.values[offsets[i] : offsets[i + 1]]
+    for key, cuts, test in (
+        ("lesion", lsplit.lesion_cut, lsplit.test_lpop),
+        ("cls_band", lsplit.band_cut["cls"], split.test_pop),
+        ("lesion_band", lsplit.band_cut["lesion"], lsplit.test_lpop),
+    ):
+        s_idx = np.flatnonzero(test[:, i])
+        if s_idx.size:
+            chosen = cuts[s_idx]
+            predicted = count_at_least(prob, chosen.ravel()).reshape(chosen.shape)
+            sizes.extra_pc_sum[key][s_idx] += predicted / n_voxels
+            sizes.extra_dice_sum[key][s_idx] += dice(lesion_hits(run, chosen), predicted, m)
+    s_l = np.flatnonzero(lsplit.test_lpop[:, i])
+    if not (config.lesionwise and s_l.size):
+        return
+    e, a = config.main_epsilon_index, config.main_alpha_index
+    main = {
+        "baseline": np.full(s_l.size, BASELINE_CUTOFF),
+        "cls": split.cls_cut[s_l, e, a],
+        "crc": split.crc_cut[s_l, e],
+        "lesion": lsplit.lesion_cut[s_l, e, a],
+    }
+    spacing = case.geometry.spacing_zyx
+    comps, ml = false_positives_at(prob, case.lesion, np.stack(list(main.values())), spacing)
+    for k, method in enumerate(main):
+        sizes.fp_components_sum[method][s_l] += comps[k]
+        sizes.fp_ml_sum[method][s_l] += ml[k]
 
 
 def _set_sizes(
@@ -563,6 +703,75 @@ def _assemble(
         sets,
         per_case,
     )
+
+
+def _assemble_lesion(
+    result: EvaluationResult,
+    stats: _CaseStatistics,
+    split: _SplitThresholds,
+    lsplit: LesionSplit,
+    extra: _ExtraVoxelSums,
+    lw: LesionwiseSums,
+    sizes: _MaskSizes,
+) -> None:
+    """Per-split means of the lesion-level method, the bands and the lesion-wise metrics (in ``result``)."""
+    n_l = lsplit.test_lpop.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        inv_l = np.where(n_l > 0, 1.0 / np.maximum(n_l, 1), np.nan)
+    il, ip = inv_l[:, None, None], split.inv_pop[:, None, None]
+    result.lesion = {
+        "cutoff": lsplit.lesion_cut,
+        "trivial": np.isneginf(lsplit.lesion_cut),
+        "n_cal": lsplit.lesion_ncal,
+        "n_test": n_l,
+        "ecr": extra.lesion_ok_sum * il,
+        "fnr": extra.lesion_fnr_sum * il,
+        "pc": sizes.extra_pc_sum["lesion"] * il,
+        "dice": sizes.extra_dice_sum["lesion"] * il,
+        "lesion_ecr": lw.lesion_ecr["lesion"] * il,
+        "missed_rate": lw.missed_rate["lesion"] * il,
+    }
+    result.bands = {
+        "cls": {
+            "cutoff": lsplit.band_cut["cls"],
+            "level": lsplit.band_level["cls"],
+            "trivial": np.isneginf(lsplit.band_cut["cls"]),
+            "ecr": extra.band_ok_sum * ip,
+            "fnr": extra.band_fnr_sum * ip,
+            "pc": sizes.extra_pc_sum["cls_band"] * ip,
+            "dice": sizes.extra_dice_sum["cls_band"] * ip,
+            "simultaneous_ecr": extra.band_simultaneous * split.inv_pop[:, None],
+            "posthoc_ecr": extra.posthoc * split.inv_pop[:, None],
+        },
+        "lesion": {
+            "cutoff": lsplit.band_cut["lesion"],
+            "level": lsplit.band_level["lesion"],
+            "trivial": np.isneginf(lsplit.band_cut["lesion"]),
+            "pc": sizes.extra_pc_sum["lesion_band"] * il,
+            "dice": sizes.extra_dice_sum["lesion_band"] * il,
+            "simultaneous_ecr": lw.simultaneous["lesion_band"] * inv_l[:, None],
+            "posthoc_ecr": lw.simultaneous["lesion_posthoc"] * inv_l[:, None],
+        },
+    }
+    lesions = {name: lw.lesions[name] for name, _, _ in SIZE_CLASSES}
+    result.lesionwise = {}
+    for method in LESIONWISE_METHODS:
+        scale = inv_l.reshape((-1,) + (1,) * (lw.lesion_ecr[method].ndim - 1))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            sensitivity = {
+                name: np.where(lesions[name] > 0, lw.detected[method][name] / np.maximum(lesions[name], 1), np.nan)
+                for name in lesions
+            }
+        result.lesionwise[method] = {
+            "lesion_ecr": lw.lesion_ecr[method] * scale,
+            "missed_rate": lw.missed_rate[method] * scale,
+            "sensitivity": sensitivity,
+            "fp_components": sizes.fp_components_sum[method] * inv_l
+            if result.config.lesionwise
+            else np.full_like(inv_l, np.nan),
+            "fp_ml": sizes.fp_ml_sum[method] * inv_l if result.config.lesionwise else np.full_like(inv_l, np.nan),
+        }
+    result.lesionwise["lesions_per_class"] = lesions
 
 
 def _set_results(

@@ -9,8 +9,10 @@ overwritten unless ``force=True``, and the check happens for *all* files before 
   PASS/CHECK verdict (mean ECR ``>= 1 - alpha - z*sqrt(alpha(1-alpha)/n_test)``, see
   :func:`ConformalSegLib.evaluation.results.binomial_tolerance`), confidence-set coverage and sizes, and
   prediction compactness.
-* ``ecr_vs_alpha.png``, ``fnr_before_after.png``, ``pc_vs_alpha.png``, ``coverage_vs_alpha.png``
-  -- drawn with matplotlib's Agg canvas (no pyplot, no global backend change).
+* ``ecr_vs_alpha.png``, ``fnr_before_after.png``, ``pc_vs_alpha.png``, ``coverage_vs_alpha.png``,
+  ``lesion_sensitivity_by_size.png`` -- drawn with matplotlib's Agg canvas (no pyplot, no global backend
+  change). The lesion-level sections (lesion-level control, lesion-wise detection by lesion size, the
+  slider-safe bands) are :mod:`.report_lesion`'s.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import numpy as np
 from ..common.errors import ConformalSegError
 from ..io.atomic import OVERWRITE_FIX, atomic_output, atomic_write_text
 from .figures import agg_figure
+from .markdown import cutoff_text, fmt, pm, table, trivial_text, verdict
+from .report_lesion import lesion_sections, plot_sensitivity_by_size
 from .results import BASELINE_CUTOFF, EvaluationResult, binomial_tolerance, coverage_status, mean_std
 
 __all__ = ["REPORT_FILES", "render_markdown", "write_report"]
@@ -35,48 +39,8 @@ REPORT_FILES = (
     "fnr_before_after.png",
     "pc_vs_alpha.png",
     "coverage_vs_alpha.png",
+    "lesion_sensitivity_by_size.png",
 )
-
-
-# ----------------------------------------------------------------------------- formatting
-
-
-def _fmt(value: float, digits: int = 3) -> str:
-    return "n/a" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
-
-
-def _pm(values: np.ndarray, digits: int = 3) -> str:
-    mean, std = mean_std(np.asarray(values, dtype=np.float64))
-    if not np.isfinite(mean):
-        return "n/a"
-    return f"{mean:.{digits}f} ± {std:.{digits}f}" if np.isfinite(std) else f"{mean:.{digits}f}"
-
-
-def _cutoff(values: np.ndarray) -> str:
-    values = np.asarray(values, dtype=np.float64)
-    finite = values[np.isfinite(values)]
-    text = _pm(finite, 4) if finite.size else "n/a"
-    n_inf = values.size - finite.size
-    if n_inf:
-        text += f" ({n_inf} infinite)"
-    return text
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return lines + [""]
-
-
-def _trivial(count: int, total: int) -> str:
-    return f"{count}/{total}" if count else "0"
-
-
-def _verdict(status: str, trivial: int, total: int) -> str:
-    """The verdict, flagged when the point is trivial (calibration side too small) in some splits."""
-    if trivial == total:
-        return "trivial"
-    return f"{status} ({trivial} trivial)" if trivial else status
 
 
 def render_markdown(result: EvaluationResult, z: float = 2.0) -> str:
@@ -86,7 +50,7 @@ def render_markdown(result: EvaluationResult, z: float = 2.0) -> str:
         out += ["## Confidence sets: coverage", "", "No confidence sets were evaluated.", ""]
     else:
         out += _sets_coverage_section(result, z) + _sets_size_section(result)
-    return "\n".join(out + _pc_section(result))
+    return "\n".join(out + _pc_section(result) + lesion_sections(result, z))
 
 
 def _intro(result: EvaluationResult, z: float) -> list[str]:
@@ -128,16 +92,16 @@ def _methods_section(result: EvaluationResult) -> list[str]:
         rows = []
         hd_base = hd_cls = "—"
         if e == cfg.main_epsilon_index and cfg.hd95:
-            hd_base = f"{_pm(result.baseline['hd95'], 2)} (excl. {np.mean(result.baseline['hd95_excluded']):.1f})"
-            hd_cls = f"{_pm(result.cls['hd95'], 2)} (excl. {np.mean(result.cls['hd95_excluded']):.1f})"
+            hd_base = f"{pm(result.baseline['hd95'], 2)} (excl. {np.mean(result.baseline['hd95_excluded']):.1f})"
+            hd_cls = f"{pm(result.cls['hd95'], 2)} (excl. {np.mean(result.cls['hd95_excluded']):.1f})"
         rows.append(
             [
                 f"baseline (prob >= {BASELINE_CUTOFF})",
                 f"{BASELINE_CUTOFF}",
-                _pm(result.baseline["ecr"][:, e]),
-                _pm(result.baseline["fnr"]),
-                _pm(result.baseline["pc"], 4),
-                _pm(result.baseline["dice"]),
+                pm(result.baseline["ecr"][:, e]),
+                pm(result.baseline["fnr"]),
+                pm(result.baseline["pc"], 4),
+                pm(result.baseline["dice"]),
                 hd_base,
                 "0",
             ]
@@ -145,29 +109,29 @@ def _methods_section(result: EvaluationResult) -> list[str]:
         rows.append(
             [
                 f"CLS (alpha = {cfg.main_alpha})",
-                _cutoff(result.cls["cutoff"][:, e, a_main]),
-                _pm(result.cls["ecr"][:, e, a_main]),
-                _pm(result.cls["fnr"][:, e, a_main]),
-                _pm(result.cls["pc"][:, e, a_main], 4),
-                _pm(result.cls["dice"][:, e, a_main]),
+                cutoff_text(result.cls["cutoff"][:, e, a_main]),
+                pm(result.cls["ecr"][:, e, a_main]),
+                pm(result.cls["fnr"][:, e, a_main]),
+                pm(result.cls["pc"][:, e, a_main], 4),
+                pm(result.cls["dice"][:, e, a_main]),
                 hd_cls,
-                _trivial(int(result.cls["trivial"][:, e, a_main].sum()), S),
+                trivial_text(int(result.cls["trivial"][:, e, a_main].sum()), S),
             ]
         )
         rows.append(
             [
                 "CRC (expected FNR)",
-                _cutoff(result.crc["cutoff"][:, e]),
-                _pm(result.crc["ecr"][:, e]),
-                _pm(result.crc["fnr"][:, e]),
-                _pm(result.crc["pc"][:, e], 4),
-                _pm(result.crc["dice"][:, e]),
+                cutoff_text(result.crc["cutoff"][:, e]),
+                pm(result.crc["ecr"][:, e]),
+                pm(result.crc["fnr"][:, e]),
+                pm(result.crc["pc"][:, e], 4),
+                pm(result.crc["dice"][:, e]),
                 "—",
-                _trivial(int(result.crc["trivial"][:, e].sum()), S),
+                trivial_text(int(result.crc["trivial"][:, e].sum()), S),
             ]
         )
         out += [f"### epsilon = {eps}", ""]
-        out += _table(["Method", "Cutoff", "ECR", "Mean FNR", "PC", "Dice", "HD95 (mm)", "Trivial splits"], rows)
+        out += table(["Method", "Cutoff", "ECR", "Mean FNR", "PC", "Dice", "HD95 (mm)", "Trivial splits"], rows)
     return out
 
 
@@ -189,16 +153,16 @@ def _ecr_section(result: EvaluationResult, z: float) -> list[str]:
             rows.append(
                 [
                     f"{alpha}",
-                    _fmt(1 - alpha),
-                    _pm(ecr),
-                    _fmt(binomial_tolerance(alpha, n_pop, z)),
-                    _verdict(coverage_status(mean, alpha, n_pop, z), int(result.cls["trivial"][:, e, a].sum()), S),
-                    _pm(result.cls["fnr"][:, e, a]),
-                    _trivial(int(result.cls["trivial"][:, e, a].sum()), S),
+                    fmt(1 - alpha),
+                    pm(ecr),
+                    fmt(binomial_tolerance(alpha, n_pop, z)),
+                    verdict(coverage_status(mean, alpha, n_pop, z), int(result.cls["trivial"][:, e, a].sum()), S),
+                    pm(result.cls["fnr"][:, e, a]),
+                    trivial_text(int(result.cls["trivial"][:, e, a].sum()), S),
                 ]
             )
         out += [f"### epsilon = {eps}", ""]
-        out += _table(["alpha", "Target 1-alpha", "ECR", "Tolerance", "Verdict", "Mean FNR", "Trivial splits"], rows)
+        out += table(["alpha", "Target 1-alpha", "ECR", "Tolerance", "Verdict", "Mean FNR", "Trivial splits"], rows)
     return out
 
 
@@ -212,7 +176,7 @@ def _sets_coverage_section(result: EvaluationResult, z: float) -> list[str]:
         "joint: both. Marginal sets guarantee inner and outer coverage >= 1 - alpha each; joint-split "
         "sets (alpha/2 each) guarantee joint coverage >= 1 - alpha. All cases (with or without lesion) "
         f"are used; {result.n_test} test case(s) per split. Baseline 0.5 mask for reference: inside the "
-        f"lesion {_pm(result.baseline['inside'])}, containing it {_pm(result.baseline['contains'])}.",
+        f"lesion {pm(result.baseline['inside'])}, containing it {pm(result.baseline['contains'])}.",
         "",
     ]
     for name, modes in result.sets.items():
@@ -224,25 +188,25 @@ def _sets_coverage_section(result: EvaluationResult, z: float) -> list[str]:
                         coverage_status(float(mean_std(arrays[k][:, a])[0]), alpha, result.n_test, z)
                         for k in ("inner_coverage", "outer_coverage")
                     ]
-                    verdict = "n/a" if "n/a" in states else ("PASS" if states == ["PASS", "PASS"] else "CHECK")
+                    status = "n/a" if "n/a" in states else ("PASS" if states == ["PASS", "PASS"] else "CHECK")
                 else:
-                    verdict = coverage_status(
+                    status = coverage_status(
                         float(mean_std(arrays["joint_coverage"][:, a])[0]), alpha, result.n_test, z
                     )
-                verdict = _verdict(verdict, int(arrays["trivial"][:, a].sum()), S)
+                shown = verdict(status, int(arrays["trivial"][:, a].sum()), S)
                 rows.append(
                     [
                         f"{alpha}",
-                        _fmt(1 - alpha),
-                        _pm(arrays["inner_coverage"][:, a]),
-                        _pm(arrays["outer_coverage"][:, a]),
-                        _pm(arrays["joint_coverage"][:, a]),
-                        verdict,
-                        _trivial(int(arrays["trivial"][:, a].sum()), S),
+                        fmt(1 - alpha),
+                        pm(arrays["inner_coverage"][:, a]),
+                        pm(arrays["outer_coverage"][:, a]),
+                        pm(arrays["joint_coverage"][:, a]),
+                        shown,
+                        trivial_text(int(arrays["trivial"][:, a].sum()), S),
                     ]
                 )
             out += [f"### transform {name}, {mode}", ""]
-            out += _table(["alpha", "Target 1-alpha", "Inner", "Outer", "Joint", "Verdict", "Trivial splits"], rows)
+            out += table(["alpha", "Target 1-alpha", "Inner", "Outer", "Joint", "Verdict", "Trivial splits"], rows)
     return out
 
 
@@ -253,15 +217,15 @@ def _sets_size_section(result: EvaluationResult) -> list[str]:
             rows = [
                 [
                     f"{alpha}",
-                    _pm(arrays["inner_voxels"][:, a], 1),
-                    _pm(arrays["inner_ml"][:, a], 3),
-                    _pm(arrays["outer_voxels"][:, a], 1),
-                    _pm(arrays["outer_ml"][:, a], 3),
+                    pm(arrays["inner_voxels"][:, a], 1),
+                    pm(arrays["inner_ml"][:, a], 3),
+                    pm(arrays["outer_voxels"][:, a], 1),
+                    pm(arrays["outer_ml"][:, a], 3),
                 ]
                 for a, alpha in enumerate(result.config.alphas)
             ]
             out += [f"### transform {name}, {mode}", ""]
-            out += _table(["alpha", "Inner (voxels)", "Inner (mL)", "Outer (voxels)", "Outer (mL)"], rows)
+            out += table(["alpha", "Inner (voxels)", "Inner (mL)", "Outer (voxels)", "Outer (mL)"], rows)
     return out
 
 
@@ -270,12 +234,12 @@ def _pc_section(result: EvaluationResult) -> list[str]:
     out = ["## Prediction compactness (predicted / total voxels)", ""]
     header = ["alpha"] + [f"CLS epsilon={eps}" for eps in cfg.epsilons]
     rows = [
-        [f"{alpha}"] + [_pm(result.cls["pc"][:, e, a], 4) for e in range(len(cfg.epsilons))]
+        [f"{alpha}"] + [pm(result.cls["pc"][:, e, a], 4) for e in range(len(cfg.epsilons))]
         for a, alpha in enumerate(cfg.alphas)
     ]
-    rows.append(["CRC (no alpha)"] + [_pm(result.crc["pc"][:, e], 4) for e in range(len(cfg.epsilons))])
-    rows.append([f"baseline {BASELINE_CUTOFF}"] + [_pm(result.baseline["pc"], 4)] * len(cfg.epsilons))
-    return out + _table(header, rows)
+    rows.append(["CRC (no alpha)"] + [pm(result.crc["pc"][:, e], 4) for e in range(len(cfg.epsilons))])
+    rows.append([f"baseline {BASELINE_CUTOFF}"] + [pm(result.baseline["pc"], 4)] * len(cfg.epsilons))
+    return out + table(header, rows)
 
 
 # ----------------------------------------------------------------------------- plots
@@ -408,7 +372,7 @@ def write_report(
     text = json.dumps(result.to_dict(), indent=1, allow_nan=False)
     written.append(atomic_write_text(paths[0], text + "\n", force=force))
     written.append(atomic_write_text(paths[1], render_markdown(result, z), force=force))
-    for path, draw in zip(paths[2:], (_plot_ecr, _plot_fnr, _plot_pc, _plot_coverage)):
+    for path, draw in zip(paths[2:], (_plot_ecr, _plot_fnr, _plot_pc, _plot_coverage, plot_sensitivity_by_size)):
         fig = draw(result)
         with atomic_output(path, force=force) as tmp:
             fig.savefig(tmp, format="png")

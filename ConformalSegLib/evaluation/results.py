@@ -101,6 +101,9 @@ class EvaluationResult:
     sets: dict[str, dict[str, dict[str, np.ndarray]]]
     per_case: dict[str, np.ndarray]
     warnings: list[str] = field(default_factory=list)
+    lesion: dict[str, np.ndarray] = field(default_factory=dict)  # lesion-level method (see .lesion_protocol)
+    bands: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # slider-safe bands: "cls", "lesion"
+    lesionwise: dict[str, Any] = field(default_factory=dict)  # method -> lesion-wise metrics
 
     @property
     def n_cases(self) -> int:
@@ -120,9 +123,96 @@ class EvaluationResult:
         rows: list[dict[str, Any]] = []
         for e, eps in enumerate(self.config.epsilons):
             rows += self._threshold_rows(e, eps)
+            rows += self._lesion_rows(e, eps)
+        rows += self._band_rows()
         for name, modes in self.sets.items():
             for mode, arrays in modes.items():
                 rows += self._sets_rows(name, mode, arrays)
+        return rows
+
+    def _lesion_rows(self, e: int, eps: float) -> list[dict[str, Any]]:
+        """Lesion-level rows (one per alpha) of epsilon ``eps``: the guarantee is on ``lesion_ecr``."""
+        if not self.lesion:
+            return []
+        n_l = float(np.mean(self.lesion["n_test"]))
+        rows = []
+        for a, alpha in enumerate(self.config.alphas):
+            keys = ("lesion_ecr", "missed_rate", "ecr", "fnr", "pc", "dice")
+            metrics = {k: _stats(self.lesion[k][:, e, a]) for k in keys}
+            trivial = int(self.lesion["trivial"][:, e, a].sum())
+            status = (
+                "trivial"
+                if trivial == self.config.splits
+                else coverage_status(metrics["lesion_ecr"]["mean"], alpha, n_l)
+            )
+            rows.append(
+                {
+                    "method": "lesion",
+                    "epsilon": eps,
+                    "alpha": alpha,
+                    "voxel_epsilon": self.config.voxel_epsilon,
+                    "detect_fraction": self.config.detect_fraction,
+                    "cutoff": _stats(_finite_or_nan(self.lesion["cutoff"][:, e, a])),
+                    "trivial_splits": trivial,
+                    "target": 1 - alpha,
+                    "tolerance": binomial_tolerance(alpha, n_l),
+                    "status": status,
+                    "metrics": metrics,
+                }
+            )
+        return rows
+
+    def _band_rows(self) -> list[dict[str, Any]]:
+        """Slider-safe band rows (one per method and alpha): the guarantee is on ``simultaneous_ecr``."""
+        rows = []
+        for method, band in self.bands.items():
+            n_t = float(np.mean(self.lesion["n_test"] if method == "lesion" else self.cls["n_test"]))
+            for a, alpha in enumerate(self.config.alphas):
+                metrics: dict[str, Any] = {k: _stats(band[k][:, a]) for k in ("simultaneous_ecr", "posthoc_ecr")}
+                metrics["pc_by_epsilon"] = [_stats(band["pc"][:, e, a]) for e in range(len(self.config.epsilons))]
+                trivial = int(band["trivial"][:, :, a].all(axis=1).sum())
+                status = (
+                    "trivial"
+                    if trivial == self.config.splits
+                    else coverage_status(metrics["simultaneous_ecr"]["mean"], alpha, n_t)
+                )
+                rows.append(
+                    {
+                        "method": f"{method}-slider-safe",
+                        "epsilon": list(self.config.epsilons),
+                        "alpha": alpha,
+                        "level": _stats(band["level"][:, a].astype(np.float64)),
+                        "trivial_splits": trivial,
+                        "target": 1 - alpha,
+                        "tolerance": binomial_tolerance(alpha, n_t),
+                        "status": status,
+                        "metrics": metrics,
+                    }
+                )
+        return rows
+
+    def lesionwise_rows(self) -> list[dict[str, Any]]:
+        """Lesion-wise metrics of every method at the main setting (mean / std over splits)."""
+        cfg = self.config
+        e, a = cfg.main_epsilon_index, cfg.main_alpha_index
+        rows = []
+        for method, metrics in self.lesionwise.items():
+            if method == "lesions_per_class":
+                continue
+            ecr, missed = metrics["lesion_ecr"], metrics["missed_rate"]
+            at_main = (lambda x: x[:, e, a]) if ecr.ndim == 3 else (lambda x: x[:, e])
+            rows.append(
+                {
+                    "method": method,
+                    "epsilon": cfg.main_epsilon,
+                    "alpha": cfg.main_alpha if ecr.ndim == 3 else None,
+                    "lesion_ecr": _stats(at_main(ecr)),
+                    "missed_rate": _stats(at_main(missed)),
+                    "sensitivity": {name: _stats(v) for name, v in metrics["sensitivity"].items()},
+                    "fp_components": _stats(metrics["fp_components"]),
+                    "fp_ml": _stats(metrics["fp_ml"]),
+                }
+            )
         return rows
 
     def _threshold_rows(self, e: int, eps: float) -> list[dict[str, Any]]:
@@ -228,6 +318,8 @@ class EvaluationResult:
                     "hd95": cfg.hd95,
                     "empty": cfg.empty,
                     "baseline_cutoff": BASELINE_CUTOFF,
+                    "detect_fraction": cfg.detect_fraction,
+                    "voxel_epsilon": cfg.voxel_epsilon,
                 },
                 "dataset": {
                     "n_cases": self.n_cases,
@@ -241,7 +333,16 @@ class EvaluationResult:
                     "population": self.population,
                 },
                 "summary": self.summary_rows(),
-                "per_split": {"cls": self.cls, "crc": self.crc, "baseline": self.baseline, "sets": self.sets},
+                "lesionwise": self.lesionwise_rows(),
+                "per_split": {
+                    "cls": self.cls,
+                    "crc": self.crc,
+                    "baseline": self.baseline,
+                    "sets": self.sets,
+                    "lesion": self.lesion,
+                    "bands": self.bands,
+                    "lesionwise": self.lesionwise,
+                },
                 "per_case": self.per_case,
                 "splits_test_mask": self.test_mask,
                 "warnings": list(self.warnings),
@@ -297,6 +398,14 @@ def trivial_warnings(result: EvaluationResult) -> list[str]:
             messages.append(
                 f"Expected-FNR control at epsilon={eps}: {reason} in {k} of {S} split(s). Those points "
                 f"are trivial (whole-image mask) and reported as such."
+            )
+    for a, alpha in enumerate(cfg.alphas):
+        k = int(result.lesion["trivial"][:, :, a].any(axis=1).sum()) if result.lesion else 0
+        if k:
+            messages.append(
+                f"Lesion-level control at alpha={alpha}: the calibration side had too few scans with a lesion in "
+                f"{k} of {S} split(s) (at least {min_calibration_size(alpha)} are needed). Those points are trivial "
+                "(whole-image mask) and reported as such."
             )
     for name, modes in result.sets.items():
         for mode, arrays in modes.items():
