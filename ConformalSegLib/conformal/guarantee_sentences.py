@@ -6,8 +6,9 @@ import math
 
 from .cls import ThresholdCalibration
 from .confidence_sets import SetsCalibration
-from .exact import min_calibration_size
+from .exact import min_calibration_size, needed_calibration_size
 from .lesion_level import LesionLevelCalibration
+from .simultaneous import SimultaneousBand
 
 
 def percent(x: float) -> str:
@@ -28,16 +29,11 @@ def guarantee_sentence(calibration: ThresholdCalibration | SetsCalibration) -> s
     if calibration.method == "cls":
         assert calibration.alpha is not None  # CLS always has one
         sentence = (
-            f"With probability at least {percent(1 - calibration.alpha)}, at most "
-            f"{percent(calibration.epsilon)} of the lesion voxels of a new scan are missed; "
-            f"{_cases(calibration.n, 'scan')} with a lesion."
+            f"{_chance(calibration.alpha, calibration.pac_delta)}, at most {percent(calibration.epsilon)} of the "
+            f"lesion voxels of a new scan are missed; {_cases(calibration.n, 'scan')} with a lesion."
         )
         if calibration.is_trivial:
-            sentence += (
-                f" Warning: {calibration.n} scans are too few for alpha = {calibration.alpha:g} "
-                f"(at least {min_calibration_size(calibration.alpha)} are needed), so the mask is the whole "
-                "image."
-            )
+            sentence += _too_few(calibration.n, calibration.alpha, calibration.pac_delta, "the mask is the whole image")
         return sentence
     sentence = (
         f"On average over new scans, at most {percent(calibration.epsilon)} of the lesion voxels are "
@@ -52,7 +48,25 @@ def guarantee_sentence(calibration: ThresholdCalibration | SetsCalibration) -> s
     return sentence
 
 
+def _chance(alpha: float, pac_delta: float | None) -> str:
+    """ "With probability at least 1 - alpha" or, calibration-conditional, the PAC statement's opening."""
+    if pac_delta is None:
+        return f"With probability at least {percent(1 - alpha)}"
+    return (
+        f"With confidence at least {percent(1 - pac_delta)} over the draw of the calibration scans (PAC), for at "
+        f"least {percent(1 - alpha)} of new scans"
+    )
+
+
+def _too_few(n: int, alpha: float, pac_delta: float | None, consequence: str) -> str:
+    needed = needed_calibration_size(alpha, pac_delta)
+    levels = f"alpha = {alpha:g}" if pac_delta is None else f"alpha = {alpha:g} with PAC delta = {pac_delta:g}"
+    return f" Warning: {n} scans are too few for {levels} (at least {needed} are needed), so {consequence}."
+
+
 def _sets_sentence(c: SetsCalibration) -> str:
+    if c.pac_delta is not None:
+        return _pac_sets_sentence(c)
     if c.mode == "marginal":
         sentence = (
             f"With probability at least {percent(1 - c.alpha_inner)}, the inner set lies inside the true "
@@ -102,13 +116,56 @@ def _lesion_level_sentence(c: LesionLevelCalibration) -> str:
     missed = f"at most {percent(c.epsilon)} of the lesions of a new scan are missed"
     if c.voxel_epsilon is not None:
         missed += f" and, at the same time, at most {percent(c.voxel_epsilon)} of its lesion voxels"
-    sentence = (
-        f"With probability at least {percent(1 - c.alpha)}, {missed} ({_detection_rule(c)}); "
-        f"{_cases(c.n, 'scan')} with a lesion."
-    )
+    sentence = f"{_chance(c.alpha, c.pac_delta)}, {missed} ({_detection_rule(c)}); {_cases(c.n, 'scan')} with a lesion."
     if c.is_trivial:
+        sentence += _too_few(c.n, c.alpha, c.pac_delta, "the mask is the whole image")
+    return sentence
+
+
+def _pac_sets_sentence(c: SetsCalibration) -> str:
+    """The calibration-conditional (PAC) statement of confidence sets."""
+    assert c.pac_delta is not None
+    if c.mode == "marginal":
+        body = (
+            f"the inner set lies inside the true lesion for at least {percent(1 - c.alpha_inner)} of new scans, "
+            f"and (separately) the outer set contains it for at least {percent(1 - c.alpha_outer)}"
+        )
+    else:
+        body = (
+            f"for at least {percent(1 - c.alpha)} of new scans the inner set lies inside the true lesion and the "
+            "outer set contains it, both at once"
+        )
+    sentence = (
+        f"With confidence at least {percent(1 - c.pac_delta)} over the draw of the calibration scans (PAC), "
+        f"{body}; {_cases(c.n, 'scan')}."
+    )
+    if (math.isinf(c.inner_threshold) and c.inner_threshold > 0) or (
+        math.isinf(c.outer_threshold) and c.outer_threshold < 0
+    ):
+        sentence += _too_few(
+            c.n,
+            min(c.alpha_inner, c.alpha_outer),
+            c.pac_delta,
+            "the inner set is empty and/or the outer set is the whole image",
+        )
+    return sentence
+
+
+def band_sentence(band: SimultaneousBand, method: str, epsilon: float | None = None) -> str:
+    """The slider-safe statement: one event for every epsilon of the grid (``method``: ``cls`` or ``lesion``)."""
+    grid = band.grid
+    step = f"in steps of {percent(grid[1] - grid[0])}" if len(grid) > 1 else "(one value)"
+    what = "of the lesions" if method == "lesion" else "of the lesion voxels"
+    sentence = (
+        f"Slider-safe: with probability at least {percent(1 - band.alpha)}, for EVERY epsilon on the slider "
+        f"({percent(grid[0])} to {percent(grid[-1])} {step}) at once, the mask at that epsilon misses at most "
+        f"epsilon {what} of a new scan, so epsilon may be chosen after looking; calibrated on {band.n} scans."
+    )
+    if epsilon is not None:
+        sentence += f" Now at epsilon = {percent(epsilon)}."
+    if band.is_trivial:
         sentence += (
-            f" Warning: {c.n} scans are too few for alpha = {c.alpha:g} (at least "
-            f"{min_calibration_size(c.alpha)} are needed), so the mask is the whole image."
+            f" Warning: {band.n} scans are too few for a finite band at alpha = {band.alpha:g} "
+            f"(a fixed epsilon needs {min_calibration_size(band.alpha)}), so the mask is the whole image."
         )
     return sentence
