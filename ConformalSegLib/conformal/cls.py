@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..common.errors import CalibrationSetTooSmallWarning, ConformalSegError
+from ..common.errors import CalibrationSetTooSmallWarning, ConformalSegError, WholeImageWarning
 from .exact import allowed_misses, allowed_misses_array, calibration_rank, check_alpha, needed_calibration_size
 from .summaries import LesionSummaries
 
@@ -110,11 +110,31 @@ class ThresholdCalibration:
     probability_threshold: float  # may be -inf (whole image) or +inf (empty mask)
     rank: int | None = None  # conformal rank k for CLS
     pac_delta: float | None = None  # calibration-conditional (PAC) confidence 1 - pac_delta; None: marginal
+    n_with_lesion: int | None = None  # with the "include" policy: how many of the n scans have a lesion
 
     @property
     def is_trivial(self) -> bool:
-        """True when the calibration set was too small and the mask is the whole image."""
-        return self.probability_threshold == float("-inf")
+        """True when the mask is the whole image: the calibration set was too small (cutoff ``-inf``), or
+        ties at probability 0 put a finite cutoff at ``<= 0`` (``prob >= 0`` is every voxel)."""
+        return self.probability_threshold <= 0
+
+    @property
+    def whole_image_from_ties(self) -> bool:
+        """The whole image from a finite cutoff (ties at 0), not from too few scans."""
+        return self.is_trivial and self.probability_threshold != float("-inf")
+
+
+def warn_if_whole_image_from_ties(method: str, cutoff: float) -> None:
+    """A :class:`~ConformalSegLib.common.errors.WholeImageWarning` naming the cause when a finite cutoff is ``<= 0``."""
+    if cutoff != float("-inf") and cutoff <= 0:
+        warnings.warn(
+            f"{method}: the calibrated cutoff is {cutoff:g}, so the mask 'prob >= cutoff' is the whole image: "
+            "too many calibration scans have lesion voxels tied at probability 0 (saturated or quantised "
+            "probability maps, or a cascade's zero outside its ROIs). Calibrate on unquantised maps or logits, "
+            "or use --tie-breaking random.",
+            WholeImageWarning,
+            stacklevel=3,
+        )
 
 
 def too_small_message(method: str, n: int, needed: int, parameter: str) -> str:
@@ -149,6 +169,7 @@ def calibrate_cls(
             fix="check the lesion label value(s) (--lesion-label) or use --empty include",
         )
     cutoff = conformal_lower_cutoff(critical_cutoffs(summaries, epsilon)[used], alpha, pac_delta)
+    warn_if_whole_image_from_ties("CLS", cutoff)
     if cutoff == float("-inf"):
         warnings.warn(
             too_small_message("CLS", n, needed_calibration_size(alpha, pac_delta), _levels(alpha, pac_delta)),
@@ -164,6 +185,7 @@ def calibrate_cls(
         cutoff,
         calibration_rank(n, alpha, pac_delta),
         None if pac_delta is None else float(pac_delta),
+        int(np.count_nonzero(summaries.lesion_sizes > 0)) if empty == "include" else None,
     )
 
 

@@ -59,6 +59,7 @@ from .exact import (
     needed_calibration_size,
 )
 from .score_transforms import IDENTITY, ScoreTransform, parse_transform
+from .summaries import check_probabilities
 
 MODES = ("marginal", "joint-split", "joint-max")
 
@@ -151,6 +152,7 @@ class SetStatisticsBuilder:
         self._sizes: list[int] = []
 
     def add_case(self, case_id: str, probability: np.ndarray, lesion: np.ndarray, geometry: Geometry) -> None:
+        check_probabilities(probability, str(case_id))
         tau, gamma = case_statistics(probability, lesion, geometry, self.inner, self.outer)
         self._tau.append(tau)
         self._gamma.append(gamma)
@@ -264,6 +266,13 @@ def calibrate_sets(
         check_alpha(pac_delta, "pac_delta")
         delta = float(as_fraction(pac_delta) / 2) if mode == "joint-split" else pac_delta
     if mode == "joint-max":
+        units = (parse_transform(stats.inner_transform).units, parse_transform(stats.outer_transform).units)
+        if units[0] != units[1]:
+            raise ConformalSegError(
+                f"joint (max) confidence sets compare the inner score in {units[0]} with the outer score in "
+                f"{units[1]}: one threshold for both is valid but meaningless across units",
+                fix="use --joint-method split (one threshold per set), or transforms in the same units",
+            )
         lam = conformal_upper_quantile(np.maximum(stats.tau, stats.gamma), alpha, delta)
         inner_thr, outer_thr = lam, -lam
     else:

@@ -6,7 +6,8 @@ import math
 
 from .cls import ThresholdCalibration
 from .confidence_sets import SetsCalibration
-from .exact import min_calibration_size, needed_calibration_size
+from .crc import min_crc_calibration_size
+from .exact import as_fraction, min_calibration_size, needed_calibration_size
 from .lesion_level import LesionLevelCalibration
 from .simultaneous import SimultaneousBand
 
@@ -26,26 +27,50 @@ def guarantee_sentence(calibration: ThresholdCalibration | SetsCalibration) -> s
         return _sets_sentence(calibration)
     if isinstance(calibration, LesionLevelCalibration):
         return _lesion_level_sentence(calibration)
-    if calibration.method == "cls":
-        assert calibration.alpha is not None  # CLS always has one
+    c = calibration
+    if c.method == "cls":
+        assert c.alpha is not None  # CLS always has one
         sentence = (
-            f"{_chance(calibration.alpha, calibration.pac_delta)}, at most {percent(calibration.epsilon)} of the "
-            f"lesion voxels of a new scan are missed; {_cases(calibration.n, 'scan')} with a lesion."
+            f"{_chance(c.alpha, c.pac_delta)}, at most {percent(c.epsilon)} of the lesion voxels of a new scan are "
+            f"missed; {_population(c)}."
         )
-        if calibration.is_trivial:
-            sentence += _too_few(calibration.n, calibration.alpha, calibration.pac_delta, "the mask is the whole image")
+        if c.whole_image_from_ties:
+            sentence += TIES_WARNING
+        elif c.is_trivial:
+            sentence += _too_few(c.n, c.alpha, c.pac_delta, "the mask is the whole image")
         return sentence
     sentence = (
-        f"On average over new scans, at most {percent(calibration.epsilon)} of the lesion voxels are "
-        f"missed (expected FNR control); {_cases(calibration.n, 'scan')} with a lesion."
+        f"On average over new scans, at most {percent(c.epsilon)} of the lesion voxels are missed (expected FNR "
+        f"control); {_population(c)}."
     )
-    if calibration.is_trivial:
-        needed = max(0, math.ceil(1 / calibration.epsilon - 1)) if calibration.epsilon > 0 else "more"
-        sentence += (
-            f" Warning: {calibration.n} scans are too few for epsilon = {calibration.epsilon:g} "
-            f"(at least {needed} are needed), so the mask is the whole image."
-        )
+    if c.whole_image_from_ties:
+        sentence += TIES_WARNING
+    elif c.is_trivial:
+        if as_fraction(c.epsilon) == 0:
+            sentence += " Warning: expected-FNR control needs epsilon > 0, so the mask is the whole image."
+        else:
+            sentence += (
+                f" Warning: {c.n} scans are too few for epsilon = {c.epsilon:g} (at least "
+                f"{min_crc_calibration_size(c.epsilon)} are needed), so the mask is the whole image."
+            )
     return sentence
+
+
+#: Appended when a finite cutoff at 0 selects the whole image (see cls.warn_if_whole_image_from_ties).
+TIES_WARNING = (
+    " Warning: lesion voxels tied at probability 0 put the cutoff at 0, so the mask is the whole image "
+    "(calibrate on unquantised maps or logits, or break ties at random)."
+)
+
+
+def _population(c: ThresholdCalibration) -> str:
+    """Who the guarantee is for: scans with a lesion, or (``include`` policy) all scans, said exactly."""
+    if c.n_with_lesion is None:
+        return f"{_cases(c.n, 'scan')} with a lesion"
+    return (
+        f"{_cases(c.n, 'scan')} ({c.n_with_lesion} with a lesion); the guarantee averages over scans with and "
+        "without a lesion in that proportion"
+    )
 
 
 def _chance(alpha: float, pac_delta: float | None) -> str:
@@ -117,7 +142,9 @@ def _lesion_level_sentence(c: LesionLevelCalibration) -> str:
     if c.voxel_epsilon is not None:
         missed += f" and, at the same time, at most {percent(c.voxel_epsilon)} of its lesion voxels"
     sentence = f"{_chance(c.alpha, c.pac_delta)}, {missed} ({_detection_rule(c)}); {_cases(c.n, 'scan')} with a lesion."
-    if c.is_trivial:
+    if c.whole_image_from_ties:
+        sentence += TIES_WARNING
+    elif c.is_trivial:
         sentence += _too_few(c.n, c.alpha, c.pac_delta, "the mask is the whole image")
     return sentence
 

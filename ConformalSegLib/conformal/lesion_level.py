@@ -64,7 +64,13 @@ import numpy as np
 from scipy import ndimage
 
 from ..common.errors import CalibrationSetTooSmallWarning, ConformalSegError
-from .cls import ThresholdCalibration, conformal_lower_cutoff, critical_cutoffs, too_small_message
+from .cls import (
+    ThresholdCalibration,
+    conformal_lower_cutoff,
+    critical_cutoffs,
+    too_small_message,
+    warn_if_whole_image_from_ties,
+)
 from .exact import (
     allowed_misses_array,
     as_fraction,
@@ -74,7 +80,7 @@ from .exact import (
     detection_counts,
     needed_calibration_size,
 )
-from .summaries import LesionSummaries, round_down_float32
+from .summaries import LesionSummaries, check_probabilities, round_down_float32
 
 METHOD = "lesion"
 DEFAULT_DETECT_FRACTION = 0.5
@@ -261,6 +267,7 @@ class LesionLevelBuilder:
         self._ids: list[str] = []
 
     def add_case(self, case_id: str, probability: np.ndarray, lesion: np.ndarray, voxel_mm3: float = 1.0) -> None:
+        check_probabilities(np.asarray(probability)[np.asarray(lesion, dtype=bool)], str(case_id))
         d, sizes = detection_thresholds(
             probability,
             lesion,
@@ -355,6 +362,8 @@ def calibrate_lesion(
         )
     scores = scan_scores(summaries, epsilon, voxel_epsilon=voxel_epsilon, voxel_summaries=voxel_summaries)
     cutoff = conformal_lower_cutoff(scores[used], alpha, pac_delta)
+    if warn:
+        warn_if_whole_image_from_ties("lesion-level", cutoff)
     if warn and cutoff == float("-inf"):
         levels = f"alpha={alpha}" if pac_delta is None else f"alpha={alpha} with PAC delta={pac_delta}"
         warnings.warn(

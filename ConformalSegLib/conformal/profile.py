@@ -225,6 +225,7 @@ class CalibrationProfile:
                 probability_threshold=_encode_float(c.probability_threshold),
                 rank=c.rank,
                 pac_delta=c.pac_delta,
+                n_with_lesion=c.n_with_lesion,
             )
         if isinstance(c, LesionLevelCalibration):
             doc.update(
@@ -430,6 +431,7 @@ def _read_calibration(
         _decode_float(_require(doc, "probability_threshold", path), "probability_threshold", path),
         doc.get("rank"),
         _optional_float(doc, "pac_delta"),
+        doc.get("n_with_lesion"),
     )
 
 
