@@ -1,9 +1,12 @@
 """The lesion-mask guarantees: thresholds of a probability map with a conformal statement attached.
 
-* :mod:`.exact`: exact arithmetic (epsilon and alpha as the decimals typed, conformal ranks);
+* :mod:`.exact`: exact arithmetic (epsilon and alpha as the decimals typed, conformal and PAC ranks);
 * :mod:`.summaries`: per-scan sorted lesion probabilities, the input of every calibration;
 * :mod:`.cls`: conformal lesion segmentation (Tan et al.), P(FNR <= epsilon) >= 1 - alpha;
 * :mod:`.crc`: expected-FNR control (conformal risk control), E[FNR] <= epsilon;
+* :mod:`.lesion_level`: lesion-level control, P(missed lesions <= epsilon L) >= 1 - alpha, alone or jointly
+  with the voxel FNR;
+* :mod:`.simultaneous`: slider-safe bands, one event for every epsilon of a grid at once;
 * :mod:`.confidence_sets`: inner/outer confidence sets (Davenport), marginal and joint;
 * :mod:`.score_transforms`: the score transforms of the confidence sets (identity, signed distance);
 * :mod:`.guarantee_sentences`: the one-sentence statement of each calibrated guarantee;
