@@ -14,6 +14,7 @@ from ..io.segmentation import LESION_THRESHOLD, write_masks_nifti, write_seg_nrr
 from ..io.volumes import Volume, load_image, load_probability_map, save_volume
 from .cascade_options import add_cascade_argument, cascade_predictor_from_args
 from .common import add_force
+from .deploy_options import add_apply_options, deploy_for_scan
 from .interval_options import add_interval_apply_arguments, is_interval_profile, run_interval_apply
 
 
@@ -55,6 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--compare-threshold", action="store_true", help="also write the fixed 0.5-threshold mask for comparison"
     )
+    add_apply_options(p)
     p.add_argument("--out", type=Path, required=True, help="output folder")
     add_force(p)
     p.set_defaults(func=run)
@@ -71,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
         volume = _predict(args, profile)
     else:
         volume = load_probability_map(args.prob, channel=args.channel)
+    profile, deployed = deploy_for_scan(args, profile, volume)  # the group's or the weighted calibration
     masks = profile.masks(volume.array, volume.geometry)
     if args.compare_threshold:
         masks[LESION_THRESHOLD] = apply_threshold(volume.array, 0.5)
@@ -85,8 +88,9 @@ def run(args: argparse.Namespace) -> int:
     for key in ("summaries", "provenance", "format", "format_version"):
         doc.pop(key, None)
     doc.update(probability_map=str(volume.path), voxels={name: int(m.sum()) for name, m in masks.items()})
+    doc.update(deployed)
     atomic_write_text(summary_path, json.dumps(doc, indent=2) + "\n", force=args.force)
-    print(profile.guarantee)
+    print(deployed["guarantee"])
     for name, mask in masks.items():
         print(f"{name}: {int(mask.sum())} voxels ({mask.sum() * volume.geometry.voxel_volume_mm3 / 1000:.2f} mL)")
     print(f"wrote {seg_path}, {summary_path} and {len(written)} NIfTI mask(s) in {args.out}")
