@@ -168,10 +168,10 @@ class DomainClassifier:
 
 
 def fit_domain_classifier(
-    source: np.ndarray, target: np.ndarray, names: tuple[str, ...], *, C: float = DEFAULT_C
+    source: np.ndarray, target: np.ndarray, names: tuple[str, ...], *, C: float = DEFAULT_C, cv_auc: bool = True
 ) -> tuple[DomainClassifier, float | None]:
     """Fit the classifier (class 0 = calibration scans, 1 = target scans) and its 5-fold cross-validated
-    AUC (None when a class has fewer than 5 scans)."""
+    AUC (None when a class has fewer than 5 scans, or without ``cv_auc``)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold, cross_val_score
     from sklearn.pipeline import make_pipeline
@@ -199,7 +199,7 @@ def fit_domain_classifier(
         float(C),
     )
     auc = None
-    if min(len(source), len(target)) >= 5:
+    if cv_auc and min(len(source), len(target)) >= 5:
         folds = StratifiedKFold(5, shuffle=True, random_state=0)
         auc = float(np.mean(cross_val_score(model, X, y, cv=folds, scoring="roc_auc")))
     return classifier, auc
