@@ -75,11 +75,11 @@ import numpy as np
 from ..common.errors import CalibrationSetTooSmallWarning, ConformalSegError
 from ..common.geometry import Geometry
 from .cls import ThresholdCalibration, used_cases
-from .confidence_sets import SetsCalibration, conformal_upper_quantile
+from .confidence_sets import SetsCalibration
 from .crc import calibrate_crc, min_crc_calibration_size
-from .exact import as_fraction, conformal_rank, min_calibration_size
+from .exact import as_fraction, check_alpha, min_calibration_size
 from .guarantee_sentences import guarantee_sentence
-from .scan_scores import ProfileData, has_scan_scores, rebuild, scan_scores_of
+from .scan_scores import ProfileData, ScanScores, has_scan_scores, rebuild, scan_scores_of
 from .summaries import LesionSummaries
 
 BY_FILE = "file"
@@ -262,9 +262,10 @@ def calibrate_groups(
     if grouping.predicted_index is not None:
         partitions.append(("predicted", grouping.predicted_index))
     results = []
+    scores = scan_scores_of(like, data) if has_scan_scores(like) else None
     for partition, index in partitions:
-        if has_scan_scores(like):
-            results.append(_quantile_groups(grouping, index, like, data))
+        if scores is not None:
+            results.append(_quantile_groups(grouping, index, like, scores))
         else:
             results.append(_crc_groups(grouping, partition, index, like, data))
     mondrian = MondrianCalibration(grouping, *[tuple(r) for r in results])
@@ -281,20 +282,26 @@ def calibrate_groups(
 
 
 def _quantile_groups(
-    grouping: Grouping, index: np.ndarray, like: ThresholdCalibration | SetsCalibration, data: ProfileData
+    grouping: Grouping, index: np.ndarray, like: ThresholdCalibration | SetsCalibration, scores: ScanScores
 ) -> list[GroupCalibration]:
-    scores = scan_scores_of(like, data)
+    """Each group's quantile of each channel: the ``k = ceil((1 - alpha)(n_g + 1))``-th smallest of the
+    group's scores, ``+inf`` when ``k > n_g`` (as :func:`.confidence_sets.conformal_upper_quantile`, with
+    ``1 - alpha`` read once per channel)."""
     needed = needed_scans(like)
+    levels = [(c, 1 - check_alpha(c.alpha)) for c in scores.channels]
     out = []
     for g, name in enumerate(grouping.names):
         members = index == g
         used = members & scores.used
         n_g = int(np.count_nonzero(used))
-        quantiles = {c.name: conformal_upper_quantile(c.scores[used], c.alpha) for c in scores.channels}
-        rank = None
-        if isinstance(like, ThresholdCalibration):
-            assert like.alpha is not None  # cls and lesion
-            rank = conformal_rank(n_g, like.alpha)
+        quantiles, rank = {}, None
+        for channel, level in levels:
+            k = math.ceil(level * (n_g + 1))
+            group_scores = channel.scores[used]
+            quantiles[channel.name] = math.inf if k > n_g else float(np.partition(group_scores, k - 1)[k - 1])
+            rank = k
+        if not isinstance(like, ThresholdCalibration):
+            rank = None
         calibration = rebuild(like, quantiles, n=n_g, n_excluded=int(np.count_nonzero(members)) - n_g, rank=rank)
         out.append(GroupCalibration(name, calibration, needed))
     return out
