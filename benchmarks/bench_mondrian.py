@@ -54,13 +54,13 @@ def _timings(s, table_grouping, size_grouping, members, repeats: int, min_time: 
     rows = [("`calibrate_cls` (marginal, the baseline)", lambda i: calibrate_cls(s, *pair(i)))]
     rows.append(
         (
-            "`calibrate_groups`, 4 groups from a table",
+            "`calibrate_cls` + `calibrate_groups`, 4 groups from a table",
             lambda i: calibrate_groups(table_grouping, calibrate_cls(s, *pair(i)), profile, warn=False),
         )
     )
     rows.append(
         (
-            "`calibrate_groups`, 3 lesion-size bins (true + predicted: 6 thresholds)",
+            "`calibrate_cls` + `calibrate_groups`, 3 lesion-size bins (true + predicted: 6 thresholds)",
             lambda i: calibrate_groups(size_grouping, calibrate_cls(s, *pair(i)), profile, warn=False),
         )
     )

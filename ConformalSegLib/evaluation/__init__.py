@@ -8,5 +8,6 @@
 * :mod:`.progress`: the progress callback and its tqdm drawing;
 * :mod:`.metrics`: FNR, Dice, prediction compactness, HD95, exact voxel counts;
 * :mod:`.report`: ``results.json``, the Markdown report and its plots;
-* :mod:`.figures`: slice overlays of masks on an image.
+* :mod:`.figures`: slice overlays of masks on an image;
+* :mod:`.monitor_figure`: the drift-monitoring plot (martingale and running ECR).
 """
