@@ -80,10 +80,12 @@ def deployment_arrays(profile: DeployableProfile) -> dict[str, np.ndarray]:
 def recalibrated_groups(
     profile: DeployableProfile, new: ThresholdCalibration | SetsCalibration
 ) -> MondrianCalibration | None:
-    """The profile's groups recalibrated at the parameters of ``new`` (None without groups)."""
+    """The profile's groups recalibrated at the parameters of ``new`` (None without groups). No warning here:
+    a too-small group says so in its own sentence, and the marginal calibration, which is what a plain
+    recalibration (e.g. the Slicer slider) shows, is not affected by it."""
     if profile.groups is None:
         return None
-    return calibrate_groups(profile.groups.grouping, new, profile)
+    return calibrate_groups(profile.groups.grouping, new, profile, warn=False)
 
 
 def read_deployment(

@@ -20,10 +20,16 @@ of the calibration nonconformity scores ``s_i`` (:mod:`.scan_scores`) satisfies
 ``P(s_test <= q(X_test)) >= 1 - alpha`` (Tibshirani et al. 2019, Corollary 1), i.e. for CLS
 ``P(FNR_test <= epsilon) >= 1 - alpha`` *at site B*; likewise for lesion-level control and for each
 confidence set at its own level (joint-split: union bound; joint-max: one score). The threshold depends
-on the new scan's weight ``w(x)``, so it is computed per scan at apply time. *Proof sketch*: weighted
-exchangeability of the ``n + 1`` scores (their joint law is exchangeable after a change of measure by
-``prod w``) makes the rank of ``s_test`` among them, weighted by ``p``, have the stated distribution;
-the mass ``p_test`` at ``+inf`` stands in for the unknown test score.
+on the new scan's weight ``w(x)``, so it is computed per scan at apply time.
+
+*Proof* (Tibshirani et al. 2019, Lemma 3 and Theorem 2). Write ``Z_i = (X_i, S_i)``. The joint density of
+``Z_1..Z_{n+1}`` is ``prod_{i<=n} f(z_i) * w(x_{n+1}) f(z_{n+1})`` (same conditional law of ``S`` given
+``X`` at both sites), so given the multiset ``E = {z_1, ..., z_{n+1}}`` of the ``n + 1`` points, the test
+point is ``z_j`` with probability ``w(x_j) / sum_k w(x_k)``. Hence, given ``E``, ``S_{n+1}`` has the law
+``sum_j p_j(E) delta_{s_j}`` and ``P(S_{n+1} <= q_E | E) >= 1 - alpha`` for its ``(1 - alpha)`` quantile
+``q_E``. The computable ``q(x)`` puts the test point's mass at ``+inf`` instead of at the unknown
+``S_{n+1}``, which can only raise the quantile: ``q(X_{n+1}) >= q_E``. Taking the expectation over ``E``,
+``P(S_{n+1} <= q(X_{n+1})) >= 1 - alpha``.
 
 When it does **not** hold: the label process changes (another contouring protocol, ``P(truth | image)``
 differs), the shift is in something the features do not see, site B has scans site A never has (``w``
