@@ -68,6 +68,7 @@ import numpy as np
 
 from ..common.errors import ConformalSegError
 from ..io.atomic import atomic_write_text
+from ..io.json_file import read_json_file
 from .cls import ThresholdCalibration, critical_cutoffs, used_cases
 from .confidence_sets import SetStatistics, SetStatisticsBuilder
 from .deployment import DeployableProfile
@@ -361,13 +362,7 @@ def write_log(
 
 def read_log(path: str | PathLike[str]) -> dict[str, Any]:
     """A monitoring log, checked for its format."""
-    path = Path(path)
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConformalSegError(
-            f"cannot read the monitoring log ({exc})", path=path, fix="rerun conformalseg monitor"
-        ) from exc
+    doc = read_json_file(path, "monitoring log", "rerun conformalseg monitor")
     if not isinstance(doc, dict) or doc.get("format") != LOG_FORMAT or doc.get("format_version") != LOG_VERSION:
         raise ConformalSegError("not a ConformalSeg monitoring log", path=path, fix="rerun conformalseg monitor")
     return doc
