@@ -19,6 +19,7 @@ if str(ROOT) not in sys.path:
 
 from ConformalSegLib.common.errors import CalibrationSetTooSmallWarning, ConformalSegError  # noqa: E402
 from ConformalSegLib.conformal.crc import calibrate_crc, crc_budget, crc_cutoff, min_crc_calibration_size  # noqa: E402
+from ConformalSegLib.conformal.guarantee_sentences import guarantee_sentence
 from ConformalSegLib.conformal.summaries import LesionSummaries  # noqa: E402
 
 INF = float("inf")
@@ -162,8 +163,11 @@ def test_epsilon_zero_and_invalid():
     summ = summaries_from([np.array([0.5], np.float32)] * 3)
     with pytest.raises(ConformalSegError):
         min_crc_calibration_size(0.0)
-    with pytest.raises(ConformalSegError):
-        calibrate_crc(summ, 0.0)
+    # one convention for impossible settings (as the evaluation): the trivial set and a warning
+    with pytest.warns(CalibrationSetTooSmallWarning, match="needs epsilon > 0"):
+        zero = calibrate_crc(summ, 0.0)
+    assert zero.probability_threshold == float("-inf") and zero.is_trivial
+    assert "needs epsilon > 0" in guarantee_sentence(zero)
     for bad in (-0.1, 1.5, float("nan")):
         with pytest.raises(ConformalSegError):
             calibrate_crc(summ, bad)

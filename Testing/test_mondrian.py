@@ -72,34 +72,30 @@ def quiet(fn, *args, **kw):
 
 
 @pytest.mark.parametrize("empty", ["exclude", "include"])
-@pytest.mark.parametrize("eps, alpha", [(0.1, 0.1), (0.2, 0.25), (0.05, 0.05)])
-def test_cls_and_crc_groups_equal_calibrating_each_group_alone(eps, alpha, empty):
+@pytest.mark.parametrize("eps, alpha, pac", [(0.1, 0.1, None), (0.2, 0.25, None), (0.05, 0.05, None), (0.1, 0.2, 0.1)])
+def test_cls_and_crc_groups_equal_calibrating_each_group_alone(eps, alpha, pac, empty):
     rng = np.random.default_rng(1)
     summaries, small = grouped_cases(rng, 90, empty_frac=0.1)
     grouping = grouping_from_table(summaries.case_ids, table(summaries, small))
     assert grouping.names == ("large", "small")
     for like in (
-        quiet(calibrate_cls, summaries, eps, alpha, empty=empty),
+        quiet(calibrate_cls, summaries, eps, alpha, empty=empty, pac_delta=pac),
         quiet(calibrate_crc, summaries, eps, empty=empty),
     ):
         mondrian = quiet(calibrate_groups, grouping, like, CalibrationProfile(like, summaries, empty_policy=empty))
         for g, members in zip(mondrian.groups, (~small, small)):
             subset = summaries.subset(np.flatnonzero(members))
             alone = (
-                quiet(calibrate_cls, subset, eps, alpha, empty=empty)
+                quiet(calibrate_cls, subset, eps, alpha, empty=empty, pac_delta=pac)
                 if like.method == "cls"
                 else quiet(calibrate_crc, subset, eps, empty=empty)
             )
-            assert g.calibration.probability_threshold == alone.probability_threshold
-            assert (g.n, g.calibration.n_excluded_empty, g.calibration.rank) == (
-                alone.n,
-                alone.n_excluded_empty,
-                alone.rank,
-            )
+            assert g.calibration == alone  # thresholds, n, excluded scans, rank, PAC level, scans with a lesion
 
 
+@pytest.mark.parametrize("pac", [None, 0.2])
 @pytest.mark.parametrize("mode", ["marginal", "joint-split", "joint-max"])
-def test_set_groups_equal_calibrating_each_group_alone(mode):
+def test_set_groups_equal_calibrating_each_group_alone(mode, pac):
     rng = np.random.default_rng(2)
     n = 80
     groups = rng.integers(0, 3, n)
@@ -112,21 +108,19 @@ def test_set_groups_equal_calibrating_each_group_alone(mode):
         np.full(n, 5),
     )
     summaries = LesionSummaries.from_sorted((cid, np.ones(5, np.float32)) for cid in stats.case_ids)
-    like = calibrate_sets(stats, alpha=0.2, mode=mode)
+    like = calibrate_sets(stats, alpha=0.2, mode=mode, pac_delta=pac)
     profile = CalibrationProfile(like, summaries, stats, "include")
     grouping = grouping_from_table(stats.case_ids, {c: f"g{g}" for c, g in zip(stats.case_ids, groups)})
-    mondrian = calibrate_groups(grouping, like, profile)
+    mondrian = quiet(calibrate_groups, grouping, like, profile)
     for j, g in enumerate(mondrian.groups):
-        alone = calibrate_sets(stats.subset(np.flatnonzero(groups == j)), alpha=0.2, mode=mode)
-        assert (g.calibration.inner_threshold, g.calibration.outer_threshold, g.n) == (
-            alone.inner_threshold,
-            alone.outer_threshold,
-            alone.n,
+        alone = calibrate_sets(
+            stats.subset(np.flatnonzero(groups == j)), alpha=0.2, mode=mode, pac_delta=pac, warn=False
         )
+        assert g.calibration == alone
 
 
-@pytest.mark.parametrize("voxel_epsilon", [None, 0.2])
-def test_lesion_level_groups_equal_calibrating_each_group_alone(voxel_epsilon):
+@pytest.mark.parametrize("voxel_epsilon, pac", [(None, None), (0.2, None), (0.2, 0.1)])
+def test_lesion_level_groups_equal_calibrating_each_group_alone(voxel_epsilon, pac):
     rng = np.random.default_rng(3)
     n = 60
     counts = rng.integers(0, 5, n)
@@ -137,17 +131,23 @@ def test_lesion_level_groups_equal_calibrating_each_group_alone(voxel_epsilon):
     voxels = LesionSummaries.from_sorted(
         (cid, np.sort(rng.random(10 * k).astype(np.float32))[::-1]) for cid, k in zip(ids, counts)
     )
-    like = calibrate_lesion(lesions, 0.25, 0.2, voxel_epsilon=voxel_epsilon, voxel_summaries=voxels)
+    like = calibrate_lesion(lesions, 0.25, 0.2, voxel_epsilon=voxel_epsilon, voxel_summaries=voxels, pac_delta=pac)
     profile = CalibrationProfile(like, voxels, lesion_level=lesions)
     groups = rng.integers(0, 2, n)
-    mondrian = calibrate_groups(grouping_from_table(ids, {c: str(g) for c, g in zip(ids, groups)}), like, profile)
+    grouping = grouping_from_table(ids, {c: str(g) for c, g in zip(ids, groups)})
+    mondrian = quiet(calibrate_groups, grouping, like, profile)
     for j, g in enumerate(mondrian.groups):
         idx = np.flatnonzero(groups == j)
-        alone = calibrate_lesion(
-            lesions.subset(idx), 0.25, 0.2, voxel_epsilon=voxel_epsilon, voxel_summaries=voxels.subset(idx)
+        alone = quiet(
+            calibrate_lesion,
+            lesions.subset(idx),
+            0.25,
+            0.2,
+            voxel_epsilon=voxel_epsilon,
+            voxel_summaries=voxels.subset(idx),
+            pac_delta=pac,
         )
-        assert g.calibration.probability_threshold == alone.probability_threshold
-        assert (g.n, g.calibration.rank, g.calibration.voxel_epsilon) == (alone.n, alone.rank, voxel_epsilon)
+        assert g.calibration == alone
 
 
 # ----------------------------------------------------------------------------- too small, never a fallback
@@ -248,20 +248,33 @@ def test_file_groups_need_the_group_at_apply_time():
 # ----------------------------------------------------------------------------- profiles on disk
 
 
-def test_profile_round_trip_recalibration_and_hand_edit(tmp_path):
+@pytest.mark.parametrize("empty, pac", [("exclude", None), ("include", 0.1)])
+def test_profile_round_trip_recalibration_and_hand_edit(tmp_path, empty, pac):
     rng = np.random.default_rng(8)
-    summaries, small = grouped_cases(rng, 50)
-    like = calibrate_cls(summaries, 0.1, 0.1)
-    profile = CalibrationProfile(like, summaries)
+    summaries, small = grouped_cases(rng, 80, empty_frac=0.1)
+    like = quiet(calibrate_cls, summaries, 0.1, 0.1, empty=empty, pac_delta=pac)
+    profile = CalibrationProfile(like, summaries, empty_policy=empty)
     grouping = grouping_by_size((2.0,), np.where(small, 1.0, 5.0), np.where(small, 1.5, 4.0))
-    profile = CalibrationProfile(like, summaries, groups=quiet(calibrate_groups, grouping, like, profile))
+    profile = CalibrationProfile(
+        like, summaries, empty_policy=empty, groups=quiet(calibrate_groups, grouping, like, profile)
+    )
     path, _ = profile.save(tmp_path / "p.json")
     loaded = quiet(load_profile, path)
     assert loaded.groups.thresholds() == profile.groups.thresholds()
+    assert (
+        loaded.groups.groups == profile.groups.groups
+        and loaded.groups.predicted_groups == profile.groups.predicted_groups
+    )
     assert np.array_equal(loaded.groups.grouping.predicted_ml, grouping.predicted_ml)
     doc = json.loads(path.read_text())
     assert doc["groups"]["by"] == "lesion-size" and doc["groups"]["edges_ml"] == [2.0]
-    assert [g["n"] for g in doc["groups"]["groups"]] == [int(small.sum()), int((~small).sum())]
+    counted = np.ones(80, bool) if empty == "include" else summaries.lesion_sizes > 0
+    assert [g["n"] for g in doc["groups"]["groups"]] == [int((small & counted).sum()), int((~small & counted).sum())]
+    if empty == "include":
+        assert [g["n_with_lesion"] for g in doc["groups"]["groups"]] == [
+            int((small & (summaries.lesion_sizes > 0)).sum()),
+            int((~small & (summaries.lesion_sizes > 0)).sum()),
+        ]
     # recalibration recomputes every group from the summaries
     again = quiet(loaded.recalibrate, epsilon=0.2, alpha=0.2)
     fresh = quiet(calibrate_groups, grouping, again.calibration, again)

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import numpy as np
@@ -121,3 +122,77 @@ def test_pac_validity():
         coverage = np.mean(rng.random(3000) <= threshold)
         good += coverage >= 1 - alpha
     assert good >= binom.ppf(LEVEL, draws, 1 - delta), good
+
+
+def test_pac_calibrations_use_the_pac_rank_and_round_trip(tmp_path):
+    from ConformalSegLib.conformal.calibration import CalibrationRequest, calibrate
+    from ConformalSegLib.conformal.profile import load_profile
+    from ConformalSegLib.phantoms.simulated_maps import make_cases
+
+    cases = list(make_cases(40, seed=8, shape=(16, 32, 32), empty_probability=0.0))
+    for kw in (
+        dict(method="cls", epsilon=0.1, alpha=0.2),
+        dict(method="lesion", epsilon=0.5, alpha=0.2),
+        dict(method="sets", alpha=0.2),
+        dict(method="sets", alpha=0.2, joint="split"),
+    ):
+        marginal = calibrate(cases, CalibrationRequest(**kw))
+        pac = calibrate(cases, CalibrationRequest(**kw, pac_delta=0.1))
+        assert pac.calibration.pac_delta == 0.1 and "PAC" in pac.guarantee and "PAC" not in marginal.guarantee
+        if kw["method"] != "sets":
+            assert pac.calibration.rank == pac_rank(40, 0.2, 0.1) > marginal.calibration.rank
+            assert pac.calibration.probability_threshold <= marginal.calibration.probability_threshold
+        else:
+            assert pac.calibration.outer_threshold <= marginal.calibration.outer_threshold
+        loaded = load_profile(pac.save(tmp_path / f"{kw['method']}{len(kw)}.json")[0])
+        assert loaded.calibration == pac.calibration
+        assert loaded.recalibrate(alpha=0.3).calibration.pac_delta == 0.1  # kept
+        assert loaded.recalibrate(pac_delta=None).calibration.pac_delta is None
+    with pytest.raises(ConformalSegError, match="does not apply to --method crc"):
+        CalibrationRequest(method="crc", epsilon=0.1, pac_delta=0.1)
+
+
+def test_pac_cls_is_valid_conditionally_on_the_calibration_set():
+    """Over 300 calibration draws: the conditional coverage of THIS profile (estimated on 4,000 fresh
+    scans) is >= 1 - alpha in at least a fraction 1 - delta of the draws (binomial test, level 0.001),
+    while the marginal rank falls short in far more draws."""
+    rng = np.random.default_rng(11)
+    n, alpha, delta, draws = 49, 0.2, 0.1, 300
+    test = pool(rng, 4000)
+    c_test = critical_cutoffs(test, 0.1)
+    good_pac = good_marginal = 0
+    for _ in range(draws):
+        cal = pool(rng, n)
+        pac = calibrate_cls(cal, 0.1, alpha, pac_delta=delta).probability_threshold
+        marginal = calibrate_cls(cal, 0.1, alpha).probability_threshold
+        good_pac += np.mean(c_test >= pac) >= 1 - alpha
+        good_marginal += np.mean(c_test >= marginal) >= 1 - alpha
+    assert good_pac >= binom.ppf(LEVEL, draws, 1 - delta), good_pac
+    assert good_marginal < good_pac
+
+
+def test_profile_slider_band_and_apply(tmp_path):
+    from ConformalSegLib.cli import main
+    from ConformalSegLib.conformal.calibration import CalibrationRequest, calibrate
+    from ConformalSegLib.phantoms.simulated_dataset import write_synthetic_dataset
+
+    data = write_synthetic_dataset(tmp_path / "data", 30, seed=4, shape=(16, 32, 32))
+    from ConformalSegLib.io.dataset import CalibrationDataset
+
+    dataset = CalibrationDataset.from_root(data, (2,))
+    for method, eps in (("cls", 0.1), ("lesion", 0.5)):
+        profile = calibrate(dataset, CalibrationRequest(method=method, epsilon=eps, alpha=0.2))
+        band = profile.slider_band()
+        assert band.alpha == 0.2 and band.level >= band.fixed_rank
+        assert band.threshold(eps) <= profile.calibration.probability_threshold  # simultaneity costs, never gains
+        path = tmp_path / f"{method}.json"
+        profile.save(path)
+        out = tmp_path / f"applied_{method}"
+        code = main(["apply", "--profile", str(path), "--prob", str(data / "probs" / "synth_000.nii.gz"),
+                     "--slider-safe", "--epsilon", "0.2", "--out", str(out)])  # fmt: skip
+        assert code == 0
+        summary = json.loads((out / "apply.json").read_text())
+        assert summary["slider_safe"] and "for EVERY epsilon on the slider" in summary["guarantee"]
+    sets = calibrate(dataset, CalibrationRequest(method="sets", alpha=0.2))
+    with pytest.raises(ConformalSegError, match="slider-safe bands are for CLS and lesion-level"):
+        sets.slider_band()

@@ -454,13 +454,13 @@ def test_guarantee_text_and_too_small_warning(state, slider_fixture):
     assert sets.has_warning and sets.segments[INNER_SET].voxels == 0
 
 
-def test_invalid_setting_reports_error_and_keeps_last_masks(state):
-    good = state.update(SliderSettings(0.1, 0.2, 0.2, 0.2))
-    crc_voxels = good.segments[LESION_CRC].voxels
-    bad = state.update(SliderSettings(0.0, 0.2, 0.2, 0.2))  # expected-FNR control needs epsilon > 0
-    assert any("epsilon > 0" in e for e in bad.errors) and bad.has_warning and "Error:" in bad.text
-    assert bad.segments[LESION_CRC].voxels == crc_voxels and not bad.segments[LESION_CRC].changed
-    assert bad.segments[LESION_FNR].changed  # CLS at epsilon = 0 is valid
+def test_impossible_setting_gives_the_trivial_mask_with_a_warning(state, slider_fixture):
+    state.update(SliderSettings(0.1, 0.2, 0.2, 0.2))
+    zero = state.update(SliderSettings(0.0, 0.2, 0.2, 0.2))  # expected-FNR control needs epsilon > 0
+    assert zero.has_warning and not zero.errors
+    assert any("needs epsilon > 0" in g for g in zero.guarantees)
+    assert zero.segments[LESION_CRC].voxels == slider_fixture.case.probability.size  # the whole image, as the CLI
+    assert zero.segments[LESION_FNR].changed  # CLS at epsilon = 0 is valid
 
 
 def test_slider_values_are_snapped_to_the_displayed_decimals(state):

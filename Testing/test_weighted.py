@@ -209,6 +209,15 @@ def test_weighted_sets_use_each_channel_at_its_level():
     assert result.calibration.outer_threshold == -weighted_conformal_quantile(stats.gamma, w, 2.0, 0.2)
 
 
+def test_pac_profiles_have_no_weighted_version():
+    summaries = shifted_cases(np.random.default_rng(2), np.zeros(40))
+    like = calibrate_cls(summaries, 0.1, 0.2, pac_delta=0.1)
+    with pytest.raises(ConformalSegError, match="not a PAC one"):
+        weighted_calibration(
+            like, CalibrationProfile(like, summaries), _weighting(ORACLE, np.zeros(40), np.ones(5)), 1.0
+        )
+
+
 def test_crc_has_no_weighted_version():
     summaries = shifted_cases(np.random.default_rng(1), np.zeros(20))
     like = calibrate_crc(summaries, 0.1)

@@ -31,6 +31,7 @@ BENCHMARKS = (
     "bench_slider.py",
     "bench_inference.py",
     "bench_semcrc.py",
+    "bench_lesion_level.py",
 )
 
 

@@ -6,8 +6,11 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
+
 from ..common.errors import ConformalSegError
-from ..conformal.cls import apply_threshold
+from ..conformal.cls import ThresholdCalibration, apply_threshold
+from ..conformal.guarantee_sentences import band_sentence
 from ..conformal.profile import UNCHANGED, CalibrationProfile, Unchanged, load_profile
 from ..io.atomic import atomic_write_text, check_can_write
 from ..io.segmentation import LESION_THRESHOLD, write_masks_nifti, write_seg_nrrd
@@ -50,6 +53,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--no-voxel-epsilon", action="store_true", help="lesion profiles: recalibrate without the voxel-FNR part"
     )
+    p.add_argument(
+        "--slider-safe",
+        action="store_true",
+        help="cls/lesion profiles: use the slider-safe band (valid for every epsilon of the 0.01 grid at once) at "
+        "--epsilon, instead of the threshold for that one epsilon",
+    )
     p.add_argument("--alpha", type=float, help="recalibrate for this risk level")
     p.add_argument("--alpha-inner", type=float, help="sets: recalibrate the inner level")
     p.add_argument("--alpha-outer", type=float, help="sets: recalibrate the outer level")
@@ -75,6 +84,9 @@ def run(args: argparse.Namespace) -> int:
         volume = load_probability_map(args.prob, channel=args.channel)
     profile, deployed = deploy_for_scan(args, profile, volume)  # the group's or the weighted calibration
     masks = profile.masks(volume.array, volume.geometry)
+    guarantee = deployed["guarantee"]
+    if args.slider_safe:
+        masks, guarantee = _slider_safe_masks(args, profile, volume)
     if args.compare_threshold:
         masks[LESION_THRESHOLD] = apply_threshold(volume.array, 0.5)
     seg_path = args.out / "segmentation.seg.nrrd"
@@ -89,8 +101,10 @@ def run(args: argparse.Namespace) -> int:
         doc.pop(key, None)
     doc.update(probability_map=str(volume.path), voxels={name: int(m.sum()) for name, m in masks.items()})
     doc.update(deployed)
+    if args.slider_safe:
+        doc.update(slider_safe=True, guarantee=guarantee)
     atomic_write_text(summary_path, json.dumps(doc, indent=2) + "\n", force=args.force)
-    print(deployed["guarantee"])
+    print(guarantee)
     for name, mask in masks.items():
         print(f"{name}: {int(mask.sum())} voxels ({mask.sum() * volume.geometry.voxel_volume_mm3 / 1000:.2f} mL)")
     print(f"wrote {seg_path}, {summary_path} and {len(written)} NIfTI mask(s) in {args.out}")
@@ -119,6 +133,22 @@ def _recalibrated(args: argparse.Namespace, profile: CalibrationProfile) -> Cali
         alpha_outer=args.alpha_outer,
         voxel_epsilon=voxel,
     )
+
+
+def _slider_safe_masks(
+    args: argparse.Namespace, profile: CalibrationProfile, volume: Volume
+) -> tuple[dict[str, np.ndarray], str]:
+    """The mask of the slider-safe band at ``--epsilon`` and the band's sentence."""
+    if profile.method not in ("cls", "lesion"):
+        raise ConformalSegError(
+            "--slider-safe applies to cls and lesion-level profiles", path=args.profile, fix="leave it out"
+        )
+    band = profile.slider_band(alpha=args.alpha)
+    calibration = profile.calibration
+    assert isinstance(calibration, ThresholdCalibration)  # cls and lesion-level profiles
+    epsilon = calibration.epsilon if args.epsilon is None else args.epsilon
+    mask = apply_threshold(volume.array, band.threshold(epsilon))
+    return {profile.mask_name: mask}, band_sentence(band, profile.method, epsilon)
 
 
 def _predict(args: argparse.Namespace, profile: CalibrationProfile) -> Volume:

@@ -63,6 +63,14 @@ def add_method_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--epsilon", type=float, help="FNR tolerance (cls, crc); missed-lesion tolerance (lesion)")
     p.add_argument("--alpha", type=float, help="risk level (cls, lesion, sets)")
+    p.add_argument(
+        "--pac-delta",
+        type=float,
+        default=None,
+        metavar="D",
+        help="cls, lesion, sets: calibration-conditional guarantee -- with confidence 1 - D over the draw of the "
+        "calibration scans, THIS profile covers at least 1 - alpha of new scans (needs more scans; e.g. 0.05)",
+    )
     add_lesion_level_options(p)
     p.add_argument("--alpha-inner", type=float, help="sets: risk level of the inner set")
     p.add_argument("--alpha-outer", type=float, help="sets: risk level of the outer set")
@@ -144,6 +152,7 @@ def request_from_args(args: argparse.Namespace, provenance: dict) -> Calibration
         voxel_epsilon=args.voxel_epsilon,
         min_lesion_voxels=args.min_lesion_voxels,
         min_lesion_mm3=args.min_lesion_mm3,
+        pac_delta=args.pac_delta,
     )
 
 

@@ -208,6 +208,12 @@ def deploy_for_scan(
     args: argparse.Namespace, profile: CalibrationProfile, volume: Volume
 ) -> tuple[CalibrationProfile, dict[str, Any]]:
     """The profile whose calibration applies to this scan, and what apply.json records about the choice."""
+    if getattr(args, "slider_safe", False) and (profile.groups is not None or profile.weighting is not None):
+        raise ConformalSegError(
+            "slider-safe bands are not available for group-conditional or weighted profiles",
+            path=args.profile,
+            fix="leave out --slider-safe",
+        )
     if profile.groups is not None:
         choice = choose_group(profile.groups, args.group, volume.array, volume.geometry)
         info: dict[str, Any] = {"group": choice.group.name, "group_by_prediction": choice.predicted}

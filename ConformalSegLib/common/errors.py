@@ -30,3 +30,8 @@ class CalibrationSetTooSmallWarning(UserWarning):
     """The calibration set is too small for the requested risk level: the conformal quantile is
     infinite, so the result is the trivial (whole image / empty) set. The message says how many
     cases are needed."""
+
+
+class WholeImageWarning(UserWarning):
+    """A finite threshold still selects the whole image: ties at probability 0 (saturated or quantised
+    maps, a cascade's zero outside its ROIs) put the calibrated cutoff at 0, and ``prob >= 0`` is every voxel."""

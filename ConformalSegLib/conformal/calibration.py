@@ -19,7 +19,7 @@ from ..common.geometry import Geometry
 from .cls import ThresholdCalibration, calibrate_cls
 from .confidence_sets import SetsCalibration, SetStatistics, SetStatisticsBuilder, calibrate_sets
 from .crc import calibrate_crc
-from .exact import check_detect_fraction, check_epsilon
+from .exact import check_alpha, check_detect_fraction, check_epsilon
 from .lesion_level import DEFAULT_DETECT_FRACTION, LesionLevelBuilder, calibrate_lesion, check_min_size
 from .profile import METHODS, CalibrationProfile
 from .score_transforms import parse_transform
@@ -45,6 +45,7 @@ class CalibrationRequest:
     voxel_epsilon: float | None = None  # lesion: joint with the voxel FNR at this tolerance
     min_lesion_voxels: int = 0  # lesion: smaller lesions are not counted
     min_lesion_mm3: float = 0.0
+    pac_delta: float | None = None  # cls, lesion, sets: calibration-conditional (PAC) at confidence 1 - pac_delta
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -63,6 +64,13 @@ class CalibrationRequest:
                 raise ConformalSegError(
                     "--method lesion calibrates on scans with a lesion only", fix="leave out --empty include"
                 )
+        if self.pac_delta is not None:
+            if self.method == "crc":
+                raise ConformalSegError(
+                    "--pac-delta does not apply to --method crc (an expected-risk guarantee)",
+                    fix="use --method cls for a per-scan guarantee with PAC confidence",
+                )
+            check_alpha(self.pac_delta, "pac_delta")
         if self.joint not in (None, "split", "max"):
             raise ConformalSegError(f"unknown joint method {self.joint!r}", fix="use split or max")
         parse_transform(self.inner_transform)
@@ -116,7 +124,9 @@ def calibrate(cases: Iterable[Any], request: CalibrationRequest) -> CalibrationP
     lesion_level = None
     if request.method == "cls":
         assert request.epsilon is not None and request.alpha is not None  # checked in __post_init__
-        calibration = calibrate_cls(lesion_summaries, request.epsilon, request.alpha, empty=empty)
+        calibration = calibrate_cls(
+            lesion_summaries, request.epsilon, request.alpha, empty=empty, pac_delta=request.pac_delta
+        )
     elif request.method == "crc":
         assert request.epsilon is not None  # checked in __post_init__
         calibration = calibrate_crc(lesion_summaries, request.epsilon, empty=empty)
@@ -129,6 +139,7 @@ def calibrate(cases: Iterable[Any], request: CalibrationRequest) -> CalibrationP
             request.alpha,
             voxel_epsilon=request.voxel_epsilon,
             voxel_summaries=lesion_summaries,
+            pac_delta=request.pac_delta,
         )
     else:
         assert sets is not None
@@ -140,6 +151,7 @@ def calibrate(cases: Iterable[Any], request: CalibrationRequest) -> CalibrationP
             alpha_inner=request.alpha_inner,
             alpha_outer=request.alpha_outer,
             mode=request.sets_mode,
+            pac_delta=request.pac_delta,
         )
     provenance = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **request.provenance}
     return CalibrationProfile(calibration, lesion_summaries, stats, empty, provenance, lesion_level)

@@ -38,8 +38,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..common.errors import CalibrationSetTooSmallWarning, ConformalSegError
-from .exact import allowed_misses, allowed_misses_array, check_alpha, conformal_rank, min_calibration_size
+from ..common.errors import CalibrationSetTooSmallWarning, ConformalSegError, WholeImageWarning
+from .exact import allowed_misses, allowed_misses_array, calibration_rank, check_alpha, needed_calibration_size
 from .summaries import LesionSummaries
 
 EMPTY_POLICIES = ("exclude", "include")
@@ -70,15 +70,16 @@ def critical_cutoffs(summaries: LesionSummaries, epsilon: float) -> np.ndarray:
     return out
 
 
-def conformal_lower_cutoff(cutoffs: np.ndarray, alpha: float) -> float:
-    """``k``-th largest of ``cutoffs`` with ``k = ceil((1 - alpha)(n + 1))``; ``-inf`` when ``k > n``.
+def conformal_lower_cutoff(cutoffs: np.ndarray, alpha: float, pac_delta: float | None = None) -> float:
+    """``k``-th largest of ``cutoffs`` with ``k = ceil((1 - alpha)(n + 1))`` (with ``pac_delta``: the PAC
+    rank of :func:`~ConformalSegLib.conformal.exact.pac_rank`); ``-inf`` when ``k > n``.
 
     This is the largest cutoff ``c`` that, by exchangeability, is at most a fresh case's ``c_test``
     with probability ``>= 1 - alpha``.
     """
     cutoffs = np.asarray(cutoffs, dtype=np.float64)
     n = cutoffs.size
-    k = conformal_rank(n, alpha)
+    k = calibration_rank(n, alpha, pac_delta)
     if k > n:
         return float("-inf")
     return float(np.partition(cutoffs, n - k)[n - k])
@@ -108,11 +109,32 @@ class ThresholdCalibration:
     n_excluded_empty: int
     probability_threshold: float  # may be -inf (whole image) or +inf (empty mask)
     rank: int | None = None  # conformal rank k for CLS
+    pac_delta: float | None = None  # calibration-conditional (PAC) confidence 1 - pac_delta; None: marginal
+    n_with_lesion: int | None = None  # with the "include" policy: how many of the n scans have a lesion
 
     @property
     def is_trivial(self) -> bool:
-        """True when the calibration set was too small and the mask is the whole image."""
-        return self.probability_threshold == float("-inf")
+        """True when the mask is the whole image: the calibration set was too small (cutoff ``-inf``), or
+        ties at probability 0 put a finite cutoff at ``<= 0`` (``prob >= 0`` is every voxel)."""
+        return self.probability_threshold <= 0
+
+    @property
+    def whole_image_from_ties(self) -> bool:
+        """The whole image from a finite cutoff (ties at 0), not from too few scans."""
+        return self.is_trivial and self.probability_threshold != float("-inf")
+
+
+def warn_if_whole_image_from_ties(method: str, cutoff: float) -> None:
+    """A :class:`~ConformalSegLib.common.errors.WholeImageWarning` naming the cause when a finite cutoff is ``<= 0``."""
+    if cutoff != float("-inf") and cutoff <= 0:
+        warnings.warn(
+            f"{method}: the calibrated cutoff is {cutoff:g}, so the mask 'prob >= cutoff' is the whole image: "
+            "too many calibration scans have lesion voxels tied at probability 0 (saturated or quantised "
+            "probability maps, or a cascade's zero outside its ROIs). Calibrate on unquantised maps or logits, "
+            "or use --tie-breaking random.",
+            WholeImageWarning,
+            stacklevel=3,
+        )
 
 
 def too_small_message(method: str, n: int, needed: int, parameter: str) -> str:
@@ -123,10 +145,22 @@ def too_small_message(method: str, n: int, needed: int, parameter: str) -> str:
 
 
 def calibrate_cls(
-    summaries: LesionSummaries, epsilon: float, alpha: float, *, empty: str = "exclude"
+    summaries: LesionSummaries,
+    epsilon: float,
+    alpha: float,
+    *,
+    empty: str = "exclude",
+    pac_delta: float | None = None,
 ) -> ThresholdCalibration:
-    """CLS calibration from summaries: exact, in O(n) after the summaries exist."""
+    """CLS calibration from summaries: exact, in O(n) after the summaries exist.
+
+    With ``pac_delta`` the guarantee is calibration-conditional: with probability ``>= 1 - pac_delta``
+    over the draw of the calibration scans, ``P(FNR_test <= epsilon | calibration) >= 1 - alpha``
+    (the rank of :func:`~ConformalSegLib.conformal.exact.pac_rank`; module docstring of ``exact``).
+    """
     check_alpha(alpha)
+    if pac_delta is not None:
+        check_alpha(pac_delta, "pac_delta")
     used = used_cases(summaries, empty)
     n = int(np.count_nonzero(used))
     if n == 0:
@@ -134,16 +168,29 @@ def calibrate_cls(
             "no calibration case with a lesion: CLS needs cases with lesion voxels",
             fix="check the lesion label value(s) (--lesion-label) or use --empty include",
         )
-    cutoff = conformal_lower_cutoff(critical_cutoffs(summaries, epsilon)[used], alpha)
+    cutoff = conformal_lower_cutoff(critical_cutoffs(summaries, epsilon)[used], alpha, pac_delta)
+    warn_if_whole_image_from_ties("CLS", cutoff)
     if cutoff == float("-inf"):
         warnings.warn(
-            too_small_message("CLS", n, min_calibration_size(alpha), f"alpha={alpha}"),
+            too_small_message("CLS", n, needed_calibration_size(alpha, pac_delta), _levels(alpha, pac_delta)),
             CalibrationSetTooSmallWarning,
             stacklevel=2,
         )
     return ThresholdCalibration(
-        "cls", float(epsilon), float(alpha), n, summaries.n - n, cutoff, conformal_rank(n, alpha)
+        "cls",
+        float(epsilon),
+        float(alpha),
+        n,
+        summaries.n - n,
+        cutoff,
+        calibration_rank(n, alpha, pac_delta),
+        None if pac_delta is None else float(pac_delta),
+        int(np.count_nonzero(summaries.lesion_sizes > 0)) if empty == "include" else None,
     )
+
+
+def _levels(alpha: float, pac_delta: float | None) -> str:
+    return f"alpha={alpha}" if pac_delta is None else f"alpha={alpha} with PAC delta={pac_delta}"
 
 
 def apply_threshold(probability: np.ndarray, threshold: float, out: np.ndarray | None = None) -> np.ndarray:

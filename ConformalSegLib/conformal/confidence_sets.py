@@ -52,17 +52,24 @@ import numpy as np
 from ..common.errors import CalibrationSetTooSmallWarning, ConformalSegError
 from ..common.geometry import Geometry
 from .cls import apply_threshold, too_small_message
-from .exact import as_fraction, check_alpha, conformal_rank, min_calibration_size
+from .exact import (
+    as_fraction,
+    calibration_rank,
+    check_alpha,
+    needed_calibration_size,
+)
 from .score_transforms import IDENTITY, ScoreTransform, parse_transform
+from .summaries import check_probabilities
 
 MODES = ("marginal", "joint-split", "joint-max")
 
 
-def conformal_upper_quantile(scores: np.ndarray, alpha: float) -> float:
-    """``ceil((1 - alpha)(n + 1))``-th smallest score, ``+inf`` when that rank exceeds ``n``."""
+def conformal_upper_quantile(scores: np.ndarray, alpha: float, pac_delta: float | None = None) -> float:
+    """``ceil((1 - alpha)(n + 1))``-th smallest score (with ``pac_delta``: the PAC rank), ``+inf`` when that
+    rank exceeds ``n``."""
     scores = np.asarray(scores, dtype=np.float64)
     n = scores.size
-    k = conformal_rank(n, alpha)
+    k = calibration_rank(n, alpha, pac_delta)
     if k > n:
         return float("inf")
     return float(np.partition(scores, k - 1)[k - 1])
@@ -145,6 +152,7 @@ class SetStatisticsBuilder:
         self._sizes: list[int] = []
 
     def add_case(self, case_id: str, probability: np.ndarray, lesion: np.ndarray, geometry: Geometry) -> None:
+        check_probabilities(probability, str(case_id))
         tau, gamma = case_statistics(probability, lesion, geometry, self.inner, self.outer)
         self._tau.append(tau)
         self._gamma.append(gamma)
@@ -175,6 +183,7 @@ class SetsCalibration:
     outer_threshold: float
     inner_transform: str
     outer_transform: str
+    pac_delta: float | None = None  # calibration-conditional (PAC) confidence 1 - pac_delta; None: marginal
 
 
 def resolve_levels(
@@ -239,21 +248,41 @@ def calibrate_sets(
     alpha_outer: float | None = None,
     mode: str = "marginal",
     warn: bool = True,
+    pac_delta: float | None = None,
 ) -> SetsCalibration:
-    """Calibrate inner/outer thresholds from per-case statistics (exact order statistics)."""
+    """Calibrate inner/outer thresholds from per-case statistics (exact order statistics).
+
+    With ``pac_delta`` (calibration-conditional, PAC): ``marginal`` calibrates each set at
+    ``(alpha_x, pac_delta)`` (each statement holds for this calibration set with confidence
+    ``1 - pac_delta``); ``joint-max`` its one score at ``(alpha, pac_delta)``; ``joint-split`` each set
+    at ``(alpha_x, pac_delta / 2)``, so that by the union bound, with confidence ``1 - pac_delta`` both
+    conditional coverages hold together and the joint one is ``>= 1 - alpha_inner - alpha_outer``.
+    """
     alpha, alpha_inner, alpha_outer = resolve_levels(alpha, alpha_inner, alpha_outer, mode)
     if stats.n == 0:
         raise ConformalSegError("no calibration cases for confidence sets")
+    delta = None
+    if pac_delta is not None:
+        check_alpha(pac_delta, "pac_delta")
+        delta = float(as_fraction(pac_delta) / 2) if mode == "joint-split" else pac_delta
     if mode == "joint-max":
-        lam = conformal_upper_quantile(np.maximum(stats.tau, stats.gamma), alpha)
+        units = (parse_transform(stats.inner_transform).units, parse_transform(stats.outer_transform).units)
+        if units[0] != units[1]:
+            raise ConformalSegError(
+                f"joint (max) confidence sets compare the inner score in {units[0]} with the outer score in "
+                f"{units[1]}: one threshold for both is valid but meaningless across units",
+                fix="use --joint-method split (one threshold per set), or transforms in the same units",
+            )
+        lam = conformal_upper_quantile(np.maximum(stats.tau, stats.gamma), alpha, delta)
         inner_thr, outer_thr = lam, -lam
     else:
-        inner_thr = conformal_upper_quantile(stats.tau, alpha_inner)
-        outer_thr = -conformal_upper_quantile(stats.gamma, alpha_outer)
+        inner_thr = conformal_upper_quantile(stats.tau, alpha_inner, delta)
+        outer_thr = -conformal_upper_quantile(stats.gamma, alpha_outer, delta)
     if warn and (np.isposinf(inner_thr) or np.isneginf(outer_thr)):
         level = min(alpha_inner, alpha_outer)
+        what = f"alpha={level}" if delta is None else f"alpha={level} with PAC delta={delta}"
         warnings.warn(
-            too_small_message("Confidence sets", stats.n, min_calibration_size(level), f"alpha={level}"),
+            too_small_message("Confidence sets", stats.n, needed_calibration_size(level, delta), what),
             CalibrationSetTooSmallWarning,
             stacklevel=2,
         )
@@ -267,6 +296,7 @@ def calibrate_sets(
         outer_thr,
         stats.inner_transform,
         stats.outer_transform,
+        None if pac_delta is None else float(pac_delta),
     )
 
 

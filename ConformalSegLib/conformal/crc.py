@@ -39,7 +39,7 @@ from fractions import Fraction
 import numpy as np
 
 from ..common.errors import CalibrationSetTooSmallWarning, ConformalSegError
-from .cls import ThresholdCalibration, too_small_message, used_cases
+from .cls import ThresholdCalibration, too_small_message, used_cases, warn_if_whole_image_from_ties
 from .exact import check_epsilon
 from .summaries import LesionSummaries
 
@@ -115,12 +115,15 @@ def calibrate_crc(summaries: LesionSummaries, epsilon: float, *, empty: str = "e
             "no calibration case with a lesion: expected-FNR control needs lesion cases",
             fix="check the lesion label value(s) (--lesion-label) or use --empty include",
         )
-    needed = min_crc_calibration_size(epsilon)
     cutoff = crc_cutoff(summaries, epsilon, n=n)
+    warn_if_whole_image_from_ties("Expected-FNR control", cutoff)
     if cutoff == float("-inf"):
-        warnings.warn(
-            too_small_message("Expected-FNR control", n, needed, f"epsilon={epsilon}"),
-            CalibrationSetTooSmallWarning,
-            stacklevel=2,
-        )
-    return ThresholdCalibration("crc", float(epsilon), None, n, summaries.n - n, cutoff)
+        if check_epsilon(epsilon) == 0:  # one convention for impossible settings: the trivial set + a warning
+            message = "Expected-FNR control needs epsilon > 0: at epsilon = 0 the result is the whole image."
+        else:
+            message = too_small_message(
+                "Expected-FNR control", n, min_crc_calibration_size(epsilon), f"epsilon={epsilon}"
+            )
+        warnings.warn(message, CalibrationSetTooSmallWarning, stacklevel=2)
+    with_lesion = int(np.count_nonzero(summaries.lesion_sizes > 0)) if empty == "include" else None
+    return ThresholdCalibration("crc", float(epsilon), None, n, summaries.n - n, cutoff, n_with_lesion=with_lesion)

@@ -194,3 +194,23 @@ def pac_rank(n: int, alpha: float, delta: float) -> int:
         else:
             lo = mid + 1
     return lo
+
+
+def calibration_rank(n: int, alpha: float, pac_delta: float | None = None) -> int:
+    """The rank a conformal threshold uses: :func:`conformal_rank` (marginal guarantee), or with
+    ``pac_delta`` the calibration-conditional :func:`pac_rank` (guarantee for this calibration set with
+    confidence ``1 - pac_delta``)."""
+    return conformal_rank(n, alpha) if pac_delta is None else pac_rank(n, alpha, pac_delta)
+
+
+def min_pac_calibration_size(alpha: float, delta: float) -> int:
+    """Smallest ``n`` whose PAC rank is finite (``<= n``): ``(1 - alpha)^n <= delta`` up to the exact rule."""
+    n = min_calibration_size(alpha)
+    while pac_rank(n, alpha, delta) > n:
+        n += 1
+    return n
+
+
+def needed_calibration_size(alpha: float, pac_delta: float | None = None) -> int:
+    """How many scans a finite threshold needs (marginal or PAC)."""
+    return min_calibration_size(alpha) if pac_delta is None else min_pac_calibration_size(alpha, pac_delta)

@@ -6,8 +6,10 @@ import math
 
 from .cls import ThresholdCalibration
 from .confidence_sets import SetsCalibration
-from .exact import min_calibration_size
+from .crc import min_crc_calibration_size
+from .exact import as_fraction, min_calibration_size, needed_calibration_size
 from .lesion_level import LesionLevelCalibration
+from .simultaneous import SimultaneousBand
 
 
 def percent(x: float) -> str:
@@ -25,34 +27,71 @@ def guarantee_sentence(calibration: ThresholdCalibration | SetsCalibration) -> s
         return _sets_sentence(calibration)
     if isinstance(calibration, LesionLevelCalibration):
         return _lesion_level_sentence(calibration)
-    if calibration.method == "cls":
-        assert calibration.alpha is not None  # CLS always has one
+    c = calibration
+    if c.method == "cls":
+        assert c.alpha is not None  # CLS always has one
         sentence = (
-            f"With probability at least {percent(1 - calibration.alpha)}, at most "
-            f"{percent(calibration.epsilon)} of the lesion voxels of a new scan are missed; "
-            f"{_cases(calibration.n, 'scan')} with a lesion."
+            f"{_chance(c.alpha, c.pac_delta)}, at most {percent(c.epsilon)} of the lesion voxels of a new scan are "
+            f"missed; {_population(c)}."
         )
-        if calibration.is_trivial:
-            sentence += (
-                f" Warning: {calibration.n} scans are too few for alpha = {calibration.alpha:g} "
-                f"(at least {min_calibration_size(calibration.alpha)} are needed), so the mask is the whole "
-                "image."
-            )
+        if c.whole_image_from_ties:
+            sentence += TIES_WARNING
+        elif c.is_trivial:
+            sentence += _too_few(c.n, c.alpha, c.pac_delta, "the mask is the whole image")
         return sentence
     sentence = (
-        f"On average over new scans, at most {percent(calibration.epsilon)} of the lesion voxels are "
-        f"missed (expected FNR control); {_cases(calibration.n, 'scan')} with a lesion."
+        f"On average over new scans, at most {percent(c.epsilon)} of the lesion voxels are missed (expected FNR "
+        f"control); {_population(c)}."
     )
-    if calibration.is_trivial:
-        needed = max(0, math.ceil(1 / calibration.epsilon - 1)) if calibration.epsilon > 0 else "more"
-        sentence += (
-            f" Warning: {calibration.n} scans are too few for epsilon = {calibration.epsilon:g} "
-            f"(at least {needed} are needed), so the mask is the whole image."
-        )
+    if c.whole_image_from_ties:
+        sentence += TIES_WARNING
+    elif c.is_trivial:
+        if as_fraction(c.epsilon) == 0:
+            sentence += " Warning: expected-FNR control needs epsilon > 0, so the mask is the whole image."
+        else:
+            sentence += (
+                f" Warning: {c.n} scans are too few for epsilon = {c.epsilon:g} (at least "
+                f"{min_crc_calibration_size(c.epsilon)} are needed), so the mask is the whole image."
+            )
     return sentence
 
 
+#: Appended when a finite cutoff at 0 selects the whole image (see cls.warn_if_whole_image_from_ties).
+TIES_WARNING = (
+    " Warning: lesion voxels tied at probability 0 put the cutoff at 0, so the mask is the whole image "
+    "(calibrate on unquantised maps or logits, or break ties at random)."
+)
+
+
+def _population(c: ThresholdCalibration) -> str:
+    """Who the guarantee is for: scans with a lesion, or (``include`` policy) all scans, said exactly."""
+    if c.n_with_lesion is None:
+        return f"{_cases(c.n, 'scan')} with a lesion"
+    return (
+        f"{_cases(c.n, 'scan')} ({c.n_with_lesion} with a lesion); the guarantee averages over scans with and "
+        "without a lesion in that proportion"
+    )
+
+
+def _chance(alpha: float, pac_delta: float | None) -> str:
+    """ "With probability at least 1 - alpha" or, calibration-conditional, the PAC statement's opening."""
+    if pac_delta is None:
+        return f"With probability at least {percent(1 - alpha)}"
+    return (
+        f"With confidence at least {percent(1 - pac_delta)} over the draw of the calibration scans (PAC), for at "
+        f"least {percent(1 - alpha)} of new scans"
+    )
+
+
+def _too_few(n: int, alpha: float, pac_delta: float | None, consequence: str) -> str:
+    needed = needed_calibration_size(alpha, pac_delta)
+    levels = f"alpha = {alpha:g}" if pac_delta is None else f"alpha = {alpha:g} with PAC delta = {pac_delta:g}"
+    return f" Warning: {n} scans are too few for {levels} (at least {needed} are needed), so {consequence}."
+
+
 def _sets_sentence(c: SetsCalibration) -> str:
+    if c.pac_delta is not None:
+        return _pac_sets_sentence(c)
     if c.mode == "marginal":
         sentence = (
             f"With probability at least {percent(1 - c.alpha_inner)}, the inner set lies inside the true "
@@ -102,13 +141,58 @@ def _lesion_level_sentence(c: LesionLevelCalibration) -> str:
     missed = f"at most {percent(c.epsilon)} of the lesions of a new scan are missed"
     if c.voxel_epsilon is not None:
         missed += f" and, at the same time, at most {percent(c.voxel_epsilon)} of its lesion voxels"
+    sentence = f"{_chance(c.alpha, c.pac_delta)}, {missed} ({_detection_rule(c)}); {_cases(c.n, 'scan')} with a lesion."
+    if c.whole_image_from_ties:
+        sentence += TIES_WARNING
+    elif c.is_trivial:
+        sentence += _too_few(c.n, c.alpha, c.pac_delta, "the mask is the whole image")
+    return sentence
+
+
+def _pac_sets_sentence(c: SetsCalibration) -> str:
+    """The calibration-conditional (PAC) statement of confidence sets."""
+    assert c.pac_delta is not None
+    if c.mode == "marginal":
+        body = (
+            f"the inner set lies inside the true lesion for at least {percent(1 - c.alpha_inner)} of new scans, "
+            f"and (separately) the outer set contains it for at least {percent(1 - c.alpha_outer)}"
+        )
+    else:
+        body = (
+            f"for at least {percent(1 - c.alpha)} of new scans the inner set lies inside the true lesion and the "
+            "outer set contains it, both at once"
+        )
     sentence = (
-        f"With probability at least {percent(1 - c.alpha)}, {missed} ({_detection_rule(c)}); "
-        f"{_cases(c.n, 'scan')} with a lesion."
+        f"With confidence at least {percent(1 - c.pac_delta)} over the draw of the calibration scans (PAC), "
+        f"{body}; {_cases(c.n, 'scan')}."
     )
-    if c.is_trivial:
+    if (math.isinf(c.inner_threshold) and c.inner_threshold > 0) or (
+        math.isinf(c.outer_threshold) and c.outer_threshold < 0
+    ):
+        sentence += _too_few(
+            c.n,
+            min(c.alpha_inner, c.alpha_outer),
+            c.pac_delta,
+            "the inner set is empty and/or the outer set is the whole image",
+        )
+    return sentence
+
+
+def band_sentence(band: SimultaneousBand, method: str, epsilon: float | None = None) -> str:
+    """The slider-safe statement: one event for every epsilon of the grid (``method``: ``cls`` or ``lesion``)."""
+    grid = band.grid
+    step = f"in steps of {percent(grid[1] - grid[0])}" if len(grid) > 1 else "(one value)"
+    what = "of the lesions" if method == "lesion" else "of the lesion voxels"
+    sentence = (
+        f"Slider-safe: with probability at least {percent(1 - band.alpha)}, for EVERY epsilon on the slider "
+        f"({percent(grid[0])} to {percent(grid[-1])} {step}) at once, the mask at that epsilon misses at most "
+        f"epsilon {what} of a new scan, so epsilon may be chosen after looking; calibrated on {band.n} scans."
+    )
+    if epsilon is not None:
+        sentence += f" Now at epsilon = {percent(epsilon)}."
+    if band.is_trivial:
         sentence += (
-            f" Warning: {c.n} scans are too few for alpha = {c.alpha:g} (at least "
-            f"{min_calibration_size(c.alpha)} are needed), so the mask is the whole image."
+            f" Warning: {band.n} scans are too few for a finite band at alpha = {band.alpha:g} "
+            f"(a fixed epsilon needs {min_calibration_size(band.alpha)}), so the mask is the whole image."
         )
     return sentence

@@ -64,17 +64,23 @@ import numpy as np
 from scipy import ndimage
 
 from ..common.errors import CalibrationSetTooSmallWarning, ConformalSegError
-from .cls import ThresholdCalibration, conformal_lower_cutoff, critical_cutoffs, too_small_message
+from .cls import (
+    ThresholdCalibration,
+    conformal_lower_cutoff,
+    critical_cutoffs,
+    too_small_message,
+    warn_if_whole_image_from_ties,
+)
 from .exact import (
     allowed_misses_array,
     as_fraction,
+    calibration_rank,
     check_alpha,
     check_detect_fraction,
-    conformal_rank,
     detection_counts,
-    min_calibration_size,
+    needed_calibration_size,
 )
-from .summaries import LesionSummaries, round_down_float32
+from .summaries import LesionSummaries, check_probabilities, round_down_float32
 
 METHOD = "lesion"
 DEFAULT_DETECT_FRACTION = 0.5
@@ -261,6 +267,7 @@ class LesionLevelBuilder:
         self._ids: list[str] = []
 
     def add_case(self, case_id: str, probability: np.ndarray, lesion: np.ndarray, voxel_mm3: float = 1.0) -> None:
+        check_probabilities(np.asarray(probability)[np.asarray(lesion, dtype=bool)], str(case_id))
         d, sizes = detection_thresholds(
             probability,
             lesion,
@@ -331,9 +338,16 @@ def calibrate_lesion(
     voxel_epsilon: float | None = None,
     voxel_summaries: LesionSummaries | None = None,
     warn: bool = True,
+    pac_delta: float | None = None,
 ) -> LesionLevelCalibration:
-    """Lesion-level (or joint lesion + voxel) calibration from summaries: exact, O(n) (see the module docstring)."""
+    """Lesion-level (or joint lesion + voxel) calibration from summaries: exact, O(n) (see the module docstring).
+
+    With ``pac_delta``: calibration-conditional, as for CLS (the PAC rank of
+    :func:`~ConformalSegLib.conformal.exact.pac_rank`).
+    """
     check_alpha(alpha)
+    if pac_delta is not None:
+        check_alpha(pac_delta, "pac_delta")
     if not 0 <= as_fraction(epsilon) <= 1:
         raise ConformalSegError(f"epsilon must lie in [0, 1], got {epsilon}", fix="pass e.g. --epsilon 0.25")
     used = summaries.lesion_counts > 0
@@ -347,25 +361,29 @@ def calibrate_lesion(
             fix="check the lesion label value(s) (--lesion-label) and the size filter",
         )
     scores = scan_scores(summaries, epsilon, voxel_epsilon=voxel_epsilon, voxel_summaries=voxel_summaries)
-    cutoff = conformal_lower_cutoff(scores[used], alpha)
+    cutoff = conformal_lower_cutoff(scores[used], alpha, pac_delta)
+    if warn:
+        warn_if_whole_image_from_ties("lesion-level", cutoff)
     if warn and cutoff == float("-inf"):
+        levels = f"alpha={alpha}" if pac_delta is None else f"alpha={alpha} with PAC delta={pac_delta}"
         warnings.warn(
-            too_small_message("lesion-level", n, min_calibration_size(alpha), f"alpha={alpha}"),
+            too_small_message("lesion-level", n, needed_calibration_size(alpha, pac_delta), levels),
             CalibrationSetTooSmallWarning,
             stacklevel=2,
         )
     return LesionLevelCalibration(
-        METHOD,
-        float(epsilon),
-        float(alpha),
-        n,
-        summaries.n - n,
-        cutoff,
-        conformal_rank(n, alpha),
-        summaries.detect_fraction,
-        None if voxel_epsilon is None else float(voxel_epsilon),
-        summaries.min_lesion_voxels,
-        summaries.min_lesion_mm3,
+        method=METHOD,
+        epsilon=float(epsilon),
+        alpha=float(alpha),
+        n=n,
+        n_excluded_empty=summaries.n - n,
+        probability_threshold=cutoff,
+        rank=calibration_rank(n, alpha, pac_delta),
+        pac_delta=None if pac_delta is None else float(pac_delta),
+        detect_fraction=summaries.detect_fraction,
+        voxel_epsilon=None if voxel_epsilon is None else float(voxel_epsilon),
+        min_lesion_voxels=summaries.min_lesion_voxels,
+        min_lesion_mm3=summaries.min_lesion_mm3,
     )
 
 

@@ -77,7 +77,7 @@ from ..common.geometry import Geometry
 from .cls import ThresholdCalibration, used_cases
 from .confidence_sets import SetsCalibration
 from .crc import calibrate_crc, min_crc_calibration_size
-from .exact import as_fraction, check_alpha, min_calibration_size
+from .exact import as_fraction, calibration_rank, check_alpha, needed_calibration_size
 from .guarantee_sentences import guarantee_sentence
 from .scan_scores import ProfileData, ScanScores, has_scan_scores, rebuild, scan_scores_of
 from .summaries import LesionSummaries
@@ -237,15 +237,20 @@ def _thresholds(c: ThresholdCalibration | SetsCalibration) -> tuple[float, ...]:
     return (c.probability_threshold,)
 
 
-def needed_scans(like: ThresholdCalibration | SetsCalibration) -> int:
-    """The fewest usable scans for which the method's quantile is finite at ``like``'s parameters."""
+def needed_scans(like: ThresholdCalibration | SetsCalibration, data: ProfileData | None = None) -> int:
+    """The fewest usable scans for which every quantile of the method is finite at ``like``'s parameters
+    (marginal or PAC ranks; expected-FNR: ``ceil(1/epsilon - 1)``, 0 at epsilon 0, which no number of scans
+    makes finite)."""
+    if isinstance(like, ThresholdCalibration) and like.method == "crc":
+        return 0 if as_fraction(like.epsilon) == 0 else min_crc_calibration_size(like.epsilon)
     if isinstance(like, SetsCalibration):
+        delta = like.pac_delta
+        if delta is not None and like.mode == "joint-split":
+            delta = float(as_fraction(delta) / 2)
         levels = [like.alpha] if like.mode == "joint-max" else [like.alpha_inner, like.alpha_outer]
-        return min_calibration_size(min(levels, key=as_fraction))
-    if like.method == "crc":
-        return min_crc_calibration_size(like.epsilon)
+        return max(needed_calibration_size(level, delta) for level in levels)
     assert like.alpha is not None  # cls and lesion calibrations have one
-    return min_calibration_size(like.alpha)
+    return needed_calibration_size(like.alpha, like.pac_delta)
 
 
 def calibrate_groups(
@@ -265,7 +270,7 @@ def calibrate_groups(
     scores = scan_scores_of(like, data) if has_scan_scores(like) else None
     for partition, index in partitions:
         if scores is not None:
-            results.append(_quantile_groups(grouping, index, like, scores))
+            results.append(_quantile_groups(grouping, index, like, scores, _with_lesion(like, data)))
         else:
             results.append(_crc_groups(grouping, partition, index, like, data))
     mondrian = MondrianCalibration(grouping, *[tuple(r) for r in results])
@@ -282,11 +287,16 @@ def calibrate_groups(
 
 
 def _quantile_groups(
-    grouping: Grouping, index: np.ndarray, like: ThresholdCalibration | SetsCalibration, scores: ScanScores
+    grouping: Grouping,
+    index: np.ndarray,
+    like: ThresholdCalibration | SetsCalibration,
+    scores: ScanScores,
+    with_lesion: np.ndarray | None,
 ) -> list[GroupCalibration]:
-    """Each group's quantile of each channel: the ``k = ceil((1 - alpha)(n_g + 1))``-th smallest of the
-    group's scores, ``+inf`` when ``k > n_g`` (as :func:`.confidence_sets.conformal_upper_quantile`, with
-    ``1 - alpha`` read once per channel)."""
+    """Each group's quantile of each channel: the ``k``-th smallest of the group's scores with
+    ``k = ceil((1 - alpha)(n_g + 1))`` (``1 - alpha`` read once per channel; with a PAC profile the PAC
+    rank), ``+inf`` when ``k > n_g`` -- as :func:`.confidence_sets.conformal_upper_quantile` computes it.
+    ``with_lesion`` (cls under the ``include`` policy) counts each group's scans with a lesion."""
     needed = needed_scans(like)
     levels = [(c, 1 - check_alpha(c.alpha)) for c in scores.channels]
     out = []
@@ -296,15 +306,33 @@ def _quantile_groups(
         n_g = int(np.count_nonzero(used))
         quantiles, rank = {}, None
         for channel, level in levels:
-            k = math.ceil(level * (n_g + 1))
+            if channel.pac_delta is None:
+                k = math.ceil(level * (n_g + 1))
+            else:
+                k = calibration_rank(n_g, channel.alpha, channel.pac_delta)
             group_scores = channel.scores[used]
             quantiles[channel.name] = math.inf if k > n_g else float(np.partition(group_scores, k - 1)[k - 1])
             rank = k
         if not isinstance(like, ThresholdCalibration):
             rank = None
-        calibration = rebuild(like, quantiles, n=n_g, n_excluded=int(np.count_nonzero(members)) - n_g, rank=rank)
+        calibration = rebuild(
+            like,
+            quantiles,
+            n=n_g,
+            n_excluded=int(np.count_nonzero(members)) - n_g,
+            rank=rank,
+            n_with_lesion=None if with_lesion is None else int(np.count_nonzero(members & with_lesion)),
+        )
         out.append(GroupCalibration(name, calibration, needed))
     return out
+
+
+def _with_lesion(like: ThresholdCalibration | SetsCalibration, data: ProfileData) -> np.ndarray | None:
+    """Which scans have a lesion, where the sentence counts them (cls under the ``include`` policy)."""
+    if isinstance(like, ThresholdCalibration) and like.n_with_lesion is not None:
+        with_lesion: np.ndarray = data.summaries.lesion_sizes > 0
+        return with_lesion
+    return None
 
 
 def _crc_groups(
@@ -322,7 +350,10 @@ def _crc_groups(
         members = index == g
         n_g = int(np.count_nonzero(members & used_all))
         if n_g == 0:
-            calibration = ThresholdCalibration("crc", like.epsilon, None, 0, int(members.sum()), float("-inf"))
+            with_lesion = None if like.n_with_lesion is None else 0
+            calibration = ThresholdCalibration(
+                "crc", like.epsilon, None, 0, int(members.sum()), float("-inf"), n_with_lesion=with_lesion
+            )
         else:
             subset = grouping.summaries_subset(data.summaries, partition, g, members)
             with warnings.catch_warnings():
@@ -410,6 +441,8 @@ def _group_json(g: GroupCalibration, grouping: Grouping, predicted: bool) -> dic
         doc.update(inner_threshold=c.inner_threshold, outer_threshold=c.outer_threshold)
     else:
         doc.update(n_excluded_empty=c.n_excluded_empty, probability_threshold=c.probability_threshold, rank=c.rank)
+        if c.n_with_lesion is not None:
+            doc["n_with_lesion"] = c.n_with_lesion
     doc["guarantee"] = group_sentence(g, grouping, predicted=predicted)
     return doc
 
@@ -472,12 +505,13 @@ def _read_group(doc: Mapping[str, Any], like: ThresholdCalibration | SetsCalibra
         if like.mode == "joint-max":
             quantiles = {"joint": quantiles["inner"]}
         return GroupCalibration(str(doc["name"]), rebuild(like, quantiles, n=n), int(doc["needed"]))
-    rank = doc.get("rank")
+    rank, with_lesion = doc.get("rank"), doc.get("n_with_lesion")
     calibration = rebuild(
         like,
         {"cutoff": -_number(doc["probability_threshold"])},
         n=n,
         n_excluded=int(doc["n_excluded_empty"]),
         rank=None if rank is None else int(rank),
+        n_with_lesion=None if with_lesion is None else int(with_lesion),
     )
     return GroupCalibration(str(doc["name"]), calibration, int(doc["needed"]))

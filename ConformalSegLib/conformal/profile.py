@@ -32,6 +32,7 @@ import hashlib
 import io
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
@@ -45,13 +46,14 @@ from ..common.geometry import Geometry
 from ..io.atomic import atomic_write_bytes, atomic_write_text, check_can_write
 from ..io.checksums import sha256_file
 from ..io.segmentation import INNER_SET, LESION_FNR, LESION_LEVEL, OUTER_SET
-from .cls import ThresholdCalibration, apply_threshold, calibrate_cls
+from .cls import ThresholdCalibration, apply_threshold, calibrate_cls, critical_cutoffs, used_cases
 from .confidence_sets import SetsCalibration, SetStatistics, apply_sets, calibrate_sets
 from .crc import calibrate_crc
 from .deployment import deployment_arrays, deployment_json, read_deployment, recalibrated_groups
 from .guarantee_sentences import guarantee_sentence
-from .lesion_level import LesionLevelCalibration, LesionLevelSummaries, calibrate_lesion
+from .lesion_level import LesionLevelCalibration, LesionLevelSummaries, calibrate_lesion, scan_scores
 from .mondrian import MondrianCalibration
+from .simultaneous import DEFAULT_GRID, SimultaneousBand, simultaneous_band
 from .summaries import LesionSummaries
 from .weighted import Weighting
 
@@ -123,14 +125,17 @@ class CalibrationProfile:
         alpha_outer: float | None = None,
         mode: str | None = None,
         voxel_epsilon: float | None | Unchanged = UNCHANGED,
+        pac_delta: float | None | Unchanged = UNCHANGED,
     ) -> CalibrationProfile:
         """A profile for new parameters, computed from the stored summaries only (no volume).
 
         ``voxel_epsilon`` (lesion-level profiles): a number makes the guarantee joint with the voxel FNR,
-        ``None`` removes the voxel part; left out, it stays as calibrated.
+        ``None`` removes the voxel part; ``pac_delta`` (cls, lesion-level, sets): a number makes the
+        guarantee calibration-conditional (PAC), ``None`` marginal. Left out, each stays as calibrated.
         """
         c = self.calibration
         new: ThresholdCalibration | SetsCalibration
+        delta = c.pac_delta if isinstance(pac_delta, Unchanged) else pac_delta
         if isinstance(c, LesionLevelCalibration):
             assert self.lesion_level is not None and c.alpha is not None  # read together with the calibration
             new = calibrate_lesion(
@@ -139,6 +144,7 @@ class CalibrationProfile:
                 c.alpha if alpha is None else alpha,
                 voxel_epsilon=c.voxel_epsilon if isinstance(voxel_epsilon, Unchanged) else voxel_epsilon,
                 voxel_summaries=self.summaries,
+                pac_delta=delta,
             )
         elif isinstance(c, SetsCalibration):
             assert self.set_statistics is not None
@@ -146,16 +152,44 @@ class CalibrationProfile:
             if alpha is None and alpha_inner is None and alpha_outer is None:
                 alpha, alpha_inner, alpha_outer = c.alpha, c.alpha_inner, c.alpha_outer
             stats = self.set_statistics if self.empty_policy == "include" else self.set_statistics.without_empty()
-            new = calibrate_sets(stats, alpha=alpha, alpha_inner=alpha_inner, alpha_outer=alpha_outer, mode=mode)
+            new = calibrate_sets(
+                stats, alpha=alpha, alpha_inner=alpha_inner, alpha_outer=alpha_outer, mode=mode, pac_delta=delta
+            )
         elif c.method == "cls":
             level = c.alpha if alpha is None else alpha
             assert level is not None  # CLS profiles have an alpha
             new = calibrate_cls(
-                self.summaries, c.epsilon if epsilon is None else epsilon, level, empty=self.empty_policy
+                self.summaries,
+                c.epsilon if epsilon is None else epsilon,
+                level,
+                empty=self.empty_policy,
+                pac_delta=delta,
             )
         else:
             new = calibrate_crc(self.summaries, c.epsilon if epsilon is None else epsilon, empty=self.empty_policy)
         return dataclasses.replace(self, calibration=new, groups=recalibrated_groups(self, new))
+
+    def slider_band(self, alpha: float | None = None, grid: Sequence[float] = DEFAULT_GRID) -> SimultaneousBand:
+        """The slider-safe band of a CLS or lesion-level profile (:mod:`ConformalSegLib.conformal.simultaneous`):
+        one ``1 - alpha`` event on which the promise holds at every epsilon of ``grid`` at once (for a
+        joint lesion-level profile the voxel tolerance stays as calibrated)."""
+        c = self.calibration
+        level = c.alpha if alpha is None else alpha
+        if isinstance(c, SetsCalibration) or c.method not in ("cls", "lesion") or level is None:
+            raise ConformalSegError(
+                f"slider-safe bands are for CLS and lesion-level profiles, not {self.method}",
+                fix="calibrate with --method cls or --method lesion",
+            )
+        if isinstance(c, LesionLevelCalibration):
+            lesion_level = self.lesion_level
+            assert lesion_level is not None  # read together with the calibration
+
+            def curve(eps: float) -> np.ndarray:
+                return scan_scores(lesion_level, eps, voxel_epsilon=c.voxel_epsilon, voxel_summaries=self.summaries)
+
+            return simultaneous_band(curve, lesion_level.lesion_counts > 0, level, grid)
+        used = used_cases(self.summaries, self.empty_policy)
+        return simultaneous_band(lambda eps: critical_cutoffs(self.summaries, eps), used, level, grid)
 
     def masks(self, probability: np.ndarray, geometry: Geometry) -> dict[str, np.ndarray]:
         """The calibrated masks for one probability map, keyed by segment name."""
@@ -165,8 +199,12 @@ class CalibrationProfile:
         if isinstance(c, SetsCalibration):
             inner, outer = apply_sets(probability, geometry, c)
             return {INNER_SET: inner, OUTER_SET: outer}
-        name = {"cls": LESION_FNR, "lesion": LESION_LEVEL}.get(c.method, LESION_CRC)
-        return {name: apply_threshold(probability, c.probability_threshold)}
+        return {self.mask_name: apply_threshold(probability, c.probability_threshold)}
+
+    @property
+    def mask_name(self) -> str:
+        """The segment name of a threshold profile's mask (cls, crc, lesion)."""
+        return {"cls": LESION_FNR, "lesion": LESION_LEVEL}.get(self.method, LESION_CRC)
 
     # ------------------------------------------------------------------------------ serialisation
     def to_json_dict(self, summaries_file: str, summaries_sha256: str) -> dict[str, Any]:
@@ -183,6 +221,7 @@ class CalibrationProfile:
                 mode=c.mode,
                 alpha_inner=c.alpha_inner,
                 alpha_outer=c.alpha_outer,
+                pac_delta=c.pac_delta,
             )
         else:
             doc.update(
@@ -191,6 +230,8 @@ class CalibrationProfile:
                 n=c.n,
                 probability_threshold=_encode_float(c.probability_threshold),
                 rank=c.rank,
+                pac_delta=c.pac_delta,
+                n_with_lesion=c.n_with_lesion,
             )
         if isinstance(c, LesionLevelCalibration):
             doc.update(
@@ -367,6 +408,7 @@ def _read_calibration(
             _decode_float(_require(doc, "outer_threshold", path), "outer_threshold", path),
             stats.inner_transform,
             stats.outer_transform,
+            _optional_float(doc, "pac_delta"),
         )
     epsilon = _decode_float(_require(doc, "epsilon", path), "epsilon", path)
     alpha = doc.get("alpha")
@@ -374,19 +416,21 @@ def _read_calibration(
         raise ConformalSegError(f"a {method} profile needs 'alpha'", path=path, fix=RERUN_FIX)
     if method == "lesion":
         assert alpha is not None  # checked above
-        voxel_epsilon = doc.get("voxel_epsilon")
         return LesionLevelCalibration(
-            method,
-            epsilon,
-            float(alpha),
-            n,
-            int(doc.get("n_excluded_empty", 0)),
-            _decode_float(_require(doc, "probability_threshold", path), "probability_threshold", path),
-            doc.get("rank"),
-            float(_require(doc, "detect_fraction", path)),
-            None if voxel_epsilon is None else float(voxel_epsilon),
-            int(_require(doc, "min_lesion_voxels", path)),
-            float(_require(doc, "min_lesion_mm3", path)),
+            method=method,
+            epsilon=epsilon,
+            alpha=float(alpha),
+            n=n,
+            n_excluded_empty=int(doc.get("n_excluded_empty", 0)),
+            probability_threshold=_decode_float(
+                _require(doc, "probability_threshold", path), "probability_threshold", path
+            ),
+            rank=doc.get("rank"),
+            pac_delta=_optional_float(doc, "pac_delta"),
+            detect_fraction=float(_require(doc, "detect_fraction", path)),
+            voxel_epsilon=_optional_float(doc, "voxel_epsilon"),
+            min_lesion_voxels=int(_require(doc, "min_lesion_voxels", path)),
+            min_lesion_mm3=float(_require(doc, "min_lesion_mm3", path)),
         )
     return ThresholdCalibration(
         method,
@@ -396,7 +440,14 @@ def _read_calibration(
         int(doc.get("n_excluded_empty", 0)),
         _decode_float(_require(doc, "probability_threshold", path), "probability_threshold", path),
         doc.get("rank"),
+        _optional_float(doc, "pac_delta"),
+        doc.get("n_with_lesion"),
     )
+
+
+def _optional_float(doc: dict[str, Any], key: str) -> float | None:
+    value = doc.get(key)
+    return None if value is None else float(value)
 
 
 def _check_consistent(profile: CalibrationProfile, path: Path) -> None:

@@ -37,6 +37,7 @@ import numpy as np
 from ..common.errors import ConformalSegError
 from .cls import ThresholdCalibration, critical_cutoffs, used_cases
 from .confidence_sets import SetsCalibration, SetStatistics
+from .exact import as_fraction
 from .lesion_level import LesionLevelCalibration, LesionLevelSummaries, scan_scores
 from .summaries import LesionSummaries
 
@@ -59,11 +60,15 @@ class ProfileData(Protocol):
 
 @dataclass(frozen=True)
 class Channel:
-    """One score of every calibration scan (float64, nonconformity: larger = worse) and its level."""
+    """One score of every calibration scan (float64, nonconformity: larger = worse), its level and, for a
+    calibration-conditional (PAC) profile, the confidence parameter of its rank
+    (:func:`~ConformalSegLib.conformal.exact.calibration_rank`; joint-split sets use ``pac_delta / 2``
+    per set, as :func:`~ConformalSegLib.conformal.confidence_sets.calibrate_sets` does)."""
 
     name: str
     scores: np.ndarray
     alpha: float
+    pac_delta: float | None = None
 
 
 @dataclass(frozen=True)
@@ -100,7 +105,7 @@ def scan_scores_of(calibration: ThresholdCalibration | SetsCalibration, data: Pr
             voxel_summaries=data.summaries,
         )
         used = data.lesion_level.lesion_counts > 0
-        return ScanScores(used, (Channel("cutoff", -critical, calibration.alpha),))
+        return ScanScores(used, (Channel("cutoff", -critical, calibration.alpha, calibration.pac_delta),))
     if calibration.method != "cls":
         raise ConformalSegError(
             "expected-FNR control bounds a mean over scans, not a per-scan event: it has no per-scan score",
@@ -108,7 +113,8 @@ def scan_scores_of(calibration: ThresholdCalibration | SetsCalibration, data: Pr
         )
     assert calibration.alpha is not None  # CLS always has one
     cutoffs = critical_cutoffs(data.summaries, calibration.epsilon)
-    return ScanScores(used_cases(data.summaries, data.empty_policy), (Channel("cutoff", -cutoffs, calibration.alpha),))
+    channel = Channel("cutoff", -cutoffs, calibration.alpha, calibration.pac_delta)
+    return ScanScores(used_cases(data.summaries, data.empty_policy), (channel,))
 
 
 def _set_scores(c: SetsCalibration, data: ProfileData) -> ScanScores:
@@ -116,8 +122,15 @@ def _set_scores(c: SetsCalibration, data: ProfileData) -> ScanScores:
     assert stats is not None  # sets profiles carry their statistics
     used = np.ones(stats.n, dtype=bool) if data.empty_policy == "include" else stats.lesion_sizes > 0
     if c.mode == "joint-max":
-        return ScanScores(used, (Channel("joint", np.maximum(stats.tau, stats.gamma), c.alpha),))
-    return ScanScores(used, (Channel("inner", stats.tau, c.alpha_inner), Channel("outer", stats.gamma, c.alpha_outer)))
+        return ScanScores(used, (Channel("joint", np.maximum(stats.tau, stats.gamma), c.alpha, c.pac_delta),))
+    delta = c.pac_delta
+    if delta is not None and c.mode == "joint-split":
+        delta = float(as_fraction(delta) / 2)
+    inner, outer = (
+        Channel("inner", stats.tau, c.alpha_inner, delta),
+        Channel("outer", stats.gamma, c.alpha_outer, delta),
+    )
+    return ScanScores(used, (inner, outer))
 
 
 def rebuild(
@@ -127,9 +140,11 @@ def rebuild(
     n: int,
     n_excluded: int = 0,
     rank: int | None = None,
+    n_with_lesion: int | None = None,
 ) -> ThresholdCalibration | SetsCalibration:
     """``calibration`` with the thresholds that the channel quantiles ``q`` give (module table), its
-    ``n`` (and, for cls/lesion, the excluded lesion-free scans and the rank) replaced."""
+    ``n`` (and, for cls/crc/lesion, the excluded lesion-free scans, the rank and, under the ``include``
+    policy, how many of the ``n`` have a lesion) replaced."""
     if isinstance(calibration, SetsCalibration):
         if calibration.mode == "joint-max":
             q = quantiles["joint"]
@@ -138,7 +153,12 @@ def rebuild(
             calibration, n=n, inner_threshold=quantiles["inner"], outer_threshold=-quantiles["outer"]
         )
     return dataclasses.replace(
-        calibration, n=n, n_excluded_empty=n_excluded, probability_threshold=-quantiles["cutoff"], rank=rank
+        calibration,
+        n=n,
+        n_excluded_empty=n_excluded,
+        probability_threshold=-quantiles["cutoff"],
+        rank=rank,
+        n_with_lesion=n_with_lesion,
     )
 
 

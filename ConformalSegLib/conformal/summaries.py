@@ -26,6 +26,8 @@ from functools import cached_property
 
 import numpy as np
 
+from ..common.errors import ConformalSegError
+
 PRECISIONS = ("float32", "uint16")
 _UINT16_SCALE = 65535.0
 
@@ -45,6 +47,26 @@ def _quantize_uint16(values: np.ndarray) -> np.ndarray:
     q = np.floor(v * _UINT16_SCALE)
     q -= (q / _UINT16_SCALE) > v  # guard against the product rounding up to the next integer
     return np.clip(q, 0, 65535).astype(np.uint16)
+
+
+def check_probabilities(values: np.ndarray, case_id: str) -> None:
+    """Refuse NaN, infinite or out-of-[0, 1] probabilities with the file readers' message (the Python API
+    and the Slicer module reach the summaries without a reader; NaN would rank as "always passing")."""
+    values = np.asarray(values)
+    if values.size == 0 or values.dtype.kind not in "fc":
+        return
+    n_bad = values.size - int(np.count_nonzero(np.isfinite(values)))
+    if n_bad:
+        raise ConformalSegError(
+            f"case {case_id!r}: the probability map contains {n_bad} NaN or infinite voxel(s)",
+            fix="re-run the prediction; every voxel needs a probability in [0,1]",
+        )
+    low, high = float(values.min()), float(values.max())
+    if low < 0 or high > 1:
+        raise ConformalSegError(
+            f"case {case_id!r}: probability values range from {low:.6g} to {high:.6g}",
+            fix="probabilities must be in [0,1]: apply softmax/sigmoid to logits first",
+        )
 
 
 def lesion_values(probability: np.ndarray, lesion: np.ndarray) -> np.ndarray:
@@ -199,10 +221,13 @@ class SummaryBuilder:
         self._ids: list[str] = []
 
     def add_case(self, case_id: str, probability: np.ndarray, lesion: np.ndarray) -> None:
+        """Add one case from its probability map and lesion mask (refused: NaN, infinities, values outside [0, 1])."""
         self.add_sorted(case_id, lesion_values(probability, lesion))
 
     def add_sorted(self, case_id: str, values: np.ndarray) -> None:
+        """Add one case from its lesion probabilities sorted descending (checked as in :meth:`add_case`)."""
         values = np.asarray(values)
+        check_probabilities(values, str(case_id))
         if values.dtype.kind != "f":
             values = values.astype(np.float64)
         encoded = _quantize_uint16(values) if self.precision == "uint16" else round_down_float32(values)

@@ -264,6 +264,11 @@ def weighted_calibration(
     warn: bool = True,
 ) -> WeightedResult:
     """The weighted thresholds for a new scan of weight ``test_weight`` at ``like``'s parameters."""
+    if like.pac_delta is not None:
+        raise ConformalSegError(
+            "weighted calibration gives a marginal guarantee at the target site, not a PAC one",
+            fix="calibrate without --pac-delta for a weighted profile",
+        )
     scores = scan_scores_of(like, data)
     w = weighting.calibration_weights[scores.used]
     quantiles = {
@@ -286,8 +291,8 @@ def _base_sentence(c: ThresholdCalibration | SetsCalibration) -> str:
     from dataclasses import replace
 
     if isinstance(c, SetsCalibration):
-        return guarantee_sentence(replace(c, inner_threshold=0.0, outer_threshold=0.0))
-    return guarantee_sentence(replace(c, probability_threshold=0.0))
+        return guarantee_sentence(replace(c, inner_threshold=0.5, outer_threshold=0.5))
+    return guarantee_sentence(replace(c, probability_threshold=0.5))
 
 
 def weighted_sentence(result: WeightedResult, weighting: Weighting, needed: int) -> str:

@@ -6,8 +6,9 @@ Steps (each calls the same library functions as the CLI commands):
    nnU-Net layout, lesion label 6) drawn with a seed the shipped model was *not* trained on;
 2. run the shipped network (``Resources/models/phantom_lesion_unet``) on every phantom through
    :class:`~ConformalSegLib.inference.model_dataset.InferenceDataset` -> ``OUT/data/probs``;
-3. evaluate CLS, expected-FNR control and confidence sets over repeated random calibration/test
-   splits (:mod:`ConformalSegLib.evaluation.protocol`) -> ``OUT/evaluation`` (results.json, report, plots);
+3. evaluate CLS, expected-FNR control, lesion-level control, the slider-safe bands and confidence sets
+   over repeated random calibration/test splits, with lesion-wise detection by lesion size
+   (:mod:`ConformalSegLib.evaluation.protocol`) -> ``OUT/evaluation`` (results.json, report, plots);
 4. calibrate profiles on the first half of the cases -> ``OUT/profiles``;
 5. apply them to a held-out case -> ``OUT/example`` (Slicer-loadable ``.nrrd`` volumes including the
    MC-dropout variance, one ``.seg.nrrd``, and a slice-overlay PNG);
@@ -32,12 +33,21 @@ from ..conformal.calibration import CalibrationRequest, calibrate
 from ..conformal.cls import apply_threshold
 from ..conformal.profile import LESION_CRC
 from ..evaluation.figures import slice_overlay_png
+from ..evaluation.lesion_metrics import lesion_detection
 from ..evaluation.progress import TqdmProgress
 from ..evaluation.protocol import evaluate_dataset
 from ..evaluation.report import write_report
 from ..io.atomic import atomic_write_text
 from ..io.dataset import CalibrationDataset
-from ..io.segmentation import INNER_SET, LESION_FNR, LESION_THRESHOLD, OUTER_SET, SEGMENT_COLORS, write_seg_nrrd
+from ..io.segmentation import (
+    INNER_SET,
+    LESION_FNR,
+    LESION_LEVEL,
+    LESION_THRESHOLD,
+    OUTER_SET,
+    SEGMENT_COLORS,
+    write_seg_nrrd,
+)
 from ..io.volumes import load_image, save_volume
 from ..phantoms.dataset import write_phantom_dataset
 from ..phantoms.labels import LESION as PHANTOM_LESION
@@ -66,7 +76,8 @@ class DemoSettings:
     cal_fraction: float = 0.5
     epsilon: float = 0.1
     alpha: float = 0.1
-    epsilons: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3)
+    lesion_epsilon: float = 0.25  # lesion-level: at most a quarter of a scan's lesions missed (one in four)
+    epsilons: tuple[float, ...] = (0.05, 0.1, 0.2, 0.25, 0.3)
     alphas: tuple[float, ...] = (0.05, 0.1, 0.15, 0.2, 0.3)
     outer_transform: str = "distance"
 
@@ -117,6 +128,7 @@ def run_demo(
     requests = {
         "cls": CalibrationRequest("cls", epsilon=settings.epsilon, alpha=settings.alpha),
         "crc": CalibrationRequest("crc", epsilon=settings.epsilon),
+        "lesion": CalibrationRequest("lesion", epsilon=settings.lesion_epsilon, alpha=settings.alpha),
         "sets": CalibrationRequest(
             "sets",
             alpha=settings.alpha,
@@ -224,6 +236,7 @@ def _example(
         LESION_THRESHOLD: apply_threshold(prob, 0.5),
         **profiles["cls"].masks(prob, geometry),
         **profiles["crc"].masks(prob, geometry),
+        **profiles["lesion"].masks(prob, geometry),
         **profiles["sets"].masks(prob, geometry),
         "Lesion (ground truth)": truth,
     }
@@ -239,6 +252,7 @@ def _example(
             "fixed 0.5 threshold": {LESION_THRESHOLD: masks[LESION_THRESHOLD]},
             "FNR-controlled (CLS)": {LESION_FNR: masks[LESION_FNR]},
             "expected-FNR (CRC)": {LESION_CRC: masks[LESION_CRC]},
+            "lesion-level": {LESION_LEVEL: masks[LESION_LEVEL]},
             "confidence sets": {INNER_SET: masks[INNER_SET], OUTER_SET: masks[OUTER_SET]},
         },
         folder / "slice_overlay.png",
@@ -250,7 +264,13 @@ def _example(
         name: float(np.count_nonzero(truth & ~m)) / max(1, int(np.count_nonzero(truth))) for name, m in masks.items()
     }
     voxels = {name: int(np.count_nonzero(m)) for name, m in masks.items()}
+    detection = {
+        name: lesion_detection(m, truth, geometry.spacing_zyx)
+        for name, m in masks.items()
+        if name != "Lesion (ground truth)"
+    }
     return {
+        "lesions": {name: (d.n_lesions - d.n_missed, d.n_lesions) for name, d in detection.items()},
         "case_id": case_id,
         "fnr": fnr,
         "voxels": voxels,

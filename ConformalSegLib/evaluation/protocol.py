@@ -647,7 +647,7 @@ def _assemble(
     base = _baseline_per_case(stats, fnrs.base_hits, config.epsilons)
     cls = {
         "cutoff": split.cls_cut,
-        "trivial": np.isneginf(split.cls_cut),
+        "trivial": split.cls_cut <= 0,  # -inf (too few scans) or 0 (ties at 0): the whole image
         "n_cal": split.cls_ncal,
         "n_test": split.n_test_pop,
         "ecr": fnrs.cls_ok_sum * inv_pop[:, None, None],
@@ -657,7 +657,7 @@ def _assemble(
     }
     crc = {
         "cutoff": split.crc_cut,
-        "trivial": np.isneginf(split.crc_cut),
+        "trivial": split.crc_cut <= 0,
         "ecr": fnrs.crc_ok_sum * inv_pop[:, None],
         "fnr": fnrs.crc_fnr_sum * inv_pop[:, None],
         "pc": sizes.crc_pc_sum * inv_pop[:, None],
@@ -721,7 +721,7 @@ def _assemble_lesion(
     il, ip = inv_l[:, None, None], split.inv_pop[:, None, None]
     result.lesion = {
         "cutoff": lsplit.lesion_cut,
-        "trivial": np.isneginf(lsplit.lesion_cut),
+        "trivial": lsplit.lesion_cut <= 0,
         "n_cal": lsplit.lesion_ncal,
         "n_test": n_l,
         "ecr": extra.lesion_ok_sum * il,
@@ -735,7 +735,7 @@ def _assemble_lesion(
         "cls": {
             "cutoff": lsplit.band_cut["cls"],
             "level": lsplit.band_level["cls"],
-            "trivial": np.isneginf(lsplit.band_cut["cls"]),
+            "trivial": lsplit.band_cut["cls"] <= 0,
             "ecr": extra.band_ok_sum * ip,
             "fnr": extra.band_fnr_sum * ip,
             "pc": sizes.extra_pc_sum["cls_band"] * ip,
@@ -746,7 +746,7 @@ def _assemble_lesion(
         "lesion": {
             "cutoff": lsplit.band_cut["lesion"],
             "level": lsplit.band_level["lesion"],
-            "trivial": np.isneginf(lsplit.band_cut["lesion"]),
+            "trivial": lsplit.band_cut["lesion"] <= 0,
             "pc": sizes.extra_pc_sum["lesion_band"] * il,
             "dice": sizes.extra_dice_sum["lesion_band"] * il,
             "simultaneous_ecr": lw.simultaneous["lesion_band"] * inv_l[:, None],

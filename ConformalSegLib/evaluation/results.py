@@ -376,8 +376,15 @@ def trivial_warnings(result: EvaluationResult) -> list[str]:
     cfg = result.config
     S = cfg.splits
     messages = []
+    ties = int(np.count_nonzero(np.isfinite(result.cls["cutoff"]) & (result.cls["cutoff"] <= 0)))
+    if ties:
+        messages.append(
+            f"CLS: {ties} (split, epsilon, alpha) point(s) have the cutoff 0 because lesion voxels are tied at "
+            "probability 0 (saturated or quantised maps): their mask is the whole image. Calibrate on unquantised "
+            "maps or logits."
+        )
     for a, alpha in enumerate(cfg.alphas):
-        k = int(result.cls["trivial"][:, :, a].any(axis=1).sum())
+        k = int(np.isneginf(result.cls["cutoff"][:, :, a]).any(axis=1).sum())
         if k:
             messages.append(
                 f"CLS at alpha={alpha}: the calibration side had too few cases in {k} of {S} split(s) "
@@ -386,7 +393,7 @@ def trivial_warnings(result: EvaluationResult) -> list[str]:
                 f"and reported as such. Fix: add cases or raise --cal-fraction / alpha."
             )
     for e, eps in enumerate(cfg.epsilons):
-        k = int(result.crc["trivial"][:, e].sum())
+        k = int(np.isneginf(result.crc["cutoff"][:, e]).sum())
         if k:
             if as_fraction(eps) == 0:
                 reason = "expected-FNR control needs epsilon > 0"
