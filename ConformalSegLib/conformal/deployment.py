@@ -1,7 +1,8 @@
 """The deployment parts of a calibration profile: its groups (:mod:`.mondrian`) and its weighting
 (:mod:`.weighted`), written into and read from the profile's JSON and ``.npz``.
 
-:mod:`.profile` calls these few functions, so that it stays about one calibration:
+:mod:`.profile` calls these few functions, so that it stays about one calibration; the group sections are
+written and read here too (:func:`mondrian_json`, :func:`read_mondrian`), beside the weighting's:
 
 * JSON: a ``groups`` section (the grouping, and per group its name, ``n``, the scans it needs, its
   thresholds and its sentence) and/or a ``weighting`` section (the features, the logistic domain
@@ -18,6 +19,7 @@ and the profile is refused (as :mod:`.profile` does for the marginal threshold).
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -27,8 +29,19 @@ from ..common.errors import ConformalSegError
 from ..common.jsonable import jsonable
 from .cls import ThresholdCalibration
 from .confidence_sets import SetsCalibration
-from .mondrian import MondrianCalibration, calibrate_groups, mondrian_arrays, mondrian_json, read_mondrian
-from .scan_scores import ProfileData
+from .mondrian import (
+    BY_FILE,
+    BY_LESION_SIZE,
+    GROUPINGS,
+    PREDICTED_RULE,
+    GroupCalibration,
+    Grouping,
+    MondrianCalibration,
+    calibrate_groups,
+    group_sentence,
+    grouping_by_size,
+)
+from .scan_scores import ProfileData, rebuild
 from .weighted import (
     Weighting,
     read_weighting,
@@ -50,6 +63,92 @@ class DeployableProfile(ProfileData, Protocol):
 
     @property
     def weighting(self) -> Weighting | None: ...
+
+
+# ------------------------------------------------------------------------------------------ the groups
+
+
+def _group_json(g: GroupCalibration, grouping: Grouping, predicted: bool) -> dict[str, Any]:
+    c = g.calibration
+    doc: dict[str, Any] = {"name": g.name, "n": g.n, "needed": g.needed, "more_needed": g.more_needed}
+    if isinstance(c, SetsCalibration):
+        doc.update(inner_threshold=c.inner_threshold, outer_threshold=c.outer_threshold)
+    else:
+        doc.update(n_excluded_empty=c.n_excluded_empty, probability_threshold=c.probability_threshold, rank=c.rank)
+        if c.n_with_lesion is not None:
+            doc["n_with_lesion"] = c.n_with_lesion
+    doc["guarantee"] = group_sentence(g, grouping, predicted=predicted)
+    return doc
+
+
+def mondrian_json(m: MondrianCalibration) -> dict[str, Any]:
+    """The ``groups`` section of a profile's JSON (infinite thresholds left as floats for the writer)."""
+    g = m.grouping
+    doc: dict[str, Any] = {"by": g.by, "names": list(g.names), "source": g.source}
+    if g.by == BY_LESION_SIZE:
+        doc.update(edges_ml=list(g.edges_ml), predicted_rule=PREDICTED_RULE)
+    doc["groups"] = [_group_json(x, g, False) for x in m.groups]
+    if m.predicted_groups:
+        doc["predicted_groups"] = [_group_json(x, g, True) for x in m.predicted_groups]
+    return doc
+
+
+def mondrian_arrays(m: MondrianCalibration) -> dict[str, np.ndarray]:
+    """The per-scan arrays of the grouping, for the profile's ``.npz``."""
+    g = m.grouping
+    arrays = {"groups_index": np.asarray(g.index, np.int64)}
+    if g.true_ml is not None and g.predicted_ml is not None:
+        arrays.update(groups_true_ml=g.true_ml, groups_predicted_ml=g.predicted_ml)
+    return arrays
+
+
+def _number(value: Any) -> float:
+    if value in ("inf", "-inf"):
+        return float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"expected a number, got {value!r}")
+    return float(value)
+
+
+def read_mondrian(
+    doc: Mapping[str, Any], arrays: Mapping[str, np.ndarray], like: ThresholdCalibration | SetsCalibration
+) -> MondrianCalibration:
+    """The groups of a loaded profile, with the thresholds as stored (the loader checks them against a
+    recalibration). Raises ``KeyError``/``ValueError``/``TypeError`` on a malformed section."""
+    by, names = str(doc["by"]), tuple(str(n) for n in doc["names"])
+    if by not in GROUPINGS or not names:
+        raise ValueError(f"unknown grouping {by!r}")
+    index = np.asarray(arrays["groups_index"], np.int64)
+    if index.size and (index.min() < 0 or index.max() >= len(names)):
+        raise ValueError("group index out of range")
+    if by == BY_LESION_SIZE:
+        edges = tuple(_number(e) for e in doc["edges_ml"])
+        grouping = grouping_by_size(edges, arrays["groups_true_ml"], arrays["groups_predicted_ml"])
+        if not np.array_equal(grouping.index, index) or grouping.names != names:
+            raise ValueError("the lesion-size groups do not follow from the stored volumes")
+    else:
+        grouping = Grouping(BY_FILE, names, index, source=doc.get("source"))
+    sections = [doc["groups"], doc.get("predicted_groups", [])]
+    return MondrianCalibration(grouping, *[tuple(_read_group(s, like) for s in section) for section in sections])
+
+
+def _read_group(doc: Mapping[str, Any], like: ThresholdCalibration | SetsCalibration) -> GroupCalibration:
+    n = int(doc["n"])
+    if isinstance(like, SetsCalibration):
+        quantiles = {"inner": _number(doc["inner_threshold"]), "outer": -_number(doc["outer_threshold"])}
+        if like.mode == "joint-max":
+            quantiles = {"joint": quantiles["inner"]}
+        return GroupCalibration(str(doc["name"]), rebuild(like, quantiles, n=n), int(doc["needed"]))
+    rank, with_lesion = doc.get("rank"), doc.get("n_with_lesion")
+    calibration = rebuild(
+        like,
+        {"cutoff": -_number(doc["probability_threshold"])},
+        n=n,
+        n_excluded=int(doc["n_excluded_empty"]),
+        rank=None if rank is None else int(rank),
+        n_with_lesion=None if with_lesion is None else int(with_lesion),
+    )
+    return GroupCalibration(str(doc["name"]), calibration, int(doc["needed"]))
 
 
 def deployment_json(profile: DeployableProfile) -> dict[str, Any]:
