@@ -197,6 +197,10 @@ def test_weighted_refuses_crc_and_groups_together(tmp_path, sites, capsys):
         sites, tmp_path / "x.json", "--target-scans", sites / "target", "--group-by", "lesion-size:1", capsys=capsys
     )
     assert code == 2 and "not both" in err
+    code, _, err = calibrate(
+        sites, tmp_path / "x.json", "--target-scans", sites / "target", "--pac-delta", "0.1", capsys=capsys
+    )
+    assert code == 2 and "not PAC" in err
 
 
 def test_monitor_writes_the_log_the_plot_and_the_badge_reads_it(tmp_path, sites, capsys):

@@ -110,6 +110,11 @@ class DeploymentRecorder:
                 )
             if self.groups is not None or self.edges is not None:
                 raise ConformalSegError("give groups or --target-scans, not both (weighted groups are not supported)")
+            if getattr(args, "pac_delta", None) is not None:
+                raise ConformalSegError(
+                    "a weighted profile's guarantee is marginal at the target site, not PAC",
+                    fix="leave out --pac-delta with --target-scans",
+                )
             if args.feature_images is not None:
                 self.images = scan_folder(args.feature_images, probability=False)
             self.target = self._target_features(args.target_scans)
