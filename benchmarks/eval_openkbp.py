@@ -77,7 +77,7 @@ def _config(args):  # noqa: ANN001
         dropout=0.1,
         batch_size=2,
         samples_per_case=2,
-        pos_fraction=0.6,
+        fg_fraction=0.6,
         seed=args.seed,
         device=args.device,
         name="openkbp_ptv70_unet",
@@ -117,21 +117,15 @@ def _model(args, train_ids: list[str], cases: dict, quick: bool) -> Path:  # noq
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = C.parse_args(__doc__.splitlines()[0], argv, _extra)
-    print("### Real data: OpenKBP PTV70 (eval_openkbp.py)\n")
-    if not args.data.is_dir():
-        print(f"Skipped: {args.data} is absent (the real-data evaluation needs ../shared/data/openkbp).\n")
-        return 0
+def pool_dataset(args):  # noqa: ANN001, ANN201
+    """The cases, the split, the trained model (cached), and the calibration/test pool's dataset with its
+    probability maps predicted once (cached): ``(listed, train_ids, pool_ids, model, card, engine, dataset,
+    inference seconds)``. Shared with ``eval_mondrian_openkbp.py --predictor network``."""
     import numpy as np
 
-    from ConformalSegLib.evaluation.protocol import evaluate_dataset
-    from ConformalSegLib.evaluation.report import write_report
     from ConformalSegLib.inference import InferenceEngine, resolve_model
     from ConformalSegLib.inference.model_dataset import InferenceDataset
 
-    if args.quick:
-        args.train, args.heldout, args.epochs, args.splits = 12, 2, 2, 10
     listed = _cases(args.data)
     cases = {cid: (ct, ptv) for cid, ct, ptv in listed}
     order = [listed[i][0] for i in np.random.default_rng(args.seed).permutation(len(listed))]
@@ -164,7 +158,22 @@ def main(argv: list[str] | None = None) -> int:
     for _ in dataset:
         pass
     dataset.progress = None
-    inference_s = time.perf_counter() - t0
+    return listed, train_ids, pool_ids, model, card, engine, dataset, time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = C.parse_args(__doc__.splitlines()[0], argv, _extra)
+    print("### Real data: OpenKBP PTV70 (eval_openkbp.py)\n")
+    if not args.data.is_dir():
+        print(f"Skipped: {args.data} is absent (the real-data evaluation needs ../shared/data/openkbp).\n")
+        return 0
+
+    from ConformalSegLib.evaluation.protocol import evaluate_dataset
+    from ConformalSegLib.evaluation.report import write_report
+
+    if args.quick:
+        args.train, args.heldout, args.epochs, args.splits = 12, 2, 2, 10
+    listed, train_ids, pool_ids, model, card, engine, dataset, inference_s = pool_dataset(args)
     t0 = time.perf_counter()
     epsilons, alphas = (0.05, 0.1, 0.2, 0.3), (0.05, 0.1, 0.2)
     result = evaluate_dataset(

@@ -26,6 +26,7 @@ HERE = Path(__file__).resolve().parent
 BENCHMARKS = (
     "bench_cls_exact_vs_bisection.py",
     "bench_recalibration.py",
+    "bench_mondrian.py",
     "bench_threshold_bandwidth.py",
     "bench_slider.py",
     "bench_inference.py",

@@ -20,6 +20,7 @@ from ConformalSegLib.common.errors import ConformalSegError
 
 from . import environment, evaluation_plots, intervals, segments
 from . import slicer_adapter as adapter
+from .drift import drift_badge
 from .logic import Logic
 from .slider import SliderSettings, relevant_sliders
 
@@ -220,7 +221,8 @@ class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._written = (segmentation.GetID(), id(self._state))
             if p.outputSegmentation is None or p.outputSegmentation.GetID() != segmentation.GetID():
                 p.outputSegmentation = segmentation
-            self._setGuarantee(result.text, warning=result.has_warning)
+            badge, drifting = drift_badge(paths)  # the reviewed-case logs of `conformalseg monitor`
+            self._setGuarantee("\n".join(filter(None, (result.text, badge))), warning=result.has_warning or drifting)
             self._fillResultsTable(result)
         except (ConformalSegError, ValueError, OSError) as exc:
             self._state = None

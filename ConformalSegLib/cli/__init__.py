@@ -1,4 +1,4 @@
-"""The ``conformalseg`` command line: train, infer, calibrate, apply, evaluate, synth and demo.
+"""The ``conformalseg`` command line: train, infer, calibrate, apply, evaluate, monitor, synth and demo.
 
 Every command calls the same library functions as the Slicer module. Errors caused by the input
 exit with status 2 and one message naming the file and the fix; ``--debug`` shows tracebacks.
@@ -11,10 +11,10 @@ import sys
 
 from .. import __version__
 from ..common.errors import ConformalSegError
-from . import apply_cmd, calibrate_cmd, demo_cmd, evaluate_cmd, infer_cmd, synth_cmd, train_cmd
+from . import apply_cmd, calibrate_cmd, demo_cmd, evaluate_cmd, infer_cmd, monitor_cmd, synth_cmd, train_cmd
 from .common import close_progress_bars, install_warning_format
 
-COMMANDS = (train_cmd, infer_cmd, calibrate_cmd, apply_cmd, evaluate_cmd, synth_cmd, demo_cmd)
+COMMANDS = (train_cmd, infer_cmd, calibrate_cmd, apply_cmd, evaluate_cmd, monitor_cmd, synth_cmd, demo_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,6 +17,7 @@ from ..io.segmentation import LESION_THRESHOLD, write_masks_nifti, write_seg_nrr
 from ..io.volumes import Volume, load_image, load_probability_map, save_volume
 from .cascade_options import add_cascade_argument, cascade_predictor_from_args
 from .common import add_force
+from .deploy_options import add_apply_options, deploy_for_scan
 from .interval_options import add_interval_apply_arguments, is_interval_profile, run_interval_apply
 
 
@@ -64,6 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--compare-threshold", action="store_true", help="also write the fixed 0.5-threshold mask for comparison"
     )
+    add_apply_options(p)
     p.add_argument("--out", type=Path, required=True, help="output folder")
     add_force(p)
     p.set_defaults(func=run)
@@ -80,8 +82,9 @@ def run(args: argparse.Namespace) -> int:
         volume = _predict(args, profile)
     else:
         volume = load_probability_map(args.prob, channel=args.channel)
+    profile, deployed = deploy_for_scan(args, profile, volume)  # the group's or the weighted calibration
     masks = profile.masks(volume.array, volume.geometry)
-    guarantee = profile.guarantee
+    guarantee = deployed["guarantee"]
     if args.slider_safe:
         masks, guarantee = _slider_safe_masks(args, profile, volume)
     if args.compare_threshold:
@@ -97,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
     for key in ("summaries", "provenance", "format", "format_version"):
         doc.pop(key, None)
     doc.update(probability_map=str(volume.path), voxels={name: int(m.sum()) for name, m in masks.items()})
+    doc.update(deployed)
     if args.slider_safe:
         doc.update(slider_safe=True, guarantee=guarantee)
     atomic_write_text(summary_path, json.dumps(doc, indent=2) + "\n", force=args.force)

@@ -14,6 +14,7 @@ from ..io.atomic import check_can_write
 from ..io.checksums import sha256_file
 from ..io.dataset import CalibrationDataset
 from .common import add_empty_option, add_force, add_lesion_options, progress_bar
+from .deploy_options import add_calibrate_options, recorder_for, report
 from .interval_options import INTERVAL_METHODS, add_interval_arguments, run_interval_calibrate
 from .model_options import add_model_options, open_model_dataset
 
@@ -37,6 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--out", type=Path, required=True, help="profile file to write (PROFILE.json; PROFILE.npz beside it)"
     )
     add_force(p)
+    add_calibrate_options(p)
     add_interval_arguments(p)
     p.set_defaults(func=run)
 
@@ -227,8 +229,12 @@ def run(args: argparse.Namespace) -> int:
     if args.method == "sets" and "auto" in (args.transform, args.inner_transform, args.outer_transform):
         choose_transforms_from_learning_data(args, provenance)
     request = request_from_args(args, provenance)
-    profile = calibrate(dataset, request)
+    recorder = recorder_for(args, dataset)  # groups / weighting: None without those options
+    profile = calibrate(dataset if recorder is None else recorder, request)
+    profile = profile if recorder is None else recorder.attach(profile)
     json_path, npz_path = profile.save(args.out, force=args.force)
     print(profile.guarantee)
+    for line in report(profile):
+        print(line)
     print(f"wrote {json_path} and {npz_path}")
     return 0

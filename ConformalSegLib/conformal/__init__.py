@@ -11,7 +11,13 @@
 * :mod:`.score_transforms`: the score transforms of the confidence sets (identity, signed distance);
 * :mod:`.guarantee_sentences`: the one-sentence statement of each calibrated guarantee;
 * :mod:`.profile`: calibration profiles on disk (JSON + summaries), recalibration, masks;
-* :mod:`.calibration`: one call from cases to a profile, shared by the CLI, the demo and Slicer.
+* :mod:`.calibration`: one call from cases to a profile, shared by the CLI, the demo and Slicer;
+* :mod:`.scan_scores`: the per-scan nonconformity scores of a calibration (the input of the three below);
+* :mod:`.mondrian`: group-conditional (Mondrian) calibration, one threshold and guarantee per group;
+* :mod:`.scan_features`: label-free per-scan features for the domain classifier;
+* :mod:`.weighted`: weighted conformal calibration under covariate shift (Tibshirani et al. 2019);
+* :mod:`.deployment`: the groups and weighting of a profile on disk;
+* :mod:`.monitoring`: conformal test martingales over reviewed cases, the drift log and badge.
 
 Imports only :mod:`ConformalSegLib.common` and :mod:`ConformalSegLib.io`.
 """

@@ -14,6 +14,7 @@ and (b) recalibrate for any other epsilon/alpha without touching a volume:
 * sets: ``inner_threshold``, ``outer_threshold`` (inner = ``T > inner_threshold``, outer =
   ``T >= outer_threshold``, ``T`` the score transform; probabilities for ``identity``), ``transform``
   (inner and outer transform names), ``mode``, ``alpha_inner``, ``alpha_outer``;
+* ``groups`` / ``weighting`` (group-conditional and weighted profiles, :mod:`.deployment`);
 * ``guarantee`` (one plain sentence), ``empty_policy``, ``n_excluded_empty``, ``summaries`` (file name,
   SHA-256, precision), ``provenance`` (case ids, label values, channel, model file SHA-256, package
   version, UTC time, input folders).
@@ -48,10 +49,13 @@ from ..io.segmentation import INNER_SET, LESION_FNR, LESION_LEVEL, OUTER_SET
 from .cls import ThresholdCalibration, apply_threshold, calibrate_cls, critical_cutoffs, used_cases
 from .confidence_sets import SetsCalibration, SetStatistics, apply_sets, calibrate_sets
 from .crc import calibrate_crc
+from .deployment import deployment_arrays, deployment_json, read_deployment, recalibrated_groups
 from .guarantee_sentences import guarantee_sentence
 from .lesion_level import LesionLevelCalibration, LesionLevelSummaries, calibrate_lesion, scan_scores
+from .mondrian import MondrianCalibration
 from .simultaneous import DEFAULT_GRID, SimultaneousBand, simultaneous_band
 from .summaries import LesionSummaries
+from .weighted import Weighting
 
 FORMAT = "conformalseg-profile"
 FORMAT_VERSION = 1
@@ -100,6 +104,8 @@ class CalibrationProfile:
     empty_policy: str = "exclude"
     provenance: dict[str, Any] = field(default_factory=dict)
     lesion_level: LesionLevelSummaries | None = None  #: lesion-level profiles only
+    groups: MondrianCalibration | None = None  #: group-conditional (Mondrian) profiles, :mod:`.mondrian`
+    weighting: Weighting | None = None  #: weighted (covariate-shift) profiles, :mod:`.weighted`
 
     @property
     def method(self) -> str:
@@ -161,7 +167,7 @@ class CalibrationProfile:
             )
         else:
             new = calibrate_crc(self.summaries, c.epsilon if epsilon is None else epsilon, empty=self.empty_policy)
-        return dataclasses.replace(self, calibration=new)
+        return dataclasses.replace(self, calibration=new, groups=recalibrated_groups(self, new))
 
     def slider_band(self, alpha: float | None = None, grid: Sequence[float] = DEFAULT_GRID) -> SimultaneousBand:
         """The slider-safe band of a CLS or lesion-level profile (:mod:`ConformalSegLib.conformal.simultaneous`):
@@ -257,6 +263,7 @@ class CalibrationProfile:
                 "case_ids": list(self.summaries.case_ids),
             },
         )
+        doc.update(deployment_json(self))
         return doc
 
     def summary_arrays(self) -> dict[str, np.ndarray]:
@@ -265,6 +272,7 @@ class CalibrationProfile:
             arrays.update(self.set_statistics.to_arrays())
         if self.lesion_level is not None:
             arrays.update(self.lesion_level.to_arrays())
+        arrays.update(deployment_arrays(self))
         return arrays
 
     def save(self, path: str | PathLike[str], *, force: bool = False) -> tuple[Path, Path]:
@@ -299,6 +307,8 @@ def load_profile(path: str | PathLike[str]) -> CalibrationProfile:
     profile = CalibrationProfile(
         calibration, summaries, stats, doc.get("empty_policy", "exclude"), provenance, lesion_level
     )
+    groups, weighting = read_deployment(doc, path, profile)
+    profile = dataclasses.replace(profile, groups=groups, weighting=weighting)
     _check_consistent(profile, path)
     return profile
 

@@ -12,5 +12,6 @@
 * :mod:`.lesion_metrics`: lesion-wise detection (sensitivity by lesion size, false-positive components);
 * :mod:`.report`: ``results.json``, the Markdown report and its plots; :mod:`.report_lesion` its
   lesion-level sections; :mod:`.markdown` the table and number formatting they share;
-* :mod:`.figures`: slice overlays of masks on an image.
+* :mod:`.figures`: slice overlays of masks on an image;
+* :mod:`.monitor_figure`: the drift-monitoring plot (martingale and running ECR).
 """
