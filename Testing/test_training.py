@@ -340,7 +340,7 @@ def test_shipped_default_model():
     card = resolve_model(SHIPPED)
     t = card.training
     assert card.sha256() == t["weights_sha256"] == sha256_file(SHIPPED / "weights.pt")
-    assert (SHIPPED / "weights.pt").stat().st_size < 5_000_000
+    assert (SHIPPED / "weights.pt").stat().st_size < 8_000_000  # "a few MB at most"
     assert (SHIPPED / "README.md").is_file() and (SHIPPED / "training.json").is_file()
     assert 0.4 <= t["heldout_mean_dice"] <= 0.9
     log = json.loads((SHIPPED / "training.json").read_text())
