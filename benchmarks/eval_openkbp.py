@@ -72,8 +72,15 @@ def _config(args):  # noqa: ANN001
         spacing_mm=(6.0, 6.0, 6.0),
         orientation="RAS",
         intensity={"kind": "window", "a_min": -200.0, "a_max": 300.0, "b_min": 0.0, "b_max": 1.0, "clip": True},
-        channels=(8, 16, 32, 64),
-        strides=(2, 2, 2),
+        network="dynunet",  # the shipped phantom model's recipe (issue 11): DynUNet, deep supervision,
+        channels=(8, 16, 32, 64, 128),  # AdamW + poly, MONAI augmentation
+        strides=(2, 2, 2, 2),
+        deep_supervision=True,
+        optimizer="adamw",
+        weight_decay=1e-4,
+        learning_rate=2e-3,
+        lr_schedule="poly",
+        augment=True,
         dropout=0.1,
         batch_size=2,
         samples_per_case=2,
@@ -89,7 +96,7 @@ def _model(args, train_ids: list[str], cases: dict, quick: bool) -> Path:  # noq
 
     out = CACHE / ("model_quick" if quick else "model")
     config = _config(args)
-    wanted = {"train_ids": train_ids, "epochs": config.epochs, "seed": config.seed}
+    wanted = {"train_ids": train_ids, "epochs": config.epochs, "seed": config.seed, "recipe": "dynunet-ds-aug-poly"}
     stamp = out / "benchmark_settings.json"
     if stamp.is_file() and json.loads(stamp.read_text()) == wanted:
         C.log(f"reusing the cached model {out}")

@@ -142,6 +142,8 @@ def run_demo(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             profile = calibrate((dataset.load(cid) for cid in cal_ids), request)
+        if hasattr(dataset, "provenance"):  # the network's pipeline, as `calibrate --model` records it
+            profile.provenance["inference"] = dataset.provenance()
         profile.save(out / "profiles" / f"{name}.json", force=force)
         profiles[name] = profile
 
