@@ -21,6 +21,7 @@ from .common import add_force
 from .deploy_options import add_apply_options, deploy_for_scan
 from .dicom_options import add_dicom_options, check_dicom_reference, dicom_seg_path, write_seg_output
 from .interval_options import add_interval_apply_arguments, is_interval_profile, run_interval_apply
+from .mask_options import is_mask_apply, run_mask_apply
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -39,6 +40,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=Path,
         help="the new scan itself (a file, or a DICOM series folder), predicted with --model exactly as in "
         "calibration (profiles calibrated with --model --images); the probability map is written to OUT too",
+    )
+    source.add_argument(
+        "--mask",
+        type=Path,
+        help="predicted label map of a mask-only tool (profiles calibrated with calibrate --masks)",
     )
     p.add_argument("--model", type=Path, help="with --image: the model card the profile was calibrated with")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="with --image: inference device")
@@ -77,6 +83,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if is_interval_profile(args.profile):
         return run_interval_apply(args)
+    if is_mask_apply(args):
+        return run_mask_apply(args, dicom_seg_path(args))
     if args.prob is None and args.image is None:
         raise ConformalSegError("no scan given", fix="pass --prob PROBABILITY_MAP (or --image SCAN --model CARD)")
     profile = load_profile(args.profile)

@@ -16,6 +16,7 @@ from ..io.dataset import CalibrationDataset
 from .common import add_empty_option, add_force, add_lesion_options, progress_bar
 from .deploy_options import add_calibrate_options, recorder_for, report
 from .interval_options import INTERVAL_METHODS, add_interval_arguments, run_interval_calibrate
+from .mask_options import add_mask_calibrate_options, run_mask_calibrate
 from .model_options import add_model_options, open_model_dataset
 
 
@@ -27,6 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(JSON + .npz of summaries) that `apply` uses and can recalibrate from.",
     )
     add_data_options(p)
+    add_mask_calibrate_options(p)
     add_method_options(p)
     p.add_argument(
         "--precision",
@@ -206,6 +208,8 @@ def choose_transforms_from_learning_data(args: argparse.Namespace, provenance: d
 def run(args: argparse.Namespace) -> int:
     if args.method in INTERVAL_METHODS:
         return run_interval_calibrate(args)
+    if args.masks is not None:  # a mask-only tool's predicted label maps
+        return run_mask_calibrate(args, request_from_args)
     if args.out.suffix.lower() != ".json":
         raise ConformalSegError("the profile file name must end in .json", path=args.out, fix="e.g. --out profile.json")
     if not args.force:  # fail before the long streaming pass, not after it
