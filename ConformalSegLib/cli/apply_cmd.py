@@ -20,6 +20,7 @@ from .cascade_options import add_cascade_argument, cascade_predictor_from_args
 from .common import add_force
 from .deploy_options import add_apply_options, deploy_for_scan
 from .dicom_options import add_dicom_options, check_dicom_reference, dicom_seg_path, write_seg_output
+from .fold_options import add_fold_apply_options, load_fold_volume
 from .interval_options import add_interval_apply_arguments, is_interval_profile, run_interval_apply
 from .mask_options import is_mask_apply, run_mask_apply
 
@@ -46,6 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=Path,
         help="predicted label map of a mask-only tool (profiles calibrated with calibrate --masks)",
     )
+    add_fold_apply_options(p, source)
     p.add_argument("--model", type=Path, help="with --image: the model card the profile was calibrated with")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="with --image: inference device")
     add_cascade_argument(p)
@@ -85,13 +87,15 @@ def run(args: argparse.Namespace) -> int:
         return run_interval_apply(args)
     if is_mask_apply(args):
         return run_mask_apply(args, dicom_seg_path(args))
-    if args.prob is None and args.image is None:
+    if args.prob is None and args.image is None and args.folds is None:
         raise ConformalSegError("no scan given", fix="pass --prob PROBABILITY_MAP (or --image SCAN --model CARD)")
     profile = load_profile(args.profile)
     profile = _recalibrated(args, profile)
     dicom_seg = dicom_seg_path(args)  # checked before the (possibly long) prediction
     if args.image is not None:
         volume = _predict(args, profile)
+    elif args.folds is not None:
+        volume = load_fold_volume(args, profile)
     else:
         volume = load_probability_input(args.prob, channel=args.channel, series_uid=_series_uid(args, args.prob))
     profile, deployed = deploy_for_scan(args, profile, volume)  # the group's or the weighted calibration
