@@ -13,12 +13,16 @@ from ..conformal.cls import ThresholdCalibration, apply_threshold
 from ..conformal.guarantee_sentences import band_sentence
 from ..conformal.profile import UNCHANGED, CalibrationProfile, Unchanged, load_profile
 from ..io.atomic import atomic_write_text, check_can_write
+from ..io.dicom_series import load_image_input, load_probability_input
 from ..io.segmentation import LESION_THRESHOLD, write_masks_nifti, write_seg_nrrd
-from ..io.volumes import Volume, load_image, load_probability_map, save_volume
+from ..io.volumes import Volume, save_volume
 from .cascade_options import add_cascade_argument, cascade_predictor_from_args
 from .common import add_force
 from .deploy_options import add_apply_options, deploy_for_scan
+from .dicom_options import add_dicom_options, check_dicom_reference, dicom_seg_path, write_seg_output
+from .fold_options import add_fold_apply_options, load_fold_volume
 from .interval_options import add_interval_apply_arguments, is_interval_profile, run_interval_apply
+from .mask_options import is_mask_apply, run_mask_apply
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,13 +35,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--profile", type=Path, required=True, help="profile JSON written by `calibrate`")
     source = p.add_mutually_exclusive_group()
-    source.add_argument("--prob", type=Path, help="probability map of the new scan")
+    source.add_argument("--prob", type=Path, help="probability map of the new scan (a file, or a DICOM series folder)")
     source.add_argument(
         "--image",
         type=Path,
-        help="the new scan itself, predicted with --model exactly as in calibration (profiles "
-        "calibrated with --model --images); the probability map is written to OUT too",
+        help="the new scan itself (a file, or a DICOM series folder), predicted with --model exactly as in "
+        "calibration (profiles calibrated with --model --images); the probability map is written to OUT too",
     )
+    source.add_argument(
+        "--mask",
+        type=Path,
+        help="predicted label map of a mask-only tool (profiles calibrated with calibrate --masks)",
+    )
+    add_fold_apply_options(p, source)
     p.add_argument("--model", type=Path, help="with --image: the model card the profile was calibrated with")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="with --image: inference device")
     add_cascade_argument(p)
@@ -66,6 +76,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--compare-threshold", action="store_true", help="also write the fixed 0.5-threshold mask for comparison"
     )
     add_apply_options(p)
+    add_dicom_options(p)
     p.add_argument("--out", type=Path, required=True, help="output folder")
     add_force(p)
     p.set_defaults(func=run)
@@ -74,14 +85,19 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if is_interval_profile(args.profile):
         return run_interval_apply(args)
-    if args.prob is None and args.image is None:
+    if is_mask_apply(args):
+        return run_mask_apply(args, dicom_seg_path(args))
+    if args.prob is None and args.image is None and args.folds is None:
         raise ConformalSegError("no scan given", fix="pass --prob PROBABILITY_MAP (or --image SCAN --model CARD)")
     profile = load_profile(args.profile)
     profile = _recalibrated(args, profile)
+    dicom_seg = dicom_seg_path(args)  # checked before the (possibly long) prediction
     if args.image is not None:
         volume = _predict(args, profile)
+    elif args.folds is not None:
+        volume = load_fold_volume(args, profile)
     else:
-        volume = load_probability_map(args.prob, channel=args.channel)
+        volume = load_probability_input(args.prob, channel=args.channel, series_uid=_series_uid(args, args.prob))
     profile, deployed = deploy_for_scan(args, profile, volume)  # the group's or the weighted calibration
     masks = profile.masks(volume.array, volume.geometry)
     guarantee = deployed["guarantee"]
@@ -94,6 +110,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.force:
         check_can_write(seg_path)
         check_can_write(summary_path)
+    if dicom_seg is not None:
+        check_dicom_reference(args, volume.geometry)  # a grid mismatch fails before any output is written
     written = write_masks_nifti(masks, volume.geometry, args.out, force=args.force)
     write_seg_nrrd(masks, volume.geometry, seg_path, force=args.force)
     doc = profile.to_json_dict("", "")
@@ -103,11 +121,15 @@ def run(args: argparse.Namespace) -> int:
     doc.update(deployed)
     if args.slider_safe:
         doc.update(slider_safe=True, guarantee=guarantee)
+    if dicom_seg is not None:
+        doc["dicom_seg"] = str(write_seg_output(args, dicom_seg, masks, volume.geometry, doc))
     atomic_write_text(summary_path, json.dumps(doc, indent=2) + "\n", force=args.force)
     print(guarantee)
     for name, mask in masks.items():
         print(f"{name}: {int(mask.sum())} voxels ({mask.sum() * volume.geometry.voxel_volume_mm3 / 1000:.2f} mL)")
     print(f"wrote {seg_path}, {summary_path} and {len(written)} NIfTI mask(s) in {args.out}")
+    if dicom_seg is not None:
+        print(f"wrote the DICOM SEG {dicom_seg}")
     return 0
 
 
@@ -169,7 +191,12 @@ def _predict(args: argparse.Namespace, profile: CalibrationProfile) -> Volume:
     prob_path = args.out / "probability.nii.gz"
     if not args.force:
         check_can_write(prob_path)
-    image = load_image(args.image)
+    image = load_image_input(args.image, _series_uid(args, args.image))
     prediction = engine.predict(image, **options)
     save_volume(prediction.probability, image.geometry, prob_path, force=args.force)
     return Volume(prediction.probability, image.geometry, str(prob_path))
+
+
+def _series_uid(args: argparse.Namespace, source: Path) -> str | None:
+    """``--series-uid`` for a DICOM series folder (a file needs none; the UID may be the reference's)."""
+    return args.series_uid if Path(source).is_dir() else None

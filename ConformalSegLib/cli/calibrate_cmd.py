@@ -15,7 +15,9 @@ from ..io.checksums import sha256_file
 from ..io.dataset import CalibrationDataset
 from .common import add_empty_option, add_force, add_lesion_options, progress_bar
 from .deploy_options import add_calibrate_options, recorder_for, report
+from .fold_options import add_folds_option, fold_provenance, open_fold_dataset
 from .interval_options import INTERVAL_METHODS, add_interval_arguments, run_interval_calibrate
+from .mask_options import add_mask_calibrate_options, run_mask_calibrate
 from .model_options import add_model_options, open_model_dataset
 
 
@@ -27,6 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(JSON + .npz of summaries) that `apply` uses and can recalibrate from.",
     )
     add_data_options(p)
+    add_mask_calibrate_options(p)
     add_method_options(p)
     p.add_argument(
         "--precision",
@@ -47,6 +50,7 @@ def add_data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--probs", type=Path, help="folder of probability maps (.nii.gz/.nrrd/.mha/.npy/nnU-Net .npz)")
     p.add_argument("--labels", type=Path, help="folder of label maps, same case ids as --probs")
     p.add_argument("--data", type=Path, help="folder with probs/ and labels/ subfolders (instead of --probs/--labels)")
+    add_folds_option(p)
     add_lesion_options(p)
     add_model_options(p)
 
@@ -126,6 +130,8 @@ def open_dataset(args: argparse.Namespace, description: str) -> CalibrationDatas
     if getattr(args, "images", None) is not None:
         return open_model_dataset(args, description)
     progress = progress_bar(description)
+    if getattr(args, "folds", None) is not None:  # nnU-Net fold ensembles, averaged per case
+        return open_fold_dataset(args, progress)
     if args.data is not None:
         if args.probs or args.labels:
             raise ConformalSegError("give either --data or --probs/--labels, not both")
@@ -206,6 +212,8 @@ def choose_transforms_from_learning_data(args: argparse.Namespace, provenance: d
 def run(args: argparse.Namespace) -> int:
     if args.method in INTERVAL_METHODS:
         return run_interval_calibrate(args)
+    if args.masks is not None:  # a mask-only tool's predicted label maps
+        return run_mask_calibrate(args, request_from_args)
     if args.out.suffix.lower() != ".json":
         raise ConformalSegError("the profile file name must end in .json", path=args.out, fix="e.g. --out profile.json")
     if not args.force:  # fail before the long streaming pass, not after it
@@ -217,6 +225,7 @@ def run(args: argparse.Namespace) -> int:
         "labels_dir": str(dataset.labels_dir.resolve()),
         "lesion_labels": list(dataset.lesion_labels),
         "probability_channel": args.channel,
+        **fold_provenance(dataset),
     }
     if hasattr(dataset, "provenance"):  # predicted by --model from --images
         provenance["inference"] = dataset.provenance()

@@ -42,6 +42,7 @@ from ..conformal.scan_features import feature_names, scan_features
 from ..conformal.weighted import Weighting, check_effective_size, fit_domain_classifier, weighted_calibration
 from ..io.case_table import read_groups
 from ..io.dataset import scan_folder
+from ..io.dicom_series import load_image_input
 from ..io.volumes import Volume, load_image, load_probability_map
 from .common import progress_bar
 
@@ -239,7 +240,8 @@ def deploy_for_scan(
             raise ConformalSegError(
                 "this weighted profile's features include the image's intensities", fix="pass --feature-image IMAGE"
             )
-        image = load_image(source).array
+        series = getattr(args, "series_uid", None) if Path(source).is_dir() else None
+        image = load_image_input(source, series).array  # a file or a DICOM series folder
     weight = weighting.weight_of(scan_features(volume.array, volume.geometry, image))
     result = weighted_calibration(profile.calibration, profile, weighting, weight)
     info = {"weight": weight, "effective_sample_size": result.effective_n, "guarantee": result.sentence}

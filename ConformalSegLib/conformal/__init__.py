@@ -9,6 +9,7 @@
 * :mod:`.simultaneous`: slider-safe bands, one event for every epsilon of a grid at once;
 * :mod:`.confidence_sets`: inner/outer confidence sets (Davenport), marginal and joint;
 * :mod:`.score_transforms`: the score transforms of the confidence sets (identity, signed distance);
+* :mod:`.mask_sets`: confidence sets from predicted masks alone (mask-only tools), one per structure;
 * :mod:`.guarantee_sentences`: the one-sentence statement of each calibrated guarantee;
 * :mod:`.profile`: calibration profiles on disk (JSON + summaries), recalibration, masks;
 * :mod:`.calibration`: one call from cases to a profile, shared by the CLI, the demo and Slicer;

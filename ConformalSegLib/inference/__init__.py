@@ -12,7 +12,8 @@ Needs the ``inference`` extra (``torch`` and ``monai``). Typical use::
 Calibration and test cases must go through the same card, MC passes, flips and seed
 (:meth:`ModelCard.pipeline_sha256` fingerprints the card). Modules:
 
-* :mod:`.model_card` (+ :mod:`.card_parsing`, :mod:`.networks`): the card format, its validation and
+* :mod:`.model_card` (+ :mod:`.card_parsing`, :mod:`.networks`, :mod:`.bundle_preprocessing`): the card format,
+  its validation (a MONAI bundle's preprocessing and sliding window read from its own config) and
   building the network it names;
 * :mod:`.engine`: :class:`InferenceEngine`, running the steps below on a volume;
 * :mod:`.preprocessing`: axes, world space and the card's transforms;

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..common.errors import ConformalSegError
+from .bundle_preprocessing import inference_from_bundle, preprocessing_from_bundle
 from .card_format import (
     ACTIVATIONS,
     BLEND_MODES,
@@ -26,11 +27,12 @@ from .card_format import (
     OutputSpec,
     Preprocessing,
 )
-from .networks import network_class
+from .networks import bundle_config, network_class
 
 __all__ = ["parse_card"]
 
 _AXIS_PAIRS = ({"L", "R"}, {"A", "P"}, {"S", "I"})
+BUNDLE = "bundle"  #: "preprocessing"/"inference" read from the bundle's config (inference/bundle_preprocessing.py)
 
 
 class _Checker:
@@ -110,8 +112,15 @@ def parse_card(data: Any, path: Path | None, base: Path) -> dict[str, Any]:
     c.keys(data, "the card", TOP_KEYS, REQUIRED_KEYS)
     name = c.string(data["name"], "name")
     source = _parse_source(c, data["source"], base)
-    preprocessing = _parse_preprocessing(c, data["preprocessing"])
-    inference = _parse_inference(c, data["inference"])
+    config = _bundle_sections(c, data, source, path)
+    if config is not None and data["preprocessing"] == BUNDLE:
+        preprocessing = preprocessing_from_bundle(config)
+    else:
+        preprocessing = _parse_preprocessing(c, data["preprocessing"])
+    if config is not None and data["inference"] == BUNDLE:
+        inference = inference_from_bundle(config)
+    else:
+        inference = _parse_inference(c, data["inference"])
     output = _parse_output(c, data["output"])
     training = data.get("training", {})
     if training is None:
@@ -125,6 +134,15 @@ def parse_card(data: Any, path: Path | None, base: Path) -> dict[str, Any]:
         "output": output,
         "training": copy.deepcopy(training),
     }
+
+
+def _bundle_sections(c: _Checker, data: dict[str, Any], source: ModelSource, path: Path | None) -> Path | None:
+    """The bundle's inference config when the card takes its preprocessing or inference from it."""
+    if BUNDLE not in (data["preprocessing"], data["inference"]):
+        return None
+    if source.kind != "bundle":
+        raise c.fail('"bundle" preprocessing or inference needs a MONAI bundle source ({"bundle": FOLDER})')
+    return bundle_config(source.path, path)
 
 
 def _parse_source(c: _Checker, value: Any, base: Path) -> ModelSource:

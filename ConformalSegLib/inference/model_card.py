@@ -41,7 +41,10 @@ Format (``conformalseg-model-card``, ``format_version`` 1)
   expressions are Python code: load only trusted bundles) and its weights are the state dict
   ``models/model.pt``.
 
-Relative paths are relative to the folder holding the card.
+Relative paths are relative to the folder holding the card. With a bundle source, ``"preprocessing":
+"bundle"`` and ``"inference": "bundle"`` take them from the bundle's own ``configs/inference.json``
+(its ``preprocessing`` transforms and ``SlidingWindowInferer``) instead of restating them
+(:mod:`ConformalSegLib.inference.bundle_preprocessing`; steps a card cannot reproduce are refused).
 
 Axis orders (the one place they are defined)
 --------------------------------------------
