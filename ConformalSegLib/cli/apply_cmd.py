@@ -12,11 +12,12 @@ from ..common.errors import ConformalSegError
 from ..conformal.cls import ThresholdCalibration, apply_threshold
 from ..conformal.guarantee_sentences import band_sentence
 from ..conformal.profile import UNCHANGED, CalibrationProfile, Unchanged, load_profile
-from ..io.atomic import atomic_write_text, check_can_write
+from ..io.atomic import atomic_write_text, check_can_write, staged_folder
+from ..io.checksums import sha256_file
 from ..io.segmentation import LESION_THRESHOLD, write_masks_nifti, write_seg_nrrd
 from ..io.volumes import Volume, load_image, load_probability_map, save_volume
 from .cascade_options import add_cascade_argument, cascade_predictor_from_args
-from .common import add_force
+from .common import add_force, input_files, refuse_output_in_inputs
 from .deploy_options import add_apply_options, deploy_for_scan
 from .interval_options import add_interval_apply_arguments, is_interval_profile, run_interval_apply
 
@@ -42,7 +43,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="with --image: inference device")
     add_cascade_argument(p)
     add_interval_apply_arguments(p)
-    p.add_argument("--channel", type=int, default=None, help="channel of a multi-channel probability map")
+    p.add_argument(
+        "--channel",
+        type=int,
+        default=None,
+        help="channel of a multi-channel probability map (default: the one the profile was calibrated on)",
+    )
     p.add_argument("--epsilon", type=float, help="recalibrate for this FNR (lesion: missed-lesion) tolerance")
     p.add_argument(
         "--voxel-epsilon",
@@ -72,38 +78,42 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    inputs = input_files(args, ("prob", "image", "lower", "upper", "organs", "truth"))
+    refuse_output_in_inputs(args.out, inputs, output_is_folder=True)
     if is_interval_profile(args.profile):
         return run_interval_apply(args)
     if args.prob is None and args.image is None:
         raise ConformalSegError("no scan given", fix="pass --prob PROBABILITY_MAP (or --image SCAN --model CARD)")
     profile = load_profile(args.profile)
     profile = _recalibrated(args, profile)
-    if args.image is not None:
-        volume = _predict(args, profile)
-    else:
-        volume = load_probability_map(args.prob, channel=args.channel)
-    profile, deployed = deploy_for_scan(args, profile, volume)  # the group's or the weighted calibration
-    masks = profile.masks(volume.array, volume.geometry)
-    guarantee = deployed["guarantee"]
-    if args.slider_safe:
-        masks, guarantee = _slider_safe_masks(args, profile, volume)
-    if args.compare_threshold:
-        masks[LESION_THRESHOLD] = apply_threshold(volume.array, 0.5)
+    channel = _channel(args, profile)
     seg_path = args.out / "segmentation.seg.nrrd"
     summary_path = args.out / "apply.json"
     if not args.force:
         check_can_write(seg_path)
         check_can_write(summary_path)
-    written = write_masks_nifti(masks, volume.geometry, args.out, force=args.force)
-    write_seg_nrrd(masks, volume.geometry, seg_path, force=args.force)
-    doc = profile.to_json_dict("", "")
-    for key in ("summaries", "provenance", "format", "format_version"):
-        doc.pop(key, None)
-    doc.update(probability_map=str(volume.path), voxels={name: int(m.sum()) for name, m in masks.items()})
-    doc.update(deployed)
-    if args.slider_safe:
-        doc.update(slider_safe=True, guarantee=guarantee)
-    atomic_write_text(summary_path, json.dumps(doc, indent=2) + "\n", force=args.force)
+    with staged_folder(args.out, force=args.force) as stage:  # Ctrl-C or an error: no partial result folder
+        if args.image is not None:
+            volume = _predict(args, profile, stage)
+        else:
+            volume = load_probability_map(args.prob, channel=channel)
+        profile, deployed = deploy_for_scan(args, profile, volume)  # the group's or the weighted calibration
+        masks = profile.masks(volume.array, volume.geometry)
+        guarantee = deployed["guarantee"]
+        if args.slider_safe:
+            masks, guarantee = _slider_safe_masks(args, profile, volume)
+        if args.compare_threshold:
+            masks[LESION_THRESHOLD] = apply_threshold(volume.array, 0.5)
+        written = write_masks_nifti(masks, volume.geometry, stage)
+        write_seg_nrrd(masks, volume.geometry, stage / seg_path.name)
+        doc = profile.to_json_dict("", "")
+        for key in ("summaries", "provenance", "format", "format_version"):
+            doc.pop(key, None)
+        doc.update(probability_map=str(volume.path), voxels={name: int(m.sum()) for name, m in masks.items()})
+        doc.update(deployed, profile_file=str(args.profile), profile_sha256=sha256_file(args.profile))
+        if args.slider_safe:
+            doc.update(slider_safe=True, guarantee=guarantee)
+        atomic_write_text(stage / summary_path.name, json.dumps(doc, indent=2) + "\n")
     print(guarantee)
     for name, mask in masks.items():
         print(f"{name}: {int(mask.sum())} voxels ({mask.sum() * volume.geometry.voxel_volume_mm3 / 1000:.2f} mL)")
@@ -151,8 +161,22 @@ def _slider_safe_masks(
     return {profile.mask_name: mask}, band_sentence(band, profile.method, epsilon)
 
 
-def _predict(args: argparse.Namespace, profile: CalibrationProfile) -> Volume:
-    """Run the profile's inference pipeline on ``--image``; write ``OUT/probability.nii.gz``."""
+def _channel(args: argparse.Namespace, profile: CalibrationProfile) -> int | None:
+    """The channel to read: the profile's (recorded at calibration); a different ``--channel`` is refused."""
+    recorded = profile.provenance.get("probability_channel")
+    if args.channel is not None and recorded is not None and args.channel != recorded:
+        raise ConformalSegError(
+            f"--channel {args.channel} differs from channel {recorded}, the class the profile was calibrated on",
+            path=args.profile,
+            fix=f"leave --channel out (channel {recorded} is used), or calibrate a profile for that class",
+        )
+    if args.channel is None and recorded is not None:
+        print(f"channel {recorded} (recorded in the profile)")
+    return recorded if args.channel is None else args.channel
+
+
+def _predict(args: argparse.Namespace, profile: CalibrationProfile, stage: Path) -> Volume:
+    """Run the profile's inference pipeline on ``--image``; write ``OUT/probability.nii.gz`` (staged)."""
     if args.model is None and args.cascade is None:
         raise ConformalSegError(
             "--image needs --model (the model card the profile was calibrated with)",
@@ -171,5 +195,5 @@ def _predict(args: argparse.Namespace, profile: CalibrationProfile) -> Volume:
         check_can_write(prob_path)
     image = load_image(args.image)
     prediction = engine.predict(image, **options)
-    save_volume(prediction.probability, image.geometry, prob_path, force=args.force)
+    save_volume(prediction.probability, image.geometry, stage / prob_path.name)
     return Volume(prediction.probability, image.geometry, str(prob_path))

@@ -13,7 +13,14 @@ from ..conformal.score_transforms import DEFAULT_CANDIDATES
 from ..io.atomic import check_can_write
 from ..io.checksums import sha256_file
 from ..io.dataset import CalibrationDataset
-from .common import add_empty_option, add_force, add_lesion_options, progress_bar
+from .common import (
+    add_empty_option,
+    add_force,
+    add_lesion_options,
+    input_folders,
+    progress_bar,
+    refuse_output_in_inputs,
+)
 from .deploy_options import add_calibrate_options, recorder_for, report
 from .interval_options import INTERVAL_METHODS, add_interval_arguments, run_interval_calibrate
 from .model_options import add_model_options, open_model_dataset
@@ -203,7 +210,11 @@ def choose_transforms_from_learning_data(args: argparse.Namespace, provenance: d
     )
 
 
+INPUT_FOLDERS = ("data", "probs", "labels", "images", "lower", "upper", "truth", "organs", "learning_data")
+
+
 def run(args: argparse.Namespace) -> int:
+    refuse_output_in_inputs(args.out, input_folders(args, INPUT_FOLDERS), output_is_folder=False, nested=True)
     if args.method in INTERVAL_METHODS:
         return run_interval_calibrate(args)
     if args.out.suffix.lower() != ".json":

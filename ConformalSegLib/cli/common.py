@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from ..common.errors import CalibrationSetTooSmallWarning
+from ..common.errors import CalibrationSetTooSmallWarning, ConformalSegError
 
 
 def add_force(parser: argparse.ArgumentParser) -> None:
@@ -80,3 +82,46 @@ def show_warning(message, category, filename, lineno, file=None, line=None) -> N
 def install_warning_format() -> None:
     warnings.showwarning = show_warning
     warnings.simplefilter("always", CalibrationSetTooSmallWarning)
+
+
+def input_files(args: argparse.Namespace, flags: tuple[str, ...]) -> dict[str, Path]:
+    """``{--flag: folder}`` of the input files named by ``flags`` (their folders) that were given."""
+    found: dict[str, Path] = {}
+    for flag in flags:
+        value = getattr(args, flag, None)
+        if value is not None:
+            found[f"--{flag.replace('_', '-')}"] = Path(value).parent
+    return found
+
+
+def input_folders(args: argparse.Namespace, flags: tuple[str, ...]) -> dict[str, Path]:
+    """``{--flag: folder}`` of the input folders named by ``flags`` that were given (``--data``: its
+    ``probs/`` and ``labels/``)."""
+    found: dict[str, Path] = {}
+    for flag in flags:
+        value = getattr(args, flag, None)
+        if value is None:
+            continue
+        if flag == "data":
+            found.update({"--data": Path(value) / "probs", "--data ": Path(value) / "labels"})
+        else:
+            found[f"--{flag.replace('_', '-')}"] = Path(value)
+    return found
+
+
+def refuse_output_in_inputs(
+    out: Path, inputs: dict[str, Path], *, output_is_folder: bool, nested: bool = False
+) -> None:
+    """Refuse ``--out`` when its files would land in a folder read as input (the next run on that folder
+    would read them as inputs): in the folder itself, or anywhere below it when ``nested``."""
+    where = Path(os.path.abspath(out if output_is_folder else out.parent)).resolve()
+    for flag, folder in inputs.items():
+        folder = Path(os.path.abspath(folder)).resolve()
+        if where == folder or (nested and folder in where.parents):
+            sibling = folder.parent / f"{folder.name}_results"
+            raise ConformalSegError(
+                f"--out {out} is inside the input folder {folder} ({flag.strip()}): the next run on that "
+                "folder would read the outputs as inputs",
+                path=out,
+                fix=f"write the outputs beside it, e.g. in {sibling}",
+            )

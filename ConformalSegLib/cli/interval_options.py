@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from ..common.errors import ConformalSegError
-from ..io.atomic import check_can_write
+from ..io.atomic import check_can_write, staged_folder
+from ..io.checksums import sha256_file
 from ..io.volumes import check_same_geometry, load_label_map, save_volume
 from ..semcrc.anchor import DEFAULT_GAMMAS
 from ..semcrc.profile import is_interval_profile, load_interval_profile
@@ -202,20 +203,21 @@ def run_interval_apply(args: argparse.Namespace) -> int:
     if not args.force:
         for path in [out / n for n in names.values()] + [table_csv, table_json]:
             check_can_write(path)
-    for key, name in names.items():
-        save_volume(getattr(result, key), lower.geometry, out / name, force=args.force)
-    write_interval_table(
-        result.table,
-        table_csv,
-        table_json,
-        force=args.force,
-        extra={
-            "profile": str(Path(args.profile).resolve()),
-            "method": profile.calibration.method,
-            "epsilon": profile.calibration.epsilon,
-            "guarantee": profile.calibration.guarantee,
-        },
-    )
+    with staged_folder(out, force=args.force) as stage:  # Ctrl-C or an error: no partial result folder
+        for key, name in names.items():
+            save_volume(getattr(result, key), lower.geometry, stage / name)
+        write_interval_table(
+            result.table,
+            stage / table_csv.name,
+            stage / table_json.name,
+            extra={
+                "profile": str(Path(args.profile).resolve()),
+                "profile_sha256": sha256_file(args.profile),
+                "method": profile.calibration.method,
+                "epsilon": profile.calibration.epsilon,
+                "guarantee": profile.calibration.guarantee,
+            },
+        )
     print(json.dumps({row["group"]: row["lambda"] if math.isfinite(row["lambda"]) else "inf" for row in result.table}))
     print(f"wrote {', '.join(names.values())}, {table_csv.name} and {table_json.name} to {out}")
     return 0
