@@ -92,6 +92,12 @@ def scan_folder(folder: str | PathLike[str], *, probability: bool) -> dict[str, 
     groups: dict[str, list[Path]] = {}
     skipped: list[str] = []
     for entry in sorted(folder.iterdir()):
+        if entry.is_symlink() and not entry.exists() and case_id(entry.name, probability=probability):
+            raise ConformalSegError(
+                f"the {role} map is a broken link (its target does not exist)",
+                path=entry,
+                fix="re-create the link or copy the file into the folder",
+            )
         cid = case_id(entry.name, probability=probability) if entry.is_file() else None
         if cid is None:
             skipped.append(entry.name)

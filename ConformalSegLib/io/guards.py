@@ -130,11 +130,11 @@ class LazyNpz(Mapping[str, np.ndarray]):
             self._zip = zipfile.ZipFile(self.path)
         except (OSError, zipfile.BadZipFile, ValueError) as exc:
             raise self._corrupt(exc) from exc
-        self._members = {
-            info.filename[: -len(NPY_SUFFIX)]: info
-            for info in self._zip.infolist()
-            if info.filename.endswith(NPY_SUFFIX)
-        }
+        infos = [info for info in self._zip.infolist() if info.filename.endswith(NPY_SUFFIX)]
+        self._members = {info.filename[: -len(NPY_SUFFIX)]: info for info in infos}
+        if len(self._members) != len(infos):
+            self._zip.close()
+            raise self._corrupt(ValueError("two members have the same name"))
 
     def _corrupt(self, exc: BaseException) -> ConformalSegError:
         return ConformalSegError(
