@@ -317,6 +317,65 @@ def _dangling_link(ws: Path) -> list[str]:
     return calibrate(ws)
 
 
+def _npz_dataset(ws: Path) -> Path:
+    """``ws/n``: the dataset with two-channel nnU-Net-style ``.npz`` maps; ``ws/n.json`` calibrated on channel 1."""
+    (ws / "n" / "probs").mkdir(parents=True)
+    shutil.copytree(ws / "d" / "labels", ws / "n" / "labels")
+    for path in sorted((ws / "d" / "probs").iterdir()):
+        p = np.asarray(nib.load(str(path)).dataobj).T
+        np.savez(ws / "n" / "probs" / path.name.replace(".nii.gz", ".npz"), probabilities=np.stack([1 - p, p]))
+    args = ["calibrate", "--data", str(ws / "n"), *CLS, "--channel", "1", "--out", str(ws / "n.json")]
+    assert main(args) == 0
+    return ws / "n" / "probs" / "synth_000.npz"
+
+
+def _other_channel(ws: Path) -> list[str]:
+    prob = _npz_dataset(ws)
+    return ["apply", "--profile", str(ws / "n.json"), "--prob", str(prob), "--channel", "0", "--out", str(ws / "r")]
+
+
+def _profile_channel_used(ws: Path) -> list[str]:
+    prob = _npz_dataset(ws)
+    return ["apply", "--profile", str(ws / "n.json"), "--prob", str(prob), "--out", str(ws / "r")]
+
+
+def _npy_map(ws: Path, *extra: str) -> list[str]:
+    p = np.asarray(nib.load(str(ws / "d" / "probs" / "synth_001.nii.gz")).dataobj).T
+    np.save(ws / "x.npy", p)
+    args = ["calibrate", "--data", str(ws / "d"), "--method", "sets", "--lesion-label", "2", "--alpha", "0.2",
+            "--transform", "gaussian:2", "--out", str(ws / "g.json")]  # fmt: skip
+    assert main(args) == 0
+    return apply(ws, ws / "x.npy", "g.json", *extra)
+
+
+def _all_npy(ws: Path) -> list[str]:
+    for role in ("probs", "labels"):
+        for path in sorted((ws / "d" / role).iterdir()):
+            np.save(str(path).replace(".nii.gz", ".npy"), np.asarray(nib.load(str(path)).dataobj).T)
+            path.unlink()
+    return ["calibrate", "--data", str(ws / "d"), "--method", "sets", "--lesion-label", "2", "--alpha", "0.2",
+            "--transform", "distance", "--out", str(ws / "g.json")]  # fmt: skip
+
+
+SHIPPED_CARD = ROOT / "Resources" / "models" / "phantom_lesion_unet" / "model_card.json"
+
+
+def _model(source: dict, *files: str) -> Callable[[Path], list[str]]:
+    """``infer`` with a copy of the shipped card whose ``source`` is replaced (and ``files`` created)."""
+
+    def prepare(ws: Path) -> list[str]:
+        card = json.loads(SHIPPED_CARD.read_text())
+        card["source"] = source
+        (ws / "m" / "configs").mkdir(parents=True)
+        (ws / "m" / "model_card.json").write_text(json.dumps(card))
+        for name in files:
+            (ws / "m" / name).write_text("never loaded")
+        image = ws / "d" / "probs" / "synth_000.nii.gz"
+        return ["infer", "--model", str(ws / "m"), "--images", str(image), "--out", str(ws / "pred")]
+
+    return prepare
+
+
 ROWS = [
     # 1. truncated compressed files
     Row("truncated label .nii.gz", _truncated_label, "truncated", "synth_003"),
@@ -369,7 +428,31 @@ ROWS = [
     Row("JSON names an absent .npz", _missing_npz, "p.npz is missing", "p.json"),
     Row("huge summaries in the profile .npz", _huge_npz_member("lesion_values"), "MiB", "p.npz"),
     Row("unused huge member in the profile .npz: never read", _huge_npz_member("junk"), "", code=0),
+    # 5. which structure
+    Row(
+        "no --lesion-label, label maps hold 1 and 2",
+        lambda ws: [
+            "calibrate",
+            "--data",
+            str(ws / "d"),
+            "--method",
+            "cls",
+            "--epsilon",
+            "0.2",
+            "--alpha",
+            "0.2",
+            "--out",
+            str(ws / "new.json"),
+        ],
+        "which one marks the lesion",
+        "labels",
+    ),  # fmt: skip
+    Row("apply --channel other than the profile's", _other_channel, "differs from channel 1", "n.json"),
+    Row("apply without --channel uses the profile's", _profile_channel_used, "", code=0),
     # 6. geometry and layout
+    Row(".npy map with a mm-based profile", _npy_map, "no voxel spacing", "x.npy"),
+    Row(".npy map with --spacing", lambda ws: _npy_map(ws, "--spacing", "0.9", "0.9", "2.5"), "", code=0),
+    Row("bare arrays calibrated with a mm transform", _all_npy, "no voxel spacing", "labels"),
     Row("channels-last .npz", _channels_last, "channels-last", "cl.npz"),
     # 7. tracebacks -> messages
     Row("object array in a probability .npz", _pickle_npz, "obj.npz", "obj.npz"),
@@ -384,6 +467,31 @@ ROWS = [
     Row("non-UTF-8 file names", _non_utf8, "UTF-8"),
     Row("dangling symbolic link", _dangling_link, "broken link", "synth_001"),
     Row("profile not readable", _unreadable_profile, "permission", "p.json", root_skips=True),
+    # 8. code in model folders
+    Row(
+        "TorchScript without --trust-model-code",
+        _model({"torchscript": "m.ts"}, "m.ts"),
+        "--trust-model-code",
+        "model_card.json",
+    ),  # fmt: skip
+    Row(
+        "MONAI bundle without --trust-model-code",
+        _model({"bundle": "."}, "configs/inference.json"),
+        "--trust-model-code",
+        "model_card.json",
+    ),  # fmt: skip
+    Row(
+        "weights outside the model folder",
+        _model({"state_dict": {"network": "UNet", "weights": "../p.npz"}}),
+        "outside the model folder",
+        "model_card.json",
+    ),  # fmt: skip
+    Row(
+        "weights at an absolute path",
+        _model({"state_dict": {"network": "UNet", "weights": "/etc/passwd"}}),
+        "outside the model folder",
+        "model_card.json",
+    ),  # fmt: skip
     # 4. --out inside an input folder
     Row("profile into probs/", _out_in("probs", "calibrate"), "inside the input folder", "p2.json"),
     Row("masks into probs/", _out_in("probs", "apply"), "inside the input folder", "probs"),
@@ -472,6 +580,7 @@ def test_bad_input(row: Row, base: Path, tmp_path: Path, capsys: pytest.CaptureF
     ws = tmp_path / "ws"
     shutil.copytree(base, ws, symlinks=True)
     argv = row.prepare(ws)
+    capsys.readouterr()  # what preparing printed
     for key, value in row.env:
         monkeypatch.setenv(key, value)
     if row.patch is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import threading
 import warnings
 from pathlib import Path
@@ -100,6 +101,12 @@ def ct_volume(geometry: Geometry = OBLIQUE, seed: int = 0) -> Volume:
     return Volume(array, geometry, None)
 
 
+@pytest.fixture(autouse=True)
+def _trusted_model_code(monkeypatch):
+    """These tests load TorchScript probes and MONAI bundles written by the tests themselves."""
+    monkeypatch.setenv("CONFORMALSEG_TRUST_MODEL_CODE", "1")
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
     """The same random UNet as a state-dict card, a TorchScript file + card and a MONAI bundle."""
@@ -146,8 +153,9 @@ class LogitProbe(torch.nn.Module):
 
 
 def probe_card(models: dict, tmp_path: Path, **kwargs) -> ModelCard:
+    shutil.copy(models["probe"], tmp_path / "probe.ts")  # model files stay inside the card's folder
     data = card_dict(
-        {"torchscript": str(models["probe"])},
+        {"torchscript": "probe.ts"},
         intensity={"kind": "none"},
         activation="sigmoid",
         lesion_channel=0,
@@ -330,8 +338,9 @@ def test_lps_identity_image_is_flipped_to_ras(models, tmp_path):
 )
 def test_intensity_normalisation(models, tmp_path, intensity):
     volume = ct_volume()
+    shutil.copy(models["probe"], tmp_path / "probe.ts")
     data = card_dict(
-        {"torchscript": str(models["probe"])},
+        {"torchscript": "probe.ts"},
         orientation=None,
         intensity=intensity,
         activation="sigmoid",

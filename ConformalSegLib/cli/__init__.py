@@ -7,12 +7,13 @@ exit with status 2 and one message naming the file and the fix; ``--debug`` show
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .. import __version__
 from ..common.errors import ConformalSegError
 from . import apply_cmd, calibrate_cmd, demo_cmd, evaluate_cmd, infer_cmd, monitor_cmd, synth_cmd, train_cmd
-from .common import close_progress_bars, install_warning_format
+from .common import TRUST_ENV, close_progress_bars, install_warning_format
 
 COMMANDS = (train_cmd, infer_cmd, calibrate_cmd, apply_cmd, evaluate_cmd, monitor_cmd, synth_cmd, demo_cmd)
 
@@ -35,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     install_warning_format()
+    trusted = os.environ.get(TRUST_ENV)
+    if getattr(args, "trust_model_code", False):
+        os.environ[TRUST_ENV] = "1"  # for this command only (see finally)
     try:
         return int(args.func(args) or 0)
     except ConformalSegError as exc:
@@ -47,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
         close_progress_bars()
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        if trusted is None:
+            os.environ.pop(TRUST_ENV, None)
 
 
 if __name__ == "__main__":  # pragma: no cover

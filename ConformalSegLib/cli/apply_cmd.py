@@ -17,7 +17,7 @@ from ..io.checksums import sha256_file
 from ..io.segmentation import LESION_THRESHOLD, write_masks_nifti, write_seg_nrrd
 from ..io.volumes import Volume, load_image, load_probability_map, save_volume
 from .cascade_options import add_cascade_argument, cascade_predictor_from_args
-from .common import add_force, input_files, refuse_output_in_inputs
+from .common import add_force, add_trust_option, input_files, refuse_output_in_inputs
 from .deploy_options import add_apply_options, deploy_for_scan
 from .interval_options import add_interval_apply_arguments, is_interval_profile, run_interval_apply
 
@@ -42,12 +42,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", type=Path, help="with --image: the model card the profile was calibrated with")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="with --image: inference device")
     add_cascade_argument(p)
+    add_trust_option(p)
     add_interval_apply_arguments(p)
     p.add_argument(
         "--channel",
         type=int,
         default=None,
         help="channel of a multi-channel probability map (default: the one the profile was calibrated on)",
+    )
+    p.add_argument(
+        "--spacing",
+        type=float,
+        nargs=3,
+        default=None,
+        metavar=("X", "Y", "Z"),
+        help="voxel spacing (mm) of a map without geometry (.npy, .npz without its nnU-Net segmentation)",
     )
     p.add_argument("--epsilon", type=float, help="recalibrate for this FNR (lesion: missed-lesion) tolerance")
     p.add_argument(
@@ -96,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
         if args.image is not None:
             volume = _predict(args, profile, stage)
         else:
-            volume = load_probability_map(args.prob, channel=channel)
+            volume = load_probability_map(args.prob, channel=channel, spacing=args.spacing)
+            _check_geometry_known(args, profile, volume)
         profile, deployed = deploy_for_scan(args, profile, volume)  # the group's or the weighted calibration
         masks = profile.masks(volume.array, volume.geometry)
         guarantee = deployed["guarantee"]
@@ -159,6 +169,34 @@ def _slider_safe_masks(
     epsilon = calibration.epsilon if args.epsilon is None else args.epsilon
     mask = apply_threshold(volume.array, band.threshold(epsilon))
     return {profile.mask_name: mask}, band_sentence(band, profile.method, epsilon)
+
+
+def mm_based(profile: CalibrationProfile) -> str | None:
+    """What of ``profile`` depends on the voxel spacing (a transform in mm, a size in mm^3 or mL), or None."""
+    c = profile.calibration
+    transforms = {getattr(c, "inner_transform", "identity"), getattr(c, "outer_transform", "identity")}
+    if transforms - {"identity"}:
+        return f"its score transform ({', '.join(sorted(transforms - {'identity'}))}) works in mm"
+    if getattr(c, "min_lesion_mm3", 0):
+        return "its smallest counted lesion is a volume in mm^3"
+    if profile.groups is not None:
+        return "its groups are chosen by volume"
+    return None
+
+
+def _check_geometry_known(args: argparse.Namespace, profile: CalibrationProfile, volume: Volume) -> None:
+    """A map without geometry (``.npy``, ``.npz`` without sibling) needs ``--spacing`` with a mm-based profile;
+    otherwise the 1 mm assumption is said (it changes every mL figure)."""
+    if volume.geometry_known or args.spacing is not None:
+        return
+    reason = mm_based(profile)
+    if reason is not None:
+        raise ConformalSegError(
+            f"the probability map has no voxel spacing (a bare array), and this profile needs it: {reason}",
+            path=args.prob,
+            fix="pass --spacing X Y Z (mm), or give the map as NIfTI/NRRD (or an .npz beside its nnU-Net seg)",
+        )
+    print("note: the probability map has no voxel spacing: 1 mm assumed for the mL figures (pass --spacing X Y Z)")
 
 
 def _channel(args: argparse.Namespace, profile: CalibrationProfile) -> int | None:

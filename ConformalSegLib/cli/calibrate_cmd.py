@@ -243,9 +243,39 @@ def run(args: argparse.Namespace) -> int:
     recorder = recorder_for(args, dataset)  # groups / weighting: None without those options
     profile = calibrate(dataset if recorder is None else recorder, request)
     profile = profile if recorder is None else recorder.attach(profile)
+    _check_geometry_known(dataset, request)
     json_path, npz_path = profile.save(args.out, force=args.force)
+    print(lesion_line(dataset, args.channel))
     print(profile.guarantee)
     for line in report(profile):
         print(line)
     print(f"wrote {json_path} and {npz_path}")
     return 0
+
+
+def lesion_line(dataset: CalibrationDataset, channel: int | None) -> str:
+    """Which label value(s) were the lesion (and which channel the probability), for the user to check."""
+    seen = sorted(set().union(*dataset.labels_seen.values())) if dataset.labels_seen else []
+    labels = ", ".join(map(str, dataset.lesion_labels))
+    return (
+        f"lesion = label value {labels} of the label maps (values present: {', '.join(map(str, seen)) or 'none'})"
+        + ("" if channel is None else f"; probability channel {channel}")
+    )
+
+
+def _check_geometry_known(dataset: CalibrationDataset, request: CalibrationRequest) -> None:
+    """Bare arrays (``.npy`` maps and label maps) have no spacing: refuse a calibration that works in mm."""
+    missing = sorted(getattr(dataset, "without_geometry", ()))
+    if not missing:
+        return
+    transforms = (
+        {request.inner_transform, request.outer_transform} - {"identity"} if request.method == "sets" else set()
+    )
+    if transforms or (request.method == "lesion" and request.min_lesion_mm3):
+        raise ConformalSegError(
+            f"{len(missing)} case(s) have no voxel spacing (bare arrays, e.g. {missing[0]}), and this calibration "
+            "works in mm (" + (", ".join(sorted(transforms)) or "--min-lesion-mm3") + ")",
+            path=dataset.labels_dir,
+            fix="give the label maps as NIfTI/NRRD (their spacing is then used), or use --transform identity",
+        )
+    print(f"note: {len(missing)} case(s) have no voxel spacing (bare arrays): 1 mm assumed for volumes")

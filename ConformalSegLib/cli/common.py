@@ -22,9 +22,10 @@ def add_lesion_options(parser: argparse.ArgumentParser) -> None:
         "--lesion-label",
         type=int,
         nargs="+",
-        default=[1],
+        default=None,
         metavar="V",
-        help="label value(s) that mark the lesion in the label maps (default: 1; e.g. 2 for KiTS tumour)",
+        help="label value(s) that mark the lesion in the label maps (e.g. 2 for KiTS tumour; default: 1, "
+        "accepted only when the label maps hold no other non-zero value)",
     )
     parser.add_argument(
         "--channel",
@@ -125,3 +126,17 @@ def refuse_output_in_inputs(
                 path=out,
                 fix=f"write the outputs beside it, e.g. in {sibling}",
             )
+
+
+#: :data:`ConformalSegLib.inference.networks.TRUST_ENV`, spelled out so that the CLI starts without torch.
+TRUST_ENV = "CONFORMALSEG_TRUST_MODEL_CODE"
+
+
+def add_trust_option(parser: argparse.ArgumentParser) -> None:
+    """``--trust-model-code``: allow model folders whose loading runs code (TorchScript, MONAI bundles)."""
+    parser.add_argument(
+        "--trust-model-code",
+        action="store_true",
+        help="allow a TorchScript model or a MONAI bundle: loading them runs code from the model folder "
+        "(only for models from a source you trust; state_dict model cards never need it)",
+    )
