@@ -376,6 +376,14 @@ def _model(source: dict, *files: str) -> Callable[[Path], list[str]]:
     return prepare
 
 
+def _patch(ws: Path, size: int) -> list[str]:
+    argv = _model({"state_dict": {"network": "UNet", "weights": "w.pt"}}, "w.pt")(ws)
+    card = json.loads((ws / "m" / "model_card.json").read_text())
+    card["inference"]["patch_size"] = [size] * 3
+    (ws / "m" / "model_card.json").write_text(json.dumps(card))
+    return argv
+
+
 ROWS = [
     # 1. truncated compressed files
     Row("truncated label .nii.gz", _truncated_label, "truncated", "synth_003"),
@@ -401,26 +409,26 @@ ROWS = [
         _edit_profile(lambda d: d.update(**{"lambda": {k: 0.0 for k in d["lambda"]}}), "iv.json"),
         "edited by hand",
         "iv.json",
-    ),  # fmt: skip
+    ),
     Row(
         "interval epsilon edited",
         _edit_profile(lambda d: d.update(epsilon=0.3), "iv.json"),
         "edited by hand",
         "iv.json",
-    ),  # fmt: skip
+    ),
     Row("interval method edited", _edit_profile(lambda d: d.update(method="sem-crc"), "iv.json"), "", "iv.json"),
     Row(
         "summaries file ../",
         _edit_profile(lambda d: d["summaries"].update(file="../p.npz")),
         "plain file name",
         "p.json",
-    ),  # fmt: skip
+    ),
     Row(
         "summaries file absolute",
         _edit_profile(lambda d: d["summaries"].update(file="/etc/passwd")),
         "plain file name",
         "p.json",
-    ),  # fmt: skip
+    ),
     Row("summaries not an object", _edit_profile(lambda d: d.update(summaries="x.npz")), "JSON object", "p.json"),
     Row("provenance a list", _edit_profile(lambda d: d.update(provenance=[1, 2])), "JSON object", "p.json"),
     Row("deeply nested JSON", _profile_text(nested(100_000)), "nested", "p.json"),
@@ -446,7 +454,7 @@ ROWS = [
         ],
         "which one marks the lesion",
         "labels",
-    ),  # fmt: skip
+    ),
     Row("apply --channel other than the profile's", _other_channel, "differs from channel 1", "n.json"),
     Row("apply without --channel uses the profile's", _profile_channel_used, "", code=0),
     # 6. geometry and layout
@@ -463,7 +471,7 @@ ROWS = [
         "GiB",
         "synth_002",
         env=(("CONFORMALSEG_MAX_VOLUME_BYTES", str(10**9)),),
-    ),  # fmt: skip
+    ),
     Row("non-UTF-8 file names", _non_utf8, "UTF-8"),
     Row("dangling symbolic link", _dangling_link, "broken link", "synth_001"),
     Row("profile not readable", _unreadable_profile, "permission", "p.json", root_skips=True),
@@ -473,25 +481,41 @@ ROWS = [
         _model({"torchscript": "m.ts"}, "m.ts"),
         "--trust-model-code",
         "model_card.json",
-    ),  # fmt: skip
+    ),
     Row(
         "MONAI bundle without --trust-model-code",
         _model({"bundle": "."}, "configs/inference.json"),
         "--trust-model-code",
         "model_card.json",
-    ),  # fmt: skip
+    ),
     Row(
         "weights outside the model folder",
         _model({"state_dict": {"network": "UNet", "weights": "../p.npz"}}),
         "outside the model folder",
         "model_card.json",
-    ),  # fmt: skip
+    ),
     Row(
         "weights at an absolute path",
         _model({"state_dict": {"network": "UNet", "weights": "/etc/passwd"}}),
         "outside the model folder",
         "model_card.json",
-    ),  # fmt: skip
+    ),
+    Row(
+        "huge gaussian sigma",
+        lambda ws: calibrate(ws, "--method", "sets", "--transform", "gaussian:1e9"),
+        "larger than",
+    ),
+    Row("huge patch size in a model card", lambda ws: _patch(ws, 4096), "GiB", "model_card.json"),
+    Row(
+        "non-UTF-8 output folder", lambda ws: [*apply(ws)[:-2], "--out", os.fsdecode(bytes(ws) + b"/res\xff")], "UTF-8"
+    ),
+    # 9. newcomer friction
+    Row(
+        "interval calibration that controls nothing",
+        lambda ws: [*interval_calibrate(ws, "sem-crc-organ"), "--n-opt", "14", "--out", str(ws / "new.json")],
+        "no group is controlled",
+        code=3,
+    ),
     # 4. --out inside an input folder
     Row("profile into probs/", _out_in("probs", "calibrate"), "inside the input folder", "p2.json"),
     Row("masks into probs/", _out_in("probs", "apply"), "inside the input folder", "probs"),
@@ -503,32 +527,32 @@ ROWS = [
         "cannot write",
         "p.",
         fsize=1500,
-    ),  # fmt: skip
+    ),
     Row("disk full: apply (SimpleITK short write)", lambda ws: apply(ws), "incomplete", "r", fsize=200),
     Row(
         "disk full: synth", lambda ws: ["synth", "--out", str(ws / "s"), "--cases", "2"], "incomplete", "s", fsize=4000
-    ),  # fmt: skip
+    ),
     Row(
         "disk full: interval profile",
         lambda ws: [*interval_calibrate(ws), "--out", str(ws / "iv.json"), "--force"],
         "cannot write",
         "iv.json",
         fsize=800,
-    ),  # fmt: skip
+    ),
     Row(
         "Ctrl-C during apply",
         lambda ws: apply(ws),
         "interrupted",
         code=130,
         patch=interrupt("ConformalSegLib.cli.apply_cmd:write_seg_nrrd"),
-    ),  # fmt: skip
+    ),
     Row(
         "Ctrl-C during interval apply",
         lambda ws: interval_apply(ws),
         "interrupted",
         code=130,
         patch=interrupt("ConformalSegLib.cli.interval_options:write_interval_table"),
-    ),  # fmt: skip
+    ),
     # cases that already worked and must keep working
     Row(
         "NaN in a probability map",
@@ -538,27 +562,27 @@ ROWS = [
         )[1],
         "NaN",
         "synth_005",
-    ),  # fmt: skip
+    ),
     Row(
         "logits instead of probabilities",
         lambda ws: (set_voxels(ws / "d" / "probs" / "synth_005.nii.gz", lambda a: a * 10 - 5), calibrate(ws))[1],
         "softmax",
         "synth_005",
-    ),  # fmt: skip
+    ),
     Row(
         "missing label map",
         lambda ws: ((ws / "d" / "labels" / "synth_006.nii.gz").unlink(), calibrate(ws))[1],
         "synth_006",
-    ),  # fmt: skip
+    ),
     Row(
         "threshold edited", _edit_profile(lambda d: d.update(probability_threshold=0.123)), "does not follow", "p.json"
-    ),  # fmt: skip
+    ),
     Row(
         "existing output without --force",
         lambda ws: [*calibrate(ws)[:-2], "--out", str(ws / "p.json")],
         "already exists",
         "p.json",
-    ),  # fmt: skip
+    ),
 ]
 
 
@@ -590,7 +614,8 @@ def test_bad_input(row: Row, base: Path, tmp_path: Path, capsys: pytest.CaptureF
         code = main(argv)
     err = capsys.readouterr().err
     assert code == row.code, err
-    if row.code == 0:
+    if row.code not in (2, 130):  # a result was written (exit 0), or written with a warning (exit 3)
+        assert row.fragment in err, err
         return
     if row.code == 130:
         assert row.fragment in err and snapshot(ws) == before, err
@@ -600,3 +625,31 @@ def test_bad_input(row: Row, base: Path, tmp_path: Path, capsys: pytest.CaptureF
     assert row.fragment.lower() in lines[0].lower(), lines[0]
     assert row.names in lines[0], lines[0]
     assert snapshot(ws) == before, "files were written or changed"
+
+
+def test_profile_pair_is_kept_when_the_second_rename_fails(base: Path, tmp_path: Path, monkeypatch) -> None:
+    """Writing a profile pair is all-or-nothing: a failure after the ``.npz`` rename puts the old pair back."""
+    from ConformalSegLib.conformal.profile import load_profile
+    from ConformalSegLib.io import atomic
+
+    shutil.copy(base / "p.json", tmp_path / "p.json")
+    shutil.copy(base / "p.npz", tmp_path / "p.npz")
+    before = snapshot(tmp_path)
+    profile = load_profile(tmp_path / "p.json").recalibrate(epsilon=0.3)
+    calls = []
+    real_replace = os.replace
+
+    def failing_replace(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:  # the JSON's rename, after the .npz was replaced
+            raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", failing_replace)
+    with pytest.raises(KeyboardInterrupt):
+        profile.save(tmp_path / "p.json", force=True)
+    monkeypatch.setattr(atomic.os, "replace", real_replace)
+    assert sorted(snapshot(tmp_path)) == sorted(before)  # no temporary or backup file left
+    assert load_profile(tmp_path / "p.json").calibration.epsilon == 0.2  # the old pair still loads
+    profile.save(tmp_path / "p.json", force=True)
+    assert load_profile(tmp_path / "p.json").calibration.epsilon == 0.3

@@ -268,7 +268,8 @@ def test_invalid_card_files_and_weights(models, tmp_path):
         load_model_card(broken)
     assert str(broken) in str(info.value)
     data = json.loads((models["sd"] / "model_card.json").read_text())
-    data["source"]["state_dict"]["weights"] = str(models["sd"] / "weights.pt")
+    shutil.copy(models["sd"] / "weights.pt", tmp_path / "weights.pt")  # model files stay inside the card's folder
+    data["source"]["state_dict"]["weights"] = "weights.pt"
     data["source"]["state_dict"]["args"] = {**UNET_ARGS, "channels": [4, 8, 32]}  # does not match the weights
     with pytest.raises(ConformalSegError, match="do not match") as info:
         engine(load_model_card(write_json(tmp_path / "mismatch.json", data)))
@@ -277,7 +278,7 @@ def test_invalid_card_files_and_weights(models, tmp_path):
     data["source"]["state_dict"]["weights"] = "missing.pt"
     with pytest.raises(ConformalSegError, match="missing.pt"):
         engine(load_model_card(write_json(tmp_path / "missing_weights.json", data)))
-    data["source"]["state_dict"]["weights"] = str(models["sd"] / "weights.pt")
+    data["source"]["state_dict"]["weights"] = "weights.pt"
     data["output"]["lesion_channel"] = 5  # only known once the network ran
     path = write_json(tmp_path / "channel.json", data)
     with pytest.raises(ConformalSegError, match="lesion_channel") as info:
@@ -298,11 +299,12 @@ def test_network_input_matches_monai_loadimage_pipeline(models, tmp_path):
     path = tmp_path / "ct.nii.gz"
     sitk.WriteImage(sitk_image(volume.array, volume.geometry), str(path))
     spacing = (1.3, 0.9, 1.7)
+    shutil.copy(models["sd"] / "weights.pt", tmp_path / "weights.pt")  # model files stay inside the card's folder
     card = load_model_card(
         write_json(
             tmp_path / "c.json",
             card_dict(
-                {"state_dict": {"network": "UNet", "args": UNET_ARGS, "weights": str(models["sd"] / "weights.pt")}},
+                {"state_dict": {"network": "UNet", "args": UNET_ARGS, "weights": "weights.pt"}},
                 spacing=list(spacing),
             ),
         )
@@ -426,7 +428,8 @@ def _swapped_xy(volume: Volume) -> Volume:
 def test_orientation_same_physical_prediction(models, tmp_path, spacing):
     data = json.loads((models["sd"] / "model_card.json").read_text())
     data["preprocessing"]["spacing_mm"] = spacing
-    data["source"]["state_dict"]["weights"] = str(models["sd"] / "weights.pt")
+    shutil.copy(models["sd"] / "weights.pt", tmp_path / "weights.pt")  # model files stay inside the card's folder
+    data["source"]["state_dict"]["weights"] = "weights.pt"
     eng = engine(load_model_card(write_json(tmp_path / "c.json", data)))
     volume = ct_volume()
     base = eng.predict(volume).probability

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..common.errors import ConformalSegError
+from ..io.guards import check_allocation
 from .card_format import (
     ACTIVATIONS,
     BLEND_MODES,
@@ -231,6 +232,7 @@ def _parse_inference(c: _Checker, value: Any) -> InferenceSettings:
         raise c.fail(f"'overlap' must be in [0, 1), got {overlap}")
     blend = c.choice(value.get("blend", "gaussian"), "blend", BLEND_MODES)
     batch = c.integer(value.get("sw_batch_size", 4), "sw_batch_size", minimum=1)
+    check_allocation((batch, *patch), 4, c.path, "model card's patch_size x sw_batch_size (float32 input)")
     return InferenceSettings(patch, overlap, blend, batch)
 
 

@@ -156,7 +156,9 @@ def atomic_write_files(files: Sequence[tuple[str | PathLike[str], bytes]], *, fo
         for tmp in temporaries:
             tmp.unlink(missing_ok=True)
         for target, old in kept:  # put the previous versions back (or remove the new files)
-            if old is not None:
+            if old is not None and target.exists() and os.path.samefile(old, target):
+                old.unlink()  # not replaced yet (and rename() between two links of one file does nothing)
+            elif old is not None:
                 os.replace(old, target)
             elif target in done:
                 target.unlink(missing_ok=True)
