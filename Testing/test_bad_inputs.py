@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -173,6 +174,20 @@ def file_size_limit(limit: int | None) -> Iterator[None]:
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
         signal.signal(signal.SIGXFSZ, handler)
+
+
+def fail_with(error: BaseException, target: str) -> Callable[[pytest.MonkeyPatch], None]:
+    """``error`` raised when ``target`` (``module:function``) is called."""
+
+    def patch(monkeypatch: pytest.MonkeyPatch) -> None:
+        module, name = target.split(":")
+
+        def raise_error(*args: object, **kwargs: object) -> None:
+            raise error
+
+        monkeypatch.setattr(f"{module}.{name}", raise_error)
+
+    return patch
 
 
 def interrupt(target: str) -> Callable[[pytest.MonkeyPatch], None]:
@@ -516,6 +531,25 @@ ROWS = [
         "no group is controlled",
         code=3,
     ),
+    Row(
+        "organ values not in --organ-labels: reported",
+        lambda ws: (
+            set_voxels(ws / "iv" / "organs" / "c05.nii.gz", lambda a: np.where(a == a.flat[0], 7, a).astype(np.int16)),
+            [*interval_calibrate(ws), "--out", str(ws / "new.json")],
+        )[1],
+        "values [7] are not in the organ labels",
+        code=0,
+    ),
+    Row(
+        "an operating-system error no check caught",
+        lambda ws: calibrate(ws),
+        "Permission denied",
+        "labels",
+        patch=fail_with(
+            PermissionError(13, "Permission denied", "labels/synth_002.nii.gz"),
+            "ConformalSegLib.io.dataset:load_label_map",
+        ),  # fmt: skip
+    ),
     # 4. --out inside an input folder
     Row("profile into probs/", _out_in("probs", "calibrate"), "inside the input folder", "p2.json"),
     Row("masks into probs/", _out_in("probs", "apply"), "inside the input folder", "probs"),
@@ -610,9 +644,10 @@ def test_bad_input(row: Row, base: Path, tmp_path: Path, capsys: pytest.CaptureF
     if row.patch is not None:
         row.patch(monkeypatch)
     before = snapshot(ws)
-    with file_size_limit(row.fsize):
+    with file_size_limit(row.fsize), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         code = main(argv)
-    err = capsys.readouterr().err
+    err = capsys.readouterr().err + "".join(f"warning: {w.message}\n" for w in caught)
     assert code == row.code, err
     if row.code not in (2, 130):  # a result was written (exit 0), or written with a warning (exit 3)
         assert row.fragment in err, err

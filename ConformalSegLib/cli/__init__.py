@@ -47,6 +47,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except (OSError, MemoryError) as exc:  # a failure no specific check caught: still one line, exit 2
+        close_progress_bars()
+        if args.debug:
+            raise
+        print(f"error: {_system_error(exc)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         close_progress_bars()
         print("interrupted", file=sys.stderr)
@@ -54,6 +60,15 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if trusted is None:
             os.environ.pop(TRUST_ENV, None)
+
+
+def _system_error(exc: BaseException) -> str:
+    """One line for an operating-system error (permission, disk full, out of memory) naming the file."""
+    if isinstance(exc, MemoryError):
+        return "out of memory. Fix: use smaller volumes, fewer at once, or a machine with more memory"
+    assert isinstance(exc, OSError)
+    where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+    return f"{where}{exc.strerror or exc}. Fix: check the permissions and free space of that location"
 
 
 if __name__ == "__main__":  # pragma: no cover
