@@ -587,6 +587,16 @@ ROWS = [
         code=130,
         patch=interrupt("ConformalSegLib.cli.interval_options:write_interval_table"),
     ),
+    Row(
+        "evaluate over an earlier report: refused before the run",
+        lambda ws: (
+            (ws / "e").mkdir(),
+            (ws / "e" / "results.json").write_text("{}"),
+            ["evaluate", "--data", str(ws / "d"), "--lesion-label", "2", "--out", str(ws / "e")],
+        )[2],
+        "already exist",
+        "e",
+    ),  # fmt: skip
     # cases that already worked and must keep working
     Row(
         "NaN in a probability map",

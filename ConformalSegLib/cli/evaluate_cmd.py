@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..common.errors import ConformalSegError
 from ..evaluation.progress import TqdmProgress
 from ..evaluation.protocol import evaluate_dataset
-from ..evaluation.report import write_report
+from ..evaluation.report import REPORT_FILES, write_report
+from ..io.atomic import OVERWRITE_FIX
 from .calibrate_cmd import INPUT_FOLDERS, add_data_options, open_dataset
 from .common import add_empty_option, add_force, input_folders, refuse_output_in_inputs
 from .interval_options import add_interval_evaluate_arguments, run_interval_evaluate
@@ -75,6 +77,11 @@ def run(args: argparse.Namespace) -> int:
         args.main_epsilon = 0.1  # a smaller one makes HD95 run on near-whole-image masks (twice the time)
     if args.lower is not None:  # interval methods (sem-CRC): the paper's Table 1 and Fig. 3
         return run_interval_evaluate(args)
+    existing = [name for name in REPORT_FILES if (args.out / name).exists()]
+    if existing and not args.force:  # before the long run, not after it
+        raise ConformalSegError(
+            f"output file(s) already exist: {', '.join(existing)}", path=args.out, fix=OVERWRITE_FIX
+        )
     dataset = open_dataset(args, "loading")
     dataset.progress = None  # the evaluation draws its own bars
     main_alpha = args.main_alpha if args.main_alpha is not None else (0.1 if 0.1 in args.alphas else None)
