@@ -597,6 +597,12 @@ ROWS = [
         "already exist",
         "e",
     ),  # fmt: skip
+    Row(
+        "synth into a folder that holds cases",
+        lambda ws: ["synth", "--out", str(ws / "d"), "--cases", "2"],
+        "already holds cases",
+        "d",
+    ),
     # cases that already worked and must keep working
     Row(
         "NaN in a probability map",
