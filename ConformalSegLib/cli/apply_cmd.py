@@ -105,6 +105,11 @@ def run(args: argparse.Namespace) -> int:
         if args.image is not None:
             volume = _predict(args, profile, stage)
         else:
+            if profile.provenance.get("inference"):
+                print(
+                    "note: this profile was calibrated on maps its model predicted; the map given with --prob must "
+                    "come from the identical pipeline (not checked: use --image --model to have it checked)"
+                )
             volume = load_probability_map(args.prob, channel=channel, spacing=args.spacing)
             _check_geometry_known(args, profile, volume)
         profile, deployed = deploy_for_scan(args, profile, volume)  # the group's or the weighted calibration
