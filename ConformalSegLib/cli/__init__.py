@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (OSError, MemoryError) as exc:  # a failure no specific check caught: still one line, exit 2
+    except (OSError, MemoryError, RecursionError) as exc:  # a failure no specific check caught: one line, exit 2
         close_progress_bars()
         if args.debug:
             raise
@@ -66,6 +66,8 @@ def _system_error(exc: BaseException) -> str:
     """One line for an operating-system error (permission, disk full, out of memory) naming the file."""
     if isinstance(exc, MemoryError):
         return "out of memory. Fix: use smaller volumes, fewer at once, or a machine with more memory"
+    if isinstance(exc, RecursionError):
+        return "an input file is nested too deeply to read (a crafted JSON?). Fix: check the files given"
     assert isinstance(exc, OSError)
     where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
     return f"{where}{exc.strerror or exc}. Fix: check the permissions and free space of that location"
