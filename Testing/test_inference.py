@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import threading
 import warnings
 from pathlib import Path
@@ -100,6 +101,12 @@ def ct_volume(geometry: Geometry = OBLIQUE, seed: int = 0) -> Volume:
     return Volume(array, geometry, None)
 
 
+@pytest.fixture(autouse=True)
+def _trusted_model_code(monkeypatch):
+    """These tests load TorchScript probes and MONAI bundles written by the tests themselves."""
+    monkeypatch.setenv("CONFORMALSEG_TRUST_MODEL_CODE", "1")
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
     """The same random UNet as a state-dict card, a TorchScript file + card and a MONAI bundle."""
@@ -146,8 +153,9 @@ class LogitProbe(torch.nn.Module):
 
 
 def probe_card(models: dict, tmp_path: Path, **kwargs) -> ModelCard:
+    shutil.copy(models["probe"], tmp_path / "probe.ts")  # model files stay inside the card's folder
     data = card_dict(
-        {"torchscript": str(models["probe"])},
+        {"torchscript": "probe.ts"},
         intensity={"kind": "none"},
         activation="sigmoid",
         lesion_channel=0,
@@ -260,7 +268,8 @@ def test_invalid_card_files_and_weights(models, tmp_path):
         load_model_card(broken)
     assert str(broken) in str(info.value)
     data = json.loads((models["sd"] / "model_card.json").read_text())
-    data["source"]["state_dict"]["weights"] = str(models["sd"] / "weights.pt")
+    shutil.copy(models["sd"] / "weights.pt", tmp_path / "weights.pt")  # model files stay inside the card's folder
+    data["source"]["state_dict"]["weights"] = "weights.pt"
     data["source"]["state_dict"]["args"] = {**UNET_ARGS, "channels": [4, 8, 32]}  # does not match the weights
     with pytest.raises(ConformalSegError, match="do not match") as info:
         engine(load_model_card(write_json(tmp_path / "mismatch.json", data)))
@@ -269,7 +278,7 @@ def test_invalid_card_files_and_weights(models, tmp_path):
     data["source"]["state_dict"]["weights"] = "missing.pt"
     with pytest.raises(ConformalSegError, match="missing.pt"):
         engine(load_model_card(write_json(tmp_path / "missing_weights.json", data)))
-    data["source"]["state_dict"]["weights"] = str(models["sd"] / "weights.pt")
+    data["source"]["state_dict"]["weights"] = "weights.pt"
     data["output"]["lesion_channel"] = 5  # only known once the network ran
     path = write_json(tmp_path / "channel.json", data)
     with pytest.raises(ConformalSegError, match="lesion_channel") as info:
@@ -290,11 +299,12 @@ def test_network_input_matches_monai_loadimage_pipeline(models, tmp_path):
     path = tmp_path / "ct.nii.gz"
     sitk.WriteImage(sitk_image(volume.array, volume.geometry), str(path))
     spacing = (1.3, 0.9, 1.7)
+    shutil.copy(models["sd"] / "weights.pt", tmp_path / "weights.pt")  # model files stay inside the card's folder
     card = load_model_card(
         write_json(
             tmp_path / "c.json",
             card_dict(
-                {"state_dict": {"network": "UNet", "args": UNET_ARGS, "weights": str(models["sd"] / "weights.pt")}},
+                {"state_dict": {"network": "UNet", "args": UNET_ARGS, "weights": "weights.pt"}},
                 spacing=list(spacing),
             ),
         )
@@ -330,8 +340,9 @@ def test_lps_identity_image_is_flipped_to_ras(models, tmp_path):
 )
 def test_intensity_normalisation(models, tmp_path, intensity):
     volume = ct_volume()
+    shutil.copy(models["probe"], tmp_path / "probe.ts")
     data = card_dict(
-        {"torchscript": str(models["probe"])},
+        {"torchscript": "probe.ts"},
         orientation=None,
         intensity=intensity,
         activation="sigmoid",
@@ -417,7 +428,8 @@ def _swapped_xy(volume: Volume) -> Volume:
 def test_orientation_same_physical_prediction(models, tmp_path, spacing):
     data = json.loads((models["sd"] / "model_card.json").read_text())
     data["preprocessing"]["spacing_mm"] = spacing
-    data["source"]["state_dict"]["weights"] = str(models["sd"] / "weights.pt")
+    shutil.copy(models["sd"] / "weights.pt", tmp_path / "weights.pt")  # model files stay inside the card's folder
+    data["source"]["state_dict"]["weights"] = "weights.pt"
     eng = engine(load_model_card(write_json(tmp_path / "c.json", data)))
     volume = ct_volume()
     base = eng.predict(volume).probability

@@ -218,7 +218,10 @@ def test_cli_refusals(mask_data, tmp_path, capsys):
     assert code == 2 and "looks like a segmentation, not probabilities" in err
     # profile and input must match
     profile = tmp_path / "m.json"
-    code, _, err = run([*base[:-1], profile, "--method", "sets", "--alpha", "0.2", "--transform", "distance"], capsys)
+    argv = [*base[:-1], profile, "--method", "sets", "--alpha", "0.2", "--transform", "distance"]
+    code, _, err = run(argv, capsys)  # the label maps hold 1 and 2: which is the structure is not guessed
+    assert code == 2 and "which one is the structure?" in err and not profile.exists()
+    code, _, err = run([*argv, "--lesion-label", "1"], capsys)
     assert code == 0, err
     prob = tmp_path / "prob.nii.gz"
     save_volume(np.full(SHAPE, 0.5, np.float32), GEOM, prob)

@@ -43,6 +43,12 @@ def _card(folder, name="probe") -> dict:
     }
 
 
+@pytest.fixture(autouse=True)
+def _trusted_model_code(monkeypatch):
+    """These tests load TorchScript probes and MONAI bundles written by the tests themselves."""
+    monkeypatch.setenv("CONFORMALSEG_TRUST_MODEL_CODE", "1")
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("model_data")
@@ -129,6 +135,27 @@ def test_cache_is_reused_and_never_mixed(setup, tmp_path):
     (tmp_path / "busy" / "x.txt").write_text("mine")
     with pytest.raises(ConformalSegError, match="not empty"):
         InferenceDataset(engine, data / "probs", data / "labels", [2], tmp_path / "busy")
+
+
+def test_cache_is_keyed_on_image_content(setup, tmp_path):
+    """An image replaced under the same name is predicted again, never served from the cache (issue 16)."""
+    import shutil
+
+    images = tmp_path / "images"
+    shutil.copytree(setup["data"] / "probs", images)
+    engine = InferenceEngine(setup["model"], device="cpu")
+    calls = []
+    original = engine.predict
+    engine.predict = lambda *a, **k: calls.append(1) or original(*a, **k)
+    first = {c.case_id: c.probability.array.copy() for c in InferenceDataset(engine, images, setup["data"] / "labels",
+                                                                              [2], tmp_path / "cache")}  # fmt: skip
+    replaced = sorted(images.iterdir())[3]
+    shutil.copy(sorted(images.iterdir())[4], replaced)  # another image under the same name
+    again = {c.case_id: c.probability.array for c in InferenceDataset(engine, images, setup["data"] / "labels",
+                                                                       [2], tmp_path / "cache")}  # fmt: skip
+    assert len(calls) == 13  # 12, then only the replaced image
+    changed = [cid for cid in first if not np.array_equal(first[cid], again[cid])]
+    assert len(changed) == 1 and replaced.name.startswith(changed[0])
 
 
 def test_evaluate_with_model_runs_inference_once_per_case(setup, tmp_path, capsys, monkeypatch):

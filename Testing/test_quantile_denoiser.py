@@ -52,6 +52,12 @@ def _few_threads():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True)
+def _trusted_model_code(monkeypatch):
+    """These tests load TorchScript probes and MONAI bundles written by the tests themselves."""
+    monkeypatch.setenv("CONFORMALSEG_TRUST_MODEL_CODE", "1")
+
+
 def quantile_card_dict(source: dict, *, patch=(16, 16, 8), spacing=None, orientation=None, levels=(0.1, 0.9)) -> dict:
     return {
         "format": "conformalseg-model-card",

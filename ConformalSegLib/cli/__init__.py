@@ -7,12 +7,13 @@ exit with status 2 and one message naming the file and the fix; ``--debug`` show
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .. import __version__
 from ..common.errors import ConformalSegError
 from . import apply_cmd, calibrate_cmd, demo_cmd, evaluate_cmd, infer_cmd, monitor_cmd, synth_cmd, train_cmd
-from .common import close_progress_bars, install_warning_format
+from .common import TRUST_ENV, close_progress_bars, install_warning_format
 
 COMMANDS = (train_cmd, infer_cmd, calibrate_cmd, apply_cmd, evaluate_cmd, monitor_cmd, synth_cmd, demo_cmd)
 
@@ -35,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     install_warning_format()
+    trusted = os.environ.get(TRUST_ENV)
+    if getattr(args, "trust_model_code", False):
+        os.environ[TRUST_ENV] = "1"  # for this command only (see finally)
     try:
         return int(args.func(args) or 0)
     except ConformalSegError as exc:
@@ -43,10 +47,30 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except (OSError, MemoryError, RecursionError) as exc:  # a failure no specific check caught: one line, exit 2
+        close_progress_bars()
+        if args.debug:
+            raise
+        print(f"error: {_system_error(exc)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         close_progress_bars()
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        if trusted is None:
+            os.environ.pop(TRUST_ENV, None)
+
+
+def _system_error(exc: BaseException) -> str:
+    """One line for an operating-system error (permission, disk full, out of memory) naming the file."""
+    if isinstance(exc, MemoryError):
+        return "out of memory. Fix: use smaller volumes, fewer at once, or a machine with more memory"
+    if isinstance(exc, RecursionError):
+        return "an input file is nested too deeply to read (a crafted JSON?). Fix: check the files given"
+    assert isinstance(exc, OSError)
+    where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+    return f"{where}{exc.strerror or exc}. Fix: check the permissions and free space of that location"
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -12,12 +12,13 @@ from ..common.errors import ConformalSegError
 from ..conformal.cls import ThresholdCalibration, apply_threshold
 from ..conformal.guarantee_sentences import band_sentence
 from ..conformal.profile import UNCHANGED, CalibrationProfile, Unchanged, load_profile
-from ..io.atomic import atomic_write_text, check_can_write
+from ..io.atomic import atomic_write_text, check_can_write, staged_folder
+from ..io.checksums import sha256_file
 from ..io.dicom_series import load_image_input, load_probability_input
 from ..io.segmentation import LESION_THRESHOLD, write_masks_nifti, write_seg_nrrd
 from ..io.volumes import Volume, save_volume
 from .cascade_options import add_cascade_argument, cascade_predictor_from_args
-from .common import add_force
+from .common import add_force, add_trust_option, input_files, refuse_output_in_inputs
 from .deploy_options import add_apply_options, deploy_for_scan
 from .dicom_options import add_dicom_options, check_dicom_reference, dicom_seg_path, write_seg_output
 from .fold_options import add_fold_apply_options, load_fold_volume
@@ -51,8 +52,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", type=Path, help="with --image: the model card the profile was calibrated with")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="with --image: inference device")
     add_cascade_argument(p)
+    add_trust_option(p)
     add_interval_apply_arguments(p)
-    p.add_argument("--channel", type=int, default=None, help="channel of a multi-channel probability map")
+    p.add_argument(
+        "--channel",
+        type=int,
+        default=None,
+        help="channel of a multi-channel probability map (default: the one the profile was calibrated on)",
+    )
+    p.add_argument(
+        "--spacing",
+        type=float,
+        nargs=3,
+        default=None,
+        metavar=("X", "Y", "Z"),
+        help="voxel spacing (mm) of a map without geometry (.npy, .npz without its nnU-Net segmentation)",
+    )
     p.add_argument("--epsilon", type=float, help="recalibrate for this FNR (lesion: missed-lesion) tolerance")
     p.add_argument(
         "--voxel-epsilon",
@@ -83,6 +98,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    inputs = input_files(args, ("prob", "image", "lower", "upper", "organs", "truth"))
+    refuse_output_in_inputs(args.out, inputs, output_is_folder=True)
     if is_interval_profile(args.profile):
         return run_interval_apply(args)
     if is_mask_apply(args):
@@ -91,39 +108,50 @@ def run(args: argparse.Namespace) -> int:
         raise ConformalSegError("no scan given", fix="pass --prob PROBABILITY_MAP (or --image SCAN --model CARD)")
     profile = load_profile(args.profile)
     profile = _recalibrated(args, profile)
+    channel = _channel(args, profile)
     dicom_seg = dicom_seg_path(args)  # checked before the (possibly long) prediction
-    if args.image is not None:
-        volume = _predict(args, profile)
-    elif args.folds is not None:
-        volume = load_fold_volume(args, profile)
-    else:
-        volume = load_probability_input(args.prob, channel=args.channel, series_uid=_series_uid(args, args.prob))
-    profile, deployed = deploy_for_scan(args, profile, volume)  # the group's or the weighted calibration
-    masks = profile.masks(volume.array, volume.geometry)
-    guarantee = deployed["guarantee"]
-    if args.slider_safe:
-        masks, guarantee = _slider_safe_masks(args, profile, volume)
-    if args.compare_threshold:
-        masks[LESION_THRESHOLD] = apply_threshold(volume.array, 0.5)
     seg_path = args.out / "segmentation.seg.nrrd"
     summary_path = args.out / "apply.json"
     if not args.force:
         check_can_write(seg_path)
         check_can_write(summary_path)
-    if dicom_seg is not None:
-        check_dicom_reference(args, volume.geometry)  # a grid mismatch fails before any output is written
-    written = write_masks_nifti(masks, volume.geometry, args.out, force=args.force)
-    write_seg_nrrd(masks, volume.geometry, seg_path, force=args.force)
-    doc = profile.to_json_dict("", "")
-    for key in ("summaries", "provenance", "format", "format_version"):
-        doc.pop(key, None)
-    doc.update(probability_map=str(volume.path), voxels={name: int(m.sum()) for name, m in masks.items()})
-    doc.update(deployed)
-    if args.slider_safe:
-        doc.update(slider_safe=True, guarantee=guarantee)
-    if dicom_seg is not None:
-        doc["dicom_seg"] = str(write_seg_output(args, dicom_seg, masks, volume.geometry, doc))
-    atomic_write_text(summary_path, json.dumps(doc, indent=2) + "\n", force=args.force)
+    with staged_folder(args.out, force=args.force) as stage:  # Ctrl-C or an error: no partial result folder
+        if args.image is not None:
+            volume = _predict(args, profile, stage)
+        elif args.folds is not None:
+            volume = load_fold_volume(argparse.Namespace(**{**vars(args), "out": stage}), profile)
+        else:
+            if profile.provenance.get("inference"):
+                print(
+                    "note: this profile was calibrated on maps its model predicted; the map given with --prob must "
+                    "come from the identical pipeline (not checked: use --image --model to have it checked)"
+                )
+            volume = load_probability_input(
+                args.prob, channel=channel, series_uid=_series_uid(args, args.prob), spacing=args.spacing
+            )
+            _check_geometry_known(args, profile, volume)
+        if dicom_seg is not None:
+            check_dicom_reference(args, volume.geometry)  # a grid mismatch fails before any output is written
+        profile, deployed = deploy_for_scan(args, profile, volume)  # the group's or the weighted calibration
+        masks = profile.masks(volume.array, volume.geometry)
+        guarantee = deployed["guarantee"]
+        if args.slider_safe:
+            masks, guarantee = _slider_safe_masks(args, profile, volume)
+        if args.compare_threshold:
+            masks[LESION_THRESHOLD] = apply_threshold(volume.array, 0.5)
+        written = write_masks_nifti(masks, volume.geometry, stage)
+        write_seg_nrrd(masks, volume.geometry, stage / seg_path.name)
+        doc = profile.to_json_dict("", "")
+        for key in ("summaries", "provenance", "format", "format_version"):
+            doc.pop(key, None)
+        doc.update(probability_map=str(volume.path), voxels={name: int(m.sum()) for name, m in masks.items()})
+        doc.update(deployed, profile_file=str(args.profile), profile_sha256=sha256_file(args.profile))
+        if args.slider_safe:
+            doc.update(slider_safe=True, guarantee=guarantee)
+        if dicom_seg is not None:
+            write_seg_output(args, stage / dicom_seg.name, masks, volume.geometry, doc)
+            doc["dicom_seg"] = str(dicom_seg)
+        atomic_write_text(stage / summary_path.name, json.dumps(doc, indent=2) + "\n")
     print(guarantee)
     for name, mask in masks.items():
         print(f"{name}: {int(mask.sum())} voxels ({mask.sum() * volume.geometry.voxel_volume_mm3 / 1000:.2f} mL)")
@@ -173,8 +201,50 @@ def _slider_safe_masks(
     return {profile.mask_name: mask}, band_sentence(band, profile.method, epsilon)
 
 
-def _predict(args: argparse.Namespace, profile: CalibrationProfile) -> Volume:
-    """Run the profile's inference pipeline on ``--image``; write ``OUT/probability.nii.gz``."""
+def mm_based(profile: CalibrationProfile) -> str | None:
+    """What of ``profile`` depends on the voxel spacing (a transform in mm, a size in mm^3 or mL), or None."""
+    c = profile.calibration
+    transforms = {getattr(c, "inner_transform", "identity"), getattr(c, "outer_transform", "identity")}
+    if transforms - {"identity"}:
+        return f"its score transform ({', '.join(sorted(transforms - {'identity'}))}) works in mm"
+    if getattr(c, "min_lesion_mm3", 0):
+        return "its smallest counted lesion is a volume in mm^3"
+    if profile.groups is not None:
+        return "its groups are chosen by volume"
+    return None
+
+
+def _check_geometry_known(args: argparse.Namespace, profile: CalibrationProfile, volume: Volume) -> None:
+    """A map without geometry (``.npy``, ``.npz`` without sibling) needs ``--spacing`` with a mm-based profile;
+    otherwise the 1 mm assumption is said (it changes every mL figure)."""
+    if volume.geometry_known or args.spacing is not None:
+        return
+    reason = mm_based(profile)
+    if reason is not None:
+        raise ConformalSegError(
+            f"the probability map has no voxel spacing (a bare array), and this profile needs it: {reason}",
+            path=args.prob,
+            fix="pass --spacing X Y Z (mm), or give the map as NIfTI/NRRD (or an .npz beside its nnU-Net seg)",
+        )
+    print("note: the probability map has no voxel spacing: 1 mm assumed for the mL figures (pass --spacing X Y Z)")
+
+
+def _channel(args: argparse.Namespace, profile: CalibrationProfile) -> int | None:
+    """The channel to read: the profile's (recorded at calibration); a different ``--channel`` is refused."""
+    recorded = profile.provenance.get("probability_channel")
+    if args.channel is not None and recorded is not None and args.channel != recorded:
+        raise ConformalSegError(
+            f"--channel {args.channel} differs from channel {recorded}, the class the profile was calibrated on",
+            path=args.profile,
+            fix=f"leave --channel out (channel {recorded} is used), or calibrate a profile for that class",
+        )
+    if args.channel is None and recorded is not None:
+        print(f"channel {recorded} (recorded in the profile)")
+    return recorded if args.channel is None else args.channel
+
+
+def _predict(args: argparse.Namespace, profile: CalibrationProfile, stage: Path) -> Volume:
+    """Run the profile's inference pipeline on ``--image``; write ``OUT/probability.nii.gz`` (staged)."""
     if args.model is None and args.cascade is None:
         raise ConformalSegError(
             "--image needs --model (the model card the profile was calibrated with)",
@@ -193,7 +263,7 @@ def _predict(args: argparse.Namespace, profile: CalibrationProfile) -> Volume:
         check_can_write(prob_path)
     image = load_image_input(args.image, _series_uid(args, args.image))
     prediction = engine.predict(image, **options)
-    save_volume(prediction.probability, image.geometry, prob_path, force=args.force)
+    save_volume(prediction.probability, image.geometry, stage / prob_path.name)
     return Volume(prediction.probability, image.geometry, str(prob_path))
 
 

@@ -13,7 +13,14 @@ from ..conformal.score_transforms import DEFAULT_CANDIDATES
 from ..io.atomic import check_can_write
 from ..io.checksums import sha256_file
 from ..io.dataset import CalibrationDataset
-from .common import add_empty_option, add_force, add_lesion_options, progress_bar
+from .common import (
+    add_empty_option,
+    add_force,
+    add_lesion_options,
+    input_folders,
+    progress_bar,
+    refuse_output_in_inputs,
+)
 from .deploy_options import add_calibrate_options, recorder_for, report
 from .fold_options import add_folds_option, fold_provenance, open_fold_dataset
 from .interval_options import INTERVAL_METHODS, add_interval_arguments, run_interval_calibrate
@@ -209,7 +216,11 @@ def choose_transforms_from_learning_data(args: argparse.Namespace, provenance: d
     )
 
 
+INPUT_FOLDERS = ("data", "probs", "labels", "images", "lower", "upper", "truth", "organs", "learning_data")
+
+
 def run(args: argparse.Namespace) -> int:
+    refuse_output_in_inputs(args.out, input_folders(args, INPUT_FOLDERS), output_is_folder=False, nested=True)
     if args.method in INTERVAL_METHODS:
         return run_interval_calibrate(args)
     if args.masks is not None:  # a mask-only tool's predicted label maps
@@ -241,9 +252,39 @@ def run(args: argparse.Namespace) -> int:
     recorder = recorder_for(args, dataset)  # groups / weighting: None without those options
     profile = calibrate(dataset if recorder is None else recorder, request)
     profile = profile if recorder is None else recorder.attach(profile)
+    _check_geometry_known(dataset, request)
     json_path, npz_path = profile.save(args.out, force=args.force)
+    print(lesion_line(dataset, args.channel))
     print(profile.guarantee)
     for line in report(profile):
         print(line)
     print(f"wrote {json_path} and {npz_path}")
     return 0
+
+
+def lesion_line(dataset: CalibrationDataset, channel: int | None) -> str:
+    """Which label value(s) were the lesion (and which channel the probability), for the user to check."""
+    seen = sorted(set().union(*dataset.labels_seen.values())) if dataset.labels_seen else []
+    labels = ", ".join(map(str, dataset.lesion_labels))
+    return (
+        f"lesion = label value {labels} of the label maps (values present: {', '.join(map(str, seen)) or 'none'})"
+        + ("" if channel is None else f"; probability channel {channel}")
+    )
+
+
+def _check_geometry_known(dataset: CalibrationDataset, request: CalibrationRequest) -> None:
+    """Bare arrays (``.npy`` maps and label maps) have no spacing: refuse a calibration that works in mm."""
+    missing = sorted(getattr(dataset, "without_geometry", ()))
+    if not missing:
+        return
+    transforms = (
+        {request.inner_transform, request.outer_transform} - {"identity"} if request.method == "sets" else set()
+    )
+    if transforms or (request.method == "lesion" and request.min_lesion_mm3):
+        raise ConformalSegError(
+            f"{len(missing)} case(s) have no voxel spacing (bare arrays, e.g. {missing[0]}), and this calibration "
+            "works in mm (" + (", ".join(sorted(transforms)) or "--min-lesion-mm3") + ")",
+            path=dataset.labels_dir,
+            fix="give the label maps as NIfTI/NRRD (their spacing is then used), or use --transform identity",
+        )
+    print(f"note: {len(missing)} case(s) have no voxel spacing (bare arrays): 1 mm assumed for volumes")

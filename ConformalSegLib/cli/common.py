@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from ..common.errors import CalibrationSetTooSmallWarning
+from ..common.errors import CalibrationSetTooSmallWarning, ConformalSegError
 
 
 def add_force(parser: argparse.ArgumentParser) -> None:
@@ -20,9 +22,10 @@ def add_lesion_options(parser: argparse.ArgumentParser) -> None:
         "--lesion-label",
         type=int,
         nargs="+",
-        default=[1],
+        default=None,
         metavar="V",
-        help="label value(s) that mark the lesion in the label maps (default: 1; e.g. 2 for KiTS tumour)",
+        help="label value(s) that mark the lesion in the label maps (e.g. 2 for KiTS tumour; default: 1, "
+        "accepted only when the label maps hold no other non-zero value)",
     )
     parser.add_argument(
         "--channel",
@@ -80,3 +83,60 @@ def show_warning(message, category, filename, lineno, file=None, line=None) -> N
 def install_warning_format() -> None:
     warnings.showwarning = show_warning
     warnings.simplefilter("always", CalibrationSetTooSmallWarning)
+
+
+def input_files(args: argparse.Namespace, flags: tuple[str, ...]) -> dict[str, Path]:
+    """``{--flag: folder}`` of the input files named by ``flags`` (their folders) that were given."""
+    found: dict[str, Path] = {}
+    for flag in flags:
+        value = getattr(args, flag, None)
+        if value is not None:
+            found[f"--{flag.replace('_', '-')}"] = Path(value).parent
+    return found
+
+
+def input_folders(args: argparse.Namespace, flags: tuple[str, ...]) -> dict[str, Path]:
+    """``{--flag: folder}`` of the input folders named by ``flags`` that were given (``--data``: its
+    ``probs/`` and ``labels/``)."""
+    found: dict[str, Path] = {}
+    for flag in flags:
+        value = getattr(args, flag, None)
+        if value is None:
+            continue
+        if flag == "data":
+            found.update({"--data": Path(value) / "probs", "--data ": Path(value) / "labels"})
+        else:
+            found[f"--{flag.replace('_', '-')}"] = Path(value)
+    return found
+
+
+def refuse_output_in_inputs(
+    out: Path, inputs: dict[str, Path], *, output_is_folder: bool, nested: bool = False
+) -> None:
+    """Refuse ``--out`` when its files would land in a folder read as input (the next run on that folder
+    would read them as inputs): in the folder itself, or anywhere below it when ``nested``."""
+    where = Path(os.path.abspath(out if output_is_folder else out.parent)).resolve()
+    for flag, folder in inputs.items():
+        folder = Path(os.path.abspath(folder)).resolve()
+        if where == folder or (nested and folder in where.parents):
+            sibling = folder.parent / f"{folder.name}_results"
+            raise ConformalSegError(
+                f"--out {out} is inside the input folder {folder} ({flag.strip()}): the next run on that "
+                "folder would read the outputs as inputs",
+                path=out,
+                fix=f"write the outputs beside it, e.g. in {sibling}",
+            )
+
+
+#: :data:`ConformalSegLib.inference.networks.TRUST_ENV`, spelled out so that the CLI starts without torch.
+TRUST_ENV = "CONFORMALSEG_TRUST_MODEL_CODE"
+
+
+def add_trust_option(parser: argparse.ArgumentParser) -> None:
+    """``--trust-model-code``: allow model folders whose loading runs code (TorchScript, MONAI bundles)."""
+    parser.add_argument(
+        "--trust-model-code",
+        action="store_true",
+        help="allow a TorchScript model or a MONAI bundle: loading them runs code from the model folder "
+        "(only for models from a source you trust; state_dict model cards never need it)",
+    )

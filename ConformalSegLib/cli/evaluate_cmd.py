@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..common.errors import ConformalSegError
 from ..evaluation.progress import TqdmProgress
 from ..evaluation.protocol import evaluate_dataset
-from ..evaluation.report import write_report
-from .calibrate_cmd import add_data_options, open_dataset
-from .common import add_empty_option, add_force
+from ..evaluation.report import REPORT_FILES, write_report
+from ..io.atomic import OVERWRITE_FIX
+from .calibrate_cmd import INPUT_FOLDERS, add_data_options, open_dataset
+from .common import add_empty_option, add_force, input_folders, refuse_output_in_inputs
 from .interval_options import add_interval_evaluate_arguments, run_interval_evaluate
 
 
@@ -30,7 +32,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epsilons", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.3], help="FNR tolerances")
     p.add_argument("--alphas", type=float, nargs="+", default=[0.05, 0.1, 0.15, 0.2, 0.3], help="risk levels")
     p.add_argument(
-        "--main-epsilon", type=float, default=None, help="setting for HD95 and the FNR plot (default: first)"
+        "--main-epsilon",
+        type=float,
+        default=None,
+        help="setting for HD95 and the FNR plot (default: 0.1 if listed, else the first)",
     )
     p.add_argument(
         "--main-alpha", type=float, default=None, help="setting for HD95 and the FNR plot (default: 0.1 if listed)"
@@ -67,8 +72,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    refuse_output_in_inputs(args.out, input_folders(args, INPUT_FOLDERS), output_is_folder=True, nested=True)
+    if args.main_epsilon is None and 0.1 in args.epsilons:
+        args.main_epsilon = 0.1  # a smaller one makes HD95 run on near-whole-image masks (twice the time)
     if args.lower is not None:  # interval methods (sem-CRC): the paper's Table 1 and Fig. 3
         return run_interval_evaluate(args)
+    existing = [name for name in REPORT_FILES if (args.out / name).exists()]
+    if existing and not args.force:  # before the long run, not after it
+        raise ConformalSegError(
+            f"output file(s) already exist: {', '.join(existing)}", path=args.out, fix=OVERWRITE_FIX
+        )
     dataset = open_dataset(args, "loading")
     dataset.progress = None  # the evaluation draws its own bars
     main_alpha = args.main_alpha if args.main_alpha is not None else (0.1 if 0.1 in args.alphas else None)
@@ -90,9 +103,7 @@ def run(args: argparse.Namespace) -> int:
             voxel_epsilon=args.voxel_epsilon,
             lesionwise=not args.no_false_positives,
         )
-    written = write_report(result, args.out, force=args.force)
-    for line in result.warnings:
-        print(f"warning: {line}")
+    written = write_report(result, args.out, force=args.force)  # its warnings were shown once, as they arose
     print(
         f"evaluated {result.n_cases} cases over {args.splits} splits; wrote {len(written)} files to {args.out} "
         f"(start with {args.out / 'report.md'})"

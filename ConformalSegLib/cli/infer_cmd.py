@@ -37,7 +37,7 @@ from .. import __version__
 from ..common.errors import ConformalSegError
 from ..io.atomic import atomic_write_text, check_can_write
 from .cascade_options import add_cascade_argument, cascade_predictor_from_args
-from .common import add_force, progress_bar
+from .common import add_force, add_trust_option, progress_bar
 
 INFERENCE_FORMAT = "conformalseg-inference"
 INFERENCE_FORMAT_VERSION = 1
@@ -95,6 +95,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the MC dropout masks (default 0)")
     add_cascade_argument(p)
+    add_trust_option(p)
     add_force(p)
     p.set_defaults(func=run)
 

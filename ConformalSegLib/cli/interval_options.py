@@ -17,15 +17,24 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
 from ..common.errors import ConformalSegError
-from ..io.atomic import check_can_write
+from ..io.atomic import check_can_write, staged_folder
+from ..io.checksums import sha256_file
 from ..io.volumes import check_same_geometry, load_label_map, save_volume
 from ..semcrc.anchor import DEFAULT_GAMMAS
 from ..semcrc.profile import is_interval_profile, load_interval_profile
-from ..semcrc.workflow import CLI_METHODS, apply_interval, calibrate_interval, load_float_volume, write_interval_table
+from ..semcrc.workflow import (
+    CLI_METHODS,
+    apply_interval,
+    calibrate_interval,
+    discover_interval_cases,
+    load_float_volume,
+    write_interval_table,
+)
 from .common import progress_bar
 
 INTERVAL_METHODS: tuple[str, ...] = tuple(CLI_METHODS)
@@ -73,7 +82,13 @@ def add_interval_arguments(parser: argparse.ArgumentParser) -> None:
         default="all",
         help="voxels that count: all (default) or label > 0 in the organ map (excludes background)",
     )
-    _add(g, "--n-opt", type=int, default=32, help="k-crc/sem-crc: scans of the optimisation split S_opt (default 32)")
+    _add(
+        g,
+        "--n-opt",
+        type=int,
+        default=None,
+        help="k-crc/sem-crc: scans of the optimisation split S_opt (default: a quarter of the scans, 2 to 32)",
+    )
     _add(
         g,
         "--d-opt",
@@ -145,6 +160,8 @@ def run_interval_calibrate(args: argparse.Namespace) -> int:
     if not args.force:
         check_can_write(args.out)
     method = CLI_METHODS[args.method]
+    if args.n_opt is None:
+        args.n_opt = default_n_opt(len(discover_interval_cases(args.lower, args.upper, args.truth, args.organs)))
     profile = calibrate_interval(
         method,
         args.lower,
@@ -164,7 +181,25 @@ def run_interval_calibrate(args: argparse.Namespace) -> int:
     for name, lam, status in zip(profile.calibration.groups, profile.calibration.lam, profile.calibration.status):
         print(f"  {name}: lambda = {lam:.6g} ({status})")
     print("wrote " + " and ".join(str(p) for p in written))
+    if "controlled" not in profile.calibration.status:
+        print(
+            f"WARNING: no group is controlled: every interval of this profile is infinite (S_opt took "
+            f"{args.n_opt} scans, calibration kept {max(profile.calibration.n_cal, default=0)}); use more scans, a "
+            "smaller --n-opt or a larger --epsilon. Exit status 3.",
+            file=sys.stderr,
+        )
+        return NOTHING_CONTROLLED
     return 0
+
+
+#: Exit status of ``calibrate`` when the interval profile was written but controls no group.
+NOTHING_CONTROLLED = 3
+
+
+def default_n_opt(n_scans: int) -> int:
+    """S_opt size when ``--n-opt`` is not given: a quarter of the scans, at least 2 and at most 32 (a fixed
+    32 left 8 calibration scans of 40, too few to control any organ)."""
+    return max(2, min(32, n_scans // 4))
 
 
 def run_interval_apply(args: argparse.Namespace) -> int:
@@ -202,20 +237,21 @@ def run_interval_apply(args: argparse.Namespace) -> int:
     if not args.force:
         for path in [out / n for n in names.values()] + [table_csv, table_json]:
             check_can_write(path)
-    for key, name in names.items():
-        save_volume(getattr(result, key), lower.geometry, out / name, force=args.force)
-    write_interval_table(
-        result.table,
-        table_csv,
-        table_json,
-        force=args.force,
-        extra={
-            "profile": str(Path(args.profile).resolve()),
-            "method": profile.calibration.method,
-            "epsilon": profile.calibration.epsilon,
-            "guarantee": profile.calibration.guarantee,
-        },
-    )
+    with staged_folder(out, force=args.force) as stage:  # Ctrl-C or an error: no partial result folder
+        for key, name in names.items():
+            save_volume(getattr(result, key), lower.geometry, stage / name)
+        write_interval_table(
+            result.table,
+            stage / table_csv.name,
+            stage / table_json.name,
+            extra={
+                "profile": str(Path(args.profile).resolve()),
+                "profile_sha256": sha256_file(args.profile),
+                "method": profile.calibration.method,
+                "epsilon": profile.calibration.epsilon,
+                "guarantee": profile.calibration.guarantee,
+            },
+        )
     print(json.dumps({row["group"]: row["lambda"] if math.isfinite(row["lambda"]) else "inf" for row in result.table}))
     print(f"wrote {', '.join(names.values())}, {table_csv.name} and {table_json.name} to {out}")
     return 0
@@ -252,7 +288,7 @@ def run_interval_evaluate(args: argparse.Namespace) -> int:
     n_cal = args.n_cal if args.n_cal is not None else data.n // 2
     options = {
         "lambda_max": args.lambda_max,
-        "n_opt": args.n_opt,
+        "n_opt": args.n_opt if args.n_opt is not None else default_n_opt(n_cal),
         "gammas": args.gammas,
         "d_min": args.d_min,
         "k": args.k_groups,

@@ -29,7 +29,7 @@ from ..conformal.mask_sets import calibrate_structures, check_mask_request, stru
 from ..conformal.profile import CalibrationProfile, load_profile
 from ..io.atomic import atomic_write_text, check_can_write
 from ..io.checksums import sha256_file
-from ..io.dataset import scan_folder
+from ..io.dataset import DEFAULT_LESION_LABELS, scan_folder
 from ..io.segmentation import INNER_SET, OUTER_SET, slug, write_masks_nifti, write_seg_nrrd
 from ..io.volumes import check_same_geometry, label_values, load_label_map
 
@@ -113,7 +113,8 @@ def run_mask_calibrate(args: argparse.Namespace, request_from_args: Any) -> int:
     if args.labels is None:
         raise ConformalSegError("--masks needs --labels (the true label maps)", fix="pass --labels DIR")
     check_mask_request(args.method, (args.inner_transform or args.transform, args.outer_transform or args.transform))
-    structures = parse_structures(args.structures) if args.structures else {"structure": tuple(args.lesion_label)}
+    lesion_label = tuple(args.lesion_label) if args.lesion_label else DEFAULT_LESION_LABELS
+    structures = parse_structures(args.structures) if args.structures else {"structure": lesion_label}
     if args.out.suffix.lower() != ".json":
         raise ConformalSegError("the profile file name must end in .json", path=args.out, fix="e.g. --out sets.json")
     targets = [structure_profile_path(args.out, name) for name in structures] if args.structures else [args.out]
@@ -132,6 +133,13 @@ def run_mask_calibrate(args: argparse.Namespace, request_from_args: Any) -> int:
             f"(values seen: {', '.join(map(str, sorted(seen)))})",
             path=args.labels,
             fix="check --structures (or --lesion-label)",
+        )
+    others = sorted(seen - {0} - set(lesion_label))
+    if not args.structures and not args.lesion_label and others:  # which structure? the label maps hold several
+        raise ConformalSegError(
+            f"the label maps hold values {', '.join(map(str, sorted(seen - {0})))}: which one is the structure?",
+            path=args.labels,
+            fix="pass --lesion-label V (or --structures 1=liver,2=spleen for one calibration per structure)",
         )
     entries = []
     for (name, profile), target in zip(profiles.items(), targets):
@@ -173,7 +181,7 @@ def margin_sentence(profile: CalibrationProfile) -> str:
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         doc = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}  # load_profile gives the proper error
     return doc if isinstance(doc, dict) else {}
 

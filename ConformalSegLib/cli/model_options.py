@@ -14,10 +14,11 @@ from typing import Any
 
 from ..common.errors import ConformalSegError
 from .cascade_options import add_cascade_argument, cascade_predictor_from_args
-from .common import progress_bar
+from .common import add_trust_option, progress_bar
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
+    add_trust_option(p)
     g = p.add_argument_group("predicting the probability maps with a model (instead of --probs)")
     g.add_argument(
         "--model",

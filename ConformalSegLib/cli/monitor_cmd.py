@@ -65,8 +65,10 @@ def run(args: argparse.Namespace) -> int:
         check_can_write(out / "monitor.png")
     profile = load_profile(args.profile)
     pairs, times = _ordered_pairs(args)
+    labels = args.lesion_label if args.lesion_label is not None else profile.provenance.get("lesion_labels")
+    channel = args.channel if args.channel is not None else profile.provenance.get("probability_channel")
     dataset = CalibrationDataset(
-        args.probs, args.labels, args.lesion_label, args.channel, progress=progress_bar("reviewed cases"), pairs=pairs
+        args.probs, args.labels, labels, channel, progress=progress_bar("reviewed cases"), pairs=pairs
     )
     reviewed = reviewed_data(dataset, profile)
     result = monitor_profile(profile, reviewed, times=times, delta=args.delta, kind=args.martingale, seed=args.seed)

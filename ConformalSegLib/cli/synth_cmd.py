@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..common.errors import ConformalSegError
 from ..phantoms.simulated_dataset import LESION_LABEL, write_synthetic_dataset
 from .common import add_force, progress_bar
 
@@ -25,6 +26,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    folders = [args.out / name for name in ("probs", "labels", "images")]
+    if not args.force and any(f.is_dir() and any(f.iterdir()) for f in folders):
+        raise ConformalSegError(
+            "the dataset folder already holds cases: new cases would be mixed with them",
+            path=args.out,
+            fix="choose a new folder, or pass --force to overwrite",
+        )
     write_synthetic_dataset(
         args.out,
         args.cases,

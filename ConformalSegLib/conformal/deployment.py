@@ -27,6 +27,7 @@ import numpy as np
 
 from ..common.errors import ConformalSegError
 from ..common.jsonable import jsonable
+from ..io.guards import LazyNpz
 from .cls import ThresholdCalibration
 from .confidence_sets import SetsCalibration
 from .mondrian import (
@@ -193,15 +194,14 @@ def read_deployment(
     """The groups and weighting stored in a profile, checked against the stored summaries."""
     if "groups" not in doc and "weighting" not in doc:
         return None, None
-    npz_path = path.with_name(str(doc["summaries"]["file"]))  # present and checksummed by the loader
+    npz_path = path.with_name(doc["summaries"]["file"])  # a plain sibling name, present and checksummed (loader)
     groups = weighting = None
     try:
-        with np.load(npz_path, allow_pickle=False) as loaded:
-            arrays = dict(loaded)
-        if "groups" in doc:
-            groups = read_mondrian(doc["groups"], arrays, profile.calibration)
-        if "weighting" in doc:
-            weighting = read_weighting(doc["weighting"], arrays, profile.summaries.n)
+        with LazyNpz(npz_path, "summaries file") as arrays:  # only the arrays looked up are read
+            if "groups" in doc:
+                groups = read_mondrian(doc["groups"], arrays, profile.calibration)
+            if "weighting" in doc:
+                weighting = read_weighting(doc["weighting"], arrays, profile.summaries.n)
     except (KeyError, ValueError, TypeError, OSError) as exc:
         raise ConformalSegError(f"the profile's groups or weighting are corrupt ({exc})", path=path, fix=FIX) from exc
     with warnings.catch_warnings():

@@ -57,7 +57,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -234,7 +234,7 @@ class LesionLevelSummaries:
     @classmethod
     def from_arrays(
         cls,
-        arrays: dict[str, np.ndarray],
+        arrays: Mapping[str, np.ndarray],
         case_ids: Sequence[str],
         *,
         detect_fraction: float,

@@ -43,8 +43,10 @@ import numpy as np
 from .. import __version__
 from ..common.errors import ConformalSegError
 from ..common.geometry import Geometry
-from ..io.atomic import atomic_write_bytes, atomic_write_text, check_can_write
+from ..io.atomic import atomic_write_files, check_can_write
 from ..io.checksums import sha256_file
+from ..io.guards import LazyNpz
+from ..io.json_file import read_bounded_json, sibling_file, verify_content_checksum, with_content_checksum
 from ..io.segmentation import INNER_SET, LESION_FNR, LESION_LEVEL, OUTER_SET
 from .cls import ThresholdCalibration, apply_threshold, calibrate_cls, critical_cutoffs, used_cases
 from .confidence_sets import SetsCalibration, SetStatistics, apply_sets, calibrate_sets
@@ -286,9 +288,9 @@ class CalibrationProfile:
         buffer = io.BytesIO()
         np.savez_compressed(buffer, **self.summary_arrays())  # type: ignore[arg-type]  # numpy's stub: allow_pickle
         data = buffer.getvalue()
-        atomic_write_bytes(npz_path, data, force=force)
-        doc = self.to_json_dict(npz_path.name, hashlib.sha256(data).hexdigest())
-        atomic_write_text(path, json.dumps(doc, indent=2, allow_nan=False) + "\n", force=force)
+        doc = with_content_checksum(self.to_json_dict(npz_path.name, hashlib.sha256(data).hexdigest()))
+        text = json.dumps(doc, indent=2, allow_nan=False) + "\n"
+        atomic_write_files([(npz_path, data), (path, text.encode("utf-8"))], force=force)  # one unit
         return path, npz_path
 
 
@@ -299,17 +301,33 @@ def _require(doc: dict[str, Any], key: str, path: Path) -> Any:
 
 
 def load_profile(path: str | PathLike[str]) -> CalibrationProfile:
-    """Load and validate a profile and its summaries (see module docstring)."""
+    """Load and validate a profile and its summaries (see module docstring).
+
+    The specific checks (format, keys, ranges, the ``.npz`` checksum, thresholds recomputed from the
+    summaries) run first so that their messages say what is wrong; the content checksum over every
+    field then refuses any other hand edit (``n``, epsilon, alpha...). A malformed field that slips
+    past the specific checks is reported as such, never as a traceback.
+    """
     path = Path(path)
     doc, method, n = _read_document(path)
-    summaries, stats, lesion_level, provenance = _read_summaries(doc, path, method)
-    calibration = _read_calibration(doc, path, method, n, stats)
-    profile = CalibrationProfile(
-        calibration, summaries, stats, doc.get("empty_policy", "exclude"), provenance, lesion_level
-    )
-    groups, weighting = read_deployment(doc, path, profile)
-    profile = dataclasses.replace(profile, groups=groups, weighting=weighting)
-    _check_consistent(profile, path)
+    try:
+        summaries, stats, lesion_level, provenance = _read_summaries(doc, path, method)
+        calibration = _read_calibration(doc, path, method, n, stats)
+        profile = CalibrationProfile(
+            calibration, summaries, stats, str(doc.get("empty_policy", "exclude")), provenance, lesion_level
+        )
+        groups, weighting = read_deployment(doc, path, profile)
+        profile = dataclasses.replace(profile, groups=groups, weighting=weighting)
+        _check_consistent(profile, path)
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError, OverflowError) as exc:
+        raise ConformalSegError(
+            f"the profile has a malformed field ({type(exc).__name__}: {str(exc)[:120]}; edited by hand?)",
+            path=path,
+            fix=RERUN_FIX,
+        ) from exc
+    verify_content_checksum(doc, path, RERUN_FIX)
+    if n != calibration.n or summaries.n != len(summaries.case_ids):
+        raise ConformalSegError("'n' does not match the summaries (edited by hand?)", path=path, fix=RERUN_FIX)
     return profile
 
 
@@ -321,16 +339,13 @@ def _read_document(path: Path) -> tuple[dict[str, Any], str, int]:
             path=path,
             fix="check the path, or create one with `conformalseg calibrate`",
         )
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConformalSegError(f"not a valid JSON profile ({exc})", path=path, fix=RERUN_FIX) from exc
+    doc = read_bounded_json(path, "calibration profile", RERUN_FIX)
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise ConformalSegError(
             "not a ConformalSeg calibration profile (no 'format': 'conformalseg-profile')", path=path, fix=RERUN_FIX
         )
     version = doc.get("format_version")
-    if version != FORMAT_VERSION:
+    if version != FORMAT_VERSION or isinstance(version, bool):
         raise ConformalSegError(
             f"profile format version {version!r} is not supported (this is {FORMAT_VERSION})",
             path=path,
@@ -340,7 +355,7 @@ def _read_document(path: Path) -> tuple[dict[str, Any], str, int]:
     if method not in METHODS:
         raise ConformalSegError(f"unknown method {method!r}", path=path, fix=RERUN_FIX)
     n = _require(doc, "n", path)
-    if not isinstance(n, int) or n < 1:
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ConformalSegError(f"'n' must be a positive integer, got {n!r}", path=path, fix=RERUN_FIX)
     return doc, method, n
 
@@ -350,7 +365,9 @@ def _read_summaries(
 ) -> tuple[LesionSummaries, SetStatistics | None, LesionLevelSummaries | None, dict[str, Any]]:
     """The ``.npz`` beside the profile (checksum verified), its summaries, set statistics and the provenance."""
     summaries_doc = _require(doc, "summaries", path)
-    npz_path = path.with_name(str(summaries_doc.get("file", "")))
+    if not isinstance(summaries_doc, dict) or not isinstance(doc.get("provenance") or {}, dict):
+        raise ConformalSegError("'summaries' and 'provenance' must be JSON objects", path=path, fix=RERUN_FIX)
+    npz_path = sibling_file(path, summaries_doc.get("file"), "summaries file", RERUN_FIX)
     if not npz_path.is_file():
         raise ConformalSegError(
             f"the summaries file {npz_path.name} is missing beside the profile",
@@ -370,21 +387,20 @@ def _read_summaries(
             "provenance.case_ids missing or inconsistent with the summaries", path=path, fix=RERUN_FIX
         )
     try:
-        with np.load(npz_path, allow_pickle=False) as arrays:
-            arrays = dict(arrays)
-        summaries = LesionSummaries.from_arrays(arrays, case_ids, summaries_doc.get("precision", "float32"))
-        stats = lesion_level = None
-        if method == "sets":
-            transform = _require(doc, "transform", path)
-            stats = SetStatistics.from_arrays(arrays, case_ids, transform["inner"], transform["outer"])
-        if method == "lesion":
-            lesion_level = LesionLevelSummaries.from_arrays(
-                arrays,
-                case_ids,
-                detect_fraction=float(_require(doc, "detect_fraction", path)),
-                min_lesion_voxels=int(_require(doc, "min_lesion_voxels", path)),
-                min_lesion_mm3=float(_require(doc, "min_lesion_mm3", path)),
-            )
+        with LazyNpz(npz_path, "summaries file") as arrays:  # only the arrays looked up are read, sizes checked
+            summaries = LesionSummaries.from_arrays(arrays, case_ids, summaries_doc.get("precision", "float32"))
+            stats = lesion_level = None
+            if method == "sets":
+                transform = _require(doc, "transform", path)
+                stats = SetStatistics.from_arrays(arrays, case_ids, transform["inner"], transform["outer"])
+            if method == "lesion":
+                lesion_level = LesionLevelSummaries.from_arrays(
+                    arrays,
+                    case_ids,
+                    detect_fraction=float(_require(doc, "detect_fraction", path)),
+                    min_lesion_voxels=int(_require(doc, "min_lesion_voxels", path)),
+                    min_lesion_mm3=float(_require(doc, "min_lesion_mm3", path)),
+                )
     except (KeyError, ValueError, TypeError, OSError) as exc:
         raise ConformalSegError(
             f"summaries file is corrupt or incomplete ({exc})", path=npz_path, fix=RERUN_FIX

@@ -69,6 +69,10 @@ DEFAULT_CANDIDATES: tuple[ScoreTransform, ...] = (
 )
 
 
+#: Largest Gaussian sigma accepted (mm): wider smoothing would blur a whole body, and its kernel costs memory.
+MAX_SIGMA_MM = 100.0
+
+
 def parse_transform(text: str) -> ScoreTransform:
     """Parse ``identity``, ``distance``, ``distance:0.4``, ``gaussian:2`` (sigma in mm)."""
     kind, _, value = str(text).strip().lower().partition(":")
@@ -84,6 +88,11 @@ def parse_transform(text: str) -> ScoreTransform:
             sigma = float(value)
             if not (np.isfinite(sigma) and sigma > 0):
                 raise ValueError
+            if sigma > MAX_SIGMA_MM:  # the filter's kernel grows with sigma (1e9 mm asks for 30 GiB)
+                raise ConformalSegError(
+                    f"gaussian sigma {sigma:g} mm is larger than {MAX_SIGMA_MM:g} mm",
+                    fix="use a sigma of a few mm, e.g. gaussian:2",
+                )
             return ScoreTransform("gaussian", sigma)
     except ValueError:
         pass

@@ -20,7 +20,7 @@ cutoff derived from it is at most the exact one and masks can only grow):
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -201,7 +201,7 @@ class LesionSummaries:
 
     @classmethod
     def from_arrays(
-        cls, arrays: dict[str, np.ndarray], case_ids: Sequence[str], precision: str, prefix: str = "lesion_"
+        cls, arrays: Mapping[str, np.ndarray], case_ids: Sequence[str], precision: str, prefix: str = "lesion_"
     ) -> LesionSummaries:
         values = np.asarray(arrays[f"{prefix}values"])
         expected = np.uint16 if precision == "uint16" else np.float32

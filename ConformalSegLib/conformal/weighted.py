@@ -66,6 +66,7 @@ from __future__ import annotations
 import math
 import statistics
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import cached_property
@@ -383,7 +384,7 @@ def weighting_arrays(weighting: Weighting) -> dict[str, np.ndarray]:
     return {"weighting_features": weighting.features, "weighting_target_features": weighting.target_features}
 
 
-def read_weighting(doc: dict[str, Any], arrays: dict[str, np.ndarray], source_n: int) -> Weighting:
+def read_weighting(doc: dict[str, Any], arrays: Mapping[str, np.ndarray], source_n: int) -> Weighting:
     """The weighting of a loaded profile (``KeyError``/``ValueError``/``TypeError`` when malformed)."""
     c = doc["classifier"]
     if c.get("kind") != "logistic-regression":

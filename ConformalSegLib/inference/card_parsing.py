@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..common.errors import ConformalSegError
+from ..io.guards import check_allocation
 from .bundle_preprocessing import inference_from_bundle, preprocessing_from_bundle
 from .card_format import (
     ACTIVATIONS,
@@ -164,9 +165,26 @@ def _parse_source(c: _Checker, value: Any, base: Path) -> ModelSource:
         args = spec.get("args", {}) or {}
         c.mapping(args, "source.state_dict.args")
         relative = c.string(spec["weights"], "source.state_dict.weights")
-        return ModelSource(kind, (base / relative).resolve(), relative, network, copy.deepcopy(args))
+        return ModelSource(kind, _inside(c, base, relative, "weights"), relative, network, copy.deepcopy(args))
     relative = c.string(spec, f"source.{kind}")
-    return ModelSource(kind, (base / relative).resolve(), relative)
+    return ModelSource(kind, _inside(c, base, relative, kind), relative)
+
+
+def _inside(c: _Checker, base: Path, relative: str, what: str) -> Path:
+    """``base / relative`` resolved; for a card read from a file it must stay inside the model folder (the
+    card's folder, or the bundle root for a card in a bundle's ``configs/``): a shared model folder is
+    self-contained and cannot make the program read other local files."""
+    resolved = (base / relative).resolve()
+    if c.path is None:  # a card built in memory by this program (training), not read from a file
+        return resolved
+    root = base.resolve()
+    roots = (root, root.parent) if root.name == "configs" else (root,)
+    if not any(resolved == r or r in resolved.parents for r in roots):
+        raise c.fail(
+            f"the {what} path {relative!r} points outside the model folder {roots[-1]}",
+            fix="keep the model files inside the model's folder and name them relative to the card",
+        )
+    return resolved
 
 
 def _parse_preprocessing(c: _Checker, value: Any) -> Preprocessing:
@@ -232,6 +250,7 @@ def _parse_inference(c: _Checker, value: Any) -> InferenceSettings:
         raise c.fail(f"'overlap' must be in [0, 1), got {overlap}")
     blend = c.choice(value.get("blend", "gaussian"), "blend", BLEND_MODES)
     batch = c.integer(value.get("sw_batch_size", 4), "sw_batch_size", minimum=1)
+    check_allocation((batch, *patch), 4, c.path, "model card's patch_size x sw_batch_size (float32 input)")
     return InferenceSettings(patch, overlap, blend, batch)
 
 

@@ -7,7 +7,9 @@ probability maps are predicted by the model card's pipeline when a case is first
 * **Inference runs once per case.** Each prediction is written (float32, atomically) to a cache
   folder as ``CACHE/CASE.nii.gz`` and read back from there on later passes (the evaluation reads
   every case twice). The cache is keyed by :func:`inference_fingerprint`: a cache folder written
-  with another model, pipeline, number of MC passes, flips or seed is refused, never mixed in.
+  with another model, pipeline, number of MC passes, flips or seed is refused, never mixed in; and each
+  cached map is used only for the image it was predicted from (the manifest keeps every image's SHA-256:
+  an image replaced under the same name is predicted again).
 * **Identical pipeline.** Every case goes through the same engine, MC passes, flips and seed; with
   MC dropout the probability is the *mean* over the passes (what calibration and test time must
   both use). :meth:`InferenceDataset.provenance` records this for the calibration profile.
@@ -27,6 +29,7 @@ from typing import Any
 
 from ..common.errors import ConformalSegError
 from ..io.atomic import atomic_write_text
+from ..io.checksums import sha256_file
 from ..io.dataset import CalibrationDataset, Case, ProgressCallback, _listing, scan_folder
 from ..io.volumes import (
     Volume,
@@ -112,7 +115,7 @@ class InferenceDataset(CalibrationDataset):
         engine: InferenceEngine,
         images: str | PathLike[str],
         labels_dir: str | PathLike[str],
-        lesion_labels: Sequence[int],
+        lesion_labels: Sequence[int] | None,
         cache_dir: str | PathLike[str],
         *,
         mc_dropout: int = 0,
@@ -143,6 +146,7 @@ class InferenceDataset(CalibrationDataset):
             seed=engine.seed if engine.seed is not None else 0,
         )
         self.inference_seconds: dict[str, float] = {}
+        self._image_sha256: dict[str, str] = {}
         self._open_cache()
 
     def _open_cache(self) -> None:
@@ -164,6 +168,8 @@ class InferenceDataset(CalibrationDataset):
                     path=self.probs_dir,
                     fix="choose an empty cache folder or delete this one",
                 )
+            images = stored.get("images")
+            self._image_sha256 = dict(images) if isinstance(images, dict) else {}
             return
         if self.probs_dir.exists() and any(self.probs_dir.iterdir()):
             raise ConformalSegError(
@@ -172,7 +178,12 @@ class InferenceDataset(CalibrationDataset):
                 fix="choose an empty or new folder for the cache",
             )
         self.probs_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(manifest, json.dumps({"fingerprint": self.fingerprint}, indent=2) + "\n")
+        self._write_manifest(force=False)
+
+    def _write_manifest(self, *, force: bool) -> None:
+        """The cache's fingerprint and the SHA-256 of the image each cached map was predicted from."""
+        doc = {"fingerprint": self.fingerprint, "images": self._image_sha256}
+        atomic_write_text(self.probs_dir / CACHE_MANIFEST, json.dumps(doc, indent=2) + "\n", force=force)
 
     def provenance(self) -> dict[str, Any]:
         """How the probability maps were made (recorded in calibration profiles)."""
@@ -198,14 +209,17 @@ class InferenceDataset(CalibrationDataset):
         image_path, label_path = self.paths(case_id)
         label_map = load_label_map(label_path)
         cached = self.cache_path(case_id)
-        if cached.is_file():
+        image_sha256 = sha256_file(image_path)  # the cache is keyed on the image's content, not its name
+        if cached.is_file() and self._image_sha256.get(case_id) == image_sha256:
             probability = load_probability_map(cached)
         else:
             image = load_image(image_path)
             check_same_geometry(image, label_map, what=f"image and label map of case {case_id!r}")
             prediction = self.engine.predict(image, mc_dropout=self.mc_dropout, tta_flips=self.tta_flips)
             self.inference_seconds[case_id] = prediction.seconds
-            save_volume(prediction.probability, image.geometry, cached)
+            save_volume(prediction.probability, image.geometry, cached, force=True)  # a stale map is replaced
+            self._image_sha256[case_id] = image_sha256
+            self._write_manifest(force=True)
             probability = Volume(prediction.probability, image.geometry, cached)
             del image, prediction
         check_same_geometry(probability, label_map, what=f"probability map and label map of case {case_id!r}")

@@ -7,6 +7,7 @@ bundle configs contain code: load only trusted files (see :mod:`~ConformalSegLib
 from __future__ import annotations
 
 import difflib
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 from ..common.errors import ConformalSegError
 from .card_format import BUNDLE_CONFIGS, BUNDLE_WEIGHTS, CARD_FIX, STATE_DICT_WRAPPERS, ModelSource
 
-__all__ = ["bundle_config", "load_network", "network_class"]
+__all__ = ["bundle_config", "load_network", "network_class", "require_trust", "trust_model_code"]
 
 
 def network_class(name: str) -> type:
@@ -108,10 +109,43 @@ def bundle_config(folder: Path, card_path: Path | None = None, *, required: bool
     return None
 
 
+#: Set to ``1`` to allow model folders whose loading runs code (the CLI's ``--trust-model-code`` sets it).
+TRUST_ENV = "CONFORMALSEG_TRUST_MODEL_CODE"
+
+
+def trust_model_code(trusted: bool = True) -> None:
+    """Allow (or forbid again) loading TorchScript archives and MONAI bundles in this process."""
+    if trusted:
+        os.environ[TRUST_ENV] = "1"
+    else:
+        os.environ.pop(TRUST_ENV, None)
+
+
+def require_trust(source: ModelSource, card_path: Path | None) -> None:
+    """TorchScript archives hold code, and a MONAI bundle's config runs Python (``$`` expressions,
+    ``_target_`` of any importable callable) when the network is built: both only after an explicit opt-in."""
+    if source.kind not in ("torchscript", "bundle") or os.environ.get(TRUST_ENV) == "1":
+        return
+    what = (
+        "a TorchScript archive (it contains code)"
+        if source.kind == "torchscript"
+        else ("a MONAI bundle (its config runs Python expressions)")
+    )
+    raise ConformalSegError(
+        f"this model is {what}: loading it runs code from the model folder {source.path}",
+        path=card_path,
+        fix="pass --trust-model-code if you trust where the model folder comes from "
+        f"(library: set {TRUST_ENV}=1), or use a state_dict model card",
+    )
+
+
 def load_network(source: ModelSource, card_path: Path | None) -> Any:
-    """Build the network of ``source`` on the CPU, in eval mode (``card_path`` names the card in errors)."""
+    """Build the network of ``source`` on the CPU, in eval mode (``card_path`` names the card in errors).
+
+    TorchScript and MONAI bundle sources run code when loaded: :func:`require_trust` first."""
     import torch
 
+    require_trust(source, card_path)
     where = card_path or "the model card"
     if source.kind == "torchscript":
         if not source.path.is_file():

@@ -4,7 +4,8 @@
 Arrays are in numpy ``(z, y, x)`` order; geometry spacing/origin/direction in ITK ``(x, y, z)`` order
 (see :mod:`ConformalSegLib.common.geometry`). Every failure caused by the user's files raises
 :class:`~ConformalSegLib.common.errors.ConformalSegError` naming the file and the fix. All writers are
-atomic and refuse to overwrite existing files unless ``force=True``.
+atomic and refuse to overwrite existing files unless ``force=True``; :mod:`.guards` checks paths,
+memory and ``.npy``/``.npz`` headers before anything is read.
 """
 
 from __future__ import annotations

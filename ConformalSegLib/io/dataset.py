@@ -92,6 +92,12 @@ def scan_folder(folder: str | PathLike[str], *, probability: bool) -> dict[str, 
     groups: dict[str, list[Path]] = {}
     skipped: list[str] = []
     for entry in sorted(folder.iterdir()):
+        if entry.is_symlink() and not entry.exists() and case_id(entry.name, probability=probability):
+            raise ConformalSegError(
+                f"the {role} map is a broken link (its target does not exist)",
+                path=entry,
+                fix="re-create the link or copy the file into the folder",
+            )
         cid = case_id(entry.name, probability=probability) if entry.is_file() else None
         if cid is None:
             skipped.append(entry.name)
@@ -161,6 +167,10 @@ class Case:
     lesion: Volume
 
 
+#: The lesion label value when none is given (accepted only when no other non-zero value occurs).
+DEFAULT_LESION_LABELS = (1,)
+
+
 class CalibrationDataset:
     """Probability/label pairs of a calibration set, loaded lazily one case at a time.
 
@@ -174,29 +184,33 @@ class CalibrationDataset:
         self,
         probs_dir: str | PathLike[str],
         labels_dir: str | PathLike[str],
-        lesion_labels: Sequence[int],
+        lesion_labels: Sequence[int] | None,
         channel: int | None = None,
         *,
         progress: ProgressCallback | None = None,
         pairs: dict[str, tuple[Path, Path]] | None = None,
     ):
         """``pairs`` (``case_id -> (file, label_path)``) replaces the folder scan, for subclasses whose
-        probability maps are made from other files (e.g. images run through a model)."""
+        probability maps are made from other files (e.g. images run through a model). ``lesion_labels``
+        None: label value 1, provided the label maps hold no other non-zero value (else an error asks
+        which value is the lesion, so that an organ label is never calibrated by default)."""
         self.probs_dir = Path(probs_dir)
         self.labels_dir = Path(labels_dir)
-        self.lesion_labels = validate_lesion_labels(lesion_labels)
+        self.lesion_labels_given = lesion_labels is not None
+        self.lesion_labels = validate_lesion_labels(DEFAULT_LESION_LABELS if lesion_labels is None else lesion_labels)
         self.channel = channel
         self.progress = progress
         if pairs is None:
             pairs = {cid: (prob, label) for cid, prob, label in discover_pairs(probs_dir, labels_dir)}
         self._pairs = dict(pairs)
         self.labels_seen: dict[str, frozenset[int]] = {}
+        self.without_geometry: set[str] = set()  #: case ids whose map and label map are both bare arrays
 
     @classmethod
     def from_root(
         cls,
         root: str | PathLike[str],
-        lesion_labels: Sequence[int],
+        lesion_labels: Sequence[int] | None,
         channel: int | None = None,
         *,
         progress: ProgressCallback | None = None,
@@ -235,6 +249,8 @@ class CalibrationDataset:
         check_same_geometry(probability, label_map, what=f"probability map and label map of case {case_id!r}")
         if not probability.geometry_known:  # a bare array: adopt the label map's physical grid
             probability.geometry, probability.geometry_known = label_map.geometry, label_map.geometry_known
+        if not probability.geometry_known:
+            self.without_geometry.add(case_id)  # 1 mm spacing assumed: the caller decides if that matters
         self.labels_seen[case_id] = frozenset(label_values(label_map.array))
         lesion = Volume(
             mask_from_labels(label_map.array, self.lesion_labels),
@@ -257,6 +273,15 @@ class CalibrationDataset:
     def check_lesion_labels_seen(self) -> None:
         """Raise if a lesion label value occurred in none of the label files loaded so far."""
         seen = set().union(*self.labels_seen.values()) if self.labels_seen else set()
+        others = sorted(seen - {0} - set(self.lesion_labels))
+        if not self.lesion_labels_given and others:
+            raise ConformalSegError(
+                f"no --lesion-label given, and the label maps hold the values {', '.join(map(str, sorted(seen)))}: "
+                "which one marks the lesion?",
+                path=self.labels_dir,
+                fix=f"pass --lesion-label V (e.g. --lesion-label {others[0]}); the default 1 is used only when "
+                "no other non-zero value occurs",
+            )
         missing = [v for v in self.lesion_labels if v not in seen]
         if not missing:
             return

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
@@ -95,13 +96,18 @@ def load_image_input(path: str | PathLike[str], series_uid: str | None = None) -
 
 
 def load_probability_input(
-    path: str | PathLike[str], *, channel: int | None = None, series_uid: str | None = None
+    path: str | PathLike[str],
+    *,
+    channel: int | None = None,
+    series_uid: str | None = None,
+    spacing: Sequence[float] | None = None,
 ) -> Volume:
     """A probability map file (:func:`~ConformalSegLib.io.volumes.load_probability_map`) or a DICOM series
-    folder whose rescaled values are probabilities (checked for range like any probability map)."""
+    folder whose rescaled values are probabilities (checked for range like any probability map). ``spacing``:
+    the grid of a bare array file (a series carries its own)."""
     if not Path(path).is_dir():
         _no_series_uid(path, series_uid)
-        return load_probability_map(path, channel=channel)
+        return load_probability_map(path, channel=channel, spacing=spacing)
     if channel not in (None, 0):
         raise ConformalSegError("a DICOM series has one channel", path=path, fix="leave out --channel")
     image = read_series(path, series_uid, what="probability map")

@@ -25,6 +25,8 @@ one place, so that no reader can skip one. Its sections: helpers, probability ma
 
 from __future__ import annotations
 
+import gzip
+import os
 import pickle
 import zipfile
 from collections.abc import Iterable, Sequence
@@ -39,6 +41,7 @@ import SimpleITK as sitk
 from ..common.errors import ConformalSegError
 from ..common.geometry import Geometry
 from .atomic import atomic_output
+from .guards import LazyNpz, check_allocation, load_npy, require_utf8_path
 
 PathLikeStr = str | PathLike[str]
 
@@ -101,20 +104,28 @@ def sitk_image(array: np.ndarray, geometry: Geometry) -> sitk.Image:
 
 
 def _require_file(path: PathLikeStr, what: str) -> Path:
-    path = Path(path)
+    path = require_utf8_path(path, what)
     if not path.exists():
-        raise ConformalSegError(f"{what} not found", path=path, fix="check the file name and folder")
+        problem = "is a broken link (its target does not exist)" if path.is_symlink() else "not found"
+        raise ConformalSegError(f"{what} {problem}", path=path, fix="check the file name and folder")
     if not path.is_file():
         raise ConformalSegError(f"{what} is not a file", path=path, fix="give the path of a file")
+    if not os.access(path, os.R_OK):
+        raise ConformalSegError(
+            f"permission denied: cannot read the {what}", path=path, fix="make the file readable (chmod u+r)"
+        )
     return path
 
 
-def _unreadable(path: Path, what: str, exc: BaseException) -> ConformalSegError:
+def _unreadable(path: Path, what: str, exc: BaseException, *, truncated: bool = False) -> ConformalSegError:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     reason = (lines[-1] if lines else type(exc).__name__)[:200]
+    kind = volume_extension(path) or "image"
+    problem = (
+        f"the {kind} file is truncated or corrupt" if truncated else f"the file is corrupt or not a valid {kind} file"
+    )
     return ConformalSegError(
-        f"cannot read the {what}: the file is corrupt or not a valid "
-        f"{volume_extension(path) or 'image'} file ({reason})",
+        f"cannot read the {what}: {problem} ({reason})",
         path=path,
         fix="re-export or re-copy the file",
     )
@@ -125,6 +136,7 @@ def _unsupported(path: Path, what: str, allowed: Iterable[str]) -> ConformalSegE
 
 
 def _read_sitk(path: Path, what: str) -> sitk.Image:
+    _read_header(path, what)  # the memory guard, before any voxel is allocated
     try:
         return sitk.ReadImage(str(path))
     except RuntimeError as exc:
@@ -139,7 +151,17 @@ def _read_header(path: Path, what: str) -> sitk.ImageFileReader:
         reader.ReadImageInformation()
     except RuntimeError as exc:
         raise _unreadable(path, what, exc) from exc
+    check_allocation(tuple(reader.GetSize()), _bytes_per_voxel(reader), path, what)
     return reader
+
+
+def _bytes_per_voxel(reader: sitk.ImageFileReader) -> int:
+    """Bytes of one voxel (all components) of the image a header describes (8 when unknown)."""
+    sizes = {
+        sitk.sitkUInt8: 1, sitk.sitkInt8: 1, sitk.sitkUInt16: 2, sitk.sitkInt16: 2, sitk.sitkUInt32: 4,
+        sitk.sitkInt32: 4, sitk.sitkFloat32: 4, sitk.sitkUInt64: 8, sitk.sitkInt64: 8, sitk.sitkFloat64: 8,
+    }  # fmt: skip
+    return sizes.get(reader.GetPixelIDValue(), 8) * max(1, reader.GetNumberOfComponents())
 
 
 def _header_geometry(reader: sitk.ImageFileReader, path: Path, what: str) -> Geometry:
@@ -159,22 +181,21 @@ def _header_geometry(reader: sitk.ImageFileReader, path: Path, what: str) -> Geo
 NUMPY_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError)
 
 
-def _load_numpy(path: Path, what: str, *, archive: bool) -> Any:  # np.ndarray, or an NpzFile when archive
-    """``np.load`` without pickles; ``archive`` says whether an .npz (else a single .npy array) is expected."""
+def _load_numpy(path: Path, what: str, *, archive: bool) -> Any:  # np.ndarray, or a LazyNpz when archive
+    """A ``.npy`` array (size checked from its header first) or a lazily read ``.npz`` (``archive``);
+    no pickles either way."""
     try:
-        loaded = np.load(path, allow_pickle=False)
-    except NUMPY_ERRORS as exc:
+        is_zip = zipfile.is_zipfile(path)
+    except OSError as exc:
         raise _unreadable(path, what, exc) from exc
-    if archive != isinstance(loaded, np.lib.npyio.NpzFile):
-        if not archive:
-            loaded.close()
+    if archive != is_zip:
         expected, got = (".npz archive", "single .npy array") if archive else (".npy array", ".npz archive")
         raise ConformalSegError(
             f"{what} should be a {expected} but the file holds a {got}",
             path=path,
             fix="give the file the extension that matches its content",
         )
-    return loaded
+    return LazyNpz(path, what) if archive else load_npy(path, what)
 
 
 def _identity_geometry(shape: tuple[int, ...], spacing: Sequence[float] | None, path: Path) -> Geometry:
@@ -216,34 +237,36 @@ def _channel_index(channel: int | None, n_channels: int, path: Path) -> int:
     return channel
 
 
-def _read_nifti_probability(path: Path, channel: int | None) -> tuple[np.ndarray, Geometry]:
+def _read_nifti(path: Path, what: str, channel: int | None, *, channels: bool) -> tuple[np.ndarray, Geometry]:
     """NIfTI voxels via nibabel, geometry via SimpleITK's header reader.
 
     SimpleITK (ITK < 6) silently replaces NaN and +-Inf voxels of NIfTI files with 0 when reading,
-    which would hide invalid probabilities; nibabel keeps them.
+    and zero-fills a truncated file (a ``.nii.gz`` cut in half reads without error); nibabel keeps
+    NaN/Inf and raises on missing data. ``channels``: a 4th axis holds classes (probability maps);
+    otherwise only 3D volumes are accepted.
     """
     import nibabel as nib
 
-    what = "probability map"
-    reader = _read_header(path, what)
+    reader = _read_header(path, what)  # also the memory guard
     try:
         proxy = nib.load(str(path)).dataobj  # type: ignore[attr-defined]  # the stub's base class lacks it
     except Exception as exc:  # nibabel raises many types for corrupt files
         raise _unreadable(path, what, exc) from exc
     shape = tuple(proxy.shape)
     extra = [n for n in shape[3:] if n != 1]  # time / vector axes: the classes
-    if len(shape) < 3 or len(extra) > 1:
+    if len(shape) < 3 or len(extra) > (1 if channels else 0):
         raise ConformalSegError(
-            f"{what} is {len(shape)}D with shape {shape} (x, y, z, ...), expected a 3D volume or one channel axis",
+            f"{what} is {len(shape)}D with shape {shape} (x, y, z, ...), expected a 3D volume"
+            + (" or one channel axis" if channels else ""),
             path=path,
-            fix="give a 3D probability map (or a 4D one with --channel)",
+            fix="give a 3D probability map (or a 4D one with --channel)" if channels else "give a single 3D volume",
         )
     n_channels = extra[0] if extra else 1
     index = _channel_index(channel, n_channels, path)
     try:
         data = np.asanyarray(proxy).reshape(shape[:3] + (n_channels,), order="F")[..., index]
-    except Exception as exc:
-        raise _unreadable(path, what, exc) from exc
+    except Exception as exc:  # EOFError / OSError for a truncated file
+        raise _unreadable(path, what, exc, truncated=True) from exc
     array = np.array(data.T) if n_channels > 1 else np.ascontiguousarray(data.T)  # (x,y,z) -> (z,y,x)
     geometry = _header_geometry(reader, path, what)
     if geometry.shape != array.shape:
@@ -255,6 +278,10 @@ def _read_nifti_probability(path: Path, channel: int | None) -> tuple[np.ndarray
     return array, geometry
 
 
+def _is_nifti(path: Path) -> bool:
+    return volume_extension(path) in (".nii", ".nii.gz") and _nibabel_available()
+
+
 def _nibabel_available() -> bool:
     try:
         import nibabel  # noqa: F401
@@ -264,8 +291,8 @@ def _nibabel_available() -> bool:
 
 
 def _read_probability_image(path: Path, channel: int | None) -> tuple[np.ndarray, Geometry]:
-    if volume_extension(path) in (".nii", ".nii.gz") and _nibabel_available():
-        return _read_nifti_probability(path, channel)
+    if _is_nifti(path):
+        return _read_nifti(path, "probability map", channel, channels=True)
     img = _read_sitk(path, "probability map")
     if img.GetNumberOfComponentsPerPixel() > 1:  # vector image: one component per class
         index = _channel_index(channel, img.GetNumberOfComponentsPerPixel(), path)
@@ -300,16 +327,20 @@ def nnunet_sibling(npz_path: PathLikeStr) -> Path | None:
 
 def _read_npz(path: Path, channel: int | None) -> np.ndarray:
     with _load_numpy(path, "probability map", archive=True) as data:
-        if NPZ_KEY not in data.files:
+        if NPZ_KEY not in data:
             raise ConformalSegError(
-                f"the .npz has no '{NPZ_KEY}' array (arrays: {', '.join(data.files) or 'none'})",
+                f"the .npz has no '{NPZ_KEY}' array (arrays: {', '.join(data) or 'none'})",
                 path=path,
                 fix="use the .npz written by nnU-Net predict --save_probabilities",
             )
-        try:
-            probabilities = data[NPZ_KEY]
-        except NUMPY_ERRORS as exc:
-            raise _unreadable(path, "probability map", exc) from exc
+        shape, _dtype = data.header(NPZ_KEY)
+        if len(shape) == 4 and shape[-1] < shape[0]:
+            raise ConformalSegError(
+                f"'{NPZ_KEY}' has shape {shape}: it looks channels-last (z, y, x, C), expected (C, z, y, x)",
+                path=path,
+                fix="save np.moveaxis(probabilities, -1, 0) (nnU-Net's own .npz is channels-first)",
+            )
+        probabilities = data[NPZ_KEY]
     if probabilities.ndim == 3:
         _channel_index(channel, 1, path)
         return probabilities
@@ -408,7 +439,14 @@ def _integer_labels(array: np.ndarray, path: Path) -> np.ndarray:
         raise ConformalSegError(
             f"label map has voxel type {array.dtype}", path=path, fix="save the label map with integer voxels"
         )
-    n_bad = int(np.count_nonzero(array != np.round(array)))  # NaN counts as bad too
+    n_nan = array.size - int(np.count_nonzero(np.isfinite(array)))
+    if n_nan:
+        raise ConformalSegError(
+            f"label map has {n_nan} NaN or infinite voxel(s)",
+            path=path,
+            fix="give an integer label map: every voxel needs a label (0 for background)",
+        )
+    n_bad = int(np.count_nonzero(array != np.round(array)))
     if n_bad:
         raise ConformalSegError(
             f"label map has {n_bad} non-integer voxel value(s) (e.g. {array[array != np.round(array)].flat[0]:.6g})",
@@ -416,7 +454,28 @@ def _integer_labels(array: np.ndarray, path: Path) -> np.ndarray:
             fix="give an integer label map (not probabilities or a resampled "
             "label map with linear interpolation; use nearest neighbour)",
         )
+    if array.size and (float(array.min()) < -(2**31) or float(array.max()) >= 2**31):
+        raise ConformalSegError(
+            f"label map values range from {float(array.min()):.6g} to {float(array.max()):.6g}: not label values",
+            path=path,
+            fix="give an integer label map with values that fit in 32 bits",
+        )
     return array.astype(np.int32)
+
+
+def _read_scalar_image(path: Path, what: str, fix: str) -> tuple[np.ndarray, Geometry]:
+    """A 3D scalar image's voxels and geometry (NIfTI through nibabel: NaN kept, truncation detected)."""
+    if _is_nifti(path):
+        return _read_nifti(path, what, None, channels=False)
+    img = _read_sitk(path, what)
+    if img.GetNumberOfComponentsPerPixel() != 1 or img.GetDimension() != 3:
+        raise ConformalSegError(
+            f"{what} is {img.GetDimension()}D with {img.GetNumberOfComponentsPerPixel()} "
+            "component(s), expected a 3D scalar image",
+            path=path,
+            fix=fix,
+        )
+    return sitk.GetArrayFromImage(img), geometry_from_sitk(img)
 
 
 def load_image(path: PathLikeStr) -> Volume:
@@ -424,32 +483,19 @@ def load_image(path: PathLikeStr) -> Volume:
     path = _require_file(path, "image")
     if volume_extension(path) not in IMAGE_EXTENSIONS:
         raise _unsupported(path, "image", IMAGE_EXTENSIONS)
-    img = _read_sitk(path, "image")
-    if img.GetNumberOfComponentsPerPixel() != 1 or img.GetDimension() != 3:
-        raise ConformalSegError(
-            f"image is {img.GetDimension()}D with {img.GetNumberOfComponentsPerPixel()} "
-            "component(s), expected a 3D scalar image",
-            path=path,
-            fix="give a single 3D volume",
-        )
-    return Volume(sitk.GetArrayFromImage(img).astype(np.float32, copy=False), geometry_from_sitk(img), str(path))
+    array, geometry = _read_scalar_image(path, "image", "give a single 3D volume")
+    if not np.issubdtype(array.dtype, np.number) or array.dtype == bool:
+        raise ConformalSegError(f"image has voxel type {array.dtype}", path=path, fix="give a numeric 3D volume")
+    return Volume(array.astype(np.float32, copy=False), geometry, str(path))
 
 
 def load_label_map(path: PathLikeStr) -> Volume:
-    """Read a 3D integer label map (dtype as stored; integer-valued floats become int32)."""
+    """Read a 3D integer label map (dtype as stored; integer-valued floats become int32; NaN is refused)."""
     path = _require_file(path, "label map")
     ext = volume_extension(path)
     if ext in IMAGE_EXTENSIONS:
-        img = _read_sitk(path, "label map")
-        if img.GetNumberOfComponentsPerPixel() != 1 or img.GetDimension() != 3:
-            raise ConformalSegError(
-                f"label map is {img.GetDimension()}D with "
-                f"{img.GetNumberOfComponentsPerPixel()} component(s), expected a 3D scalar image",
-                path=path,
-                fix="export a single 3D labelmap (no overlapping segments)",
-            )
-        array, geometry, known = sitk.GetArrayFromImage(img), geometry_from_sitk(img), True
-        del img
+        array, geometry = _read_scalar_image(path, "label map", "export a single 3D labelmap (no overlapping segments)")
+        known = True
     elif ext == ".npy":
         array = _load_numpy(path, "label map", archive=False)
         _require_3d(array, path, "label map")
@@ -489,6 +535,11 @@ def validate_lesion_labels(lesion_labels: Sequence[int]) -> tuple[int, ...]:
     if not values or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) for v in values):
         raise ConformalSegError(
             f"lesion labels must be integers, got {lesion_labels!r}",
+            fix="pass the lesion label value(s) with --lesion-label, e.g. --lesion-label 1",
+        )
+    if any(not -(2**31) <= int(v) < 2**31 for v in values):
+        raise ConformalSegError(
+            f"lesion label {lesion_labels!r} is out of range (label maps hold 32-bit integers at most)",
             fix="pass the lesion label value(s) with --lesion-label, e.g. --lesion-label 1",
         )
     return tuple(int(v) for v in values)
@@ -538,7 +589,9 @@ def save_volume(
     name = path.name.lower()
     if not any(name.endswith(ext) for ext in WRITABLE_EXTENSIONS):
         raise _unsupported(path, "output", WRITABLE_EXTENSIONS)
+    require_utf8_path(path, "output")
     img = sitk_image(array, geometry)
+    nbytes = int(np.asarray(array).size) * (1 if array.dtype == bool else int(array.dtype.itemsize))
     with atomic_output(path, force=force) as tmp:
         try:
             sitk.WriteImage(img, str(tmp), useCompression=compress)
@@ -548,4 +601,31 @@ def save_volume(
                 path=path,
                 fix="choose a writable output location with enough space",
             ) from exc
+        _verify_written(tmp, path, nbytes)
     return path
+
+
+def _verify_written(tmp: Path, path: Path, nbytes: int) -> None:
+    """SimpleITK ignores short writes (a full disk, a file size limit): check what was written before it is
+    renamed into place. NIfTI: the (decompressed) size must hold every voxel; other formats: re-read."""
+    name = tmp.name.lower()
+    try:
+        if name.endswith(".gz"):
+            size = 0
+            with gzip.open(tmp, "rb") as handle:
+                while chunk := handle.read(1 << 20):
+                    size += len(chunk)
+            complete = size >= nbytes
+        elif name.endswith(".nii"):
+            complete = tmp.stat().st_size >= nbytes
+        else:
+            sitk.ReadImage(str(tmp))  # the NRRD and MetaImage readers fail on short data
+            complete = True
+    except (OSError, EOFError, RuntimeError):
+        complete = False
+    if not complete:
+        raise ConformalSegError(
+            "cannot write the image: the file came out incomplete (disk full or file size limit?); nothing was written",
+            path=path,
+            fix="free disk space or choose an output location with enough space",
+        )

@@ -25,11 +25,13 @@ with value ``v`` goes to the number of edges ``< v`` (``searchsorted(edges, v, s
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
+from ..io.volumes import label_values
 from .errors import IntervalInputError
 from .intervals import EXCLUDED, IntervalData
 
@@ -115,6 +117,13 @@ def organ_memberships(label_map: np.ndarray, organs: OrganMap, body: str | np.nd
                 f"body mask has shape {body_mask.shape}, label map has {labels.shape}",
                 fix="give the body mask on the label map's voxel grid",
             )
+    unknown = sorted(label_values(labels) - {0} - set(organs.labels))
+    if unknown and organs.labels:
+        warnings.warn(
+            f"organ label map values {unknown} are not in the organ labels {sorted(organs.labels)}: those voxels "
+            "count as 'body' (pass them with --organ-labels if they are organs)",
+            stacklevel=2,
+        )
     out = np.where(body_mask, body_index, EXCLUDED).astype(np.int32)
     for value, name in organs.labels.items():
         out[labels == value] = groups.index(str(name))

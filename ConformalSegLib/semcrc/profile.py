@@ -35,8 +35,10 @@ import numpy as np
 from .. import __version__
 from ..conformal.profile import _decode_float as _decode  # same JSON float convention
 from ..conformal.profile import _encode_float as _encode
-from ..io.atomic import atomic_write_bytes, atomic_write_text, check_can_write
+from ..io.atomic import atomic_write_files, check_can_write
 from ..io.checksums import sha256_file
+from ..io.guards import LazyNpz
+from ..io.json_file import read_bounded_json, sibling_file, verify_content_checksum, with_content_checksum
 from .errors import IntervalProfileError
 from .memberships import OrganMap
 from .procedures import CONTROLLED, METHODS, NO_DATA, UNCONTROLLABLE, IntervalCalibration
@@ -103,7 +105,7 @@ class IntervalProfile:
                 "an interval profile file name must end in .json", path=path, fix="e.g. --out intervals.json"
             )
         check_can_write(path, force=force)
-        written: list[Path] = []
+        files: list[tuple[Path, bytes]] = []
         npz_name = sha = None
         if self.calibration.method == "k-crc":
             npz_path = path.with_suffix(".npz")
@@ -111,20 +113,19 @@ class IntervalProfile:
             buffer = io.BytesIO()
             np.savez_compressed(buffer, partition=np.asarray(self.calibration.partition, dtype=np.int32))
             data = buffer.getvalue()
-            atomic_write_bytes(npz_path, data, force=force)
             npz_name, sha = npz_path.name, hashlib.sha256(data).hexdigest()
-            written.append(npz_path)
-        atomic_write_text(
-            path, json.dumps(self.to_json_dict(npz_name, sha), indent=2, allow_nan=False) + "\n", force=force
-        )
-        return [path] + written
+            files.append((npz_path, data))
+        doc = with_content_checksum(self.to_json_dict(npz_name, sha))  # any hand edit is refused on load
+        files.append((path, (json.dumps(doc, indent=2, allow_nan=False) + "\n").encode("utf-8")))
+        atomic_write_files(files, force=force)  # the .npz first, the JSON naming it last: one unit
+        return [path] + [p for p, _ in files[:-1]]
 
 
 def is_interval_profile(path: str | PathLike[str]) -> bool:
     """True when ``path`` is a JSON file with ``"format": "conformalseg-interval-profile"``."""
     try:
         doc = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):  # load_interval_profile says why
         return False
     return isinstance(doc, dict) and doc.get("format") == FORMAT
 
@@ -160,7 +161,9 @@ def _check_header(doc: Any, path: Path) -> tuple[str, list[str]]:
 def _read_partition(doc: dict[str, Any], path: Path, n_groups: int) -> tuple[np.ndarray, tuple[int, ...]]:
     """The K-CRC partition stored beside the profile (checksum verified) and its grid shape."""
     info = doc.get("partition") or {}
-    npz_path = path.with_name(str(info.get("file", "")))
+    if not isinstance(info, dict):
+        raise IntervalProfileError("'partition' must be a JSON object", path=path, fix=RERUN_FIX)
+    npz_path = sibling_file(path, info.get("file"), "partition file", RERUN_FIX, IntervalProfileError)
     if not npz_path.is_file():
         raise IntervalProfileError(
             f"the partition file {npz_path.name} is missing beside the profile",
@@ -173,7 +176,9 @@ def _read_partition(doc: dict[str, Any], path: Path, n_groups: int) -> tuple[np.
             path=npz_path,
             fix="restore the matching .npz or re-calibrate",
         )
-    with np.load(npz_path, allow_pickle=False) as arrays:
+    with LazyNpz(npz_path, "partition file") as arrays:  # only the partition is read, its size checked first
+        if "partition" not in arrays:
+            raise IntervalProfileError("the partition file has no 'partition' array", path=npz_path, fix=RERUN_FIX)
         partition = np.asarray(arrays["partition"], dtype=np.int32)
     shape = tuple(int(s) for s in info.get("shape", ()))
     if int(np.prod(shape)) != partition.size or partition.max(initial=0) >= n_groups:
@@ -186,11 +191,22 @@ def load_interval_profile(path: str | PathLike[str]) -> IntervalProfile:
     path = Path(path)
     if not path.is_file():
         raise IntervalProfileError("interval profile not found", path=path, fix="check the path, or " + RERUN_FIX)
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise IntervalProfileError(f"not a valid JSON profile ({exc})", path=path, fix=RERUN_FIX) from exc
+    doc = read_bounded_json(path, "interval profile", RERUN_FIX, IntervalProfileError)
     method, groups = _check_header(doc, path)
+    try:
+        profile = _read_profile(doc, path, method, groups)
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError, OverflowError) as exc:
+        raise IntervalProfileError(
+            f"the profile has a malformed field ({type(exc).__name__}: {str(exc)[:120]}; edited by hand?)",
+            path=path,
+            fix=RERUN_FIX,
+        ) from exc
+    verify_content_checksum(doc, path, RERUN_FIX, IntervalProfileError)  # lambdas, epsilon, method...
+    return profile
+
+
+def _read_profile(doc: dict[str, Any], path: Path, method: str, groups: list[str]) -> IntervalProfile:
+    """The fields of a parsed profile whose header :func:`_check_header` accepted."""
     lam = np.array([_decode(v, f"lambda[{g}]", path) for g, v in _mapping(doc, "lambda", groups, path).items()])
     anchor = np.array([_decode(v, f"anchor[{g}]", path) for g, v in _mapping(doc, "anchor", groups, path).items()])
     omega = np.array([_decode(v, f"omega[{g}]", path) for g, v in _mapping(doc, "omega", groups, path).items()])
