@@ -2,6 +2,11 @@
 name (``ConformalSegWidget``, ``ConformalSegLogic``, ``ConformalSegTest``), whose code is in
 ``ConformalSegSlicer/`` (``widget.py``, ``logic.py``, ``self_test.py``; the computations in its Slicer-free
 helpers and in ``ConformalSegLib``).
+
+Supported: Slicer 5.10 and later (Python 3.12). This file keeps to Python 3.9 grammar and imports nothing
+of ConformalSeg before the version check, so that on an older Slicer (5.8 runs Python 3.9) the module
+loads and shows one readable message instead of failing to import (``Testing/test_slicer_logic.py``
+parses it with ``ast.parse(..., feature_version=(3, 9))``).
 """
 
 import os
@@ -13,7 +18,22 @@ from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.i18n import tr as _
 from slicer.i18n import translate
 from slicer.parameterNodeWrapper import Choice, Decimals, SingleStep, WithinRange, parameterNodeWrapper
-from slicer.ScriptedLoadableModule import ScriptedLoadableModule
+from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadableModuleWidget
+
+#: Slicer 5.10 is the first release with Python 3.12 (and ``vtkSegment.SetTerminology``).
+MINIMUM_PYTHON = (3, 12)
+MINIMUM_SLICER = "5.10"
+
+
+def unsupportedMessage(versionInfo=None) -> str:
+    """The one message shown on a Slicer older than :data:`MINIMUM_SLICER` ("" when supported)."""
+    found = tuple(versionInfo or sys.version_info)[:2]
+    if found >= MINIMUM_PYTHON:
+        return ""
+    return (
+        "ConformalSeg needs 3D Slicer {slicer} or later (Python {python}); this Slicer runs Python {found}. "
+        "Install a current release from https://download.slicer.org and install ConformalSeg there."
+    ).format(slicer=MINIMUM_SLICER, python=".".join(map(str, MINIMUM_PYTHON)), found=".".join(map(str, found)))
 
 
 def _addSourceCheckoutToPath() -> None:
@@ -25,12 +45,13 @@ def _addSourceCheckoutToPath() -> None:
         sys.path.append(repository)
 
 
-_addSourceCheckoutToPath()
-
-from ConformalSegSlicer import display  # noqa: E402 (after the path set-up)
-from ConformalSegSlicer.logic import Logic  # noqa: E402
-from ConformalSegSlicer.self_test import SelfTest  # noqa: E402
-from ConformalSegSlicer.widget import Widget  # noqa: E402
+UNSUPPORTED = unsupportedMessage()
+if not UNSUPPORTED:  # everything below needs Python 3.12 (the helpers and the library)
+    _addSourceCheckoutToPath()
+    from ConformalSegSlicer import display
+    from ConformalSegSlicer.logic import Logic
+    from ConformalSegSlicer.self_test import SelfTest
+    from ConformalSegSlicer.widget import Widget
 
 #
 # ConformalSeg
@@ -46,7 +67,7 @@ class ConformalSeg(ScriptedLoadableModule):
         self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
         self.parent.dependencies = []  # PyTorchUtils (PyTorch extension) is used when present
         self.parent.contributors = ["ConformalSeg developers"]
-        self.parent.helpText = _("""
+        self.parent.helpText = UNSUPPORTED or _("""
 Turns a lesion probability map (from your network, run here out of process, or loaded) into
 segments with a statistical guarantee, calibrated on scans with ground truth
 (a profile made with <code>conformalseg calibrate</code>). All guarantees assume the calibration
@@ -78,74 +99,85 @@ Inc., Andras Lasso, PerkLab, and Steve Pieper, Isomics, Inc.).
 """)
 
 
-#
-# ConformalSegParameterNode
-#
+if not UNSUPPORTED:
+    #
+    # ConformalSegParameterNode
+    #
 
-Level = Annotated[float, WithinRange(0.001, 0.999), Decimals(3), SingleStep(0.01)]
-UnitInterval = Annotated[float, WithinRange(0.0, 1.0), Decimals(2), SingleStep(0.01)]
+    Level = Annotated[float, WithinRange(0.001, 0.999), Decimals(3), SingleStep(0.01)]
+    UnitInterval = Annotated[float, WithinRange(0.0, 1.0), Decimals(2), SingleStep(0.01)]
+
+    @parameterNodeWrapper
+    class ConformalSegParameterNode:
+        """All state of the panel (saved with the scene)."""
+
+        inputVolume: vtkMRMLScalarVolumeNode
+        probabilityVolume: vtkMRMLScalarVolumeNode
+        uncertaintyVolume: vtkMRMLScalarVolumeNode
+        outputSegmentation: vtkMRMLSegmentationNode
+        modelPath: Path
+        profilePath: Path
+        secondProfilePath: Path
+        device: Annotated[str, Choice(["auto", "cuda", "cpu"])] = "auto"
+        mcDropoutSamples: Annotated[int, WithinRange(0, 64)] = 0
+        epsilon: Annotated[float, WithinRange(0.0, 1.0), Decimals(3), SingleStep(0.01)] = 0.1
+        alpha: Level = 0.1
+        alphaInner: Level = 0.1
+        alphaOuter: Level = 0.1
+        showLesion: bool = True
+        showInnerSet: bool = True
+        showOuterSet: bool = True
+        showThresholdSegment: bool = False
+        show3D: bool = False
+        overlay: Annotated[str, Choice(list(display.OVERLAYS))] = "probability"
+        overlayHideBelow: UnitInterval = 0.05
+        overlayOpacity: UnitInterval = 0.5
+        datasetPath: Path
+        calibrationMethod: Annotated[str, Choice(["cls", "crc", "sets"])] = "cls"
+        lesionLabel: Annotated[int, WithinRange(1, 255)] = 1
+        evaluationSplits: Annotated[int, WithinRange(1, 1000)] = 100
+        calibrationOutputPath: Path
+        evaluationResultsPath: Path
+        intervalProfilePath: Path
+        lowerVolume: vtkMRMLScalarVolumeNode
+        upperVolume: vtkMRMLScalarVolumeNode
+        organSegmentation: vtkMRMLSegmentationNode
+        truthVolume: vtkMRMLScalarVolumeNode
+        intervalLengthVolume: vtkMRMLScalarVolumeNode
+
+    #
+    # The classes Slicer looks up by name: the widget, logic and self-tests of ConformalSegSlicer/, bound to
+    # this module (their class names give Slicer the module name; the logic gets the parameter node).
+    #
+
+    class ConformalSegLogic(Logic):
+        """:class:`ConformalSegSlicer.logic.Logic` with this module's parameter node."""
+
+        def getParameterNode(self):
+            return ConformalSegParameterNode(super().getParameterNode())
+
+    class ConformalSegWidget(Widget):
+        """The panel (:mod:`ConformalSegSlicer.widget`) driving :class:`ConformalSegLogic`."""
+
+        logicClass = ConformalSegLogic
+
+    class ConformalSegTest(SelfTest):
+        """Self-tests (:mod:`ConformalSegSlicer.self_test`): Reload & Test, ``slicer.selfTests["ConformalSeg"]()``,
+        ctest."""
+
+        logicClass = ConformalSegLogic
 
 
-@parameterNodeWrapper
-class ConformalSegParameterNode:
-    """All state of the panel (saved with the scene)."""
+else:
 
-    inputVolume: vtkMRMLScalarVolumeNode
-    probabilityVolume: vtkMRMLScalarVolumeNode
-    uncertaintyVolume: vtkMRMLScalarVolumeNode
-    outputSegmentation: vtkMRMLSegmentationNode
-    modelPath: Path
-    profilePath: Path
-    secondProfilePath: Path
-    device: Annotated[str, Choice(["auto", "cuda", "cpu"])] = "auto"
-    mcDropoutSamples: Annotated[int, WithinRange(0, 64)] = 0
-    epsilon: Annotated[float, WithinRange(0.0, 1.0), Decimals(3), SingleStep(0.01)] = 0.1
-    alpha: Level = 0.1
-    alphaInner: Level = 0.1
-    alphaOuter: Level = 0.1
-    showLesion: bool = True
-    showInnerSet: bool = True
-    showOuterSet: bool = True
-    showThresholdSegment: bool = False
-    show3D: bool = False
-    overlay: Annotated[str, Choice(list(display.OVERLAYS))] = "probability"
-    overlayHideBelow: UnitInterval = 0.05
-    overlayOpacity: UnitInterval = 0.5
-    datasetPath: Path
-    calibrationMethod: Annotated[str, Choice(["cls", "crc", "sets"])] = "cls"
-    lesionLabel: Annotated[int, WithinRange(1, 255)] = 1
-    evaluationSplits: Annotated[int, WithinRange(1, 1000)] = 100
-    calibrationOutputPath: Path
-    evaluationResultsPath: Path
-    intervalProfilePath: Path
-    lowerVolume: vtkMRMLScalarVolumeNode
-    upperVolume: vtkMRMLScalarVolumeNode
-    organSegmentation: vtkMRMLSegmentationNode
-    truthVolume: vtkMRMLScalarVolumeNode
-    intervalLengthVolume: vtkMRMLScalarVolumeNode
+    class ConformalSegWidget(ScriptedLoadableModuleWidget):
+        """On an unsupported Slicer: the panel is the version message alone."""
 
+        def setup(self) -> None:
+            import qt
 
-#
-# The classes Slicer looks up by name: the widget, logic and self-tests of ConformalSegSlicer/, bound to
-# this module (their class names give Slicer the module name; the logic gets the parameter node).
-#
-
-
-class ConformalSegLogic(Logic):
-    """:class:`ConformalSegSlicer.logic.Logic` with this module's parameter node."""
-
-    def getParameterNode(self):
-        return ConformalSegParameterNode(super().getParameterNode())
-
-
-class ConformalSegWidget(Widget):
-    """The panel (:mod:`ConformalSegSlicer.widget`) driving :class:`ConformalSegLogic`."""
-
-    logicClass = ConformalSegLogic
-
-
-class ConformalSegTest(SelfTest):
-    """Self-tests (:mod:`ConformalSegSlicer.self_test`): Reload & Test, ``slicer.selfTests["ConformalSeg"]()``,
-    ctest."""
-
-    logicClass = ConformalSegLogic
+            ScriptedLoadableModuleWidget.setup(self)
+            label = qt.QLabel(UNSUPPORTED)
+            label.wordWrap = True
+            self.layout.addWidget(label)
+            self.layout.addStretch(1)
