@@ -3,6 +3,9 @@
 * The version message: ``ConformalSeg.py`` parses with Python 3.9 grammar, imports nothing of
   ConformalSeg before its version check, and on Python 3.9 (Slicer 5.8) defines a module and a panel
   that show one message naming the Slicer it needs (loaded here with stand-in ``slicer`` modules).
+* The profile drives inference: ``conformalseg infer --profile`` uses the recorded MC passes, flips and
+  seed and refuses a model with another pipeline fingerprint (the library check of ``apply --image``);
+  the panel shows the guarantee only when the map's run matches every loaded profile's record.
 """
 
 from __future__ import annotations
@@ -96,3 +99,70 @@ def test_version_message_only_below_python312(monkeypatch, version, supported):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert (module.unsupportedMessage(version) == "") is supported
+
+
+# ----------------------------------------------------------------------------- the profile drives inference
+
+sys.path.insert(0, str(ROOT / "ConformalSeg"))
+from ConformalSegSlicer import commands, fixtures, inference_check  # noqa: E402
+
+RECORD = {"pipeline_sha256": "a" * 64, "mc_passes": 2, "tta_flips": 1, "seed": 5}
+
+
+def test_profile_to_drive_and_guarantee_blocker():
+    other = {**RECORD, "pipeline_sha256": "b" * 64}
+    assert inference_check.profile_to_drive([("p.json", None), ("q.json", RECORD)]) == "q.json"
+    assert inference_check.profile_to_drive([("p.json", None)]) is None
+    with pytest.raises(ValueError, match="different inference pipelines"):
+        inference_check.profile_to_drive([("p.json", RECORD), ("q.json", other)])
+    run = inference_check.from_node_value(inference_check.node_value(RECORD))
+    assert inference_check.guarantee_blocker([("p.json", RECORD)], run) == (None, None)
+    for changed in (other, {**RECORD, "mc_passes": 0}, {**RECORD, "seed": 6}, {**RECORD, "tta_flips": 8}):
+        blocker, _ = inference_check.guarantee_blocker([("p.json", RECORD)], changed)
+        assert blocker and blocker.startswith("No guarantee") and "p.json" in blocker
+    blocker, note = inference_check.guarantee_blocker([("p.json", None)], run)
+    assert blocker is None and "precomputed" in note
+    assert inference_check.guarantee_blocker([("p.json", RECORD)], None) == (None, None)  # a loaded map
+    assert commands.infer_command("py", model="m", images="i", out_dir="o", profile="p.json")[-5:-3] == [
+        "--profile",
+        "p.json",
+    ]
+
+
+def test_infer_with_profile_uses_its_pipeline_and_refuses_another_model(tmp_path):
+    reason = fixtures.tiny_model_unavailable_reason()
+    if reason:
+        pytest.skip(f"tiny model: {reason}")
+    from ConformalSegLib.cli import main
+    from ConformalSegLib.conformal.calibration import CalibrationRequest, calibrate
+    from ConformalSegLib.inference import resolve_model
+    from ConformalSegLib.io.volumes import save_volume
+    from ConformalSegLib.phantoms.simulated_maps import make_cases
+
+    right = fixtures.make_tiny_model(tmp_path / "right", seed=0)
+    wrong = fixtures.make_tiny_model(tmp_path / "wrong", seed=1)
+    record = {**RECORD, "pipeline_sha256": resolve_model(right).pipeline_sha256()}
+    cases = list(make_cases(6, 3, shape=(16, 24, 24)))
+    profile = calibrate(cases[:5], CalibrationRequest("cls", epsilon=0.1, alpha=0.2, provenance={"inference": record}))
+    profile_path, _ = profile.save(tmp_path / "cls.json")
+    image = tmp_path / "images" / f"{commands.INPUT_CASE_ID}.nrrd"
+    save_volume(cases[5].image, cases[5].geometry, image)
+
+    def infer(model, out, *extra):
+        return main(
+            ["infer", "--model", str(model), "--images", str(image), "--out", str(out), "--device", "cpu", *extra]
+        )
+
+    assert infer(wrong, tmp_path / "w", "--profile", str(profile_path)) == 2  # the library's fingerprint check
+    assert not (tmp_path / "w" / "probs").exists()
+    assert infer(right, tmp_path / "r", "--profile", str(profile_path), "--mc-dropout", "3") == 2  # conflicts
+    assert infer(right, tmp_path / "r", "--profile", str(profile_path)) == 0
+    run = inference_check.read_run_record(tmp_path / "r")
+    assert run == inference_check.fingerprint(record)  # MC passes 2 and seed 5 came from the profile
+    assert (tmp_path / "r" / "uncertainty" / f"{commands.INPUT_CASE_ID}_variance.nii.gz").is_file()
+    assert inference_check.guarantee_blocker([(str(profile_path), record)], run) == (None, None)
+    assert infer(right, tmp_path / "plain") == 0  # the panel's own settings (no MC): no guarantee shown
+    blocker, _ = inference_check.guarantee_blocker(
+        [(str(profile_path), record)], inference_check.read_run_record(tmp_path / "plain")
+    )
+    assert blocker is not None

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
 
-#: Case id of the volume the module exports for inference (file ``images/input.nii.gz``).
+#: Case id of the volume the module exports for inference (file ``images/input.nrrd``: uncompressed, exact geometry).
 INPUT_CASE_ID = "input"
 #: Default grids of ``conformalseg evaluate`` run from the panel (ECR / PC versus alpha plots).
 EVALUATION_ALPHAS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5)
@@ -79,7 +79,10 @@ def infer_command(
     mc_dropout: int = 0,
     device: str = "auto",
     force: bool = True,
+    profile: str | PathLike[str] | None = None,
 ) -> list[str]:
+    """``conformalseg infer``; with ``profile``, the profile's recorded pipeline (MC passes, flips, seed)
+    is used and a model with another fingerprint is refused, so ``mc_dropout`` is not passed."""
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
     if int(mc_dropout) < 0:
@@ -91,8 +94,7 @@ def infer_command(
         str(images),
         "--out",
         str(out_dir),
-        "--mc-dropout",
-        str(int(mc_dropout)),
+        *(["--profile", str(profile)] if profile is not None else ["--mc-dropout", str(int(mc_dropout))]),
         "--device",
         device,
     ]

@@ -16,7 +16,7 @@ from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic
 
 from ConformalSegLib.common.errors import ConformalSegError
 
-from . import commands, display, environment, evaluation_plots, intervals
+from . import commands, display, environment, evaluation_plots, inference_check, intervals
 from . import slicer_adapter as adapter
 from .process import ProcessRunner
 from .slider import SliderSettings, SliderState
@@ -160,20 +160,46 @@ class Logic(ScriptedLoadableModuleLogic):
         logging.info("ConformalSeg: running %s", " ".join(str(a) for a in argv))
         return adapter.ProcessPump(runner).start()
 
+    def inferenceProfile(self, profilePaths):
+        """The loaded profile whose recorded pipeline a model run must use (None: no profile recorded one)."""
+        from ConformalSegLib.conformal.profile import load_profile
+
+        records = [(str(path), load_profile(path).provenance.get("inference")) for path in profilePaths]
+        try:
+            return inference_check.profile_to_drive(records)
+        except ValueError as exc:
+            raise ConformalSegError(str(exc), fix="load profiles calibrated with one model pipeline") from None
+
     def startInference(
-        self, inputVolume, modelPath, device="auto", mcDropout=0, onOutput=None, onProgress=None, onFinished=None
+        self,
+        inputVolume,
+        modelPath,
+        device="auto",
+        mcDropout=0,
+        onOutput=None,
+        onProgress=None,
+        onFinished=None,
+        profilePath=None,
     ):
         """Export ``inputVolume`` and run ``conformalseg infer`` on it in PythonSlicer; returns the
-        pump. ``onFinished(returncode, cancelled, outDir)``."""
+        pump. With ``profilePath`` the child uses the profile's recorded pipeline (MC passes, flips, seed;
+        ``mcDropout`` is ignored) and refuses a model with another fingerprint.
+        ``onFinished(returncode, cancelled, outDir)``."""
         if inputVolume is None:
             raise ValueError("choose the input volume the model runs on")
         work = adapter.temporary_folder()
-        image = os.path.join(work, "images", commands.INPUT_CASE_ID + ".nii.gz")
+        image = os.path.join(work, "images", commands.INPUT_CASE_ID + ".nrrd")
         os.makedirs(os.path.dirname(image))
         adapter.export_volume(inputVolume, image)
         outDir = os.path.join(work, "out")
         argv = commands.infer_command(
-            adapter.python_slicer(), model=modelPath, images=image, out_dir=outDir, mc_dropout=mcDropout, device=device
+            adapter.python_slicer(),
+            model=modelPath,
+            images=image,
+            out_dir=outDir,
+            mc_dropout=mcDropout,
+            device=device,
+            profile=profilePath,
         )
         return self._start(
             argv,
@@ -184,13 +210,24 @@ class Logic(ScriptedLoadableModuleLogic):
         )
 
     def loadInferenceResults(self, outDir, referenceVolume=None):
-        """Probability (and MC-dropout variance) volumes written by ``conformalseg infer``."""
+        """Probability (and MC-dropout variance) volumes written by ``conformalseg infer``: each marked
+        modified (its file is in a temporary folder deleted next, so Save must write it), under the
+        reference volume's parent transform and subject-hierarchy folder, the probability volume tagged
+        with the run's pipeline fingerprint (:mod:`ConformalSegSlicer.inference_check`)."""
         found = commands.find_inference_outputs(outDir)
         if found.probability is None:
             raise ConformalSegError("the model wrote no probability map", path=outDir, fix="see the log for its error")
         base = referenceVolume.GetName() if referenceVolume is not None else "ConformalSeg"
-        probability = adapter.load_volume(found.probability, f"{base} lesion probability")
-        uncertainty = adapter.load_volume(found.variance, f"{base} MC-dropout variance") if found.variance else None
+        probability = adapter.load_result_volume(
+            found.probability, "probability", f"{base} lesion probability", referenceVolume
+        )
+        uncertainty = (
+            adapter.load_result_volume(found.variance, "variance", f"{base} MC-dropout variance", referenceVolume)
+            if found.variance
+            else None
+        )
+        record = inference_check.read_run_record(outDir)
+        probability.SetAttribute(inference_check.NODE_ATTRIBUTE, inference_check.node_value(record))
         return probability, uncertainty
 
     def runInference(self, inputVolume, modelPath, device="cpu", mcDropout=0, timeout=None):

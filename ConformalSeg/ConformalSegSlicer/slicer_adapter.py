@@ -11,8 +11,13 @@
 * sem-CRC: segment names and per-segment masks (``arrayFromSegmentBinaryLabelmap`` on the lower
   quantile volume's grid) and the output volumes (found again by a role attribute, so a second
   Apply overwrites them instead of adding nodes).
+* Model results: loaded as scene volumes that Save writes, reused per input, next to the input in the
+  subject hierarchy and under its parent transform.
 * Overlays, plots, exports and the pump that delivers a :class:`~ConformalSegSlicer.process.ProcessRunner`'s
   callbacks on the GUI thread.
+
+This file is long because it is the one module that reads and writes the scene (the others stay
+Slicer-free and tested by pytest); its sections are short and independent.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import numpy as np
 import qt
 import slicer
 import vtk
+import vtk.util.numpy_support
 from slicer.i18n import tr as _
 
 from ConformalSegLib.common.geometry import Geometry
@@ -36,6 +42,8 @@ from .display import OverlayDisplay, finite_range
 from .evaluation_plots import AlphaCurves, marker_columns, table_columns
 
 ROLE_ATTRIBUTE = "ConformalSeg.Role"
+#: Attribute: the ID of the volume a result node was made for (so each input keeps its own results).
+REFERENCE_ATTRIBUTE = "ConformalSeg.Reference"
 
 
 # ----------------------------------------------------------------------------- volumes
@@ -87,13 +95,65 @@ def write_volume(volumeNode, array: np.ndarray, referenceVolumeNode):
 
 
 def export_volume(volumeNode, path: str) -> None:
-    """Write a volume (e.g. to NIfTI) without changing where the scene would save it."""
-    if not slicer.util.exportNode(volumeNode, str(path)):
+    """Write a volume (``.nrrd``: exact geometry, uncompressed, fast) without changing where the scene
+    would save it. The properties dict is explicit: ``exportNode``'s default ``{}`` is shared and the
+    first call would pin its file format for every later default-argument call in the session."""
+    if not slicer.util.exportNode(volumeNode, str(path), {"useCompression": 0}):
         raise RuntimeError(f"could not write {volumeNode.GetName()} to {path}")
 
 
 def load_volume(path: str, name: str):
     return slicer.util.loadVolume(str(path), {"name": name, "show": False})
+
+
+def load_result_volume(path: str, role: str, name: str, referenceVolumeNode=None):
+    """Load a result of the model (from a temporary folder) as a scene volume that Save writes.
+
+    The node of ``role`` made for the same reference volume is reused (its voxels replaced), so repeated
+    runs do not fill the scene; the loaded file's storage node is dropped and the node marked modified
+    (the temporary folder is deleted next); the node follows the reference volume's parent transform and
+    sits in its subject-hierarchy folder."""
+    loaded = load_volume(path, name)
+    referenceId = referenceVolumeNode.GetID() if referenceVolumeNode is not None else ""
+    node = loaded
+    for candidate in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode"):
+        if (
+            candidate is not loaded
+            and candidate.GetAttribute(ROLE_ATTRIBUTE) == role
+            and candidate.GetAttribute(REFERENCE_ATTRIBUTE) == referenceId
+        ):
+            node = candidate
+            matrix = vtk.vtkMatrix4x4()
+            loaded.GetIJKToRASMatrix(matrix)
+            node.SetIJKToRASMatrix(matrix)
+            node.SetAndObserveImageData(loaded.GetImageData())
+            node.SetName(name)
+            slicer.mrmlScene.RemoveNode(loaded)
+            break
+    storage = node.GetStorageNode()
+    if storage is not None:
+        node.SetAndObserveStorageNodeID(None)
+        slicer.mrmlScene.RemoveNode(storage)
+    node.StorableModified()
+    node.SetAttribute(ROLE_ATTRIBUTE, role)
+    node.SetAttribute(REFERENCE_ATTRIBUTE, referenceId)
+    if node.GetDisplayNode() is None:
+        node.CreateDefaultDisplayNodes()
+    if referenceVolumeNode is not None:
+        node.SetAndObserveTransformNodeID(referenceVolumeNode.GetTransformNodeID())
+        place_next_to(node, referenceVolumeNode)
+    return node
+
+
+def place_next_to(node, referenceNode) -> None:
+    """Put ``node`` in ``referenceNode``'s subject-hierarchy folder (its study), as the Data module shows it."""
+    shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
+    if shNode is None:
+        return
+    referenceItem = shNode.GetItemByDataNode(referenceNode)
+    item = shNode.GetItemByDataNode(node)
+    if referenceItem and item:
+        shNode.SetItemParent(item, shNode.GetItemParent(referenceItem))
 
 
 def temporary_folder(prefix: str = "ConformalSeg-") -> str:
@@ -141,14 +201,46 @@ def ensure_segment(segmentationNode, name: str) -> str:
     return segmentId
 
 
+def labelmap_image(mask: np.ndarray, ijkToRAS: vtk.vtkMatrix4x4):
+    """A ``vtkOrientedImageData`` (uint8 0/1) holding ``mask`` (``(z, y, x)``) on the grid ``ijkToRAS``:
+    one copy of the mask, nothing in the scene."""
+    image = slicer.vtkOrientedImageData()
+    depth, rows, columns = mask.shape
+    image.SetDimensions(columns, rows, depth)
+    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    voxels = vtk.util.numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
+    voxels.reshape(mask.shape)[...] = mask
+    image.SetImageToWorldMatrix(ijkToRAS)
+    return image
+
+
 def update_segments(segmentationNode, masks: Mapping[str, np.ndarray], referenceVolumeNode) -> list[str]:
-    """Write the bool masks ``{segment name: (z, y, x) array on the reference grid}`` in one batch."""
+    """Write the bool masks ``{segment name: (z, y, x) array on the reference grid}`` in one batch.
+
+    Each mask goes straight into its segment as a ``vtkOrientedImageData`` with the reference volume's
+    IJK-to-RAS (``vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment``, replace mode):
+    ``updateSegmentBinaryLabelmapFromArray`` would deep-copy the whole (float) reference volume and add
+    and remove a temporary labelmap node per segment. The reference's parent transform is applied as
+    by putting the segmentation under it when it has none; when the two have different parent transforms,
+    Slicer's ``updateSegmentBinaryLabelmapFromArray`` (slow, but it maps between the transforms) is used."""
     written = []
+    matrix = vtk.vtkMatrix4x4()
+    referenceVolumeNode.GetIJKToRASMatrix(matrix)
+    transformId = referenceVolumeNode.GetTransformNodeID()
+    if transformId and not segmentationNode.GetTransformNodeID():
+        segmentationNode.SetAndObserveTransformNodeID(transformId)
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    direct = (transformId or "") == (segmentationNode.GetTransformNodeID() or "")
     with slicer.util.NodeModify(segmentationNode):
         for name in segments.sort_names(masks):
             segmentId = ensure_segment(segmentationNode, name)
             mask = np.ascontiguousarray(masks[name]).view(np.uint8)  # bool -> 0/1 without a copy
-            slicer.util.updateSegmentBinaryLabelmapFromArray(mask, segmentationNode, segmentId, referenceVolumeNode)
+            if not direct:
+                slicer.util.updateSegmentBinaryLabelmapFromArray(mask, segmentationNode, segmentId, referenceVolumeNode)
+            elif not logic.SetBinaryLabelmapToSegment(
+                labelmap_image(mask, matrix), segmentationNode, segmentId, logic.MODE_REPLACE
+            ):
+                raise RuntimeError(f"could not write the segment {name!r}")
             written.append(segmentId)
     return written
 

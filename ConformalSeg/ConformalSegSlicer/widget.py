@@ -3,6 +3,9 @@
 ``ConformalSeg.py`` subclasses :class:`Widget` as ``ConformalSegWidget`` (the name Slicer looks up) with
 the module's logic. Everything the panel computes is done by :mod:`ConformalSegSlicer.logic` and the
 Slicer-free helpers; this module only reads and writes widgets and the parameter node.
+
+This file is long because the panel is one widget whose sections (segments, model, calibration,
+reviewed cases, intervals) share the parameter node and its refresh; each handler is short.
 """
 
 import logging
@@ -18,7 +21,7 @@ from slicer.util import VTKObservationMixin
 
 from ConformalSegLib.common.errors import ConformalSegError
 
-from . import environment, evaluation_plots, intervals, segments
+from . import environment, evaluation_plots, inference_check, intervals, segments
 from . import slicer_adapter as adapter
 from .drift import drift_badge
 from .logic import Logic
@@ -107,6 +110,10 @@ class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ScriptedLoadableModuleWidget.onReload(self)
 
     def onSceneStartClose(self, caller, event) -> None:
+        for pump in (self._inference, self._background):  # their results belong to the closing scene
+            if pump is not None and pump.running:
+                pump.stop()
+        self._inference = self._background = None
         self.setParameterNode(None)
         self._state = self._stateKey = self._profilesKey = self._written = None
 
@@ -222,7 +229,15 @@ class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if p.outputSegmentation is None or p.outputSegmentation.GetID() != segmentation.GetID():
                 p.outputSegmentation = segmentation
             badge, drifting = drift_badge(paths)  # the reviewed-case logs of `conformalseg monitor`
-            self._setGuarantee("\n".join(filter(None, (result.text, badge))), warning=result.has_warning or drifting)
+            blocker, note = inference_check.guarantee_blocker(
+                [
+                    (str(path), profile.provenance.get("inference"))
+                    for path, profile in zip(paths, self._state.profiles)
+                ],
+                inference_check.from_node_value(p.probabilityVolume.GetAttribute(inference_check.NODE_ATTRIBUTE)),
+            )
+            text = blocker or "\n".join(filter(None, (result.text, note, badge)))
+            self._setGuarantee(text, warning=bool(blocker or note) or result.has_warning or drifting)
             self._fillResultsTable(result)
         except (ConformalSegError, ValueError, OSError) as exc:
             self._state = None
@@ -332,23 +347,36 @@ class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._stateKey = None  # recompute from the probability map now
             self.refresh()
             return
-        with slicer.util.tryWithErrorDisplay(_("Failed to start the model."), waitCursor=True):
-            if not self.logic.ensureInferenceDependencies():
-                return
-            choice = self.logic.deviceChoice(p.device)
-            self.ui.deviceLabel.text = choice.message
-            self.ui.logTextEdit.clear()
-            self.ui.progressBar.value = 0
-            self._inference = self.logic.startInference(
-                p.inputVolume,
-                p.modelPath,
-                choice.device,
-                p.mcDropoutSamples,
-                onOutput=self.ui.logTextEdit.appendPlainText,
-                onProgress=self._onInferenceProgress,
-                onFinished=self._onInferenceFinished,
-            )
-        self._updateButtons()
+        try:
+            with slicer.util.tryWithErrorDisplay(_("Failed to start the model."), waitCursor=True):
+                if not self.logic.ensureInferenceDependencies():
+                    return
+                # the loaded profile's recorded pipeline drives the run (MC passes, flips, seed; model checked)
+                driving = self.logic.inferenceProfile(self._profilePaths())
+                choice = self.logic.deviceChoice(p.device)
+                self.ui.deviceLabel.text = choice.message
+                self.ui.logTextEdit.clear()
+                self.ui.progressBar.value = 0
+                if driving is not None:
+                    self.ui.logTextEdit.appendPlainText(
+                        _("Using the pipeline recorded in {profile} (its MC passes, flips and seed).").format(
+                            profile=Path(driving).name
+                        )
+                    )
+                self._inference = self.logic.startInference(
+                    p.inputVolume,
+                    p.modelPath,
+                    choice.device,
+                    p.mcDropoutSamples,
+                    onOutput=self.ui.logTextEdit.appendPlainText,
+                    onProgress=self._onInferenceProgress,
+                    onFinished=self._onInferenceFinished,
+                    profilePath=driving,
+                )
+        except Exception:  # shown by tryWithErrorDisplay (which re-raises); keep the panel consistent
+            logging.exception("ConformalSeg: starting the model failed")
+        finally:
+            self._updateButtons()
 
     def _onInferenceProgress(self, fraction: float, label: str) -> None:
         self.ui.progressBar.value = int(round(100 * fraction))
@@ -363,55 +391,76 @@ class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             log(_("The model failed (exit status {status}); see the messages above.").format(status=returncode))
             slicer.util.errorDisplay(_("The model failed. See the log in the Model inference section."))
         else:
-            with slicer.util.tryWithErrorDisplay(_("Failed to load the model's output."), waitCursor=True):
-                probability, uncertainty = self.logic.loadInferenceResults(outDir, p.inputVolume)
-                p.probabilityVolume = probability
-                if uncertainty is not None:
-                    p.uncertaintyVolume = uncertainty
-                self.ui.progressBar.value = 100
-                log(_("Loaded {name}.").format(name=probability.GetName()))
+            try:
+                with slicer.util.tryWithErrorDisplay(_("Failed to load the model's output."), waitCursor=True):
+                    probability, uncertainty = self.logic.loadInferenceResults(outDir, p.inputVolume)
+                    p.probabilityVolume = probability
+                    if uncertainty is not None:
+                        p.uncertaintyVolume = uncertainty
+                    self.ui.progressBar.value = 100
+                    log(_("Loaded {name}.").format(name=probability.GetName()))
+            except Exception:  # shown by tryWithErrorDisplay, which re-raises; clean up below all the same
+                logging.exception("ConformalSeg: loading the model's output failed")
+            finally:
+                adapter.remove_work_folder(outDir)
+                self._updateButtons()
+            return
         adapter.remove_work_folder(outDir)
         self._updateButtons()
 
     # ------------------------------------------------------------------ calibration (researchers)
 
     _backgroundCommand = None
+    _backgroundMethod = None
 
     def _startBackground(self, command: str) -> None:
         if self._background is not None and self._background.running:
             self._background.cancel()
             return
         p = self._parameterNode
-        with slicer.util.tryWithErrorDisplay(_("Failed to start {command}.").format(command=command), waitCursor=True):
-            if not self.logic.ensurePythonRequirements():
+        if command == "calibrate":
+            target = Path(p.calibrationOutputPath) / f"{p.calibrationMethod}.json"
+            if target.exists() and not slicer.util.confirmOkCancelDisplay(
+                _("{path} exists. Replace it with the new calibration?").format(path=target)
+            ):
                 return
-            self.ui.calibrationLogTextEdit.clear()
-            self.ui.calibrationProgressBar.value = 0
-            callbacks = dict(
-                onOutput=self.ui.calibrationLogTextEdit.appendPlainText,
-                onProgress=self._onBackgroundProgress,
-                onFinished=self._onBackgroundFinished,
-            )
-            if command == "calibrate":
-                self._background = self.logic.startCalibration(
-                    p.datasetPath,
-                    p.calibrationMethod,
-                    p.lesionLabel,
-                    p.calibrationOutputPath,
-                    sliderSettings(p),
-                    **callbacks,
+        try:
+            with slicer.util.tryWithErrorDisplay(
+                _("Failed to start {command}.").format(command=command), waitCursor=True
+            ):
+                if not self.logic.ensurePythonRequirements():
+                    return
+                self.ui.calibrationLogTextEdit.clear()
+                self.ui.calibrationProgressBar.value = 0
+                callbacks = dict(
+                    onOutput=self.ui.calibrationLogTextEdit.appendPlainText,
+                    onProgress=self._onBackgroundProgress,
+                    onFinished=self._onBackgroundFinished,
                 )
-            else:
-                self._background = self.logic.startEvaluation(
-                    p.datasetPath,
-                    p.lesionLabel,
-                    p.evaluationSplits,
-                    p.calibrationOutputPath,
-                    sliderSettings(p),
-                    **callbacks,
-                )
-            self._backgroundCommand = command
-        self._updateButtons()
+                if command == "calibrate":
+                    self._background = self.logic.startCalibration(
+                        p.datasetPath,
+                        p.calibrationMethod,
+                        p.lesionLabel,
+                        p.calibrationOutputPath,
+                        sliderSettings(p),
+                        **callbacks,
+                    )
+                else:
+                    self._background = self.logic.startEvaluation(
+                        p.datasetPath,
+                        p.lesionLabel,
+                        p.evaluationSplits,
+                        p.calibrationOutputPath,
+                        sliderSettings(p),
+                        **callbacks,
+                    )
+                self._backgroundCommand = command
+                self._backgroundMethod = p.calibrationMethod  # the method started, not the combo's later value
+        except Exception:  # shown by tryWithErrorDisplay (which re-raises)
+            logging.exception("ConformalSeg: starting %s failed", command)
+        finally:
+            self._updateButtons()
 
     def _onBackgroundProgress(self, fraction: float, label: str) -> None:
         self.ui.calibrationProgressBar.value = int(round(100 * fraction))
@@ -430,7 +479,7 @@ class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         elif returncode != 0:
             log(_("Failed (exit status {status}); see the messages above.").format(status=returncode))
         elif self._backgroundCommand == "calibrate":
-            if p.calibrationMethod == "sets":
+            if self._backgroundMethod == "sets":
                 p.secondProfilePath = Path(output)
             else:
                 p.profilePath = Path(output)
