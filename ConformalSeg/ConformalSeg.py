@@ -115,6 +115,7 @@ if not UNSUPPORTED:
         probabilityVolume: vtkMRMLScalarVolumeNode
         uncertaintyVolume: vtkMRMLScalarVolumeNode
         outputSegmentation: vtkMRMLSegmentationNode
+        reviewedSegmentation: vtkMRMLSegmentationNode
         modelPath: Path
         profilePath: Path
         secondProfilePath: Path

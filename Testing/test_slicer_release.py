@@ -166,3 +166,38 @@ def test_infer_with_profile_uses_its_pipeline_and_refuses_another_model(tmp_path
         [(str(profile_path), record)], inference_check.read_run_record(tmp_path / "plain")
     )
     assert blocker is not None
+
+
+# ----------------------------------------------------------------------------- the panel's add-case command
+
+
+def test_grown_profile_path_and_add_case_command_run_end_to_end(tmp_path):
+    import subprocess
+
+    import numpy as np
+
+    from ConformalSegLib.conformal.calibration import CalibrationRequest, calibrate
+    from ConformalSegLib.conformal.profile import load_profile
+    from ConformalSegLib.io.volumes import save_volume
+    from ConformalSegLib.phantoms.simulated_maps import make_cases
+
+    cases = list(make_cases(7, 5, shape=(16, 20, 20)))
+    request = CalibrationRequest("cls", epsilon=0.1, alpha=0.2)
+    path, _ = calibrate(cases[:6], request).save(tmp_path / "cls.json")
+    assert commands.grown_profile_path(path) == tmp_path / "cls_added1.json"
+    assert commands.grown_profile_path(tmp_path / "cls_added1.json") == tmp_path / "cls_added2.json"
+    assert commands.case_id_from_name("CT chest 1/2") == "CT_chest_1_2"
+    case = cases[6]
+    save_volume(case.probability.astype(np.float32), case.geometry, tmp_path / "p.nrrd")
+    save_volume(case.lesion.astype(np.uint8), case.geometry, tmp_path / "l.nrrd")
+    out = commands.grown_profile_path(path)
+    argv = commands.add_case_command(
+        sys.executable, profile=path, prob=tmp_path / "p.nrrd", label=tmp_path / "l.nrrd", out=out, case_id="rev1"
+    )
+    env = commands.child_environment(library_dir=ROOT)
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    grown = load_profile(out)
+    assert grown.summaries.case_ids[-1] == "rev1"
+    assert grown.calibration == calibrate(cases[:6] + [case], request).calibration
+    assert commands.grown_profile_path(path) == tmp_path / "cls_added2.json"  # the next free name

@@ -181,6 +181,41 @@ def evaluate_command(
     return module_command(python, "evaluate", *args, *(["--force"] if force else []))
 
 
+def add_case_command(
+    python: str,
+    *,
+    profile: str | PathLike[str],
+    prob: str | PathLike[str],
+    label: str | PathLike[str],
+    out: str | PathLike[str],
+    case_id: str,
+) -> list[str]:
+    """``conformalseg profile add-case``: a new profile ``out`` with the reviewed case added (label value 1)."""
+    args = ["--profile", str(profile), "--prob", str(prob), "--label", str(label), "--out", str(out)]
+    return module_command(python, "profile", "add-case", *args, "--case-id", str(case_id), "--lesion-label", "1")
+
+
+def grown_profile_path(profile: str | PathLike[str]) -> Path:
+    """Where the panel writes a profile grown by one reviewed case: ``NAME_added1.json`` beside ``NAME.json``
+    (``NAME_added2.json`` when the profile is itself ``NAME_added1.json``, and the next free number)."""
+    path = Path(profile)
+    stem, count = path.stem, 0
+    head, sep, tail = stem.rpartition("_added")
+    if sep and tail.isdigit():
+        stem, count = head, int(tail)
+    while True:
+        count += 1
+        candidate = path.with_name(f"{stem}_added{count}.json")
+        if not candidate.exists() and not candidate.with_suffix(".npz").exists():
+            return candidate
+
+
+def case_id_from_name(name: str) -> str:
+    """A case id from a node name (letters, digits, ``-``, ``_`` and ``.``; others become ``_``)."""
+    cleaned = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(name)).strip("_.")
+    return cleaned or "reviewed"
+
+
 @dataclass(frozen=True)
 class InferenceOutputs:
     probability: Path | None

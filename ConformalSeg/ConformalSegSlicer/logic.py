@@ -9,8 +9,10 @@ the model, calibration and evaluation run out of process (``conformalseg`` in Py
 
 import logging
 import os
+import shutil
 import sys
 
+import numpy as np
 from slicer.i18n import tr as _
 from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic
 
@@ -317,6 +319,41 @@ class Logic(ScriptedLoadableModuleLogic):
             onProgress,
             lambda code, cancelled: onFinished and onFinished(code, cancelled, os.path.join(out, "results.json")),
         )
+
+    def startAddCase(
+        self, probabilityVolume, reviewedSegmentation, profilePath, caseId, onOutput=None, onFinished=None
+    ):
+        """``conformalseg profile add-case`` in the background: the probability map and the reviewed lesion
+        (the union of ``reviewedSegmentation``'s segments on the map's grid) are written to a temporary
+        folder and appended to ``profilePath``'s calibration set as a new profile beside it (the old one is
+        never modified). ``onFinished(returncode, cancelled, newProfilePath)``."""
+        from ConformalSegLib.io.volumes import save_volume
+
+        if probabilityVolume is None or reviewedSegmentation is None:
+            raise ValueError(_("choose the probability map and the reviewed lesion segmentation"))
+        ids = list(adapter.segment_names(reviewedSegmentation))
+        if not ids:
+            raise ValueError(_("the reviewed segmentation has no segment"))
+        masks = adapter.segment_arrays(reviewedSegmentation, ids, probabilityVolume)
+        lesion = np.zeros(next(iter(masks.values())).shape, dtype=np.uint8)
+        for mask in masks.values():
+            lesion[mask > 0] = 1
+        geometry = adapter.volume_geometry(probabilityVolume)
+        work = adapter.temporary_folder()
+        prob, label = os.path.join(work, "probability.nrrd"), os.path.join(work, "label.nrrd")
+        save_volume(adapter.volume_array(probabilityVolume, copy=False), geometry, prob)
+        save_volume(lesion, geometry, label)
+        out = commands.grown_profile_path(profilePath)
+        argv = commands.add_case_command(
+            adapter.python_slicer(), profile=profilePath, prob=prob, label=label, out=out, case_id=caseId
+        )
+
+        def finished(code, cancelled):
+            shutil.rmtree(work, ignore_errors=True)
+            if onFinished:
+                onFinished(code, cancelled, str(out))
+
+        return self._start(argv, (), onOutput, None, finished)
 
     def updateEvaluationPlots(self, results, epsilon: float, alpha: float):
         """ECR-vs-alpha and PC-vs-alpha charts for the evaluated epsilon nearest ``epsilon``."""

@@ -21,7 +21,7 @@ from slicer.util import VTKObservationMixin
 
 from ConformalSegLib.common.errors import ConformalSegError
 
-from . import environment, evaluation_plots, inference_check, intervals, segments
+from . import commands, environment, evaluation_plots, inference_check, intervals, segments
 from . import slicer_adapter as adapter
 from .drift import drift_badge
 from .logic import Logic
@@ -84,6 +84,7 @@ class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.evaluateButton.connect("clicked(bool)", self.onEvaluateButton)
         self.ui.showPlotsButton.connect("clicked(bool)", self.onShowPlotsButton)
         self.ui.applyIntervalsButton.connect("clicked(bool)", self.onApplyIntervalsButton)
+        self.ui.addCaseButton.connect("clicked(bool)", self.onAddCaseButton)
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
         self.initializeParameterNode()
 
@@ -189,6 +190,9 @@ class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.evaluateButton.text = _("Cancel") if busy and self._backgroundCommand == "evaluate" else _("Evaluate")
         self.ui.showPlotsButton.enabled = isSet(p.evaluationResultsPath)
         self.ui.applyIntervalsButton.enabled = bool(isSet(p.intervalProfilePath) and p.lowerVolume and p.upperVolume)
+        self.ui.addCaseButton.enabled = bool(
+            self._profilePaths() and p.probabilityVolume and p.reviewedSegmentation and not busy
+        )
 
     def _profilePaths(self) -> list:
         p = self._parameterNode
@@ -492,6 +496,57 @@ class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onShowPlotsButton(self) -> None:
         self._updatePlots(show=True)
+
+    # ------------------------------------------------------------------ reviewed cases
+
+    def onAddCaseButton(self) -> None:
+        """Grow every loaded profile by this scan (one background run per profile, one after the other);
+        the sliders then use the new profiles. Refused when the map's pipeline is not the profiles'."""
+        p = self._parameterNode
+        if self._background is not None and self._background.running:
+            return
+        blocker = self.ui.guaranteeLabel.text if self.ui.guaranteeLabel.text.startswith("No guarantee") else None
+        if blocker:
+            slicer.util.errorDisplay(_("This map cannot join the calibration set:\n") + blocker)
+            return
+        pending = [("profilePath", path) for path in [p.profilePath] if isSet(path)]
+        pending += [("secondProfilePath", path) for path in [p.secondProfilePath] if isSet(path)]
+        caseId = commands.case_id_from_name((p.inputVolume or p.probabilityVolume).GetName())
+        self.ui.calibrationLogTextEdit.clear()
+        self._addNextCase(pending, caseId)
+
+    def _addNextCase(self, pending, caseId) -> None:
+        p = self._parameterNode
+        if not pending:
+            self._updateButtons()
+            return
+        (parameter, path), rest = pending[0], pending[1:]
+
+        def finished(code, cancelled, newPath):
+            log = self.ui.calibrationLogTextEdit.appendPlainText
+            if code == 0 and not cancelled:
+                setattr(self._parameterNode, parameter, Path(newPath))  # the sliders use the grown set
+                log(_("Case {case} added: {path}").format(case=caseId, path=newPath))
+                self._addNextCase(rest, caseId)
+            else:
+                log(_("Adding the case failed (exit status {status}); see above.").format(status=code))
+                self._updateButtons()
+
+        try:
+            with slicer.util.tryWithErrorDisplay(_("Failed to add the case."), waitCursor=True):
+                self._background = self.logic.startAddCase(
+                    p.probabilityVolume,
+                    p.reviewedSegmentation,
+                    path,
+                    caseId,
+                    onOutput=self.ui.calibrationLogTextEdit.appendPlainText,
+                    onFinished=finished,
+                )
+                self._backgroundCommand = "add-case"
+        except Exception:  # shown by tryWithErrorDisplay (which re-raises)
+            logging.exception("ConformalSeg: adding the case failed")
+        finally:
+            self._updateButtons()
 
     # ------------------------------------------------------------------ organ-dependent intervals (sem-CRC)
 
