@@ -201,3 +201,42 @@ def test_grown_profile_path_and_add_case_command_run_end_to_end(tmp_path):
     assert grown.summaries.case_ids[-1] == "rev1"
     assert grown.calibration == calibrate(cases[:6] + [case], request).calibration
     assert commands.grown_profile_path(path) == tmp_path / "cls_added2.json"  # the next free name
+
+
+# ----------------------------------------------------------------------------- score maps off the GUI thread
+
+
+def test_score_maps_come_from_a_child_process_and_equal_the_library(tmp_path):
+    import subprocess
+
+    import numpy as np
+
+    from ConformalSegSlicer import score_maps
+    from ConformalSegSlicer.slider import SliderState
+
+    fixture = fixtures.make_slider_fixture(tmp_path / "fx", n_calibration=9, shape=(16, 24, 24))
+    case = fixture.case
+    paths = fixture.profile_paths
+    state = SliderState.from_files(paths, case.probability, case.geometry, inline_scores=False)
+    assert state.missing_scores() == ["distance:0.5"]
+    settings = fixtures.SLIDER_CHECKS[0]
+    result = state.update(settings)
+    assert "Inner set" not in result.segments and "Outer set" not in result.segments
+    assert any("background" in line for line in result.pending) and "background" in result.text
+    assert "Lesion (FNR-controlled)" in result.segments  # the other segments are not held up
+
+    names = state.missing_scores()
+    score_maps.write_inputs(tmp_path / "work", state.probability, state.geometry)
+    argv = score_maps.command(sys.executable, tmp_path / "work", names)
+    done = subprocess.run(argv, env=commands.child_environment(library_dir=ROOT), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    for name, scores in score_maps.read_outputs(tmp_path / "work", names).items():
+        state.set_scores(name, scores)
+    assert state.missing_scores() == []
+    result = state.update(settings)
+    assert not result.pending
+    expected = state.library_masks(settings)
+    for name, mask in expected.items():
+        assert np.array_equal(result.segments[name].mask, mask), name
+    inline = SliderState.from_files(paths, case.probability, case.geometry)
+    assert np.array_equal(inline.scores("distance:0.5"), state.scores("distance:0.5"))

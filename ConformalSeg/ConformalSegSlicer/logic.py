@@ -18,7 +18,7 @@ from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic
 
 from ConformalSegLib.common.errors import ConformalSegError
 
-from . import commands, display, environment, evaluation_plots, inference_check, intervals
+from . import commands, display, environment, evaluation_plots, inference_check, intervals, score_maps
 from . import slicer_adapter as adapter
 from .process import ProcessRunner
 from .slider import SliderSettings, SliderState
@@ -41,11 +41,38 @@ class Logic(ScriptedLoadableModuleLogic):
 
     # ------------------------------------------------------------------ segments (in process)
 
-    def loadSliderState(self, probabilityVolume, profilePaths) -> SliderState:
-        """Profiles + the probability map of a volume node (copied) on its own grid."""
+    def loadSliderState(self, probabilityVolume, profilePaths, inlineScores: bool = True) -> SliderState:
+        """Profiles + the probability map of a volume node (copied) on its own grid. With
+        ``inlineScores=False`` (the panel) confidence-set score maps are left to :meth:`startScoreMaps`."""
         return SliderState.from_files(
-            profilePaths, adapter.volume_array(probabilityVolume), adapter.volume_geometry(probabilityVolume)
+            profilePaths,
+            adapter.volume_array(probabilityVolume),
+            adapter.volume_geometry(probabilityVolume),
+            inline_scores=inlineScores,
         )
+
+    def startScoreMaps(self, state: SliderState, onFinished=None):
+        """Compute the state's missing confidence-set score maps in PythonSlicer (never on the GUI thread;
+        :mod:`ConformalSegSlicer.score_maps`) and hand them to ``state`` when done; returns the pump, or
+        None when nothing is missing. ``onFinished(ok)`` runs after the maps are in the state."""
+        names = state.missing_scores()
+        if not names:
+            return None
+        work = adapter.temporary_folder()
+        score_maps.write_inputs(work, state.probability, state.geometry)
+
+        def finished(code, cancelled):
+            try:
+                ok = code == 0 and not cancelled
+                if ok:
+                    for name, scores in score_maps.read_outputs(work, names).items():
+                        state.set_scores(name, scores)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+            if onFinished:
+                onFinished(ok)
+
+        return self._start(score_maps.command(adapter.python_slicer(), work, names), (), None, None, finished)
 
     def updateSegmentation(
         self,

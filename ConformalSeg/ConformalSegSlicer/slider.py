@@ -91,6 +91,7 @@ class SliderResult:
     guarantees: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    pending: list[str] = field(default_factory=list)  #: segments left out until their score maps arrive
 
     @property
     def changed(self) -> list[str]:
@@ -103,7 +104,7 @@ class SliderResult:
     @property
     def text(self) -> str:
         """The label text: one guarantee per profile, then any error."""
-        return "\n".join(self.guarantees + [f"Error: {e}" for e in self.errors])
+        return "\n".join(self.guarantees + self.pending + [f"Error: {e}" for e in self.errors])
 
 
 def greater_than(values: np.ndarray, threshold: float, out: np.ndarray) -> np.ndarray:
@@ -211,7 +212,14 @@ def score_label(transform_name: str) -> str:
 class SliderState:
     """Profiles + one probability map; :meth:`update` gives the masks for slider settings."""
 
-    def __init__(self, profiles: Sequence[CalibrationProfile], probability: np.ndarray, geometry: Geometry):
+    def __init__(
+        self,
+        profiles: Sequence[CalibrationProfile],
+        probability: np.ndarray,
+        geometry: Geometry,
+        *,
+        inline_scores: bool = True,
+    ):
         if not profiles:
             raise ConformalSegError("no calibration profile loaded", fix="choose a calibration profile (.json)")
         self.profiles = list(profiles)
@@ -230,12 +238,39 @@ class SliderState:
         self._keys: dict[str, object] = {}
         self._stats: dict[str, tuple[int, float]] = {}
         self._scores: dict[str, np.ndarray] = {}
+        #: False (the panel): score maps other than the identity are not computed here but handed in by
+        #: :meth:`set_scores` (computed in a background process, :mod:`ConformalSegSlicer.score_maps`);
+        #: until then :meth:`update` leaves the confidence sets out and says so.
+        self.inline_scores = inline_scores
 
     @classmethod
     def from_files(
-        cls, paths: Iterable[str | PathLike[str]], probability: np.ndarray, geometry: Geometry
+        cls,
+        paths: Iterable[str | PathLike[str]],
+        probability: np.ndarray,
+        geometry: Geometry,
+        *,
+        inline_scores: bool = True,
     ) -> SliderState:
-        return cls([load_profile(p) for p in paths], probability, geometry)
+        return cls([load_profile(p) for p in paths], probability, geometry, inline_scores=inline_scores)
+
+    def missing_scores(self) -> list[str]:
+        """The score transforms (not the identity) the confidence-set profiles need and that are not cached."""
+        names = []
+        for profile in self.profiles:
+            c = profile.calibration
+            if isinstance(c, SetsCalibration):
+                for name in (c.outer_transform, c.inner_transform):
+                    if parse_transform(name).kind != "identity" and name not in self._scores and name not in names:
+                        names.append(name)
+        return names
+
+    def set_scores(self, name: str, scores: np.ndarray) -> None:
+        """Hand in the score map of transform ``name`` (computed elsewhere from this state's probability map)."""
+        scores = np.asarray(scores)
+        if scores.shape != self.probability.shape:
+            raise ValueError(f"score map shape {scores.shape} != probability shape {self.probability.shape}")
+        self._scores[name] = scores
 
     # ------------------------------------------------------------------ helpers
 
@@ -293,7 +328,12 @@ class SliderState:
             result.warnings += [str(w.message) for w in caught if issubclass(w.category, CalibrationSetTooSmallWarning)]
             result.guarantees.append(new.guarantee)
             c = new.calibration
-            if isinstance(c, SetsCalibration):
+            if isinstance(c, SetsCalibration) and not self.inline_scores and self.missing_scores():
+                result.pending.append(
+                    "Inner and outer sets: computing the score maps in the background "
+                    f"({', '.join(self.missing_scores())}); they appear when done."
+                )
+            elif isinstance(c, SetsCalibration):
                 t_out = self.scores(c.outer_transform)
                 t_in = self.scores(c.inner_transform)
                 outer = self._segment(

@@ -64,6 +64,7 @@ class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._overlayShown = False
         self._inference = None  # ProcessPump
         self._background = None  # ProcessPump of calibrate / evaluate
+        self._scoreMaps = None  # ProcessPump of the confidence-set score maps
         self._refreshTimer = qt.QTimer()
         self._refreshTimer.setSingleShot(True)
         self._refreshTimer.setInterval(60)  # coalesce slider drags
@@ -90,7 +91,7 @@ class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self) -> None:
         self._refreshTimer.stop()
-        for pump in (self._inference, self._background):
+        for pump in (self._inference, self._background, self._scoreMaps):
             if pump is not None:
                 pump.stop()
         self.removeObservers()
@@ -111,10 +112,10 @@ class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ScriptedLoadableModuleWidget.onReload(self)
 
     def onSceneStartClose(self, caller, event) -> None:
-        for pump in (self._inference, self._background):  # their results belong to the closing scene
+        for pump in (self._inference, self._background, self._scoreMaps):  # results of the closing scene
             if pump is not None and pump.running:
                 pump.stop()
-        self._inference = self._background = None
+        self._inference = self._background = self._scoreMaps = None
         self.setParameterNode(None)
         self._state = self._stateKey = self._profilesKey = self._written = None
 
@@ -212,7 +213,8 @@ class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if stateKey != self._stateKey:
                 self._state = None
                 self._stateKey = stateKey
-                self._state = self.logic.loadSliderState(p.probabilityVolume, paths)
+                self._state = self.logic.loadSliderState(p.probabilityVolume, paths, inlineScores=False)
+                self._startScoreMaps(self._state)
                 if profilesKey != self._profilesKey:  # a new profile: start from its calibrated parameters
                     self._profilesKey = profilesKey
                     self._applySettings(self._state.initial_settings())
@@ -250,6 +252,22 @@ class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             logging.exception("ConformalSeg: updating the segments failed")
             self._state = None
             self._setGuarantee(_("Updating the segments failed: {error}").format(error=exc), warning=True)
+
+    def _startScoreMaps(self, state) -> None:
+        """Confidence-set score maps in a background process; the segments are refreshed when they arrive
+        (unless the state was replaced meanwhile)."""
+        if self._scoreMaps is not None and self._scoreMaps.running:
+            self._scoreMaps.stop()
+
+        def arrived(ok: bool) -> None:
+            if state is self._state:
+                self._written = None  # write every segment of the completed state
+                if ok:
+                    self.refresh()
+                else:
+                    self._setGuarantee(_("Computing the score maps failed."), warning=True)
+
+        self._scoreMaps = self.logic.startScoreMaps(state, onFinished=arrived)
 
     def _applySettings(self, settings: SliderSettings) -> None:
         p = self._parameterNode
