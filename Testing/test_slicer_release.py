@@ -240,3 +240,21 @@ def test_score_maps_come_from_a_child_process_and_equal_the_library(tmp_path):
         assert np.array_equal(result.segments[name].mask, mask), name
     inline = SliderState.from_files(paths, case.probability, case.geometry)
     assert np.array_equal(inline.scores("distance:0.5"), state.scores("distance:0.5"))
+
+
+# ----------------------------------------------------------------------------- dependencies (D6)
+
+
+def test_requirement_groups_and_constraints(tmp_path):
+    from ConformalSegSlicer import environment
+
+    path = ROOT / "ConformalSeg" / "Resources" / "requirements.txt"
+    names = lambda reqs: {environment.canonical(environment.requirement_name(r)) for r in reqs}  # noqa: E731
+    base = names(environment.read_requirements(path, ()))
+    assert base == {"slicerio", "tqdm", "nibabel"}
+    assert names(environment.read_requirements(path, ("inference",))) == base | {"monai"}
+    assert names(environment.read_requirements(path, ("evaluation",))) == base | {"matplotlib"}
+    assert "cvxpy" in names(environment.read_requirements(path))  # every group when asked for all
+    versions = {"numpy": "1.26.4", "torch": "2.4.1+cu121", "SimpleITK": None, "scipy": "1.13.1", "vtk": None}
+    text = environment.constraints(versions.get)
+    assert text.splitlines() == ["numpy==1.26.4", "scipy==1.13.1", "torch==2.4.1+cu121"]

@@ -401,23 +401,17 @@ class Logic(ScriptedLoadableModuleLogic):
         except Exception as exc:  # a broken PyTorch install must not break the panel
             return _("Cannot query PyTorch: {error}").format(error=exc)
 
-    def requirements(self, inference: bool = False) -> list:
-        """``Resources/requirements.txt`` (without the inference packages unless ``inference``)."""
-        wanted = environment.read_requirements(os.path.join(MODULE_DIR, "Resources", "requirements.txt"))
-        if inference:
-            return wanted
-        return [
-            r
-            for r in wanted
-            if environment.canonical(environment.requirement_name(r)) not in environment.INFERENCE_PACKAGES
-        ]
+    def requirements(self, features=()) -> list:
+        """``Resources/requirements.txt``: the packages every command needs plus the ``features`` groups
+        (``inference``, ``evaluation``; ``sem-crc-calibration`` is never installed by the panel)."""
+        return environment.read_requirements(os.path.join(MODULE_DIR, "Resources", "requirements.txt"), features)
 
-    def ensurePythonRequirements(self, inference: bool = False) -> bool:
+    def ensurePythonRequirements(self, features=()) -> bool:
         """Install the missing requirements after a confirmation (never Slicer's numpy, SimpleITK...)."""
-        return adapter.ensure_requirements(self.requirements(inference), requester="ConformalSeg")
+        return adapter.ensure_requirements(self.requirements(features), requester="ConformalSeg")
 
     def ensureInferenceDependencies(self) -> bool:
         """PyTorch (through the PyTorch extension) and MONAI; False when the user declined."""
         if adapter.torch_module(install=True) is None:
             return False
-        return self.ensurePythonRequirements(inference=True)
+        return self.ensurePythonRequirements(features=("inference",))

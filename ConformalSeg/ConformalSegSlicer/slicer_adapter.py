@@ -504,7 +504,9 @@ def torch_module(install: bool):
             import torch
 
             return torch
-        return torchLogic.installTorch(askConfirmation=True) if install else None
+        if not install:
+            return None
+        return torchLogic.installTorch(askConfirmation=True, torchVersionRequirement=environment.TORCH_REQUIREMENT)
     try:
         import torch
 
@@ -548,8 +550,10 @@ def ensure_requirements(requirements: list, requester: str) -> bool:
     if packaging is not None:
         try:
             packaging.pip_ensure(missing, skip_packages=list(environment.PROTECTED_PACKAGES), requester=requester)
-        except RuntimeError:  # declined
-            return False
+        except RuntimeError as exc:
+            if "declined" in str(exc).lower():  # pip_ensure's "User declined package installation"
+                return False
+            raise
     else:
         if not slicer.util.confirmOkCancelDisplay(
             _("{requester} needs these Python packages:\n{packages}\n\nInstall them now?").format(
@@ -557,7 +561,16 @@ def ensure_requirements(requirements: list, requester: str) -> bool:
             )
         ):
             return False
-        slicer.util.pip_install(" ".join(missing))
+        # Slicer before 5.12: pin Slicer's and the PyTorch extension's packages so that no dependency
+        # upgrades or replaces them
+        folder = tempfile.mkdtemp(prefix="ConformalSeg-pip-", dir=slicer.app.temporaryPath)
+        pins = os.path.join(folder, "constraints.txt")
+        with open(pins, "w", encoding="utf-8") as f:
+            f.write(environment.constraints())
+        try:
+            slicer.util.pip_install([*missing, "-c", pins])  # a list: each item one argument
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
     still = environment.missing_requirements(requirements)
     if still:
         logging.warning("%s: still missing after installation: %s", requester, ", ".join(still))

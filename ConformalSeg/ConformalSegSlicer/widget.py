@@ -450,7 +450,7 @@ class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             with slicer.util.tryWithErrorDisplay(
                 _("Failed to start {command}.").format(command=command), waitCursor=True
             ):
-                if not self.logic.ensurePythonRequirements():
+                if not self.logic.ensurePythonRequirements(("evaluation",) if command == "evaluate" else ()):
                     return
                 self.ui.calibrationLogTextEdit.clear()
                 self.ui.calibrationProgressBar.value = 0
