@@ -565,7 +565,7 @@ def test_interval_overlay_display():
     d = display.overlay_display("interval", *display.finite_range(np.array([0.2, np.inf, 0.6, 1.0])), hide_below=0.25)
     assert d.color_node_id == display.INTERVAL_COLOR_NODE_ID == "vtkMRMLColorTableNodeFileInferno.txt"
     assert (d.window_min, d.window_max, d.lower_threshold) == (0.2, 1.0, pytest.approx(0.4))
-    assert d.upper_threshold == np.inf  # infinite (uncontrolled) lengths are drawn, not hidden
+    assert d.upper_threshold == display.FINITE_TOP  # infinite (uncontrolled) lengths are drawn, not hidden
     assert display.finite_range(np.array([1.0, 3.0])) == (1.0, 3.0)
     everything_infinite = display.overlay_display("interval", *display.finite_range(np.full(3, np.inf)))
     assert everything_infinite.window_max > everything_infinite.window_min

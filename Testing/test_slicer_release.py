@@ -258,3 +258,18 @@ def test_requirement_groups_and_constraints(tmp_path):
     versions = {"numpy": "1.26.4", "torch": "2.4.1+cu121", "SimpleITK": None, "scipy": "1.13.1", "vtk": None}
     text = environment.constraints(versions.get)
     assert text.splitlines() == ["numpy==1.26.4", "scipy==1.13.1", "torch==2.4.1+cu121"]
+
+
+def test_scene_interval_length_has_no_inf():
+    import numpy as np
+
+    from ConformalSegSlicer import display
+
+    length = np.array([[[0.5, np.inf, 2.0]]], dtype=np.float32)
+    scene = display.scene_interval_length(length)
+    assert np.isfinite(scene).all() and scene[0, 0, 1] == 4.0 and scene[0, 0, 0] == 0.5
+    assert np.isinf(length[0, 0, 1])  # the library's array is not changed
+    assert display.scene_interval_length(np.full((1, 1, 2), np.inf)).tolist() == [[[1.0, 1.0]]]
+    finite = np.ones((1, 1, 2))
+    assert display.scene_interval_length(finite) is finite
+    assert np.isfinite(display.overlay_display("interval", 0.0, 2.0).upper_threshold)

@@ -168,10 +168,11 @@ class Logic(ScriptedLoadableModuleLogic):
         base, result = lowerNode.GetName(), outcome.application
         lower = adapter.output_volume("intervalLower", f"{base} conformal lower", result.lower, lowerNode)
         upper = adapter.output_volume("intervalUpper", f"{base} conformal upper", result.upper, lowerNode)
+        sceneLength = display.scene_interval_length(result.length)  # no inf in the scene
         length = (
-            adapter.write_volume(lengthNode, result.length, lowerNode)
+            adapter.write_volume(lengthNode, sceneLength, lowerNode)
             if lengthNode is not None
-            else adapter.output_volume("intervalLength", f"{base} interval length", result.length, lowerNode)
+            else adapter.output_volume("intervalLength", f"{base} interval length", sceneLength, lowerNode)
         )
         return intervals.AppliedIntervals(outcome, lower, upper, length)
 
