@@ -273,3 +273,25 @@ def test_scene_interval_length_has_no_inf():
     finite = np.ones((1, 1, 2))
     assert display.scene_interval_length(finite) is finite
     assert np.isfinite(display.overlay_display("interval", 0.0, 2.0).upper_threshold)
+
+
+# ----------------------------------------------------------------------------- cancel does not block (D13)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_cancel_returns_at_once_even_when_the_child_ignores_sigterm():
+    import time
+
+    from ConformalSegSlicer.process import ProcessRunner
+
+    code = (
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(300)"
+    )
+    runner = ProcessRunner([sys.executable, "-c", code], grace=1.5).start()
+    deadline = time.monotonic() + 30
+    while "up" not in runner.output and time.monotonic() < deadline:
+        runner.wait(timeout=0.1)
+    started = time.monotonic()
+    runner.cancel()
+    assert time.monotonic() - started < 0.5  # the GUI thread is not held for the grace period
+    assert runner.wait(timeout=20) is not None and runner.cancelled

@@ -138,23 +138,30 @@ class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             # each widget of the .ui carries a "SlicerParameterName" dynamic property
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            for name in (
-                "modelPathLineEdit",
-                "profilePathLineEdit",
-                "secondProfilePathLineEdit",
-                "datasetPathLineEdit",
-                "calibrationOutputPathLineEdit",
-                "evaluationResultsPathLineEdit",
-                "intervalProfilePathLineEdit",
-            ):
-                lineEdit = getattr(self.ui, name)
-                if lineEdit.currentPath in (".", "./"):
-                    lineEdit.currentPath = ""  # an unset path parameter reads "."
+            self._blankUnsetPaths()
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
             self.onParameterNodeModified()
 
     def onParameterNodeModified(self, caller=None, event=None) -> None:
         self._refreshTimer.start()
+
+    _PATH_LINE_EDITS = (
+        "modelPathLineEdit",
+        "profilePathLineEdit",
+        "secondProfilePathLineEdit",
+        "datasetPathLineEdit",
+        "calibrationOutputPathLineEdit",
+        "evaluationResultsPathLineEdit",
+        "intervalProfilePathLineEdit",
+    )
+
+    def _blankUnsetPaths(self) -> None:
+        """Show unset path parameters as empty fields. parameterNodeWrapper writes ``str(Path())`` = "." into
+        every path line edit on each parameter-node change, so this runs at every refresh, not once."""
+        for name in self._PATH_LINE_EDITS:
+            lineEdit = getattr(self.ui, name)
+            if lineEdit.currentPath in (".", "./"):
+                lineEdit.currentPath = ""
 
     # ------------------------------------------------------------------ refresh
 
@@ -163,6 +170,7 @@ class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         if p is None:
             return
+        self._blankUnsetPaths()
         self._updateButtons()
         self._updateSegments()
         self._updateDisplay()
