@@ -77,6 +77,9 @@ scans and the new scan are exchangeable (same population, same network and prepr
 a fraction epsilon of the new scan's lesion voxels.</li>
 <li><b>Lesion (expected-FNR-controlled)</b>, conformal risk control: averaged over new scans, the mask
 misses at most a fraction epsilon of the lesion voxels.</li>
+<li><b>Lesion (lesion-level)</b>: with probability at least 1 - alpha, the mask misses at most a fraction
+epsilon of the new scan's lesions (joint profiles: and at most the calibrated fraction of its lesion
+voxels).</li>
 <li><b>Inner / outer set</b>, conformal confidence sets: with probability at least 1 - alpha-inner the
 inner set lies inside the true lesion; with probability at least 1 - alpha-outer the outer set
 contains all of it (joint profiles: both at once with probability at least 1 - alpha).</li>
@@ -86,6 +89,10 @@ organs come from a segmentation whose segment names match the profile's organ na
 sem-CRC: for each organ, averaged over new scans, at most a fraction epsilon of its voxels lie outside
 their interval (the exact guarantee of the profile is shown under the Apply button).</li>
 </ul>
+<b>Slider-safe</b> (the default while browsing): the CLS and lesion-level masks come from one band that
+is valid for every epsilon on the slider at once, so epsilon may be chosen after looking at the scan;
+unchecked, the smaller per-(epsilon, alpha) mask holds only if epsilon and alpha were fixed before
+viewing the scan.
 Moving the sliders recalibrates from the profile's stored summaries without re-running the model;
 the label under them states the current guarantee and warns when the calibration set is too small
 for the chosen alpha (the mask is then the whole image). See
@@ -125,6 +132,7 @@ if not UNSUPPORTED:
         alpha: Level = 0.1
         alphaInner: Level = 0.1
         alphaOuter: Level = 0.1
+        sliderSafe: bool = True  # CLS / lesion-level: the slider-safe band while browsing
         showLesion: bool = True
         showInnerSet: bool = True
         showOuterSet: bool = True

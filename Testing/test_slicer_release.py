@@ -295,3 +295,39 @@ def test_cancel_returns_at_once_even_when_the_child_ignores_sigterm():
     runner.cancel()
     assert time.monotonic() - started < 0.5  # the GUI thread is not held for the grace period
     assert runner.wait(timeout=20) is not None and runner.cancelled
+
+
+# ----------------------------------------------------------------------------- lesion-level and slider-safe
+
+
+def test_lesion_level_and_slider_safe_in_the_slider(tmp_path):
+    import numpy as np
+
+    from ConformalSegLib.conformal.calibration import CalibrationRequest, calibrate
+    from ConformalSegLib.conformal.cls import apply_threshold
+    from ConformalSegLib.io.segmentation import LESION_FNR, LESION_LEVEL
+    from ConformalSegLib.phantoms.simulated_maps import make_cases
+    from ConformalSegSlicer import segments
+    from ConformalSegSlicer.slider import FIXED_PREFIX, SliderSettings, SliderState, grid_epsilon, relevant_sliders
+
+    cases = list(make_cases(41, 21, shape=(16, 24, 24)))
+    cls = calibrate(cases[:40], CalibrationRequest("cls", epsilon=0.1, alpha=0.2))
+    lesion = calibrate(cases[:40], CalibrationRequest("lesion", epsilon=0.2, alpha=0.2, voxel_epsilon=0.3))
+    test = cases[40]
+    state = SliderState([cls, lesion], test.probability, test.geometry)
+    assert relevant_sliders([lesion]) == {"epsilon", "alpha"}
+    assert LESION_LEVEL in segments.SEGMENT_ORDER
+    fixed = state.update(SliderSettings(epsilon=0.2, alpha=0.2))
+    expected = lesion.recalibrate(epsilon=0.2, alpha=0.2).masks(test.probability, test.geometry)[LESION_LEVEL]
+    assert np.array_equal(fixed.segments[LESION_LEVEL].mask, expected)
+    assert all(g.startswith(FIXED_PREFIX) for g in fixed.guarantees)
+    safe = state.update(SliderSettings(epsilon=0.205, alpha=0.2, slider_safe=True))  # between two grid stops
+    for profile, name in ((cls, LESION_FNR), (lesion, LESION_LEVEL)):
+        band = profile.slider_band(alpha=0.2)
+        assert grid_epsilon(0.205, band.grid) == 0.2
+        assert np.array_equal(safe.segments[name].mask, apply_threshold(test.probability, band.threshold(0.2)))
+    assert all(g.startswith("Slider-safe") and "Now at epsilon = 20%" in g for g in safe.guarantees)
+    for name, mask in state.library_masks(SliderSettings(epsilon=0.205, alpha=0.2, slider_safe=True)).items():
+        assert np.array_equal(safe.segments[name].mask, mask)
+    # the band is at least as conservative as the fixed threshold at the same epsilon
+    assert safe.segments[LESION_FNR].voxels >= state.update(SliderSettings(0.2, 0.2)).segments[LESION_FNR].voxels

@@ -28,17 +28,20 @@ import math
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from fractions import Fraction
 from os import PathLike
 
 import numpy as np
 
 from ConformalSegLib.common.errors import CalibrationSetTooSmallWarning, ConformalSegError
 from ConformalSegLib.common.geometry import Geometry
-from ConformalSegLib.conformal.cls import apply_threshold, round_up_to_dtype
+from ConformalSegLib.conformal.cls import ThresholdCalibration, apply_threshold, round_up_to_dtype
 from ConformalSegLib.conformal.confidence_sets import SetsCalibration
-from ConformalSegLib.conformal.profile import LESION_CRC, CalibrationProfile, load_profile
+from ConformalSegLib.conformal.guarantee_sentences import band_sentence
+from ConformalSegLib.conformal.profile import CalibrationProfile, load_profile
 from ConformalSegLib.conformal.score_transforms import parse_transform
-from ConformalSegLib.io.segmentation import INNER_SET, LESION_FNR, LESION_THRESHOLD, OUTER_SET
+from ConformalSegLib.conformal.simultaneous import SimultaneousBand
+from ConformalSegLib.io.segmentation import INNER_SET, LESION_THRESHOLD, OUTER_SET
 from ConformalSegLib.io.volumes import PROBABILITY_TOLERANCE
 
 #: Decimals of the panel's sliders (and of the parameter node's ``Decimals`` annotation).
@@ -61,6 +64,9 @@ class SliderSettings:
     alpha_inner: float = 0.1
     alpha_outer: float = 0.1
     include_threshold: bool = False
+    #: CLS and lesion-level profiles: the slider-safe band (valid for every epsilon of the slider at once)
+    #: instead of the per-(epsilon, alpha) threshold; the panel's default while browsing.
+    slider_safe: bool = False
 
     def snapped(self) -> SliderSettings:
         return replace(
@@ -146,14 +152,26 @@ def validate_probability(probability: np.ndarray, what: str = "probability map")
 def _segment_names(profile: CalibrationProfile) -> tuple[str, ...]:
     if profile.method == "sets":
         return (INNER_SET, OUTER_SET)
-    return (LESION_FNR,) if profile.method == "cls" else (LESION_CRC,)
+    return (profile.mask_name,)
+
+
+#: The per-(epsilon, alpha) guarantee holds only for values chosen before the scan was viewed.
+FIXED_PREFIX = "(epsilon and alpha fixed before viewing this scan) "
+
+
+def grid_epsilon(epsilon: float, grid: Sequence[float]) -> float:
+    """The largest slider-safe grid epsilon at or below ``epsilon`` (its mask is at least as large, so the
+    band's promise at it implies the promise at ``epsilon``); the smallest grid value when none is below."""
+    target = Fraction(str(snap(epsilon)))
+    below = [e for e in grid if Fraction(str(e)) <= target]
+    return max(below, key=lambda e: Fraction(str(e))) if below else grid[0]
 
 
 def relevant_sliders(profiles: Iterable[CalibrationProfile]) -> set[str]:
     """The sliders that change something for these profiles (the others can be disabled)."""
     names: set[str] = set()
     for profile in profiles:
-        if profile.method == "cls":
+        if profile.method in ("cls", "lesion"):
             names |= {"epsilon", "alpha"}
         elif profile.method == "crc":
             names.add("epsilon")
@@ -186,7 +204,7 @@ def initial_settings(
 def recalibrate(profile: CalibrationProfile, settings: SliderSettings) -> CalibrationProfile:
     """``profile`` recalibrated for the (snapped) slider settings, as :meth:`SliderState.update` does."""
     s = settings.snapped()
-    if profile.method == "cls":
+    if profile.method in ("cls", "lesion"):
         return profile.recalibrate(epsilon=s.epsilon, alpha=s.alpha)
     if profile.method == "crc":
         return profile.recalibrate(epsilon=s.epsilon)
@@ -238,6 +256,7 @@ class SliderState:
         self._keys: dict[str, object] = {}
         self._stats: dict[str, tuple[int, float]] = {}
         self._scores: dict[str, np.ndarray] = {}
+        self._bands: dict[tuple[int, float], SimultaneousBand] = {}
         #: False (the panel): score maps other than the identity are not computed here but handed in by
         #: :meth:`set_scores` (computed in a background process, :mod:`ConformalSegSlicer.score_maps`);
         #: until then :meth:`update` leaves the confidence sets out and says so.
@@ -290,6 +309,27 @@ class SliderState:
             self._scores[transform_name] = np.asarray(parse_transform(transform_name)(self.probability, self.geometry))
         return self._scores[transform_name]
 
+    def band(self, index: int, alpha: float) -> SimultaneousBand:
+        """The slider-safe band of profile ``index`` at ``alpha`` (computed once per alpha)."""
+        key = (index, snap(alpha))
+        if key not in self._bands:
+            self._bands[key] = self.profiles[index].slider_band(alpha=snap(alpha))
+        return self._bands[key]
+
+    def threshold_and_sentence(
+        self, index: int, recalibrated: CalibrationProfile, settings: SliderSettings
+    ) -> tuple[float, str]:
+        """A threshold profile's cutoff and guarantee sentence for the settings: the slider-safe band's at
+        the grid epsilon (CLS and lesion-level, ``slider_safe``), else the per-(epsilon, alpha) ones."""
+        c = recalibrated.calibration
+        assert isinstance(c, ThresholdCalibration)
+        if settings.slider_safe and recalibrated.method in ("cls", "lesion"):
+            band = self.band(index, settings.alpha)
+            epsilon = grid_epsilon(settings.epsilon, band.grid)
+            return band.threshold(epsilon), band_sentence(band, recalibrated.method, epsilon)
+        prefix = FIXED_PREFIX if recalibrated.method in ("cls", "lesion") else ""
+        return c.probability_threshold, prefix + recalibrated.guarantee
+
     def _buffer(self, name: str) -> np.ndarray:
         if name not in self._buffers:
             self._buffers[name] = np.empty(self.probability.shape, dtype=bool)
@@ -311,11 +351,15 @@ class SliderState:
     def update(self, settings: SliderSettings) -> SliderResult:
         settings = settings.snapped()
         result = SliderResult()
-        for profile in self.profiles:
+        for index, profile in enumerate(self.profiles):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", CalibrationSetTooSmallWarning)
                 try:
                     new = recalibrate(profile, settings)
+                    if not isinstance(new.calibration, SetsCalibration):
+                        cutoff, sentence = self.threshold_and_sentence(index, new, settings)
+                    else:
+                        sentence = new.guarantee
                 except ConformalSegError as exc:
                     result.errors.append(f"{profile.method}: {exc}")
                     for name in _segment_names(profile):  # keep the last valid mask, if any
@@ -326,7 +370,7 @@ class SliderState:
                             )
                     continue
             result.warnings += [str(w.message) for w in caught if issubclass(w.category, CalibrationSetTooSmallWarning)]
-            result.guarantees.append(new.guarantee)
+            result.guarantees.append(sentence)
             c = new.calibration
             if isinstance(c, SetsCalibration) and not self.inline_scores and self.missing_scores():
                 result.pending.append(
@@ -356,12 +400,11 @@ class SliderState:
                 result.segments[INNER_SET] = inner
                 result.segments[OUTER_SET] = outer
             else:
-                name = LESION_FNR if c.method == "cls" else LESION_CRC
-                cutoff = c.probability_threshold
+                name = new.mask_name
                 result.segments[name] = self._segment(
                     name,
                     ("prob", cutoff),
-                    lambda out: apply_threshold(self.probability, cutoff, out=out),
+                    lambda out, cutoff=cutoff: apply_threshold(self.probability, cutoff, out=out),
                     f"probability >= {_fmt(cutoff)}",
                 )
         if settings.include_threshold:
@@ -378,8 +421,13 @@ class SliderState:
         masks: dict[str, np.ndarray] = {}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", CalibrationSetTooSmallWarning)
-            for profile in self.profiles:
-                masks.update(recalibrate(profile, settings).masks(self.probability, self.geometry))
+            for index, profile in enumerate(self.profiles):
+                new = recalibrate(profile, settings)
+                if isinstance(new.calibration, SetsCalibration):
+                    masks.update(new.masks(self.probability, self.geometry))
+                else:
+                    cutoff, _ = self.threshold_and_sentence(index, new, settings.snapped())
+                    masks[new.mask_name] = apply_threshold(self.probability, cutoff)
         if settings.include_threshold:
             masks[LESION_THRESHOLD] = apply_threshold(self.probability, THRESHOLD_CUTOFF)
         return masks

@@ -34,7 +34,7 @@ def isSet(path) -> bool:
 
 
 def sliderSettings(p) -> SliderSettings:
-    return SliderSettings(p.epsilon, p.alpha, p.alphaInner, p.alphaOuter, p.showThresholdSegment)
+    return SliderSettings(p.epsilon, p.alpha, p.alphaInner, p.alphaOuter, p.showThresholdSegment, p.sliderSafe)
 
 
 class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
