@@ -331,3 +331,29 @@ def test_lesion_level_and_slider_safe_in_the_slider(tmp_path):
         assert np.array_equal(safe.segments[name].mask, mask)
     # the band is at least as conservative as the fixed threshold at the same epsilon
     assert safe.segments[LESION_FNR].voxels >= state.update(SliderSettings(0.2, 0.2)).segments[LESION_FNR].voxels
+
+
+def test_terminology_context_contains_the_code():
+    """SCT 108369006 "Neoplasm" is in Slicer's DICOM master list, not in the General Anatomy list (D17)."""
+    from ConformalSegLib.io.segmentation import LESION_FNR
+    from ConformalSegSlicer import segments
+
+    text = segments.terminology_string(LESION_FNR)
+    assert text.startswith("Segmentation category and type - DICOM master list~")
+    assert "SCT^108369006^Neoplasm" in text
+
+
+def test_grid_check_of_the_probability_map_against_the_ct():
+    from ConformalSegLib.common.geometry import Geometry
+    from ConformalSegSlicer import spatial
+
+    ct = Geometry(shape=(10, 20, 20), spacing=(1.0, 1.0, 2.0), origin=(0.0, 0.0, 0.0))
+    assert spatial.grid_check(ct, ct) == (None, None)
+    finer = Geometry(shape=(20, 40, 40), spacing=(0.5, 0.5, 1.0), origin=(-0.25, -0.25, -0.5))
+    warning, error = spatial.grid_check(ct, finer)
+    assert error is None and "not on the input volume's grid" in warning
+    far = Geometry(shape=(10, 20, 20), spacing=(1.0, 1.0, 2.0), origin=(500.0, 0.0, 0.0))
+    warning, error = spatial.grid_check(ct, far)
+    assert warning is None and "does not overlap" in error
+    low, high = spatial.world_bounds(ct)
+    assert high[2] - low[2] == 20.0  # 10 slices of 2 mm

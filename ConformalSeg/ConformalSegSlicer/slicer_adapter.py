@@ -176,13 +176,19 @@ def python_slicer() -> str:
 
 
 def ensure_segmentation(segmentationNode, referenceVolumeNode, name: str = "ConformalSeg"):
-    """``segmentationNode`` (created when None) with ``referenceVolumeNode``'s reference geometry."""
+    """``segmentationNode`` (created when None, and then marked as the module's) with ``referenceVolumeNode``'s
+    reference geometry. A segmentation the user picked that already has a reference geometry keeps it (its
+    own segments are not resampled); only the module's own segments are written into it."""
     if segmentationNode is None:
         segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
         segmentationNode.CreateDefaultDisplayNodes()
+        segmentationNode.SetAttribute(ROLE_ATTRIBUTE, "output")
+        if referenceVolumeNode is not None:
+            place_next_to(segmentationNode, referenceVolumeNode)
     role = slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()
     current = segmentationNode.GetNodeReference(role)
-    if current is None or current.GetID() != referenceVolumeNode.GetID():
+    owned = segmentationNode.GetAttribute(ROLE_ATTRIBUTE) == "output"
+    if current is None or (owned and current.GetID() != referenceVolumeNode.GetID()):
         segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(referenceVolumeNode)
     return segmentationNode
 
@@ -307,7 +313,7 @@ def show_segmentation_3d(segmentationNode, show: bool) -> None:
     """Closed surfaces in the 3D view (removed when hidden: slider updates stay fast)."""
     if show:
         segmentationNode.CreateClosedSurfaceRepresentation()
-    else:
+    elif segmentationNode.GetAttribute(ROLE_ATTRIBUTE) == "output":  # never a user's segmentation's surfaces
         segmentationNode.RemoveClosedSurfaceRepresentation()
     displayNode = segmentationNode.GetDisplayNode()
     if displayNode is not None:

@@ -21,7 +21,7 @@ from slicer.util import VTKObservationMixin
 
 from ConformalSegLib.common.errors import ConformalSegError
 
-from . import commands, environment, evaluation_plots, inference_check, intervals, segments
+from . import commands, environment, evaluation_plots, inference_check, intervals, segments, spatial
 from . import slicer_adapter as adapter
 from .drift import drift_badge
 from .logic import Logic
@@ -228,6 +228,13 @@ class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     self._applySettings(self._state.initial_settings())
             if self._state is None:
                 return
+            gridWarning = None
+            if p.inputVolume is not None and p.inputVolume.GetID() != p.probabilityVolume.GetID():
+                gridWarning, gridError = spatial.grid_check(
+                    adapter.volume_geometry(p.inputVolume), self._state.geometry
+                )
+                if gridError:
+                    raise ConformalSegError(gridError)
             enabled = relevant_sliders(self._state.profiles)
             for name in ("epsilon", "alpha", "alphaInner", "alphaOuter"):
                 getattr(self.ui, name + "SliderWidget").enabled = name in enabled
@@ -250,8 +257,8 @@ class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 ],
                 inference_check.from_node_value(p.probabilityVolume.GetAttribute(inference_check.NODE_ATTRIBUTE)),
             )
-            text = blocker or "\n".join(filter(None, (result.text, note, badge)))
-            self._setGuarantee(text, warning=bool(blocker or note) or result.has_warning or drifting)
+            text = blocker or "\n".join(filter(None, (result.text, note, gridWarning, badge)))
+            self._setGuarantee(text, warning=bool(blocker or note or gridWarning) or result.has_warning or drifting)
             self._fillResultsTable(result)
         except (ConformalSegError, ValueError, OSError) as exc:
             self._state = None
