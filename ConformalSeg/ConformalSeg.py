@@ -49,7 +49,7 @@ UNSUPPORTED = unsupportedMessage()
 if not UNSUPPORTED:  # everything below needs Python 3.12 (the helpers and the library)
     _addSourceCheckoutToPath()
     from ConformalSegSlicer import display
-    from ConformalSegSlicer.logic import Logic
+    from ConformalSegSlicer.logic import Logic, registerSampleData
     from ConformalSegSlicer.self_test import SelfTest
     from ConformalSegSlicer.widget import Widget
 
@@ -98,6 +98,10 @@ the label under them states the current guarantee and warns when the calibration
 for the chosen alpha (the mask is then the whole image). See
 <a href="https://github.com/ConformalSeg/ConformalSeg#readme">the documentation</a>.
 """)
+        if not UNSUPPORTED:  # the sample in Sample Data (registered once Slicer has started)
+            import slicer
+
+            slicer.app.connect("startupCompleted()", registerSampleData)
         self.parent.acknowledgementText = _("""
 Methods: Tan et al., Conformal Lesion Segmentation for 3D Medical Images (CLS); Angelopoulos et al.,
 Conformal Risk Control; Davenport, Conformal confidence sets for biomedical image segmentation.

@@ -357,3 +357,31 @@ def test_grid_check_of_the_probability_map_against_the_ct():
     assert warning is None and "does not overlap" in error
     low, high = spatial.world_bounds(ct)
     assert high[2] - low[2] == 20.0  # 10 slices of 2 mm
+
+
+# ----------------------------------------------------------------------------- sample data (D7)
+
+
+def test_sample_data_is_built_once_and_drives_every_panel_section(tmp_path):
+    import time
+
+    from ConformalSegLib.conformal.profile import load_profile
+    from ConformalSegLib.io.volumes import load_image, load_probability_map
+    from ConformalSegSlicer import sample_data
+    from ConformalSegSlicer.slider import SliderSettings, SliderState
+
+    t0 = time.perf_counter()
+    paths = sample_data.make_sample(tmp_path / "sample", model=ROOT / "Resources" / "models" / "phantom_lesion_unet")
+    built = time.perf_counter() - t0
+    assert paths.model is not None and (paths.model / "model_card.json").is_file()
+    stamp = paths.cls_profile.stat().st_mtime_ns
+    assert sample_data.make_sample(tmp_path / "sample").cls_profile == paths.cls_profile
+    assert paths.cls_profile.stat().st_mtime_ns == stamp  # reused, not rebuilt
+    image, probability = load_image(paths.image), load_probability_map(paths.probability)
+    assert image.geometry.mismatch(probability.geometry) is None
+    profiles = [load_profile(paths.cls_profile), load_profile(paths.sets_profile)]
+    assert [p.method for p in profiles] == ["cls", "sets"] and profiles[0].summaries.n == sample_data.N_CALIBRATION
+    state = SliderState(profiles, probability.array, probability.geometry)
+    result = state.update(SliderSettings(epsilon=0.1, alpha=0.1, alpha_inner=0.1, alpha_outer=0.1, slider_safe=True))
+    assert not result.has_warning and {"Lesion (FNR-controlled)", "Inner set", "Outer set"} <= set(result.segments)
+    assert built < 60

@@ -11,20 +11,55 @@ import logging
 import os
 import shutil
 import sys
+from pathlib import Path
 
 import numpy as np
+import slicer
 from slicer.i18n import tr as _
 from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic
 
 from ConformalSegLib.common.errors import ConformalSegError
 
-from . import commands, display, environment, evaluation_plots, inference_check, intervals, score_maps
+from . import (
+    commands,
+    display,
+    environment,
+    evaluation_plots,
+    inference_check,
+    intervals,
+    sample_data,
+    score_maps,
+)
 from . import slicer_adapter as adapter
 from .process import ProcessRunner
 from .slider import SliderSettings, SliderState
 
 #: The module's folder (``ConformalSeg.py``, ``Resources/``), one above this package.
 MODULE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: The shipped lesion network: in the installed extension's module resources, else the source checkout's.
+SHIPPED_MODEL = next(
+    (
+        Path(folder)
+        for folder in (
+            os.path.join(MODULE_DIR, "Resources", "models", "phantom_lesion_unet"),
+            os.path.join(os.path.dirname(MODULE_DIR), "Resources", "models", "phantom_lesion_unet"),
+        )
+        if os.path.isfile(os.path.join(folder, "model_card.json"))
+    ),
+    None,
+)
+
+
+def registerSampleData() -> None:
+    """Add the ConformalSeg sample to Slicer's Sample Data module (built on first click, no download)."""
+    import SampleData
+
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(
+        category=sample_data.CATEGORY,
+        sampleName=sample_data.SAMPLE_NAME,
+        thumbnailFileName=os.path.join(MODULE_DIR, "Resources", "Icons", "ConformalSeg.png"),
+        customDownloader=lambda source: Logic().loadSampleData(),
+    )
 
 
 class Logic(ScriptedLoadableModuleLogic):
@@ -382,6 +417,23 @@ class Logic(ScriptedLoadableModuleLogic):
                 onFinished(code, cancelled, str(out))
 
         return self._start(argv, (), onOutput, None, finished)
+
+    def loadSampleData(self):
+        """The sample (:mod:`ConformalSegSlicer.sample_data`, built into Slicer's cache folder on first use):
+        the scan and its probability map loaded, and the parameter node set to them and to the CLS and
+        confidence-set profiles (and the shipped model when present). Returns the two volume nodes."""
+        folder = os.path.join(slicer.app.cachePath, "ConformalSeg-sample")
+        paths = sample_data.make_sample(folder, model=SHIPPED_MODEL)
+        image = adapter.load_volume(str(paths.image), "ConformalSeg phantom CT")
+        probability = adapter.load_volume(str(paths.probability), "ConformalSeg phantom lesion probability")
+        slicer.util.setSliceViewerLayers(background=image, fit=True)
+        p = self.getParameterNode()
+        if hasattr(p, "profilePath"):  # the module's parameter node (ConformalSeg.py)
+            p.inputVolume, p.probabilityVolume = image, probability
+            p.profilePath, p.secondProfilePath = paths.cls_profile, paths.sets_profile
+            if paths.model is not None:
+                p.modelPath = paths.model
+        return image, probability
 
     def updateEvaluationPlots(self, results, epsilon: float, alpha: float):
         """ECR-vs-alpha and PC-vs-alpha charts for the evaluated epsilon nearest ``epsilon``."""
