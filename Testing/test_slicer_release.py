@@ -385,3 +385,15 @@ def test_sample_data_is_built_once_and_drives_every_panel_section(tmp_path):
     result = state.update(SliderSettings(epsilon=0.1, alpha=0.1, alpha_inner=0.1, alpha_outer=0.1, slider_safe=True))
     assert not result.has_warning and {"Lesion (FNR-controlled)", "Inner set", "Outer set"} <= set(result.segments)
     assert built < 60
+
+
+def test_every_combo_choice_has_a_readable_label():
+    import re
+
+    from ConformalSegSlicer import display
+
+    source = MODULE_FILE.read_text(encoding="utf-8")
+    methods = re.search(r"calibrationMethod: Annotated\[str, Choice\((\[[^\]]*\])\)\]", source).group(1)
+    assert set(commands.METHOD_LABELS) == set(ast.literal_eval(methods))
+    assert set(display.OVERLAY_LABELS) == set(display.OVERLAYS)
+    assert all(label != key for key, label in {**commands.METHOD_LABELS, **display.OVERLAY_LABELS}.items())

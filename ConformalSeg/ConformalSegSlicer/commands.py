@@ -22,6 +22,12 @@ from pathlib import Path
 
 #: Case id of the volume the module exports for inference (file ``images/input.nrrd``: uncompressed, exact geometry).
 INPUT_CASE_ID = "input"
+#: What the calibration-method combo box shows for each ``--method`` (the parameter node keeps the identifiers).
+METHOD_LABELS = {
+    "cls": "CLS: misses at most epsilon of the lesion, with probability 1 - alpha",
+    "crc": "Expected FNR at most epsilon (risk control)",
+    "sets": "Inner / outer confidence sets",
+}
 #: Default grids of ``conformalseg evaluate`` run from the panel (ECR / PC versus alpha plots).
 EVALUATION_ALPHAS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5)
 EVALUATION_EPSILONS = (0.05, 0.1, 0.2, 0.3)

@@ -25,6 +25,13 @@ UNCERTAINTY_COLOR_NODE_ID = "vtkMRMLColorTableNodeFileInferno.txt"
 INTERVAL_COLOR_NODE_ID = UNCERTAINTY_COLOR_NODE_ID
 #: Overlay choices of the panel ("interval": the sem-CRC interval-length map).
 OVERLAYS = ("none", "probability", "uncertainty", "interval")
+#: What the overlay combo box shows for each choice (the parameter node keeps the identifiers).
+OVERLAY_LABELS = {
+    "none": "None",
+    "probability": "Lesion probability",
+    "uncertainty": "MC-dropout variance (uncertainty)",
+    "interval": "Interval length (sem-CRC)",
+}
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from slicer.util import VTKObservationMixin
 
 from ConformalSegLib.common.errors import ConformalSegError
 
-from . import commands, environment, evaluation_plots, inference_check, intervals, segments, spatial
+from . import commands, display, environment, evaluation_plots, inference_check, intervals, segments, spatial
 from . import slicer_adapter as adapter
 from .drift import drift_badge
 from .logic import Logic
@@ -138,6 +138,7 @@ class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             # each widget of the .ui carries a "SlicerParameterName" dynamic property
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self._labelChoices()
             self._blankUnsetPaths()
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
             self.onParameterNodeModified()
@@ -154,6 +155,18 @@ class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         "evaluationResultsPathLineEdit",
         "intervalProfilePathLineEdit",
     )
+
+    def _labelChoices(self) -> None:
+        """Readable combo-box items: parameterNodeWrapper fills them with the choice identifiers and reads
+        the choice by index, so the item texts can be replaced by labels (``cls`` -> "CLS: ...")."""
+        for combo, labels in (
+            (self.ui.overlayComboBox, display.OVERLAY_LABELS),
+            (self.ui.calibrationMethodComboBox, commands.METHOD_LABELS),
+        ):
+            for index in range(combo.count):
+                label = labels.get(combo.itemText(index))
+                if label is not None:
+                    combo.setItemText(index, label)
 
     def _blankUnsetPaths(self) -> None:
         """Show unset path parameters as empty fields. parameterNodeWrapper writes ``str(Path())`` = "." into
