@@ -397,3 +397,12 @@ def test_every_combo_choice_has_a_readable_label():
     assert set(commands.METHOD_LABELS) == set(ast.literal_eval(methods))
     assert set(display.OVERLAY_LABELS) == set(display.OVERLAYS)
     assert all(label != key for key, label in {**commands.METHOD_LABELS, **display.OVERLAY_LABELS}.items())
+
+
+def test_run_device_read_from_the_childs_report(tmp_path):
+    import json
+
+    (tmp_path / "inference.json").write_text(json.dumps({"device": "cuda:0", **RECORD}))
+    assert inference_check.read_run_device(tmp_path) == "cuda:0"
+    assert inference_check.read_run_record(tmp_path) == inference_check.fingerprint(RECORD)
+    assert inference_check.read_run_device(tmp_path / "missing") is None

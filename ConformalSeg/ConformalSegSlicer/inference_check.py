@@ -76,6 +76,15 @@ def read_run_record(out_dir: str | PathLike[str]) -> dict[str, Any] | None:
     return fingerprint(json.loads(path.read_text(encoding="utf-8")))
 
 
+def read_run_device(out_dir: str | PathLike[str]) -> str | None:
+    """The device the child ran the model on (``inference.json``'s ``device``: ``cpu``, ``cuda:0``...)."""
+    path = Path(out_dir) / "inference.json"
+    if not path.is_file():
+        return None
+    device = json.loads(path.read_text(encoding="utf-8")).get("device")
+    return str(device) if device else None
+
+
 def node_value(record: Mapping[str, Any] | None) -> str:
     """The run record as the node attribute's value (``""``: not predicted in the panel)."""
     return json.dumps(fingerprint(record), sort_keys=True) if fingerprint(record) else ""

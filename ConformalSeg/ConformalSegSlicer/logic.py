@@ -465,6 +465,6 @@ class Logic(ScriptedLoadableModuleLogic):
 
     def ensureInferenceDependencies(self) -> bool:
         """PyTorch (through the PyTorch extension) and MONAI; False when the user declined."""
-        if adapter.torch_module(install=True) is None:
+        if not adapter.ensure_torch():
             return False
         return self.ensurePythonRequirements(features=("inference",))

@@ -528,6 +528,17 @@ def torch_module(install: bool):
         return None
 
 
+def ensure_torch() -> bool:
+    """PyTorch is installed in Slicer's Python (installed through the PyTorch extension after asking when
+    not); found without importing it, so Apply does not load torch or start CUDA in Slicer's process
+    (the model runs in a child). False when the user declined."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is not None:
+        return True
+    return torch_module(install=True) is not None
+
+
 def device_choice(requested: str) -> environment.DeviceChoice:
     torch = torch_module(install=False)
     if torch is None:

@@ -403,8 +403,8 @@ class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     return
                 # the loaded profile's recorded pipeline drives the run (MC passes, flips, seed; model checked)
                 driving = self.logic.inferenceProfile(self._profilePaths())
-                choice = self.logic.deviceChoice(p.device)
-                self.ui.deviceLabel.text = choice.message
+                # the child resolves the device (no torch import or CUDA start-up in Slicer's process)
+                self.ui.deviceLabel.text = environment.describe_unprobed(p.device)
                 self.ui.logTextEdit.clear()
                 self.ui.progressBar.value = 0
                 if driving is not None:
@@ -416,7 +416,7 @@ class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._inference = self.logic.startInference(
                     p.inputVolume,
                     p.modelPath,
-                    choice.device,
+                    p.device,
                     p.mcDropoutSamples,
                     onOutput=self.ui.logTextEdit.appendPlainText,
                     onProgress=self._onInferenceProgress,
@@ -449,6 +449,9 @@ class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                         p.uncertaintyVolume = uncertainty
                     self.ui.progressBar.value = 100
                     log(_("Loaded {name}.").format(name=probability.GetName()))
+                    device = inference_check.read_run_device(outDir)
+                    if device:
+                        self.ui.deviceLabel.text = _("The model ran on {device}.").format(device=device)
             except Exception:  # shown by tryWithErrorDisplay, which re-raises; clean up below all the same
                 logging.exception("ConformalSeg: loading the model's output failed")
             finally:
