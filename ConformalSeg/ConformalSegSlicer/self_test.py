@@ -37,6 +37,7 @@ class SelfTest(ScriptedLoadableModuleTest):
             self.test_CancelKillsProcessTree,
             self.test_IntervalOverlayMatchesLibrary,
             self.test_TinyModelEndToEnd,
+            self.test_SampleDataFillsThePanel,
         )
         for test in tests:
             self.setUp()
@@ -114,11 +115,25 @@ class SelfTest(ScriptedLoadableModuleTest):
             probability, uncertainty = logic.runInference(image, model, device="cpu", mcDropout=2, timeout=600)
             self.assertIsNotNone(uncertainty)
             self.assertIsNone(adapter.volume_geometry(image).mismatch(adapter.volume_geometry(probability)))
+            # D3: the result is saved with the scene (no storage node into the deleted temporary folder)
+            self.assertIsNone(probability.GetStorageNode())
+            self.assertTrue(probability.GetModifiedSinceRead())
             values = adapter.volume_array(probability, copy=False)
             self.assertTrue(0.0 <= float(values.min()) and float(values.max()) <= 1.0)
             state = logic.loadSliderState(probability, fixture.profile_paths)
             self._assertSegmentsMatch(logic, state, fixtures.SLIDER_CHECKS[0], None, image)
         self.delayDisplay("Tiny model ran end to end on the CPU")
+
+    def test_SampleDataFillsThePanel(self):
+        logic = self.logicClass()
+        image, probability = logic.loadSampleData()
+        p = logic.getParameterNode()
+        self.assertEqual(p.probabilityVolume.GetID(), probability.GetID())
+        state = logic.loadSliderState(probability, [p.profilePath, p.secondProfilePath])
+        settings = state.initial_settings()
+        segmentation, result = self._assertSegmentsMatch(logic, state, settings, None, image)
+        self.assertFalse(result.has_warning)
+        self.delayDisplay("The sample data fills the panel and its segments equal the library's")
 
     def test_IntervalOverlayMatchesLibrary(self):
         reason = fixtures.interval_fixture_unavailable_reason()
