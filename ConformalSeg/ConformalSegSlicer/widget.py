@@ -270,6 +270,7 @@ class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 ],
                 inference_check.from_node_value(p.probabilityVolume.GetAttribute(inference_check.NODE_ATTRIBUTE)),
             )
+            self._guaranteeBlocker = blocker
             text = blocker or "\n".join(filter(None, (result.text, note, gridWarning, badge)))
             self._setGuarantee(text, warning=bool(blocker or note or gridWarning) or result.has_warning or drifting)
             self._fillResultsTable(result)
@@ -465,6 +466,7 @@ class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     _backgroundCommand = None
     _backgroundMethod = None
+    _guaranteeBlocker = None
 
     def _startBackground(self, command: str) -> None:
         if self._background is not None and self._background.running:
@@ -554,7 +556,7 @@ class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         if self._background is not None and self._background.running:
             return
-        blocker = self.ui.guaranteeLabel.text if self.ui.guaranteeLabel.text.startswith("No guarantee") else None
+        blocker = self._guaranteeBlocker  # the map's pipeline is not the profiles' (inference_check)
         if blocker:
             slicer.util.errorDisplay(_("This map cannot join the calibration set:\n") + blocker)
             return
