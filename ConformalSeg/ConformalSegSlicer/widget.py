@@ -222,6 +222,7 @@ class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _updateSegments(self) -> None:
         p = self._parameterNode
+        self._guaranteeBlocker = None
         paths = self._profilePaths()
         if not paths or not p.probabilityVolume:
             self._state = None
