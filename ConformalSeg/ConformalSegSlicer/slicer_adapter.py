@@ -207,16 +207,26 @@ def ensure_segment(segmentationNode, name: str) -> str:
     return segmentId
 
 
+_LABELMAP_BUFFER: dict[str, object] = {}
+
+
 def labelmap_image(mask: np.ndarray, ijkToRAS: vtk.vtkMatrix4x4):
     """A ``vtkOrientedImageData`` (uint8 0/1) holding ``mask`` (``(z, y, x)``) on the grid ``ijkToRAS``:
-    one copy of the mask, nothing in the scene."""
-    image = slicer.vtkOrientedImageData()
+    one copy of the mask, nothing in the scene. One image is reused from call to call while the shape
+    stays (``SetBinaryLabelmapToSegment`` copies it into the segment in replace mode:
+    ``vtkOrientedImageDataResample::CopyImage``), which saves allocating a volume-sized buffer per segment."""
     depth, rows, columns = mask.shape
-    image.SetDimensions(columns, rows, depth)
-    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    image = _LABELMAP_BUFFER.get("image")
+    if image is None or _LABELMAP_BUFFER.get("shape") != mask.shape:
+        image = slicer.vtkOrientedImageData()
+        image.SetDimensions(columns, rows, depth)
+        image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+        _LABELMAP_BUFFER.update(image=image, shape=mask.shape)
     voxels = vtk.util.numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
     voxels.reshape(mask.shape)[...] = mask
+    image.GetPointData().GetScalars().Modified()
     image.SetImageToWorldMatrix(ijkToRAS)
+    image.Modified()
     return image
 
 
