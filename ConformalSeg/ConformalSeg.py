@@ -66,7 +66,7 @@ class ConformalSeg(ScriptedLoadableModule):
         self.parent.title = _("ConformalSeg")
         self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
         self.parent.dependencies = []  # PyTorchUtils (PyTorch extension) is used when present
-        self.parent.contributors = ["ConformalSeg developers"]
+        self.parent.contributors = ["ConformalSeg maintainers (ConformalSeg project)"]
         self.parent.helpText = UNSUPPORTED or _("""
 Turns a lesion probability map (from your network, run here out of process, or loaded) into
 segments with a statistical guarantee, calibrated on scans with ground truth
