@@ -38,6 +38,7 @@ class SelfTest(ScriptedLoadableModuleTest):
             self.test_IntervalOverlayMatchesLibrary,
             self.test_TinyModelEndToEnd,
             self.test_SampleDataFillsThePanel,
+            self.test_AddCaseGrowsTheProfile,
         )
         for test in tests:
             self.setUp()
@@ -134,6 +135,32 @@ class SelfTest(ScriptedLoadableModuleTest):
         segmentation, result = self._assertSegmentsMatch(logic, state, settings, None, image)
         self.assertFalse(result.has_warning)
         self.delayDisplay("The sample data fills the panel and its segments equal the library's")
+
+    def test_AddCaseGrowsTheProfile(self):
+        from ConformalSegLib.conformal.profile import load_profile
+
+        with tempfile.TemporaryDirectory() as folder:
+            fixture = fixtures.make_slider_fixture(folder, methods=("cls",))
+            image, probability = self._addCase(fixture.case)
+            reviewed = adapter.ensure_segmentation(None, probability, name="ConformalSegTest reviewed")
+            adapter.add_named_segments(reviewed, {"lesion": fixture.case.lesion}, probability)
+            logic = self.logicClass()
+            finished = {}
+            pump = logic.startAddCase(
+                probability,
+                reviewed,
+                fixture.profile_paths[0],
+                "reviewed1",
+                onFinished=lambda code, cancelled, path: finished.update(code=code, path=path),
+            )
+            pump.timer.stop()
+            self.assertIsNotNone(pump.runner.wait(120))
+            self.assertEqual(finished.get("code"), 0, "\n".join(pump.runner.output[-20:]))
+            grown = load_profile(finished["path"])
+            old = load_profile(fixture.profile_paths[0])
+            self.assertEqual(grown.summaries.n, old.summaries.n + 1)
+            self.assertEqual(grown.summaries.case_ids[-1], "reviewed1")
+        self.delayDisplay("Add this case to calibration wrote a grown profile beside the old one")
 
     def test_IntervalOverlayMatchesLibrary(self):
         reason = fixtures.interval_fixture_unavailable_reason()
