@@ -47,6 +47,7 @@ def _same(a, b):
     assert a.summaries.case_ids == b.summaries.case_ids
 
 
+@pytest.mark.filterwarnings("ignore::ConformalSegLib.common.errors.CalibrationSetTooSmallWarning")
 @pytest.mark.parametrize("name", sorted(REQUESTS))
 def test_adding_cases_is_calibrating_on_the_grown_set(cases, name):
     request = REQUESTS[name]
