@@ -25,7 +25,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     a = actions.add_parser(
         "add-case",
         help="write a new profile with one reviewed case (probability map + corrected lesion) added",
-        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        description="Append one reviewed scan (its probability map and corrected label map) to a profile's "
+        "calibration set and recalibrate at the profile's parameters, as a new profile file; the old profile is "
+        "never modified. Add reviewed scans as they come, not only the hard ones: the guarantee assumes they are "
+        "exchangeable with the scans the profile is applied to.",
     )
     a.add_argument("--profile", type=Path, required=True, help="the profile JSON to grow (left unchanged)")
     a.add_argument("--prob", type=Path, required=True, help="probability map of the reviewed scan")
