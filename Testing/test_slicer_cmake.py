@@ -184,6 +184,15 @@ set(Slicer_QTSCRIPTEDMODULES_LIB_DIR "lib/Slicer-5.12/qt-scripted-modules")
 set(Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR "lib/Slicer-5.12/qt-scripted-modules")
 set(BUILD_TESTING ON)
 set(CMAKE_CURRENT_SOURCE_DIR "{module}")
+macro(install)
+  cmake_parse_arguments(MY "" "DESTINATION;COMPONENT" "FILES" ${{ARGN}})
+  foreach(f ${{MY_FILES}})
+    if(NOT EXISTS "${{f}}")
+      message(FATAL_ERROR "install: nonexistent ${{f}}")
+    endif()
+  endforeach()
+  message(STATUS "install files=${{MY_FILES}} destination=${{MY_DESTINATION}}")
+endmacro()
 macro(slicerMacroBuildScriptedModule)
   cmake_parse_arguments(MY "WITH_GENERIC_TESTS" "NAME" "SCRIPTS;RESOURCES" ${{ARGN}})
   foreach(f ${{MY_SCRIPTS}} ${{MY_RESOURCES}})
@@ -234,6 +243,9 @@ def test_module_cmakelists_runs_against_stub_macros(tmp_path):
         "install=lib/Slicer-5.12/qt-scripted-modules/ConformalSegLib"
     ) in output
     assert "unittest ConformalSeg.py" in output
+    # the shipped lesion network is installed into the module's resources (the sample data's model)
+    assert "destination=lib/Slicer-5.12/qt-scripted-modules/Resources/models/phantom_lesion_unet" in output
+    assert "phantom_lesion_unet/weights.pt" in output
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ BENCHMARKS = (
     "bench_mondrian.py",
     "bench_threshold_bandwidth.py",
     "bench_slider.py",
+    "bench_slider_path.py",
     "bench_inference.py",
     "bench_semcrc.py",
     "bench_lesion_level.py",

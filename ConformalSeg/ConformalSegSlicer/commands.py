@@ -20,8 +20,14 @@ from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
 
-#: Case id of the volume the module exports for inference (file ``images/input.nii.gz``).
+#: Case id of the volume the module exports for inference (file ``images/input.nrrd``: uncompressed, exact geometry).
 INPUT_CASE_ID = "input"
+#: What the calibration-method combo box shows for each ``--method`` (the parameter node keeps the identifiers).
+METHOD_LABELS = {
+    "cls": "CLS: misses at most epsilon of the lesion, with probability 1 - alpha",
+    "crc": "Expected FNR at most epsilon (risk control)",
+    "sets": "Inner / outer confidence sets",
+}
 #: Default grids of ``conformalseg evaluate`` run from the panel (ECR / PC versus alpha plots).
 EVALUATION_ALPHAS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5)
 EVALUATION_EPSILONS = (0.05, 0.1, 0.2, 0.3)
@@ -79,7 +85,10 @@ def infer_command(
     mc_dropout: int = 0,
     device: str = "auto",
     force: bool = True,
+    profile: str | PathLike[str] | None = None,
 ) -> list[str]:
+    """``conformalseg infer``; with ``profile``, the profile's recorded pipeline (MC passes, flips, seed)
+    is used and a model with another fingerprint is refused, so ``mc_dropout`` is not passed."""
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
     if int(mc_dropout) < 0:
@@ -91,8 +100,7 @@ def infer_command(
         str(images),
         "--out",
         str(out_dir),
-        "--mc-dropout",
-        str(int(mc_dropout)),
+        *(["--profile", str(profile)] if profile is not None else ["--mc-dropout", str(int(mc_dropout))]),
         "--device",
         device,
     ]
@@ -177,6 +185,41 @@ def evaluate_command(
         args.append("--no-hd95")
     args += ["--out", str(out_dir)]
     return module_command(python, "evaluate", *args, *(["--force"] if force else []))
+
+
+def add_case_command(
+    python: str,
+    *,
+    profile: str | PathLike[str],
+    prob: str | PathLike[str],
+    label: str | PathLike[str],
+    out: str | PathLike[str],
+    case_id: str,
+) -> list[str]:
+    """``conformalseg profile add-case``: a new profile ``out`` with the reviewed case added (label value 1)."""
+    args = ["--profile", str(profile), "--prob", str(prob), "--label", str(label), "--out", str(out)]
+    return module_command(python, "profile", "add-case", *args, "--case-id", str(case_id), "--lesion-label", "1")
+
+
+def grown_profile_path(profile: str | PathLike[str]) -> Path:
+    """Where the panel writes a profile grown by one reviewed case: ``NAME_added1.json`` beside ``NAME.json``
+    (``NAME_added2.json`` when the profile is itself ``NAME_added1.json``, and the next free number)."""
+    path = Path(profile)
+    stem, count = path.stem, 0
+    head, sep, tail = stem.rpartition("_added")
+    if sep and tail.isdigit():
+        stem, count = head, int(tail)
+    while True:
+        count += 1
+        candidate = path.with_name(f"{stem}_added{count}.json")
+        if not candidate.exists() and not candidate.with_suffix(".npz").exists():
+            return candidate
+
+
+def case_id_from_name(name: str) -> str:
+    """A case id from a node name (letters, digits, ``-``, ``_`` and ``.``; others become ``_``)."""
+    cleaned = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(name)).strip("_.")
+    return cleaned or "reviewed"
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,9 @@ probability is windowed to [0, 1]; the variance and the interval length, whose s
 model, to their finite data range. Values below the lower threshold are hidden (Slicer draws voxels
 outside the display threshold transparent), so the CT stays visible where the network is confident
 that there is no lesion. Infinite interval lengths (an organ whose risk could not be controlled)
-have no upper threshold: they are drawn in the top colour, not hidden.
+are stored in the scene as a finite sentinel, twice the largest finite length
+(:func:`scene_interval_length`: ``inf`` in a scene volume upsets auto window/level and histograms in
+other modules), and drawn in the top colour, not hidden; the library's output keeps ``inf``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,13 @@ UNCERTAINTY_COLOR_NODE_ID = "vtkMRMLColorTableNodeFileInferno.txt"
 INTERVAL_COLOR_NODE_ID = UNCERTAINTY_COLOR_NODE_ID
 #: Overlay choices of the panel ("interval": the sem-CRC interval-length map).
 OVERLAYS = ("none", "probability", "uncertainty", "interval")
+#: What the overlay combo box shows for each choice (the parameter node keeps the identifiers).
+OVERLAY_LABELS = {
+    "none": "None",
+    "probability": "Lesion probability",
+    "uncertainty": "MC-dropout variance (uncertainty)",
+    "interval": "Interval length (sem-CRC)",
+}
 
 
 @dataclass(frozen=True)
@@ -56,8 +65,26 @@ def overlay_display(
     if high <= low:  # a constant map: a tiny window so that the colour table still applies
         high = low + max(abs(low) * 1e-6, 1e-12)
     if kind == "interval":
-        return OverlayDisplay(INTERVAL_COLOR_NODE_ID, low, high, low + hide_below * (high - low), math.inf)
+        return OverlayDisplay(INTERVAL_COLOR_NODE_ID, low, high, low + hide_below * (high - low), FINITE_TOP)
     return OverlayDisplay(UNCERTAINTY_COLOR_NODE_ID, low, high, low + hide_below * (high - low), high)
+
+
+#: Upper display threshold that keeps every finite value (the largest float32), instead of ``inf``.
+FINITE_TOP = float(np.finfo(np.float32).max)
+
+
+def scene_interval_length(length: np.ndarray) -> np.ndarray:
+    """The interval-length map as stored in the scene: ``+inf`` (uncontrollable organs) replaced by twice
+    the largest finite length (1 when there is none, or it is not positive); other values unchanged."""
+    length = np.asarray(length)
+    infinite = np.isposinf(length)
+    if not infinite.any():
+        return length
+    finite = length[np.isfinite(length)]
+    top = float(finite.max()) if finite.size else 0.0
+    out = length.copy()
+    out[infinite] = 2.0 * top if top > 0 else 1.0
+    return out
 
 
 def finite_range(array) -> tuple[float, float]:

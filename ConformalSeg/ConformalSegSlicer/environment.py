@@ -41,20 +41,43 @@ def requirement_name(requirement: str) -> str:
     return match.group(1)
 
 
-def read_requirements(path: str | PathLike[str]) -> list[str]:
-    """Requirement lines of a requirements file (comments, blanks and ``-`` options skipped); a
-    protected package in it is an error (it would replace Slicer's own)."""
-    requirements = []
+_GROUP = re.compile(r"^#\s*\[([A-Za-z0-9_-]+)\]")
+
+
+def read_requirements(path: str | PathLike[str], features: Iterable[str] | None = None) -> list[str]:
+    """Requirement lines of a requirements file (comments, blanks and ``-`` options skipped): those before
+    the first ``# [group]`` line plus the groups in ``features`` (every group when ``features`` is None).
+    A protected package in it is an error (it would replace Slicer's own)."""
+    wanted = None if features is None else set(features)
+    requirements, group = [], None
     for raw in Path(path).read_text(encoding="utf-8").splitlines():
+        header = _GROUP.match(raw.strip())
+        if header:
+            group = header.group(1)
+            continue
         line = raw.split("#", 1)[0].strip()
         if not line or line.startswith("-"):
             continue
-        requirements.append(line)
+        if group is None or wanted is None or group in wanted:
+            requirements.append(line)
     protected = {canonical(p) for p in PROTECTED_PACKAGES}
     bad = [r for r in requirements if canonical(requirement_name(r)) in protected]
     if bad:
         raise ValueError(f"{path}: {', '.join(bad)} must not be installed by the module (Slicer provides it)")
     return requirements
+
+
+def constraints(version_of: Callable[[str], str | None] | None = None) -> str:
+    """A pip constraints file pinning the installed :data:`PROTECTED_PACKAGES` (``numpy==1.26.4``...): with
+    ``pip install -c`` a dependency cannot upgrade or replace them (Slicer before 5.12 has no
+    ``pip_ensure(skip_packages=)``)."""
+    version_of = version_of or _installed_version
+    pins = [f"{name}=={version}" for name in PROTECTED_PACKAGES if (version := version_of(name))]
+    return "".join(pin + "\n" for pin in pins)
+
+
+#: PyTorch version the model code needs (passed to the PyTorch extension's installer).
+TORCH_REQUIREMENT = ">=2.1"
 
 
 def _installed_version(name: str) -> str | None:

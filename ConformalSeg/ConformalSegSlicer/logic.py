@@ -9,20 +9,57 @@ the model, calibration and evaluation run out of process (``conformalseg`` in Py
 
 import logging
 import os
+import shutil
 import sys
+from pathlib import Path
 
+import numpy as np
+import slicer
 from slicer.i18n import tr as _
 from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic
 
 from ConformalSegLib.common.errors import ConformalSegError
 
-from . import commands, display, environment, evaluation_plots, intervals
+from . import (
+    commands,
+    display,
+    environment,
+    evaluation_plots,
+    inference_check,
+    intervals,
+    sample_data,
+    score_maps,
+)
 from . import slicer_adapter as adapter
 from .process import ProcessRunner
 from .slider import SliderSettings, SliderState
 
 #: The module's folder (``ConformalSeg.py``, ``Resources/``), one above this package.
 MODULE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: The shipped lesion network: in the installed extension's module resources, else the source checkout's.
+SHIPPED_MODEL = next(
+    (
+        Path(folder)
+        for folder in (
+            os.path.join(MODULE_DIR, "Resources", "models", "phantom_lesion_unet"),
+            os.path.join(os.path.dirname(MODULE_DIR), "Resources", "models", "phantom_lesion_unet"),
+        )
+        if os.path.isfile(os.path.join(folder, "model_card.json"))
+    ),
+    None,
+)
+
+
+def registerSampleData() -> None:
+    """Add the ConformalSeg sample to Slicer's Sample Data module (built on first click, no download)."""
+    import SampleData
+
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(
+        category=sample_data.CATEGORY,
+        sampleName=sample_data.SAMPLE_NAME,
+        thumbnailFileName=os.path.join(MODULE_DIR, "Resources", "Icons", "ConformalSeg.png"),
+        customDownloader=lambda source: Logic().loadSampleData(),
+    )
 
 
 class Logic(ScriptedLoadableModuleLogic):
@@ -39,11 +76,38 @@ class Logic(ScriptedLoadableModuleLogic):
 
     # ------------------------------------------------------------------ segments (in process)
 
-    def loadSliderState(self, probabilityVolume, profilePaths) -> SliderState:
-        """Profiles + the probability map of a volume node (copied) on its own grid."""
+    def loadSliderState(self, probabilityVolume, profilePaths, inlineScores: bool = True) -> SliderState:
+        """Profiles + the probability map of a volume node (copied) on its own grid. With
+        ``inlineScores=False`` (the panel) confidence-set score maps are left to :meth:`startScoreMaps`."""
         return SliderState.from_files(
-            profilePaths, adapter.volume_array(probabilityVolume), adapter.volume_geometry(probabilityVolume)
+            profilePaths,
+            adapter.volume_array(probabilityVolume),
+            adapter.volume_geometry(probabilityVolume),
+            inline_scores=inlineScores,
         )
+
+    def startScoreMaps(self, state: SliderState, onFinished=None):
+        """Compute the state's missing confidence-set score maps in PythonSlicer (never on the GUI thread;
+        :mod:`ConformalSegSlicer.score_maps`) and hand them to ``state`` when done; returns the pump, or
+        None when nothing is missing. ``onFinished(ok)`` runs after the maps are in the state."""
+        names = state.missing_scores()
+        if not names:
+            return None
+        work = adapter.temporary_folder()
+        score_maps.write_inputs(work, state.probability, state.geometry)
+
+        def finished(code, cancelled):
+            try:
+                ok = code == 0 and not cancelled
+                if ok:
+                    for name, scores in score_maps.read_outputs(work, names).items():
+                        state.set_scores(name, scores)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+            if onFinished:
+                onFinished(ok)
+
+        return self._start(score_maps.command(adapter.python_slicer(), work, names), (), None, None, finished)
 
     def updateSegmentation(
         self,
@@ -139,10 +203,11 @@ class Logic(ScriptedLoadableModuleLogic):
         base, result = lowerNode.GetName(), outcome.application
         lower = adapter.output_volume("intervalLower", f"{base} conformal lower", result.lower, lowerNode)
         upper = adapter.output_volume("intervalUpper", f"{base} conformal upper", result.upper, lowerNode)
+        sceneLength = display.scene_interval_length(result.length)  # no inf in the scene
         length = (
-            adapter.write_volume(lengthNode, result.length, lowerNode)
+            adapter.write_volume(lengthNode, sceneLength, lowerNode)
             if lengthNode is not None
-            else adapter.output_volume("intervalLength", f"{base} interval length", result.length, lowerNode)
+            else adapter.output_volume("intervalLength", f"{base} interval length", sceneLength, lowerNode)
         )
         return intervals.AppliedIntervals(outcome, lower, upper, length)
 
@@ -160,20 +225,46 @@ class Logic(ScriptedLoadableModuleLogic):
         logging.info("ConformalSeg: running %s", " ".join(str(a) for a in argv))
         return adapter.ProcessPump(runner).start()
 
+    def inferenceProfile(self, profilePaths):
+        """The loaded profile whose recorded pipeline a model run must use (None: no profile recorded one)."""
+        from ConformalSegLib.conformal.profile import load_profile
+
+        records = [(str(path), load_profile(path).provenance.get("inference")) for path in profilePaths]
+        try:
+            return inference_check.profile_to_drive(records)
+        except ValueError as exc:
+            raise ConformalSegError(str(exc), fix="load profiles calibrated with one model pipeline") from None
+
     def startInference(
-        self, inputVolume, modelPath, device="auto", mcDropout=0, onOutput=None, onProgress=None, onFinished=None
+        self,
+        inputVolume,
+        modelPath,
+        device="auto",
+        mcDropout=0,
+        onOutput=None,
+        onProgress=None,
+        onFinished=None,
+        profilePath=None,
     ):
         """Export ``inputVolume`` and run ``conformalseg infer`` on it in PythonSlicer; returns the
-        pump. ``onFinished(returncode, cancelled, outDir)``."""
+        pump. With ``profilePath`` the child uses the profile's recorded pipeline (MC passes, flips, seed;
+        ``mcDropout`` is ignored) and refuses a model with another fingerprint.
+        ``onFinished(returncode, cancelled, outDir)``."""
         if inputVolume is None:
             raise ValueError("choose the input volume the model runs on")
         work = adapter.temporary_folder()
-        image = os.path.join(work, "images", commands.INPUT_CASE_ID + ".nii.gz")
+        image = os.path.join(work, "images", commands.INPUT_CASE_ID + ".nrrd")
         os.makedirs(os.path.dirname(image))
         adapter.export_volume(inputVolume, image)
         outDir = os.path.join(work, "out")
         argv = commands.infer_command(
-            adapter.python_slicer(), model=modelPath, images=image, out_dir=outDir, mc_dropout=mcDropout, device=device
+            adapter.python_slicer(),
+            model=modelPath,
+            images=image,
+            out_dir=outDir,
+            mc_dropout=mcDropout,
+            device=device,
+            profile=profilePath,
         )
         return self._start(
             argv,
@@ -184,13 +275,24 @@ class Logic(ScriptedLoadableModuleLogic):
         )
 
     def loadInferenceResults(self, outDir, referenceVolume=None):
-        """Probability (and MC-dropout variance) volumes written by ``conformalseg infer``."""
+        """Probability (and MC-dropout variance) volumes written by ``conformalseg infer``: each marked
+        modified (its file is in a temporary folder deleted next, so Save must write it), under the
+        reference volume's parent transform and subject-hierarchy folder, the probability volume tagged
+        with the run's pipeline fingerprint (:mod:`ConformalSegSlicer.inference_check`)."""
         found = commands.find_inference_outputs(outDir)
         if found.probability is None:
             raise ConformalSegError("the model wrote no probability map", path=outDir, fix="see the log for its error")
         base = referenceVolume.GetName() if referenceVolume is not None else "ConformalSeg"
-        probability = adapter.load_volume(found.probability, f"{base} lesion probability")
-        uncertainty = adapter.load_volume(found.variance, f"{base} MC-dropout variance") if found.variance else None
+        probability = adapter.load_result_volume(
+            found.probability, "probability", f"{base} lesion probability", referenceVolume
+        )
+        uncertainty = (
+            adapter.load_result_volume(found.variance, "variance", f"{base} MC-dropout variance", referenceVolume)
+            if found.variance
+            else None
+        )
+        record = inference_check.read_run_record(outDir)
+        probability.SetAttribute(inference_check.NODE_ATTRIBUTE, inference_check.node_value(record))
         return probability, uncertainty
 
     def runInference(self, inputVolume, modelPath, device="cpu", mcDropout=0, timeout=None):
@@ -281,6 +383,58 @@ class Logic(ScriptedLoadableModuleLogic):
             lambda code, cancelled: onFinished and onFinished(code, cancelled, os.path.join(out, "results.json")),
         )
 
+    def startAddCase(
+        self, probabilityVolume, reviewedSegmentation, profilePath, caseId, onOutput=None, onFinished=None
+    ):
+        """``conformalseg profile add-case`` in the background: the probability map and the reviewed lesion
+        (the union of ``reviewedSegmentation``'s segments on the map's grid) are written to a temporary
+        folder and appended to ``profilePath``'s calibration set as a new profile beside it (the old one is
+        never modified). ``onFinished(returncode, cancelled, newProfilePath)``."""
+        from ConformalSegLib.io.volumes import save_volume
+
+        if probabilityVolume is None or reviewedSegmentation is None:
+            raise ValueError(_("choose the probability map and the reviewed lesion segmentation"))
+        ids = list(adapter.segment_names(reviewedSegmentation))
+        if not ids:
+            raise ValueError(_("the reviewed segmentation has no segment"))
+        masks = adapter.segment_arrays(reviewedSegmentation, ids, probabilityVolume)
+        lesion = np.zeros(next(iter(masks.values())).shape, dtype=np.uint8)
+        for mask in masks.values():
+            lesion[mask > 0] = 1
+        geometry = adapter.volume_geometry(probabilityVolume)
+        work = adapter.temporary_folder()
+        prob, label = os.path.join(work, "probability.nrrd"), os.path.join(work, "label.nrrd")
+        save_volume(adapter.volume_array(probabilityVolume, copy=False), geometry, prob)
+        save_volume(lesion, geometry, label)
+        out = commands.grown_profile_path(profilePath)
+        argv = commands.add_case_command(
+            adapter.python_slicer(), profile=profilePath, prob=prob, label=label, out=out, case_id=caseId
+        )
+
+        def finished(code, cancelled):
+            shutil.rmtree(work, ignore_errors=True)
+            if onFinished:
+                onFinished(code, cancelled, str(out))
+
+        return self._start(argv, (), onOutput, None, finished)
+
+    def loadSampleData(self):
+        """The sample (:mod:`ConformalSegSlicer.sample_data`, built into Slicer's cache folder on first use):
+        the scan and its probability map loaded, and the parameter node set to them and to the CLS and
+        confidence-set profiles (and the shipped model when present). Returns the two volume nodes."""
+        folder = os.path.join(slicer.app.cachePath, "ConformalSeg-sample")
+        paths = sample_data.make_sample(folder, model=SHIPPED_MODEL)
+        image = adapter.load_volume(str(paths.image), "ConformalSeg phantom CT")
+        probability = adapter.load_volume(str(paths.probability), "ConformalSeg phantom lesion probability")
+        slicer.util.setSliceViewerLayers(background=image, fit=True)
+        p = self.getParameterNode()
+        if hasattr(p, "profilePath"):  # the module's parameter node (ConformalSeg.py)
+            p.inputVolume, p.probabilityVolume = image, probability
+            p.profilePath, p.secondProfilePath = paths.cls_profile, paths.sets_profile
+            if paths.model is not None:
+                p.modelPath = paths.model
+        return image, probability
+
     def updateEvaluationPlots(self, results, epsilon: float, alpha: float):
         """ECR-vs-alpha and PC-vs-alpha charts for the evaluated epsilon nearest ``epsilon``."""
         return adapter.update_evaluation_plots(evaluation_plots.alpha_curves(results, epsilon), alpha)
@@ -300,23 +454,17 @@ class Logic(ScriptedLoadableModuleLogic):
         except Exception as exc:  # a broken PyTorch install must not break the panel
             return _("Cannot query PyTorch: {error}").format(error=exc)
 
-    def requirements(self, inference: bool = False) -> list:
-        """``Resources/requirements.txt`` (without the inference packages unless ``inference``)."""
-        wanted = environment.read_requirements(os.path.join(MODULE_DIR, "Resources", "requirements.txt"))
-        if inference:
-            return wanted
-        return [
-            r
-            for r in wanted
-            if environment.canonical(environment.requirement_name(r)) not in environment.INFERENCE_PACKAGES
-        ]
+    def requirements(self, features=()) -> list:
+        """``Resources/requirements.txt``: the packages every command needs plus the ``features`` groups
+        (``inference``, ``evaluation``; ``sem-crc-calibration`` is never installed by the panel)."""
+        return environment.read_requirements(os.path.join(MODULE_DIR, "Resources", "requirements.txt"), features)
 
-    def ensurePythonRequirements(self, inference: bool = False) -> bool:
+    def ensurePythonRequirements(self, features=()) -> bool:
         """Install the missing requirements after a confirmation (never Slicer's numpy, SimpleITK...)."""
-        return adapter.ensure_requirements(self.requirements(inference), requester="ConformalSeg")
+        return adapter.ensure_requirements(self.requirements(features), requester="ConformalSeg")
 
     def ensureInferenceDependencies(self) -> bool:
         """PyTorch (through the PyTorch extension) and MONAI; False when the user declined."""
-        if adapter.torch_module(install=True) is None:
+        if not adapter.ensure_torch():
             return False
-        return self.ensurePythonRequirements(inference=True)
+        return self.ensurePythonRequirements(features=("inference",))

@@ -319,11 +319,16 @@ class ProcessRunner:
 
     def cancel(self) -> None:
         """Kill the process and all its children (no-op once finished). ``on_finished`` still comes
-        from the next :meth:`poll`, with ``cancelled=True``."""
+        from a later :meth:`poll`, with ``cancelled=True``. Returns at once (the GUI thread calls it): the
+        group gets SIGTERM here, and the grace period and SIGKILL run in a daemon thread."""
         if self._proc is None or self._proc.poll() is not None:
             return
         self.cancelled = True
-        kill_process_tree(self._proc, grace=self.grace)
+        if os.name != "nt":
+            _signal_group(self._proc.pid, signal.SIGTERM)
+        threading.Thread(
+            target=kill_process_tree, args=(self._proc,), kwargs={"grace": self.grace}, daemon=True
+        ).start()
 
     def wait(self, timeout: float | None = None, interval: float = 0.05) -> int | None:
         """Pump :meth:`poll` until the process has finished (or ``timeout`` seconds); return its status."""

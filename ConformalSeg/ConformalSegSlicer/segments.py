@@ -14,6 +14,7 @@ from ConformalSegLib.io.segmentation import (
     DEFAULT_COLOR,
     INNER_SET,
     LESION_FNR,
+    LESION_LEVEL,
     LESION_THRESHOLD,
     OUTER_SET,
     SEGMENT_COLORS,
@@ -22,13 +23,14 @@ from ConformalSegLib.io.segmentation import (
 )
 
 #: Display order of the segments (lesion masks first, then the sets, then the 0.5 baseline).
-SEGMENT_ORDER: tuple[str, ...] = (LESION_FNR, LESION_CRC, INNER_SET, OUTER_SET, LESION_THRESHOLD)
+SEGMENT_ORDER: tuple[str, ...] = (LESION_FNR, LESION_CRC, LESION_LEVEL, INNER_SET, OUTER_SET, LESION_THRESHOLD)
 #: Expected-FNR lesion mask: orange, so that it is not mistaken for the CLS lesion (red).
 _EXTRA_COLORS = {LESION_CRC: (0.95, 0.55, 0.10)}
 #: Parameter-node member (and checkbox) that shows or hides each segment.
 VISIBILITY_PARAMETER: dict[str, str] = {
     LESION_FNR: "showLesion",
     LESION_CRC: "showLesion",
+    LESION_LEVEL: "showLesion",
     INNER_SET: "showInnerSet",
     OUTER_SET: "showOuterSet",
     LESION_THRESHOLD: "showThresholdSegment",

@@ -11,8 +11,13 @@
 * sem-CRC: segment names and per-segment masks (``arrayFromSegmentBinaryLabelmap`` on the lower
   quantile volume's grid) and the output volumes (found again by a role attribute, so a second
   Apply overwrites them instead of adding nodes).
+* Model results: loaded as scene volumes that Save writes, reused per input, next to the input in the
+  subject hierarchy and under its parent transform.
 * Overlays, plots, exports and the pump that delivers a :class:`~ConformalSegSlicer.process.ProcessRunner`'s
   callbacks on the GUI thread.
+
+This file is long because it is the one module that reads and writes the scene (the others stay
+Slicer-free and tested by pytest); its sections are short and independent.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import numpy as np
 import qt
 import slicer
 import vtk
+import vtk.util.numpy_support
 from slicer.i18n import tr as _
 
 from ConformalSegLib.common.geometry import Geometry
@@ -36,6 +42,8 @@ from .display import OverlayDisplay, finite_range
 from .evaluation_plots import AlphaCurves, marker_columns, table_columns
 
 ROLE_ATTRIBUTE = "ConformalSeg.Role"
+#: Attribute: the ID of the volume a result node was made for (so each input keeps its own results).
+REFERENCE_ATTRIBUTE = "ConformalSeg.Reference"
 
 
 # ----------------------------------------------------------------------------- volumes
@@ -87,13 +95,65 @@ def write_volume(volumeNode, array: np.ndarray, referenceVolumeNode):
 
 
 def export_volume(volumeNode, path: str) -> None:
-    """Write a volume (e.g. to NIfTI) without changing where the scene would save it."""
-    if not slicer.util.exportNode(volumeNode, str(path)):
+    """Write a volume (``.nrrd``: exact geometry, uncompressed, fast) without changing where the scene
+    would save it. The properties dict is explicit: ``exportNode``'s default ``{}`` is shared and the
+    first call would pin its file format for every later default-argument call in the session."""
+    if not slicer.util.exportNode(volumeNode, str(path), {"useCompression": 0}):
         raise RuntimeError(f"could not write {volumeNode.GetName()} to {path}")
 
 
 def load_volume(path: str, name: str):
     return slicer.util.loadVolume(str(path), {"name": name, "show": False})
+
+
+def load_result_volume(path: str, role: str, name: str, referenceVolumeNode=None):
+    """Load a result of the model (from a temporary folder) as a scene volume that Save writes.
+
+    The node of ``role`` made for the same reference volume is reused (its voxels replaced), so repeated
+    runs do not fill the scene; the loaded file's storage node is dropped and the node marked modified
+    (the temporary folder is deleted next); the node follows the reference volume's parent transform and
+    sits in its subject-hierarchy folder."""
+    loaded = load_volume(path, name)
+    referenceId = referenceVolumeNode.GetID() if referenceVolumeNode is not None else ""
+    node = loaded
+    for candidate in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode"):
+        if (
+            candidate is not loaded
+            and candidate.GetAttribute(ROLE_ATTRIBUTE) == role
+            and candidate.GetAttribute(REFERENCE_ATTRIBUTE) == referenceId
+        ):
+            node = candidate
+            matrix = vtk.vtkMatrix4x4()
+            loaded.GetIJKToRASMatrix(matrix)
+            node.SetIJKToRASMatrix(matrix)
+            node.SetAndObserveImageData(loaded.GetImageData())
+            node.SetName(name)
+            slicer.mrmlScene.RemoveNode(loaded)
+            break
+    storage = node.GetStorageNode()
+    if storage is not None:
+        node.SetAndObserveStorageNodeID(None)
+        slicer.mrmlScene.RemoveNode(storage)
+    node.StorableModified()
+    node.SetAttribute(ROLE_ATTRIBUTE, role)
+    node.SetAttribute(REFERENCE_ATTRIBUTE, referenceId)
+    if node.GetDisplayNode() is None:
+        node.CreateDefaultDisplayNodes()
+    if referenceVolumeNode is not None:
+        node.SetAndObserveTransformNodeID(referenceVolumeNode.GetTransformNodeID())
+        place_next_to(node, referenceVolumeNode)
+    return node
+
+
+def place_next_to(node, referenceNode) -> None:
+    """Put ``node`` in ``referenceNode``'s subject-hierarchy folder (its study), as the Data module shows it."""
+    shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
+    if shNode is None:
+        return
+    referenceItem = shNode.GetItemByDataNode(referenceNode)
+    item = shNode.GetItemByDataNode(node)
+    if referenceItem and item:
+        shNode.SetItemParent(item, shNode.GetItemParent(referenceItem))
 
 
 def temporary_folder(prefix: str = "ConformalSeg-") -> str:
@@ -116,13 +176,19 @@ def python_slicer() -> str:
 
 
 def ensure_segmentation(segmentationNode, referenceVolumeNode, name: str = "ConformalSeg"):
-    """``segmentationNode`` (created when None) with ``referenceVolumeNode``'s reference geometry."""
+    """``segmentationNode`` (created when None, and then marked as the module's) with ``referenceVolumeNode``'s
+    reference geometry. A segmentation the user picked that already has a reference geometry keeps it (its
+    own segments are not resampled); only the module's own segments are written into it."""
     if segmentationNode is None:
         segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
         segmentationNode.CreateDefaultDisplayNodes()
+        segmentationNode.SetAttribute(ROLE_ATTRIBUTE, "output")
+        if referenceVolumeNode is not None:
+            place_next_to(segmentationNode, referenceVolumeNode)
     role = slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()
     current = segmentationNode.GetNodeReference(role)
-    if current is None or current.GetID() != referenceVolumeNode.GetID():
+    owned = segmentationNode.GetAttribute(ROLE_ATTRIBUTE) == "output"
+    if current is None or (owned and current.GetID() != referenceVolumeNode.GetID()):
         segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(referenceVolumeNode)
     return segmentationNode
 
@@ -141,14 +207,56 @@ def ensure_segment(segmentationNode, name: str) -> str:
     return segmentId
 
 
+_LABELMAP_BUFFER: dict[str, object] = {}
+
+
+def labelmap_image(mask: np.ndarray, ijkToRAS: vtk.vtkMatrix4x4):
+    """A ``vtkOrientedImageData`` (uint8 0/1) holding ``mask`` (``(z, y, x)``) on the grid ``ijkToRAS``:
+    one copy of the mask, nothing in the scene. One image is reused from call to call while the shape
+    stays (``SetBinaryLabelmapToSegment`` copies it into the segment in replace mode:
+    ``vtkOrientedImageDataResample::CopyImage``), which saves allocating a volume-sized buffer per segment."""
+    depth, rows, columns = mask.shape
+    image = _LABELMAP_BUFFER.get("image")
+    if image is None or _LABELMAP_BUFFER.get("shape") != mask.shape:
+        image = slicer.vtkOrientedImageData()
+        image.SetDimensions(columns, rows, depth)
+        image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+        _LABELMAP_BUFFER.update(image=image, shape=mask.shape)
+    voxels = vtk.util.numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
+    voxels.reshape(mask.shape)[...] = mask
+    image.GetPointData().GetScalars().Modified()
+    image.SetImageToWorldMatrix(ijkToRAS)
+    image.Modified()
+    return image
+
+
 def update_segments(segmentationNode, masks: Mapping[str, np.ndarray], referenceVolumeNode) -> list[str]:
-    """Write the bool masks ``{segment name: (z, y, x) array on the reference grid}`` in one batch."""
+    """Write the bool masks ``{segment name: (z, y, x) array on the reference grid}`` in one batch.
+
+    Each mask goes straight into its segment as a ``vtkOrientedImageData`` with the reference volume's
+    IJK-to-RAS (``vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment``, replace mode):
+    ``updateSegmentBinaryLabelmapFromArray`` would deep-copy the whole (float) reference volume and add
+    and remove a temporary labelmap node per segment. The reference's parent transform is applied as
+    by putting the segmentation under it when it has none; when the two have different parent transforms,
+    Slicer's ``updateSegmentBinaryLabelmapFromArray`` (slow, but it maps between the transforms) is used."""
     written = []
+    matrix = vtk.vtkMatrix4x4()
+    referenceVolumeNode.GetIJKToRASMatrix(matrix)
+    transformId = referenceVolumeNode.GetTransformNodeID()
+    if transformId and not segmentationNode.GetTransformNodeID():
+        segmentationNode.SetAndObserveTransformNodeID(transformId)
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    direct = (transformId or "") == (segmentationNode.GetTransformNodeID() or "")
     with slicer.util.NodeModify(segmentationNode):
         for name in segments.sort_names(masks):
             segmentId = ensure_segment(segmentationNode, name)
             mask = np.ascontiguousarray(masks[name]).view(np.uint8)  # bool -> 0/1 without a copy
-            slicer.util.updateSegmentBinaryLabelmapFromArray(mask, segmentationNode, segmentId, referenceVolumeNode)
+            if not direct:
+                slicer.util.updateSegmentBinaryLabelmapFromArray(mask, segmentationNode, segmentId, referenceVolumeNode)
+            elif not logic.SetBinaryLabelmapToSegment(
+                labelmap_image(mask, matrix), segmentationNode, segmentId, logic.MODE_REPLACE
+            ):
+                raise RuntimeError(f"could not write the segment {name!r}")
             written.append(segmentId)
     return written
 
@@ -215,7 +323,7 @@ def show_segmentation_3d(segmentationNode, show: bool) -> None:
     """Closed surfaces in the 3D view (removed when hidden: slider updates stay fast)."""
     if show:
         segmentationNode.CreateClosedSurfaceRepresentation()
-    else:
+    elif segmentationNode.GetAttribute(ROLE_ATTRIBUTE) == "output":  # never a user's segmentation's surfaces
         segmentationNode.RemoveClosedSurfaceRepresentation()
     displayNode = segmentationNode.GetDisplayNode()
     if displayNode is not None:
@@ -412,7 +520,9 @@ def torch_module(install: bool):
             import torch
 
             return torch
-        return torchLogic.installTorch(askConfirmation=True) if install else None
+        if not install:
+            return None
+        return torchLogic.installTorch(askConfirmation=True, torchVersionRequirement=environment.TORCH_REQUIREMENT)
     try:
         import torch
 
@@ -426,6 +536,17 @@ def torch_module(install: bool):
                 fix="install the PyTorch extension from the Extensions Manager, restart Slicer, and try again",
             ) from None
         return None
+
+
+def ensure_torch() -> bool:
+    """PyTorch is installed in Slicer's Python (installed through the PyTorch extension after asking when
+    not); found without importing it, so Apply does not load torch or start CUDA in Slicer's process
+    (the model runs in a child). False when the user declined."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is not None:
+        return True
+    return torch_module(install=True) is not None
 
 
 def device_choice(requested: str) -> environment.DeviceChoice:
@@ -456,8 +577,10 @@ def ensure_requirements(requirements: list, requester: str) -> bool:
     if packaging is not None:
         try:
             packaging.pip_ensure(missing, skip_packages=list(environment.PROTECTED_PACKAGES), requester=requester)
-        except RuntimeError:  # declined
-            return False
+        except RuntimeError as exc:
+            if "declined" in str(exc).lower():  # pip_ensure's "User declined package installation"
+                return False
+            raise
     else:
         if not slicer.util.confirmOkCancelDisplay(
             _("{requester} needs these Python packages:\n{packages}\n\nInstall them now?").format(
@@ -465,7 +588,16 @@ def ensure_requirements(requirements: list, requester: str) -> bool:
             )
         ):
             return False
-        slicer.util.pip_install(" ".join(missing))
+        # Slicer before 5.12: pin Slicer's and the PyTorch extension's packages so that no dependency
+        # upgrades or replaces them
+        folder = tempfile.mkdtemp(prefix="ConformalSeg-pip-", dir=slicer.app.temporaryPath)
+        pins = os.path.join(folder, "constraints.txt")
+        with open(pins, "w", encoding="utf-8") as f:
+            f.write(environment.constraints())
+        try:
+            slicer.util.pip_install([*missing, "-c", pins])  # a list: each item one argument
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
     still = environment.missing_requirements(requirements)
     if still:
         logging.warning("%s: still missing after installation: %s", requester, ", ".join(still))

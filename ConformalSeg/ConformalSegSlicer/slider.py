@@ -28,17 +28,20 @@ import math
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from fractions import Fraction
 from os import PathLike
 
 import numpy as np
 
 from ConformalSegLib.common.errors import CalibrationSetTooSmallWarning, ConformalSegError
 from ConformalSegLib.common.geometry import Geometry
-from ConformalSegLib.conformal.cls import apply_threshold, round_up_to_dtype
+from ConformalSegLib.conformal.cls import ThresholdCalibration, apply_threshold, round_up_to_dtype
 from ConformalSegLib.conformal.confidence_sets import SetsCalibration
-from ConformalSegLib.conformal.profile import LESION_CRC, CalibrationProfile, load_profile
+from ConformalSegLib.conformal.guarantee_sentences import band_sentence
+from ConformalSegLib.conformal.profile import CalibrationProfile, load_profile
 from ConformalSegLib.conformal.score_transforms import parse_transform
-from ConformalSegLib.io.segmentation import INNER_SET, LESION_FNR, LESION_THRESHOLD, OUTER_SET
+from ConformalSegLib.conformal.simultaneous import SimultaneousBand
+from ConformalSegLib.io.segmentation import INNER_SET, LESION_THRESHOLD, OUTER_SET
 from ConformalSegLib.io.volumes import PROBABILITY_TOLERANCE
 
 #: Decimals of the panel's sliders (and of the parameter node's ``Decimals`` annotation).
@@ -61,6 +64,9 @@ class SliderSettings:
     alpha_inner: float = 0.1
     alpha_outer: float = 0.1
     include_threshold: bool = False
+    #: CLS and lesion-level profiles: the slider-safe band (valid for every epsilon of the slider at once)
+    #: instead of the per-(epsilon, alpha) threshold; the panel's default while browsing.
+    slider_safe: bool = False
 
     def snapped(self) -> SliderSettings:
         return replace(
@@ -91,6 +97,7 @@ class SliderResult:
     guarantees: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    pending: list[str] = field(default_factory=list)  #: segments left out until their score maps arrive
 
     @property
     def changed(self) -> list[str]:
@@ -103,7 +110,7 @@ class SliderResult:
     @property
     def text(self) -> str:
         """The label text: one guarantee per profile, then any error."""
-        return "\n".join(self.guarantees + [f"Error: {e}" for e in self.errors])
+        return "\n".join(self.guarantees + self.pending + [f"Error: {e}" for e in self.errors])
 
 
 def greater_than(values: np.ndarray, threshold: float, out: np.ndarray) -> np.ndarray:
@@ -145,14 +152,26 @@ def validate_probability(probability: np.ndarray, what: str = "probability map")
 def _segment_names(profile: CalibrationProfile) -> tuple[str, ...]:
     if profile.method == "sets":
         return (INNER_SET, OUTER_SET)
-    return (LESION_FNR,) if profile.method == "cls" else (LESION_CRC,)
+    return (profile.mask_name,)
+
+
+#: The per-(epsilon, alpha) guarantee holds only for values chosen before the scan was viewed.
+FIXED_PREFIX = "(epsilon and alpha fixed before viewing this scan) "
+
+
+def grid_epsilon(epsilon: float, grid: Sequence[float]) -> float:
+    """The largest slider-safe grid epsilon at or below ``epsilon`` (its mask is at least as large, so the
+    band's promise at it implies the promise at ``epsilon``); the smallest grid value when none is below."""
+    target = Fraction(str(snap(epsilon)))
+    below = [e for e in grid if Fraction(str(e)) <= target]
+    return max(below, key=lambda e: Fraction(str(e))) if below else grid[0]
 
 
 def relevant_sliders(profiles: Iterable[CalibrationProfile]) -> set[str]:
     """The sliders that change something for these profiles (the others can be disabled)."""
     names: set[str] = set()
     for profile in profiles:
-        if profile.method == "cls":
+        if profile.method in ("cls", "lesion"):
             names |= {"epsilon", "alpha"}
         elif profile.method == "crc":
             names.add("epsilon")
@@ -185,7 +204,7 @@ def initial_settings(
 def recalibrate(profile: CalibrationProfile, settings: SliderSettings) -> CalibrationProfile:
     """``profile`` recalibrated for the (snapped) slider settings, as :meth:`SliderState.update` does."""
     s = settings.snapped()
-    if profile.method == "cls":
+    if profile.method in ("cls", "lesion"):
         return profile.recalibrate(epsilon=s.epsilon, alpha=s.alpha)
     if profile.method == "crc":
         return profile.recalibrate(epsilon=s.epsilon)
@@ -211,7 +230,14 @@ def score_label(transform_name: str) -> str:
 class SliderState:
     """Profiles + one probability map; :meth:`update` gives the masks for slider settings."""
 
-    def __init__(self, profiles: Sequence[CalibrationProfile], probability: np.ndarray, geometry: Geometry):
+    def __init__(
+        self,
+        profiles: Sequence[CalibrationProfile],
+        probability: np.ndarray,
+        geometry: Geometry,
+        *,
+        inline_scores: bool = True,
+    ):
         if not profiles:
             raise ConformalSegError("no calibration profile loaded", fix="choose a calibration profile (.json)")
         self.profiles = list(profiles)
@@ -230,12 +256,40 @@ class SliderState:
         self._keys: dict[str, object] = {}
         self._stats: dict[str, tuple[int, float]] = {}
         self._scores: dict[str, np.ndarray] = {}
+        self._bands: dict[tuple[int, float], SimultaneousBand] = {}
+        #: False (the panel): score maps other than the identity are not computed here but handed in by
+        #: :meth:`set_scores` (computed in a background process, :mod:`ConformalSegSlicer.score_maps`);
+        #: until then :meth:`update` leaves the confidence sets out and says so.
+        self.inline_scores = inline_scores
 
     @classmethod
     def from_files(
-        cls, paths: Iterable[str | PathLike[str]], probability: np.ndarray, geometry: Geometry
+        cls,
+        paths: Iterable[str | PathLike[str]],
+        probability: np.ndarray,
+        geometry: Geometry,
+        *,
+        inline_scores: bool = True,
     ) -> SliderState:
-        return cls([load_profile(p) for p in paths], probability, geometry)
+        return cls([load_profile(p) for p in paths], probability, geometry, inline_scores=inline_scores)
+
+    def missing_scores(self) -> list[str]:
+        """The score transforms (not the identity) the confidence-set profiles need and that are not cached."""
+        names = []
+        for profile in self.profiles:
+            c = profile.calibration
+            if isinstance(c, SetsCalibration):
+                for name in (c.outer_transform, c.inner_transform):
+                    if parse_transform(name).kind != "identity" and name not in self._scores and name not in names:
+                        names.append(name)
+        return names
+
+    def set_scores(self, name: str, scores: np.ndarray) -> None:
+        """Hand in the score map of transform ``name`` (computed elsewhere from this state's probability map)."""
+        scores = np.asarray(scores)
+        if scores.shape != self.probability.shape:
+            raise ValueError(f"score map shape {scores.shape} != probability shape {self.probability.shape}")
+        self._scores[name] = scores
 
     # ------------------------------------------------------------------ helpers
 
@@ -254,6 +308,27 @@ class SliderState:
         if transform_name not in self._scores:
             self._scores[transform_name] = np.asarray(parse_transform(transform_name)(self.probability, self.geometry))
         return self._scores[transform_name]
+
+    def band(self, index: int, alpha: float) -> SimultaneousBand:
+        """The slider-safe band of profile ``index`` at ``alpha`` (computed once per alpha)."""
+        key = (index, snap(alpha))
+        if key not in self._bands:
+            self._bands[key] = self.profiles[index].slider_band(alpha=snap(alpha))
+        return self._bands[key]
+
+    def threshold_and_sentence(
+        self, index: int, recalibrated: CalibrationProfile, settings: SliderSettings
+    ) -> tuple[float, str]:
+        """A threshold profile's cutoff and guarantee sentence for the settings: the slider-safe band's at
+        the grid epsilon (CLS and lesion-level, ``slider_safe``), else the per-(epsilon, alpha) ones."""
+        c = recalibrated.calibration
+        assert isinstance(c, ThresholdCalibration)
+        if settings.slider_safe and recalibrated.method in ("cls", "lesion"):
+            band = self.band(index, settings.alpha)
+            epsilon = grid_epsilon(settings.epsilon, band.grid)
+            return band.threshold(epsilon), band_sentence(band, recalibrated.method, epsilon)
+        prefix = FIXED_PREFIX if recalibrated.method in ("cls", "lesion") else ""
+        return c.probability_threshold, prefix + recalibrated.guarantee
 
     def _buffer(self, name: str) -> np.ndarray:
         if name not in self._buffers:
@@ -276,11 +351,15 @@ class SliderState:
     def update(self, settings: SliderSettings) -> SliderResult:
         settings = settings.snapped()
         result = SliderResult()
-        for profile in self.profiles:
+        for index, profile in enumerate(self.profiles):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", CalibrationSetTooSmallWarning)
                 try:
                     new = recalibrate(profile, settings)
+                    if not isinstance(new.calibration, SetsCalibration):
+                        cutoff, sentence = self.threshold_and_sentence(index, new, settings)
+                    else:
+                        sentence = new.guarantee
                 except ConformalSegError as exc:
                     result.errors.append(f"{profile.method}: {exc}")
                     for name in _segment_names(profile):  # keep the last valid mask, if any
@@ -291,9 +370,14 @@ class SliderState:
                             )
                     continue
             result.warnings += [str(w.message) for w in caught if issubclass(w.category, CalibrationSetTooSmallWarning)]
-            result.guarantees.append(new.guarantee)
+            result.guarantees.append(sentence)
             c = new.calibration
-            if isinstance(c, SetsCalibration):
+            if isinstance(c, SetsCalibration) and not self.inline_scores and self.missing_scores():
+                result.pending.append(
+                    "Inner and outer sets: computing the score maps in the background "
+                    f"({', '.join(self.missing_scores())}); they appear when done."
+                )
+            elif isinstance(c, SetsCalibration):
                 t_out = self.scores(c.outer_transform)
                 t_in = self.scores(c.inner_transform)
                 outer = self._segment(
@@ -316,12 +400,11 @@ class SliderState:
                 result.segments[INNER_SET] = inner
                 result.segments[OUTER_SET] = outer
             else:
-                name = LESION_FNR if c.method == "cls" else LESION_CRC
-                cutoff = c.probability_threshold
+                name = new.mask_name
                 result.segments[name] = self._segment(
                     name,
                     ("prob", cutoff),
-                    lambda out: apply_threshold(self.probability, cutoff, out=out),
+                    lambda out, cutoff=cutoff: apply_threshold(self.probability, cutoff, out=out),
                     f"probability >= {_fmt(cutoff)}",
                 )
         if settings.include_threshold:
@@ -338,8 +421,13 @@ class SliderState:
         masks: dict[str, np.ndarray] = {}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", CalibrationSetTooSmallWarning)
-            for profile in self.profiles:
-                masks.update(recalibrate(profile, settings).masks(self.probability, self.geometry))
+            for index, profile in enumerate(self.profiles):
+                new = recalibrate(profile, settings)
+                if isinstance(new.calibration, SetsCalibration):
+                    masks.update(new.masks(self.probability, self.geometry))
+                else:
+                    cutoff, _ = self.threshold_and_sentence(index, new, settings.snapped())
+                    masks[new.mask_name] = apply_threshold(self.probability, cutoff)
         if settings.include_threshold:
             masks[LESION_THRESHOLD] = apply_threshold(self.probability, THRESHOLD_CUTOFF)
         return masks

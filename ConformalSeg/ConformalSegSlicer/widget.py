@@ -3,6 +3,9 @@
 ``ConformalSeg.py`` subclasses :class:`Widget` as ``ConformalSegWidget`` (the name Slicer looks up) with
 the module's logic. Everything the panel computes is done by :mod:`ConformalSegSlicer.logic` and the
 Slicer-free helpers; this module only reads and writes widgets and the parameter node.
+
+This file is long because the panel is one widget whose sections (segments, model, calibration,
+reviewed cases, intervals) share the parameter node and its refresh; each handler is short.
 """
 
 import logging
@@ -18,7 +21,7 @@ from slicer.util import VTKObservationMixin
 
 from ConformalSegLib.common.errors import ConformalSegError
 
-from . import environment, evaluation_plots, intervals, segments
+from . import commands, display, environment, evaluation_plots, inference_check, intervals, segments, spatial
 from . import slicer_adapter as adapter
 from .drift import drift_badge
 from .logic import Logic
@@ -31,7 +34,7 @@ def isSet(path) -> bool:
 
 
 def sliderSettings(p) -> SliderSettings:
-    return SliderSettings(p.epsilon, p.alpha, p.alphaInner, p.alphaOuter, p.showThresholdSegment)
+    return SliderSettings(p.epsilon, p.alpha, p.alphaInner, p.alphaOuter, p.showThresholdSegment, p.sliderSafe)
 
 
 class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -61,6 +64,7 @@ class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._overlayShown = False
         self._inference = None  # ProcessPump
         self._background = None  # ProcessPump of calibrate / evaluate
+        self._scoreMaps = None  # ProcessPump of the confidence-set score maps
         self._refreshTimer = qt.QTimer()
         self._refreshTimer.setSingleShot(True)
         self._refreshTimer.setInterval(60)  # coalesce slider drags
@@ -81,12 +85,13 @@ class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.evaluateButton.connect("clicked(bool)", self.onEvaluateButton)
         self.ui.showPlotsButton.connect("clicked(bool)", self.onShowPlotsButton)
         self.ui.applyIntervalsButton.connect("clicked(bool)", self.onApplyIntervalsButton)
+        self.ui.addCaseButton.connect("clicked(bool)", self.onAddCaseButton)
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
         self._refreshTimer.stop()
-        for pump in (self._inference, self._background):
+        for pump in (self._inference, self._background, self._scoreMaps):
             if pump is not None:
                 pump.stop()
         self.removeObservers()
@@ -107,6 +112,10 @@ class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ScriptedLoadableModuleWidget.onReload(self)
 
     def onSceneStartClose(self, caller, event) -> None:
+        for pump in (self._inference, self._background, self._scoreMaps):  # results of the closing scene
+            if pump is not None and pump.running:
+                pump.stop()
+        self._inference = self._background = self._scoreMaps = None
         self.setParameterNode(None)
         self._state = self._stateKey = self._profilesKey = self._written = None
 
@@ -129,23 +138,43 @@ class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             # each widget of the .ui carries a "SlicerParameterName" dynamic property
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            for name in (
-                "modelPathLineEdit",
-                "profilePathLineEdit",
-                "secondProfilePathLineEdit",
-                "datasetPathLineEdit",
-                "calibrationOutputPathLineEdit",
-                "evaluationResultsPathLineEdit",
-                "intervalProfilePathLineEdit",
-            ):
-                lineEdit = getattr(self.ui, name)
-                if lineEdit.currentPath in (".", "./"):
-                    lineEdit.currentPath = ""  # an unset path parameter reads "."
+            self._labelChoices()
+            self._blankUnsetPaths()
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
             self.onParameterNodeModified()
 
     def onParameterNodeModified(self, caller=None, event=None) -> None:
         self._refreshTimer.start()
+
+    _PATH_LINE_EDITS = (
+        "modelPathLineEdit",
+        "profilePathLineEdit",
+        "secondProfilePathLineEdit",
+        "datasetPathLineEdit",
+        "calibrationOutputPathLineEdit",
+        "evaluationResultsPathLineEdit",
+        "intervalProfilePathLineEdit",
+    )
+
+    def _labelChoices(self) -> None:
+        """Readable combo-box items: parameterNodeWrapper fills them with the choice identifiers and reads
+        the choice by index, so the item texts can be replaced by labels (``cls`` -> "CLS: ...")."""
+        for combo, labels in (
+            (self.ui.overlayComboBox, display.OVERLAY_LABELS),
+            (self.ui.calibrationMethodComboBox, commands.METHOD_LABELS),
+        ):
+            for index in range(combo.count):
+                label = labels.get(combo.itemText(index))
+                if label is not None:
+                    combo.setItemText(index, label)
+
+    def _blankUnsetPaths(self) -> None:
+        """Show unset path parameters as empty fields. parameterNodeWrapper writes ``str(Path())`` = "." into
+        every path line edit on each parameter-node change, so this runs at every refresh, not once."""
+        for name in self._PATH_LINE_EDITS:
+            lineEdit = getattr(self.ui, name)
+            if lineEdit.currentPath in (".", "./"):
+                lineEdit.currentPath = ""
 
     # ------------------------------------------------------------------ refresh
 
@@ -154,6 +183,7 @@ class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         if p is None:
             return
+        self._blankUnsetPaths()
         self._updateButtons()
         self._updateSegments()
         self._updateDisplay()
@@ -182,6 +212,9 @@ class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.evaluateButton.text = _("Cancel") if busy and self._backgroundCommand == "evaluate" else _("Evaluate")
         self.ui.showPlotsButton.enabled = isSet(p.evaluationResultsPath)
         self.ui.applyIntervalsButton.enabled = bool(isSet(p.intervalProfilePath) and p.lowerVolume and p.upperVolume)
+        self.ui.addCaseButton.enabled = bool(
+            self._profilePaths() and p.probabilityVolume and p.reviewedSegmentation and not busy
+        )
 
     def _profilePaths(self) -> list:
         p = self._parameterNode
@@ -189,6 +222,7 @@ class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _updateSegments(self) -> None:
         p = self._parameterNode
+        self._guaranteeBlocker = None
         paths = self._profilePaths()
         if not paths or not p.probabilityVolume:
             self._state = None
@@ -201,12 +235,20 @@ class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if stateKey != self._stateKey:
                 self._state = None
                 self._stateKey = stateKey
-                self._state = self.logic.loadSliderState(p.probabilityVolume, paths)
+                self._state = self.logic.loadSliderState(p.probabilityVolume, paths, inlineScores=False)
+                self._startScoreMaps(self._state)
                 if profilesKey != self._profilesKey:  # a new profile: start from its calibrated parameters
                     self._profilesKey = profilesKey
                     self._applySettings(self._state.initial_settings())
             if self._state is None:
                 return
+            gridWarning = None
+            if p.inputVolume is not None and p.inputVolume.GetID() != p.probabilityVolume.GetID():
+                gridWarning, gridError = spatial.grid_check(
+                    adapter.volume_geometry(p.inputVolume), self._state.geometry
+                )
+                if gridError:
+                    raise ConformalSegError(gridError)
             enabled = relevant_sliders(self._state.profiles)
             for name in ("epsilon", "alpha", "alphaInner", "alphaOuter"):
                 getattr(self.ui, name + "SliderWidget").enabled = name in enabled
@@ -222,7 +264,16 @@ class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if p.outputSegmentation is None or p.outputSegmentation.GetID() != segmentation.GetID():
                 p.outputSegmentation = segmentation
             badge, drifting = drift_badge(paths)  # the reviewed-case logs of `conformalseg monitor`
-            self._setGuarantee("\n".join(filter(None, (result.text, badge))), warning=result.has_warning or drifting)
+            blocker, note = inference_check.guarantee_blocker(
+                [
+                    (str(path), profile.provenance.get("inference"))
+                    for path, profile in zip(paths, self._state.profiles)
+                ],
+                inference_check.from_node_value(p.probabilityVolume.GetAttribute(inference_check.NODE_ATTRIBUTE)),
+            )
+            self._guaranteeBlocker = blocker
+            text = blocker or "\n".join(filter(None, (result.text, note, gridWarning, badge)))
+            self._setGuarantee(text, warning=bool(blocker or note or gridWarning) or result.has_warning or drifting)
             self._fillResultsTable(result)
         except (ConformalSegError, ValueError, OSError) as exc:
             self._state = None
@@ -231,6 +282,22 @@ class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             logging.exception("ConformalSeg: updating the segments failed")
             self._state = None
             self._setGuarantee(_("Updating the segments failed: {error}").format(error=exc), warning=True)
+
+    def _startScoreMaps(self, state) -> None:
+        """Confidence-set score maps in a background process; the segments are refreshed when they arrive
+        (unless the state was replaced meanwhile)."""
+        if self._scoreMaps is not None and self._scoreMaps.running:
+            self._scoreMaps.stop()
+
+        def arrived(ok: bool) -> None:
+            if state is self._state:
+                self._written = None  # write every segment of the completed state
+                if ok:
+                    self.refresh()
+                else:
+                    self._setGuarantee(_("Computing the score maps failed."), warning=True)
+
+        self._scoreMaps = self.logic.startScoreMaps(state, onFinished=arrived)
 
     def _applySettings(self, settings: SliderSettings) -> None:
         p = self._parameterNode
@@ -332,23 +399,36 @@ class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._stateKey = None  # recompute from the probability map now
             self.refresh()
             return
-        with slicer.util.tryWithErrorDisplay(_("Failed to start the model."), waitCursor=True):
-            if not self.logic.ensureInferenceDependencies():
-                return
-            choice = self.logic.deviceChoice(p.device)
-            self.ui.deviceLabel.text = choice.message
-            self.ui.logTextEdit.clear()
-            self.ui.progressBar.value = 0
-            self._inference = self.logic.startInference(
-                p.inputVolume,
-                p.modelPath,
-                choice.device,
-                p.mcDropoutSamples,
-                onOutput=self.ui.logTextEdit.appendPlainText,
-                onProgress=self._onInferenceProgress,
-                onFinished=self._onInferenceFinished,
-            )
-        self._updateButtons()
+        try:
+            with slicer.util.tryWithErrorDisplay(_("Failed to start the model."), waitCursor=True):
+                if not self.logic.ensureInferenceDependencies():
+                    return
+                # the loaded profile's recorded pipeline drives the run (MC passes, flips, seed; model checked)
+                driving = self.logic.inferenceProfile(self._profilePaths())
+                # the child resolves the device (no torch import or CUDA start-up in Slicer's process)
+                self.ui.deviceLabel.text = environment.describe_unprobed(p.device)
+                self.ui.logTextEdit.clear()
+                self.ui.progressBar.value = 0
+                if driving is not None:
+                    self.ui.logTextEdit.appendPlainText(
+                        _("Using the pipeline recorded in {profile} (its MC passes, flips and seed).").format(
+                            profile=Path(driving).name
+                        )
+                    )
+                self._inference = self.logic.startInference(
+                    p.inputVolume,
+                    p.modelPath,
+                    p.device,
+                    p.mcDropoutSamples,
+                    onOutput=self.ui.logTextEdit.appendPlainText,
+                    onProgress=self._onInferenceProgress,
+                    onFinished=self._onInferenceFinished,
+                    profilePath=driving,
+                )
+        except Exception:  # shown by tryWithErrorDisplay (which re-raises); keep the panel consistent
+            logging.exception("ConformalSeg: starting the model failed")
+        finally:
+            self._updateButtons()
 
     def _onInferenceProgress(self, fraction: float, label: str) -> None:
         self.ui.progressBar.value = int(round(100 * fraction))
@@ -363,55 +443,80 @@ class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             log(_("The model failed (exit status {status}); see the messages above.").format(status=returncode))
             slicer.util.errorDisplay(_("The model failed. See the log in the Model inference section."))
         else:
-            with slicer.util.tryWithErrorDisplay(_("Failed to load the model's output."), waitCursor=True):
-                probability, uncertainty = self.logic.loadInferenceResults(outDir, p.inputVolume)
-                p.probabilityVolume = probability
-                if uncertainty is not None:
-                    p.uncertaintyVolume = uncertainty
-                self.ui.progressBar.value = 100
-                log(_("Loaded {name}.").format(name=probability.GetName()))
+            try:
+                with slicer.util.tryWithErrorDisplay(_("Failed to load the model's output."), waitCursor=True):
+                    probability, uncertainty = self.logic.loadInferenceResults(outDir, p.inputVolume)
+                    p.probabilityVolume = probability
+                    if uncertainty is not None:
+                        p.uncertaintyVolume = uncertainty
+                    self.ui.progressBar.value = 100
+                    log(_("Loaded {name}.").format(name=probability.GetName()))
+                    device = inference_check.read_run_device(outDir)
+                    if device:
+                        self.ui.deviceLabel.text = _("The model ran on {device}.").format(device=device)
+            except Exception:  # shown by tryWithErrorDisplay, which re-raises; clean up below all the same
+                logging.exception("ConformalSeg: loading the model's output failed")
+            finally:
+                adapter.remove_work_folder(outDir)
+                self._updateButtons()
+            return
         adapter.remove_work_folder(outDir)
         self._updateButtons()
 
     # ------------------------------------------------------------------ calibration (researchers)
 
     _backgroundCommand = None
+    _backgroundMethod = None
+    _guaranteeBlocker = None
 
     def _startBackground(self, command: str) -> None:
         if self._background is not None and self._background.running:
             self._background.cancel()
             return
         p = self._parameterNode
-        with slicer.util.tryWithErrorDisplay(_("Failed to start {command}.").format(command=command), waitCursor=True):
-            if not self.logic.ensurePythonRequirements():
+        if command == "calibrate":
+            target = Path(p.calibrationOutputPath) / f"{p.calibrationMethod}.json"
+            if target.exists() and not slicer.util.confirmOkCancelDisplay(
+                _("{path} exists. Replace it with the new calibration?").format(path=target)
+            ):
                 return
-            self.ui.calibrationLogTextEdit.clear()
-            self.ui.calibrationProgressBar.value = 0
-            callbacks = dict(
-                onOutput=self.ui.calibrationLogTextEdit.appendPlainText,
-                onProgress=self._onBackgroundProgress,
-                onFinished=self._onBackgroundFinished,
-            )
-            if command == "calibrate":
-                self._background = self.logic.startCalibration(
-                    p.datasetPath,
-                    p.calibrationMethod,
-                    p.lesionLabel,
-                    p.calibrationOutputPath,
-                    sliderSettings(p),
-                    **callbacks,
+        try:
+            with slicer.util.tryWithErrorDisplay(
+                _("Failed to start {command}.").format(command=command), waitCursor=True
+            ):
+                if not self.logic.ensurePythonRequirements(("evaluation",) if command == "evaluate" else ()):
+                    return
+                self.ui.calibrationLogTextEdit.clear()
+                self.ui.calibrationProgressBar.value = 0
+                callbacks = dict(
+                    onOutput=self.ui.calibrationLogTextEdit.appendPlainText,
+                    onProgress=self._onBackgroundProgress,
+                    onFinished=self._onBackgroundFinished,
                 )
-            else:
-                self._background = self.logic.startEvaluation(
-                    p.datasetPath,
-                    p.lesionLabel,
-                    p.evaluationSplits,
-                    p.calibrationOutputPath,
-                    sliderSettings(p),
-                    **callbacks,
-                )
-            self._backgroundCommand = command
-        self._updateButtons()
+                if command == "calibrate":
+                    self._background = self.logic.startCalibration(
+                        p.datasetPath,
+                        p.calibrationMethod,
+                        p.lesionLabel,
+                        p.calibrationOutputPath,
+                        sliderSettings(p),
+                        **callbacks,
+                    )
+                else:
+                    self._background = self.logic.startEvaluation(
+                        p.datasetPath,
+                        p.lesionLabel,
+                        p.evaluationSplits,
+                        p.calibrationOutputPath,
+                        sliderSettings(p),
+                        **callbacks,
+                    )
+                self._backgroundCommand = command
+                self._backgroundMethod = p.calibrationMethod  # the method started, not the combo's later value
+        except Exception:  # shown by tryWithErrorDisplay (which re-raises)
+            logging.exception("ConformalSeg: starting %s failed", command)
+        finally:
+            self._updateButtons()
 
     def _onBackgroundProgress(self, fraction: float, label: str) -> None:
         self.ui.calibrationProgressBar.value = int(round(100 * fraction))
@@ -430,7 +535,7 @@ class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         elif returncode != 0:
             log(_("Failed (exit status {status}); see the messages above.").format(status=returncode))
         elif self._backgroundCommand == "calibrate":
-            if p.calibrationMethod == "sets":
+            if self._backgroundMethod == "sets":
                 p.secondProfilePath = Path(output)
             else:
                 p.profilePath = Path(output)
@@ -443,6 +548,57 @@ class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onShowPlotsButton(self) -> None:
         self._updatePlots(show=True)
+
+    # ------------------------------------------------------------------ reviewed cases
+
+    def onAddCaseButton(self) -> None:
+        """Grow every loaded profile by this scan (one background run per profile, one after the other);
+        the sliders then use the new profiles. Refused when the map's pipeline is not the profiles'."""
+        p = self._parameterNode
+        if self._background is not None and self._background.running:
+            return
+        blocker = self._guaranteeBlocker  # the map's pipeline is not the profiles' (inference_check)
+        if blocker:
+            slicer.util.errorDisplay(_("This map cannot join the calibration set:\n") + blocker)
+            return
+        pending = [("profilePath", path) for path in [p.profilePath] if isSet(path)]
+        pending += [("secondProfilePath", path) for path in [p.secondProfilePath] if isSet(path)]
+        caseId = commands.case_id_from_name((p.inputVolume or p.probabilityVolume).GetName())
+        self.ui.calibrationLogTextEdit.clear()
+        self._addNextCase(pending, caseId)
+
+    def _addNextCase(self, pending, caseId) -> None:
+        p = self._parameterNode
+        if not pending:
+            self._updateButtons()
+            return
+        (parameter, path), rest = pending[0], pending[1:]
+
+        def finished(code, cancelled, newPath):
+            log = self.ui.calibrationLogTextEdit.appendPlainText
+            if code == 0 and not cancelled:
+                setattr(self._parameterNode, parameter, Path(newPath))  # the sliders use the grown set
+                log(_("Case {case} added: {path}").format(case=caseId, path=newPath))
+                self._addNextCase(rest, caseId)
+            else:
+                log(_("Adding the case failed (exit status {status}); see above.").format(status=code))
+                self._updateButtons()
+
+        try:
+            with slicer.util.tryWithErrorDisplay(_("Failed to add the case."), waitCursor=True):
+                self._background = self.logic.startAddCase(
+                    p.probabilityVolume,
+                    p.reviewedSegmentation,
+                    path,
+                    caseId,
+                    onOutput=self.ui.calibrationLogTextEdit.appendPlainText,
+                    onFinished=finished,
+                )
+                self._backgroundCommand = "add-case"
+        except Exception:  # shown by tryWithErrorDisplay (which re-raises)
+            logging.exception("ConformalSeg: adding the case failed")
+        finally:
+            self._updateButtons()
 
     # ------------------------------------------------------------------ organ-dependent intervals (sem-CRC)
 

@@ -12,10 +12,20 @@ import sys
 
 from .. import __version__
 from ..common.errors import ConformalSegError
-from . import apply_cmd, calibrate_cmd, demo_cmd, evaluate_cmd, infer_cmd, monitor_cmd, synth_cmd, train_cmd
+from . import (
+    apply_cmd,
+    calibrate_cmd,
+    demo_cmd,
+    evaluate_cmd,
+    infer_cmd,
+    monitor_cmd,
+    profile_cmd,
+    synth_cmd,
+    train_cmd,
+)
 from .common import TRUST_ENV, close_progress_bars, install_warning_format
 
-COMMANDS = (train_cmd, infer_cmd, calibrate_cmd, apply_cmd, evaluate_cmd, monitor_cmd, synth_cmd, demo_cmd)
+COMMANDS = (train_cmd, infer_cmd, calibrate_cmd, apply_cmd, evaluate_cmd, monitor_cmd, profile_cmd, synth_cmd, demo_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:

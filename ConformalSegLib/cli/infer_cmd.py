@@ -94,6 +94,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="windows per forward call (default: the model card's); speed/memory only",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the MC dropout masks (default 0)")
+    p.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="predict exactly as this calibration profile's maps were predicted: its recorded MC passes, flips "
+        "and seed are used, and a model whose pipeline fingerprint differs is refused (as `apply --image` does)",
+    )
     add_cascade_argument(p)
     add_trust_option(p)
     add_force(p)
@@ -193,6 +200,8 @@ def run(args: argparse.Namespace) -> int:
             fix="run it without those options",
         )
     cases = find_images(args.images, subset=args.subset)
+    if args.profile is not None:
+        _options_from_profile(args)
     mc = args.mc_dropout > 0 or (cascade is not None and cascade.config.stage2_mc_passes > 0)
     report_path = args.out / "inference.json"
     planned = [
@@ -206,8 +215,13 @@ def run(args: argparse.Namespace) -> int:
     ]
     _check_outputs(planned, report_path, args)  # before the long run, not after it
 
-    engine: Any = cascade or InferenceEngine(
-        card, device=args.device, amp=not args.no_amp, sw_batch_size=args.sw_batch_size, seed=args.seed
+    engine: Any = (
+        _engine_from_profile(args, cascade)
+        if args.profile is not None
+        else cascade
+        or InferenceEngine(
+            card, device=args.device, amp=not args.no_amp, sw_batch_size=args.sw_batch_size, seed=args.seed
+        )
     )
     started = time.perf_counter()
     records = _predict_all(engine, planned, args, quantile=quantile, mc=mc)
@@ -239,6 +253,34 @@ def run(args: argparse.Namespace) -> int:
         + f"; report {report_path}"
     )
     return 0
+
+
+def _options_from_profile(args: argparse.Namespace) -> None:
+    """``--profile``: MC passes, flips and seed as the profile recorded them (explicit different ones are refused)."""
+    from ..conformal.profile import load_profile
+    from ..inference.model_dataset import PROFILE_FIX
+
+    record = load_profile(args.profile).provenance.get("inference") or {}
+    passes, flips, seed = int(record.get("mc_passes", 0)), int(record.get("tta_flips", 1)) == 8, record.get("seed")
+    if (args.mc_dropout not in (0, passes)) or (args.tta and not flips) or (args.seed not in (0, seed or 0)):
+        raise ConformalSegError(
+            f"--profile fixes the pipeline (MC passes {passes}, flips {'on' if flips else 'off'}, seed {seed}); "
+            "--mc-dropout, --tta or --seed differ from it",
+            path=args.profile,
+            fix=f"leave out --mc-dropout, --tta and --seed with --profile ({PROFILE_FIX})",
+        )
+    args.mc_dropout, args.tta, args.seed, args.profile_record = passes, flips, seed or 0, record
+
+
+def _engine_from_profile(args: argparse.Namespace, cascade: Any) -> Any:
+    """The profile's pipeline through the library's check (:func:`engine_for_profile`, as ``apply --image``):
+    a model whose fingerprint differs from the recorded one is an error, before any case runs."""
+    from ..inference.model_dataset import engine_for_profile
+
+    engine, _ = engine_for_profile(
+        args.profile_record or None, args.model, device=args.device, profile_path=args.profile, engine=cascade
+    )
+    return engine
 
 
 def _versions() -> dict[str, str]:

@@ -13,6 +13,7 @@
 * :mod:`.guarantee_sentences`: the one-sentence statement of each calibrated guarantee;
 * :mod:`.profile`: calibration profiles on disk (JSON + summaries), recalibration, masks;
 * :mod:`.calibration`: one call from cases to a profile, shared by the CLI, the demo and Slicer;
+* :mod:`.reviewed_cases`: a profile grown by one reviewed scan (bit for bit a calibration on the grown set);
 * :mod:`.scan_scores`: the per-scan nonconformity scores of a calibration (the input of the three below);
 * :mod:`.mondrian`: group-conditional (Mondrian) calibration, one threshold and guarantee per group;
 * :mod:`.scan_features`: label-free per-scan features for the domain classifier;

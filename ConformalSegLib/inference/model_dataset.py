@@ -46,6 +46,8 @@ from .engine import InferenceEngine
 from .model_card import ModelCard
 
 CACHE_MANIFEST = "conformalseg-inference-cache.json"
+#: What to do when a model is not the profile's pipeline (shared by ``apply --image`` and ``infer --profile``).
+PROFILE_FIX = "use the model card, weights (and cascade config) recorded in the profile's provenance"
 
 
 def inference_fingerprint(card: ModelCard, *, mc_dropout: int, tta_flips: bool, seed: int) -> dict[str, Any]:
@@ -277,6 +279,6 @@ def engine_for_profile(
             f"(pipeline SHA-256 {card.pipeline_sha256()[:12]}... != "
             f"{str(inference_record.get('pipeline_sha256'))[:12]}...)",
             path=model or profile_path,
-            fix="use the model card, weights (and cascade config) recorded in the profile's provenance",
+            fix=PROFILE_FIX,
         )
     return engine, {"mc_dropout": passes, "tta_flips": int(inference_record.get("tta_flips", 1)) == 8}

@@ -45,7 +45,7 @@ DEFAULT_COLOR = (0.60, 0.60, 0.60)
 
 #: DICOM/Slicer terminology "Morphologically Altered Structure / Neoplasm" (SNOMED CT codes).
 NEOPLASM_TERMINOLOGY: dict[str, object] = {
-    "contextName": "Segmentation category and type - 3D Slicer General Anatomy list",
+    "contextName": "Segmentation category and type - DICOM master list",  # Neoplasm is not in General Anatomy
     "category": ["SCT", "49755003", "Morphologically Altered Structure"],
     "type": ["SCT", "108369006", "Neoplasm"],
     "anatomicContextName": "Anatomic codes - DICOM master list",
