@@ -4,6 +4,7 @@
 * :mod:`.summaries`: per-scan sorted lesion probabilities, the input of every calibration;
 * :mod:`.cls`: conformal lesion segmentation (Tan et al.), P(FNR <= epsilon) >= 1 - alpha;
 * :mod:`.crc`: expected-FNR control (conformal risk control), E[FNR] <= epsilon;
+* :mod:`.rcps`: risk-controlling prediction sets, with confidence 1 - delta E[FNR] <= epsilon (HB, WSR bounds);
 * :mod:`.lesion_level`: lesion-level control, P(missed lesions <= epsilon L) >= 1 - alpha, alone or jointly
   with the voxel FNR;
 * :mod:`.simultaneous`: slider-safe bands, one event for every epsilon of a grid at once;
