@@ -179,3 +179,29 @@ def test_the_validity_check_detects_an_uncorrected_threshold() -> None:
         risk = np.mean([np.searchsorted(s.case(i)[::-1], values) / s.case(i).size for i in range(s.n)], axis=0)
         ok += _true_risk(float(values[risk <= eps].max())) <= eps
     assert ok / trials < 1 - 0.2 - 3 * math.sqrt(0.16 / trials)
+
+
+def test_cli_calibrate_load_apply_recalibrate(tmp_path, capsys) -> None:
+    from ConformalSegLib.cli import main
+    from ConformalSegLib.conformal.profile import load_profile
+    from ConformalSegLib.phantoms.simulated_dataset import write_synthetic_dataset
+
+    data = tmp_path / "data"
+    write_synthetic_dataset(data, 12, seed=5, shape=(16, 32, 32))
+    for bound in ("hb", "wsr"):
+        out = tmp_path / f"rcps_{bound}.json"
+        argv = ["calibrate", "--method", "rcps", "--bound", bound, "--data", data, "--lesion-label", "2"]
+        argv += ["--epsilon", "0.3", "--delta", "0.2", "--out", out]
+        assert main([str(a) for a in argv]) == 0
+        assert "With confidence at least 80%" in capsys.readouterr().out
+        profile = load_profile(out)
+        c = profile.calibration
+        assert c.method == "rcps" and getattr(c, "bound", None) == bound
+        assert c.probability_threshold == rcps_cutoff(profile.summaries, 0.3, 0.2, bound=bound)
+        assert 0 < c.probability_threshold < 1
+        again = profile.recalibrate(epsilon=0.4, alpha=0.1).calibration
+        assert again.probability_threshold == rcps_cutoff(profile.summaries, 0.4, 0.1, bound=bound)
+        prob = data / "probs" / "synth_000.nii.gz"
+        assert main(["apply", "--profile", str(out), "--prob", str(prob), "--out", str(tmp_path / bound)]) == 0
+    doc = (tmp_path / "rcps_hb.json").read_text()
+    assert '"bound": "hb"' in doc and '"delta": 0.2' in doc

@@ -59,7 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="cls/lesion profiles: use the slider-safe band (valid for every epsilon of the 0.01 grid at once) at "
         "--epsilon, instead of the threshold for that one epsilon",
     )
-    p.add_argument("--alpha", type=float, help="recalibrate for this risk level")
+    p.add_argument("--alpha", type=float, help="recalibrate for this risk level (rcps profiles: delta)")
     p.add_argument("--alpha-inner", type=float, help="sets: recalibrate the inner level")
     p.add_argument("--alpha-outer", type=float, help="sets: recalibrate the outer level")
     p.add_argument(

@@ -54,9 +54,10 @@ def add_data_options(p: argparse.ArgumentParser) -> None:
 def add_method_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--method",
-        choices=("cls", "crc", "lesion", "sets", *INTERVAL_METHODS),
+        choices=("cls", "crc", "rcps", "lesion", "sets", *INTERVAL_METHODS),
         required=True,
-        help="cls: P(FNR <= epsilon) >= 1 - alpha; crc: E[FNR] <= epsilon; lesion: P(missed lesions <= "
+        help="cls: P(FNR <= epsilon) >= 1 - alpha; crc: E[FNR] <= epsilon; rcps: with confidence 1 - delta, "
+        "E[FNR] <= epsilon; lesion: P(missed lesions <= "
         "epsilon x lesions) >= 1 - alpha (joint with the voxel FNR with --voxel-epsilon); sets: inner/outer "
         "confidence sets; crc-interval, k-crc, sem-crc, sem-crc-organ: risk control of voxel intervals "
         "(--lower/--upper/--truth/--organs)",
@@ -70,6 +71,13 @@ def add_method_options(p: argparse.ArgumentParser) -> None:
         metavar="D",
         help="cls, lesion, sets: calibration-conditional guarantee -- with confidence 1 - D over the draw of the "
         "calibration scans, THIS profile covers at least 1 - alpha of new scans (needs more scans; e.g. 0.05)",
+    )
+    p.add_argument("--delta", type=float, help="rcps: 1 - delta is the confidence over the calibration draw (e.g. 0.1)")
+    p.add_argument(
+        "--bound",
+        choices=("hb", "wsr"),
+        default="hb",
+        help="rcps: upper confidence bound, hb (Hoeffding-Bentkus, default) or wsr (Waudby-Smith-Ramdas, tighter)",
     )
     add_lesion_level_options(p)
     p.add_argument("--alpha-inner", type=float, help="sets: risk level of the inner set")
@@ -153,6 +161,8 @@ def request_from_args(args: argparse.Namespace, provenance: dict) -> Calibration
         min_lesion_voxels=args.min_lesion_voxels,
         min_lesion_mm3=args.min_lesion_mm3,
         pac_delta=args.pac_delta,
+        delta=getattr(args, "delta", None),
+        bound=getattr(args, "bound", "hb"),
     )
 
 

@@ -22,6 +22,7 @@ from .crc import calibrate_crc
 from .exact import check_alpha, check_detect_fraction, check_epsilon
 from .lesion_level import DEFAULT_DETECT_FRACTION, LesionLevelBuilder, calibrate_lesion, check_min_size
 from .profile import METHODS, CalibrationProfile
+from .rcps import BOUNDS, calibrate_rcps
 from .score_transforms import parse_transform
 from .summaries import SummaryBuilder
 
@@ -46,10 +47,18 @@ class CalibrationRequest:
     min_lesion_voxels: int = 0  # lesion: smaller lesions are not counted
     min_lesion_mm3: float = 0.0
     pac_delta: float | None = None  # cls, lesion, sets: calibration-conditional (PAC) at confidence 1 - pac_delta
+    delta: float | None = None  # rcps: confidence 1 - delta over the calibration draw
+    bound: str = "hb"  # rcps: hb (Hoeffding-Bentkus) or wsr (Waudby-Smith-Ramdas)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ConformalSegError(f"unknown method {self.method!r}", fix=f"use one of {', '.join(METHODS)}")
+        if self.method == "rcps":
+            if self.epsilon is None or self.delta is None:
+                raise ConformalSegError("--method rcps needs --epsilon (the FNR tolerance) and --delta (e.g. 0.1)")
+            check_alpha(self.delta, "delta")
+            if self.bound not in BOUNDS:
+                raise ConformalSegError(f"unknown bound {self.bound!r}", fix=f"use one of {', '.join(BOUNDS)}")
         if self.method in ("cls", "crc", "lesion") and self.epsilon is None:
             what = "missed-lesion" if self.method == "lesion" else "FNR"
             raise ConformalSegError(f"--method {self.method} needs --epsilon (the {what} tolerance, e.g. 0.1)")
@@ -65,7 +74,7 @@ class CalibrationRequest:
                     "--method lesion calibrates on scans with a lesion only", fix="leave out --empty include"
                 )
         if self.pac_delta is not None:
-            if self.method == "crc":
+            if self.method in ("crc", "rcps"):
                 raise ConformalSegError(
                     "--pac-delta does not apply to --method crc (an expected-risk guarantee)",
                     fix="use --method cls for a per-scan guarantee with PAC confidence",
@@ -130,6 +139,9 @@ def calibrate(cases: Iterable[Any], request: CalibrationRequest) -> CalibrationP
     elif request.method == "crc":
         assert request.epsilon is not None  # checked in __post_init__
         calibration = calibrate_crc(lesion_summaries, request.epsilon, empty=empty)
+    elif request.method == "rcps":
+        assert request.epsilon is not None and request.delta is not None  # checked in __post_init__
+        calibration = calibrate_rcps(lesion_summaries, request.epsilon, request.delta, bound=request.bound, empty=empty)
     elif request.method == "lesion":
         assert lesions is not None and request.epsilon is not None and request.alpha is not None
         lesion_level = lesions.build()

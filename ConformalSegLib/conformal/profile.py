@@ -5,9 +5,10 @@ and (b) recalibrate for any other epsilon/alpha without touching a volume:
 
 ``PROFILE.json`` (format ``conformalseg-profile``, ``format_version`` 1), top-level keys:
 
-* ``method``: ``cls`` | ``crc`` | ``sets`` | ``lesion``; ``epsilon`` (null for sets), ``alpha`` (null for
-  crc), ``n``;
-* cls/crc/lesion: ``probability_threshold`` (mask = ``prob >= probability_threshold``) and ``rank``;
+* ``method``: ``cls`` | ``crc`` | ``sets`` | ``lesion`` | ``rcps``; ``epsilon`` (null for sets), ``alpha`` (null
+  for crc; delta for rcps), ``n``;
+* rcps: ``delta`` and ``bound`` (``hb`` | ``wsr``, :mod:`ConformalSegLib.conformal.rcps`);
+* cls/crc/lesion/rcps: ``probability_threshold`` (mask = ``prob >= probability_threshold``) and ``rank``;
 * lesion: ``detect_fraction``, ``voxel_epsilon`` (null unless joint), ``min_lesion_voxels``,
   ``min_lesion_mm3`` (:mod:`ConformalSegLib.conformal.lesion_level`); the ``.npz`` also holds each
   scan's detection thresholds and lesion sizes;
@@ -53,13 +54,14 @@ from .deployment import deployment_arrays, deployment_json, read_deployment, rec
 from .guarantee_sentences import guarantee_sentence
 from .lesion_level import LesionLevelCalibration, LesionLevelSummaries, calibrate_lesion, scan_scores
 from .mondrian import MondrianCalibration
+from .rcps import RcpsCalibration, calibrate_rcps
 from .simultaneous import DEFAULT_GRID, SimultaneousBand, simultaneous_band
 from .summaries import LesionSummaries
 from .weighted import Weighting
 
 FORMAT = "conformalseg-profile"
 FORMAT_VERSION = 1
-METHODS = ("cls", "crc", "sets", "lesion")
+METHODS = ("cls", "crc", "sets", "lesion", "rcps")
 LESION_CRC = "Lesion (expected-FNR-controlled)"
 
 
@@ -155,6 +157,14 @@ class CalibrationProfile:
             new = calibrate_sets(
                 stats, alpha=alpha, alpha_inner=alpha_inner, alpha_outer=alpha_outer, mode=mode, pac_delta=delta
             )
+        elif isinstance(c, RcpsCalibration):
+            new = calibrate_rcps(
+                self.summaries,
+                c.epsilon if epsilon is None else epsilon,
+                c.delta if alpha is None else alpha,
+                bound=c.bound,
+                empty=self.empty_policy,
+            )
         elif c.method == "cls":
             level = c.alpha if alpha is None else alpha
             assert level is not None  # CLS profiles have an alpha
@@ -233,6 +243,8 @@ class CalibrationProfile:
                 pac_delta=c.pac_delta,
                 n_with_lesion=c.n_with_lesion,
             )
+        if isinstance(c, RcpsCalibration):
+            doc.update(delta=c.delta, bound=c.bound)
         if isinstance(c, LesionLevelCalibration):
             doc.update(
                 detect_fraction=c.detect_fraction,
@@ -431,6 +443,22 @@ def _read_calibration(
             voxel_epsilon=_optional_float(doc, "voxel_epsilon"),
             min_lesion_voxels=int(_require(doc, "min_lesion_voxels", path)),
             min_lesion_mm3=float(_require(doc, "min_lesion_mm3", path)),
+        )
+    if method == "rcps":
+        bound = _require(doc, "bound", path)
+        if alpha is None or bound not in ("hb", "wsr"):
+            raise ConformalSegError(
+                "an rcps profile needs 'alpha' (delta) and 'bound' (hb or wsr)", path=path, fix=RERUN_FIX
+            )
+        return RcpsCalibration(
+            method,
+            epsilon,
+            float(alpha),
+            n,
+            int(doc.get("n_excluded_empty", 0)),
+            _decode_float(_require(doc, "probability_threshold", path), "probability_threshold", path),
+            n_with_lesion=doc.get("n_with_lesion"),
+            bound=str(bound),
         )
     return ThresholdCalibration(
         method,

@@ -115,13 +115,19 @@ def wsr_passes(losses: np.ndarray, epsilon: float, delta: float) -> np.ndarray:
     return passed
 
 
-def min_rcps_calibration_size(epsilon: float, delta: float) -> int:
-    """Smallest ``n`` for which the HB test can pass at risk 0: ``(1 - epsilon)^n <= delta``."""
+def min_rcps_calibration_size(epsilon: float, delta: float, bound: str = "hb") -> int:
+    """Smallest ``n`` for which the test can pass at risk 0 (no miss at all): for HB ``(1 - epsilon)^n <= delta``;
+    for WSR the smallest ``n`` whose all-zero losses pass (found by counting up; 0 when epsilon = 0: never)."""
     e, d = float(check_epsilon(epsilon)), float(check_alpha(delta, "delta"))
     if e <= 0:
         return 0
     if e >= 1:
         return 1
+    if bound == "wsr":
+        n = 1
+        while not bool(wsr_passes(np.zeros((n, 1)), e, d)[0]):
+            n += 1
+        return n
     return max(1, math.ceil(math.log(d) / math.log1p(-e) - 1e-12))
 
 
@@ -240,7 +246,7 @@ def calibrate_rcps(
         if as_fraction(epsilon) == 0:
             message = "RCPS needs epsilon > 0: at epsilon = 0 the result is the whole image."
         else:
-            needed = min_rcps_calibration_size(epsilon, delta)
+            needed = min_rcps_calibration_size(epsilon, delta, bound)
             message = too_small_message("RCPS", n, needed, f"epsilon={epsilon}, delta={delta} ({bound})")
         warnings.warn(message, CalibrationSetTooSmallWarning, stacklevel=2)
     with_lesion = int(np.count_nonzero(summaries.lesion_sizes > 0)) if empty == "include" else None
