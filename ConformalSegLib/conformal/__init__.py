@@ -5,6 +5,8 @@
 * :mod:`.cls`: conformal lesion segmentation (Tan et al.), P(FNR <= epsilon) >= 1 - alpha;
 * :mod:`.crc`: expected-FNR control (conformal risk control), E[FNR] <= epsilon;
 * :mod:`.rcps`: risk-controlling prediction sets, with confidence 1 - delta E[FNR] <= epsilon (HB, WSR bounds);
+* :mod:`.ltt`: Learn-Then-Test, several expected risks (FNR, missed lesions, FP mL, FP components) with confidence;
+* :mod:`.fp_summaries`: per-scan false-positive summaries for Learn-Then-Test (top background values, components);
 * :mod:`.lesion_level`: lesion-level control, P(missed lesions <= epsilon L) >= 1 - alpha, alone or jointly
   with the voxel FNR;
 * :mod:`.simultaneous`: slider-safe bands, one event for every epsilon of a grid at once;

@@ -40,12 +40,14 @@ The RCPS rule and why it is valid
 ---------------------------------
 Larger masks (smaller ``t``) have smaller risk. ``t_hat = sup{t : UCB(t') <= epsilon for every t' <= t}``:
 scan the candidates from the smallest threshold (the largest mask, risk 0) upwards and stop before the
-first violation. Let ``t*`` be the largest threshold with true risk ``R(t*) <= epsilon`` (``R`` is
-non-decreasing and left-continuous). If ``R(t_hat) > epsilon`` then ``t_hat > t*``, so the scan passed the
-fixed threshold ``t*+`` (the smallest candidate above ``t*``, where ``R > epsilon``) with
-``UCB <= epsilon``: an event of probability ``<= delta`` for one fixed threshold. So
-``P(R(t_hat) > epsilon) <= delta``. (For WSR this needs the scan: its UCB need not be monotone in ``t``;
-for HB it is, and the scan equals the largest passing candidate.)
+first violation. Since ``Rhat`` and the bounds are constant between consecutive candidates, this is the
+same rule over the continuum of thresholds. The true risk ``R(t) = E[FNR(t)]`` is non-decreasing and
+left-continuous (``{prob < t}`` grows to ``{prob < s}`` as ``t`` rises to ``s``), so
+``{t : R(t) <= epsilon} = (-inf, s]`` for a fixed ``s``. If ``R(t_hat) > epsilon`` then ``t_hat > s``, so for
+a fixed sequence ``t_k`` decreasing to ``s`` the events ``A_k = {t_hat >= t_k}`` increase to it, and each
+``A_k`` implies ``UCB(t_k) <= epsilon < R(t_k)``, of probability ``<= delta`` (the bound at one fixed
+threshold). By continuity of measure ``P(R(t_hat) > epsilon) <= delta``. (For WSR the scan is needed: its
+bound need not be monotone in ``t``; for HB it is, and the scan equals the largest passing candidate.)
 
 Edge cases: when even the smallest candidate (risk 0) fails -- too few scans for (epsilon, delta), for
 HB ``n < log(delta) / log(1 - epsilon)`` -- ``t_hat = -inf`` (whole image) with a
@@ -170,7 +172,7 @@ def ceil_sums(misses: np.ndarray, sizes: np.ndarray) -> np.ndarray:
     return out
 
 
-def _first_failure(passes: Callable[[np.ndarray], np.ndarray], ascending: np.ndarray) -> int:
+def first_failure(passes: Callable[[np.ndarray], np.ndarray], ascending: np.ndarray) -> int:
     """Index of the first candidate (ascending) that fails, ``len(ascending)`` if none (chunked scan)."""
     start = 0
     size = _CHUNK
@@ -209,7 +211,7 @@ def rcps_cutoff(
 
     # below the smallest candidate every lesion voxel is kept: risk 0, the same as at the smallest candidate
     probe = ascending if ascending.size else np.array([0.0])
-    j = _first_failure(passes, probe)
+    j = first_failure(passes, probe)
     if j == 0:
         return float("-inf")
     if j < ascending.size:
