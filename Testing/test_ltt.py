@@ -217,3 +217,28 @@ def test_ltt_is_valid_over_calibration_draws() -> None:
         ok += fnr_hi <= eps_fnr and fp_lo <= eps_fp  # every valid threshold satisfies both (monotone risks)
     assert certified >= 0.8 * trials  # not trivially valid
     assert ok / trials >= 1 - delta - 3 * math.sqrt(delta * (1 - delta) / trials)
+
+
+def test_cli_calibrate_load_apply_recalibrate(tmp_path, capsys) -> None:
+    from ConformalSegLib.cli import main
+    from ConformalSegLib.conformal.profile import load_profile
+    from ConformalSegLib.phantoms.simulated_dataset import write_synthetic_dataset
+
+    data = tmp_path / "data"
+    write_synthetic_dataset(data, 12, seed=5, shape=(16, 32, 32))
+    out = tmp_path / "ltt.json"
+    argv = ["calibrate", "--method", "ltt", "--data", data, "--lesion-label", "2", "--delta", "0.3", "--out", out]
+    argv += ["--risk", "fnr=0.4", "--risk", "lesion-miss=0.5", "--risk", "fp-ml=2", "--fp-ml-cap", "20"]
+    assert main([str(a) for a in argv]) == 0
+    printed = capsys.readouterr().out
+    assert "With confidence at least 70%" in printed and "at most 2 mL are false positives" in printed
+    profile = load_profile(out)
+    c = profile.calibration
+    assert c.method == "ltt" and profile.false_positives is not None and profile.lesion_level is not None
+    risks = parse_risks(["fnr=0.4", "lesion-miss=0.5", "fp-ml=2"])
+    data_back = RiskData(profile.summaries, profile.lesion_level, profile.false_positives)
+    assert c.probability_threshold == ltt_test(data_back, risks, 0.3).threshold
+    again = profile.recalibrate(alpha=0.5).calibration
+    assert again.probability_threshold == ltt_test(data_back, risks, 0.5).threshold
+    prob = data / "probs" / "synth_000.nii.gz"
+    assert main(["apply", "--profile", str(out), "--prob", str(prob), "--out", str(tmp_path / "a")]) == 0

@@ -9,6 +9,7 @@ from .confidence_sets import SetsCalibration
 from .crc import min_crc_calibration_size
 from .exact import as_fraction, min_calibration_size, needed_calibration_size
 from .lesion_level import LesionLevelCalibration
+from .ltt import LttCalibration, ltt_sentence
 from .rcps import RcpsCalibration, min_rcps_calibration_size
 from .simultaneous import SimultaneousBand
 
@@ -28,6 +29,8 @@ def guarantee_sentence(calibration: ThresholdCalibration | SetsCalibration) -> s
         return _sets_sentence(calibration)
     if isinstance(calibration, LesionLevelCalibration):
         return _lesion_level_sentence(calibration)
+    if isinstance(calibration, LttCalibration):
+        return ltt_sentence(calibration)
     if isinstance(calibration, RcpsCalibration):
         return _rcps_sentence(calibration)
     c = calibration

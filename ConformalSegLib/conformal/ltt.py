@@ -54,6 +54,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import Any
 
 import numpy as np
 
@@ -279,4 +280,76 @@ def calibrate_ltt(data: RiskData, risks: Sequence[RiskBound], delta: float) -> L
         n_valid=result.n_valid,
         valid_low=low,
         fp_ml_cap=None if fp is None else fp.cap_ml,
+    )
+
+
+def _units(risk: RiskBound, fp_ml_cap: float | None) -> str:
+    if risk.name == "fnr":
+        return f"at most {round(100 * risk.target, 6):g}% of the lesion voxels are missed"
+    if risk.name == "lesion-miss":
+        return f"at most {round(100 * risk.target, 6):g}% of the lesions are missed"
+    if risk.name == "fp-ml":
+        return f"at most {risk.target:g} mL are false positives (each scan counted up to {fp_ml_cap:g} mL)"
+    return (
+        f"at most {risk.target:g} false-positive components (each scan counted up to {COMPONENT_CAP}; thresholds "
+        "restricted to 0.05, 0.10, ..., 0.95)"
+    )
+
+
+def ltt_sentence(c: LttCalibration) -> str:
+    """The guarantee of a Learn-Then-Test profile in one sentence (and the warning when nothing is valid)."""
+    bounds = "; ".join(_units(r, c.fp_ml_cap) for r in c.risks)
+    sentence = (
+        f"With confidence at least {round(100 * (1 - c.delta), 6):g}% over the draw of the calibration scans, on "
+        f"average over new scans, all at once: {bounds} (Learn-Then-Test, fixed-sequence testing); calibrated on "
+        f"{c.n} scans"
+    )
+    if c.n_valid:
+        sentence += f"; {c.n_valid} tested thresholds are valid and the smallest mask is used."
+    else:
+        sentence += (
+            ". Warning: no threshold controls every requested risk (too few scans or too strict targets), so the "
+            "mask is the whole image (nothing is missed; the false-positive bounds do not hold)."
+        )
+    return sentence
+
+
+def _encode(x: float) -> float | str | None:
+    return None if math.isnan(x) else (str(x) if math.isinf(x) else x)
+
+
+def ltt_json(c: LttCalibration, lesions: LesionLevelSummaries | None) -> dict[str, Any]:
+    """The profile keys of a Learn-Then-Test calibration (:mod:`ConformalSegLib.conformal.profile`)."""
+    doc: dict[str, Any] = {
+        "delta": c.delta,
+        "risks": {r.name: r.target for r in c.risks},
+        "fp_ml_cap": c.fp_ml_cap,
+        "valid_thresholds": {"count": c.n_valid, "low": _encode(c.valid_low), "high": _encode(c.probability_threshold)},
+    }
+    if lesions is not None:
+        doc.update(
+            detect_fraction=lesions.detect_fraction,
+            min_lesion_voxels=lesions.min_lesion_voxels,
+            min_lesion_mm3=lesions.min_lesion_mm3,
+        )
+    return doc
+
+
+def read_ltt(doc: dict[str, Any], n: int, threshold: float) -> LttCalibration:
+    """The calibration stored by :func:`ltt_json` (``ValueError`` / ``KeyError`` / ``TypeError`` when malformed)."""
+    risks = parse_risks([f"{name}={target}" for name, target in dict(doc["risks"]).items()])
+    valid = dict(doc["valid_thresholds"])
+    low = valid.get("low")
+    cap = doc.get("fp_ml_cap")
+    return LttCalibration(
+        "ltt",
+        risks[0].target,
+        float(doc["delta"]),
+        n,
+        0,
+        threshold,
+        risks=risks,
+        n_valid=int(valid["count"]),
+        valid_low=math.nan if low is None else float(low),
+        fp_ml_cap=None if cap is None else float(cap),
     )

@@ -7,7 +7,8 @@ and (b) recalibrate for any other epsilon/alpha without touching a volume:
 
 * ``method``: ``cls`` | ``crc`` | ``sets`` | ``lesion`` | ``rcps``; ``epsilon`` (null for sets), ``alpha`` (null
   for crc; delta for rcps), ``n``;
-* rcps: ``delta`` and ``bound`` (``hb`` | ``wsr``, :mod:`ConformalSegLib.conformal.rcps`);
+* rcps: ``delta`` and ``bound`` (``hb`` | ``wsr``, :mod:`ConformalSegLib.conformal.rcps`); ltt: ``delta``,
+  ``risks``, ``fp_ml_cap``, ``valid_thresholds`` (:mod:`ConformalSegLib.conformal.ltt`; ``.npz``: ``fp_*``);
 * cls/crc/lesion/rcps: ``probability_threshold`` (mask = ``prob >= probability_threshold``) and ``rank``;
 * lesion: ``detect_fraction``, ``voxel_epsilon`` (null unless joint), ``min_lesion_voxels``,
   ``min_lesion_mm3`` (:mod:`ConformalSegLib.conformal.lesion_level`); the ``.npz`` also holds each
@@ -51,17 +52,19 @@ from .cls import ThresholdCalibration, apply_threshold, calibrate_cls, critical_
 from .confidence_sets import SetsCalibration, SetStatistics, apply_sets, calibrate_sets
 from .crc import calibrate_crc
 from .deployment import deployment_arrays, deployment_json, read_deployment, recalibrated_groups
+from .fp_summaries import FalsePositiveSummaries
 from .guarantee_sentences import guarantee_sentence
 from .lesion_level import LesionLevelCalibration, LesionLevelSummaries, calibrate_lesion, scan_scores
+from .ltt import LttCalibration, RiskData, calibrate_ltt, ltt_json, read_ltt
 from .mondrian import MondrianCalibration
-from .rcps import RcpsCalibration, calibrate_rcps
+from .rcps import RcpsCalibration, calibrate_rcps, rcps_json, read_rcps
 from .simultaneous import DEFAULT_GRID, SimultaneousBand, simultaneous_band
 from .summaries import LesionSummaries
 from .weighted import Weighting
 
 FORMAT = "conformalseg-profile"
 FORMAT_VERSION = 1
-METHODS = ("cls", "crc", "sets", "lesion", "rcps")
+METHODS = ("cls", "crc", "sets", "lesion", "rcps", "ltt")
 LESION_CRC = "Lesion (expected-FNR-controlled)"
 
 
@@ -108,6 +111,7 @@ class CalibrationProfile:
     lesion_level: LesionLevelSummaries | None = None  #: lesion-level profiles only
     groups: MondrianCalibration | None = None  #: group-conditional (Mondrian) profiles, :mod:`.mondrian`
     weighting: Weighting | None = None  #: weighted (covariate-shift) profiles, :mod:`.weighted`
+    false_positives: FalsePositiveSummaries | None = None  #: Learn-Then-Test profiles with false-positive risks
 
     @property
     def method(self) -> str:
@@ -157,6 +161,9 @@ class CalibrationProfile:
             new = calibrate_sets(
                 stats, alpha=alpha, alpha_inner=alpha_inner, alpha_outer=alpha_outer, mode=mode, pac_delta=delta
             )
+        elif isinstance(c, LttCalibration):
+            data = RiskData(self.summaries, self.lesion_level, self.false_positives)
+            new = calibrate_ltt(data, c.risks, c.delta if alpha is None else alpha)
         elif isinstance(c, RcpsCalibration):
             new = calibrate_rcps(
                 self.summaries,
@@ -243,8 +250,8 @@ class CalibrationProfile:
                 pac_delta=c.pac_delta,
                 n_with_lesion=c.n_with_lesion,
             )
-        if isinstance(c, RcpsCalibration):
-            doc.update(delta=c.delta, bound=c.bound)
+        if isinstance(c, (RcpsCalibration, LttCalibration)):
+            doc.update(ltt_json(c, self.lesion_level) if isinstance(c, LttCalibration) else rcps_json(c))
         if isinstance(c, LesionLevelCalibration):
             doc.update(
                 detect_fraction=c.detect_fraction,
@@ -284,6 +291,8 @@ class CalibrationProfile:
             arrays.update(self.set_statistics.to_arrays())
         if self.lesion_level is not None:
             arrays.update(self.lesion_level.to_arrays())
+        if self.false_positives is not None:
+            arrays.update(self.false_positives.to_arrays())
         arrays.update(deployment_arrays(self))
         return arrays
 
@@ -314,10 +323,10 @@ def load_profile(path: str | PathLike[str]) -> CalibrationProfile:
     """Load and validate a profile and its summaries (see module docstring)."""
     path = Path(path)
     doc, method, n = _read_document(path)
-    summaries, stats, lesion_level, provenance = _read_summaries(doc, path, method)
+    summaries, stats, lesion_level, provenance, fp = _read_summaries(doc, path, method)
     calibration = _read_calibration(doc, path, method, n, stats)
     profile = CalibrationProfile(
-        calibration, summaries, stats, doc.get("empty_policy", "exclude"), provenance, lesion_level
+        calibration, summaries, stats, doc.get("empty_policy", "exclude"), provenance, lesion_level, false_positives=fp
     )
     groups, weighting = read_deployment(doc, path, profile)
     profile = dataclasses.replace(profile, groups=groups, weighting=weighting)
@@ -359,7 +368,9 @@ def _read_document(path: Path) -> tuple[dict[str, Any], str, int]:
 
 def _read_summaries(
     doc: dict[str, Any], path: Path, method: str
-) -> tuple[LesionSummaries, SetStatistics | None, LesionLevelSummaries | None, dict[str, Any]]:
+) -> tuple[
+    LesionSummaries, SetStatistics | None, LesionLevelSummaries | None, dict[str, Any], FalsePositiveSummaries | None
+]:
     """The ``.npz`` beside the profile (checksum verified), its summaries, set statistics and the provenance."""
     summaries_doc = _require(doc, "summaries", path)
     npz_path = path.with_name(str(summaries_doc.get("file", "")))
@@ -385,11 +396,13 @@ def _read_summaries(
         with np.load(npz_path, allow_pickle=False) as arrays:
             arrays = dict(arrays)
         summaries = LesionSummaries.from_arrays(arrays, case_ids, summaries_doc.get("precision", "float32"))
-        stats = lesion_level = None
+        stats = lesion_level = fp = None
         if method == "sets":
             transform = _require(doc, "transform", path)
             stats = SetStatistics.from_arrays(arrays, case_ids, transform["inner"], transform["outer"])
-        if method == "lesion":
+        if method == "ltt" and "fp_values" in arrays:
+            fp = FalsePositiveSummaries.from_arrays(arrays, case_ids, float(_require(doc, "fp_ml_cap", path)))
+        if method == "lesion" or (method == "ltt" and "lesionlevel_values" in arrays):
             lesion_level = LesionLevelSummaries.from_arrays(
                 arrays,
                 case_ids,
@@ -401,7 +414,7 @@ def _read_summaries(
         raise ConformalSegError(
             f"summaries file is corrupt or incomplete ({exc})", path=npz_path, fix=RERUN_FIX
         ) from exc
-    return summaries, stats, lesion_level, provenance
+    return summaries, stats, lesion_level, provenance, fp
 
 
 def _read_calibration(
@@ -444,22 +457,12 @@ def _read_calibration(
             min_lesion_voxels=int(_require(doc, "min_lesion_voxels", path)),
             min_lesion_mm3=float(_require(doc, "min_lesion_mm3", path)),
         )
-    if method == "rcps":
-        bound = _require(doc, "bound", path)
-        if alpha is None or bound not in ("hb", "wsr"):
-            raise ConformalSegError(
-                "an rcps profile needs 'alpha' (delta) and 'bound' (hb or wsr)", path=path, fix=RERUN_FIX
-            )
-        return RcpsCalibration(
-            method,
-            epsilon,
-            float(alpha),
-            n,
-            int(doc.get("n_excluded_empty", 0)),
-            _decode_float(_require(doc, "probability_threshold", path), "probability_threshold", path),
-            n_with_lesion=doc.get("n_with_lesion"),
-            bound=str(bound),
-        )
+    if method in ("rcps", "ltt"):
+        threshold = _decode_float(_require(doc, "probability_threshold", path), "probability_threshold", path)
+        try:
+            return (read_ltt if method == "ltt" else read_rcps)(doc, n, threshold)
+        except (KeyError, ValueError, TypeError, ConformalSegError) as exc:
+            raise ConformalSegError(f"malformed {method} profile keys ({exc})", path=path, fix=RERUN_FIX) from exc
     return ThresholdCalibration(
         method,
         epsilon,

@@ -62,6 +62,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import Any
 
 import numpy as np
 from scipy import stats
@@ -261,4 +262,25 @@ def calibrate_rcps(
         cutoff,
         n_with_lesion=with_lesion,
         bound=bound,
+    )
+
+
+def rcps_json(c: RcpsCalibration) -> dict[str, Any]:
+    """The profile keys of an RCPS calibration besides the threshold ones (:mod:`ConformalSegLib.conformal.profile`)."""
+    return {"delta": c.delta, "bound": c.bound}
+
+
+def read_rcps(doc: dict[str, Any], n: int, threshold: float) -> RcpsCalibration:
+    """The calibration stored by :func:`rcps_json` (``ValueError`` / ``KeyError`` when malformed)."""
+    if doc["bound"] not in BOUNDS:
+        raise ValueError(f"bound must be one of {BOUNDS}, got {doc['bound']!r}")
+    return RcpsCalibration(
+        "rcps",
+        float(doc["epsilon"]),
+        float(doc["delta"]),
+        n,
+        int(doc.get("n_excluded_empty", 0)),
+        threshold,
+        n_with_lesion=doc.get("n_with_lesion"),
+        bound=str(doc["bound"]),
     )
