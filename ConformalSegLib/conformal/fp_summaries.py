@@ -92,6 +92,16 @@ class FalsePositiveSummaries:
         out: np.ndarray = np.minimum(self.counts(thresholds) * self.voxel_ml[:, None], self.cap_ml)
         return out
 
+    def subset(self, indices: Sequence[int] | np.ndarray) -> FalsePositiveSummaries:
+        """Summaries of the given scans (in the given order)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        parts = [self.values[self.offsets[i] : self.offsets[i + 1]] for i in idx]
+        offsets = np.zeros(idx.size + 1, dtype=np.int64)
+        np.cumsum([p.size for p in parts], out=offsets[1:])
+        values = np.concatenate(parts) if parts else self.values[:0]
+        ids = tuple(self.case_ids[i] for i in idx)
+        return FalsePositiveSummaries(values, offsets, self.voxel_ml[idx], self.components[idx], ids, self.cap_ml)
+
     def to_arrays(self, prefix: str = "fp_") -> dict[str, np.ndarray]:
         return {
             f"{prefix}values": self.values,

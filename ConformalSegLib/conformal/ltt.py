@@ -44,7 +44,9 @@ violation set is an interval ending at a fixed point ``s``; a false rejection me
 fixed threshold, and by continuity of measure so is their union (as in :mod:`ConformalSegLib.conformal.rcps`).
 False-positive component counts are not monotone in ``t`` and have no compact exact summary: with
 ``fp-components`` every risk is tested at the 19 fixed thresholds ``0.05, ..., 0.95`` only, chosen before any
-data; fixed-sequence testing over a pre-specified finite set needs no monotonicity.
+data; fixed-sequence testing over a pre-specified finite set needs no monotonicity. With monotone risks
+only, the rejections along each sequence form a prefix, so its first non-rejection is found by binary
+search (the same index as the scan, in ``O(log K)`` tests).
 """
 
 from __future__ import annotations
@@ -233,9 +235,28 @@ def ltt_test(data: RiskData, risks: Sequence[RiskBound], delta: float) -> LttRes
 
         return test
 
-    hi = first_failure(passes(up), grid) if up else grid.size
-    lo = grid.size - first_failure(passes(down), grid[::-1]) if down else 0
+    monotone = not any(r.name == "fp-components" for r in risks)
+    search = _first_failure_monotone if monotone else first_failure
+    hi = search(passes(up), grid) if up else grid.size
+    lo = grid.size - search(passes(down), grid[::-1]) if down else 0
     return LttResult(grid, lo, hi)
+
+
+def _first_failure_monotone(passes: Callable[[np.ndarray], np.ndarray], ordered: np.ndarray) -> int:
+    """The first failing index when the passing candidates are a prefix (binary search, O(log K) tests).
+
+    Along either sequence every loss of its group moves one way, so each empirical risk, the exact
+    ``ceil`` of its sum and the HB p-value (non-decreasing in both) move one way, and so does their maximum:
+    the rejections form a prefix, and the fixed sequence stops at the first index this search finds.
+    """
+    lo, hi = 0, int(ordered.size)  # invariant: ordered[:lo] pass, ordered[hi:] fail (or are past the end)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if bool(passes(ordered[mid : mid + 1])[0]):
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
 
 
 @dataclass(frozen=True)
