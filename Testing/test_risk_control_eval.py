@@ -48,3 +48,19 @@ def test_rcps_is_more_conservative_than_crc_and_the_table_prints() -> None:
     assert rows["rcps-hb"].mean_threshold <= rows["rcps-wsr"].mean_threshold <= rows["crc"].mean_threshold
     assert rows["rcps-hb"].held >= rows["crc"].held
     assert "| rcps-wsr |" in markdown_table(list(rows.values()))
+
+
+def test_cli_evaluate_writes_the_risk_control_table(tmp_path) -> None:
+    from ConformalSegLib.cli import main
+    from ConformalSegLib.phantoms.simulated_dataset import write_synthetic_dataset
+
+    data = tmp_path / "data"
+    write_synthetic_dataset(data, 12, seed=5, shape=(16, 24, 24))
+    argv = ["evaluate", "--data", data, "--lesion-label", "2", "--splits", "3", "--epsilons", "0.3", "--alphas", "0.2"]
+    argv += ["--no-hd95", "--no-false-positives", "--transforms", "identity", "--risk-delta", "0.3"]
+    argv += ["--risk", "fnr=0.4", "--risk", "fp-ml=2", "--fp-ml-cap", "10", "--out", tmp_path / "ev"]
+    assert main([str(a) for a in argv]) == 0
+    table = (tmp_path / "ev" / "risk_control.md").read_text()
+    for method in ("crc", "rcps-hb", "rcps-wsr", "ltt"):
+        assert f"| {method} |" in table
+    assert "fp-ml" in table

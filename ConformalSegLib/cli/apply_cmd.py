@@ -124,6 +124,12 @@ def _recalibrated(args: argparse.Namespace, profile: CalibrationProfile) -> Cali
         if args.voxel_epsilon is not None and args.no_voxel_epsilon:
             raise ConformalSegError("give --voxel-epsilon or --no-voxel-epsilon, not both")
         voxel = None if args.no_voxel_epsilon else args.voxel_epsilon
+    if profile.method == "ltt" and args.epsilon is not None:
+        raise ConformalSegError(
+            "a Learn-Then-Test profile has one target per risk, not one --epsilon",
+            path=args.profile,
+            fix="recalibrate delta with --alpha, or calibrate again with other --risk targets",
+        )
     if all(v is None for v in (args.epsilon, args.alpha, args.alpha_inner, args.alpha_outer)) and voxel is UNCHANGED:
         return profile
     return profile.recalibrate(
