@@ -242,3 +242,24 @@ def test_cli_calibrate_load_apply_recalibrate(tmp_path, capsys) -> None:
     assert again.probability_threshold == ltt_test(data_back, risks, 0.5).threshold
     prob = data / "probs" / "synth_000.nii.gz"
     assert main(["apply", "--profile", str(out), "--prob", str(prob), "--out", str(tmp_path / "a")]) == 0
+
+
+def test_slicer_slider_keeps_ltt_and_moves_rcps(tmp_path) -> None:
+    import sys
+    from pathlib import Path
+
+    from ConformalSegLib.conformal.calibration import CalibrationRequest, calibrate
+    from ConformalSegLib.phantoms.simulated_maps import make_cases
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ConformalSeg"))
+    from ConformalSegSlicer.slider import SliderSettings, SliderState, relevant_sliders
+
+    cases = list(make_cases(30, 4, shape=(20, 32, 32)))
+    ltt = calibrate(cases, CalibrationRequest(method="ltt", delta=0.3, risks=("fnr=0.4",)))
+    rcps = calibrate(cases, CalibrationRequest(method="rcps", epsilon=0.3, delta=0.3))
+    assert relevant_sliders([ltt]) == set() and relevant_sliders([rcps]) == {"epsilon", "alpha"}
+    settings = SliderSettings(0.2, 0.2, 0.2, 0.2)
+    result = SliderState([ltt], cases[0].probability, cases[0].geometry).update(settings)
+    assert result.guarantees == [ltt.guarantee] and not result.errors
+    result = SliderState([rcps], cases[0].probability, cases[0].geometry).update(settings)
+    assert result.guarantees == [rcps.recalibrate(epsilon=0.2, alpha=0.2).guarantee] and not result.errors

@@ -23,12 +23,14 @@ Upper confidence bounds (at confidence ``1 - delta``, ``n`` scans, losses ``L_i`
 * **Hoeffding-Bentkus** (``hb``): the p-value of ``H0: R > epsilon`` is
   ``p(Rhat) = min( exp(-n h(min(Rhat, epsilon), epsilon)), e * P(Binom(n, epsilon) <= ceil(n Rhat)) )``,
   ``h(a, b) = a log(a/b) + (1-a) log((1-a)/(1-b))`` (Bates et al., Prop. 3 and 4; the same formula as
-  MAPIE's ``mapie.risk_control.methods.compute_hoeffding_bentkus_p_value``, checked in a test). ``UCB = sup{R : p_R(Rhat) > delta}``; ``p_R`` is
-  continuous and non-increasing in ``R``, so ``UCB <= epsilon`` iff ``p_epsilon(Rhat) <= delta``: the test
-  is evaluated as this p-value, never by searching for the bound. ``ceil(n Rhat) = ceil(sum_i FNR_i)`` is
-  computed exactly (fractions near an integer, as in :mod:`ConformalSegLib.conformal.crc`).
+  MAPIE's ``mapie.risk_control.methods.compute_hoeffding_bentkus_p_value``, checked in a test).
+  ``UCB = sup{R : p_R(Rhat) > delta}``; ``p_R`` is continuous and non-increasing in ``R``, so
+  ``UCB <= epsilon`` iff ``p_epsilon(Rhat) <= delta``: the test is evaluated as this p-value, never by
+  searching for the bound. ``ceil(n Rhat) = ceil(sum_i FNR_i)`` is computed exactly (fractions near an
+  integer, as in :mod:`ConformalSegLib.conformal.crc`).
 * **Waudby-Smith-Ramdas** (``wsr``, the betting bound of Bates et al., Prop. 5) with the losses in the
-  stored case order (the dataset's case-id order, fixed independently of the losses): ``mu_i = (1/2 + sum_{j<=i} L_j) / (i + 1)``,
+  stored case order (the dataset's case-id order, fixed independently of the losses):
+  ``mu_i = (1/2 + sum_{j<=i} L_j) / (i + 1)``,
   ``s2_i = (1/4 + sum_{j<=i} (L_j - mu_j)^2) / (i + 1)``,
   ``nu_i = min(1, sqrt(2 log(1/delta) / (n s2_{i-1})))``, ``K_i(R) = prod_{j<=i} (1 - nu_j (L_j - R))``;
   ``UCB = inf{R >= 0 : max_i K_i(R) > 1/delta}``. ``K_i(R)`` is a non-negative supermartingale at the true
