@@ -263,3 +263,24 @@ def test_slicer_slider_keeps_ltt_and_moves_rcps(tmp_path) -> None:
     assert result.guarantees == [ltt.guarantee] and not result.errors
     result = SliderState([rcps], cases[0].probability, cases[0].geometry).update(settings)
     assert result.guarantees == [rcps.recalibrate(epsilon=0.2, alpha=0.2).guarantee] and not result.errors
+
+
+def test_fp_components_risk_is_tested_on_the_fixed_thresholds_only() -> None:
+    rng = np.random.default_rng(5)
+    cases = _volumes(rng, 20, shape=(6, 12, 12))
+    data = _data(cases, cap_ml=0.4)
+    grid = np.asarray(COMPONENT_THRESHOLDS)
+    counts = np.array([fp_components(p, les, grid) for _, p, les in cases])  # (scans, thresholds)
+    valid = 0
+    for fnr_target, target, delta in ((0.7, 2.0, 0.3), (0.8, 1.0, 0.3), (0.6, 2.0, 0.3), (0.8, 5.0, 0.2)):
+        result = ltt_test(data, parse_risks([f"fnr={fnr_target}", f"fp-components={target}"]), delta)
+        valid += result.n_valid > 0
+        assert result.candidates.tolist() == list(COMPONENT_THRESHOLDS)
+        totals = np.minimum(counts, 10).sum(axis=0) / 10
+        fnr = [sum(np.count_nonzero(p[les] < t) / les.sum() for _, p, les in cases) for t in grid]
+        up = [_hb(f, len(cases), fnr_target) <= delta / 2 for f in fnr]
+        down = [_hb(float(c), len(cases), target / 10) <= delta / 2 for c in totals]
+        hi = up.index(False) if False in up else grid.size
+        lo = grid.size - (down[::-1].index(False) if False in down else grid.size)
+        assert (result.lo, result.hi) == (lo, hi)
+    assert valid == 3  # the components are not monotone in t (0 at low t: one component holds the lesion)
