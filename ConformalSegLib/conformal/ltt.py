@@ -65,7 +65,7 @@ from .cls import ThresholdCalibration
 from .exact import check_alpha
 from .fp_summaries import COMPONENT_THRESHOLDS, FalsePositiveSummaries
 from .lesion_level import LesionLevelSummaries
-from .rcps import first_failure, hb_p_value
+from .rcps import first_failure, first_failure_monotone, hb_p_value
 from .summaries import LesionSummaries
 
 RISKS = ("fnr", "lesion-miss", "fp-ml", "fp-components")
@@ -236,27 +236,10 @@ def ltt_test(data: RiskData, risks: Sequence[RiskBound], delta: float) -> LttRes
         return test
 
     monotone = not any(r.name == "fp-components" for r in risks)
-    search = _first_failure_monotone if monotone else first_failure
+    search = first_failure_monotone if monotone else first_failure
     hi = search(passes(up), grid) if up else grid.size
     lo = grid.size - search(passes(down), grid[::-1]) if down else 0
     return LttResult(grid, lo, hi)
-
-
-def _first_failure_monotone(passes: Callable[[np.ndarray], np.ndarray], ordered: np.ndarray) -> int:
-    """The first failing index when the passing candidates are a prefix (binary search, O(log K) tests).
-
-    Along either sequence every loss of its group moves one way, so each empirical risk, the exact
-    ``ceil`` of its sum and the HB p-value (non-decreasing in both) move one way, and so does their maximum:
-    the rejections form a prefix, and the fixed sequence stops at the first index this search finds.
-    """
-    lo, hi = 0, int(ordered.size)  # invariant: ordered[:lo] pass, ordered[hi:] fail (or are past the end)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if bool(passes(ordered[mid : mid + 1])[0]):
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,7 @@ left-continuous (``{prob < t}`` grows to ``{prob < s}`` as ``t`` rises to ``s``)
 a fixed sequence ``t_k`` decreasing to ``s`` the events ``A_k = {t_hat >= t_k}`` increase to it, and each
 ``A_k`` implies ``UCB(t_k) <= epsilon < R(t_k)``, of probability ``<= delta`` (the bound at one fixed
 threshold). By continuity of measure ``P(R(t_hat) > epsilon) <= delta``. (For WSR the scan is needed: its
-bound need not be monotone in ``t``; for HB it is, and the scan equals the largest passing candidate.)
+bound need not be monotone in ``t``; for HB it is, and the scan's end is found by binary search.)
 
 Edge cases: when even the smallest candidate (risk 0) fails -- too few scans for (epsilon, delta), for
 HB ``n < log(delta) / log(1 - epsilon)`` -- ``t_hat = -inf`` (whole image) with a
@@ -189,6 +189,24 @@ def first_failure(passes: Callable[[np.ndarray], np.ndarray], ascending: np.ndar
     return int(ascending.size)
 
 
+def first_failure_monotone(passes: Callable[[np.ndarray], np.ndarray], ordered: np.ndarray) -> int:
+    """The first failing index when the passing candidates are a prefix (binary search, O(log K) tests).
+
+    For HB p-values of monotone losses (RCPS; each fixed sequence of :mod:`ConformalSegLib.conformal.ltt`): along
+    the sequence every loss moves one way, so each empirical risk, the exact ``ceil`` of its sum and the HB
+    p-value (non-decreasing in both) move one way, and so does a maximum over risks: the rejections form a
+    prefix, and the scan stops at the first index this search finds.
+    """
+    lo, hi = 0, int(ordered.size)  # invariant: ordered[:lo] pass, ordered[hi:] fail (or are past the end)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if bool(passes(ordered[mid : mid + 1])[0]):
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
 def rcps_cutoff(
     summaries: LesionSummaries, epsilon: float, delta: float, *, bound: str = "hb", empty: str = "exclude"
 ) -> float:
@@ -214,7 +232,7 @@ def rcps_cutoff(
 
     # below the smallest candidate every lesion voxel is kept: risk 0, the same as at the smallest candidate
     probe = ascending if ascending.size else np.array([0.0])
-    j = first_failure(passes, probe)
+    j = (first_failure_monotone if bound == "hb" else first_failure)(passes, probe)
     if j == 0:
         return float("-inf")
     if j < ascending.size:
