@@ -110,6 +110,8 @@ CALIBRATIONS = {
     "lesion": ["--method", "lesion", "--epsilon", "0.25", "--alpha", "0.2", "--voxel-epsilon", "0.2"],
     "sets": ["--method", "sets", "--alpha", "0.2", "--joint", "--transform", "distance"],
     "sets_tiny_alpha": ["--method", "sets", "--alpha", "0.01"],  # too few scans: infinite thresholds
+    "rcps": ["--method", "rcps", "--epsilon", "0.3", "--delta", "0.3"],
+    "ltt": ["--method", "ltt", "--delta", "0.3", "--risk", "fnr=0.3", "--risk", "fp-ml=5"],
     "groups": ["--method", "cls", "--epsilon", "0.2", "--alpha", "0.3", "--group-by", "lesion-size:1"],
     "weighted": ["--method", "cls", "--epsilon", "0.2", "--alpha", "0.3", "--target-scans", "TARGET"],
 }

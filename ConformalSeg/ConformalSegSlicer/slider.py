@@ -171,8 +171,10 @@ def relevant_sliders(profiles: Iterable[CalibrationProfile]) -> set[str]:
     """The sliders that change something for these profiles (the others can be disabled)."""
     names: set[str] = set()
     for profile in profiles:
-        if profile.method in ("cls", "lesion"):
+        if profile.method in ("cls", "lesion", "rcps"):  # rcps: the alpha slider is delta
             names |= {"epsilon", "alpha"}
+        elif profile.method == "ltt":  # one target per risk: no slider
+            continue
         elif profile.method == "crc":
             names.add("epsilon")
         elif profile.calibration.mode == "joint-max":
@@ -208,6 +210,10 @@ def recalibrate(profile: CalibrationProfile, settings: SliderSettings) -> Calibr
         return profile.recalibrate(epsilon=s.epsilon, alpha=s.alpha)
     if profile.method == "crc":
         return profile.recalibrate(epsilon=s.epsilon)
+    if profile.method == "rcps":
+        return profile.recalibrate(epsilon=s.epsilon, alpha=s.alpha)  # alpha is delta
+    if profile.method == "ltt":
+        return profile
     if profile.calibration.mode == "joint-max":
         return profile.recalibrate(alpha=s.alpha)
     return profile.recalibrate(alpha_inner=s.alpha_inner, alpha_outer=s.alpha_outer)

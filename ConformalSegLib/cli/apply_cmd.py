@@ -84,7 +84,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="cls/lesion profiles: use the slider-safe band (valid for every epsilon of the 0.01 grid at once) at "
         "--epsilon, instead of the threshold for that one epsilon",
     )
-    p.add_argument("--alpha", type=float, help="recalibrate for this risk level")
+    p.add_argument("--alpha", type=float, help="recalibrate for this risk level (rcps profiles: delta)")
     p.add_argument("--alpha-inner", type=float, help="sets: recalibrate the inner level")
     p.add_argument("--alpha-outer", type=float, help="sets: recalibrate the outer level")
     p.add_argument(
@@ -174,6 +174,12 @@ def _recalibrated(args: argparse.Namespace, profile: CalibrationProfile) -> Cali
         if args.voxel_epsilon is not None and args.no_voxel_epsilon:
             raise ConformalSegError("give --voxel-epsilon or --no-voxel-epsilon, not both")
         voxel = None if args.no_voxel_epsilon else args.voxel_epsilon
+    if profile.method == "ltt" and args.epsilon is not None:
+        raise ConformalSegError(
+            "a Learn-Then-Test profile has one target per risk, not one --epsilon",
+            path=args.profile,
+            fix="recalibrate delta with --alpha, or calibrate again with other --risk targets",
+        )
     if all(v is None for v in (args.epsilon, args.alpha, args.alpha_inner, args.alpha_outer)) and voxel is UNCHANGED:
         return profile
     return profile.recalibrate(

@@ -8,6 +8,7 @@ from pathlib import Path
 from ..common.errors import ConformalSegError
 from ..conformal.calibration import CalibrationRequest, calibrate
 from ..conformal.confidence_sets import select_transforms
+from ..conformal.fp_summaries import DEFAULT_FP_ML_CAP
 from ..conformal.lesion_level import DEFAULT_DETECT_FRACTION
 from ..conformal.score_transforms import DEFAULT_CANDIDATES
 from ..io.atomic import check_can_write
@@ -65,14 +66,15 @@ def add_data_options(p: argparse.ArgumentParser) -> None:
 def add_method_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--method",
-        choices=("cls", "crc", "lesion", "sets", *INTERVAL_METHODS),
+        choices=("cls", "crc", "rcps", "ltt", "lesion", "sets", *INTERVAL_METHODS),
         required=True,
-        help="cls: P(FNR <= epsilon) >= 1 - alpha; crc: E[FNR] <= epsilon; lesion: P(missed lesions <= "
-        "epsilon x lesions) >= 1 - alpha (joint with the voxel FNR with --voxel-epsilon); sets: inner/outer "
-        "confidence sets; crc-interval, k-crc, sem-crc, sem-crc-organ: risk control of voxel intervals "
-        "(--lower/--upper/--truth/--organs)",
+        help="cls: P(FNR <= epsilon) >= 1 - alpha; crc: E[FNR] <= epsilon; rcps: with confidence 1 - delta, "
+        "E[FNR] <= epsilon; ltt: several expected risks at once with confidence 1 - delta (--risk); lesion: "
+        "P(missed lesions <= epsilon x lesions) >= 1 - alpha (joint with the voxel FNR with --voxel-epsilon); "
+        "sets: inner/outer confidence sets; crc-interval, k-crc, sem-crc, sem-crc-organ: risk control of voxel "
+        "intervals (--lower/--upper/--truth/--organs)",
     )
-    p.add_argument("--epsilon", type=float, help="FNR tolerance (cls, crc); missed-lesion tolerance (lesion)")
+    p.add_argument("--epsilon", type=float, help="FNR tolerance (cls, crc, rcps); missed-lesion tolerance (lesion)")
     p.add_argument("--alpha", type=float, help="risk level (cls, lesion, sets)")
     p.add_argument(
         "--pac-delta",
@@ -81,6 +83,31 @@ def add_method_options(p: argparse.ArgumentParser) -> None:
         metavar="D",
         help="cls, lesion, sets: calibration-conditional guarantee -- with confidence 1 - D over the draw of the "
         "calibration scans, THIS profile covers at least 1 - alpha of new scans (needs more scans; e.g. 0.05)",
+    )
+    p.add_argument(
+        "--delta", type=float, help="rcps, ltt: 1 - delta is the confidence over the calibration draw (e.g. 0.1)"
+    )
+    p.add_argument(
+        "--risk",
+        action="append",
+        default=[],
+        metavar="NAME=TARGET",
+        help="ltt (repeatable): fnr=0.1 (expected voxel FNR), lesion-miss=0.2 (expected missed-lesion fraction), "
+        "fp-ml=5 (expected false-positive mL, each scan counted up to --fp-ml-cap), fp-components=3 (expected "
+        "false-positive components, counted up to 10, thresholds 0.05..0.95 only)",
+    )
+    p.add_argument(
+        "--fp-ml-cap",
+        type=float,
+        default=DEFAULT_FP_ML_CAP,
+        metavar="B",
+        help="ltt fp-ml: each scan's false-positive volume is counted up to B mL (bounded loss; default 100)",
+    )
+    p.add_argument(
+        "--bound",
+        choices=("hb", "wsr"),
+        default="hb",
+        help="rcps: upper confidence bound, hb (Hoeffding-Bentkus, default) or wsr (Waudby-Smith-Ramdas, tighter)",
     )
     add_lesion_level_options(p)
     p.add_argument("--alpha-inner", type=float, help="sets: risk level of the inner set")
@@ -166,6 +193,10 @@ def request_from_args(args: argparse.Namespace, provenance: dict) -> Calibration
         min_lesion_voxels=args.min_lesion_voxels,
         min_lesion_mm3=args.min_lesion_mm3,
         pac_delta=args.pac_delta,
+        delta=getattr(args, "delta", None),
+        bound=getattr(args, "bound", "hb"),
+        risks=tuple(getattr(args, "risk", ())),
+        fp_ml_cap=getattr(args, "fp_ml_cap", DEFAULT_FP_ML_CAP),
     )
 
 

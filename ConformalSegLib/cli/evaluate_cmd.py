@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import warnings
 from pathlib import Path
 
 from ..common.errors import ConformalSegError
+from ..conformal.calibration import CalibrationRequest, calibrate
+from ..conformal.fp_summaries import DEFAULT_FP_ML_CAP
+from ..conformal.ltt import RiskData, parse_risks
 from ..evaluation.progress import TqdmProgress
 from ..evaluation.protocol import evaluate_dataset
 from ..evaluation.report import REPORT_FILES, write_report
-from ..io.atomic import OVERWRITE_FIX
+from ..evaluation.risk_control import evaluate_risk_control, markdown_table
+from ..io.atomic import OVERWRITE_FIX, atomic_write_text
 from .calibrate_cmd import INPUT_FOLDERS, add_data_options, open_dataset
 from .common import add_empty_option, add_force, input_folders, refuse_output_in_inputs
 from .interval_options import add_interval_evaluate_arguments, run_interval_evaluate
@@ -64,6 +69,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="skip false-positive components and mL (one connected-component labelling per test case and cutoff)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the random splits")
+    p.add_argument(
+        "--risk-delta",
+        type=float,
+        default=None,
+        metavar="D",
+        help="also evaluate CRC and RCPS (hb, wsr) at the main epsilon with confidence 1 - D, and Learn-Then-Test "
+        "with the --risk targets, over the same splits: risk_control.md",
+    )
+    p.add_argument(
+        "--risk", action="append", default=[], metavar="NAME=TARGET", help="with --risk-delta: a Learn-Then-Test risk"
+    )
+    p.add_argument("--fp-ml-cap", type=float, default=DEFAULT_FP_ML_CAP, help="with --risk fp-ml: the cap B in mL")
     add_interval_evaluate_arguments(p)
     add_empty_option(p)
     p.add_argument("--out", type=Path, required=True, help="output folder")
@@ -104,8 +121,40 @@ def run(args: argparse.Namespace) -> int:
             lesionwise=not args.no_false_positives,
         )
     written = write_report(result, args.out, force=args.force)  # its warnings were shown once, as they arose
+    if args.risk_delta is not None:
+        written.append(_risk_control(args, dataset, args.main_epsilon or args.epsilons[0]))
     print(
         f"evaluated {result.n_cases} cases over {args.splits} splits; wrote {len(written)} files to {args.out} "
         f"(start with {args.out / 'report.md'})"
     )
     return 0
+
+
+def _risk_control(args: argparse.Namespace, dataset: object, epsilon: float) -> Path:
+    """One more pass building the Learn-Then-Test summaries, then :mod:`ConformalSegLib.evaluation.risk_control`."""
+    risks = parse_risks(args.risk) if args.risk else ()
+    request = CalibrationRequest(
+        method="ltt" if risks else "rcps",
+        epsilon=epsilon,
+        delta=args.risk_delta,
+        risks=tuple(args.risk),
+        empty=None if risks else args.empty,
+        detect_fraction=args.detect_fraction,
+        fp_ml_cap=args.fp_ml_cap,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # only the summaries are used: this whole-dataset calibration is not reported
+        profile = calibrate(dataset, request)  # type: ignore[arg-type]  # any iterable of cases
+    data = RiskData(profile.summaries, profile.lesion_level, profile.false_positives)
+    rows = evaluate_risk_control(
+        data, epsilon=epsilon, delta=args.risk_delta, risks=risks, splits=args.splits,
+        cal_fraction=args.cal_fraction, seed=args.seed,
+    )  # fmt: skip
+    path = Path(args.out) / "risk_control.md"
+    text = (
+        f"# Risk control over {args.splits} splits (epsilon {epsilon:g}, delta {args.risk_delta:g})\n\n"
+        f"{markdown_table(rows)}\n"
+    )
+    atomic_write_text(path, text, force=args.force)
+    print(f"risk control (RCPS, LTT): {path}")
+    return path

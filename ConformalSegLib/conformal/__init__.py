@@ -4,6 +4,9 @@
 * :mod:`.summaries`: per-scan sorted lesion probabilities, the input of every calibration;
 * :mod:`.cls`: conformal lesion segmentation (Tan et al.), P(FNR <= epsilon) >= 1 - alpha;
 * :mod:`.crc`: expected-FNR control (conformal risk control), E[FNR] <= epsilon;
+* :mod:`.rcps`: risk-controlling prediction sets, with confidence 1 - delta E[FNR] <= epsilon (HB, WSR bounds);
+* :mod:`.ltt`: Learn-Then-Test, several expected risks (FNR, missed lesions, FP mL, FP components) with confidence;
+* :mod:`.fp_summaries`: per-scan false-positive summaries for Learn-Then-Test (top background values, components);
 * :mod:`.lesion_level`: lesion-level control, P(missed lesions <= epsilon L) >= 1 - alpha, alone or jointly
   with the voxel FNR;
 * :mod:`.simultaneous`: slider-safe bands, one event for every epsilon of a grid at once;
@@ -12,6 +15,7 @@
 * :mod:`.mask_sets`: confidence sets from predicted masks alone (mask-only tools), one per structure;
 * :mod:`.guarantee_sentences`: the one-sentence statement of each calibrated guarantee;
 * :mod:`.profile`: calibration profiles on disk (JSON + summaries), recalibration, masks;
+* :mod:`.profile_fields`: the fields of a profile document (float convention, the stored calibration read back);
 * :mod:`.calibration`: one call from cases to a profile, shared by the CLI, the demo and Slicer;
 * :mod:`.reviewed_cases`: a profile grown by one reviewed scan (bit for bit a calibration on the grown set);
 * :mod:`.scan_scores`: the per-scan nonconformity scores of a calibration (the input of the three below);

@@ -20,8 +20,11 @@ from .cls import ThresholdCalibration, calibrate_cls
 from .confidence_sets import SetsCalibration, SetStatistics, SetStatisticsBuilder, calibrate_sets
 from .crc import calibrate_crc
 from .exact import check_alpha, check_detect_fraction, check_epsilon
+from .fp_summaries import DEFAULT_FP_ML_CAP, FalsePositiveBuilder
 from .lesion_level import DEFAULT_DETECT_FRACTION, LesionLevelBuilder, calibrate_lesion, check_min_size
+from .ltt import RiskData, calibrate_ltt, parse_risks
 from .profile import METHODS, CalibrationProfile
+from .rcps import BOUNDS, calibrate_rcps
 from .score_transforms import parse_transform
 from .summaries import SummaryBuilder
 
@@ -46,10 +49,27 @@ class CalibrationRequest:
     min_lesion_voxels: int = 0  # lesion: smaller lesions are not counted
     min_lesion_mm3: float = 0.0
     pac_delta: float | None = None  # cls, lesion, sets: calibration-conditional (PAC) at confidence 1 - pac_delta
+    delta: float | None = None  # rcps: confidence 1 - delta over the calibration draw
+    bound: str = "hb"  # rcps: hb (Hoeffding-Bentkus) or wsr (Waudby-Smith-Ramdas)
+    risks: tuple[str, ...] = ()  # ltt: NAME=TARGET, NAME in fnr, lesion-miss, fp-ml, fp-components
+    fp_ml_cap: float = DEFAULT_FP_ML_CAP  # ltt fp-ml: each scan's false-positive volume counted up to this (mL)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ConformalSegError(f"unknown method {self.method!r}", fix=f"use one of {', '.join(METHODS)}")
+        if self.method == "ltt":
+            if self.delta is None:
+                raise ConformalSegError("--method ltt needs --delta (e.g. 0.1) and --risk NAME=TARGET (repeatable)")
+            check_alpha(self.delta, "delta")
+            parse_risks(self.risks)
+            if self.empty is not None:
+                raise ConformalSegError("--method ltt sets each risk's scans itself", fix="leave out --empty")
+        if self.method == "rcps":
+            if self.epsilon is None or self.delta is None:
+                raise ConformalSegError("--method rcps needs --epsilon (the FNR tolerance) and --delta (e.g. 0.1)")
+            check_alpha(self.delta, "delta")
+            if self.bound not in BOUNDS:
+                raise ConformalSegError(f"unknown bound {self.bound!r}", fix=f"use one of {', '.join(BOUNDS)}")
         if self.method in ("cls", "crc", "lesion") and self.epsilon is None:
             what = "missed-lesion" if self.method == "lesion" else "FNR"
             raise ConformalSegError(f"--method {self.method} needs --epsilon (the {what} tolerance, e.g. 0.1)")
@@ -65,7 +85,7 @@ class CalibrationRequest:
                     "--method lesion calibrates on scans with a lesion only", fix="leave out --empty include"
                 )
         if self.pac_delta is not None:
-            if self.method == "crc":
+            if self.method in ("crc", "rcps"):
                 raise ConformalSegError(
                     "--pac-delta does not apply to --method crc (an expected-risk guarantee)",
                     fix="use --method cls for a per-scan guarantee with PAC confidence",
@@ -103,9 +123,15 @@ def calibrate(cases: Iterable[Any], request: CalibrationRequest) -> CalibrationP
         if request.method == "sets"
         else None
     )
+    risks = {r.name for r in parse_risks(request.risks)} if request.method == "ltt" else set()
     lesions = (
         LesionLevelBuilder(request.detect_fraction, request.min_lesion_voxels, request.min_lesion_mm3)
-        if request.method == "lesion"
+        if request.method == "lesion" or "lesion-miss" in risks
+        else None
+    )
+    fp = (
+        FalsePositiveBuilder(request.fp_ml_cap, "fp-components" in risks)
+        if risks & {"fp-ml", "fp-components"}
         else None
     )
     for case in cases:
@@ -115,6 +141,8 @@ def calibrate(cases: Iterable[Any], request: CalibrationRequest) -> CalibrationP
             sets.add_case(case_id, probability, lesion, geometry)
         if lesions is not None:
             lesions.add_case(case_id, probability, lesion, _voxel_mm3(geometry, request, case_id))
+        if fp is not None:
+            fp.add_case(case_id, probability, lesion, _voxel_mm3(geometry, request, case_id, "fp-ml" in risks))
     lesion_summaries = summaries.build()
     if lesion_summaries.n == 0:
         raise ConformalSegError("no calibration cases found", fix="check the --probs and --labels folders")
@@ -122,6 +150,7 @@ def calibrate(cases: Iterable[Any], request: CalibrationRequest) -> CalibrationP
     calibration: ThresholdCalibration | SetsCalibration
     stats: SetStatistics | None = None
     lesion_level = None
+    fp_summaries = None if fp is None else fp.build()
     if request.method == "cls":
         assert request.epsilon is not None and request.alpha is not None  # checked in __post_init__
         calibration = calibrate_cls(
@@ -130,6 +159,14 @@ def calibrate(cases: Iterable[Any], request: CalibrationRequest) -> CalibrationP
     elif request.method == "crc":
         assert request.epsilon is not None  # checked in __post_init__
         calibration = calibrate_crc(lesion_summaries, request.epsilon, empty=empty)
+    elif request.method == "ltt":
+        assert request.delta is not None  # checked in __post_init__
+        lesion_level = None if lesions is None else lesions.build()
+        data = RiskData(lesion_summaries, lesion_level, fp_summaries)
+        calibration = calibrate_ltt(data, parse_risks(request.risks), request.delta)
+    elif request.method == "rcps":
+        assert request.epsilon is not None and request.delta is not None  # checked in __post_init__
+        calibration = calibrate_rcps(lesion_summaries, request.epsilon, request.delta, bound=request.bound, empty=empty)
     elif request.method == "lesion":
         assert lesions is not None and request.epsilon is not None and request.alpha is not None
         lesion_level = lesions.build()
@@ -154,12 +191,20 @@ def calibrate(cases: Iterable[Any], request: CalibrationRequest) -> CalibrationP
             pac_delta=request.pac_delta,
         )
     provenance = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **request.provenance}
-    return CalibrationProfile(calibration, lesion_summaries, stats, empty, provenance, lesion_level)
+    return CalibrationProfile(
+        calibration, lesion_summaries, stats, empty, provenance, lesion_level, false_positives=fp_summaries
+    )
 
 
-def _voxel_mm3(geometry: Geometry | None, request: CalibrationRequest, case_id: str) -> float:
-    """The voxel volume for the lesion size filter in mm^3 (1 without a geometry, refused with a mm^3 filter)."""
+def _voxel_mm3(geometry: Geometry | None, request: CalibrationRequest, case_id: str, need: bool = False) -> float:
+    """The voxel volume in mm^3 for the lesion size filter and the false-positive volume (1 without a geometry,
+    refused with a mm^3 filter or when ``need``: the ``fp-ml`` risk)."""
     if geometry is None:
+        if need:
+            raise ConformalSegError(
+                f"case {case_id!r} has no voxel spacing, so its false-positive volume in mL is unknown",
+                fix="give NIfTI/NRRD probability maps, or use --risk fp-components instead of fp-ml",
+            )
         if request.min_lesion_mm3:
             raise ConformalSegError(
                 f"case {case_id!r} has no voxel spacing, so --min-lesion-mm3 cannot be applied",

@@ -9,6 +9,8 @@ from .confidence_sets import SetsCalibration
 from .crc import min_crc_calibration_size
 from .exact import as_fraction, min_calibration_size, needed_calibration_size
 from .lesion_level import LesionLevelCalibration
+from .ltt import LttCalibration, ltt_sentence
+from .rcps import RcpsCalibration, min_rcps_calibration_size
 from .simultaneous import SimultaneousBand
 
 
@@ -27,6 +29,10 @@ def guarantee_sentence(calibration: ThresholdCalibration | SetsCalibration) -> s
         return _sets_sentence(calibration)
     if isinstance(calibration, LesionLevelCalibration):
         return _lesion_level_sentence(calibration)
+    if isinstance(calibration, LttCalibration):
+        return ltt_sentence(calibration)
+    if isinstance(calibration, RcpsCalibration):
+        return _rcps_sentence(calibration)
     c = calibration
     if c.method == "cls":
         assert c.alpha is not None  # CLS always has one
@@ -61,6 +67,26 @@ TIES_WARNING = (
     " Warning: lesion voxels tied at probability 0 put the cutoff at 0, so the mask is the whole image "
     "(calibrate on unquantised maps or logits, or break ties at random)."
 )
+
+
+def _rcps_sentence(c: RcpsCalibration) -> str:
+    bound = {"hb": "Hoeffding-Bentkus", "wsr": "Waudby-Smith-Ramdas"}[c.bound]
+    sentence = (
+        f"With confidence at least {percent(1 - c.delta)} over the draw of the calibration scans, on average over "
+        f"new scans at most {percent(c.epsilon)} of the lesion voxels are missed (RCPS, {bound} bound); "
+        f"{_population(c)}."
+    )
+    if c.whole_image_from_ties:
+        sentence += TIES_WARNING
+    elif c.is_trivial:
+        if as_fraction(c.epsilon) == 0:
+            sentence += " Warning: RCPS needs epsilon > 0, so the mask is the whole image."
+        else:
+            sentence += (
+                f" Warning: {c.n} scans are too few for epsilon = {c.epsilon:g} and delta = {c.delta:g} (at least "
+                f"{min_rcps_calibration_size(c.epsilon, c.delta, c.bound)} are needed), so the mask is the whole image."
+            )
+    return sentence
 
 
 def _population(c: ThresholdCalibration) -> str:

@@ -5,9 +5,11 @@ and (b) recalibrate for any other epsilon/alpha without touching a volume:
 
 ``PROFILE.json`` (format ``conformalseg-profile``, ``format_version`` 1), top-level keys:
 
-* ``method``: ``cls`` | ``crc`` | ``sets`` | ``lesion``; ``epsilon`` (null for sets), ``alpha`` (null for
-  crc), ``n``;
-* cls/crc/lesion: ``probability_threshold`` (mask = ``prob >= probability_threshold``) and ``rank``;
+* ``method``: ``cls`` | ``crc`` | ``sets`` | ``lesion`` | ``rcps``; ``epsilon`` (null for sets), ``alpha`` (null
+  for crc; delta for rcps), ``n``;
+* rcps: ``delta`` and ``bound`` (``hb`` | ``wsr``, :mod:`ConformalSegLib.conformal.rcps`); ltt: ``delta``,
+  ``risks``, ``fp_ml_cap``, ``valid_thresholds`` (:mod:`ConformalSegLib.conformal.ltt`; ``.npz``: ``fp_*``);
+* cls/crc/lesion/rcps: ``probability_threshold`` (mask = ``prob >= probability_threshold``) and ``rank``;
 * lesion: ``detect_fraction``, ``voxel_epsilon`` (null unless joint), ``min_lesion_voxels``,
   ``min_lesion_mm3`` (:mod:`ConformalSegLib.conformal.lesion_level`); the ``.npz`` also holds each
   scan's detection thresholds and lesion sizes;
@@ -31,7 +33,6 @@ import dataclasses
 import hashlib
 import io
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from os import PathLike
@@ -52,16 +53,20 @@ from .cls import ThresholdCalibration, apply_threshold, calibrate_cls, critical_
 from .confidence_sets import SetsCalibration, SetStatistics, apply_sets, calibrate_sets
 from .crc import calibrate_crc
 from .deployment import deployment_arrays, deployment_json, read_deployment, recalibrated_groups
+from .fp_summaries import FalsePositiveSummaries
 from .guarantee_sentences import guarantee_sentence
 from .lesion_level import LesionLevelCalibration, LesionLevelSummaries, calibrate_lesion, scan_scores
+from .ltt import LttCalibration, RiskData, calibrate_ltt, ltt_json
 from .mondrian import MondrianCalibration
+from .profile_fields import RERUN_FIX, encode_float, read_calibration, require
+from .rcps import RcpsCalibration, calibrate_rcps, rcps_json
 from .simultaneous import DEFAULT_GRID, SimultaneousBand, simultaneous_band
 from .summaries import LesionSummaries
 from .weighted import Weighting
 
 FORMAT = "conformalseg-profile"
 FORMAT_VERSION = 1
-METHODS = ("cls", "crc", "sets", "lesion")
+METHODS = ("cls", "crc", "sets", "lesion", "rcps", "ltt")
 LESION_CRC = "Lesion (expected-FNR-controlled)"
 
 
@@ -70,30 +75,6 @@ class Unchanged:
 
 
 UNCHANGED = Unchanged()
-RERUN_FIX = "re-create it with `conformalseg calibrate`"
-
-
-def _encode_float(x: float | None) -> float | str | None:
-    if x is None:
-        return None
-    x = float(x)
-    if math.isinf(x):
-        return "inf" if x > 0 else "-inf"
-    if math.isnan(x):
-        raise ValueError("NaN in profile")
-    return x
-
-
-def _decode_float(value: Any, key: str, path: Path) -> float:
-    if value in ("inf", "+inf"):
-        return math.inf
-    if value == "-inf":
-        return -math.inf
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(float(value)):
-        raise ConformalSegError(
-            f"profile key {key!r} must be a number or 'inf'/'-inf', got {value!r}", path=path, fix=RERUN_FIX
-        )
-    return float(value)
 
 
 @dataclass(frozen=True)
@@ -108,6 +89,7 @@ class CalibrationProfile:
     lesion_level: LesionLevelSummaries | None = None  #: lesion-level profiles only
     groups: MondrianCalibration | None = None  #: group-conditional (Mondrian) profiles, :mod:`.mondrian`
     weighting: Weighting | None = None  #: weighted (covariate-shift) profiles, :mod:`.weighted`
+    false_positives: FalsePositiveSummaries | None = None  #: Learn-Then-Test profiles with false-positive risks
 
     @property
     def method(self) -> str:
@@ -156,6 +138,17 @@ class CalibrationProfile:
             stats = self.set_statistics if self.empty_policy == "include" else self.set_statistics.without_empty()
             new = calibrate_sets(
                 stats, alpha=alpha, alpha_inner=alpha_inner, alpha_outer=alpha_outer, mode=mode, pac_delta=delta
+            )
+        elif isinstance(c, LttCalibration):
+            data = RiskData(self.summaries, self.lesion_level, self.false_positives)
+            new = calibrate_ltt(data, c.risks, c.delta if alpha is None else alpha)
+        elif isinstance(c, RcpsCalibration):
+            new = calibrate_rcps(
+                self.summaries,
+                c.epsilon if epsilon is None else epsilon,
+                c.delta if alpha is None else alpha,
+                bound=c.bound,
+                empty=self.empty_policy,
             )
         elif c.method == "cls":
             level = c.alpha if alpha is None else alpha
@@ -217,8 +210,8 @@ class CalibrationProfile:
                 epsilon=None,
                 alpha=c.alpha,
                 n=c.n,
-                inner_threshold=_encode_float(c.inner_threshold),
-                outer_threshold=_encode_float(c.outer_threshold),
+                inner_threshold=encode_float(c.inner_threshold),
+                outer_threshold=encode_float(c.outer_threshold),
                 transform={"inner": c.inner_transform, "outer": c.outer_transform},
                 mode=c.mode,
                 alpha_inner=c.alpha_inner,
@@ -230,11 +223,13 @@ class CalibrationProfile:
                 epsilon=c.epsilon,
                 alpha=c.alpha,
                 n=c.n,
-                probability_threshold=_encode_float(c.probability_threshold),
+                probability_threshold=encode_float(c.probability_threshold),
                 rank=c.rank,
                 pac_delta=c.pac_delta,
                 n_with_lesion=c.n_with_lesion,
             )
+        if isinstance(c, (RcpsCalibration, LttCalibration)):
+            doc.update(ltt_json(c, self.lesion_level) if isinstance(c, LttCalibration) else rcps_json(c))
         if isinstance(c, LesionLevelCalibration):
             doc.update(
                 detect_fraction=c.detect_fraction,
@@ -274,6 +269,8 @@ class CalibrationProfile:
             arrays.update(self.set_statistics.to_arrays())
         if self.lesion_level is not None:
             arrays.update(self.lesion_level.to_arrays())
+        if self.false_positives is not None:
+            arrays.update(self.false_positives.to_arrays())
         arrays.update(deployment_arrays(self))
         return arrays
 
@@ -294,12 +291,6 @@ class CalibrationProfile:
         return path, npz_path
 
 
-def _require(doc: dict[str, Any], key: str, path: Path) -> Any:
-    if key not in doc:
-        raise ConformalSegError(f"profile has no {key!r} key", path=path, fix=RERUN_FIX)
-    return doc[key]
-
-
 def load_profile(path: str | PathLike[str]) -> CalibrationProfile:
     """Load and validate a profile and its summaries (see module docstring).
 
@@ -311,10 +302,16 @@ def load_profile(path: str | PathLike[str]) -> CalibrationProfile:
     path = Path(path)
     doc, method, n = _read_document(path)
     try:
-        summaries, stats, lesion_level, provenance = _read_summaries(doc, path, method)
-        calibration = _read_calibration(doc, path, method, n, stats)
+        summaries, stats, lesion_level, provenance, fp = _read_summaries(doc, path, method)
+        calibration = read_calibration(doc, path, method, n, stats)
         profile = CalibrationProfile(
-            calibration, summaries, stats, str(doc.get("empty_policy", "exclude")), provenance, lesion_level
+            calibration,
+            summaries,
+            stats,
+            str(doc.get("empty_policy", "exclude")),
+            provenance,
+            lesion_level,
+            false_positives=fp,
         )
         groups, weighting = read_deployment(doc, path, profile)
         profile = dataclasses.replace(profile, groups=groups, weighting=weighting)
@@ -351,10 +348,10 @@ def _read_document(path: Path) -> tuple[dict[str, Any], str, int]:
             path=path,
             fix="re-calibrate with this version of ConformalSeg",
         )
-    method = _require(doc, "method", path)
+    method = require(doc, "method", path)
     if method not in METHODS:
         raise ConformalSegError(f"unknown method {method!r}", path=path, fix=RERUN_FIX)
-    n = _require(doc, "n", path)
+    n = require(doc, "n", path)
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ConformalSegError(f"'n' must be a positive integer, got {n!r}", path=path, fix=RERUN_FIX)
     return doc, method, n
@@ -362,9 +359,11 @@ def _read_document(path: Path) -> tuple[dict[str, Any], str, int]:
 
 def _read_summaries(
     doc: dict[str, Any], path: Path, method: str
-) -> tuple[LesionSummaries, SetStatistics | None, LesionLevelSummaries | None, dict[str, Any]]:
+) -> tuple[
+    LesionSummaries, SetStatistics | None, LesionLevelSummaries | None, dict[str, Any], FalsePositiveSummaries | None
+]:
     """The ``.npz`` beside the profile (checksum verified), its summaries, set statistics and the provenance."""
-    summaries_doc = _require(doc, "summaries", path)
+    summaries_doc = require(doc, "summaries", path)
     if not isinstance(summaries_doc, dict) or not isinstance(doc.get("provenance") or {}, dict):
         raise ConformalSegError("'summaries' and 'provenance' must be JSON objects", path=path, fix=RERUN_FIX)
     npz_path = sibling_file(path, summaries_doc.get("file"), "summaries file", RERUN_FIX)
@@ -389,81 +388,25 @@ def _read_summaries(
     try:
         with LazyNpz(npz_path, "summaries file") as arrays:  # only the arrays looked up are read, sizes checked
             summaries = LesionSummaries.from_arrays(arrays, case_ids, summaries_doc.get("precision", "float32"))
-            stats = lesion_level = None
+            stats = lesion_level = fp = None
             if method == "sets":
-                transform = _require(doc, "transform", path)
+                transform = require(doc, "transform", path)
                 stats = SetStatistics.from_arrays(arrays, case_ids, transform["inner"], transform["outer"])
-            if method == "lesion":
+            if method == "ltt" and "fp_values" in arrays:
+                fp = FalsePositiveSummaries.from_arrays(arrays, case_ids, float(require(doc, "fp_ml_cap", path)))
+            if method == "lesion" or (method == "ltt" and "lesionlevel_values" in arrays):
                 lesion_level = LesionLevelSummaries.from_arrays(
                     arrays,
                     case_ids,
-                    detect_fraction=float(_require(doc, "detect_fraction", path)),
-                    min_lesion_voxels=int(_require(doc, "min_lesion_voxels", path)),
-                    min_lesion_mm3=float(_require(doc, "min_lesion_mm3", path)),
+                    detect_fraction=float(require(doc, "detect_fraction", path)),
+                    min_lesion_voxels=int(require(doc, "min_lesion_voxels", path)),
+                    min_lesion_mm3=float(require(doc, "min_lesion_mm3", path)),
                 )
     except (KeyError, ValueError, TypeError, OSError) as exc:
         raise ConformalSegError(
             f"summaries file is corrupt or incomplete ({exc})", path=npz_path, fix=RERUN_FIX
         ) from exc
-    return summaries, stats, lesion_level, provenance
-
-
-def _read_calibration(
-    doc: dict[str, Any], path: Path, method: str, n: int, stats: SetStatistics | None
-) -> ThresholdCalibration | SetsCalibration:
-    """The stored thresholds and parameters of the calibration."""
-    if method == "sets":
-        assert stats is not None  # read with the summaries for sets profiles
-        return SetsCalibration(
-            str(_require(doc, "mode", path)),
-            float(_require(doc, "alpha", path)),
-            float(_require(doc, "alpha_inner", path)),
-            float(_require(doc, "alpha_outer", path)),
-            n,
-            _decode_float(_require(doc, "inner_threshold", path), "inner_threshold", path),
-            _decode_float(_require(doc, "outer_threshold", path), "outer_threshold", path),
-            stats.inner_transform,
-            stats.outer_transform,
-            _optional_float(doc, "pac_delta"),
-        )
-    epsilon = _decode_float(_require(doc, "epsilon", path), "epsilon", path)
-    alpha = doc.get("alpha")
-    if method in ("cls", "lesion") and alpha is None:
-        raise ConformalSegError(f"a {method} profile needs 'alpha'", path=path, fix=RERUN_FIX)
-    if method == "lesion":
-        assert alpha is not None  # checked above
-        return LesionLevelCalibration(
-            method=method,
-            epsilon=epsilon,
-            alpha=float(alpha),
-            n=n,
-            n_excluded_empty=int(doc.get("n_excluded_empty", 0)),
-            probability_threshold=_decode_float(
-                _require(doc, "probability_threshold", path), "probability_threshold", path
-            ),
-            rank=doc.get("rank"),
-            pac_delta=_optional_float(doc, "pac_delta"),
-            detect_fraction=float(_require(doc, "detect_fraction", path)),
-            voxel_epsilon=_optional_float(doc, "voxel_epsilon"),
-            min_lesion_voxels=int(_require(doc, "min_lesion_voxels", path)),
-            min_lesion_mm3=float(_require(doc, "min_lesion_mm3", path)),
-        )
-    return ThresholdCalibration(
-        method,
-        epsilon,
-        None if alpha is None else float(alpha),
-        n,
-        int(doc.get("n_excluded_empty", 0)),
-        _decode_float(_require(doc, "probability_threshold", path), "probability_threshold", path),
-        doc.get("rank"),
-        _optional_float(doc, "pac_delta"),
-        doc.get("n_with_lesion"),
-    )
-
-
-def _optional_float(doc: dict[str, Any], key: str) -> float | None:
-    value = doc.get(key)
-    return None if value is None else float(value)
+    return summaries, stats, lesion_level, provenance, fp
 
 
 def _check_consistent(profile: CalibrationProfile, path: Path) -> None:

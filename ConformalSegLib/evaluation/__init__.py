@@ -2,6 +2,7 @@
 
 * :mod:`.protocol`: :func:`~.protocol.evaluate_dataset`, the split protocol of the papers, exact and
   streaming, one function per step (pass 1, split thresholds, test FNRs, pass 2, assembly);
+* :mod:`.risk_control`: RCPS (both bounds), CRC and Learn-Then-Test over random splits, from summaries only;
 * :mod:`.lesion_protocol`: its lesion-level steps (lesion-level control, slider-safe bands, lesion-wise
   metrics of every method);
 * :mod:`.config`: its parameters, checked before any case is read;

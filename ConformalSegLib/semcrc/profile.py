@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 
 from .. import __version__
-from ..conformal.profile import _decode_float as _decode  # same JSON float convention
-from ..conformal.profile import _encode_float as _encode
+from ..conformal.profile_fields import decode_float as _decode  # same JSON float convention
+from ..conformal.profile_fields import encode_float as _encode
 from ..io.atomic import atomic_write_files, check_can_write
 from ..io.checksums import sha256_file
 from ..io.guards import LazyNpz
