@@ -38,6 +38,7 @@ from ConformalSegLib.conformal.cls import apply_threshold, round_up_to_dtype
 from ConformalSegLib.conformal.confidence_sets import SetsCalibration
 from ConformalSegLib.conformal.profile import LESION_CRC, CalibrationProfile, load_profile
 from ConformalSegLib.conformal.score_transforms import parse_transform
+from ConformalSegLib.conformal.ties import apply_calibration
 from ConformalSegLib.io.segmentation import INNER_SET, LESION_FNR, LESION_THRESHOLD, OUTER_SET
 from ConformalSegLib.io.volumes import PROBABILITY_TOLERANCE
 
@@ -320,9 +321,9 @@ class SliderState:
                 cutoff = c.probability_threshold
                 result.segments[name] = self._segment(
                     name,
-                    ("prob", cutoff),
-                    lambda out: apply_threshold(self.probability, cutoff, out=out),
-                    f"probability >= {_fmt(cutoff)}",
+                    ("prob", cutoff, c.tie_threshold),
+                    lambda out: apply_calibration(self.probability, c, out=out),
+                    f"probability >= {_fmt(cutoff)}" + ("" if c.tie_seed is None else " (ties broken at random)"),
                 )
         if settings.include_threshold:
             result.segments[LESION_THRESHOLD] = self._segment(

@@ -24,6 +24,7 @@ from .lesion_level import DEFAULT_DETECT_FRACTION, LesionLevelBuilder, calibrate
 from .profile import METHODS, CalibrationProfile
 from .score_transforms import parse_transform
 from .summaries import SummaryBuilder
+from .ties import TIE_BREAKING, calibrate_cls_ties, calibrate_crc_ties
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,8 @@ class CalibrationRequest:
     min_lesion_voxels: int = 0  # lesion: smaller lesions are not counted
     min_lesion_mm3: float = 0.0
     pac_delta: float | None = None  # cls, lesion, sets: calibration-conditional (PAC) at confidence 1 - pac_delta
+    tie_breaking: str = "none"  # cls, crc: "random" breaks probability ties with seeded keys (:mod:`.ties`)
+    tie_seed: int = 0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -71,6 +74,7 @@ class CalibrationRequest:
                     fix="use --method cls for a per-scan guarantee with PAC confidence",
                 )
             check_alpha(self.pac_delta, "pac_delta")
+        check_tie_request(self.method, self.tie_breaking, self.precision)
         if self.joint not in (None, "split", "max"):
             raise ConformalSegError(f"unknown joint method {self.joint!r}", fix="use split or max")
         parse_transform(self.inner_transform)
@@ -122,7 +126,21 @@ def calibrate(cases: Iterable[Any], request: CalibrationRequest) -> CalibrationP
     calibration: ThresholdCalibration | SetsCalibration
     stats: SetStatistics | None = None
     lesion_level = None
-    if request.method == "cls":
+    if request.tie_breaking == "random":
+        assert request.epsilon is not None  # checked in __post_init__
+        calibration = (
+            calibrate_crc_ties(lesion_summaries, request.epsilon, seed=request.tie_seed, empty=empty)
+            if request.method == "crc"
+            else calibrate_cls_ties(
+                lesion_summaries,
+                request.epsilon,
+                cast(float, request.alpha),
+                seed=request.tie_seed,
+                empty=empty,
+                pac_delta=request.pac_delta,
+            )
+        )
+    elif request.method == "cls":
         assert request.epsilon is not None and request.alpha is not None  # checked in __post_init__
         calibration = calibrate_cls(
             lesion_summaries, request.epsilon, request.alpha, empty=empty, pac_delta=request.pac_delta
@@ -155,6 +173,24 @@ def calibrate(cases: Iterable[Any], request: CalibrationRequest) -> CalibrationP
         )
     provenance = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **request.provenance}
     return CalibrationProfile(calibration, lesion_summaries, stats, empty, provenance, lesion_level)
+
+
+def check_tie_request(method: str, tie_breaking: str, precision: str) -> None:
+    """Randomised tie-breaking is for cls and crc on float32 summaries (:mod:`.ties`); refused elsewhere."""
+    if tie_breaking not in TIE_BREAKING:
+        raise ConformalSegError(f"unknown tie-breaking {tie_breaking!r}", fix=f"use one of {', '.join(TIE_BREAKING)}")
+    if tie_breaking == "none":
+        return
+    if method not in ("cls", "crc"):
+        raise ConformalSegError(
+            f"--tie-breaking random is implemented for --method cls and crc, not {method}",
+            fix="leave out --tie-breaking, or calibrate on unquantised maps or logits",
+        )
+    if precision != "float32":
+        raise ConformalSegError(
+            "--tie-breaking random needs float32 summaries (uint16 rounding creates ties the maps do not have)",
+            fix="leave out --precision uint16",
+        )
 
 
 def _voxel_mm3(geometry: Geometry | None, request: CalibrationRequest, case_id: str) -> float:

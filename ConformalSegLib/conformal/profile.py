@@ -8,6 +8,7 @@ and (b) recalibrate for any other epsilon/alpha without touching a volume:
 * ``method``: ``cls`` | ``crc`` | ``sets`` | ``lesion``; ``epsilon`` (null for sets), ``alpha`` (null for
   crc), ``n``;
 * cls/crc/lesion: ``probability_threshold`` (mask = ``prob >= probability_threshold``) and ``rank``;
+  cls/crc with ``--tie-breaking random``: ``tie_breaking``, ``tie_seed``, ``tie_threshold`` (:mod:`.ties`);
 * lesion: ``detect_fraction``, ``voxel_epsilon`` (null unless joint), ``min_lesion_voxels``,
   ``min_lesion_mm3`` (:mod:`ConformalSegLib.conformal.lesion_level`); the ``.npz`` also holds each
   scan's detection thresholds and lesion sizes;
@@ -46,7 +47,7 @@ from ..common.geometry import Geometry
 from ..io.atomic import atomic_write_bytes, atomic_write_text, check_can_write
 from ..io.checksums import sha256_file
 from ..io.segmentation import INNER_SET, LESION_FNR, LESION_LEVEL, OUTER_SET
-from .cls import ThresholdCalibration, apply_threshold, calibrate_cls, critical_cutoffs, used_cases
+from .cls import ThresholdCalibration, calibrate_cls, critical_cutoffs, used_cases
 from .confidence_sets import SetsCalibration, SetStatistics, apply_sets, calibrate_sets
 from .crc import calibrate_crc
 from .deployment import deployment_arrays, deployment_json, read_deployment, recalibrated_groups
@@ -55,6 +56,7 @@ from .lesion_level import LesionLevelCalibration, LesionLevelSummaries, calibrat
 from .mondrian import MondrianCalibration
 from .simultaneous import DEFAULT_GRID, SimultaneousBand, simultaneous_band
 from .summaries import LesionSummaries
+from .ties import apply_calibration, calibrate_cls_ties, calibrate_crc_ties, ties_from_json, ties_json
 from .weighted import Weighting
 
 FORMAT = "conformalseg-profile"
@@ -155,6 +157,16 @@ class CalibrationProfile:
             new = calibrate_sets(
                 stats, alpha=alpha, alpha_inner=alpha_inner, alpha_outer=alpha_outer, mode=mode, pac_delta=delta
             )
+        elif c.tie_seed is not None:
+            eps = c.epsilon if epsilon is None else epsilon
+            level = c.alpha if alpha is None else alpha
+            new = (
+                calibrate_crc_ties(self.summaries, eps, seed=c.tie_seed, empty=self.empty_policy)
+                if level is None
+                else calibrate_cls_ties(
+                    self.summaries, eps, level, seed=c.tie_seed, empty=self.empty_policy, pac_delta=delta
+                )
+            )
         elif c.method == "cls":
             level = c.alpha if alpha is None else alpha
             assert level is not None  # CLS profiles have an alpha
@@ -175,6 +187,11 @@ class CalibrationProfile:
         joint lesion-level profile the voxel tolerance stays as calibrated)."""
         c = self.calibration
         level = c.alpha if alpha is None else alpha
+        if not isinstance(c, SetsCalibration) and c.tie_seed is not None:
+            raise ConformalSegError(
+                "slider-safe bands are not implemented for profiles with --tie-breaking random",
+                fix="use the fixed-(epsilon, alpha) mode, or calibrate without --tie-breaking",
+            )
         if isinstance(c, SetsCalibration) or c.method not in ("cls", "lesion") or level is None:
             raise ConformalSegError(
                 f"slider-safe bands are for CLS and lesion-level profiles, not {self.method}",
@@ -199,7 +216,7 @@ class CalibrationProfile:
         if isinstance(c, SetsCalibration):
             inner, outer = apply_sets(probability, geometry, c)
             return {INNER_SET: inner, OUTER_SET: outer}
-        return {self.mask_name: apply_threshold(probability, c.probability_threshold)}
+        return {self.mask_name: apply_calibration(probability, c)}
 
     @property
     def mask_name(self) -> str:
@@ -233,6 +250,7 @@ class CalibrationProfile:
                 pac_delta=c.pac_delta,
                 n_with_lesion=c.n_with_lesion,
             )
+            doc.update(ties_json(c))
         if isinstance(c, LesionLevelCalibration):
             doc.update(
                 detect_fraction=c.detect_fraction,
@@ -442,6 +460,7 @@ def _read_calibration(
         doc.get("rank"),
         _optional_float(doc, "pac_delta"),
         doc.get("n_with_lesion"),
+        *ties_from_json(doc, path),
     )
 
 
@@ -462,7 +481,7 @@ def _check_consistent(profile: CalibrationProfile, path: Path) -> None:
         same = again.inner_threshold == c.inner_threshold and again.outer_threshold == c.outer_threshold
     else:
         assert isinstance(c, ThresholdCalibration) and isinstance(again, ThresholdCalibration)
-        same = again.probability_threshold == c.probability_threshold
+        same = (again.probability_threshold, again.tie_threshold) == (c.probability_threshold, c.tie_threshold)
     if not same:
         raise ConformalSegError(
             "the stored threshold does not follow from the stored summaries (edited by hand?)", path=path, fix=RERUN_FIX
