@@ -297,8 +297,19 @@ def test_validity_check_has_power(pool: IntervalData) -> None:
 
 
 def test_per_organ_from_anchor_never_goes_below_the_anchor(pool: IntervalData) -> None:
-    calib = calibrate_semcrc_organ(pool.subset(range(80)), EPS, seed=3, **SHARED)
+    calib = calibrate_semcrc_organ(pool.subset(range(80)), EPS, seed=3, from_anchor=True, **SHARED)
     assert calib.controlled and np.all(calib.lam >= calib.anchor) and np.all(calib.omega >= 0)
+
+
+def test_per_organ_default_is_omega_from_zero(pool: IntervalData) -> None:
+    """The default (``from_anchor=False``, CLI ``--organ-omega-from zero``) lets lambda_k go below the anchor
+    (never below 0) and is never longer than the paper-literal eq. 12."""
+    data = pool.subset(range(80))
+    default = calibrate_semcrc_organ(data, EPS, seed=3, **SHARED)
+    literal = calibrate_semcrc_organ(data, EPS, seed=3, from_anchor=True, **SHARED)
+    assert np.array_equal(default.anchor, literal.anchor)  # the same S_opt split and anchor
+    assert np.all(default.lam >= 0) and np.all(default.lam <= literal.lam)
+    assert np.any(default.lam < default.anchor)
 
 
 # ----------------------------------------------------------------------------------------- edge cases

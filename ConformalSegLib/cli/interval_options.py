@@ -96,9 +96,9 @@ def add_interval_arguments(parser: argparse.ArgumentParser) -> None:
         g,
         "--organ-omega-from",
         choices=("anchor", "zero"),
-        default="anchor",
-        help="sem-crc-organ: lambda_k = anchor_k + omega_k with omega_k >= 0 (anchor, the paper's eq. 12) "
-        "or lambda_k >= 0 (zero: shorter, same guarantee)",
+        default="zero",
+        help="sem-crc-organ: lambda_k >= 0 (zero, default: shorter, same guarantee) or lambda_k = anchor_k + "
+        "omega_k with omega_k >= 0 (anchor: the paper's eq. 12, literally)",
     )
     _add(g, "--seed", type=int, default=0, help="seed of the S_opt/S_cal split and the voxel subsampling")
 

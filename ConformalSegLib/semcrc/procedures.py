@@ -14,8 +14,10 @@ CRC choice of :mod:`.exact_omega` (closed intervals: covered iff ``lambda >= nee
 * ``sem-crc`` (eq. 9, Prop. 1): like K-CRC with the instance-dependent organ memberships ``s(y)``
   (one lambda per organ, ``"body"`` included) and the anchor of (Psem). Same guarantee.
 * ``sem-crc-organ`` (eq. 12): the sem-CRC anchor, then for each organ ``k`` separately
-  ``omega_k in [0, lambda_max]`` (``lambda_k = anchor_k + omega_k``, as in eq. 12; with
-  ``from_anchor=False`` ``omega_k`` may go down to ``-anchor_k``) with the CRC condition on the
+  ``lambda_k = anchor_k + omega_k`` with ``omega_k in [-anchor_k, lambda_max]`` (default
+  ``from_anchor=False``: ``lambda_k >= 0``, shorter intervals, the same guarantee since the range is fixed
+  before ``S_cal`` is seen; the statistics audit measured per-organ risk 0.065-0.082 at eps 0.1 against
+  0.015-0.064 with the paper-literal ``from_anchor=True``, ``omega_k >= 0`` of eq. 12) with the CRC condition on the
   per-organ loss (eq. 11), averaged over the ``n_k`` calibration scans in which organ ``k`` is
   present. Guarantee for every organ: ``E[l01_k(test) | organ k present in the test scan] <= epsilon``
   (conditioning on presence keeps exchangeability: presence is a function of each scan alone).
@@ -418,7 +420,7 @@ def calibrate_semcrc_organ(
     d_min: int = 2,
     gammas: Sequence[float] = DEFAULT_GAMMAS,
     lambda_max: float | None = None,
-    from_anchor: bool = True,
+    from_anchor: bool = False,
     seed: int | np.random.Generator = 0,
 ) -> IntervalCalibration:
     """Per-organ sem-CRC (eq. 12): risk control for every organ separately (module docstring)."""
