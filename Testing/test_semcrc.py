@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from ConformalSegLib.common.errors import ConformalSegError  # noqa: E402
+from ConformalSegLib.common.errors import CalibrationSetTooSmallWarning, ConformalSegError  # noqa: E402
 from ConformalSegLib.semcrc import (  # noqa: E402
     AnchorSample,
     IntervalCalibrationError,
@@ -347,11 +347,26 @@ def test_crossing_quantiles_and_shapes_are_clear_errors() -> None:
     assert issubclass(IntervalInputError, ConformalSegError)
 
 
-def test_too_few_calibration_scans_is_a_clear_error(pool: IntervalData) -> None:
-    with pytest.raises(IntervalCalibrationError, match=r"needs at least 9.*Fix"):
-        calibrate_crc_interval(pool.subset(range(5)), EPS)
-    with pytest.raises(IntervalCalibrationError, match="S_cal"):
-        calibrate_semcrc(pool.subset(range(12)), EPS, n_opt=6, **{k: v for k, v in SHARED.items() if k != "n_opt"})
+def test_impossible_settings_give_the_trivial_result_and_a_warning(pool: IntervalData) -> None:
+    """One convention across CRC (lesion), crc-interval and sem-CRC: too few scans for epsilon, or epsilon = 0,
+    give the trivial result (lambda = +inf, status uncontrollable) and a warning that says why."""
+    rest = {k: v for k, v in SHARED.items() if k != "n_opt"}
+    cases = [
+        (lambda: calibrate_crc_interval(pool.subset(range(5)), EPS), r"only 5 calibration scan\(s\), at least 9"),
+        (lambda: calibrate_semcrc(pool.subset(range(12)), EPS, n_opt=6, **rest), r"only 6 .* at least 9"),
+        (lambda: calibrate_kcrc(pool.subset(range(12)), EPS, n_opt=6, **rest), r"only 6 .* at least 9"),
+        (lambda: calibrate_crc_interval(pool.subset(range(20)), 0.0), "needs epsilon > 0"),
+        (lambda: calibrate_semcrc(pool.subset(range(40)), 0.0, **SHARED), "needs epsilon > 0"),
+        (lambda: calibrate_semcrc_organ(pool.subset(range(40)), 0.0, **SHARED), "needs epsilon > 0"),
+    ]
+    for run, message in cases:
+        with pytest.warns(UncontrollableRiskWarning, match=message):
+            calib = run()
+        assert np.all(np.isinf(calib.lam)) and set(calib.status) == {"uncontrollable"}
+        assert issubclass(UncontrollableRiskWarning, CalibrationSetTooSmallWarning)  # the CLS / CRC warning
+
+
+def test_bad_calibration_arguments_are_clear_errors(pool: IntervalData) -> None:
     with pytest.raises(IntervalCalibrationError, match="n_opt"):
         calibrate_kcrc(pool.subset(range(20)), EPS, n_opt=20)
     with pytest.raises(ConformalSegError, match="epsilon"):

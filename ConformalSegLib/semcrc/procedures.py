@@ -23,7 +23,9 @@ CRC choice of :mod:`.exact_omega` (closed intervals: covered iff ``lambda >= nee
   (conditioning on presence keeps exchangeability: presence is a function of each scan alone).
 
 A group for which no ``omega`` in range works gets ``lambda = +inf`` and status ``"uncontrollable"``
-(with an :class:`~.errors.UncontrollableRiskWarning`); an organ without any calibration scan gets
+(with an :class:`~.errors.UncontrollableRiskWarning`), including too few calibration scans for epsilon
+(``n < 1/epsilon - 1``) and ``epsilon = 0``: the trivial result plus a warning, the convention of CLS and
+CRC (:mod:`ConformalSegLib.conformal.crc`); an organ without any calibration scan gets
 ``+inf`` and ``"no-calibration-data"``. Nothing is left silently uncontrolled.
 """
 
@@ -134,11 +136,9 @@ def _generator(seed: int | np.random.Generator) -> np.random.Generator:
 
 def _check_common(data: IntervalData, epsilon: float, lambda_max: float | None) -> float:
     try:
-        e = check_epsilon(epsilon)
+        check_epsilon(epsilon)
     except ConformalSegError as exc:
         raise IntervalCalibrationError(f"epsilon: {exc.message}", fix="pass e.g. epsilon=0.1") from exc
-    if e == 0:
-        raise IntervalCalibrationError("epsilon must be > 0 for risk control", fix="pass e.g. epsilon=0.1")
     if lambda_max is not None and not (math.isfinite(lambda_max) and lambda_max >= 0):
         raise IntervalCalibrationError(
             f"lambda_max must be a finite number >= 0, got {lambda_max}",
@@ -148,14 +148,12 @@ def _check_common(data: IntervalData, epsilon: float, lambda_max: float | None) 
     return float(epsilon)
 
 
-def _require_calibration_size(n_cal: int, epsilon: float, what: str) -> None:
-    needed = min_crc_calibration_size(epsilon)
-    if n_cal < max(1, needed):
-        raise IntervalCalibrationError(
-            f"{what} has {n_cal} scan(s); CRC at epsilon={epsilon} needs at least {max(1, needed)} "
-            f"(n >= 1/epsilon - 1), otherwise no finite lambda controls the risk",
-            fix="add calibration scans, raise epsilon, or lower n_opt",
-        )
+def _require_calibration_size(n_cal: int, what: str) -> None:
+    """An empty calibration split is a usage error; too few scans for epsilon (or epsilon = 0) are not: they
+    give the trivial result (lambda = +inf) with an :class:`UncontrollableRiskWarning`, as CLS / CRC give the
+    whole image with a :class:`CalibrationSetTooSmallWarning` (one convention for impossible settings)."""
+    if n_cal < 1:
+        raise IntervalCalibrationError(f"{what} is empty", fix="add calibration scans or lower n_opt")
 
 
 def _case_ids(data: IntervalData) -> tuple[str, ...]:
@@ -173,12 +171,13 @@ def _split(data: IntervalData, n_opt: int, rng: np.random.Generator) -> tuple[In
 
 
 def _warn_uncontrollable(what: str, n: int, epsilon: float, lambda_max: float | None) -> None:
-    needed = min_crc_calibration_size(epsilon)
-    cause = (
-        f"only {n} calibration scan(s), at least {needed} are needed"
-        if n < needed
-        else f"risk stays above epsilon up to lambda_max={lambda_max}"
-    )
+    needed = min_crc_calibration_size(epsilon) if epsilon > 0 else None
+    if needed is None:
+        cause = "risk control needs epsilon > 0"
+    elif n < needed:
+        cause = f"only {n} calibration scan(s), at least {needed} are needed (n >= 1/epsilon - 1)"
+    else:
+        cause = f"risk stays above epsilon up to lambda_max={lambda_max}"
     warnings.warn(
         f"{what}: risk cannot be brought under epsilon={epsilon} ({cause}); its lambda is +inf "
         f"(status '{UNCONTROLLABLE}')",
@@ -234,7 +233,7 @@ def calibrate_crc_interval(
 ) -> IntervalCalibration:
     """CRC with one scalar lambda (eq. 3) on all scans of ``data``."""
     epsilon = _check_common(data, epsilon, lambda_max)
-    _require_calibration_size(data.n, epsilon, "the calibration set")
+    _require_calibration_size(data.n, "the calibration set")
     start = time.perf_counter()
     omega = _backtrack(
         data,
@@ -293,7 +292,7 @@ def calibrate_kcrc(
     epsilon = _check_common(data, epsilon, lambda_max)
     rng = _generator(seed)
     opt, cal = _split(data, n_opt, rng)
-    _require_calibration_size(cal.n, epsilon, "the calibration split S_cal")
+    _require_calibration_size(cal.n, "the calibration split S_cal")
     partition, k_eff = loss_quantile_partition(opt, k)
     groups_of = lambda s: partition[s.index].astype(np.int64)  # noqa: E731
     anchor = _anchor_for(
@@ -374,7 +373,7 @@ def calibrate_semcrc(
     epsilon = _check_common(data, epsilon, lambda_max)
     rng = _generator(seed)
     opt, cal, anchor = _sem_anchor(data, epsilon, n_opt, d_opt, d_min, gammas, lambda_max, rng)
-    _require_calibration_size(cal.n, epsilon, "the calibration split S_cal")
+    _require_calibration_size(cal.n, "the calibration split S_cal")
     start = time.perf_counter()
     omega = _backtrack(
         cal,
