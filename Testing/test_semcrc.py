@@ -455,3 +455,26 @@ def test_seeded_calibration_is_reproducible(pool: IntervalData) -> None:
     b = calibrate_kcrc(data, EPS, seed=4, **SHARED)
     np.testing.assert_array_equal(a.lam, b.lam)
     np.testing.assert_array_equal(a.partition, b.partition)
+
+
+@pytest.mark.parametrize("method", ["crc", "k-crc", "sem-crc", "sem-crc-organ"])
+def test_recalibration_from_the_record_is_bit_identical(pool: IntervalData, method: str, tmp_path) -> None:
+    """A profile stores per-scan coverage thresholds (and the anchor sample): a new epsilon from them equals
+    calibrating from scratch on the volumes, bit for bit, also after a save / load round trip."""
+    from ConformalSegLib.semcrc.memberships import OrganMap
+    from ConformalSegLib.semcrc.profile import IntervalProfile, load_interval_profile
+    from ConformalSegLib.semcrc.recalibrate import interval_record
+
+    data = pool.subset(range(60))
+    options = {} if method == "crc" else dict(SHARED, seed=4)
+    first = calibrate_interval_method(method, data, EPS, **options)
+    organs = OrganMap({i + 1: g for i, g in enumerate(data.groups[:-1])})
+    profile = IntervalProfile(first, organs, "all", {}, interval_record(first, data, **options))
+    profile.save(tmp_path / "p.json")
+    loaded = load_interval_profile(tmp_path / "p.json")
+    for eps in (EPS, 0.2, 0.05):
+        scratch = calibrate_interval_method(method, data, eps, **options)
+        for again in (profile.recalibrate(eps).calibration, loaded.recalibrate(eps).calibration):
+            for key in ("lam", "anchor", "omega", "n_cal"):
+                assert np.array_equal(getattr(again, key), getattr(scratch, key)), (eps, key)
+            assert again.status == scratch.status and again.gamma == scratch.gamma and again.epsilon == eps

@@ -65,7 +65,7 @@ def calibrate(folders: dict[str, Path], method: str, **options):
 def test_profile_round_trip_keeps_lambda_exactly(folders: dict[str, Path], tmp_path: Path) -> None:
     profile = calibrate(folders, "sem-crc")
     written = profile.save(tmp_path / "p.json")
-    assert written == [tmp_path / "p.json"]
+    assert written == [tmp_path / "p.json", tmp_path / "p.npz"]  # the .npz: per-scan thresholds for recalibration
     doc = json.loads((tmp_path / "p.json").read_text())
     assert doc["lambda"].keys() == {"liver", "spleen", "kidney", "pancreas", "body"}
     assert doc["organ_labels"]["1"] == "liver" and doc["body"] == "nonzero"
@@ -207,6 +207,13 @@ def test_cli_calibrate_then_apply(folders: dict[str, Path], tmp_path: Path, caps
     ]
     capsys.readouterr()
     assert main(argv) == 2 and "already exists" in capsys.readouterr().err
+    # apply --epsilon recalibrates from the profile's stored per-scan thresholds (no calibration volume read)
+    out2 = tmp_path / "applied_eps"
+    assert main([*argv[:4], str(out2), *argv[5:], "--epsilon", "0.3"]) == 0
+    table = json.loads((out2 / "intervals.json").read_text())
+    assert table["epsilon"] == 0.3
+    expected = load_interval_profile(profile_path).recalibrate(0.3).lambdas
+    assert {r["group"]: r["lambda"] for r in table["groups"]} == pytest.approx(expected)
     assert (
         main(
             [

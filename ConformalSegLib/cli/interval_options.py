@@ -170,6 +170,8 @@ def run_interval_calibrate(args: argparse.Namespace) -> int:
 def run_interval_apply(args: argparse.Namespace) -> int:
     """``apply`` with an interval profile: write lower/upper/length volumes and the per-group table."""
     profile = load_interval_profile(args.profile)
+    if getattr(args, "epsilon", None) is not None:
+        profile = profile.recalibrate(args.epsilon)  # from the stored per-scan thresholds, no volume
     if args.lower is None or args.upper is None:
         raise ConformalSegError(
             "an interval profile needs --lower FILE and --upper FILE",

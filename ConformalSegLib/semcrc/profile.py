@@ -13,6 +13,9 @@
   package version, UTC time);
 * K-CRC only: ``partition`` = ``{"file": "PROFILE.npz", "sha256": ..., "shape": [z, y, x]}``; the
   ``.npz`` holds ``partition`` (group index per flat voxel position).
+* ``record`` (profiles calibrated by ``conformalseg calibrate``): ``{"file", "sha256", "gammas",
+  "from_anchor", "anchor_sample"}``; the ``.npz`` holds the per-scan coverage thresholds of ``S_cal`` and the
+  anchor sample of ``S_opt`` (:mod:`.recalibrate`), so ``apply --epsilon`` recalibrates without the volumes.
 
 Both files are written atomically (the ``.npz`` first; the JSON carries its SHA-256); existing files
 are never overwritten without ``force``. Loading validates format, keys, values and checksum.
@@ -25,7 +28,7 @@ import hashlib
 import io
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -40,6 +43,7 @@ from ..io.checksums import sha256_file
 from .errors import IntervalProfileError
 from .memberships import OrganMap
 from .procedures import CONTROLLED, METHODS, NO_DATA, UNCONTROLLABLE, IntervalCalibration
+from .recalibrate import IntervalRecord, recalibrate_interval
 
 FORMAT = "conformalseg-interval-profile"
 FORMAT_VERSION = 1
@@ -55,6 +59,16 @@ class IntervalProfile:
     organs: OrganMap
     body: str = "all"
     provenance: dict[str, Any] = field(default_factory=dict)
+    record: IntervalRecord | None = None  #: per-scan coverage thresholds for recalibration (:mod:`.recalibrate`)
+
+    def recalibrate(self, epsilon: float) -> IntervalProfile:
+        """The profile at a new ``epsilon``, from the stored record only (bit-identical to calibrating anew)."""
+        if self.record is None:
+            raise IntervalProfileError(
+                "this interval profile stores no per-scan coverage thresholds, so it cannot be recalibrated",
+                fix=RERUN_FIX + " at the new --epsilon",
+            )
+        return replace(self, calibration=recalibrate_interval(self.calibration, self.record, epsilon))
 
     @property
     def lambdas(self) -> dict[str, float]:
@@ -93,6 +107,8 @@ class IntervalProfile:
         }
         if c.method == "k-crc":
             doc["partition"] = {"file": npz_name, "sha256": npz_sha256, "shape": list(c.shape or ())}
+        if self.record is not None:
+            doc["record"] = {"file": npz_name, "sha256": npz_sha256, **self.record.to_json()}
         return doc
 
     def save(self, path: str | PathLike[str], *, force: bool = False) -> list[Path]:
@@ -105,11 +121,14 @@ class IntervalProfile:
         check_can_write(path, force=force)
         written: list[Path] = []
         npz_name = sha = None
-        if self.calibration.method == "k-crc":
+        if self.calibration.method == "k-crc" or self.record is not None:
             npz_path = path.with_suffix(".npz")
             check_can_write(npz_path, force=force)
             buffer = io.BytesIO()
-            np.savez_compressed(buffer, partition=np.asarray(self.calibration.partition, dtype=np.int32))
+            arrays = {} if self.record is None else self.record.to_arrays()
+            if self.calibration.method == "k-crc":
+                arrays["partition"] = np.asarray(self.calibration.partition, dtype=np.int32)
+            np.savez_compressed(buffer, **arrays)  # type: ignore[arg-type]  # numpy's stub: allow_pickle
             data = buffer.getvalue()
             atomic_write_bytes(npz_path, data, force=force)
             npz_name, sha = npz_path.name, hashlib.sha256(data).hexdigest()
@@ -233,4 +252,23 @@ def load_interval_profile(path: str | PathLike[str]) -> IntervalProfile:
         raise IntervalProfileError(
             f"groups {groups} do not match the organ labels {organs.groups}", path=path, fix=RERUN_FIX
         )
-    return IntervalProfile(calibration, organs, str(doc.get("body", "all")), provenance)
+    return IntervalProfile(calibration, organs, str(doc.get("body", "all")), provenance, _read_record(doc, path))
+
+
+def _read_record(doc: dict[str, Any], path: Path) -> IntervalRecord | None:
+    """The stored record (checksum verified), or None for a profile without one."""
+    info = doc.get("record")
+    if info is None:
+        return None
+    npz_path = path.with_name(str(info.get("file", "")))
+    if not npz_path.is_file() or sha256_file(npz_path) != info.get("sha256"):
+        raise IntervalProfileError(
+            "the .npz beside the profile is missing or does not match its checksum",
+            path=npz_path,
+            fix="keep the .npz next to the .json (copy both), or re-calibrate",
+        )
+    try:
+        with np.load(npz_path, allow_pickle=False) as arrays:
+            return IntervalRecord.from_stored(arrays, info)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise IntervalProfileError(f"the stored record is malformed ({exc})", path=npz_path, fix=RERUN_FIX) from exc

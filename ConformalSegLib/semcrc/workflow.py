@@ -35,6 +35,7 @@ from .intervals import EXCLUDED, IntervalData, IntervalScan, make_interval_scan,
 from .memberships import OrganMap, organ_memberships
 from .procedures import METHODS, calibrate_interval_method
 from .profile import IntervalProfile
+from .recalibrate import interval_record
 
 if TYPE_CHECKING:
     from ..inference.model_card import ModelCard
@@ -182,7 +183,7 @@ def calibrate_interval(
         "truth_dir": str(Path(truth_dir).resolve()),
         "organs_dir": None if organs_dir is None else str(Path(organs_dir).resolve()),
     }
-    return IntervalProfile(calibration, organ_map, body, provenance)
+    return IntervalProfile(calibration, organ_map, body, provenance, interval_record(calibration, data, **options))
 
 
 @dataclass(frozen=True)
