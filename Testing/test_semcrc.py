@@ -478,3 +478,49 @@ def test_recalibration_from_the_record_is_bit_identical(pool: IntervalData, meth
             for key in ("lam", "anchor", "omega", "n_cal"):
                 assert np.array_equal(getattr(again, key), getattr(scratch, key)), (eps, key)
             assert again.status == scratch.status and again.gamma == scratch.gamma and again.epsilon == eps
+
+
+def test_shrinkable_crc_tightens_an_under_confident_model_and_stays_valid(pool: IntervalData) -> None:
+    """Intervals widened by 0.15 on each side (raw risk far below epsilon): the non-negative family keeps
+    lambda = 0 and a tiny risk; the shrinkable family (lambda down to minus the half-width) tightens them to
+    a risk close to epsilon, still <= epsilon on average over 60 random splits (CRC tolerance)."""
+    from ConformalSegLib.semcrc.shrinkable import calibrate_crc_interval_shrinkable, voxel_lambdas
+
+    wide = IntervalData(
+        [type(s)(s.shape, s.index, s.need - 0.15, s.width + 0.3, s.group, s.case_id) for s in pool.scans], pool.groups
+    )
+    rng = np.random.default_rng(5)
+    risks, plain, lams = [], [], []
+    for _ in range(60):
+        perm = rng.permutation(wide.n)
+        cal, test = wide.subset(perm[:60]), wide.subset(perm[60:])
+        calib = calibrate_crc_interval_shrinkable(cal, EPS)
+        lams.append(calib.lam[0])
+        risks.append(np.mean([np.count_nonzero(s.need > voxel_lambdas(calib, s)) / s.d for s in test.scans]))
+        lam_plain = calibrate_crc_interval(cal, EPS).lam[0]
+        plain.append(np.mean([scan_loss(s.need, lam_plain) for s in test.scans]))
+    risks_arr = np.asarray(risks)
+    assert within_tolerance(risks_arr, EPS) and risks_arr.mean() > EPS - 0.03
+    assert np.mean(plain) < 0.5 * EPS and max(lams) < 0
+    # the clamp: no interval is ever inverted, a negative lambda shrinks at most to the midpoint
+    scan = test.scans[0]
+    assert np.all(voxel_lambdas(calib, scan) >= -0.5 * scan.width)
+
+
+def test_shrinkable_profile_round_trip_and_recalibration(pool: IntervalData, tmp_path) -> None:
+    from ConformalSegLib.semcrc.memberships import OrganMap
+    from ConformalSegLib.semcrc.profile import IntervalProfile, load_interval_profile
+    from ConformalSegLib.semcrc.recalibrate import interval_record
+    from ConformalSegLib.semcrc.shrinkable import calibrate_crc_interval_shrinkable
+
+    wide = IntervalData(
+        [type(s)(s.shape, s.index, s.need - 0.15, s.width + 0.3, s.group, s.case_id) for s in pool.scans[:60]],
+        pool.groups,
+    )
+    calib = calibrate_crc_interval_shrinkable(wide, EPS)
+    organs = OrganMap({i + 1: g for i, g in enumerate(pool.groups[:-1])})
+    IntervalProfile(calib, organs, "all", {}, interval_record(calib, wide)).save(tmp_path / "s.json")
+    loaded = load_interval_profile(tmp_path / "s.json")
+    assert loaded.calibration.lam[0] == calib.lam[0] < 0 and loaded.calibration.shrink_floor == calib.shrink_floor
+    for eps in (0.05, 0.2):
+        assert loaded.recalibrate(eps).calibration.lam[0] == calibrate_crc_interval_shrinkable(wide, eps).lam[0]

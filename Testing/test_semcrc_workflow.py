@@ -285,3 +285,20 @@ def test_cli_evaluate_writes_table_1_and_figure_3(
     assert set(summary["methods"]) == {"crc", "k-crc", "sem-crc", "sem-crc-organ"} and summary["runs"] == 2
     assert (out / "interval_evaluation.png").stat().st_size > 0
     assert "| Procedure | Risk |" in (out / "interval_evaluation.md").read_text()
+
+
+def test_cli_shrinkable_crc_interval_and_its_refusal(folders: dict[str, Path], tmp_path: Path, capsys) -> None:
+    from ConformalSegLib.cli import main
+
+    data = ["--lower", str(folders["lower"]), "--upper", str(folders["upper"]), "--truth", str(folders["truth"])]
+    out = tmp_path / "shrink.json"
+    assert (
+        main(["calibrate", "--method", "crc-interval", "--epsilon", "0.2", "--shrinkable", "--out", str(out), *data])
+        == 0
+    )
+    doc = json.loads(out.read_text())
+    assert doc["shrink_floor"] < 0 and load_interval_profile(out).calibration.shrink_floor == doc["shrink_floor"]
+    organs = ["--organs", str(folders["organs"]), "--organ-labels", ORGAN_SPEC]
+    argv = ["calibrate", "--method", "sem-crc", "--epsilon", "0.2", "--shrinkable", "--out", str(tmp_path / "x.json")]
+    assert main([*argv, *data, *organs]) == 2
+    assert "--shrinkable is implemented for crc-interval, not sem-crc" in capsys.readouterr().err

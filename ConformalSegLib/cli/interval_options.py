@@ -100,6 +100,13 @@ def add_interval_arguments(parser: argparse.ArgumentParser) -> None:
         help="sem-crc-organ: lambda_k >= 0 (zero, default: shorter, same guarantee) or lambda_k = anchor_k + "
         "omega_k with omega_k >= 0 (anchor: the paper's eq. 12, literally)",
     )
+    _add(
+        g,
+        "--shrinkable",
+        action="store_true",
+        help="crc-interval: lambda may go below 0, down to minus each voxel's half-width, so an under-confident "
+        "quantile model is tightened (same guarantee)",
+    )
     _add(g, "--seed", type=int, default=0, help="seed of the S_opt/S_cal split and the voxel subsampling")
 
 
@@ -114,6 +121,8 @@ def add_interval_apply_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _options(args: argparse.Namespace, method: str) -> dict:
     options: dict = {"lambda_max": args.lambda_max}
+    if getattr(args, "shrinkable", False):
+        options["shrinkable"] = True
     if method != "crc":
         options.update(n_opt=args.n_opt, gammas=args.gammas, seed=args.seed)
     if method == "k-crc":
@@ -244,6 +253,10 @@ def run_interval_evaluate(args: argparse.Namespace) -> int:
                 f"interval evaluation needs --{flag} DIR",
                 fix="pass --lower DIR --upper DIR --truth DIR --organs DIR --organ-labels ...",
             )
+    if getattr(args, "shrinkable", False):
+        raise ConformalSegError(
+            "--shrinkable is not implemented in the interval evaluation", fix="leave out --shrinkable"
+        )
     organ_map = as_organ_map(args.organ_labels)
     methods = ("crc", "k-crc") + (("sem-crc", "sem-crc-organ") if args.organs is not None and organ_map.labels else ())
     if not args.force:

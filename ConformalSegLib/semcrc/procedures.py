@@ -81,6 +81,7 @@ class IntervalCalibration:
     seconds: dict[str, float] = field(default_factory=dict)
     opt_cases: tuple[str, ...] = ()
     cal_cases: tuple[str, ...] = ()
+    shrink_floor: float | None = None  # shrinkable CRC (:mod:`.shrinkable`): lambda may go down to this
 
     def voxel_groups(self, scan: IntervalScan) -> np.ndarray:
         """Index into :attr:`lam` for every counted voxel of ``scan``."""
@@ -102,7 +103,9 @@ class IntervalCalibration:
         return scan.group.astype(np.int64)
 
     def voxel_lambda(self, scan: IntervalScan) -> np.ndarray:
-        return self.lam[self.voxel_groups(scan)]
+        """Per counted voxel its group's lambda (clamped at ``-width/2`` when shrinkable, :mod:`.shrinkable`)."""
+        lam = self.lam[self.voxel_groups(scan)]
+        return lam if self.shrink_floor is None else np.maximum(lam, -0.5 * scan.width)
 
     @property
     def controlled(self) -> bool:

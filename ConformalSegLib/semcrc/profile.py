@@ -87,6 +87,7 @@ class IntervalProfile:
             "groups": list(c.groups),
             "organs": list(c.organs),
             "lambda": by_group(c.lam),
+            "shrink_floor": c.shrink_floor,  # shrinkable CRC: lambda >= this (< 0), voxel-wise >= -width/2
             "anchor": by_group(c.anchor),
             "omega": by_group(c.omega),
             "status": dict(zip(c.groups, c.status)),
@@ -216,7 +217,12 @@ def load_interval_profile(path: str | PathLike[str]) -> IntervalProfile:
     status = tuple(_mapping(doc, "status", groups, path).values())
     if not set(status) <= {CONTROLLED, UNCONTROLLABLE, NO_DATA}:
         raise IntervalProfileError(f"unknown status in {status}", path=path, fix=RERUN_FIX)
-    if (lam < 0).any() or any(s != CONTROLLED and v != math.inf for s, v in zip(status, lam)):
+    floor = doc.get("shrink_floor")
+    if floor is not None and not (isinstance(floor, (int, float)) and -math.inf < floor <= 0):
+        raise IntervalProfileError(f"'shrink_floor' must be a number <= 0, got {floor!r}", path=path, fix=RERUN_FIX)
+    if (lam < (0 if floor is None else floor)).any() or any(
+        s != CONTROLLED and v != math.inf for s, v in zip(status, lam)
+    ):
         raise IntervalProfileError(
             "lambda must be >= 0, and 'inf' for every group that is not controlled", path=path, fix=RERUN_FIX
         )
@@ -247,6 +253,7 @@ def load_interval_profile(path: str | PathLike[str]) -> IntervalProfile:
         seconds=dict(doc.get("seconds") or {}),
         opt_cases=tuple(provenance.pop("opt_cases", ()) or ()),
         cal_cases=tuple(provenance.pop("cal_cases", ()) or ()),
+        shrink_floor=None if floor is None else float(floor),
     )
     if method != "k-crc" and method != "crc" and tuple(groups) != organs.groups:
         raise IntervalProfileError(

@@ -48,6 +48,7 @@ from .procedures import (
     _warn_uncontrollable,
     auto_d_opt,
 )
+from .shrinkable import shrink_omega, shrink_thresholds
 
 _SAMPLE_KEYS = ("offset", "width", "group", "weight", "cost")
 
@@ -103,7 +104,8 @@ def interval_record(calibration: IntervalCalibration, data: IntervalData, **opti
     c = calibration
     by_id = {s.case_id: s for s in data.scans}
     cal = [by_id[i] for i in c.cal_cases]
-    need = np.concatenate([s.need for s in cal]) if cal else np.zeros(0)
+    shrink = c.shrink_floor is not None  # store the shrinkable family's thresholds (:mod:`.shrinkable`)
+    need = np.concatenate([shrink_thresholds(s.need, s.width) if shrink else s.need for s in cal])
     group = np.concatenate([c.voxel_groups(s) for s in cal]).astype(np.int32) if cal else np.zeros(0, np.int32)
     offsets = np.zeros(len(cal) + 1, dtype=np.int64)
     np.cumsum([s.d for s in cal], out=offsets[1:])
@@ -144,7 +146,13 @@ def recalibrate_interval(
         result = solve_anchor(record.sample, epsilon, gammas=record.gammas, lambda_max=c.lambda_max)
         anchor, gamma, anchor_seconds = result.lam, result.gamma, result.solve_seconds
     scans = record.scans()
-    if c.method == "sem-crc-organ":
+    if c.shrink_floor is not None:
+        w = shrink_omega([t for t, _ in scans], [t.size for t, _ in scans], epsilon, -c.shrink_floor, c.lambda_max)
+        state = CONTROLLED if math.isfinite(w) else UNCONTROLLABLE
+        if state == UNCONTROLLABLE:
+            _warn_uncontrollable("crc (whole scan, shrinkable)", len(scans), epsilon, c.lambda_max)
+        omega, status, n_cal, lam = np.array([w]), [state], np.array([len(scans)], dtype=np.int64), np.array([w])
+    elif c.method == "sem-crc-organ":
         omega, status, n_cal = _per_organ(c, scans, anchor, epsilon, omega_max, record.from_anchor)
         lam = np.array([lambdas_at(anchor[g], omega[g]) for g in range(k)], dtype=np.float64).reshape(-1)
     else:
