@@ -524,3 +524,18 @@ def test_shrinkable_profile_round_trip_and_recalibration(pool: IntervalData, tmp
     assert loaded.calibration.lam[0] == calib.lam[0] < 0 and loaded.calibration.shrink_floor == calib.shrink_floor
     for eps in (0.05, 0.2):
         assert loaded.recalibrate(eps).calibration.lam[0] == calibrate_crc_interval_shrinkable(wide, eps).lam[0]
+
+
+def test_shrinkable_per_organ_semcrc_is_valid_for_every_organ(pool: IntervalData) -> None:
+    """Per-organ sem-CRC with ``shrinkable=True`` on the widened (under-confident) pool: every organ's mean risk
+    within the CRC tolerance of epsilon and closer to it than the non-negative default, lambdas below 0."""
+    wide = IntervalData(
+        [type(s)(s.shape, s.index, s.need - 0.15, s.width + 0.3, s.group, s.case_id) for s in pool.scans], pool.groups
+    )
+    shrunk = trial_risks(wide, "sem-crc-organ", 20, EPS, shrinkable=True, **SHARED)
+    plain = trial_risks(wide, "sem-crc-organ", 20, EPS, **SHARED)
+    assert within_tolerance(shrunk, EPS).all(), shrunk.mean(axis=0)
+    assert (shrunk.mean(axis=0) > plain.mean(axis=0)).all() and (shrunk.mean(axis=0) > EPS - 0.06).all()
+    calib = calibrate_semcrc_organ(wide.subset(range(80)), EPS, shrinkable=True, seed=1, **SHARED)
+    assert calib.controlled and (calib.lam < 0).any() and calib.shrink_floor is not None
+    assert np.all(calib.lam >= calib.shrink_floor)

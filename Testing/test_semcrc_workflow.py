@@ -301,4 +301,4 @@ def test_cli_shrinkable_crc_interval_and_its_refusal(folders: dict[str, Path], t
     organs = ["--organs", str(folders["organs"]), "--organ-labels", ORGAN_SPEC]
     argv = ["calibrate", "--method", "sem-crc", "--epsilon", "0.2", "--shrinkable", "--out", str(tmp_path / "x.json")]
     assert main([*argv, *data, *organs]) == 2
-    assert "--shrinkable is implemented for crc-interval, not sem-crc" in capsys.readouterr().err
+    assert "--shrinkable is implemented for crc-interval and sem-crc-organ, not sem-crc" in capsys.readouterr().err

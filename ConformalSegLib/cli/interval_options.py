@@ -104,8 +104,8 @@ def add_interval_arguments(parser: argparse.ArgumentParser) -> None:
         g,
         "--shrinkable",
         action="store_true",
-        help="crc-interval: lambda may go below 0, down to minus each voxel's half-width, so an under-confident "
-        "quantile model is tightened (same guarantee)",
+        help="crc-interval, sem-crc-organ: lambda may go below 0, down to minus each voxel's half-width, so an "
+        "under-confident quantile model is tightened (same guarantee)",
     )
     _add(g, "--seed", type=int, default=0, help="seed of the S_opt/S_cal split and the voxel subsampling")
 

@@ -402,13 +402,15 @@ def calibrate_semcrc(
     )
 
 
-def organ_curve(cal: IntervalData, k: int, anchor_k: float) -> OmegaCurve | None:
-    """The per-organ loss curve (eq. 11) over the calibration scans in which organ ``k`` is present."""
+def organ_curve(cal: IntervalData, k: int, anchor_k: float, shrinkable: bool = False) -> OmegaCurve | None:
+    """The per-organ loss curve (eq. 11) over the calibration scans in which organ ``k`` is present
+    (``shrinkable``: lambda_k = anchor_k + omega_k unclipped, each voxel clamped at -width/2, :mod:`.shrinkable`)."""
     thresholds, sizes = [], []
     for scan in cal.scans:
         inside = scan.group == k
         if inside.any():
-            thresholds.append(omega_thresholds(scan.need[inside], anchor_k))
+            floor = -0.5 * scan.width[inside] if shrinkable else 0.0
+            thresholds.append(omega_thresholds(scan.need[inside], anchor_k, floor))
             sizes.append(int(inside.sum()))
     return OmegaCurve.from_scans(thresholds, sizes) if sizes else None
 
@@ -424,8 +426,10 @@ def calibrate_semcrc_organ(
     lambda_max: float | None = None,
     from_anchor: bool = False,
     seed: int | np.random.Generator = 0,
+    shrinkable: bool = False,
 ) -> IntervalCalibration:
-    """Per-organ sem-CRC (eq. 12): risk control for every organ separately (module docstring)."""
+    """Per-organ sem-CRC (eq. 12): risk control for every organ separately (module docstring); ``shrinkable``:
+    lambda_k may go below 0, down to minus the organ's largest half-width (:mod:`.shrinkable`)."""
     epsilon = _check_common(data, epsilon, lambda_max)
     rng = _generator(seed)
     opt, cal, anchor = _sem_anchor(data, epsilon, n_opt, d_opt, d_min, gammas, lambda_max, rng)
@@ -434,8 +438,12 @@ def calibrate_semcrc_organ(
     start = time.perf_counter()
     k_groups = data.n_groups
     omega, status, n_cal = np.full(k_groups, math.inf), [], np.zeros(k_groups, dtype=np.int64)
+    half = [
+        max((0.5 * float(s.width[s.group == k].max(initial=0.0)) for s in cal.scans), default=0.0)
+        for k in range(k_groups)
+    ]
     for k in range(k_groups):
-        curve = organ_curve(cal, k, float(anchor.lam[k]))
+        curve = organ_curve(cal, k, float(anchor.lam[k]), shrinkable)
         if curve is None:
             status.append(NO_DATA)
             warnings.warn(
@@ -446,14 +454,14 @@ def calibrate_semcrc_organ(
             )
             continue
         n_cal[k] = curve.n
-        lo = 0.0 if from_anchor else -float(anchor.lam[k])
+        lo = 0.0 if from_anchor else -float(anchor.lam[k]) - (half[k] if shrinkable else 0.0)
         omega[k] = exact_omega(curve, epsilon, omega_min=lo, omega_max=math.inf if lambda_max is None else lambda_max)
         if math.isfinite(omega[k]):
             status.append(CONTROLLED)
         else:
             status.append(UNCONTROLLABLE)
             _warn_uncontrollable(f"organ {data.groups[k]!r}", curve.n, epsilon, lambda_max)
-    lam = np.array([lambdas_at(anchor.lam[k], omega[k]) for k in range(k_groups)], dtype=np.float64).reshape(-1)
+    lam = np.array([lambdas_at(anchor.lam[k], omega[k], clip=not shrinkable) for k in range(k_groups)]).reshape(-1)
     return IntervalCalibration(
         method="sem-crc-organ",
         epsilon=epsilon,
@@ -470,6 +478,7 @@ def calibrate_semcrc_organ(
         opt_cases=_case_ids(opt),
         cal_cases=_case_ids(cal),
         seconds={"anchor": anchor.solve_seconds, "omega": time.perf_counter() - start},
+        shrink_floor=-max(half, default=0.0) if shrinkable else None,
     )
 
 

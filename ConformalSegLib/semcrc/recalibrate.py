@@ -97,13 +97,15 @@ class IntervalRecord:
         return [(self.need[o[i] : o[i + 1]], self.group[o[i] : o[i + 1]]) for i in range(o.size - 1)]
 
 
-def interval_record(calibration: IntervalCalibration, data: IntervalData, **options: Any) -> IntervalRecord:
+def interval_record(calibration: IntervalCalibration, data: IntervalData, **options: Any) -> IntervalRecord | None:
     """The record of a calibration made by :func:`~.procedures.calibrate_interval_method` on ``data`` with
     ``options``: the ``S_cal`` thresholds, and the ``S_opt`` sample replayed from the seed (the split and
     sample do not depend on epsilon, so the replay draws exactly what the calibration drew)."""
     c = calibration
     by_id = {s.case_id: s for s in data.scans}
     cal = [by_id[i] for i in c.cal_cases]
+    if c.shrink_floor is not None and c.method != "crc":
+        return None  # shrinkable per-organ sem-CRC: its thresholds move with the anchor (widths not stored)
     shrink = c.shrink_floor is not None  # store the shrinkable family's thresholds (:mod:`.shrinkable`)
     need = np.concatenate([shrink_thresholds(s.need, s.width) if shrink else s.need for s in cal])
     group = np.concatenate([c.voxel_groups(s) for s in cal]).astype(np.int32) if cal else np.zeros(0, np.int32)

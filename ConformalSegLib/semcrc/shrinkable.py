@@ -1,4 +1,7 @@
-"""Shrinkable intervals for CRC (``calibrate --method crc-interval --shrinkable``).
+"""Shrinkable intervals for CRC (``calibrate --method crc-interval --shrinkable``; per-organ sem-CRC takes the
+same family through ``calibrate_semcrc_organ(shrinkable=True)``, with ``omega_k >= -anchor_k - H_k``, ``H_k`` the
+organ's largest half-width, and thresholds from :func:`~.exact_omega.omega_thresholds` with ``floor=-width/2``;
+its profiles are not recalibrated from a record, since those thresholds move with the anchor).
 
 Family
 ------

@@ -178,14 +178,18 @@ def calibrate_interval(
         )
     data = load_interval_data(lower_dir, upper_dir, truth_dir, organs_dir, organ_map, body, progress=progress)
     if options.pop("shrinkable", False):
-        if method != "crc":
+        if method not in ("crc", "sem-crc-organ"):
             raise IntervalInputError(
-                f"--shrinkable is implemented for crc-interval, not {method}",
-                fix="leave out --shrinkable, or use --method crc-interval",
+                f"--shrinkable is implemented for crc-interval and sem-crc-organ, not {method}",
+                fix="leave out --shrinkable, or use --method crc-interval / sem-crc-organ",
             )
         from .shrinkable import calibrate_crc_interval_shrinkable
 
-        calibration = calibrate_crc_interval_shrinkable(data, epsilon, lambda_max=options.get("lambda_max"))
+        calibration = (
+            calibrate_crc_interval_shrinkable(data, epsilon, lambda_max=options.get("lambda_max"))
+            if method == "crc"
+            else calibrate_interval_method(method, data, epsilon, shrinkable=True, **options)
+        )
     else:
         calibration = calibrate_interval_method(method, data, epsilon, **options)
     provenance = {
