@@ -299,6 +299,17 @@ def test_cli_shrinkable_crc_interval_and_its_refusal(folders: dict[str, Path], t
     doc = json.loads(out.read_text())
     assert doc["shrink_floor"] < 0 and load_interval_profile(out).calibration.shrink_floor == doc["shrink_floor"]
     organs = ["--organs", str(folders["organs"]), "--organ-labels", ORGAN_SPEC]
+    per_organ = ["calibrate", "--method", "sem-crc-organ", "--epsilon", "0.2", "--shrinkable", "--n-opt", "8"]
+    assert (
+        main([*per_organ, "--d-opt", "60", "--gammas", "0.5", "--out", str(tmp_path / "o.json"), *data, *organs]) == 0
+    )
+    profile = load_interval_profile(tmp_path / "o.json")
+    assert profile.calibration.shrink_floor is not None and profile.record is None
+    lower = np.load(folders["lower"] / "case01.npy")
+    applied = apply_interval(
+        profile, lower, np.load(folders["upper"] / "case01.npy"), np.load(folders["organs"] / "case01.npy")
+    )
+    assert np.all(applied.length >= 0)  # shrunk at most to the midpoint, never inverted
     argv = ["calibrate", "--method", "sem-crc", "--epsilon", "0.2", "--shrinkable", "--out", str(tmp_path / "x.json")]
     assert main([*argv, *data, *organs]) == 2
     assert "--shrinkable is implemented for crc-interval and sem-crc-organ, not sem-crc" in capsys.readouterr().err
