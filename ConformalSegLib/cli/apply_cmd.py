@@ -43,11 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_cascade_argument(p)
     add_interval_apply_arguments(p)
     p.add_argument("--channel", type=int, default=None, help="channel of a multi-channel probability map")
-    p.add_argument(
-        "--epsilon",
-        type=float,
-        help="recalibrate for this FNR (lesion: missed-lesion; interval profiles: risk) tolerance",
-    )
+    p.add_argument("--epsilon", type=float, help="recalibrate for this FNR (lesion: missed-lesion) tolerance")
     p.add_argument(
         "--voxel-epsilon",
         type=float,

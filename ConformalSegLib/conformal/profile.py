@@ -56,7 +56,7 @@ from .lesion_level import LesionLevelCalibration, LesionLevelSummaries, calibrat
 from .mondrian import MondrianCalibration
 from .simultaneous import DEFAULT_GRID, SimultaneousBand, simultaneous_band
 from .summaries import LesionSummaries
-from .ties import apply_calibration, calibrate_cls_ties, calibrate_crc_ties, ties_from_json, ties_json
+from .ties import apply_calibration, recalibrate_ties, refuse_ties, ties_from_json, ties_json
 from .weighted import Weighting
 
 FORMAT = "conformalseg-profile"
@@ -158,15 +158,7 @@ class CalibrationProfile:
                 stats, alpha=alpha, alpha_inner=alpha_inner, alpha_outer=alpha_outer, mode=mode, pac_delta=delta
             )
         elif c.tie_seed is not None:
-            eps = c.epsilon if epsilon is None else epsilon
-            level = c.alpha if alpha is None else alpha
-            new = (
-                calibrate_crc_ties(self.summaries, eps, seed=c.tie_seed, empty=self.empty_policy)
-                if level is None
-                else calibrate_cls_ties(
-                    self.summaries, eps, level, seed=c.tie_seed, empty=self.empty_policy, pac_delta=delta
-                )
-            )
+            new = recalibrate_ties(self.summaries, c, epsilon, alpha, self.empty_policy, delta)
         elif c.method == "cls":
             level = c.alpha if alpha is None else alpha
             assert level is not None  # CLS profiles have an alpha
@@ -187,11 +179,7 @@ class CalibrationProfile:
         joint lesion-level profile the voxel tolerance stays as calibrated)."""
         c = self.calibration
         level = c.alpha if alpha is None else alpha
-        if not isinstance(c, SetsCalibration) and c.tie_seed is not None:
-            raise ConformalSegError(
-                "slider-safe bands are not implemented for profiles with --tie-breaking random",
-                fix="use the fixed-(epsilon, alpha) mode, or calibrate without --tie-breaking",
-            )
+        refuse_ties(c, "slider-safe bands")
         if isinstance(c, SetsCalibration) or c.method not in ("cls", "lesion") or level is None:
             raise ConformalSegError(
                 f"slider-safe bands are for CLS and lesion-level profiles, not {self.method}",

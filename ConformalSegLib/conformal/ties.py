@@ -298,3 +298,29 @@ def ties_from_json(doc: dict[str, Any], path: Path) -> tuple[int | None, float |
             fix="re-create it with `conformalseg calibrate`",
         )
     return int(seed), float(u)
+
+
+def recalibrate_ties(
+    summaries: LesionSummaries,
+    c: ThresholdCalibration,
+    epsilon: float | None,
+    alpha: float | None,
+    empty: str,
+    pac_delta: float | None,
+) -> ThresholdCalibration:
+    """A tie-broken cls / crc calibration at new parameters (``None``: as calibrated), same seed."""
+    assert c.tie_seed is not None
+    eps = c.epsilon if epsilon is None else epsilon
+    level = c.alpha if alpha is None else alpha
+    if level is None:
+        return calibrate_crc_ties(summaries, eps, seed=c.tie_seed, empty=empty)
+    return calibrate_cls_ties(summaries, eps, level, seed=c.tie_seed, empty=empty, pac_delta=pac_delta)
+
+
+def refuse_ties(calibration: object, what: str) -> None:
+    """A clear error where tie-breaking is not implemented (e.g. slider-safe bands)."""
+    if getattr(calibration, "tie_seed", None) is not None:
+        raise ConformalSegError(
+            f"{what} are not implemented for profiles with --tie-breaking random",
+            fix="use the fixed-(epsilon, alpha) mode, or calibrate without --tie-breaking",
+        )
