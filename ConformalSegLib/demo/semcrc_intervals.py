@@ -197,6 +197,7 @@ def _heldout_profile(
     from ..io.volumes import load_image, load_label_map
     from ..semcrc.procedures import calibrate_interval_method
     from ..semcrc.profile import IntervalProfile
+    from ..semcrc.recalibrate import interval_record
     from ..semcrc.workflow import apply_interval, write_interval_table
 
     heldout_id = ids[-1]
@@ -214,6 +215,7 @@ def _heldout_profile(
             "organs_dir": str((data_dir / "organs").resolve()),
             "cases": list(ids[:-1]),
         },
+        interval_record(calibration, calib, n_opt=n_opt, d_opt=None, d_min=2, seed=seed),  # apply --epsilon
     )
     profile.save(out / "profile.json", force=True)
     lower = load_image(out / "pred" / "lower" / f"{heldout_id}.nii.gz")
