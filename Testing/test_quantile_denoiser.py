@@ -378,6 +378,11 @@ def test_semcrc_demo_writes_its_files(tmp_path):
     assert len(list((out / "pred" / "lower").iterdir())) == 12
     assert "| sem-CRC (per organ) |" in text and "heldout_length.png" in text and "| liver |" in text
     assert (out / "semcrc_demo.md").read_text() == text
+    assert "must come from the segmentation model's output" in text and "per-scan mean over the test scans" in text
+    from ConformalSegLib.semcrc.profile import load_interval_profile
+
+    profile = load_interval_profile(out / "profile.json")  # stores its per-scan thresholds: a new epsilon, no volume
+    assert profile.recalibrate(0.3).calibration.epsilon == 0.3 and profile.calibration.omega.min() < 0  # from zero
     table = json.loads((out / "heldout_table.json").read_text())
     assert {row["group"] for row in table["groups"]} >= {"lung", "liver", "kidney", "spleen", "bone", "body"}
     image = load_image(out / "pred" / "upper" / "phantom_011.nii.gz")

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from ConformalSegLib.common.errors import ConformalSegError  # noqa: E402
+from ConformalSegLib.common.errors import CalibrationSetTooSmallWarning, ConformalSegError  # noqa: E402
 from ConformalSegLib.semcrc import (  # noqa: E402
     AnchorSample,
     IntervalCalibrationError,
@@ -297,8 +297,19 @@ def test_validity_check_has_power(pool: IntervalData) -> None:
 
 
 def test_per_organ_from_anchor_never_goes_below_the_anchor(pool: IntervalData) -> None:
-    calib = calibrate_semcrc_organ(pool.subset(range(80)), EPS, seed=3, **SHARED)
+    calib = calibrate_semcrc_organ(pool.subset(range(80)), EPS, seed=3, from_anchor=True, **SHARED)
     assert calib.controlled and np.all(calib.lam >= calib.anchor) and np.all(calib.omega >= 0)
+
+
+def test_per_organ_default_is_omega_from_zero(pool: IntervalData) -> None:
+    """The default (``from_anchor=False``, CLI ``--organ-omega-from zero``) lets lambda_k go below the anchor
+    (never below 0) and is never longer than the paper-literal eq. 12."""
+    data = pool.subset(range(80))
+    default = calibrate_semcrc_organ(data, EPS, seed=3, **SHARED)
+    literal = calibrate_semcrc_organ(data, EPS, seed=3, from_anchor=True, **SHARED)
+    assert np.array_equal(default.anchor, literal.anchor)  # the same S_opt split and anchor
+    assert np.all(default.lam >= 0) and np.all(default.lam <= literal.lam)
+    assert np.any(default.lam < default.anchor)
 
 
 # ----------------------------------------------------------------------------------------- edge cases
@@ -336,11 +347,26 @@ def test_crossing_quantiles_and_shapes_are_clear_errors() -> None:
     assert issubclass(IntervalInputError, ConformalSegError)
 
 
-def test_too_few_calibration_scans_is_a_clear_error(pool: IntervalData) -> None:
-    with pytest.raises(IntervalCalibrationError, match=r"needs at least 9.*Fix"):
-        calibrate_crc_interval(pool.subset(range(5)), EPS)
-    with pytest.raises(IntervalCalibrationError, match="S_cal"):
-        calibrate_semcrc(pool.subset(range(12)), EPS, n_opt=6, **{k: v for k, v in SHARED.items() if k != "n_opt"})
+def test_impossible_settings_give_the_trivial_result_and_a_warning(pool: IntervalData) -> None:
+    """One convention across CRC (lesion), crc-interval and sem-CRC: too few scans for epsilon, or epsilon = 0,
+    give the trivial result (lambda = +inf, status uncontrollable) and a warning that says why."""
+    rest = {k: v for k, v in SHARED.items() if k != "n_opt"}
+    cases = [
+        (lambda: calibrate_crc_interval(pool.subset(range(5)), EPS), r"only 5 calibration scan\(s\), at least 9"),
+        (lambda: calibrate_semcrc(pool.subset(range(12)), EPS, n_opt=6, **rest), r"only 6 .* at least 9"),
+        (lambda: calibrate_kcrc(pool.subset(range(12)), EPS, n_opt=6, **rest), r"only 6 .* at least 9"),
+        (lambda: calibrate_crc_interval(pool.subset(range(20)), 0.0), "needs epsilon > 0"),
+        (lambda: calibrate_semcrc(pool.subset(range(40)), 0.0, **SHARED), "needs epsilon > 0"),
+        (lambda: calibrate_semcrc_organ(pool.subset(range(40)), 0.0, **SHARED), "needs epsilon > 0"),
+    ]
+    for run, message in cases:
+        with pytest.warns(UncontrollableRiskWarning, match=message):
+            calib = run()
+        assert np.all(np.isinf(calib.lam)) and set(calib.status) == {"uncontrollable"}
+        assert issubclass(UncontrollableRiskWarning, CalibrationSetTooSmallWarning)  # the CLS / CRC warning
+
+
+def test_bad_calibration_arguments_are_clear_errors(pool: IntervalData) -> None:
     with pytest.raises(IntervalCalibrationError, match="n_opt"):
         calibrate_kcrc(pool.subset(range(20)), EPS, n_opt=20)
     with pytest.raises(ConformalSegError, match="epsilon"):
@@ -429,3 +455,87 @@ def test_seeded_calibration_is_reproducible(pool: IntervalData) -> None:
     b = calibrate_kcrc(data, EPS, seed=4, **SHARED)
     np.testing.assert_array_equal(a.lam, b.lam)
     np.testing.assert_array_equal(a.partition, b.partition)
+
+
+@pytest.mark.parametrize("method", ["crc", "k-crc", "sem-crc", "sem-crc-organ"])
+def test_recalibration_from_the_record_is_bit_identical(pool: IntervalData, method: str, tmp_path) -> None:
+    """A profile stores per-scan coverage thresholds (and the anchor sample): a new epsilon from them equals
+    calibrating from scratch on the volumes, bit for bit, also after a save / load round trip."""
+    from ConformalSegLib.semcrc.memberships import OrganMap
+    from ConformalSegLib.semcrc.profile import IntervalProfile, load_interval_profile
+    from ConformalSegLib.semcrc.recalibrate import interval_record
+
+    data = pool.subset(range(60))
+    options = {} if method == "crc" else dict(SHARED, seed=4)
+    first = calibrate_interval_method(method, data, EPS, **options)
+    organs = OrganMap({i + 1: g for i, g in enumerate(data.groups[:-1])})
+    profile = IntervalProfile(first, organs, "all", {}, interval_record(first, data, **options))
+    profile.save(tmp_path / "p.json")
+    loaded = load_interval_profile(tmp_path / "p.json")
+    for eps in (EPS, 0.2, 0.05):
+        scratch = calibrate_interval_method(method, data, eps, **options)
+        for again in (profile.recalibrate(eps).calibration, loaded.recalibrate(eps).calibration):
+            for key in ("lam", "anchor", "omega", "n_cal"):
+                assert np.array_equal(getattr(again, key), getattr(scratch, key)), (eps, key)
+            assert again.status == scratch.status and again.gamma == scratch.gamma and again.epsilon == eps
+
+
+def test_shrinkable_crc_tightens_an_under_confident_model_and_stays_valid(pool: IntervalData) -> None:
+    """Intervals widened by 0.15 on each side (raw risk far below epsilon): the non-negative family keeps
+    lambda = 0 and a tiny risk; the shrinkable family (lambda down to minus the half-width) tightens them to
+    a risk close to epsilon, still <= epsilon on average over 60 random splits (CRC tolerance)."""
+    from ConformalSegLib.semcrc.shrinkable import calibrate_crc_interval_shrinkable, voxel_lambdas
+
+    wide = IntervalData(
+        [type(s)(s.shape, s.index, s.need - 0.15, s.width + 0.3, s.group, s.case_id) for s in pool.scans], pool.groups
+    )
+    rng = np.random.default_rng(5)
+    risks, plain, lams = [], [], []
+    for _ in range(60):
+        perm = rng.permutation(wide.n)
+        cal, test = wide.subset(perm[:60]), wide.subset(perm[60:])
+        calib = calibrate_crc_interval_shrinkable(cal, EPS)
+        lams.append(calib.lam[0])
+        risks.append(np.mean([np.count_nonzero(s.need > voxel_lambdas(calib, s)) / s.d for s in test.scans]))
+        lam_plain = calibrate_crc_interval(cal, EPS).lam[0]
+        plain.append(np.mean([scan_loss(s.need, lam_plain) for s in test.scans]))
+    risks_arr = np.asarray(risks)
+    assert within_tolerance(risks_arr, EPS) and risks_arr.mean() > EPS - 0.03
+    assert np.mean(plain) < 0.5 * EPS and max(lams) < 0
+    # the clamp: no interval is ever inverted, a negative lambda shrinks at most to the midpoint
+    scan = test.scans[0]
+    assert np.all(voxel_lambdas(calib, scan) >= -0.5 * scan.width)
+
+
+def test_shrinkable_profile_round_trip_and_recalibration(pool: IntervalData, tmp_path) -> None:
+    from ConformalSegLib.semcrc.memberships import OrganMap
+    from ConformalSegLib.semcrc.profile import IntervalProfile, load_interval_profile
+    from ConformalSegLib.semcrc.recalibrate import interval_record
+    from ConformalSegLib.semcrc.shrinkable import calibrate_crc_interval_shrinkable
+
+    wide = IntervalData(
+        [type(s)(s.shape, s.index, s.need - 0.15, s.width + 0.3, s.group, s.case_id) for s in pool.scans[:60]],
+        pool.groups,
+    )
+    calib = calibrate_crc_interval_shrinkable(wide, EPS)
+    organs = OrganMap({i + 1: g for i, g in enumerate(pool.groups[:-1])})
+    IntervalProfile(calib, organs, "all", {}, interval_record(calib, wide)).save(tmp_path / "s.json")
+    loaded = load_interval_profile(tmp_path / "s.json")
+    assert loaded.calibration.lam[0] == calib.lam[0] < 0 and loaded.calibration.shrink_floor == calib.shrink_floor
+    for eps in (0.05, 0.2):
+        assert loaded.recalibrate(eps).calibration.lam[0] == calibrate_crc_interval_shrinkable(wide, eps).lam[0]
+
+
+def test_shrinkable_per_organ_semcrc_is_valid_for_every_organ(pool: IntervalData) -> None:
+    """Per-organ sem-CRC with ``shrinkable=True`` on the widened (under-confident) pool: every organ's mean risk
+    within the CRC tolerance of epsilon and closer to it than the non-negative default, lambdas below 0."""
+    wide = IntervalData(
+        [type(s)(s.shape, s.index, s.need - 0.15, s.width + 0.3, s.group, s.case_id) for s in pool.scans], pool.groups
+    )
+    shrunk = trial_risks(wide, "sem-crc-organ", 20, EPS, shrinkable=True, **SHARED)
+    plain = trial_risks(wide, "sem-crc-organ", 20, EPS, **SHARED)
+    assert within_tolerance(shrunk, EPS).all(), shrunk.mean(axis=0)
+    assert (shrunk.mean(axis=0) > plain.mean(axis=0)).all() and (shrunk.mean(axis=0) > EPS - 0.06).all()
+    calib = calibrate_semcrc_organ(wide.subset(range(80)), EPS, shrinkable=True, seed=1, **SHARED)
+    assert calib.controlled and (calib.lam < 0).any() and calib.shrink_floor is not None
+    assert np.all(calib.lam >= calib.shrink_floor)

@@ -65,7 +65,7 @@ def calibrate(folders: dict[str, Path], method: str, **options):
 def test_profile_round_trip_keeps_lambda_exactly(folders: dict[str, Path], tmp_path: Path) -> None:
     profile = calibrate(folders, "sem-crc")
     written = profile.save(tmp_path / "p.json")
-    assert written == [tmp_path / "p.json"]
+    assert written == [tmp_path / "p.json", tmp_path / "p.npz"]  # the .npz: per-scan thresholds for recalibration
     doc = json.loads((tmp_path / "p.json").read_text())
     assert doc["lambda"].keys() == {"liver", "spleen", "kidney", "pancreas", "body"}
     assert doc["organ_labels"]["1"] == "liver" and doc["body"] == "nonzero"
@@ -207,6 +207,13 @@ def test_cli_calibrate_then_apply(folders: dict[str, Path], tmp_path: Path, caps
     ]
     capsys.readouterr()
     assert main(argv) == 2 and "already exists" in capsys.readouterr().err
+    # apply --epsilon recalibrates from the profile's stored per-scan thresholds (no calibration volume read)
+    out2 = tmp_path / "applied_eps"
+    assert main([*argv[:4], str(out2), *argv[5:], "--epsilon", "0.3"]) == 0
+    table = json.loads((out2 / "intervals.json").read_text())
+    assert table["epsilon"] == 0.3
+    expected = load_interval_profile(profile_path).recalibrate(0.3).lambdas
+    assert {r["group"]: r["lambda"] for r in table["groups"]} == pytest.approx(expected)
     assert (
         main(
             [
@@ -278,3 +285,31 @@ def test_cli_evaluate_writes_table_1_and_figure_3(
     assert set(summary["methods"]) == {"crc", "k-crc", "sem-crc", "sem-crc-organ"} and summary["runs"] == 2
     assert (out / "interval_evaluation.png").stat().st_size > 0
     assert "| Procedure | Risk |" in (out / "interval_evaluation.md").read_text()
+
+
+def test_cli_shrinkable_crc_interval_and_its_refusal(folders: dict[str, Path], tmp_path: Path, capsys) -> None:
+    from ConformalSegLib.cli import main
+
+    data = ["--lower", str(folders["lower"]), "--upper", str(folders["upper"]), "--truth", str(folders["truth"])]
+    out = tmp_path / "shrink.json"
+    assert (
+        main(["calibrate", "--method", "crc-interval", "--epsilon", "0.2", "--shrinkable", "--out", str(out), *data])
+        == 0
+    )
+    doc = json.loads(out.read_text())
+    assert doc["shrink_floor"] < 0 and load_interval_profile(out).calibration.shrink_floor == doc["shrink_floor"]
+    organs = ["--organs", str(folders["organs"]), "--organ-labels", ORGAN_SPEC]
+    per_organ = ["calibrate", "--method", "sem-crc-organ", "--epsilon", "0.2", "--shrinkable", "--n-opt", "8"]
+    assert (
+        main([*per_organ, "--d-opt", "60", "--gammas", "0.5", "--out", str(tmp_path / "o.json"), *data, *organs]) == 0
+    )
+    profile = load_interval_profile(tmp_path / "o.json")
+    assert profile.calibration.shrink_floor is not None and profile.record is None
+    lower = np.load(folders["lower"] / "case01.npy")
+    applied = apply_interval(
+        profile, lower, np.load(folders["upper"] / "case01.npy"), np.load(folders["organs"] / "case01.npy")
+    )
+    assert np.all(applied.length >= 0)  # shrunk at most to the midpoint, never inverted
+    argv = ["calibrate", "--method", "sem-crc", "--epsilon", "0.2", "--shrinkable", "--out", str(tmp_path / "x.json")]
+    assert main([*argv, *data, *organs]) == 2
+    assert "--shrinkable is implemented for crc-interval and sem-crc-organ, not sem-crc" in capsys.readouterr().err

@@ -41,6 +41,7 @@ from ConformalSegLib.conformal.guarantee_sentences import band_sentence
 from ConformalSegLib.conformal.profile import CalibrationProfile, load_profile
 from ConformalSegLib.conformal.score_transforms import parse_transform
 from ConformalSegLib.conformal.simultaneous import SimultaneousBand
+from ConformalSegLib.conformal.ties import apply_calibration
 from ConformalSegLib.io.segmentation import INNER_SET, LESION_THRESHOLD, OUTER_SET
 from ConformalSegLib.io.volumes import PROBABILITY_TOLERANCE
 
@@ -326,10 +327,11 @@ class SliderState:
         self, index: int, recalibrated: CalibrationProfile, settings: SliderSettings
     ) -> tuple[float, str]:
         """A threshold profile's cutoff and guarantee sentence for the settings: the slider-safe band's at
-        the grid epsilon (CLS and lesion-level, ``slider_safe``), else the per-(epsilon, alpha) ones."""
+        the grid epsilon (CLS and lesion-level, ``slider_safe``), else the per-(epsilon, alpha) ones (also for
+        a profile calibrated with random tie-breaking, which has no slider-safe band)."""
         c = recalibrated.calibration
         assert isinstance(c, ThresholdCalibration)
-        if settings.slider_safe and recalibrated.method in ("cls", "lesion"):
+        if settings.slider_safe and recalibrated.method in ("cls", "lesion") and c.tie_seed is None:
             band = self.band(index, settings.alpha)
             epsilon = grid_epsilon(settings.epsilon, band.grid)
             return band.threshold(epsilon), band_sentence(band, recalibrated.method, epsilon)
@@ -407,11 +409,14 @@ class SliderState:
                 result.segments[OUTER_SET] = outer
             else:
                 name = new.mask_name
+                ties = isinstance(c, ThresholdCalibration) and c.tie_seed is not None  # the fixed (eps, alpha) mask
                 result.segments[name] = self._segment(
                     name,
-                    ("prob", cutoff),
-                    lambda out, cutoff=cutoff: apply_threshold(self.probability, cutoff, out=out),
-                    f"probability >= {_fmt(cutoff)}",
+                    ("prob", cutoff, c.tie_threshold if ties else None),
+                    (lambda out: apply_calibration(self.probability, c, out=out))
+                    if ties
+                    else (lambda out, cutoff=cutoff: apply_threshold(self.probability, cutoff, out=out)),
+                    f"probability >= {_fmt(cutoff)}" + (" (ties broken at random)" if ties else ""),
                 )
         if settings.include_threshold:
             result.segments[LESION_THRESHOLD] = self._segment(
@@ -429,7 +434,8 @@ class SliderState:
             warnings.simplefilter("ignore", CalibrationSetTooSmallWarning)
             for index, profile in enumerate(self.profiles):
                 new = recalibrate(profile, settings)
-                if isinstance(new.calibration, SetsCalibration):
+                c = new.calibration
+                if isinstance(c, SetsCalibration) or c.tie_seed is not None:  # tie-broken: fixed (eps, alpha)
                     masks.update(new.masks(self.probability, self.geometry))
                 else:
                     cutoff, _ = self.threshold_and_sentence(index, new, settings.snapped())

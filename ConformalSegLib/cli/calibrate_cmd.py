@@ -109,6 +109,14 @@ def add_method_options(p: argparse.ArgumentParser) -> None:
         default="hb",
         help="rcps: upper confidence bound, hb (Hoeffding-Bentkus, default) or wsr (Waudby-Smith-Ramdas, tighter)",
     )
+    p.add_argument(
+        "--tie-breaking",
+        choices=("none", "random"),
+        default="none",
+        help="cls, crc: 'random' breaks ties between equal probabilities (maps saturated at 0/1) with seeded "
+        "random keys, so the coverage is close to 1 - alpha instead of far above it (default none)",
+    )
+    p.add_argument("--tie-seed", type=int, default=0, metavar="S", help="seed of --tie-breaking random (default 0)")
     add_lesion_level_options(p)
     p.add_argument("--alpha-inner", type=float, help="sets: risk level of the inner set")
     p.add_argument("--alpha-outer", type=float, help="sets: risk level of the outer set")
@@ -197,6 +205,8 @@ def request_from_args(args: argparse.Namespace, provenance: dict) -> Calibration
         bound=getattr(args, "bound", "hb"),
         risks=tuple(getattr(args, "risk", ())),
         fp_ml_cap=getattr(args, "fp_ml_cap", DEFAULT_FP_ML_CAP),
+        tie_breaking=getattr(args, "tie_breaking", "none"),
+        tie_seed=getattr(args, "tie_seed", 0),
     )
 
 
@@ -281,6 +291,11 @@ def run(args: argparse.Namespace) -> int:
         choose_transforms_from_learning_data(args, provenance)
     request = request_from_args(args, provenance)
     recorder = recorder_for(args, dataset)  # groups / weighting: None without those options
+    if recorder is not None and request.tie_breaking != "none":
+        raise ConformalSegError(
+            "--tie-breaking random is not implemented for group-conditional or weighted profiles",
+            fix="leave out --tie-breaking, or the group / weighting options",
+        )
     profile = calibrate(dataset if recorder is None else recorder, request)
     profile = profile if recorder is None else recorder.attach(profile)
     _check_geometry_known(dataset, request)

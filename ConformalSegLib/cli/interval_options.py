@@ -111,9 +111,16 @@ def add_interval_arguments(parser: argparse.ArgumentParser) -> None:
         g,
         "--organ-omega-from",
         choices=("anchor", "zero"),
-        default="anchor",
-        help="sem-crc-organ: lambda_k = anchor_k + omega_k with omega_k >= 0 (anchor, the paper's eq. 12) "
-        "or lambda_k >= 0 (zero: shorter, same guarantee)",
+        default="zero",
+        help="sem-crc-organ: lambda_k >= 0 (zero, default: shorter, same guarantee) or lambda_k = anchor_k + "
+        "omega_k with omega_k >= 0 (anchor: the paper's eq. 12, literally)",
+    )
+    _add(
+        g,
+        "--shrinkable",
+        action="store_true",
+        help="crc-interval, sem-crc-organ: lambda may go below 0, down to minus each voxel's half-width, so an "
+        "under-confident quantile model is tightened (same guarantee)",
     )
     _add(g, "--seed", type=int, default=0, help="seed of the S_opt/S_cal split and the voxel subsampling")
 
@@ -129,6 +136,8 @@ def add_interval_apply_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _options(args: argparse.Namespace, method: str) -> dict:
     options: dict = {"lambda_max": args.lambda_max}
+    if getattr(args, "shrinkable", False):
+        options["shrinkable"] = True
     if method != "crc":
         options.update(n_opt=args.n_opt, gammas=args.gammas, seed=args.seed)
     if method == "k-crc":
@@ -205,6 +214,8 @@ def default_n_opt(n_scans: int) -> int:
 def run_interval_apply(args: argparse.Namespace) -> int:
     """``apply`` with an interval profile: write lower/upper/length volumes and the per-group table."""
     profile = load_interval_profile(args.profile)
+    if getattr(args, "epsilon", None) is not None:
+        profile = profile.recalibrate(args.epsilon)  # from the stored per-scan thresholds, no volume
     if args.lower is None or args.upper is None:
         raise ConformalSegError(
             "an interval profile needs --lower FILE and --upper FILE",
@@ -278,6 +289,10 @@ def run_interval_evaluate(args: argparse.Namespace) -> int:
                 f"interval evaluation needs --{flag} DIR",
                 fix="pass --lower DIR --upper DIR --truth DIR --organs DIR --organ-labels ...",
             )
+    if getattr(args, "shrinkable", False):
+        raise ConformalSegError(
+            "--shrinkable is not implemented in the interval evaluation", fix="leave out --shrinkable"
+        )
     organ_map = as_organ_map(args.organ_labels)
     methods = ("crc", "k-crc") + (("sem-crc", "sem-crc-organ") if args.organs is not None and organ_map.labels else ())
     if not args.force:

@@ -20,13 +20,20 @@ from .cls import ThresholdCalibration, calibrate_cls
 from .confidence_sets import SetsCalibration, SetStatistics, SetStatisticsBuilder, calibrate_sets
 from .crc import calibrate_crc
 from .exact import check_alpha, check_detect_fraction, check_epsilon
-from .fp_summaries import DEFAULT_FP_ML_CAP, FalsePositiveBuilder
-from .lesion_level import DEFAULT_DETECT_FRACTION, LesionLevelBuilder, calibrate_lesion, check_min_size
+from .fp_summaries import DEFAULT_FP_ML_CAP, FalsePositiveBuilder, FalsePositiveSummaries
+from .lesion_level import (
+    DEFAULT_DETECT_FRACTION,
+    LesionLevelBuilder,
+    LesionLevelSummaries,
+    calibrate_lesion,
+    check_min_size,
+)
 from .ltt import RiskData, calibrate_ltt, parse_risks
 from .profile import METHODS, CalibrationProfile
 from .rcps import BOUNDS, calibrate_rcps
 from .score_transforms import parse_transform
-from .summaries import SummaryBuilder
+from .summaries import LesionSummaries, SummaryBuilder
+from .ties import TIE_BREAKING, calibrate_cls_ties, calibrate_crc_ties
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,8 @@ class CalibrationRequest:
     bound: str = "hb"  # rcps: hb (Hoeffding-Bentkus) or wsr (Waudby-Smith-Ramdas)
     risks: tuple[str, ...] = ()  # ltt: NAME=TARGET, NAME in fnr, lesion-miss, fp-ml, fp-components
     fp_ml_cap: float = DEFAULT_FP_ML_CAP  # ltt fp-ml: each scan's false-positive volume counted up to this (mL)
+    tie_breaking: str = "none"  # cls, crc: "random" breaks probability ties with seeded keys (:mod:`.ties`)
+    tie_seed: int = 0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -91,6 +100,7 @@ class CalibrationRequest:
                     fix="use --method cls for a per-scan guarantee with PAC confidence",
                 )
             check_alpha(self.pac_delta, "pac_delta")
+        check_tie_request(self.method, self.tie_breaking, self.precision)
         if self.joint not in (None, "split", "max"):
             raise ConformalSegError(f"unknown joint method {self.joint!r}", fix="use split or max")
         parse_transform(self.inner_transform)
@@ -151,22 +161,8 @@ def calibrate(cases: Iterable[Any], request: CalibrationRequest) -> CalibrationP
     stats: SetStatistics | None = None
     lesion_level = None
     fp_summaries = None if fp is None else fp.build()
-    if request.method == "cls":
-        assert request.epsilon is not None and request.alpha is not None  # checked in __post_init__
-        calibration = calibrate_cls(
-            lesion_summaries, request.epsilon, request.alpha, empty=empty, pac_delta=request.pac_delta
-        )
-    elif request.method == "crc":
-        assert request.epsilon is not None  # checked in __post_init__
-        calibration = calibrate_crc(lesion_summaries, request.epsilon, empty=empty)
-    elif request.method == "ltt":
-        assert request.delta is not None  # checked in __post_init__
-        lesion_level = None if lesions is None else lesions.build()
-        data = RiskData(lesion_summaries, lesion_level, fp_summaries)
-        calibration = calibrate_ltt(data, parse_risks(request.risks), request.delta)
-    elif request.method == "rcps":
-        assert request.epsilon is not None and request.delta is not None  # checked in __post_init__
-        calibration = calibrate_rcps(lesion_summaries, request.epsilon, request.delta, bound=request.bound, empty=empty)
+    if request.method in ("cls", "crc", "rcps", "ltt"):
+        calibration, lesion_level = _voxel_calibration(request, lesion_summaries, lesions, fp_summaries)
     elif request.method == "lesion":
         assert lesions is not None and request.epsilon is not None and request.alpha is not None
         lesion_level = lesions.build()
@@ -194,6 +190,69 @@ def calibrate(cases: Iterable[Any], request: CalibrationRequest) -> CalibrationP
     return CalibrationProfile(
         calibration, lesion_summaries, stats, empty, provenance, lesion_level, false_positives=fp_summaries
     )
+
+
+def _voxel_calibration(
+    request: CalibrationRequest,
+    lesion_summaries: LesionSummaries,
+    lesions: LesionLevelBuilder | None,
+    fp_summaries: FalsePositiveSummaries | None,
+) -> tuple[ThresholdCalibration, LesionLevelSummaries | None]:
+    """The threshold of cls, crc (randomised tie-breaking or not), rcps and ltt, and the lesion-level
+    summaries LTT's lesion-miss risk built (None otherwise)."""
+    calibration: ThresholdCalibration
+    lesion_level = None
+    if request.tie_breaking == "random":
+        assert request.epsilon is not None  # checked in __post_init__
+        calibration = (
+            calibrate_crc_ties(lesion_summaries, request.epsilon, seed=request.tie_seed, empty=request.empty_policy)
+            if request.method == "crc"
+            else calibrate_cls_ties(
+                lesion_summaries,
+                request.epsilon,
+                cast(float, request.alpha),
+                seed=request.tie_seed,
+                empty=request.empty_policy,
+                pac_delta=request.pac_delta,
+            )
+        )
+    elif request.method == "cls":
+        assert request.epsilon is not None and request.alpha is not None  # checked in __post_init__
+        calibration = calibrate_cls(
+            lesion_summaries, request.epsilon, request.alpha, empty=request.empty_policy, pac_delta=request.pac_delta
+        )
+    elif request.method == "crc":
+        assert request.epsilon is not None  # checked in __post_init__
+        calibration = calibrate_crc(lesion_summaries, request.epsilon, empty=request.empty_policy)
+    elif request.method == "ltt":
+        assert request.delta is not None  # checked in __post_init__
+        lesion_level = None if lesions is None else lesions.build()
+        data = RiskData(lesion_summaries, lesion_level, fp_summaries)
+        calibration = calibrate_ltt(data, parse_risks(request.risks), request.delta)
+    else:
+        assert request.method == "rcps" and request.epsilon is not None and request.delta is not None
+        calibration = calibrate_rcps(
+            lesion_summaries, request.epsilon, request.delta, bound=request.bound, empty=request.empty_policy
+        )
+    return calibration, lesion_level
+
+
+def check_tie_request(method: str, tie_breaking: str, precision: str) -> None:
+    """Randomised tie-breaking is for cls and crc on float32 summaries (:mod:`.ties`); refused elsewhere."""
+    if tie_breaking not in TIE_BREAKING:
+        raise ConformalSegError(f"unknown tie-breaking {tie_breaking!r}", fix=f"use one of {', '.join(TIE_BREAKING)}")
+    if tie_breaking == "none":
+        return
+    if method not in ("cls", "crc"):
+        raise ConformalSegError(
+            f"--tie-breaking random is implemented for --method cls and crc, not {method}",
+            fix="leave out --tie-breaking, or calibrate on unquantised maps or logits",
+        )
+    if precision != "float32":
+        raise ConformalSegError(
+            "--tie-breaking random needs float32 summaries (uint16 rounding creates ties the maps do not have)",
+            fix="leave out --precision uint16",
+        )
 
 
 def _voxel_mm3(geometry: Geometry | None, request: CalibrationRequest, case_id: str, need: bool = False) -> float:

@@ -111,12 +111,14 @@ class ThresholdCalibration:
     rank: int | None = None  # conformal rank k for CLS
     pac_delta: float | None = None  # calibration-conditional (PAC) confidence 1 - pac_delta; None: marginal
     n_with_lesion: int | None = None  # with the "include" policy: how many of the n scans have a lesion
+    tie_seed: int | None = None  # randomised tie-breaking (:mod:`.ties`): the seed; None: no tie-breaking
+    tie_threshold: float | None = None  # with tie_seed: u_hat, the mask is prob > c or (prob == c and u >= u_hat)
 
     @property
     def is_trivial(self) -> bool:
         """True when the mask is the whole image: the calibration set was too small (cutoff ``-inf``), or
         ties at probability 0 put a finite cutoff at ``<= 0`` (``prob >= 0`` is every voxel)."""
-        return self.probability_threshold <= 0
+        return self.probability_threshold <= 0 and (self.tie_threshold is None or self.tie_threshold <= 0)
 
     @property
     def whole_image_from_ties(self) -> bool:

@@ -44,7 +44,7 @@ def guarantee_sentence(calibration: ThresholdCalibration | SetsCalibration) -> s
             sentence += TIES_WARNING
         elif c.is_trivial:
             sentence += _too_few(c.n, c.alpha, c.pac_delta, "the mask is the whole image")
-        return sentence
+        return sentence + _ties_note(c)
     sentence = (
         f"On average over new scans, at most {percent(c.epsilon)} of the lesion voxels are missed (expected FNR "
         f"control); {_population(c)}."
@@ -59,7 +59,16 @@ def guarantee_sentence(calibration: ThresholdCalibration | SetsCalibration) -> s
                 f" Warning: {c.n} scans are too few for epsilon = {c.epsilon:g} (at least "
                 f"{min_crc_calibration_size(c.epsilon)} are needed), so the mask is the whole image."
             )
-    return sentence
+    return sentence + _ties_note(c)
+
+
+def _ties_note(c: ThresholdCalibration) -> str:
+    if c.tie_seed is None:
+        return ""
+    return (
+        f" Ties between equal probabilities are broken at random (seed {c.tie_seed}), so the level is met "
+        "closely rather than exceeded by the ties."
+    )
 
 
 #: Appended when a finite cutoff at 0 selects the whole image (see cls.warn_if_whole_image_from_ties).

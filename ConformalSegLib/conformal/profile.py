@@ -10,6 +10,7 @@ and (b) recalibrate for any other epsilon/alpha without touching a volume:
 * rcps: ``delta`` and ``bound`` (``hb`` | ``wsr``, :mod:`ConformalSegLib.conformal.rcps`); ltt: ``delta``,
   ``risks``, ``fp_ml_cap``, ``valid_thresholds`` (:mod:`ConformalSegLib.conformal.ltt`; ``.npz``: ``fp_*``);
 * cls/crc/lesion/rcps: ``probability_threshold`` (mask = ``prob >= probability_threshold``) and ``rank``;
+  cls/crc with ``--tie-breaking random``: ``tie_breaking``, ``tie_seed``, ``tie_threshold`` (:mod:`.ties`);
 * lesion: ``detect_fraction``, ``voxel_epsilon`` (null unless joint), ``min_lesion_voxels``,
   ``min_lesion_mm3`` (:mod:`ConformalSegLib.conformal.lesion_level`); the ``.npz`` also holds each
   scan's detection thresholds and lesion sizes;
@@ -49,7 +50,7 @@ from ..io.checksums import sha256_file
 from ..io.guards import LazyNpz
 from ..io.json_file import read_bounded_json, sibling_file, verify_content_checksum, with_content_checksum
 from ..io.segmentation import INNER_SET, LESION_FNR, LESION_LEVEL, OUTER_SET
-from .cls import ThresholdCalibration, apply_threshold, calibrate_cls, critical_cutoffs, used_cases
+from .cls import ThresholdCalibration, calibrate_cls, critical_cutoffs, used_cases
 from .confidence_sets import SetsCalibration, SetStatistics, apply_sets, calibrate_sets
 from .crc import calibrate_crc
 from .deployment import deployment_arrays, deployment_json, read_deployment, recalibrated_groups
@@ -62,6 +63,7 @@ from .profile_fields import RERUN_FIX, encode_float, read_calibration, require
 from .rcps import RcpsCalibration, calibrate_rcps, rcps_json
 from .simultaneous import DEFAULT_GRID, SimultaneousBand, simultaneous_band
 from .summaries import LesionSummaries
+from .ties import apply_calibration, recalibrate_ties, refuse_ties, ties_json
 from .weighted import Weighting
 
 FORMAT = "conformalseg-profile"
@@ -150,6 +152,8 @@ class CalibrationProfile:
                 bound=c.bound,
                 empty=self.empty_policy,
             )
+        elif c.tie_seed is not None:
+            new = recalibrate_ties(self.summaries, c, epsilon, alpha, self.empty_policy, delta)
         elif c.method == "cls":
             level = c.alpha if alpha is None else alpha
             assert level is not None  # CLS profiles have an alpha
@@ -170,6 +174,7 @@ class CalibrationProfile:
         joint lesion-level profile the voxel tolerance stays as calibrated)."""
         c = self.calibration
         level = c.alpha if alpha is None else alpha
+        refuse_ties(c, "slider-safe bands")
         if isinstance(c, SetsCalibration) or c.method not in ("cls", "lesion") or level is None:
             raise ConformalSegError(
                 f"slider-safe bands are for CLS and lesion-level profiles, not {self.method}",
@@ -194,7 +199,7 @@ class CalibrationProfile:
         if isinstance(c, SetsCalibration):
             inner, outer = apply_sets(probability, geometry, c)
             return {INNER_SET: inner, OUTER_SET: outer}
-        return {self.mask_name: apply_threshold(probability, c.probability_threshold)}
+        return {self.mask_name: apply_calibration(probability, c)}
 
     @property
     def mask_name(self) -> str:
@@ -228,6 +233,7 @@ class CalibrationProfile:
                 pac_delta=c.pac_delta,
                 n_with_lesion=c.n_with_lesion,
             )
+            doc.update(ties_json(c))
         if isinstance(c, (RcpsCalibration, LttCalibration)):
             doc.update(ltt_json(c, self.lesion_level) if isinstance(c, LttCalibration) else rcps_json(c))
         if isinstance(c, LesionLevelCalibration):
@@ -421,7 +427,7 @@ def _check_consistent(profile: CalibrationProfile, path: Path) -> None:
         same = again.inner_threshold == c.inner_threshold and again.outer_threshold == c.outer_threshold
     else:
         assert isinstance(c, ThresholdCalibration) and isinstance(again, ThresholdCalibration)
-        same = again.probability_threshold == c.probability_threshold
+        same = (again.probability_threshold, again.tie_threshold) == (c.probability_threshold, c.tie_threshold)
     if not same:
         raise ConformalSegError(
             "the stored threshold does not follow from the stored summaries (edited by hand?)", path=path, fix=RERUN_FIX

@@ -16,6 +16,7 @@ from .confidence_sets import SetsCalibration, SetStatistics
 from .lesion_level import LesionLevelCalibration
 from .ltt import read_ltt
 from .rcps import read_rcps
+from .ties import ties_from_json
 
 RERUN_FIX = "re-create it with `conformalseg calibrate`"
 
@@ -105,6 +106,7 @@ def read_calibration(
         doc.get("rank"),
         optional_float(doc, "pac_delta"),
         doc.get("n_with_lesion"),
+        *ties_from_json(doc, path),
     )
 
 

@@ -7,7 +7,8 @@ seed ``r``) and the next ``n_test`` (default: all the rest) are test scans. Per 
 * risk = mean over test scans of the whole-scan 0-1 loss (eq. 2);
 * length = mean over test scans of the mean interval length ``q_hi - q_lo + 2 lambda`` over counted voxels;
 * per organ k: risk_k = mean over test scans containing k of the organ loss (eq. 11), length_k the
-  mean length inside the organ, over the same scans.
+  mean length inside the organ, over the same scans (per-scan means, as the tables say: the authors'
+  Fig. 3 pools the voxels of all scans instead, which weighs large organs and large scans more).
 
 Reported as mean ± standard deviation (ddof = 1) over runs. Infinite lambdas (uncontrollable groups)
 give infinite lengths, shown as ``inf``. Outputs: JSON, Markdown and a PNG (matplotlib Agg) of
@@ -148,8 +149,13 @@ def evaluation_markdown(summary: dict[str, Any]) -> str:
         s = summary["methods"][m]
         lines.append(f"| {LABELS.get(m, m)} | {_fmt(s['risk'])} | {_fmt(s['length'], 100, 2)} |")
     for key, title, scale, digits in (
-        ("organ_risk", "Per-organ risk", 1.0, 3),
-        ("organ_length", "Per-organ mean length (×10⁻²)", 100.0, 2),
+        ("organ_risk", "Per-organ risk (per-scan mean over the test scans containing the organ)", 1.0, 3),
+        (
+            "organ_length",
+            "Per-organ mean length (×10⁻², per-scan mean over the test scans containing the organ)",
+            100.0,
+            2,
+        ),
     ):
         lines += [
             "",

@@ -65,8 +65,9 @@ def _unordered(o: np.ndarray) -> np.ndarray:
     return np.where(o < 0, (-o) | _SIGN, o).view(np.float64)
 
 
-def omega_thresholds(need: np.ndarray, anchor: np.ndarray | float) -> np.ndarray:
-    """Per voxel the smallest float64 ``t`` with ``fl(anchor + t) >= need`` (``-inf`` if ``need <= 0``).
+def omega_thresholds(need: np.ndarray, anchor: np.ndarray | float, floor: np.ndarray | float = 0.0) -> np.ndarray:
+    """Per voxel the smallest float64 ``t`` with ``fl(anchor + t) >= need`` (``-inf`` if ``need <= floor``:
+    covered for every omega; ``floor`` is 0 for lambda clipped at 0, ``-width/2`` for shrinkable intervals).
 
     ``anchor`` is the per-voxel anchor (broadcast). Voxel ``v`` is covered at ``omega`` iff
     ``omega >= t_v`` (module docstring). Most thresholds are ``need - anchor`` checked against its
@@ -75,7 +76,7 @@ def omega_thresholds(need: np.ndarray, anchor: np.ndarray | float) -> np.ndarray
     need = np.asarray(need, dtype=np.float64)
     a = np.broadcast_to(np.asarray(anchor, dtype=np.float64), need.shape)
     out = np.full(need.shape, -np.inf)
-    pos = need > 0
+    pos = need > np.broadcast_to(np.asarray(floor, dtype=np.float64), need.shape)
     if not pos.any():
         return out
     nv, av = need[pos], a[pos]
@@ -107,12 +108,13 @@ def omega_thresholds(need: np.ndarray, anchor: np.ndarray | float) -> np.ndarray
     return out
 
 
-def lambdas_at(anchor: np.ndarray | float, omega: float) -> np.ndarray:
-    """``max(0, fl(anchor + omega))`` (``+inf`` when ``omega`` is ``+inf``)."""
+def lambdas_at(anchor: np.ndarray | float, omega: float, *, clip: bool = True) -> np.ndarray:
+    """``max(0, fl(anchor + omega))`` (``+inf`` when ``omega`` is ``+inf``); ``clip=False``: ``fl(anchor + omega)``
+    (shrinkable intervals, clamped per voxel at ``-width/2`` instead)."""
     a = np.asarray(anchor, dtype=np.float64)
     if omega == math.inf:
         return np.full(a.shape, math.inf)
-    return np.maximum(0.0, a + float(omega))
+    return np.maximum(0.0, a + float(omega)) if clip else a + float(omega)
 
 
 @dataclass(frozen=True)

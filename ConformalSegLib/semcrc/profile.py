@@ -13,6 +13,9 @@
   package version, UTC time);
 * K-CRC only: ``partition`` = ``{"file": "PROFILE.npz", "sha256": ..., "shape": [z, y, x]}``; the
   ``.npz`` holds ``partition`` (group index per flat voxel position).
+* ``record`` (profiles calibrated by ``conformalseg calibrate``): ``{"file", "sha256", "gammas",
+  "from_anchor", "anchor_sample"}``; the ``.npz`` holds the per-scan coverage thresholds of ``S_cal`` and the
+  anchor sample of ``S_opt`` (:mod:`.recalibrate`), so ``apply --epsilon`` recalibrates without the volumes.
 
 Both files are written atomically (the ``.npz`` first; the JSON carries its SHA-256); existing files
 are never overwritten without ``force``. Loading validates format, keys, values and checksum.
@@ -25,7 +28,7 @@ import hashlib
 import io
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -42,6 +45,7 @@ from ..io.json_file import read_bounded_json, sibling_file, verify_content_check
 from .errors import IntervalProfileError
 from .memberships import OrganMap
 from .procedures import CONTROLLED, METHODS, NO_DATA, UNCONTROLLABLE, IntervalCalibration
+from .recalibrate import IntervalRecord, recalibrate_interval
 
 FORMAT = "conformalseg-interval-profile"
 FORMAT_VERSION = 1
@@ -57,6 +61,16 @@ class IntervalProfile:
     organs: OrganMap
     body: str = "all"
     provenance: dict[str, Any] = field(default_factory=dict)
+    record: IntervalRecord | None = None  #: per-scan coverage thresholds for recalibration (:mod:`.recalibrate`)
+
+    def recalibrate(self, epsilon: float) -> IntervalProfile:
+        """The profile at a new ``epsilon``, from the stored record only (bit-identical to calibrating anew)."""
+        if self.record is None:
+            raise IntervalProfileError(
+                "this interval profile stores no per-scan coverage thresholds, so it cannot be recalibrated",
+                fix=RERUN_FIX + " at the new --epsilon",
+            )
+        return replace(self, calibration=recalibrate_interval(self.calibration, self.record, epsilon))
 
     @property
     def lambdas(self) -> dict[str, float]:
@@ -75,6 +89,7 @@ class IntervalProfile:
             "groups": list(c.groups),
             "organs": list(c.organs),
             "lambda": by_group(c.lam),
+            "shrink_floor": c.shrink_floor,  # shrinkable CRC: lambda >= this (< 0), voxel-wise >= -width/2
             "anchor": by_group(c.anchor),
             "omega": by_group(c.omega),
             "status": dict(zip(c.groups, c.status)),
@@ -95,6 +110,8 @@ class IntervalProfile:
         }
         if c.method == "k-crc":
             doc["partition"] = {"file": npz_name, "sha256": npz_sha256, "shape": list(c.shape or ())}
+        if self.record is not None:
+            doc["record"] = {"file": npz_name, "sha256": npz_sha256, **self.record.to_json()}
         return doc
 
     def save(self, path: str | PathLike[str], *, force: bool = False) -> list[Path]:
@@ -107,11 +124,14 @@ class IntervalProfile:
         check_can_write(path, force=force)
         files: list[tuple[Path, bytes]] = []
         npz_name = sha = None
-        if self.calibration.method == "k-crc":
+        if self.calibration.method == "k-crc" or self.record is not None:
             npz_path = path.with_suffix(".npz")
             check_can_write(npz_path, force=force)
             buffer = io.BytesIO()
-            np.savez_compressed(buffer, partition=np.asarray(self.calibration.partition, dtype=np.int32))
+            arrays = {} if self.record is None else self.record.to_arrays()
+            if self.calibration.method == "k-crc":
+                arrays["partition"] = np.asarray(self.calibration.partition, dtype=np.int32)
+            np.savez_compressed(buffer, **arrays)  # type: ignore[arg-type]  # numpy's stub: allow_pickle
             data = buffer.getvalue()
             npz_name, sha = npz_path.name, hashlib.sha256(data).hexdigest()
             files.append((npz_path, data))
@@ -213,7 +233,12 @@ def _read_profile(doc: dict[str, Any], path: Path, method: str, groups: list[str
     status = tuple(_mapping(doc, "status", groups, path).values())
     if not set(status) <= {CONTROLLED, UNCONTROLLABLE, NO_DATA}:
         raise IntervalProfileError(f"unknown status in {status}", path=path, fix=RERUN_FIX)
-    if (lam < 0).any() or any(s != CONTROLLED and v != math.inf for s, v in zip(status, lam)):
+    floor = doc.get("shrink_floor")
+    if floor is not None and not (isinstance(floor, (int, float)) and -math.inf < floor <= 0):
+        raise IntervalProfileError(f"'shrink_floor' must be a number <= 0, got {floor!r}", path=path, fix=RERUN_FIX)
+    if (lam < (0 if floor is None else floor)).any() or any(
+        s != CONTROLLED and v != math.inf for s, v in zip(status, lam)
+    ):
         raise IntervalProfileError(
             "lambda must be >= 0, and 'inf' for every group that is not controlled", path=path, fix=RERUN_FIX
         )
@@ -244,9 +269,29 @@ def _read_profile(doc: dict[str, Any], path: Path, method: str, groups: list[str
         seconds=dict(doc.get("seconds") or {}),
         opt_cases=tuple(provenance.pop("opt_cases", ()) or ()),
         cal_cases=tuple(provenance.pop("cal_cases", ()) or ()),
+        shrink_floor=None if floor is None else float(floor),
     )
     if method != "k-crc" and method != "crc" and tuple(groups) != organs.groups:
         raise IntervalProfileError(
             f"groups {groups} do not match the organ labels {organs.groups}", path=path, fix=RERUN_FIX
         )
-    return IntervalProfile(calibration, organs, str(doc.get("body", "all")), provenance)
+    return IntervalProfile(calibration, organs, str(doc.get("body", "all")), provenance, _read_record(doc, path))
+
+
+def _read_record(doc: dict[str, Any], path: Path) -> IntervalRecord | None:
+    """The stored record (checksum verified), or None for a profile without one."""
+    info = doc.get("record")
+    if info is None:
+        return None
+    npz_path = path.with_name(str(info.get("file", "")))
+    if not npz_path.is_file() or sha256_file(npz_path) != info.get("sha256"):
+        raise IntervalProfileError(
+            "the .npz beside the profile is missing or does not match its checksum",
+            path=npz_path,
+            fix="keep the .npz next to the .json (copy both), or re-calibrate",
+        )
+    try:
+        with np.load(npz_path, allow_pickle=False) as arrays:
+            return IntervalRecord.from_stored(arrays, info)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise IntervalProfileError(f"the stored record is malformed ({exc})", path=npz_path, fix=RERUN_FIX) from exc

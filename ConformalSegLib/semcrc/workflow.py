@@ -35,6 +35,8 @@ from .intervals import EXCLUDED, IntervalData, IntervalScan, make_interval_scan,
 from .memberships import OrganMap, organ_memberships
 from .procedures import METHODS, calibrate_interval_method
 from .profile import IntervalProfile
+from .recalibrate import interval_record
+from .shrinkable import voxel_lambdas
 
 if TYPE_CHECKING:
     from ..inference.model_card import ModelCard
@@ -175,14 +177,28 @@ def calibrate_interval(
             fix="pass --organs DIR and --organ-labels 1=liver,2=spleen,...",
         )
     data = load_interval_data(lower_dir, upper_dir, truth_dir, organs_dir, organ_map, body, progress=progress)
-    calibration = calibrate_interval_method(method, data, epsilon, **options)
+    if options.pop("shrinkable", False):
+        if method not in ("crc", "sem-crc-organ"):
+            raise IntervalInputError(
+                f"--shrinkable is implemented for crc-interval and sem-crc-organ, not {method}",
+                fix="leave out --shrinkable, or use --method crc-interval / sem-crc-organ",
+            )
+        from .shrinkable import calibrate_crc_interval_shrinkable
+
+        calibration = (
+            calibrate_crc_interval_shrinkable(data, epsilon, lambda_max=options.get("lambda_max"))
+            if method == "crc"
+            else calibrate_interval_method(method, data, epsilon, shrinkable=True, **options)
+        )
+    else:
+        calibration = calibrate_interval_method(method, data, epsilon, **options)
     provenance = {
         "lower_dir": str(Path(lower_dir).resolve()),
         "upper_dir": str(Path(upper_dir).resolve()),
         "truth_dir": str(Path(truth_dir).resolve()),
         "organs_dir": None if organs_dir is None else str(Path(organs_dir).resolve()),
     }
-    return IntervalProfile(calibration, organ_map, body, provenance)
+    return IntervalProfile(calibration, organ_map, body, provenance, interval_record(calibration, data, **options))
 
 
 @dataclass(frozen=True)
@@ -221,7 +237,7 @@ def apply_interval(
     scan = make_interval_scan(lo, hi, y, membership, case_id="applied")
     calib = profile.calibration
     groups = calib.voxel_groups(scan)
-    lam_voxel = calib.lam[groups]
+    lam_voxel = voxel_lambdas(calib, scan)  # clamped at -width/2 for shrinkable profiles
     lam_map: np.ndarray = np.zeros(lo.size, dtype=np.float64)
     lam_map[scan.index] = lam_voxel
     lam_map = lam_map.reshape(lo.shape)

@@ -1,0 +1,228 @@
+"""Recalibrate an interval profile for a new epsilon without the volumes (``apply --epsilon``).
+
+What is stored (:class:`IntervalRecord`, in the profile's ``.npz``)
+------------------------------------------------------------------
+* per calibration scan (``S_cal``) and counted voxel: ``need`` (the smallest covering lambda, the voxel's
+  coverage threshold; :mod:`.intervals`) and the index of its lambda group
+  (:meth:`~.procedures.IntervalCalibration.voxel_groups`: the organ, or the K-CRC quantile group), one run
+  per scan (``offsets``);
+* for K-CRC / sem-CRC, the optimisation sample of ``S_opt`` that the anchor problem is solved on
+  (:class:`~.anchor.AnchorSample`: a few hundred voxels per scan), with the gamma grid.
+
+Why recalibrating is the same as calibrating from scratch
+---------------------------------------------------------
+The ``S_opt`` / ``S_cal`` split and the voxel sample depend on the seed, never on epsilon, so a calibration
+at a new epsilon with the same seed draws the same split and sample: its anchor is
+``solve_anchor(sample, new epsilon)`` and its ``omega`` is the exact CRC choice (:mod:`.exact_omega`) over the
+same ``need`` values and groups. :func:`recalibrate_interval` runs exactly these steps on the stored arrays,
+so the lambdas are bit-identical to calibrating from scratch (tested). The guarantee is the method's own,
+at the new epsilon (epsilon is chosen before the test scan is seen).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..common.errors import ConformalSegError
+from ..conformal.exact import check_epsilon
+from .anchor import DEFAULT_GAMMAS, AnchorSample, solve_anchor, stratified_sample
+from .errors import IntervalCalibrationError, UncontrollableRiskWarning
+from .exact_omega import OmegaCurve, exact_omega, lambdas_at, omega_thresholds
+from .intervals import IntervalData
+from .memberships import loss_quantile_partition
+from .procedures import (
+    CONTROLLED,
+    NO_DATA,
+    UNCONTROLLABLE,
+    IntervalCalibration,
+    _generator,
+    _split,
+    _warn_uncontrollable,
+    auto_d_opt,
+)
+from .shrinkable import shrink_omega, shrink_thresholds
+
+_SAMPLE_KEYS = ("offset", "width", "group", "weight", "cost")
+
+
+@dataclass(frozen=True)
+class IntervalRecord:
+    """Per-scan coverage thresholds of ``S_cal`` and the anchor sample of ``S_opt`` (module docstring)."""
+
+    need: np.ndarray  # float64, flat over the S_cal scans
+    group: np.ndarray  # int32, the lambda group of each voxel
+    offsets: np.ndarray  # int64, n_cal + 1
+    sample: AnchorSample | None = None  # None for CRC (anchor 0)
+    gammas: tuple[float, ...] = DEFAULT_GAMMAS
+    from_anchor: bool = False  # per-organ sem-CRC: omega_k >= 0 (eq. 12 literally) or lambda_k >= 0
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        arrays = {"record_need": self.need, "record_group": self.group, "record_offsets": self.offsets}
+        if self.sample is not None:
+            arrays.update({f"sample_{k}": np.asarray(getattr(self.sample, k)) for k in _SAMPLE_KEYS})
+        return arrays
+
+    def to_json(self) -> dict[str, Any]:
+        return {"gammas": list(self.gammas), "from_anchor": self.from_anchor, "anchor_sample": self.sample is not None}
+
+    @classmethod
+    def from_stored(cls, arrays: Any, doc: dict[str, Any]) -> IntervalRecord:
+        sample = (
+            AnchorSample(*(np.asarray(arrays[f"sample_{k}"]) for k in _SAMPLE_KEYS)) if doc["anchor_sample"] else None
+        )
+        offsets = np.asarray(arrays["record_offsets"], dtype=np.int64)
+        need = np.asarray(arrays["record_need"], dtype=np.float64)
+        if offsets.size < 1 or offsets[0] != 0 or offsets[-1] != need.size or np.any(np.diff(offsets) < 0):
+            raise ValueError("inconsistent record offsets")
+        return cls(
+            need,
+            np.asarray(arrays["record_group"], dtype=np.int32),
+            offsets,
+            sample,
+            tuple(float(g) for g in doc["gammas"]),
+            bool(doc["from_anchor"]),
+        )
+
+    def scans(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """``(need, group)`` of every ``S_cal`` scan."""
+        o = self.offsets
+        return [(self.need[o[i] : o[i + 1]], self.group[o[i] : o[i + 1]]) for i in range(o.size - 1)]
+
+
+def interval_record(calibration: IntervalCalibration, data: IntervalData, **options: Any) -> IntervalRecord | None:
+    """The record of a calibration made by :func:`~.procedures.calibrate_interval_method` on ``data`` with
+    ``options``: the ``S_cal`` thresholds, and the ``S_opt`` sample replayed from the seed (the split and
+    sample do not depend on epsilon, so the replay draws exactly what the calibration drew)."""
+    c = calibration
+    by_id = {s.case_id: s for s in data.scans}
+    cal = [by_id[i] for i in c.cal_cases]
+    if c.shrink_floor is not None and c.method != "crc":
+        return None  # shrinkable per-organ sem-CRC: its thresholds move with the anchor (widths not stored)
+    shrink = c.shrink_floor is not None  # store the shrinkable family's thresholds (:mod:`.shrinkable`)
+    need = np.concatenate([shrink_thresholds(s.need, s.width) if shrink else s.need for s in cal])
+    group = np.concatenate([c.voxel_groups(s) for s in cal]).astype(np.int32) if cal else np.zeros(0, np.int32)
+    offsets = np.zeros(len(cal) + 1, dtype=np.int64)
+    np.cumsum([s.d for s in cal], out=offsets[1:])
+    gammas = tuple(options.get("gammas", DEFAULT_GAMMAS))
+    from_anchor = bool(options.get("from_anchor", False))
+    if c.method == "crc":
+        return IntervalRecord(need, group, offsets, None, gammas, from_anchor)
+    rng = _generator(options.get("seed", 0))
+    opt, _ = _split(data, options["n_opt"], rng)
+    d_min = int(options.get("d_min", 1 if c.method == "k-crc" else 2))
+    if c.method == "k-crc":
+        partition, _k = loss_quantile_partition(opt, int(options.get("k", 4)))
+        groups = [partition[s.index].astype(np.int64) for s in opt.scans]
+        d_opt = int(options.get("d_opt", 50))
+        n_groups = len(c.groups)
+    else:
+        groups = [s.group.astype(np.int64) for s in opt.scans]
+        d_opt = auto_d_opt(opt, d_min) if options.get("d_opt") is None else int(options["d_opt"])
+        n_groups = data.n_groups
+    sample = stratified_sample(
+        [s.need for s in opt.scans], [s.width for s in opt.scans], groups, n_groups, d_opt=d_opt, d_min=d_min, rng=rng
+    )
+    return IntervalRecord(need, group, offsets, sample, gammas, from_anchor)
+
+
+def recalibrate_interval(
+    calibration: IntervalCalibration, record: IntervalRecord, epsilon: float
+) -> IntervalCalibration:
+    """The calibration at ``epsilon`` from the stored record only (module docstring)."""
+    c = calibration
+    _check_epsilon_only(epsilon, c.lambda_max)
+    start = time.perf_counter()
+    k = len(c.groups)
+    omega_max = math.inf if c.lambda_max is None else c.lambda_max
+    if record.sample is None:
+        anchor, gamma, anchor_seconds = np.zeros(k), None, 0.0
+    else:
+        result = solve_anchor(record.sample, epsilon, gammas=record.gammas, lambda_max=c.lambda_max)
+        anchor, gamma, anchor_seconds = result.lam, result.gamma, result.solve_seconds
+    scans = record.scans()
+    if c.shrink_floor is not None:
+        w = shrink_omega([t for t, _ in scans], [t.size for t, _ in scans], epsilon, -c.shrink_floor, c.lambda_max)
+        state = CONTROLLED if math.isfinite(w) else UNCONTROLLABLE
+        if state == UNCONTROLLABLE:
+            _warn_uncontrollable("crc (whole scan, shrinkable)", len(scans), epsilon, c.lambda_max)
+        omega, status, n_cal, lam = np.array([w]), [state], np.array([len(scans)], dtype=np.int64), np.array([w])
+    elif c.method == "sem-crc-organ":
+        omega, status, n_cal = _per_organ(c, scans, anchor, epsilon, omega_max, record.from_anchor)
+        lam = np.array([lambdas_at(anchor[g], omega[g]) for g in range(k)], dtype=np.float64).reshape(-1)
+    else:
+        thresholds = [omega_thresholds(need, anchor[group]) for need, group in scans]
+        curve = OmegaCurve.from_scans(thresholds, [need.size for need, _ in scans])
+        omega_min = 0.0 if c.method == "crc" else -float(anchor.max(initial=0.0))
+        w = exact_omega(curve, epsilon, omega_min=omega_min, omega_max=omega_max)
+        state = CONTROLLED if math.isfinite(w) else UNCONTROLLABLE
+        if state == UNCONTROLLABLE:
+            _warn_uncontrollable(f"{c.method} (whole scan)", len(scans), epsilon, c.lambda_max)
+        omega, status, n_cal = np.full(k, w), [state] * k, np.full(k, len(scans), dtype=np.int64)
+        lam = lambdas_at(anchor, w)
+    seconds = {"anchor": anchor_seconds, "omega": time.perf_counter() - start}
+    return dataclasses.replace(
+        c,
+        epsilon=float(epsilon),
+        lam=lam,
+        anchor=np.asarray(anchor, dtype=np.float64),
+        omega=omega,
+        status=tuple(status),
+        n_cal=n_cal,
+        gamma=gamma,
+        seconds=seconds,
+    )
+
+
+def _per_organ(
+    c: IntervalCalibration,
+    scans: Sequence[tuple[np.ndarray, np.ndarray]],
+    anchor: np.ndarray,
+    epsilon: float,
+    omega_max: float,
+    from_anchor: bool,
+) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """Per-organ omega, status and scan counts, as :func:`~.procedures.calibrate_semcrc_organ` computes them."""
+    k_groups = len(c.groups)
+    omega, status, n_cal = np.full(k_groups, math.inf), [], np.zeros(k_groups, dtype=np.int64)
+    for k in range(k_groups):
+        thresholds, sizes = [], []
+        for need, group in scans:
+            inside = group == k
+            if inside.any():
+                thresholds.append(omega_thresholds(need[inside], float(anchor[k])))
+                sizes.append(int(inside.sum()))
+        if not sizes:
+            status.append(NO_DATA)
+            warnings.warn(
+                f"organ {c.groups[k]!r} is absent from every calibration scan: its lambda is +inf "
+                f"(status '{NO_DATA}'). Fix: add calibration scans that contain it",
+                UncontrollableRiskWarning,
+                stacklevel=3,
+            )
+            continue
+        curve = OmegaCurve.from_scans(thresholds, sizes)
+        n_cal[k] = curve.n
+        lo = 0.0 if from_anchor else -float(anchor[k])
+        omega[k] = exact_omega(curve, epsilon, omega_min=lo, omega_max=omega_max)
+        if math.isfinite(omega[k]):
+            status.append(CONTROLLED)
+        else:
+            status.append(UNCONTROLLABLE)
+            _warn_uncontrollable(f"organ {c.groups[k]!r}", curve.n, epsilon, c.lambda_max)
+    return omega, status, n_cal
+
+
+def _check_epsilon_only(epsilon: float, lambda_max: float | None) -> None:
+    """The epsilon check of :func:`~.procedures._check_common` (the record has no volumes to check)."""
+    try:
+        check_epsilon(epsilon)
+    except ConformalSegError as exc:
+        raise IntervalCalibrationError(f"epsilon: {exc.message}", fix="pass e.g. epsilon=0.1") from exc
