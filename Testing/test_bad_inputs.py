@@ -570,7 +570,7 @@ ROWS = [
         "disk full: interval profile",
         lambda ws: [*interval_calibrate(ws), "--out", str(ws / "iv.json"), "--force"],
         "cannot write",
-        "iv.json",
+        "/iv.",  # the pair iv.json + iv.npz (its per-scan coverage thresholds): whichever hit the limit
         fsize=800,
     ),
     Row(

@@ -351,3 +351,22 @@ def test_shipped_default_model():
     dice = dice_from_masks(prediction.probability >= 0.5, phantom.lesion_mask)
     assert dice == pytest.approx(row["dice"], abs=0.02)  # reproduces the recorded held-out Dice
     assert 0.5 < dice < 1.0
+
+
+@pytest.mark.parametrize(
+    ("name", "loss"), [("phantom_roi_unet", "uncertainty-aware"), ("phantom_roi_unet_dicece", "dice-ce")]
+)
+def test_shipped_roi_models(name, loss):
+    """The cascade's ROI models (issue 11): real weights of the recorded loss, trained on crops around the
+    *shipped* stage-1 model's components (its pipeline fingerprint is recorded), small, documented."""
+    folder = ROOT / "Resources" / "models" / name
+    card = resolve_model(folder)
+    t = card.training
+    assert card.sha256() == t["weights_sha256"] == sha256_file(folder / "weights.pt")
+    assert (folder / "weights.pt").stat().st_size < 8_000_000
+    assert (folder / "README.md").is_file() and (folder / "training.json").is_file()
+    assert t["loss"] == loss and t["data"]["roi"]["margins_voxels"] == [0, 16]
+    assert t["data"]["stage1_model"]["pipeline_sha256"] == resolve_model(SHIPPED).pipeline_sha256()
+    assert 0.2 <= t["heldout_mean_dice"] <= 0.95
+    readme = (folder / "README.md").read_text()
+    assert "conformalseg train --task roi" in readme and f"--loss {loss}" in readme
