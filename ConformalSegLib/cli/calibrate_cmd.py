@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..common.errors import ConformalSegError
-from ..conformal.calibration import CalibrationRequest, calibrate
+from ..conformal.calibration import CalibrationRequest, calibrate, calibrate_dataset
 from ..conformal.confidence_sets import select_transforms
 from ..conformal.lesion_level import DEFAULT_DETECT_FRACTION
 from ..conformal.score_transforms import DEFAULT_CANDIDATES
@@ -15,6 +15,7 @@ from ..io.checksums import sha256_file
 from ..io.dataset import CalibrationDataset
 from .common import add_empty_option, add_force, add_lesion_options, progress_bar
 from .deploy_options import add_calibrate_options, recorder_for, report
+from .executor_options import add_executor_options, executor_spec, require_serial
 from .fold_options import add_folds_option, fold_provenance, open_fold_dataset
 from .interval_options import INTERVAL_METHODS, add_interval_arguments, run_interval_calibrate
 from .mask_options import add_mask_calibrate_options, run_mask_calibrate
@@ -43,6 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_force(p)
     add_calibrate_options(p)
     add_interval_arguments(p)
+    add_executor_options(p)
     p.set_defaults(func=run)
 
 
@@ -210,9 +212,12 @@ def choose_transforms_from_learning_data(args: argparse.Namespace, provenance: d
 
 
 def run(args: argparse.Namespace) -> int:
+    spec = executor_spec(args)
     if args.method in INTERVAL_METHODS:
+        require_serial(args, "the interval methods")
         return run_interval_calibrate(args)
     if args.masks is not None:  # a mask-only tool's predicted label maps
+        require_serial(args, "--masks")
         return run_mask_calibrate(args, request_from_args)
     if args.out.suffix.lower() != ".json":
         raise ConformalSegError("the profile file name must end in .json", path=args.out, fix="e.g. --out profile.json")
@@ -239,8 +244,11 @@ def run(args: argparse.Namespace) -> int:
         choose_transforms_from_learning_data(args, provenance)
     request = request_from_args(args, provenance)
     recorder = recorder_for(args, dataset)  # groups / weighting: None without those options
-    profile = calibrate(dataset if recorder is None else recorder, request)
-    profile = profile if recorder is None else recorder.attach(profile)
+    if recorder is None:
+        profile = calibrate_dataset(dataset, request, spec, progress=dataset.progress, keep_going=args.keep_going)
+    else:
+        require_serial(args, "groups or weighting")
+        profile = recorder.attach(calibrate(recorder, request))
     json_path, npz_path = profile.save(args.out, force=args.force)
     print(profile.guarantee)
     for line in report(profile):

@@ -12,6 +12,7 @@
 * :mod:`.mask_sets`: confidence sets from predicted masks alone (mask-only tools), one per structure;
 * :mod:`.guarantee_sentences`: the one-sentence statement of each calibrated guarantee;
 * :mod:`.profile`: calibration profiles on disk (JSON + summaries), recalibration, masks;
+* :mod:`.case_summaries`: one scan's compact summary (a worker's task) and the exact merge of many;
 * :mod:`.calibration`: one call from cases to a profile, shared by the CLI, the demo and Slicer;
 * :mod:`.scan_scores`: the per-scan nonconformity scores of a calibration (the input of the three below);
 * :mod:`.mondrian`: group-conditional (Mondrian) calibration, one threshold and guarantee per group;

@@ -7,23 +7,25 @@ whatever the number of cases.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, cast
 
 import numpy as np
 
 from ..common.errors import ConformalSegError
+from ..common.executors import ExecutorSpec, MapReport, ProgressCallback, map_ordered
 from ..common.geometry import Geometry
+from .case_summaries import MergedSummaries, merge_case_summaries, summarize_case, summarize_dataset_case
 from .cls import ThresholdCalibration, calibrate_cls
-from .confidence_sets import SetsCalibration, SetStatistics, SetStatisticsBuilder, calibrate_sets
+from .confidence_sets import SetsCalibration, SetStatistics, calibrate_sets
 from .crc import calibrate_crc
 from .exact import check_alpha, check_detect_fraction, check_epsilon
-from .lesion_level import DEFAULT_DETECT_FRACTION, LesionLevelBuilder, calibrate_lesion, check_min_size
+from .lesion_level import DEFAULT_DETECT_FRACTION, calibrate_lesion, check_min_size
 from .profile import METHODS, CalibrationProfile
 from .score_transforms import parse_transform
-from .summaries import SummaryBuilder
 
 
 @dataclass(frozen=True)
@@ -97,25 +99,48 @@ def _parts(case: Any) -> tuple[str, np.ndarray, np.ndarray, Geometry]:
 
 def calibrate(cases: Iterable[Any], request: CalibrationRequest) -> CalibrationProfile:
     """Stream ``cases`` once, build summaries, and calibrate the requested method."""
-    summaries = SummaryBuilder(request.precision)
-    sets = (
-        SetStatisticsBuilder(parse_transform(request.inner_transform), parse_transform(request.outer_transform))
-        if request.method == "sets"
-        else None
+    parts = [summarize_case(*_parts(case), request) for case in cases]
+    return calibrate_summaries(merge_case_summaries(parts, request), request)
+
+
+def calibrate_dataset(
+    dataset: Any,
+    request: CalibrationRequest,
+    spec: ExecutorSpec | None = None,
+    *,
+    progress: ProgressCallback | None = None,
+    keep_going: bool = False,
+) -> CalibrationProfile:
+    """Calibrate on a dataset's cases, each read and summarized on a worker of ``spec`` (serial by default).
+
+    ``dataset`` has ``case_ids`` and ``load(case_id)`` (an ``io.dataset.CalibrationDataset``); it is sent to
+    each worker once. The summaries are merged in case order and the thresholds computed here, exactly as
+    :func:`calibrate` does: the profile is bit-identical whatever the executor. The provenance records the
+    executor and its number of workers.
+    """
+    spec = spec or ExecutorSpec()
+    shipped = copy.copy(dataset)
+    shipped.progress = None  # a terminal callback stays on the driver
+    report = MapReport(spec.name, 1, [])
+    parts = map_ordered(
+        summarize_dataset_case,
+        (shipped, request),
+        list(dataset.case_ids),
+        spec,
+        progress=progress,
+        keep_going=keep_going,
+        report=report,
     )
-    lesions = (
-        LesionLevelBuilder(request.detect_fraction, request.min_lesion_voxels, request.min_lesion_mm3)
-        if request.method == "lesion"
-        else None
-    )
-    for case in cases:
-        case_id, probability, lesion, geometry = _parts(case)
-        summaries.add_case(case_id, probability, lesion)
-        if sets is not None:
-            sets.add_case(case_id, probability, lesion, geometry)
-        if lesions is not None:
-            lesions.add_case(case_id, probability, lesion, _voxel_mm3(geometry, request, case_id))
-    lesion_summaries = summaries.build()
+    if hasattr(dataset, "labels_seen"):
+        dataset.labels_seen.update({p.case_id: p.labels_seen for p in parts if p.labels_seen is not None})
+        dataset.check_lesion_labels_seen()
+    request = replace(request, provenance={**request.provenance, **report.provenance()})
+    return calibrate_summaries(merge_case_summaries(parts, request), request)
+
+
+def calibrate_summaries(merged: MergedSummaries, request: CalibrationRequest) -> CalibrationProfile:
+    """The exact thresholds of ``request.method`` from the merged per-scan summaries."""
+    lesion_summaries, sets, lesions = merged.lesion, merged.sets, merged.lesion_level
     if lesion_summaries.n == 0:
         raise ConformalSegError("no calibration cases found", fix="check the --probs and --labels folders")
     empty = request.empty_policy
@@ -132,7 +157,7 @@ def calibrate(cases: Iterable[Any], request: CalibrationRequest) -> CalibrationP
         calibration = calibrate_crc(lesion_summaries, request.epsilon, empty=empty)
     elif request.method == "lesion":
         assert lesions is not None and request.epsilon is not None and request.alpha is not None
-        lesion_level = lesions.build()
+        lesion_level = lesions
         calibration = calibrate_lesion(
             lesion_level,
             request.epsilon,
@@ -143,7 +168,7 @@ def calibrate(cases: Iterable[Any], request: CalibrationRequest) -> CalibrationP
         )
     else:
         assert sets is not None
-        stats = sets.build()
+        stats = sets
         used = stats if empty == "include" else stats.without_empty()
         calibration = calibrate_sets(
             used,
@@ -155,15 +180,3 @@ def calibrate(cases: Iterable[Any], request: CalibrationRequest) -> CalibrationP
         )
     provenance = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **request.provenance}
     return CalibrationProfile(calibration, lesion_summaries, stats, empty, provenance, lesion_level)
-
-
-def _voxel_mm3(geometry: Geometry | None, request: CalibrationRequest, case_id: str) -> float:
-    """The voxel volume for the lesion size filter in mm^3 (1 without a geometry, refused with a mm^3 filter)."""
-    if geometry is None:
-        if request.min_lesion_mm3:
-            raise ConformalSegError(
-                f"case {case_id!r} has no voxel spacing, so --min-lesion-mm3 cannot be applied",
-                fix="give NIfTI/NRRD probability maps, or filter by --min-lesion-voxels",
-            )
-        return 1.0
-    return float(geometry.voxel_volume_mm3)

@@ -1,0 +1,145 @@
+"""One calibration scan's compact summary (the "map" step) and the exact merge of many (the "reduce" step).
+
+:func:`summarize_case` turns one scan (probability map, lesion mask, grid) into a :class:`CaseSummary`:
+its sorted lesion-voxel probabilities (:class:`~.summaries.LesionSummaries` of one case), and, as the
+method needs, its confidence-set statistics (``tau``, ``gamma``) and its lesion detection thresholds.
+:func:`merge_case_summaries` concatenates summaries **in case order**. Every calibration goes through
+these two functions (``calibrate`` in this process, ``calibrate_dataset`` on any executor of
+:mod:`ConformalSegLib.common.executors`), so a profile calibrated on workers is bit-identical to a serial
+one: each scan's summary is computed by the same code from the same volumes, and the concatenation is
+exactly what the streaming builders produce (the builders' ``build`` is a concatenation of their
+per-case parts). No probability map leaves the worker; a summary is ``m_i`` float32 (or uint16) values
+plus a few numbers per scan.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..common.errors import ConformalSegError
+from ..common.geometry import Geometry
+from .confidence_sets import SetStatistics, SetStatisticsBuilder
+from .lesion_level import LesionLevelBuilder, LesionLevelSummaries
+from .score_transforms import parse_transform
+from .summaries import LesionSummaries, SummaryBuilder
+
+if TYPE_CHECKING:
+    from .calibration import CalibrationRequest
+
+
+@dataclass(frozen=True)
+class CaseSummary:
+    """The compact summary of one scan (what a worker sends back), and the label values its file holds."""
+
+    lesion: LesionSummaries  # one case
+    sets: SetStatistics | None = None
+    lesion_level: LesionLevelSummaries | None = None
+    labels_seen: frozenset[int] | None = None
+
+    @property
+    def case_id(self) -> str:
+        return self.lesion.case_ids[0]
+
+
+@dataclass(frozen=True)
+class MergedSummaries:
+    """The summaries of all scans, in case order."""
+
+    lesion: LesionSummaries
+    sets: SetStatistics | None
+    lesion_level: LesionLevelSummaries | None
+
+
+def summarize_case(
+    case_id: str, probability: np.ndarray, lesion: np.ndarray, geometry: Geometry | None, request: CalibrationRequest
+) -> CaseSummary:
+    """The summary of one scan for ``request.method`` (NaN, infinities, values outside [0, 1] refused)."""
+    summaries = SummaryBuilder(request.precision)
+    summaries.add_case(case_id, probability, lesion)
+    sets = None
+    if request.method == "sets":
+        builder = SetStatisticsBuilder(
+            parse_transform(request.inner_transform), parse_transform(request.outer_transform)
+        )
+        builder.add_case(case_id, probability, lesion, geometry)  # type: ignore[arg-type]  # None: identity only
+        sets = builder.build()
+    lesion_level = None
+    if request.method == "lesion":
+        lesions = LesionLevelBuilder(request.detect_fraction, request.min_lesion_voxels, request.min_lesion_mm3)
+        lesions.add_case(case_id, probability, lesion, voxel_mm3(geometry, request, case_id))
+        lesion_level = lesions.build()
+    return CaseSummary(summaries.build(), sets, lesion_level)
+
+
+def summarize_dataset_case(shared: tuple[Any, CalibrationRequest], case_id: str) -> CaseSummary:
+    """Load one case of a dataset (``shared = (dataset, request)``; the readers' checks) and summarize it.
+
+    The task function of ``calibrate_dataset``: module level, so that workers import it by name.
+    """
+    dataset, request = shared
+    case = dataset.load(case_id)
+    summary = summarize_case(
+        case.case_id, case.probability.array, case.lesion.array, case.probability.geometry, request
+    )
+    seen = getattr(dataset, "labels_seen", {}).get(case_id)
+    return CaseSummary(summary.lesion, summary.sets, summary.lesion_level, seen)
+
+
+def merge_case_summaries(parts: Sequence[CaseSummary], request: CalibrationRequest) -> MergedSummaries:
+    """Concatenate per-scan summaries in the given order (exactly what the streaming builders build)."""
+    lesion = _concat_lesion(parts, request.precision)
+    sets = None
+    if request.method == "sets":
+        stats = [p.sets for p in parts if p.sets is not None]
+        sets = SetStatistics(
+            np.concatenate([s.tau for s in stats]) if stats else np.zeros(0, np.float64),
+            np.concatenate([s.gamma for s in stats]) if stats else np.zeros(0, np.float64),
+            tuple(i for s in stats for i in s.case_ids),
+            parse_transform(request.inner_transform).name,
+            parse_transform(request.outer_transform).name,
+            np.concatenate([s.lesion_sizes for s in stats]) if stats else np.zeros(0, np.int64),
+        )
+    lesion_level = None
+    if request.method == "lesion":
+        levels = [p.lesion_level for p in parts if p.lesion_level is not None]
+        empty = LesionLevelBuilder(request.detect_fraction, request.min_lesion_voxels, request.min_lesion_mm3).build()
+        lesion_level = LesionLevelSummaries(
+            np.concatenate([s.values for s in levels]) if levels else np.zeros(0, np.float32),
+            np.concatenate([s.sizes for s in levels]) if levels else np.zeros(0, np.int64),
+            _offsets([s.values.size for s in levels]),
+            tuple(i for s in levels for i in s.case_ids),
+            empty.detect_fraction,
+            empty.min_lesion_voxels,
+            empty.min_lesion_mm3,
+        )
+    return MergedSummaries(lesion, sets, lesion_level)
+
+
+def _concat_lesion(parts: Sequence[CaseSummary], precision: str) -> LesionSummaries:
+    if not parts:
+        return SummaryBuilder(precision).build()
+    values = np.concatenate([p.lesion.values for p in parts])
+    ids = tuple(i for p in parts for i in p.lesion.case_ids)
+    return LesionSummaries(values, _offsets([p.lesion.values.size for p in parts]), ids, precision)
+
+
+def _offsets(sizes: Sequence[int]) -> np.ndarray:
+    offsets = np.zeros(len(sizes) + 1, dtype=np.int64)
+    np.cumsum(sizes, out=offsets[1:])
+    return offsets
+
+
+def voxel_mm3(geometry: Geometry | None, request: CalibrationRequest, case_id: str) -> float:
+    """The voxel volume for the lesion size filter in mm^3 (1 without a geometry, refused with a mm^3 filter)."""
+    if geometry is None:
+        if request.min_lesion_mm3:
+            raise ConformalSegError(
+                f"case {case_id!r} has no voxel spacing, so --min-lesion-mm3 cannot be applied",
+                fix="give NIfTI/NRRD probability maps, or filter by --min-lesion-voxels",
+            )
+        return 1.0
+    return float(geometry.voxel_volume_mm3)
