@@ -34,7 +34,7 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def cluster():
     """Two worker processes (not threads), one thread each, started by the test."""
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as local:
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as local:
         yield local.scheduler_address
 
 
@@ -140,6 +140,12 @@ def test_map_ordered_in_order_with_errors_and_report():
         map_ordered(fails_on_odd, 3, [1, 2, 3, 4], ExecutorSpec("serial"), keep_going=True, labels="abcd")
     with pytest.raises(ConformalSegError, match="--scheduler needs --executor dask"):
         ExecutorSpec("processes", scheduler="tcp://127.0.0.1:1")
+
+
+def test_dask_without_a_scheduler_starts_a_local_cluster():
+    report = MapReport("serial", 1, [])
+    assert map_ordered(fails_on_odd, 3, [2, 4, 0], ExecutorSpec("dask", workers=2), report=report) == [6, 12, 0]
+    assert report.provenance() == {"executor": "dask", "workers": 2}
 
 
 @pytest.mark.parametrize("executor", ["processes", "dask"])

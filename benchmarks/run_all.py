@@ -32,6 +32,7 @@ BENCHMARKS = (
     "bench_inference.py",
     "bench_semcrc.py",
     "bench_lesion_level.py",
+    "bench_executors.py",
 )
 
 
