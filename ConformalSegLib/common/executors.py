@@ -5,7 +5,8 @@ whatever the executor: the results come back **in item order**, so the caller me
 serial loop would (the calibration thresholds computed from them are bit-identical to ``serial``).
 
 * ``serial`` (default): a plain loop in this process.
-* ``processes``: a :class:`concurrent.futures.ProcessPoolExecutor`; ``shared`` is pickled once per worker
+* ``processes``: a :class:`concurrent.futures.ProcessPoolExecutor` of spawned processes (not forked: a fork
+  copies the parent's torch / BLAS thread pools in a locked state); ``shared`` is pickled once per worker
   (the pool's initializer), each task carries only its item.
 * ``dask``: a ``dask.distributed`` client on ``scheduler`` (``tcp://host:8786``), or a ``LocalCluster``
   sized to the machine when no scheduler is given; ``shared`` is scattered to every worker once
@@ -25,6 +26,7 @@ Needs ``dask[distributed]`` only for the ``dask`` executor (the ``dask`` extra o
 from __future__ import annotations
 
 import importlib
+import multiprocessing
 import os
 import pickle
 from collections.abc import Callable, Iterator, Sequence
@@ -135,7 +137,8 @@ def _running(spec: ExecutorSpec, function: Callable[[Any, Any], Any], shared: An
     elif spec.name == "processes":
         workers = spec.workers or os.cpu_count() or 1
         payload = pickle.dumps(shared)
-        with ProcessPoolExecutor(workers, initializer=_set_shared, initargs=(payload,)) as pool:
+        context = multiprocessing.get_context("spawn")  # fork would copy torch's / BLAS's threads: deadlocks
+        with ProcessPoolExecutor(workers, context, initializer=_set_shared, initargs=(payload,)) as pool:
             futures = {pool.submit(_call_shared, function, item): i for i, item in enumerate(items)}
             try:
                 yield _completed(futures), workers
