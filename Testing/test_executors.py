@@ -158,3 +158,21 @@ def test_ctrl_c_cancels_the_remaining_tasks(tmp_path, cluster, executor):
         map_ordered(sleepy, str(tmp_path), list(range(40)), spec, progress=interrupt)
     time.sleep(1.0)  # tasks already running may finish; the cancelled ones never start
     assert len(list(tmp_path.glob("*.done"))) < 10
+
+
+def test_ctrl_c_during_calibrate_writes_no_profile(tmp_path, data, monkeypatch, capsys):
+    from ConformalSegLib.conformal import calibration
+
+    real = calibration.summarize_dataset_case
+    seen = []
+
+    def interrupted(shared, case_id):
+        seen.append(case_id)
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+        return real(shared, case_id)
+
+    monkeypatch.setattr(calibration, "summarize_dataset_case", interrupted)
+    assert calibrate(data, tmp_path / "p.json", "cls", "--keep-going") == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert len(seen) == 3 and not list(tmp_path.iterdir())
