@@ -138,6 +138,8 @@ def test_map_ordered_in_order_with_errors_and_report():
     assert caught.value.__cause__ is None and caught.value.__context__ is None
     with pytest.raises(ConformalSegError, match=r"2 of 4 case\(s\) failed"):
         map_ordered(fails_on_odd, 3, [1, 2, 3, 4], ExecutorSpec("serial"), keep_going=True, labels="abcd")
+    with pytest.raises(ConformalSegError, match="cannot reach the Dask scheduler at not an address"):
+        map_ordered(fails_on_odd, 3, [2], ExecutorSpec("dask", scheduler="not an address"))
     with pytest.raises(ConformalSegError, match="--scheduler needs --executor dask"):
         ExecutorSpec("processes", scheduler="tcp://127.0.0.1:1")
 

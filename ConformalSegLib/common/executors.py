@@ -209,7 +209,7 @@ def _dask_client(spec: ExecutorSpec) -> Any:
     if spec.scheduler is not None:
         try:
             client = Client(spec.scheduler, timeout="30s")
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # refused / timed out; an address that does not parse
             raise ConformalSegError(
                 f"cannot reach the Dask scheduler at {spec.scheduler} ({exc})",
                 fix="check the address (tcp://HOST:8786) and that the scheduler is running",
