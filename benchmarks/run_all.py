@@ -34,6 +34,7 @@ BENCHMARKS = (
     "bench_semcrc.py",
     "bench_lesion_level.py",
     "bench_risk_control.py",
+    "bench_executors.py",
 )
 
 

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..common.errors import ConformalSegError
-from ..conformal.calibration import CalibrationRequest, calibrate
+from ..conformal.calibration import CalibrationRequest, calibrate, calibrate_dataset
 from ..conformal.confidence_sets import select_transforms
 from ..conformal.fp_summaries import DEFAULT_FP_ML_CAP
 from ..conformal.lesion_level import DEFAULT_DETECT_FRACTION
@@ -23,6 +23,7 @@ from .common import (
     refuse_output_in_inputs,
 )
 from .deploy_options import add_calibrate_options, recorder_for, report
+from .executor_options import add_executor_options, executor_spec, require_serial
 from .fold_options import add_folds_option, fold_provenance, open_fold_dataset
 from .interval_options import INTERVAL_METHODS, add_interval_arguments, run_interval_calibrate
 from .mask_options import add_mask_calibrate_options, run_mask_calibrate
@@ -51,6 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_force(p)
     add_calibrate_options(p)
     add_interval_arguments(p)
+    add_executor_options(p)
     p.set_defaults(func=run)
 
 
@@ -262,9 +264,12 @@ INPUT_FOLDERS = ("data", "probs", "labels", "images", "lower", "upper", "truth",
 
 def run(args: argparse.Namespace) -> int:
     refuse_output_in_inputs(args.out, input_folders(args, INPUT_FOLDERS), output_is_folder=False, nested=True)
+    spec = executor_spec(args)
     if args.method in INTERVAL_METHODS:
+        require_serial(args, "the interval methods")
         return run_interval_calibrate(args)
     if args.masks is not None:  # a mask-only tool's predicted label maps
+        require_serial(args, "--masks")
         return run_mask_calibrate(args, request_from_args)
     if args.out.suffix.lower() != ".json":
         raise ConformalSegError("the profile file name must end in .json", path=args.out, fix="e.g. --out profile.json")
@@ -296,8 +301,11 @@ def run(args: argparse.Namespace) -> int:
             "--tie-breaking random is not implemented for group-conditional or weighted profiles",
             fix="leave out --tie-breaking, or the group / weighting options",
         )
-    profile = calibrate(dataset if recorder is None else recorder, request)
-    profile = profile if recorder is None else recorder.attach(profile)
+    if recorder is None:
+        profile = calibrate_dataset(dataset, request, spec, progress=dataset.progress, keep_going=args.keep_going)
+    else:
+        require_serial(args, "groups or weighting")
+        profile = recorder.attach(calibrate(recorder, request))
     _check_geometry_known(dataset, request)
     json_path, npz_path = profile.save(args.out, force=args.force)
     print(lesion_line(dataset, args.channel))

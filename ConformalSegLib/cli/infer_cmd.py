@@ -35,9 +35,11 @@ from typing import Any
 
 from .. import __version__
 from ..common.errors import ConformalSegError
+from ..common.executors import MapReport, map_ordered
 from ..io.atomic import atomic_write_text, check_can_write
 from .cascade_options import add_cascade_argument, cascade_predictor_from_args
 from .common import add_force, add_trust_option, progress_bar
+from .executor_options import add_executor_options, executor_spec
 
 INFERENCE_FORMAT = "conformalseg-inference"
 INFERENCE_FORMAT_VERSION = 1
@@ -104,6 +106,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_cascade_argument(p)
     add_trust_option(p)
     add_force(p)
+    add_executor_options(p)
     p.set_defaults(func=run)
 
 
@@ -146,41 +149,62 @@ def _check_outputs(planned: list[tuple[Any, dict[str, Path]]], report_path: Path
 
 
 def _predict_all(
-    engine: Any, planned: list[tuple[Any, dict[str, Path]]], args: argparse.Namespace, *, quantile: bool, mc: bool
+    engine: Any,
+    planned: list[tuple[Any, dict[str, Path]]],
+    args: argparse.Namespace,
+    *,
+    quantile: bool,
+    mc: bool,
+    report: MapReport,
 ) -> list[dict[str, Any]]:
-    """Predict and write every planned case, one at a time; return the per-case records."""
+    """Predict and write every planned case (one task per case on ``--executor``); return the per-case records.
+
+    The engine (the network's weights) goes to each worker once; each task reads its image, predicts and
+    writes its maps on the worker, and sends back only its record.
+    """
+    progress = progress_bar("inference")
+    progress(0, len(planned), "")  # show the bar before the first (possibly long) case
+    options = {"out": args.out, "force": args.force, "mc_dropout": args.mc_dropout, "tta": args.tta}
+    options.update(quantile=quantile, mc=mc)
+    return map_ordered(
+        predict_case,
+        (engine, options),
+        planned,
+        executor_spec(args),
+        labels=[case.case_id for case, _ in planned],
+        progress=progress,
+        keep_going=args.keep_going,
+        report=report,
+    )
+
+
+def predict_case(shared: tuple[Any, dict[str, Any]], item: tuple[Any, dict[str, Path]]) -> dict[str, Any]:
+    """Predict one image and write its maps (the task of ``infer``; module level, so workers import it)."""
     from ..io.volumes import load_image, save_volume
 
-    progress = progress_bar("inference")
-    records = []
-    progress(0, len(planned), "")  # show the bar before the first (possibly long) case
-    for done, (case, paths) in enumerate(planned, start=1):
-        t0 = time.perf_counter()
-        volume = load_image(case.path)
-        if quantile:
-            prediction = engine.predict_quantiles(volume)
-            save_volume(prediction.lower, volume.geometry, paths["lower"], force=args.force)
-            save_volume(prediction.upper, volume.geometry, paths["upper"], force=args.force)
-        else:
-            prediction = engine.predict(volume, mc_dropout=args.mc_dropout, tta_flips=args.tta)
-            save_volume(prediction.probability, volume.geometry, paths["probability"], force=args.force)
-        if mc:
-            save_volume(prediction.variance, volume.geometry, paths["variance"], force=args.force)
-            if "entropy" in paths:
-                save_volume(prediction.entropy, volume.geometry, paths["entropy"], force=args.force)
-        records.append(
-            {
-                "case_id": case.case_id,
-                "image": str(case.path.resolve()),
-                **{key: str(path.relative_to(args.out)) for key, path in paths.items()},
-                "seconds": round(time.perf_counter() - t0, 3),
-                "inference_seconds": round(prediction.seconds, 3),
-                "windows": prediction.info.get("windows"),
-            }
-        )
-        progress(done, len(planned), case.case_id)
-        del volume, prediction
-    return records
+    engine, o = shared
+    case, paths = item
+    t0 = time.perf_counter()
+    volume = load_image(case.path)
+    if o["quantile"]:
+        prediction = engine.predict_quantiles(volume)
+        save_volume(prediction.lower, volume.geometry, paths["lower"], force=o["force"])
+        save_volume(prediction.upper, volume.geometry, paths["upper"], force=o["force"])
+    else:
+        prediction = engine.predict(volume, mc_dropout=o["mc_dropout"], tta_flips=o["tta"])
+        save_volume(prediction.probability, volume.geometry, paths["probability"], force=o["force"])
+    if o["mc"]:
+        save_volume(prediction.variance, volume.geometry, paths["variance"], force=o["force"])
+        if "entropy" in paths:
+            save_volume(prediction.entropy, volume.geometry, paths["entropy"], force=o["force"])
+    return {
+        "case_id": case.case_id,
+        "image": str(case.path.resolve()),
+        **{key: str(path.relative_to(o["out"])) for key, path in paths.items()},
+        "seconds": round(time.perf_counter() - t0, 3),
+        "inference_seconds": round(prediction.seconds, 3),
+        "windows": prediction.info.get("windows"),
+    }
 
 
 def run(args: argparse.Namespace) -> int:
@@ -224,7 +248,8 @@ def run(args: argparse.Namespace) -> int:
         )
     )
     started = time.perf_counter()
-    records = _predict_all(engine, planned, args, quantile=quantile, mc=mc)
+    ran = MapReport("serial", 1, [])
+    records = _predict_all(engine, planned, args, quantile=quantile, mc=mc, report=ran)
     report = {
         "format": INFERENCE_FORMAT,
         "format_version": INFERENCE_FORMAT_VERSION,
@@ -236,6 +261,7 @@ def run(args: argparse.Namespace) -> int:
         "images": str(args.images.resolve()),
         "cases": records,
         "total_seconds": round(time.perf_counter() - started, 3),
+        **ran.provenance(),
         "created_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "versions": _versions(),
     }

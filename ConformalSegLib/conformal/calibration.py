@@ -7,23 +7,25 @@ whatever the number of cases.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, cast
 
 import numpy as np
 
 from ..common.errors import ConformalSegError
+from ..common.executors import ExecutorSpec, MapReport, ProgressCallback, map_ordered
 from ..common.geometry import Geometry
+from .case_summaries import MergedSummaries, merge_case_summaries, summarize_case, summarize_dataset_case
 from .cls import ThresholdCalibration, calibrate_cls
-from .confidence_sets import SetsCalibration, SetStatistics, SetStatisticsBuilder, calibrate_sets
+from .confidence_sets import SetsCalibration, SetStatistics, calibrate_sets
 from .crc import calibrate_crc
 from .exact import check_alpha, check_detect_fraction, check_epsilon
-from .fp_summaries import DEFAULT_FP_ML_CAP, FalsePositiveBuilder, FalsePositiveSummaries
+from .fp_summaries import DEFAULT_FP_ML_CAP, FalsePositiveSummaries
 from .lesion_level import (
     DEFAULT_DETECT_FRACTION,
-    LesionLevelBuilder,
     LesionLevelSummaries,
     calibrate_lesion,
     check_min_size,
@@ -32,7 +34,7 @@ from .ltt import RiskData, calibrate_ltt, parse_risks
 from .profile import METHODS, CalibrationProfile
 from .rcps import BOUNDS, calibrate_rcps
 from .score_transforms import parse_transform
-from .summaries import LesionSummaries, SummaryBuilder
+from .summaries import LesionSummaries
 from .ties import TIE_BREAKING, calibrate_cls_ties, calibrate_crc_ties
 
 
@@ -127,45 +129,62 @@ def _parts(case: Any) -> tuple[str, np.ndarray, np.ndarray, Geometry]:
 
 def calibrate(cases: Iterable[Any], request: CalibrationRequest) -> CalibrationProfile:
     """Stream ``cases`` once, build summaries, and calibrate the requested method."""
-    summaries = SummaryBuilder(request.precision)
-    sets = (
-        SetStatisticsBuilder(parse_transform(request.inner_transform), parse_transform(request.outer_transform))
-        if request.method == "sets"
-        else None
+    parts = [summarize_case(*_parts(case), request) for case in cases]
+    return calibrate_summaries(merge_case_summaries(parts, request), request)
+
+
+def calibrate_dataset(
+    dataset: Any,
+    request: CalibrationRequest,
+    spec: ExecutorSpec | None = None,
+    *,
+    progress: ProgressCallback | None = None,
+    keep_going: bool = False,
+) -> CalibrationProfile:
+    """Calibrate on a dataset's cases, each read and summarized on a worker of ``spec`` (serial by default).
+
+    ``dataset`` has ``case_ids`` and ``load(case_id)`` (an ``io.dataset.CalibrationDataset``); it is sent to
+    each worker once. The summaries are merged in case order and the thresholds computed here, exactly as
+    :func:`calibrate` does: the profile is bit-identical whatever the executor. The provenance records the
+    executor and its number of workers.
+    """
+    spec = spec or ExecutorSpec()
+    shipped = copy.copy(dataset)
+    shipped.progress = None  # a terminal callback stays on the driver
+    report = MapReport(spec.name, 1, [])
+    parts = map_ordered(
+        summarize_dataset_case,
+        (shipped, request),
+        list(dataset.case_ids),
+        spec,
+        progress=progress,
+        keep_going=keep_going,
+        report=report,
     )
-    risks = {r.name for r in parse_risks(request.risks)} if request.method == "ltt" else set()
-    lesions = (
-        LesionLevelBuilder(request.detect_fraction, request.min_lesion_voxels, request.min_lesion_mm3)
-        if request.method == "lesion" or "lesion-miss" in risks
-        else None
-    )
-    fp = (
-        FalsePositiveBuilder(request.fp_ml_cap, "fp-components" in risks)
-        if risks & {"fp-ml", "fp-components"}
-        else None
-    )
-    for case in cases:
-        case_id, probability, lesion, geometry = _parts(case)
-        summaries.add_case(case_id, probability, lesion)
-        if sets is not None:
-            sets.add_case(case_id, probability, lesion, geometry)
-        if lesions is not None:
-            lesions.add_case(case_id, probability, lesion, _voxel_mm3(geometry, request, case_id))
-        if fp is not None:
-            fp.add_case(case_id, probability, lesion, _voxel_mm3(geometry, request, case_id, "fp-ml" in risks))
-    lesion_summaries = summaries.build()
+    if hasattr(dataset, "labels_seen"):
+        dataset.labels_seen.update({p.case_id: p.labels_seen for p in parts if p.labels_seen is not None})
+        dataset.check_lesion_labels_seen()
+    if hasattr(dataset, "without_geometry"):  # recorded on the workers' copies: bring it back to the driver
+        dataset.without_geometry.update(p.case_id for p in parts if p.without_geometry)
+    request = replace(request, provenance={**request.provenance, **report.provenance()})
+    return calibrate_summaries(merge_case_summaries(parts, request), request)
+
+
+def calibrate_summaries(merged: MergedSummaries, request: CalibrationRequest) -> CalibrationProfile:
+    """The exact thresholds of ``request.method`` from the merged per-scan summaries."""
+    lesion_summaries, sets, lesions = merged.lesion, merged.sets, merged.lesion_level
+    fp_summaries = merged.fp
     if lesion_summaries.n == 0:
         raise ConformalSegError("no calibration cases found", fix="check the --probs and --labels folders")
     empty = request.empty_policy
     calibration: ThresholdCalibration | SetsCalibration
     stats: SetStatistics | None = None
     lesion_level = None
-    fp_summaries = None if fp is None else fp.build()
     if request.method in ("cls", "crc", "rcps", "ltt"):
         calibration, lesion_level = _voxel_calibration(request, lesion_summaries, lesions, fp_summaries)
     elif request.method == "lesion":
         assert lesions is not None and request.epsilon is not None and request.alpha is not None
-        lesion_level = lesions.build()
+        lesion_level = lesions
         calibration = calibrate_lesion(
             lesion_level,
             request.epsilon,
@@ -176,7 +195,7 @@ def calibrate(cases: Iterable[Any], request: CalibrationRequest) -> CalibrationP
         )
     else:
         assert sets is not None
-        stats = sets.build()
+        stats = sets
         used = stats if empty == "include" else stats.without_empty()
         calibration = calibrate_sets(
             used,
@@ -195,7 +214,7 @@ def calibrate(cases: Iterable[Any], request: CalibrationRequest) -> CalibrationP
 def _voxel_calibration(
     request: CalibrationRequest,
     lesion_summaries: LesionSummaries,
-    lesions: LesionLevelBuilder | None,
+    lesions: LesionLevelSummaries | None,
     fp_summaries: FalsePositiveSummaries | None,
 ) -> tuple[ThresholdCalibration, LesionLevelSummaries | None]:
     """The threshold of cls, crc (randomised tie-breaking or not), rcps and ltt, and the lesion-level
@@ -226,7 +245,7 @@ def _voxel_calibration(
         calibration = calibrate_crc(lesion_summaries, request.epsilon, empty=request.empty_policy)
     elif request.method == "ltt":
         assert request.delta is not None  # checked in __post_init__
-        lesion_level = None if lesions is None else lesions.build()
+        lesion_level = lesions
         data = RiskData(lesion_summaries, lesion_level, fp_summaries)
         calibration = calibrate_ltt(data, parse_risks(request.risks), request.delta)
     else:
@@ -253,21 +272,3 @@ def check_tie_request(method: str, tie_breaking: str, precision: str) -> None:
             "--tie-breaking random needs float32 summaries (uint16 rounding creates ties the maps do not have)",
             fix="leave out --precision uint16",
         )
-
-
-def _voxel_mm3(geometry: Geometry | None, request: CalibrationRequest, case_id: str, need: bool = False) -> float:
-    """The voxel volume in mm^3 for the lesion size filter and the false-positive volume (1 without a geometry,
-    refused with a mm^3 filter or when ``need``: the ``fp-ml`` risk)."""
-    if geometry is None:
-        if need:
-            raise ConformalSegError(
-                f"case {case_id!r} has no voxel spacing, so its false-positive volume in mL is unknown",
-                fix="give NIfTI/NRRD probability maps, or use --risk fp-components instead of fp-ml",
-            )
-        if request.min_lesion_mm3:
-            raise ConformalSegError(
-                f"case {case_id!r} has no voxel spacing, so --min-lesion-mm3 cannot be applied",
-                fix="give NIfTI/NRRD probability maps, or filter by --min-lesion-voxels",
-            )
-        return 1.0
-    return float(geometry.voxel_volume_mm3)

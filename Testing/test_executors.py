@@ -1,0 +1,185 @@
+"""Scale-out: calibrate on a process pool and on a Dask cluster of two worker processes, bit-identical to serial;
+a worker that raises; --keep-going; cancellation (issue 15)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from ConformalSegLib.cli import main
+from ConformalSegLib.common.errors import ConformalSegError
+from ConformalSegLib.common.executors import ExecutorSpec, MapReport, map_ordered
+from ConformalSegLib.phantoms.simulated_dataset import write_synthetic_dataset
+
+distributed = pytest.importorskip("distributed")
+
+METHODS = {
+    "cls": ["--epsilon", "0.1", "--alpha", "0.2"],
+    "crc": ["--epsilon", "0.1"],
+    "lesion": ["--epsilon", "0.25", "--alpha", "0.2", "--voxel-epsilon", "0.2"],
+    "sets": ["--alpha", "0.2", "--transform", "distance"],
+    # every per-scan summary at once: lesion-level (lesion-miss), false-positive values and components
+    "ltt": ["--delta", "0.3", "--risk", "fnr=0.3", "--risk", "lesion-miss=0.5", "--risk", "fp-components=3"],
+    "rcps": ["--epsilon", "0.3", "--delta", "0.3", "--bound", "wsr"],
+}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_synthetic_dataset(tmp_path_factory.mktemp("dask") / "data", 10, seed=3, shape=(16, 28, 28))
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Two worker processes (not threads), one thread each, started by the test."""
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as local:
+        yield local.scheduler_address
+
+
+def calibrate(data, out, method, *extra):
+    argv = ["calibrate", "--method", method, "--data", data, "--lesion-label", "2", *METHODS[method], "--out", out]
+    argv += extra
+    return main([str(a) for a in argv])
+
+
+def without_run_details(path: Path) -> dict:
+    record = json.loads(path.read_text())
+    for key in ("created", "executor", "workers"):
+        record["provenance"].pop(key, None)
+    record["summaries"].pop("file")  # serial.npz / dask.npz; the sha256 of the contents stays compared
+    record.pop("content_sha256")  # covers the provenance above
+    return record
+
+
+def assert_identical(serial: Path, other: Path) -> None:
+    assert without_run_details(serial) == without_run_details(other)
+    a, b = np.load(serial.with_suffix(".npz")), np.load(other.with_suffix(".npz"))
+    assert sorted(a.files) == sorted(b.files)
+    for name in a.files:
+        assert a[name].dtype == b[name].dtype and a[name].tobytes() == b[name].tobytes(), name
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_dask_cluster_is_bit_identical_to_serial(tmp_path, data, cluster, method):
+    assert calibrate(data, tmp_path / "serial.json", method) == 0
+    assert calibrate(data, tmp_path / "dask.json", method, "--executor", "dask", "--scheduler", cluster) == 0
+    assert_identical(tmp_path / "serial.json", tmp_path / "dask.json")
+    provenance = json.loads((tmp_path / "dask.json").read_text())["provenance"]
+    assert provenance["executor"] == "dask" and provenance["workers"] == 2
+    assert json.loads((tmp_path / "serial.json").read_text())["provenance"]["executor"] == "serial"
+
+
+def test_process_pool_is_bit_identical_to_serial(tmp_path, data):
+    assert calibrate(data, tmp_path / "serial.json", "cls", "--precision", "uint16") == 0
+    extra = ("--precision", "uint16", "--executor", "processes", "--workers", "2")
+    assert calibrate(data, tmp_path / "pool.json", "cls", *extra) == 0
+    assert_identical(tmp_path / "serial.json", tmp_path / "pool.json")
+    assert json.loads((tmp_path / "pool.json").read_text())["provenance"]["workers"] == 2
+
+
+def broken_copy(data: Path, root: Path, bad: tuple[str, ...]) -> Path:
+    for sub in ("probs", "labels"):
+        (root / sub).mkdir(parents=True)
+        for name in sorted((data / sub).iterdir())[:5]:
+            (root / sub / name.name).write_bytes(name.read_bytes())
+    for case in bad:
+        target = root / "probs" / f"{case}.nii.gz"
+        image = sitk.ReadImage(str(target))
+        array = sitk.GetArrayFromImage(image)
+        array[0, 0, 0] = np.nan
+        new = sitk.GetImageFromArray(array)
+        new.CopyInformation(image)
+        sitk.WriteImage(new, str(target))
+    return root
+
+
+def test_worker_error_is_the_serial_one_line_error(tmp_path, data, cluster, capsys):
+    root = broken_copy(data, tmp_path / "bad", ("synth_002",))
+    errors = []
+    for extra in ((), ("--executor", "dask", "--scheduler", cluster), ("--executor", "processes", "--workers", "2")):
+        assert calibrate(root, tmp_path / "p.json", "cls", *extra) == 2
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.startswith("error: ")]
+        assert len(lines) == 1 and "Traceback" not in err and "synth_002" in lines[0], err
+        errors.append(lines[0])
+        assert not (tmp_path / "p.json").exists() and not (tmp_path / "p.npz").exists()
+    assert errors[0] == errors[1] == errors[2]
+
+
+def test_keep_going_reports_every_bad_case(tmp_path, data, cluster, capsys):
+    root = broken_copy(data, tmp_path / "bad", ("synth_001", "synth_003"))
+    extra = ("--executor", "dask", "--scheduler", cluster, "--keep-going")
+    assert calibrate(root, tmp_path / "p.json", "cls", *extra) == 2
+    err = capsys.readouterr().err
+    assert "2 of 5 case(s) failed" in err and "synth_001" in err and "synth_003" in err and "Traceback" not in err
+    assert not (tmp_path / "p.json").exists()
+
+
+def fails_on_odd(shared: int, item: int) -> int:
+    if item % 2:
+        raise ConformalSegError(f"case {item} is odd", path=f"/data/{item}.nii.gz", fix="use an even case")
+    return shared * item
+
+
+def sleepy(marker_dir: str, item: int) -> int:
+    time.sleep(0.3)
+    Path(marker_dir, f"{item}.done").write_text("")
+    return item
+
+
+def test_map_ordered_in_order_with_errors_and_report():
+    report = MapReport("serial", 1, [])
+    spec = ExecutorSpec("processes", workers=2)
+    assert map_ordered(fails_on_odd, 3, [4, 2, 0, 6], spec, report=report) == [12, 6, 0, 18]
+    assert report.provenance() == {"executor": "processes", "workers": 2}
+    with pytest.raises(ConformalSegError) as caught:
+        map_ordered(fails_on_odd, 3, [2, 5], spec)
+    assert str(caught.value) == "/data/5.nii.gz: case 5 is odd Fix: use an even case"
+    assert caught.value.__cause__ is None and caught.value.__context__ is None
+    with pytest.raises(ConformalSegError, match=r"2 of 4 case\(s\) failed"):
+        map_ordered(fails_on_odd, 3, [1, 2, 3, 4], ExecutorSpec("serial"), keep_going=True, labels="abcd")
+    with pytest.raises(ConformalSegError, match="cannot reach the Dask scheduler at not an address"):
+        map_ordered(fails_on_odd, 3, [2], ExecutorSpec("dask", scheduler="not an address"))
+    with pytest.raises(ConformalSegError, match="--scheduler needs --executor dask"):
+        ExecutorSpec("processes", scheduler="tcp://127.0.0.1:1")
+
+
+def test_dask_without_a_scheduler_starts_a_local_cluster():
+    report = MapReport("serial", 1, [])
+    assert map_ordered(fails_on_odd, 3, [2, 4, 0], ExecutorSpec("dask", workers=2), report=report) == [6, 12, 0]
+    assert report.provenance() == {"executor": "dask", "workers": 2}
+
+
+@pytest.mark.parametrize("executor", ["processes", "dask"])
+def test_ctrl_c_cancels_the_remaining_tasks(tmp_path, cluster, executor):
+    def interrupt(done, total, label):
+        raise KeyboardInterrupt
+
+    spec = ExecutorSpec(executor, scheduler=cluster if executor == "dask" else None, workers=2)
+    with pytest.raises(KeyboardInterrupt):
+        map_ordered(sleepy, str(tmp_path), list(range(40)), spec, progress=interrupt)
+    time.sleep(1.0)  # tasks already running may finish; the cancelled ones never start
+    assert len(list(tmp_path.glob("*.done"))) < 10
+
+
+def test_ctrl_c_during_calibrate_writes_no_profile(tmp_path, data, monkeypatch, capsys):
+    from ConformalSegLib.conformal import calibration
+
+    real = calibration.summarize_dataset_case
+    seen = []
+
+    def interrupted(shared, case_id):
+        seen.append(case_id)
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+        return real(shared, case_id)
+
+    monkeypatch.setattr(calibration, "summarize_dataset_case", interrupted)
+    assert calibrate(data, tmp_path / "p.json", "cls", "--keep-going") == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert len(seen) == 3 and not list(tmp_path.iterdir())
