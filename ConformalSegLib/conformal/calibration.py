@@ -196,18 +196,24 @@ def calibrate_summaries(merged: MergedSummaries, request: CalibrationRequest) ->
     else:
         assert sets is not None
         stats = sets
-        used = stats if empty == "include" else stats.without_empty()
-        calibration = calibrate_sets(
-            used,
-            alpha=request.alpha,
-            alpha_inner=request.alpha_inner,
-            alpha_outer=request.alpha_outer,
-            mode=request.sets_mode,
-            pac_delta=request.pac_delta,
-        )
+        calibration = calibrate_sets_request(stats, request)
     provenance = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **request.provenance}
     return CalibrationProfile(
         calibration, lesion_summaries, stats, empty, provenance, lesion_level, false_positives=fp_summaries
+    )
+
+
+def calibrate_sets_request(stats: SetStatistics, request: CalibrationRequest) -> SetsCalibration:
+    """The confidence sets ``request`` asks for, from the per-scan set statistics (lesion-free scans left out
+    unless ``empty_policy`` is ``include``); shared with :mod:`ConformalSegLib.conformal.mask_sets`."""
+    used = stats if request.empty_policy == "include" else stats.without_empty()
+    return calibrate_sets(
+        used,
+        alpha=request.alpha,
+        alpha_inner=request.alpha_inner,
+        alpha_outer=request.alpha_outer,
+        mode=request.sets_mode,
+        pac_delta=request.pac_delta,
     )
 
 

@@ -146,6 +146,24 @@ def too_small_message(method: str, n: int, needed: int, parameter: str) -> str:
     )
 
 
+def checked_cls_cases(
+    summaries: LesionSummaries, alpha: float, empty: str, pac_delta: float | None = None
+) -> np.ndarray:
+    """The cases a CLS calibration uses (:func:`used_cases`), after checking ``alpha`` and ``pac_delta``;
+    refuses a calibration set without a lesion (shared by :func:`calibrate_cls` and
+    :func:`ConformalSegLib.conformal.ties.calibrate_cls_ties`)."""
+    check_alpha(alpha)
+    if pac_delta is not None:
+        check_alpha(pac_delta, "pac_delta")
+    used = used_cases(summaries, empty)
+    if not used.any():
+        raise ConformalSegError(
+            "no calibration case with a lesion: CLS needs cases with lesion voxels",
+            fix="check the lesion label value(s) (--lesion-label) or use --empty include",
+        )
+    return used
+
+
 def calibrate_cls(
     summaries: LesionSummaries,
     epsilon: float,
@@ -160,16 +178,8 @@ def calibrate_cls(
     over the draw of the calibration scans, ``P(FNR_test <= epsilon | calibration) >= 1 - alpha``
     (the rank of :func:`~ConformalSegLib.conformal.exact.pac_rank`; module docstring of ``exact``).
     """
-    check_alpha(alpha)
-    if pac_delta is not None:
-        check_alpha(pac_delta, "pac_delta")
-    used = used_cases(summaries, empty)
+    used = checked_cls_cases(summaries, alpha, empty, pac_delta)
     n = int(np.count_nonzero(used))
-    if n == 0:
-        raise ConformalSegError(
-            "no calibration case with a lesion: CLS needs cases with lesion voxels",
-            fix="check the lesion label value(s) (--lesion-label) or use --empty include",
-        )
     cutoff = conformal_lower_cutoff(critical_cutoffs(summaries, epsilon)[used], alpha, pac_delta)
     warn_if_whole_image_from_ties("CLS", cutoff)
     if cutoff == float("-inf"):

@@ -35,8 +35,8 @@ import numpy as np
 
 from ..common.errors import ConformalSegError
 from ..common.geometry import Geometry
-from .calibration import CalibrationRequest
-from .confidence_sets import SetStatisticsBuilder, calibrate_sets
+from .calibration import CalibrationRequest, calibrate_sets_request
+from .confidence_sets import SetStatisticsBuilder
 from .profile import CalibrationProfile
 from .score_transforms import parse_transform
 from .summaries import SummaryBuilder
@@ -98,15 +98,7 @@ def calibrate_structures(
         stats = sets.build()
         if stats.n == 0:
             raise ConformalSegError("no calibration cases found", fix="check the --masks and --labels folders")
-        used = stats if request.empty_policy == "include" else stats.without_empty()
-        calibration = calibrate_sets(
-            used,
-            alpha=request.alpha,
-            alpha_inner=request.alpha_inner,
-            alpha_outer=request.alpha_outer,
-            mode=request.sets_mode,
-            pac_delta=request.pac_delta,
-        )
+        calibration = calibrate_sets_request(stats, request)
         provenance = {
             "created": created,
             **request.provenance,

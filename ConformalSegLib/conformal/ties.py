@@ -68,13 +68,14 @@ import numpy as np
 from ..common.errors import CalibrationSetTooSmallWarning, ConformalSegError
 from .cls import (
     ThresholdCalibration,
+    checked_cls_cases,
     critical_cutoffs,
     too_small_message,
     used_cases,
     warn_if_whole_image_from_ties,
 )
 from .crc import crc_budget, min_crc_calibration_size
-from .exact import allowed_misses_array, calibration_rank, check_alpha, needed_calibration_size
+from .exact import allowed_misses_array, calibration_rank, needed_calibration_size
 from .summaries import LesionSummaries, round_down_float32
 
 TIE_BREAKING = ("none", "random")
@@ -132,17 +133,9 @@ def calibrate_cls_ties(
     pac_delta: float | None = None,
 ) -> ThresholdCalibration:
     """CLS with randomised tie-breaking (module docstring): exact, seeded, from the summaries only."""
-    check_alpha(alpha)
     check_tie_support(summaries)
-    if pac_delta is not None:
-        check_alpha(pac_delta, "pac_delta")
-    used = used_cases(summaries, empty)
+    used = checked_cls_cases(summaries, alpha, empty, pac_delta)
     n = int(np.count_nonzero(used))
-    if n == 0:
-        raise ConformalSegError(
-            "no calibration case with a lesion: CLS needs cases with lesion voxels",
-            fix="check the lesion label value(s) (--lesion-label) or use --empty include",
-        )
     cutoffs, keys = critical_pairs(summaries, epsilon, calibration_keys(summaries, seed))
     rank = calibration_rank(n, alpha, pac_delta)
     cutoff, key = kth_largest_pair(cutoffs[used], keys[used], rank)
