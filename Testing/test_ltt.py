@@ -202,7 +202,7 @@ def _true_risks(t: float) -> tuple[float, float]:
 
 
 def test_ltt_is_valid_over_calibration_draws() -> None:
-    trials, delta, eps_fnr, eps_fp = 300, 0.2, 0.6, 0.6
+    trials, delta, eps_fnr, eps_fp = 500, 0.2, 0.6, 0.6
     ok = certified = 0
     risks = parse_risks([f"fnr={eps_fnr}", f"fp-ml={eps_fp}"])
     for trial in range(trials):
