@@ -35,6 +35,7 @@ BENCHMARKS = (
     "bench_lesion_level.py",
     "bench_risk_control.py",
     "bench_executors.py",
+    "bench_archive_merge.py",
 )
 
 
