@@ -263,6 +263,11 @@ def test_slicer_slider_keeps_ltt_and_moves_rcps(tmp_path) -> None:
     assert result.guarantees == [ltt.guarantee] and not result.errors
     result = SliderState([rcps], cases[0].probability, cases[0].geometry).update(settings)
     assert result.guarantees == [rcps.recalibrate(epsilon=0.2, alpha=0.2).guarantee] and not result.errors
+    # one segment name per method: CRC, RCPS and LTT masks side by side in one panel
+    crc = calibrate(cases, CalibrationRequest(method="crc", epsilon=0.3))
+    assert len({crc.mask_name, rcps.mask_name, ltt.mask_name}) == 3
+    together = SliderState([crc, rcps, ltt], cases[0].probability, cases[0].geometry).update(settings)
+    assert not together.errors and set(together.segments) == {crc.mask_name, rcps.mask_name, ltt.mask_name}
 
 
 def test_fp_components_risk_is_tested_on_the_fixed_thresholds_only() -> None:

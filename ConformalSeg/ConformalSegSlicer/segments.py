@@ -9,7 +9,7 @@ same. Slicer stores a segment's terminology as one string (``vtkSegment.SetTermi
 
 from __future__ import annotations
 
-from ConformalSegLib.conformal.profile import LESION_CRC
+from ConformalSegLib.conformal.profile import LESION_CRC, LESION_LTT, LESION_RCPS
 from ConformalSegLib.io.segmentation import (
     DEFAULT_COLOR,
     INNER_SET,
@@ -23,13 +23,27 @@ from ConformalSegLib.io.segmentation import (
 )
 
 #: Display order of the segments (lesion masks first, then the sets, then the 0.5 baseline).
-SEGMENT_ORDER: tuple[str, ...] = (LESION_FNR, LESION_CRC, LESION_LEVEL, INNER_SET, OUTER_SET, LESION_THRESHOLD)
-#: Expected-FNR lesion mask: orange, so that it is not mistaken for the CLS lesion (red).
-_EXTRA_COLORS = {LESION_CRC: (0.95, 0.55, 0.10)}
+SEGMENT_ORDER: tuple[str, ...] = (
+    LESION_FNR,
+    LESION_CRC,
+    LESION_RCPS,
+    LESION_LTT,
+    LESION_LEVEL,
+    INNER_SET,
+    OUTER_SET,
+    LESION_THRESHOLD,
+)
+#: Expected-FNR lesion mask: orange, so that it is not mistaken for the CLS lesion (red); RCPS and
+#: Learn-Then-Test (expected risks with confidence over the calibration draw): magenta and purple.
+_EXTRA_COLORS = {LESION_CRC: (0.95, 0.55, 0.10), LESION_RCPS: (0.85, 0.20, 0.60), LESION_LTT: (0.55, 0.25, 0.80)}
+#: Lesion masks without a terminology entry of their own take the CLS lesion's (a neoplasm).
+_LESION_LIKE = (LESION_CRC, LESION_RCPS, LESION_LTT)
 #: Parameter-node member (and checkbox) that shows or hides each segment.
 VISIBILITY_PARAMETER: dict[str, str] = {
     LESION_FNR: "showLesion",
     LESION_CRC: "showLesion",
+    LESION_RCPS: "showLesion",
+    LESION_LTT: "showLesion",
     LESION_LEVEL: "showLesion",
     INNER_SET: "showInnerSet",
     OUTER_SET: "showOuterSet",
@@ -53,7 +67,7 @@ def _code(triple) -> str:
 def terminology_string(name: str) -> str | None:
     """Slicer's serialized terminology entry of a standard segment, or None (no terminology)."""
     entry = SEGMENT_TERMINOLOGY.get(name)
-    if entry is None and name == LESION_CRC:
+    if entry is None and name in _LESION_LIKE:
         entry = SEGMENT_TERMINOLOGY.get(LESION_FNR)
     if entry is None:
         return None

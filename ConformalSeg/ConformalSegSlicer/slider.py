@@ -257,7 +257,7 @@ class SliderState:
         if duplicates:
             raise ConformalSegError(
                 f"two profiles give the same segment(s) {', '.join(duplicates)}",
-                fix="load at most one CLS, one expected-FNR and one confidence-set profile",
+                fix="load at most one profile per method (CLS, expected-FNR, RCPS, LTT, lesion-level, sets)",
             )
         self._buffers: dict[str, np.ndarray] = {}
         self._keys: dict[str, object] = {}

@@ -70,6 +70,8 @@ FORMAT = "conformalseg-profile"
 FORMAT_VERSION = 1
 METHODS = ("cls", "crc", "sets", "lesion", "rcps", "ltt")
 LESION_CRC = "Lesion (expected-FNR-controlled)"
+LESION_RCPS = "Lesion (RCPS)"
+LESION_LTT = "Lesion (Learn-Then-Test)"
 
 
 class Unchanged:
@@ -203,8 +205,10 @@ class CalibrationProfile:
 
     @property
     def mask_name(self) -> str:
-        """The segment name of a threshold profile's mask (cls, crc, lesion)."""
-        return {"cls": LESION_FNR, "lesion": LESION_LEVEL}.get(self.method, LESION_CRC)
+        """The segment name of a threshold profile's mask (cls, crc, lesion, rcps, ltt): one name per method, so
+        that profiles of different methods can be shown side by side."""
+        names = {"cls": LESION_FNR, "lesion": LESION_LEVEL, "rcps": LESION_RCPS, "ltt": LESION_LTT}
+        return names.get(self.method, LESION_CRC)
 
     # ------------------------------------------------------------------------------ serialisation
     def to_json_dict(self, summaries_file: str, summaries_sha256: str) -> dict[str, Any]:
