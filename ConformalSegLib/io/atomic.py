@@ -44,6 +44,23 @@ def check_can_write(path: str | PathLike[str], *, force: bool = False) -> Path:
     return target
 
 
+def _temporary_beside(target: Path) -> tuple[int, Path]:
+    """An open, empty hidden temporary file in ``target``'s folder (created), with ``target``'s format
+    suffix so that writers that pick the format by name write the right one; errors name ``target``."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        suffix = format_suffix(target)
+        stem = target.name[: len(target.name) - len(suffix)]
+        fd, name = tempfile.mkstemp(prefix=f".{stem}.tmp-", suffix=suffix, dir=target.parent)
+    except OSError as exc:
+        raise ConformalSegError(
+            f"cannot create the output file ({exc.strerror or exc})",
+            path=target,
+            fix="choose a writable output location",
+        ) from exc
+    return fd, Path(name)
+
+
 def _default_file_mode() -> int:
     """Permissions a normally created file would get (0o666 minus the umask)."""
     umask = os.umask(0)
@@ -59,19 +76,8 @@ def atomic_output(path: str | PathLike[str], *, force: bool = False) -> Iterator
     folders are created. Raises :class:`ConformalSegError` when ``path`` exists and not ``force``.
     """
     target = check_can_write(path, force=force)
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        suffix = format_suffix(target)
-        stem = target.name[: len(target.name) - len(suffix)]
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{stem}.tmp-", suffix=suffix, dir=target.parent)
-    except OSError as exc:
-        raise ConformalSegError(
-            f"cannot create the output file ({exc.strerror or exc})",
-            path=target,
-            fix="choose a writable output location",
-        ) from exc
+    fd, tmp = _temporary_beside(target)
     os.close(fd)
-    tmp = Path(tmp_name)
     try:
         yield tmp
         os.chmod(tmp, _default_file_mode())
@@ -171,19 +177,7 @@ def atomic_write_files(files: Sequence[tuple[str | PathLike[str], bytes]], *, fo
 
 def _write_temporary(target: Path, data: bytes) -> Path:
     """``data`` in a flushed temporary file beside ``target`` (errors name ``target``)."""
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        suffix = format_suffix(target)
-        fd, name = tempfile.mkstemp(
-            prefix=f".{target.name[: len(target.name) - len(suffix)]}.tmp-", suffix=suffix, dir=target.parent
-        )
-    except OSError as exc:
-        raise ConformalSegError(
-            f"cannot create the output file ({exc.strerror or exc})",
-            path=target,
-            fix="choose a writable output location",
-        ) from exc
-    tmp = Path(name)
+    fd, tmp = _temporary_beside(target)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
