@@ -19,6 +19,8 @@ def canonical_command(args: argparse.Namespace) -> str:
         parts += ["--mc-passes", str(args.mc_passes)]
     if args.name:
         parts += ["--name", args.name]
+    if getattr(args, "init_weights", None) is not None:
+        parts += ["--init-weights", str(args.init_weights)]
     parts += ["--device", args.device, "--seed", str(args.seed)]
     if getattr(args, "threads", None):
         parts += ["--threads", str(args.threads)]

@@ -55,6 +55,8 @@ def run(args: argparse.Namespace) -> int:
     if args.task == "denoise":
         if args.phantom_stream:
             raise ConformalSegError("--phantom-stream trains the lesion task only", fix="use --phantoms N for denoise")
+        if args.init_weights is not None:
+            raise ConformalSegError("--init-weights serves the lesion and roi tasks", fix="leave it out for denoise")
         return run_denoise(args)
     _check_lesion_args(args)
     train_data, heldout_cases, data_info, lesion_labels = roi_data(args) if args.task == "roi" else lesion_data(args)
@@ -81,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
         command=canonical_command(args),
         checkpoint=args.checkpoint,
         resume=args.resume,
+        init_weights=args.init_weights,
     )
     dice = result.heldout.get("mean_dice")
     chosen = f" (weights of epoch {result.best_epoch}, best validation Dice)" if result.best_epoch else ""
@@ -109,6 +112,7 @@ def _check_lesion_args(args: argparse.Namespace) -> None:
 
 def _lesion_config(args: argparse.Namespace, lesion_labels: tuple[int, ...]) -> Any:
     """The :class:`~ConformalSegLib.training.TrainingConfig` of the lesion and ROI tasks' options."""
+    from ..inference.model_card import resolve_model
     from ..training import TrainingConfig
     from ..training.config import DEFAULT_WINDOW
 
@@ -139,6 +143,7 @@ def _lesion_config(args: argparse.Namespace, lesion_labels: tuple[int, ...]) -> 
         device=args.device,
         num_workers=args.num_workers,
         name=args.name or args.out.resolve().name,
+        init_weights_sha256=None if args.init_weights is None else resolve_model(args.init_weights).sha256(),
     )
 
 

@@ -320,6 +320,14 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
     p.add_argument(
+        "--init-weights",
+        type=Path,
+        default=None,
+        metavar="MODEL",
+        help="lesion/roi tasks: start from this model folder's weights (fine-tuning; same network options); "
+        "the optimiser, schedule and data are this run's own",
+    )
+    p.add_argument(
         "--mc-passes", type=int, default=DEFAULTS["mc_passes"], help="MC dropout passes for the uncertainty-aware loss"
     )
     p.add_argument("--name", default=None, help="model name in the card (default: the --out folder name)")

@@ -29,7 +29,8 @@ class TrainingConfig:
     axis' ``strides`` (ints, or ``(sx, sy, sz)`` triplets for ``dynunet``). The networks are fully
     convolutional, so crops may be smaller than the inference window. ``samples_per_case`` applies to
     a fixed list of cases, ``steps_per_epoch`` to a phantom stream. ``mc_passes`` is used by the
-    ``uncertainty-aware`` loss only.
+    ``uncertainty-aware`` loss only. ``init_weights_sha256`` is the checksum of the weights the run
+    starts from (``train(init_weights=...)``; ``None``: MONAI's random initialisation).
     """
 
     lesion_labels: tuple[int, ...] = (6,)
@@ -62,6 +63,7 @@ class TrainingConfig:
     device: str = "auto"
     num_workers: int = 0
     name: str = "lesion_unet"
+    init_weights_sha256: str | None = None
 
     def validate(self) -> None:
         """Raise :class:`ConformalSegError` for settings that cannot train."""

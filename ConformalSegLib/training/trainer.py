@@ -43,11 +43,13 @@ from typing import Any
 import torch
 
 from .. import __version__
+from ..common.errors import ConformalSegError
 from ..io.checksums import sha256_file
 from .augmentation import AugmentationConfig
 from .checkpoint import Checkpoint, default_checkpoint_path
 from .config import LESION_CHANNEL, TrainingConfig
 from .data import PatchSampler, TrainingCase, prepare_cases
+from .initial_weights import initial_weights
 from .losses import build_loss, mc_dropout_variance, supervised_loss
 from .model_folder import LOG_FILE, LOG_FORMAT, WEIGHTS_FILE, check_output_folder, staged_model_folder, write_json
 from .networks import (
@@ -215,13 +217,15 @@ def train(
     command: str | None = None,
     checkpoint: str | PathLike[str] | None = None,
     resume: bool = False,
+    init_weights: str | PathLike[str] | None = None,
 ) -> TrainingResult:
     """Train, evaluate on ``heldout_cases`` and write the model folder ``out`` (see the module docstring).
 
     ``train_data`` is a list of cases or a :class:`~.phantom_stream.PhantomStream`. ``data_info`` and
     ``command`` (the command line) are recorded in the card's ``training`` section. The checkpoint
     (default ``OUT.checkpoint.pt``) is written after every epoch and removed at the end; with
-    ``resume`` the run continues from it.
+    ``resume`` the run continues from it. ``init_weights`` (a model folder or card) gives the starting
+    weights (:mod:`.initial_weights`); its checksum must equal ``config.init_weights_sha256``.
     """
     from monai.utils import set_determinism
 
@@ -239,7 +243,9 @@ def train(
         if heldout_cases
         else []
     )
-    network = build_network(config.network, config.network_args()).to(device)
+    network = build_network(config.network, config.network_args())
+    _load_initial_weights(network, config, init_weights)
+    network = network.to(device)
     ckpt_path = Path(checkpoint) if checkpoint is not None else default_checkpoint_path(out)
     run = _Run(config, template, network, device, validation, ckpt_path, started)
     if resume:
@@ -276,6 +282,25 @@ def train(
     result = _publish(run, out, force, train_data, heldout_cases, data_info, command, cancel)
     ckpt_path.unlink(missing_ok=True)
     return result
+
+
+def _load_initial_weights(network: torch.nn.Module, config: TrainingConfig, model: Any) -> None:
+    """Load ``model``'s weights into ``network`` when the configuration asks for a start from them."""
+    if (model is None) != (config.init_weights_sha256 is None):
+        raise ConformalSegError(
+            "the initial weights and the configuration's init_weights_sha256 go together",
+            fix="pass init_weights together with the checksum of its weights file",
+        )
+    if model is None:
+        return
+    state, sha = initial_weights(model, config.network, config.network_args())
+    if sha != config.init_weights_sha256:
+        raise ConformalSegError(
+            "the initial weights changed: their SHA-256 is not the one in the configuration",
+            path=Path(model),
+            fix="use the model the run was configured with",
+        )
+    network.load_state_dict(state)
 
 
 def _publish(
@@ -359,6 +384,7 @@ def _training_record(
         "heldout_cases": len(heldout_cases),
         "heldout_case_ids": [c.case_id for c in heldout_cases],
         "network": config.network,
+        "init_weights_sha256": config.init_weights_sha256,
         "epochs": config.epochs,
         "loss": config.loss,
         "deep_supervision": config.deep_supervision,
