@@ -289,3 +289,30 @@ def test_fp_components_risk_is_tested_on_the_fixed_thresholds_only() -> None:
         lo = grid.size - (down[::-1].index(False) if False in down else grid.size)
         assert (result.lo, result.hi) == (lo, hi)
     assert valid == 3  # the components are not monotone in t (0 at low t: one component holds the lesion)
+
+
+def test_fp_components_at_the_trivial_and_empty_masks_equal_the_volumes() -> None:
+    """The whole-image result (-inf, any t <= 0) and the empty mask (t > 1) are counted exactly; thresholds
+    whose counts were never stored are refused with a message (before: ``tuple.index`` ValueError)."""
+    rng = np.random.default_rng(11)
+    cases = _volumes(rng, 6, shape=(6, 12, 12))
+    cases.append(("empty", cases[0][1], np.zeros_like(cases[0][2])))  # a scan without lesion
+    data = _data(cases, cap_ml=0.4)
+    t = np.array([-math.inf, 0.0, COMPONENT_THRESHOLDS[3], 1.5, math.inf])
+    _, counts, _ = data.losses("fp-components", t)
+    expected = np.array([fp_components(p, les, t) for _, p, les in cases])
+    np.testing.assert_array_equal(counts, np.minimum(expected, 10))
+    assert counts[:, 0].tolist() == [0] * 6 + [1]
+    with pytest.raises(ConformalSegError, match="0.05, 0.10, ..., 0.95 only"):
+        data.losses("fp-components", np.array([0.33]))
+
+
+def test_risk_control_evaluation_with_fp_components_survives_trivial_splits() -> None:
+    from ConformalSegLib.evaluation.risk_control import evaluate_risk_control
+
+    rng = np.random.default_rng(3)
+    data = _data(_volumes(rng, 12, shape=(6, 12, 12)), cap_ml=0.4)
+    risks = parse_risks(["fnr=0.3", "fp-components=0.05"])  # too strict for 6 calibration scans: trivial
+    rows = {r.method: r for r in evaluate_risk_control(data, epsilon=0.2, delta=0.3, risks=risks, splits=5, seed=1)}
+    assert rows["ltt"].trivial == 5 and rows["ltt"].held == 1.0
+    assert rows["ltt"].test_means["fnr"] == 0.0

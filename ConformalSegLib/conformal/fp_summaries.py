@@ -37,6 +37,34 @@ DEFAULT_FP_ML_CAP = 100.0
 _STRUCTURE = np.ones((3, 3, 3), dtype=bool)
 
 
+def components_at(components: np.ndarray, has_lesion: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """False-positive component counts (scans as rows, ``thresholds`` as columns) from the stored counts.
+
+    ``components`` holds the counts at :data:`COMPONENT_THRESHOLDS` (one column each); ``has_lesion`` says
+    which scans have a true lesion voxel. Three kinds of threshold are exact, every other one is refused
+    (its count was never stored):
+
+    * a value of :data:`COMPONENT_THRESHOLDS` (compared exactly): its stored column;
+    * ``t <= 0``, e.g. ``-inf`` (the trivial whole-image result): every voxel has ``prob >= t``, so the mask
+      is the whole grid, one component, a false positive exactly when the scan has no lesion (1, else 0);
+    * ``t > 1``, e.g. ``+inf``: no voxel has ``prob >= t``, the empty mask, 0 components.
+    """
+    t = np.asarray(thresholds, dtype=np.float64).ravel()
+    lookup = {value: j for j, value in enumerate(COMPONENT_THRESHOLDS)}
+    out = np.zeros((components.shape[0], t.size), dtype=np.int64)
+    for k, x in enumerate(t.tolist()):
+        if x in lookup:
+            out[:, k] = components[:, lookup[x]]
+        elif x <= 0:
+            out[:, k] = np.where(np.asarray(has_lesion, dtype=bool), 0, 1)
+        elif not x > 1:
+            raise ConformalSegError(
+                f"false-positive components are counted at the thresholds 0.05, 0.10, ..., 0.95 only, not at {x!r}",
+                fix="use one of those thresholds (Learn-Then-Test with fp-components tests only them)",
+            )
+    return out
+
+
 def round_up_float32(values: np.ndarray) -> np.ndarray:
     """float32 rounded towards +inf (never below the input)."""
     out: np.ndarray = -round_down_float32(-np.asarray(values))

@@ -63,7 +63,7 @@ import numpy as np
 from ..common.errors import CalibrationSetTooSmallWarning, ConformalSegError
 from .cls import ThresholdCalibration
 from .exact import check_alpha
-from .fp_summaries import COMPONENT_THRESHOLDS, FalsePositiveSummaries
+from .fp_summaries import COMPONENT_THRESHOLDS, FalsePositiveSummaries, components_at
 from .lesion_level import LesionLevelSummaries
 from .rcps import first_failure, first_failure_monotone, hb_p_value
 from .summaries import LesionSummaries
@@ -150,8 +150,8 @@ class RiskData:
             fp = self._fp()
             if np.any(fp.components < 0):
                 raise ConformalSegError("these summaries have no component counts", fix="re-calibrate")
-            columns = [COMPONENT_THRESHOLDS.index(float(x)) for x in t]
-            num, den = np.minimum(fp.components[:, columns], COMPONENT_CAP), np.full(fp.n, float(COMPONENT_CAP))
+            counted = components_at(fp.components, self.voxels.lesion_sizes > 0, t)
+            num, den = np.minimum(counted, COMPONENT_CAP), np.full(fp.n, float(COMPONENT_CAP))
         return num / den[:, None], num, den
 
     def exact_sum(self, name: str, counts: np.ndarray, scale: np.ndarray) -> Fraction:
