@@ -188,3 +188,59 @@ def test_streaming_reports_progress_per_scan_read(tmp_path: Path) -> None:
         )
     assert [d for d, _, _ in seen] == list(range(1, 14)) and {t for _, t, _ in seen} == {13}
     assert "partition" in seen[0][2] and "calibration split" in seen[-1][2]
+
+
+def test_spilled_scans_evaluate_exactly_like_scans_in_memory(tmp_path: Path) -> None:
+    from ConformalSegLib.semcrc.evaluation import evaluate_interval_methods
+    from ConformalSegLib.semcrc.spill import SpilledScan
+    from ConformalSegLib.semcrc.workflow import load_interval_data
+
+    dirs = write_folders(tmp_path / "in", 14, 6, (1, 12, 12))
+    args = (dirs["lower"], dirs["upper"], dirs["truth"], dirs["organs"], ORGAN_SPEC, "nonzero")
+    memory = load_interval_data(*args)
+    (tmp_path / "spill").mkdir()
+    spilled = load_interval_data(*args, spill_to=tmp_path / "spill")
+    assert all(isinstance(s, SpilledScan) for s in spilled.scans)
+    for a, b in zip(memory.scans, spilled.scans):
+        assert (a.shape, a.d, a.case_id) == (b.shape, b.d, b.case_id)
+        for name in ("index", "need", "width", "group"):
+            np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+    options = dict(n_opt=3, d_opt=30, gammas=(0.5,), runs=2, n_cal=8)
+    steps: list[tuple[int, int, str]] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = evaluate_interval_methods(memory, 0.2, **options)
+        got = evaluate_interval_methods(spilled, 0.2, progress=lambda *a: steps.append(a), **options)
+    assert got == want
+    assert [s[:2] for s in steps] == [(i, 8) for i in range(1, 9)] and steps[-1][2] == "run 2 sem-crc-organ"
+
+
+def test_anchor_progress_and_progress_lines_without_a_tty(capsys: pytest.CaptureFixture) -> None:
+    from ConformalSegLib.cli.common import progress_bar
+
+    update = progress_bar("reading scans")
+    for i in range(1, 5):
+        update(i, 4, f"c{i}")
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    assert err.splitlines() == ["reading scans: 1/4 cases (c1)", "reading scans: 4/4 cases (c4)"]
+
+
+def test_streaming_reports_anchor_progress(tmp_path: Path) -> None:
+    dirs = write_folders(tmp_path, 10, 2, (1, 12, 12))
+    seen: list[tuple[int, int, str]] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        calibrate_interval(
+            "sem-crc",
+            dirs["lower"],
+            dirs["upper"],
+            dirs["truth"],
+            dirs["organs"],
+            0.2,
+            organs=ORGAN_SPEC,
+            n_opt=3,
+            gammas=(0.3, 0.7),
+            anchor_progress=lambda *a: seen.append(a),
+        )
+    assert [s[:2] for s in seen] == [(1, 2), (2, 2)] and seen[0][2].startswith("gamma 0.3")

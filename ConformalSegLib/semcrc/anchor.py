@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -190,11 +190,12 @@ def solve_anchor(
     gammas: Sequence[float] = DEFAULT_GAMMAS,
     lambda_max: float | None = None,
     solver: str | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
 ) -> AnchorResult:
     """Solve (PK)/(Psem) for each gamma and keep the smallest objective (module docstring).
 
     Groups with zero cost (absent from the optimisation scans) get anchor 0. If no gamma yields a
-    solution, the anchor is 0 with an :class:`AnchorWarning`.
+    solution, the anchor is 0 with an :class:`AnchorWarning`. ``progress(done, total, text)`` after each gamma.
     """
     try:
         import cvxpy as cp
@@ -228,6 +229,8 @@ def solve_anchor(
                 best = (gamma, value, objective)
         else:
             trials.append((gamma, status, math.nan))
+        if progress is not None:
+            progress(len(trials), len(gammas), f"gamma {gamma:g}: {status}")
     seconds = time.perf_counter() - start
     if best is None:
         warnings.warn(

@@ -29,7 +29,7 @@ import dataclasses
 import math
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -188,9 +188,14 @@ def interval_record(calibration: IntervalCalibration, data: IntervalData, **opti
 
 
 def recalibrate_interval(
-    calibration: IntervalCalibration, record: IntervalRecord, epsilon: float
+    calibration: IntervalCalibration,
+    record: IntervalRecord,
+    epsilon: float,
+    *,
+    progress: Callable[[int, int, str], None] | None = None,
 ) -> IntervalCalibration:
-    """The calibration at ``epsilon`` from the stored record only (module docstring)."""
+    """The calibration at ``epsilon`` from the stored record only (module docstring); ``progress`` reports the
+    anchor problem's gammas (:func:`~.anchor.solve_anchor`)."""
     c = calibration
     _check_epsilon_only(epsilon, c.lambda_max)
     start = time.perf_counter()
@@ -199,7 +204,7 @@ def recalibrate_interval(
     if record.sample is None:
         anchor, gamma, anchor_seconds = np.zeros(k), None, 0.0
     else:
-        result = solve_anchor(record.sample, epsilon, gammas=record.gammas, lambda_max=c.lambda_max)
+        result = solve_anchor(record.sample, epsilon, gammas=record.gammas, lambda_max=c.lambda_max, progress=progress)
         anchor, gamma, anchor_seconds = result.lam, result.gamma, result.solve_seconds
     try:
         scans = record.scans(k)

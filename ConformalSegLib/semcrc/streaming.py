@@ -60,13 +60,15 @@ def stream_calibration(
     epsilon: float,
     *,
     progress: StreamProgress | None = None,
+    anchor_progress: StreamProgress | None = None,
     **options: Any,
 ) -> tuple[IntervalCalibration, IntervalRecord]:
     """Calibrate ``method`` (library spelling, :data:`~.procedures.METHODS`) on the scans ``load(0..n-1)``.
 
     ``groups`` are the organ groups of the memberships; ``options`` as for
     :func:`~.procedures.calibrate_interval_method` (plus ``shrinkable`` for CRC). Returns the calibration and
-    its record, as the in-memory path would (module docstring).
+    its record, as the in-memory path would (module docstring). ``progress`` is called after every scan read,
+    ``anchor_progress`` after every gamma of the anchor problem (K-CRC, sem-CRC).
     """
     if method not in METHODS:
         raise IntervalInputError(f"unknown interval method {method!r}", fix=f"use one of {', '.join(METHODS)}")
@@ -117,7 +119,7 @@ def stream_calibration(
         cal_cases=tuple(case_ids[i] for i in cal_idx),
         shrink_floor=-half if shrink else None,
     )
-    return recalibrate_interval(skeleton, record, epsilon), record
+    return recalibrate_interval(skeleton, record, epsilon, progress=anchor_progress), record
 
 
 class _Steps:

@@ -39,6 +39,7 @@ from .procedures import METHODS, calibrate_interval_method
 from .profile import IntervalProfile
 from .recalibrate import interval_record
 from .shrinkable import voxel_lambdas
+from .spill import spill_scan
 from .streaming import can_stream, stream_calibration
 
 if TYPE_CHECKING:
@@ -140,13 +141,16 @@ def load_interval_data(
     body: str = "all",
     *,
     progress: ProgressCallback | None = None,
+    spill_to: Path | None = None,
 ) -> IntervalData:
-    """Every scan of the four folders (matched by case id) as :class:`IntervalData`."""
+    """Every scan of the four folders (matched by case id) as :class:`IntervalData`; with ``spill_to`` (an
+    existing folder) each scan's arrays are written there and read back as memory maps (:mod:`.spill`)."""
     organ_map = as_organ_map(organs)
     cases = discover_interval_cases(lower_dir, upper_dir, truth_dir, organs_dir)
-    scans = []
+    scans: list[IntervalScan] = []
     for i, (cid, paths) in enumerate(cases):
-        scans.append(load_interval_scan(paths, organ_map, body, cid))
+        scan = load_interval_scan(paths, organ_map, body, cid)
+        scans.append(scan if spill_to is None else spill_scan(scan, Path(spill_to) / f"scan{i:06d}"))
         if progress is not None:
             progress(i + 1, len(cases), cid)
     return IntervalData(scans, organ_map.groups)
@@ -163,6 +167,7 @@ def calibrate_interval(
     organs: OrganMap | Mapping[int, str] | str | None = None,
     body: str = "all",
     progress: ProgressCallback | None = None,
+    anchor_progress: ProgressCallback | None = None,
     stream: bool = True,
     **options: Any,
 ) -> IntervalProfile:
@@ -171,7 +176,8 @@ def calibrate_interval(
     ``options`` go to the procedure (``n_opt``, ``d_opt``, ``d_min``, ``k``, ``gammas``, ``lambda_max``,
     ``from_anchor``, ``seed``, ``shrinkable``). sem-CRC methods need ``organs_dir`` and ``organs``. ``stream``
     (default): one scan at a time (:mod:`.streaming`; bit-identical lambdas and record); ``stream=False``: every
-    scan in memory first (the reference path, and shrinkable per-organ sem-CRC always).
+    scan in memory first (the reference path, and shrinkable per-organ sem-CRC always). ``progress`` after
+    every scan read, ``anchor_progress`` after every gamma of the anchor problem (streaming path).
     """
     method = CLI_METHODS.get(method, method)
     if method not in METHODS:
@@ -199,7 +205,14 @@ def calibrate_interval(
         load = lambda i: load_interval_scan(cases[i][1], organ_map, body, cases[i][0])  # noqa: E731
         per_method = _method_options(method, options)
         calibration, record = stream_calibration(
-            method, ids, load, organ_map.groups, epsilon, progress=progress, **per_method
+            method,
+            ids,
+            load,
+            organ_map.groups,
+            epsilon,
+            progress=progress,
+            anchor_progress=anchor_progress,
+            **per_method,
         )
         return IntervalProfile(calibration, organ_map, body, provenance, record)
     data = load_interval_data(lower_dir, upper_dir, truth_dir, organs_dir, organ_map, body, progress=progress)
