@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -45,8 +47,11 @@ def add_empty_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def progress_bar(description: str) -> Callable[[int, int, str], None]:
-    """A ``progress(done, total, label)`` callback drawing a tqdm bar on stderr (plain lines when not a tty)."""
+def progress_bar(description: str, unit: str = "case") -> Callable[[int, int, str], None]:
+    """A ``progress(done, total, label)`` callback drawing a tqdm bar on stderr; when stderr is not a tty (a log
+    file, a pipe) whole lines instead, no carriage returns: the first step, the last, and one every 5 seconds."""
+    if not sys.stderr.isatty():
+        return _progress_lines(description, unit)
     from tqdm import tqdm
 
     state: dict[str, Any] = {}
@@ -55,13 +60,27 @@ def progress_bar(description: str) -> Callable[[int, int, str], None]:
         bar = state.get("bar")
         if bar is None:
             bar = state["bar"] = tqdm(
-                total=total, desc=description, unit="case", file=sys.stderr, dynamic_ncols=True, mininterval=0.5
+                total=total, desc=description, unit=unit, file=sys.stderr, dynamic_ncols=True, mininterval=0.5
             )
         bar.set_postfix_str(str(label)[:30], refresh=False)
         bar.update(done - bar.n)
         if done >= total:
             bar.close()
             state.pop("bar")
+
+    return update
+
+
+def _progress_lines(description: str, unit: str, every: float = 5.0) -> Callable[[int, int, str], None]:
+    """:func:`progress_bar` for a non-terminal stderr: ``description: done/total units (label)`` lines."""
+    last = [-math.inf]
+
+    def update(done: int, total: int, label: str = "") -> None:
+        now = time.monotonic()
+        if done <= 1 or done >= total or now - last[0] >= every:
+            last[0] = now
+            suffix = f" ({str(label)[:60]})" if label else ""
+            print(f"{description}: {done}/{total} {unit}s{suffix}", file=sys.stderr, flush=True)
 
     return update
 

@@ -180,7 +180,8 @@ def run_interval_calibrate(args: argparse.Namespace) -> int:
         args.epsilon,
         organs=args.organ_labels,
         body=args.body,
-        progress=progress_bar("calibrating"),
+        progress=progress_bar("reading scans"),
+        anchor_progress=progress_bar("anchor (cvxpy)", unit="gamma"),
         **_options(args, method),
     )
     if getattr(args, "inference_record", None):
@@ -280,8 +281,9 @@ def add_interval_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
 def run_interval_evaluate(args: argparse.Namespace) -> int:
     """``evaluate`` for the interval methods: CRC, K-CRC, sem-CRC and per-organ sem-CRC over ``--runs``
     random calibration/test splits; writes interval_evaluation.json/.md/.png into ``--out``."""
-    from ..semcrc.evaluation import evaluate_interval_methods, write_interval_evaluation
-    from ..semcrc.workflow import as_organ_map, load_interval_data
+    import tempfile
+
+    from ..semcrc.workflow import as_organ_map
 
     for flag in ("upper", "truth"):
         if getattr(args, flag, None) is None:
@@ -297,8 +299,24 @@ def run_interval_evaluate(args: argparse.Namespace) -> int:
     methods = ("crc", "k-crc") + (("sem-crc", "sem-crc-organ") if args.organs is not None and organ_map.labels else ())
     if not args.force:
         check_can_write(args.out / "interval_evaluation.json")
+    with tempfile.TemporaryDirectory(prefix="conformalseg-intervals-") as spill:  # scans on disk, not in RAM
+        return _evaluate_spilled(args, organ_map, methods, Path(spill))
+
+
+def _evaluate_spilled(args: argparse.Namespace, organ_map, methods: tuple[str, ...], spill: Path) -> int:
+    """The interval evaluation over scans whose arrays are memory-mapped from ``spill`` (:mod:`.semcrc.spill`)."""
+    from ..semcrc.evaluation import evaluate_interval_methods, write_interval_evaluation
+    from ..semcrc.workflow import load_interval_data
+
     data = load_interval_data(
-        args.lower, args.upper, args.truth, args.organs, organ_map, args.body, progress=progress_bar("loading")
+        args.lower,
+        args.upper,
+        args.truth,
+        args.organs,
+        organ_map,
+        args.body,
+        progress=progress_bar("loading"),
+        spill_to=spill,
     )
     n_cal = args.n_cal if args.n_cal is not None else data.n // 2
     options = {
@@ -312,7 +330,14 @@ def run_interval_evaluate(args: argparse.Namespace) -> int:
     if args.d_opt is not None:
         options["d_opt"] = args.d_opt
     summary = evaluate_interval_methods(
-        data, args.interval_epsilon, runs=args.runs, n_cal=n_cal, methods=methods, seed=args.seed, **options
+        data,
+        args.interval_epsilon,
+        runs=args.runs,
+        n_cal=n_cal,
+        methods=methods,
+        seed=args.seed,
+        progress=progress_bar("evaluating", unit="calibration"),
+        **options,
     )
     written = write_interval_evaluation(summary, args.out, force=args.force)
     print(

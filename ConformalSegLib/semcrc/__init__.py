@@ -14,7 +14,8 @@ backtracking step on the calibration split. Modules, one concept each:
 * :mod:`.mc_dropout`: intervals from MC-dropout samples;
 * :mod:`.synthetic`: seeded synthetic interval data;
 * :mod:`.evaluation`: Table-1 / per-organ evaluation over repeated calibrations;
-* :mod:`.profile` and :mod:`.workflow`: interval profiles on disk, calibrate/apply from folders.
+* :mod:`.profile` and :mod:`.workflow`: interval profiles on disk, calibrate/apply from folders;
+* :mod:`.streaming`: calibration from folders one scan at a time (bit-identical to the in-memory path).
 """
 
 from __future__ import annotations

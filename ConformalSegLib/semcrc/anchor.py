@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,6 +41,8 @@ import numpy as np
 from .errors import AnchorWarning, IntervalCalibrationError
 
 DEFAULT_GAMMAS: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
+#: Cap on the paper's automatic ``d_opt = d_min / min_k E[|S_k| / d]`` (voxels per optimisation scan).
+MAX_AUTO_D_OPT = 20000
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,58 @@ class AnchorResult:
     trials: list[tuple[float, str, float]] = field(default_factory=list)
 
 
+class SampleBuilder:
+    """:func:`stratified_sample` one scan at a time (:meth:`add` in scan order, then :meth:`finish`).
+
+    The draws of ``rng`` happen in :meth:`add`, in the same order as :func:`stratified_sample` makes them,
+    so feeding the scans one by one gives a bit-identical sample without holding every scan in memory.
+    ``n_scans`` (the number of scans that will be added) enters the weights.
+    """
+
+    def __init__(self, n_groups: int, n_scans: int, *, d_opt: int, d_min: int, rng: np.random.Generator) -> None:
+        if d_opt < 1 or d_min < 0:
+            raise IntervalCalibrationError(
+                f"d_opt must be >= 1 and d_min >= 0, got d_opt={d_opt}, d_min={d_min}",
+                fix="pass e.g. d_opt=3000, d_min=2",
+            )
+        self.n_groups, self.n_scans, self.d_opt, self.d_min, self.rng = n_groups, n_scans, d_opt, d_min, rng
+        self.parts: dict[str, list[np.ndarray]] = {"offset": [], "width": [], "group": [], "weight": []}
+        self.counts: list[np.ndarray] = []
+        self.sizes: list[float] = []
+
+    def add(self, need: np.ndarray, width: np.ndarray, group: np.ndarray) -> None:
+        """Draw the optimisation voxels of one scan, stratified by group (module docstring)."""
+        g = np.asarray(group)
+        d = g.size
+        n = self.n_scans
+        self.sizes.append(float(d))
+        counts = np.bincount(g, minlength=self.n_groups).astype(np.float64)
+        self.counts.append(counts)
+        for k in np.flatnonzero(counts):
+            members = np.flatnonzero(g == k)
+            n_ik = members.size
+            m_ik = int(min(n_ik, max(self.d_min, round(self.d_opt * n_ik / d))))
+            if m_ik == 0:
+                continue
+            pick = members if m_ik == n_ik else self.rng.choice(members, size=m_ik, replace=False)
+            w = np.asarray(width, dtype=np.float64)[pick]
+            self.parts["offset"].append(np.asarray(need, dtype=np.float64)[pick] + 0.5 * w)
+            self.parts["width"].append(w)
+            self.parts["group"].append(np.full(m_ik, k, dtype=np.int64))
+            self.parts["weight"].append(np.full(m_ik, (n_ik / d) / m_ik / n))
+
+    def finish(self) -> AnchorSample:
+        counts = np.zeros((len(self.counts), self.n_groups), dtype=np.float64)
+        for i, row in enumerate(self.counts):
+            counts[i] = row
+        sizes = np.asarray(self.sizes, dtype=np.float64)
+        cost = counts.mean(axis=0) / max(sizes.mean(), 1.0)
+        arrays = {key: np.concatenate(value) if value else np.zeros(0) for key, value in self.parts.items()}
+        return AnchorSample(
+            np.maximum(arrays["offset"], 0.0), arrays["width"], arrays["group"].astype(np.int64), arrays["weight"], cost
+        )
+
+
 def stratified_sample(
     need: Sequence[np.ndarray],
     width: Sequence[np.ndarray],
@@ -80,36 +134,18 @@ def stratified_sample(
     rng: np.random.Generator,
 ) -> AnchorSample:
     """Draw the optimisation voxels of every scan, stratified by group (module docstring)."""
-    if d_opt < 1 or d_min < 0:
-        raise IntervalCalibrationError(
-            f"d_opt must be >= 1 and d_min >= 0, got d_opt={d_opt}, d_min={d_min}", fix="pass e.g. d_opt=3000, d_min=2"
-        )
-    n = len(need)
-    parts: dict[str, list[np.ndarray]] = {"offset": [], "width": [], "group": [], "weight": []}
-    counts = np.zeros((n, n_groups), dtype=np.float64)
-    sizes = np.zeros(n, dtype=np.float64)
-    for i in range(n):
-        g = np.asarray(group[i])
-        d = g.size
-        sizes[i] = d
-        counts[i] = np.bincount(g, minlength=n_groups)
-        for k in np.flatnonzero(counts[i]):
-            members = np.flatnonzero(g == k)
-            n_ik = members.size
-            m_ik = int(min(n_ik, max(d_min, round(d_opt * n_ik / d))))
-            if m_ik == 0:
-                continue
-            pick = members if m_ik == n_ik else rng.choice(members, size=m_ik, replace=False)
-            w = np.asarray(width[i], dtype=np.float64)[pick]
-            parts["offset"].append(np.asarray(need[i], dtype=np.float64)[pick] + 0.5 * w)
-            parts["width"].append(w)
-            parts["group"].append(np.full(m_ik, k, dtype=np.int64))
-            parts["weight"].append(np.full(m_ik, (n_ik / d) / m_ik / n))
-    cost = counts.mean(axis=0) / max(sizes.mean(), 1.0)
-    arrays = {key: np.concatenate(value) if value else np.zeros(0) for key, value in parts.items()}
-    return AnchorSample(
-        np.maximum(arrays["offset"], 0.0), arrays["width"], arrays["group"].astype(np.int64), arrays["weight"], cost
-    )
+    builder = SampleBuilder(n_groups, len(need), d_opt=d_opt, d_min=d_min, rng=rng)
+    for i in range(len(need)):
+        builder.add(need[i], width[i], group[i])
+    return builder.finish()
+
+
+def auto_d_opt_from_counts(counts: np.ndarray, sizes: np.ndarray, d_min: int) -> int:
+    """The paper's ``d_opt = d_min / min_k E[|S_k| / d]`` over groups present in ``S_opt`` (capped), from the
+    ``(n_opt, K)`` group counts and the ``(n_opt, 1)`` counted-voxel numbers of the ``S_opt`` scans."""
+    fractions = (counts / sizes).mean(axis=0)
+    smallest = float(fractions[fractions > 0].min()) if (fractions > 0).any() else 1.0
+    return int(min(MAX_AUTO_D_OPT, math.ceil(max(d_min, 1) / smallest)))
 
 
 def surrogate_loss(offset: np.ndarray, width: np.ndarray, lam: np.ndarray, gamma: float) -> np.ndarray:
@@ -154,11 +190,12 @@ def solve_anchor(
     gammas: Sequence[float] = DEFAULT_GAMMAS,
     lambda_max: float | None = None,
     solver: str | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
 ) -> AnchorResult:
     """Solve (PK)/(Psem) for each gamma and keep the smallest objective (module docstring).
 
     Groups with zero cost (absent from the optimisation scans) get anchor 0. If no gamma yields a
-    solution, the anchor is 0 with an :class:`AnchorWarning`.
+    solution, the anchor is 0 with an :class:`AnchorWarning`. ``progress(done, total, text)`` after each gamma.
     """
     try:
         import cvxpy as cp
@@ -192,6 +229,8 @@ def solve_anchor(
                 best = (gamma, value, objective)
         else:
             trials.append((gamma, status, math.nan))
+        if progress is not None:
+            progress(len(trials), len(gammas), f"gamma {gamma:g}: {status}")
     seconds = time.perf_counter() - start
     if best is None:
         warnings.warn(

@@ -147,7 +147,13 @@ def loss_quantile_partition(opt: IntervalData, k: int) -> tuple[np.ndarray, int]
     misses = np.zeros(size, dtype=np.float64)
     for scan in opt.scans:
         misses[scan.index] += scan.need > 0
-    value = misses / opt.n
+    return partition_from_misses(misses, opt.n, k)
+
+
+def partition_from_misses(misses: np.ndarray, n_scans: int, k: int) -> tuple[np.ndarray, int]:
+    """The K-CRC partition from the per-position count of S_opt scans whose raw interval misses the truth
+    (accumulated scan by scan as ``misses[scan.index] += scan.need > 0``): ``(group per position, K_eff)``."""
+    value = misses / n_scans
     edges = np.unique(np.quantile(value, np.arange(1, k) / k)) if k > 1 else np.zeros(0)
     partition = np.searchsorted(edges, value, side="left").astype(np.int32)
     return partition, int(edges.size + 1)

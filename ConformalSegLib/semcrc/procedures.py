@@ -42,7 +42,7 @@ import numpy as np
 from ..common.errors import ConformalSegError
 from ..conformal.crc import min_crc_calibration_size
 from ..conformal.exact import check_epsilon
-from .anchor import DEFAULT_GAMMAS, AnchorResult, solve_anchor, stratified_sample
+from .anchor import DEFAULT_GAMMAS, AnchorResult, auto_d_opt_from_counts, solve_anchor, stratified_sample
 from .errors import IntervalCalibrationError, UncontrollableRiskWarning
 from .exact_omega import OmegaCurve, exact_omega, lambdas_at, omega_thresholds
 from .intervals import IntervalData, IntervalScan, check_groups
@@ -50,8 +50,6 @@ from .memberships import loss_quantile_partition
 
 METHODS: tuple[str, ...] = ("crc", "k-crc", "sem-crc", "sem-crc-organ")
 CONTROLLED, UNCONTROLLABLE, NO_DATA = "controlled", "uncontrollable", "no-calibration-data"
-#: Cap on the paper's automatic ``d_opt = d_min / min_k E[|S_k| / d]`` (voxels per optimisation scan).
-MAX_AUTO_D_OPT = 20000
 
 
 @dataclass(frozen=True)
@@ -163,13 +161,18 @@ def _case_ids(data: IntervalData) -> tuple[str, ...]:
     return tuple(s.case_id for s in data.scans)
 
 
-def _split(data: IntervalData, n_opt: int, rng: np.random.Generator) -> tuple[IntervalData, IntervalData]:
-    if isinstance(n_opt, bool) or not isinstance(n_opt, (int, np.integer)) or not 1 <= n_opt < data.n:
+def split_order(n: int, n_opt: int, rng: np.random.Generator) -> np.ndarray:
+    """The seeded permutation of ``n`` scans whose first ``n_opt`` form ``S_opt`` and the rest ``S_cal``."""
+    if isinstance(n_opt, bool) or not isinstance(n_opt, (int, np.integer)) or not 1 <= n_opt < n:
         raise IntervalCalibrationError(
-            f"n_opt must be an integer in 1..{data.n - 1} (there are {data.n} scans), got {n_opt!r}",
+            f"n_opt must be an integer in 1..{n - 1} (there are {n} scans), got {n_opt!r}",
             fix="pass e.g. n_opt=32 with enough scans left to calibrate",
         )
-    perm = rng.permutation(data.n)
+    return rng.permutation(n)
+
+
+def _split(data: IntervalData, n_opt: int, rng: np.random.Generator) -> tuple[IntervalData, IntervalData]:
+    perm = split_order(data.n, n_opt, rng)
     return data.subset(perm[:n_opt]), data.subset(perm[n_opt:])
 
 
@@ -330,9 +333,7 @@ def calibrate_kcrc(
 
 def auto_d_opt(opt: IntervalData, d_min: int) -> int:
     """The paper's ``d_opt = d_min / min_k E[|S_k| / d]`` over groups present in ``S_opt`` (capped)."""
-    fractions = (opt.group_counts() / np.array([[s.d] for s in opt.scans])).mean(axis=0)
-    smallest = float(fractions[fractions > 0].min()) if (fractions > 0).any() else 1.0
-    return int(min(MAX_AUTO_D_OPT, math.ceil(max(d_min, 1) / smallest)))
+    return auto_d_opt_from_counts(opt.group_counts(), np.array([[s.d] for s in opt.scans]), d_min)
 
 
 def _sem_anchor(

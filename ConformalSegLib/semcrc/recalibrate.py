@@ -2,10 +2,14 @@
 
 What is stored (:class:`IntervalRecord`, in the profile's ``.npz``)
 ------------------------------------------------------------------
-* per calibration scan (``S_cal``) and counted voxel: ``need`` (the smallest covering lambda, the voxel's
-  coverage threshold; :mod:`.intervals`) and the index of its lambda group
-  (:meth:`~.procedures.IntervalCalibration.voxel_groups`: the organ, or the K-CRC quantile group), one run
-  per scan (``offsets``);
+* per calibration scan (``S_cal``): the number of counted voxels in each lambda group (``counts``, an
+  ``(n_cal, K)`` matrix), and for every counted voxel that is *not* covered for every lambda its ``need`` (the
+  smallest covering lambda, the voxel's coverage threshold; :mod:`.intervals`) and the index of its lambda
+  group (:meth:`~.procedures.IntervalCalibration.voxel_groups`: the organ, or the K-CRC quantile group), one
+  run per scan (``offsets``). Voxels with ``need <= 0`` (shrinkable CRC: ``need <= -width/2``) have the
+  threshold ``-inf`` at every anchor (:func:`~.exact_omega.omega_thresholds`), never count in any loss
+  curve, and are left out: only their number (in ``counts``) enters the loss denominators. Profiles written
+  before ``counts`` existed store every counted voxel; their counts are the per-scan group sizes.
 * for K-CRC / sem-CRC, the optimisation sample of ``S_opt`` that the anchor problem is solved on
   (:class:`~.anchor.AnchorSample`: a few hundred voxels per scan), with the gamma grid.
 
@@ -25,7 +29,7 @@ import dataclasses
 import math
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,15 +61,18 @@ _SAMPLE_KEYS = ("offset", "width", "group", "weight", "cost")
 class IntervalRecord:
     """Per-scan coverage thresholds of ``S_cal`` and the anchor sample of ``S_opt`` (module docstring)."""
 
-    need: np.ndarray  # float64, flat over the S_cal scans
+    need: np.ndarray  # float64, flat over the S_cal scans (voxels covered for every lambda left out)
     group: np.ndarray  # int32, the lambda group of each voxel
     offsets: np.ndarray  # int64, n_cal + 1
     sample: AnchorSample | None = None  # None for CRC (anchor 0)
     gammas: tuple[float, ...] = DEFAULT_GAMMAS
     from_anchor: bool = False  # per-organ sem-CRC: omega_k >= 0 (eq. 12 literally) or lambda_k >= 0
+    counts: np.ndarray | None = None  # int64 (n_cal, K): counted voxels per scan and group; None: old profiles
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         arrays = {"record_need": self.need, "record_group": self.group, "record_offsets": self.offsets}
+        if self.counts is not None:
+            arrays["record_counts"] = self.counts
         if self.sample is not None:
             arrays.update({f"sample_{k}": np.asarray(getattr(self.sample, k)) for k in _SAMPLE_KEYS})
         return arrays
@@ -82,6 +89,13 @@ class IntervalRecord:
         need = np.asarray(arrays["record_need"], dtype=np.float64)
         if offsets.size < 1 or offsets[0] != 0 or offsets[-1] != need.size or np.any(np.diff(offsets) < 0):
             raise ValueError("inconsistent record offsets")
+        counts = None
+        if "record_counts" in arrays:
+            counts = np.asarray(arrays["record_counts"], dtype=np.int64)
+            if counts.ndim != 2 or counts.shape[0] != offsets.size - 1 or (counts < 0).any():
+                raise ValueError("record counts do not fit the record offsets")
+            if np.any(counts.sum(axis=1) < np.diff(offsets)):
+                raise ValueError("a scan stores more thresholds than counted voxels")
         return cls(
             need,
             np.asarray(arrays["record_group"], dtype=np.int32),
@@ -89,12 +103,55 @@ class IntervalRecord:
             sample,
             tuple(float(g) for g in doc["gammas"]),
             bool(doc["from_anchor"]),
+            counts,
         )
 
-    def scans(self) -> list[tuple[np.ndarray, np.ndarray]]:
-        """``(need, group)`` of every ``S_cal`` scan."""
+    def scans(self, n_groups: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """``(need, group, counted voxels per group)`` of every ``S_cal`` scan (``n_groups`` lambda groups)."""
         o = self.offsets
-        return [(self.need[o[i] : o[i + 1]], self.group[o[i] : o[i + 1]]) for i in range(o.size - 1)]
+        if self.counts is not None and self.counts.shape[1] != n_groups:
+            raise ValueError(f"the record has {self.counts.shape[1]} groups, the calibration {n_groups}")
+        out = []
+        for i in range(o.size - 1):
+            need, group = self.need[o[i] : o[i + 1]], self.group[o[i] : o[i + 1]]
+            if self.counts is not None:
+                counts = self.counts[i]
+            else:
+                if group.size and int(group.max()) >= n_groups:
+                    raise ValueError("a stored group index is outside the calibration's groups")
+                counts = np.bincount(group, minlength=n_groups).astype(np.int64)
+            out.append((need, group, counts))
+        return out
+
+
+def record_scan(
+    need: np.ndarray, width: np.ndarray, group: np.ndarray, n_groups: int, *, shrink: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One ``S_cal`` scan's part of the record: ``(thresholds kept, their groups, counted voxels per group)``.
+
+    ``need``/``width``/``group`` are per counted voxel (``group``: the lambda group). Kept are the voxels with
+    a finite coverage threshold at some anchor: ``need > 0``, or for shrinkable CRC a finite
+    :func:`~.shrinkable.shrink_thresholds` value (module docstring)."""
+    g = np.asarray(group)
+    values = shrink_thresholds(need, width) if shrink else np.asarray(need, dtype=np.float64)
+    keep = np.isfinite(values) if shrink else values > 0
+    return values[keep], g[keep].astype(np.int32), np.bincount(g, minlength=n_groups).astype(np.int64)
+
+
+def build_record(
+    parts: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    n_groups: int,
+    sample: AnchorSample | None,
+    gammas: tuple[float, ...],
+    from_anchor: bool,
+) -> IntervalRecord:
+    """The record from the :func:`record_scan` parts of the ``S_cal`` scans (in ``cal_cases`` order)."""
+    offsets = np.zeros(len(parts) + 1, dtype=np.int64)
+    np.cumsum([p[0].size for p in parts], out=offsets[1:])
+    need = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0)
+    group = np.concatenate([p[1] for p in parts]).astype(np.int32) if parts else np.zeros(0, np.int32)
+    counts = np.stack([p[2] for p in parts]) if parts else np.zeros((0, n_groups), np.int64)
+    return IntervalRecord(need, group, offsets, sample, gammas, from_anchor, counts)
 
 
 def interval_record(calibration: IntervalCalibration, data: IntervalData, **options: Any) -> IntervalRecord | None:
@@ -107,14 +164,11 @@ def interval_record(calibration: IntervalCalibration, data: IntervalData, **opti
     if c.shrink_floor is not None and c.method != "crc":
         return None  # shrinkable per-organ sem-CRC: its thresholds move with the anchor (widths not stored)
     shrink = c.shrink_floor is not None  # store the shrinkable family's thresholds (:mod:`.shrinkable`)
-    need = np.concatenate([shrink_thresholds(s.need, s.width) if shrink else s.need for s in cal])
-    group = np.concatenate([c.voxel_groups(s) for s in cal]).astype(np.int32) if cal else np.zeros(0, np.int32)
-    offsets = np.zeros(len(cal) + 1, dtype=np.int64)
-    np.cumsum([s.d for s in cal], out=offsets[1:])
+    parts = [record_scan(s.need, s.width, c.voxel_groups(s), len(c.groups), shrink=shrink) for s in cal]
     gammas = tuple(options.get("gammas", DEFAULT_GAMMAS))
     from_anchor = bool(options.get("from_anchor", False))
     if c.method == "crc":
-        return IntervalRecord(need, group, offsets, None, gammas, from_anchor)
+        return build_record(parts, len(c.groups), None, gammas, from_anchor)
     rng = _generator(options.get("seed", 0))
     opt, _ = _split(data, options["n_opt"], rng)
     d_min = int(options.get("d_min", 1 if c.method == "k-crc" else 2))
@@ -130,13 +184,18 @@ def interval_record(calibration: IntervalCalibration, data: IntervalData, **opti
     sample = stratified_sample(
         [s.need for s in opt.scans], [s.width for s in opt.scans], groups, n_groups, d_opt=d_opt, d_min=d_min, rng=rng
     )
-    return IntervalRecord(need, group, offsets, sample, gammas, from_anchor)
+    return build_record(parts, len(c.groups), sample, gammas, from_anchor)
 
 
 def recalibrate_interval(
-    calibration: IntervalCalibration, record: IntervalRecord, epsilon: float
+    calibration: IntervalCalibration,
+    record: IntervalRecord,
+    epsilon: float,
+    *,
+    progress: Callable[[int, int, str], None] | None = None,
 ) -> IntervalCalibration:
-    """The calibration at ``epsilon`` from the stored record only (module docstring)."""
+    """The calibration at ``epsilon`` from the stored record only (module docstring); ``progress`` reports the
+    anchor problem's gammas (:func:`~.anchor.solve_anchor`)."""
     c = calibration
     _check_epsilon_only(epsilon, c.lambda_max)
     start = time.perf_counter()
@@ -145,11 +204,16 @@ def recalibrate_interval(
     if record.sample is None:
         anchor, gamma, anchor_seconds = np.zeros(k), None, 0.0
     else:
-        result = solve_anchor(record.sample, epsilon, gammas=record.gammas, lambda_max=c.lambda_max)
+        result = solve_anchor(record.sample, epsilon, gammas=record.gammas, lambda_max=c.lambda_max, progress=progress)
         anchor, gamma, anchor_seconds = result.lam, result.gamma, result.solve_seconds
-    scans = record.scans()
+    try:
+        scans = record.scans(k)
+    except ValueError as exc:
+        raise IntervalCalibrationError(f"the stored record is malformed ({exc})", fix="re-calibrate") from exc
     if c.shrink_floor is not None:
-        w = shrink_omega([t for t, _ in scans], [t.size for t, _ in scans], epsilon, -c.shrink_floor, c.lambda_max)
+        w = shrink_omega(
+            [t for t, _, _ in scans], [int(n.sum()) for _, _, n in scans], epsilon, -c.shrink_floor, c.lambda_max
+        )
         state = CONTROLLED if math.isfinite(w) else UNCONTROLLABLE
         if state == UNCONTROLLABLE:
             _warn_uncontrollable("crc (whole scan, shrinkable)", len(scans), epsilon, c.lambda_max)
@@ -158,8 +222,8 @@ def recalibrate_interval(
         omega, status, n_cal = _per_organ(c, scans, anchor, epsilon, omega_max, record.from_anchor)
         lam = np.array([lambdas_at(anchor[g], omega[g]) for g in range(k)], dtype=np.float64).reshape(-1)
     else:
-        thresholds = [omega_thresholds(need, anchor[group]) for need, group in scans]
-        curve = OmegaCurve.from_scans(thresholds, [need.size for need, _ in scans])
+        thresholds = [omega_thresholds(need, anchor[group]) for need, group, _ in scans]
+        curve = OmegaCurve.from_scans(thresholds, [int(n.sum()) for _, _, n in scans])
         omega_min = 0.0 if c.method == "crc" else -float(anchor.max(initial=0.0))
         w = exact_omega(curve, epsilon, omega_min=omega_min, omega_max=omega_max)
         state = CONTROLLED if math.isfinite(w) else UNCONTROLLABLE
@@ -183,7 +247,7 @@ def recalibrate_interval(
 
 def _per_organ(
     c: IntervalCalibration,
-    scans: Sequence[tuple[np.ndarray, np.ndarray]],
+    scans: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
     anchor: np.ndarray,
     epsilon: float,
     omega_max: float,
@@ -194,11 +258,10 @@ def _per_organ(
     omega, status, n_cal = np.full(k_groups, math.inf), [], np.zeros(k_groups, dtype=np.int64)
     for k in range(k_groups):
         thresholds, sizes = [], []
-        for need, group in scans:
-            inside = group == k
-            if inside.any():
-                thresholds.append(omega_thresholds(need[inside], float(anchor[k])))
-                sizes.append(int(inside.sum()))
+        for need, group, counts in scans:
+            if counts[k] > 0:
+                thresholds.append(omega_thresholds(need[group == k], float(anchor[k])))
+                sizes.append(int(counts[k]))
         if not sizes:
             status.append(NO_DATA)
             warnings.warn(

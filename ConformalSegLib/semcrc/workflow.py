@@ -8,8 +8,10 @@ segmentation model's output ``s(y)``). Volumes may be any format :mod:`Conformal
 :func:`apply_interval` returns the conformalised bounds, the interval length map and a per-group
 table; voxels outside the body mask keep their raw interval (``lambda = 0``) and are outside every
 guarantee. The bounds are written as float32 rounded *outward* (lower down, upper up), so the written
-interval always contains the calibrated one. Memory: calibration keeps four numbers per counted
-voxel and scan in RAM (crop or subsample slices, as the paper does, for large data sets).
+interval always contains the calibrated one. Memory: :func:`calibrate_interval` streams (:mod:`.streaming`):
+one scan's volumes at a time, plus per calibration scan its group sizes and the coverage thresholds of the
+voxels its raw interval misses (12 bytes each); ``stream=False`` and :func:`load_interval_data` keep every
+scan's counted voxels (about 28 bytes each) in RAM.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ from .procedures import METHODS, calibrate_interval_method
 from .profile import IntervalProfile
 from .recalibrate import interval_record
 from .shrinkable import voxel_lambdas
+from .spill import spill_scan
+from .streaming import can_stream, stream_calibration
 
 if TYPE_CHECKING:
     from ..inference.model_card import ModelCard
@@ -137,13 +141,16 @@ def load_interval_data(
     body: str = "all",
     *,
     progress: ProgressCallback | None = None,
+    spill_to: Path | None = None,
 ) -> IntervalData:
-    """Every scan of the four folders (matched by case id) as :class:`IntervalData`."""
+    """Every scan of the four folders (matched by case id) as :class:`IntervalData`; with ``spill_to`` (an
+    existing folder) each scan's arrays are written there and read back as memory maps (:mod:`.spill`)."""
     organ_map = as_organ_map(organs)
     cases = discover_interval_cases(lower_dir, upper_dir, truth_dir, organs_dir)
-    scans = []
+    scans: list[IntervalScan] = []
     for i, (cid, paths) in enumerate(cases):
-        scans.append(load_interval_scan(paths, organ_map, body, cid))
+        scan = load_interval_scan(paths, organ_map, body, cid)
+        scans.append(scan if spill_to is None else spill_scan(scan, Path(spill_to) / f"scan{i:06d}"))
         if progress is not None:
             progress(i + 1, len(cases), cid)
     return IntervalData(scans, organ_map.groups)
@@ -160,12 +167,17 @@ def calibrate_interval(
     organs: OrganMap | Mapping[int, str] | str | None = None,
     body: str = "all",
     progress: ProgressCallback | None = None,
+    anchor_progress: ProgressCallback | None = None,
+    stream: bool = True,
     **options: Any,
 ) -> IntervalProfile:
     """Calibrate ``method`` (library or CLI spelling, see :data:`CLI_METHODS`) on folders of volumes.
 
     ``options`` go to the procedure (``n_opt``, ``d_opt``, ``d_min``, ``k``, ``gammas``, ``lambda_max``,
-    ``from_anchor``, ``seed``). sem-CRC methods need ``organs_dir`` and ``organs``.
+    ``from_anchor``, ``seed``, ``shrinkable``). sem-CRC methods need ``organs_dir`` and ``organs``. ``stream``
+    (default): one scan at a time (:mod:`.streaming`; bit-identical lambdas and record); ``stream=False``: every
+    scan in memory first (the reference path, and shrinkable per-organ sem-CRC always). ``progress`` after
+    every scan read, ``anchor_progress`` after every gamma of the anchor problem (streaming path).
     """
     method = CLI_METHODS.get(method, method)
     if method not in METHODS:
@@ -176,6 +188,33 @@ def calibrate_interval(
             f"{method} needs organ label maps and organ names",
             fix="pass --organs DIR and --organ-labels 1=liver,2=spleen,...",
         )
+    provenance = {
+        "lower_dir": str(Path(lower_dir).resolve()),
+        "upper_dir": str(Path(upper_dir).resolve()),
+        "truth_dir": str(Path(truth_dir).resolve()),
+        "organs_dir": None if organs_dir is None else str(Path(organs_dir).resolve()),
+    }
+    if options.get("shrinkable", False) and method not in ("crc", "sem-crc-organ"):
+        raise IntervalInputError(
+            f"--shrinkable is implemented for crc-interval and sem-crc-organ, not {method}",
+            fix="leave out --shrinkable, or use --method crc-interval / sem-crc-organ",
+        )
+    if stream and can_stream(method, options):  # one scan at a time (:mod:`.streaming`), bit-identical
+        cases = discover_interval_cases(lower_dir, upper_dir, truth_dir, organs_dir)
+        ids = [cid for cid, _ in cases]
+        load = lambda i: load_interval_scan(cases[i][1], organ_map, body, cases[i][0])  # noqa: E731
+        per_method = _method_options(method, options)
+        calibration, record = stream_calibration(
+            method,
+            ids,
+            load,
+            organ_map.groups,
+            epsilon,
+            progress=progress,
+            anchor_progress=anchor_progress,
+            **per_method,
+        )
+        return IntervalProfile(calibration, organ_map, body, provenance, record)
     data = load_interval_data(lower_dir, upper_dir, truth_dir, organs_dir, organ_map, body, progress=progress)
     if options.pop("shrinkable", False):
         if method not in ("crc", "sem-crc-organ"):
@@ -192,13 +231,18 @@ def calibrate_interval(
         )
     else:
         calibration = calibrate_interval_method(method, data, epsilon, **options)
-    provenance = {
-        "lower_dir": str(Path(lower_dir).resolve()),
-        "upper_dir": str(Path(upper_dir).resolve()),
-        "truth_dir": str(Path(truth_dir).resolve()),
-        "organs_dir": None if organs_dir is None else str(Path(organs_dir).resolve()),
-    }
     return IntervalProfile(calibration, organ_map, body, provenance, interval_record(calibration, data, **options))
+
+
+def _method_options(method: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """The options :func:`~.procedures.calibrate_interval_method` passes on to ``method``."""
+    drop = {
+        "crc": {"n_opt", "k", "d_opt", "d_min", "gammas", "seed", "from_anchor"},
+        "k-crc": {"from_anchor"},
+        "sem-crc": {"k", "from_anchor"},
+        "sem-crc-organ": {"k"},
+    }[method]
+    return {key: value for key, value in options.items() if key not in drop}
 
 
 @dataclass(frozen=True)
