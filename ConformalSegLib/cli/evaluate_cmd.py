@@ -7,7 +7,7 @@ import warnings
 from pathlib import Path
 
 from ..common.errors import ConformalSegError
-from ..conformal.calibration import CalibrationRequest, calibrate
+from ..conformal.calibration import CalibrationRequest, calibrate_dataset
 from ..conformal.fp_summaries import DEFAULT_FP_ML_CAP
 from ..conformal.ltt import RiskData, parse_risks
 from ..evaluation.progress import TqdmProgress
@@ -17,6 +17,7 @@ from ..evaluation.risk_control import evaluate_risk_control, markdown_table
 from ..io.atomic import OVERWRITE_FIX, atomic_write_text
 from .calibrate_cmd import INPUT_FOLDERS, add_data_options, open_dataset
 from .common import add_empty_option, add_force, input_folders, refuse_output_in_inputs
+from .executor_options import add_executor_options, executor_spec, require_serial
 from .interval_options import add_interval_evaluate_arguments, run_interval_evaluate
 
 
@@ -83,6 +84,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fp-ml-cap", type=float, default=DEFAULT_FP_ML_CAP, help="with --risk fp-ml: the cap B in mL")
     add_interval_evaluate_arguments(p)
     add_empty_option(p)
+    add_executor_options(p)
     p.add_argument("--out", type=Path, required=True, help="output folder")
     add_force(p)
     p.set_defaults(func=run)
@@ -92,8 +94,17 @@ def run(args: argparse.Namespace) -> int:
     refuse_output_in_inputs(args.out, input_folders(args, INPUT_FOLDERS), output_is_folder=True, nested=True)
     if args.main_epsilon is None and 0.1 in args.epsilons:
         args.main_epsilon = 0.1  # a smaller one makes HD95 run on near-whole-image masks (twice the time)
+    spec = executor_spec(args)
     if args.lower is not None:  # interval methods (sem-CRC): the paper's Table 1 and Fig. 3
+        require_serial(args, "the interval methods")
+        if args.keep_going:
+            raise ConformalSegError("--keep-going does not support the interval methods yet", fix="drop --keep-going")
         return run_interval_evaluate(args)
+    if args.keep_going and args.risk_delta is not None:
+        raise ConformalSegError(
+            "--keep-going cannot be combined with --risk-delta (risk control reads every case)",
+            fix="drop --keep-going, or run the risk control separately on the readable cases",
+        )
     existing = [name for name in REPORT_FILES if (args.out / name).exists()]
     if existing and not args.force:  # before the long run, not after it
         raise ConformalSegError(
@@ -119,13 +130,16 @@ def run(args: argparse.Namespace) -> int:
             detect_fraction=args.detect_fraction,
             voxel_epsilon=args.voxel_epsilon,
             lesionwise=not args.no_false_positives,
+            executor=spec,
+            keep_going=args.keep_going,
         )
     written = write_report(result, args.out, force=args.force)  # its warnings were shown once, as they arose
     if args.risk_delta is not None:
         written.append(_risk_control(args, dataset, args.main_epsilon or args.epsilons[0]))
+    where = "" if spec.name == "serial" else f" (--executor {spec.name})"
     print(
-        f"evaluated {result.n_cases} cases over {args.splits} splits; wrote {len(written)} files to {args.out} "
-        f"(start with {args.out / 'report.md'})"
+        f"evaluated {result.n_cases} cases over {args.splits} splits{where}; wrote {len(written)} files to "
+        f"{args.out} (start with {args.out / 'report.md'})"
     )
     return 0
 
@@ -144,7 +158,7 @@ def _risk_control(args: argparse.Namespace, dataset: object, epsilon: float) -> 
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # only the summaries are used: this whole-dataset calibration is not reported
-        profile = calibrate(dataset, request)  # type: ignore[arg-type]  # any iterable of cases
+        profile = calibrate_dataset(dataset, request, executor_spec(args))
     data = RiskData(profile.summaries, profile.lesion_level, profile.false_positives)
     rows = evaluate_risk_control(
         data, epsilon=epsilon, delta=args.risk_delta, risks=risks, splits=args.splits,

@@ -16,7 +16,8 @@ Work happens on the workers; only each task's return value (a compact per-scan s
 
 Errors: a task that raises :class:`ConformalSegError` makes ``map_ordered`` raise the same error (its
 message, file and fix, without the remote traceback) and cancel the tasks not yet run; with
-``keep_going`` every failing item is collected and one error lists them all. Ctrl-C (KeyboardInterrupt
+``keep_going`` every failing item is collected and one error lists them all (or, with ``skip_failed``, the
+failing items are left out of the results and ``report.failures`` lists them). Ctrl-C (KeyboardInterrupt
 while waiting) cancels the outstanding tasks and is re-raised, so nothing after the map (a profile) is
 written. ``progress(done, total, label)`` is called as tasks complete (in completion order).
 
@@ -81,12 +82,15 @@ def map_ordered(
     labels: Sequence[str] | None = None,
     progress: ProgressCallback | None = None,
     keep_going: bool = False,
+    skip_failed: bool = False,
     report: MapReport | None = None,
 ) -> list[T]:
     """``[function(shared, item) for item in items]`` on the chosen executor, in item order (see module doc).
 
     ``function`` must be a module-level function (picklable by reference) for ``processes`` and ``dask``.
-    ``labels`` name the items in errors and progress (default: ``str(item)``).
+    ``labels`` name the items in errors and progress (default: ``str(item)``). With ``keep_going`` and
+    ``skip_failed`` the failing items are left out of the returned list instead of raising (``report.failures``
+    names them with their errors).
     """
     spec = spec or ExecutorSpec()
     names = [str(x) for x in (labels if labels is not None else items)]
@@ -105,9 +109,9 @@ def map_ordered(
     if report is not None:
         report.executor, report.workers = spec.name, workers
         report.failures = [(names[i], str(e)) for i, e in sorted(failures, key=lambda f: f[0])]
-    if failures:
+    if failures and not (keep_going and skip_failed):
         raise _combined(sorted(failures, key=lambda f: f[0]), names, len(items))
-    return [results[i] for i in range(len(items))]
+    return [results[i] for i in range(len(items)) if i in results]
 
 
 def _plain(error: ConformalSegError) -> ConformalSegError:

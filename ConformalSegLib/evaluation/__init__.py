@@ -5,6 +5,8 @@
 * :mod:`.risk_control`: RCPS (both bounds), CRC and Learn-Then-Test over random splits, from summaries only;
 * :mod:`.lesion_protocol`: its lesion-level steps (lesion-level control, slider-safe bands, lesion-wise
   metrics of every method);
+* :mod:`.case_statistics`: its pass 1 on one case (the map step) and the merge in case order;
+* :mod:`.case_tasks`: its per-case work as tasks, serially, on a process pool or on Dask (bit-identical);
 * :mod:`.config`: its parameters, checked before any case is read;
 * :mod:`.cases`: the cases it reads, from a dataset or any list of case-like objects;
 * :mod:`.results`: what it returns, summary rows and PASS/CHECK verdicts;

@@ -73,19 +73,19 @@ from typing import Any
 import numpy as np
 
 from ..common.errors import CalibrationSetTooSmallWarning, ConformalSegError
+from ..common.executors import ExecutorSpec
 from ..conformal.cls import apply_threshold, conformal_lower_cutoff, critical_cutoffs
-from ..conformal.confidence_sets import SetStatistics, SetStatisticsBuilder, calibrate_sets
+from ..conformal.confidence_sets import SetStatistics, calibrate_sets
 from ..conformal.crc import crc_cutoff
 from ..conformal.score_transforms import ScoreTransform
-from ..conformal.summaries import LesionSummaries, SummaryBuilder
+from .case_statistics import CaseStatistics, case_record, merge_records
+from .case_tasks import Updates, map_cases
 from .cases import CaseSource, EvalCase
 from .config import DEFAULT_SET_MODES, EvaluationConfig, make_config, split_sizes
 from .lesion_protocol import (
     LESIONWISE_METHODS,
     SIZE_CLASSES,
     LesionSplit,
-    LesionStatistics,
-    LesionStatisticsBuilder,
     LesionwiseSums,
     false_positives_at,
     lesion_split_thresholds,
@@ -121,6 +121,8 @@ def evaluate_dataset(
     detect_fraction: float = 0.5,
     voxel_epsilon: float | None = None,
     lesionwise: bool = True,
+    executor: ExecutorSpec | None = None,
+    keep_going: bool = False,
 ) -> EvaluationResult:
     """Run the random-split protocol (module docstring) on a dataset, exactly, in two streaming passes.
 
@@ -133,6 +135,10 @@ def evaluate_dataset(
     one of :data:`~ConformalSegLib.evaluation.progress.STAGES`. ``detect_fraction`` and ``voxel_epsilon``
     configure the lesion-level method (:mod:`.lesion_protocol`); ``lesionwise`` adds false-positive
     components and mL at the main setting (one labelling per distinct cutoff of each test case).
+
+    ``executor`` runs each pass's per-case work as one task per case (a dataset only; :mod:`.case_tasks`):
+    the result is bit-identical to serial. ``keep_going`` (a dataset only) leaves out the cases that cannot be
+    read or fail their checks in pass 1, naming them all in one warning.
     """
     config, score_transforms = make_config(
         epsilons, alphas, main_alpha, main_epsilon, splits, cal_fraction, seed, transforms, set_modes, hd95, empty,
@@ -141,7 +147,8 @@ def evaluate_dataset(
     if hd95:
         require_monai()  # fail before the first pass, not after it
     source = CaseSource(dataset_or_cases)
-    stats = _pass1_statistics(source, config, score_transforms, progress)
+    run = _Run(executor or ExecutorSpec(), keep_going, progress)
+    stats = _pass1_statistics(source, config, score_transforms, run)
     n_cal, n_test = split_sizes(stats.n, cal_fraction)
     stats.check_population(config.empty)
     split = _split_thresholds(stats, config, n_cal, progress)
@@ -155,13 +162,24 @@ def evaluate_dataset(
         stats.lesions, _method_cuts(split, lsplit), lsplit, config.epsilons,
         (config.main_epsilon_index, config.main_alpha_index),
     )  # fmt: skip
-    sizes = _pass2_sizes(source, stats, split, lsplit, config, score_transforms, progress)
+    sizes = _pass2_sizes(source, stats, split, lsplit, config, score_transforms, run)
     result = _assemble(config, stats, split, fnrs, sizes, n_cal, n_test)
     _assemble_lesion(result, stats, split, lsplit, extra, lesionwise_metrics, sizes)
     result.warnings.extend(trivial_warnings(result))
     for message in result.warnings:
         warnings.warn(message, CalibrationSetTooSmallWarning, stacklevel=2)
     return result
+
+
+@dataclass
+class _Run:
+    """Where the per-case work runs, and which cases pass 1 kept (pass 2 reads the same ones)."""
+
+    spec: ExecutorSpec
+    keep_going: bool
+    progress: ProgressCallback | None
+    case_ids: list[str] | None = None
+    workers: int = 1
 
 
 def _report(progress: ProgressCallback | None, done: int, total: int | None, stage: str) -> None:
@@ -172,97 +190,25 @@ def _report(progress: ProgressCallback | None, done: int, total: int | None, sta
 # ----------------------------------------------------------------------------- pass 1: case statistics
 
 
-@dataclass
-class _CaseStatistics:
-    """What pass 1 keeps of the cases: summaries, set statistics and the baseline's counts (n,)."""
-
-    ids: list[str]
-    summaries: LesionSummaries
-    set_stats: dict[str, SetStatistics]
-    n_voxels: np.ndarray  # int64
-    voxel_ml: np.ndarray  # float64
-    base_pred: np.ndarray  # int64: voxels of the 0.5 mask
-    base_fp: np.ndarray  # int64: voxels of the 0.5 mask outside the lesion
-    base_hd: np.ndarray  # float64: HD95 of the 0.5 mask (NaN when not computed)
-    population: np.ndarray  # bool: cases used by CLS / CRC / baseline
-    lesions: LesionStatistics  # detection thresholds and lesion sizes (lesion-level method, lesion-wise metrics)
-
-    @property
-    def n(self) -> int:
-        return len(self.ids)
-
-    @property
-    def sizes(self) -> np.ndarray:
-        return self.summaries.lesion_sizes
-
-    def check_population(self, empty: str) -> None:
-        if empty == "exclude" and np.count_nonzero(self.population) < 2:
-            raise ConformalSegError(
-                f"only {int(np.count_nonzero(self.population))} of {self.n} case(s) have lesion voxels: "
-                "CLS and expected-FNR control need lesion cases on both sides of the split",
-                fix="check the lesion label value(s) (--lesion-label), add lesion cases, or use --empty include",
-            )
-
-
 def _pass1_statistics(
     source: CaseSource,
     config: EvaluationConfig,
     score_transforms: list[ScoreTransform],
-    progress: ProgressCallback | None,
-) -> _CaseStatistics:
-    """Read every case once; keep the summaries, per-transform set statistics and baseline counts."""
-    builder = SummaryBuilder("float32")
-    lesion_builder = LesionStatisticsBuilder(config.detect_fraction)
-    set_builders = {t.name: SetStatisticsBuilder(t, t) for t in score_transforms}
-    ids: list[str] = []
-    n_voxels: list[int] = []
-    voxel_ml: list[float] = []
-    base_pred: list[int] = []
-    base_fp: list[int] = []
-    base_hd: list[float] = []
-    set_ids: set[str] = set()
-    total = source.known_length
-    for case in source:
-        if case.case_id in set_ids:
-            raise ConformalSegError(
-                f"duplicate case id {case.case_id!r} in the evaluation data", fix="give every case a unique id"
-            )
-        set_ids.add(case.case_id)
-        prob, lesion = case.probability, case.lesion
-        builder.add_case(case.case_id, prob, lesion)
-        lesion_builder.add_case(case.case_id, prob, lesion, case.geometry.voxel_volume_mm3)
-        for t in score_transforms:
-            set_builders[t.name].add_case(case.case_id, prob, lesion, case.geometry)
-        ids.append(case.case_id)
-        n_voxels.append(int(prob.size))
-        voxel_ml.append(case.geometry.voxel_volume_mm3 / 1000.0)
-        base_mask = apply_threshold(prob, BASELINE_CUTOFF)
-        base_pred.append(int(np.count_nonzero(base_mask)))
-        base_fp.append(int(np.count_nonzero(base_mask & ~lesion)))
-        in_population = config.empty == "include" or bool(lesion.any())
-        base_hd.append(
-            hd95_metric(base_mask, lesion, case.geometry.spacing_zyx) if config.hd95 and in_population else float("nan")
-        )
-        del base_mask, case, prob, lesion
-        _report(progress, len(ids), total, "statistics")
-    summaries = builder.build()
-    del builder
-    set_stats = {name: b.build() for name, b in set_builders.items()}
-    del set_builders
-    n = len(ids)
-    population = summaries.lesion_sizes > 0 if config.empty == "exclude" else np.ones(n, dtype=bool)
-    return _CaseStatistics(
-        ids,
-        summaries,
-        set_stats,
-        np.asarray(n_voxels, dtype=np.int64),
-        np.asarray(voxel_ml, dtype=np.float64),
-        np.asarray(base_pred, dtype=np.int64),
-        np.asarray(base_fp, dtype=np.int64),
-        np.asarray(base_hd, dtype=np.float64),
-        population,
-        lesion_builder.build(),
+    run: _Run,
+) -> CaseStatistics:
+    """Read every case once (one task per case); merge the records in case order (:mod:`.case_statistics`)."""
+    mapped = map_cases(
+        case_record, (config, score_transforms), source, run.spec, keep_going=run.keep_going, progress=run.progress
     )
+    run.case_ids, run.workers = mapped.case_ids, mapped.workers
+    if mapped.left_out:
+        listed = "; ".join(f"{cid}: {error}" for cid, error in mapped.left_out)
+        warnings.warn(
+            f"--keep-going: left out {len(mapped.left_out)} unreadable case(s): {listed}", UserWarning, stacklevel=3
+        )
+    if hasattr(source.data, "check_lesion_labels_seen"):
+        source.data.check_lesion_labels_seen()
+    return merge_records(mapped.results, config, [t.name for t in score_transforms])
 
 
 # ----------------------------------------------------------------------------- the splits (no volumes)
@@ -284,7 +230,7 @@ class _SplitThresholds:
 
 
 def _split_thresholds(
-    stats: _CaseStatistics, config: EvaluationConfig, n_cal: int, progress: ProgressCallback | None
+    stats: CaseStatistics, config: EvaluationConfig, n_cal: int, progress: ProgressCallback | None
 ) -> _SplitThresholds:
     """Draw the splits (``rng.permutation``) and calibrate every method on each calibration side."""
     S, E, A, n = config.splits, len(config.epsilons), len(config.alphas), stats.n
@@ -366,7 +312,7 @@ class _TestFnrs:
     base_hits: np.ndarray  # (n,) lesion voxels of the 0.5 mask
 
 
-def _test_fnrs(stats: _CaseStatistics, split: _SplitThresholds, config: EvaluationConfig) -> _TestFnrs:
+def _test_fnrs(stats: CaseStatistics, split: _SplitThresholds, config: EvaluationConfig) -> _TestFnrs:
     """Test FNRs of every split, counted on the summaries (one ``searchsorted`` per case)."""
     S, E, A, n = config.splits, len(config.epsilons), len(config.alphas), stats.n
     e_main, a_main = config.main_epsilon_index, config.main_alpha_index
@@ -422,7 +368,7 @@ def _method_cuts(split: _SplitThresholds, lsplit: LesionSplit) -> dict[str, np.n
 
 
 def _extra_voxel_sums(
-    stats: _CaseStatistics, split: _SplitThresholds, lsplit: LesionSplit, config: EvaluationConfig
+    stats: CaseStatistics, split: _SplitThresholds, lsplit: LesionSplit, config: EvaluationConfig
 ) -> _ExtraVoxelSums:
     """Test FNRs of the lesion-level masks and of the CLS band, counted on the summaries (exact)."""
     shape = split.cls_cut.shape
@@ -475,12 +421,12 @@ class _MaskSizes:
 
 def _pass2_sizes(
     source: CaseSource,
-    stats: _CaseStatistics,
+    stats: CaseStatistics,
     split: _SplitThresholds,
     lsplit: LesionSplit,
     config: EvaluationConfig,
     score_transforms: list[ScoreTransform],
-    progress: ProgressCallback | None,
+    run: _Run,
 ) -> _MaskSizes:
     """Read the cases again and count each one's voxels at every cutoff / threshold it meets as a test case."""
     S, E, A, n = config.splits, len(config.epsilons), len(config.alphas), stats.n
@@ -504,33 +450,53 @@ def _pass2_sizes(
     )
     if not (bool(stats.set_stats) or bool(split.test_pop.any()) or bool(lsplit.test_lpop.any())):
         return sizes
-    seen = 0
-    for i, case in enumerate(source):
-        seen = i + 1
-        if i >= n or case.case_id != stats.ids[i] or case.probability.size != stats.n_voxels[i]:
-            raise ConformalSegError(
-                f"the cases changed between the two passes over the data (case {case.case_id!r} at position {i})",
-                fix="pass a dataset that yields the same cases in the same order each time",
-            )
-        _lesion_mask_sizes(case, i, stats, split, config, sizes)
-        _extra_mask_sizes(case, i, stats, split, lsplit, config, sizes)
-        s_all = np.flatnonzero(split.test_mask[:, i])
-        if s_all.size and stats.set_stats:
-            _set_sizes(
-                case, s_all, float(stats.voxel_ml[i]), score_transforms, split.sets, config.set_modes, sizes.set_sums
-            )
-        del case
-        _report(progress, i + 1, n, "sizes")
-    if seen != n:
+    shared = _Pass2(stats, split, lsplit, config, score_transforms)
+    mapped = map_cases(
+        _case_sizes, shared, source, run.spec, case_ids=run.case_ids, progress=run.progress, stage="sizes"
+    )
+    if len(mapped.results) != n:
         raise ConformalSegError(
-            f"the cases changed between the two passes over the data ({seen} case(s) the second time, {n} the first)",
+            f"the cases changed between the two passes over the data ({len(mapped.results)} case(s) the second time, "
+            f"{n} the first)",
             fix="pass a dataset that yields the same cases in the same order each time",
         )
+    for updates in mapped.results:  # in case order: the same additions as an in-place serial loop
+        updates.apply(sizes)
     return sizes
 
 
+@dataclass
+class _Pass2:
+    """What every pass-2 task needs (sent to each worker once)."""
+
+    stats: CaseStatistics
+    split: _SplitThresholds
+    lsplit: LesionSplit
+    config: EvaluationConfig
+    score_transforms: list[ScoreTransform]
+
+
+def _case_sizes(shared: _Pass2, i: int, case: EvalCase) -> Updates:
+    """Pass 2 on case ``i``: its additions to the per-split sums (the task function of the second map)."""
+    stats, split, config = shared.stats, shared.split, shared.config
+    if i >= stats.n or case.case_id != stats.ids[i] or case.probability.size != stats.n_voxels[i]:
+        raise ConformalSegError(
+            f"the cases changed between the two passes over the data (case {case.case_id!r} at position {i})",
+            fix="pass a dataset that yields the same cases in the same order each time",
+        )
+    updates = Updates()
+    _lesion_mask_sizes(case, i, stats, split, config, updates)
+    _extra_mask_sizes(case, i, stats, split, shared.lsplit, config, updates)
+    s_all = np.flatnonzero(split.test_mask[:, i])
+    if s_all.size and stats.set_stats:
+        _set_sizes(
+            case, s_all, float(stats.voxel_ml[i]), shared.score_transforms, split.sets, config.set_modes, updates
+        )
+    return updates
+
+
 def _lesion_mask_sizes(
-    case: EvalCase, i: int, stats: _CaseStatistics, split: _SplitThresholds, config: EvaluationConfig, sizes: _MaskSizes
+    case: EvalCase, i: int, stats: CaseStatistics, split: _SplitThresholds, config: EvaluationConfig, sizes: Updates
 ) -> None:
     """Add case ``i``'s PC and Dice (and HD95 at the main setting) to the splits that test it."""
     s_pop = np.flatnonzero(split.test_pop[:, i])
@@ -543,27 +509,27 @@ def _lesion_mask_sizes(
     pred_crc = counts[cuts_cls.size :].reshape(cuts_crc.shape)
     offsets = stats.summaries.offsets
     run = stats.summaries.values[offsets[i] : offsets[i + 1]]
-    sizes.cls_pc_sum[s_pop] += pred_cls / n_voxels
-    sizes.crc_pc_sum[s_pop] += pred_crc / n_voxels
-    sizes.cls_dice_sum[s_pop] += dice(lesion_hits(run, cuts_cls), pred_cls, m)
-    sizes.crc_dice_sum[s_pop] += dice(lesion_hits(run, cuts_crc), pred_crc, m)
+    sizes.add(("cls_pc_sum",), s_pop, pred_cls / n_voxels)
+    sizes.add(("crc_pc_sum",), s_pop, pred_crc / n_voxels)
+    sizes.add(("cls_dice_sum",), s_pop, dice(lesion_hits(run, cuts_cls), pred_cls, m))
+    sizes.add(("crc_dice_sum",), s_pop, dice(lesion_hits(run, cuts_crc), pred_crc, m))
     if config.hd95:
         main_cuts = cuts_cls[:, config.main_epsilon_index, config.main_alpha_index]
         distinct, inverse = np.unique(main_cuts, return_inverse=True)
         values = np.array(
             [hd95_metric(apply_threshold(prob, c), case.lesion, case.geometry.spacing_zyx) for c in distinct]
         )
-        sizes.cls_main_hd[s_pop, i] = values[inverse.reshape(-1)]
+        sizes.assign(("cls_main_hd",), (s_pop, i), values[inverse.reshape(-1)])
 
 
 def _extra_mask_sizes(
     case: EvalCase,
     i: int,
-    stats: _CaseStatistics,
+    stats: CaseStatistics,
     split: _SplitThresholds,
     lsplit: LesionSplit,
     config: EvaluationConfig,
-    sizes: _MaskSizes,
+    sizes: Updates,
 ) -> None:
     """PC and Dice of the lesion-level masks and of both bands; false positives at the main setting."""
     prob, m, n_voxels = case.probability, int(stats.sizes[i]), stats.n_voxels[i]
@@ -578,8 +544,8 @@ def _extra_mask_sizes(
         if s_idx.size:
             chosen = cuts[s_idx]
             predicted = count_at_least(prob, chosen.ravel()).reshape(chosen.shape)
-            sizes.extra_pc_sum[key][s_idx] += predicted / n_voxels
-            sizes.extra_dice_sum[key][s_idx] += dice(lesion_hits(run, chosen), predicted, m)
+            sizes.add(("extra_pc_sum", key), s_idx, predicted / n_voxels)
+            sizes.add(("extra_dice_sum", key), s_idx, dice(lesion_hits(run, chosen), predicted, m))
     s_l = np.flatnonzero(lsplit.test_lpop[:, i])
     if not (config.lesionwise and s_l.size):
         return
@@ -593,8 +559,8 @@ def _extra_mask_sizes(
     spacing = case.geometry.spacing_zyx
     comps, ml = false_positives_at(prob, case.lesion, np.stack(list(main.values())), spacing)
     for k, method in enumerate(main):
-        sizes.fp_components_sum[method][s_l] += comps[k]
-        sizes.fp_ml_sum[method][s_l] += ml[k]
+        sizes.add(("fp_components_sum", method), s_l, comps[k])
+        sizes.add(("fp_ml_sum", method), s_l, ml[k])
 
 
 def _set_sizes(
@@ -604,7 +570,7 @@ def _set_sizes(
     score_transforms: list[ScoreTransform],
     set_thr: SetArrays,
     set_modes: tuple[str, ...],
-    set_sums: SetArrays,
+    updates: Updates,
 ) -> None:
     """Add the case's inner / outer set sizes to the splits ``s_all`` that test it."""
     for t in score_transforms:
@@ -617,11 +583,11 @@ def _set_sizes(
         # displayed inner set I & O: = I when lambda_in >= t_out, else = O
         n_inner = np.where(inner >= outer, n_gt, n_ge_outer)
         for k, mode in enumerate(set_modes):
-            sums = set_sums[t.name][mode]
-            sums["inner_voxels"][s_all] += n_inner[k]
-            sums["outer_voxels"][s_all] += n_ge_outer[k]
-            sums["inner_ml"][s_all] += n_inner[k] * voxel_ml
-            sums["outer_ml"][s_all] += n_ge_outer[k] * voxel_ml
+            path = ("set_sums", t.name, mode)
+            updates.add((*path, "inner_voxels"), s_all, n_inner[k])
+            updates.add((*path, "outer_voxels"), s_all, n_ge_outer[k])
+            updates.add((*path, "inner_ml"), s_all, n_inner[k] * voxel_ml)
+            updates.add((*path, "outer_ml"), s_all, n_ge_outer[k] * voxel_ml)
 
 
 # ----------------------------------------------------------------------------- assembly
@@ -629,7 +595,7 @@ def _set_sizes(
 
 def _assemble(
     config: EvaluationConfig,
-    stats: _CaseStatistics,
+    stats: CaseStatistics,
     split: _SplitThresholds,
     fnrs: _TestFnrs,
     sizes: _MaskSizes,
@@ -707,7 +673,7 @@ def _assemble(
 
 def _assemble_lesion(
     result: EvaluationResult,
-    stats: _CaseStatistics,
+    stats: CaseStatistics,
     split: _SplitThresholds,
     lsplit: LesionSplit,
     extra: _ExtraVoxelSums,
@@ -775,7 +741,7 @@ def _assemble_lesion(
 
 
 def _set_results(
-    stats: _CaseStatistics, split: _SplitThresholds, sizes: _MaskSizes, set_modes: tuple[str, ...], n_test: int
+    stats: CaseStatistics, split: _SplitThresholds, sizes: _MaskSizes, set_modes: tuple[str, ...], n_test: int
 ) -> SetArrays:
     """Per transform and mode: thresholds, coverages, trivial flags and mean sizes per split."""
     sets: SetArrays = {}
@@ -791,7 +757,7 @@ def _set_results(
 
 
 def _baseline_per_case(
-    stats: _CaseStatistics, base_hits: np.ndarray, epsilons: tuple[float, ...]
+    stats: CaseStatistics, base_hits: np.ndarray, epsilons: tuple[float, ...]
 ) -> dict[str, np.ndarray]:
     """The fixed 0.5 threshold per case: FNR, ``FNR <= epsilon`` (E, n), PC, Dice, inside / contains."""
     sizes = stats.sizes

@@ -1,0 +1,115 @@
+"""Scale-out of `evaluate` (issue 15): one task per case on a process pool and on a Dask cluster of two worker
+processes, every output file byte-identical to serial; a worker that raises; --keep-going; refusals."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from ConformalSegLib.cli import main
+from ConformalSegLib.common.errors import ConformalSegError
+from ConformalSegLib.common.executors import ExecutorSpec
+from ConformalSegLib.evaluation.protocol import evaluate_dataset
+from ConformalSegLib.phantoms.simulated_dataset import write_synthetic_dataset
+from ConformalSegLib.phantoms.simulated_maps import make_cases
+
+distributed = pytest.importorskip("distributed")
+
+SMALL = ["--splits", "4", "--epsilons", "0.1", "0.2", "--alphas", "0.1", "0.2", "--main-epsilon", "0.1"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_synthetic_dataset(tmp_path_factory.mktemp("eval_dask") / "data", 8, seed=5, shape=(16, 20, 20))
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Two worker processes (not threads), one thread each, started by the test module."""
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as local:
+        yield local.scheduler_address
+
+
+def evaluate(data: Path, out: Path, *extra: str) -> int:
+    argv = ["evaluate", "--data", str(data), "--lesion-label", "2", *SMALL, "--out", str(out), *extra]
+    return main(argv)
+
+
+def assert_same_files(serial: Path, other: Path) -> None:
+    names = sorted(p.name for p in serial.iterdir())
+    assert names == sorted(p.name for p in other.iterdir()) and "results.json" in names and "report.md" in names
+    for name in names:
+        assert (serial / name).read_bytes() == (other / name).read_bytes(), name
+
+
+def test_dask_cluster_and_process_pool_are_byte_identical_to_serial(tmp_path, data, cluster):
+    assert evaluate(data, tmp_path / "serial", "--transforms", "identity", "distance") == 0
+    dask = ("--executor", "dask", "--scheduler", cluster)
+    assert evaluate(data, tmp_path / "dask", "--transforms", "identity", "distance", *dask) == 0
+    assert_same_files(tmp_path / "serial", tmp_path / "dask")
+    pool = ("--executor", "processes", "--workers", "2", "--no-hd95", "--transforms", "identity")
+    assert evaluate(data, tmp_path / "serial_fast", "--no-hd95", "--transforms", "identity") == 0
+    assert evaluate(data, tmp_path / "pool", *pool) == 0
+    assert_same_files(tmp_path / "serial_fast", tmp_path / "pool")
+
+
+def nan_copy(data: Path, root: Path, bad: tuple[str, ...]) -> Path:
+    shutil.copytree(data, root)
+    for case in bad:
+        target = root / "probs" / f"{case}.nii.gz"
+        image = sitk.ReadImage(str(target))
+        array = sitk.GetArrayFromImage(image)
+        array[0, 0, 0] = np.nan
+        new = sitk.GetImageFromArray(array)
+        new.CopyInformation(image)
+        sitk.WriteImage(new, str(target))
+    return root
+
+
+def test_worker_error_is_the_serial_one_line_error(tmp_path, data, cluster, capsys):
+    root = nan_copy(data, tmp_path / "bad", ("synth_002",))
+    errors = []
+    for extra in ((), ("--executor", "dask", "--scheduler", cluster)):
+        assert evaluate(root, tmp_path / "out", "--no-hd95", "--transforms", "identity", *extra) == 2
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.startswith("error: ")]
+        assert len(lines) == 1 and "Traceback" not in err and "synth_002" in lines[0], err
+        errors.append(lines[0])
+        assert not (tmp_path / "out" / "results.json").exists()
+    assert errors[0] == errors[1]
+
+
+def test_keep_going_leaves_out_bad_cases_named_in_one_warning(tmp_path, data, cluster, capsys):
+    root = nan_copy(data, tmp_path / "bad", ("synth_001", "synth_006"))
+    (root / "probs" / "synth_004.nii.gz").write_bytes(b"not a NIfTI file")
+    fast = ("--no-hd95", "--transforms", "identity")
+    dask = ("--executor", "dask", "--scheduler", cluster, "--keep-going")
+    assert evaluate(root, tmp_path / "kept", *fast, *dask) == 0
+    err = capsys.readouterr().err
+    warned = [line for line in err.splitlines() if "left out 3 unreadable case(s)" in line]
+    assert len(warned) == 1 and all(f"synth_00{i}" in warned[0] for i in (1, 4, 6)), err
+    good = tmp_path / "good"
+    shutil.copytree(data, good)
+    for case in ("synth_001", "synth_004", "synth_006"):
+        for sub in ("probs", "labels"):
+            (good / sub / f"{case}.nii.gz").unlink()
+    assert evaluate(good, tmp_path / "serial", *fast) == 0
+    assert_same_files(tmp_path / "serial", tmp_path / "kept")
+    assert evaluate(root, tmp_path / "serial_kept", *fast, "--keep-going") == 0  # serially too
+    assert_same_files(tmp_path / "serial", tmp_path / "serial_kept")
+
+
+def test_refusals(tmp_path, data, capsys):
+    assert evaluate(data, tmp_path / "o", "--lower", str(data), "--executor", "processes") == 2
+    assert "--executor processes does not support the interval methods" in capsys.readouterr().err
+    assert evaluate(data, tmp_path / "o", "--keep-going", "--risk-delta", "0.2") == 2
+    assert "--keep-going cannot be combined with --risk-delta" in capsys.readouterr().err
+    cases = list(make_cases(4, seed=0, shape=(16, 16, 16)))
+    with pytest.raises(ConformalSegError, match="need a dataset"):
+        evaluate_dataset(
+            cases, epsilons=[0.1], alphas=[0.2], splits=2, hd95=False, executor=ExecutorSpec("processes", workers=2)
+        )
