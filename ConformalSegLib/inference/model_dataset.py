@@ -210,14 +210,15 @@ class InferenceDataset(CalibrationDataset):
     def load(self, case_id: str) -> Case:
         """Predict (or read the cached prediction of) one case and load its label map."""
         image_path, label_path = self.paths(case_id)
-        label_map = load_label_map(label_path)
         cached = self.cache_path(case_id)
         case = ImageCase(case_id, image_path, series_uid=self.series_uid if image_path.is_dir() else None)
         image_sha256 = case.sha256()  # the cache is keyed on the image's content, not its name
         if cached.is_file() and self._image_sha256.get(case_id) == image_sha256:
             probability = load_probability_map(cached)
+            label_map = load_label_map(label_path, probability.geometry)  # a DICOM SEG goes on the map's grid
         else:
             image = case.load()  # a file, or a DICOM series folder (its own geometry)
+            label_map = load_label_map(label_path, image.geometry)  # checked before the prediction
             check_same_geometry(image, label_map, what=f"image and label map of case {case_id!r}")
             prediction = self.engine.predict(image, mc_dropout=self.mc_dropout, tta_flips=self.tta_flips)
             self.inference_seconds[case_id] = prediction.seconds
