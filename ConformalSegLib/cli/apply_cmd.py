@@ -46,7 +46,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     source.add_argument(
         "--mask",
         type=Path,
-        help="predicted label map of a mask-only tool (profiles calibrated with calibrate --masks)",
+        help="predicted label map of a mask-only tool (profiles calibrated with calibrate --masks); a DICOM SEG "
+        ".dcm is placed on the --reference-dicom series' grid when given",
     )
     add_fold_apply_options(p, source)
     p.add_argument("--model", type=Path, help="with --image: the model card the profile was calibrated with")

@@ -58,7 +58,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def add_data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--probs", type=Path, help="folder of probability maps (.nii.gz/.nrrd/.mha/.npy/nnU-Net .npz)")
-    p.add_argument("--labels", type=Path, help="folder of label maps, same case ids as --probs")
+    p.add_argument(
+        "--labels",
+        type=Path,
+        help="folder of label maps, same case ids as --probs (NIfTI/NRRD, or DICOM SEG CASE.dcm: segment number = "
+        "label value, placed on the map's grid)",
+    )
     p.add_argument("--data", type=Path, help="folder with probs/ and labels/ subfolders (instead of --probs/--labels)")
     add_folds_option(p)
     add_lesion_options(p)

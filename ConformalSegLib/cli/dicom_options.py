@@ -1,4 +1,5 @@
-"""DICOM options of ``conformalseg apply``: series folders as input, a DICOM SEG as output.
+"""DICOM options of ``conformalseg apply``: series folders as input, a DICOM SEG as output (and
+``--series-uid``, shared with ``infer`` and ``calibrate/evaluate --images``).
 
 ``--image`` and ``--prob`` accept a folder holding a DICOM series (:mod:`ConformalSegLib.io.dicom_series`;
 ``--series-uid`` picks one of several); ``--dicom-seg --reference-dicom DIR`` also writes
@@ -24,12 +25,17 @@ from ..io.dicom_series import series_headers
 SEG_NAME = "segmentation.dcm"
 
 
-def add_dicom_options(p: argparse.ArgumentParser) -> None:
+def add_series_uid_option(p: Any, inputs: str = "--images") -> None:
+    """``--series-uid`` (shared by ``apply``, ``infer``, ``calibrate/evaluate --images``)."""
     p.add_argument(
         "--series-uid",
         default=None,
-        help="Series Instance UID to read when the --image/--prob/--reference-dicom folder holds several DICOM series",
+        help=f"Series Instance UID to read when the {inputs} folder holds several DICOM series",
     )
+
+
+def add_dicom_options(p: argparse.ArgumentParser) -> None:
+    add_series_uid_option(p, "--image/--prob/--reference-dicom")
     p.add_argument(
         "--dicom-seg",
         action="store_true",

@@ -21,6 +21,10 @@ ready for ``conformalseg calibrate --method crc-interval|k-crc|sem-crc|sem-crc-o
 the label files). With MC dropout the probability is the mean over the passes: calibrate and apply
 with the same number of passes (and seed). Every file is written atomically; existing outputs are
 never overwritten without ``--force`` (checked before the first case runs).
+
+``--images`` may also be a DICOM series folder (one case, named after the folder; ``--series-uid`` picks one
+of several series) or a folder of case folders holding one series each: the maps are written on each
+series' own grid (origin, spacing, direction from its slice positions).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from ..common.executors import MapReport, map_ordered
 from ..io.atomic import atomic_write_text, check_can_write
 from .cascade_options import add_cascade_argument, cascade_predictor_from_args
 from .common import add_force, add_trust_option, progress_bar
+from .dicom_options import add_series_uid_option
 from .executor_options import add_executor_options, executor_spec
 
 INFERENCE_FORMAT = "conformalseg-inference"
@@ -64,8 +69,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--images",
         type=Path,
         required=True,
-        help="image file, folder of images (.nii.gz/.nrrd/.mha), or an MSD/nnU-Net dataset folder",
+        help="image file, folder of images (.nii.gz/.nrrd/.mha), an MSD/nnU-Net dataset folder, a DICOM series "
+        "folder (one case, named after the folder), or a folder of case folders each holding one DICOM series",
     )
+    add_series_uid_option(p)
     p.add_argument(
         "--subset",
         choices=("all", "tr", "ts"),
@@ -180,12 +187,12 @@ def _predict_all(
 
 def predict_case(shared: tuple[Any, dict[str, Any]], item: tuple[Any, dict[str, Path]]) -> dict[str, Any]:
     """Predict one image and write its maps (the task of ``infer``; module level, so workers import it)."""
-    from ..io.volumes import load_image, save_volume
+    from ..io.volumes import save_volume
 
     engine, o = shared
     case, paths = item
     t0 = time.perf_counter()
-    volume = load_image(case.path)
+    volume = case.load()  # an image file, or a DICOM series folder (its own geometry goes to the outputs)
     if o["quantile"]:
         prediction = engine.predict_quantiles(volume)
         save_volume(prediction.lower, volume.geometry, paths["lower"], force=o["force"])
@@ -223,7 +230,7 @@ def run(args: argparse.Namespace) -> int:
             "--cascade apply to lesion models only",
             fix="run it without those options",
         )
-    cases = find_images(args.images, subset=args.subset)
+    cases = find_images(args.images, subset=args.subset, dicom=True, series_uid=args.series_uid)
     if args.profile is not None:
         _options_from_profile(args)
     mc = args.mc_dropout > 0 or (cascade is not None and cascade.config.stage2_mc_passes > 0)

@@ -30,8 +30,9 @@ from ..conformal.profile import CalibrationProfile, load_profile
 from ..io.atomic import atomic_write_text, check_can_write
 from ..io.checksums import sha256_file
 from ..io.dataset import DEFAULT_LESION_LABELS, scan_folder
+from ..io.dicom_seg_input import is_dicom_seg_path
 from ..io.segmentation import INNER_SET, OUTER_SET, slug, write_masks_nifti, write_seg_nrrd
-from ..io.volumes import check_same_geometry, label_values, load_label_map
+from ..io.volumes import Volume, check_same_geometry, label_values, load_label_map
 
 INDEX_FORMAT = "conformalseg-structures"
 PER_STRUCTURE_NOTE = (
@@ -46,7 +47,8 @@ def add_mask_calibrate_options(p: argparse.ArgumentParser) -> None:
         type=Path,
         default=None,
         help="sets: folder of PREDICTED label maps of a tool without probabilities (TotalSegmentator, nnU-Net "
-        "without --save_probabilities), same case ids as --labels; use with --transform distance",
+        "without --save_probabilities), same case ids as --labels, NIfTI/NRRD or DICOM SEG CASE.dcm (segment "
+        "number = label value); use with --transform distance",
     )
     p.add_argument(
         "--structures",
@@ -94,12 +96,21 @@ def _mask_pairs(masks_dir: Path, labels_dir: Path) -> list[tuple[str, Path, Path
     return [(cid, predicted[cid], truth[cid]) for cid in sorted(predicted)]
 
 
+def load_label_pair(first: Path, second: Path) -> tuple[Volume, Volume]:
+    """Two label maps of one case; a DICOM SEG is placed on the other file's grid (both SEGs: the second's)."""
+    if is_dicom_seg_path(first):
+        b = load_label_map(second)
+        return load_label_map(first, b.geometry), b
+    a = load_label_map(first)
+    return a, load_label_map(second, a.geometry)
+
+
 def _stream(pairs: list[tuple[str, Path, Path]], seen: set[int]) -> Iterator[tuple[str, Any, Any, Geometry]]:
     from .common import progress_bar
 
     progress = progress_bar("calibrating")
     for done, (cid, mask_path, label_path) in enumerate(pairs, start=1):
-        predicted, truth = load_label_map(mask_path), load_label_map(label_path)
+        predicted, truth = load_label_pair(mask_path, label_path)
         check_same_geometry(predicted, truth, what=f"predicted and true label maps of case {cid!r}")
         seen |= label_values(truth.array) | label_values(predicted.array)
         progress(done, len(pairs), cid)
@@ -228,6 +239,15 @@ def _structure_profiles(path: Path) -> list[tuple[str | None, tuple[int, ...], C
     return result
 
 
+def _reference_grid(args: argparse.Namespace) -> Geometry | None:
+    """The ``--reference-dicom`` series' grid, on which an ``apply --mask`` DICOM SEG is placed (else its own)."""
+    if not is_dicom_seg_path(args.mask) or getattr(args, "reference_dicom", None) is None:
+        return None
+    from ..io.dicom_series import series_headers
+
+    return series_headers(args.reference_dicom, args.series_uid).geometry
+
+
 def run_mask_apply(args: argparse.Namespace, dicom_seg: Path | None) -> int:
     """``apply --mask``: the inner and outer sets of every structure of the profile (or index)."""
     from .dicom_options import check_dicom_reference, write_seg_output
@@ -236,7 +256,7 @@ def run_mask_apply(args: argparse.Namespace, dicom_seg: Path | None) -> int:
     if not args.force:
         check_can_write(seg_path)
         check_can_write(summary_path)
-    predicted = load_label_map(args.mask)
+    predicted = load_label_map(args.mask, _reference_grid(args))
     masks: dict[str, np.ndarray] = {}
     report: dict[str, Any] = {}
     for name, values, profile in _structure_profiles(args.profile):

@@ -15,6 +15,7 @@ from typing import Any
 from ..common.errors import ConformalSegError
 from .cascade_options import add_cascade_argument, cascade_predictor_from_args
 from .common import add_trust_option, progress_bar
+from .dicom_options import add_series_uid_option
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
@@ -31,8 +32,10 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
         "--images",
         type=Path,
         default=None,
-        help="folder of images, or an MSD/nnU-Net dataset folder, matched to --labels by case id",
+        help="folder of images, or an MSD/nnU-Net dataset folder, or a folder of case folders each holding one "
+        "DICOM series (case id = the folder's name), matched to --labels by case id",
     )
+    add_series_uid_option(g)
     g.add_argument(
         "--mc-dropout",
         type=int,
@@ -91,6 +94,7 @@ def open_model_dataset(args: argparse.Namespace, description: str):
         mc_dropout=args.mc_dropout,
         tta_flips=args.tta,
         progress=progress_bar(description),
+        series_uid=args.series_uid,
     )
     # removed when the dataset is garbage collected or at exit
     dataset.temporary_cache = temporary  # type: ignore[attr-defined]

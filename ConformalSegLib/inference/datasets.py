@@ -10,6 +10,12 @@ Accepted layouts
   ``labelsTr`` is not read). A folder named ``imagesTr``/``imagesTs`` given directly is read with the
   same (dataset) rules, its parent's ``dataset.json`` included.
 
+* **DICOM series** (callers that pass ``dicom=True``: ``infer``, ``calibrate/evaluate --images``): a folder
+  holding one DICOM series is one case named after the folder (``series_uid`` picks one of several series);
+  a folder without image files whose sub-folders each hold one series gives one case per sub-folder, named
+  after it (:func:`ConformalSegLib.io.dicom_series.find_series_cases`). :meth:`ImageCase.load` reads either
+  kind.
+
 Case ids
 --------
 A case id is the file name without its format extension (the rule of
@@ -35,7 +41,8 @@ from pathlib import Path
 
 from ..common.errors import ConformalSegError
 from ..io.dataset import case_id as _file_case_id
-from ..io.volumes import IMAGE_EXTENSIONS, volume_extension
+from ..io.dicom_series import find_series_cases, image_input_sha256, load_image_input
+from ..io.volumes import IMAGE_EXTENSIONS, Volume, volume_extension
 
 CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 SUBSETS = ("all", "tr", "ts")
@@ -49,11 +56,20 @@ SINGLE_CHANNEL_FIX = (
 
 @dataclass(frozen=True)
 class ImageCase:
-    """One input image: its case id, file and (for datasets) the subset folder it came from."""
+    """One input image: its case id, file (or DICOM series folder) and (for datasets) its subset folder."""
 
     case_id: str
     path: Path
     subset: str | None = None  # "imagesTr" / "imagesTs" for datasets
+    series_uid: str | None = None  # the series to read when ``path`` is a folder holding several
+
+    def load(self) -> Volume:
+        """The image as float32 on its own grid (a file, or the DICOM series of a folder)."""
+        return load_image_input(self.path, self.series_uid)
+
+    def sha256(self) -> str:
+        """The content key of the image (its bytes, or its series' files)."""
+        return image_input_sha256(self.path, self.series_uid)
 
 
 def _listing(names: list[str]) -> str:
@@ -158,10 +174,13 @@ def _scan(folder: Path, *, dataset: bool) -> dict[str, Path]:
     return _group(files, dataset=dataset, folder=folder) if files else {}
 
 
-def find_images(path: str | PathLike[str], *, subset: str = "all") -> list[ImageCase]:
+def find_images(
+    path: str | PathLike[str], *, subset: str = "all", dicom: bool = False, series_uid: str | None = None
+) -> list[ImageCase]:
     """The input images under ``path`` (see the module docstring), sorted by case id.
 
-    ``subset`` (datasets only): ``"all"`` (imagesTr and imagesTs), ``"tr"`` or ``"ts"``.
+    ``subset`` (datasets only): ``"all"`` (imagesTr and imagesTs), ``"tr"`` or ``"ts"``. ``dicom``: also
+    accept DICOM series folders (``series_uid``: the series of a folder holding several).
     """
     path = Path(path)
     if subset not in SUBSETS:
@@ -171,6 +190,10 @@ def find_images(path: str | PathLike[str], *, subset: str = "all") -> list[Image
             "image path does not exist",
             path=path,
             fix="give an image file, a folder of images or an MSD/nnU-Net dataset folder",
+        )
+    if series_uid is not None and not (dicom and path.is_dir()):
+        raise ConformalSegError(
+            "--series-uid applies to a DICOM series folder", path=path, fix="leave out --series-uid"
         )
     if path.is_file():
         if not _is_image(path):
@@ -211,8 +234,18 @@ def find_images(path: str | PathLike[str], *, subset: str = "all") -> list[Image
             ImageCase(cid, file, path.name if in_dataset else None)
             for cid, file in _scan(path, dataset=in_dataset).items()
         ]
+        if not cases and dicom:
+            series = find_series_cases(path, series_uid)
+            cases = [ImageCase(cid, folder, None, series_uid) for cid, folder in series.items()]
     if not cases:
+        kinds = f"images ({' '.join(IMAGE_EXTENSIONS)})" + (
+            ", a DICOM series, or one folder per case holding its DICOM series" if dicom else ""
+        )
+        raise ConformalSegError("no images found", path=path, fix=f"put {kinds} in the folder")
+    if series_uid is not None and not any(case.series_uid for case in cases):
         raise ConformalSegError(
-            "no images found", path=path, fix=f"put images ({' '.join(IMAGE_EXTENSIONS)}) in the folder"
+            "--series-uid applies to a DICOM series folder, not to a folder of image files",
+            path=path,
+            fix="leave out --series-uid",
         )
     return sorted(cases, key=lambda c: c.case_id)

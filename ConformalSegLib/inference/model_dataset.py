@@ -29,19 +29,17 @@ from typing import Any
 
 from ..common.errors import ConformalSegError
 from ..io.atomic import atomic_write_text
-from ..io.checksums import sha256_file
 from ..io.dataset import CalibrationDataset, Case, ProgressCallback, _listing, scan_folder
 from ..io.volumes import (
     Volume,
     check_same_geometry,
     label_values,
-    load_image,
     load_label_map,
     load_probability_map,
     mask_from_labels,
     save_volume,
 )
-from .datasets import find_images
+from .datasets import ImageCase, find_images
 from .engine import InferenceEngine
 from .model_card import ModelCard
 
@@ -80,10 +78,11 @@ def inference_provenance(
 
 
 def match_images_to_labels(
-    images: str | PathLike[str], labels_dir: str | PathLike[str]
+    images: str | PathLike[str], labels_dir: str | PathLike[str], *, series_uid: str | None = None
 ) -> dict[str, tuple[Path, Path]]:
-    """``case_id -> (image, label)``; every image needs a label and every label an image."""
-    image_cases = {case.case_id: case.path for case in find_images(images)}
+    """``case_id -> (image, label)``; every image needs a label and every label an image. An image is a file
+    or a DICOM series folder (``series_uid``: the series of a single series folder holding several)."""
+    image_cases = {case.case_id: case.path for case in find_images(images, dicom=True, series_uid=series_uid)}
     label_files = scan_folder(labels_dir, probability=False)
     only_images = sorted(set(image_cases) - set(label_files))
     only_labels = sorted(set(label_files) - set(image_cases))
@@ -123,6 +122,7 @@ class InferenceDataset(CalibrationDataset):
         mc_dropout: int = 0,
         tta_flips: bool = False,
         progress: ProgressCallback | None = None,
+        series_uid: str | None = None,
     ):
         if mc_dropout < 0:
             raise ConformalSegError(
@@ -135,9 +135,10 @@ class InferenceDataset(CalibrationDataset):
             lesion_labels,
             None,
             progress=progress,
-            pairs=match_images_to_labels(images, labels_dir),
+            pairs=match_images_to_labels(images, labels_dir, series_uid=series_uid),
         )
         self.images = Path(images)
+        self.series_uid = series_uid
         self.engine = engine
         self.mc_dropout = int(mc_dropout)
         self.tta_flips = bool(tta_flips)
@@ -209,13 +210,15 @@ class InferenceDataset(CalibrationDataset):
     def load(self, case_id: str) -> Case:
         """Predict (or read the cached prediction of) one case and load its label map."""
         image_path, label_path = self.paths(case_id)
-        label_map = load_label_map(label_path)
         cached = self.cache_path(case_id)
-        image_sha256 = sha256_file(image_path)  # the cache is keyed on the image's content, not its name
+        case = ImageCase(case_id, image_path, series_uid=self.series_uid if image_path.is_dir() else None)
+        image_sha256 = case.sha256()  # the cache is keyed on the image's content, not its name
         if cached.is_file() and self._image_sha256.get(case_id) == image_sha256:
             probability = load_probability_map(cached)
+            label_map = load_label_map(label_path, probability.geometry)  # a DICOM SEG goes on the map's grid
         else:
-            image = load_image(image_path)
+            image = case.load()  # a file, or a DICOM series folder (its own geometry)
+            label_map = load_label_map(label_path, image.geometry)  # checked before the prediction
             check_same_geometry(image, label_map, what=f"image and label map of case {case_id!r}")
             prediction = self.engine.predict(image, mc_dropout=self.mc_dropout, tta_flips=self.tta_flips)
             self.inference_seconds[case_id] = prediction.seconds

@@ -1,5 +1,6 @@
 """Data input/output: probability maps, label maps, calibration datasets, Slicer segmentations, DICOM series
-(``dicom_series``), DICOM SEG (``dicom_seg``) and nnU-Net fold ensembles (``nnunet_folds``).
+(``dicom_series``), DICOM SEG out (``dicom_seg``) and in as a label map (``dicom_seg_input``) and nnU-Net fold
+ensembles (``nnunet_folds``).
 
 Arrays are in numpy ``(z, y, x)`` order; geometry spacing/origin/direction in ITK ``(x, y, z)`` order
 (see :mod:`ConformalSegLib.common.geometry`). Every failure caused by the user's files raises

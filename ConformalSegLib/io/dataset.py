@@ -3,7 +3,8 @@
 Case id rule
 ------------
 A file's case id is its name with the format extension removed (``.nii.gz``, ``.nii``,
-``.seg.nrrd``, ``.nrrd``, ``.mha``, ``.mhd``, ``.npy``, ``.npz``; matched case-insensitively). For
+``.seg.nrrd``, ``.nrrd``, ``.mha``, ``.mhd``, ``.npy``, ``.npz``, and ``.dcm`` for a label map given as a DICOM
+SEG; matched case-insensitively). For
 probability files a trailing ``_prob``, ``_probs``, ``_probability`` or ``_probabilities`` is also
 removed, so ``probs/case01_probs.nii.gz`` pairs with ``labels/case01.nii.gz``.
 
@@ -52,6 +53,8 @@ def case_id(path: str | PathLike[str], *, probability: bool = False) -> str | No
     """Case id of a file name per the module's rule, or None when the file is not a volume."""
     name = Path(path).name
     ext = volume_extension(name)
+    if not probability and ext is None and name.lower().endswith(".dcm"):
+        ext = ".dcm"  # a DICOM SEG label map
     if name.startswith(".") or ext is None:
         return None
     stem = name[: len(name) - len(ext)]
@@ -245,7 +248,8 @@ class CalibrationDataset:
         """Load one case, checking that both files are on the same voxel grid."""
         prob_path, label_path = self.paths(case_id)
         probability = load_probability_map(prob_path, channel=self.channel)
-        label_map = load_label_map(label_path)
+        # a DICOM SEG label map is placed on the map's grid (checked); other files carry their own
+        label_map = load_label_map(label_path, probability.geometry if probability.geometry_known else None)
         check_same_geometry(probability, label_map, what=f"probability map and label map of case {case_id!r}")
         if not probability.geometry_known:  # a bare array: adopt the label map's physical grid
             probability.geometry, probability.geometry_known = label_map.geometry, label_map.geometry_known

@@ -12,6 +12,9 @@
   cosine and the slice normal, spacing = (column spacing, row spacing, distance between slices).
   :func:`series_headers` computes the same geometry from the headers alone with pydicom (no pixels),
   for :mod:`ConformalSegLib.io.dicom_seg`, which needs the slice files in the same order as the frames.
+* Many cases (``infer --images``, ``calibrate --images``): :func:`find_series_cases` takes a folder that is
+  itself one series (one case, named after the folder) or a folder of case folders, one series each
+  (case id = the case folder's name); :func:`image_input_sha256` is the content key of either input kind.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import SimpleITK as sitk
 
 from ..common.errors import ConformalSegError
 from ..common.geometry import Geometry
+from .checksums import sha256_file, sha256_files
 from .volumes import Volume, _check_probabilities, geometry_from_sitk, load_image, load_probability_map
 
 SERIES_FIX = "pass --series-uid with one of the series listed"
@@ -115,6 +119,45 @@ def load_probability_input(
     if not np.issubdtype(array.dtype, np.floating):  # no rescale slope: stored integers are not probabilities
         array = array.astype(np.int64)
     return Volume(_check_probabilities(array, Path(path)), geometry_from_sitk(image), str(path))
+
+
+def image_input_sha256(path: str | PathLike[str], series_uid: str | None = None) -> str:
+    """SHA-256 of an image input: the file's bytes, or the names and bytes of one series' files."""
+    if not Path(path).is_dir():
+        return sha256_file(path)
+    return sha256_files(series_files(path, series_uid))
+
+
+def find_series_cases(folder: str | PathLike[str], series_uid: str | None = None) -> dict[str, Path]:
+    """``case id -> series folder`` (see the module docstring); ``{}`` when ``folder`` holds no DICOM series.
+
+    ``folder`` holding a series itself is one case (``series_uid`` picks one of several; checked here, before
+    any case runs). Otherwise each visible sub-folder holding a series is a case and must hold exactly one
+    (``series_uid`` names one series, so it cannot apply to many cases).
+    """
+    folder = Path(folder)
+    if list_series(folder):
+        series_files(folder, series_uid)  # an unknown UID, or several series without one, fails now
+        return {folder.name: folder}
+    cases: dict[str, Path] = {}
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        uids = list_series(sub)
+        if len(uids) > 1:
+            raise ConformalSegError(
+                f"the case folder holds {len(uids)} series ({', '.join(uids)}); a folder of case folders needs one "
+                "series per case",
+                path=sub,
+                fix="keep one image series per case folder (move the others, e.g. localizers, elsewhere)",
+            )
+        if uids:
+            cases[sub.name] = sub
+    if cases and series_uid is not None:
+        raise ConformalSegError(
+            f"--series-uid picks a series in one series folder, but this folder holds {len(cases)} case folders",
+            path=folder,
+            fix="leave out --series-uid (one series per case folder), or give the one series folder",
+        )
+    return cases
 
 
 def _no_series_uid(path: str | PathLike[str], series_uid: str | None) -> None:

@@ -489,10 +489,20 @@ def load_image(path: PathLikeStr) -> Volume:
     return Volume(array.astype(np.float32, copy=False), geometry, str(path))
 
 
-def load_label_map(path: PathLikeStr) -> Volume:
-    """Read a 3D integer label map (dtype as stored; integer-valued floats become int32; NaN is refused)."""
+def load_label_map(path: PathLikeStr, reference: Geometry | None = None) -> Volume:
+    """Read a 3D integer label map (dtype as stored; integer-valued floats become int32; NaN is refused).
+
+    A ``.dcm`` file is a DICOM SEG (:mod:`ConformalSegLib.io.dicom_seg_input`: value = segment number),
+    placed on ``reference`` (the grid of the image it labels) when given; other formats carry their own grid
+    and ignore ``reference`` (:func:`check_same_geometry` compares them).
+    """
     path = _require_file(path, "label map")
     ext = volume_extension(path)
+    if ext is None and path.name.lower().endswith(".dcm"):
+        from .dicom_seg_input import load_dicom_seg_labels  # imports this module
+
+        array, geometry = load_dicom_seg_labels(path, reference)
+        return Volume(array, geometry, str(path))
     if ext in IMAGE_EXTENSIONS:
         array, geometry = _read_scalar_image(path, "label map", "export a single 3D labelmap (no overlapping segments)")
         known = True
@@ -501,7 +511,7 @@ def load_label_map(path: PathLikeStr) -> Volume:
         _require_3d(array, path, "label map")
         geometry, known = _identity_geometry(array.shape, None, path), False
     else:
-        raise _unsupported(path, "label map", IMAGE_EXTENSIONS + (".npy",))
+        raise _unsupported(path, "label map", IMAGE_EXTENSIONS + (".npy", ".dcm (DICOM SEG)"))
     return Volume(_integer_labels(array, path), geometry, str(path), geometry_known=known)
 
 

@@ -1,0 +1,177 @@
+"""A DICOM SEG as a label map input (``calibrate --masks/--labels``, ``apply --mask``): written with our
+exporter, read back voxel for voxel (segment number = label value), placed on the image's grid (also when
+empty frames were omitted), and refused with one clear message when it cannot be a label map."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from dicom_support import GEOM, SHAPE, write_ct_series
+
+pytest.importorskip("highdicom")
+
+from ConformalSegLib.cli import main  # noqa: E402
+from ConformalSegLib.common.errors import ConformalSegError  # noqa: E402
+from ConformalSegLib.common.geometry import Geometry  # noqa: E402
+from ConformalSegLib.io.dataset import case_id  # noqa: E402
+from ConformalSegLib.io.dicom_seg import GuaranteeRecord, write_dicom_seg  # noqa: E402
+from ConformalSegLib.io.volumes import load_label_map, save_volume  # noqa: E402
+
+RECORD = GuaranteeRecord("sets (mask)", None, 0.1, 12, "ab" * 32, "a sentence")
+
+
+def label_map(seed: int = 0, shape=SHAPE) -> np.ndarray:
+    """Labels 0..3 in random blocks; the first and last slices are background (so a SEG may omit them)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 4, size=shape).astype(np.uint8)
+    labels[0] = labels[-1] = 0
+    return labels
+
+
+def write_label_seg(labels: np.ndarray, ct_folder, path, names=("liver", "spleen", "kidney")) -> None:
+    """Our exporter, one segment per label value (segment k = value k)."""
+    masks = {f"{name} inner set": labels == value for value, name in enumerate(names, start=1)}
+    write_dicom_seg(masks, GEOM, ct_folder, path, RECORD)
+
+
+@pytest.fixture(scope="module")
+def ct(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("seg_input") / "ct"
+    write_ct_series(folder, np.zeros(SHAPE, np.int16))
+    return folder
+
+
+def test_round_trip_voxel_for_voxel(ct, tmp_path):
+    labels = label_map()
+    write_label_seg(labels, ct, tmp_path / "case.dcm")
+    own = load_label_map(tmp_path / "case.dcm")  # the SEG's own frame geometry
+    assert own.geometry.mismatch(GEOM) is None
+    assert np.array_equal(own.array, labels)
+    placed = load_label_map(tmp_path / "case.dcm", GEOM)  # placed on the image's grid
+    assert np.array_equal(placed.array, labels) and placed.geometry == GEOM
+    assert case_id("case.dcm") == "case" and case_id("case.dcm", probability=True) is None
+
+
+def test_seg_without_empty_frames_is_placed_on_the_image_grid(ct, tmp_path):
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    from ConformalSegLib.io.dicom_series import series_headers
+
+    labels = label_map(1)
+    algorithm = hd.AlgorithmIdentificationSequence("t", codes.cid7162.ArtificialIntelligence, "1")
+    descriptions = [
+        hd.seg.SegmentDescription(
+            k, f"s{k}", codes.SCT.Organ, codes.SCT.Liver, hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm
+        )
+        for k in (1, 2, 3)
+    ]
+    seg = hd.seg.Segmentation(
+        series_headers(ct).datasets,
+        labels,  # a label-map array: highdicom stacks the segments and omits empty frames by default
+        hd.seg.SegmentationTypeValues.BINARY,
+        descriptions,
+        hd.UID(),
+        2,
+        hd.UID(),
+        1,
+        "m",
+        "m",
+        "1",
+        "1",
+    )
+    assert seg.NumberOfFrames < 3 * SHAPE[0]
+    seg.save_as(tmp_path / "omitted.dcm")
+    assert np.array_equal(load_label_map(tmp_path / "omitted.dcm", GEOM).array, labels)
+    own = load_label_map(tmp_path / "omitted.dcm")  # without the image: only the SEG's own stack
+    assert own.geometry.shape == (SHAPE[0] - 2, *SHAPE[1:])
+
+
+def test_refusals(ct, tmp_path):
+    rng = np.random.default_rng(2)
+    inner = rng.random(SHAPE) < 0.3
+    masks = {"Inner set": inner, "Outer set": inner | (rng.random(SHAPE) < 0.3)}
+    write_dicom_seg(masks, GEOM, ct, tmp_path / "overlap.dcm", RECORD)
+    with pytest.raises(ConformalSegError, match="segments overlap.*one value per voxel"):
+        load_label_map(tmp_path / "overlap.dcm")
+    write_label_seg(label_map(), ct, tmp_path / "seg.dcm")
+    shifted = Geometry(SHAPE, GEOM.spacing, tuple(np.add(GEOM.origin, (5.0, 0.0, 0.0))), GEOM.direction)
+    with pytest.raises(ConformalSegError, match="not on the grid of the image it labels"):
+        load_label_map(tmp_path / "seg.dcm", shifted)
+    bigger = Geometry((SHAPE[0], SHAPE[1] + 1, SHAPE[2]), GEOM.spacing, GEOM.origin, GEOM.direction)
+    with pytest.raises(ConformalSegError, match="frames are 9x11 pixels"):
+        load_label_map(tmp_path / "seg.dcm", bigger)
+    fewer = Geometry((3, *SHAPE[1:]), GEOM.spacing, GEOM.origin, GEOM.direction)
+    with pytest.raises(ConformalSegError, match="frames outside the 3 slices"):
+        load_label_map(tmp_path / "seg.dcm", fewer)
+    ct_slice = next(ct.iterdir())
+    with pytest.raises(ConformalSegError, match="not a DICOM SEG"):
+        load_label_map(ct_slice)
+    (tmp_path / "junk.dcm").write_bytes(b"not dicom at all")
+    with pytest.raises(ConformalSegError, match="cannot read the DICOM file"):
+        load_label_map(tmp_path / "junk.dcm")
+
+
+def run(argv, capsys):
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_mask_calibration_and_apply_read_dicom_segs(ct, tmp_path, capsys):
+    """calibrate --masks on SEGs gives the profile of the same masks as NIfTI; apply --mask SEG the same sets."""
+    rng = np.random.default_rng(5)
+    z, y, x = np.meshgrid(*(np.arange(n) for n in SHAPE), indexing="ij")
+    for i in range(10):
+        centre = np.array([2.5, 4, 5]) + rng.normal(0, 0.6, 3)
+        truth = ((z - centre[0]) / 2.0) ** 2 + ((y - centre[1]) / 3) ** 2 + ((x - centre[2]) / 3.5) ** 2 <= 1
+        shift = centre + rng.normal(0, 0.5, 3)
+        predicted = ((z - shift[0]) / 2.0) ** 2 + ((y - shift[1]) / 3) ** 2 + ((x - shift[2]) / 3.5) ** 2 <= 1
+        save_volume(truth.astype(np.uint8), GEOM, tmp_path / "labels" / f"c{i}.nii.gz")
+        save_volume(predicted.astype(np.uint8), GEOM, tmp_path / "pred_nifti" / f"c{i}.nii.gz")
+        (tmp_path / "pred_seg").mkdir(exist_ok=True)
+        write_label_seg(predicted.astype(np.uint8), ct, tmp_path / "pred_seg" / f"c{i}.dcm", names=("liver",))
+    base = ["calibrate", "--method", "sets", "--transform", "distance", "--alpha", "0.2", "--lesion-label", "1"]
+    for kind in ("nifti", "seg"):
+        argv = [*base, "--masks", tmp_path / f"pred_{kind}", "--labels", tmp_path / "labels"]
+        code, _, err = run([*argv, "--out", tmp_path / f"{kind}.json"], capsys)
+        assert code == 0, err
+    nifti, seg = (json.loads((tmp_path / f"{k}.json").read_text()) for k in ("nifti", "seg"))
+    for key in ("n", "inner_threshold", "outer_threshold"):
+        assert nifti[key] == seg[key], key
+    new = tmp_path / "pred_seg" / "c3.dcm"
+    code, _, err = run(["apply", "--profile", tmp_path / "seg.json", "--mask", new, "--out", tmp_path / "a1"], capsys)
+    assert code == 0, err
+    new_nifti = tmp_path / "pred_nifti" / "c3.nii.gz"
+    code, _, err = run(
+        ["apply", "--profile", tmp_path / "seg.json", "--mask", new_nifti, "--out", tmp_path / "a2"], capsys
+    )
+    assert code == 0, err
+    for name in ("inner_set", "outer_set"):
+        a, b = (load_label_map(tmp_path / d / f"{name}.nii.gz") for d in ("a1", "a2"))
+        assert np.array_equal(a.array, b.array) and a.geometry.mismatch(b.geometry) is None
+    argv = ["apply", "--profile", tmp_path / "seg.json", "--mask", new, "--out", tmp_path / "a3"]
+    code, _, err = run([*argv, "--dicom-seg", "--reference-dicom", ct], capsys)  # placed on the series' grid
+    assert code == 0, err
+
+
+def test_calibration_labels_as_dicom_segs(ct, tmp_path, capsys):
+    """calibrate --probs --labels with CASE.dcm label maps equals the same labels as NIfTI."""
+    rng = np.random.default_rng(8)
+    for i in range(8):
+        labels = label_map(10 + i)
+        prob = np.clip(0.6 * (labels == 2) + 0.5 * rng.random(SHAPE), 0, 1).astype(np.float32)
+        save_volume(prob, GEOM, tmp_path / "probs" / f"c{i}.nii.gz")
+        save_volume(labels, GEOM, tmp_path / "labels_nifti" / f"c{i}.nii.gz")
+        (tmp_path / "labels_seg").mkdir(exist_ok=True)
+        write_label_seg(labels, ct, tmp_path / "labels_seg" / f"c{i}.dcm")
+    base = ["calibrate", "--method", "cls", "--epsilon", "0.2", "--alpha", "0.2", "--lesion-label", "2"]
+    for kind in ("nifti", "seg"):
+        argv = [*base, "--probs", tmp_path / "probs", "--labels", tmp_path / f"labels_{kind}"]
+        code, _, err = run([*argv, "--out", tmp_path / f"{kind}.json"], capsys)
+        assert code == 0, err
+    nifti, seg = (json.loads((tmp_path / f"{k}.json").read_text()) for k in ("nifti", "seg"))
+    assert nifti["n"] == seg["n"] == 8
+    assert nifti["probability_threshold"] == seg["probability_threshold"]
