@@ -9,7 +9,8 @@ imports included; the "imports only" row is that floor).
 * **Interval methods**: ``calibrate_interval`` (what ``calibrate --method crc-interval|sem-crc-organ`` runs) on
   n = 100 and 400 synthetic interval scans of 8 x 64 x 64 (``--quick``: 10 and 40 of 2 x 16 x 16), old
   (``stream=False``: every scan in memory) against new (streaming, bit-identical lambdas: checked here too),
-  and ``apply`` of the profile on one scan.
+  and ``apply`` of the profile on one scan; ``evaluate`` (2 runs of crc-interval and sem-crc-organ) with the
+  scans in memory (old) or memory-mapped from a spill folder (new, identical results: checked).
 * **One 512 x 512 x 300 map** (not with ``--quick``): ``calibrate --method sets --transform distance`` on that
   one case and ``apply`` of its profile, with the previous whole-grid float64 distance transform (old) and the
   current one (new); see ``bench_distance.py`` for the transform alone.
@@ -78,6 +79,36 @@ def interval_calibrate(root: str, method: str, stream: bool, out: str) -> list[f
         )
     profile.save(out, force=True)
     return [float(v) for v in profile.calibration.lam]
+
+
+def interval_evaluate(root: str, spill: bool) -> dict:
+    """``evaluate --lower ...`` over 2 runs: scans in memory (old) or memory-mapped from a spill folder (new)."""
+    from ConformalSegLib.semcrc.evaluation import evaluate_interval_methods
+    from ConformalSegLib.semcrc.workflow import load_interval_data
+
+    d = Path(root)
+    with tempfile.TemporaryDirectory() as spill_dir, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        data = load_interval_data(
+            d / "lower",
+            d / "upper",
+            d / "truth",
+            d / "organs",
+            ORGANS,
+            "nonzero",
+            spill_to=Path(spill_dir) if spill else None,
+        )
+        summary = evaluate_interval_methods(
+            data,
+            0.1,
+            runs=2,
+            n_cal=data.n // 2,
+            methods=("crc", "sem-crc-organ"),
+            n_opt=max(2, data.n // 8),
+            d_opt=50,
+            gammas=(0.5,),
+        )
+    return {m: summary["methods"][m]["runs"]["lambda"] for m in summary["methods"]}
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -158,6 +189,20 @@ def interval_rows(tmp: Path, sizes: tuple[int, ...], shape: tuple[int, int, int]
                     C.fmt_ratio(old["peak_mib"] / new["peak_mib"]),
                 ]
             )
+        old = measure("bench_load", "interval_evaluate", str(root), False)
+        new = measure("bench_load", "interval_evaluate", str(root), True)
+        if old["result"] != new["result"]:
+            raise AssertionError("spilled scans changed the evaluation")
+        rows.append(
+            [
+                f"evaluate crc + sem-crc-organ, 2 runs, n = {n}",
+                C.fmt_s(old["seconds"]),
+                C.fmt_s(new["seconds"]),
+                f"{old['peak_mib']:.0f} MiB",
+                f"{new['peak_mib']:.0f} MiB",
+                C.fmt_ratio(old["peak_mib"] / new["peak_mib"]),
+            ]
+        )
         scan = [str(root / k / "s0000.npy") for k in ("lower", "upper", "organs")]
         argv = ["apply", "--profile", str(tmp / "new.json"), "--lower", scan[0], "--upper", scan[1]]
         app = measure("bench_load", "cli", argv + ["--organs", scan[2], "--out", str(tmp / f"iva{n}"), "--force"])
@@ -221,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
         shape = IV_QUICK if args.quick else IV
         lines.append(
             f"Interval methods, synthetic scans of {shape} (`.npy`), old = every scan in memory, new = streaming "
-            "(identical lambdas, checked):\n"
+            "calibration / memory-mapped evaluation (identical lambdas, checked):\n"
         )
         header = ["step", "time old", "time new", "peak RSS old", "peak RSS new", "memory old / new"]
         lines.append(C.md_table(header, interval_rows(tmp, sizes, shape, args.seed)) + "\n")
