@@ -253,7 +253,11 @@ def large_rows(tmp: Path, seed: int) -> list[list[object]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = C.parse_args(__doc__.splitlines()[0], argv)
+    args = C.parse_args(
+        __doc__.splitlines()[0],
+        argv,
+        lambda p: p.add_argument("--no-large", action="store_true", help="leave out the 512 x 512 x 300 map"),
+    )
     sizes = (10, 40) if args.quick else (100, 400)
     lines = ["### Load test: calibrate and apply as n grows\n", f"Machine: {C.machine_line()}\n"]
     with tempfile.TemporaryDirectory(prefix="bench_load_") as tmp_name:
@@ -270,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         header = ["step", "time old", "time new", "peak RSS old", "peak RSS new", "memory old / new"]
         lines.append(C.md_table(header, interval_rows(tmp, sizes, shape, args.seed)) + "\n")
-        if not args.quick:
+        if not (args.quick or args.no_large):
             lines.append(
                 f"One {C.FULL_SHAPE} map (z, y, x), `sets --transform distance`, old = whole-grid float64 distance "
                 "transform, new = current:\n"
