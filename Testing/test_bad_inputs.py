@@ -704,3 +704,52 @@ def test_profile_pair_is_kept_when_the_second_rename_fails(base: Path, tmp_path:
     assert load_profile(tmp_path / "p.json").calibration.epsilon == 0.2  # the old pair still loads
     profile.save(tmp_path / "p.json", force=True)
     assert load_profile(tmp_path / "p.json").calibration.epsilon == 0.3
+
+
+# ----------------------------------------------------------------------------- permission denied
+
+UNPRIVILEGED = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
+
+
+def _permission_cases() -> list[tuple[str, str, Callable[[Path], list[str]], str]]:
+    """``(name, path to make unreadable, command, file the message names)``."""
+    return [
+        ("folder", "d/labels", calibrate, "labels"),
+        ("profile JSON", "p.json", apply, "p.json"),
+        ("profile .npz", "p.npz", apply, "p.npz"),
+    ]
+
+
+@pytest.mark.parametrize("case", _permission_cases(), ids=[c[0] for c in _permission_cases()])
+def test_permission_denied_as_an_unprivileged_user(case, base: Path) -> None:
+    """Root reads files without read permission, so as root the command runs as uid/gid 65534 (``setpriv``);
+    as any other user it runs as that user. One ``error:`` line naming the file, exit 2, nothing written."""
+    import subprocess
+    import tempfile
+
+    _name, target, command, names = case
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root and setpriv (util-linux) is not installed: cannot drop privileges")
+        probe = subprocess.run([*UNPRIVILEGED, sys.executable, "-c", "import ConformalSegLib.cli"], cwd=ROOT)
+        if probe.returncode != 0:
+            pytest.skip("uid 65534 cannot run this Python / read this checkout (a private home or venv)")
+        prefix = UNPRIVILEGED
+    ws = Path(tempfile.mkdtemp(prefix="conformalseg-perm-"))
+    try:
+        shutil.copytree(base, ws, dirs_exist_ok=True)
+        for path in [ws, *ws.rglob("*")]:  # everyone may read and write the copy ...
+            os.chmod(path, 0o777 if path.is_dir() else 0o666)
+        os.chmod(ws / target, 0)  # ... except the one path under test
+        before = snapshot(ws)
+        env = {**os.environ, "HOME": str(ws), "MPLCONFIGDIR": str(ws), "PYTHONDONTWRITEBYTECODE": "1"}
+        argv = [*prefix, sys.executable, "-m", "ConformalSegLib", *command(ws)]
+        proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert "permission" in lines[0].lower() and names in lines[0], lines[0]
+        os.chmod(ws / target, 0o777 if (ws / target).is_dir() else 0o666)
+        assert snapshot(ws) == before, "files were written or changed"
+    finally:
+        shutil.rmtree(ws, ignore_errors=True)

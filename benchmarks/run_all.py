@@ -36,6 +36,8 @@ BENCHMARKS = (
     "bench_risk_control.py",
     "bench_executors.py",
     "bench_archive_merge.py",
+    "bench_distance.py",
+    "bench_load.py",
 )
 
 

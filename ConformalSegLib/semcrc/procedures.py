@@ -196,7 +196,7 @@ def _backtrack(
     cal: IntervalData, groups_of, anchor: np.ndarray, epsilon: float, *, omega_min: float, omega_max: float
 ) -> float:
     """Exact omega_hat for the whole-scan loss with per-group anchors."""
-    thresholds = [omega_thresholds(s.need, anchor[groups_of(s)]) for s in cal.scans]
+    thresholds = [t[np.isfinite(t)] for t in (omega_thresholds(s.need, anchor[groups_of(s)]) for s in cal.scans)]
     curve = OmegaCurve.from_scans(thresholds, [s.d for s in cal.scans])
     return exact_omega(curve, epsilon, omega_min=omega_min, omega_max=omega_max)
 
@@ -411,7 +411,8 @@ def organ_curve(cal: IntervalData, k: int, anchor_k: float, shrinkable: bool = F
         inside = scan.group == k
         if inside.any():
             floor = -0.5 * scan.width[inside] if shrinkable else 0.0
-            thresholds.append(omega_thresholds(scan.need[inside], anchor_k, floor))
+            t = omega_thresholds(scan.need[inside], anchor_k, floor)
+            thresholds.append(t[np.isfinite(t)])  # covered at every omega: never counts (keeps memory small)
             sizes.append(int(inside.sum()))
     return OmegaCurve.from_scans(thresholds, sizes) if sizes else None
 
