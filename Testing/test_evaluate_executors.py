@@ -113,3 +113,31 @@ def test_refusals(tmp_path, data, capsys):
         evaluate_dataset(
             cases, epsilons=[0.1], alphas=[0.2], splits=2, hd95=False, executor=ExecutorSpec("processes", workers=2)
         )
+
+
+def test_one_local_cluster_serves_both_passes(tmp_path, data, monkeypatch):
+    from ConformalSegLib.common.executors import executor_session
+    from ConformalSegLib.io.dataset import CalibrationDataset
+
+    for spec in (ExecutorSpec(), ExecutorSpec("processes", workers=2), ExecutorSpec("dask", scheduler="tcp://h:1")):
+        with executor_session(spec) as same:
+            assert same is spec
+    started = []
+    original = distributed.LocalCluster
+
+    def counting(*args, **kwargs):
+        started.append(kwargs.get("n_workers"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(distributed, "LocalCluster", counting)
+    dataset = CalibrationDataset.from_root(data, [2])
+    result = evaluate_dataset(
+        dataset,
+        epsilons=[0.1],
+        alphas=[0.2],
+        splits=2,
+        hd95=False,
+        transforms=(),
+        executor=ExecutorSpec("dask", workers=1),
+    )
+    assert started == [1] and result.n_cases == 8

@@ -207,6 +207,25 @@ def _distributed() -> Any:
 
 
 @contextmanager
+def executor_session(spec: ExecutorSpec) -> Iterator[ExecutorSpec]:
+    """Keep one executor up across several :func:`map_ordered` calls (e.g. the two passes of ``evaluate``).
+
+    For ``dask`` without a scheduler, one ``LocalCluster`` is started here and the yielded spec points at it
+    (instead of a cluster per map); other specs are yielded unchanged (a process pool still starts per map,
+    because its workers receive ``shared`` when they start).
+    """
+    if spec.name != "dask" or spec.scheduler is not None:
+        yield spec
+        return
+    distributed = _distributed()
+    workers = spec.workers or os.cpu_count() or 1
+    with distributed.LocalCluster(
+        n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0"
+    ) as cluster:
+        yield ExecutorSpec("dask", scheduler=cluster.scheduler_address, workers=spec.workers)
+
+
+@contextmanager
 def _dask_client(spec: ExecutorSpec) -> Any:
     distributed = _distributed()
     Client, LocalCluster = distributed.Client, distributed.LocalCluster

@@ -226,19 +226,26 @@ def _lesion_sizes(part: LesionSummaries) -> np.ndarray:
 
 def _counts_at(part: LesionSummaries, edges: np.ndarray) -> np.ndarray:
     """``(scans, edges)``: per scan, the number of its lesion values ``>=`` each edge's float."""
-    if part.n == 0:
-        return np.zeros((0, edges.size), dtype=np.int64)
-    return np.stack([part.count_at_least(from_key(int(e))) for e in edges], axis=1)
+    cutoffs = np.array([from_key(int(e)) for e in edges], dtype=np.float64)
+    shape = (part.n, cutoffs.size)
+    lo = np.broadcast_to(part.offsets[:-1, None], shape).copy()  # invariant: run[start:lo] >= cutoff
+    hi = np.broadcast_to(part.offsets[1:, None], shape).copy()  # invariant: run[hi:end] < cutoff
+    cut = np.broadcast_to(cutoffs[None, :], shape)
+    active = lo < hi
+    while active.any():  # one binary search per (scan, edge), all at once (as LesionSummaries.count_at_least)
+        rows, cols = np.nonzero(active)
+        mid = (lo[rows, cols] + hi[rows, cols]) // 2
+        ge = part.decode(part.values[mid]) >= cut[rows, cols]
+        lo[rows[ge], cols[ge]] = mid[ge] + 1
+        hi[rows[~ge], cols[~ge]] = mid[~ge]
+        active[rows, cols] = lo[rows, cols] < hi[rows, cols]
+    counts: np.ndarray = lo - part.offsets[:-1, None]
+    return counts
 
 
 def _values_between(part: LesionSummaries, lo: int, hi: int) -> np.ndarray:
     keys = order_keys(part.probabilities())  # not the cached view: a transient copy, one partition at a time
     return np.unique(keys[(keys >= lo) & (keys < hi)])
-
-
-def _count_between(part: LesionSummaries, lo: int, hi: int) -> int:
-    keys = order_keys(part.probabilities())
-    return int(np.count_nonzero((keys >= lo) & (keys < hi)))
 
 
 def case_ranges(summaries: LesionSummaries, parts: int) -> list[LesionSummaries]:
@@ -281,19 +288,23 @@ def crc_cutoff_partitioned(
     if n_lesion <= budget:
         return float("inf")
 
-    def passes(edges: np.ndarray) -> np.ndarray:
-        """Per edge key: ``S(edge) <= budget``, exactly, from the partitions' per-scan counts."""
-        counts = np.concatenate(parts.ask(_counts_at, edges), axis=0)  # (n, edges)
+    def passes(edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per edge key: ``S(edge) <= budget``, exactly, and the per-scan counts ``(n, edges)`` it came from."""
+        counts = np.concatenate(parts.ask(_counts_at, edges), axis=0)
         misses = sizes[lesion, None] - counts[lesion]
-        return np.array([fnr_sum_within(misses[:, j], sizes[lesion], budget, n) for j in range(edges.size)])
+        ok = [fnr_sum_within(misses[:, j], sizes[lesion], budget, sizes.size) for j in range(edges.size)]
+        return np.array(ok, dtype=bool), counts
 
     # S(-inf) = 0 passes; above every value S = n_lesion > budget fails
     lo, hi = KEY_MIN, KEY_END
-    while hi - lo > 1 and sum(parts.ask(_count_between, lo, hi)) > max_fetch:
+    at_lo, at_hi = sizes, np.zeros_like(sizes)  # per scan: values >= lo, values >= hi
+    while hi - lo > 1 and int(np.sum(at_lo - at_hi)) > max_fetch:
         edges = _edges(lo, hi, bins)
-        ok = np.concatenate([[True], passes(edges[1:-1]), [False]])
+        inner_ok, inner_counts = passes(edges[1:-1])
+        ok = np.concatenate([[True], inner_ok, [False]])
+        counts = np.column_stack([at_lo, inner_counts, at_hi])
         j = int(np.flatnonzero(ok)[-1])  # S is monotone: edges up to j pass, from j + 1 fail
-        lo, hi = int(edges[j]), int(edges[j + 1])
+        lo, hi, at_lo, at_hi = int(edges[j]), int(edges[j + 1]), counts[:, j], counts[:, j + 1]
     if hi - lo == 1:
         return from_key(lo)
     # c_hat is a data value in [lo, hi): search the bracket's distinct values, bins at a time
@@ -301,7 +312,7 @@ def crc_cutoff_partitioned(
     first, last = 0, candidates.size  # candidates[first] passes (it is <= c_hat); candidates[last] would fail
     while last - first > 1:
         idx = np.unique(np.linspace(first + 1, last - 1, min(bins, last - first - 1)).round().astype(np.int64))
-        ok = passes(candidates[idx])
+        ok = passes(candidates[idx])[0]
         passing = idx[ok]
         first = int(passing[-1]) if passing.size else first
         failing = idx[~ok]
