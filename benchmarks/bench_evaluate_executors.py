@@ -6,7 +6,7 @@ alphas 0.1 / 0.2, the identity and distance confidence sets, lesion-wise false p
 passes read every case on a worker (pass 1 returns the case's summary, pass 2 its additions to the per-split
 sums) and the driver merges them in case order.
 
-* serial (this process), ``processes`` (a pool of 2 spawned processes per pass, started inside the timing),
+* serial (this process), ``processes`` (one pool of 2 spawned processes for both passes, started inside the timing),
   ``dask`` on a LocalCluster of 2 worker processes, 1 thread each (started once, outside the timing; its
   start-up is reported apart, and one untimed run lets the workers import the library), as wall time and as
   a ratio to serial. The results must be identical: ``results.json`` is written for each and compared byte
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     runs = [
         ("serial (this process)", t_serial),
-        (f"processes ({WORKERS}, a pool per pass, start included)", t_pool),
+        (f"processes ({WORKERS}, one pool for both passes, start included)", t_pool),
         (f"dask LocalCluster ({WORKERS} processes)", t_dask),
     ]
     rows = [[name, C.fmt_s(t), f"{n / t:.1f}", C.fmt_ratio(t / t_serial)] for name, t in runs]
