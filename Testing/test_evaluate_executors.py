@@ -113,3 +113,51 @@ def test_refusals(tmp_path, data, capsys):
         evaluate_dataset(
             cases, epsilons=[0.1], alphas=[0.2], splits=2, hd95=False, executor=ExecutorSpec("processes", workers=2)
         )
+
+
+def test_one_local_cluster_serves_both_passes(tmp_path, data, monkeypatch):
+    from ConformalSegLib.common.executors import executor_session
+    from ConformalSegLib.io.dataset import CalibrationDataset
+
+    for spec in (ExecutorSpec(), ExecutorSpec("dask", scheduler="tcp://h:1")):
+        with executor_session(spec) as same:
+            assert same is spec
+    started = []
+    original = distributed.LocalCluster
+
+    def counting(*args, **kwargs):
+        started.append(kwargs.get("n_workers"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(distributed, "LocalCluster", counting)
+    dataset = CalibrationDataset.from_root(data, [2])
+    result = evaluate_dataset(
+        dataset,
+        epsilons=[0.1],
+        alphas=[0.2],
+        splits=2,
+        hd95=False,
+        transforms=(),
+        executor=ExecutorSpec("dask", workers=1),
+    )
+    assert started == [1] and result.n_cases == 8
+
+
+def scaled(shared: int, item: int) -> int:
+    if item < 0:
+        raise ConformalSegError(f"case {item} is negative", fix="use a positive case")
+    return shared * item
+
+
+def test_a_session_pool_serves_several_maps_with_their_own_shared_values():
+    from ConformalSegLib.common.executors import MapReport, executor_session, map_ordered
+
+    with executor_session(ExecutorSpec("processes", workers=2)) as spec:
+        assert spec.pool is not None and spec == ExecutorSpec("processes", workers=2)
+        assert map_ordered(scaled, 2, list(range(6)), spec) == [0, 2, 4, 6, 8, 10]
+        assert map_ordered(scaled, 3, list(range(6)), spec) == [0, 3, 6, 9, 12, 15]
+        with pytest.raises(ConformalSegError, match="case -1 is negative"):
+            map_ordered(scaled, 1, [1, -1, 2], spec)
+        report = MapReport("processes", 1, [])
+        kept = map_ordered(scaled, 5, [1, -1, 2, -3], spec, keep_going=True, skip_failed=True, report=report)
+        assert kept == [5, 10] and [name for name, _ in report.failures] == ["-1", "-3"]

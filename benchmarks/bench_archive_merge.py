@@ -13,9 +13,15 @@ network's lesion probabilities.
 * **baseline**: the serial streaming path over the same vectors in one process (``SummaryBuilder.add_sorted``
   for every scan, i.e. the checks and float32 rounding a worker does, then ``calibrate_cls``), side by side.
 
-The thresholds must be identical (checked). The two-pass bracketed order statistic of issue 15 (for
-summaries larger than the driver's memory) is not implemented; this measures the one-pass path, whose
-memory is the concatenated summaries (4 bytes per lesion voxel) plus one sort key per scan.
+The thresholds must be identical (checked). The one-pass path's memory is the concatenated summaries
+(4 bytes per lesion voxel) plus one sort key per scan for CLS, and a sort of every voxel for CRC.
+
+Two-pass (:mod:`ConformalSegLib.conformal.bracketed_quantile`, for summaries larger than the driver): the
+summaries stay in 16 partitions of consecutive scans (what 16 workers hold, built outside the timing) and
+the driver asks them for counts, then for the bracket's values. Side by side for CLS (eps = alpha = 0.1)
+and CRC (eps = 0.1): one pass (merge + threshold) against two passes (no merge), time and peak memory. The
+partitions live in this process here, so the two-pass peak also counts one partition's transient work (its
+keys), which a cluster does on a worker: an upper bound of the driver's share.
 
 Run: ``.venv/bin/python benchmarks/bench_archive_merge.py [--quick] [--seed S]``.
 """
@@ -30,10 +36,18 @@ from collections.abc import Callable
 import _common as C
 import numpy as np
 
+from ConformalSegLib.conformal.bracketed_quantile import (
+    LocalPartitions,
+    cls_cutoff_partitioned,
+    crc_cutoff_partitioned,
+)
 from ConformalSegLib.conformal.calibration import CalibrationRequest, calibrate_summaries
 from ConformalSegLib.conformal.case_summaries import CaseSummary, merge_case_summaries
 from ConformalSegLib.conformal.cls import calibrate_cls
-from ConformalSegLib.conformal.summaries import SummaryBuilder
+from ConformalSegLib.conformal.crc import crc_cutoff
+from ConformalSegLib.conformal.summaries import LesionSummaries, SummaryBuilder
+
+PARTITIONS = 16
 
 
 def archive(n: int, seed: int) -> list[np.ndarray]:
@@ -102,7 +116,47 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(C.md_table(["step", "time", "peak memory", "speed vs baseline"], rows))
     print()
+    two_pass_table(parts, request)
     return 0
+
+
+def partitions(parts: list[CaseSummary]) -> LocalPartitions:
+    """What ``PARTITIONS`` workers would hold: runs of consecutive scans, each concatenated (outside the timing)."""
+    bounds = np.linspace(0, len(parts), PARTITIONS + 1).round().astype(int)
+    request = CalibrationRequest(method="cls", epsilon=0.1, alpha=0.1)
+    return LocalPartitions([merge_case_summaries(parts[a:b], request).lesion for a, b in zip(bounds[:-1], bounds[1:])])
+
+
+def two_pass_table(parts: list[CaseSummary], request: CalibrationRequest) -> None:
+    """One pass (merge + threshold on the driver) against two passes over partitions, for CLS and CRC."""
+    held = partitions(parts)
+
+    def merged() -> LesionSummaries:  # a fresh object: no sort cached from an earlier call
+        return merge_case_summaries(parts, request).lesion
+
+    steps = {
+        "CLS one pass: merge + `calibrate_cls`": lambda: float(calibrate_cls(merged(), 0.1, 0.1).probability_threshold),
+        "CLS two passes: `cls_cutoff_partitioned`": lambda: cls_cutoff_partitioned(held, 0.1, 0.1),
+        "CRC one pass: merge + `crc_cutoff` (sorts every voxel)": lambda: crc_cutoff(merged(), 0.1),
+        "CRC two passes: `crc_cutoff_partitioned`": lambda: crc_cutoff_partitioned(held, 0.1),
+    }
+    results = {}
+    for name, fn in steps.items():
+        C.log(f"{name} ...")
+        results[name] = measured(fn)
+    rows = []
+    names = list(steps)
+    for one, two in ((names[0], names[1]), (names[2], names[3])):
+        (t1, m1, c1), (t2, m2, c2) = results[one], results[two]
+        if c1 != c2:
+            raise SystemExit(f"two-pass threshold {c2!r} != one-pass {c1!r}")
+        rows.append([one, C.fmt_s(t1), f"{m1:.0f} MiB", "1.00x", "1.00x", f"{c1:.9g}"])
+        rows.append(
+            [two, C.fmt_s(t2), f"{m2:.1f} MiB", C.fmt_ratio(t1 / t2), f"{m1 / max(m2, 1e-9):.0f}x less", "same"]
+        )
+    print(f"#### Two passes over {PARTITIONS} partitions against one pass on the merged summaries\n")
+    print(C.md_table(["step", "time", "peak memory", "speed vs one pass", "memory vs one pass", "threshold"], rows))
+    print()
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ BENCHMARKS = (
     "bench_archive_merge.py",
     "bench_distance.py",
     "bench_load.py",
+    "bench_evaluate_executors.py",
 )
 
 

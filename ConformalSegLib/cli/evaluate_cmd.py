@@ -7,6 +7,7 @@ import warnings
 from pathlib import Path
 
 from ..common.errors import ConformalSegError
+from ..common.executors import ExecutorSpec, executor_session
 from ..conformal.calibration import CalibrationRequest, calibrate_dataset
 from ..conformal.fp_summaries import DEFAULT_FP_ML_CAP
 from ..conformal.ltt import RiskData, parse_risks
@@ -113,29 +114,30 @@ def run(args: argparse.Namespace) -> int:
     dataset = open_dataset(args, "loading")
     dataset.progress = None  # the evaluation draws its own bars
     main_alpha = args.main_alpha if args.main_alpha is not None else (0.1 if 0.1 in args.alphas else None)
-    with TqdmProgress() as progress:
-        result = evaluate_dataset(
-            dataset,
-            epsilons=args.epsilons,
-            alphas=args.alphas,
-            main_alpha=main_alpha,
-            main_epsilon=args.main_epsilon,
-            splits=args.splits,
-            cal_fraction=args.cal_fraction,
-            seed=args.seed,
-            transforms=tuple(args.transforms),
-            hd95=not args.no_hd95,
-            empty=args.empty or "exclude",
-            progress=progress,
-            detect_fraction=args.detect_fraction,
-            voxel_epsilon=args.voxel_epsilon,
-            lesionwise=not args.no_false_positives,
-            executor=spec,
-            keep_going=args.keep_going,
-        )
-    written = write_report(result, args.out, force=args.force)  # its warnings were shown once, as they arose
-    if args.risk_delta is not None:
-        written.append(_risk_control(args, dataset, args.main_epsilon or args.epsilons[0]))
+    with executor_session(spec) as running:  # one LocalCluster (dask without --scheduler) for every pass
+        with TqdmProgress() as progress:
+            result = evaluate_dataset(
+                dataset,
+                epsilons=args.epsilons,
+                alphas=args.alphas,
+                main_alpha=main_alpha,
+                main_epsilon=args.main_epsilon,
+                splits=args.splits,
+                cal_fraction=args.cal_fraction,
+                seed=args.seed,
+                transforms=tuple(args.transforms),
+                hd95=not args.no_hd95,
+                empty=args.empty or "exclude",
+                progress=progress,
+                detect_fraction=args.detect_fraction,
+                voxel_epsilon=args.voxel_epsilon,
+                lesionwise=not args.no_false_positives,
+                executor=running,
+                keep_going=args.keep_going,
+            )
+        written = write_report(result, args.out, force=args.force)  # its warnings were shown once, as they arose
+        if args.risk_delta is not None:
+            written.append(_risk_control(args, dataset, args.main_epsilon or args.epsilons[0], running))
     where = "" if spec.name == "serial" else f" (--executor {spec.name})"
     print(
         f"evaluated {result.n_cases} cases over {args.splits} splits{where}; wrote {len(written)} files to "
@@ -144,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _risk_control(args: argparse.Namespace, dataset: object, epsilon: float) -> Path:
+def _risk_control(args: argparse.Namespace, dataset: object, epsilon: float, spec: ExecutorSpec) -> Path:
     """One more pass building the Learn-Then-Test summaries, then :mod:`ConformalSegLib.evaluation.risk_control`."""
     risks = parse_risks(args.risk) if args.risk else ()
     request = CalibrationRequest(
@@ -158,7 +160,7 @@ def _risk_control(args: argparse.Namespace, dataset: object, epsilon: float) -> 
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # only the summaries are used: this whole-dataset calibration is not reported
-        profile = calibrate_dataset(dataset, request, executor_spec(args))
+        profile = calibrate_dataset(dataset, request, spec)
     data = RiskData(profile.summaries, profile.lesion_level, profile.false_positives)
     rows = evaluate_risk_control(
         data, epsilon=epsilon, delta=args.risk_delta, risks=risks, splits=args.splits,

@@ -24,7 +24,8 @@ def add_executor_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--keep-going",
         action="store_true",
-        help="read every scan and report all bad ones at once (instead of stopping at the first)",
+        help="read every scan and report all bad ones at once (instead of stopping at the first); evaluate: "
+        "leave the unreadable scans out, named in one warning",
     )
 
 

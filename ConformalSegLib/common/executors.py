@@ -30,10 +30,13 @@ import importlib
 import multiprocessing
 import os
 import pickle
+import tempfile
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import ConformalSegError
@@ -51,6 +54,7 @@ class ExecutorSpec:
     name: str = "serial"
     scheduler: str | None = None
     workers: int | None = None
+    pool: Any = field(default=None, compare=False, repr=False)  # a process pool kept by executor_session
 
     def __post_init__(self) -> None:
         if self.name not in EXECUTORS:
@@ -138,6 +142,9 @@ def _running(spec: ExecutorSpec, function: Callable[[Any, Any], Any], shared: An
     """Yield ``(outcomes, workers)``: ``(index, result or ConformalSegError)`` in completion order."""
     if spec.name == "serial" or not items:
         yield _serial(function, shared, items), 1
+    elif spec.name == "processes" and spec.pool is not None:
+        with _session_pool_map(spec.pool, function, shared, items) as outcomes:
+            yield outcomes, spec.workers or os.cpu_count() or 1
     elif spec.name == "processes":
         workers = spec.workers or os.cpu_count() or 1
         payload = pickle.dumps(shared)
@@ -183,6 +190,31 @@ def _call_shared(function: Callable[[Any, Any], Any], item: Any) -> Any:
     return _call_task(function, _SHARED["value"], item)
 
 
+@contextmanager
+def _session_pool_map(
+    pool: ProcessPoolExecutor, function: Callable[[Any, Any], Any], shared: Any, items: Sequence[Any]
+) -> Iterator[Outcomes]:
+    """One map on a pool that outlives it: ``shared`` goes through a file, read once per worker and map."""
+    with tempfile.TemporaryDirectory(prefix="conformalseg-shared-") as tmp:
+        path = Path(tmp) / "shared.pickle"
+        path.write_bytes(pickle.dumps(shared))
+        token = uuid.uuid4().hex
+        futures = {pool.submit(_call_from_file, function, token, str(path), item): i for i, item in enumerate(items)}
+        try:
+            yield _completed(futures)
+        finally:  # an error or Ctrl-C: drop what has not started, let the running tasks end before the file goes
+            for future in futures:
+                future.cancel()
+            wait(list(futures))
+
+
+def _call_from_file(function: Callable[[Any, Any], Any], token: str, path: str, item: Any) -> Any:
+    if _SHARED.get("token") != token:
+        _SHARED["value"] = pickle.loads(Path(path).read_bytes())
+        _SHARED["token"] = token
+    return _call_task(function, _SHARED["value"], item)
+
+
 def _completed(futures: dict[Future[Any], int]) -> Outcomes:
     pending = set(futures)
     while pending:
@@ -204,6 +236,31 @@ def _distributed() -> Any:
         raise ConformalSegError(
             "--executor dask needs dask[distributed]", fix="pip install 'conformalseg[dask]'"
         ) from exc
+
+
+@contextmanager
+def executor_session(spec: ExecutorSpec) -> Iterator[ExecutorSpec]:
+    """Keep one executor up across several :func:`map_ordered` calls (e.g. the two passes of ``evaluate``).
+
+    For ``dask`` without a scheduler, one ``LocalCluster`` is started here and the yielded spec points at it
+    (instead of a cluster per map); for ``processes``, one pool of spawned processes serves every map (each
+    map's ``shared`` is written to a temporary file once and read once per worker); other specs are yielded
+    unchanged.
+    """
+    if spec.name == "processes" and spec.pool is None:
+        workers = spec.workers or os.cpu_count() or 1
+        with ProcessPoolExecutor(workers, multiprocessing.get_context("spawn")) as pool:
+            yield replace(spec, pool=pool)
+        return
+    if spec.name != "dask" or spec.scheduler is not None:
+        yield spec
+        return
+    distributed = _distributed()
+    workers = spec.workers or os.cpu_count() or 1
+    with distributed.LocalCluster(
+        n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0"
+    ) as cluster:
+        yield ExecutorSpec("dask", scheduler=cluster.scheduler_address, workers=spec.workers)
 
 
 @contextmanager

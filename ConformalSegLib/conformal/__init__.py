@@ -17,6 +17,7 @@
 * :mod:`.profile`: calibration profiles on disk (JSON + summaries), recalibration, masks;
 * :mod:`.profile_fields`: the fields of a profile document (float convention, the stored calibration read back);
 * :mod:`.case_summaries`: one scan's compact summary (a worker's task) and the exact merge of many;
+* :mod:`.bracketed_quantile`: the CLS / CRC cutoffs of partitioned summaries, exactly, in bounded driver memory;
 * :mod:`.calibration`: one call from cases to a profile, shared by the CLI, the demo and Slicer;
 * :mod:`.reviewed_cases`: a profile grown by one reviewed scan (bit for bit a calibration on the grown set);
 * :mod:`.scan_scores`: the per-scan nonconformity scores of a calibration (the input of the three below);

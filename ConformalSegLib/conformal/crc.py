@@ -43,6 +43,12 @@ from .cls import ThresholdCalibration, too_small_message, used_cases, warn_if_wh
 from .exact import check_epsilon
 from .summaries import LesionSummaries
 
+#: Above this many lesion voxels, :func:`calibrate_crc` computes the same cutoff by the two-pass bracketed
+#: path of :mod:`ConformalSegLib.conformal.bracketed_quantile` (64 consecutive-scan partitions, viewed, not
+#: copied): its driver memory is ``8 x (voxels / 64)`` bytes of transient keys plus ``n x 65`` counts, where
+#: :func:`crc_cutoff` sorts every voxel at once (about 40 bytes per voxel, cached for recalibration).
+TWO_PASS_VOXELS = 1 << 25
+
 
 def crc_budget(n: int, epsilon: float) -> Fraction:
     """``(n + 1) * epsilon - 1``: the largest allowed sum of per-case FNRs (exact)."""
@@ -66,10 +72,14 @@ def _satisfies(summaries: LesionSummaries, cutoff: float, budget: Fraction) -> b
     """
     sizes = summaries.lesion_sizes
     lesion = sizes > 0
-    misses = (sizes - summaries.count_at_least(cutoff))[lesion]
-    sizes = sizes[lesion]
+    return fnr_sum_within((sizes - summaries.count_at_least(cutoff))[lesion], sizes[lesion], budget, summaries.n)
+
+
+def fnr_sum_within(misses: np.ndarray, sizes: np.ndarray, budget: Fraction, n: int) -> bool:
+    """Exact test of ``sum_i misses_i / sizes_i <= budget`` (cases with a lesion; ``n``: all cases, for the
+    rounding band); shared with the partitioned path of :mod:`ConformalSegLib.conformal.bracketed_quantile`."""
     total = math.fsum((misses / sizes).tolist())
-    tol = 2 * summaries.n * np.finfo(np.float64).eps * max(1.0, total) + 1e-300
+    tol = 2 * n * np.finfo(np.float64).eps * max(1.0, total) + 1e-300
     if total < float(budget) - tol:
         return True
     if total > float(budget) + tol:
@@ -115,7 +125,12 @@ def calibrate_crc(summaries: LesionSummaries, epsilon: float, *, empty: str = "e
             "no calibration case with a lesion: expected-FNR control needs lesion cases",
             fix="check the lesion label value(s) (--lesion-label) or use --empty include",
         )
-    cutoff = crc_cutoff(summaries, epsilon, n=n)
+    if summaries.values.size > TWO_PASS_VOXELS:  # the one-pass sort would need ~40 bytes per lesion voxel
+        from .bracketed_quantile import LocalPartitions, case_ranges, crc_cutoff_partitioned
+
+        cutoff = crc_cutoff_partitioned(LocalPartitions(case_ranges(summaries, 64)), epsilon, n=n)
+    else:
+        cutoff = crc_cutoff(summaries, epsilon, n=n)
     warn_if_whole_image_from_ties("Expected-FNR control", cutoff)
     if cutoff == float("-inf"):
         if check_epsilon(epsilon) == 0:  # one convention for impossible settings: the trivial set + a warning

@@ -73,7 +73,7 @@ from typing import Any
 import numpy as np
 
 from ..common.errors import CalibrationSetTooSmallWarning, ConformalSegError
-from ..common.executors import ExecutorSpec
+from ..common.executors import ExecutorSpec, executor_session
 from ..conformal.cls import apply_threshold, conformal_lower_cutoff, critical_cutoffs
 from ..conformal.confidence_sets import SetStatistics, calibrate_sets
 from ..conformal.crc import crc_cutoff
@@ -147,11 +147,18 @@ def evaluate_dataset(
     if hd95:
         require_monai()  # fail before the first pass, not after it
     source = CaseSource(dataset_or_cases)
-    run = _Run(executor or ExecutorSpec(), keep_going, progress)
+    with executor_session(executor or ExecutorSpec()) as spec:  # one LocalCluster for both passes
+        return _evaluate(source, config, score_transforms, _Run(spec, keep_going, progress))
+
+
+def _evaluate(
+    source: CaseSource, config: EvaluationConfig, score_transforms: list[ScoreTransform], run: _Run
+) -> EvaluationResult:
+    """The steps of :func:`evaluate_dataset`, in order."""
     stats = _pass1_statistics(source, config, score_transforms, run)
-    n_cal, n_test = split_sizes(stats.n, cal_fraction)
+    n_cal, n_test = split_sizes(stats.n, config.cal_fraction)
     stats.check_population(config.empty)
-    split = _split_thresholds(stats, config, n_cal, progress)
+    split = _split_thresholds(stats, config, n_cal, run.progress)
     lsplit = lesion_split_thresholds(
         stats.lesions, stats.summaries, split.critical, stats.population, split.test_mask, config.epsilons,
         config.alphas, config.voxel_epsilon,
@@ -167,7 +174,7 @@ def evaluate_dataset(
     _assemble_lesion(result, stats, split, lsplit, extra, lesionwise_metrics, sizes)
     result.warnings.extend(trivial_warnings(result))
     for message in result.warnings:
-        warnings.warn(message, CalibrationSetTooSmallWarning, stacklevel=2)
+        warnings.warn(message, CalibrationSetTooSmallWarning, stacklevel=3)  # the caller of evaluate_dataset
     return result
 
 
@@ -204,7 +211,7 @@ def _pass1_statistics(
     if mapped.left_out:
         listed = "; ".join(f"{cid}: {error}" for cid, error in mapped.left_out)
         warnings.warn(
-            f"--keep-going: left out {len(mapped.left_out)} unreadable case(s): {listed}", UserWarning, stacklevel=3
+            f"--keep-going: left out {len(mapped.left_out)} unreadable case(s): {listed}", UserWarning, stacklevel=4
         )
     if hasattr(source.data, "check_lesion_labels_seen"):
         source.data.check_lesion_labels_seen()
