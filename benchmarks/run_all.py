@@ -36,6 +36,7 @@ BENCHMARKS = (
     "bench_risk_control.py",
     "bench_executors.py",
     "bench_archive_merge.py",
+    "bench_dicom_seg.py",
 )
 
 

@@ -3,8 +3,8 @@
 * Read with pydicom (the frames, unpacked from 1 bit per voxel) and the SEG's own multi-frame geometry:
   the shared (or per-frame) plane orientation and pixel spacing, and each frame's plane position.
   No referenced series is needed.
-* **Label values are segment numbers**: the voxels of segment ``k`` get value ``k`` (the numbering of a SEG
-  exported from a label map by Slicer, dcmqi or :mod:`ConformalSegLib.io.dicom_seg`); BINARY and
+* **Label values are segment numbers**: the voxels of segment ``k`` get value ``k`` (our writer,
+  :mod:`ConformalSegLib.io.dicom_seg`, numbers the segments 1..K in the order of its masks); BINARY and
   LABELMAP SEGs are read, a FRACTIONAL one is refused (probabilities are not labels), and so are
   overlapping segments (a label map holds one value per voxel: read those with
   :func:`ConformalSegLib.io.dicom_seg.read_dicom_seg`).
