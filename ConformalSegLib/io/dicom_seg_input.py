@@ -13,7 +13,9 @@
   the in-plane origin must match, and every frame must lie on a slice of the reference (the error says how
   it differs). That also reads SEGs that omit empty frames (highdicom's and dcmqi's default): missing
   slices are background. Without ``reference`` the grid is the SEG's own stack, from its first to its last
-  frame, the slice step from ``SpacingBetweenSlices`` or the smallest gap between frames.
+  frame, the slice step from ``SpacingBetweenSlices`` or the smallest gap between frames; a SEG that
+  references more slices than that stack holds (empty frames left out) is then refused, since its extent
+  is unknown.
 """
 
 from __future__ import annotations
@@ -133,6 +135,13 @@ def _slice_indices(
     return k
 
 
+def _referenced_slices(ds: Any) -> int:
+    """How many source images the SEG references (one per slice of a single-frame series)."""
+    return sum(
+        len(getattr(item, "ReferencedInstanceSequence", [])) for item in getattr(ds, "ReferencedSeriesSequence", [])
+    )
+
+
 def load_dicom_seg_labels(path: str | PathLike[str], reference: Geometry | None = None) -> tuple[np.ndarray, Geometry]:
     """A DICOM SEG as an integer label map (numpy ``(z, y, x)``, value = segment number) and its grid
     (``reference`` when given); see the module docstring."""
@@ -153,6 +162,13 @@ def load_dicom_seg_labels(path: str | PathLike[str], reference: Geometry | None 
     frames = _frames(ds, path)
     orientation, spacing, positions = _frame_geometry(ds, len(frames), path)
     grid = reference if reference is not None else _own_grid(ds, orientation, spacing, positions, path)
+    if reference is None and _referenced_slices(ds) > grid.shape[0]:
+        raise ConformalSegError(
+            f"the SEG has frames on {grid.shape[0]} of the {_referenced_slices(ds)} slices of its series (empty "
+            "frames left out), and no image grid was given to place it on",
+            path=path,
+            fix="give the image (or --reference-dicom series) it labels, or the label map as NIfTI",
+        )
     if (grid.shape[1], grid.shape[2]) != frames.shape[1:]:
         raise ConformalSegError(
             f"the SEG's frames are {frames.shape[1]}x{frames.shape[2]} pixels, the image's slices "
