@@ -139,20 +139,21 @@ def test_calibrate_on_series_equals_calibrate_on_nifti(setup, tmp_path, capsys):
     assert np.array_equal(dicom.summaries.offsets, nifti.summaries.offsets)
 
 
-def test_dicom_image_refusals(setup, tmp_path, capsys):
+def test_dicom_image_refusals(setup, tmp_path, capfd):  # capfd: ITK writes to the C stderr
     root, model = setup["root"], setup["model"]
     base = ["infer", "--model", model, "--device", "cpu"]
     (tmp_path / "empty").mkdir()
-    code, _, err = run([*base, "--images", tmp_path / "empty", "--out", tmp_path / "o1"], capsys)
+    code, _, err = run([*base, "--images", tmp_path / "empty", "--out", tmp_path / "o1"], capfd)
     assert code == 2 and "no images found" in err and "DICOM series" in err
+    assert "No Series were found" not in err  # ITK's own warning is not shown next to ours
     two = tmp_path / "two"
     write_ct_series(two, probabilities(1), series_uid="1.2.3.1", rescale=(0.001, 0.0))
     write_ct_series(two, probabilities(2), series_uid="1.2.3.2", series_number=2, rescale=(0.001, 0.0))
-    code, _, err = run([*base, "--images", two, "--out", tmp_path / "o2"], capsys)
+    code, _, err = run([*base, "--images", two, "--out", tmp_path / "o2"], capfd)
     assert code == 2 and "2 series: 1.2.3.1, 1.2.3.2" in err and "--series-uid" in err
-    code, _, err = run([*base, "--images", two, "--series-uid", "9.9", "--out", tmp_path / "o3"], capsys)
+    code, _, err = run([*base, "--images", two, "--series-uid", "9.9", "--out", tmp_path / "o3"], capfd)
     assert code == 2 and "series 9.9 is not in the folder" in err
-    code, _, err = run([*base, "--images", two, "--series-uid", "1.2.3.2", "--out", tmp_path / "o4"], capsys)
+    code, _, err = run([*base, "--images", two, "--series-uid", "1.2.3.2", "--out", tmp_path / "o4"], capfd)
     assert code == 0, err
     assert np.allclose(
         load_probability_map(tmp_path / "o4" / "probs" / "two.nii.gz").array, probabilities(2), atol=1e-4
@@ -161,10 +162,10 @@ def test_dicom_image_refusals(setup, tmp_path, capsys):
     write_ct_series(nested / "a", probabilities(3), rescale=(0.001, 0.0))
     write_ct_series(nested / "b", probabilities(4), series_uid="1.2.3.4", rescale=(0.001, 0.0))
     write_ct_series(nested / "b", probabilities(5), series_uid="1.2.3.5", series_number=2, rescale=(0.001, 0.0))
-    code, _, err = run([*base, "--images", nested, "--out", tmp_path / "o5"], capsys)
+    code, _, err = run([*base, "--images", nested, "--out", tmp_path / "o5"], capfd)
     assert code == 2 and "holds 2 series" in err and "one image series per case folder" in err
-    code, _, err = run([*base, "--images", root / "dicom", "--series-uid", "1.2", "--out", tmp_path / "o6"], capsys)
+    code, _, err = run([*base, "--images", root / "dicom", "--series-uid", "1.2", "--out", tmp_path / "o6"], capfd)
     assert code == 2 and "one series folder" in err
-    code, _, err = run([*base, "--images", root / "nifti", "--series-uid", "1.2", "--out", tmp_path / "o7"], capsys)
+    code, _, err = run([*base, "--images", root / "nifti", "--series-uid", "1.2", "--out", tmp_path / "o7"], capfd)
     assert code == 2 and "--series-uid applies to a DICOM series folder" in err
     assert not any((tmp_path / f"o{k}").exists() for k in (1, 2, 3, 5, 6, 7))
