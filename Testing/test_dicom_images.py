@@ -139,6 +139,29 @@ def test_calibrate_on_series_equals_calibrate_on_nifti(setup, tmp_path, capsys):
     assert np.array_equal(dicom.summaries.offsets, nifti.summaries.offsets)
 
 
+def test_calibrate_on_series_with_seg_labels(setup, tmp_path, capsys):
+    """The PACS case: CT series folders and ground truth as DICOM SEGs (placed on each series' grid)."""
+    from ConformalSegLib.io.dicom_seg import GuaranteeRecord, write_dicom_seg
+    from ConformalSegLib.io.volumes import load_label_map
+
+    root, model = setup["root"], setup["model"]
+    record = GuaranteeRecord("truth", None, None, 0, "0" * 64, "ground truth")
+    (tmp_path / "labels").mkdir()
+    for k in range(N_CASES):
+        cid = f"case{k:02d}"
+        lesion = load_label_map(root / "labels" / f"{cid}.nii.gz").array == 1
+        write_dicom_seg({"lesion": lesion}, GEOM, root / "dicom" / cid, tmp_path / "labels" / f"{cid}.dcm", record)
+    common = ["calibrate", "--method", "cls", "--epsilon", "0.2", "--alpha", "0.2", "--lesion-label", "1"]
+    common += ["--model", model, "--device", "cpu", "--images", root / "dicom"]
+    code, _, err = run([*common, "--labels", tmp_path / "labels", "--out", tmp_path / "seg.json"], capsys)
+    assert code == 0, err
+    code, _, err = run([*common, "--labels", root / "labels", "--out", tmp_path / "nifti.json"], capsys)
+    assert code == 0, err
+    seg, nifti = load_profile(tmp_path / "seg.json"), load_profile(tmp_path / "nifti.json")
+    assert seg.calibration.probability_threshold == nifti.calibration.probability_threshold
+    assert np.array_equal(seg.summaries.values, nifti.summaries.values)
+
+
 def test_dicom_image_refusals(setup, tmp_path, capfd):  # capfd: ITK writes to the C stderr
     root, model = setup["root"], setup["model"]
     base = ["infer", "--model", model, "--device", "cpu"]
