@@ -29,7 +29,8 @@ import numpy as np
 from ..common.errors import ConformalSegError
 from ..common.geometry import Geometry
 
-SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+#: Segmentation Storage and Label Map Segmentation Storage (the SOP class of LABELMAP SEGs).
+SEG_SOP_CLASSES = ("1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7")
 SEG_EXTENSION = ".dcm"
 FIX = "give a DICOM SEG (BINARY or LABELMAP) of non-overlapping segments on the image's grid"
 
@@ -152,7 +153,7 @@ def load_dicom_seg_labels(path: str | PathLike[str], reference: Geometry | None 
         ds = pydicom.dcmread(path)
     except Exception as exc:  # pydicom raises many types for a file that is not DICOM
         raise ConformalSegError(f"cannot read the DICOM file ({exc})", path=path, fix=FIX) from exc
-    if str(getattr(ds, "SOPClassUID", "")) != SEG_SOP_CLASS:
+    if str(getattr(ds, "SOPClassUID", "")) not in SEG_SOP_CLASSES:
         raise ConformalSegError(
             "the .dcm file is not a DICOM SEG (Segmentation Storage)", path=path, fix=FIX + "; a series is a folder"
         )
