@@ -84,6 +84,14 @@ def highdicom_seg(ct, labels: np.ndarray, kind: str = "BINARY"):
     )
 
 
+def test_fractional_seg_is_refused(ct, tmp_path):
+    rng = np.random.default_rng(6)
+    fractions = np.stack([rng.random(SHAPE).astype(np.float32) for _ in range(3)], axis=-1)
+    highdicom_seg(ct, fractions, "FRACTIONAL").save_as(tmp_path / "fractional.dcm")
+    with pytest.raises(ConformalSegError, match="the SEG is FRACTIONAL, not a label map"):
+        load_label_map(tmp_path / "fractional.dcm", GEOM)
+
+
 def test_labelmap_seg(ct, tmp_path):
     labels = label_map(3)
     highdicom_seg(ct, labels, "LABELMAP").save_as(tmp_path / "labelmap.dcm")
