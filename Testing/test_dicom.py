@@ -111,6 +111,35 @@ def test_seg_round_trip_with_overlapping_segments(ct, tmp_path):
         write_dicom_seg(masks, GEOM, folder, path, record)
 
 
+def test_seg_fast_layout_and_omitted_frames_keep_the_masks(ct, tmp_path):
+    """The segment-major layout gives highdicom the same pixels (identical PixelData); omitting the empty
+    frames gives fewer frames and the same masks read back on the series' grid."""
+    import pydicom
+
+    from ConformalSegLib.io.dicom_seg import build_segmentation, stack_segments
+    from ConformalSegLib.io.dicom_series import series_headers
+
+    folder, _ = ct
+    rng = np.random.default_rng(4)
+    outer = np.zeros(SHAPE, bool)
+    outer[2:4] = rng.random((2, *SHAPE[1:])) < 0.5
+    masks = {"Inner set": outer & (rng.random(SHAPE) < 0.3), "Outer set": outer}
+    record = GuaranteeRecord("sets", None, 0.1, 9, "0" * 64, "x")
+    reference = series_headers(folder)
+    old = np.stack([masks[name] for name in masks], axis=-1).astype(np.uint8)  # the layout before
+    assert np.array_equal(stack_segments(masks), old.astype(bool))
+    before = build_segmentation(reference, old, list(masks), record, False)
+    after = build_segmentation(reference, stack_segments(masks), list(masks), record, False)
+    assert before.PixelData == after.PixelData and before.NumberOfFrames == after.NumberOfFrames
+    full = write_dicom_seg(masks, GEOM, folder, tmp_path / "full.dcm", record, reference=reference)
+    sparse = write_dicom_seg(masks, GEOM, folder, tmp_path / "sparse.dcm", record, omit_empty_frames=True)
+    assert pydicom.dcmread(full).NumberOfFrames == 2 * SHAPE[0]
+    assert pydicom.dcmread(sparse).NumberOfFrames == 4 < 2 * SHAPE[0]
+    for path in (full, sparse):
+        back = read_dicom_seg(path, folder)
+        assert all(np.array_equal(back[name], masks[name]) for name in masks)
+
+
 def test_seg_refuses_another_grid(ct, tmp_path):
     folder, _ = ct
     for other in (
@@ -189,6 +218,11 @@ def test_apply_with_a_dicom_probability_series(profiles, tmp_path, capsys):
     back = read_dicom_seg(out / "segmentation.dcm", tmp_path / "prob")
     nifti = load_label_map(out / "lesion_fnr_controlled.nii.gz")
     assert np.array_equal(back["Lesion (FNR-controlled)"], nifti.array.astype(bool))
+    argv = ["apply", "--profile", profiles["cls"], "--prob", tmp_path / "prob", "--dicom-seg", "--out", tmp_path / "o2"]
+    code, _, err = run([*argv, "--dicom-seg-omit-empty"], capsys)
+    assert code == 0, err
+    sparse = read_dicom_seg(tmp_path / "o2" / "segmentation.dcm", tmp_path / "prob")
+    assert np.array_equal(sparse["Lesion (FNR-controlled)"], back["Lesion (FNR-controlled)"])
 
 
 def test_apply_dicom_refusals(ct, profiles, tmp_path, capsys):
@@ -198,7 +232,7 @@ def test_apply_dicom_refusals(ct, profiles, tmp_path, capsys):
     code, _, err = run([*base, "--dicom-seg", "--out", tmp_path / "a"], capsys)
     assert code == 2 and "--dicom-seg needs the DICOM series" in err and "--reference-dicom" in err
     code, _, err = run([*base, "--reference-dicom", folder, "--out", tmp_path / "b"], capsys)
-    assert code == 2 and "--reference-dicom needs --dicom-seg" in err
+    assert code == 2 and "--reference-dicom and --dicom-seg-omit-empty need --dicom-seg" in err
     shifted = Geometry(SHAPE, GEOM.spacing, (0.0, 0.0, 0.0), GEOM.direction)
     moved = write_sitk(smooth_probabilities(), tmp_path / "moved.nii.gz", shifted)
     argv = ["apply", "--profile", profiles["cls"], "--prob", moved, "--dicom-seg", "--reference-dicom", folder]

@@ -139,20 +139,44 @@ def test_calibrate_on_series_equals_calibrate_on_nifti(setup, tmp_path, capsys):
     assert np.array_equal(dicom.summaries.offsets, nifti.summaries.offsets)
 
 
-def test_dicom_image_refusals(setup, tmp_path, capsys):
+def test_calibrate_on_series_with_seg_labels(setup, tmp_path, capsys):
+    """The PACS case: CT series folders and ground truth as DICOM SEGs (placed on each series' grid)."""
+    from ConformalSegLib.io.dicom_seg import GuaranteeRecord, write_dicom_seg
+    from ConformalSegLib.io.volumes import load_label_map
+
+    root, model = setup["root"], setup["model"]
+    record = GuaranteeRecord("truth", None, None, 0, "0" * 64, "ground truth")
+    (tmp_path / "labels").mkdir()
+    for k in range(N_CASES):
+        cid = f"case{k:02d}"
+        lesion = load_label_map(root / "labels" / f"{cid}.nii.gz").array == 1
+        write_dicom_seg({"lesion": lesion}, GEOM, root / "dicom" / cid, tmp_path / "labels" / f"{cid}.dcm", record)
+    common = ["calibrate", "--method", "cls", "--epsilon", "0.2", "--alpha", "0.2", "--lesion-label", "1"]
+    common += ["--model", model, "--device", "cpu", "--images", root / "dicom"]
+    code, _, err = run([*common, "--labels", tmp_path / "labels", "--out", tmp_path / "seg.json"], capsys)
+    assert code == 0, err
+    code, _, err = run([*common, "--labels", root / "labels", "--out", tmp_path / "nifti.json"], capsys)
+    assert code == 0, err
+    seg, nifti = load_profile(tmp_path / "seg.json"), load_profile(tmp_path / "nifti.json")
+    assert seg.calibration.probability_threshold == nifti.calibration.probability_threshold
+    assert np.array_equal(seg.summaries.values, nifti.summaries.values)
+
+
+def test_dicom_image_refusals(setup, tmp_path, capfd):  # capfd: ITK writes to the C stderr
     root, model = setup["root"], setup["model"]
     base = ["infer", "--model", model, "--device", "cpu"]
     (tmp_path / "empty").mkdir()
-    code, _, err = run([*base, "--images", tmp_path / "empty", "--out", tmp_path / "o1"], capsys)
+    code, _, err = run([*base, "--images", tmp_path / "empty", "--out", tmp_path / "o1"], capfd)
     assert code == 2 and "no images found" in err and "DICOM series" in err
+    assert "No Series were found" not in err  # ITK's own warning is not shown next to ours
     two = tmp_path / "two"
     write_ct_series(two, probabilities(1), series_uid="1.2.3.1", rescale=(0.001, 0.0))
     write_ct_series(two, probabilities(2), series_uid="1.2.3.2", series_number=2, rescale=(0.001, 0.0))
-    code, _, err = run([*base, "--images", two, "--out", tmp_path / "o2"], capsys)
+    code, _, err = run([*base, "--images", two, "--out", tmp_path / "o2"], capfd)
     assert code == 2 and "2 series: 1.2.3.1, 1.2.3.2" in err and "--series-uid" in err
-    code, _, err = run([*base, "--images", two, "--series-uid", "9.9", "--out", tmp_path / "o3"], capsys)
+    code, _, err = run([*base, "--images", two, "--series-uid", "9.9", "--out", tmp_path / "o3"], capfd)
     assert code == 2 and "series 9.9 is not in the folder" in err
-    code, _, err = run([*base, "--images", two, "--series-uid", "1.2.3.2", "--out", tmp_path / "o4"], capsys)
+    code, _, err = run([*base, "--images", two, "--series-uid", "1.2.3.2", "--out", tmp_path / "o4"], capfd)
     assert code == 0, err
     assert np.allclose(
         load_probability_map(tmp_path / "o4" / "probs" / "two.nii.gz").array, probabilities(2), atol=1e-4
@@ -161,10 +185,10 @@ def test_dicom_image_refusals(setup, tmp_path, capsys):
     write_ct_series(nested / "a", probabilities(3), rescale=(0.001, 0.0))
     write_ct_series(nested / "b", probabilities(4), series_uid="1.2.3.4", rescale=(0.001, 0.0))
     write_ct_series(nested / "b", probabilities(5), series_uid="1.2.3.5", series_number=2, rescale=(0.001, 0.0))
-    code, _, err = run([*base, "--images", nested, "--out", tmp_path / "o5"], capsys)
+    code, _, err = run([*base, "--images", nested, "--out", tmp_path / "o5"], capfd)
     assert code == 2 and "holds 2 series" in err and "one image series per case folder" in err
-    code, _, err = run([*base, "--images", root / "dicom", "--series-uid", "1.2", "--out", tmp_path / "o6"], capsys)
+    code, _, err = run([*base, "--images", root / "dicom", "--series-uid", "1.2", "--out", tmp_path / "o6"], capfd)
     assert code == 2 and "one series folder" in err
-    code, _, err = run([*base, "--images", root / "nifti", "--series-uid", "1.2", "--out", tmp_path / "o7"], capsys)
+    code, _, err = run([*base, "--images", root / "nifti", "--series-uid", "1.2", "--out", tmp_path / "o7"], capfd)
     assert code == 2 and "--series-uid applies to a DICOM series folder" in err
     assert not any((tmp_path / f"o{k}").exists() for k in (1, 2, 3, 5, 6, 7))

@@ -54,13 +54,13 @@ def test_round_trip_voxel_for_voxel(ct, tmp_path):
     assert case_id("case.dcm") == "case" and case_id("case.dcm", probability=True) is None
 
 
-def test_seg_without_empty_frames_is_placed_on_the_image_grid(ct, tmp_path):
+def highdicom_seg(ct, labels: np.ndarray, kind: str = "BINARY"):
+    """A SEG written by highdicom itself from a label-map array (empty frames omitted: its default)."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
     from ConformalSegLib.io.dicom_series import series_headers
 
-    labels = label_map(1)
     algorithm = hd.AlgorithmIdentificationSequence("t", codes.cid7162.ArtificialIntelligence, "1")
     descriptions = [
         hd.seg.SegmentDescription(
@@ -68,10 +68,10 @@ def test_seg_without_empty_frames_is_placed_on_the_image_grid(ct, tmp_path):
         )
         for k in (1, 2, 3)
     ]
-    seg = hd.seg.Segmentation(
+    return hd.seg.Segmentation(
         series_headers(ct).datasets,
-        labels,  # a label-map array: highdicom stacks the segments and omits empty frames by default
-        hd.seg.SegmentationTypeValues.BINARY,
+        labels,
+        hd.seg.SegmentationTypeValues[kind],
         descriptions,
         hd.UID(),
         2,
@@ -82,11 +82,30 @@ def test_seg_without_empty_frames_is_placed_on_the_image_grid(ct, tmp_path):
         "1",
         "1",
     )
+
+
+def test_fractional_seg_is_refused(ct, tmp_path):
+    rng = np.random.default_rng(6)
+    fractions = np.stack([rng.random(SHAPE).astype(np.float32) for _ in range(3)], axis=-1)
+    highdicom_seg(ct, fractions, "FRACTIONAL").save_as(tmp_path / "fractional.dcm")
+    with pytest.raises(ConformalSegError, match="the SEG is FRACTIONAL, not a label map"):
+        load_label_map(tmp_path / "fractional.dcm", GEOM)
+
+
+def test_labelmap_seg(ct, tmp_path):
+    labels = label_map(3)
+    highdicom_seg(ct, labels, "LABELMAP").save_as(tmp_path / "labelmap.dcm")
+    assert np.array_equal(load_label_map(tmp_path / "labelmap.dcm", GEOM).array, labels)
+
+
+def test_seg_without_empty_frames_is_placed_on_the_image_grid(ct, tmp_path):
+    labels = label_map(1)
+    seg = highdicom_seg(ct, labels)
     assert seg.NumberOfFrames < 3 * SHAPE[0]
     seg.save_as(tmp_path / "omitted.dcm")
     assert np.array_equal(load_label_map(tmp_path / "omitted.dcm", GEOM).array, labels)
-    own = load_label_map(tmp_path / "omitted.dcm")  # without the image: only the SEG's own stack
-    assert own.geometry.shape == (SHAPE[0] - 2, *SHAPE[1:])
+    with pytest.raises(ConformalSegError, match="frames on 4 of the 6 slices.*no image grid"):
+        load_label_map(tmp_path / "omitted.dcm")  # without the image the extent is unknown
 
 
 def test_refusals(ct, tmp_path):

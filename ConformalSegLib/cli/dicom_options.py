@@ -20,7 +20,7 @@ from ..common.geometry import Geometry
 from ..io.atomic import check_can_write
 from ..io.checksums import sha256_file
 from ..io.dicom_seg import GuaranteeRecord, check_reference_geometry, write_dicom_seg
-from ..io.dicom_series import series_headers
+from ..io.dicom_series import SeriesHeaders, series_headers
 
 SEG_NAME = "segmentation.dcm"
 
@@ -43,6 +43,12 @@ def add_dicom_options(p: argparse.ArgumentParser) -> None:
         "whose descriptions state the guarantee (method, epsilon, alpha, n, profile SHA-256)",
     )
     p.add_argument(
+        "--dicom-seg-omit-empty",
+        action="store_true",
+        help="with --dicom-seg: leave out the empty frames (smaller, faster to write; viewers place frames by "
+        "position, and so does --labels/--mask when reading it back on the image's grid)",
+    )
+    p.add_argument(
         "--reference-dicom",
         type=Path,
         default=None,
@@ -54,8 +60,10 @@ def add_dicom_options(p: argparse.ArgumentParser) -> None:
 def dicom_seg_path(args: argparse.Namespace) -> Path | None:
     """``OUT/segmentation.dcm`` when ``--dicom-seg`` is given (checked writable), else None."""
     if not args.dicom_seg:
-        if args.reference_dicom is not None:
-            raise ConformalSegError("--reference-dicom needs --dicom-seg", fix="add --dicom-seg or leave it out")
+        if args.reference_dicom is not None or args.dicom_seg_omit_empty:
+            raise ConformalSegError(
+                "--reference-dicom and --dicom-seg-omit-empty need --dicom-seg", fix="add --dicom-seg or leave them out"
+            )
         return None
     reference = reference_folder(args)
     if reference is None:
@@ -80,11 +88,19 @@ def reference_folder(args: argparse.Namespace) -> Path | None:
     return None
 
 
+def reference_headers(args: argparse.Namespace) -> SeriesHeaders:
+    """The reference series' headers, read once per command (kept on ``args``; a large series takes ~1 s)."""
+    cached = getattr(args, "_reference_headers", None)
+    if cached is None:
+        folder = reference_folder(args)
+        assert folder is not None  # dicom_seg_path checked it
+        cached = args._reference_headers = series_headers(folder, args.series_uid)
+    return cached
+
+
 def check_dicom_reference(args: argparse.Namespace, geometry: Geometry) -> None:
     """Refuse a map whose grid is not the reference series' grid (before any output is written)."""
-    folder = reference_folder(args)
-    assert folder is not None  # dicom_seg_path checked it
-    reference = series_headers(folder, args.series_uid)
+    reference = reference_headers(args)
     check_reference_geometry(geometry, reference.geometry, reference.folder)
 
 
@@ -102,4 +118,14 @@ def write_seg_output(
         profile_sha256=sha256_file(args.profile),
         sentence=str(doc["guarantee"]),
     )
-    return write_dicom_seg(masks, geometry, folder, path, record, series_uid=args.series_uid, force=args.force)
+    return write_dicom_seg(
+        masks,
+        geometry,
+        folder,
+        path,
+        record,
+        series_uid=args.series_uid,
+        force=args.force,
+        reference=reference_headers(args),
+        omit_empty_frames=args.dicom_seg_omit_empty,
+    )

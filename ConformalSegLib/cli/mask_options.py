@@ -243,9 +243,9 @@ def _reference_grid(args: argparse.Namespace) -> Geometry | None:
     """The ``--reference-dicom`` series' grid, on which an ``apply --mask`` DICOM SEG is placed (else its own)."""
     if not is_dicom_seg_path(args.mask) or getattr(args, "reference_dicom", None) is None:
         return None
-    from ..io.dicom_series import series_headers
+    from .dicom_options import reference_headers
 
-    return series_headers(args.reference_dicom, args.series_uid).geometry
+    return reference_headers(args).geometry
 
 
 def run_mask_apply(args: argparse.Namespace, dicom_seg: Path | None) -> int:

@@ -3,8 +3,8 @@
 * Read with pydicom (the frames, unpacked from 1 bit per voxel) and the SEG's own multi-frame geometry:
   the shared (or per-frame) plane orientation and pixel spacing, and each frame's plane position.
   No referenced series is needed.
-* **Label values are segment numbers**: the voxels of segment ``k`` get value ``k`` (the numbering of a SEG
-  exported from a label map by Slicer, dcmqi or :mod:`ConformalSegLib.io.dicom_seg`); BINARY and
+* **Label values are segment numbers**: the voxels of segment ``k`` get value ``k`` (our writer,
+  :mod:`ConformalSegLib.io.dicom_seg`, numbers the segments 1..K in the order of its masks); BINARY and
   LABELMAP SEGs are read, a FRACTIONAL one is refused (probabilities are not labels), and so are
   overlapping segments (a label map holds one value per voxel: read those with
   :func:`ConformalSegLib.io.dicom_seg.read_dicom_seg`).
@@ -13,7 +13,9 @@
   the in-plane origin must match, and every frame must lie on a slice of the reference (the error says how
   it differs). That also reads SEGs that omit empty frames (highdicom's and dcmqi's default): missing
   slices are background. Without ``reference`` the grid is the SEG's own stack, from its first to its last
-  frame, the slice step from ``SpacingBetweenSlices`` or the smallest gap between frames.
+  frame, the slice step from ``SpacingBetweenSlices`` or the smallest gap between frames; a SEG that
+  references more slices than that stack holds (empty frames left out) is then refused, since its extent
+  is unknown.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ import numpy as np
 from ..common.errors import ConformalSegError
 from ..common.geometry import Geometry
 
-SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+#: Segmentation Storage and Label Map Segmentation Storage (the SOP class of LABELMAP SEGs).
+SEG_SOP_CLASSES = ("1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7")
 SEG_EXTENSION = ".dcm"
 FIX = "give a DICOM SEG (BINARY or LABELMAP) of non-overlapping segments on the image's grid"
 
@@ -133,6 +136,13 @@ def _slice_indices(
     return k
 
 
+def _referenced_slices(ds: Any) -> int:
+    """How many source images the SEG references (one per slice of a single-frame series)."""
+    return sum(
+        len(getattr(item, "ReferencedInstanceSequence", [])) for item in getattr(ds, "ReferencedSeriesSequence", [])
+    )
+
+
 def load_dicom_seg_labels(path: str | PathLike[str], reference: Geometry | None = None) -> tuple[np.ndarray, Geometry]:
     """A DICOM SEG as an integer label map (numpy ``(z, y, x)``, value = segment number) and its grid
     (``reference`` when given); see the module docstring."""
@@ -143,7 +153,7 @@ def load_dicom_seg_labels(path: str | PathLike[str], reference: Geometry | None 
         ds = pydicom.dcmread(path)
     except Exception as exc:  # pydicom raises many types for a file that is not DICOM
         raise ConformalSegError(f"cannot read the DICOM file ({exc})", path=path, fix=FIX) from exc
-    if str(getattr(ds, "SOPClassUID", "")) != SEG_SOP_CLASS:
+    if str(getattr(ds, "SOPClassUID", "")) not in SEG_SOP_CLASSES:
         raise ConformalSegError(
             "the .dcm file is not a DICOM SEG (Segmentation Storage)", path=path, fix=FIX + "; a series is a folder"
         )
@@ -153,6 +163,13 @@ def load_dicom_seg_labels(path: str | PathLike[str], reference: Geometry | None 
     frames = _frames(ds, path)
     orientation, spacing, positions = _frame_geometry(ds, len(frames), path)
     grid = reference if reference is not None else _own_grid(ds, orientation, spacing, positions, path)
+    if reference is None and _referenced_slices(ds) > grid.shape[0]:
+        raise ConformalSegError(
+            f"the SEG has frames on {grid.shape[0]} of the {_referenced_slices(ds)} slices of its series (empty "
+            "frames left out), and no image grid was given to place it on",
+            path=path,
+            fix="give the image (or --reference-dicom series) it labels, or the label map as NIfTI",
+        )
     if (grid.shape[1], grid.shape[2]) != frames.shape[1:]:
         raise ConformalSegError(
             f"the SEG's frames are {frames.shape[1]}x{frames.shape[2]} pixels, the image's slices "

@@ -41,7 +41,12 @@ def list_series(folder: str | PathLike[str]) -> list[str]:
     folder = Path(folder)
     if not folder.is_dir():
         raise ConformalSegError("DICOM folder not found", path=folder, fix="give the folder that holds the series")
-    return sorted(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's "No Series were found": our caller says it better
+    try:
+        return sorted(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
 
 
 def series_files(folder: str | PathLike[str], series_uid: str | None = None) -> list[str]:
