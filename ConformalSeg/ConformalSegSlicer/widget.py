@@ -403,6 +403,11 @@ class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             with slicer.util.tryWithErrorDisplay(_("Failed to start the model."), waitCursor=True):
                 if not self.logic.ensureInferenceDependencies():
                     return
+                # TorchScript / MONAI bundle models run code from their folder: ask (once per model per session)
+                trusted = self.logic.confirmModelTrust(p.modelPath)
+                if trusted is None:
+                    self.ui.logTextEdit.appendPlainText(_("Not run: the model's code was not trusted."))
+                    return
                 # the loaded profile's recorded pipeline drives the run (MC passes, flips, seed; model checked)
                 driving = self.logic.inferenceProfile(self._profilePaths())
                 # the child resolves the device (no torch import or CUDA start-up in Slicer's process)
@@ -424,6 +429,7 @@ class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     onProgress=self._onInferenceProgress,
                     onFinished=self._onInferenceFinished,
                     profilePath=driving,
+                    trustModelCode=trusted,
                 )
         except Exception:  # shown by tryWithErrorDisplay (which re-raises); keep the panel consistent
             logging.exception("ConformalSeg: starting the model failed")
