@@ -395,6 +395,26 @@ class Logic(ScriptedLoadableModuleLogic):
             argv, (), onOutput, None, lambda code, cancelled: onFinished and onFinished(code, cancelled, outDir)
         )
 
+    def runProfileApply(self, profilePath, timeout=None, dicomSegPath=None, **kwargs):
+        """Blocking :meth:`startProfileApply` + :meth:`loadProfileApplyResult` (scripts, the Python console):
+        returns ``(segmentationNode, volumes, result)``; ``result.guarantees`` are the sentences."""
+        finished = {}
+        pump = self.startProfileApply(
+            profilePath, onFinished=lambda code, cancelled, out: finished.update(code=code, out=out), **kwargs
+        )
+        pump.timer.stop()
+        if pump.runner.wait(timeout) is None:
+            pump.cancel()
+            pump.runner.wait(30)
+            raise RuntimeError("conformalseg apply did not finish in time")
+        try:
+            if finished.get("code") != 0:
+                raise RuntimeError("conformalseg apply failed:\n" + "\n".join(pump.runner.output[-20:]))
+            return self.loadProfileApplyResult(finished["out"], kwargs.get("referenceVolume"), dicomSegPath)
+        finally:
+            if "out" in finished:
+                adapter.remove_work_folder(finished["out"])
+
     def loadProfileApplyResult(self, outDir, referenceVolume=None, dicomSegPath=None):
         """The segmentation node (the library's segment names), the fold volumes (``{"probability": node,
         ...}``) and the :class:`~ConformalSegSlicer.profile_apply.ApplyResult` (guarantee sentences);
