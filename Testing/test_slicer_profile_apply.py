@@ -172,3 +172,21 @@ def test_slider_refuses_mask_profiles(masks, tmp_path, capsys):
     probability = np.zeros(SHAPE, np.float32)
     with pytest.raises(ConformalSegError, match="calibrated on predicted masks"):
         SliderState.from_files([profile], probability, GEOM)
+
+
+def test_mask_fixture_of_the_self_test_applies_through_the_cli(tmp_path, capsys):
+    """What ``test_MaskProfileApply`` of the Slicer self-test runs, without Slicer: the sets of
+    ``apply --mask`` equal the fixture's expected masks, under the names the self-test looks up."""
+    fixture = fixtures.make_mask_fixture(tmp_path / "fixture")
+    assert profile_apply.profile_input(fixture.profile_path) == profile_apply.MASK
+    mask = tmp_path / "mask.nrrd"
+    save_volume(fixture.labels, fixture.geometry, mask)
+    argv = profile_apply.apply_command("py", profile=fixture.profile_path, out_dir=tmp_path / "out", mask=mask)
+    _run(argv[3:], capsys)
+    result = profile_apply.read_apply_result(tmp_path / "out")
+    assert result.guarantees[0].startswith("With probability at least 80%")
+    for name, file in (("Inner set", "inner_set"), ("Outer set", "outer_set")):
+        assert np.array_equal(
+            load_label_map(tmp_path / "out" / f"{file}.nii.gz").array.astype(bool), fixture.expected[name]
+        )
+    assert fixture.expected["Outer set"].any() and fixture.expected["Outer set"].sum() > fixture.labels.sum()

@@ -39,6 +39,7 @@ class SelfTest(ScriptedLoadableModuleTest):
             self.test_TinyModelEndToEnd,
             self.test_SampleDataFillsThePanel,
             self.test_AddCaseGrowsTheProfile,
+            self.test_MaskProfileApply,
         )
         for test in tests:
             self.setUp()
@@ -161,6 +162,31 @@ class SelfTest(ScriptedLoadableModuleTest):
             self.assertEqual(grown.summaries.n, old.summaries.n + 1)
             self.assertEqual(grown.summaries.case_ids[-1], "reviewed1")
         self.delayDisplay("Add this case to calibration wrote a grown profile beside the old one")
+
+    def test_MaskProfileApply(self):
+        """A mask-only margin profile (``calibrate --masks``) applied to a label map in a child: the loaded
+        segments equal the library's sets, the guarantee sentence comes back, the slider refuses it."""
+        from ConformalSegLib.common.errors import ConformalSegError
+
+        with tempfile.TemporaryDirectory() as folder:
+            fixture = fixtures.make_mask_fixture(folder)
+            labels = adapter.add_volume(fixture.labels, fixture.geometry, "ConformalSegTest predicted labels")
+            logic = self.logicClass()
+            self.assertEqual(logic.profileInput(fixture.profile_path), "mask")
+            with self.assertRaises(ConformalSegError):
+                logic.loadSliderState(labels, [fixture.profile_path])
+            segmentation, volumes, result = logic.runProfileApply(
+                fixture.profile_path, timeout=300, maskVolume=labels, referenceVolume=labels
+            )
+        self.assertEqual(volumes, {})
+        self.assertTrue(result.guarantees[0].startswith("With probability at least 80%"))
+        names = adapter.segment_names(segmentation)
+        self.assertEqual(sorted(names.values()), sorted(fixture.expected))
+        for segmentId, name in names.items():
+            actual = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segmentId, labels) > 0
+            self.assertTrue(np.array_equal(actual, fixture.expected[name]), name)
+        self.assertIsNone(segmentation.GetStorageNode())
+        self.delayDisplay("A mask-only margin profile applied to a label map gives the library's sets")
 
     def test_IntervalOverlayMatchesLibrary(self):
         reason = fixtures.interval_fixture_unavailable_reason()
