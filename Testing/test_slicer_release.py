@@ -406,3 +406,35 @@ def test_run_device_read_from_the_childs_report(tmp_path):
     assert inference_check.read_run_device(tmp_path) == "cuda:0"
     assert inference_check.read_run_record(tmp_path) == inference_check.fingerprint(RECORD)
     assert inference_check.read_run_device(tmp_path / "missing") is None
+
+
+def test_extension_index_metadata_points_at_files_of_this_repository():
+    """D7: the EXTENSION_* values are in the Extensions Index format (contributors "Name (Affiliation)", a
+    comma-separated list); the icon and screenshot URLs name files that exist here (the icon a 128x128
+    PNG); the screenshot is declared an offscreen panel render until a real Slicer screenshot replaces it."""
+    import re
+    import struct
+
+    code = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
+    values = dict(re.findall(r'set\((\w+) "([^"]*)"\)', code))
+    raw = values["CONFORMALSEG_RAW"]
+    assert raw.startswith("https://raw.githubusercontent.com/") and raw.endswith("/main")
+    assert values["EXTENSION_HOMEPAGE"].startswith("${CONFORMALSEG_REPOSITORY}")
+    assert values["CONFORMALSEG_REPOSITORY"].startswith("https://github.com/")
+    person = r"[^(),]+ \([^()]+\)"
+    assert re.fullmatch(rf"{person}(, {person})*", values["EXTENSION_CONTRIBUTORS"])
+    files = {}
+    for key in ("EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):
+        url = values[key].replace("${CONFORMALSEG_RAW}", raw)
+        assert url.startswith(raw + "/"), key
+        files[key] = ROOT / url[len(raw) + 1 :]
+        assert files[key].is_file(), (key, files[key])
+    for path in files.values():
+        header = path.read_bytes()[:24]
+        assert header[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", files["EXTENSION_ICONURL"].read_bytes()[16:24])
+    assert (width, height) == (128, 128)  # the Extensions Index's icon size
+    note = (files["EXTENSION_SCREENSHOTURLS"].parent / "README.md").read_text(encoding="utf-8")
+    assert "offscreen render" in note and "not a Slicer screenshot" in note
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "rendered offscreen" in readme.split("## The 3D Slicer module", 1)[1].split("\n\n", 3)[2]
