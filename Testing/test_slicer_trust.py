@@ -146,3 +146,12 @@ def test_trust_flag_reaches_the_cli_option():
     parser = build_parser()
     assert parser.parse_args(trusted[3:]).trust_model_code is True
     assert parser.parse_args(plain[3:]).trust_model_code is False
+
+
+def test_self_test_fixture_needs_trust(tmp_path):
+    from ConformalSegSlicer import fixtures
+
+    model = fixtures.make_code_model_card(tmp_path / "m")
+    request = trust.trust_request(model)
+    assert request is not None and request.folder == model.parent.resolve() and "TorchScript" in request.what
+    assert trust.request_in_child(model, sys.executable, os.environ) == request

@@ -135,6 +135,32 @@ def make_tiny_model(out_dir: str | PathLike[str], *, seed: int = 0) -> Path:
     return folder
 
 
+def make_code_model_card(out_dir: str | PathLike[str]) -> Path:
+    """A TorchScript model card whose archive is dummy bytes (never loaded): a model that needs the trust
+    confirmation, for testing the question and its memory without running anything."""
+    from ConformalSegLib.inference.card_format import FORMAT, FORMAT_VERSION
+
+    folder = Path(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "net.ts").write_bytes(b"not a real TorchScript archive")
+    card = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "name": "conformalseg-selftest-torchscript",
+        "source": {"torchscript": "net.ts"},
+        "preprocessing": {
+            "orientation": None,
+            "spacing_mm": None,
+            "intensity": {"kind": "window", "a_min": -200, "a_max": 300, "b_min": 0.0, "b_max": 1.0, "clip": True},
+        },
+        "inference": {"patch_size": [32, 32, 16], "overlap": 0.25, "blend": "gaussian", "sw_batch_size": 2},
+        "output": {"activation": "softmax", "lesion_channel": 1},
+    }
+    path = folder / "net.json"
+    path.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+    return folder / "net.ts"
+
+
 # ----------------------------------------------------------------------------- sem-CRC intervals
 
 

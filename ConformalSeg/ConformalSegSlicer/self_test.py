@@ -40,6 +40,7 @@ class SelfTest(ScriptedLoadableModuleTest):
             self.test_SampleDataFillsThePanel,
             self.test_AddCaseGrowsTheProfile,
             self.test_MaskProfileApply,
+            self.test_TrustConfirmation,
         )
         for test in tests:
             self.setUp()
@@ -187,6 +188,28 @@ class SelfTest(ScriptedLoadableModuleTest):
             self.assertTrue(np.array_equal(actual, fixture.expected[name]), name)
         self.assertIsNone(segmentation.GetStorageNode())
         self.delayDisplay("A mask-only margin profile applied to a label map gives the library's sets")
+
+    def test_TrustConfirmation(self):
+        """A TorchScript model asks once per session (read in a child: no torch in Slicer's process); No
+        runs nothing; in testing mode the default dialog answers No (Slicer's would answer Yes)."""
+        import importlib.util
+
+        if importlib.util.find_spec("torch") is None:  # the child reads the card with ConformalSegLib.inference
+            self._skip("test_TrustConfirmation", "torch is not installed (install the PyTorch extension)")
+            return
+        logic = self.logicClass()
+        asked = []
+        with tempfile.TemporaryDirectory() as folder:
+            model = fixtures.make_code_model_card(folder)
+            self.assertIsNone(logic.confirmModelTrust(model, ask=lambda title, text: asked.append(text) or False))
+            if slicer.app.testingEnabled():
+                self.assertIsNone(logic.confirmModelTrust(model))
+            self.assertTrue(logic.confirmModelTrust(model, ask=lambda title, text: asked.append(text) or True))
+            self.assertTrue(logic.confirmModelTrust(model, ask=lambda title, text: self.fail("asked again")))
+        self.assertEqual(len(asked), 2)
+        self.assertIn(os.path.dirname(str(model)), asked[0])
+        self.assertIn("TorchScript", asked[0])
+        self.delayDisplay("A model that runs code asks once, names its folder, and No runs nothing")
 
     def test_IntervalOverlayMatchesLibrary(self):
         reason = fixtures.interval_fixture_unavailable_reason()
