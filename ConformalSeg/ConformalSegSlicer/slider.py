@@ -290,7 +290,7 @@ class SliderState:
                 raise ConformalSegError(
                     "this profile was calibrated on predicted masks (calibrate --masks), not on probability maps",
                     path=path,
-                    fix="apply it to the label map: ConformalSegLogic().startProfileApply(profile, maskVolume=...)",
+                    fix="apply it to the label map: ConformalSegLogic().runProfileApply(profile, maskVolume=LABELS)",
                 )
         return cls([load_profile(p) for p in paths], probability, geometry, inline_scores=inline_scores)
 
