@@ -190,3 +190,36 @@ def test_mask_fixture_of_the_self_test_applies_through_the_cli(tmp_path, capsys)
             load_label_map(tmp_path / "out" / f"{file}.nii.gz").array.astype(bool), fixture.expected[name]
         )
     assert fixture.expected["Outer set"].any() and fixture.expected["Outer set"].sum() > fixture.labels.sum()
+
+
+def test_structures_dicom_seg_names_and_codes_match_the_seg_nrrd(masks, tmp_path, capsys):
+    """The segments Slicer loads (``.seg.nrrd``) and the DICOM SEG carry the same names, and each DICOM
+    segment the library's coded concept (liver inner set: the anatomical structure; outer sets: margin)."""
+    pytest.importorskip("highdicom")
+    import pydicom
+    from dicom_support import write_ct_series
+
+    from ConformalSegLib.io.dicom_seg import segment_concepts
+
+    index = tmp_path / "organs.json"
+    _calibrate_masks(masks, index, capsys, "--structures", "1=liver,2=spleen")
+    write_ct_series(tmp_path / "ct", np.zeros(SHAPE, np.int16), GEOM)
+    argv = profile_apply.apply_command(
+        "py", profile=index, out_dir=tmp_path / "out", mask=masks / "new.nii.gz", reference_dicom=tmp_path / "ct"
+    )
+    _run(argv[3:], capsys)
+    result = profile_apply.read_apply_result(tmp_path / "out")
+    assert result.dicom_seg is not None
+    header = result.segmentation.read_bytes().split(b"\n\n", 1)[0].decode("latin-1")
+    nrrd_names = sorted(
+        line.split(":=", 1)[1] for line in header.splitlines() if line.startswith("Segment") and "_Name:=" in line
+    )
+    seg = pydicom.dcmread(result.dicom_seg)
+    dicom_names = sorted(item.SegmentLabel for item in seg.SegmentSequence)
+    assert dicom_names == nrrd_names == ["liver inner set", "liver outer set", "spleen inner set", "spleen outer set"]
+    for item in seg.SegmentSequence:
+        category, kind = segment_concepts(item.SegmentLabel)
+        assert item.SegmentedPropertyTypeCodeSequence[0].CodeValue == kind.value
+        assert item.SegmentedPropertyCategoryCodeSequence[0].CodeValue == category.value
+    liver = next(i for i in seg.SegmentSequence if i.SegmentLabel == "liver inner set")
+    assert liver.SegmentedPropertyTypeCodeSequence[0].CodeMeaning.lower() == "liver"
