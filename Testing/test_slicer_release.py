@@ -438,3 +438,22 @@ def test_extension_index_metadata_points_at_files_of_this_repository():
     assert "offscreen render" in note and "not a Slicer screenshot" in note
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert "rendered offscreen" in readme.split("## The 3D Slicer module", 1)[1].split("\n\n", 3)[2]
+
+
+def test_self_test_skips_are_unittest_skips_and_its_class_is_collected_once():
+    """ctest ``py_ConformalSeg`` runs ``slicer.testing.runUnitTest``: unittest's loader takes every TestCase
+    class in ConformalSeg.py's namespace and runs each ``test_*`` method on its own. So the base class must
+    not be imported by name (it would run again, with the bare Logic), and a missing dependency must raise
+    ``unittest.SkipTest`` (reported as a skip there; :meth:`runTest`, used by Reload & Test and
+    ``slicer.selfTests``, catches it and lists it in its summary line)."""
+    tree = ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
+    imported = {a.asname or a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+    assert "SelfTest" not in imported and "self_test" in imported
+    source = (ROOT / "ConformalSeg" / "ConformalSegSlicer" / "self_test.py").read_text(encoding="utf-8")
+    methods = {
+        n.name: ast.get_source_segment(source, n) for n in ast.walk(ast.parse(source)) if isinstance(n, ast.FunctionDef)
+    }
+    assert "self.skipTest(reason)" in methods["_skip"]
+    assert "except unittest.SkipTest" in methods["runTest"] and "skipped" in methods["runTest"]
+    tests = [name for name in methods if name.startswith("test_")]
+    assert all(name in methods["runTest"] for name in tests)  # runTest runs every test method
