@@ -48,9 +48,10 @@ def _addSourceCheckoutToPath() -> None:
 UNSUPPORTED = unsupportedMessage()
 if not UNSUPPORTED:  # everything below needs Python 3.12 (the helpers and the library)
     _addSourceCheckoutToPath()
-    from ConformalSegSlicer import display
+    # self_test as a module, not SelfTest: unittest's loader (ctest py_ConformalSeg) would run a TestCase
+    # class found in this namespace a second time, with the bare Logic
+    from ConformalSegSlicer import display, self_test
     from ConformalSegSlicer.logic import Logic, registerSampleData
-    from ConformalSegSlicer.self_test import SelfTest
     from ConformalSegSlicer.widget import Widget
 
 #
@@ -174,7 +175,7 @@ if not UNSUPPORTED:
 
         logicClass = ConformalSegLogic
 
-    class ConformalSegTest(SelfTest):
+    class ConformalSegTest(self_test.SelfTest):
         """Self-tests (:mod:`ConformalSegSlicer.self_test`): Reload & Test, ``slicer.selfTests["ConformalSeg"]()``,
         ctest."""
 

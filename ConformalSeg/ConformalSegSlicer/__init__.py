@@ -21,6 +21,10 @@ Every other module is free of Slicer, VTK and Qt and is tested with pytest outsi
 * :mod:`~ConformalSegSlicer.intervals`: sem-CRC interval profiles: segments -> organ label map ->
   the library's ``apply_interval``, the per-organ table and status text;
 * :mod:`~ConformalSegSlicer.evaluation_plots`: ECR and PC versus alpha from ``conformalseg evaluate``;
+* :mod:`~ConformalSegSlicer.trust`: the confirmation before running a model whose loading runs code
+  (TorchScript, MONAI bundles), remembered per model fingerprint for the session;
+* :mod:`~ConformalSegSlicer.profile_apply`: mask-only margin profiles and nnU-Net fold profiles through
+  ``conformalseg apply --mask`` / ``--folds`` (and its DICOM SEG), the result's guarantee sentences;
 * :mod:`~ConformalSegSlicer.drift`: the drift badge from the reviewed-case logs of ``conformalseg monitor``;
 * :mod:`~ConformalSegSlicer.environment`: Python requirements, PyTorch device choice, module reload;
 * :mod:`~ConformalSegSlicer.fixtures`: synthetic data, profiles and a tiny model for the self-tests.

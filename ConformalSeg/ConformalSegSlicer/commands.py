@@ -86,9 +86,11 @@ def infer_command(
     device: str = "auto",
     force: bool = True,
     profile: str | PathLike[str] | None = None,
+    trust_model_code: bool = False,
 ) -> list[str]:
     """``conformalseg infer``; with ``profile``, the profile's recorded pipeline (MC passes, flips, seed)
-    is used and a model with another fingerprint is refused, so ``mc_dropout`` is not passed."""
+    is used and a model with another fingerprint is refused, so ``mc_dropout`` is not passed.
+    ``trust_model_code`` passes ``--trust-model-code`` (only after the user confirmed: :mod:`.trust`)."""
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
     if int(mc_dropout) < 0:
@@ -104,6 +106,8 @@ def infer_command(
         "--device",
         device,
     ]
+    if trust_model_code:
+        args.append("--trust-model-code")
     return module_command(python, "infer", *args, *(["--force"] if force else []))
 
 

@@ -19,6 +19,7 @@ import json
 from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
+from typing import Any
 
 from .slider import SliderSettings
 
@@ -134,6 +135,32 @@ def make_tiny_model(out_dir: str | PathLike[str], *, seed: int = 0) -> Path:
     return folder
 
 
+def make_code_model_card(out_dir: str | PathLike[str]) -> Path:
+    """A TorchScript model card whose archive is dummy bytes (never loaded): a model that needs the trust
+    confirmation, for testing the question and its memory without running anything."""
+    from ConformalSegLib.inference.card_format import FORMAT, FORMAT_VERSION
+
+    folder = Path(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "net.ts").write_bytes(b"not a real TorchScript archive")
+    card = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "name": "conformalseg-selftest-torchscript",
+        "source": {"torchscript": "net.ts"},
+        "preprocessing": {
+            "orientation": None,
+            "spacing_mm": None,
+            "intensity": {"kind": "window", "a_min": -200, "a_max": 300, "b_min": 0.0, "b_max": 1.0, "clip": True},
+        },
+        "inference": {"patch_size": [32, 32, 16], "overlap": 0.25, "blend": "gaussian", "sw_batch_size": 2},
+        "output": {"activation": "softmax", "lesion_channel": 1},
+    }
+    path = folder / "net.json"
+    path.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+    return folder / "net.ts"
+
+
 # ----------------------------------------------------------------------------- sem-CRC intervals
 
 
@@ -220,3 +247,46 @@ def make_interval_fixture(
     marker[tuple(np.argwhere(labels == BODY_LABEL)[0])] = True
     segments["Needle tip"] = marker
     return IntervalFixture(path, syn.lower[-1], syn.upper[-1], syn.truth[-1], labels, segments)
+
+
+@dataclass(frozen=True)
+class MaskFixture:
+    """A mask-only margin profile (``calibrate --masks``, one structure) and a new predicted label map."""
+
+    profile_path: Path
+    labels: Any  # uint8 (z, y, x) predicted label map of the new scan (structure: value 1)
+    geometry: Any  # its Geometry
+    expected: dict  # {"Inner set": bool array, "Outer set": bool array}: the library's sets at the profile's alpha
+
+
+def make_mask_fixture(out_dir: str | PathLike[str], *, n_calibration: int = 12, seed: int = 3) -> MaskFixture:
+    """Calibrate distance margins (alpha 0.2) on ``n_calibration`` synthetic ellipsoid label maps (the
+    prediction shifted and scaled at random against the truth) and write ``out_dir/margins.json``."""
+    import numpy as np
+
+    from ConformalSegLib.common.geometry import Geometry
+    from ConformalSegLib.conformal.calibration import CalibrationRequest
+    from ConformalSegLib.conformal.mask_sets import calibrate_structures, structure_map
+    from ConformalSegLib.io.segmentation import INNER_SET, OUTER_SET
+
+    shape = (10, 16, 16)
+    geometry = Geometry(shape, spacing=(1.0, 1.25, 2.0))
+    grid = np.indices(shape).reshape(3, -1).T.astype(float)
+    rng = np.random.default_rng(seed)
+
+    def case():
+        centre, radii = np.array([5.0, 8.0, 8.0]) + rng.normal(0, 0.7, 3), np.array([3.0, 4.0, 4.0])
+        truth = ((((grid - centre) / radii) ** 2).sum(axis=-1) <= 1.0).reshape(shape).astype(np.uint8)
+        moved = (grid - centre - rng.normal(0, 0.6, 3)) / (radii * rng.uniform(0.8, 1.2, 3))
+        return ((moved**2).sum(axis=-1) <= 1.0).reshape(shape).astype(np.uint8), truth
+
+    cases = [(f"case{i:02d}", *case(), geometry) for i in range(n_calibration)]
+    request = CalibrationRequest(method="sets", alpha=0.2, inner_transform="distance", outer_transform="distance")
+    profile = calibrate_structures(cases, {"structure": (1,)}, request)["structure"]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "margins.json"
+    profile.save(path, force=True)
+    labels, _truth = case()
+    inner, outer = profile.masks(structure_map(labels, (1,)), geometry).values()
+    return MaskFixture(path, labels, geometry, {INNER_SET: inner, OUTER_SET: outer})

@@ -29,9 +29,11 @@ from . import (
     intervals,
     sample_data,
     score_maps,
+    trust,
 )
 from . import slicer_adapter as adapter
 from .process import ProcessRunner
+from .profile_apply_logic import ProfileApplyLogic
 from .slider import SliderSettings, SliderState
 
 #: The module's folder (``ConformalSeg.py``, ``Resources/``), one above this package.
@@ -62,7 +64,7 @@ def registerSampleData() -> None:
     )
 
 
-class Logic(ScriptedLoadableModuleLogic):
+class Logic(ProfileApplyLogic, ScriptedLoadableModuleLogic):
     """Everything the panel does, usable from scripts without the GUI.
 
     ``runnerFactory`` makes the out-of-process runner (default
@@ -235,6 +237,23 @@ class Logic(ScriptedLoadableModuleLogic):
         except ValueError as exc:
             raise ConformalSegError(str(exc), fix="load profiles calibrated with one model pipeline") from None
 
+    def confirmModelTrust(self, modelPath, ask=None):
+        """Whether ``modelPath`` may run: False (plain weights, no trust needed), True (a TorchScript or
+        MONAI bundle model the user confirmed now or earlier in this session: pass ``trustModelCode``),
+        None (the user said no). ``ask(title, message) -> bool`` defaults to a Yes/No dialog."""
+        if ask is None:
+
+            def ask(title, message):
+                # confirmYesNoDisplay answers Yes by itself in testing mode: never trust code unasked
+                if slicer.app.testingEnabled():
+                    logging.warning("ConformalSeg: testing mode, model code not trusted without a person: %s", message)
+                    return False
+                return slicer.util.confirmYesNoDisplay(message, windowTitle=title)
+
+        # read in a child: the card modules import torch, which stays out of Slicer's process
+        request = trust.request_in_child(modelPath, adapter.python_slicer(), os.environ)
+        return trust.decide(request, trust.SESSION, ask)
+
     def startInference(
         self,
         inputVolume,
@@ -245,10 +264,12 @@ class Logic(ScriptedLoadableModuleLogic):
         onProgress=None,
         onFinished=None,
         profilePath=None,
+        trustModelCode=False,
     ):
         """Export ``inputVolume`` and run ``conformalseg infer`` on it in PythonSlicer; returns the
         pump. With ``profilePath`` the child uses the profile's recorded pipeline (MC passes, flips, seed;
-        ``mcDropout`` is ignored) and refuses a model with another fingerprint.
+        ``mcDropout`` is ignored) and refuses a model with another fingerprint. ``trustModelCode`` lets a
+        TorchScript or MONAI bundle model run (ask first: :meth:`confirmModelTrust`).
         ``onFinished(returncode, cancelled, outDir)``."""
         if inputVolume is None:
             raise ValueError("choose the input volume the model runs on")
@@ -265,6 +286,7 @@ class Logic(ScriptedLoadableModuleLogic):
             mc_dropout=mcDropout,
             device=device,
             profile=profilePath,
+            trust_model_code=bool(trustModelCode),
         )
         return self._start(
             argv,
@@ -295,8 +317,9 @@ class Logic(ScriptedLoadableModuleLogic):
         probability.SetAttribute(inference_check.NODE_ATTRIBUTE, inference_check.node_value(record))
         return probability, uncertainty
 
-    def runInference(self, inputVolume, modelPath, device="cpu", mcDropout=0, timeout=None):
-        """Blocking inference (scripts, tests): returns ``(probabilityVolume, uncertaintyVolume)``."""
+    def runInference(self, inputVolume, modelPath, device="cpu", mcDropout=0, timeout=None, trustModelCode=False):
+        """Blocking inference (scripts, tests): returns ``(probabilityVolume, uncertaintyVolume)``.
+        A script runs a TorchScript or MONAI bundle model only with ``trustModelCode=True`` (no dialog)."""
         finished = {}
         pump = self.startInference(
             inputVolume,
@@ -304,6 +327,7 @@ class Logic(ScriptedLoadableModuleLogic):
             device,
             mcDropout,
             onFinished=lambda code, cancelled, out: finished.update(code=code, out=out),
+            trustModelCode=trustModelCode,
         )
         pump.timer.stop()
         if pump.runner.wait(timeout) is None:

@@ -37,7 +37,7 @@ from slicer.i18n import tr as _
 
 from ConformalSegLib.common.geometry import Geometry
 
-from . import commands, environment, segments, spatial
+from . import commands, environment, profile_apply, segments, spatial
 from .display import OverlayDisplay, finite_range
 from .evaluation_plots import AlphaCurves, marker_columns, table_columns
 
@@ -143,6 +143,37 @@ def load_result_volume(path: str, role: str, name: str, referenceVolumeNode=None
         node.SetAndObserveTransformNodeID(referenceVolumeNode.GetTransformNodeID())
         place_next_to(node, referenceVolumeNode)
     return node
+
+
+def load_result_segmentation(path: str, name: str, referenceVolumeNode=None):
+    """Load a ``.seg.nrrd`` written by ``conformalseg apply`` (in a temporary folder) as a segmentation that
+    Save writes (storage dropped, marked modified), under the reference volume's transform and in its folder."""
+    node = slicer.util.loadSegmentation(str(path), {"name": name})
+    storage = node.GetStorageNode()
+    if storage is not None:
+        node.SetAndObserveStorageNodeID(None)
+        slicer.mrmlScene.RemoveNode(storage)
+    node.StorableModified()
+    if referenceVolumeNode is not None:
+        node.SetReferenceImageGeometryParameterFromVolumeNode(referenceVolumeNode)
+        node.SetAndObserveTransformNodeID(referenceVolumeNode.GetTransformNodeID())
+        place_next_to(node, referenceVolumeNode)
+    return node
+
+
+def dicom_series_folder(volumeNode, folder: str) -> str | None:
+    """Copies of the DICOM files ``volumeNode`` was loaded from (through Slicer's DICOM database) in
+    ``folder``; None when it did not come from DICOM or its files are gone."""
+    database = getattr(slicer, "dicomDatabase", None)
+    if volumeNode is None or database is None:
+        return None
+    files = profile_apply.dicom_reference_files(volumeNode.GetAttribute("DICOM.instanceUIDs"), database.fileForInstance)
+    if not files:
+        return None
+    os.makedirs(folder, exist_ok=True)
+    for i, file in enumerate(files):
+        shutil.copyfile(file, os.path.join(folder, f"{i:05d}.dcm"))
+    return folder
 
 
 def place_next_to(node, referenceNode) -> None:

@@ -278,6 +278,20 @@ class SliderState:
         *,
         inline_scores: bool = True,
     ) -> SliderState:
+        """Refuses a mask-only margin profile (``calibrate --masks``): its score is the distance to a predicted
+        label map's boundary, so a probability map cannot stand in for it (``apply --mask`` refuses the same)."""
+        from ConformalSegLib.common.errors import ConformalSegError
+
+        from .profile_apply import MASK, profile_input
+
+        paths = list(paths)
+        for path in paths:
+            if profile_input(path) == MASK:
+                raise ConformalSegError(
+                    "this profile was calibrated on predicted masks (calibrate --masks), not on probability maps",
+                    path=path,
+                    fix="apply it to the label map: ConformalSegLogic().runProfileApply(profile, maskVolume=LABELS)",
+                )
         return cls([load_profile(p) for p in paths], probability, geometry, inline_scores=inline_scores)
 
     def missing_scores(self) -> list[str]:

@@ -21,7 +21,17 @@ from slicer.util import VTKObservationMixin
 
 from ConformalSegLib.common.errors import ConformalSegError
 
-from . import commands, display, environment, evaluation_plots, inference_check, intervals, segments, spatial
+from . import (
+    commands,
+    display,
+    environment,
+    evaluation_plots,
+    inference_check,
+    intervals,
+    profile_apply,
+    segments,
+    spatial,
+)
 from . import slicer_adapter as adapter
 from .drift import drift_badge
 from .logic import Logic
@@ -230,6 +240,16 @@ class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         try:
             profilesKey = tuple((str(path), os.path.getmtime(path) if os.path.exists(path) else None) for path in paths)
+            if self._maskProfile(profilesKey):  # margins around a label map: Apply runs `apply --mask`
+                self._state = None
+                self._setGuarantee(
+                    self._maskResultText
+                    or _(
+                        "This profile was calibrated on predicted masks (a mask-only tool such as TotalSegmentator): "
+                        "choose the tool's label map as the probability map and press Apply."
+                    )
+                )
+                return
             imageData = p.probabilityVolume.GetImageData()
             stateKey = (profilesKey, p.probabilityVolume.GetID(), imageData.GetMTime() if imageData else None)
             if stateKey != self._stateKey:
@@ -282,6 +302,57 @@ class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             logging.exception("ConformalSeg: updating the segments failed")
             self._state = None
             self._setGuarantee(_("Updating the segments failed: {error}").format(error=exc), warning=True)
+
+    _maskProfileKey = None  # (profiles key, whether one of them is a mask-only margin profile)
+    _maskResultText = None  # the guarantee sentences of the last `apply --mask` run for those profiles
+
+    def _maskProfile(self, profilesKey) -> bool:
+        if self._maskProfileKey is None or self._maskProfileKey[0] != profilesKey:
+            isMask = any(
+                self.logic.profileInput(path) == profile_apply.MASK for path, mtime in profilesKey if mtime is not None
+            )
+            self._maskProfileKey = (profilesKey, isMask)
+            self._maskResultText = None
+        return self._maskProfileKey[1]
+
+    def _startMaskApply(self) -> None:
+        """``conformalseg apply --mask`` on the label map chosen as the probability map (mask-only profile)."""
+        p = self._parameterNode
+        try:
+            with slicer.util.tryWithErrorDisplay(_("Failed to apply the mask-only profile."), waitCursor=True):
+                self.ui.logTextEdit.clear()
+                self._inference = self.logic.startProfileApply(
+                    p.profilePath,
+                    maskVolume=p.probabilityVolume,
+                    referenceVolume=p.inputVolume,
+                    onOutput=self.ui.logTextEdit.appendPlainText,
+                    onFinished=self._onMaskApplyFinished,
+                )
+        except Exception:  # shown by tryWithErrorDisplay (which re-raises)
+            logging.exception("ConformalSeg: starting apply --mask failed")
+        finally:
+            self._updateButtons()
+
+    def _onMaskApplyFinished(self, returncode: int, cancelled: bool, outDir: str) -> None:
+        p = self._parameterNode
+        log = self.ui.logTextEdit.appendPlainText
+        try:
+            if cancelled:
+                log(_("Cancelled."))
+            elif returncode != 0:
+                log(_("conformalseg apply failed (exit status {status}).").format(status=returncode))
+                slicer.util.errorDisplay(_("Applying the mask-only profile failed. See the log."))
+            else:
+                with slicer.util.tryWithErrorDisplay(_("Failed to load the margin sets."), waitCursor=True):
+                    segmentation, volumes, result = self.logic.loadProfileApplyResult(outDir, p.inputVolume)
+                    self._maskResultText = "\n".join([*result.guarantees, *([result.note] if result.note else [])])
+                    self._setGuarantee(self._maskResultText)
+                    log(_("Loaded {name}.").format(name=segmentation.GetName()))
+        except Exception:  # shown by tryWithErrorDisplay, which re-raises; clean up below all the same
+            logging.exception("ConformalSeg: loading the margin sets failed")
+        finally:
+            adapter.remove_work_folder(outDir)
+            self._updateButtons()
 
     def _startScoreMaps(self, state) -> None:
         """Confidence-set score maps in a background process; the segments are refreshed when they arrive
@@ -396,12 +467,20 @@ class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         p = self._parameterNode
         if not isSet(p.modelPath):
+            if p.probabilityVolume and isSet(p.profilePath) and self._isMaskProfileNow():
+                self._startMaskApply()
+                return
             self._stateKey = None  # recompute from the probability map now
             self.refresh()
             return
         try:
             with slicer.util.tryWithErrorDisplay(_("Failed to start the model."), waitCursor=True):
                 if not self.logic.ensureInferenceDependencies():
+                    return
+                # TorchScript / MONAI bundle models run code from their folder: ask (once per model per session)
+                trusted = self.logic.confirmModelTrust(p.modelPath)
+                if trusted is None:
+                    self.ui.logTextEdit.appendPlainText(_("Not run: the model's code was not trusted."))
                     return
                 # the loaded profile's recorded pipeline drives the run (MC passes, flips, seed; model checked)
                 driving = self.logic.inferenceProfile(self._profilePaths())
@@ -424,11 +503,18 @@ class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     onProgress=self._onInferenceProgress,
                     onFinished=self._onInferenceFinished,
                     profilePath=driving,
+                    trustModelCode=trusted,
                 )
         except Exception:  # shown by tryWithErrorDisplay (which re-raises); keep the panel consistent
             logging.exception("ConformalSeg: starting the model failed")
         finally:
             self._updateButtons()
+
+    def _isMaskProfileNow(self) -> bool:
+        try:
+            return self.logic.profileInput(self._parameterNode.profilePath) == profile_apply.MASK
+        except (ConformalSegError, OSError, ValueError):
+            return False  # the refresh shows the profile's error
 
     def _onInferenceProgress(self, fraction: float, label: str) -> None:
         self.ui.progressBar.value = int(round(100 * fraction))

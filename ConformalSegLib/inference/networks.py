@@ -15,7 +15,14 @@ from typing import Any
 from ..common.errors import ConformalSegError
 from .card_format import BUNDLE_CONFIGS, BUNDLE_WEIGHTS, CARD_FIX, STATE_DICT_WRAPPERS, ModelSource
 
-__all__ = ["bundle_config", "load_network", "network_class", "require_trust", "trust_model_code"]
+__all__ = [
+    "bundle_config",
+    "load_network",
+    "network_class",
+    "require_trust",
+    "runs_code",
+    "trust_model_code",
+]
 
 
 def network_class(name: str) -> type:
@@ -121,16 +128,21 @@ def trust_model_code(trusted: bool = True) -> None:
         os.environ.pop(TRUST_ENV, None)
 
 
+def runs_code(source: ModelSource) -> str | None:
+    """What code loading ``source`` runs (one phrase), or None for a state_dict card (plain weights)."""
+    if source.kind == "torchscript":
+        return "a TorchScript archive (it contains code)"
+    if source.kind == "bundle":
+        return "a MONAI bundle (its config runs Python expressions)"
+    return None
+
+
 def require_trust(source: ModelSource, card_path: Path | None) -> None:
     """TorchScript archives hold code, and a MONAI bundle's config runs Python (``$`` expressions,
     ``_target_`` of any importable callable) when the network is built: both only after an explicit opt-in."""
-    if source.kind not in ("torchscript", "bundle") or os.environ.get(TRUST_ENV) == "1":
+    what = runs_code(source)
+    if what is None or os.environ.get(TRUST_ENV) == "1":
         return
-    what = (
-        "a TorchScript archive (it contains code)"
-        if source.kind == "torchscript"
-        else ("a MONAI bundle (its config runs Python expressions)")
-    )
     raise ConformalSegError(
         f"this model is {what}: loading it runs code from the model folder {source.path}",
         path=card_path,

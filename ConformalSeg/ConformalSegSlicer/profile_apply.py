@@ -1,0 +1,136 @@
+"""Profiles the slider cannot drive, applied through ``conformalseg apply`` (issue 18), free of Slicer.
+
+* **Mask-only margin sets** (``calibrate --masks [--structures 1=liver,...]``): the score is the signed
+  distance to the boundary of a *predicted label map* (TotalSegmentator, nnU-Net without probabilities),
+  not a probability map, so the panel exports the label map and runs ``apply --mask``.
+* **nnU-Net fold profiles** (``calibrate --folds``): the score is the fold ensemble of per-fold ``.npz``
+  files on disk (the folds must be those of calibration), so the panel runs ``apply --folds DIR``; the
+  averaged map and the fold variance / mutual information come back as volumes.
+
+Both run in a PythonSlicer child through the CLI (the library's own checks and refusals, no logic twice);
+the panel loads ``OUT/segmentation.seg.nrrd`` and shows the guarantee sentences of ``OUT/apply.json``
+(:func:`read_apply_result`). With ``reference_dicom`` (the CT came from DICOM) the CLI also writes
+``OUT/segmentation.dcm`` with the library's highdicom exporter, its descriptions stating the guarantee.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass, field
+from os import PathLike
+from pathlib import Path
+
+from .commands import module_command
+
+#: What a profile is applied to: the slider path (a probability map), ``apply --mask`` or ``apply --folds``.
+PROBABILITY, MASK, FOLDS = "probability", "mask", "folds"
+
+
+def profile_input(path: str | PathLike[str]) -> str:
+    """:data:`MASK`, :data:`FOLDS` or :data:`PROBABILITY` for a profile (or a ``--structures`` index),
+    decided by the CLI's own test (``is_mask_apply``) and the profile's recorded folds."""
+    from ConformalSegLib.cli.mask_options import is_mask_apply
+    from ConformalSegLib.common.errors import ConformalSegError
+    from ConformalSegLib.conformal.profile import load_profile
+
+    try:
+        if is_mask_apply(argparse.Namespace(profile=Path(path), mask=Path("mask"))):
+            return MASK
+    except ConformalSegError as exc:
+        if "--mask needs a profile calibrated on predicted masks" not in str(exc):
+            raise
+    return FOLDS if load_profile(path).provenance.get("folds") else PROBABILITY
+
+
+def apply_command(
+    python: str,
+    *,
+    profile: str | PathLike[str],
+    out_dir: str | PathLike[str],
+    mask: str | PathLike[str] | None = None,
+    folds: str | PathLike[str] | None = None,
+    case: str | None = None,
+    channel: int | None = None,
+    alpha: float | None = None,
+    alpha_inner: float | None = None,
+    alpha_outer: float | None = None,
+    reference_dicom: str | PathLike[str] | None = None,
+    series_uid: str | None = None,
+) -> list[str]:
+    """``conformalseg apply --mask LABELS`` or ``--folds DIR [--case ID]``, optionally recalibrated to the
+    panel's alphas, with ``--dicom-seg --reference-dicom DIR`` when the CT came from DICOM."""
+    if (mask is None) == (folds is None):
+        raise ValueError("give exactly one of mask and folds")
+    args = ["--profile", str(profile)]
+    args += ["--mask", str(mask)] if mask is not None else ["--folds", str(folds)]
+    if case is not None:
+        if folds is None:
+            raise ValueError("case goes with folds")
+        args += ["--case", str(case)]
+    if channel is not None:
+        args += ["--channel", str(int(channel))]
+    for flag, value in (("--alpha", alpha), ("--alpha-inner", alpha_inner), ("--alpha-outer", alpha_outer)):
+        if value is not None:
+            if not 0 < float(value) < 1:
+                raise ValueError(f"{flag[2:]} must lie in (0, 1), got {value!r}")
+            args += [flag, repr(float(value))]
+    if reference_dicom is not None:
+        args += ["--dicom-seg", "--reference-dicom", str(reference_dicom)]
+        if series_uid:
+            args += ["--series-uid", str(series_uid)]
+    args += ["--out", str(out_dir)]
+    return module_command(python, "apply", *args, "--force")
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    """What ``conformalseg apply`` wrote, as the panel loads it."""
+
+    segmentation: Path  # OUT/segmentation.seg.nrrd (segment names from the library)
+    guarantees: list[str]  # one sentence per structure ("liver: With probability ..."), or one
+    note: str | None = None  # the per-structure note (union bound) of mask profiles
+    dicom_seg: Path | None = None  # OUT/segmentation.dcm with --dicom-seg
+    volumes: dict[str, Path] = field(default_factory=dict)  # folds: probability, fold_variance, ...
+
+
+def read_apply_result(out_dir: str | PathLike[str]) -> ApplyResult:
+    """Read ``OUT/apply.json`` and the files beside it; ValueError when the run wrote none."""
+    out = Path(out_dir)
+    summary_path = out / "apply.json"
+    if not summary_path.is_file():
+        raise ValueError(f"conformalseg apply wrote no {summary_path}")
+    doc = json.loads(summary_path.read_text(encoding="utf-8"))
+    if "structures" in doc:  # apply --mask
+        structures = doc["structures"]
+        single = list(structures) == ["structure"]
+        guarantees = [
+            entry["guarantee"] if single else f"{name}: {entry['guarantee']}" for name, entry in structures.items()
+        ]
+        note = None if single else doc.get("note")
+    else:
+        guarantees, note = [str(doc["guarantee"])], None
+    dicom = out / "segmentation.dcm"
+    volumes = {
+        key: out / f"{key}.nii.gz"
+        for key in ("probability", "fold_variance", "fold_mutual_information")
+        if (out / f"{key}.nii.gz").is_file()
+    }
+    return ApplyResult(
+        segmentation=out / "segmentation.seg.nrrd",
+        guarantees=guarantees,
+        note=note,
+        dicom_seg=dicom if dicom.is_file() else None,
+        volumes=volumes,
+    )
+
+
+def dicom_reference_files(instance_uids: str | None, file_for_instance) -> list[str]:
+    """The files of the DICOM series a volume node was loaded from: its ``DICOM.instanceUIDs`` attribute
+    (space separated) through ``file_for_instance`` (``slicer.dicomDatabase.fileForInstance``); empty
+    when the node did not come from DICOM or a file is no longer in the database."""
+    uids = (instance_uids or "").split()
+    files = [file_for_instance(uid) for uid in uids]
+    if not files or not all(files) or not all(Path(f).is_file() for f in files):
+        return []
+    return [str(f) for f in files]
