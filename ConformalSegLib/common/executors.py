@@ -255,11 +255,9 @@ def executor_session(spec: ExecutorSpec) -> Iterator[ExecutorSpec]:
     if spec.name != "dask" or spec.scheduler is not None:
         yield spec
         return
-    distributed = _distributed()
+    local_cluster = _distributed().LocalCluster
     workers = spec.workers or os.cpu_count() or 1
-    with distributed.LocalCluster(
-        n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0"
-    ) as cluster:
+    with local_cluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
         yield ExecutorSpec("dask", scheduler=cluster.scheduler_address, workers=spec.workers)
 
 
