@@ -101,6 +101,18 @@ def tiny_model_unavailable_reason() -> str | None:
     return None
 
 
+#: The preprocessing, inference and output sections of the self-test's model cards (CT window, small patches).
+_TINY_PIPELINE = {
+    "preprocessing": {
+        "orientation": None,
+        "spacing_mm": None,
+        "intensity": {"kind": "window", "a_min": -200, "a_max": 300, "b_min": 0.0, "b_max": 1.0, "clip": True},
+    },
+    "inference": {"patch_size": [32, 32, 16], "overlap": 0.25, "blend": "gaussian", "sw_batch_size": 2},
+    "output": {"activation": "softmax", "lesion_channel": 1},
+}
+
+
 def make_tiny_model(out_dir: str | PathLike[str], *, seed: int = 0) -> Path:
     """A folder with ``model_card.json`` and ``unet.pt`` (random weights): a valid model for
     ``conformalseg infer --model FOLDER`` that runs in seconds on the CPU."""
@@ -120,13 +132,7 @@ def make_tiny_model(out_dir: str | PathLike[str], *, seed: int = 0) -> Path:
         "format_version": FORMAT_VERSION,
         "name": "conformalseg-selftest-tiny-unet",
         "source": {"state_dict": {"network": "UNet", "args": TINY_NETWORK_ARGS, "weights": "unet.pt"}},
-        "preprocessing": {
-            "orientation": None,
-            "spacing_mm": None,
-            "intensity": {"kind": "window", "a_min": -200, "a_max": 300, "b_min": 0.0, "b_max": 1.0, "clip": True},
-        },
-        "inference": {"patch_size": [32, 32, 16], "overlap": 0.25, "blend": "gaussian", "sw_batch_size": 2},
-        "output": {"activation": "softmax", "lesion_channel": 1},
+        **_TINY_PIPELINE,
         "training": {"data": "none: random weights for the ConformalSeg self-test"},
     }
     path = folder / CARD_FILE
@@ -148,13 +154,7 @@ def make_code_model_card(out_dir: str | PathLike[str]) -> Path:
         "format_version": FORMAT_VERSION,
         "name": "conformalseg-selftest-torchscript",
         "source": {"torchscript": "net.ts"},
-        "preprocessing": {
-            "orientation": None,
-            "spacing_mm": None,
-            "intensity": {"kind": "window", "a_min": -200, "a_max": 300, "b_min": 0.0, "b_max": 1.0, "clip": True},
-        },
-        "inference": {"patch_size": [32, 32, 16], "overlap": 0.25, "blend": "gaussian", "sw_batch_size": 2},
-        "output": {"activation": "softmax", "lesion_channel": 1},
+        **_TINY_PIPELINE,
     }
     path = folder / "net.json"
     path.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
