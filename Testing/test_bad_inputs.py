@@ -650,7 +650,7 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
 @pytest.mark.parametrize("row", ROWS, ids=[row.name for row in ROWS])
 def test_bad_input(row: Row, base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
     if row.root_skips and os.geteuid() == 0:
-        pytest.skip("root reads files without read permission")
+        pytest.skip("root reads unreadable files: test_permission_denied_as_an_unprivileged_user runs it as uid 65534")
     ws = tmp_path / "ws"
     shutil.copytree(base, ws, symlinks=True)
     argv = row.prepare(ws)
