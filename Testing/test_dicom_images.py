@@ -192,3 +192,60 @@ def test_dicom_image_refusals(setup, tmp_path, capfd):  # capfd: ITK writes to t
     code, _, err = run([*base, "--images", root / "nifti", "--series-uid", "1.2", "--out", tmp_path / "o7"], capfd)
     assert code == 2 and "--series-uid applies to a DICOM series folder" in err
     assert not any((tmp_path / f"o{k}").exists() for k in (1, 2, 3, 5, 6, 7))
+
+
+def test_calibrate_and_evaluate_on_probability_series_equal_their_nifti(setup, tmp_path, capsys):
+    """``--probs`` holding one DICOM probability series per case folder (slope 1/1000) gives the same
+    profile and evaluation, bit for bit, as the NIfTI export of the same series."""
+    root = setup["root"]
+    common = ["calibrate", "--method", "cls", "--epsilon", "0.2", "--alpha", "0.2", "--lesion-label", "1"]
+    for kind in ("dicom", "nifti"):
+        argv = [*common, "--probs", root / kind, "--labels", root / "labels", "--out", tmp_path / f"{kind}.json"]
+        code, _, err = run(argv, capsys)
+        assert code == 0, err
+    dicom, nifti = load_profile(tmp_path / "dicom.json"), load_profile(tmp_path / "nifti.json")
+    assert dicom.calibration.n == nifti.calibration.n == N_CASES
+    assert dicom.calibration.probability_threshold == nifti.calibration.probability_threshold
+    assert np.array_equal(dicom.summaries.values, nifti.summaries.values)
+    assert np.array_equal(dicom.summaries.offsets, nifti.summaries.offsets)
+    evaluate = ["evaluate", "--labels", root / "labels", "--lesion-label", "1", "--splits", "5", "--epsilon", "0.2"]
+    for kind in ("dicom", "nifti"):
+        code, _, err = run([*evaluate, "--probs", root / kind, "--out", tmp_path / f"eval_{kind}"], capsys)
+        assert code == 0, err
+    results = [json.loads((tmp_path / f"eval_{kind}" / "results.json").read_text()) for kind in ("dicom", "nifti")]
+    assert results[0]["dataset"]["n_cases"] == N_CASES
+    for key in ("dataset", "summary", "per_split", "per_case"):  # mL figures: NIfTI stores spacing as float32
+        assert _close(results[0][key], results[1][key]), key
+
+
+def _close(a, b) -> bool:
+    """Equal, floats up to 1e-7 relative (the NIfTI export's float32 spacing against DICOM's decimal strings)."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float) and isinstance(b, float):
+        return a == b or abs(a - b) <= 1e-7 * max(abs(a), abs(b))
+    return a == b
+
+
+def test_probability_series_refusals(setup, tmp_path, capfd):
+    root = setup["root"]
+    base = ["calibrate", "--method", "cls", "--epsilon", "0.2", "--alpha", "0.2", "--lesion-label", "1"]
+    base += ["--labels", root / "labels"]
+    hu = tmp_path / "hu"  # a CT series (HU through the usual -1024 intercept) given as probabilities
+    for k in range(N_CASES):
+        write_ct_series(hu / f"case{k:02d}", (probabilities(k) * 1000).astype(np.int16))
+    code, _, err = run([*base, "--probs", hu, "--out", tmp_path / "o1.json"], capfd)
+    assert code == 2 and "holds integers" in err and "case00" in err and "fractional RescaleSlope" in err
+    percent = tmp_path / "percent"  # a fractional slope, but values in percent: out of [0, 1]
+    for k in range(N_CASES):
+        write_ct_series(percent / f"case{k:02d}", probabilities(k) * 100, rescale=(0.1, 0.0))
+    code, _, err = run([*base, "--probs", percent, "--out", tmp_path / "o3.json"], capfd)
+    assert code == 2 and "probability values range from" in err and "case00" in err
+    two = tmp_path / "two"  # one case folder with two series
+    write_ct_series(two / "case00", probabilities(0), series_uid="1.2.3.1", rescale=(0.001, 0.0))
+    write_ct_series(two / "case00", probabilities(1), series_uid="1.2.3.2", series_number=2, rescale=(0.001, 0.0))
+    code, _, err = run([*base, "--probs", two, "--out", tmp_path / "o2.json"], capfd)
+    assert code == 2 and "holds 2 DICOM series" in err and "one probability series per case folder" in err
+    assert not any((tmp_path / f"o{k}.json").exists() for k in (1, 2, 3))

@@ -155,7 +155,7 @@ def test_iteration_streams_one_case_at_a_time(tmp_path, monkeypatch):
     make_dataset(tmp_path, n_cases=3)
     loads: list[str] = []
     previous: list[weakref.ref] = []
-    real_loader = dataset_module.load_probability_map
+    real_loader = dataset_module.load_probability_input
 
     def spy(path, **kwargs):
         gc.collect()
@@ -164,7 +164,7 @@ def test_iteration_streams_one_case_at_a_time(tmp_path, monkeypatch):
         loads.append(Path(path).name)
         return real_loader(path, **kwargs)
 
-    monkeypatch.setattr(dataset_module, "load_probability_map", spy)
+    monkeypatch.setattr(dataset_module, "load_probability_input", spy)
     iterator = iter(CalibrationDataset(tmp_path / "probs", tmp_path / "labels", [1]))
     assert loads == []  # nothing is read before iteration starts
     for expected in range(3):

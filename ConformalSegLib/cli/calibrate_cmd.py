@@ -14,6 +14,7 @@ from ..conformal.score_transforms import DEFAULT_CANDIDATES
 from ..io.atomic import check_can_write
 from ..io.checksums import sha256_file
 from ..io.dataset import CalibrationDataset
+from ..io.dicom_series import image_input_sha256 as input_sha256
 from .common import (
     add_empty_option,
     add_force,
@@ -57,7 +58,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def add_data_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--probs", type=Path, help="folder of probability maps (.nii.gz/.nrrd/.mha/.npy/nnU-Net .npz)")
+    p.add_argument(
+        "--probs",
+        type=Path,
+        help="folder of probability maps (.nii.gz/.nrrd/.mha/.npy/nnU-Net .npz, or one DICOM series folder per case, "
+        "values in [0, 1] after the rescale slope/intercept)",
+    )
     p.add_argument(
         "--labels",
         type=Path,
@@ -233,7 +239,7 @@ def choose_transforms_from_learning_data(args: argparse.Namespace, provenance: d
         same = shared_ids
     else:
         same = [
-            cid for cid in shared_ids if sha256_file(calibration.paths(cid)[0]) == sha256_file(learning.paths(cid)[0])
+            cid for cid in shared_ids if input_sha256(calibration.paths(cid)[0]) == input_sha256(learning.paths(cid)[0])
         ]
     if same:
         raise ConformalSegError(

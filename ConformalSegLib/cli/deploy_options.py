@@ -42,8 +42,8 @@ from ..conformal.scan_features import feature_names, scan_features
 from ..conformal.weighted import Weighting, check_effective_size, fit_domain_classifier, weighted_calibration
 from ..io.case_table import read_groups
 from ..io.dataset import scan_folder
-from ..io.dicom_series import load_image_input
-from ..io.volumes import Volume, load_image, load_probability_map
+from ..io.dicom_series import load_image_input, load_probability_input
+from ..io.volumes import Volume, load_image
 from .common import progress_bar
 
 
@@ -135,7 +135,7 @@ class DeploymentRecorder:
         progress = progress_bar("target scans")
         ids, rows = sorted(maps), []
         for done, cid in enumerate(ids, start=1):
-            volume = load_probability_map(maps[cid], channel=self.args.channel)
+            volume = load_probability_input(maps[cid], channel=self.args.channel)
             image = _image(image_files, cid, images) if images is not None else None
             rows.append(scan_features(volume.array, volume.geometry, image))
             progress(done, len(ids), cid)

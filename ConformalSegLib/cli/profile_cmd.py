@@ -31,7 +31,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "exchangeable with the scans the profile is applied to.",
     )
     a.add_argument("--profile", type=Path, required=True, help="the profile JSON to grow (left unchanged)")
-    a.add_argument("--prob", type=Path, required=True, help="probability map of the reviewed scan")
+    a.add_argument(
+        "--prob",
+        type=Path,
+        required=True,
+        help="probability map of the reviewed scan (a file, or a DICOM series folder)",
+    )
     a.add_argument("--label", type=Path, required=True, help="its corrected label map (same grid)")
     a.add_argument("--out", type=Path, required=True, help="the new profile JSON (its .npz is written beside it)")
     a.add_argument("--case-id", default=None, help="id of the reviewed case (default: the label file's name)")
@@ -52,13 +57,8 @@ def run_add_case(args: argparse.Namespace) -> int:
     from ..conformal.profile import load_profile
     from ..conformal.reviewed_cases import add_case
     from ..io.checksums import sha256_file
-    from ..io.volumes import (
-        check_same_geometry,
-        load_label_map,
-        load_probability_map,
-        mask_from_labels,
-        volume_extension,
-    )
+    from ..io.dicom_series import load_probability_input
+    from ..io.volumes import check_same_geometry, load_label_map, mask_from_labels, volume_extension
 
     if args.out.resolve() in (args.profile.resolve(), args.profile.with_suffix(".npz").resolve()):
         raise ConformalSegError(
@@ -67,7 +67,7 @@ def run_add_case(args: argparse.Namespace) -> int:
             fix="give a new file name, e.g. profile_plus1.json",
         )
     profile = load_profile(args.profile)
-    probability = load_probability_map(args.prob, channel=args.channel)
+    probability = load_probability_input(args.prob, channel=args.channel)  # a file or a DICOM series folder
     label = load_label_map(args.label)
     check_same_geometry(probability, label)
     labels = args.lesion_label or profile.provenance.get("lesion_labels") or [1]

@@ -11,6 +11,14 @@ removed, so ``probs/case01_probs.nii.gz`` pairs with ``labels/case01.nii.gz``.
 Hidden files (name starting with ``.``), folders and ``.json .pkl .raw .zraw .csv .md .txt`` files
 are ignored, as are files with any other unrecognised extension.
 
+A **DICOM probability series** is the one kind of folder a probability folder may hold: a sub-folder
+with exactly one DICOM image series is the case named after the folder (``probs/case01/`` pairs with
+``labels/case01.nii.gz`` or ``labels/case01.dcm``). Its stored values go through the series' rescale
+slope and intercept and must then lie in [0, 1], as in every probability map
+(:func:`~ConformalSegLib.io.dicom_series.load_probability_input`): a map exported with a slope of 1/1000
+comes in quantised to 1/1000, exactly as the same values written to NIfTI. A sub-folder with several
+series is refused (one series per case folder); sub-folders with none are ignored.
+
 In a probability folder holding nnU-Net outputs, ``CASE.npz`` (the probabilities) and its sibling
 ``CASE.nii.gz`` (nnU-Net's segmentation, same file stem) share an id: the ``.npz`` wins and the
 sibling is only used for its geometry. Any other two files with the same id in one folder are an error.
@@ -29,6 +37,7 @@ from os import PathLike
 from pathlib import Path
 
 from ..common.errors import ConformalSegError
+from .dicom_series import load_probability_input
 from .volumes import (
     IMAGE_EXTENSIONS,
     VOLUME_EXTENSIONS,
@@ -36,7 +45,6 @@ from .volumes import (
     check_same_geometry,
     label_values,
     load_label_map,
-    load_probability_map,
     mask_from_labels,
     validate_lesion_labels,
     volume_extension,
@@ -83,6 +91,21 @@ def _is_nnunet_pair(paths: list[Path]) -> bool:
     )
 
 
+def _series_case_id(folder: Path) -> str | None:
+    """The case id of a probability sub-folder holding one DICOM series (its name), None without one."""
+    from .dicom_series import list_series
+
+    uids = list_series(folder)
+    if len(uids) > 1:
+        raise ConformalSegError(
+            f"the probability case folder holds {len(uids)} DICOM series ({', '.join(uids)}); a case folder "
+            "needs exactly one",
+            path=folder,
+            fix="keep one probability series per case folder (move the others elsewhere)",
+        )
+    return folder.name if uids else None
+
+
 def scan_folder(folder: str | PathLike[str], *, probability: bool) -> dict[str, Path]:
     """Map case id -> file for one folder (see module docstring); raise on missing/empty/duplicates."""
     folder = Path(folder)
@@ -102,6 +125,8 @@ def scan_folder(folder: str | PathLike[str], *, probability: bool) -> dict[str, 
                 fix="re-create the link or copy the file into the folder",
             )
         cid = case_id(entry.name, probability=probability) if entry.is_file() else None
+        if probability and cid is None and entry.is_dir() and not entry.name.startswith("."):
+            cid = _series_case_id(entry)
         if cid is None:
             skipped.append(entry.name)
         else:
@@ -247,7 +272,7 @@ class CalibrationDataset:
     def load(self, case_id: str) -> Case:
         """Load one case, checking that both files are on the same voxel grid."""
         prob_path, label_path = self.paths(case_id)
-        probability = load_probability_map(prob_path, channel=self.channel)
+        probability = load_probability_input(prob_path, channel=self.channel)  # a file or a DICOM series folder
         # a DICOM SEG label map is placed on the map's grid (checked); other files carry their own
         label_map = load_label_map(label_path, probability.geometry if probability.geometry_known else None)
         check_same_geometry(probability, label_map, what=f"probability map and label map of case {case_id!r}")

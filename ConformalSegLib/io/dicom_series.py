@@ -121,8 +121,14 @@ def load_probability_input(
         raise ConformalSegError("a DICOM series has one channel", path=path, fix="leave out --channel")
     image = read_series(path, series_uid, what="probability map")
     array = sitk.GetArrayFromImage(image)
-    if not np.issubdtype(array.dtype, np.floating):  # no rescale slope: stored integers are not probabilities
-        array = array.astype(np.int64)
+    if not np.issubdtype(array.dtype, np.floating):  # integer slope and intercept: no fractions can be stored
+        raise ConformalSegError(
+            f"the DICOM series holds integers ({array.dtype}, values {array.min()} to {array.max()} after its "
+            "rescale slope and intercept): it is an image or a segmentation, not probabilities",
+            path=path,
+            fix="store probabilities with a fractional RescaleSlope (e.g. 0.001, so that values read in [0, 1]), "
+            "or give the probability map as NIfTI/NRRD",
+        )
     return Volume(_check_probabilities(array, Path(path)), geometry_from_sitk(image), str(path))
 
 
