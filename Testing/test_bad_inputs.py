@@ -372,6 +372,66 @@ def _all_npy(ws: Path) -> list[str]:
             "--transform", "distance", "--out", str(ws / "g.json")]  # fmt: skip
 
 
+def _case_grid(ws: Path, case: str):  # noqa: ANN202
+    from ConformalSegLib.io.volumes import load_label_map
+
+    return load_label_map(ws / "d" / "labels" / f"{case}.nii.gz")
+
+
+def _probability_series(ws: Path, case: str, value: float, *series: tuple[float, float]) -> Path:
+    """Replace case ``case``'s probability map by a folder of DICOM series of ``value`` (one series per
+    ``(slope, intercept)``)."""
+    from dicom_support import write_ct_series
+
+    label = _case_grid(ws, case)
+    (ws / "d" / "probs" / f"{case}.nii.gz").unlink()
+    folder = ws / "d" / "probs" / case
+    for k, rescale in enumerate(series, start=1):
+        values = np.full(label.geometry.shape, value)
+        write_ct_series(folder, values, label.geometry, series_uid=f"1.2.826.0.1.{k}", series_number=k, rescale=rescale)
+    return folder
+
+
+def _two_series_for_apply(ws: Path, *extra: str) -> list[str]:
+    folder = _probability_series(ws, "synth_003", 0.25, (0.001, 0.0), (0.001, 0.0))
+    return apply(ws, folder, "p.json", *extra)
+
+
+def _label_dcm(ws: Path, case: str, content: Callable[[Path, Path], None]) -> list[str]:
+    """Replace ``case``'s label map by ``CASE.dcm`` written by ``content(ws, path)``; the calibrate command."""
+    content(ws, ws / "d" / "labels" / f"{case}.dcm")
+    (ws / "d" / "labels" / f"{case}.nii.gz").unlink()
+    return calibrate(ws)
+
+
+def _ct_slice(ws: Path, path: Path) -> None:
+    from dicom_support import write_ct_series
+
+    files = write_ct_series(ws / "ct", np.zeros((2, 4, 4), np.int16))
+    shutil.move(str(files[0]), path)
+    shutil.rmtree(ws / "ct")
+
+
+def _seg(spacing_scale: float = 1.0) -> Callable[[Path, Path], None]:
+    """A SEG of synth_003's lesion (label 2) and body (1), on its grid (or one ``spacing_scale`` times finer)."""
+
+    def write(ws: Path, path: Path) -> None:
+        from dicom_support import write_ct_series
+
+        from ConformalSegLib.common.geometry import Geometry
+        from ConformalSegLib.io.dicom_seg import GuaranteeRecord, write_dicom_seg
+
+        label = _case_grid(ws, "synth_003")  # the label map the SEG replaces
+        g = label.geometry
+        grid = Geometry(g.shape, tuple(v * spacing_scale for v in g.spacing), g.origin, g.direction)
+        write_ct_series(ws / "ct", np.zeros(g.shape, np.int16), grid)
+        masks = {"lesion": label.array == 2, "body": label.array == 1}
+        write_dicom_seg(masks, grid, ws / "ct", path, GuaranteeRecord("truth", None, None, 0, "0" * 64, "truth"))
+        shutil.rmtree(ws / "ct")
+
+    return write
+
+
 SHIPPED_CARD = ROOT / "Resources" / "models" / "phantom_lesion_unet" / "model_card.json"
 
 
@@ -602,6 +662,73 @@ ROWS = [
         lambda ws: ["synth", "--out", str(ws / "d"), "--cases", "2"],
         "already holds cases",
         "d",
+    ),
+    # 10. DICOM inputs (issue 18)
+    Row(
+        "DICOM probability series of integers (a CT)",
+        lambda ws: (_probability_series(ws, "synth_003", 40.0, (1.0, -1024.0)), calibrate(ws))[1],
+        "holds integers",
+        "synth_003",
+    ),
+    Row(
+        "DICOM probability series out of [0, 1]",
+        lambda ws: (_probability_series(ws, "synth_003", 40.0, (0.5, 0.0)), calibrate(ws))[1],
+        "probability values range",
+        "synth_003",
+    ),
+    Row(
+        "two DICOM series in one probability case folder",
+        lambda ws: (_probability_series(ws, "synth_003", 0.25, (0.001, 0.0), (0.001, 0.0)), calibrate(ws))[1],
+        "holds 2 DICOM series",
+        "synth_003",
+    ),
+    Row("apply --prob: a folder of two series, no --series-uid", _two_series_for_apply, "2 series", "synth_003"),
+    Row(
+        "apply --prob: --series-uid not in the folder",
+        lambda ws: _two_series_for_apply(ws, "--series-uid", "9.9"),
+        "series 9.9 is not in the folder",
+        "synth_003",
+    ),
+    Row(
+        "label map .dcm that is a CT slice, not a SEG",
+        lambda ws: _label_dcm(ws, "synth_004", _ct_slice),
+        "not a DICOM SEG",
+        "synth_004.dcm",
+    ),
+    Row(
+        "label map .dcm of garbage bytes",
+        lambda ws: _label_dcm(ws, "synth_004", lambda _ws, path: path.write_bytes(b"not dicom" * 50)),
+        "cannot read the DICOM file",
+        "synth_004.dcm",
+    ),
+    Row(
+        "SEG label map on another grid",
+        lambda ws: _label_dcm(ws, "synth_003", _seg(spacing_scale=0.5)),
+        "not on the grid",
+        "synth_003.dcm",
+    ),
+    Row(
+        "--seg-segments names a segment the SEG lacks",
+        lambda ws: [*_label_dcm(ws, "synth_003", _seg()), "--seg-segments", "tumor=2"],
+        "'tumor' matches no segment",
+        "synth_003.dcm",
+    ),
+    Row(
+        "--seg-segments malformed",
+        lambda ws: [*_label_dcm(ws, "synth_003", _seg()), "--seg-segments", "lesion:2"],
+        "NAME=VALUE",
+    ),
+    Row(
+        "SEG label map with --seg-segments: calibrates",
+        lambda ws: [
+            *_label_dcm(ws, "synth_003", _seg())[:-2],
+            "--out",
+            str(ws / "new.json"),
+            "--seg-segments",
+            "Lesion=2,BODY=1",
+        ],  # fmt: skip
+        "",
+        code=0,
     ),
     # cases that already worked and must keep working
     Row(

@@ -80,7 +80,7 @@ def test_probability_series_with_rescale_slope(tmp_path):
     assert volume.geometry.mismatch(GEOM) is None
     assert np.allclose(volume.array, quantised, atol=1e-6)
     write_ct_series(tmp_path / "hu", ct_values())  # integer Hounsfield units are not probabilities
-    with pytest.raises(ConformalSegError, match="integer voxels.*not probabilities"):
+    with pytest.raises(ConformalSegError, match="holds integers.*not probabilities"):
         load_probability_input(tmp_path / "hu")
     write_ct_series(tmp_path / "hu2", ct_values(), rescale=(0.5, -1024.0))  # rescaled to floats, out of range
     with pytest.raises(ConformalSegError, match="probability values range"):

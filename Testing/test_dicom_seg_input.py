@@ -194,3 +194,73 @@ def test_calibration_labels_as_dicom_segs(ct, tmp_path, capsys):
     nifti, seg = (json.loads((tmp_path / f"{k}.json").read_text()) for k in ("nifti", "seg"))
     assert nifti["n"] == seg["n"] == 8
     assert nifti["probability_threshold"] == seg["probability_threshold"]
+
+
+def test_segments_by_name_when_numbering_differs(ct, tmp_path, capsys):
+    """``--seg-segments spleen=2``: SEGs numbering their segments differently per file calibrate exactly as
+    the NIfTI label maps where spleen is 2; the mapping is recorded; unknown, ambiguous, malformed refused."""
+    rng = np.random.default_rng(9)
+    for i in range(8):
+        labels = label_map(20 + i)
+        prob = np.clip(0.6 * (labels == 2) + 0.5 * rng.random(SHAPE), 0, 1).astype(np.float32)
+        save_volume(prob, GEOM, tmp_path / "probs" / f"c{i}.nii.gz")
+        save_volume(labels, GEOM, tmp_path / "labels_nifti" / f"c{i}.nii.gz")
+        (tmp_path / "labels_seg").mkdir(exist_ok=True)
+        order = (1, 2, 3) if i % 2 else (3, 1, 2)  # segment numbers differ from file to file
+        names = {1: "liver", 2: "spleen", 3: "kidney"}
+        masks = {f"{names[v]} inner set": labels == v for v in order}
+        write_dicom_seg(masks, GEOM, ct, tmp_path / "labels_seg" / f"c{i}.dcm", RECORD)
+    base = ["calibrate", "--method", "cls", "--epsilon", "0.2", "--alpha", "0.2", "--lesion-label", "2"]
+    base += ["--probs", tmp_path / "probs"]
+    code, _, err = run([*base, "--labels", tmp_path / "labels_nifti", "--out", tmp_path / "nifti.json"], capsys)
+    assert code == 0, err
+    seg_base = [*base, "--labels", tmp_path / "labels_seg"]
+    code, _, err = run([*seg_base, "--seg-segments", "Spleen=2", "--out", tmp_path / "seg.json"], capsys)
+    assert code == 0, err
+    nifti, seg = (json.loads((tmp_path / f"{k}.json").read_text()) for k in ("nifti", "seg"))
+    assert nifti["n"] == seg["n"] == 8 and nifti["probability_threshold"] == seg["probability_threshold"]
+    assert seg["provenance"]["seg_segments"] == {"spleen": 2}
+    placed = load_label_map(tmp_path / "labels_seg" / "c0.dcm", GEOM, {"spleen": 2, "liver inner set": 1})
+    truth = load_label_map(tmp_path / "labels_nifti" / "c0.nii.gz").array
+    assert np.array_equal(placed.array, np.where(truth == 3, 0, truth))  # kidney not named: background
+    code, _, err = run([*seg_base, "--seg-segments", "pancreas=2", "--out", tmp_path / "o1.json"], capsys)
+    assert code == 2 and "'pancreas' matches no segment" in err and "'spleen inner set' (Spleen)" in err
+    code, _, err = run([*seg_base, "--seg-segments", "spleen", "--out", tmp_path / "o2.json"], capsys)
+    assert code == 2 and "NAME=VALUE" in err
+    assert not (tmp_path / "o1.json").exists() and not (tmp_path / "o2.json").exists()
+    write_dicom_seg({"a": truth == 1, "b": truth == 2}, GEOM, ct, tmp_path / "two_lesions.dcm", RECORD)
+    with pytest.raises(ConformalSegError, match="'neoplasm' matches 2 segments"):
+        load_label_map(tmp_path / "two_lesions.dcm", GEOM, {"neoplasm": 1})  # both coded Neoplasm
+
+
+def test_mask_apply_reuses_the_segment_names_of_calibration(ct, tmp_path, capsys):
+    """calibrate --masks --seg-segments liver=1 on SEGs where liver is segment 2; apply --mask on such a SEG
+    without the option reads the same structure (the names are in the profile)."""
+    rng = np.random.default_rng(6)
+    z, y, x = np.meshgrid(*(np.arange(n) for n in SHAPE), indexing="ij")
+    for i in range(10):
+        centre = np.array([2.5, 4, 5]) + rng.normal(0, 0.6, 3)
+        truth = ((z - centre[0]) / 2.0) ** 2 + ((y - centre[1]) / 3) ** 2 + ((x - centre[2]) / 3.5) ** 2 <= 1
+        shift = centre + rng.normal(0, 0.5, 3)
+        predicted = ((z - shift[0]) / 2.0) ** 2 + ((y - shift[1]) / 3) ** 2 + ((x - shift[2]) / 3.5) ** 2 <= 1
+        save_volume(truth.astype(np.uint8), GEOM, tmp_path / "labels" / f"c{i}.nii.gz")
+        save_volume(predicted.astype(np.uint8), GEOM, tmp_path / "pred_nifti" / f"c{i}.nii.gz")
+        (tmp_path / "pred_seg").mkdir(exist_ok=True)
+        write_label_seg(2 * predicted.astype(np.uint8), ct, tmp_path / "pred_seg" / f"c{i}.dcm", ("spleen", "liver"))
+    base = ["calibrate", "--method", "sets", "--transform", "distance", "--alpha", "0.2", "--lesion-label", "1"]
+    code, _, err = run([*base, "--masks", tmp_path / "pred_nifti", "--labels", tmp_path / "labels", "--out",
+                        tmp_path / "nifti.json"], capsys)  # fmt: skip
+    assert code == 0, err
+    code, _, err = run([*base, "--masks", tmp_path / "pred_seg", "--labels", tmp_path / "labels", "--seg-segments",
+                        "liver=1", "--out", tmp_path / "seg.json"], capsys)  # fmt: skip
+    assert code == 0, err
+    nifti, seg = (json.loads((tmp_path / f"{k}.json").read_text()) for k in ("nifti", "seg"))
+    for key in ("n", "inner_threshold", "outer_threshold"):
+        assert nifti[key] == seg[key], key
+    for kind, mask in (("seg", tmp_path / "pred_seg" / "c3.dcm"), ("nifti", tmp_path / "pred_nifti" / "c3.nii.gz")):
+        code, _, err = run(["apply", "--profile", tmp_path / f"{kind}.json", "--mask", mask, "--out",
+                            tmp_path / f"a_{kind}"], capsys)  # fmt: skip
+        assert code == 0, err
+    for name in ("inner_set", "outer_set"):
+        a, b = (load_label_map(tmp_path / d / f"{name}.nii.gz").array for d in ("a_seg", "a_nifti"))
+        assert np.array_equal(a, b) and a.any()

@@ -18,7 +18,7 @@ from ..io.dicom_series import load_image_input, load_probability_input
 from ..io.segmentation import LESION_THRESHOLD, write_masks_nifti, write_seg_nrrd
 from ..io.volumes import Volume, save_volume
 from .cascade_options import add_cascade_argument, cascade_predictor_from_args
-from .common import add_force, add_trust_option, input_files, refuse_output_in_inputs
+from .common import add_force, add_seg_segments_option, add_trust_option, input_files, refuse_output_in_inputs
 from .deploy_options import add_apply_options, deploy_for_scan
 from .dicom_options import add_dicom_options, check_dicom_reference, dicom_seg_path, write_seg_output
 from .fold_options import add_fold_apply_options, load_fold_volume
@@ -54,6 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="with --image: inference device")
     add_cascade_argument(p)
     add_trust_option(p)
+    add_seg_segments_option(p)  # --mask given as a DICOM SEG (default: the names recorded at calibration)
     add_interval_apply_arguments(p)
     p.add_argument(
         "--channel",

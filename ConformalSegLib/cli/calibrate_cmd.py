@@ -22,6 +22,7 @@ from .common import (
     input_folders,
     progress_bar,
     refuse_output_in_inputs,
+    segment_map,
 )
 from .deploy_options import add_calibrate_options, recorder_for, report
 from .executor_options import add_executor_options, executor_spec, require_serial
@@ -68,7 +69,7 @@ def add_data_options(p: argparse.ArgumentParser) -> None:
         "--labels",
         type=Path,
         help="folder of label maps, same case ids as --probs (NIfTI/NRRD, or DICOM SEG CASE.dcm: segment number = "
-        "label value, placed on the map's grid)",
+        "label value unless --seg-segments names them, placed on the map's grid)",
     )
     p.add_argument("--data", type=Path, help="folder with probs/ and labels/ subfolders (instead of --probs/--labels)")
     add_folds_option(p)
@@ -182,6 +183,13 @@ def add_lesion_level_options(p: argparse.ArgumentParser) -> None:
 
 
 def open_dataset(args: argparse.Namespace, description: str) -> CalibrationDataset:
+    segments = segment_map(args)  # a malformed --seg-segments fails before any case is read
+    dataset = _open_dataset(args, description)
+    dataset.seg_segments = segments
+    return dataset
+
+
+def _open_dataset(args: argparse.Namespace, description: str) -> CalibrationDataset:
     if getattr(args, "images", None) is not None:
         return open_model_dataset(args, description)
     progress = progress_bar(description)
@@ -292,6 +300,7 @@ def run(args: argparse.Namespace) -> int:
         "probs_dir": str(dataset.probs_dir.resolve()),
         "labels_dir": str(dataset.labels_dir.resolve()),
         "lesion_labels": list(dataset.lesion_labels),
+        "seg_segments": dataset.seg_segments,
         "probability_channel": args.channel,
         **fold_provenance(dataset),
     }

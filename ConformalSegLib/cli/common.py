@@ -35,6 +35,26 @@ def add_lesion_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="channel of multi-channel probability maps (nnU-Net .npz: the lesion class index)",
     )
+    add_seg_segments_option(parser)
+
+
+def add_seg_segments_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--seg-segments",
+        default=None,
+        metavar="NAME=V,...",
+        help="DICOM SEG label maps: the label value of each named segment (its SegmentLabel or property code "
+        "meaning, case-insensitive; e.g. 'Tumor=1,Liver=2'), for SEGs whose segment numbers differ; segments "
+        "not named become background (default: segment number = label value)",
+    )
+
+
+def segment_map(args: argparse.Namespace) -> dict[str, int] | None:
+    """``--seg-segments`` parsed (:func:`~ConformalSegLib.io.dicom_seg_input.parse_segment_map`), or None."""
+    from ..io.dicom_seg_input import parse_segment_map
+
+    text = getattr(args, "seg_segments", None)
+    return parse_segment_map(text) if text else None
 
 
 def add_empty_option(parser: argparse.ArgumentParser) -> None:

@@ -96,21 +96,24 @@ def _mask_pairs(masks_dir: Path, labels_dir: Path) -> list[tuple[str, Path, Path
     return [(cid, predicted[cid], truth[cid]) for cid in sorted(predicted)]
 
 
-def load_label_pair(first: Path, second: Path) -> tuple[Volume, Volume]:
-    """Two label maps of one case; a DICOM SEG is placed on the other file's grid (both SEGs: the second's)."""
+def load_label_pair(first: Path, second: Path, segments: dict[str, int] | None = None) -> tuple[Volume, Volume]:
+    """Two label maps of one case; a DICOM SEG is placed on the other file's grid (both SEGs: the second's),
+    its segments renumbered by ``segments`` (``--seg-segments``) when given."""
     if is_dicom_seg_path(first):
-        b = load_label_map(second)
-        return load_label_map(first, b.geometry), b
-    a = load_label_map(first)
-    return a, load_label_map(second, a.geometry)
+        b = load_label_map(second, None, segments)
+        return load_label_map(first, b.geometry, segments), b
+    a = load_label_map(first, None, segments)
+    return a, load_label_map(second, a.geometry, segments)
 
 
-def _stream(pairs: list[tuple[str, Path, Path]], seen: set[int]) -> Iterator[tuple[str, Any, Any, Geometry]]:
+def _stream(
+    pairs: list[tuple[str, Path, Path]], seen: set[int], segments: dict[str, int] | None
+) -> Iterator[tuple[str, Any, Any, Geometry]]:
     from .common import progress_bar
 
     progress = progress_bar("calibrating")
     for done, (cid, mask_path, label_path) in enumerate(pairs, start=1):
-        predicted, truth = load_label_pair(mask_path, label_path)
+        predicted, truth = load_label_pair(mask_path, label_path, segments)
         check_same_geometry(predicted, truth, what=f"predicted and true label maps of case {cid!r}")
         seen |= label_values(truth.array) | label_values(predicted.array)
         progress(done, len(pairs), cid)
@@ -133,10 +136,15 @@ def run_mask_calibrate(args: argparse.Namespace, request_from_args: Any) -> int:
         for target in [args.out, *targets]:
             check_can_write(target)
             check_can_write(target.with_suffix(".npz"))
-    provenance = {"masks_dir": str(args.masks.resolve()), "labels_dir": str(args.labels.resolve())}
+    from .common import segment_map
+
+    segments = segment_map(args)
+    provenance: dict[str, Any] = {"masks_dir": str(args.masks.resolve()), "labels_dir": str(args.labels.resolve())}
+    provenance["seg_segments"] = segments
     request = request_from_args(args, provenance)
     seen: set[int] = set()
-    profiles = calibrate_structures(_stream(_mask_pairs(args.masks, args.labels), seen), structures, request)
+    pairs = _mask_pairs(args.masks, args.labels)
+    profiles = calibrate_structures(_stream(pairs, seen, segments), structures, request)
     missing = sorted(v for values in structures.values() for v in values if v not in seen)
     if missing:
         raise ConformalSegError(
@@ -256,10 +264,15 @@ def run_mask_apply(args: argparse.Namespace, dicom_seg: Path | None) -> int:
     if not args.force:
         check_can_write(seg_path)
         check_can_write(summary_path)
-    predicted = load_label_map(args.mask, _reference_grid(args))
+    from .common import segment_map
+
+    structures = _structure_profiles(args.profile)
+    # the segment names of calibration by default: the same SEG numbering reads the same structures
+    segments = segment_map(args) or next((p.provenance.get("seg_segments") for *_, p in structures), None)
+    predicted = load_label_map(args.mask, _reference_grid(args), segments)
     masks: dict[str, np.ndarray] = {}
-    report: dict[str, Any] = {}
-    for name, values, profile in _structure_profiles(args.profile):
+    report: dict[str, Any] = {"seg_segments": segments} if segments else {}
+    for name, values, profile in structures:
         if any(v is not None for v in (args.alpha, args.alpha_inner, args.alpha_outer)):
             profile = profile.recalibrate(alpha=args.alpha, alpha_inner=args.alpha_inner, alpha_outer=args.alpha_outer)
         inner, outer = profile.masks(structure_map(predicted.array, values), predicted.geometry).values()

@@ -20,7 +20,7 @@ from ..evaluation.monitor_figure import monitor_png
 from ..io.atomic import check_can_write
 from ..io.case_table import read_order
 from ..io.dataset import CalibrationDataset, discover_pairs
-from .common import add_force, add_lesion_options, progress_bar
+from .common import add_force, add_lesion_options, progress_bar, segment_map
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -70,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
     dataset = CalibrationDataset(
         args.probs, args.labels, labels, channel, progress=progress_bar("reviewed cases"), pairs=pairs
     )
+    dataset.seg_segments = segment_map(args) or profile.provenance.get("seg_segments")
     reviewed = reviewed_data(dataset, profile)
     result = monitor_profile(profile, reviewed, times=times, delta=args.delta, kind=args.martingale, seed=args.seed)
     log = write_log(result, args.profile, out / LOG_NAME, force=args.force)

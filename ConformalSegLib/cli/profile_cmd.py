@@ -68,7 +68,7 @@ def run_add_case(args: argparse.Namespace) -> int:
         )
     profile = load_profile(args.profile)
     probability = load_probability_input(args.prob, channel=args.channel)  # a file or a DICOM series folder
-    label = load_label_map(args.label)
+    label = load_label_map(args.label, probability.geometry, profile.provenance.get("seg_segments"))
     check_same_geometry(probability, label)
     labels = args.lesion_label or profile.provenance.get("lesion_labels") or [1]
     extension = volume_extension(args.label) or args.label.suffix

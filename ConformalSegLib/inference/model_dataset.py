@@ -215,10 +215,10 @@ class InferenceDataset(CalibrationDataset):
         image_sha256 = case.sha256()  # the cache is keyed on the image's content, not its name
         if cached.is_file() and self._image_sha256.get(case_id) == image_sha256:
             probability = load_probability_map(cached)
-            label_map = load_label_map(label_path, probability.geometry)  # a DICOM SEG goes on the map's grid
+            label_map = load_label_map(label_path, probability.geometry, self.seg_segments)  # a SEG: on the grid
         else:
             image = case.load()  # a file, or a DICOM series folder (its own geometry)
-            label_map = load_label_map(label_path, image.geometry)  # checked before the prediction
+            label_map = load_label_map(label_path, image.geometry, self.seg_segments)  # checked before predicting
             check_same_geometry(image, label_map, what=f"image and label map of case {case_id!r}")
             prediction = self.engine.predict(image, mc_dropout=self.mc_dropout, tta_flips=self.tta_flips)
             self.inference_seconds[case_id] = prediction.seconds

@@ -206,7 +206,11 @@ class CalibrationDataset:
     :class:`ConformalSegError` if a requested lesion label value never occurred in any label file.
     ``progress(done, total, case_id)`` is called after each case is loaded, before it is yielded.
     ``labels_seen`` maps each case id loaded so far to the label values of its label file.
+    ``seg_segments`` (``--seg-segments``): the label value of each named segment of DICOM SEG label maps
+    (:mod:`ConformalSegLib.io.dicom_seg_input`); None reads segment numbers as label values.
     """
+
+    seg_segments: dict[str, int] | None = None
 
     def __init__(
         self,
@@ -274,7 +278,8 @@ class CalibrationDataset:
         prob_path, label_path = self.paths(case_id)
         probability = load_probability_input(prob_path, channel=self.channel)  # a file or a DICOM series folder
         # a DICOM SEG label map is placed on the map's grid (checked); other files carry their own
-        label_map = load_label_map(label_path, probability.geometry if probability.geometry_known else None)
+        grid = probability.geometry if probability.geometry_known else None
+        label_map = load_label_map(label_path, grid, self.seg_segments)
         check_same_geometry(probability, label_map, what=f"probability map and label map of case {case_id!r}")
         if not probability.geometry_known:  # a bare array: adopt the label map's physical grid
             probability.geometry, probability.geometry_known = label_map.geometry, label_map.geometry_known

@@ -8,6 +8,11 @@
   LABELMAP SEGs are read, a FRACTIONAL one is refused (probabilities are not labels), and so are
   overlapping segments (a label map holds one value per voxel: read those with
   :func:`ConformalSegLib.io.dicom_seg.read_dicom_seg`).
+* **Segments by name** (``--seg-segments NAME=VALUE,...``, :func:`parse_segment_map`): when SEGs number
+  their segments differently from file to file (or from the label values asked for), ``segments`` maps
+  each NAME to a label value. NAME matches a segment's ``SegmentLabel`` or the ``CodeMeaning`` of its
+  segmented property type, case-insensitively; it must match exactly one segment of every SEG read (else
+  the error lists the segments found: number, label, code). Segments not named become background (0).
 * **Geometry**: with ``reference`` (the grid of the image or probability map the labels belong to), each
   frame is placed on the reference slice at its position; orientation, pixel spacing, rows and columns and
   the in-plane origin must match, and every frame must lie on a slice of the reference (the error says how
@@ -143,9 +148,60 @@ def _referenced_slices(ds: Any) -> int:
     )
 
 
-def load_dicom_seg_labels(path: str | PathLike[str], reference: Geometry | None = None) -> tuple[np.ndarray, Geometry]:
-    """A DICOM SEG as an integer label map (numpy ``(z, y, x)``, value = segment number) and its grid
-    (``reference`` when given); see the module docstring."""
+SEGMENTS_FIX = "name each segment as its SegmentLabel or property code meaning reads (the list above)"
+
+
+def parse_segment_map(text: str) -> dict[str, int]:
+    """``"Tumor=1,Liver=2"`` -> ``{"tumor": 1, "liver": 2}`` (names case-folded; values integers in 1..65535).
+    Raises :class:`ConformalSegError` for a malformed list, a repeated name or a bad value."""
+    mapping: dict[str, int] = {}
+    for item in (part.strip() for part in text.split(",")):
+        name, sep, value = item.rpartition("=")
+        name = name.strip()
+        if not sep or not name or not value.strip().isdigit() or not 1 <= int(value) <= 65535:
+            raise ConformalSegError(
+                f"--seg-segments entry {item!r} is not NAME=VALUE with a label value in 1..65535",
+                fix="write e.g. --seg-segments 'Tumor=1,Liver=2'",
+            )
+        if name.casefold() in mapping:
+            raise ConformalSegError(f"--seg-segments names {name!r} twice", fix="name each segment once")
+        mapping[name.casefold()] = int(value)
+    return mapping
+
+
+def _segment_table(ds: Any) -> list[tuple[int, str, str]]:
+    """``(number, SegmentLabel, property type CodeMeaning)`` of every segment of the SEG."""
+    table = []
+    for item in getattr(ds, "SegmentSequence", []):
+        codes = getattr(item, "SegmentedPropertyTypeCodeSequence", None) or []
+        meaning = str(getattr(codes[0], "CodeMeaning", "")) if len(codes) else ""
+        table.append((int(item.SegmentNumber), str(getattr(item, "SegmentLabel", "")), meaning))
+    return table
+
+
+def segment_values(ds: Any, segments: dict[str, int], path: Path) -> np.ndarray:
+    """Lookup table segment number -> label value for ``segments`` (module docstring); 0 for the others."""
+    table = _segment_table(ds)
+    listing = "; ".join(f"{number}: {label!r} ({meaning or 'no code'})" for number, label, meaning in table)
+    lut = np.zeros(max((number for number, _, _ in table), default=0) + 1, dtype=np.int64)
+    for name, value in segments.items():
+        hits = [number for number, label, meaning in table if name in (label.casefold(), meaning.casefold())]
+        if len(hits) != 1:
+            problem = "matches no segment" if not hits else f"matches {len(hits)} segments ({hits})"
+            raise ConformalSegError(
+                f"--seg-segments name {name!r} {problem}; the SEG's segments are {listing or 'none'}",
+                path=path,
+                fix=SEGMENTS_FIX,
+            )
+        lut[hits[0]] = value
+    return lut
+
+
+def load_dicom_seg_labels(
+    path: str | PathLike[str], reference: Geometry | None = None, segments: dict[str, int] | None = None
+) -> tuple[np.ndarray, Geometry]:
+    """A DICOM SEG as an integer label map (numpy ``(z, y, x)``, value = segment number, or the value
+    ``segments`` gives its name) and its grid (``reference`` when given); see the module docstring."""
     import pydicom
 
     path = Path(path)
@@ -178,12 +234,13 @@ def load_dicom_seg_labels(path: str | PathLike[str], reference: Geometry | None 
             fix="give the SEG made on this image's series",
         )
     slices = _slice_indices(grid, orientation, spacing, positions, path)
+    lut = segment_values(ds, segments, path) if segments is not None else None
     numbers = [int(s.SegmentNumber) for s in getattr(ds, "SegmentSequence", [])]
     labels = np.zeros(grid.shape, dtype=np.uint16 if max(numbers, default=0) > 255 else np.uint8)
     if kind == "LABELMAP":
         for frame, k in zip(frames, slices):
             np.copyto(labels[k], frame.astype(labels.dtype), where=frame > 0)
-        return labels, grid
+        return _renumbered(labels, lut), grid
     for index, (frame, k) in enumerate(zip(frames, slices)):
         number = int(_frame_item(ds, index, "SegmentIdentificationSequence").ReferencedSegmentNumber)
         voxels = frame > 0
@@ -195,4 +252,12 @@ def load_dicom_seg_labels(path: str | PathLike[str], reference: Geometry | None 
                 fix="give a SEG of non-overlapping segments (one structure per segment, as exported from a label map)",
             )
         labels[k][voxels] = number
-    return labels, grid
+    return _renumbered(labels, lut), grid
+
+
+def _renumbered(labels: np.ndarray, lut: np.ndarray | None) -> np.ndarray:
+    """Segment numbers -> the values of ``lut`` (numbers beyond it: 0); ``labels`` itself without one."""
+    if lut is None:
+        return labels
+    lut = np.concatenate([lut, np.zeros(max(0, int(labels.max(initial=0)) + 1 - lut.size), dtype=lut.dtype)])
+    return lut.astype(np.uint16 if lut.max(initial=0) > 255 else np.uint8)[labels]

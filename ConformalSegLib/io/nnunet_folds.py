@@ -174,7 +174,8 @@ class FoldDataset(CalibrationDataset):
         ensemble = load_fold_ensemble(self.folds[case_id], self.channel)
         ensemble.probability.array = fold_score_map(ensemble, self.score)
         known = ensemble.probability.geometry_known
-        label_map = load_label_map(self.paths(case_id)[1], ensemble.probability.geometry if known else None)
+        grid = ensemble.probability.geometry if known else None
+        label_map = load_label_map(self.paths(case_id)[1], grid, self.seg_segments)
         check_same_geometry(ensemble.probability, label_map, what=f"fold ensemble and label map of case {case_id!r}")
         self.labels_seen[case_id] = frozenset(label_values(label_map.array))
         lesion = Volume(mask_from_labels(label_map.array, self.lesion_labels), label_map.geometry, label_map.path)

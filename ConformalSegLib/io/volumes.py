@@ -489,19 +489,22 @@ def load_image(path: PathLikeStr) -> Volume:
     return Volume(array.astype(np.float32, copy=False), geometry, str(path))
 
 
-def load_label_map(path: PathLikeStr, reference: Geometry | None = None) -> Volume:
+def load_label_map(
+    path: PathLikeStr, reference: Geometry | None = None, segments: dict[str, int] | None = None
+) -> Volume:
     """Read a 3D integer label map (dtype as stored; integer-valued floats become int32; NaN is refused).
 
-    A ``.dcm`` file is a DICOM SEG (:mod:`ConformalSegLib.io.dicom_seg_input`: value = segment number),
-    placed on ``reference`` (the grid of the image it labels) when given; other formats carry their own grid
-    and ignore ``reference`` (:func:`check_same_geometry` compares them).
+    A ``.dcm`` file is a DICOM SEG (:mod:`ConformalSegLib.io.dicom_seg_input`: value = segment number, or
+    the value ``segments`` gives the segment's name), placed on ``reference`` (the grid of the image it
+    labels) when given; other formats carry their own grid and values and ignore ``reference`` and
+    ``segments`` (:func:`check_same_geometry` compares the grids).
     """
     path = _require_file(path, "label map")
     ext = volume_extension(path)
     if ext is None and path.name.lower().endswith(".dcm"):
         from .dicom_seg_input import load_dicom_seg_labels  # imports this module
 
-        array, geometry = load_dicom_seg_labels(path, reference)
+        array, geometry = load_dicom_seg_labels(path, reference, segments)
         return Volume(array, geometry, str(path))
     if ext in IMAGE_EXTENSIONS:
         array, geometry = _read_scalar_image(path, "label map", "export a single 3D labelmap (no overlapping segments)")
