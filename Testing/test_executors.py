@@ -183,3 +183,54 @@ def test_ctrl_c_during_calibrate_writes_no_profile(tmp_path, data, monkeypatch, 
     assert calibrate(data, tmp_path / "p.json", "cls", "--keep-going") == 130
     assert "interrupted" in capsys.readouterr().err
     assert len(seen) == 3 and not list(tmp_path.iterdir())
+
+
+@pytest.fixture(scope="module")
+def mask_data(data, tmp_path_factory):
+    """The synthetic cases as a mask-only tool's output: predicted labels (lesion 2 where p >= 0.5, the true
+    organ 1 elsewhere) next to the true label maps."""
+    root = tmp_path_factory.mktemp("dask_masks")
+    (root / "masks").mkdir()
+    for path in sorted((data / "probs").glob("*.nii.gz")):
+        prob = sitk.ReadImage(str(path))
+        truth = sitk.GetArrayFromImage(sitk.ReadImage(str(data / "labels" / path.name)))
+        predicted = np.where(sitk.GetArrayFromImage(prob) >= 0.5, 2, np.where(truth == 1, 1, 0)).astype(np.uint8)
+        image = sitk.GetImageFromArray(predicted)
+        image.CopyInformation(prob)
+        sitk.WriteImage(image, str(root / "masks" / path.name))
+    return root
+
+
+def calibrate_masks(data, masks, out, *extra):
+    argv = ["calibrate", "--method", "sets", "--transform", "distance", "--alpha", "0.2", "--masks", masks]
+    argv += ["--labels", data / "labels", "--structures", "1=organ,2=lesion", "--out", out, *extra]
+    return main([str(a) for a in argv])
+
+
+def test_masks_on_executors_are_bit_identical_to_serial(tmp_path, data, mask_data, cluster):
+    masks = mask_data / "masks"
+    assert calibrate_masks(data, masks, tmp_path / "serial" / "s.json") == 0
+    dask = ("--executor", "dask", "--scheduler", cluster)
+    assert calibrate_masks(data, masks, tmp_path / "dask" / "s.json", *dask) == 0
+    assert calibrate_masks(data, masks, tmp_path / "pool" / "s.json", "--executor", "processes", "--workers", "2") == 0
+    for structure in ("organ", "lesion"):
+        serial = tmp_path / "serial" / f"s.{structure}.json"
+        for other in ("dask", "pool"):
+            assert_identical(serial, tmp_path / other / f"s.{structure}.json")
+        provenance = json.loads((tmp_path / "dask" / f"s.{structure}.json").read_text())["provenance"]
+        assert provenance["executor"] == "dask" and provenance["workers"] == 2
+
+
+def test_masks_keep_going_names_every_bad_case(tmp_path, data, mask_data, cluster, capsys):
+    import shutil
+
+    masks = tmp_path / "masks"
+    shutil.copytree(mask_data / "masks", masks)
+    bad = sorted(masks.glob("*.nii.gz"))[1::4]
+    for path in bad:
+        path.write_bytes(path.read_bytes()[:100])
+    dask = ("--executor", "dask", "--scheduler", cluster, "--keep-going")
+    assert calibrate_masks(data, masks, tmp_path / "s.json", *dask) == 2
+    err = capsys.readouterr().err
+    assert all(path.name in err for path in bad) and "Traceback" not in err
+    assert not any(tmp_path.glob("s*.json"))

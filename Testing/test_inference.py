@@ -901,3 +901,29 @@ def test_cuda_real_out_of_memory_falls_back(tmp_path, no_tf32):
     assert len(attempts) > 1 and attempts[0]["error"].startswith("out of memory")
     assert prediction.info["sw_batch_size"] < 32
     np.testing.assert_allclose(prediction.probability, reference, atol=1e-4)
+
+
+class _ScriptedCard(ModelCard):
+    def load_network(self):
+        return torch.jit.script(_ScaledDropoutNet()).eval()
+
+
+def test_engine_pickles_for_workers_torchscript_included(models, mc_volume):
+    """Executors send the engine to workers by pickling it: a TorchScript network (not picklable itself)
+    travels as its archive and predicts, MC dropout included, exactly as on the driver."""
+    import pickle
+
+    base = resolve_model(models["sd"])
+    card = _ScriptedCard(
+        name="scripted", source=base.source, preprocessing=base.preprocessing, inference=base.inference,
+        output=base.output,
+    )  # fmt: skip
+    driver = engine(card)
+    assert driver.is_torchscript
+    worker = pickle.loads(pickle.dumps(driver))
+    assert worker.is_torchscript and worker.network is not driver.network
+    a, b = driver.predict(mc_volume, mc_dropout=4), worker.predict(mc_volume, mc_dropout=4)
+    assert np.array_equal(a.probability, b.probability) and np.array_equal(a.variance, b.variance)
+    assert a.variance.max() > 1e-3  # dropout really ran on both
+    plain = pickle.loads(pickle.dumps(engine(base)))  # a state_dict network pickles as it is
+    assert np.array_equal(plain.predict(mc_volume).probability, engine(base).predict(mc_volume).probability)

@@ -315,3 +315,20 @@ def test_unmatched_images_and_bad_options_are_clear_errors(setup, tmp_path, caps
         capsys,
     )
     assert code == 2 and "not both" in err
+
+
+def test_evaluate_with_model_on_a_process_pool_equals_serial(setup, tmp_path, capsys):
+    """``evaluate --model --images --executor processes``: the network goes to each worker with the dataset,
+    each task predicts its case there; every output file is byte-identical to the serial run's (issue 15)."""
+    data = setup["data"]
+    base = ["evaluate", "--model", setup["model"], "--images", data / "probs", "--labels", data / "labels"]
+    base += ["--lesion-label", "2", "--device", "cpu", "--splits", "5", "--epsilons", "0.2", "--alphas", "0.2"]
+    base += ["--transforms", "identity", "--no-hd95"]
+    code, _, err = run([*base, "--out", tmp_path / "serial"], capsys)
+    assert code == 0, err
+    code, _, err = run([*base, "--out", tmp_path / "pool", "--executor", "processes", "--workers", "2"], capsys)
+    assert code == 0, err
+    names = sorted(p.name for p in (tmp_path / "serial").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "pool").iterdir()) and "results.json" in names
+    for name in names:
+        assert (tmp_path / "serial" / name).read_bytes() == (tmp_path / "pool" / name).read_bytes(), name

@@ -287,8 +287,7 @@ def run(args: argparse.Namespace) -> int:
     if args.method in INTERVAL_METHODS:
         require_serial(args, "the interval methods")
         return run_interval_calibrate(args)
-    if args.masks is not None:  # a mask-only tool's predicted label maps
-        require_serial(args, "--masks")
+    if args.masks is not None:  # a mask-only tool's predicted label maps (on any executor)
         return run_mask_calibrate(args, request_from_args)
     if args.out.suffix.lower() != ".json":
         raise ConformalSegError("the profile file name must end in .json", path=args.out, fix="e.g. --out profile.json")

@@ -17,15 +17,22 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..common.errors import ConformalSegError
+from ..common.executors import MapReport, map_ordered
 from ..common.geometry import Geometry
-from ..conformal.mask_sets import calibrate_structures, check_mask_request, structure_map
+from ..conformal.mask_sets import (
+    check_mask_request,
+    check_structures_request,
+    structure_map,
+    structure_profiles,
+    summarize_structures,
+)
 from ..conformal.profile import CalibrationProfile, load_profile
 from ..io.atomic import atomic_write_text, check_can_write
 from ..io.checksums import sha256_file
@@ -106,18 +113,18 @@ def load_label_pair(first: Path, second: Path, segments: dict[str, int] | None =
     return a, load_label_map(second, a.geometry, segments)
 
 
-def _stream(
-    pairs: list[tuple[str, Path, Path]], seen: set[int], segments: dict[str, int] | None
-) -> Iterator[tuple[str, Any, Any, Geometry]]:
-    from .common import progress_bar
-
-    progress = progress_bar("calibrating")
-    for done, (cid, mask_path, label_path) in enumerate(pairs, start=1):
-        predicted, truth = load_label_pair(mask_path, label_path, segments)
-        check_same_geometry(predicted, truth, what=f"predicted and true label maps of case {cid!r}")
-        seen |= label_values(truth.array) | label_values(predicted.array)
-        progress(done, len(pairs), cid)
-        yield cid, predicted.array, truth.array, truth.geometry
+def summarize_mask_case(
+    shared: tuple[dict[str, tuple[int, ...]], Any, dict[str, int] | None], pair: tuple[str, Path, Path]
+) -> tuple[dict[str, Any], frozenset[int]]:
+    """One case of ``calibrate --masks`` on any worker: its two label maps read and checked, every structure
+    summarized (:func:`~ConformalSegLib.conformal.mask_sets.summarize_structures`), and the label values seen.
+    Module level, so that process and Dask workers import it by name."""
+    structures, request, segments = shared
+    cid, mask_path, label_path = pair
+    predicted, truth = load_label_pair(mask_path, label_path, segments)
+    check_same_geometry(predicted, truth, what=f"predicted and true label maps of case {cid!r}")
+    seen = frozenset(label_values(truth.array) | label_values(predicted.array))
+    return summarize_structures(cid, predicted.array, truth.array, truth.geometry, structures, request), seen
 
 
 def run_mask_calibrate(args: argparse.Namespace, request_from_args: Any) -> int:
@@ -136,15 +143,29 @@ def run_mask_calibrate(args: argparse.Namespace, request_from_args: Any) -> int:
         for target in [args.out, *targets]:
             check_can_write(target)
             check_can_write(target.with_suffix(".npz"))
-    from .common import segment_map
+    from .common import progress_bar, segment_map
+    from .executor_options import executor_spec
 
     segments = segment_map(args)
     provenance: dict[str, Any] = {"masks_dir": str(args.masks.resolve()), "labels_dir": str(args.labels.resolve())}
     provenance["seg_segments"] = segments
     request = request_from_args(args, provenance)
-    seen: set[int] = set()
+    check_structures_request(structures, request)
     pairs = _mask_pairs(args.masks, args.labels)
-    profiles = calibrate_structures(_stream(pairs, seen, segments), structures, request)
+    spec, report = executor_spec(args), MapReport("serial", 1, [])
+    parts = map_ordered(
+        summarize_mask_case,
+        ({name: tuple(values) for name, values in structures.items()}, request, segments),
+        pairs,
+        spec,
+        labels=[cid for cid, _, _ in pairs],
+        progress=progress_bar("calibrating"),
+        keep_going=getattr(args, "keep_going", False),
+        report=report,
+    )
+    seen: set[int] = set().union(*(part_seen for _, part_seen in parts))
+    request = replace(request, provenance={**request.provenance, **report.provenance()})
+    profiles = structure_profiles([summaries for summaries, _ in parts], structures, request)
     missing = sorted(v for values in structures.values() for v in values if v not in seen)
     if missing:
         raise ConformalSegError(

@@ -36,10 +36,9 @@ import numpy as np
 from ..common.errors import ConformalSegError
 from ..common.geometry import Geometry
 from .calibration import CalibrationRequest, calibrate_sets_request
-from .confidence_sets import SetStatisticsBuilder
+from .case_summaries import CaseSummary, merge_case_summaries, summarize_case
 from .profile import CalibrationProfile
 from .score_transforms import parse_transform
-from .summaries import SummaryBuilder
 
 PROBABILITY_METHODS_FIX = (
     "calibrate a mask-only tool with --method sets --transform distance (a margin in mm around the mask), "
@@ -70,33 +69,38 @@ def structure_map(labels: np.ndarray, values: Sequence[int]) -> np.ndarray:
     return np.isin(labels, np.asarray(list(values), dtype=np.int64)).astype(np.float32)
 
 
-def calibrate_structures(
-    cases: Iterable[tuple[str, np.ndarray, np.ndarray, Geometry]],
+def summarize_structures(
+    case_id: str,
+    predicted: np.ndarray,
+    truth: np.ndarray,
+    geometry: Geometry,
     structures: Mapping[str, Sequence[int]],
     request: CalibrationRequest,
+) -> dict[str, CaseSummary]:
+    """The per-scan summary of every structure of one scan (the "map" step, on any worker): what
+    :func:`~ConformalSegLib.conformal.case_summaries.summarize_case` gives the 0/1 map of the structure."""
+    if predicted.shape != truth.shape or predicted.shape != geometry.shape:
+        raise ValueError(f"case {case_id}: predicted {predicted.shape} and true {truth.shape} labels differ")
+    return {
+        name: summarize_case(
+            case_id, structure_map(predicted, values), np.isin(truth, np.asarray(list(values), np.int64)), geometry,
+            request,
+        )
+        for name, values in structures.items()
+    }  # fmt: skip
+
+
+def structure_profiles(
+    parts: Sequence[Mapping[str, CaseSummary]], structures: Mapping[str, Sequence[int]], request: CalibrationRequest
 ) -> dict[str, CalibrationProfile]:
-    """One confidence-set profile per structure from ``(case_id, predicted labels, true labels, geometry)``
-    streamed once (every structure's statistics gathered in the same pass)."""
-    check_mask_request(request.method, (request.inner_transform, request.outer_transform))
-    if not structures:
-        raise ConformalSegError("no structures given", fix="pass --structures VALUE=NAME[,VALUE=NAME...]")
-    inner, outer = parse_transform(request.inner_transform), parse_transform(request.outer_transform)
-    builders = {name: (SummaryBuilder(request.precision), SetStatisticsBuilder(inner, outer)) for name in structures}
-    for case_id, predicted, truth, geometry in cases:
-        if predicted.shape != truth.shape or predicted.shape != geometry.shape:
-            raise ValueError(f"case {case_id}: predicted {predicted.shape} and true {truth.shape} labels differ")
-        for name, values in structures.items():
-            score_map = structure_map(predicted, values)
-            lesion = np.isin(truth, np.asarray(list(values), dtype=np.int64))
-            summaries, sets = builders[name]
-            summaries.add_case(case_id, score_map, lesion)
-            sets.add_case(case_id, score_map, lesion, geometry)
+    """One profile per structure from the scans' summaries, merged in scan order (the "reduce" step):
+    identical whichever executor made the parts."""
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     profiles = {}
     for name, values in structures.items():
-        summaries, sets = builders[name]
-        stats = sets.build()
-        if stats.n == 0:
+        merged = merge_case_summaries([part[name] for part in parts], request)
+        stats = merged.sets
+        if stats is None or stats.n == 0:
             raise ConformalSegError("no calibration cases found", fix="check the --masks and --labels folders")
         calibration = calibrate_sets_request(stats, request)
         provenance = {
@@ -104,5 +108,23 @@ def calibrate_structures(
             **request.provenance,
             "mask_input": {"structure": name, "label_values": [int(v) for v in values]},
         }
-        profiles[name] = CalibrationProfile(calibration, summaries.build(), stats, request.empty_policy, provenance)
+        profiles[name] = CalibrationProfile(calibration, merged.lesion, stats, request.empty_policy, provenance)
     return profiles
+
+
+def calibrate_structures(
+    cases: Iterable[tuple[str, np.ndarray, np.ndarray, Geometry]],
+    structures: Mapping[str, Sequence[int]],
+    request: CalibrationRequest,
+) -> dict[str, CalibrationProfile]:
+    """One confidence-set profile per structure from ``(case_id, predicted labels, true labels, geometry)``
+    streamed once (every structure's statistics gathered in the same pass; only the compact summaries kept)."""
+    check_structures_request(structures, request)
+    parts = [summarize_structures(*case, structures, request) for case in cases]
+    return structure_profiles(parts, structures, request)
+
+
+def check_structures_request(structures: Mapping[str, Sequence[int]], request: CalibrationRequest) -> None:
+    check_mask_request(request.method, (request.inner_transform, request.outer_transform))
+    if not structures:
+        raise ConformalSegError("no structures given", fix="pass --structures VALUE=NAME[,VALUE=NAME...]")

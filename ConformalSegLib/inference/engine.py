@@ -21,6 +21,7 @@ Pipeline (everything fixed by the :class:`~ConformalSegLib.inference.model_card.
 from __future__ import annotations
 
 import contextlib
+import io
 import threading
 import time
 import warnings
@@ -140,6 +141,33 @@ class InferenceEngine:
         self._dropouts = self._mc.modules
         self.seeded_dropout = self._mc.seeded
         self._spatial, self._intensity = build_preprocessing(self.card)
+
+    # ------------------------------------------------------------------ pickling (executors)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What goes to a process or Dask worker: the engine with its network (weights included, once per
+        worker). A TorchScript network cannot be pickled: it travels as its serialized archive, which the
+        driver already loaded (so its code was trusted there) and the worker loads back. Progress and cancel
+        callbacks stay on the driver."""
+        state = self.__dict__.copy()
+        state.update(progress=None, cancel=None, _oom_if=None)
+        if self.is_torchscript:
+            buffer = io.BytesIO()
+            with warnings.catch_warnings():  # torch >= 2.10 deprecates TorchScript; it still saves and loads
+                warnings.simplefilter("ignore", DeprecationWarning)
+                torch.jit.save(self.network, buffer)
+            state["network"] = buffer.getvalue()
+            del state["_mc"], state["_dropouts"]  # they hold the network's modules: rebuilt on load
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if isinstance(self.network, bytes):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                self.network = torch.jit.load(io.BytesIO(self.network), map_location=self.device).eval()
+            self._mc = MCDropout(self.network, self.seed, True)
+            self._dropouts = self._mc.modules
 
     # ------------------------------------------------------------------ helpers
 
