@@ -139,19 +139,25 @@ def run(argv, capsys):
     return code, out.out, out.err
 
 
-def test_mask_calibration_and_apply_read_dicom_segs(ct, tmp_path, capsys):
-    """calibrate --masks on SEGs gives the profile of the same masks as NIfTI; apply --mask SEG the same sets."""
-    rng = np.random.default_rng(5)
+def write_mask_cases(ct, root, *, seed: int, seg_value: int, names: tuple[str, ...]) -> None:
+    """10 cases of a mask-only tool: a true ellipsoid (``labels/``, value 1) and a shifted prediction, as NIfTI
+    (``pred_nifti/``, value 1) and as a SEG (``pred_seg/``, the prediction is segment ``seg_value`` of ``names``)."""
+    rng = np.random.default_rng(seed)
     z, y, x = np.meshgrid(*(np.arange(n) for n in SHAPE), indexing="ij")
+    (root / "pred_seg").mkdir(exist_ok=True)
     for i in range(10):
         centre = np.array([2.5, 4, 5]) + rng.normal(0, 0.6, 3)
         truth = ((z - centre[0]) / 2.0) ** 2 + ((y - centre[1]) / 3) ** 2 + ((x - centre[2]) / 3.5) ** 2 <= 1
         shift = centre + rng.normal(0, 0.5, 3)
         predicted = ((z - shift[0]) / 2.0) ** 2 + ((y - shift[1]) / 3) ** 2 + ((x - shift[2]) / 3.5) ** 2 <= 1
-        save_volume(truth.astype(np.uint8), GEOM, tmp_path / "labels" / f"c{i}.nii.gz")
-        save_volume(predicted.astype(np.uint8), GEOM, tmp_path / "pred_nifti" / f"c{i}.nii.gz")
-        (tmp_path / "pred_seg").mkdir(exist_ok=True)
-        write_label_seg(predicted.astype(np.uint8), ct, tmp_path / "pred_seg" / f"c{i}.dcm", names=("liver",))
+        save_volume(truth.astype(np.uint8), GEOM, root / "labels" / f"c{i}.nii.gz")
+        save_volume(predicted.astype(np.uint8), GEOM, root / "pred_nifti" / f"c{i}.nii.gz")
+        write_label_seg(seg_value * predicted.astype(np.uint8), ct, root / "pred_seg" / f"c{i}.dcm", names)
+
+
+def test_mask_calibration_and_apply_read_dicom_segs(ct, tmp_path, capsys):
+    """calibrate --masks on SEGs gives the profile of the same masks as NIfTI; apply --mask SEG the same sets."""
+    write_mask_cases(ct, tmp_path, seed=5, seg_value=1, names=("liver",))
     base = ["calibrate", "--method", "sets", "--transform", "distance", "--alpha", "0.2", "--lesion-label", "1"]
     for kind in ("nifti", "seg"):
         argv = [*base, "--masks", tmp_path / f"pred_{kind}", "--labels", tmp_path / "labels"]
@@ -236,17 +242,7 @@ def test_segments_by_name_when_numbering_differs(ct, tmp_path, capsys):
 def test_mask_apply_reuses_the_segment_names_of_calibration(ct, tmp_path, capsys):
     """calibrate --masks --seg-segments liver=1 on SEGs where liver is segment 2; apply --mask on such a SEG
     without the option reads the same structure (the names are in the profile)."""
-    rng = np.random.default_rng(6)
-    z, y, x = np.meshgrid(*(np.arange(n) for n in SHAPE), indexing="ij")
-    for i in range(10):
-        centre = np.array([2.5, 4, 5]) + rng.normal(0, 0.6, 3)
-        truth = ((z - centre[0]) / 2.0) ** 2 + ((y - centre[1]) / 3) ** 2 + ((x - centre[2]) / 3.5) ** 2 <= 1
-        shift = centre + rng.normal(0, 0.5, 3)
-        predicted = ((z - shift[0]) / 2.0) ** 2 + ((y - shift[1]) / 3) ** 2 + ((x - shift[2]) / 3.5) ** 2 <= 1
-        save_volume(truth.astype(np.uint8), GEOM, tmp_path / "labels" / f"c{i}.nii.gz")
-        save_volume(predicted.astype(np.uint8), GEOM, tmp_path / "pred_nifti" / f"c{i}.nii.gz")
-        (tmp_path / "pred_seg").mkdir(exist_ok=True)
-        write_label_seg(2 * predicted.astype(np.uint8), ct, tmp_path / "pred_seg" / f"c{i}.dcm", ("spleen", "liver"))
+    write_mask_cases(ct, tmp_path, seed=6, seg_value=2, names=("spleen", "liver"))
     base = ["calibrate", "--method", "sets", "--transform", "distance", "--alpha", "0.2", "--lesion-label", "1"]
     code, _, err = run([*base, "--masks", tmp_path / "pred_nifti", "--labels", tmp_path / "labels", "--out",
                         tmp_path / "nifti.json"], capsys)  # fmt: skip
