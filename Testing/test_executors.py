@@ -234,3 +234,16 @@ def test_masks_keep_going_names_every_bad_case(tmp_path, data, mask_data, cluste
     err = capsys.readouterr().err
     assert all(path.name in err for path in bad) and "Traceback" not in err
     assert not any(tmp_path.glob("s*.json"))
+
+
+def test_groups_and_weighting_on_executors_are_bit_identical_to_serial(tmp_path, data, cluster, tmp_path_factory):
+    """--group-by (lesion volumes) and --target-scans (scan features) are computed on the workers with each
+    case's summary: the group-conditional and the weighted profiles equal serial ones."""
+    target = write_synthetic_dataset(tmp_path_factory.mktemp("target") / "t", 6, seed=60, shape=(16, 28, 28))
+    dask = ("--executor", "dask", "--scheduler", cluster)
+    for name, extra in (("size", ("--group-by", "lesion-size:0.05")), ("weighted", ("--target-scans", target))):
+        assert calibrate(data, tmp_path / f"{name}_serial.json", "cls", *extra) == 0
+        assert calibrate(data, tmp_path / f"{name}_dask.json", "cls", *extra, *dask) == 0
+        assert_identical(tmp_path / f"{name}_serial.json", tmp_path / f"{name}_dask.json")
+    assert json.loads((tmp_path / "size_dask.json").read_text()).get("groups")
+    assert json.loads((tmp_path / "weighted_dask.json").read_text()).get("weighting")

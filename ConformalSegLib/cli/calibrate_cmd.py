@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..common.errors import ConformalSegError
-from ..conformal.calibration import CalibrationRequest, calibrate, calibrate_dataset
+from ..conformal.calibration import CalibrationRequest, calibrate_dataset
 from ..conformal.confidence_sets import select_transforms
 from ..conformal.fp_summaries import DEFAULT_FP_ML_CAP
 from ..conformal.lesion_level import DEFAULT_DETECT_FRACTION
@@ -322,9 +322,18 @@ def run(args: argparse.Namespace) -> int:
         )
     if recorder is None:
         profile = calibrate_dataset(dataset, request, spec, progress=dataset.progress, keep_going=args.keep_going)
-    else:
-        require_serial(args, "groups or weighting")
-        profile = recorder.attach(calibrate(recorder, request))
+    else:  # the volumes / features the groups or the weighting need come back with each case's summary
+        profile = recorder.attach(
+            calibrate_dataset(
+                dataset,
+                request,
+                spec,
+                progress=dataset.progress,
+                keep_going=args.keep_going,
+                extras=recorder.extras(),
+                collect=recorder.collect,
+            )
+        )
     _check_geometry_known(dataset, request)
     json_path, npz_path = profile.save(args.out, force=args.force)
     print(lesion_line(dataset, args.channel))

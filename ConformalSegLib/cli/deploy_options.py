@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +92,9 @@ def _target_folders(root: Path) -> tuple[Path, Path | None]:
 
 
 class DeploymentRecorder:
-    """Streams the calibration cases through unchanged, keeping each case's volumes and/or features."""
+    """Gathers what groups or weighting need of each calibration case (its lesion volumes and/or features,
+    computed by :meth:`extras` where the case is loaded and handed back to :meth:`collect`), then
+    :meth:`attach` es the groups or the weighting to the profile."""
 
     def __init__(self, args: argparse.Namespace, cases: Any):
         self.args, self.cases = args, cases
@@ -141,15 +144,18 @@ class DeploymentRecorder:
             progress(done, len(ids), cid)
         return ids, np.vstack(rows)
 
-    def __iter__(self) -> Iterator[Any]:
-        for case in self.cases:
-            probability, lesion = case.probability, case.lesion
-            if self.edges is not None:
-                self.volumes[case.case_id] = scan_volumes_ml(probability.array, lesion.array, probability.geometry)
-            if self.target is not None:
-                image = _image(self.images, case.case_id, self.args.feature_images) if self.images is not None else None
-                self.features[case.case_id] = scan_features(probability.array, probability.geometry, image)
-            yield case
+    def extras(self) -> Callable[[Any], tuple[Any, Any]]:
+        """What each calibration case contributes besides its summary, computed where the case is loaded (a
+        worker of ``--executor``; picklable): its lesion volumes (``--group-by``) and features (weighting)."""
+        images = (self.images, self.args.feature_images) if self.images is not None else None
+        return functools.partial(case_extras, self.edges is not None, self.target is not None, images)
+
+    def collect(self, case_id: str, extra: tuple[Any, Any]) -> None:
+        volumes, features = extra
+        if volumes is not None:
+            self.volumes[case_id] = volumes
+        if features is not None:
+            self.features[case_id] = features
 
     def attach(self, profile: CalibrationProfile) -> CalibrationProfile:
         """The profile with its groups or weighting (as the options asked)."""
@@ -172,6 +178,20 @@ class DeploymentRecorder:
         )
         check_effective_size(weighting, profile.calibration, profile)
         return dataclasses.replace(profile, weighting=weighting)
+
+
+def case_extras(
+    volumes: bool, features: bool, images: tuple[dict[str, Path], Path] | None, case: Any
+) -> tuple[Any, Any]:
+    """``(lesion volumes in mL or None, scan features or None)`` of one loaded calibration case (module level,
+    so that executor workers import it by name)."""
+    probability, lesion = case.probability, case.lesion
+    sizes = scan_volumes_ml(probability.array, lesion.array, probability.geometry) if volumes else None
+    row = None
+    if features:
+        image = _image(images[0], case.case_id, images[1]) if images is not None else None
+        row = scan_features(probability.array, probability.geometry, image)
+    return sizes, row
 
 
 def _image(files: dict[str, Path] | None, case_id: str, folder: Path | None) -> np.ndarray:

@@ -8,7 +8,7 @@ whatever the number of cases.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, cast
@@ -140,13 +140,16 @@ def calibrate_dataset(
     *,
     progress: ProgressCallback | None = None,
     keep_going: bool = False,
+    extras: Callable[[Any], Any] | None = None,
+    collect: Callable[[str, Any], None] | None = None,
 ) -> CalibrationProfile:
     """Calibrate on a dataset's cases, each read and summarized on a worker of ``spec`` (serial by default).
 
     ``dataset`` has ``case_ids`` and ``load(case_id)`` (an ``io.dataset.CalibrationDataset``); it is sent to
     each worker once. The summaries are merged in case order and the thresholds computed here, exactly as
     :func:`calibrate` does: the profile is bit-identical whatever the executor. The provenance records the
-    executor and its number of workers.
+    executor and its number of workers. ``extras(case)`` (picklable) runs on the worker on each loaded case;
+    ``collect(case_id, extra)`` receives its results here, in case order (deployment features, volumes).
     """
     spec = spec or ExecutorSpec()
     shipped = copy.copy(dataset)
@@ -154,7 +157,7 @@ def calibrate_dataset(
     report = MapReport(spec.name, 1, [])
     parts = map_ordered(
         summarize_dataset_case,
-        (shipped, request),
+        (shipped, request, extras),
         list(dataset.case_ids),
         spec,
         progress=progress,
@@ -166,6 +169,9 @@ def calibrate_dataset(
         dataset.check_lesion_labels_seen()
     if hasattr(dataset, "without_geometry"):  # recorded on the workers' copies: bring it back to the driver
         dataset.without_geometry.update(p.case_id for p in parts if p.without_geometry)
+    if collect is not None:
+        for part in parts:
+            collect(part.case_id, part.extra)
     request = replace(request, provenance={**request.provenance, **report.provenance()})
     return calibrate_summaries(merge_case_summaries(parts, request), request)
 

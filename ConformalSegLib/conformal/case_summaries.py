@@ -44,6 +44,7 @@ class CaseSummary:
     labels_seen: frozenset[int] | None = None
     fp: FalsePositiveSummaries | None = None  # ltt's false-positive risks
     without_geometry: bool = False  # read from bare arrays (1 mm assumed; the driver decides if that matters)
+    extra: Any = None  # what the caller's ``extras(case)`` computed on the worker (e.g. deployment features)
 
     @property
     def case_id(self) -> str:
@@ -91,19 +92,21 @@ def _risks(request: CalibrationRequest) -> set[str]:
     return {r.name for r in parse_risks(request.risks)} if request.method == "ltt" else set()
 
 
-def summarize_dataset_case(shared: tuple[Any, CalibrationRequest], case_id: str) -> CaseSummary:
-    """Load one case of a dataset (``shared = (dataset, request)``; the readers' checks) and summarize it.
+def summarize_dataset_case(shared: tuple[Any, ...], case_id: str) -> CaseSummary:
+    """Load one case of a dataset (``shared = (dataset, request[, extras])``; the readers' checks) and
+    summarize it; ``extras(case)`` (a picklable callable), when given, is computed from the loaded case too.
 
     The task function of ``calibrate_dataset``: module level, so that workers import it by name.
     """
-    dataset, request = shared
+    dataset, request, *rest = shared
     case = dataset.load(case_id)
     summary = summarize_case(
         case.case_id, case.probability.array, case.lesion.array, case.probability.geometry, request
     )
     seen = getattr(dataset, "labels_seen", {}).get(case_id)
     bare = case_id in getattr(dataset, "without_geometry", ())
-    return CaseSummary(summary.lesion, summary.sets, summary.lesion_level, seen, summary.fp, bare)
+    extra = rest[0](case) if rest and rest[0] is not None else None
+    return CaseSummary(summary.lesion, summary.sets, summary.lesion_level, seen, summary.fp, bare, extra)
 
 
 def merge_case_summaries(parts: Sequence[CaseSummary], request: CalibrationRequest) -> MergedSummaries:
