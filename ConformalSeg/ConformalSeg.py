@@ -131,6 +131,9 @@ if not UNSUPPORTED:
         modelPath: Path
         profilePath: Path
         secondProfilePath: Path
+        foldsPath: Path  # nnU-Net fold profiles: the folder of this case's per-fold outputs
+        foldsCase: str = ""  # its case id when the fold folders hold several
+        dicomSegPath: Path  # mask-only / fold profiles: also write a DICOM SEG here (empty: none)
         device: Annotated[str, Choice(["auto", "cuda", "cpu"])] = "auto"
         mcDropoutSamples: Annotated[int, WithinRange(0, 64)] = 0
         epsilon: Annotated[float, WithinRange(0.0, 1.0), Decimals(3), SingleStep(0.01)] = 0.1

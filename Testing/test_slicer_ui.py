@@ -40,6 +40,7 @@ CLASS_BY_SUFFIX = (
     ("CollapsibleButton", "ctkCollapsibleButton"),
     ("Selector", "qMRMLNodeComboBox"),
     ("PathLineEdit", "ctkPathLineEdit"),
+    ("LineEdit", "QLineEdit"),  # after PathLineEdit: the first matching suffix wins
     ("SliderWidget", "ctkSliderWidget"),
     ("ProgressBar", "QProgressBar"),
     ("TextEdit", "QPlainTextEdit"),

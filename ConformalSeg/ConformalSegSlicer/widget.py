@@ -164,6 +164,8 @@ class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         "calibrationOutputPathLineEdit",
         "evaluationResultsPathLineEdit",
         "intervalProfilePathLineEdit",
+        "foldsPathLineEdit",
+        "dicomSegPathLineEdit",
     )
 
     def _labelChoices(self) -> None:
@@ -202,7 +204,11 @@ class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _updateButtons(self) -> None:
         p = self._parameterNode
         running = self._inference is not None and self._inference.running
-        canApply = bool(p.inputVolume and isSet(p.modelPath)) or bool(p.probabilityVolume and isSet(p.profilePath))
+        canApply = (
+            bool(p.inputVolume and isSet(p.modelPath))
+            or bool(p.probabilityVolume and isSet(p.profilePath))
+            or bool(isSet(p.profilePath) and isSet(p.foldsPath))  # a fold profile on the case's fold outputs
+        )
         self.ui.applyButton.enabled = running or canApply
         self.ui.applyButton.text = _("Cancel") if running else _("Apply")
         self.ui.applyButton.toolTip = (
@@ -315,21 +321,30 @@ class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._maskResultText = None
         return self._maskProfileKey[1]
 
-    def _startMaskApply(self) -> None:
-        """``conformalseg apply --mask`` on the label map chosen as the probability map (mask-only profile)."""
+    def _startMaskApply(self, folds: bool = False) -> None:
+        """``conformalseg apply --mask`` on the label map chosen as the probability map (mask-only profile),
+        or ``--folds`` on the fold folder (fold profile); with a DICOM SEG output path, ``--dicom-seg``
+        against the input CT's series too."""
         p = self._parameterNode
+        what = _("the fold profile") if folds else _("the mask-only profile")
         try:
-            with slicer.util.tryWithErrorDisplay(_("Failed to apply the mask-only profile."), waitCursor=True):
+            with slicer.util.tryWithErrorDisplay(_("Failed to apply {what}.").format(what=what), waitCursor=True):
                 self.ui.logTextEdit.clear()
+                source = (
+                    {"foldsDir": str(p.foldsPath), "case": p.foldsCase.strip() or None}
+                    if folds
+                    else {"maskVolume": p.probabilityVolume}
+                )
                 self._inference = self.logic.startProfileApply(
                     p.profilePath,
-                    maskVolume=p.probabilityVolume,
                     referenceVolume=p.inputVolume,
+                    dicomSeg=isSet(p.dicomSegPath),
                     onOutput=self.ui.logTextEdit.appendPlainText,
                     onFinished=self._onMaskApplyFinished,
+                    **source,
                 )
         except Exception:  # shown by tryWithErrorDisplay (which re-raises)
-            logging.exception("ConformalSeg: starting apply --mask failed")
+            logging.exception("ConformalSeg: starting conformalseg apply failed")
         finally:
             self._updateButtons()
 
@@ -341,10 +356,15 @@ class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 log(_("Cancelled."))
             elif returncode != 0:
                 log(_("conformalseg apply failed (exit status {status}).").format(status=returncode))
-                slicer.util.errorDisplay(_("Applying the mask-only profile failed. See the log."))
+                slicer.util.errorDisplay(_("Applying the profile failed. See the log."))
             else:
                 with slicer.util.tryWithErrorDisplay(_("Failed to load the margin sets."), waitCursor=True):
-                    segmentation, volumes, result = self.logic.loadProfileApplyResult(outDir, p.inputVolume)
+                    dicomSegPath = str(p.dicomSegPath) if isSet(p.dicomSegPath) else None
+                    segmentation, volumes, result = self.logic.loadProfileApplyResult(
+                        outDir, p.inputVolume, dicomSegPath
+                    )
+                    if dicomSegPath and result.dicom_seg is not None:
+                        log(_("Wrote the DICOM SEG {path}.").format(path=dicomSegPath))
                     self._maskResultText = "\n".join([*result.guarantees, *([result.note] if result.note else [])])
                     self._setGuarantee(self._maskResultText)
                     log(_("Loaded {name}.").format(name=segmentation.GetName()))
@@ -467,8 +487,16 @@ class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         p = self._parameterNode
         if not isSet(p.modelPath):
-            if p.probabilityVolume and isSet(p.profilePath) and self._isMaskProfileNow():
+            profileInput = self._profileInputNow()
+            if p.probabilityVolume and profileInput == profile_apply.MASK:
                 self._startMaskApply()
+                return
+            if profileInput == profile_apply.FOLDS:
+                if not isSet(p.foldsPath):
+                    slicer.util.errorDisplay(_("A fold profile is applied to the case's fold outputs: choose the "
+                                               "nnU-Net folds folder first."))  # fmt: skip
+                    return
+                self._startMaskApply(folds=True)
                 return
             self._stateKey = None  # recompute from the probability map now
             self.refresh()
@@ -510,11 +538,15 @@ class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         finally:
             self._updateButtons()
 
-    def _isMaskProfileNow(self) -> bool:
+    def _profileInputNow(self):
+        """What the loaded profile is applied to (``profile_apply.MASK``, ``FOLDS``, ``PROBABILITY``), or None."""
+        p = self._parameterNode
+        if not isSet(p.profilePath):
+            return None
         try:
-            return self.logic.profileInput(self._parameterNode.profilePath) == profile_apply.MASK
+            return self.logic.profileInput(p.profilePath)
         except (ConformalSegError, OSError, ValueError):
-            return False  # the refresh shows the profile's error
+            return None  # the refresh shows the profile's error
 
     def _onInferenceProgress(self, fraction: float, label: str) -> None:
         self.ui.progressBar.value = int(round(100 * fraction))
