@@ -247,3 +247,73 @@ def test_groups_and_weighting_on_executors_are_bit_identical_to_serial(tmp_path,
         assert_identical(tmp_path / f"{name}_serial.json", tmp_path / f"{name}_dask.json")
     assert json.loads((tmp_path / "size_dask.json").read_text()).get("groups")
     assert json.loads((tmp_path / "weighted_dask.json").read_text()).get("weighting")
+
+
+@pytest.fixture(scope="module")
+def interval_data(tmp_path_factory):
+    """24 interval cases (lower / upper / truth / organs) as NIfTI."""
+    import nibabel as nib
+
+    from ConformalSegLib.semcrc import synthetic_intervals
+
+    root = tmp_path_factory.mktemp("dask_intervals")
+    syn = synthetic_intervals(24, shape=(2, 8, 8), seed=2)
+    for name in ("lower", "upper", "truth", "organs"):
+        (root / name).mkdir()
+    for i in range(24):
+        arrays = {"lower": syn.lower[i], "upper": syn.upper[i], "truth": syn.truth[i]}
+        for name, array in arrays.items():
+            nib.save(nib.Nifti1Image(array.astype(np.float32).T, np.eye(4)), str(root / name / f"c{i:02d}.nii.gz"))
+        organs = (syn.labels[i] % 3).astype(np.int16).T
+        nib.save(nib.Nifti1Image(organs, np.eye(4)), str(root / "organs" / f"c{i:02d}.nii.gz"))
+    return root
+
+
+def interval_calibrate(root, out, method, *extra):
+    argv = ["calibrate", "--method", method, "--lower", root / "lower", "--upper", root / "upper"]
+    argv += ["--truth", root / "truth", "--epsilon", "0.2", "--out", out, *extra]
+    if method.startswith("sem-crc"):
+        argv += ["--organs", root / "organs", "--organ-labels", "1=liver,2=spleen", "--n-opt", "8"]
+    return main([str(a) for a in argv])
+
+
+def assert_same_interval_profile(serial: Path, other: Path) -> None:
+    a, b = (json.loads(p.read_text()) for p in (serial, other))
+    for record in (a, b):
+        for key in ("created_utc", "executor", "workers"):
+            record["provenance"].pop(key, None)
+        for key in ("content_sha256", "seconds"):  # the checksum covers the run details above; timings
+            record.pop(key, None)
+        record["record"].pop("file")  # serial.npz / dask.npz (its sha256 stays compared)
+    assert a == b
+    x, y = np.load(serial.with_suffix(".npz")), np.load(other.with_suffix(".npz"))
+    assert sorted(x.files) == sorted(y.files)
+    for name in x.files:
+        assert x[name].tobytes() == y[name].tobytes(), name
+
+
+@pytest.mark.parametrize("method", ["crc-interval", "sem-crc"])
+def test_interval_methods_on_executors_are_bit_identical_to_serial(tmp_path, interval_data, cluster, method):
+    assert interval_calibrate(interval_data, tmp_path / "serial.json", method) == 0
+    assert interval_calibrate(interval_data, tmp_path / "dask.json", method, "--executor", "dask", "--scheduler",
+                              cluster) == 0  # fmt: skip
+    assert interval_calibrate(interval_data, tmp_path / "pool.json", method, "--executor", "processes",
+                              "--workers", "2") == 0  # fmt: skip
+    for other in ("dask", "pool"):
+        assert_same_interval_profile(tmp_path / "serial.json", tmp_path / f"{other}.json")
+    assert json.loads((tmp_path / "dask.json").read_text())["provenance"]["executor"] == "dask"
+
+
+def test_interval_keep_going_names_every_bad_case(tmp_path, interval_data, cluster, capsys):
+    import shutil
+
+    root = tmp_path / "iv"
+    shutil.copytree(interval_data, root)
+    for case in ("c05", "c17"):
+        path = root / "truth" / f"{case}.nii.gz"
+        path.write_bytes(path.read_bytes()[:60])
+    extra = ("--executor", "dask", "--scheduler", cluster, "--keep-going")
+    assert interval_calibrate(root, tmp_path / "p.json", "crc-interval", *extra) == 2
+    err = capsys.readouterr().err
+    assert "2 of 24 case(s) failed" in err and "c05: " in err and "c17: " in err and "Traceback" not in err
+    assert not (tmp_path / "p.json").exists()

@@ -25,7 +25,7 @@ from .common import (
     segment_map,
 )
 from .deploy_options import add_calibrate_options, recorder_for, report
-from .executor_options import add_executor_options, executor_spec, require_serial
+from .executor_options import add_executor_options, executor_spec
 from .fold_options import add_folds_option, fold_provenance, open_fold_dataset
 from .interval_options import INTERVAL_METHODS, add_interval_arguments, run_interval_calibrate
 from .mask_options import add_mask_calibrate_options, run_mask_calibrate
@@ -284,8 +284,7 @@ INPUT_FOLDERS = ("data", "probs", "labels", "images", "lower", "upper", "truth",
 def run(args: argparse.Namespace) -> int:
     refuse_output_in_inputs(args.out, input_folders(args, INPUT_FOLDERS), output_is_folder=False, nested=True)
     spec = executor_spec(args)
-    if args.method in INTERVAL_METHODS:
-        require_serial(args, "the interval methods")
+    if args.method in INTERVAL_METHODS:  # the calibration split's scans on any executor
         return run_interval_calibrate(args)
     if args.masks is not None:  # a mask-only tool's predicted label maps (on any executor)
         return run_mask_calibrate(args, request_from_args)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..common.errors import ConformalSegError
+from ..common.executors import MapReport, map_ordered
 from ..io.atomic import check_can_write, staged_folder
 from ..io.checksums import sha256_file
 from ..io.volumes import check_same_geometry, load_label_map, save_volume
@@ -149,6 +150,23 @@ def _options(args: argparse.Namespace, method: str) -> dict:
     return options
 
 
+def _scan_map(args: argparse.Namespace, progress: Any) -> tuple[Any, MapReport | None]:
+    """The calibration split on ``--executor`` (None: serial, in this process) and its report."""
+    from .executor_options import executor_spec
+
+    spec = executor_spec(args)
+    if spec.name == "serial":
+        return None, None
+    report = MapReport(spec.name, 1, [])
+
+    def map_scans(task: Any, shared: Any, indices: list[int], case_ids: list[str]) -> list[Any]:
+        return map_ordered(
+            task, shared, indices, spec, labels=case_ids, progress=progress, keep_going=args.keep_going, report=report
+        )
+
+    return map_scans, report
+
+
 def run_interval_calibrate(args: argparse.Namespace) -> int:
     """``calibrate`` for an interval method: read the folders (or predict ``--lower``/``--upper`` with a
     quantile model ``--model`` from ``--images``), calibrate, write the profile."""
@@ -171,6 +189,8 @@ def run_interval_calibrate(args: argparse.Namespace) -> int:
     method = CLI_METHODS[args.method]
     if args.n_opt is None:
         args.n_opt = default_n_opt(len(discover_interval_cases(args.lower, args.upper, args.truth, args.organs)))
+    progress = progress_bar("reading scans")
+    map_scans, report = _scan_map(args, progress)
     profile = calibrate_interval(
         method,
         args.lower,
@@ -180,10 +200,13 @@ def run_interval_calibrate(args: argparse.Namespace) -> int:
         args.epsilon,
         organs=args.organ_labels,
         body=args.body,
-        progress=progress_bar("reading scans"),
+        progress=progress,
         anchor_progress=progress_bar("anchor (cvxpy)", unit="gamma"),
+        map_scans=map_scans,
         **_options(args, method),
     )
+    if report is not None:
+        profile.provenance.update(report.provenance())
     if getattr(args, "inference_record", None):
         profile.provenance["inference"] = args.inference_record
     written = profile.save(args.out, force=args.force)

@@ -45,6 +45,9 @@ from .recalibrate import IntervalRecord, build_record, recalibrate_interval, rec
 #: ``load(i)`` returns scan ``i`` (case order); ``progress(done, total, text)`` after each scan read.
 ScanLoader = Callable[[int], IntervalScan]
 StreamProgress = Callable[[int, int, str], None]
+#: ``map_scans(task, shared, indices, case_ids)``: ``[task(shared, i) for i in indices]`` in order, on any
+#: executor (``case_ids`` name the scans in progress and errors).
+ScanMap = Callable[[Callable[[Any, int], Any], Any, list[int], list[str]], list[Any]]
 
 
 def can_stream(method: str, options: dict[str, Any]) -> bool:
@@ -61,6 +64,7 @@ def stream_calibration(
     *,
     progress: StreamProgress | None = None,
     anchor_progress: StreamProgress | None = None,
+    map_scans: ScanMap | None = None,
     **options: Any,
 ) -> tuple[IntervalCalibration, IntervalRecord]:
     """Calibrate ``method`` (library spelling, :data:`~.procedures.METHODS`) on the scans ``load(0..n-1)``.
@@ -69,6 +73,12 @@ def stream_calibration(
     :func:`~.procedures.calibrate_interval_method` (plus ``shrinkable`` for CRC). Returns the calibration and
     its record, as the in-memory path would (module docstring). ``progress`` is called after every scan read,
     ``anchor_progress`` after every gamma of the anchor problem (K-CRC, sem-CRC).
+
+    ``map_scans(task, shared, indices, case_ids)`` runs the calibration split's scans, which are independent, on an
+    executor (``[task(shared, i) for i in indices]`` in order; ``load`` must then be picklable): each worker
+    reads one scan and returns its record part, merged here in scan order, so the result is bit-identical.
+    The optimisation split's passes stay here: its anchor sample draws from one seeded generator in scan
+    order (``n_opt`` scans, a few dozen).
     """
     if method not in METHODS:
         raise IntervalInputError(f"unknown interval method {method!r}", fix=f"use one of {', '.join(METHODS)}")
@@ -92,12 +102,18 @@ def stream_calibration(
     sample = None
     if method != "crc":
         partition, shape, lam_groups, sample = _opt_pass(method, opt_idx, load, groups, rng, steps, options)
-    parts, half = [], 0.0
-    for i in cal_idx:
-        scan = steps.read(load, i, "calibration split")
-        g = _lambda_groups(method, scan, partition, shape)
-        parts.append(record_scan(scan.need, scan.width, g, len(lam_groups), shrink=shrink))
-        half = max(half, float(0.5 * scan.width.max(initial=0.0)))
+    shared = (load, method, partition, shape, len(lam_groups), shrink)
+    if map_scans is None:
+        results = []
+        for i in cal_idx:
+            results.append(scan_record_part(shared, i))
+            steps.done += 1
+            if steps.progress is not None:
+                steps.progress(min(steps.done, steps.total), steps.total, f"{case_ids[i]} (calibration split)")
+    else:
+        results = map_scans(scan_record_part, shared, cal_idx, [case_ids[i] for i in cal_idx])
+    parts = [part for part, _ in results]
+    half = max((h for _, h in results), default=0.0)
     gammas = tuple(options.get("gammas", DEFAULT_GAMMAS))
     record = build_record(parts, len(lam_groups), sample, gammas, bool(options.get("from_anchor", False)))
     k = len(lam_groups)
@@ -120,6 +136,15 @@ def stream_calibration(
         shrink_floor=-half if shrink else None,
     )
     return recalibrate_interval(skeleton, record, epsilon, progress=anchor_progress), record
+
+
+def scan_record_part(shared: tuple[Any, ...], i: int) -> tuple[Any, float]:
+    """Read calibration scan ``i`` and return its record part (:func:`~.recalibrate.record_scan`) and half its
+    widest interval (the shrinkable floor). Module level: the task of ``map_scans`` on any executor."""
+    load, method, partition, shape, n_groups, shrink = shared
+    scan = load(i)
+    g = _lambda_groups(method, scan, partition, shape)
+    return record_scan(scan.need, scan.width, g, n_groups, shrink=shrink), float(0.5 * scan.width.max(initial=0.0))
 
 
 class _Steps:

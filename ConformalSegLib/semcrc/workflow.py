@@ -17,9 +17,10 @@ scan's counted voxels (about 28 bytes each) in RAM.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
@@ -32,7 +33,7 @@ from ..common.jsonable import jsonable
 from ..io.atomic import atomic_write_text, check_can_write
 from ..io.dataset import scan_folder
 from ..io.volumes import IMAGE_EXTENSIONS, Volume, check_same_geometry, load_image, load_label_map, volume_extension
-from .errors import IntervalInputError
+from .errors import IntervalCalibrationError, IntervalInputError
 from .intervals import EXCLUDED, IntervalData, IntervalScan, make_interval_scan, scan_loss
 from .memberships import OrganMap, organ_memberships
 from .procedures import METHODS, calibrate_interval_method
@@ -40,7 +41,7 @@ from .profile import IntervalProfile
 from .recalibrate import interval_record
 from .shrinkable import voxel_lambdas
 from .spill import spill_scan
-from .streaming import can_stream, stream_calibration
+from .streaming import ScanMap, can_stream, stream_calibration
 
 if TYPE_CHECKING:
     from ..inference.model_card import ModelCard
@@ -132,6 +133,11 @@ def load_interval_scan(paths: Mapping[str, Path], organs: OrganMap, body: str, c
         raise IntervalInputError(exc.message, path=paths["lower"], fix=exc.fix) from exc
 
 
+def load_case(cases: Sequence[tuple[str, Mapping[str, Path]]], organs: OrganMap, body: str, i: int) -> IntervalScan:
+    """Scan ``i`` of ``cases`` (``(case_id, paths)``), read and checked (:func:`load_interval_scan`)."""
+    return load_interval_scan(cases[i][1], organs, body, cases[i][0])
+
+
 def load_interval_data(
     lower_dir: PathLikeStr,
     upper_dir: PathLikeStr,
@@ -169,6 +175,7 @@ def calibrate_interval(
     progress: ProgressCallback | None = None,
     anchor_progress: ProgressCallback | None = None,
     stream: bool = True,
+    map_scans: ScanMap | None = None,
     **options: Any,
 ) -> IntervalProfile:
     """Calibrate ``method`` (library or CLI spelling, see :data:`CLI_METHODS`) on folders of volumes.
@@ -178,6 +185,8 @@ def calibrate_interval(
     (default): one scan at a time (:mod:`.streaming`; bit-identical lambdas and record); ``stream=False``: every
     scan in memory first (the reference path, and shrinkable per-organ sem-CRC always). ``progress`` after
     every scan read, ``anchor_progress`` after every gamma of the anchor problem (streaming path).
+    ``map_scans`` runs the calibration split's scans on an executor (:func:`~.streaming.stream_calibration`;
+    streaming path only, bit-identical).
     """
     method = CLI_METHODS.get(method, method)
     if method not in METHODS:
@@ -199,10 +208,16 @@ def calibrate_interval(
             f"--shrinkable is implemented for crc-interval and sem-crc-organ, not {method}",
             fix="leave out --shrinkable, or use --method crc-interval / sem-crc-organ",
         )
+    if map_scans is not None and not (stream and can_stream(method, options)):
+        raise IntervalCalibrationError(
+            f"{method}{' --shrinkable' if options.get('shrinkable') else ''} does not stream one scan at a time, so "
+            "it runs on one process only",
+            fix="use --executor serial for it",
+        )
     if stream and can_stream(method, options):  # one scan at a time (:mod:`.streaming`), bit-identical
         cases = discover_interval_cases(lower_dir, upper_dir, truth_dir, organs_dir)
         ids = [cid for cid, _ in cases]
-        load = lambda i: load_interval_scan(cases[i][1], organ_map, body, cases[i][0])  # noqa: E731
+        load = functools.partial(load_case, cases, organ_map, body)  # picklable: sent to executor workers
         per_method = _method_options(method, options)
         calibration, record = stream_calibration(
             method,
@@ -212,6 +227,7 @@ def calibrate_interval(
             epsilon,
             progress=progress,
             anchor_progress=anchor_progress,
+            map_scans=map_scans,
             **per_method,
         )
         return IntervalProfile(calibration, organ_map, body, provenance, record)
