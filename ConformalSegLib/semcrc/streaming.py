@@ -103,15 +103,7 @@ def stream_calibration(
     if method != "crc":
         partition, shape, lam_groups, sample = _opt_pass(method, opt_idx, load, groups, rng, steps, options)
     shared = (load, method, partition, shape, len(lam_groups), shrink)
-    if map_scans is None:
-        results = []
-        for i in cal_idx:
-            results.append(scan_record_part(shared, i))
-            steps.done += 1
-            if steps.progress is not None:
-                steps.progress(min(steps.done, steps.total), steps.total, f"{case_ids[i]} (calibration split)")
-    else:
-        results = map_scans(scan_record_part, shared, cal_idx, [case_ids[i] for i in cal_idx])
+    results = _calibration_pass(shared, cal_idx, case_ids, steps, map_scans)
     parts = [part for part, _ in results]
     half = max((h for _, h in results), default=0.0)
     gammas = tuple(options.get("gammas", DEFAULT_GAMMAS))
@@ -136,6 +128,21 @@ def stream_calibration(
         shrink_floor=-half if shrink else None,
     )
     return recalibrate_interval(skeleton, record, epsilon, progress=anchor_progress), record
+
+
+def _calibration_pass(
+    shared: tuple[Any, ...], cal_idx: list[int], case_ids: Sequence[str], steps: _Steps, map_scans: ScanMap | None
+) -> list[tuple[Any, float]]:
+    """:func:`scan_record_part` of every calibration scan, in scan order: here, or through ``map_scans``."""
+    if map_scans is not None:
+        return map_scans(scan_record_part, shared, cal_idx, [case_ids[i] for i in cal_idx])
+    results = []
+    for i in cal_idx:
+        results.append(scan_record_part(shared, i))
+        steps.done += 1
+        if steps.progress is not None:
+            steps.progress(min(steps.done, steps.total), steps.total, f"{case_ids[i]} (calibration split)")
+    return results
 
 
 def scan_record_part(shared: tuple[Any, ...], i: int) -> tuple[Any, float]:

@@ -185,8 +185,7 @@ def calibrate_interval(
     (default): one scan at a time (:mod:`.streaming`; bit-identical lambdas and record); ``stream=False``: every
     scan in memory first (the reference path, and shrinkable per-organ sem-CRC always). ``progress`` after
     every scan read, ``anchor_progress`` after every gamma of the anchor problem (streaming path).
-    ``map_scans`` runs the calibration split's scans on an executor (:func:`~.streaming.stream_calibration`;
-    streaming path only, bit-identical).
+    ``map_scans``: the calibration split on an executor (:func:`~.streaming.stream_calibration`, bit-identical).
     """
     method = CLI_METHODS.get(method, method)
     if method not in METHODS:
@@ -208,12 +207,7 @@ def calibrate_interval(
             f"--shrinkable is implemented for crc-interval and sem-crc-organ, not {method}",
             fix="leave out --shrinkable, or use --method crc-interval / sem-crc-organ",
         )
-    if map_scans is not None and not (stream and can_stream(method, options)):
-        raise IntervalCalibrationError(
-            f"{method}{' --shrinkable' if options.get('shrinkable') else ''} does not stream one scan at a time, so "
-            "it runs on one process only",
-            fix="use --executor serial for it",
-        )
+    _check_executor(method, stream, map_scans, options)
     if stream and can_stream(method, options):  # one scan at a time (:mod:`.streaming`), bit-identical
         cases = discover_interval_cases(lower_dir, upper_dir, truth_dir, organs_dir)
         ids = [cid for cid, _ in cases]
@@ -248,6 +242,16 @@ def calibrate_interval(
     else:
         calibration = calibrate_interval_method(method, data, epsilon, **options)
     return IntervalProfile(calibration, organ_map, body, provenance, interval_record(calibration, data, **options))
+
+
+def _check_executor(method: str, stream: bool, map_scans: ScanMap | None, options: Mapping[str, Any]) -> None:
+    """An executor (``map_scans``) needs the streaming path; shrinkable per-organ sem-CRC has none."""
+    if map_scans is not None and not (stream and can_stream(method, dict(options))):
+        raise IntervalCalibrationError(
+            f"{method}{' --shrinkable' if options.get('shrinkable') else ''} does not stream one scan at a time, so "
+            "it runs on one process only",
+            fix="use --executor serial for it",
+        )
 
 
 def _method_options(method: str, options: Mapping[str, Any]) -> dict[str, Any]:
