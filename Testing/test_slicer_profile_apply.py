@@ -223,3 +223,28 @@ def test_structures_dicom_seg_names_and_codes_match_the_seg_nrrd(masks, tmp_path
         assert item.SegmentedPropertyCategoryCodeSequence[0].CodeValue == category.value
     liver = next(i for i in seg.SegmentSequence if i.SegmentLabel == "liver inner set")
     assert liver.SegmentedPropertyTypeCodeSequence[0].CodeMeaning.lower() == "liver"
+
+
+def test_copy_atomically_replaces_whole_file_and_leaves_no_part(tmp_path):
+    """The panel's DICOM SEG output is written through a temporary file and ``os.replace``: the target
+    holds the whole new file, an old file is replaced, and no ``.part`` file stays behind."""
+    source = tmp_path / "work" / "segmentation.dcm"
+    source.parent.mkdir()
+    source.write_bytes(b"new-seg" * 1000)
+    target = tmp_path / "out" / "case.dcm"
+    profile_apply.copy_atomically(source, target)
+    assert target.read_bytes() == source.read_bytes()
+    target.write_bytes(b"old")
+    profile_apply.copy_atomically(source, target)
+    assert target.read_bytes() == source.read_bytes()
+    assert [p.name for p in target.parent.iterdir()] == ["case.dcm"]
+
+
+def test_copy_atomically_failure_keeps_old_target(tmp_path):
+    """A copy that fails (missing source) leaves the previous file untouched and no temporary file."""
+    target = tmp_path / "case.dcm"
+    target.write_bytes(b"old")
+    with pytest.raises(FileNotFoundError):
+        profile_apply.copy_atomically(tmp_path / "missing.dcm", target)
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["case.dcm"]

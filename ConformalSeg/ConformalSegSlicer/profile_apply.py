@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
@@ -134,3 +137,19 @@ def dicom_reference_files(instance_uids: str | None, file_for_instance) -> list[
     if not files or not all(files) or not all(Path(f).is_file() for f in files):
         return []
     return [str(f) for f in files]
+
+
+def copy_atomically(source: str | PathLike[str], target: str | PathLike[str]) -> None:
+    """Copy ``source`` to ``target`` through a temporary file in ``target``'s folder and ``os.replace``:
+    a reader never sees a half-written DICOM SEG, and a failed copy leaves ``target`` as it was."""
+    folder = Path(target).resolve().parent
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".conformalseg-", suffix=".part", dir=str(folder))
+    os.close(fd)
+    try:
+        shutil.copyfile(str(source), tmp)
+        os.replace(tmp, str(target))
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

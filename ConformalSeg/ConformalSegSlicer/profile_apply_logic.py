@@ -3,7 +3,6 @@
 child (:mod:`ConformalSegSlicer.profile_apply` holds the Slicer-free parts)."""
 
 import os
-import shutil
 
 from ConformalSegLib.common.errors import ConformalSegError
 
@@ -107,7 +106,7 @@ class ProfileApplyLogic:
             for key, path in result.volumes.items()
         }
         if dicomSegPath and result.dicom_seg is not None:
-            shutil.copyfile(str(result.dicom_seg), str(dicomSegPath))
+            profile_apply.copy_atomically(result.dicom_seg, dicomSegPath)
         return segmentation, volumes, result
 
 
