@@ -226,8 +226,8 @@ def test_structures_dicom_seg_names_and_codes_match_the_seg_nrrd(masks, tmp_path
 
 
 def test_copy_atomically_replaces_whole_file_and_leaves_no_part(tmp_path):
-    """The panel's DICOM SEG output is written through a temporary file and ``os.replace``: the target
-    holds the whole new file, an old file is replaced, and no ``.part`` file stays behind."""
+    """The panel's DICOM SEG output is written through a temporary file and a rename: the target
+    holds the whole new file, an old file is replaced, and no temporary file stays behind."""
     source = tmp_path / "work" / "segmentation.dcm"
     source.parent.mkdir()
     source.write_bytes(b"new-seg" * 1000)
@@ -241,10 +241,13 @@ def test_copy_atomically_replaces_whole_file_and_leaves_no_part(tmp_path):
 
 
 def test_copy_atomically_failure_keeps_old_target(tmp_path):
-    """A copy that fails (missing source) leaves the previous file untouched and no temporary file."""
+    """A copy that fails (missing source) is one clear error naming the target, and leaves the previous
+    file untouched and no temporary file."""
+    from ConformalSegLib.common.errors import ConformalSegError
+
     target = tmp_path / "case.dcm"
     target.write_bytes(b"old")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ConformalSegError, match="case.dcm"):
         profile_apply.copy_atomically(tmp_path / "missing.dcm", target)
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["case.dcm"]

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
@@ -140,16 +138,10 @@ def dicom_reference_files(instance_uids: str | None, file_for_instance) -> list[
 
 
 def copy_atomically(source: str | PathLike[str], target: str | PathLike[str]) -> None:
-    """Copy ``source`` to ``target`` through a temporary file in ``target``'s folder and ``os.replace``:
-    a reader never sees a half-written DICOM SEG, and a failed copy leaves ``target`` as it was."""
-    folder = Path(target).resolve().parent
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".conformalseg-", suffix=".part", dir=str(folder))
-    os.close(fd)
-    try:
-        shutil.copyfile(str(source), tmp)
-        os.replace(tmp, str(target))
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """Copy ``source`` to ``target`` through the library's atomic output (a temporary file beside ``target``,
+    flushed, then renamed): a reader never sees a half-written DICOM SEG, and a failed copy leaves
+    ``target`` as it was."""
+    from ConformalSegLib.io.atomic import atomic_output
+
+    with atomic_output(target, force=True) as tmp:
+        shutil.copyfile(str(source), str(tmp))
