@@ -120,10 +120,9 @@ def run(argv, capsys):
     return code, out.out, out.err
 
 
-@pytest.fixture(scope="module")
-def mask_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("masks")
-    rng = np.random.default_rng(11)
+def write_mask_data(root, seed: int):
+    """12 cases of a mask-only tool (``pred/``, ``labels/``) and one new prediction ``new.nii.gz``."""
+    rng = np.random.default_rng(seed)
     for i in range(12):
         predicted, truth = make_case(rng)
         save_volume(predicted, GEOM, root / "pred" / f"case{i:02d}.nii.gz")
@@ -131,6 +130,11 @@ def mask_data(tmp_path_factory):
     predicted, _ = make_case(rng)
     save_volume(predicted, GEOM, root / "new.nii.gz")
     return root
+
+
+@pytest.fixture(scope="module")
+def mask_data(tmp_path_factory):
+    return write_mask_data(tmp_path_factory.mktemp("masks"), seed=11)
 
 
 def test_cli_structures_calibrate_and_apply(mask_data, tmp_path, capsys):

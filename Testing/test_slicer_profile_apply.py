@@ -17,7 +17,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "ConformalSeg"))
 
-from test_mask_sets import GEOM, SHAPE, make_case  # noqa: E402
+from test_mask_sets import GEOM, SHAPE, write_mask_data  # noqa: E402
 from test_nnunet_folds import write_folds  # noqa: E402
 
 from ConformalSegLib.cli import main  # noqa: E402
@@ -36,15 +36,7 @@ def _run(argv, capsys) -> str:
 
 @pytest.fixture(scope="module")
 def masks(tmp_path_factory):
-    root = tmp_path_factory.mktemp("slicer_masks")
-    rng = np.random.default_rng(3)
-    for i in range(12):
-        predicted, truth = make_case(rng)
-        save_volume(predicted, GEOM, root / "pred" / f"case{i:02d}.nii.gz")
-        save_volume(truth, GEOM, root / "labels" / f"case{i:02d}.nii.gz")
-    predicted, _ = make_case(rng)
-    save_volume(predicted, GEOM, root / "new.nii.gz")
-    return root
+    return write_mask_data(tmp_path_factory.mktemp("slicer_masks"), seed=3)
 
 
 def _calibrate_masks(masks: Path, out: Path, capsys, *extra) -> None:

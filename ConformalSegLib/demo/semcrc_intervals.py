@@ -26,9 +26,11 @@ Units: intervals, lengths and lambdas are in windowed units (1.0 = 425 HU). The 
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import warnings
+from collections.abc import Callable
 from os import PathLike
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -117,6 +119,20 @@ def _table_markdown(rows: list[dict[str, Any]], epsilon: float) -> str:
     return "\n".join(lines)
 
 
+def _silence_body_label_warning(function: Callable[..., str]) -> Callable[..., str]:
+    """Run ``function`` with the reader's "organ label map values [1] are not in the organ labels" warning
+    silenced: the phantoms' label 1 (body tissue) is sem-CRC's generic body on purpose (this demo only)."""
+
+    @functools.wraps(function)
+    def silenced(*args: Any, **kwargs: Any) -> str:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"organ label map values \[1\] are not in the organ labels")
+            return function(*args, **kwargs)
+
+    return silenced
+
+
+@_silence_body_label_warning
 def run_semcrc_demo(
     out_dir: str | PathLike[str],
     n_cases: int = 30,
@@ -134,23 +150,6 @@ def run_semcrc_demo(
     The phantoms' label 1 (body tissue) is left out of the organ groups on purpose (it is sem-CRC's generic
     body), so the reader's "values [1] are not in the organ labels" warning is silenced here, and only here.
     """
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"organ label map values \[1\] are not in the organ labels")
-        return _run_semcrc_demo(out_dir, n_cases, seed, model, epsilon=epsilon, runs=runs, device=device, force=force)
-
-
-def _run_semcrc_demo(
-    out_dir: str | PathLike[str],
-    n_cases: int = 30,
-    seed: int = DEMO_SEED,
-    model: str | PathLike[str] = DEFAULT_MODEL,
-    *,
-    epsilon: float = 0.1,
-    runs: int = 20,
-    device: str = "cpu",
-    force: bool = False,
-) -> str:
-    """:func:`run_semcrc_demo` without its warning filter."""
     from ..io.atomic import atomic_write_text
     from ..semcrc.evaluation import evaluate_interval_methods, write_interval_evaluation
     from ..semcrc.memberships import OrganMap
