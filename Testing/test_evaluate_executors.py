@@ -104,8 +104,6 @@ def test_keep_going_leaves_out_bad_cases_named_in_one_warning(tmp_path, data, cl
 
 
 def test_refusals(tmp_path, data, capsys):
-    assert evaluate(data, tmp_path / "o", "--lower", str(data), "--executor", "processes") == 2
-    assert "--executor processes does not support the interval methods" in capsys.readouterr().err
     assert evaluate(data, tmp_path / "o", "--keep-going", "--risk-delta", "0.2") == 2
     assert "--keep-going cannot be combined with --risk-delta" in capsys.readouterr().err
     cases = list(make_cases(4, seed=0, shape=(16, 16, 16)))

@@ -317,3 +317,95 @@ def test_interval_keep_going_names_every_bad_case(tmp_path, interval_data, clust
     err = capsys.readouterr().err
     assert "2 of 24 case(s) failed" in err and "c05: " in err and "c17: " in err and "Traceback" not in err
     assert not (tmp_path / "p.json").exists()
+
+
+def interval_evaluate(root, out, *extra):
+    argv = ["evaluate", "--lower", root / "lower", "--upper", root / "upper", "--truth", root / "truth"]
+    argv += ["--organs", root / "organs", "--organ-labels", "1=liver,2=spleen", "--runs", "3", "--n-cal", "14"]
+    argv += ["--n-opt", "6", "--interval-epsilon", "0.2", "--out", out, *extra]
+    return main([str(a) for a in argv])
+
+
+def assert_same_report(a: Path, b: Path) -> None:
+    for name in ("interval_evaluation.json", "interval_evaluation.md", "interval_evaluation.png"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def test_interval_evaluation_on_executors_is_byte_identical_to_serial(tmp_path, interval_data, cluster, capsys):
+    """All four methods (CRC, K-CRC, sem-CRC, per-organ sem-CRC), 3 runs: every file byte-identical."""
+    assert interval_evaluate(interval_data, tmp_path / "serial") == 0
+    assert "(--executor" not in capsys.readouterr().out
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    dask = ("--executor", "dask", "--scheduler", cluster, "--spill-dir", spill)
+    assert interval_evaluate(interval_data, tmp_path / "dask", *dask) == 0
+    assert "(--executor dask)" in capsys.readouterr().out
+    assert interval_evaluate(interval_data, tmp_path / "pool", "--executor", "processes", "--workers", "2") == 0
+    for other in ("dask", "pool"):
+        assert_same_report(tmp_path / "serial", tmp_path / other)
+    assert list(spill.iterdir()) == []  # the spilled scans are removed at the end
+    methods = json.loads((tmp_path / "dask" / "interval_evaluation.json").read_text())["methods"]
+    assert sorted(methods) == ["crc", "k-crc", "sem-crc", "sem-crc-organ"]
+    assert all(len(m["runs"]["risk"]) == 3 for m in methods.values())
+
+
+def test_interval_evaluation_keep_going_leaves_bad_scans_out(tmp_path, interval_data, cluster, capsys):
+    import shutil
+
+    root = tmp_path / "iv"
+    shutil.copytree(interval_data, root)
+    for case in ("c05", "c17"):
+        path = root / "truth" / f"{case}.nii.gz"
+        path.write_bytes(path.read_bytes()[:60])
+    dask = ("--executor", "dask", "--scheduler", cluster)
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    assert interval_evaluate(root, tmp_path / "stop", *dask, "--spill-dir", spill) == 2  # stops at a bad scan
+    assert not (tmp_path / "stop").exists()
+    assert list(spill.iterdir()) == []  # removed although the other worker was still spilling scans
+    assert "c05.nii.gz: cannot read the image" in capsys.readouterr().err
+    assert interval_evaluate(root, tmp_path / "kept", *dask, "--keep-going") == 0
+    err = capsys.readouterr().err
+    assert "left out 2 unreadable case(s): c05: " in err and "; c17: " in err and "Traceback" not in err
+    good = tmp_path / "good"
+    shutil.copytree(interval_data, good)
+    for sub in ("lower", "upper", "truth", "organs"):
+        for case in ("c05", "c17"):
+            (good / sub / f"{case}.nii.gz").unlink()
+    assert interval_evaluate(good, tmp_path / "serial_good") == 0
+    kept = json.loads((tmp_path / "kept" / "interval_evaluation.json").read_text())
+    assert [row["case"] for row in kept.pop("left_out")] == ["c05", "c17"]
+    assert kept == json.loads((tmp_path / "serial_good" / "interval_evaluation.json").read_text())
+    assert (
+        "Left out (--keep-going), 2 unreadable scan(s): c05"
+        in (tmp_path / "kept" / "interval_evaluation.md").read_text()
+    )
+
+
+def test_interval_evaluation_spill_dir_refusals(tmp_path, interval_data, capsys):
+    assert interval_evaluate(interval_data, tmp_path / "o", "--spill-dir", tmp_path / "absent") == 2
+    assert "--spill-dir must be an existing folder" in capsys.readouterr().err
+    assert interval_evaluate(interval_data, tmp_path / "o", "--spill-dir", interval_data / "truth") == 2
+    assert "--spill-dir is inside the input folder --truth" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_worker_that_cannot_see_the_spilled_scans_says_so(tmp_path):
+    """A worker on another machine without the spill folder: one message naming the file and --spill-dir."""
+    from ConformalSegLib.semcrc import synthetic_intervals
+    from ConformalSegLib.semcrc.evaluation import evaluate_interval_methods
+    from ConformalSegLib.semcrc.intervals import IntervalData
+    from ConformalSegLib.semcrc.spill import spill_scan
+
+    data = synthetic_intervals(6, shape=(1, 6, 6), seed=1).data()
+    spilled = IntervalData([spill_scan(s, tmp_path / f"s{i}") for i, s in enumerate(data.scans)], data.groups)
+    missing = tmp_path / "s3" / "need.npy"
+    missing.unlink()  # what a worker on another machine sees of a local spill folder
+    spec = ExecutorSpec("processes", workers=2)
+
+    def map_tasks(task, shared, items, labels):
+        return map_ordered(task, shared, items, spec, labels=labels)
+
+    with pytest.raises(ConformalSegError, match="spilled arrays are not on this machine") as caught:
+        evaluate_interval_methods(spilled, 0.2, runs=2, n_cal=3, methods=("crc",), map_tasks=map_tasks)
+    assert str(caught.value.path) == str(missing) and "--spill-dir" in caught.value.fix

@@ -39,6 +39,7 @@ BENCHMARKS = (
     "bench_distance.py",
     "bench_load.py",
     "bench_evaluate_executors.py",
+    "bench_interval_evaluate_executors.py",
     "bench_dicom_seg.py",
 )
 

@@ -18,8 +18,8 @@ from ..evaluation.risk_control import evaluate_risk_control, markdown_table
 from ..io.atomic import OVERWRITE_FIX, atomic_write_text
 from .calibrate_cmd import INPUT_FOLDERS, add_data_options, open_dataset
 from .common import add_empty_option, add_force, input_folders, refuse_output_in_inputs
-from .executor_options import add_executor_options, executor_spec, require_serial
-from .interval_options import add_interval_evaluate_arguments, run_interval_evaluate
+from .executor_options import add_executor_options, executor_spec
+from .interval_evaluate import add_interval_evaluate_arguments, run_interval_evaluate
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -97,10 +97,7 @@ def run(args: argparse.Namespace) -> int:
         args.main_epsilon = 0.1  # a smaller one makes HD95 run on near-whole-image masks (twice the time)
     spec = executor_spec(args)
     if args.lower is not None:  # interval methods (sem-CRC): the paper's Table 1 and Fig. 3
-        require_serial(args, "the interval methods")
-        if args.keep_going:
-            raise ConformalSegError("--keep-going does not support the interval methods yet", fix="drop --keep-going")
-        return run_interval_evaluate(args)
+        return run_interval_evaluate(args, spec)
     if args.keep_going and args.risk_delta is not None:
         raise ConformalSegError(
             "--keep-going cannot be combined with --risk-delta (risk control reads every case)",

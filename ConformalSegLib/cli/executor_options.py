@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from ..common.errors import ConformalSegError
 from ..common.executors import EXECUTORS, ExecutorSpec
 
 
@@ -31,9 +30,3 @@ def add_executor_options(p: argparse.ArgumentParser) -> None:
 
 def executor_spec(args: argparse.Namespace) -> ExecutorSpec:
     return ExecutorSpec(getattr(args, "executor", "serial"), getattr(args, "scheduler", None), args.workers)
-
-
-def require_serial(args: argparse.Namespace, what: str) -> None:
-    """Refuse a parallel executor where ``what`` runs only serially so far."""
-    if getattr(args, "executor", "serial") != "serial":
-        raise ConformalSegError(f"--executor {args.executor} does not support {what} yet", fix="use --executor serial")

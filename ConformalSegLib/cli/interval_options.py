@@ -43,15 +43,14 @@ __all__ = [
     "INTERVAL_METHODS",
     "add_interval_arguments",
     "add_interval_apply_arguments",
-    "add_interval_evaluate_arguments",
     "is_interval_profile",
     "run_interval_apply",
     "run_interval_calibrate",
-    "run_interval_evaluate",
 ]
 
 
-def _add(parser: argparse._ActionsContainer, flag: str, **kwargs: Any) -> None:
+def add_option(parser: argparse._ActionsContainer, flag: str, **kwargs: Any) -> None:
+    """``parser.add_argument(flag, ...)`` unless the parser already has ``flag`` (e.g. ``--seed``)."""
     if flag not in parser._option_string_actions:  # noqa: SLF001 - argparse has no public query
         parser.add_argument(flag, **kwargs)
 
@@ -66,31 +65,33 @@ def _gammas(text: str) -> tuple[float, ...]:
 def add_interval_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``calibrate --method crc-interval|k-crc|sem-crc|sem-crc-organ``."""
     g = parser.add_argument_group("interval methods (crc-interval, k-crc, sem-crc, sem-crc-organ)")
-    _add(g, "--lower", type=Path, help="folder of lower quantile maps (q_lo), one file per case id")
-    _add(g, "--upper", type=Path, help="folder of upper quantile maps (q_hi), same case ids")
-    _add(g, "--truth", type=Path, help="folder of ground-truth images, same case ids")
-    _add(g, "--organs", type=Path, help="folder of organ label maps s(y) (segmentation model output), same case ids")
-    _add(
+    add_option(g, "--lower", type=Path, help="folder of lower quantile maps (q_lo), one file per case id")
+    add_option(g, "--upper", type=Path, help="folder of upper quantile maps (q_hi), same case ids")
+    add_option(g, "--truth", type=Path, help="folder of ground-truth images, same case ids")
+    add_option(
+        g, "--organs", type=Path, help="folder of organ label maps s(y) (segmentation model output), same case ids"
+    )
+    add_option(
         g,
         "--organ-labels",
         default=None,
         help="organ label values and names, e.g. 1=spleen,2=kidney,3=kidney,6=liver (other voxels are 'body')",
     )
-    _add(
+    add_option(
         g,
         "--body",
         choices=("all", "nonzero"),
         default="all",
         help="voxels that count: all (default) or label > 0 in the organ map (excludes background)",
     )
-    _add(
+    add_option(
         g,
         "--n-opt",
         type=int,
         default=None,
         help="k-crc/sem-crc: scans of the optimisation split S_opt (default: a quarter of the scans, 2 to 32)",
     )
-    _add(
+    add_option(
         g,
         "--d-opt",
         type=int,
@@ -98,17 +99,17 @@ def add_interval_arguments(parser: argparse.ArgumentParser) -> None:
         help="voxels per S_opt scan for the anchor problem "
         "(default: k-crc 50; sem-crc d_min / smallest organ fraction)",
     )
-    _add(g, "--d-min", type=int, default=2, help="sem-crc: at least this many sampled voxels per organ and scan")
-    _add(g, "--k-groups", type=int, default=4, help="k-crc: number of loss-quantile groups K (default 4)")
-    _add(
+    add_option(g, "--d-min", type=int, default=2, help="sem-crc: at least this many sampled voxels per organ and scan")
+    add_option(g, "--k-groups", type=int, default=4, help="k-crc: number of loss-quantile groups K (default 4)")
+    add_option(
         g,
         "--gammas",
         type=_gammas,
         default=DEFAULT_GAMMAS,
         help="surrogate gamma grid, comma-separated in (0,1) (default 0.1,0.3,0.5,0.7,0.9)",
     )
-    _add(g, "--lambda-max", type=float, default=None, help="upper bound on lambda (image units; default none)")
-    _add(
+    add_option(g, "--lambda-max", type=float, default=None, help="upper bound on lambda (image units; default none)")
+    add_option(
         g,
         "--organ-omega-from",
         choices=("anchor", "zero"),
@@ -116,23 +117,23 @@ def add_interval_arguments(parser: argparse.ArgumentParser) -> None:
         help="sem-crc-organ: lambda_k >= 0 (zero, default: shorter, same guarantee) or lambda_k = anchor_k + "
         "omega_k with omega_k >= 0 (anchor: the paper's eq. 12, literally)",
     )
-    _add(
+    add_option(
         g,
         "--shrinkable",
         action="store_true",
         help="crc-interval, sem-crc-organ: lambda may go below 0, down to minus each voxel's half-width, so an "
         "under-confident quantile model is tightened (same guarantee)",
     )
-    _add(g, "--seed", type=int, default=0, help="seed of the S_opt/S_cal split and the voxel subsampling")
+    add_option(g, "--seed", type=int, default=0, help="seed of the S_opt/S_cal split and the voxel subsampling")
 
 
 def add_interval_apply_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``apply --profile INTERVAL_PROFILE.json``."""
     g = parser.add_argument_group("interval profiles")
-    _add(g, "--lower", type=Path, help="lower quantile map of the new scan")
-    _add(g, "--upper", type=Path, help="upper quantile map of the new scan")
-    _add(g, "--organs", type=Path, help="organ label map of the new scan (required for sem-crc profiles)")
-    _add(g, "--truth", type=Path, help="optional ground truth: adds the per-organ risk to the table")
+    add_option(g, "--lower", type=Path, help="lower quantile map of the new scan")
+    add_option(g, "--upper", type=Path, help="upper quantile map of the new scan")
+    add_option(g, "--organs", type=Path, help="organ label map of the new scan (required for sem-crc profiles)")
+    add_option(g, "--truth", type=Path, help="optional ground truth: adds the per-organ risk to the table")
 
 
 def _options(args: argparse.Namespace, method: str) -> dict:
@@ -289,84 +290,6 @@ def run_interval_apply(args: argparse.Namespace) -> int:
         )
     print(json.dumps({row["group"]: row["lambda"] if math.isfinite(row["lambda"]) else "inf" for row in result.table}))
     print(f"wrote {', '.join(names.values())}, {table_csv.name} and {table_json.name} to {out}")
-    return 0
-
-
-def add_interval_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``evaluate --lower DIR ...`` (the paper's Table 1 and Fig. 3)."""
-    add_interval_arguments(parser)
-    g = parser.add_argument_group("interval evaluation")
-    _add(g, "--interval-epsilon", type=float, default=0.1, help="risk level epsilon of the interval methods")
-    _add(g, "--runs", type=int, default=20, help="independent calibrations (default 20, as in the paper)")
-    _add(g, "--n-cal", type=int, default=None, help="calibration scans per run (default: half of the scans)")
-
-
-def run_interval_evaluate(args: argparse.Namespace) -> int:
-    """``evaluate`` for the interval methods: CRC, K-CRC, sem-CRC and per-organ sem-CRC over ``--runs``
-    random calibration/test splits; writes interval_evaluation.json/.md/.png into ``--out``."""
-    import tempfile
-
-    from ..semcrc.workflow import as_organ_map
-
-    for flag in ("upper", "truth"):
-        if getattr(args, flag, None) is None:
-            raise ConformalSegError(
-                f"interval evaluation needs --{flag} DIR",
-                fix="pass --lower DIR --upper DIR --truth DIR --organs DIR --organ-labels ...",
-            )
-    if getattr(args, "shrinkable", False):
-        raise ConformalSegError(
-            "--shrinkable is not implemented in the interval evaluation", fix="leave out --shrinkable"
-        )
-    organ_map = as_organ_map(args.organ_labels)
-    methods = ("crc", "k-crc") + (("sem-crc", "sem-crc-organ") if args.organs is not None and organ_map.labels else ())
-    if not args.force:
-        check_can_write(args.out / "interval_evaluation.json")
-    with tempfile.TemporaryDirectory(prefix="conformalseg-intervals-") as spill:  # scans on disk, not in RAM
-        return _evaluate_spilled(args, organ_map, methods, Path(spill))
-
-
-def _evaluate_spilled(args: argparse.Namespace, organ_map, methods: tuple[str, ...], spill: Path) -> int:
-    """The interval evaluation over scans whose arrays are memory-mapped from ``spill`` (:mod:`.semcrc.spill`)."""
-    from ..semcrc.evaluation import evaluate_interval_methods, write_interval_evaluation
-    from ..semcrc.workflow import load_interval_data
-
-    data = load_interval_data(
-        args.lower,
-        args.upper,
-        args.truth,
-        args.organs,
-        organ_map,
-        args.body,
-        progress=progress_bar("loading"),
-        spill_to=spill,
-    )
-    n_cal = args.n_cal if args.n_cal is not None else data.n // 2
-    options = {
-        "lambda_max": args.lambda_max,
-        "n_opt": args.n_opt if args.n_opt is not None else default_n_opt(n_cal),
-        "gammas": args.gammas,
-        "d_min": args.d_min,
-        "k": args.k_groups,
-        "from_anchor": args.organ_omega_from == "anchor",
-    }
-    if args.d_opt is not None:
-        options["d_opt"] = args.d_opt
-    summary = evaluate_interval_methods(
-        data,
-        args.interval_epsilon,
-        runs=args.runs,
-        n_cal=n_cal,
-        methods=methods,
-        seed=args.seed,
-        progress=progress_bar("evaluating", unit="calibration"),
-        **options,
-    )
-    written = write_interval_evaluation(summary, args.out, force=args.force)
-    print(
-        f"evaluated {', '.join(methods)} over {args.runs} calibrations of {n_cal} scans; wrote "
-        + ", ".join(str(p) for p in written)
-    )
     return 0
 
 

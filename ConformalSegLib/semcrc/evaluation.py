@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from os import PathLike
 from pathlib import Path
@@ -62,6 +63,11 @@ def _test_metrics(calib, test: IntervalData) -> tuple[float, float, list[float],
     return mean(risks), mean(lengths), [mean(v) for v in organ_risk], [mean(v) for v in organ_length]
 
 
+#: ``map_tasks(task, shared, items, labels)``: ``[task(shared, item) for item in items]`` in order, on any
+#: executor (``labels`` name the items in progress and errors); see :func:`evaluate_interval_methods`.
+TaskMap = Callable[[Callable[[Any, Any], Any], Any, list[Any], list[str]], list[Any]]
+
+
 def evaluate_interval_methods(
     data: IntervalData,
     epsilon: float,
@@ -72,10 +78,43 @@ def evaluate_interval_methods(
     methods: Sequence[str] = METHODS,
     seed: int = 0,
     progress: Callable[[int, int, str], None] | None = None,
+    map_tasks: TaskMap | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """Table 1 / Fig. 3 statistics (module docstring); ``options`` go to every procedure; ``progress(done, total,
-    text)`` after every calibration and its test (``runs * len(methods)`` of them)."""
+    text)`` after every calibration and its test (``runs * len(methods)`` of them).
+
+    Every (run, method) pair is one independent task (:func:`run_method_task`: its split comes from seed
+    ``seed + r`` and its procedure's seed is ``r``, whatever ran before). ``map_tasks`` runs them on an executor
+    (``data`` is then sent to the workers: spilled scans (:mod:`.spill`) travel as their folder names, so the
+    workers must see that folder); the results are merged here in (run, method) order, so the summary is
+    bit-identical to the serial loop. Without ``map_tasks`` the tasks run here, one after another.
+    """
+    n_test = _check_evaluation(data, runs, n_cal, n_test, methods)
+    shared = (data, epsilon, n_cal, n_test, seed, options)
+    tasks = [(r, method) for r in range(runs) for method in methods]
+    labels = [f"run {r + 1} {method}" for r, method in tasks]
+    if map_tasks is not None:
+        results = map_tasks(run_method_task, shared, tasks, labels)
+    else:
+        results = []
+        for done, task in enumerate(tasks, start=1):
+            results.append(run_method_task(shared, task))
+            if progress is not None:
+                progress(done, len(tasks), labels[done - 1])
+    raw: dict[str, dict[str, list]] = {
+        m: {"risk": [], "length": [], "organ_risk": [], "organ_length": [], "lambda": []} for m in methods
+    }
+    for (_, method), result in zip(tasks, results):
+        for key, value in zip(("risk", "length", "organ_risk", "organ_length", "lambda"), result):
+            raw[method][key].append(value)
+        for category, message in result[-1]:
+            warnings.warn(message, category, stacklevel=2)
+    return _summary(data, epsilon, runs, n_cal, n_test, methods, raw)
+
+
+def _check_evaluation(data: IntervalData, runs: int, n_cal: int, n_test: int | None, methods: Sequence[str]) -> int:
+    """Validate the protocol's sizes and methods; return ``n_test`` (default: every scan not calibrating)."""
     if runs < 1 or not 1 <= n_cal < data.n:
         raise IntervalCalibrationError(
             f"need runs >= 1 and 1 <= n_cal < {data.n} scans, got runs={runs}, n_cal={n_cal}",
@@ -87,24 +126,36 @@ def evaluate_interval_methods(
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise IntervalCalibrationError(f"unknown method(s) {unknown}", fix=f"use {', '.join(METHODS)}")
-    raw: dict[str, dict[str, list]] = {
-        m: {"risk": [], "length": [], "organ_risk": [], "organ_length": [], "lambda": []} for m in methods
-    }
-    for r in range(runs):
-        perm = np.random.default_rng(seed + r).permutation(data.n)
-        cal, test = data.subset(perm[:n_cal]), data.subset(perm[n_cal : n_cal + n_test])
-        for method in methods:
-            calib = calibrate_interval_method(method, cal, epsilon, seed=r, **options)
-            risk, length, organ_risk, organ_length = _test_metrics(calib, test)
-            store = raw[method]
-            store["risk"].append(risk)
-            store["length"].append(length)
-            store["organ_risk"].append(organ_risk)
-            store["organ_length"].append(organ_length)
-            store["lambda"].append(dict(zip(calib.groups, calib.lam.tolist())))
-            if progress is not None:
-                done = r * len(methods) + list(methods).index(method) + 1
-                progress(done, runs * len(methods), f"run {r + 1} {method}")
+    return n_test
+
+
+def run_method_task(shared: tuple[Any, ...], task: tuple[int, str]) -> tuple[Any, ...]:
+    """Run ``r``'s split, calibrate ``method`` on it and measure its test scans: ``(risk, length, organ_risk,
+    organ_length, lambda by group, warnings)``. Module level: the task of ``map_tasks`` on any executor. The
+    procedure's warnings (an uncontrollable group, an anchor fallback) are returned as ``(category, message)``
+    rather than shown, since a worker's warnings never reach the user: the caller shows them in task order."""
+    data, epsilon, n_cal, n_test, seed, options = shared
+    r, method = task
+    perm = np.random.default_rng(seed + r).permutation(data.n)
+    cal, test = data.subset(perm[:n_cal]), data.subset(perm[n_cal : n_cal + n_test])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        calib = calibrate_interval_method(method, cal, epsilon, seed=r, **options)
+    risk, length, organ_risk, organ_length = _test_metrics(calib, test)
+    raised = [(w.category, str(w.message)) for w in caught]
+    return risk, length, organ_risk, organ_length, dict(zip(calib.groups, calib.lam.tolist())), raised
+
+
+def _summary(
+    data: IntervalData,
+    epsilon: float,
+    runs: int,
+    n_cal: int,
+    n_test: int,
+    methods: Sequence[str],
+    raw: dict[str, dict[str, list]],
+) -> dict[str, Any]:
+    """Mean and standard deviation over runs of every per-run statistic (module docstring)."""
     summary: dict[str, Any] = {
         "epsilon": epsilon,
         "runs": runs,
@@ -150,6 +201,10 @@ def evaluation_markdown(summary: dict[str, Any]) -> str:
         "| Procedure | Risk | Length (×10⁻²) |",
         "|---|---|---|",
     ]
+    left_out = summary.get("left_out") or []
+    if left_out:  # --keep-going: say which scans the figures are not about, before the figures
+        listed = "; ".join(f"{row['case']} ({row['error']})" for row in left_out)
+        lines[1:1] = ["", f"Left out (--keep-going), {len(left_out)} unreadable scan(s): {listed}"]
     for m in methods:
         s = summary["methods"][m]
         lines.append(f"| {LABELS.get(m, m)} | {_fmt(s['risk'])} | {_fmt(s['length'], 100, 2)} |")

@@ -5,6 +5,10 @@ files into a folder and returns a :class:`SpilledScan`, an :class:`~.intervals.I
 read-only memory maps opened on each access: a run over many scans holds in RAM only the pages of the arrays
 in use, and the kernel drops them once the maps are released. Values are the stored arrays bit for bit, so
 every procedure and metric computes exactly what it computes on the in-memory scan.
+
+A spilled scan pickles as its folder name, shape and size (a few hundred bytes): an executor's workers open
+the same files, so the folder must be one they can read (on another machine: a shared filesystem); a worker
+that cannot see it gets one :class:`~.errors.IntervalInputError` naming the file and that fix.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import IntervalInputError
 from .intervals import IntervalScan
 
 _ARRAYS = ("index", "need", "width", "group")
@@ -28,7 +33,16 @@ class SpilledScan(IntervalScan):
         object.__setattr__(self, "_d", d)
 
     def _array(self, name: str) -> np.ndarray:
-        return np.load(self.folder / f"{name}.npy", mmap_mode="r", allow_pickle=False)  # type: ignore[attr-defined]
+        path = self.folder / f"{name}.npy"  # type: ignore[attr-defined]
+        try:
+            return np.load(path, mmap_mode="r", allow_pickle=False)
+        except FileNotFoundError:
+            raise IntervalInputError(
+                f"scan {self.case_id!r}: its spilled arrays are not on this machine",
+                path=path,
+                fix="on a cluster whose workers run on other machines, pass --spill-dir DIR on a filesystem that "
+                "this machine and every worker can read and write",
+            ) from None
 
     @property
     def index(self) -> np.ndarray:
@@ -52,8 +66,11 @@ class SpilledScan(IntervalScan):
 
 
 def spill_scan(scan: IntervalScan, folder: Path) -> SpilledScan:
-    """Write ``scan``'s arrays into the new folder ``folder`` and return the scan reading them from there."""
-    folder.mkdir(parents=True)
+    """Write ``scan``'s arrays into the folder ``folder`` (created; its parent must exist) and return the scan
+    reading them from there."""
+    # no parents: a task still running after its evaluation stopped cannot recreate a removed spill folder;
+    # exist_ok: a task the executor retried writes its scan again
+    folder.mkdir(exist_ok=True)
     for name in _ARRAYS:
         np.save(folder / f"{name}.npy", np.ascontiguousarray(getattr(scan, name)), allow_pickle=False)
     return SpilledScan(folder, tuple(scan.shape), scan.d, scan.case_id)

@@ -148,11 +148,23 @@ def load_interval_data(
     *,
     progress: ProgressCallback | None = None,
     spill_to: Path | None = None,
+    map_scans: ScanMap | None = None,
 ) -> IntervalData:
     """Every scan of the four folders (matched by case id) as :class:`IntervalData`; with ``spill_to`` (an
-    existing folder) each scan's arrays are written there and read back as memory maps (:mod:`.spill`)."""
+    existing folder) each scan's arrays are written there and read back as memory maps (:mod:`.spill`).
+
+    ``map_scans`` (needs ``spill_to``) reads, checks and spills the scans on an executor's workers
+    (:func:`load_and_spill`, one task per scan): only the spilled scans' folder names come back. It may leave
+    out scans that failed (``--keep-going``); the others keep their case order.
+    """
     organ_map = as_organ_map(organs)
     cases = discover_interval_cases(lower_dir, upper_dir, truth_dir, organs_dir)
+    if map_scans is not None:
+        if spill_to is None:
+            raise IntervalInputError("reading interval scans on an executor needs a spill folder", fix="pass spill_to")
+        shared = (cases, organ_map, body, Path(spill_to))
+        spilled = map_scans(load_and_spill, shared, list(range(len(cases))), [cid for cid, _ in cases])
+        return IntervalData(spilled, organ_map.groups)
     scans: list[IntervalScan] = []
     for i, (cid, paths) in enumerate(cases):
         scan = load_interval_scan(paths, organ_map, body, cid)
@@ -160,6 +172,13 @@ def load_interval_data(
         if progress is not None:
             progress(i + 1, len(cases), cid)
     return IntervalData(scans, organ_map.groups)
+
+
+def load_and_spill(shared: tuple[Any, ...], i: int) -> IntervalScan:
+    """Read and check scan ``i`` of ``cases`` and spill it into ``spill_to/scanNNNNNN`` (``shared`` is ``(cases,
+    organs, body, spill_to)``). Module level: the task of ``map_scans`` in :func:`load_interval_data`."""
+    cases, organ_map, body, spill_to = shared
+    return spill_scan(load_case(cases, organ_map, body, i), Path(spill_to) / f"scan{i:06d}")
 
 
 def calibrate_interval(
