@@ -57,6 +57,25 @@ def test_dask_cluster_and_process_pool_are_byte_identical_to_serial(tmp_path, da
     assert_same_files(tmp_path / "serial_fast", tmp_path / "pool")
 
 
+def test_splits_run_as_tasks_in_chunks_bit_identical(tmp_path, data, cluster, monkeypatch):
+    """The splits are drawn on the driver and calibrated in chunks on the workers (two splits per task here:
+    13 splits = 7 tasks, the last one short): every file equals the serial run's, one chunk per 10 splits."""
+    from ConformalSegLib.evaluation import split_tasks
+
+    calls = []
+    chunk = split_tasks.calibrate_split_chunk
+    monkeypatch.setattr(
+        split_tasks, "calibrate_split_chunk", lambda shared, perms: calls.append(len(perms)) or chunk(shared, perms)
+    )
+    grid = ["--splits", "13", "--no-hd95", "--transforms", "identity", "distance"]
+    assert evaluate(data, tmp_path / "serial", *grid) == 0
+    assert calls == [10, 3]  # serially: the same chunks, run here
+    monkeypatch.setattr(split_tasks, "calibrate_split_chunk", chunk)  # the workers import the real one
+    monkeypatch.setattr(split_tasks, "SPLITS_PER_TASK", 2)
+    assert evaluate(data, tmp_path / "dask", *grid, "--executor", "dask", "--scheduler", cluster) == 0
+    assert_same_files(tmp_path / "serial", tmp_path / "dask")
+
+
 def nan_copy(data: Path, root: Path, bad: tuple[str, ...]) -> Path:
     shutil.copytree(data, root)
     for case in bad:

@@ -45,7 +45,8 @@ voxel counts are exact counts on the volume (:func:`ConformalSegLib.evaluation.m
 ``count_greater``), Dice uses ``TP = m - misses``.
 
 Streaming. Pass 1 reads one case at a time and keeps only the summaries (sorted lesion
-probabilities), per-case ``(tau, gamma)`` per transform and a few counts. The splits need no volume.
+probabilities), per-case ``(tau, gamma)`` per transform and a few counts. The splits need no volume
+(:mod:`.split_tasks` calibrates them in chunks, on the executor when one is given).
 Pass 2 reads the cases again, one at a time, and counts each case's voxels at every distinct
 cutoff / threshold it meets as a test case with one ``searchsorted`` pass. Peak memory is about
 one probability map, its lesion mask and one transformed map, plus arrays of size
@@ -74,9 +75,7 @@ import numpy as np
 
 from ..common.errors import CalibrationSetTooSmallWarning, ConformalSegError
 from ..common.executors import ExecutorSpec, executor_session
-from ..conformal.cls import apply_threshold, conformal_lower_cutoff, critical_cutoffs
-from ..conformal.confidence_sets import SetStatistics, calibrate_sets
-from ..conformal.crc import crc_cutoff
+from ..conformal.cls import apply_threshold, critical_cutoffs
 from ..conformal.score_transforms import ScoreTransform
 from .case_statistics import CaseStatistics, case_record, merge_records
 from .case_tasks import Updates, map_cases
@@ -96,6 +95,7 @@ from .metrics import count_at_least, count_greater, dice, fnr, fnr_within, lesio
 from .metrics import hd95 as hd95_metric
 from .progress import ProgressCallback
 from .results import BASELINE_CUTOFF, EvaluationResult, trivial_warnings
+from .split_tasks import calibrate_splits, draw_splits
 
 __all__ = ["evaluate_dataset"]
 
@@ -158,7 +158,7 @@ def _evaluate(
     stats = _pass1_statistics(source, config, score_transforms, run)
     n_cal, n_test = split_sizes(stats.n, config.cal_fraction)
     stats.check_population(config.empty)
-    split = _split_thresholds(stats, config, n_cal, run.progress)
+    split = _split_thresholds(stats, config, n_cal, run)
     lsplit = lesion_split_thresholds(
         stats.lesions, stats.summaries, split.critical, stats.population, split.test_mask, config.epsilons,
         config.alphas, config.voxel_epsilon,
@@ -236,72 +236,31 @@ class _SplitThresholds:
     critical: np.ndarray  # (E, n) CLS critical cutoffs of every case
 
 
-def _split_thresholds(
-    stats: CaseStatistics, config: EvaluationConfig, n_cal: int, progress: ProgressCallback | None
-) -> _SplitThresholds:
-    """Draw the splits (``rng.permutation``) and calibrate every method on each calibration side."""
+def _split_thresholds(stats: CaseStatistics, config: EvaluationConfig, n_cal: int, run: _Run) -> _SplitThresholds:
+    """Draw the splits and calibrate every method on each calibration side (:mod:`.split_tasks`: chunks of splits
+    as tasks on the run's executor, bit-identical to serial)."""
     S, E, A, n = config.splits, len(config.epsilons), len(config.alphas), stats.n
     critical = np.stack([critical_cutoffs(stats.summaries, eps) for eps in config.epsilons])  # (E, n)
-    rng = np.random.default_rng(config.seed)
+    shared = (stats.summaries, critical, stats.population, stats.set_stats, config, n_cal)
+    progress = None if run.progress is None else (lambda done, total: _report(run.progress, done, total, "splits"))
+    calibrated = calibrate_splits(shared, draw_splits(config.seed, S, n), run.spec, progress)
     test_mask = np.zeros((S, n), dtype=bool)
     cls_cut = np.empty((S, E, A))
     crc_cut = np.empty((S, E))
     cls_ncal = np.zeros(S, dtype=np.int64)
-    set_thr: SetArrays = {}
+    set_thr: SetArrays = {name: {mode: {} for mode in config.set_modes} for name in stats.set_stats}
+    for s, split in enumerate(calibrated):
+        test_mask[s, split.test] = True
+        cls_cut[s], crc_cut[s], cls_ncal[s] = split.cls_cut, split.crc_cut, split.cls_ncal
     for name in stats.set_stats:
-        set_thr[name] = {}
         for mode in config.set_modes:
-            set_thr[name][mode] = {k: np.empty((S, A)) for k in ("inner_threshold", "outer_threshold")}
-            set_thr[name][mode].update(
-                {k: np.full((S, A), np.nan) for k in ("inner_coverage", "outer_coverage", "joint_coverage")}
-            )
-    for s in range(S):
-        perm = rng.permutation(n)
-        cal = np.sort(perm[:n_cal])
-        test = perm[n_cal:]
-        test_mask[s, test] = True
-        cal_pop = cal[stats.population[cal]]
-        cls_ncal[s] = cal_pop.size
-        for e in range(E):
-            crit_cal = critical[e, cal_pop]
-            for a, alpha in enumerate(config.alphas):
-                cls_cut[s, e, a] = conformal_lower_cutoff(crit_cal, alpha)
-        cal_summaries = stats.summaries.subset(cal_pop)
-        for e, eps in enumerate(config.epsilons):
-            crc_cut[s, e] = crc_cutoff(cal_summaries, eps)
-        del cal_summaries
-        for name, st in stats.set_stats.items():
-            _calibrate_sets_on_split(st, cal, test, s, config, set_thr[name])
-        _report(progress, s + 1, S, "splits")
+            for key in calibrated[0].sets[name][mode]:
+                set_thr[name][mode][key] = np.stack([split.sets[name][mode][key] for split in calibrated])
     test_pop = test_mask & stats.population[None, :]
     n_test_pop = test_pop.sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         inv_pop = np.where(n_test_pop > 0, 1.0 / np.maximum(n_test_pop, 1), np.nan)
     return _SplitThresholds(test_mask, cls_cut, crc_cut, cls_ncal, set_thr, test_pop, n_test_pop, inv_pop, critical)
-
-
-def _calibrate_sets_on_split(
-    st: SetStatistics,
-    cal: np.ndarray,
-    test: np.ndarray,
-    s: int,
-    config: EvaluationConfig,
-    by_mode: dict[str, dict[str, np.ndarray]],
-) -> None:
-    """Confidence-set thresholds of split ``s`` for every mode and alpha, and their test coverages."""
-    cal_stats = st.subset(cal)
-    tau_test, gamma_test = st.tau[test], st.gamma[test]
-    for mode in config.set_modes:
-        arrays = by_mode[mode]
-        for a, alpha in enumerate(config.alphas):
-            calibration = calibrate_sets(cal_stats, alpha=alpha, mode=mode, warn=False)
-            arrays["inner_threshold"][s, a] = calibration.inner_threshold
-            arrays["outer_threshold"][s, a] = calibration.outer_threshold
-            inner_ok = tau_test <= calibration.inner_threshold
-            outer_ok = gamma_test <= -calibration.outer_threshold
-            arrays["inner_coverage"][s, a] = inner_ok.mean()
-            arrays["outer_coverage"][s, a] = outer_ok.mean()
-            arrays["joint_coverage"][s, a] = (inner_ok & outer_ok).mean()
 
 
 # ----------------------------------------------------------------------------- test FNRs from the summaries
