@@ -122,7 +122,7 @@ def nifti_header_only(path: Path, shape: tuple[int, ...]) -> None:
         handle.write(header.binaryblock + b"\0" * 4)
 
 
-def with_npz_member(npz: Path, json_path: Path, name: str, shape: tuple[int, ...]) -> None:
+def with_npz_member(npz: Path, json_path: Path, name: str, shape: tuple[int, ...], key: str = "summaries") -> None:
     """Add (or replace) a member whose header claims ``shape`` in a profile's ``.npz``; the profile's
     checksums are recomputed (a forgery)."""
     import hashlib
@@ -138,7 +138,7 @@ def with_npz_member(npz: Path, json_path: Path, name: str, shape: tuple[int, ...
         for member, data in members.items():
             archive.writestr(member, data)
     sha = hashlib.sha256(npz.read_bytes()).hexdigest()
-    edit_json(json_path, lambda d: d["summaries"].update(sha256=sha), keep_checksum=True)
+    edit_json(json_path, lambda d: d[key].update(sha256=sha), keep_checksum=True)
 
 
 # ----------------------------------------------------------------------------- the table
@@ -277,6 +277,19 @@ def _huge_npz_member(name: str) -> Callable[[Path], list[str]]:
     def prepare(ws: Path) -> list[str]:
         with_npz_member(ws / "p.npz", ws / "p.json", name, (10**6, 10**6))
         return apply(ws)
+
+    return prepare
+
+
+def _huge_interval_record(ws: Path) -> list[str]:
+    with_npz_member(ws / "iv.npz", ws / "iv.json", "record_need", (10**6, 10**6), key="record")
+    return interval_apply(ws)
+
+
+def _forged_interval_record_name(name: str) -> Callable[[Path], list[str]]:
+    def prepare(ws: Path) -> list[str]:
+        edit_json(ws / "iv.json", lambda d: d["record"].update(file=name), keep_checksum=True)
+        return interval_apply(ws)
 
     return prepare
 
@@ -511,6 +524,14 @@ ROWS = [
     Row("JSON names an absent .npz", _missing_npz, "p.npz is missing", "p.json"),
     Row("huge summaries in the profile .npz", _huge_npz_member("lesion_values"), "MiB", "p.npz"),
     Row("unused huge member in the profile .npz: never read", _huge_npz_member("junk"), "", code=0),
+    Row(
+        "interval record file ../ (checksum forged)",
+        _forged_interval_record_name("../iv.npz"),
+        "plain file name",
+        "iv.json",
+    ),
+    Row("interval record file absolute", _forged_interval_record_name("/etc/passwd"), "plain file name", "iv.json"),
+    Row("huge record in the interval .npz", _huge_interval_record, "MiB", "iv.npz"),
     # 5. which structure
     Row(
         "no --lesion-label, label maps hold 1 and 2",

@@ -292,12 +292,13 @@ def assert_same_interval_profile(serial: Path, other: Path) -> None:
         assert x[name].tobytes() == y[name].tobytes(), name
 
 
-@pytest.mark.parametrize("method", ["crc-interval", "sem-crc"])
+@pytest.mark.parametrize("method", ["crc-interval", "sem-crc", "sem-crc-organ --shrinkable"])
 def test_interval_methods_on_executors_are_bit_identical_to_serial(tmp_path, interval_data, cluster, method):
-    assert interval_calibrate(interval_data, tmp_path / "serial.json", method) == 0
-    assert interval_calibrate(interval_data, tmp_path / "dask.json", method, "--executor", "dask", "--scheduler",
-                              cluster) == 0  # fmt: skip
-    assert interval_calibrate(interval_data, tmp_path / "pool.json", method, "--executor", "processes",
+    method, *flags = method.split()
+    assert interval_calibrate(interval_data, tmp_path / "serial.json", method, *flags) == 0
+    assert interval_calibrate(interval_data, tmp_path / "dask.json", method, *flags, "--executor", "dask",
+                              "--scheduler", cluster) == 0  # fmt: skip
+    assert interval_calibrate(interval_data, tmp_path / "pool.json", method, *flags, "--executor", "processes",
                               "--workers", "2") == 0  # fmt: skip
     for other in ("dask", "pool"):
         assert_same_interval_profile(tmp_path / "serial.json", tmp_path / f"{other}.json")

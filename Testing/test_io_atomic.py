@@ -104,3 +104,32 @@ def test_unwritable_location_is_a_user_error(tmp_path):
     with pytest.raises(ConformalSegError, match="writable"):
         atomic_write_text(blocker / "sub" / "r.txt", "x")
     np.testing.assert_equal(files_in(tmp_path), ["file"])
+
+
+def test_writers_stream_in_order_and_a_failing_writer_keeps_the_old_pair(tmp_path):
+    """An NpzWriter compresses into the temporary file and knows its SHA-256 before the JSON writer runs; a
+    writer that fails leaves the previous pair as it was and no temporary file."""
+    import json
+
+    from ConformalSegLib.io.atomic import NpzWriter, atomic_write_files
+    from ConformalSegLib.io.checksums import sha256_file
+
+    npz_path, json_path = tmp_path / "p.npz", tmp_path / "p.json"
+    arrays = {"values": np.arange(100_000, dtype=np.float32), "offsets": np.array([0, 5], dtype=np.int64)}
+    npz = NpzWriter(arrays)
+    atomic_write_files(
+        [(npz_path, npz), (json_path, lambda handle: handle.write(json.dumps({"sha256": npz.sha256}).encode()))]
+    )
+    assert json.loads(json_path.read_text())["sha256"] == sha256_file(npz_path)
+    with np.load(npz_path) as stored:
+        assert sorted(stored.files) == ["offsets", "values"]
+        assert all(stored[k].tobytes() == v.tobytes() for k, v in arrays.items())
+    before = {p.name: p.read_bytes() for p in (npz_path, json_path)}
+
+    def failing(handle):
+        handle.write(b"{half a JSON")
+        raise ValueError("the JSON could not be built")
+
+    with pytest.raises(ValueError, match="could not be built"):
+        atomic_write_files([(npz_path, NpzWriter({"values": np.zeros(3)})), (json_path, failing)], force=True)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

@@ -33,14 +33,16 @@ METHOD_OPTIONS = {
 }
 
 
-def write_folders(root: Path, n: int, seed: int, shape: tuple[int, int, int]) -> dict[str, Path]:
+def write_folders(root: Path, n: int, seed: int, shape: tuple[int, int, int], widen: float = 0.0) -> dict[str, Path]:
+    """``n`` synthetic scans as ``.npy`` folders; ``widen``: every raw interval that much wider on each side (an
+    under-confident quantile model, which the shrinkable family tightens)."""
     syn = synthetic_intervals(n, shape=shape, seed=seed)
     dirs = {name: root / name for name in ("lower", "upper", "truth", "organs")}
     for d in dirs.values():
         d.mkdir(parents=True)
     for i in range(n):
-        np.save(dirs["lower"] / f"c{i:02d}.npy", syn.lower[i])
-        np.save(dirs["upper"] / f"c{i:02d}.npy", syn.upper[i])
+        np.save(dirs["lower"] / f"c{i:02d}.npy", syn.lower[i] - widen)
+        np.save(dirs["upper"] / f"c{i:02d}.npy", syn.upper[i] + widen)
         np.save(dirs["truth"] / f"c{i:02d}.npy", syn.truth[i])
         np.save(dirs["organs"] / f"c{i:02d}.npy", syn.labels[i].astype(np.int16))
     return dirs
@@ -109,6 +111,32 @@ def test_streaming_shrinkable_crc_and_lambda_max(tmp_path: Path) -> None:
     dirs = write_folders(tmp_path, 14, 5, (1, 14, 14))
     for options in ({"shrinkable": True}, {"lambda_max": 0.01}, {"shrinkable": True, "lambda_max": 0.2}):
         assert_same_profile(run(dirs, "crc", True, **options), run(dirs, "crc", False, **options))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("from_anchor", [False, True])
+def test_streaming_shrinkable_per_organ_sem_crc(tmp_path: Path, seed: int, from_anchor: bool) -> None:
+    """Shrinkable per-organ sem-CRC streams bit-identically (lambdas, record, half widths) and its profile
+    recalibrates (``apply --epsilon``) exactly as a calibration from scratch at the new epsilon."""
+    shape = ((1, 14, 14), (2, 12, 12), (1, 18, 10))[seed]
+    dirs = write_folders(tmp_path, 16 + 2 * seed, seed, shape, widen=0.3)
+    options = {**METHOD_OPTIONS["sem-crc-organ"], "seed": seed, "shrinkable": True, "from_anchor": from_anchor}
+    streamed, reference = run(dirs, "sem-crc-organ", True, **options), run(dirs, "sem-crc-organ", False, **options)
+    assert_same_profile(streamed, reference)
+    assert streamed.calibration.shrink_floor is not None and streamed.calibration.shrink_floor < 0
+    record = streamed.record
+    assert record is not None and record.half_width is not None
+    assert -streamed.calibration.shrink_floor == record.half_width.max()
+    assert (streamed.calibration.lam < 0).any() or from_anchor  # the family does shrink below the raw interval
+    streamed.save(tmp_path / "s.json")
+    reference.save(tmp_path / "r.json")
+    assert (tmp_path / "s.npz").read_bytes() == (tmp_path / "r.npz").read_bytes()
+    for epsilon in (0.1, 0.2):
+        again = load_interval_profile(tmp_path / "s.json").recalibrate(epsilon)
+        fresh = run(dirs, "sem-crc-organ", False, epsilon=epsilon, **options)
+        for field in ("lam", "omega", "anchor", "n_cal"):
+            np.testing.assert_array_equal(getattr(again.calibration, field), getattr(fresh.calibration, field))
+        assert again.calibration.status == fresh.calibration.status
 
 
 def test_compact_record_keeps_only_uncovered_voxels(tmp_path: Path) -> None:
@@ -213,6 +241,34 @@ def test_spilled_scans_evaluate_exactly_like_scans_in_memory(tmp_path: Path) -> 
         got = evaluate_interval_methods(spilled, 0.2, progress=lambda *a: steps.append(a), **options)
     assert got == want
     assert [s[:2] for s in steps] == [(i, 8) for i in range(1, 9)] and steps[-1][2] == "run 2 sem-crc-organ"
+
+
+def test_spilled_arrays_are_exact_read_only_and_checked(tmp_path: Path) -> None:
+    """Every dtype and size the scans use (empty included) comes back bit for bit and read-only, also after
+    pickling (what an executor's worker gets); a file that changed size or vanished gets one clear error."""
+    import pickle
+
+    from ConformalSegLib.semcrc.errors import IntervalInputError
+    from ConformalSegLib.semcrc.intervals import IntervalScan
+    from ConformalSegLib.semcrc.spill import spill_scan
+
+    rng = np.random.default_rng(0)
+    for d in (0, 1, 1000):
+        scan = IntervalScan(
+            (d, 1), np.arange(d, dtype=np.int64), rng.normal(size=d), rng.random(d).astype(np.float32),
+            rng.integers(0, 3, d).astype(np.int16), case_id=f"c{d}",
+        )  # fmt: skip
+        spilled = pickle.loads(pickle.dumps(spill_scan(scan, tmp_path / f"s{d}")))
+        for name in ("index", "need", "width", "group"):
+            got, want = getattr(spilled, name), getattr(scan, name)
+            assert got.dtype == want.dtype and got.tobytes() == want.tobytes() and not got.flags.writeable
+    path = tmp_path / "s1000" / "need.npy"
+    path.write_bytes(path.read_bytes()[:-8])
+    with pytest.raises(IntervalInputError, match="changed size"):
+        spilled.need  # noqa: B018
+    path.unlink()
+    with pytest.raises(IntervalInputError, match="not on this machine"):
+        spilled.need  # noqa: B018
 
 
 def test_anchor_progress_and_progress_lines_without_a_tty(capsys: pytest.CaptureFixture) -> None:

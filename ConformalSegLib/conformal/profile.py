@@ -31,21 +31,19 @@ format, the keys, the value ranges and the checksum, with errors that name the f
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import io
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
 from .. import __version__
 from ..common.errors import ConformalSegError
 from ..common.geometry import Geometry
-from ..io.atomic import atomic_write_files, check_can_write
+from ..io.atomic import NpzWriter, atomic_write_files, check_can_write
 from ..io.checksums import sha256_file
 from ..io.guards import LazyNpz
 from ..io.json_file import read_bounded_json, sibling_file, verify_content_checksum, with_content_checksum
@@ -292,12 +290,14 @@ class CalibrationProfile:
         npz_path = path.with_suffix(".npz")
         check_can_write(path, force=force)
         check_can_write(npz_path, force=force)
-        buffer = io.BytesIO()
-        np.savez_compressed(buffer, **self.summary_arrays())  # type: ignore[arg-type]  # numpy's stub: allow_pickle
-        data = buffer.getvalue()
-        doc = with_content_checksum(self.to_json_dict(npz_path.name, hashlib.sha256(data).hexdigest()))
-        text = json.dumps(doc, indent=2, allow_nan=False) + "\n"
-        atomic_write_files([(npz_path, data), (path, text.encode("utf-8"))], force=force)  # one unit
+        npz = NpzWriter(self.summary_arrays())  # compressed straight into the temporary file
+
+        def write_json(handle: IO[bytes]) -> None:
+            assert npz.sha256 is not None  # the .npz is written first
+            doc = with_content_checksum(self.to_json_dict(npz_path.name, npz.sha256))
+            handle.write((json.dumps(doc, indent=2, allow_nan=False) + "\n").encode("utf-8"))
+
+        atomic_write_files([(npz_path, npz), (path, write_json)], force=force)  # one unit, the .npz first
         return path, npz_path
 
 

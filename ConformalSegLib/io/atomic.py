@@ -9,13 +9,17 @@ existing output is never overwritten unless ``force=True``.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from os import PathLike
 from pathlib import Path
+from typing import IO
+
+import numpy as np
 
 from ..common.errors import ConformalSegError
 
@@ -134,8 +138,35 @@ def _keep_old(target: Path) -> Path | None:
     return Path(name)
 
 
-def atomic_write_files(files: Sequence[tuple[str | PathLike[str], bytes]], *, force: bool = False) -> list[Path]:
+#: Writes a file's contents into an open binary handle (readable too: it may read back what it wrote).
+FileWriter = Callable[[IO[bytes]], object]
+
+
+class NpzWriter:
+    """A :data:`FileWriter` of ``arrays`` as a compressed ``.npz``, straight into the temporary file (no copy of
+    the archive in memory), which keeps the SHA-256 of what it wrote in :attr:`sha256` (for the JSON after it)."""
+
+    def __init__(self, arrays: Mapping[str, np.ndarray]) -> None:
+        self.arrays = arrays
+        self.sha256: str | None = None
+
+    def __call__(self, handle: IO[bytes]) -> None:
+        np.savez_compressed(handle, **self.arrays)  # type: ignore[arg-type]  # numpy's stub: allow_pickle
+        handle.flush()
+        handle.seek(0)
+        digest = hashlib.sha256()
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+        self.sha256 = digest.hexdigest()
+
+
+def atomic_write_files(
+    files: Sequence[tuple[str | PathLike[str], bytes | FileWriter]], *, force: bool = False
+) -> list[Path]:
     """Write several files as one unit: all new versions appear, or the previous ones stay.
+
+    Each file's contents are ``bytes`` or a :data:`FileWriter`, called in the order given (so a JSON writer can
+    use the checksum an :class:`NpzWriter` before it computed).
 
     Every file is first written in full to a temporary name beside its target and flushed to disk
     (a full disk fails here, before any target is touched); then the temporaries are renamed onto the
@@ -175,12 +206,16 @@ def atomic_write_files(files: Sequence[tuple[str | PathLike[str], bytes]], *, fo
     return targets
 
 
-def _write_temporary(target: Path, data: bytes) -> Path:
-    """``data`` in a flushed temporary file beside ``target`` (errors name ``target``)."""
+def _write_temporary(target: Path, data: bytes | FileWriter) -> Path:
+    """``data`` (or what the writer ``data`` writes) in a flushed temporary file beside ``target`` (errors name
+    ``target``)."""
     fd, tmp = _temporary_beside(target)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+        with os.fdopen(fd, "w+b") as handle:
+            if callable(data):
+                data(handle)
+            else:
+                handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp, _default_file_mode())

@@ -146,6 +146,9 @@ class LazyNpz(Mapping[str, np.ndarray]):
     def __iter__(self) -> Iterator[str]:
         return iter(self._members)
 
+    def __contains__(self, key: object) -> bool:  # without reading the member (Mapping's would decompress it)
+        return key in self._members
+
     def __len__(self) -> int:
         return len(self._members)
 

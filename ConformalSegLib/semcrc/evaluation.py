@@ -52,13 +52,14 @@ def _test_metrics(calib, test: IntervalData) -> tuple[float, float, list[float],
     organ_length: list[list[float]] = [[] for _ in test.groups]
     for scan in test.scans:
         lam = calib.voxel_lambda(scan)
-        risks.append(scan_loss(scan.need, lam))
-        lengths.append(mean_length(scan.width, lam))
+        need, width, group = scan.need, scan.width, scan.group  # once per scan: a spilled scan maps them per access
+        risks.append(scan_loss(need, lam))
+        lengths.append(mean_length(width, lam))
         for k in range(test.n_groups):
-            inside = scan.group == k
+            inside = group == k
             if inside.any():
-                organ_risk[k].append(scan_loss(scan.need[inside], lam[inside]))
-                organ_length[k].append(mean_length(scan.width[inside], lam[inside]))
+                organ_risk[k].append(scan_loss(need[inside], lam[inside]))
+                organ_length[k].append(mean_length(width[inside], lam[inside]))
     mean = lambda v: float(np.mean(v)) if v else math.nan  # noqa: E731
     return mean(risks), mean(lengths), [mean(v) for v in organ_risk], [mean(v) for v in organ_length]
 

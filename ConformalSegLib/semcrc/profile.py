@@ -24,21 +24,19 @@ are never overwritten without ``force``. Loading validates format, keys, values 
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
-import io
 import json
 import math
 from dataclasses import dataclass, field, replace
 from os import PathLike
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
 from .. import __version__
 from ..conformal.profile_fields import decode_float as _decode  # same JSON float convention
 from ..conformal.profile_fields import encode_float as _encode
-from ..io.atomic import atomic_write_files, check_can_write
+from ..io.atomic import FileWriter, NpzWriter, atomic_write_files, check_can_write
 from ..io.checksums import sha256_file
 from ..io.guards import LazyNpz
 from ..io.json_file import read_bounded_json, sibling_file, verify_content_checksum, with_content_checksum
@@ -122,21 +120,23 @@ class IntervalProfile:
                 "an interval profile file name must end in .json", path=path, fix="e.g. --out intervals.json"
             )
         check_can_write(path, force=force)
-        files: list[tuple[Path, bytes]] = []
-        npz_name = sha = None
+        files: list[tuple[Path, NpzWriter | FileWriter]] = []
+        npz: NpzWriter | None = None
         if self.calibration.method == "k-crc" or self.record is not None:
             npz_path = path.with_suffix(".npz")
             check_can_write(npz_path, force=force)
-            buffer = io.BytesIO()
             arrays = {} if self.record is None else self.record.to_arrays()
             if self.calibration.method == "k-crc":
                 arrays["partition"] = np.asarray(self.calibration.partition, dtype=np.int32)
-            np.savez_compressed(buffer, **arrays)  # type: ignore[arg-type]  # numpy's stub: allow_pickle
-            data = buffer.getvalue()
-            npz_name, sha = npz_path.name, hashlib.sha256(data).hexdigest()
-            files.append((npz_path, data))
-        doc = with_content_checksum(self.to_json_dict(npz_name, sha))  # any hand edit is refused on load
-        files.append((path, (json.dumps(doc, indent=2, allow_nan=False) + "\n").encode("utf-8")))
+            npz = NpzWriter(arrays)  # compressed straight into the temporary file
+            files.append((npz_path, npz))
+
+        def write_json(handle: IO[bytes]) -> None:
+            npz_name, sha = (None, None) if npz is None else (path.with_suffix(".npz").name, npz.sha256)
+            doc = with_content_checksum(self.to_json_dict(npz_name, sha))  # any hand edit is refused on load
+            handle.write((json.dumps(doc, indent=2, allow_nan=False) + "\n").encode("utf-8"))
+
+        files.append((path, write_json))
         atomic_write_files(files, force=force)  # the .npz first, the JSON naming it last: one unit
         return [path] + [p for p, _ in files[:-1]]
 
@@ -283,7 +283,9 @@ def _read_record(doc: dict[str, Any], path: Path) -> IntervalRecord | None:
     info = doc.get("record")
     if info is None:
         return None
-    npz_path = path.with_name(str(info.get("file", "")))
+    if not isinstance(info, dict):
+        raise IntervalProfileError("'record' must be a JSON object", path=path, fix=RERUN_FIX)
+    npz_path = sibling_file(path, info.get("file"), "record file", RERUN_FIX, IntervalProfileError)
     if not npz_path.is_file() or sha256_file(npz_path) != info.get("sha256"):
         raise IntervalProfileError(
             "the .npz beside the profile is missing or does not match its checksum",
@@ -291,7 +293,7 @@ def _read_record(doc: dict[str, Any], path: Path) -> IntervalRecord | None:
             fix="keep the .npz next to the .json (copy both), or re-calibrate",
         )
     try:
-        with np.load(npz_path, allow_pickle=False) as arrays:
+        with LazyNpz(npz_path, "record file") as arrays:  # only the expected members, sizes checked first
             return IntervalRecord.from_stored(arrays, info)
     except (KeyError, ValueError, TypeError) as exc:
         raise IntervalProfileError(f"the stored record is malformed ({exc})", path=npz_path, fix=RERUN_FIX) from exc

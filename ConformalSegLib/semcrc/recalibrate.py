@@ -12,6 +12,11 @@ What is stored (:class:`IntervalRecord`, in the profile's ``.npz``)
   before ``counts`` existed store every counted voxel; their counts are the per-scan group sizes.
 * for K-CRC / sem-CRC, the optimisation sample of ``S_opt`` that the anchor problem is solved on
   (:class:`~.anchor.AnchorSample`: a few hundred voxels per scan), with the gamma grid.
+* shrinkable per-organ sem-CRC only: ``half_width``, per organ the largest half-width ``H_k`` of its voxels over
+  ``S_cal`` (its omega may go down to ``-anchor_k - H_k``). Its kept voxels are those with ``need > -width/2``
+  (covered at no lambda of the shrinkable family), stored with their ``need``: the voxel's omega threshold at
+  anchor ``a`` is :func:`~.exact_omega.omega_thresholds` of ``need`` and ``a`` for these voxels and ``-inf``
+  for the others, so the stored values do not move with the anchor.
 
 Why recalibrating is the same as calibrating from scratch
 ---------------------------------------------------------
@@ -68,11 +73,14 @@ class IntervalRecord:
     gammas: tuple[float, ...] = DEFAULT_GAMMAS
     from_anchor: bool = False  # per-organ sem-CRC: omega_k >= 0 (eq. 12 literally) or lambda_k >= 0
     counts: np.ndarray | None = None  # int64 (n_cal, K): counted voxels per scan and group; None: old profiles
+    half_width: np.ndarray | None = None  # float64 (K,): shrinkable per-organ sem-CRC, H_k over S_cal; else None
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         arrays = {"record_need": self.need, "record_group": self.group, "record_offsets": self.offsets}
         if self.counts is not None:
             arrays["record_counts"] = self.counts
+        if self.half_width is not None:
+            arrays["record_half_width"] = self.half_width
         if self.sample is not None:
             arrays.update({f"sample_{k}": np.asarray(getattr(self.sample, k)) for k in _SAMPLE_KEYS})
         return arrays
@@ -96,6 +104,11 @@ class IntervalRecord:
                 raise ValueError("record counts do not fit the record offsets")
             if np.any(counts.sum(axis=1) < np.diff(offsets)):
                 raise ValueError("a scan stores more thresholds than counted voxels")
+        half_width = None
+        if "record_half_width" in arrays:
+            half_width = np.asarray(arrays["record_half_width"], dtype=np.float64)
+            if half_width.ndim != 1 or not np.all(np.isfinite(half_width)) or (half_width < 0).any():
+                raise ValueError("record half widths must be finite and >= 0, one per group")
         return cls(
             need,
             np.asarray(arrays["record_group"], dtype=np.int32),
@@ -104,6 +117,7 @@ class IntervalRecord:
             tuple(float(g) for g in doc["gammas"]),
             bool(doc["from_anchor"]),
             counts,
+            half_width,
         )
 
     def scans(self, n_groups: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -144,14 +158,16 @@ def build_record(
     sample: AnchorSample | None,
     gammas: tuple[float, ...],
     from_anchor: bool,
+    half_width: np.ndarray | None = None,
 ) -> IntervalRecord:
-    """The record from the :func:`record_scan` parts of the ``S_cal`` scans (in ``cal_cases`` order)."""
+    """The record from the :func:`record_scan` parts of the ``S_cal`` scans (in ``cal_cases`` order);
+    ``half_width``: shrinkable per-organ sem-CRC's ``H_k`` (module docstring)."""
     offsets = np.zeros(len(parts) + 1, dtype=np.int64)
     np.cumsum([p[0].size for p in parts], out=offsets[1:])
     need = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0)
     group = np.concatenate([p[1] for p in parts]).astype(np.int32) if parts else np.zeros(0, np.int32)
     counts = np.stack([p[2] for p in parts]) if parts else np.zeros((0, n_groups), np.int64)
-    return IntervalRecord(need, group, offsets, sample, gammas, from_anchor, counts)
+    return IntervalRecord(need, group, offsets, sample, gammas, from_anchor, counts, half_width)
 
 
 def interval_record(calibration: IntervalCalibration, data: IntervalData, **options: Any) -> IntervalRecord | None:
@@ -161,14 +177,16 @@ def interval_record(calibration: IntervalCalibration, data: IntervalData, **opti
     c = calibration
     by_id = {s.case_id: s for s in data.scans}
     cal = [by_id[i] for i in c.cal_cases]
-    if c.shrink_floor is not None and c.method != "crc":
-        return None  # shrinkable per-organ sem-CRC: its thresholds move with the anchor (widths not stored)
     shrink = c.shrink_floor is not None  # store the shrinkable family's thresholds (:mod:`.shrinkable`)
     parts = [record_scan(s.need, s.width, c.voxel_groups(s), len(c.groups), shrink=shrink) for s in cal]
     gammas = tuple(options.get("gammas", DEFAULT_GAMMAS))
     from_anchor = bool(options.get("from_anchor", False))
     if c.method == "crc":
         return build_record(parts, len(c.groups), None, gammas, from_anchor)
+    half_width = None
+    if shrink:  # shrinkable per-organ sem-CRC
+        by_scan = [group_half_widths(s.width, c.voxel_groups(s), len(c.groups)) for s in cal]
+        half_width = np.max(by_scan, axis=0) if by_scan else np.zeros(len(c.groups))
     rng = _generator(options.get("seed", 0))
     opt, _ = _split(data, options["n_opt"], rng)
     d_min = int(options.get("d_min", 1 if c.method == "k-crc" else 2))
@@ -184,7 +202,14 @@ def interval_record(calibration: IntervalCalibration, data: IntervalData, **opti
     sample = stratified_sample(
         [s.need for s in opt.scans], [s.width for s in opt.scans], groups, n_groups, d_opt=d_opt, d_min=d_min, rng=rng
     )
-    return build_record(parts, len(c.groups), sample, gammas, from_anchor)
+    return build_record(parts, len(c.groups), sample, gammas, from_anchor, half_width)
+
+
+def group_half_widths(width: np.ndarray, group: np.ndarray, n_groups: int) -> np.ndarray:
+    """Per lambda group the largest half-width ``0.5 * width`` of its voxels in one scan (0 for an absent group)."""
+    out = np.zeros(n_groups, dtype=np.float64)
+    np.maximum.at(out, np.asarray(group, dtype=np.int64), 0.5 * np.asarray(width, dtype=np.float64))
+    return out
 
 
 def recalibrate_interval(
@@ -210,7 +235,7 @@ def recalibrate_interval(
         scans = record.scans(k)
     except ValueError as exc:
         raise IntervalCalibrationError(f"the stored record is malformed ({exc})", fix="re-calibrate") from exc
-    if c.shrink_floor is not None:
+    if c.shrink_floor is not None and c.method == "crc":
         w = shrink_omega(
             [t for t, _, _ in scans], [int(n.sum()) for _, _, n in scans], epsilon, -c.shrink_floor, c.lambda_max
         )
@@ -219,8 +244,9 @@ def recalibrate_interval(
             _warn_uncontrollable("crc (whole scan, shrinkable)", len(scans), epsilon, c.lambda_max)
         omega, status, n_cal, lam = np.array([w]), [state], np.array([len(scans)], dtype=np.int64), np.array([w])
     elif c.method == "sem-crc-organ":
-        omega, status, n_cal = _per_organ(c, scans, anchor, epsilon, omega_max, record.from_anchor)
-        lam = np.array([lambdas_at(anchor[g], omega[g]) for g in range(k)], dtype=np.float64).reshape(-1)
+        omega, status, n_cal = _per_organ(c, scans, anchor, epsilon, omega_max, record)
+        clip = c.shrink_floor is None
+        lam = np.array([lambdas_at(anchor[g], omega[g], clip=clip) for g in range(k)], dtype=np.float64).reshape(-1)
     else:
         thresholds = [omega_thresholds(need, anchor[group]) for need, group, _ in scans]
         curve = OmegaCurve.from_scans(thresholds, [int(n.sum()) for _, _, n in scans])
@@ -251,16 +277,23 @@ def _per_organ(
     anchor: np.ndarray,
     epsilon: float,
     omega_max: float,
-    from_anchor: bool,
+    record: IntervalRecord,
 ) -> tuple[np.ndarray, list[str], np.ndarray]:
-    """Per-organ omega, status and scan counts, as :func:`~.procedures.calibrate_semcrc_organ` computes them."""
+    """Per-organ omega, status and scan counts, as :func:`~.procedures.calibrate_semcrc_organ` computes them
+    (shrinkable: every stored ``need`` has a finite threshold, and omega may go down to ``-anchor_k - H_k``)."""
     k_groups = len(c.groups)
     omega, status, n_cal = np.full(k_groups, math.inf), [], np.zeros(k_groups, dtype=np.int64)
+    shrink = c.shrink_floor is not None
+    if shrink and (record.half_width is None or record.half_width.shape != (k_groups,)):
+        raise IntervalCalibrationError(
+            "the stored record of this shrinkable profile has no per-organ half widths", fix="re-calibrate"
+        )
+    floor = -math.inf if shrink else 0.0  # shrinkable: the stored voxels are exactly those with need > -width/2
     for k in range(k_groups):
         thresholds, sizes = [], []
         for need, group, counts in scans:
             if counts[k] > 0:
-                thresholds.append(omega_thresholds(need[group == k], float(anchor[k])))
+                thresholds.append(omega_thresholds(need[group == k], float(anchor[k]), floor))
                 sizes.append(int(counts[k]))
         if not sizes:
             status.append(NO_DATA)
@@ -273,7 +306,9 @@ def _per_organ(
             continue
         curve = OmegaCurve.from_scans(thresholds, sizes)
         n_cal[k] = curve.n
-        lo = 0.0 if from_anchor else -float(anchor[k])
+        lo = 0.0 if record.from_anchor else -float(anchor[k])
+        if shrink and not record.from_anchor:
+            lo -= float(record.half_width[k])  # type: ignore[index]  # checked above
         omega[k] = exact_omega(curve, epsilon, omega_min=lo, omega_max=omega_max)
         if math.isfinite(omega[k]):
             status.append(CONTROLLED)

@@ -1,7 +1,8 @@
 """Shrinkable intervals for CRC (``calibrate --method crc-interval --shrinkable``; per-organ sem-CRC takes the
 same family through ``calibrate_semcrc_organ(shrinkable=True)``, with ``omega_k >= -anchor_k - H_k``, ``H_k`` the
 organ's largest half-width, and thresholds from :func:`~.exact_omega.omega_thresholds` with ``floor=-width/2``;
-its profiles are not recalibrated from a record, since those thresholds move with the anchor).
+both stream one scan at a time and recalibrate from their record: :mod:`.recalibrate` stores the ``need`` of the
+voxels with ``need > -width/2`` and, per organ, ``H_k``).
 
 Family
 ------

@@ -17,8 +17,8 @@ The lambdas are then computed by :func:`~.recalibrate.recalibrate_interval` from
 ``apply --epsilon`` takes: the split (:func:`~.procedures.split_order`), the sample and the thresholds are
 the ones the in-memory procedure draws and computes, so the lambdas and the stored record are bit-identical
 to :func:`~.procedures.calibrate_interval_method` followed by :func:`~.recalibrate.interval_record` (tested on
-seeded data sets for every method). Not streamed: shrinkable per-organ sem-CRC (its thresholds move with the
-anchor and its profiles store no record); :func:`can_stream` says which.
+seeded data sets for every method, shrinkable CRC and shrinkable per-organ sem-CRC included: their record keeps
+the voxels not covered at every lambda of the shrinkable family, and the largest half-widths).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from .procedures import (
     _require_calibration_size,
     split_order,
 )
-from .recalibrate import IntervalRecord, build_record, recalibrate_interval, record_scan
+from .recalibrate import IntervalRecord, build_record, group_half_widths, recalibrate_interval, record_scan
 
 #: ``load(i)`` returns scan ``i`` (case order); ``progress(done, total, text)`` after each scan read.
 ScanLoader = Callable[[int], IntervalScan]
@@ -51,8 +51,8 @@ ScanMap = Callable[[Callable[[Any, int], Any], Any, list[int], list[str]], list[
 
 
 def can_stream(method: str, options: dict[str, Any]) -> bool:
-    """False only for shrinkable per-organ sem-CRC (module docstring)."""
-    return not (method == "sem-crc-organ" and options.get("shrinkable", False))
+    """Whether ``method`` with ``options`` streams: shrinkable is for crc and sem-crc-organ only."""
+    return not options.get("shrinkable", False) or method in ("crc", "sem-crc-organ")
 
 
 def stream_calibration(
@@ -70,9 +70,9 @@ def stream_calibration(
     """Calibrate ``method`` (library spelling, :data:`~.procedures.METHODS`) on the scans ``load(0..n-1)``.
 
     ``groups`` are the organ groups of the memberships; ``options`` as for
-    :func:`~.procedures.calibrate_interval_method` (plus ``shrinkable`` for CRC). Returns the calibration and
-    its record, as the in-memory path would (module docstring). ``progress`` is called after every scan read,
-    ``anchor_progress`` after every gamma of the anchor problem (K-CRC, sem-CRC).
+    :func:`~.procedures.calibrate_interval_method` (plus ``shrinkable`` for CRC and per-organ sem-CRC). Returns the
+    calibration and its record, as the in-memory path would (module docstring). ``progress`` is called after every
+    scan read, ``anchor_progress`` after every gamma of the anchor problem (K-CRC, sem-CRC).
 
     ``map_scans(task, shared, indices, case_ids)`` runs the calibration split's scans, which are independent, on an
     executor (``[task(shared, i) for i in indices]`` in order; ``load`` must then be picklable): each worker
@@ -86,8 +86,10 @@ def stream_calibration(
     lambda_max = options.get("lambda_max")
     epsilon = _check_common(IntervalData([], groups), epsilon, lambda_max)
     shrink = bool(options.get("shrinkable", False))
-    if shrink and method != "crc":
-        raise IntervalCalibrationError(f"{method}: shrinkable streaming is for crc only", fix="use the in-memory path")
+    if not can_stream(method, options):
+        raise IntervalCalibrationError(
+            f"{method}: shrinkable intervals are implemented for crc and sem-crc-organ", fix="leave out shrinkable"
+        )
     steps = _Steps(n if method == "crc" else n + int(options.get("n_opt") or 0), progress)
     rng = _generator(options.get("seed", 0))
     if method == "crc":
@@ -105,9 +107,11 @@ def stream_calibration(
     shared = (load, method, partition, shape, len(lam_groups), shrink)
     results = _calibration_pass(shared, cal_idx, case_ids, steps, map_scans)
     parts = [part for part, _ in results]
-    half = max((h for _, h in results), default=0.0)
+    halves = np.max([h for _, h in results], axis=0) if results else np.zeros(len(lam_groups))
+    half = float(halves.max(initial=0.0))  # the whole calibration split's largest half-width
     gammas = tuple(options.get("gammas", DEFAULT_GAMMAS))
-    record = build_record(parts, len(lam_groups), sample, gammas, bool(options.get("from_anchor", False)))
+    organ_halves = halves if shrink and method == "sem-crc-organ" else None
+    record = build_record(parts, len(lam_groups), sample, gammas, bool(options.get("from_anchor", False)), organ_halves)
     k = len(lam_groups)
     skeleton = IntervalCalibration(
         method=method,
@@ -132,7 +136,7 @@ def stream_calibration(
 
 def _calibration_pass(
     shared: tuple[Any, ...], cal_idx: list[int], case_ids: Sequence[str], steps: _Steps, map_scans: ScanMap | None
-) -> list[tuple[Any, float]]:
+) -> list[tuple[Any, np.ndarray]]:
     """:func:`scan_record_part` of every calibration scan, in scan order: here, or through ``map_scans``."""
     if map_scans is not None:
         return map_scans(scan_record_part, shared, cal_idx, [case_ids[i] for i in cal_idx])
@@ -145,13 +149,18 @@ def _calibration_pass(
     return results
 
 
-def scan_record_part(shared: tuple[Any, ...], i: int) -> tuple[Any, float]:
-    """Read calibration scan ``i`` and return its record part (:func:`~.recalibrate.record_scan`) and half its
-    widest interval (the shrinkable floor). Module level: the task of ``map_scans`` on any executor."""
+def scan_record_part(shared: tuple[Any, ...], i: int) -> tuple[Any, np.ndarray]:
+    """Read calibration scan ``i`` and return its record part (:func:`~.recalibrate.record_scan`) and per lambda
+    group half its widest interval (the shrinkable floors; one group for CRC, which has one). Module level: the
+    task of ``map_scans`` on any executor."""
     load, method, partition, shape, n_groups, shrink = shared
     scan = load(i)
     g = _lambda_groups(method, scan, partition, shape)
-    return record_scan(scan.need, scan.width, g, n_groups, shrink=shrink), float(0.5 * scan.width.max(initial=0.0))
+    if shrink and method == "sem-crc-organ":
+        halves = group_half_widths(scan.width, g, n_groups)
+    else:
+        halves = np.full(n_groups, float(0.5 * scan.width.max(initial=0.0)))  # only its maximum is used
+    return record_scan(scan.need, scan.width, g, n_groups, shrink=shrink), halves
 
 
 class _Steps:

@@ -202,7 +202,7 @@ def calibrate_interval(
     ``options`` go to the procedure (``n_opt``, ``d_opt``, ``d_min``, ``k``, ``gammas``, ``lambda_max``,
     ``from_anchor``, ``seed``, ``shrinkable``). sem-CRC methods need ``organs_dir`` and ``organs``. ``stream``
     (default): one scan at a time (:mod:`.streaming`; bit-identical lambdas and record); ``stream=False``: every
-    scan in memory first (the reference path, and shrinkable per-organ sem-CRC always). ``progress`` after
+    scan in memory first (the reference path). ``progress`` after
     every scan read, ``anchor_progress`` after every gamma of the anchor problem (streaming path).
     ``map_scans``: the calibration split on an executor (:func:`~.streaming.stream_calibration`, bit-identical).
     """
@@ -264,12 +264,12 @@ def calibrate_interval(
 
 
 def _check_executor(method: str, stream: bool, map_scans: ScanMap | None, options: Mapping[str, Any]) -> None:
-    """An executor (``map_scans``) needs the streaming path; shrinkable per-organ sem-CRC has none."""
+    """An executor (``map_scans``) needs the streaming path (``stream=True``, a method that streams)."""
     if map_scans is not None and not (stream and can_stream(method, dict(options))):
         raise IntervalCalibrationError(
-            f"{method}{' --shrinkable' if options.get('shrinkable') else ''} does not stream one scan at a time, so "
-            "it runs on one process only",
-            fix="use --executor serial for it",
+            f"{method}{' shrinkable' if options.get('shrinkable') else ''} without streaming (stream=False) runs on "
+            "one process only",
+            fix="calibrate with stream=True, or without an executor",
         )
 
 
