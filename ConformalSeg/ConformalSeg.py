@@ -133,7 +133,8 @@ if not UNSUPPORTED:
         secondProfilePath: Path
         foldsPath: Path  # nnU-Net fold profiles: the folder of this case's per-fold outputs
         foldsCase: str = ""  # its case id when the fold folders hold several
-        dicomSegPath: Path  # mask-only / fold profiles: also write a DICOM SEG here (empty: none)
+        dicomSegPath: Path  # write a DICOM SEG here (mask-only / fold profiles: on Apply; else Export DICOM SEG)
+        dicomReferencePath: Path  # the CT's DICOM series folder when the CT was not loaded from DICOM
         device: Annotated[str, Choice(["auto", "cuda", "cpu"])] = "auto"
         mcDropoutSamples: Annotated[int, WithinRange(0, 64)] = 0
         epsilon: Annotated[float, WithinRange(0.0, 1.0), Decimals(3), SingleStep(0.01)] = 0.1

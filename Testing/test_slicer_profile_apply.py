@@ -243,3 +243,60 @@ def test_copy_atomically_failure_keeps_old_target(tmp_path):
         profile_apply.copy_atomically(tmp_path / "missing.dcm", target)
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["case.dcm"]
+
+
+@pytest.mark.parametrize("slider_safe", [True, False])
+def test_seg_export_holds_the_masks_on_screen(tmp_path, capsys, slider_safe):
+    """The panel's *Export DICOM SEG* for a probability profile: ``apply --prob`` at the sliders' settings writes
+    a SEG whose segments are, voxel for voxel, the masks the sliders show (CLS in or out of the slider-safe band,
+    CRC, confidence sets), recalibrated away from the calibrated levels."""
+    pytest.importorskip("highdicom")
+    from dicom_support import write_ct_series
+
+    from ConformalSegLib.io.dicom_seg import read_dicom_seg
+    from ConformalSegSlicer.slider import SliderSettings, SliderState
+
+    fixture = fixtures.make_slider_fixture(tmp_path / "fixture")
+    case = fixture.case
+    write_ct_series(tmp_path / "ct", np.zeros(case.probability.shape, np.int16), case.geometry)
+    save_volume(case.probability.astype(np.float32), case.geometry, tmp_path / "prob.nii.gz")
+    settings = SliderSettings(0.2, 0.3, 0.15, 0.25, slider_safe=slider_safe)
+    for method, path in fixture.profiles.items():
+        out = tmp_path / f"out_{method}"
+        argv = profile_apply.seg_export_argv(
+            "py", profile=path, prob=tmp_path / "prob.nii.gz", out_dir=out, reference_dicom=tmp_path / "ct",
+            settings=settings,
+        )  # fmt: skip
+        assert ("--slider-safe" in argv) == (slider_safe and method == "cls")
+        _run(argv[3:], capsys)
+        result = profile_apply.read_apply_result(out)
+        on_screen = SliderState.from_files([path], case.probability, case.geometry).update(settings)
+        assert len(result.guarantees) == len(on_screen.guarantees) == 1
+        assert on_screen.guarantees[0].endswith(result.guarantees[0]), (result.guarantees, on_screen.guarantees)
+        seg = read_dicom_seg(result.dicom_seg, tmp_path / "ct")
+        shown = {name: update.mask for name, update in on_screen.segments.items()}
+        assert len(seg) == len(shown), (list(seg), list(shown))
+        for (name, mask), (shown_name, shown_mask) in zip(seg.items(), shown.items()):
+            assert np.array_equal(mask, shown_mask), (method, name, shown_name)
+
+
+def test_seg_export_levels_per_method(tmp_path):
+    from ConformalSegSlicer.slider import SliderSettings
+
+    fixture = fixtures.make_slider_fixture(tmp_path, methods=("cls", "crc", "sets"))
+    settings = SliderSettings(0.1234, 0.3, 0.15, 0.25, slider_safe=True)
+
+    def flags(method):
+        argv = profile_apply.seg_export_argv(
+            "py", profile=fixture.profiles[method], prob="p.nii.gz", out_dir="o", reference_dicom="ct",
+            settings=settings,
+        )  # fmt: skip
+        return argv[argv.index("p.nii.gz") + 1 : argv.index("--dicom-seg")]
+
+    assert flags("cls") == ["--epsilon", "0.123", "--slider-safe", "--alpha", "0.3"]  # snapped as the slider snaps
+    assert flags("crc") == ["--epsilon", "0.123"]
+    assert flags("sets") == ["--alpha-inner", "0.15", "--alpha-outer", "0.25"]
+    with pytest.raises(ValueError, match="exactly one of mask, folds and prob"):
+        profile_apply.apply_command("py", profile="p", out_dir="o", mask="m", prob="q")
+    with pytest.raises(ValueError, match="epsilon goes with prob"):
+        profile_apply.apply_command("py", profile="p", out_dir="o", mask="m", epsilon=0.1)

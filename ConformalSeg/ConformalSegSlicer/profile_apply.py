@@ -51,26 +51,43 @@ def apply_command(
     out_dir: str | PathLike[str],
     mask: str | PathLike[str] | None = None,
     folds: str | PathLike[str] | None = None,
+    prob: str | PathLike[str] | None = None,
     case: str | None = None,
     channel: int | None = None,
+    epsilon: float | None = None,
     alpha: float | None = None,
     alpha_inner: float | None = None,
     alpha_outer: float | None = None,
+    slider_safe: bool = False,
     reference_dicom: str | PathLike[str] | None = None,
     series_uid: str | None = None,
 ) -> list[str]:
-    """``conformalseg apply --mask LABELS`` or ``--folds DIR [--case ID]``, optionally recalibrated to the
-    panel's alphas, with ``--dicom-seg --reference-dicom DIR`` when the CT came from DICOM."""
-    if (mask is None) == (folds is None):
-        raise ValueError("give exactly one of mask and folds")
+    """``conformalseg apply --mask LABELS``, ``--folds DIR [--case ID]`` or ``--prob MAP`` (the slider's
+    result: ``epsilon``, ``alpha``s and ``slider_safe`` as on the sliders), optionally recalibrated to the panel's
+    levels, with ``--dicom-seg --reference-dicom DIR`` when a DICOM series of the CT is known."""
+    if sum(x is not None for x in (mask, folds, prob)) != 1:
+        raise ValueError("give exactly one of mask, folds and prob")
     args = ["--profile", str(profile)]
-    args += ["--mask", str(mask)] if mask is not None else ["--folds", str(folds)]
+    if mask is not None:
+        args += ["--mask", str(mask)]
+    elif folds is not None:
+        args += ["--folds", str(folds)]
+    else:
+        args += ["--prob", str(prob)]
     if case is not None:
         if folds is None:
             raise ValueError("case goes with folds")
         args += ["--case", str(case)]
     if channel is not None:
         args += ["--channel", str(int(channel))]
+    if epsilon is not None:
+        if prob is None or not 0 <= float(epsilon) < 1:
+            raise ValueError(f"epsilon goes with prob and must lie in [0, 1), got {epsilon!r}")
+        args += ["--epsilon", repr(float(epsilon))]
+    if slider_safe:
+        if prob is None:
+            raise ValueError("slider_safe goes with prob")
+        args += ["--slider-safe"]
     for flag, value in (("--alpha", alpha), ("--alpha-inner", alpha_inner), ("--alpha-outer", alpha_outer)):
         if value is not None:
             if not 0 < float(value) < 1:
@@ -128,13 +145,50 @@ def read_apply_result(out_dir: str | PathLike[str]) -> ApplyResult:
 
 def dicom_reference_files(instance_uids: str | None, file_for_instance) -> list[str]:
     """The files of the DICOM series a volume node was loaded from: its ``DICOM.instanceUIDs`` attribute
-    (space separated) through ``file_for_instance`` (``slicer.dicomDatabase.fileForInstance``); empty
-    when the node did not come from DICOM or a file is no longer in the database."""
+    through ``file_for_instance`` (``slicer.dicomDatabase.fileForInstance``); empty when the node did not come
+    from DICOM or a file is no longer in the database.
+
+    Format, as Slicer's ``DICOMScalarVolumePlugin.load`` writes it (Modules/Scripted/DICOMPlugins): the SOP
+    instance UID of every loaded file, in slice order, joined by single spaces, with ``"Unknown"`` for a file
+    without one; such a placeholder has no file, so the whole series is refused rather than half-referenced."""
     uids = (instance_uids or "").split()
     files = [file_for_instance(uid) for uid in uids]
     if not files or not all(files) or not all(Path(f).is_file() for f in files):
         return []
     return [str(f) for f in files]
+
+
+def seg_export_argv(
+    python: str,
+    *,
+    profile: str | PathLike[str],
+    prob: str | PathLike[str],
+    out_dir: str | PathLike[str],
+    reference_dicom: str | PathLike[str],
+    settings,
+) -> list[str]:
+    """The ``apply`` that writes the DICOM SEG of what the sliders show for ``profile`` at ``settings`` (a
+    :class:`~ConformalSegSlicer.slider.SliderSettings`, snapped as the sliders snap it): the levels each method's
+    sliders move (:func:`~ConformalSegSlicer.slider.recalibrate`), and the slider-safe band for CLS and
+    lesion-level profiles when the panel uses it. The CLI recalibrates from the profile's summaries with the same
+    library functions as the sliders, so the SEG holds the masks on screen."""
+    from ConformalSegLib.conformal.profile import load_profile
+
+    loaded = load_profile(profile)
+    s = settings.snapped()
+    method, calibration = loaded.method, loaded.calibration
+    if method in ("cls", "lesion"):
+        band = s.slider_safe and getattr(calibration, "tie_seed", None) is None
+        levels: dict = {"epsilon": s.epsilon, "alpha": s.alpha, "slider_safe": band}
+    elif method in ("crc", "rcps"):
+        levels = {"epsilon": s.epsilon} | ({"alpha": s.alpha} if method == "rcps" else {})  # rcps: alpha = delta
+    elif method == "ltt":
+        levels = {}  # one target per risk: no slider
+    elif getattr(calibration, "mode", None) == "joint-max":
+        levels = {"alpha": s.alpha}
+    else:
+        levels = {"alpha_inner": s.alpha_inner, "alpha_outer": s.alpha_outer}
+    return apply_command(python, profile=profile, prob=prob, out_dir=out_dir, reference_dicom=reference_dicom, **levels)
 
 
 def copy_atomically(source: str | PathLike[str], target: str | PathLike[str]) -> None:

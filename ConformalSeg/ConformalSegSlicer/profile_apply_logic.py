@@ -31,26 +31,20 @@ class ProfileApplyLogic:
         alphaInner=None,
         alphaOuter=None,
         dicomSeg=False,
+        dicomReferenceFolder=None,
         onOutput=None,
         onFinished=None,
     ):
         """Run ``conformalseg apply --mask`` (``maskVolume``: the tool's label map, exported) or ``--folds``
-        in PythonSlicer; with ``dicomSeg`` and a ``referenceVolume`` loaded from DICOM, also
-        ``--dicom-seg`` against copies of its series. ``onFinished(returncode, cancelled, outDir)``;
-        then :meth:`loadProfileApplyResult`."""
+        in PythonSlicer; with ``dicomSeg``, also ``--dicom-seg`` against the CT's DICOM series
+        (:meth:`referenceSeries`). ``onFinished(returncode, cancelled, outDir)``; then
+        :meth:`loadProfileApplyResult`."""
         work = adapter.temporary_folder()
         mask = None
         if maskVolume is not None:
             mask = os.path.join(work, "mask.nrrd")
             adapter.export_volume(maskVolume, mask)
-        reference = None
-        if dicomSeg:
-            reference = adapter.dicom_series_folder(referenceVolume, os.path.join(work, "reference"))
-            if reference is None:
-                raise ConformalSegError(
-                    "DICOM SEG export needs the CT loaded from DICOM (through the DICOM module)",
-                    fix="load the CT from the DICOM database, or save the segments and use Slicer's DICOM export",
-                )
+        reference = self.referenceSeries(referenceVolume, dicomReferenceFolder, work) if dicomSeg else None
         outDir = os.path.join(work, "out")
         argv = profile_apply.apply_command(
             adapter.python_slicer(),
@@ -68,6 +62,62 @@ class ProfileApplyLogic:
         return self._start(
             argv, (), onOutput, None, lambda code, cancelled: onFinished and onFinished(code, cancelled, outDir)
         )
+
+    def referenceSeries(self, referenceVolume, dicomReferenceFolder, work):
+        """The DICOM series folder a SEG refers to: copies of the files ``referenceVolume`` was loaded from
+        (Slicer's DICOM database), else ``dicomReferenceFolder`` (the user's choice, for a CT loaded from NIfTI
+        or NRRD: the CLI checks that its grid is the map's)."""
+        reference = adapter.dicom_series_folder(referenceVolume, os.path.join(work, "reference"))
+        if reference is None and dicomReferenceFolder:
+            reference = str(dicomReferenceFolder)
+        if reference is None:
+            raise ConformalSegError(
+                "DICOM SEG export needs the CT's DICOM series: the CT was not loaded from the DICOM database",
+                fix="choose the CT's DICOM series folder as 'Reference DICOM series', or load the CT through the "
+                "DICOM module",
+            )
+        return reference
+
+    def startSegExport(
+        self,
+        profilePath,
+        probabilityVolume,
+        settings,
+        referenceVolume=None,
+        dicomReferenceFolder=None,
+        onOutput=None,
+        onFinished=None,
+    ):
+        """*Export DICOM SEG* of what the sliders show for ``profilePath`` (a probability profile) at ``settings``
+        (:class:`~ConformalSegSlicer.slider.SliderSettings`): the probability map is exported and ``conformalseg
+        apply --prob ... --dicom-seg`` runs in PythonSlicer (:func:`~ConformalSegSlicer.profile_apply.
+        seg_export_argv`: the same library functions as the sliders). ``onFinished(returncode, cancelled,
+        outDir)``; then :meth:`finishSegExport`."""
+        work = adapter.temporary_folder()
+        reference = self.referenceSeries(referenceVolume, dicomReferenceFolder, work)
+        prob = os.path.join(work, "probability.nrrd")
+        adapter.export_volume(probabilityVolume, prob)
+        outDir = os.path.join(work, "out")
+        argv = profile_apply.seg_export_argv(
+            adapter.python_slicer(),
+            profile=profilePath,
+            prob=prob,
+            out_dir=outDir,
+            reference_dicom=reference,
+            settings=settings,
+        )
+        return self._start(
+            argv, (), onOutput, None, lambda code, cancelled: onFinished and onFinished(code, cancelled, outDir)
+        )
+
+    def finishSegExport(self, outDir, dicomSegPath):
+        """Copy the exported SEG to ``dicomSegPath`` (atomically); returns the run's
+        :class:`~ConformalSegSlicer.profile_apply.ApplyResult` (its guarantee sentences are the SEG's)."""
+        result = profile_apply.read_apply_result(outDir)
+        if result.dicom_seg is None:
+            raise ConformalSegError("conformalseg apply wrote no DICOM SEG", path=outDir, fix="see the log")
+        profile_apply.copy_atomically(result.dicom_seg, dicomSegPath)
+        return result
 
     def runProfileApply(self, profilePath, timeout=None, dicomSegPath=None, **kwargs):
         """Blocking :meth:`startProfileApply` + :meth:`loadProfileApplyResult` (scripts, the Python console):

@@ -96,6 +96,7 @@ class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.showPlotsButton.connect("clicked(bool)", self.onShowPlotsButton)
         self.ui.applyIntervalsButton.connect("clicked(bool)", self.onApplyIntervalsButton)
         self.ui.addCaseButton.connect("clicked(bool)", self.onAddCaseButton)
+        self.ui.exportSegButton.connect("clicked(bool)", self.onExportSegButton)
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
         self.initializeParameterNode()
 
@@ -166,6 +167,7 @@ class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         "intervalProfilePathLineEdit",
         "foldsPathLineEdit",
         "dicomSegPathLineEdit",
+        "dicomReferencePathLineEdit",
     )
 
     def _labelChoices(self) -> None:
@@ -230,6 +232,9 @@ class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyIntervalsButton.enabled = bool(isSet(p.intervalProfilePath) and p.lowerVolume and p.upperVolume)
         self.ui.addCaseButton.enabled = bool(
             self._profilePaths() and p.probabilityVolume and p.reviewedSegmentation and not busy
+        )
+        self.ui.exportSegButton.enabled = bool(
+            isSet(p.profilePath) and p.probabilityVolume and isSet(p.dicomSegPath) and not running
         )
 
     def _profilePaths(self) -> list:
@@ -339,6 +344,7 @@ class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     p.profilePath,
                     referenceVolume=p.inputVolume,
                     dicomSeg=isSet(p.dicomSegPath),
+                    dicomReferenceFolder=str(p.dicomReferencePath) if isSet(p.dicomReferencePath) else None,
                     onOutput=self.ui.logTextEdit.appendPlainText,
                     onFinished=self._onMaskApplyFinished,
                     **source,
@@ -370,6 +376,52 @@ class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     log(_("Loaded {name}.").format(name=segmentation.GetName()))
         except Exception:  # shown by tryWithErrorDisplay, which re-raises; clean up below all the same
             logging.exception("ConformalSeg: loading the margin sets failed")
+        finally:
+            adapter.remove_work_folder(outDir)
+            self._updateButtons()
+
+    def onExportSegButton(self) -> None:
+        """*Export DICOM SEG*: the masks the sliders show for the first (probability) profile, at the sliders'
+        levels, written by ``conformalseg apply --prob --dicom-seg`` in the background."""
+        p = self._parameterNode
+        if self._profileInputNow() != profile_apply.PROBABILITY:
+            slicer.util.errorDisplay(_("Export DICOM SEG is for probability profiles (the sliders' masks); for a "
+                                       "mask-only or fold profile, Apply writes the DICOM SEG."))  # fmt: skip
+            return
+        try:
+            with slicer.util.tryWithErrorDisplay(_("Failed to export the DICOM SEG."), waitCursor=True):
+                self.ui.logTextEdit.clear()
+                self._inference = self.logic.startSegExport(
+                    p.profilePath,
+                    p.probabilityVolume,
+                    sliderSettings(p),
+                    referenceVolume=p.inputVolume or p.probabilityVolume,
+                    dicomReferenceFolder=str(p.dicomReferencePath) if isSet(p.dicomReferencePath) else None,
+                    onOutput=self.ui.logTextEdit.appendPlainText,
+                    onFinished=self._onSegExportFinished,
+                )
+        except Exception:  # shown by tryWithErrorDisplay (which re-raises)
+            logging.exception("ConformalSeg: starting the DICOM SEG export failed")
+        finally:
+            self._updateButtons()
+
+    def _onSegExportFinished(self, returncode: int, cancelled: bool, outDir: str) -> None:
+        p = self._parameterNode
+        log = self.ui.logTextEdit.appendPlainText
+        try:
+            if cancelled:
+                log(_("Cancelled."))
+            elif returncode != 0:
+                log(_("conformalseg apply failed (exit status {status}).").format(status=returncode))
+                slicer.util.errorDisplay(_("The DICOM SEG export failed. See the log."))
+            else:
+                with slicer.util.tryWithErrorDisplay(_("Failed to write the DICOM SEG."), waitCursor=True):
+                    result = self.logic.finishSegExport(outDir, str(p.dicomSegPath))
+                    log(_("Wrote the DICOM SEG {path}.").format(path=p.dicomSegPath))
+                    for sentence in result.guarantees:
+                        log(sentence)
+        except Exception:  # shown by tryWithErrorDisplay, which re-raises; clean up below all the same
+            logging.exception("ConformalSeg: writing the DICOM SEG failed")
         finally:
             adapter.remove_work_folder(outDir)
             self._updateButtons()
