@@ -355,27 +355,36 @@ class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._updateButtons()
 
     def _onMaskApplyFinished(self, returncode: int, cancelled: bool, outDir: str) -> None:
+        self._onApplyChildFinished(
+            returncode, cancelled, outDir, _("Applying the profile failed. See the log."),
+            _("Failed to load the margin sets."), self._loadMaskApplyResult,
+        )  # fmt: skip
+
+    def _loadMaskApplyResult(self, outDir: str, log) -> None:
         p = self._parameterNode
+        dicomSegPath = str(p.dicomSegPath) if isSet(p.dicomSegPath) else None
+        segmentation, volumes, result = self.logic.loadProfileApplyResult(outDir, p.inputVolume, dicomSegPath)
+        if dicomSegPath and result.dicom_seg is not None:
+            log(_("Wrote the DICOM SEG {path}.").format(path=dicomSegPath))
+        self._maskResultText = "\n".join([*result.guarantees, *([result.note] if result.note else [])])
+        self._setGuarantee(self._maskResultText)
+        log(_("Loaded {name}.").format(name=segmentation.GetName()))
+
+    def _onApplyChildFinished(self, returncode: int, cancelled: bool, outDir: str, failure: str, step: str, handle):
+        """The end of a ``conformalseg apply`` child: log a cancel, or a failure (and show ``failure``), else run
+        ``handle(outDir, log)`` under ``step``'s error display; the work folder is removed in every case."""
         log = self.ui.logTextEdit.appendPlainText
         try:
             if cancelled:
                 log(_("Cancelled."))
             elif returncode != 0:
                 log(_("conformalseg apply failed (exit status {status}).").format(status=returncode))
-                slicer.util.errorDisplay(_("Applying the profile failed. See the log."))
+                slicer.util.errorDisplay(failure)
             else:
-                with slicer.util.tryWithErrorDisplay(_("Failed to load the margin sets."), waitCursor=True):
-                    dicomSegPath = str(p.dicomSegPath) if isSet(p.dicomSegPath) else None
-                    segmentation, volumes, result = self.logic.loadProfileApplyResult(
-                        outDir, p.inputVolume, dicomSegPath
-                    )
-                    if dicomSegPath and result.dicom_seg is not None:
-                        log(_("Wrote the DICOM SEG {path}.").format(path=dicomSegPath))
-                    self._maskResultText = "\n".join([*result.guarantees, *([result.note] if result.note else [])])
-                    self._setGuarantee(self._maskResultText)
-                    log(_("Loaded {name}.").format(name=segmentation.GetName()))
+                with slicer.util.tryWithErrorDisplay(step, waitCursor=True):
+                    handle(outDir, log)
         except Exception:  # shown by tryWithErrorDisplay, which re-raises; clean up below all the same
-            logging.exception("ConformalSeg: loading the margin sets failed")
+            logging.exception("ConformalSeg: %s", step)
         finally:
             adapter.remove_work_folder(outDir)
             self._updateButtons()
@@ -406,25 +415,17 @@ class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._updateButtons()
 
     def _onSegExportFinished(self, returncode: int, cancelled: bool, outDir: str) -> None:
+        self._onApplyChildFinished(
+            returncode, cancelled, outDir, _("The DICOM SEG export failed. See the log."),
+            _("Failed to write the DICOM SEG."), self._copyExportedSeg,
+        )  # fmt: skip
+
+    def _copyExportedSeg(self, outDir: str, log) -> None:
         p = self._parameterNode
-        log = self.ui.logTextEdit.appendPlainText
-        try:
-            if cancelled:
-                log(_("Cancelled."))
-            elif returncode != 0:
-                log(_("conformalseg apply failed (exit status {status}).").format(status=returncode))
-                slicer.util.errorDisplay(_("The DICOM SEG export failed. See the log."))
-            else:
-                with slicer.util.tryWithErrorDisplay(_("Failed to write the DICOM SEG."), waitCursor=True):
-                    result = self.logic.finishSegExport(outDir, str(p.dicomSegPath))
-                    log(_("Wrote the DICOM SEG {path}.").format(path=p.dicomSegPath))
-                    for sentence in result.guarantees:
-                        log(sentence)
-        except Exception:  # shown by tryWithErrorDisplay, which re-raises; clean up below all the same
-            logging.exception("ConformalSeg: writing the DICOM SEG failed")
-        finally:
-            adapter.remove_work_folder(outDir)
-            self._updateButtons()
+        result = self.logic.finishSegExport(outDir, str(p.dicomSegPath))
+        log(_("Wrote the DICOM SEG {path}.").format(path=p.dicomSegPath))
+        for sentence in result.guarantees:
+            log(sentence)
 
     def _startScoreMaps(self, state) -> None:
         """Confidence-set score maps in a background process; the segments are refreshed when they arrive
