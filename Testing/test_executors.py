@@ -381,6 +381,11 @@ def test_interval_evaluation_keep_going_leaves_bad_scans_out(tmp_path, interval_
         "Left out (--keep-going), 2 unreadable scan(s): c05"
         in (tmp_path / "kept" / "interval_evaluation.md").read_text()
     )
+    for path in sorted((root / "truth").iterdir())[1:]:  # one readable scan left: too few, said plainly
+        path.write_bytes(path.read_bytes()[:60])
+    assert interval_evaluate(root, tmp_path / "one", "--keep-going") == 2
+    assert "only 1 readable scan(s) of 24: the evaluation needs at least 2" in capsys.readouterr().err
+    assert not (tmp_path / "one").exists()
 
 
 def test_interval_evaluation_spill_dir_refusals(tmp_path, interval_data, capsys):

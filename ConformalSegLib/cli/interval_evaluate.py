@@ -144,6 +144,13 @@ def _evaluate_spilled(
     if report.failures:
         listed = "; ".join(f"{cid}: {error}" for cid, error in report.failures)
         warnings.warn(f"--keep-going: left out {len(report.failures)} unreadable case(s): {listed}", stacklevel=2)
+    if data.n < 2:
+        raise ConformalSegError(
+            f"only {data.n} readable scan(s) of {data.n + len(report.failures)}: the evaluation needs at least 2 "
+            "(one to calibrate, one to test)",
+            path=args.truth,
+            fix="fix the scans listed above, or add scans",
+        )
     n_cal = args.n_cal if args.n_cal is not None else data.n // 2
     options = {
         "lambda_max": args.lambda_max,
