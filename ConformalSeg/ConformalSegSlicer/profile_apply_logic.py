@@ -40,12 +40,16 @@ class ProfileApplyLogic:
         (:meth:`referenceSeries`). ``onFinished(returncode, cancelled, outDir)``; then
         :meth:`loadProfileApplyResult`."""
         work = adapter.temporary_folder()
-        mask = None
-        if maskVolume is not None:
-            mask = os.path.join(work, "mask.nrrd")
-            adapter.export_volume(maskVolume, mask)
-        reference = self.referenceSeries(referenceVolume, dicomReferenceFolder, work) if dicomSeg else None
         outDir = os.path.join(work, "out")
+        mask = None
+        try:
+            if maskVolume is not None:
+                mask = os.path.join(work, "mask.nrrd")
+                adapter.export_volume(maskVolume, mask)
+            reference = self.referenceSeries(referenceVolume, dicomReferenceFolder, work) if dicomSeg else None
+        except BaseException:
+            adapter.remove_work_folder(outDir)  # nothing started: leave no folder behind
+            raise
         argv = profile_apply.apply_command(
             adapter.python_slicer(),
             profile=profilePath,
@@ -94,18 +98,22 @@ class ProfileApplyLogic:
         seg_export_argv`: the same library functions as the sliders). ``onFinished(returncode, cancelled,
         outDir)``; then :meth:`finishSegExport`."""
         work = adapter.temporary_folder()
-        reference = self.referenceSeries(referenceVolume, dicomReferenceFolder, work)
-        prob = os.path.join(work, "probability.nrrd")
-        adapter.export_volume(probabilityVolume, prob)
         outDir = os.path.join(work, "out")
-        argv = profile_apply.seg_export_argv(
-            adapter.python_slicer(),
-            profile=profilePath,
-            prob=prob,
-            out_dir=outDir,
-            reference_dicom=reference,
-            settings=settings,
-        )
+        try:
+            reference = self.referenceSeries(referenceVolume, dicomReferenceFolder, work)
+            prob = os.path.join(work, "probability.nrrd")
+            adapter.export_volume(probabilityVolume, prob)
+            argv = profile_apply.seg_export_argv(
+                adapter.python_slicer(),
+                profile=profilePath,
+                prob=prob,
+                out_dir=outDir,
+                reference_dicom=reference,
+                settings=settings,
+            )
+        except BaseException:
+            adapter.remove_work_folder(outDir)  # nothing started: leave no folder behind
+            raise
         return self._start(
             argv, (), onOutput, None, lambda code, cancelled: onFinished and onFinished(code, cancelled, outDir)
         )
