@@ -379,6 +379,12 @@ def test_sample_data_is_built_once_and_drives_every_panel_section(tmp_path):
     assert paths.cls_profile.stat().st_mtime_ns == stamp  # reused, not rebuilt
     image, probability = load_image(paths.image), load_probability_map(paths.probability)
     assert image.geometry.mismatch(probability.geometry) is None
+    import numpy as np
+
+    from ConformalSegLib.io.dicom_series import load_image_input
+
+    series = load_image_input(paths.dicom)  # the Reference DICOM series the panel is given
+    assert series.geometry.mismatch(image.geometry) is None and np.array_equal(series.array, np.rint(image.array))
     profiles = [load_profile(paths.cls_profile), load_profile(paths.sets_profile)]
     assert [p.method for p in profiles] == ["cls", "sets"] and profiles[0].summaries.n == sample_data.N_CALIBRATION
     state = SliderState(profiles, probability.array, probability.geometry)

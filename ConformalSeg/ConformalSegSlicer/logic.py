@@ -444,8 +444,9 @@ class Logic(ProfileApplyLogic, ScriptedLoadableModuleLogic):
 
     def loadSampleData(self):
         """The sample (:mod:`ConformalSegSlicer.sample_data`, built into Slicer's cache folder on first use):
-        the scan and its probability map loaded, and the parameter node set to them and to the CLS and
-        confidence-set profiles (and the shipped model when present). Returns the two volume nodes."""
+        the scan and its probability map loaded, and the parameter node set to them, to the CLS and
+        confidence-set profiles, to the scan's DICOM series (the DICOM SEG reference) and to the shipped model
+        when present. Returns the two volume nodes."""
         folder = os.path.join(slicer.app.cachePath, "ConformalSeg-sample")
         paths = sample_data.make_sample(folder, model=SHIPPED_MODEL)
         image = adapter.load_volume(str(paths.image), "ConformalSeg phantom CT")
@@ -455,6 +456,7 @@ class Logic(ProfileApplyLogic, ScriptedLoadableModuleLogic):
         if hasattr(p, "profilePath"):  # the module's parameter node (ConformalSeg.py)
             p.inputVolume, p.probabilityVolume = image, probability
             p.profilePath, p.secondProfilePath = paths.cls_profile, paths.sets_profile
+            p.dicomReferencePath = paths.dicom  # Export DICOM SEG works on the sample too
             if paths.model is not None:
                 p.modelPath = paths.model
         return image, probability

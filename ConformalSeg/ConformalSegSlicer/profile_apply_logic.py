@@ -134,18 +134,20 @@ class ProfileApplyLogic:
         pump = self.startProfileApply(
             profilePath, onFinished=lambda code, cancelled, out: finished.update(code=code, out=out), **kwargs
         )
-        pump.timer.stop()
-        if pump.runner.wait(timeout) is None:
-            pump.cancel()
-            pump.runner.wait(30)
-            raise RuntimeError("conformalseg apply did not finish in time")
-        try:
-            if finished.get("code") != 0:
-                raise RuntimeError("conformalseg apply failed:\n" + "\n".join(pump.runner.output[-20:]))
-            return self.loadProfileApplyResult(finished["out"], kwargs.get("referenceVolume"), dicomSegPath)
-        finally:
-            if "out" in finished:
-                adapter.remove_work_folder(finished["out"])
+        return _finish_blocking(
+            pump, finished, timeout,
+            lambda out: self.loadProfileApplyResult(out, kwargs.get("referenceVolume"), dicomSegPath),
+        )  # fmt: skip
+
+    def runSegExport(self, profilePath, probabilityVolume, settings, dicomSegPath, timeout=None, **kwargs):
+        """Blocking :meth:`startSegExport` + :meth:`finishSegExport` (scripts, the self-test): writes
+        ``dicomSegPath`` and returns the run's :class:`~ConformalSegSlicer.profile_apply.ApplyResult`."""
+        finished = {}
+        pump = self.startSegExport(
+            profilePath, probabilityVolume, settings,
+            onFinished=lambda code, cancelled, out: finished.update(code=code, out=out), **kwargs,
+        )  # fmt: skip
+        return _finish_blocking(pump, finished, timeout, lambda out: self.finishSegExport(out, dicomSegPath))
 
     def loadProfileApplyResult(self, outDir, referenceVolume=None, dicomSegPath=None):
         """The segmentation node (the library's segment names), the fold volumes (``{"probability": node,
@@ -171,3 +173,20 @@ class ProfileApplyLogic:
 def _fold_volume_name(base: str, key: str) -> str:
     """``CT probability``, ``CT fold variance``, ``CT fold mutual information``."""
     return f"{base} {key.replace('_', ' ')}"
+
+
+def _finish_blocking(pump, finished: dict, timeout, collect):
+    """Wait for an ``apply`` child started with ``onFinished`` filling ``finished``; then ``collect(outDir)``
+    (or RuntimeError with the end of its output); the work folder is removed in every case."""
+    pump.timer.stop()
+    if pump.runner.wait(timeout) is None:
+        pump.cancel()
+        pump.runner.wait(30)
+        raise RuntimeError("conformalseg apply did not finish in time")
+    try:
+        if finished.get("code") != 0:
+            raise RuntimeError("conformalseg apply failed:\n" + "\n".join(pump.runner.output[-20:]))
+        return collect(finished["out"])
+    finally:
+        if "out" in finished:
+            adapter.remove_work_folder(finished["out"])

@@ -39,6 +39,7 @@ class SelfTest(ScriptedLoadableModuleTest):
             self.test_IntervalOverlayMatchesLibrary,
             self.test_TinyModelEndToEnd,
             self.test_SampleDataFillsThePanel,
+            self.test_SegExportEqualsTheSliders,
             self.test_AddCaseGrowsTheProfile,
             self.test_MaskProfileApply,
             self.test_TrustConfirmation,
@@ -141,6 +142,33 @@ class SelfTest(ScriptedLoadableModuleTest):
         segmentation, result = self._assertSegmentsMatch(logic, state, settings, None, image)
         self.assertFalse(result.has_warning)
         self.delayDisplay("The sample data fills the panel and its segments equal the library's")
+
+    def test_SegExportEqualsTheSliders(self):
+        """*Export DICOM SEG* on the sample (its scan's DICOM series as the reference): the SEG written by the
+        ``apply`` child holds, segment for segment, the masks the sliders show."""
+        try:
+            import highdicom  # noqa: F401  # the child runs in this same Python environment
+        except ImportError:
+            self._skip("test_SegExportEqualsTheSliders", "highdicom is not installed (pip install highdicom)")
+        from ConformalSegLib.io.dicom_seg import read_dicom_seg
+
+        logic = self.logicClass()
+        image, probability = logic.loadSampleData()
+        p = logic.getParameterNode()
+        state = logic.loadSliderState(probability, [p.profilePath])
+        settings = state.initial_settings()
+        with tempfile.TemporaryDirectory() as folder:
+            target = os.path.join(folder, "export.dcm")
+            logic.runSegExport(
+                p.profilePath, probability, settings, target, timeout=300, referenceVolume=image,
+                dicomReferenceFolder=str(p.dicomReferencePath),
+            )  # fmt: skip
+            segments = read_dicom_seg(target, str(p.dicomReferencePath))
+        shown = state.update(settings).segments
+        self.assertEqual(len(segments), len(shown))
+        for (name, mask), update in zip(segments.items(), shown.values()):
+            self.assertTrue(np.array_equal(mask, update.mask), name)
+        self.delayDisplay("Export DICOM SEG writes the masks the sliders show")
 
     def test_AddCaseGrowsTheProfile(self):
         from ConformalSegLib.conformal.profile import load_profile

@@ -21,12 +21,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cases", type=int, default=40, help="number of cases (default 40)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--empty-fraction", type=float, default=0.0, help="share of lesion-free cases (default 0)")
+    p.add_argument(
+        "--dicom",
+        action="store_true",
+        help="also write each case's image as a DICOM CT series in DIR/dicom/CASE/ (the reference series of "
+        "apply --dicom-seg; loadable in Slicer's DICOM module)",
+    )
     add_force(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    folders = [args.out / name for name in ("probs", "labels", "images")]
+    folders = [args.out / name for name in ("probs", "labels", "images", "dicom")]
     if not args.force and any(f.is_dir() and any(f.iterdir()) for f in folders):
         raise ConformalSegError(
             "the dataset folder already holds cases: new cases would be mixed with them",
@@ -40,9 +46,11 @@ def run(args: argparse.Namespace) -> int:
         force=args.force,
         empty_probability=args.empty_fraction,
         progress=progress_bar("writing"),
+        dicom=args.dicom,
     )
     print(
-        f"wrote {args.cases} cases to {args.out} (lesion label {LESION_LABEL}); "
+        f"wrote {args.cases} cases to {args.out}{' with DICOM series in dicom/' if args.dicom else ''} (lesion label "
+        f"{LESION_LABEL}); "
         f"try: conformalseg calibrate --method cls --data {args.out} --lesion-label {LESION_LABEL} "
         f"--epsilon 0.1 --alpha 0.1 --out profile.json"
     )
