@@ -927,3 +927,22 @@ def test_engine_pickles_for_workers_torchscript_included(models, mc_volume):
     assert a.variance.max() > 1e-3  # dropout really ran on both
     plain = pickle.loads(pickle.dumps(engine(base)))  # a state_dict network pickles as it is
     assert np.array_equal(plain.predict(mc_volume).probability, engine(base).predict(mc_volume).probability)
+
+
+def test_a_subset_of_flips(models, mc_volume):
+    """``tta_flips=N``: the first N of the 8 flips (identity, single axes, pairs, all three), N passes per window;
+    1 is plain inference bit for bit, 8 is ``True``; other counts are refused with the fix."""
+    from ConformalSegLib.inference.mc_passes import ALL_FLIPS, flip_count, variants
+
+    assert [flip_count(x) for x in (None, False, True, 1, 4, np.int64(8))] == [1, 1, 8, 1, 4, 8]
+    assert variants(0, 4) == [((), None), ((2,), None), ((3,), None), ((4,), None)]
+    assert [f for f, _ in variants(2, 2)] == [(), (), (2,), (2,)] and len(variants(0, True)) == len(ALL_FLIPS)
+    for bad in (0, 9, 2.5, "4"):
+        with pytest.raises(ConformalSegError, match="1..8"):
+            flip_count(bad)
+    eng = engine(resolve_model(models["sd"]))
+    plain, one, four, eight, every = (eng.predict(mc_volume, tta_flips=n) for n in (False, 1, 4, 8, True))
+    assert np.array_equal(one.probability, plain.probability) and one.tta_flips == 1
+    assert four.tta_flips == 4 and four.info["samples_per_forward"] == 4
+    assert np.array_equal(eight.probability, every.probability) and eight.tta_flips == 8
+    assert not np.allclose(four.probability, plain.probability) and not np.allclose(four.probability, every.probability)

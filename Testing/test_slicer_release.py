@@ -168,6 +168,34 @@ def test_infer_with_profile_uses_its_pipeline_and_refuses_another_model(tmp_path
     assert blocker is not None
 
 
+def test_profile_with_a_subset_of_flips_drives_inference(tmp_path, capsys):
+    """A profile calibrated on 4-flip TTA maps: ``infer --profile`` runs 4 flips, ``--tta 4`` agrees, ``--tta``
+    (all 8) conflicts; the panel names the pipeline with its flip count."""
+    from ConformalSegLib.cli import main
+    from ConformalSegLib.conformal.calibration import CalibrationRequest, calibrate
+    from ConformalSegLib.inference import resolve_model
+    from ConformalSegLib.io.volumes import save_volume
+    from ConformalSegLib.phantoms.simulated_maps import make_cases
+
+    model = fixtures.make_tiny_model(tmp_path / "model", seed=0)
+    record = {"pipeline_sha256": resolve_model(model).pipeline_sha256(), "mc_passes": 0, "tta_flips": 4, "seed": 0}
+    cases = list(make_cases(6, 3, shape=(16, 24, 24)))
+    profile = calibrate(cases[:5], CalibrationRequest("cls", epsilon=0.1, alpha=0.2, provenance={"inference": record}))
+    profile_path, _ = profile.save(tmp_path / "cls.json")
+    image = tmp_path / "images" / f"{commands.INPUT_CASE_ID}.nrrd"
+    save_volume(cases[5].image, cases[5].geometry, image)
+    base = ["infer", "--model", str(model), "--images", str(image), "--device", "cpu", "--profile", str(profile_path)]
+    assert main([*base, "--out", str(tmp_path / "all"), "--tta"]) == 2
+    assert "flips 4" in capsys.readouterr().err
+    assert main([*base, "--out", str(tmp_path / "r"), "--tta", "4"]) == 0
+    run = inference_check.read_run_record(tmp_path / "r")
+    assert run == inference_check.fingerprint(record) and run["tta_flips"] == 4
+    assert "4 flips" in inference_check.describe(record)
+    with pytest.raises(SystemExit):
+        main([*base, "--out", str(tmp_path / "bad"), "--tta", "9"])
+    assert "--tta takes a number of flips from 2 to 8" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- the panel's add-case command
 
 

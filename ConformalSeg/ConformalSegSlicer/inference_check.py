@@ -63,7 +63,7 @@ def describe(record: Mapping[str, Any] | None) -> str:
     f = fingerprint(record)
     if f is None:
         return "unknown pipeline"
-    flips = "8 flips" if f["tta_flips"] == 8 else "no flips"
+    flips = f"{f['tta_flips']} flips" if f["tta_flips"] > 1 else "no flips"
     mc = f"{f['mc_passes']} MC passes, seed {f['seed']}" if f["mc_passes"] else "no MC dropout"
     return f"pipeline {f['pipeline_sha256'][:12]}..., {mc}, {flips}"
 

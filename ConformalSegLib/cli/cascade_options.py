@@ -127,14 +127,15 @@ class CascadePredictor:
             cancel=cancel,
         )
 
-    def predict(self, volume: Volume, *, mc_dropout: int = 0, tta_flips: bool = False):
+    def predict(self, volume: Volume, *, mc_dropout: int = 0, tta_flips: bool | int | None = False):
         """Engine-compatible: the cascade as a ``Prediction``. MC passes come from the config
         (``mc_dropout`` must be 0 or equal ``stage2_mc_passes``); flip TTA is not supported."""
         import time
 
         from ..inference import Prediction
+        from ..inference.mc_passes import flip_count
 
-        if tta_flips:
+        if flip_count(tta_flips) > 1:
             raise ConformalSegError("--tta is not supported with --cascade", fix="drop --tta")
         if mc_dropout not in (0, self.config.stage2_mc_passes):
             raise ConformalSegError(

@@ -45,6 +45,7 @@ from .cascade_options import add_cascade_argument, cascade_predictor_from_args
 from .common import add_force, add_trust_option, progress_bar
 from .dicom_options import add_series_uid_option
 from .executor_options import add_executor_options, executor_spec
+from .model_options import add_tta_option
 
 INFERENCE_FORMAT = "conformalseg-inference"
 INFERENCE_FORMAT_VERSION = 1
@@ -88,7 +89,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="MC dropout passes (run as one batch); the probability is their mean, and variance and "
         "entropy maps are written (default 0: deterministic)",
     )
-    p.add_argument("--tta", action="store_true", help="average over the 8 flips of the spatial axes")
+    add_tta_option(p)
     p.add_argument(
         "--device",
         choices=("auto", "cpu", "cuda"),
@@ -294,15 +295,16 @@ def _options_from_profile(args: argparse.Namespace) -> None:
     from ..inference.model_dataset import PROFILE_FIX
 
     record = load_profile(args.profile).provenance.get("inference") or {}
-    passes, flips, seed = int(record.get("mc_passes", 0)), int(record.get("tta_flips", 1)) == 8, record.get("seed")
-    if (args.mc_dropout not in (0, passes)) or (args.tta and not flips) or (args.seed not in (0, seed or 0)):
+    passes, flips, seed = int(record.get("mc_passes", 0)), int(record.get("tta_flips", 1)), record.get("seed")
+    tta_differs = args.tta is not None and args.tta != flips
+    if (args.mc_dropout not in (0, passes)) or tta_differs or (args.seed not in (0, seed or 0)):
         raise ConformalSegError(
-            f"--profile fixes the pipeline (MC passes {passes}, flips {'on' if flips else 'off'}, seed {seed}); "
+            f"--profile fixes the pipeline (MC passes {passes}, flips {flips if flips > 1 else 'off'}, seed {seed}); "
             "--mc-dropout, --tta or --seed differ from it",
             path=args.profile,
             fix=f"leave out --mc-dropout, --tta and --seed with --profile ({PROFILE_FIX})",
         )
-    args.mc_dropout, args.tta, args.seed, args.profile_record = passes, flips, seed or 0, record
+    args.mc_dropout, args.tta, args.seed, args.profile_record = passes, flips if flips > 1 else None, seed or 0, record
 
 
 def _engine_from_profile(args: argparse.Namespace, cascade: Any) -> Any:

@@ -43,7 +43,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="MC dropout passes; the probability is their mean (use the same N at test time)",
     )
-    g.add_argument("--tta", action="store_true", help="average over the 8 flips of the spatial axes")
+    add_tta_option(g)
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="inference device (default auto)")
     g.add_argument("--dropout-seed", type=int, default=0, help="seed of the MC dropout masks (default 0)")
     g.add_argument(
@@ -53,6 +53,30 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
         help="keep the predicted probability maps in this folder (default: a temporary folder)",
     )
     add_cascade_argument(p)
+
+
+def _flip_count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 2 <= n <= 8:
+        raise argparse.ArgumentTypeError(f"--tta takes a number of flips from 2 to 8, got {text!r}")
+    return n
+
+
+def add_tta_option(parser: argparse._ActionsContainer) -> None:
+    """``--tta [N]``: flip test-time augmentation, all 8 flips or the first N (``args.tta``: None or N)."""
+    parser.add_argument(
+        "--tta",
+        type=_flip_count,
+        nargs="?",
+        const=8,
+        default=None,
+        metavar="N",
+        help="average over flips of the spatial axes: all 8 (--tta), or the first N (--tta 4: none and each "
+        "single axis; N passes' time)",
+    )
 
 
 def open_model_dataset(args: argparse.Namespace, description: str):

@@ -34,7 +34,7 @@ import torch
 
 from ..common.errors import ConformalSegError
 from ..io.volumes import Volume
-from .mc_passes import ALL_FLIPS, MCDropout, MCDropoutInactiveWarning, variants
+from .mc_passes import MCDropout, MCDropoutInactiveWarning, flip_count, variants
 from .model_card import ModelCard, resolve_model
 from .outputs import Prediction, QuantilePrediction, free_cuda, restore
 from .preprocessing import TORCH_DTYPES, Preprocessed, build_preprocessing, checked_array, network_affine, preprocess_on
@@ -193,9 +193,10 @@ class InferenceEngine:
 
     # ------------------------------------------------------------------ public
 
-    def predict(self, volume: Volume, *, mc_dropout: int = 0, tta_flips: bool = False) -> Prediction:
+    def predict(self, volume: Volume, *, mc_dropout: int = 0, tta_flips: bool | int = False) -> Prediction:
         """Probability map (and, with ``mc_dropout > 0``, variance and entropy maps) of ``volume``
-        on exactly its grid. Raises :class:`InferenceCancelled` when cancelled."""
+        on exactly its grid; ``tta_flips``: ``True`` (all 8 flips), ``False`` or a count (the first N,
+        :func:`~.mc_passes.flip_count`). Raises :class:`InferenceCancelled` when cancelled."""
         if isinstance(mc_dropout, bool) or not isinstance(mc_dropout, (int, np.integer)) or mc_dropout < 0:
             raise ConformalSegError(f"mc_dropout must be a number of passes >= 0, got {mc_dropout!r}")
         mc_dropout = int(mc_dropout)
@@ -213,8 +214,8 @@ class InferenceEngine:
         array = checked_array(volume)
         start = time.perf_counter()
         self._check_cancel()
-        samples = variants(mc_dropout, tta_flips)
-        n_flips = len(ALL_FLIPS) if tta_flips else 1
+        n_flips = flip_count(tta_flips)
+        samples = variants(mc_dropout, n_flips)
         rng: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
         if mc_dropout and not self.seeded_dropout and self.seed is not None:
             cuda_devices = (

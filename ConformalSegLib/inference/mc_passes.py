@@ -36,8 +36,9 @@ convolution algorithm for another batch size (cuDNN, TF32; oneDNN for batch 1 vs
 up to float rounding there, bit-identical where the backend is batch-size invariant (oneDNN CPU
 convolutions for batches >= 2, which the tests check).
 
-Flip TTA averages over all 8 combinations of flipping the three spatial axes of each window
-(flip, predict, flip back), also in the same batch.
+Flip TTA averages over the 8 combinations of flipping the three spatial axes of each window (flip, predict,
+flip back), also in the same batch; or over the first N of them (:func:`flip_count`), for N times the cost of
+one pass instead of 8.
 """
 
 from __future__ import annotations
@@ -49,9 +50,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
-__all__ = ["ALL_FLIPS", "DROPOUT_NAMES", "MCDropout", "MCDropoutInactiveWarning", "variants"]
+from ..common.errors import ConformalSegError
+
+__all__ = ["ALL_FLIPS", "DROPOUT_NAMES", "MCDropout", "MCDropoutInactiveWarning", "flip_count", "variants"]
 
 #: All flips of the three spatial axes of a (batch, channel, d0, d1, d2) tensor, identity first.
 ALL_FLIPS: tuple[tuple[int, ...], ...] = tuple(dims for r in range(4) for dims in itertools.combinations((2, 3, 4), r))
@@ -63,9 +67,26 @@ class MCDropoutInactiveWarning(UserWarning):
     """All MC dropout passes were identical (zero variance everywhere): dropout had no effect."""
 
 
-def variants(mc_dropout: int, tta_flips: bool) -> list[tuple[tuple[int, ...], int | None]]:
-    """The stochastic samples of one prediction, in their fixed order: ``(flip dims, MC pass or None)``."""
-    flips = ALL_FLIPS if tta_flips else ((),)
+def flip_count(tta_flips: bool | int | None) -> int:
+    """How many flips a prediction averages: ``False``/``None`` -> 1 (none), ``True`` -> all 8, or a count
+    ``N`` in 1..8, meaning the first ``N`` of :data:`ALL_FLIPS` (identity, then each single axis, then each pair,
+    then all three: ``N = 4`` is the identity and the three single-axis flips)."""
+    if tta_flips is None or tta_flips is False:
+        return 1
+    if tta_flips is True:
+        return len(ALL_FLIPS)
+    if not isinstance(tta_flips, (int, np.integer)) or not 1 <= int(tta_flips) <= len(ALL_FLIPS):
+        raise ConformalSegError(
+            f"the number of test-time flips must be 1..{len(ALL_FLIPS)}, got {tta_flips!r}",
+            fix="e.g. --tta (all 8) or --tta 4 (the identity and the three single-axis flips)",
+        )
+    return int(tta_flips)
+
+
+def variants(mc_dropout: int, tta_flips: bool | int | None) -> list[tuple[tuple[int, ...], int | None]]:
+    """The stochastic samples of one prediction, in their fixed order: ``(flip dims, MC pass or None)``
+    (``tta_flips`` as :func:`flip_count` reads it)."""
+    flips = ALL_FLIPS[: flip_count(tta_flips)]
     passes: tuple[int | None, ...] = tuple(range(mc_dropout)) if mc_dropout else (None,)
     return [(f, n) for f in flips for n in passes]
 

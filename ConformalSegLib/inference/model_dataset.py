@@ -41,6 +41,7 @@ from ..io.volumes import (
 )
 from .datasets import ImageCase, find_images
 from .engine import InferenceEngine
+from .mc_passes import flip_count
 from .model_card import ModelCard
 
 CACHE_MANIFEST = "conformalseg-inference-cache.json"
@@ -48,19 +49,19 @@ CACHE_MANIFEST = "conformalseg-inference-cache.json"
 PROFILE_FIX = "use the model card, weights (and cascade config) recorded in the profile's provenance"
 
 
-def inference_fingerprint(card: ModelCard, *, mc_dropout: int, tta_flips: bool, seed: int) -> dict[str, Any]:
+def inference_fingerprint(card: ModelCard, *, mc_dropout: int, tta_flips: bool | int, seed: int) -> dict[str, Any]:
     """What makes two probability maps of one image comparable: pipeline (weights, card), MC passes,
     flips and the dropout seed (only meaningful with MC dropout)."""
     return {
         "pipeline_sha256": card.pipeline_sha256(),
         "mc_passes": int(mc_dropout),
-        "tta_flips": 8 if tta_flips else 1,
+        "tta_flips": flip_count(tta_flips),
         "seed": int(seed) if mc_dropout else None,
     }
 
 
 def inference_provenance(
-    card: ModelCard, engine: InferenceEngine, *, mc_dropout: int, tta_flips: bool, seed: int
+    card: ModelCard, engine: InferenceEngine, *, mc_dropout: int, tta_flips: bool | int, seed: int
 ) -> dict[str, Any]:
     """The record of how probability maps were made, for profiles and ``inference.json``."""
     return {
@@ -120,7 +121,7 @@ class InferenceDataset(CalibrationDataset):
         cache_dir: str | PathLike[str],
         *,
         mc_dropout: int = 0,
-        tta_flips: bool = False,
+        tta_flips: bool | int = False,
         progress: ProgressCallback | None = None,
         series_uid: str | None = None,
     ):
@@ -141,7 +142,7 @@ class InferenceDataset(CalibrationDataset):
         self.series_uid = series_uid
         self.engine = engine
         self.mc_dropout = int(mc_dropout)
-        self.tta_flips = bool(tta_flips)
+        self.tta_flips = flip_count(tta_flips)
         self.fingerprint = inference_fingerprint(
             engine.card,
             mc_dropout=self.mc_dropout,
@@ -284,4 +285,4 @@ def engine_for_profile(
             path=model or profile_path,
             fix=PROFILE_FIX,
         )
-    return engine, {"mc_dropout": passes, "tta_flips": int(inference_record.get("tta_flips", 1)) == 8}
+    return engine, {"mc_dropout": passes, "tta_flips": flip_count(int(inference_record.get("tta_flips", 1)))}
