@@ -17,8 +17,12 @@ pydicom = pytest.importorskip("pydicom")
 
 
 def test_series_reads_back_exactly_on_an_oblique_grid(tmp_path):
+    import locale
+
     hu = np.random.default_rng(0).integers(-1024, 3000, size=SHAPE).astype(np.float32)
+    before = locale.setlocale(locale.LC_ALL)
     files = write_ct_series(hu, GEOM, tmp_path / "ct", patient_id="P7", series_description="test series")
+    assert locale.setlocale(locale.LC_ALL) == before  # GDCM's writer sets "C"; the rest of the process keeps its own
     assert [f.name for f in files] == [f"slice{k:04d}.dcm" for k in range(SHAPE[0])]
     volume = load_image_input(tmp_path / "ct")
     assert volume.geometry.mismatch(GEOM) is None and np.array_equal(volume.array, hu)

@@ -18,12 +18,15 @@ What is written (the pattern of SimpleITK's *DICOM series from array* example, t
   attributes a DICOM SEG's source images must carry (highdicom reads them; empty where unknown).
 
 The series is written into a staging folder and published whole (:func:`~.atomic.staged_folder`): an error or
-Ctrl-C leaves no half-written series behind.
+Ctrl-C leaves no half-written series behind. The process locale is restored afterwards (GDCM sets it to ``C``).
 """
 
 from __future__ import annotations
 
+import locale
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from os import PathLike
 from pathlib import Path
 
@@ -101,7 +104,7 @@ def write_ct_series(
     writer.KeepOriginalImageUIDOn()  # keep the UIDs set here (GDCM would make its own)
     target = Path(folder)
     names = [f"slice{k:04d}.dcm" for k in range(volume.GetDepth())]
-    with staged_folder(target, force=force) as stage:
+    with staged_folder(target, force=force) as stage, _locale_kept():
         for k, name in enumerate(names):
             frame = volume[:, :, k]
             for tag, value in series.items():
@@ -114,3 +117,15 @@ def write_ct_series(
             writer.SetFileName(str(stage / name))
             writer.Execute(frame)
     return [target / name for name in names]
+
+
+@contextmanager
+def _locale_kept() -> Iterator[None]:
+    """Restore the process locale afterwards: GDCM's writer sets ``LC_ALL`` to ``"C"`` and leaves it so, after
+    which Python reads text files as ASCII by default (and, inside Slicer, the whole application would change
+    locale)."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        yield
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
