@@ -4,6 +4,7 @@ a worker that raises; --keep-going; cancellation (issue 15)."""
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -222,7 +223,6 @@ def test_masks_on_executors_are_bit_identical_to_serial(tmp_path, data, mask_dat
 
 
 def test_masks_keep_going_names_every_bad_case(tmp_path, data, mask_data, cluster, capsys):
-    import shutil
 
     masks = tmp_path / "masks"
     shutil.copytree(mask_data / "masks", masks)
@@ -305,14 +305,18 @@ def test_interval_methods_on_executors_are_bit_identical_to_serial(tmp_path, int
     assert json.loads((tmp_path / "dask.json").read_text())["provenance"]["executor"] == "dask"
 
 
-def test_interval_keep_going_names_every_bad_case(tmp_path, interval_data, cluster, capsys):
-    import shutil
+def truncated_copy(data: Path, root: Path, cases: tuple[str, ...]) -> Path:
+    """A copy of the interval cases whose ``cases`` have a truth file cut after 60 bytes (unreadable)."""
 
-    root = tmp_path / "iv"
-    shutil.copytree(interval_data, root)
-    for case in ("c05", "c17"):
+    shutil.copytree(data, root)
+    for case in cases:
         path = root / "truth" / f"{case}.nii.gz"
         path.write_bytes(path.read_bytes()[:60])
+    return root
+
+
+def test_interval_keep_going_names_every_bad_case(tmp_path, interval_data, cluster, capsys):
+    root = truncated_copy(interval_data, tmp_path / "iv", ("c05", "c17"))
     extra = ("--executor", "dask", "--scheduler", cluster, "--keep-going")
     assert interval_calibrate(root, tmp_path / "p.json", "crc-interval", *extra) == 2
     err = capsys.readouterr().err
@@ -351,13 +355,7 @@ def test_interval_evaluation_on_executors_is_byte_identical_to_serial(tmp_path, 
 
 
 def test_interval_evaluation_keep_going_leaves_bad_scans_out(tmp_path, interval_data, cluster, capsys):
-    import shutil
-
-    root = tmp_path / "iv"
-    shutil.copytree(interval_data, root)
-    for case in ("c05", "c17"):
-        path = root / "truth" / f"{case}.nii.gz"
-        path.write_bytes(path.read_bytes()[:60])
+    root = truncated_copy(interval_data, tmp_path / "iv", ("c05", "c17"))
     dask = ("--executor", "dask", "--scheduler", cluster)
     spill = tmp_path / "spill"
     spill.mkdir()

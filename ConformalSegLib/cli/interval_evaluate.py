@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from ..common.errors import ConformalSegError
-from ..common.executors import ExecutorSpec, MapReport, executor_session, map_ordered
+from ..common.executors import ExecutorSpec, MapReport, executor_session
 from ..io.atomic import check_can_write
 from .common import progress_bar
-from .interval_options import add_interval_arguments, add_option, default_n_opt
+from .interval_options import add_interval_arguments, add_option, default_n_opt, task_map
 
 INTERVAL_INPUTS = ("lower", "upper", "truth", "organs")
 
@@ -117,18 +117,6 @@ def _spill_parent(args: argparse.Namespace) -> Path | None:
     return Path(folder)
 
 
-def _task_map(spec: ExecutorSpec, progress: Any, *, keep_going: bool = False, report: MapReport | None = None) -> Any:
-    """``map_tasks(task, shared, items, labels)`` on ``spec`` (with ``keep_going``: failed items left out)."""
-
-    def map_tasks(task: Any, shared: Any, items: list[Any], labels: list[str]) -> list[Any]:
-        return map_ordered(
-            task, shared, items, spec, labels=labels, progress=progress, keep_going=keep_going,
-            skip_failed=keep_going, report=report,
-        )  # fmt: skip
-
-    return map_tasks
-
-
 def _evaluate_spilled(
     args: argparse.Namespace, organ_map: Any, methods: tuple[str, ...], spill: Path, spec: ExecutorSpec
 ) -> int:
@@ -139,7 +127,9 @@ def _evaluate_spilled(
     report = MapReport(spec.name, 1, [])
     data = load_interval_data(
         args.lower, args.upper, args.truth, args.organs, organ_map, args.body, spill_to=spill,
-        map_scans=_task_map(spec, progress_bar("loading"), keep_going=args.keep_going, report=report),
+        map_scans=task_map(
+            spec, progress_bar("loading"), keep_going=args.keep_going, skip_failed=args.keep_going, report=report
+        ),
     )  # fmt: skip
     if report.failures:
         listed = "; ".join(f"{cid}: {error}" for cid, error in report.failures)
@@ -164,7 +154,7 @@ def _evaluate_spilled(
         options["d_opt"] = args.d_opt
     summary = evaluate_interval_methods(
         data, args.interval_epsilon, runs=args.runs, n_cal=n_cal, methods=methods, seed=args.seed,
-        map_tasks=_task_map(spec, progress_bar("evaluating", unit="calibration")), **options,
+        map_tasks=task_map(spec, progress_bar("evaluating", unit="calibration")), **options,
     )  # fmt: skip
     if report.failures:
         summary["left_out"] = [{"case": cid, "error": error} for cid, error in report.failures]

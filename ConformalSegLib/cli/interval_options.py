@@ -151,6 +151,21 @@ def _options(args: argparse.Namespace, method: str) -> dict:
     return options
 
 
+def task_map(
+    spec: Any, progress: Any, *, keep_going: bool = False, skip_failed: bool = False, report: MapReport | None = None
+) -> Any:
+    """``map_tasks(task, shared, items, labels)``: :func:`~ConformalSegLib.common.executors.map_ordered` on
+    ``spec`` (what :mod:`ConformalSegLib.semcrc`'s ``map_scans`` / ``map_tasks`` arguments take)."""
+
+    def map_tasks(task: Any, shared: Any, items: list[Any], labels: list[str]) -> list[Any]:
+        return map_ordered(
+            task, shared, items, spec, labels=labels, progress=progress, keep_going=keep_going,
+            skip_failed=skip_failed, report=report,
+        )  # fmt: skip
+
+    return map_tasks
+
+
 def _scan_map(args: argparse.Namespace, progress: Any) -> tuple[Any, MapReport | None]:
     """The calibration split on ``--executor`` (None: serial, in this process) and its report."""
     from .executor_options import executor_spec
@@ -159,13 +174,7 @@ def _scan_map(args: argparse.Namespace, progress: Any) -> tuple[Any, MapReport |
     if spec.name == "serial":
         return None, None
     report = MapReport(spec.name, 1, [])
-
-    def map_scans(task: Any, shared: Any, indices: list[int], case_ids: list[str]) -> list[Any]:
-        return map_ordered(
-            task, shared, indices, spec, labels=case_ids, progress=progress, keep_going=args.keep_going, report=report
-        )
-
-    return map_scans, report
+    return task_map(spec, progress, keep_going=args.keep_going, report=report), report
 
 
 def run_interval_calibrate(args: argparse.Namespace) -> int:
