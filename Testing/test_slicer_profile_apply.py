@@ -261,6 +261,7 @@ def test_seg_export_holds_the_masks_on_screen(tmp_path, capsys, slider_safe):
     write_ct_series(tmp_path / "ct", np.zeros(case.probability.shape, np.int16), case.geometry)
     save_volume(case.probability.astype(np.float32), case.geometry, tmp_path / "prob.nii.gz")
     settings = SliderSettings(0.2, 0.3, 0.15, 0.25, slider_safe=slider_safe)
+    exported = {}
     for method, path in fixture.profiles.items():
         out = tmp_path / f"out_{method}"
         argv = profile_apply.seg_export_argv(
@@ -278,6 +279,28 @@ def test_seg_export_holds_the_masks_on_screen(tmp_path, capsys, slider_safe):
         assert len(seg) == len(shown), (list(seg), list(shown))
         for (name, mask), (shown_name, shown_mask) in zip(seg.items(), shown.items()):
             assert np.array_equal(mask, shown_mask), (method, name, shown_name)
+        exported[method] = list(seg.values())
+    # two profiles on screen (the panel's second profile): one SEG each, together the masks shown
+    pair = [fixture.profiles["cls"], fixture.profiles["sets"]]
+    both = SliderState.from_files(pair, case.probability, case.geometry).update(settings)
+    shown_masks = [update.mask for update in both.segments.values()]
+    assert len(shown_masks) == len(exported["cls"]) + len(exported["sets"])
+    assert all(np.array_equal(a, b) for a, b in zip(shown_masks, exported["cls"] + exported["sets"]))
+
+
+def test_seg_export_targets_one_seg_per_profile(tmp_path):
+    """The first profile's SEG is the chosen file; a second profile's goes beside it, named after the profile,
+    never onto the first one's name (a number is added on a clash)."""
+    out = tmp_path / "case.dcm"
+    assert profile_apply.seg_export_targets(out, ["a/cls.json"]) == [("a/cls.json", str(out))]
+    assert profile_apply.seg_export_targets(out, ["a/cls.json", "b/sets.json"]) == [
+        ("a/cls.json", str(out)),
+        ("b/sets.json", str(tmp_path / "case.sets.dcm")),
+    ]
+    same = profile_apply.seg_export_targets(tmp_path / "x.dcm", ["a/p.json", "b/p.json", "c/p.json"])
+    assert [target for _, target in same] == [str(tmp_path / n) for n in ("x.dcm", "x.p.dcm", "x.p-2.dcm")]
+    no_suffix = profile_apply.seg_export_targets(tmp_path / "seg", ["a.json", "b.json"])
+    assert no_suffix[1][1] == str(tmp_path / "seg.b.dcm")
 
 
 def test_seg_export_levels_per_method(tmp_path):

@@ -191,6 +191,29 @@ def seg_export_argv(
     return apply_command(python, profile=profile, prob=prob, out_dir=out_dir, reference_dicom=reference_dicom, **levels)
 
 
+def seg_export_targets(dicom_seg_path: str | PathLike[str], profiles: list) -> list[tuple[str, str]]:
+    """``(profile, SEG file)`` for every profile the panel exports: the first profile's SEG is
+    ``dicom_seg_path`` itself, each further one's is ``<stem>.<profile stem><suffix>`` beside it (a number is
+    appended when that name is taken). One SEG per profile: a SEG's descriptions state one calibration
+    (its guarantee sentence, levels and the profile's SHA-256), so two profiles are never merged into one."""
+    first = Path(dicom_seg_path)
+    suffix = first.suffix or ".dcm"
+    stem = first.name[: -len(first.suffix)] if first.suffix else first.name
+    targets, taken = [], {first.name}
+    for index, profile in enumerate(profiles):
+        if index == 0:
+            targets.append((str(profile), str(first)))
+            continue
+        name = f"{stem}.{Path(profile).stem}{suffix}"
+        number = 2
+        while name in taken:
+            name = f"{stem}.{Path(profile).stem}-{number}{suffix}"
+            number += 1
+        taken.add(name)
+        targets.append((str(profile), str(first.with_name(name))))
+    return targets
+
+
 def copy_atomically(source: str | PathLike[str], target: str | PathLike[str]) -> None:
     """Copy ``source`` to ``target`` through the library's atomic output (a temporary file beside ``target``,
     flushed, then renamed): a reader never sees a half-written DICOM SEG, and a failed copy leaves

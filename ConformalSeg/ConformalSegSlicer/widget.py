@@ -73,6 +73,7 @@ class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._overlayKey = None
         self._overlayShown = False
         self._inference = None  # ProcessPump
+        self._segExports = []  # (profile, SEG file) still to export, the running one first
         self._background = None  # ProcessPump of calibrate / evaluate
         self._scoreMaps = None  # ProcessPump of the confidence-set score maps
         self._refreshTimer = qt.QTimer()
@@ -127,6 +128,7 @@ class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if pump is not None and pump.running:
                 pump.stop()
         self._inference = self._background = self._scoreMaps = None
+        self._segExports = []
         self.setParameterNode(None)
         self._state = self._stateKey = self._profilesKey = self._written = None
 
@@ -390,18 +392,37 @@ class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._updateButtons()
 
     def onExportSegButton(self) -> None:
-        """*Export DICOM SEG*: the masks the sliders show for the first (probability) profile, at the sliders'
-        levels, written by ``conformalseg apply --prob --dicom-seg`` in the background."""
+        """*Export DICOM SEG*: the masks the sliders show, at the sliders' levels, one SEG per loaded probability
+        profile (:func:`~ConformalSegSlicer.profile_apply.seg_export_targets`: the first at the chosen path, a
+        second beside it), each written by ``conformalseg apply --prob --dicom-seg`` in the background, one after
+        the other."""
         p = self._parameterNode
         if self._profileInputNow() != profile_apply.PROBABILITY:
             slicer.util.errorDisplay(_("Export DICOM SEG is for probability profiles (the sliders' masks); for a "
                                        "mask-only or fold profile, Apply writes the DICOM SEG."))  # fmt: skip
             return
+        self.ui.logTextEdit.clear()
+        targets = profile_apply.seg_export_targets(str(p.dicomSegPath), [str(path) for path in self._profilePaths()])
+        self._segExports = [targets[0]]
+        for profile, target in targets[1:]:
+            if self.logic.profileInput(profile) == profile_apply.PROBABILITY:
+                self._segExports.append((profile, target))
+            else:
+                self.ui.logTextEdit.appendPlainText(
+                    _("Not exported: {profile} is not a probability profile (Apply writes its DICOM SEG).").format(
+                        profile=profile
+                    )
+                )
+        self._startNextSegExport()
+
+    def _startNextSegExport(self) -> None:
+        """Start the first export of the queue ``self._segExports`` (``(profile, SEG file)`` pairs)."""
+        p = self._parameterNode
+        profile, target = self._segExports[0]
         try:
             with slicer.util.tryWithErrorDisplay(_("Failed to export the DICOM SEG."), waitCursor=True):
-                self.ui.logTextEdit.clear()
                 self._inference = self.logic.startSegExport(
-                    p.profilePath,
+                    profile,
                     p.probabilityVolume,
                     sliderSettings(p),
                     referenceVolume=p.inputVolume or p.probabilityVolume,
@@ -411,21 +432,40 @@ class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 )
         except Exception:  # shown by tryWithErrorDisplay (which re-raises)
             logging.exception("ConformalSeg: starting the DICOM SEG export failed")
+            self._segExports = []
         finally:
             self._updateButtons()
 
     def _onSegExportFinished(self, returncode: int, cancelled: bool, outDir: str) -> None:
+        """Copy the finished export's SEG into place, then start the next profile's; a cancel or a failure
+        empties the queue (nothing more is exported)."""
+        if not self._segExports:  # the scene was closed meanwhile: nothing to copy
+            adapter.remove_work_folder(outDir)
+            return
+        current, self._segExports = self._segExports[0], self._segExports[1:]
+        copied = []
+
+        def copy(out: str, log) -> None:
+            copied.append(self._copyExportedSeg(current, out, log))
+
         self._onApplyChildFinished(
             returncode, cancelled, outDir, _("The DICOM SEG export failed. See the log."),
-            _("Failed to write the DICOM SEG."), self._copyExportedSeg,
+            _("Failed to write the DICOM SEG."), copy,
         )  # fmt: skip
+        if not copied:
+            self._segExports = []
+        if self._segExports:
+            self._startNextSegExport()
 
-    def _copyExportedSeg(self, outDir: str, log) -> None:
-        p = self._parameterNode
-        result = self.logic.finishSegExport(outDir, str(p.dicomSegPath))
-        log(_("Wrote the DICOM SEG {path}.").format(path=p.dicomSegPath))
+    def _copyExportedSeg(self, current, outDir: str, log) -> bool:
+        profile, target = current
+        replaced = os.path.exists(target)
+        result = self.logic.finishSegExport(outDir, target)
+        message = _("Replaced the DICOM SEG {path}.") if replaced else _("Wrote the DICOM SEG {path}.")
+        log(message.format(path=target))
         for sentence in result.guarantees:
             log(sentence)
+        return True
 
     def _startScoreMaps(self, state) -> None:
         """Confidence-set score maps in a background process; the segments are refreshed when they arrive
