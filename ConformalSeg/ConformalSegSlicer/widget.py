@@ -403,16 +403,21 @@ class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self.ui.logTextEdit.clear()
         targets = profile_apply.seg_export_targets(str(p.dicomSegPath), [str(path) for path in self._profilePaths()])
-        self._segExports = [targets[0]]
-        for profile, target in targets[1:]:
-            if self.logic.profileInput(profile) == profile_apply.PROBABILITY:
-                self._segExports.append((profile, target))
-            else:
-                self.ui.logTextEdit.appendPlainText(
-                    _("Not exported: {profile} is not a probability profile (Apply writes its DICOM SEG).").format(
-                        profile=profile
-                    )
-                )
+        queue = [targets[0]]
+        try:
+            with slicer.util.tryWithErrorDisplay(_("Failed to read the second profile."), waitCursor=True):
+                for profile, target in targets[1:]:
+                    if self.logic.profileInput(profile) == profile_apply.PROBABILITY:
+                        queue.append((profile, target))
+                    else:
+                        self.ui.logTextEdit.appendPlainText(
+                            _("Not exported: {profile} is not a probability profile (Apply writes its DICOM "
+                              "SEG).").format(profile=profile)
+                        )  # fmt: skip
+        except Exception:  # shown by tryWithErrorDisplay (which re-raises): export nothing
+            logging.exception("ConformalSeg: reading the second profile failed")
+            return
+        self._segExports = queue
         self._startNextSegExport()
 
     def _startNextSegExport(self) -> None:
