@@ -42,6 +42,7 @@ from ConformalSegLib.training.losses import SMOOTH, supervised_loss, voxel_cross
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "Resources" / "models" / "phantom_lesion_unet"
+SHIPPED_V2 = ROOT / "Resources" / "models" / "phantom_lesion_unet_v2"  # the demo's, fine-tuned from SHIPPED
 TINY_SHAPE = (16, 32, 32)  # phantom (z, y, x)
 TINY = dict(
     patch_size=(16, 16, 16),
@@ -336,14 +337,15 @@ def _shipped_heldout_phantom(training: dict, case_id: str):
     return make_phantom(phantom_seed(seed, index))
 
 
-def test_shipped_default_model():
-    card = resolve_model(SHIPPED)
+@pytest.mark.parametrize("folder", [SHIPPED, SHIPPED_V2], ids=["v1 (the cascade's stage 1)", "v2 (the demo's)"])
+def test_shipped_lesion_models(folder):
+    card = resolve_model(folder)
     t = card.training
-    assert card.sha256() == t["weights_sha256"] == sha256_file(SHIPPED / "weights.pt")
-    assert (SHIPPED / "weights.pt").stat().st_size < 8_000_000  # "a few MB at most"
-    assert (SHIPPED / "README.md").is_file() and (SHIPPED / "training.json").is_file()
+    assert card.sha256() == t["weights_sha256"] == sha256_file(folder / "weights.pt")
+    assert (folder / "weights.pt").stat().st_size < 8_000_000  # "a few MB at most"
+    assert (folder / "README.md").is_file() and (folder / "training.json").is_file()
     assert 0.4 <= t["heldout_mean_dice"] <= 0.9
-    log = json.loads((SHIPPED / "training.json").read_text())
+    log = json.loads((folder / "training.json").read_text())
     row = max(log["heldout"]["cases"], key=lambda r: r["dice"])  # a held-out phantom it segments well
     phantom = _shipped_heldout_phantom(t, row["case_id"])
     engine = InferenceEngine(card, device="cpu")
@@ -351,6 +353,8 @@ def test_shipped_default_model():
     dice = dice_from_masks(prediction.probability >= 0.5, phantom.lesion_mask)
     assert dice == pytest.approx(row["dice"], abs=0.02)  # reproduces the recorded held-out Dice
     assert 0.5 < dice < 1.0
+    if folder == SHIPPED_V2:  # the chain of runs: v2 starts from v1's weights
+        assert t["init_weights_sha256"] == resolve_model(SHIPPED).sha256()
 
 
 @pytest.mark.parametrize(
