@@ -227,6 +227,16 @@ class Logic(ProfileApplyLogic, ScriptedLoadableModuleLogic):
         logging.info("ConformalSeg: running %s", " ".join(str(a) for a in argv))
         return adapter.ProcessPump(runner).start()
 
+    def _startFor(self, result, argv, stages, onOutput, onProgress, onFinished):
+        """``_start`` whose ``onFinished(returncode, cancelled, result)`` is also told ``result`` (the output
+        path the caller reads afterwards); ``onFinished`` may be None."""
+
+        def finished(code, cancelled):
+            if onFinished is not None:
+                onFinished(code, cancelled, result)
+
+        return self._start(argv, stages, onOutput, onProgress, finished)
+
     def inferenceProfile(self, profilePaths):
         """The loaded profile whose recorded pipeline a model run must use (None: no profile recorded one)."""
         from ConformalSegLib.conformal.profile import load_profile
@@ -288,12 +298,13 @@ class Logic(ProfileApplyLogic, ScriptedLoadableModuleLogic):
             profile=profilePath,
             trust_model_code=bool(trustModelCode),
         )
-        return self._start(
+        return self._startFor(
+            outDir,
             argv,
             commands.progress_stages("infer"),
             onOutput,
             onProgress,
-            lambda code, cancelled: onFinished and onFinished(code, cancelled, outDir),
+            onFinished,
         )
 
     def loadInferenceResults(self, outDir, referenceVolume=None):
@@ -368,12 +379,13 @@ class Logic(ProfileApplyLogic, ScriptedLoadableModuleLogic):
             alpha_outer=s.alpha_outer,
             force=True,
         )
-        return self._start(
+        return self._startFor(
+            profile,
             argv,
             commands.progress_stages("calibrate"),
             onOutput,
             onProgress,
-            lambda code, cancelled: onFinished and onFinished(code, cancelled, profile),
+            onFinished,
         )
 
     def startEvaluation(
@@ -399,12 +411,13 @@ class Logic(ProfileApplyLogic, ScriptedLoadableModuleLogic):
             epsilon=s.epsilon,
             alpha=s.alpha,
         )
-        return self._start(
+        return self._startFor(
+            os.path.join(out, "results.json"),
             argv,
             commands.progress_stages("evaluate"),
             onOutput,
             onProgress,
-            lambda code, cancelled: onFinished and onFinished(code, cancelled, os.path.join(out, "results.json")),
+            onFinished,
         )
 
     def startAddCase(

@@ -11,7 +11,7 @@ from . import slicer_adapter as adapter
 
 
 class ProfileApplyLogic:
-    """``Logic`` methods for profiles the slider cannot drive (uses its ``_start``)."""
+    """``Logic`` methods for profiles the slider cannot drive (uses its ``_startFor``)."""
 
     def profileInput(self, profilePath) -> str:
         """``profile_apply.MASK`` (a mask-only margin profile or ``--structures`` index: applied to a
@@ -63,9 +63,7 @@ class ProfileApplyLogic:
             alpha_outer=alphaOuter,
             reference_dicom=reference,
         )
-        return self._start(
-            argv, (), onOutput, None, lambda code, cancelled: onFinished and onFinished(code, cancelled, outDir)
-        )
+        return self._startFor(outDir, argv, (), onOutput, None, onFinished)
 
     def referenceSeries(self, referenceVolume, dicomReferenceFolder, work):
         """The DICOM series folder a SEG refers to: copies of the files ``referenceVolume`` was loaded from
@@ -114,9 +112,7 @@ class ProfileApplyLogic:
         except BaseException:
             adapter.remove_work_folder(outDir)  # nothing started: leave no folder behind
             raise
-        return self._start(
-            argv, (), onOutput, None, lambda code, cancelled: onFinished and onFinished(code, cancelled, outDir)
-        )
+        return self._startFor(outDir, argv, (), onOutput, None, onFinished)
 
     def finishSegExport(self, outDir, dicomSegPath):
         """Copy the exported SEG to ``dicomSegPath`` (atomically); returns the run's
