@@ -20,6 +20,7 @@ stdout is the Markdown section for ``benchmarks/RESULTS.md``. Usage::
 
     .venv/bin/python benchmarks/eval_openkbp.py            # first run trains (about 10-20 min on 2 CPU cores)
     .venv/bin/python benchmarks/eval_openkbp.py --quick    # 24 cases, 2 epochs, 10 splits: a smoke test
+    .venv/bin/python benchmarks/eval_openkbp.py --resume   # an interrupted training continues from its checkpoint
 """
 
 from __future__ import annotations
@@ -43,6 +44,11 @@ def _extra(parser) -> None:  # noqa: ANN001
     parser.add_argument("--splits", type=int, default=100, help="random calibration/test splits (default 100)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--hd95", action="store_true", help="also HD95 (slow: minutes per 100 splits)")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted training from its checkpoint (model.checkpoint.pt in the cache)",
+    )
     parser.add_argument("--data", type=Path, default=DATA, help="OpenKBP folder (default ../shared/data/openkbp)")
 
 
@@ -93,6 +99,7 @@ def _config(args):  # noqa: ANN001
 
 def _model(args, train_ids: list[str], cases: dict, quick: bool) -> Path:  # noqa: ANN001
     from ConformalSegLib.training import TrainingCase, train
+    from ConformalSegLib.training.checkpoint import default_checkpoint_path
 
     out = CACHE / ("model_quick" if quick else "model")
     config = _config(args)
@@ -103,7 +110,14 @@ def _model(args, train_ids: list[str], cases: dict, quick: bool) -> Path:  # noq
         return out
     train_cases = [TrainingCase(cid, cases[cid][0], cases[cid][1]) for cid in train_ids[args.heldout :]]
     held = [TrainingCase(cid, cases[cid][0], cases[cid][1]) for cid in train_ids[: args.heldout]]
-    C.log(f"training on {len(train_cases)} cases ({config.epochs} epochs), {len(held)} held out")
+    checkpoint = default_checkpoint_path(out)
+    resume = bool(getattr(args, "resume", False)) and checkpoint.is_file()
+    if checkpoint.is_file() and not resume:
+        C.log(f"{checkpoint} from an interrupted run is replaced (--resume would continue it)")
+    C.log(
+        f"training on {len(train_cases)} cases ({config.epochs} epochs), {len(held)} held out"
+        + (f", resuming from {checkpoint}" if resume else "")
+    )
     t0 = time.perf_counter()
     result = train(
         config,
@@ -118,6 +132,7 @@ def _model(args, train_ids: list[str], cases: dict, quick: bool) -> Path:  # noq
             "heldout_ids": train_ids[: args.heldout],
         },
         command=" ".join(sys.argv),
+        resume=resume,
     )
     C.log(f"trained in {time.perf_counter() - t0:.0f} s; held-out Dice {result.heldout.get('mean_dice')}")
     stamp.write_text(json.dumps(wanted))
