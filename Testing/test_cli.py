@@ -338,10 +338,12 @@ def test_demo_with_the_shipped_model(tmp_path, capsys):
     for name in ("cls", "lesion", "sets"):  # the profiles record the shipped model's pipeline, so `apply
         record = json.loads((tmp_path / "demo" / "profiles" / f"{name}.json").read_text())["provenance"]
         assert record["inference"]["pipeline_sha256"] == shipped.pipeline_sha256()  # --model` can use them
-    code, out, err = run(
-        ["demo", "--out", tmp_path / "d2", "--cases", "4", "--seed", "1001", "--device", "cpu"], capsys
-    )
-    assert code == 2 and "trained on" in err
+    for seed in ("1001", "1000"):  # v2's own run and v1's, from which v2 was fine-tuned
+        code, out, err = run(
+            ["demo", "--out", tmp_path / "d2", "--cases", "4", "--seed", seed, "--device", "cpu"], capsys
+        )
+        assert code == 2 and "trained on" in err and "1001, 1000" in err
+        assert not (tmp_path / "d2" / "data").exists()
 
 
 def test_transform_auto_uses_separate_learning_data(tmp_path, data, capsys):

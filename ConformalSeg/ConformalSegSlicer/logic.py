@@ -298,14 +298,7 @@ class Logic(ProfileApplyLogic, ScriptedLoadableModuleLogic):
             profile=profilePath,
             trust_model_code=bool(trustModelCode),
         )
-        return self._startFor(
-            outDir,
-            argv,
-            commands.progress_stages("infer"),
-            onOutput,
-            onProgress,
-            onFinished,
-        )
+        return self._startFor(outDir, argv, commands.progress_stages("infer"), onOutput, onProgress, onFinished)
 
     def loadInferenceResults(self, outDir, referenceVolume=None):
         """Probability (and MC-dropout variance) volumes written by ``conformalseg infer``: each marked
@@ -379,14 +372,7 @@ class Logic(ProfileApplyLogic, ScriptedLoadableModuleLogic):
             alpha_outer=s.alpha_outer,
             force=True,
         )
-        return self._startFor(
-            profile,
-            argv,
-            commands.progress_stages("calibrate"),
-            onOutput,
-            onProgress,
-            onFinished,
-        )
+        return self._startFor(profile, argv, commands.progress_stages("calibrate"), onOutput, onProgress, onFinished)
 
     def startEvaluation(
         self,

@@ -182,14 +182,15 @@ def _dataset(
         raise ConformalSegError(f"unknown demo source {settings.source!r}", fix="use 'model' or 'synthetic'")
     from ..inference import InferenceEngine, resolve_model
     from ..inference.model_dataset import InferenceDataset
+    from ..inference.model_lineage import training_lineage
 
     card = resolve_model(settings.model)
-    data_info = (card.training or {}).get("data") or {}
-    trained_on = data_info.get("phantom_seed") if isinstance(data_info, dict) else None
-    if trained_on is not None and int(trained_on) == int(settings.seed):
+    lineage = training_lineage(card)  # a fine-tuned model also learnt from its starting model's phantoms
+    if int(settings.seed) in lineage.phantom_seeds:
         raise ConformalSegError(
-            f"the demo's phantom seed {settings.seed} is the seed the model was trained on: the "
-            "evaluation would run on training data",
+            f"the demo's phantom seed {settings.seed} is a seed the model was trained on (its training "
+            f"phantom seeds: {', '.join(map(str, lineage.phantom_seeds))}): the evaluation would run on "
+            "training data",
             path=card.path,
             fix="choose another --seed",
         )

@@ -1,0 +1,55 @@
+"""The phantom seeds a model learnt from, followed through fine-tuning (inference/model_lineage.py)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from ConformalSegLib.inference import resolve_model
+from ConformalSegLib.inference.model_lineage import training_lineage
+
+MODELS = Path(__file__).resolve().parents[1] / "Resources" / "models"
+
+
+def test_the_shipped_fine_tuned_model_follows_its_parent():
+    v2 = training_lineage(resolve_model(MODELS / "phantom_lesion_unet_v2"))
+    assert v2.phantom_seeds == (1001, 1000) and v2.complete
+    assert v2.models == ("phantom_lesion_unet_v2", "phantom_lesion_unet")
+    v1 = training_lineage(resolve_model(MODELS / "phantom_lesion_unet"))
+    assert v1.phantom_seeds == (1000,) and v1.complete and v1.models == ("phantom_lesion_unet",)
+
+
+def _copy_card(src: Path, dst: Path, **training_changes) -> Path:
+    dst.mkdir(parents=True)
+    document = json.loads((src / "model_card.json").read_text())
+    document["training"].update(training_changes)
+    (dst / "model_card.json").write_text(json.dumps(document))
+    shutil.copy(src / "weights.pt", dst / "weights.pt")
+    return dst
+
+
+def test_a_parent_not_beside_the_model_leaves_the_lineage_incomplete(tmp_path):
+    alone = _copy_card(MODELS / "phantom_lesion_unet_v2", tmp_path / "models" / "child")
+    lineage = training_lineage(resolve_model(alone))
+    assert lineage.phantom_seeds == (1001,) and not lineage.complete
+
+
+@pytest.mark.parametrize("broken", ["not json", "[1, 2]", '{"training": "none"}'])
+def test_unreadable_or_foreign_sibling_cards_are_skipped(tmp_path, broken):
+    child = _copy_card(MODELS / "phantom_lesion_unet_v2", tmp_path / "models" / "child")
+    (tmp_path / "models" / "other").mkdir()
+    (tmp_path / "models" / "other" / "model_card.json").write_text(broken)
+    _copy_card(MODELS / "phantom_lesion_unet", tmp_path / "models" / "parent")
+    lineage = training_lineage(resolve_model(child))
+    assert lineage.phantom_seeds == (1001, 1000) and lineage.complete
+
+
+def test_a_cycle_of_cards_ends(tmp_path):
+    v2 = json.loads((MODELS / "phantom_lesion_unet_v2" / "model_card.json").read_text())["training"]
+    a = _copy_card(MODELS / "phantom_lesion_unet", tmp_path / "models" / "a", init_weights_sha256=v2["weights_sha256"])
+    _copy_card(MODELS / "phantom_lesion_unet_v2", tmp_path / "models" / "b")
+    lineage = training_lineage(resolve_model(a))  # a -> b -> a (hand-edited cards): stops, incomplete
+    assert lineage.phantom_seeds == (1000, 1001) and not lineage.complete
