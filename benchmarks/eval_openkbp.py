@@ -9,7 +9,8 @@ Protocol (seeded, so reruns give the same numbers):
 1. cases sorted by id and permuted with ``--seed``; the first ``--train`` are for training (of which
    ``--heldout`` are held out for the Dice reported in the card), the rest form the
    calibration/test pool, never seen in training;
-2. the network (``ConformalSegLib.training``, Dice + CE, dropout 0.1) is trained once and cached in
+2. the network (``ConformalSegLib.training``: the shipped lesion model's recipe, DynUNet with deep supervision,
+   Dice + CE, dropout 0.1, augmentation, AdamW + poly) is trained once and cached in
    ``benchmarks/_cache/openkbp_ptv70/model`` (reused when its training settings match); the pool's
    probability maps are predicted once (``InferenceDataset``, cached per pipeline fingerprint);
 3. ``evaluate_dataset`` runs ``--splits`` random 50/50 calibration/test splits of the pool: fixed
@@ -18,7 +19,7 @@ Protocol (seeded, so reruns give the same numbers):
 
 stdout is the Markdown section for ``benchmarks/RESULTS.md``. Usage::
 
-    .venv/bin/python benchmarks/eval_openkbp.py            # first run trains (about 10-20 min on 2 CPU cores)
+    .venv/bin/python benchmarks/eval_openkbp.py            # first run trains (about 45-90 min on 2 CPU cores)
     .venv/bin/python benchmarks/eval_openkbp.py --quick    # 24 cases, 2 epochs, 10 splits: a smoke test
     .venv/bin/python benchmarks/eval_openkbp.py --resume   # an interrupted training continues from its checkpoint
 """
@@ -221,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         f"calibration/test pool; {args.splits} random 50/50 splits (seed {args.seed})."
     )
     print(
-        f"- Network: MONAI UNet {list(_config(args).channels)}, 6 mm isotropic, {args.epochs} epochs "
+        f"- Network: MONAI DynUNet {list(_config(args).channels)} with deep supervision, 6 mm isotropic, "
+        f"{args.epochs} epochs "
         f"(`{model.relative_to(C.REPO_ROOT)}`); pool inference {inference_s:.0f} s, evaluation {eval_s:.0f} s "
         f"on {engine.device}.\n"
     )
