@@ -20,8 +20,8 @@ Probability maps (``--predictor``):
   and ``shift`` ~ N(-1.5, 1.5) mm per case (networks under-segment). A boundary error of a few mm costs a
   small target a larger share of its voxels, so small PTVs are the hard group, as with real networks;
 * ``network``: the small U-Net of ``eval_openkbp.py`` on its calibration/test pool (trained and its maps
-  predicted once, then cached in ``benchmarks/_cache/openkbp_ptv70``; the first run trains, 10-20 minutes
-  on 2 CPU cores).
+  predicted once, then cached in ``benchmarks/_cache/openkbp_ptv70``; the first run trains, 45-90 minutes
+  on 2 CPU cores). Its summaries' cache names the network's pipeline fingerprint.
 
 Protocol: ``--splits`` (default 200) seeded random 50/50 calibration/test splits; per split, the marginal
 CLS threshold and each group's Mondrian threshold at eps = alpha = 0.1 on the calibration half; on the test
@@ -129,16 +129,35 @@ def _summaries_network(args) -> tuple[list[str], list[np.ndarray], np.ndarray, n
     return ids, values, np.array(true_ml), np.array(pred_ml), groups
 
 
+def _summaries_path(args) -> Path | None:  # noqa: ANN001
+    """The cache file of the summaries. For the network predictor it names the network's pipeline fingerprint,
+    so a retrained network (``eval_openkbp.py`` with other settings) never reuses another's summaries; None
+    while that network has not been trained."""
+    name = f"{args.predictor}{'_quick' if args.quick else ''}_seed{args.seed}"
+    if args.predictor == "network":
+        import eval_openkbp
+
+        from ConformalSegLib.inference import resolve_model
+
+        model = eval_openkbp.CACHE / ("model_quick" if args.quick else "model")
+        if not (model / "model_card.json").is_file():
+            return None
+        name += f"_{resolve_model(model).pipeline_sha256()[:12]}"
+    return CACHE / f"{name}.npz"
+
+
 def load_summaries(args):  # noqa: ANN001, ANN201
     """Per case: id, descending PTV70 probabilities, true and predicted volume (mL), thickness group (cached)."""
-    path = CACHE / f"{args.predictor}{'_quick' if args.quick else ''}_seed{args.seed}.npz"
-    if path.is_file():
+    path = _summaries_path(args)
+    if path is not None and path.is_file():
         with np.load(path, allow_pickle=False) as z:
             offsets = z["offsets"]
             values = [z["values"][a:b] for a, b in zip(offsets[:-1], offsets[1:])]
             return list(z["ids"]), values, z["true_ml"], z["pred_ml"], list(z["groups"])
     make = _summaries_simulated if args.predictor == "simulated" else _summaries_network
     ids, values, true_ml, pred_ml, groups = make(args)
+    path = _summaries_path(args)  # the network exists now
+    assert path is not None
     CACHE.mkdir(parents=True, exist_ok=True)
     offsets = np.r_[0, np.cumsum([v.size for v in values])]
     np.savez(
