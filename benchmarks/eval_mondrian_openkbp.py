@@ -19,9 +19,9 @@ Probability maps (``--predictor``):
   noise, ``d`` the signed distance to the PTV70 surface in mm (positive outside), ``s`` in [0.4, 1.5] /mm
   and ``shift`` ~ N(-1.5, 1.5) mm per case (networks under-segment). A boundary error of a few mm costs a
   small target a larger share of its voxels, so small PTVs are the hard group, as with real networks;
-* ``network``: the small U-Net of ``eval_openkbp.py`` on its calibration/test pool (trained and its maps
-  predicted once, then cached in ``benchmarks/_cache/openkbp_ptv70``; the first run trains, 45-90 minutes
-  on 2 CPU cores). Its summaries' cache names the network's pipeline fingerprint.
+* ``network``: the network of ``eval_openkbp.py`` (DynUNet, the shipped recipe) on its calibration/test
+  pool (trained and its maps predicted once, then cached in ``benchmarks/_cache/openkbp_ptv70``; the first
+  run trains, 45-90 minutes on 2 CPU cores). Its summaries' cache names the network's pipeline fingerprint.
 
 Protocol: ``--splits`` (default 200) seeded random 50/50 calibration/test splits; per split, the marginal
 CLS threshold and each group's Mondrian threshold at eps = alpha = 0.1 on the calibration half; on the test
