@@ -184,18 +184,26 @@ def pool_dataset(args):  # noqa: ANN001, ANN201
     return listed, train_ids, pool_ids, model, card, engine, dataset, time.perf_counter() - t0
 
 
+def skipped(args) -> bool:  # noqa: ANN001
+    """True (after printing why) when the OpenKBP folder is absent; otherwise applies ``--quick``'s sizes.
+    Shared with ``eval_openkbp_margin.py``."""
+    if not args.data.is_dir():
+        print(f"Skipped: {args.data} is absent (the real-data evaluation needs ../shared/data/openkbp).\n")
+        return True
+    if args.quick:
+        args.train, args.heldout, args.epochs, args.splits = 12, 2, 2, 10
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = C.parse_args(__doc__.splitlines()[0], argv, _extra)
     print("### Real data: OpenKBP PTV70 (eval_openkbp.py)\n")
-    if not args.data.is_dir():
-        print(f"Skipped: {args.data} is absent (the real-data evaluation needs ../shared/data/openkbp).\n")
+    if skipped(args):
         return 0
 
     from ConformalSegLib.evaluation.protocol import evaluate_dataset
     from ConformalSegLib.evaluation.report import write_report
 
-    if args.quick:
-        args.train, args.heldout, args.epochs, args.splits = 12, 2, 2, 10
     listed, train_ids, pool_ids, model, card, engine, dataset, inference_s = pool_dataset(args)
     t0 = time.perf_counter()
     epsilons, alphas = (0.05, 0.1, 0.2, 0.3), (0.05, 0.1, 0.2)

@@ -95,13 +95,10 @@ def main(argv: list[str] | None = None) -> int:
 
     args = C.parse_args(__doc__.splitlines()[0], argv, _extra)
     print("### Real data: CLS on a calibrated margin, OpenKBP PTV70 (eval_openkbp_margin.py)\n")
-    if not args.data.is_dir():
-        print(f"Skipped: {args.data} is absent (the real-data evaluation needs ../shared/data/openkbp).\n")
+    if eval_openkbp.skipped(args):
         return 0
     from ConformalSegLib.evaluation.protocol import evaluate_dataset
 
-    if args.quick:
-        args.train, args.heldout, args.epochs, args.splits = 12, 2, 2, 10
     *_, dataset, _ = eval_openkbp.pool_dataset(args)
     t0 = time.perf_counter()
     cases = margin_cases(dataset)
