@@ -94,6 +94,7 @@ def _model_parts(args: argparse.Namespace) -> list[str]:
         str(args.lr),
         "--weight-decay",
         str(args.weight_decay),
+        *(["--ema-decay", str(args.ema_decay)] if getattr(args, "ema_decay", None) is not None else []),
         "--lr-schedule",
         args.lr_schedule,
         "--batch-size",

@@ -57,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
             raise ConformalSegError("--phantom-stream trains the lesion task only", fix="use --phantoms N for denoise")
         if args.init_weights is not None:
             raise ConformalSegError("--init-weights serves the lesion and roi tasks", fix="leave it out for denoise")
+        if args.ema_decay is not None:
+            raise ConformalSegError("--ema-decay serves the lesion and roi tasks", fix="leave it out for denoise")
         return run_denoise(args)
     _check_lesion_args(args)
     train_data, heldout_cases, data_info, lesion_labels = roi_data(args) if args.task == "roi" else lesion_data(args)
@@ -144,6 +146,7 @@ def _lesion_config(args: argparse.Namespace, lesion_labels: tuple[int, ...]) -> 
         num_workers=args.num_workers,
         name=args.name or args.out.resolve().name,
         init_weights_sha256=None if args.init_weights is None else resolve_model(args.init_weights).sha256(),
+        ema_decay=args.ema_decay,
     )
 
 

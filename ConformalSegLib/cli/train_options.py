@@ -260,6 +260,15 @@ def _optimisation_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--weight-decay", type=float, default=DEFAULTS["weight_decay"], help="default 1e-4")
     p.add_argument(
+        "--ema-decay",
+        type=float,
+        default=None,
+        metavar="D",
+        help="lesion/roi: validate, select and write an exponential moving average of the weights, updated "
+        "after every step with decay D (0.999: about the last 1,000 steps); the training itself is unchanged. "
+        "Default: off",
+    )
+    p.add_argument(
         "--quantiles",
         type=float,
         nargs="+",

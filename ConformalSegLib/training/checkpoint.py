@@ -2,13 +2,15 @@
 
 ``OUT.checkpoint.pt`` beside the model folder ``OUT`` (or ``--checkpoint FILE``) holds the epoch
 reached, the network, optimiser and scheduler states, the best held-out weights so far and their
-score, the log, torch's global RNG state (dropout masks) and the training configuration as JSON.
+score, the log, torch's global RNG state (dropout masks), the weight average when the run keeps one
+(:mod:`.weight_average`) and the training configuration as JSON.
 It is saved with ``torch.save`` to a temporary name and renamed over the previous one, so an
 interruption (Ctrl-C, a killed job, a full disk) leaves the last complete epoch. It contains only
 tensors, numbers and strings and is read with ``torch.load(weights_only=True)``: no code is run.
 
 ``--resume`` continues from it when its configuration is identical to the new run's (anything else
-would mix two runs into one model, so a difference is refused naming the differing keys). The file is
+would mix two runs into one model, so a difference is refused naming the differing keys; a key that
+a newer version added is absent from an older checkpoint and counts as its default, ``None``). The file is
 deleted when the model folder has been written.
 """
 
@@ -47,6 +49,7 @@ class Checkpoint:
     log: list[dict[str, Any]]
     rng_state: torch.Tensor
     elapsed_seconds: float = 0.0
+    weight_average: dict[str, Any] | None = None
 
     def save(self, path: Path) -> None:
         """Write atomically (temporary file in the same folder, then rename)."""
@@ -66,6 +69,7 @@ class Checkpoint:
             "log_json": json.dumps(self.log),
             "rng_state": self.rng_state,
             "elapsed_seconds": float(self.elapsed_seconds),
+            "weight_average": self.weight_average,
         }
         try:
             torch.save(payload, tmp)
@@ -97,9 +101,11 @@ class Checkpoint:
                 path=path,
                 fix="pass the OUT.checkpoint.pt file written by `conformalseg train`",
             )
-        if data["config_json"] != config_json:
-            old, new = json.loads(data["config_json"]), json.loads(config_json)
-            keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        old, new = json.loads(data["config_json"]), json.loads(config_json)
+        # a setting added to TrainingConfig after the checkpoint was written is absent there; its
+        # default is None (off), so absent and None are the same run
+        keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if keys:
             raise ConformalSegError(
                 f"the checkpoint belongs to a run with other settings ({', '.join(keys)})",
                 path=path,
@@ -117,4 +123,5 @@ class Checkpoint:
             json.loads(data["log_json"]),
             data["rng_state"],
             float(data.get("elapsed_seconds", 0.0)),
+            data.get("weight_average"),
         )

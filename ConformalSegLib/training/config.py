@@ -12,6 +12,7 @@ from ..common.errors import ConformalSegError
 from .losses import LOSS_NAMES
 from .networks import NETWORKS, Stride, downsampling, format_stride, network_args, stride_triplet
 from .optimization import LR_SCHEDULES, OPTIMIZERS
+from .weight_average import check_decay
 
 LESION_CHANNEL = 1
 #: Default intensity window (HU -> [0, 1], clipped): a soft-tissue window, so the 10-50 HU contrast of
@@ -31,6 +32,8 @@ class TrainingConfig:
     a fixed list of cases, ``steps_per_epoch`` to a phantom stream. ``mc_passes`` is used by the
     ``uncertainty-aware`` loss only. ``init_weights_sha256`` is the checksum of the weights the run
     starts from (``train(init_weights=...)``; ``None``: MONAI's random initialisation).
+    ``ema_decay`` (``None``: off) validates, selects and writes an exponential moving average of the
+    weights instead of the raw ones (:mod:`.weight_average`).
     """
 
     lesion_labels: tuple[int, ...] = (6,)
@@ -64,6 +67,7 @@ class TrainingConfig:
     num_workers: int = 0
     name: str = "lesion_unet"
     init_weights_sha256: str | None = None
+    ema_decay: float | None = None
 
     def validate(self) -> None:
         """Raise :class:`ConformalSegError` for settings that cannot train."""
@@ -108,6 +112,7 @@ class TrainingConfig:
             raise ConformalSegError(
                 "the learning rate must be positive, the weight decay >= 0 and the foreground fraction in [0, 1]"
             )
+        check_decay(self.ema_decay)
         if (
             isinstance(self.steps_per_epoch, bool)
             or int(self.steps_per_epoch) != self.steps_per_epoch

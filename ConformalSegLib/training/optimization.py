@@ -86,6 +86,7 @@ def fit(
     start_epoch: int = 0,
     resume: dict[str, Any] | None = None,
     on_epoch_end: EpochCallback | None = None,
+    after_step: Callable[[], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Optimise ``network`` for epochs ``start_epoch .. epochs - 1``.
 
@@ -93,7 +94,8 @@ def fit(
     non-finite loss is an error; ``cancel`` is checked before every step. ``resume`` holds the
     ``optimizer`` and ``scheduler`` states of an interrupted run. After each epoch
     ``on_epoch_end(epoch, record, optimizer, scheduler)`` may add keys to the record (validation) and
-    save a checkpoint. Returns one ``{"epoch", "loss" (mean), "seconds", ...}`` record per epoch run.
+    save a checkpoint. ``after_step()`` runs after every optimiser step (the weight average of
+    :mod:`.weight_average`). Returns one ``{"epoch", "loss" (mean), "seconds", ...}`` record per epoch run.
     """
     opt = build_optimizer(optimizer, network.parameters(), learning_rate, weight_decay)
     total = epochs * len(sampler)
@@ -121,6 +123,8 @@ def fit(
             opt.step()
             if scheduler is not None:
                 scheduler.step()
+            if after_step is not None:
+                after_step()
             losses.append(float(loss.detach()))
             done += 1
             if progress is not None:

@@ -17,7 +17,9 @@ What :func:`train` does
    callable or ``threading.Event``) stops training with :class:`~.optimization.TrainingCancelled`.
 4. After every epoch: the held-out validation Dice (:func:`~.validation.validation_dice`) and a
    checkpoint (:mod:`.checkpoint`) from which ``resume=True`` continues. The weights of the epoch with
-   the best validation Dice are the ones shipped (the last epoch's without held-out cases).
+   the best validation Dice are the ones shipped (the last epoch's without held-out cases). With
+   ``ema_decay`` those weights are the exponential moving average's (:mod:`.weight_average`), and the
+   log also records the raw weights' validation Dice (``val_dice_raw``).
 5. Writes ``weights.pt`` and the card into a staging folder, measures the held-out metrics with the
    real :class:`~ConformalSegLib.inference.engine.InferenceEngine` (:func:`~.validation.evaluate_heldout`),
    completes the card's ``training`` section and ``training.json`` and renames the folder to ``out``
@@ -60,6 +62,7 @@ from .networks import (
 from .optimization import CancelToken, ProgressCallback, TrainingCancelled, fit
 from .phantom_stream import PhantomStream, PhantomStreamSampler
 from .validation import evaluate_heldout, validation_dice
+from .weight_average import WeightAverage
 
 
 @dataclass
@@ -164,6 +167,19 @@ class _Run:
     start_epoch: int = 0
     elapsed_before: float = 0.0
     resumed: dict[str, Any] | None = None
+    average: WeightAverage | None = None
+
+    def __post_init__(self) -> None:
+        if self.config.ema_decay is not None:
+            self.average = WeightAverage(self.network, self.config.ema_decay)
+
+    def keep_selected(self) -> None:
+        """Put the weights to write into the network: the best validated ones, else the average's, else
+        the last step's."""
+        if self.best.state is not None:
+            self.network.load_state_dict(self.best.state)
+        elif self.average is not None:
+            self.network.load_state_dict(_state(self.average.network))
 
     def restore(self) -> None:
         """Continue from the checkpoint (weights, RNG, best so far, log, optimiser state)."""
@@ -173,6 +189,13 @@ class _Run:
         self.best = _Best(saved.best_score, saved.best_epoch, saved.best_network)
         self.previous_log, self.start_epoch, self.elapsed_before = saved.log, saved.epoch, saved.elapsed_seconds
         self.resumed = {"optimizer": saved.optimizer, "scheduler": saved.scheduler}
+        if self.average is not None and saved.weight_average is not None:
+            self.average.load_state_dict(saved.weight_average)
+
+    @property
+    def selectable(self) -> torch.nn.Module:
+        """The weights validated, selected and written: the average's when there is one."""
+        return self.network if self.average is None else self.average.network
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.started
@@ -184,10 +207,13 @@ class _Run:
     def on_epoch_end(self, epoch: int, record: dict[str, Any], optimizer: Any, scheduler: Any) -> None:
         """Validation Dice, best weights so far, and the checkpoint of this epoch."""
         if self.validation:
-            record.update(validation_dice(self.network, self.validation, self.template, self.device))
+            record.update(validation_dice(self.selectable, self.validation, self.template, self.device))
+            if self.average is not None:
+                raw = validation_dice(self.network, self.validation, self.template, self.device)
+                record["val_dice_raw"] = raw["val_dice"]
             score = record["val_dice"]
             if score is not None and (self.best.score is None or score >= self.best.score):
-                self.best = _Best(score, epoch + 1, _state(self.network))
+                self.best = _Best(score, epoch + 1, _state(self.selectable))
         self.log.append(record)
         Checkpoint(
             self.config.to_json(),
@@ -201,6 +227,7 @@ class _Run:
             self.epochs,
             torch.get_rng_state(),
             self.elapsed(),
+            None if self.average is None else self.average.state_dict(),
         ).save(self.ckpt_path)
 
 
@@ -276,9 +303,9 @@ def train(
         start_epoch=run.start_epoch,
         resume=run.resumed,
         on_epoch_end=run.on_epoch_end,
+        after_step=None if run.average is None else run.average.update,
     )
-    if run.best.state is not None:
-        network.load_state_dict(run.best.state)
+    run.keep_selected()
     result = _publish(run, out, force, train_data, heldout_cases, data_info, command, cancel)
     ckpt_path.unlink(missing_ok=True)
     return result
@@ -385,6 +412,7 @@ def _training_record(
         "heldout_case_ids": [c.case_id for c in heldout_cases],
         "network": config.network,
         "init_weights_sha256": config.init_weights_sha256,
+        "ema_decay": config.ema_decay,
         "epochs": config.epochs,
         "loss": config.loss,
         "deep_supervision": config.deep_supervision,

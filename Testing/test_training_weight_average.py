@@ -1,0 +1,136 @@
+"""The weight average of training (``conformalseg train --ema-decay D``): it is the exponential moving
+average of the trained weights step by step (hand values), it leaves the training itself bit-identical,
+it is what is validated, selected and written, it resumes bit-identically, old checkpoints without the
+setting still resume, and bad values are refused clearly. Tiny networks, CPU."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("monai")
+
+from test_training import TINY_ARGS, run_cli  # noqa: E402
+from test_training_recipe import DYN, STREAM  # noqa: E402
+
+from ConformalSegLib.common.errors import ConformalSegError  # noqa: E402
+from ConformalSegLib.inference import resolve_model  # noqa: E402
+from ConformalSegLib.training import TrainingCancelled, TrainingConfig, train  # noqa: E402
+from ConformalSegLib.training.checkpoint import default_checkpoint_path  # noqa: E402
+from ConformalSegLib.training.weight_average import WeightAverage  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    return torch.load(folder / "weights.pt", weights_only=True)
+
+
+def _epochs(folder: Path) -> list[dict]:
+    return json.loads((folder / "training.json").read_text())["epochs"]
+
+
+def test_the_average_is_the_exponential_moving_average_by_hand():
+    layer = torch.nn.Linear(1, 1, bias=False)
+    average = WeightAverage(layer, decay=0.75)
+    expected = None
+    for value in (4.0, 8.0, -2.0):
+        with torch.no_grad():
+            layer.weight.fill_(value)
+        average.update()
+        expected = value if expected is None else 0.75 * expected + 0.25 * value  # the first update copies
+        assert float(average.network.weight.detach()) == pytest.approx(expected, abs=1e-6)
+    assert average.updates == 3 and expected == pytest.approx(0.75 * (0.75 * 4 + 0.25 * 8) + 0.25 * -2.0)  # 3.25
+    assert float(layer.weight.detach()) == -2.0  # the trained module is only read
+
+
+@pytest.mark.parametrize("decay", [0.0, 1.0, -0.5, 2.0, True])
+def test_bad_decays_are_refused(decay):
+    with pytest.raises(ConformalSegError, match="strictly between 0 and 1"):
+        TrainingConfig(**{**DYN, "ema_decay": decay}).validate()
+
+
+def test_the_training_is_unchanged_and_the_average_is_selected_and_written(tmp_path):
+    heldout = STREAM.heldout_cases(1)
+    train(TrainingConfig(**DYN), STREAM, heldout, tmp_path / "plain")
+    train(TrainingConfig(**{**DYN, "ema_decay": 0.5}), STREAM, heldout, tmp_path / "ema")
+    plain, ema = _epochs(tmp_path / "plain"), _epochs(tmp_path / "ema")
+    # the raw trajectory is bit-identical: same losses, and the raw weights validate exactly as before
+    assert [e["loss"] for e in ema] == [e["loss"] for e in plain]
+    assert [e["val_dice_raw"] for e in ema] == [e["val_dice"] for e in plain]
+    card = resolve_model(tmp_path / "ema")
+    assert card.training["ema_decay"] == 0.5 and resolve_model(tmp_path / "plain").training["ema_decay"] is None
+    best = max(range(len(ema)), key=lambda i: (ema[i]["val_dice"], i)) + 1
+    assert card.training["selected_epoch"] == best and card.training["selected_val_dice"] == ema[best - 1]["val_dice"]
+
+    # without held-out cases the final average is written: with a decay near 0 it is the final raw
+    # weights (so the average is fed the weights after every step), with 0.5 it is not
+    train(TrainingConfig(**DYN), STREAM, [], tmp_path / "raw")
+    train(TrainingConfig(**{**DYN, "ema_decay": 1e-9}), STREAM, [], tmp_path / "near0")
+    train(TrainingConfig(**{**DYN, "ema_decay": 0.5}), STREAM, [], tmp_path / "half")
+    raw, near0, half = (_weights(tmp_path / n) for n in ("raw", "near0", "half"))
+    assert all(torch.allclose(raw[k], near0[k], atol=1e-6) for k in raw)
+    assert not all(torch.allclose(raw[k], half[k], atol=1e-4) for k in raw)
+
+
+def test_resume_with_the_average_is_bit_identical_and_old_checkpoints_resume(tmp_path):
+    config = TrainingConfig(**{**DYN, "epochs": 3, "ema_decay": 0.5})
+    heldout = STREAM.heldout_cases(1)
+    train(config, STREAM, heldout, tmp_path / "whole")
+    steps = {"n": 0}
+
+    def stop_in_epoch_three() -> bool:
+        steps["n"] += 1
+        return steps["n"] > 2 * config.steps_per_epoch
+
+    out = tmp_path / "resumed"
+    with pytest.raises(TrainingCancelled):
+        train(config, STREAM, heldout, out, cancel=stop_in_epoch_three)
+    with pytest.raises(ConformalSegError, match=r"other settings \(ema_decay\)"):
+        train(TrainingConfig(**{**DYN, "epochs": 3}), STREAM, heldout, out, resume=True)
+    train(config, STREAM, heldout, out, resume=True)
+    a, b = _weights(tmp_path / "whole"), _weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _epochs(tmp_path / "whole") == [
+        {**e, "seconds": w["seconds"]} for e, w in zip(_epochs(out), _epochs(tmp_path / "whole"))
+    ]
+
+    # a checkpoint written before the setting existed has no "ema_decay" key: it resumes as "off"
+    plain = TrainingConfig(**{**DYN, "epochs": 3})
+    old = tmp_path / "old"
+    steps["n"] = 0
+    with pytest.raises(TrainingCancelled):
+        train(plain, STREAM, heldout, old, cancel=stop_in_epoch_three)
+    path = default_checkpoint_path(old)
+    saved = torch.load(path, weights_only=True)
+    config_json = json.loads(saved["config_json"])
+    del config_json["ema_decay"]
+    saved["config_json"] = json.dumps(config_json, sort_keys=True)
+    del saved["weight_average"]
+    torch.save(saved, path)
+    train(plain, STREAM, heldout, old, resume=True)
+    assert resolve_model(old).training["ema_decay"] is None
+
+
+def test_cli_option(tmp_path):
+    out = tmp_path / "m"
+    assert run_cli("--phantoms", "1", "--heldout", "0", "--out", str(out), "--ema-decay", "0.9", *TINY_ARGS) == 0
+    training = resolve_model(out).training
+    assert training["ema_decay"] == 0.9 and "--ema-decay 0.9 " in training["command"]
+    plain = tmp_path / "p"
+    assert run_cli("--phantoms", "1", "--heldout", "0", "--out", str(plain), *TINY_ARGS) == 0
+    assert "--ema-decay" not in resolve_model(plain).training["command"]
+    with pytest.raises(ConformalSegError, match="strictly between 0 and 1"):
+        run_cli("--phantoms", "1", "--out", str(tmp_path / "a"), "--ema-decay", "1", *TINY_ARGS)
+    with pytest.raises(ConformalSegError, match="--ema-decay serves the lesion and roi tasks"):
+        run_cli("--task", "denoise", "--phantoms", "2", "--out", str(tmp_path / "b"), "--ema-decay", "0.9")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
