@@ -334,15 +334,15 @@ def test_demo_with_the_shipped_model(tmp_path, capsys):
     assert "](semcrc/interval_evaluation.png)" in report and (tmp_path / "demo" / "semcrc" / "profile.json").is_file()
     from ConformalSegLib.inference import resolve_model
 
-    shipped = resolve_model(Path(__file__).resolve().parents[1] / "Resources" / "models" / "phantom_lesion_unet_v2")
+    shipped = resolve_model(Path(__file__).resolve().parents[1] / "Resources" / "models" / "phantom_lesion_unet_v3")
     for name in ("cls", "lesion", "sets"):  # the profiles record the shipped model's pipeline, so `apply
         record = json.loads((tmp_path / "demo" / "profiles" / f"{name}.json").read_text())["provenance"]
         assert record["inference"]["pipeline_sha256"] == shipped.pipeline_sha256()  # --model` can use them
-    for seed in ("1001", "1000"):  # v2's own run and v1's, from which v2 was fine-tuned
+    for seed in ("1002", "1000"):  # v3's own run and v1's, at the start of its chain of fine-tunings
         code, out, err = run(
             ["demo", "--out", tmp_path / "d2", "--cases", "4", "--seed", seed, "--device", "cpu"], capsys
         )
-        assert code == 2 and "trained on" in err and "1001, 1000" in err
+        assert code == 2 and "trained on" in err and "1002, 1001, 1000" in err
         assert not (tmp_path / "d2" / "data").exists()
 
 

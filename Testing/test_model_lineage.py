@@ -15,6 +15,9 @@ MODELS = Path(__file__).resolve().parents[1] / "Resources" / "models"
 
 
 def test_the_shipped_fine_tuned_model_follows_its_parent():
+    v3 = training_lineage(resolve_model(MODELS / "phantom_lesion_unet_v3"))
+    assert v3.phantom_seeds == (1002, 1001, 1000) and v3.complete
+    assert v3.models == ("phantom_lesion_unet_v3", "phantom_lesion_unet_v2", "phantom_lesion_unet")
     v2 = training_lineage(resolve_model(MODELS / "phantom_lesion_unet_v2"))
     assert v2.phantom_seeds == (1001, 1000) and v2.complete
     assert v2.models == ("phantom_lesion_unet_v2", "phantom_lesion_unet")

@@ -244,8 +244,8 @@ def test_module_cmakelists_runs_against_stub_macros(tmp_path):
     ) in output
     assert "unittest ConformalSeg.py" in output
     # the shipped lesion network is installed into the module's resources (the sample data's model)
-    assert "destination=lib/Slicer-5.12/qt-scripted-modules/Resources/models/phantom_lesion_unet_v2" in output
-    assert "phantom_lesion_unet_v2/weights.pt" in output
+    assert "destination=lib/Slicer-5.12/qt-scripted-modules/Resources/models/phantom_lesion_unet_v3" in output
+    assert "phantom_lesion_unet_v3/weights.pt" in output
 
 
 if __name__ == "__main__":

@@ -42,7 +42,8 @@ from ConformalSegLib.training.losses import SMOOTH, supervised_loss, voxel_cross
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "Resources" / "models" / "phantom_lesion_unet"
-SHIPPED_V2 = ROOT / "Resources" / "models" / "phantom_lesion_unet_v2"  # the demo's, fine-tuned from SHIPPED
+SHIPPED_V2 = ROOT / "Resources" / "models" / "phantom_lesion_unet_v2"  # fine-tuned from SHIPPED
+SHIPPED_V3 = ROOT / "Resources" / "models" / "phantom_lesion_unet_v3"  # the demo's, fine-tuned from SHIPPED_V2
 TINY_SHAPE = (16, 32, 32)  # phantom (z, y, x)
 TINY = dict(
     patch_size=(16, 16, 16),
@@ -337,7 +338,9 @@ def _shipped_heldout_phantom(training: dict, case_id: str):
     return make_phantom(phantom_seed(seed, index))
 
 
-@pytest.mark.parametrize("folder", [SHIPPED, SHIPPED_V2], ids=["v1 (the cascade's stage 1)", "v2 (the demo's)"])
+@pytest.mark.parametrize(
+    "folder", [SHIPPED, SHIPPED_V2, SHIPPED_V3], ids=["v1 (the cascade's stage 1)", "v2", "v3 (the demo's)"]
+)
 def test_shipped_lesion_models(folder):
     card = resolve_model(folder)
     t = card.training
@@ -353,8 +356,8 @@ def test_shipped_lesion_models(folder):
     dice = dice_from_masks(prediction.probability >= 0.5, phantom.lesion_mask)
     assert dice == pytest.approx(row["dice"], abs=0.02)  # reproduces the recorded held-out Dice
     assert 0.5 < dice < 1.0
-    if folder == SHIPPED_V2:  # the chain of runs: v2 starts from v1's weights
-        assert t["init_weights_sha256"] == resolve_model(SHIPPED).sha256()
+    parent = {SHIPPED_V2: SHIPPED, SHIPPED_V3: SHIPPED_V2}.get(folder)  # the chain of runs: v3 <- v2 <- v1
+    assert t.get("init_weights_sha256") == (None if parent is None else resolve_model(parent).sha256())  # v1: none
 
 
 @pytest.mark.parametrize(

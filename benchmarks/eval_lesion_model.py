@@ -22,7 +22,7 @@ import _common as C
 import numpy as np
 
 OUT = C.REPO_ROOT / "benchmarks" / "_cache" / "lesion_model_eval"
-MODEL = C.REPO_ROOT / "Resources" / "models" / "phantom_lesion_unet_v2"
+MODEL = C.REPO_ROOT / "Resources" / "models" / "phantom_lesion_unet_v3"
 
 
 def _extra(parser) -> None:  # noqa: ANN001

@@ -43,8 +43,8 @@ SHIPPED_MODEL = next(
     (
         Path(folder)
         for folder in (
-            os.path.join(MODULE_DIR, "Resources", "models", "phantom_lesion_unet_v2"),
-            os.path.join(os.path.dirname(MODULE_DIR), "Resources", "models", "phantom_lesion_unet_v2"),
+            os.path.join(MODULE_DIR, "Resources", "models", "phantom_lesion_unet_v3"),
+            os.path.join(os.path.dirname(MODULE_DIR), "Resources", "models", "phantom_lesion_unet_v3"),
         )
         if os.path.isfile(os.path.join(folder, "model_card.json"))
     ),

@@ -4,7 +4,7 @@ Steps (each calls the same library functions as the CLI commands):
 
 1. write the embedded dataset to ``OUT/data``: synthetic CT phantoms (:mod:`ConformalSegLib.phantoms.generator`,
    nnU-Net layout, lesion label 6) drawn with a seed the shipped model was *not* trained on;
-2. run the shipped network (``Resources/models/phantom_lesion_unet_v2``) on every phantom through
+2. run the shipped network (``Resources/models/phantom_lesion_unet_v3``) on every phantom through
    :class:`~ConformalSegLib.inference.model_dataset.InferenceDataset` -> ``OUT/data/probs``;
 3. evaluate CLS, expected-FNR control, lesion-level control, the slider-safe bands and confidence sets
    over repeated random calibration/test splits, with lesion-wise detection by lesion size
@@ -55,7 +55,7 @@ from ..phantoms.simulated_dataset import LESION_LABEL, write_synthetic_dataset
 from .report import relink, report_text
 
 #: The network shipped with the project (see its README.md for how it was trained).
-DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "Resources" / "models" / "phantom_lesion_unet_v2"
+DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "Resources" / "models" / "phantom_lesion_unet_v3"
 
 Progress = Callable[[int, int, str], None]
 
