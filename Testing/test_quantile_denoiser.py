@@ -15,10 +15,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("monai")
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:`torch.jit.script` is deprecated:DeprecationWarning",
-    "ignore:`torch.jit.save` is deprecated:DeprecationWarning",
-)
+pytestmark = [
+    pytest.mark.usefixtures("one_torch_thread"),
+    pytest.mark.filterwarnings(
+        "ignore:`torch.jit.script` is deprecated:DeprecationWarning",
+        "ignore:`torch.jit.save` is deprecated:DeprecationWarning",
+    ),
+]
 
 from ConformalSegLib import cli  # noqa: E402
 from ConformalSegLib.cli import train_cmd  # noqa: E402
@@ -42,14 +45,6 @@ SHIPPED = ROOT / "Resources" / "models" / "phantom_denoiser_quantile"
 #: 0.8; a few cases, so allow sampling and fit error) and for its mean length (windowed units)
 COVERAGE_BAND = (0.70, 0.90)
 LENGTH_BAND = (0.02, 0.40)
-
-
-@pytest.fixture(autouse=True)
-def _few_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

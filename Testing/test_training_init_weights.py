@@ -18,13 +18,7 @@ from ConformalSegLib.inference import resolve_model  # noqa: E402
 from ConformalSegLib.training import TrainingConfig, phantom_cases, train  # noqa: E402
 from ConformalSegLib.training.initial_weights import initial_weights  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

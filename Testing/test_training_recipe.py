@@ -55,12 +55,7 @@ DYN = dict(
 )
 
 
-@pytest.fixture(autouse=True)
-def _few_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _sampler(tmp_path: Path, num_workers: int = 0, augment: bool = True) -> PhantomStreamSampler:

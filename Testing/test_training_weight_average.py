@@ -22,13 +22,7 @@ from ConformalSegLib.training import TrainingCancelled, TrainingConfig, train  #
 from ConformalSegLib.training.checkpoint import default_checkpoint_path  # noqa: E402
 from ConformalSegLib.training.weight_average import WeightAverage  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
