@@ -10,7 +10,13 @@ import pytest
 
 from ConformalSegLib.common.errors import ConformalSegError
 from ConformalSegLib.conformal.exact import detection_count
-from ConformalSegLib.evaluation.lesion_metrics import DetectionTally, equivalent_radius_mm, lesion_detection, size_class
+from ConformalSegLib.evaluation.lesion_metrics import (
+    DetectionTally,
+    equivalent_radius_mm,
+    false_positives,
+    lesion_detection,
+    size_class,
+)
 
 
 def test_detection_count_is_exact():
@@ -53,6 +59,21 @@ def test_false_positive_components_and_volume():
     assert empty.n_lesions == 0 and math.isnan(empty.missed_fraction) and empty.false_positive_components == 0
     with pytest.raises(ConformalSegError, match="shape"):
         lesion_detection(pred[:5], truth)
+    assert false_positives(pred, truth, (2.0, 1.0, 1.0)) == (2, pytest.approx(3 * 2.0 / 1000.0))
+    assert false_positives(np.zeros_like(truth), truth) == (0, 0.0)
+    with pytest.raises(ConformalSegError, match="shape"):
+        false_positives(pred[:5], truth)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_false_positives_alone_equal_the_full_matching(seed):
+    """The one-labelling shortcut the evaluation uses at every cutoff gives lesion_detection's numbers."""
+    rng = np.random.default_rng(seed)
+    truth = rng.random((8, 9, 10)) < 0.15
+    pred = rng.random((8, 9, 10)) < rng.uniform(0.02, 0.4)
+    full = lesion_detection(pred, truth, (1.5, 0.7, 0.7))
+    comps, ml = false_positives(pred, truth, (1.5, 0.7, 0.7))
+    assert comps == full.false_positive_components and ml == pytest.approx(full.false_positive_ml, rel=1e-12)
 
 
 def test_size_classes_and_tally():

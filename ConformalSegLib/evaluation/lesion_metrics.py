@@ -99,16 +99,7 @@ def lesion_detection(
     else:
         sizes = hits = np.zeros(0, dtype=np.int64)
         detected = np.zeros(0, dtype=bool)
-    pred_labels, n_pred = lesion_labels(prediction)
-    if n_pred:
-        touching = np.zeros(n_pred + 1, dtype=bool)
-        touching[np.unique(pred_labels[truth & prediction])] = True
-        pred_sizes = np.bincount(pred_labels.ravel(), minlength=n_pred + 1)
-        fp = ~touching
-        fp[0] = False
-        fp_components, fp_voxels = int(np.count_nonzero(fp)), int(pred_sizes[fp].sum())
-    else:
-        fp_components = fp_voxels = 0
+    fp_components, fp_voxels, n_pred = _false_positive_counts(prediction, truth)
     radii = equivalent_radius_mm(sizes, voxel_mm3)
     return LesionDetection(
         tuple(int(s) for s in sizes),
@@ -119,6 +110,35 @@ def lesion_detection(
         int(n_pred),
         float(detect_fraction),
     )
+
+
+def false_positives(
+    prediction: np.ndarray, truth: np.ndarray, spacing_zyx: Sequence[float] = (1.0, 1.0, 1.0)
+) -> tuple[int, float]:
+    """``(false-positive components, their mL)`` of a predicted mask: the same numbers as
+    :func:`lesion_detection`'s, with one connected-component labelling (of the prediction) instead of two."""
+    prediction = np.asarray(prediction, dtype=bool)
+    truth = np.asarray(truth, dtype=bool)
+    if prediction.shape != truth.shape:
+        raise ConformalSegError(
+            f"prediction shape {prediction.shape} != truth shape {truth.shape}",
+            fix="compare masks on the same voxel grid",
+        )
+    components, voxels, _ = _false_positive_counts(prediction, truth)
+    return components, voxels * float(np.prod(np.asarray(spacing_zyx, dtype=np.float64))) / 1000.0
+
+
+def _false_positive_counts(prediction: np.ndarray, truth: np.ndarray) -> tuple[int, int, int]:
+    """``(components touching no true voxel, their voxels, all predicted components)``."""
+    pred_labels, n_pred = lesion_labels(prediction)
+    if not n_pred:
+        return 0, 0, 0
+    touching = np.zeros(n_pred + 1, dtype=bool)
+    touching[np.unique(pred_labels[truth & prediction])] = True
+    pred_sizes = np.bincount(pred_labels.ravel(), minlength=n_pred + 1)
+    fp = ~touching
+    fp[0] = False
+    return int(np.count_nonzero(fp)), int(pred_sizes[fp].sum()), int(n_pred)
 
 
 @dataclass

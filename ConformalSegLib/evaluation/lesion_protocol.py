@@ -19,7 +19,8 @@ fraction of test scans with ``missed lesions <= floor(epsilon L)``, ``missed_rat
 ``missed / L`` (scans with a lesion; a lesion is missed by ``prob >= c`` iff its detection threshold is
 below ``c``). At the main setting only: lesion-wise sensitivity per size class (pooled lesions of the
 test scans, :data:`~ConformalSegLib.evaluation.lesion_metrics.SIZE_CLASSES`), and -- from the volumes in
-pass 2 -- false-positive components and mL per scan (:func:`~.lesion_metrics.lesion_detection`).
+pass 2 -- false-positive components and mL per scan (:func:`~.lesion_metrics.false_positives`: one
+labelling of the mask per distinct cutoff).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from ..conformal.exact import allowed_misses_array, conformal_rank
 from ..conformal.lesion_level import LesionLevelBuilder, LesionLevelSummaries, missed_lesions, scan_scores
 from ..conformal.simultaneous import band_scores
 from ..conformal.summaries import LesionSummaries
-from .lesion_metrics import SIZE_CLASSES, equivalent_radius_mm, lesion_detection, size_class
+from .lesion_metrics import SIZE_CLASSES, equivalent_radius_mm, false_positives, size_class
 
 #: The methods whose lesion-wise metrics are reported.
 LESIONWISE_METHODS = ("baseline", "cls", "crc", "lesion")
@@ -266,7 +267,7 @@ def false_positives_at(
     distinct, inverse = np.unique(cutoffs, return_inverse=True)
     comps = np.empty(distinct.size)
     ml = np.empty(distinct.size)
+    truth = np.asarray(lesion, dtype=bool)
     for k, c in enumerate(distinct):
-        result = lesion_detection(apply_threshold(probability, float(c)), lesion, spacing_zyx)
-        comps[k], ml[k] = result.false_positive_components, result.false_positive_ml
+        comps[k], ml[k] = false_positives(apply_threshold(probability, float(c)), truth, spacing_zyx)
     return comps[inverse].reshape(cutoffs.shape), ml[inverse].reshape(cutoffs.shape)
