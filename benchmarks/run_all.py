@@ -33,6 +33,7 @@ BENCHMARKS = (
     "bench_inference.py",
     "bench_semcrc.py",
     "bench_lesion_level.py",
+    "bench_false_positives.py",
     "bench_risk_control.py",
     "bench_executors.py",
     "bench_archive_merge.py",
