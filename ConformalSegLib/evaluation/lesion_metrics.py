@@ -83,13 +83,7 @@ def lesion_detection(
     detect_fraction: float = 0.5,
 ) -> LesionDetection:
     """Match a predicted mask to the true lesions of one case (see the module docstring)."""
-    prediction = np.asarray(prediction, dtype=bool)
-    truth = np.asarray(truth, dtype=bool)
-    if prediction.shape != truth.shape:
-        raise ConformalSegError(
-            f"prediction shape {prediction.shape} != truth shape {truth.shape}",
-            fix="compare masks on the same voxel grid",
-        )
+    prediction, truth = _masks(prediction, truth)
     voxel_mm3 = float(np.prod(np.asarray(spacing_zyx, dtype=np.float64)))
     true_labels, n_true = lesion_labels(truth)
     if n_true:
@@ -117,6 +111,13 @@ def false_positives(
 ) -> tuple[int, float]:
     """``(false-positive components, their mL)`` of a predicted mask: the same numbers as
     :func:`lesion_detection`'s, with one connected-component labelling (of the prediction) instead of two."""
+    prediction, truth = _masks(prediction, truth)
+    components, voxels, _ = _false_positive_counts(prediction, truth)
+    return components, voxels * float(np.prod(np.asarray(spacing_zyx, dtype=np.float64))) / 1000.0
+
+
+def _masks(prediction: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Both masks as bool arrays on the same grid (a clear error otherwise)."""
     prediction = np.asarray(prediction, dtype=bool)
     truth = np.asarray(truth, dtype=bool)
     if prediction.shape != truth.shape:
@@ -124,8 +125,7 @@ def false_positives(
             f"prediction shape {prediction.shape} != truth shape {truth.shape}",
             fix="compare masks on the same voxel grid",
         )
-    components, voxels, _ = _false_positive_counts(prediction, truth)
-    return components, voxels * float(np.prod(np.asarray(spacing_zyx, dtype=np.float64))) / 1000.0
+    return prediction, truth
 
 
 def _false_positive_counts(prediction: np.ndarray, truth: np.ndarray) -> tuple[int, int, int]:
