@@ -1,7 +1,8 @@
 """The reviewed-case loop (:mod:`ConformalSegLib.conformal.reviewed_cases`, ``conformalseg profile add-case``).
 
 Adding a case to a profile is bit for bit calibrating on the grown case list from scratch (CLS,
-expected-FNR control, lesion-level alone and joint, confidence sets with a distance transform), the old
+expected-FNR control, lesion-level alone and joint, confidence sets with a distance transform, threshold
+methods on a margin or smoothed score), the old
 profile file is untouched, and the provenance chain names the previous profile's SHA-256, the case id
 and the time.
 """
@@ -30,6 +31,8 @@ REQUESTS = {
     "lesion-joint": CalibrationRequest("lesion", epsilon=0.2, alpha=0.2, voxel_epsilon=0.3, min_lesion_voxels=2),
     "sets": CalibrationRequest("sets", alpha_inner=0.2, alpha_outer=0.2, outer_transform="distance:0.5"),
     "sets-joint": CalibrationRequest("sets", alpha=0.2, joint="max"),
+    "cls-margin": CalibrationRequest("cls", epsilon=0.1, alpha=0.2, score="margin:0.5"),
+    "lesion-gaussian": CalibrationRequest("lesion", epsilon=0.2, alpha=0.2, score="gaussian:2.0"),
 }
 
 

@@ -114,6 +114,8 @@ CALIBRATIONS = {
     "ltt": ["--method", "ltt", "--delta", "0.3", "--risk", "fnr=0.3", "--risk", "fp-ml=5"],
     "groups": ["--method", "cls", "--epsilon", "0.2", "--alpha", "0.3", "--group-by", "lesion-size:1"],
     "weighted": ["--method", "cls", "--epsilon", "0.2", "--alpha", "0.3", "--target-scans", "TARGET"],
+    "cls_margin": ["--method", "cls", "--epsilon", "0.1", "--alpha", "0.2", "--score", "margin"],
+    "lesion_gaussian": ["--method", "lesion", "--epsilon", "0.25", "--alpha", "0.2", "--score", "gaussian:2"],
 }
 
 
@@ -127,6 +129,8 @@ def test_fresh_profiles(data, tmp_path, capsys, name):
     assert ("groups" in doc) == (name == "groups") and ("weighting" in doc) == (name == "weighted")
     if name == "sets_tiny_alpha":
         assert doc["inner_threshold"] == "inf"
+    assert (doc["format_version"], doc.get("score")) == ((2, doc["score"]) if "score" in doc else (1, None))
+    assert ("score" in doc) == name.endswith(("_margin", "_gaussian"))
     broken = {
         "no guarantee": {k: v for k, v in doc.items() if k != "guarantee"},
         "unknown key": {**doc, "threshold": 0.5},
@@ -136,6 +140,9 @@ def test_fresh_profiles(data, tmp_path, capsys, name):
             "inner_threshold" if "inner_threshold" in doc else "probability_threshold": "nan",
         },
         "bad checksum": {**doc, "summaries": {**doc["summaries"], "sha256": "xyz"}},
+        "version 2 without a score": {**{k: v for k, v in doc.items() if k != "score"}, "format_version": 2},
+        "version 1 with a score": {**doc, "format_version": 1, "score": "margin:0.5"},
+        "distance score": {**doc, "format_version": 2, "score": "distance:0.5"},
     }
     for what, bad in broken.items():
         assert errors("profile", bad), what

@@ -21,7 +21,8 @@ scan, so the calibration and test scores stay exchangeable and ``P(FNR_test <= e
 holds for the grown mask exactly as for a probability cutoff (the proof in ``conformal/cls.py`` uses
 nothing about the score but the ``>=`` convention).
 
-Not a product feature yet: calibrate/apply/the Slicer panel threshold probability maps. Run after
+The product feature is ``conformalseg calibrate --score margin`` (and ``evaluate --score margin``,
+:mod:`ConformalSegLib.conformal.threshold_scores`); this script computes the same score. Run after
 ``eval_openkbp.py`` (it reuses that script's model and cached pool maps; it trains them if absent)::
 
     .venv/bin/python benchmarks/eval_openkbp_margin.py
@@ -29,7 +30,6 @@ Not a product feature yet: calibrate/apply/the Slicer panel threshold probabilit
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -37,7 +37,10 @@ from typing import Any
 import _common as C
 import numpy as np
 
-SCALE_MM = 10.0
+from ConformalSegLib.conformal.score_transforms import MARGIN_SCALE_MM, margin_mm
+from ConformalSegLib.conformal.threshold_scores import threshold_scores
+
+SCALE_MM = MARGIN_SCALE_MM
 
 
 def _extra(parser) -> None:  # noqa: ANN001
@@ -57,21 +60,8 @@ class MarginCase:
 
 
 def margin_score(probability: np.ndarray, geometry: Any) -> np.ndarray:
-    """``g(T)`` of the module docstring (float32 in (0, 1); ``T`` from ``distance:0.5``)."""
-    from ConformalSegLib.conformal.score_transforms import parse_transform
-
-    distance = parse_transform("distance:0.5")(probability, geometry).astype(np.float64)
-    score: np.ndarray = (1.0 / (1.0 + np.exp(-distance / SCALE_MM))).astype(np.float32)
-    return score
-
-
-def margin_mm(cutoff: float) -> float:
-    """The distance ``d`` of the mask ``T >= d`` that the cutoff ``c`` on ``g(T)`` stands for."""
-    if cutoff <= 0.0:
-        return -math.inf
-    if cutoff >= 1.0:
-        return math.inf
-    return SCALE_MM * math.log(cutoff / (1.0 - cutoff))
+    """``g(T)`` of the module docstring: the library's ``margin:0.5`` score (``calibrate --score margin``)."""
+    return threshold_scores(probability, geometry, "margin:0.5")
 
 
 def margin_cases(dataset) -> list[MarginCase]:  # noqa: ANN001

@@ -1,13 +1,14 @@
-"""Confidence-set score maps computed in a background process, never on Slicer's GUI thread.
+"""Score maps computed in a background process, never on Slicer's GUI thread.
 
-A confidence-set profile with a ``distance`` or ``gaussian`` score transform needs the transformed map
+A confidence-set profile with a ``distance`` or ``gaussian`` score transform, or a threshold profile calibrated
+on a score (``calibrate --score margin``; map names ``score:NAME``), needs the transformed map
 ``T`` of the whole probability volume (a signed distance is two Euclidean distance transforms: about
 45 s and 2 GB on a 512x512x300 CT, single-threaded). The panel therefore writes the probability map and
 its geometry to a temporary folder, runs :data:`SCRIPT` in PythonSlicer (the library's own
-:func:`~ConformalSegLib.conformal.score_transforms.parse_transform`, so the maps are bit for bit what
+:func:`~ConformalSegLib.conformal.threshold_scores.score_map_by_name`, so the maps are bit for bit what
 :meth:`ConformalSegSlicer.slider.SliderState.scores` would compute), and hands the ``.npy`` results to
 the slider state (:meth:`~ConformalSegSlicer.slider.SliderState.set_scores`) when the process ends.
-Until then the inner and outer sets are not shown and the label says they are being computed; every
+Until then the segments that need them are not shown and the label says they are being computed; every
 other segment updates as usual.
 """
 
@@ -27,7 +28,7 @@ SCRIPT = """
 import json, os, sys
 import numpy as np
 from ConformalSegLib.common.geometry import Geometry
-from ConformalSegLib.conformal.score_transforms import parse_transform
+from ConformalSegLib.conformal.threshold_scores import score_map_by_name
 probability_path, geometry_path, out_dir, *names = sys.argv[1:]
 probability = np.load(probability_path)
 with open(geometry_path, encoding="utf-8") as f:
@@ -35,7 +36,7 @@ with open(geometry_path, encoding="utf-8") as f:
 for i, name in enumerate(names):
     print(f"PROGRESS {i}/{len(names)} {name}", flush=True)
     partial = os.path.join(out_dir, f"score{i}.partial.npy")
-    np.save(partial, np.asarray(parse_transform(name)(probability, geometry)))
+    np.save(partial, np.asarray(score_map_by_name(name, probability, geometry)))
     os.replace(partial, os.path.join(out_dir, f"score{i}.npy"))
 print(f"PROGRESS {len(names)}/{len(names)} done", flush=True)
 """

@@ -41,6 +41,13 @@ from ConformalSegLib.conformal.guarantee_sentences import band_sentence
 from ConformalSegLib.conformal.profile import CalibrationProfile, load_profile
 from ConformalSegLib.conformal.score_transforms import parse_transform
 from ConformalSegLib.conformal.simultaneous import SimultaneousBand
+from ConformalSegLib.conformal.threshold_scores import (
+    DEFAULT_SCORE,
+    SCORE_MAP_PREFIX,
+    describe_cutoff,
+    score_map_by_name,
+    score_sentence,
+)
 from ConformalSegLib.conformal.ties import apply_calibration
 from ConformalSegLib.io.segmentation import INNER_SET, LESION_THRESHOLD, OUTER_SET
 from ConformalSegLib.io.volumes import PROBABILITY_TOLERANCE
@@ -295,14 +302,16 @@ class SliderState:
         return cls([load_profile(p) for p in paths], probability, geometry, inline_scores=inline_scores)
 
     def missing_scores(self) -> list[str]:
-        """The score transforms (not the identity) the confidence-set profiles need and that are not cached."""
+        """The score maps (not the identity) the profiles need and that are not cached: confidence-set transforms
+        by name, threshold profiles' scores as ``score:NAME`` (:func:`score_map_by_name`)."""
         names = []
         for profile in self.profiles:
             c = profile.calibration
             if isinstance(c, SetsCalibration):
-                for name in (c.outer_transform, c.inner_transform):
-                    if parse_transform(name).kind != "identity" and name not in self._scores and name not in names:
-                        names.append(name)
+                wanted = [n for n in (c.outer_transform, c.inner_transform) if parse_transform(n).kind != "identity"]
+            else:
+                wanted = [] if profile.score == DEFAULT_SCORE else [SCORE_MAP_PREFIX + profile.score]
+            names += [n for n in wanted if n not in self._scores and n not in names]
         return names
 
     def set_scores(self, name: str, scores: np.ndarray) -> None:
@@ -325,9 +334,9 @@ class SliderState:
         return initial_settings(self.profiles)
 
     def scores(self, transform_name: str) -> np.ndarray:
-        """The score map ``T`` of a transform, computed once per probability map."""
+        """The score map ``T`` of a transform (or ``score:NAME``), computed once per probability map."""
         if transform_name not in self._scores:
-            self._scores[transform_name] = np.asarray(parse_transform(transform_name)(self.probability, self.geometry))
+            self._scores[transform_name] = score_map_by_name(transform_name, self.probability, self.geometry)
         return self._scores[transform_name]
 
     def band(self, index: int, alpha: float) -> SimultaneousBand:
@@ -348,7 +357,10 @@ class SliderState:
         if settings.slider_safe and recalibrated.method in ("cls", "lesion") and c.tie_seed is None:
             band = self.band(index, settings.alpha)
             epsilon = grid_epsilon(settings.epsilon, band.grid)
-            return band.threshold(epsilon), band_sentence(band, recalibrated.method, epsilon)
+            cutoff = band.threshold(epsilon)
+            return cutoff, band_sentence(band, recalibrated.method, epsilon) + score_sentence(
+                recalibrated.score, cutoff
+            )
         prefix = FIXED_PREFIX if recalibrated.method in ("cls", "lesion") else ""
         return c.probability_threshold, prefix + recalibrated.guarantee
 
@@ -421,17 +433,12 @@ class SliderState:
                 )
                 result.segments[INNER_SET] = inner
                 result.segments[OUTER_SET] = outer
-            else:
-                name = new.mask_name
-                ties = isinstance(c, ThresholdCalibration) and c.tie_seed is not None  # the fixed (eps, alpha) mask
-                result.segments[name] = self._segment(
-                    name,
-                    ("prob", cutoff, c.tie_threshold if ties else None),
-                    (lambda out: apply_calibration(self.probability, c, out=out))
-                    if ties
-                    else (lambda out, cutoff=cutoff: apply_threshold(self.probability, cutoff, out=out)),
-                    f"probability >= {_fmt(cutoff)}" + (" (ties broken at random)" if ties else ""),
+            elif not self.inline_scores and SCORE_MAP_PREFIX + new.score in self.missing_scores():
+                result.pending.append(
+                    f"{new.mask_name}: computing its {new.score} score map in the background; it appears when done."
                 )
+            else:
+                result.segments[new.mask_name] = self._threshold_segment(new, cutoff)
         if settings.include_threshold:
             result.segments[LESION_THRESHOLD] = self._segment(
                 LESION_THRESHOLD,
@@ -440,6 +447,25 @@ class SliderState:
                 f"probability >= {THRESHOLD_CUTOFF}",
             )
         return result
+
+    def _threshold_segment(self, profile: CalibrationProfile, cutoff: float) -> SegmentUpdate:
+        """A threshold profile's mask at ``cutoff``: on the probability, or on the profile's score map."""
+        c = profile.calibration
+        assert isinstance(c, ThresholdCalibration)
+        ties = c.tie_seed is not None  # the fixed (eps, alpha) mask
+        if profile.score == DEFAULT_SCORE:
+            values, key, rule = self.probability, "prob", f"probability >= {_fmt(cutoff)}"
+        else:
+            values, key = self.scores(SCORE_MAP_PREFIX + profile.score), profile.score
+            rule = describe_cutoff(profile.score, cutoff)
+        return self._segment(
+            profile.mask_name,
+            (key, cutoff, c.tie_threshold if ties else None),
+            (lambda out: apply_calibration(values, c, out=out))
+            if ties
+            else (lambda out: apply_threshold(values, cutoff, out=out)),
+            rule + (" (ties broken at random)" if ties else ""),
+        )
 
     def library_masks(self, settings: SliderSettings) -> dict[str, np.ndarray]:
         """The same masks straight from the library (:meth:`CalibrationProfile.masks`), for checks."""
@@ -453,7 +479,7 @@ class SliderState:
                     masks.update(new.masks(self.probability, self.geometry))
                 else:
                     cutoff, _ = self.threshold_and_sentence(index, new, settings.snapped())
-                    masks[new.mask_name] = apply_threshold(self.probability, cutoff)
+                    masks[new.mask_name] = apply_threshold(new.score_map(self.probability, self.geometry), cutoff)
         if settings.include_threshold:
             masks[LESION_THRESHOLD] = apply_threshold(self.probability, THRESHOLD_CUTOFF)
         return masks

@@ -12,6 +12,7 @@ from ..common.errors import ConformalSegError
 from ..conformal.cls import ThresholdCalibration, apply_threshold
 from ..conformal.guarantee_sentences import band_sentence
 from ..conformal.profile import UNCHANGED, CalibrationProfile, Unchanged, load_profile
+from ..conformal.threshold_scores import DEFAULT_SCORE, score_sentence
 from ..io.atomic import atomic_write_text, check_can_write, staged_folder
 from ..io.checksums import sha256_file
 from ..io.dicom_series import load_image_input, load_probability_input
@@ -205,14 +206,20 @@ def _slider_safe_masks(
     calibration = profile.calibration
     assert isinstance(calibration, ThresholdCalibration)  # cls and lesion-level profiles
     epsilon = calibration.epsilon if args.epsilon is None else args.epsilon
-    mask = apply_threshold(volume.array, band.threshold(epsilon))
-    return {profile.mask_name: mask}, band_sentence(band, profile.method, epsilon)
+    cutoff = band.threshold(epsilon)
+    mask = apply_threshold(profile.score_map(volume.array, volume.geometry), cutoff)
+    sentence = band_sentence(band, profile.method, epsilon)
+    if profile.score != DEFAULT_SCORE:
+        sentence += score_sentence(profile.score, cutoff)
+    return {profile.mask_name: mask}, sentence
 
 
 def mm_based(profile: CalibrationProfile) -> str | None:
     """What of ``profile`` depends on the voxel spacing (a transform in mm, a size in mm^3 or mL), or None."""
     c = profile.calibration
     transforms = {getattr(c, "inner_transform", "identity"), getattr(c, "outer_transform", "identity")}
+    if profile.score != DEFAULT_SCORE:
+        return f"its score ({profile.score}) works in mm"
     if transforms - {"identity"}:
         return f"its score transform ({', '.join(sorted(transforms - {'identity'}))}) works in mm"
     if getattr(c, "min_lesion_mm3", 0):

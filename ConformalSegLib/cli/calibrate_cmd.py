@@ -11,6 +11,7 @@ from ..conformal.confidence_sets import select_transforms
 from ..conformal.fp_summaries import DEFAULT_FP_ML_CAP
 from ..conformal.lesion_level import DEFAULT_DETECT_FRACTION
 from ..conformal.score_transforms import DEFAULT_CANDIDATES
+from ..conformal.threshold_scores import DEFAULT_SCORE, parse_threshold_score
 from ..io.atomic import check_can_write
 from ..io.checksums import sha256_file
 from ..io.dataset import CalibrationDataset
@@ -132,6 +133,7 @@ def add_method_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--tie-seed", type=int, default=0, metavar="S", help="seed of --tie-breaking random (default 0)")
     add_lesion_level_options(p)
+    add_score_option(p)
     p.add_argument("--alpha-inner", type=float, help="sets: risk level of the inner set")
     p.add_argument("--alpha-outer", type=float, help="sets: risk level of the outer set")
     p.add_argument("--joint", action="store_true", help="sets: joint guarantee for inner and outer at once")
@@ -156,6 +158,18 @@ def add_method_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inner-transform", default=None, help="sets: transform of the inner set (overrides --transform)")
     p.add_argument("--outer-transform", default=None, help="sets: transform of the outer set (overrides --transform)")
     add_empty_option(p)
+
+
+def add_score_option(p: argparse.ArgumentParser) -> None:
+    """``--score`` (threshold methods; shared with ``evaluate``)."""
+    p.add_argument(
+        "--score",
+        default=DEFAULT_SCORE,
+        metavar="SCORE",
+        help="cls, crc, rcps, ltt, lesion: the score the cutoff applies to: identity (the probability, default), "
+        "margin[:LEVEL] (the network's LEVEL mask grown by a calibrated number of mm; for targets whose outer "
+        "layers the network ranks with the background) or gaussian:SIGMA_MM (smoothed probability)",
+    )
 
 
 def add_lesion_level_options(p: argparse.ArgumentParser) -> None:
@@ -228,6 +242,7 @@ def request_from_args(args: argparse.Namespace, provenance: dict) -> Calibration
         fp_ml_cap=getattr(args, "fp_ml_cap", DEFAULT_FP_ML_CAP),
         tie_breaking=getattr(args, "tie_breaking", "none"),
         tie_seed=getattr(args, "tie_seed", 0),
+        score=parse_threshold_score(getattr(args, "score", DEFAULT_SCORE)).name,
     )
 
 
@@ -361,11 +376,14 @@ def _check_geometry_known(dataset: CalibrationDataset, request: CalibrationReque
     transforms = (
         {request.inner_transform, request.outer_transform} - {"identity"} if request.method == "sets" else set()
     )
+    if request.score != DEFAULT_SCORE:
+        transforms.add(f"--score {request.score}")
     if transforms or (request.method == "lesion" and request.min_lesion_mm3):
         raise ConformalSegError(
             f"{len(missing)} case(s) have no voxel spacing (bare arrays, e.g. {missing[0]}), and this calibration "
             "works in mm (" + (", ".join(sorted(transforms)) or "--min-lesion-mm3") + ")",
             path=dataset.labels_dir,
-            fix="give the label maps as NIfTI/NRRD (their spacing is then used), or use --transform identity",
+            fix="give the label maps as NIfTI/NRRD (their spacing is then used), or use --transform identity "
+            "(--score identity)",
         )
     print(f"note: {len(missing)} case(s) have no voxel spacing (bare arrays): 1 mm assumed for volumes")

@@ -40,6 +40,7 @@ from ..conformal.mondrian import (
 )
 from ..conformal.profile import CalibrationProfile
 from ..conformal.scan_features import feature_names, scan_features
+from ..conformal.threshold_scores import DEFAULT_SCORE, score_sentence
 from ..conformal.weighted import Weighting, check_effective_size, fit_domain_classifier, weighted_calibration
 from ..io.case_table import read_groups
 from ..io.dataset import scan_folder
@@ -245,7 +246,7 @@ def deploy_for_scan(
         info: dict[str, Any] = {"group": choice.group.name, "group_by_prediction": choice.predicted}
         if choice.predicted_ml is not None:
             info["predicted_volume_ml"] = choice.predicted_ml
-        info["guarantee"] = choice.sentence
+        info["guarantee"] = choice.sentence + _score_note(profile, choice.group.calibration)
         return dataclasses.replace(profile, calibration=choice.group.calibration, groups=None), info
     if args.group is not None:
         raise ConformalSegError("--group applies to group-conditional profiles only", path=args.profile)
@@ -264,5 +265,13 @@ def deploy_for_scan(
         image = load_image_input(source, series).array  # a file or a DICOM series folder
     weight = weighting.weight_of(scan_features(volume.array, volume.geometry, image))
     result = weighted_calibration(profile.calibration, profile, weighting, weight)
-    info = {"weight": weight, "effective_sample_size": result.effective_n, "guarantee": result.sentence}
+    sentence = result.sentence + _score_note(profile, result.calibration)
+    info = {"weight": weight, "effective_sample_size": result.effective_n, "guarantee": sentence}
     return dataclasses.replace(profile, calibration=result.calibration, weighting=None), info
+
+
+def _score_note(profile: CalibrationProfile, calibration: Any) -> str:
+    """The score clause of a threshold profile's sentence (:func:`score_sentence`; "" for the probability)."""
+    if profile.score == DEFAULT_SCORE:
+        return ""
+    return score_sentence(profile.score, calibration.probability_threshold)

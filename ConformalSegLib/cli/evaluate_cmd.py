@@ -11,12 +11,13 @@ from ..common.executors import ExecutorSpec, executor_session
 from ..conformal.calibration import CalibrationRequest, calibrate_dataset
 from ..conformal.fp_summaries import DEFAULT_FP_ML_CAP
 from ..conformal.ltt import RiskData, parse_risks
+from ..conformal.threshold_scores import parse_threshold_score
 from ..evaluation.progress import TqdmProgress
 from ..evaluation.protocol import evaluate_dataset
 from ..evaluation.report import REPORT_FILES, write_report
 from ..evaluation.risk_control import evaluate_risk_control, markdown_table
 from ..io.atomic import OVERWRITE_FIX, atomic_write_text
-from .calibrate_cmd import INPUT_FOLDERS, add_data_options, open_dataset
+from .calibrate_cmd import INPUT_FOLDERS, add_data_options, add_score_option, open_dataset
 from .common import add_empty_option, add_force, input_folders, refuse_output_in_inputs
 from .executor_options import add_executor_options, executor_spec
 from .interval_evaluate import add_interval_evaluate_arguments, run_interval_evaluate
@@ -53,6 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=["identity", "distance"],
         help="score transforms for the confidence sets (identity, distance[:LEVEL], gaussian:SIGMA_MM)",
     )
+    add_score_option(p)
     p.add_argument("--no-hd95", action="store_true", help="skip HD95 (the slowest metric)")
     p.add_argument(
         "--detect-fraction",
@@ -131,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
                 lesionwise=not args.no_false_positives,
                 executor=running,
                 keep_going=args.keep_going,
+                score=parse_threshold_score(args.score).name,
             )
         written = write_report(result, args.out, force=args.force)  # its warnings were shown once, as they arose
         if args.risk_delta is not None:
@@ -154,6 +157,7 @@ def _risk_control(args: argparse.Namespace, dataset: object, epsilon: float, spe
         empty=None if risks else args.empty,
         detect_fraction=args.detect_fraction,
         fp_ml_cap=args.fp_ml_cap,
+        score=parse_threshold_score(args.score).name,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # only the summaries are used: this whole-dataset calibration is not reported

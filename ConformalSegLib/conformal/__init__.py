@@ -11,7 +11,8 @@
   with the voxel FNR;
 * :mod:`.simultaneous`: slider-safe bands, one event for every epsilon of a grid at once;
 * :mod:`.confidence_sets`: inner/outer confidence sets (Davenport), marginal and joint;
-* :mod:`.score_transforms`: the score transforms of the confidence sets (identity, signed distance);
+* :mod:`.score_transforms`: the score transforms (identity, signed distance, Gaussian smoothing, margin);
+* :mod:`.threshold_scores`: the score a threshold method thresholds (the probability, or a margin / smoothing);
 * :mod:`.mask_sets`: confidence sets from predicted masks alone (mask-only tools), one per structure;
 * :mod:`.guarantee_sentences`: the one-sentence statement of each calibrated guarantee;
 * :mod:`.profile`: calibration profiles on disk (JSON + summaries), recalibration, masks;

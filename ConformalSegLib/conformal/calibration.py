@@ -35,6 +35,7 @@ from .profile import METHODS, CalibrationProfile
 from .rcps import BOUNDS, calibrate_rcps
 from .score_transforms import parse_transform
 from .summaries import LesionSummaries
+from .threshold_scores import DEFAULT_SCORE, parse_threshold_score
 from .ties import TIE_BREAKING, calibrate_cls_ties, calibrate_crc_ties
 
 
@@ -64,6 +65,7 @@ class CalibrationRequest:
     fp_ml_cap: float = DEFAULT_FP_ML_CAP  # ltt fp-ml: each scan's false-positive volume counted up to this (mL)
     tie_breaking: str = "none"  # cls, crc: "random" breaks probability ties with seeded keys (:mod:`.ties`)
     tie_seed: int = 0
+    score: str = DEFAULT_SCORE  # threshold methods: the score thresholded (:mod:`.threshold_scores`)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -107,6 +109,16 @@ class CalibrationRequest:
             raise ConformalSegError(f"unknown joint method {self.joint!r}", fix="use split or max")
         parse_transform(self.inner_transform)
         parse_transform(self.outer_transform)
+        if parse_threshold_score(self.score).name != self.score:
+            raise ConformalSegError(
+                f"score {self.score!r} is not in its canonical form",
+                fix=f"use {parse_threshold_score(self.score).name}",
+            )
+        if self.method == "sets" and self.score != DEFAULT_SCORE:
+            raise ConformalSegError(
+                "--score is for the threshold methods; confidence sets choose their score with --transform",
+                fix=f"use --transform {self.score}",
+            )
 
     @property
     def empty_policy(self) -> str:
@@ -205,7 +217,14 @@ def calibrate_summaries(merged: MergedSummaries, request: CalibrationRequest) ->
         calibration = calibrate_sets_request(stats, request)
     provenance = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **request.provenance}
     return CalibrationProfile(
-        calibration, lesion_summaries, stats, empty, provenance, lesion_level, false_positives=fp_summaries
+        calibration,
+        lesion_summaries,
+        stats,
+        empty,
+        provenance,
+        lesion_level,
+        false_positives=fp_summaries,
+        score=request.score,
     )
 
 

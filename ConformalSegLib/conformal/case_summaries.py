@@ -28,7 +28,8 @@ from .fp_summaries import COMPONENT_THRESHOLDS, FalsePositiveBuilder, FalsePosit
 from .lesion_level import LesionLevelBuilder, LesionLevelSummaries
 from .ltt import parse_risks
 from .score_transforms import parse_transform
-from .summaries import LesionSummaries, SummaryBuilder
+from .summaries import LesionSummaries, SummaryBuilder, check_probabilities
+from .threshold_scores import DEFAULT_SCORE, threshold_scores
 
 if TYPE_CHECKING:
     from .calibration import CalibrationRequest
@@ -64,7 +65,11 @@ class MergedSummaries:
 def summarize_case(
     case_id: str, probability: np.ndarray, lesion: np.ndarray, geometry: Geometry | None, request: CalibrationRequest
 ) -> CaseSummary:
-    """The summary of one scan for ``request.method`` (NaN, infinities, values outside [0, 1] refused)."""
+    """The summary of one scan for ``request.method`` (NaN, infinities, values outside [0, 1] refused), computed
+    on ``request.score`` (the probability itself by default, :mod:`.threshold_scores`)."""
+    if request.score != DEFAULT_SCORE:
+        check_probabilities(np.asarray(probability), case_id)  # the transform must see a valid probability map
+        probability = threshold_scores(probability, geometry, request.score)
     summaries = SummaryBuilder(request.precision)
     summaries.add_case(case_id, probability, lesion)
     sets = None

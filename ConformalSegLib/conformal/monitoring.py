@@ -76,7 +76,8 @@ from .exact import check_alpha, fnr_exceeds
 from .lesion_level import LesionLevelBuilder, LesionLevelSummaries
 from .scan_scores import channel_quantiles, has_scan_scores, scan_scores_of
 from .score_transforms import parse_transform
-from .summaries import LesionSummaries, SummaryBuilder
+from .summaries import LesionSummaries, SummaryBuilder, check_probabilities
+from .threshold_scores import DEFAULT_SCORE, threshold_scores
 
 LOG_FORMAT = "conformalseg-monitor"
 LOG_VERSION = 1
@@ -210,7 +211,8 @@ class ReviewedData:
 
 def reviewed_data(cases: Iterable[Any], profile: DeployableProfile) -> ReviewedData:
     """Stream reviewed cases (objects with ``case_id``, ``probability`` and ``lesion`` volumes, as
-    :class:`ConformalSegLib.io.dataset.Case`) into the summaries the profile's method needs."""
+    :class:`ConformalSegLib.io.dataset.Case`) into the summaries the profile's method needs (on the profile's
+    score, :mod:`.threshold_scores`)."""
     summaries = SummaryBuilder(profile.summaries.precision)
     stats = profile.set_statistics
     sets = (
@@ -220,11 +222,15 @@ def reviewed_data(cases: Iterable[Any], profile: DeployableProfile) -> ReviewedD
     )
     ll = profile.lesion_level
     lesions = LesionLevelBuilder(ll.detect_fraction, ll.min_lesion_voxels, ll.min_lesion_mm3) if ll else None
+    score = getattr(profile, "score", DEFAULT_SCORE)  # threshold profiles calibrated with --score
     for case in cases:
         probability, lesion, geometry = case.probability.array, case.lesion.array, case.probability.geometry
-        summaries.add_case(case.case_id, probability, lesion)
         if sets is not None:
             sets.add_case(case.case_id, probability, lesion, geometry)
+        if score != DEFAULT_SCORE:
+            check_probabilities(probability, case.case_id)
+            probability = threshold_scores(probability, geometry, score)
+        summaries.add_case(case.case_id, probability, lesion)
         if lesions is not None:
             lesions.add_case(case.case_id, probability, lesion, geometry.voxel_volume_mm3)
     built = summaries.build()

@@ -3,7 +3,8 @@
 A profile holds everything needed to (a) apply the calibrated thresholds to a new probability map
 and (b) recalibrate for any other epsilon/alpha without touching a volume:
 
-``PROFILE.json`` (format ``conformalseg-profile``, ``format_version`` 1), top-level keys:
+``PROFILE.json`` (format ``conformalseg-profile``, ``format_version`` 1; 2 when a threshold method thresholds a
+score other than the probability, named by the extra key ``score``, :mod:`.threshold_scores`), top-level keys:
 
 * ``method``: ``cls`` | ``crc`` | ``sets`` | ``lesion`` | ``rcps``; ``epsilon`` (null for sets), ``alpha`` (null
   for crc; delta for rcps), ``n``;
@@ -61,11 +62,15 @@ from .profile_fields import RERUN_FIX, encode_float, read_calibration, require
 from .rcps import RcpsCalibration, calibrate_rcps, rcps_json
 from .simultaneous import DEFAULT_GRID, SimultaneousBand, simultaneous_band
 from .summaries import LesionSummaries
+from .threshold_scores import DEFAULT_SCORE, parse_threshold_score, score_sentence, threshold_scores
 from .ties import apply_calibration, recalibrate_ties, refuse_ties, ties_json
 from .weighted import Weighting
 
 FORMAT = "conformalseg-profile"
 FORMAT_VERSION = 1
+#: The version of a profile whose threshold method thresholds a score other than the probability (``score``
+#: key, :mod:`.threshold_scores`): older readers refuse it instead of thresholding the probability map.
+SCORE_FORMAT_VERSION = 2
 METHODS = ("cls", "crc", "sets", "lesion", "rcps", "ltt")
 LESION_CRC = "Lesion (expected-FNR-controlled)"
 LESION_RCPS = "Lesion (RCPS)"
@@ -92,6 +97,7 @@ class CalibrationProfile:
     groups: MondrianCalibration | None = None  #: group-conditional (Mondrian) profiles, :mod:`.mondrian`
     weighting: Weighting | None = None  #: weighted (covariate-shift) profiles, :mod:`.weighted`
     false_positives: FalsePositiveSummaries | None = None  #: Learn-Then-Test profiles with false-positive risks
+    score: str = DEFAULT_SCORE  #: threshold methods: the score thresholded (:mod:`.threshold_scores`)
 
     @property
     def method(self) -> str:
@@ -99,7 +105,17 @@ class CalibrationProfile:
 
     @property
     def guarantee(self) -> str:
-        return guarantee_sentence(self.calibration)
+        c = self.calibration
+        if isinstance(c, SetsCalibration):
+            return guarantee_sentence(c)
+        return guarantee_sentence(c) + score_sentence(self.score, c.probability_threshold)
+
+    def score_map(self, probability: np.ndarray, geometry: Geometry) -> np.ndarray:
+        """The map a threshold profile's cutoff applies to: ``probability`` itself, or its score
+        (:mod:`.threshold_scores`); confidence sets compute their own transforms."""
+        if isinstance(self.calibration, SetsCalibration):
+            return probability
+        return threshold_scores(probability, geometry, self.score)
 
     # ----------------------------------------------------------------- recalibration and application
     def recalibrate(
@@ -199,7 +215,7 @@ class CalibrationProfile:
         if isinstance(c, SetsCalibration):
             inner, outer = apply_sets(probability, geometry, c)
             return {INNER_SET: inner, OUTER_SET: outer}
-        return {self.mask_name: apply_calibration(probability, c)}
+        return {self.mask_name: apply_calibration(self.score_map(probability, geometry), c)}
 
     @property
     def mask_name(self) -> str:
@@ -212,6 +228,8 @@ class CalibrationProfile:
     def to_json_dict(self, summaries_file: str, summaries_sha256: str) -> dict[str, Any]:
         c = self.calibration
         doc: dict[str, Any] = {"format": FORMAT, "format_version": FORMAT_VERSION, "method": self.method}
+        if self.score != DEFAULT_SCORE:
+            doc.update(format_version=SCORE_FORMAT_VERSION, score=self.score)
         if isinstance(c, SetsCalibration):
             doc.update(
                 epsilon=None,
@@ -311,6 +329,7 @@ def load_profile(path: str | PathLike[str]) -> CalibrationProfile:
     """
     path = Path(path)
     doc, method, n = _read_document(path)
+    score = _read_score(doc, path)
     try:
         summaries, stats, lesion_level, provenance, fp = _read_summaries(doc, path, method)
         calibration = read_calibration(doc, path, method, n, stats)
@@ -322,6 +341,7 @@ def load_profile(path: str | PathLike[str]) -> CalibrationProfile:
             provenance,
             lesion_level,
             false_positives=fp,
+            score=score,
         )
         groups, weighting = read_deployment(doc, path, profile)
         profile = dataclasses.replace(profile, groups=groups, weighting=weighting)
@@ -352,9 +372,10 @@ def _read_document(path: Path) -> tuple[dict[str, Any], str, int]:
             "not a ConformalSeg calibration profile (no 'format': 'conformalseg-profile')", path=path, fix=RERUN_FIX
         )
     version = doc.get("format_version")
-    if version != FORMAT_VERSION or isinstance(version, bool):
+    if version not in (FORMAT_VERSION, SCORE_FORMAT_VERSION) or isinstance(version, bool):
         raise ConformalSegError(
-            f"profile format version {version!r} is not supported (this is {FORMAT_VERSION})",
+            f"profile format version {version!r} is not supported (this reads {FORMAT_VERSION} and "
+            f"{SCORE_FORMAT_VERSION})",
             path=path,
             fix="re-calibrate with this version of ConformalSeg",
         )
@@ -365,6 +386,27 @@ def _read_document(path: Path) -> tuple[dict[str, Any], str, int]:
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ConformalSegError(f"'n' must be a positive integer, got {n!r}", path=path, fix=RERUN_FIX)
     return doc, method, n
+
+
+def _read_score(doc: dict[str, Any], path: Path) -> str:
+    """The score a threshold profile thresholds: ``score`` in a version-2 profile, the probability in version 1."""
+    version, method = doc.get("format_version"), doc.get("method")
+    if version == FORMAT_VERSION:
+        if "score" in doc:
+            raise ConformalSegError("a version-1 profile has no 'score' (edited by hand?)", path=path, fix=RERUN_FIX)
+        return DEFAULT_SCORE
+    score = require(doc, "score", path)
+    if not isinstance(score, str) or method == "sets":
+        raise ConformalSegError(f"'score' {score!r} is malformed (edited by hand?)", path=path, fix=RERUN_FIX)
+    try:
+        parsed = parse_threshold_score(score)
+    except ConformalSegError as exc:
+        raise ConformalSegError(
+            f"'score' {score!r} is not a threshold score (edited by hand?)", path=path, fix=RERUN_FIX
+        ) from exc
+    if parsed.name != score or score == DEFAULT_SCORE:
+        raise ConformalSegError(f"'score' {score!r} is malformed (edited by hand?)", path=path, fix=RERUN_FIX)
+    return score
 
 
 def _read_summaries(

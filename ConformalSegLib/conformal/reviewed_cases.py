@@ -3,7 +3,7 @@
 After a radiologist corrects a segmentation, the scan (its probability map and the corrected lesion)
 can join the calibration set. :func:`add_case` returns a **new** profile whose summaries are the old
 ones with the case's summaries appended (computed by the same builders, with the profile's own
-precision, score transforms, detection fraction and lesion-size filter) and whose thresholds are
+precision, score transforms or threshold score, detection fraction and lesion-size filter) and whose thresholds are
 recalibrated at the profile's parameters. Because calibration depends on the cases only through these
 per-case summaries, concatenated in case order, the result is bit for bit the profile that
 :func:`ConformalSegLib.conformal.calibration.calibrate` gives on the grown case list from scratch
@@ -33,7 +33,8 @@ from .confidence_sets import SetStatistics, SetStatisticsBuilder
 from .lesion_level import LesionLevelBuilder, LesionLevelSummaries
 from .profile import CalibrationProfile
 from .score_transforms import parse_transform
-from .summaries import LesionSummaries, SummaryBuilder
+from .summaries import LesionSummaries, SummaryBuilder, check_probabilities
+from .threshold_scores import DEFAULT_SCORE, threshold_scores
 
 
 def _append_offsets(old: np.ndarray, new: np.ndarray) -> np.ndarray:
@@ -125,14 +126,19 @@ def add_case(
         raise ValueError("probability shape does not match its geometry")
     if profile.set_statistics is not None and geometry is None:
         raise ConformalSegError("a confidence-set profile needs the scan's geometry (voxel spacing)")
-    summaries = _grown_summaries(profile.summaries, case_id, probability, lesion)
+    if profile.score != DEFAULT_SCORE:  # a threshold profile calibrated on a score: the new case's score
+        check_probabilities(probability, case_id)
+        scored = threshold_scores(probability, geometry, profile.score)
+    else:
+        scored = probability
+    summaries = _grown_summaries(profile.summaries, case_id, scored, lesion)
     stats = (
         _grown_sets(profile.set_statistics, case_id, probability, lesion, geometry)  # type: ignore[arg-type]
         if profile.set_statistics is not None
         else None
     )
     lesion_level = (
-        _grown_lesion_level(profile.lesion_level, case_id, probability, lesion, geometry)
+        _grown_lesion_level(profile.lesion_level, case_id, scored, lesion, geometry)
         if profile.lesion_level is not None
         else None
     )

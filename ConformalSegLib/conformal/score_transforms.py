@@ -1,12 +1,13 @@
-"""Score transforms for conformal confidence sets (Davenport, section 2.5).
+"""Score transforms: for conformal confidence sets (Davenport, section 2.5) and, mapped into [0, 1], for the
+threshold methods (``calibrate --score``, :mod:`ConformalSegLib.conformal.threshold_scores`).
 
 A transform maps a probability map ``s`` to a "lesion-ness" score ``T(s)`` (higher = more likely
 lesion). Confidence sets threshold ``T`` (see :mod:`ConformalSegLib.conformal.confidence_sets`): the
 inner set uses the maxima of ``T`` over true background, the outer set the maxima of ``-T`` over
 true lesion. Validity needs nothing of
 ``T`` beyond being computed from the image alone (the same way for calibration and test cases); the
-transform only changes how tight the sets are. The paper's ``f_I(-s)`` is ``-T`` here: every
-transform below is (up to ties at the mask level) antisymmetric, ``T(-s) = -T(s)``.
+transform only changes how tight the sets are. The paper's ``f_I(-s)`` is ``-T`` here: ``identity``,
+``distance`` and ``gaussian`` are (up to ties at the mask level) antisymmetric, ``T(-s) = -T(s)``.
 
 * ``identity``: ``T = s`` (probability units).
 * ``distance[:c]``: signed Euclidean distance in **mm** (voxel spacing respected) to the boundary of
@@ -18,10 +19,16 @@ transform below is (up to ties at the mask level) antisymmetric, ``T(-s) = -T(s)
   (:func:`signed_distance_mm`).
 * ``gaussian:sigma``: Gaussian smoothing of ``s`` with standard deviation ``sigma`` mm per axis
   (converted to voxels with the spacing; linear, hence antisymmetric), borders ``nearest``.
+* ``margin[:c]``: the ``distance[:c]`` score ``D`` mapped into (0, 1) by the fixed increasing
+  ``g(D) = 1 / (1 + exp(-D / 10 mm))`` (:data:`MARGIN_SCALE_MM`; computed in float64, rounded to float32, so
+  non-decreasing in ``D``). A cutoff ``u`` on it is the mask ``D >= 10 mm * ln(u / (1 - u))``
+  (:func:`margin_mm`): the predicted mask grown by a number of millimetres. Made for the threshold methods,
+  which need scores in [0, 1]; for confidence sets it gives the ``distance`` sets (``g`` keeps the order).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,7 +42,7 @@ from ..common.geometry import Geometry
 class ScoreTransform:
     """A named, parameterised transform ``probability -> score`` (see module docstring)."""
 
-    kind: str  # "identity" | "distance" | "gaussian"
+    kind: str  # "identity" | "distance" | "gaussian" | "margin"
     parameter: float | None = None
 
     @property
@@ -44,13 +51,20 @@ class ScoreTransform:
 
     @property
     def units(self) -> str:
-        return "mm" if self.kind == "distance" else "probability"
+        return {"distance": "mm", "margin": "margin score"}.get(self.kind, "probability")
+
+    @property
+    def in_unit_interval(self) -> bool:
+        """Whether the scores lie in [0, 1], as the threshold methods need (all but ``distance``)."""
+        return self.kind != "distance"
 
     def __call__(self, probability: np.ndarray, geometry: Geometry) -> np.ndarray:
         if self.kind == "identity":
             return np.asarray(probability)
         if self.kind == "distance":
             return signed_distance_mm(np.asarray(probability) >= self.parameter, geometry)
+        if self.kind == "margin":
+            return margin_score(signed_distance_mm(np.asarray(probability) >= self.parameter, geometry))
         if self.kind == "gaussian":
             assert self.parameter is not None  # parse_transform requires the sigma
             sigma_vox = [self.parameter / s for s in geometry.spacing_zyx]
@@ -86,6 +100,11 @@ def parse_transform(text: str) -> ScoreTransform:
             if not 0 < level <= 1:
                 raise ValueError
             return ScoreTransform("distance", level)
+        if kind == "margin":
+            level = float(value) if value else 0.5
+            if not 0 < level <= 1:
+                raise ValueError
+            return ScoreTransform("margin", level)
         if kind == "gaussian" and value:
             sigma = float(value)
             if not (np.isfinite(sigma) and sigma > 0):
@@ -100,8 +119,39 @@ def parse_transform(text: str) -> ScoreTransform:
         pass
     raise ConformalSegError(
         f"unknown score transform {text!r}",
-        fix="use identity, distance[:LEVEL] (LEVEL in (0,1], default 0.5) or gaussian:SIGMA_MM",
+        fix="use identity, distance[:LEVEL] (LEVEL in (0,1], default 0.5), margin[:LEVEL] or gaussian:SIGMA_MM",
     )
+
+
+#: The scale of the margin score's map ``g(D) = 1 / (1 + exp(-D / MARGIN_SCALE_MM))`` (mm).
+MARGIN_SCALE_MM = 10.0
+_MARGIN_SLAB = 1 << 22  # voxels per float64 slab (bounds the work array at 32 MB)
+
+
+def margin_score(signed_distance: np.ndarray) -> np.ndarray:
+    """``g(D)`` of the module docstring, float32: ``g`` in float64 (``scipy.special.expit``), rounded to float32.
+
+    Rounding is monotone, so ``D1 <= D2`` gives ``g(D1) <= g(D2)``; distinct distances may round to the same
+    score (ties: beyond about 160 mm inside the mask every score is 1.0), never into the wrong order."""
+    from scipy.special import expit
+
+    flat = np.asarray(signed_distance).reshape(-1)
+    out = np.empty(flat.shape, dtype=np.float32)
+    for start in range(0, flat.size, _MARGIN_SLAB):
+        part = flat[start : start + _MARGIN_SLAB].astype(np.float64) / MARGIN_SCALE_MM
+        out[start : start + _MARGIN_SLAB] = expit(part)
+    return out.reshape(np.shape(signed_distance))
+
+
+def margin_mm(cutoff: float) -> float:
+    """The signed distance ``d`` (mm) of the mask ``D >= d`` that the cutoff ``u`` on the margin score stands for:
+    ``d = 10 mm * ln(u / (1 - u))``; ``-inf`` for ``u <= 0`` (every voxel), ``+inf`` for ``u >= 1`` (up to the
+    float32 ties at 1.0, none). The predicted mask is grown by ``-d`` mm (``d < 0``) or shrunk by ``d``."""
+    if cutoff <= 0.0:
+        return -math.inf
+    if cutoff >= 1.0:
+        return math.inf
+    return MARGIN_SCALE_MM * math.log(cutoff / (1.0 - cutoff))
 
 
 def signed_distance_mm(mask: np.ndarray, geometry: Geometry) -> np.ndarray:

@@ -92,7 +92,7 @@ def map_cases(
     report = MapReport(spec.name, 1, [])
     outputs = map_ordered(
         _load_and_run,
-        (function, shared, shipped),
+        (function, shared, shipped, source.score),
         list(enumerate(ids)),
         spec,
         labels=ids,
@@ -123,14 +123,14 @@ def _stream(
     return Mapped(results, ids)
 
 
-def _load_and_run(shared: tuple[CaseFunction[Any], Any, Any], item: tuple[int, str]) -> tuple[Any, Any]:
-    """The task: read case ``item`` of the dataset (its readers' checks), run the function on it.
+def _load_and_run(shared: tuple[CaseFunction[Any], Any, Any, str], item: tuple[int, str]) -> tuple[Any, Any]:
+    """The task: read case ``item`` of the dataset (its readers' checks; the source's score), run the function.
 
     Returns the function's result and the label values of the case's label file (or None).
     """
-    function, inner, dataset = shared
+    function, inner, dataset, score = shared
     index, case_id = item
-    case = as_eval_case(dataset.load(case_id))
+    case = as_eval_case(dataset.load(case_id), score)
     seen = getattr(dataset, "labels_seen", {}).get(case_id)
     return function(inner, index, case), seen
 

@@ -16,6 +16,8 @@ import numpy as np
 
 from ..common.errors import ConformalSegError
 from ..common.geometry import Geometry
+from ..conformal.summaries import check_probabilities
+from ..conformal.threshold_scores import DEFAULT_SCORE, parse_threshold_score, threshold_scores
 
 __all__ = ["CaseSource", "EvalCase", "as_eval_case"]
 
@@ -37,10 +39,11 @@ def _unwrap(value: Any) -> tuple[np.ndarray, Geometry | None]:
     return np.asarray(value), None
 
 
-def as_eval_case(item: Any) -> EvalCase:
+def as_eval_case(item: Any, score: str = DEFAULT_SCORE) -> EvalCase:
     """Adapt an :class:`~ConformalSegLib.io.dataset.Case` (Volumes) or any object with ``case_id``,
     ``probability`` and ``lesion`` arrays and an optional ``geometry`` (e.g. a
-    :class:`~ConformalSegLib.phantoms.simulated_maps.SyntheticCase`)."""
+    :class:`~ConformalSegLib.phantoms.simulated_maps.SyntheticCase`); with a ``score`` other than the
+    probability (:mod:`~ConformalSegLib.conformal.threshold_scores`), its map replaces the probability."""
     try:
         case_id = str(item.case_id)
         probability, prob_geometry = _unwrap(item.probability)
@@ -74,6 +77,9 @@ def as_eval_case(item: Any) -> EvalCase:
             f"case {case_id!r}: geometry shape {geometry.shape} != array shape {probability.shape}",
             fix="pass the geometry of the probability map",
         )
+    if score != DEFAULT_SCORE:
+        check_probabilities(probability, case_id)  # the score must be computed from a valid probability map
+        probability = threshold_scores(probability, geometry, score)
     return EvalCase(case_id, probability, np.asarray(lesion, dtype=bool), geometry)
 
 
@@ -85,10 +91,13 @@ class CaseSource:
     """
 
     data: Iterable[Any]
+    score: str  #: the score that replaces each probability map (:func:`as_eval_case`)
 
-    def __init__(self, data: Iterable[Any]):
+    def __init__(self, data: Iterable[Any], score: str = DEFAULT_SCORE):
         if isinstance(data, CaseSource):
+            score = data.score if score == DEFAULT_SCORE else score
             data = data.data
+        self.score = parse_threshold_score(score).name
         if isinstance(data, Iterator):  # generators, iter(list), map objects, ...; no iter() call here
             raise ConformalSegError(
                 f"the evaluation reads the cases twice, but got a one-shot iterator ({type(data).__name__})",
@@ -108,4 +117,4 @@ class CaseSource:
 
     def __iter__(self) -> Iterator[EvalCase]:
         for item in self.data:
-            yield as_eval_case(item)
+            yield as_eval_case(item, self.score)

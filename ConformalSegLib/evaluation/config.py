@@ -18,6 +18,7 @@ from ..conformal.cls import EMPTY_POLICIES
 from ..conformal.confidence_sets import MODES
 from ..conformal.exact import as_fraction, check_alpha, check_detect_fraction, check_epsilon
 from ..conformal.score_transforms import ScoreTransform, parse_transform
+from ..conformal.threshold_scores import DEFAULT_SCORE, parse_threshold_score
 
 __all__ = ["DEFAULT_SET_MODES", "EvaluationConfig", "check_fraction", "check_grid", "make_config", "split_sizes"]
 
@@ -43,6 +44,7 @@ class EvaluationConfig:
     detect_fraction: float = 0.5  #: lesion-level method and lesion-wise metrics: share of a lesion that finds it
     voxel_epsilon: float | None = None  #: lesion-level method: joint with the voxel FNR at this tolerance
     lesionwise: bool = True  #: false-positive components and mL at the main setting (pass 2 labelling)
+    score: str = DEFAULT_SCORE  #: what every method thresholds: the probability, or a score of it (``--score``)
 
     @property
     def main_epsilon_index(self) -> int:
@@ -76,6 +78,7 @@ def make_config(
     detect_fraction: float = 0.5,
     voxel_epsilon: float | None = None,
     lesionwise: bool = True,
+    score: str = DEFAULT_SCORE,
 ) -> tuple[EvaluationConfig, list[ScoreTransform]]:
     """Check every parameter of :func:`~ConformalSegLib.evaluation.protocol.evaluate_dataset` before any
     case is read; return the configuration and the score transforms."""
@@ -131,6 +134,7 @@ def make_config(
         float(detect_fraction),
         None if voxel_epsilon is None else float(voxel_epsilon),
         bool(lesionwise),
+        parse_threshold_score(score).name,
     )
     check_detect_fraction(detect_fraction)
     if voxel_epsilon is not None:

@@ -77,6 +77,7 @@ from ..common.errors import CalibrationSetTooSmallWarning, ConformalSegError
 from ..common.executors import ExecutorSpec, executor_session
 from ..conformal.cls import apply_threshold, critical_cutoffs
 from ..conformal.score_transforms import ScoreTransform
+from ..conformal.threshold_scores import DEFAULT_SCORE
 from .case_statistics import CaseStatistics, case_record, merge_records
 from .case_tasks import Updates, map_cases
 from .cases import CaseSource, EvalCase
@@ -123,6 +124,7 @@ def evaluate_dataset(
     lesionwise: bool = True,
     executor: ExecutorSpec | None = None,
     keep_going: bool = False,
+    score: str = DEFAULT_SCORE,
 ) -> EvaluationResult:
     """Run the random-split protocol (module docstring) on a dataset, exactly, in two streaming passes.
 
@@ -139,14 +141,18 @@ def evaluate_dataset(
     ``executor`` runs each pass's per-case work as one task per case (a dataset only; :mod:`.case_tasks`):
     the result is bit-identical to serial. ``keep_going`` (a dataset only) leaves out the cases that cannot be
     read or fail their checks in pass 1, naming them all in one warning.
+
+    ``score`` (:mod:`~ConformalSegLib.conformal.threshold_scores`): each case's probability map is replaced by
+    that score before anything is computed (the fixed baseline, CLS, expected-FNR, lesion-level methods and the
+    confidence sets all see the score), as ``calibrate --score`` and ``apply`` do for the threshold methods.
     """
     config, score_transforms = make_config(
         epsilons, alphas, main_alpha, main_epsilon, splits, cal_fraction, seed, transforms, set_modes, hd95, empty,
-        detect_fraction, voxel_epsilon, lesionwise,
+        detect_fraction, voxel_epsilon, lesionwise, score,
     )  # fmt: skip
     if hd95:
         require_monai()  # fail before the first pass, not after it
-    source = CaseSource(dataset_or_cases)
+    source = CaseSource(dataset_or_cases, config.score)
     with executor_session(executor or ExecutorSpec()) as spec:  # one LocalCluster for both passes
         return _evaluate(source, config, score_transforms, _Run(spec, keep_going, progress))
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..common.errors import ConformalSegError
+from ..conformal.threshold_scores import DEFAULT_SCORE
 from ..io.atomic import OVERWRITE_FIX, atomic_output, atomic_write_text
 from .figures import agg_figure
 from .markdown import cutoff_text, fmt, pm, table, trivial_text, verdict
@@ -64,7 +65,16 @@ def _intro(result: EvaluationResult, z: float) -> list[str]:
         f"and {result.n_test} test case(s) per split (cal fraction {cfg.cal_fraction})",
         f"- CLS / CRC / baseline population: {population} (empty-lesion policy '{cfg.empty}'); "
         f"on average {n_pop:.1f} test and {np.mean(result.cls['n_cal']):.1f} calibration case(s) per split",
-        f"- Main setting: epsilon = {cfg.main_epsilon}, alpha = {cfg.main_alpha}; baseline: prob >= {BASELINE_CUTOFF}",
+        f"- Main setting: epsilon = {cfg.main_epsilon}, alpha = {cfg.main_alpha}; baseline: "
+        + (f"prob >= {BASELINE_CUTOFF}" if cfg.score == DEFAULT_SCORE else f"score >= {BASELINE_CUTOFF}"),
+        *(
+            []
+            if cfg.score == DEFAULT_SCORE
+            else [
+                f"- Score: every method thresholds the {cfg.score} score of the probability map, not the "
+                f"probability (`--score {cfg.score}`); the confidence sets transform that score."
+            ]
+        ),
         "- Every number is the mean ± standard deviation over splits of a per-split mean over test cases.",
         f"- Verdicts: PASS when the mean coverage is at least 1 - alpha - {z:g}·sqrt(alpha(1-alpha)/n_test) "
         "(binomial tolerance), CHECK otherwise; 'trivial' when the calibration side was too small for alpha "

@@ -320,6 +320,7 @@ class EvaluationResult:
                     "baseline_cutoff": BASELINE_CUTOFF,
                     "detect_fraction": cfg.detect_fraction,
                     "voxel_epsilon": cfg.voxel_epsilon,
+                    "score": cfg.score,
                 },
                 "dataset": {
                     "n_cases": self.n_cases,
