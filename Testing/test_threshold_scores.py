@@ -268,7 +268,7 @@ def test_cli_calibrate_apply_and_evaluate_on_the_margin(tmp_path, folder, cases,
     assert "--score margin:0.5" in capsys.readouterr().err
 
 
-def test_slider_thresholds_the_score_map_inline_or_handed_in(cases) -> None:
+def test_slider_thresholds_the_score_map_inline_or_handed_in(tmp_path, cases) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ConformalSeg"))
     from ConformalSegSlicer.slider import SliderSettings, SliderState
 
@@ -284,7 +284,19 @@ def test_slider_thresholds_the_score_map_inline_or_handed_in(cases) -> None:
     assert panel.missing_scores() == ["score:margin:0.5"]
     first = panel.update(settings)
     assert profile.mask_name not in first.segments and "margin:0.5" in first.pending[0]
-    panel.set_scores("score:margin:0.5", score_map_by_name("score:margin:0.5", new.probability, GEOMETRY))
+    import subprocess
+
+    from ConformalSegSlicer import commands, score_maps
+
+    work = Path(tmp_path) / "work"
+    score_maps.write_inputs(work, panel.probability, panel.geometry)  # the panel's background process
+    argv = score_maps.command(sys.executable, work, panel.missing_scores())
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(argv, env=commands.child_environment(library_dir=root), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    for name, scores in score_maps.read_outputs(work, ["score:margin:0.5"]).items():
+        assert np.array_equal(scores, score_map_by_name(name, new.probability, GEOMETRY))
+        panel.set_scores(name, scores)
     later = panel.update(settings)
     assert not later.pending and np.array_equal(later.segments[profile.mask_name].mask, expected)
     many = calibrate(cases[:100], CalibrationRequest("cls", epsilon=0.1, alpha=0.2, score="margin:0.5"))

@@ -80,7 +80,8 @@ class Logic(ProfileApplyLogic, ScriptedLoadableModuleLogic):
 
     def loadSliderState(self, probabilityVolume, profilePaths, inlineScores: bool = True) -> SliderState:
         """Profiles + the probability map of a volume node (copied) on its own grid. With
-        ``inlineScores=False`` (the panel) confidence-set score maps are left to :meth:`startScoreMaps`."""
+        ``inlineScores=False`` (the panel) score maps (confidence-set transforms, threshold profiles' ``--score``)
+        are left to :meth:`startScoreMaps`."""
         return SliderState.from_files(
             profilePaths,
             adapter.volume_array(probabilityVolume),
@@ -89,7 +90,7 @@ class Logic(ProfileApplyLogic, ScriptedLoadableModuleLogic):
         )
 
     def startScoreMaps(self, state: SliderState, onFinished=None):
-        """Compute the state's missing confidence-set score maps in PythonSlicer (never on the GUI thread;
+        """Compute the state's missing score maps in PythonSlicer (never on the GUI thread;
         :mod:`ConformalSegSlicer.score_maps`) and hand them to ``state`` when done; returns the pump, or
         None when nothing is missing. ``onFinished(ok)`` runs after the maps are in the state."""
         names = state.missing_scores()
