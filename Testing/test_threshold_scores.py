@@ -326,3 +326,67 @@ def test_reviewed_cases_for_monitoring_take_the_profile_score(cases) -> None:
     direct = calibrate(cases[30:36], CalibrationRequest("cls", epsilon=0.1, alpha=0.1, score="margin:0.5"))
     assert np.array_equal(data.summaries.values, direct.summaries.values)
     assert np.array_equal(data.summaries.offsets, direct.summaries.offsets)
+
+
+# ----------------------------------------------------------------------------------------------- --score auto
+
+
+def _missed_far_away(rng: np.random.Generator, i: int) -> Case:
+    """Whole lesions missed far from the predicted blob, but ranked above the background (p 0.05 .. 0.2 against
+    1e-6 .. 1e-3): the probability is the better score here, the margin would have to grow across the scan."""
+    lesion = _ball(np.array([4.0, 5.0, 5.0]) + rng.uniform(-1, 1, 3), rng.uniform(5.0, 8.0))
+    p = rng.uniform(1e-6, 1e-3, SHAPE)
+    p[lesion] = rng.uniform(0.05, 0.2, int(lesion.sum()))
+    p[_ball(np.array([12.0, 19.0, 19.0]), 6.0)] = 0.9  # a false positive far from the lesion
+    return Case(f"far_{i:03d}", p.astype(np.float32), lesion)
+
+
+def _tuples(cases):
+    return [(c.case_id, c.probability, c.lesion, c.geometry) for c in cases]
+
+
+def test_score_auto_picks_the_margin_or_the_probability_as_the_data_say(cases) -> None:
+    from ConformalSegLib.conformal.score_selection import select_score
+
+    request = CalibrationRequest("cls", epsilon=0.1, alpha=0.2)
+    margin = select_score(_tuples(cases[:16]), request, ("identity", "margin:0.5"), repeats=5)
+    assert margin.score == "margin:0.5" and margin.n_learning == 16
+    assert margin.mean_fraction["margin:0.5"] < 0.2 < 0.9 < margin.mean_fraction["identity"]
+    assert select_score(_tuples(cases[:16]), request, repeats=5).score != "identity"  # smoothing also lifts the shell
+    rng = np.random.default_rng(7)
+    far = select_score(_tuples([_missed_far_away(rng, i) for i in range(16)]), request, repeats=5)
+    assert far.score == "identity" and far.mean_fraction["identity"] < far.mean_fraction["margin:0.5"]
+    lesion = select_score(_tuples(cases[:8]), CalibrationRequest("lesion", epsilon=0.2, alpha=0.3), repeats=3)
+    assert set(lesion.mean_fraction) == {"identity", "margin:0.5", "gaussian:2.0"}
+
+
+def test_score_auto_refusals(cases) -> None:
+    from ConformalSegLib.conformal.score_selection import select_score
+
+    request = CalibrationRequest("cls", epsilon=0.1, alpha=0.2)
+    with pytest.raises(ConformalSegError, match="at least 4 learning scans"):
+        select_score(_tuples(cases[:3]), request)
+    with pytest.raises(ConformalSegError, match="distinct"):
+        select_score(_tuples(cases[:6]), request, candidates=("margin", "margin:0.5"))
+    with pytest.raises(ConformalSegError, match="without tie-breaking"):
+        select_score(_tuples(cases[:6]), CalibrationRequest("cls", epsilon=0.1, alpha=0.2, tie_breaking="random"))
+
+
+def test_cli_score_auto_chooses_on_learning_data_only(tmp_path, folder, cases, capsys) -> None:
+    learn = tmp_path / "learn"
+    for sub in ("probs", "labels"):
+        (learn / sub).mkdir(parents=True)
+    for c in cases[100:110]:
+        save_volume(c.probability, GEOMETRY, learn / "probs" / f"{c.case_id}.nii.gz")
+        save_volume(c.lesion.astype(np.uint8), GEOMETRY, learn / "labels" / f"{c.case_id}.nii.gz")
+    argv = ["calibrate", "--method", "cls", "--data", folder, "--epsilon", "0.1", "--alpha", "0.2", "--score", "auto"]
+    assert main([str(a) for a in argv + ["--learning-data", learn, "--out", tmp_path / "p.json"]]) == 0
+    chosen = load_profile(tmp_path / "p.json").score
+    assert chosen in ("margin:0.5", "gaussian:2.0") and f"learning cases: {chosen}" in capsys.readouterr().out
+    profile = load_profile(tmp_path / "p.json")
+    assert profile.provenance["score_selection"]["score"] == chosen
+    assert profile.provenance["score_selection"]["learning_cases"] == [c.case_id for c in cases[100:110]]
+    assert main([str(a) for a in argv + ["--out", tmp_path / "q.json"]]) == 2
+    assert "--score auto needs --learning-data" in capsys.readouterr().err
+    assert main([str(a) for a in argv + ["--learning-data", folder, "--out", tmp_path / "r.json"]]) == 2
+    assert "choosing the score on calibration cases" in capsys.readouterr().err

@@ -10,6 +10,7 @@ from ..conformal.calibration import CalibrationRequest, calibrate_dataset
 from ..conformal.confidence_sets import select_transforms
 from ..conformal.fp_summaries import DEFAULT_FP_ML_CAP
 from ..conformal.lesion_level import DEFAULT_DETECT_FRACTION
+from ..conformal.score_selection import select_score
 from ..conformal.score_transforms import DEFAULT_CANDIDATES
 from ..conformal.threshold_scores import DEFAULT_SCORE, parse_threshold_score
 from ..io.atomic import check_can_write
@@ -133,7 +134,7 @@ def add_method_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--tie-seed", type=int, default=0, metavar="S", help="seed of --tie-breaking random (default 0)")
     add_lesion_level_options(p)
-    add_score_option(p)
+    add_score_option(p, auto=True)
     p.add_argument("--alpha-inner", type=float, help="sets: risk level of the inner set")
     p.add_argument("--alpha-outer", type=float, help="sets: risk level of the outer set")
     p.add_argument("--joint", action="store_true", help="sets: joint guarantee for inner and outer at once")
@@ -160,15 +161,16 @@ def add_method_options(p: argparse.ArgumentParser) -> None:
     add_empty_option(p)
 
 
-def add_score_option(p: argparse.ArgumentParser) -> None:
-    """``--score`` (threshold methods; shared with ``evaluate``)."""
+def add_score_option(p: argparse.ArgumentParser, auto: bool = False) -> None:
+    """``--score`` (threshold methods; shared with ``evaluate``, which has no ``auto``)."""
     p.add_argument(
         "--score",
         default=DEFAULT_SCORE,
         metavar="SCORE",
         help="cls, crc, rcps, ltt, lesion: the score the cutoff applies to: identity (the probability, default), "
         "margin[:LEVEL] (the network's LEVEL mask grown by a calibrated number of mm; for targets whose outer "
-        "layers the network ranks with the background) or gaussian:SIGMA_MM (smoothed probability)",
+        "layers the network ranks with the background) or gaussian:SIGMA_MM (smoothed probability)"
+        + (", or auto (the smallest masks on --learning-data, scans kept apart from calibration)" if auto else ""),
     )
 
 
@@ -246,15 +248,31 @@ def request_from_args(args: argparse.Namespace, provenance: dict) -> Calibration
     )
 
 
-def choose_transforms_from_learning_data(args: argparse.Namespace, provenance: dict) -> None:
-    """Resolve ``--transform auto``: pick inner/outer transforms on a separate learning set."""
+def choose_score_from_learning_data(args: argparse.Namespace, provenance: dict) -> None:
+    """Resolve ``--score auto``: the threshold score with the smallest masks on a separate learning set."""
+    learning = _learning_data(args, "--score auto", "name a score (identity, margin, gaussian:2)", "learning scores")
+    request = request_from_args(argparse.Namespace(**{**vars(args), "score": DEFAULT_SCORE}), {})
+    cases = ((case.case_id, case.probability.array, case.lesion.array, case.probability.geometry) for case in learning)
+    selection = select_score(cases, request)
+    args.score = selection.score
+    provenance["score_selection"] = {
+        "learning_cases": learning.case_ids,
+        "mean_fraction": selection.mean_fraction,
+        "score": selection.score,
+    }
+    shares = ", ".join(f"{name} {share:.4f}" for name, share in selection.mean_fraction.items())
+    print(f"score chosen on {selection.n_learning} learning cases: {selection.score} (mean mask share {shares})")
+
+
+def _learning_data(args: argparse.Namespace, option: str, alternative: str, description: str) -> CalibrationDataset:
+    """The ``--learning-data`` cases, refused when any of their maps is also a calibration map."""
     if args.learning_data is None:
         raise ConformalSegError(
-            "--transform auto needs --learning-data DIR (cases kept apart from calibration)",
-            fix="pass --learning-data, or name a transform (identity, distance, gaussian:2)",
+            f"{option} needs --learning-data DIR (cases kept apart from calibration)",
+            fix=f"pass --learning-data, or {alternative}",
         )
     learning = CalibrationDataset.from_root(
-        args.learning_data, args.lesion_label, args.channel, progress=progress_bar("learning transforms")
+        args.learning_data, args.lesion_label, args.channel, progress=progress_bar(description)
     )
     calibration = open_dataset(args, "")
     shared_ids = sorted(set(calibration.case_ids) & set(learning.case_ids))
@@ -267,10 +285,18 @@ def choose_transforms_from_learning_data(args: argparse.Namespace, provenance: d
     if same:
         raise ConformalSegError(
             f"{len(same)} probability map(s) are identical in the learning and the calibration data "
-            f"(e.g. {same[0]}): choosing the transform on calibration cases breaks the guarantee",
+            f"(e.g. {same[0]}): choosing the {option.split()[0][2:]} on calibration cases breaks the guarantee",
             path=args.learning_data,
             fix="use learning cases kept apart from calibration",
         )
+    return learning
+
+
+def choose_transforms_from_learning_data(args: argparse.Namespace, provenance: dict) -> None:
+    """Resolve ``--transform auto``: pick inner/outer transforms on a separate learning set."""
+    learning = _learning_data(
+        args, "--transform auto", "name a transform (identity, distance, gaussian:2)", "learning transforms"
+    )
     alpha_inner = args.alpha_inner if args.alpha_inner is not None else (args.alpha or 0.1)
     alpha_outer = args.alpha_outer if args.alpha_outer is not None else (args.alpha or 0.1)
     selection = select_transforms(
@@ -327,6 +353,8 @@ def run(args: argparse.Namespace) -> int:
         provenance.update(model_file=str(args.model.resolve()), model_sha256=sha256_file(args.model))
     if args.method == "sets" and "auto" in (args.transform, args.inner_transform, args.outer_transform):
         choose_transforms_from_learning_data(args, provenance)
+    if args.score == "auto":
+        choose_score_from_learning_data(args, provenance)
     request = request_from_args(args, provenance)
     recorder = recorder_for(args, dataset)  # groups / weighting: None without those options
     if recorder is not None and request.tie_breaking != "none":

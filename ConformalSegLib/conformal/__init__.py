@@ -13,6 +13,7 @@
 * :mod:`.confidence_sets`: inner/outer confidence sets (Davenport), marginal and joint;
 * :mod:`.score_transforms`: the score transforms (identity, signed distance, Gaussian smoothing, margin);
 * :mod:`.threshold_scores`: the score a threshold method thresholds (the probability, or a margin / smoothing);
+* :mod:`.score_selection`: ``--score auto``, the score with the smallest masks on separate learning scans;
 * :mod:`.mask_sets`: confidence sets from predicted masks alone (mask-only tools), one per structure;
 * :mod:`.guarantee_sentences`: the one-sentence statement of each calibrated guarantee;
 * :mod:`.profile`: calibration profiles on disk (JSON + summaries), recalibration, masks;
