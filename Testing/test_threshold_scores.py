@@ -261,7 +261,9 @@ def test_cli_calibrate_apply_and_evaluate_on_the_margin(tmp_path, folder, cases,
     assert (
         main([str(a) for a in argv + ["--transforms", "identity", "--score", "margin", "--out", tmp_path / "e"]]) == 0
     )
-    assert "thresholds the margin:0.5 score" in (tmp_path / "e" / "report.md").read_text()
+    report = (tmp_path / "e" / "report.md").read_text()
+    assert "thresholds the margin:0.5 score" in report and "baseline (score >= 0.5)" in report
+    assert "prob >= 0.5" not in report
     capsys.readouterr()
     bad = ["calibrate", "--method", "cls", "--data", folder, "--epsilon", "0.1", "--alpha", "0.1"]
     assert main([str(a) for a in bad + ["--score", "distance", "--out", tmp_path / "x.json"]]) == 2

@@ -28,7 +28,7 @@ from ..conformal.threshold_scores import DEFAULT_SCORE
 from ..io.atomic import OVERWRITE_FIX, atomic_output, atomic_write_text
 from .figures import agg_figure
 from .markdown import cutoff_text, fmt, pm, table, trivial_text, verdict
-from .report_lesion import lesion_sections, plot_sensitivity_by_size
+from .report_lesion import lesion_sections, method_label, plot_sensitivity_by_size
 from .results import BASELINE_CUTOFF, EvaluationResult, binomial_tolerance, coverage_status, mean_std
 
 __all__ = ["REPORT_FILES", "render_markdown", "write_report"]
@@ -106,7 +106,7 @@ def _methods_section(result: EvaluationResult) -> list[str]:
             hd_cls = f"{pm(result.cls['hd95'], 2)} (excl. {np.mean(result.cls['hd95_excluded']):.1f})"
         rows.append(
             [
-                f"baseline (prob >= {BASELINE_CUTOFF})",
+                method_label("baseline", cfg.score),
                 f"{BASELINE_CUTOFF}",
                 pm(result.baseline["ecr"][:, e]),
                 pm(result.baseline["fnr"]),

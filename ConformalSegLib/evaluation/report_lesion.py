@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from ..conformal.guarantee_sentences import percent
+from ..conformal.threshold_scores import DEFAULT_SCORE
 from .figures import agg_figure
 from .lesion_metrics import SIZE_CLASSES
 from .markdown import cutoff_text, fmt, pm, table, trivial_text, verdict
@@ -23,6 +24,13 @@ METHOD_LABELS = {
     "crc": "CRC (expected FNR)",
     "lesion": "lesion-level",
 }
+
+
+def method_label(method: str, score: str) -> str:
+    """The report's name of a method; the baseline thresholds the score when there is one."""
+    if method == "baseline" and score != DEFAULT_SCORE:
+        return "baseline (score >= 0.5)"
+    return METHOD_LABELS.get(method, method)
 
 
 def lesion_sections(result: EvaluationResult, z: float = 2.0) -> list[str]:
@@ -78,7 +86,7 @@ def _lesionwise_section(result: EvaluationResult) -> list[str]:
         sens = [_stat(row["sensitivity"][name]) for name, _, _ in SIZE_CLASSES]
         rows.append(
             [
-                METHOD_LABELS.get(row["method"], row["method"]),
+                method_label(row["method"], cfg.score),
                 *sens,
                 _stat(row["missed_rate"]),
                 _stat(row["lesion_ecr"]),
@@ -157,7 +165,7 @@ def plot_sensitivity_by_size(result: EvaluationResult) -> Any:
         means = [row["sensitivity"][name]["mean"] for name, _, _ in SIZE_CLASSES]
         stds = [row["sensitivity"][name]["std"] for name, _, _ in SIZE_CLASSES]
         ax.bar(x + (k - (len(rows) - 1) / 2) * width, np.nan_to_num(means), width, yerr=np.nan_to_num(stds),
-               label=METHOD_LABELS.get(row["method"], row["method"]), capsize=2)  # fmt: skip
+               label=method_label(row["method"], result.config.score), capsize=2)  # fmt: skip
     ax.set_xticks(x, [f"radius {name}" for name, _, _ in SIZE_CLASSES])
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("lesion-wise sensitivity")
