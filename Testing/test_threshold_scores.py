@@ -111,6 +111,11 @@ def test_margin_score_keeps_the_order_of_distances() -> None:
     g = margin_score(d)
     assert g.dtype == np.float32 and np.all(np.diff(g) >= 0) and g[0] >= 0 and g[-1] == 1.0
     assert margin_score(np.float32([0.0]))[0] == 0.5
+    big = np.random.default_rng(4).uniform(-300, 300, (3, 1500, 1000)).astype(np.float32)  # > one 4 Mi slab
+    expected = margin_score(big.copy())
+    assert margin_score(big, out=big) is big and np.array_equal(big, expected)  # in place, slab by slab
+    with pytest.raises(ValueError, match="C-contiguous float32"):
+        margin_score(d, out=np.empty(d.shape, np.float64))
 
 
 def test_gaussian_score_stays_in_the_unit_interval() -> None:

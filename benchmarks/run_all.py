@@ -38,6 +38,7 @@ BENCHMARKS = (
     "bench_executors.py",
     "bench_archive_merge.py",
     "bench_distance.py",
+    "bench_margin_score.py",
     "bench_load.py",
     "bench_evaluate_executors.py",
     "bench_interval_evaluate_executors.py",

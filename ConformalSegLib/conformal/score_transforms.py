@@ -64,7 +64,8 @@ class ScoreTransform:
         if self.kind == "distance":
             return signed_distance_mm(np.asarray(probability) >= self.parameter, geometry)
         if self.kind == "margin":
-            return margin_score(signed_distance_mm(np.asarray(probability) >= self.parameter, geometry))
+            distance = signed_distance_mm(np.asarray(probability) >= self.parameter, geometry)
+            return margin_score(distance, out=distance)  # in place: no second full-size array
         if self.kind == "gaussian":
             assert self.parameter is not None  # parse_transform requires the sigma
             sigma_vox = [self.parameter / s for s in geometry.spacing_zyx]
@@ -128,19 +129,26 @@ MARGIN_SCALE_MM = 10.0
 _MARGIN_SLAB = 1 << 22  # voxels per float64 slab (bounds the work array at 32 MB)
 
 
-def margin_score(signed_distance: np.ndarray) -> np.ndarray:
+def margin_score(signed_distance: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """``g(D)`` of the module docstring, float32: ``g`` in float64 (``scipy.special.expit``), rounded to float32.
 
     Rounding is monotone, so ``D1 <= D2`` gives ``g(D1) <= g(D2)``; distinct distances may round to the same
-    score (ties: beyond about 160 mm inside the mask every score is 1.0), never into the wrong order."""
+    score (ties: beyond about 160 mm inside the mask every score is 1.0), never into the wrong order. ``out``: a
+    C-contiguous float32 array of the same shape to write into (``signed_distance`` itself may be given: each
+    slab is read before it is overwritten); the work arrays are one float64 slab of 4 Mi voxels."""
     from scipy.special import expit
 
+    shape = np.shape(signed_distance)
     flat = np.asarray(signed_distance).reshape(-1)
-    out = np.empty(flat.shape, dtype=np.float32)
+    if out is None:
+        out = np.empty(shape, dtype=np.float32)
+    if out.shape != shape or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError("out must be a C-contiguous float32 array of the distances' shape")
+    result = out.reshape(-1)  # a view: writes land in ``out``
     for start in range(0, flat.size, _MARGIN_SLAB):
         part = flat[start : start + _MARGIN_SLAB].astype(np.float64) / MARGIN_SCALE_MM
-        out[start : start + _MARGIN_SLAB] = expit(part)
-    return out.reshape(np.shape(signed_distance))
+        result[start : start + _MARGIN_SLAB] = expit(part)
+    return out
 
 
 def margin_mm(cutoff: float) -> float:
