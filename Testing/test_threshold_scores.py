@@ -397,3 +397,21 @@ def test_cli_score_auto_chooses_on_learning_data_only(tmp_path, folder, cases, c
     assert "--score auto needs --learning-data" in capsys.readouterr().err
     assert main([str(a) for a in argv + ["--learning-data", folder, "--out", tmp_path / "r.json"]]) == 2
     assert "choosing the score on calibration cases" in capsys.readouterr().err
+
+
+def test_worker_processes_compute_the_same_scores(folder) -> None:
+    """The score travels to process-pool workers (calibration and both evaluation passes): bit-identical."""
+    from ConformalSegLib.common.executors import ExecutorSpec
+    from ConformalSegLib.conformal.calibration import calibrate_dataset
+    from ConformalSegLib.io.dataset import CalibrationDataset
+
+    dataset = CalibrationDataset.from_root(folder, (1,))
+    pool = ExecutorSpec("processes", workers=2)
+    request = CalibrationRequest("cls", epsilon=0.1, alpha=0.1, score="margin:0.5")
+    serial, parallel = calibrate_dataset(dataset, request), calibrate_dataset(dataset, request, pool)
+    assert np.array_equal(serial.summaries.values, parallel.summaries.values)
+    assert serial.calibration == parallel.calibration
+    kw = {"epsilons": (0.1,), "alphas": (0.1,), "splits": 3, "transforms": (), "hd95": False, "score": "margin:0.5"}
+    one, two = evaluate_dataset(dataset, **kw), evaluate_dataset(dataset, executor=pool, **kw)
+    for key in ("cutoff", "ecr", "pc", "dice"):
+        assert np.array_equal(one.cls[key], two.cls[key], equal_nan=True)
