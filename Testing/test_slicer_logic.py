@@ -272,6 +272,16 @@ def test_command_lines():
         "p", data_dir="d", method="sets", out_profile="o.json", alpha_inner=0.05, alpha_outer=0.1, force=True
     )
     assert "--alpha-inner" in sets and "--epsilon" not in sets and sets[-1] == "--force"
+    margin = commands.calibrate_command(
+        "p", data_dir="d", method="crc", out_profile="o.json", epsilon=0.1, score="margin:0.5"
+    )
+    assert margin[margin.index("--score") + 1] == "margin:0.5" and margin[-2:] == ["--out", "o.json"]
+    sets_margin = commands.calibrate_command(
+        "p", data_dir="d", method="sets", out_profile="o.json", alpha_inner=0.1, alpha_outer=0.1, score="margin:0.5"
+    )
+    assert "--score" not in sets_margin and "--score" not in cls  # sets choose their own transforms
+    with pytest.raises(ValueError, match="score must be one of"):
+        commands.calibrate_command("p", data_dir="d", method="cls", out_profile="o", epsilon=0.1, alpha=0.1, score="x")
     ev = commands.evaluate_command("p", data_dir="d", out_dir="o", splits=7, epsilon=0.123, alpha=0.07)
     eps = ev[ev.index("--epsilons") + 1 : ev.index("--alphas")]
     assert "0.123" in eps and ev[ev.index("--main-alpha") + 1] == "0.07" and "--no-hd95" in ev
@@ -326,6 +336,13 @@ def test_calibrate_and_evaluate_run_out_of_process(dataset, tmp_path):
     profile = load_profile(profile_path)
     assert profile.method == "cls" and profile.calibration.epsilon == 0.2
     assert any("With probability at least 75%" in line for line in runner.output)
+    argv = commands.calibrate_command(
+        PY, data_dir=dataset, method="cls", out_profile=tmp_path / "margin.json", lesion_labels=2, epsilon=0.2,
+        alpha=0.25, score="margin:0.5",
+    )  # fmt: skip
+    runner, _ = _run(argv, commands.progress_stages("calibrate"))
+    assert load_profile(tmp_path / "margin.json").score == "margin:0.5"
+    assert any("thresholds the margin:0.5 score" in line for line in runner.output)
 
     out = tmp_path / "evaluation"
     argv = commands.evaluate_command(

@@ -28,6 +28,11 @@ METHOD_LABELS = {
     "crc": "Expected FNR at most epsilon (risk control)",
     "sets": "Inner / outer confidence sets",
 }
+#: What the calibration-score combo box shows for each ``--score`` (cls and crc; confidence sets have their own).
+SCORE_LABELS = {
+    "identity": "Probability",
+    "margin:0.5": "Margin: the 0.5 mask grown by calibrated mm",
+}
 #: Default grids of ``conformalseg evaluate`` run from the panel (ECR / PC versus alpha plots).
 EVALUATION_ALPHAS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5)
 EVALUATION_EPSILONS = (0.05, 0.1, 0.2, 0.3)
@@ -130,10 +135,14 @@ def calibrate_command(
     alpha_inner: float | None = None,
     alpha_outer: float | None = None,
     force: bool = False,
+    score: str = "identity",
 ) -> list[str]:
-    """``conformalseg calibrate`` on a dataset folder with ``probs/`` and ``labels/``."""
+    """``conformalseg calibrate`` on a dataset folder with ``probs/`` and ``labels/``; ``score`` (cls and crc:
+    ``calibrate --score``) is left out for the confidence sets, which choose their own transforms."""
     if method not in ("cls", "crc", "sets"):
         raise ValueError(f"method must be cls, crc or sets, got {method!r}")
+    if score not in SCORE_LABELS:
+        raise ValueError(f"score must be one of {', '.join(SCORE_LABELS)}, got {score!r}")
     args = ["--data", str(data_dir), *_label_args(lesion_labels), "--method", method]
     if method in ("cls", "crc"):
         args += ["--epsilon", repr(float(epsilon))]
@@ -141,6 +150,8 @@ def calibrate_command(
         args += ["--alpha", repr(float(alpha))]
     if method == "sets":
         args += ["--alpha-inner", repr(float(alpha_inner)), "--alpha-outer", repr(float(alpha_outer))]
+    elif score != "identity":
+        args += ["--score", score]
     args += ["--out", str(out_profile)]
     return module_command(python, "calibrate", *args, *(["--force"] if force else []))
 

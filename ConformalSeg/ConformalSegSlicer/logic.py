@@ -356,8 +356,10 @@ class Logic(ProfileApplyLogic, ScriptedLoadableModuleLogic):
         onOutput=None,
         onProgress=None,
         onFinished=None,
+        score: str = "identity",
     ):
-        """``conformalseg calibrate`` in the background; ``onFinished(returncode, cancelled, profilePath)``."""
+        """``conformalseg calibrate`` in the background (``score``: cls / crc, ``calibrate --score``);
+        ``onFinished(returncode, cancelled, profilePath)``."""
         os.makedirs(outDir, exist_ok=True)
         profile = os.path.join(str(outDir), f"{method}.json")
         s = settings.snapped()
@@ -372,6 +374,7 @@ class Logic(ProfileApplyLogic, ScriptedLoadableModuleLogic):
             alpha_inner=s.alpha_inner,
             alpha_outer=s.alpha_outer,
             force=True,
+            score=score,
         )
         return self._startFor(profile, argv, commands.progress_stages("calibrate"), onOutput, onProgress, onFinished)
 

@@ -178,6 +178,7 @@ class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for combo, labels in (
             (self.ui.overlayComboBox, display.OVERLAY_LABELS),
             (self.ui.calibrationMethodComboBox, commands.METHOD_LABELS),
+            (self.ui.calibrationScoreComboBox, commands.SCORE_LABELS),
         ):
             for index in range(combo.count):
                 label = labels.get(combo.itemText(index))
@@ -716,6 +717,7 @@ class Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                         p.lesionLabel,
                         p.calibrationOutputPath,
                         sliderSettings(p),
+                        score=p.calibrationScore,
                         **callbacks,
                     )
                 else:
