@@ -319,6 +319,12 @@ def test_volume_wrapped_maps_take_the_same_score(cases) -> None:
     assert np.array_equal(
         as_eval_case(wrapped, "margin:0.5").probability, threshold_scores(c.probability, GEOMETRY, "margin:0.5")
     )
+    from types import SimpleNamespace
+
+    bare = SimpleNamespace(case_id="bare", probability=c.probability, lesion=c.lesion)  # no spacing anywhere
+    assert as_eval_case(bare).geometry.spacing == (1.0, 1.0, 1.0)  # the probability alone: 1 mm is harmless
+    with pytest.raises(ConformalSegError, match="no voxel spacing"):
+        as_eval_case(bare, "margin:0.5")
 
 
 def test_reviewed_cases_for_monitoring_take_the_profile_score(cases) -> None:

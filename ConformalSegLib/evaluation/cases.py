@@ -70,6 +70,7 @@ def as_eval_case(item: Any, score: str = DEFAULT_SCORE) -> EvalCase:
             f"case {case_id!r}: lesion mask shape {lesion.shape} != probability map shape {probability.shape}",
             fix="resample both onto the same voxel grid",
         )
+    known_geometry = geometry is not None
     if geometry is None:
         geometry = Geometry(shape=probability.shape)
     elif tuple(geometry.shape) != probability.shape:
@@ -79,7 +80,8 @@ def as_eval_case(item: Any, score: str = DEFAULT_SCORE) -> EvalCase:
         )
     if score != DEFAULT_SCORE:
         check_probabilities(probability, case_id)  # the score must be computed from a valid probability map
-        probability = threshold_scores(probability, geometry, score)
+        # a bare array has no spacing: the score (in mm) is refused rather than computed on an assumed 1 mm grid
+        probability = threshold_scores(probability, geometry if known_geometry else None, score)
     return EvalCase(case_id, probability, np.asarray(lesion, dtype=bool), geometry)
 
 
