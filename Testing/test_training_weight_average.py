@@ -1,6 +1,7 @@
 """The weight average of training (``conformalseg train --ema-decay D``): it is the exponential moving
 average of the trained weights step by step (hand values), it leaves the training itself bit-identical,
-it is what is validated, selected and written, it resumes bit-identically, old checkpoints without the
+it and the raw weights are both validated and the best of either is selected and written (the rule on
+scripted scores, the record on real runs), it resumes bit-identically, old checkpoints without the
 setting still resume, and bad values are refused clearly. Tiny networks, CPU."""
 
 from __future__ import annotations
@@ -18,8 +19,14 @@ from test_training_recipe import DYN, STREAM  # noqa: E402
 
 from ConformalSegLib.common.errors import ConformalSegError  # noqa: E402
 from ConformalSegLib.inference import resolve_model  # noqa: E402
-from ConformalSegLib.training import TrainingCancelled, TrainingConfig, train  # noqa: E402
-from ConformalSegLib.training.checkpoint import default_checkpoint_path  # noqa: E402
+from ConformalSegLib.training import (  # noqa: E402
+    TrainingCancelled,
+    TrainingConfig,
+    train,
+    trainer,
+)
+from ConformalSegLib.training.checkpoint import Checkpoint, default_checkpoint_path  # noqa: E402
+from ConformalSegLib.training.trainer import epoch_candidate  # noqa: E402
 from ConformalSegLib.training.weight_average import WeightAverage  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -63,8 +70,17 @@ def test_the_training_is_unchanged_and_the_average_is_selected_and_written(tmp_p
     assert [e["val_dice_raw"] for e in ema] == [e["val_dice"] for e in plain]
     card = resolve_model(tmp_path / "ema")
     assert card.training["ema_decay"] == 0.5 and resolve_model(tmp_path / "plain").training["ema_decay"] is None
-    best = max(range(len(ema)), key=lambda i: (ema[i]["val_dice"], i)) + 1
-    assert card.training["selected_epoch"] == best and card.training["selected_val_dice"] == ema[best - 1]["val_dice"]
+    assert resolve_model(tmp_path / "plain").training["selected_weights"] == "raw"
+    # the selection runs over both columns: each epoch's candidate by epoch_candidate, the best over epochs
+    candidates = [epoch_candidate(e["val_dice"], e["val_dice_raw"]) for e in ema]
+    best = max(range(len(ema)), key=lambda i: (candidates[i][1], i)) + 1
+    assert card.training["selected_epoch"] == best
+    assert (card.training["selected_weights"], card.training["selected_val_dice"]) == candidates[best - 1]
+    if card.training["selected_weights"] == "raw":  # the raw trajectory is the plain run's: same weights
+        plain_card = resolve_model(tmp_path / "plain").training
+        if plain_card["selected_epoch"] == best:
+            a, b = _weights(tmp_path / "ema"), _weights(tmp_path / "plain")
+            assert all(torch.equal(a[k], b[k]) for k in a)
 
     # without held-out cases the final average is written: with a decay near 0 it is the final raw
     # weights (so the average is fed the weights after every step), with 0.5 it is not
@@ -74,6 +90,83 @@ def test_the_training_is_unchanged_and_the_average_is_selected_and_written(tmp_p
     raw, near0, half = (_weights(tmp_path / n) for n in ("raw", "near0", "half"))
     assert all(torch.allclose(raw[k], near0[k], atol=1e-6) for k in raw)
     assert not all(torch.allclose(raw[k], half[k], atol=1e-4) for k in raw)
+
+
+@pytest.mark.parametrize(
+    ("average", "raw", "expected"),
+    [
+        (0.5, 0.6, ("raw", 0.6)),
+        (0.6, 0.5, ("average", 0.6)),
+        (0.5, 0.5, ("average", 0.5)),  # a tie goes to the average
+        (None, 0.4, ("raw", 0.4)),
+        (0.4, None, ("average", 0.4)),
+        (None, None, ("average", None)),  # nothing scored (no held-out lesion): nothing to compare
+    ],
+)
+def test_epoch_candidate_rule(average, raw, expected):
+    assert epoch_candidate(average, raw) == expected
+
+
+def test_the_best_of_either_weights_is_kept_over_epochs(tmp_path, monkeypatch):
+    """Scripted validation scores (average, raw) per epoch: the kept weights are the scripted winner's,
+    the epoch the last one reaching the maximum (``>=``), and the checkpoint records which weights."""
+    scripted = [(0.30, 0.20), (0.35, 0.50), (0.40, 0.45), (0.50, 0.50), (0.20, 0.10)]
+    # epoch candidates: average 0.30, raw 0.50, raw 0.45, average 0.50 (tie -> average), average 0.20;
+    # best: epoch 4 (0.50 ties epoch 2's raw 0.50; the later one wins, as without an average)
+    network = torch.nn.Linear(1, 1, bias=False)
+    config = TrainingConfig(**{**DYN, "epochs": len(scripted), "ema_decay": 0.5})
+    run = trainer._Run(config, None, network, torch.device("cpu"), ["a held-out case"], tmp_path / "c.pt")
+    assert run.average is not None
+    calls: list[str] = []
+
+    def fake_validation(net, cases, card, device):
+        epoch = len(calls) // 2
+        which = "average" if net is run.average.network else "raw"
+        calls.append(which)
+        return {"val_dice": scripted[epoch][0 if which == "average" else 1], "val_cases_with_lesion": 1}
+
+    monkeypatch.setattr(trainer, "validation_dice", fake_validation)
+    optimizer = torch.optim.SGD(network.parameters(), lr=0.1)
+    seen = []
+    for epoch in range(len(scripted)):
+        with torch.no_grad():
+            network.weight.fill_(10.0 + epoch)  # the raw weights of this epoch
+        run.average.update()
+        run.on_epoch_end(epoch, {"epoch": epoch + 1, "loss": 0.0}, optimizer, None)
+        seen.append((run.best.epoch, run.best.weights, float(run.best.state["weight"])))
+        saved = Checkpoint.load(tmp_path / "c.pt", config.to_json())
+        assert (saved.best_epoch, saved.best_weights, saved.best_score) == (
+            run.best.epoch,
+            run.best.weights,
+            run.best.score,
+        )
+    assert calls == ["average", "raw"] * len(scripted)
+    averages = [float(v) for v in (10.0, 10.5, 11.25, 12.125, 13.0625)]  # first update copies, then d = 0.5
+    assert seen == [
+        (1, "average", averages[0]),
+        (2, "raw", 11.0),
+        (2, "raw", 11.0),
+        (4, "average", averages[3]),
+        (4, "average", averages[3]),
+    ]
+    assert [e["val_dice_raw"] for e in run.log] == [r for _, r in scripted]
+    run.keep_selected()
+    assert float(network.weight.detach()) == averages[3]
+
+
+def test_a_checkpoint_naming_unknown_best_weights_is_refused(tmp_path):
+    config = TrainingConfig(**{**DYN, "ema_decay": 0.5})
+    layer = torch.nn.Linear(1, 1)
+    path = tmp_path / "c.pt"
+    Checkpoint(config.to_json(), 1, layer.state_dict(), {}, None, None, None, None, [], torch.get_rng_state(),
+               best_weights="raw").save(path)  # fmt: skip
+    assert Checkpoint.load(path, config.to_json()).best_weights == "raw"
+    saved = torch.load(path, weights_only=True)
+    saved["best_weights"] = "ensemble"
+    torch.save(saved, path)
+    with pytest.raises(ConformalSegError, match="unknown best weights 'ensemble'") as info:
+        Checkpoint.load(path, config.to_json())
+    assert str(path) in str(info.value)
 
 
 def test_resume_with_the_average_is_bit_identical_and_old_checkpoints_resume(tmp_path):
@@ -109,7 +202,7 @@ def test_resume_with_the_average_is_bit_identical_and_old_checkpoints_resume(tmp
     config_json = json.loads(saved["config_json"])
     del config_json["ema_decay"]
     saved["config_json"] = json.dumps(config_json, sort_keys=True)
-    del saved["weight_average"]
+    del saved["weight_average"], saved["best_weights"]
     torch.save(saved, path)
     train(plain, STREAM, heldout, old, resume=True)
     assert resolve_model(old).training["ema_decay"] is None

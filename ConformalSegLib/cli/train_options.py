@@ -264,9 +264,10 @@ def _optimisation_options(p: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         metavar="D",
-        help="lesion/roi: validate, select and write an exponential moving average of the weights, updated "
-        "after every step with decay D (0.999: about the last 1,000 steps); the training itself is unchanged. "
-        "Default: off",
+        help="lesion/roi: also keep an exponential moving average of the weights, updated after every step "
+        "with decay D (0.999: about the last 1,000 steps), validated beside the raw weights every epoch; the "
+        "best of either is written (without held-out cases: the final average). The training itself is "
+        "unchanged. Default: off",
     )
     p.add_argument(
         "--quantiles",

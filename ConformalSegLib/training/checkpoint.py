@@ -2,8 +2,10 @@
 
 ``OUT.checkpoint.pt`` beside the model folder ``OUT`` (or ``--checkpoint FILE``) holds the epoch
 reached, the network, optimiser and scheduler states, the best held-out weights so far and their
-score, the log, torch's global RNG state (dropout masks), the weight average when the run keeps one
-(:mod:`.weight_average`) and the training configuration as JSON.
+score, which weights they are (``best_weights``: ``"raw"`` or ``"average"`` when the run keeps a weight
+average, :mod:`.weight_average`; absent in checkpoints written before raw weights could be selected),
+the log, torch's global RNG state (dropout masks), the weight average and the training configuration
+as JSON.
 It is saved with ``torch.save`` to a temporary name and renamed over the previous one, so an
 interruption (Ctrl-C, a killed job, a full disk) leaves the last complete epoch. It contains only
 tensors, numbers and strings and is read with ``torch.load(weights_only=True)``: no code is run.
@@ -50,6 +52,7 @@ class Checkpoint:
     rng_state: torch.Tensor
     elapsed_seconds: float = 0.0
     weight_average: dict[str, Any] | None = None
+    best_weights: str | None = None
 
     def save(self, path: Path) -> None:
         """Write atomically (temporary file in the same folder, then rename)."""
@@ -70,6 +73,7 @@ class Checkpoint:
             "rng_state": self.rng_state,
             "elapsed_seconds": float(self.elapsed_seconds),
             "weight_average": self.weight_average,
+            "best_weights": self.best_weights,
         }
         try:
             torch.save(payload, tmp)
@@ -101,6 +105,12 @@ class Checkpoint:
                 path=path,
                 fix="pass the OUT.checkpoint.pt file written by `conformalseg train`",
             )
+        if data.get("best_weights") not in (None, "raw", "average"):
+            raise ConformalSegError(
+                f"the training checkpoint names unknown best weights {data.get('best_weights')!r}",
+                path=path,
+                fix="delete it and start again without --resume",
+            )
         old, new = json.loads(data["config_json"]), json.loads(config_json)
         # a setting added to TrainingConfig after the checkpoint was written is absent there; its
         # default is None (off), so absent and None are the same run
@@ -124,4 +134,5 @@ class Checkpoint:
             data["rng_state"],
             float(data.get("elapsed_seconds", 0.0)),
             data.get("weight_average"),
+            data.get("best_weights"),
         )

@@ -32,8 +32,8 @@ class TrainingConfig:
     a fixed list of cases, ``steps_per_epoch`` to a phantom stream. ``mc_passes`` is used by the
     ``uncertainty-aware`` loss only. ``init_weights_sha256`` is the checksum of the weights the run
     starts from (``train(init_weights=...)``; ``None``: MONAI's random initialisation).
-    ``ema_decay`` (``None``: off) validates, selects and writes an exponential moving average of the
-    weights instead of the raw ones (:mod:`.weight_average`).
+    ``ema_decay`` (``None``: off) keeps an exponential moving average of the weights, validated beside
+    the raw ones every epoch; the best of either is written (:mod:`.weight_average`).
     """
 
     lesion_labels: tuple[int, ...] = (6,)
