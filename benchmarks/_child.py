@@ -14,6 +14,8 @@ import json
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -57,3 +59,30 @@ def measure(module: str, function: str, *args: Any) -> dict[str, Any]:
         if proc.returncode != 0:
             raise RuntimeError(f"{module}.{function}{tuple(args)} failed:\n{proc.stderr[-3000:]}")
         return json.loads(out.read_text())
+
+
+@contextmanager
+def measured_on_saved_map(
+    module: str,
+    volume: Any,
+    runs: Sequence[tuple[str, tuple[Any, ...]]],
+    *,
+    log: Callable[[str], None] | None = None,
+) -> Iterator[tuple[Path, dict[str, dict[str, Any]]]]:
+    """Measure ``module.run(MAP, *args, OUT)`` in a fresh process for every ``(name, args)`` of ``runs``.
+
+    ``volume`` (a numpy array) is saved once to ``MAP`` in a temporary folder; each run may save its output to
+    ``OUT`` = ``folder/NAME.npy``. Yields ``(folder, {name: measure(...)})`` so the caller can compare the
+    outputs; the folder and every output are removed when the block ends. ``log`` is told each run's name.
+    """
+    import numpy as np
+
+    with tempfile.TemporaryDirectory(prefix=f"{module}_") as tmp_name:
+        folder = Path(tmp_name)
+        np.save(folder / "map.npy", volume)
+        results = {}
+        for name, args in runs:
+            if log is not None:
+                log(f"{module}: {name}")
+            results[name] = measure(module, "run", str(folder / "map.npy"), *args, str(folder / f"{name}.npy"))
+        yield folder, results

@@ -15,12 +15,10 @@ Run: ``.venv/bin/python benchmarks/bench_distance.py [--quick]``.
 from __future__ import annotations
 
 import sys
-import tempfile
-from pathlib import Path
 
 import _common as C
 import numpy as np
-from _child import measure
+from _child import measured_on_saved_map
 from scipy import ndimage
 
 SPACING_XYZ = (0.8, 0.8, 2.0)
@@ -57,20 +55,15 @@ def main(argv: list[str] | None = None) -> None:
     args = C.parse_args(__doc__.splitlines()[0], argv)
     shape = C.QUICK_SHAPE if args.quick else C.FULL_SHAPE
     lines = ["### Signed distance transform: memory and time\n", f"Machine: {C.machine_line()}\n"]
-    with tempfile.TemporaryDirectory(prefix="bench_distance_") as tmp_name:
-        tmp = Path(tmp_name)
-        probability, _ = C.make_volume(shape, seed=args.seed)
-        np.save(tmp / "p.npy", probability)
+    probability, _ = C.make_volume(shape, seed=args.seed)
+    runs = [("floor", (None,)), ("old", (True,)), ("new", (False,))]
+    with measured_on_saved_map("bench_distance", probability, runs, log=C.log) as (tmp, measured):
         del probability
-        floor = measure("bench_distance", "run", str(tmp / "p.npy"), None, "")
-        C.log(f"distance transform of {shape}: old")
-        old = measure("bench_distance", "run", str(tmp / "p.npy"), True, str(tmp / "old.npy"))
-        C.log(f"distance transform of {shape}: new")
-        new = measure("bench_distance", "run", str(tmp / "p.npy"), False, str(tmp / "new.npy"))
         a, b = np.load(tmp / "old.npy"), np.load(tmp / "new.npy")
         np.testing.assert_array_max_ulp(a, b, maxulp=1)
         identical = float(np.mean(a == b))
         del a, b
+    floor, old, new = measured["floor"], measured["old"], measured["new"]
     voxels = int(np.prod(shape))
     volume_mib = voxels * 4 / 2**20
     lines.append(

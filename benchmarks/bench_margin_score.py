@@ -16,12 +16,10 @@ Run: ``.venv/bin/python benchmarks/bench_margin_score.py [--quick]``.
 from __future__ import annotations
 
 import sys
-import tempfile
-from pathlib import Path
 
 import _common as C
 import numpy as np
-from _child import measure
+from _child import measured_on_saved_map
 
 SPACING_XYZ = (0.8, 0.8, 2.0)
 
@@ -47,21 +45,16 @@ def main(argv: list[str] | None = None) -> None:
     args = C.parse_args(__doc__.splitlines()[0], argv)
     shape = C.QUICK_SHAPE if args.quick else C.FULL_SHAPE
     lines = ["### The margin score: what it costs on top of the signed distance\n", f"Machine: {C.machine_line()}\n"]
-    with tempfile.TemporaryDirectory(prefix="bench_margin_") as tmp_name:
-        tmp = Path(tmp_name)
-        probability, _ = C.make_volume(shape, seed=args.seed)
-        np.save(tmp / "p.npy", probability)
+    probability, _ = C.make_volume(shape, seed=args.seed)
+    runs = [("floor", ("",)), ("distance", ("distance:0.5",)), ("margin", ("margin:0.5",))]
+    with measured_on_saved_map("bench_margin_score", probability, runs, log=C.log) as (tmp, measured):
         del probability
-        floor = measure("bench_margin_score", "run", str(tmp / "p.npy"), "", "")
-        C.log(f"signed distance of {shape}")
-        distance = measure("bench_margin_score", "run", str(tmp / "p.npy"), "distance:0.5", str(tmp / "d.npy"))
-        C.log(f"margin score of {shape}")
-        margin = measure("bench_margin_score", "run", str(tmp / "p.npy"), "margin:0.5", str(tmp / "m.npy"))
-        d, m = np.load(tmp / "d.npy"), np.load(tmp / "m.npy")
+        d, m = np.load(tmp / "distance.npy"), np.load(tmp / "margin.npy")
         assert np.array_equal(margin_score(d), m), "the margin score is g of the signed distance"
         order = np.argsort(d, axis=None)[:: max(d.size // 1_000_000, 1)]
         assert np.all(np.diff(m.reshape(-1)[order]) >= 0), "the margin score keeps the order of distances"
         del d, m
+    floor, distance, margin = measured["floor"], measured["distance"], measured["margin"]
     voxels = int(np.prod(shape))
     lines.append(
         f"Map of {shape} (z, y, x) = {voxels:,} voxels ({voxels * 4 / 2**20:.0f} MiB as float32), mask fraction "
