@@ -152,7 +152,7 @@ if not UNSUPPORTED:
         overlayOpacity: UnitInterval = 0.5
         datasetPath: Path
         calibrationMethod: Annotated[str, Choice(["cls", "crc", "sets"])] = "cls"
-        calibrationScore: Annotated[str, Choice(["identity", "margin:0.5"])] = "identity"
+        calibrationScore: Annotated[str, Choice(["identity", "margin:0.5", "gaussian:2.0"])] = "identity"
         lesionLabel: Annotated[int, WithinRange(1, 255)] = 1
         evaluationSplits: Annotated[int, WithinRange(1, 1000)] = 100
         calibrationOutputPath: Path

@@ -280,6 +280,13 @@ def test_command_lines():
         "p", data_dir="d", method="sets", out_profile="o.json", alpha_inner=0.1, alpha_outer=0.1, score="margin:0.5"
     )
     assert "--score" not in sets_margin and "--score" not in cls  # sets choose their own transforms
+    from ConformalSegLib.conformal.threshold_scores import parse_threshold_score
+
+    for score in commands.SCORE_LABELS:  # every panel choice is a canonical `calibrate --score` name
+        assert parse_threshold_score(score).name == score
+        argv = commands.calibrate_command("p", data_dir="d", method="cls", out_profile="o", epsilon=0.1, alpha=0.1,
+                                          score=score)  # fmt: skip
+        assert ("--score" in argv) == (score != "identity")
     with pytest.raises(ValueError, match="score must be one of"):
         commands.calibrate_command("p", data_dir="d", method="cls", out_profile="o", epsilon=0.1, alpha=0.1, score="x")
     ev = commands.evaluate_command("p", data_dir="d", out_dir="o", splits=7, epsilon=0.123, alpha=0.07)

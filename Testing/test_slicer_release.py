@@ -429,8 +429,11 @@ def test_every_combo_choice_has_a_readable_label():
     source = MODULE_FILE.read_text(encoding="utf-8")
     methods = re.search(r"calibrationMethod: Annotated\[str, Choice\((\[[^\]]*\])\)\]", source).group(1)
     assert set(commands.METHOD_LABELS) == set(ast.literal_eval(methods))
+    scores = re.search(r"calibrationScore: Annotated\[str, Choice\((\[[^\]]*\])\)\]", source).group(1)
+    assert list(commands.SCORE_LABELS) == ast.literal_eval(scores)
     assert set(display.OVERLAY_LABELS) == set(display.OVERLAYS)
-    assert all(label != key for key, label in {**commands.METHOD_LABELS, **display.OVERLAY_LABELS}.items())
+    labels = {**commands.METHOD_LABELS, **commands.SCORE_LABELS, **display.OVERLAY_LABELS}
+    assert all(label != key for key, label in labels.items())
 
 
 def test_run_device_read_from_the_childs_report(tmp_path):

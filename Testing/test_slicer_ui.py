@@ -544,7 +544,7 @@ def render_panel(path: Path) -> Path:
         ("deviceComboBox", ["auto", "cuda", "cpu"]),
         ("overlayComboBox", list(display.OVERLAYS)),
         ("calibrationMethodComboBox", ["cls", "crc", "sets"]),
-        ("calibrationScoreComboBox", ["identity", "margin:0.5"]),
+        ("calibrationScoreComboBox", ["identity", "margin:0.5", "gaussian:2.0"]),
     ):
         combo: QComboBox = find[name]
         combo.addItems(items)

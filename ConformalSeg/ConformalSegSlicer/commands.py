@@ -32,6 +32,7 @@ METHOD_LABELS = {
 SCORE_LABELS = {
     "identity": "Probability",
     "margin:0.5": "Margin: the 0.5 mask grown by calibrated mm",
+    "gaussian:2.0": "Smoothed probability (Gaussian, 2 mm)",
 }
 #: Default grids of ``conformalseg evaluate`` run from the panel (ECR / PC versus alpha plots).
 EVALUATION_ALPHAS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5)
