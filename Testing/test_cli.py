@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -332,9 +331,10 @@ def test_demo_with_the_shipped_model(tmp_path, capsys):
     assert {"Lesion (FNR-controlled)", "Inner set", "Outer set", "Lesion (ground truth)"} <= set(masks)
     assert (tmp_path / "demo" / "example" / "uncertainty_variance.nrrd").stat().st_size > 0
     assert "](semcrc/interval_evaluation.png)" in report and (tmp_path / "demo" / "semcrc" / "profile.json").is_file()
+    from ConformalSegLib.common.shipped_models import LESION_MODEL, shipped_model
     from ConformalSegLib.inference import resolve_model
 
-    shipped = resolve_model(Path(__file__).resolve().parents[1] / "Resources" / "models" / "phantom_lesion_unet_v3")
+    shipped = resolve_model(shipped_model(LESION_MODEL))
     for name in ("cls", "lesion", "sets"):  # the profiles record the shipped model's pipeline, so `apply
         record = json.loads((tmp_path / "demo" / "profiles" / f"{name}.json").read_text())["provenance"]
         assert record["inference"]["pipeline_sha256"] == shipped.pipeline_sha256()  # --model` can use them

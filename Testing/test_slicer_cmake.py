@@ -244,8 +244,10 @@ def test_module_cmakelists_runs_against_stub_macros(tmp_path):
     ) in output
     assert "unittest ConformalSeg.py" in output
     # the shipped lesion network is installed into the module's resources (the sample data's model)
-    assert "destination=lib/Slicer-5.12/qt-scripted-modules/Resources/models/phantom_lesion_unet_v3" in output
-    assert "phantom_lesion_unet_v3/weights.pt" in output
+    from ConformalSegLib.common.shipped_models import LESION_MODEL
+
+    assert f"destination=lib/Slicer-5.12/qt-scripted-modules/Resources/models/{LESION_MODEL}" in output
+    assert f"{LESION_MODEL}/weights.pt" in output
 
 
 if __name__ == "__main__":

@@ -399,7 +399,9 @@ def test_sample_data_is_built_once_and_drives_every_panel_section(tmp_path):
     from ConformalSegSlicer.slider import SliderSettings, SliderState
 
     t0 = time.perf_counter()
-    paths = sample_data.make_sample(tmp_path / "sample", model=ROOT / "Resources" / "models" / "phantom_lesion_unet_v3")
+    from ConformalSegLib.common.shipped_models import LESION_MODEL, shipped_model
+
+    paths = sample_data.make_sample(tmp_path / "sample", model=shipped_model(LESION_MODEL))
     built = time.perf_counter() - t0
     assert paths.model is not None and (paths.model / "model_card.json").is_file()
     stamp = paths.cls_profile.stat().st_mtime_ns

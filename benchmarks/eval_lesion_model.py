@@ -21,8 +21,10 @@ from pathlib import Path
 import _common as C
 import numpy as np
 
+from ConformalSegLib.common.shipped_models import LESION_MODEL, shipped_model
+
 OUT = C.REPO_ROOT / "benchmarks" / "_cache" / "lesion_model_eval"
-MODEL = C.REPO_ROOT / "Resources" / "models" / "phantom_lesion_unet_v3"
+MODEL = shipped_model(LESION_MODEL)
 
 
 def _extra(parser) -> None:  # noqa: ANN001

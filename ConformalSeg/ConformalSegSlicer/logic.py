@@ -19,6 +19,7 @@ from slicer.i18n import tr as _
 from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic
 
 from ConformalSegLib.common.errors import ConformalSegError
+from ConformalSegLib.common.shipped_models import LESION_MODEL
 
 from . import (
     commands,
@@ -43,8 +44,8 @@ SHIPPED_MODEL = next(
     (
         Path(folder)
         for folder in (
-            os.path.join(MODULE_DIR, "Resources", "models", "phantom_lesion_unet_v3"),
-            os.path.join(os.path.dirname(MODULE_DIR), "Resources", "models", "phantom_lesion_unet_v3"),
+            os.path.join(MODULE_DIR, "Resources", "models", LESION_MODEL),
+            os.path.join(os.path.dirname(MODULE_DIR), "Resources", "models", LESION_MODEL),
         )
         if os.path.isfile(os.path.join(folder, "model_card.json"))
     ),

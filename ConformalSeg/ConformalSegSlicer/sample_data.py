@@ -7,7 +7,7 @@ scipy, SimpleITK, pydicom) into Slicer's cache folder, later clicks reuse them. 
 :func:`ConformalSegLib.phantoms.simulated_maps.make_cases` (an image, a lesion and a calibrated-looking
 probability map); the profiles are calibrated on 60 more scans of the same generator, so the new scan is
 exchangeable with them and the guarantees shown are the real ones for this toy population. The
-shipped network (``Resources/models/phantom_lesion_unet_v3`` in a source checkout) is offered as the model
+shipped network (``logic.SHIPPED_MODEL``, the folder named by ``shipped_models.LESION_MODEL``) is offered as the model
 when it is there. The scan is also written as a DICOM CT series (:func:`ConformalSegLib.io.dicom_ct_write.
 write_ct_series`), set as the panel's *Reference DICOM series*, so that *Export DICOM SEG* can be tried on the
 sample too (or the series loaded through Slicer's DICOM module).

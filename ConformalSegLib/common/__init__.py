@@ -5,6 +5,7 @@
 * :mod:`.randomness`: seeded random rotations;
 * :mod:`.jsonable`: :func:`~.jsonable.jsonable`, the one converter of results to plain JSON values;
 * :mod:`.executors`: one task per scan, in order, serially, on a process pool or on Dask.
+* :mod:`.shipped_models`: which shipped model (``Resources/models``) each part of the project uses.
 
 Nothing here imports from the rest of the library.
 """

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..common.errors import ConformalSegError
+from ..common.shipped_models import DENOISER_MODEL, shipped_model
 from ..semcrc.phantom_denoising import PHANTOM_ORGANS, write_denoising_dataset
 from ..semcrc.workflow import predict_quantile_folder
 
@@ -45,7 +46,7 @@ if TYPE_CHECKING:
     from ..semcrc.intervals import IntervalData
     from ..semcrc.memberships import OrganMap
 
-DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "Resources" / "models" / "phantom_denoiser_quantile"
+DEFAULT_MODEL = shipped_model(DENOISER_MODEL)
 DEMO_SEED = 2100  #: phantom stream of the demo (the shipped denoiser trained on seed 1100)
 BODY = "nonzero"
 

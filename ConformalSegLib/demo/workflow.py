@@ -4,7 +4,7 @@ Steps (each calls the same library functions as the CLI commands):
 
 1. write the embedded dataset to ``OUT/data``: synthetic CT phantoms (:mod:`ConformalSegLib.phantoms.generator`,
    nnU-Net layout, lesion label 6) drawn with a seed the shipped model was *not* trained on;
-2. run the shipped network (``Resources/models/phantom_lesion_unet_v3``) on every phantom through
+2. run the shipped network (``common.shipped_models.LESION_MODEL`` in ``Resources/models``) on every phantom through
    :class:`~ConformalSegLib.inference.model_dataset.InferenceDataset` -> ``OUT/data/probs``;
 3. evaluate CLS, expected-FNR control, lesion-level control, the slider-safe bands and confidence sets
    over repeated random calibration/test splits, with lesion-wise detection by lesion size
@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ..common.errors import ConformalSegError
+from ..common.shipped_models import LESION_MODEL, shipped_model
 from ..conformal.calibration import CalibrationRequest, calibrate
 from ..conformal.cls import apply_threshold
 from ..conformal.profile import LESION_CRC
@@ -55,7 +56,7 @@ from ..phantoms.simulated_dataset import LESION_LABEL, write_synthetic_dataset
 from .report import relink, report_text
 
 #: The network shipped with the project (see its README.md for how it was trained).
-DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "Resources" / "models" / "phantom_lesion_unet_v3"
+DEFAULT_MODEL = shipped_model(LESION_MODEL)
 
 Progress = Callable[[int, int, str], None]
 
