@@ -22,11 +22,11 @@ from ConformalSegLib.inference import resolve_model  # noqa: E402
 from ConformalSegLib.training import (  # noqa: E402
     TrainingCancelled,
     TrainingConfig,
+    run_state,
     train,
-    trainer,
 )
 from ConformalSegLib.training.checkpoint import Checkpoint, default_checkpoint_path  # noqa: E402
-from ConformalSegLib.training.trainer import epoch_candidate  # noqa: E402
+from ConformalSegLib.training.run_state import epoch_candidate  # noqa: E402
 from ConformalSegLib.training.weight_average import WeightAverage  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -115,7 +115,7 @@ def test_the_best_of_either_weights_is_kept_over_epochs(tmp_path, monkeypatch):
     # best: epoch 4 (0.50 ties epoch 2's raw 0.50; the later one wins, as without an average)
     network = torch.nn.Linear(1, 1, bias=False)
     config = TrainingConfig(**{**DYN, "epochs": len(scripted), "ema_decay": 0.5})
-    run = trainer._Run(config, None, network, torch.device("cpu"), ["a held-out case"], tmp_path / "c.pt")
+    run = run_state.RunState(config, None, network, torch.device("cpu"), ["a held-out case"], tmp_path / "c.pt")
     assert run.average is not None
     calls: list[str] = []
 
@@ -125,7 +125,7 @@ def test_the_best_of_either_weights_is_kept_over_epochs(tmp_path, monkeypatch):
         calls.append(which)
         return {"val_dice": scripted[epoch][0 if which == "average" else 1], "val_cases_with_lesion": 1}
 
-    monkeypatch.setattr(trainer, "validation_dice", fake_validation)
+    monkeypatch.setattr(run_state, "validation_dice", fake_validation)
     optimizer = torch.optim.SGD(network.parameters(), lr=0.1)
     seen = []
     for epoch in range(len(scripted)):

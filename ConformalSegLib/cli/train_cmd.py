@@ -43,8 +43,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..training import check_output_folder
 
-    if not args.resume:
-        check_output_folder(args.out, force=args.force)  # fail before generating or reading data
+    if args.snapshot is not None:
+        _check_snapshot_args(args)
+        check_output_folder(args.snapshot, force=args.force)  # fail before generating or reading data
+    elif not args.resume:
+        check_output_folder(args.out, force=args.force)
     apply_task_defaults(args)
     if args.threads is not None:
         if args.threads < 1:
@@ -63,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
     _check_lesion_args(args)
     train_data, heldout_cases, data_info, lesion_labels = roi_data(args) if args.task == "roi" else lesion_data(args)
     config = _lesion_config(args, lesion_labels)
+    if args.snapshot is not None:
+        return run_snapshot(args, config, train_data, heldout_cases, data_info)
     what = (
         "a fresh phantom per sample"
         if args.phantom_stream and args.task == "lesion"
@@ -94,6 +99,65 @@ def run(args: argparse.Namespace) -> int:
         f"{'n/a (no held-out lesion)' if dice is None else f'{dice:.3f}'}{chosen}; {result.wall_seconds:.0f} s"
     )
     print(f"wrote {result.out}")
+    return 0
+
+
+def _check_snapshot_args(args: argparse.Namespace) -> None:
+    """``--snapshot`` reads an unfinished lesion or ROI run's checkpoint; it trains nothing."""
+    if args.task == "denoise":
+        raise ConformalSegError("--snapshot serves the lesion and roi tasks", fix="leave it out for denoise")
+    if args.resume:
+        raise ConformalSegError(
+            "--snapshot writes the best weights so far and does not train, so it does not go with --resume",
+            fix="take the snapshot with the run's options and --snapshot DIR, then resume with --resume",
+        )
+    if args.snapshot.resolve() == args.out.resolve():
+        raise ConformalSegError(
+            "--snapshot must name another folder than --out (the run writes its final model to --out)",
+            path=args.snapshot,
+            fix="e.g. --snapshot OUT_epoch20",
+        )
+
+
+def run_snapshot(
+    args: argparse.Namespace, config: Any, train_data: Any, heldout_cases: Any, data_info: dict[str, Any]
+) -> int:
+    """``conformalseg train ... --snapshot DIR`` (see :func:`ConformalSegLib.training.snapshot`)."""
+    import copy
+
+    from ..training import snapshot
+    from ..training.checkpoint import default_checkpoint_path
+
+    checkpoint = args.checkpoint if args.checkpoint is not None else default_checkpoint_path(args.out)
+    run_args = copy.copy(args)
+    run_args.force = False  # the recorded command is the run's, not the snapshot's
+    print(f"snapshot of the run in {checkpoint} (no training); measuring {len(heldout_cases)} held-out case(s)")
+    result = snapshot(
+        config,
+        train_data,
+        heldout_cases,
+        args.snapshot,
+        checkpoint,
+        force=args.force,
+        data_info=data_info,
+        command=canonical_command(run_args),
+    )
+    from ..inference import resolve_model
+
+    training = resolve_model(result.out).training
+    done = training["snapshot"]
+    dice = result.heldout.get("mean_dice")
+    chosen = (
+        f"weights of epoch {result.best_epoch} ({training['selected_weights']}, best validation Dice "
+        f"{training['selected_val_dice']:.3f})"
+        if result.best_epoch
+        else "the last epoch's weights (no validation)"
+    )
+    print(
+        f"after {done['epochs_done']} of {done['epochs_planned']} epoch(s): {chosen}; held-out lesion Dice "
+        f"{'n/a (no held-out lesion)' if dice is None else f'{dice:.3f}'}"
+    )
+    print(f"wrote {result.out}; the run's checkpoint is unchanged (continue with --resume)")
     return 0
 
 

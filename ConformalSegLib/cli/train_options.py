@@ -334,6 +334,15 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
     p.add_argument(
+        "--snapshot",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="lesion/roi: do not train; write the best weights so far of this unfinished run (the same options, "
+        "read from its checkpoint) as the model folder DIR, with held-out metrics and the epochs done in its "
+        "card. The checkpoint is not changed: the run goes on with --resume (it may be running meanwhile)",
+    )
+    p.add_argument(
         "--init-weights",
         type=Path,
         default=None,

@@ -17,7 +17,9 @@ The output folder is a model path for :func:`ConformalSegLib.inference.resolve_m
 :mod:`.patches` and :mod:`.augmentation` (lesion-balanced, augmented patches),
 :mod:`.phantom_stream` (a fresh phantom per sample), :mod:`.optimization` (the loop, optimisers,
 schedules), :mod:`.checkpoint` (resuming), :mod:`.validation` (held-out metrics),
-:mod:`.model_folder` (the atomic output folder) and :mod:`.trainer` (the whole run).
+:mod:`.weight_average` (a moving average of the weights), :mod:`.run_state` (a run between epochs: which
+weights are kept), :mod:`.model_folder` (the atomic output folder) and :mod:`.trainer` (the whole run, and
+snapshots of an unfinished one).
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ from .losses import (
 from .model_folder import LOG_FILE, WEIGHTS_FILE, check_output_folder
 from .optimization import TrainingCancelled
 from .phantom_stream import PhantomStream, PhantomStreamSampler
-from .trainer import TrainingResult, build_card, train
+from .trainer import TrainingResult, build_card, snapshot, train
 
 __all__ = [
     "AugmentationConfig",
@@ -87,6 +89,7 @@ __all__ = [
     "phantom_denoising_pairs",
     "prepare_case",
     "prepare_cases",
+    "snapshot",
     "split_cases",
     "train",
     "train_denoiser",

@@ -20,12 +20,17 @@ What :func:`train` does
    the best validation Dice are the ones shipped (the last epoch's without held-out cases). With
    ``ema_decay`` both the exponential moving average (:mod:`.weight_average`) and the raw weights are
    validated every epoch (``val_dice`` and ``val_dice_raw`` in the log) and the best of either is
-   shipped (:func:`epoch_candidate`; the card's ``selected_weights`` says which); without held-out
+   shipped (:func:`.run_state.epoch_candidate`; the card's ``selected_weights`` says which); without held-out
    cases the final average is.
 5. Writes ``weights.pt`` and the card into a staging folder, measures the held-out metrics with the
    real :class:`~ConformalSegLib.inference.engine.InferenceEngine` (:func:`~.validation.evaluate_heldout`),
    completes the card's ``training`` section and ``training.json`` and renames the folder to ``out``
    (:mod:`.model_folder`). Nothing is written at ``out`` unless all of this completes.
+
+:func:`snapshot` writes step 5 for an unfinished run: the best weights so far from its checkpoint, measured
+and recorded the same way (the card's ``training.snapshot`` gives the epochs done and planned), without
+training and without touching the checkpoint, so that a run spread over several sittings can be looked at
+(or shipped) between them and then resumed.
 
 Determinism
 -----------
@@ -39,7 +44,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -50,7 +55,7 @@ from .. import __version__
 from ..common.errors import ConformalSegError
 from ..io.checksums import sha256_file
 from .augmentation import AugmentationConfig
-from .checkpoint import Checkpoint, default_checkpoint_path
+from .checkpoint import default_checkpoint_path
 from .config import LESION_CHANNEL, TrainingConfig
 from .data import PatchSampler, TrainingCase, prepare_cases
 from .initial_weights import initial_weights
@@ -63,8 +68,8 @@ from .networks import (
 )
 from .optimization import CancelToken, ProgressCallback, TrainingCancelled, fit
 from .phantom_stream import PhantomStream, PhantomStreamSampler
-from .validation import evaluate_heldout, validation_dice
-from .weight_average import WeightAverage
+from .run_state import BestWeights, RunState
+from .validation import evaluate_heldout
 
 
 @dataclass
@@ -113,33 +118,6 @@ def build_card(config: TrainingConfig, base_dir: str | PathLike[str], training: 
     return ModelCard.from_dict(data, None, base_dir=base_dir)
 
 
-@dataclass
-class _Best:
-    """The best validation score so far, the weights that gave it, and which weights they were
-    (``"raw"`` or ``"average"``; ``None`` for a run without a weight average)."""
-
-    score: float | None = None
-    epoch: int | None = None
-    state: dict[str, torch.Tensor] | None = None
-    weights: str | None = None
-
-
-def epoch_candidate(average: float | None, raw: float | None) -> tuple[str, float | None]:
-    """Which of an epoch's two validated weights competes for the best: ``("average" | "raw", score)``.
-
-    The raw weights only when their validation Dice is strictly higher (``raw > average``); on a tie,
-    or when neither could be scored (``None``: no held-out case with a lesion), the average, the less
-    noisy of the two. Why both: the lesion_v4 run (RESULTS, "A weight average over another warm
-    restart") recovered from a warm restart faster in its raw weights (0.568 at epoch 20) than in its
-    average with decay 0.999 (at most 0.545), which trails the raw weights by about four epochs.
-    Choosing among two candidates per epoch makes the best validation Dice a little more optimistic;
-    the test phantoms of ``benchmarks/eval_lesion_model.py`` are not used for it.
-    """
-    if raw is not None and (average is None or raw > average):
-        return "raw", raw
-    return "average", average
-
-
 def _sampler(config: TrainingConfig, card: Any, data: Sequence[TrainingCase] | PhantomStream):
     augmentation = AugmentationConfig() if config.augment else None
     if isinstance(data, PhantomStream):
@@ -164,96 +142,6 @@ def _sampler(config: TrainingConfig, card: Any, data: Sequence[TrainingCase] | P
         seed=config.seed,
         augmentation=augmentation,
     )
-
-
-def _state(network: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu", copy=True) for k, v in network.state_dict().items()}
-
-
-@dataclass
-class _Run:
-    """The state of one run between epochs: network, validation cases, best weights, log, checkpoint."""
-
-    config: TrainingConfig
-    template: Any  # the model card the data are prepared with
-    network: torch.nn.Module
-    device: torch.device
-    validation: list[Any]
-    ckpt_path: Path
-    started: float = field(default_factory=time.perf_counter)
-    best: _Best = field(default_factory=_Best)
-    previous_log: list[dict[str, Any]] = field(default_factory=list)
-    log: list[dict[str, Any]] = field(default_factory=list)
-    start_epoch: int = 0
-    elapsed_before: float = 0.0
-    resumed: dict[str, Any] | None = None
-    average: WeightAverage | None = None
-
-    def __post_init__(self) -> None:
-        if self.config.ema_decay is not None:
-            self.average = WeightAverage(self.network, self.config.ema_decay)
-
-    def keep_selected(self) -> None:
-        """Put the weights to write into the network: the best validated ones, else the average's, else
-        the last step's."""
-        if self.best.state is not None:
-            self.network.load_state_dict(self.best.state)
-        elif self.average is not None:
-            self.network.load_state_dict(_state(self.average.network))
-
-    def restore(self) -> None:
-        """Continue from the checkpoint (weights, RNG, best so far, log, optimiser state)."""
-        saved = Checkpoint.load(self.ckpt_path, self.config.to_json())
-        self.network.load_state_dict(saved.network)
-        torch.set_rng_state(saved.rng_state)
-        self.best = _Best(saved.best_score, saved.best_epoch, saved.best_network, saved.best_weights)
-        if self.average is not None and self.best.state is not None and self.best.weights is None:
-            self.best.weights = "average"  # written before raw weights could be selected
-        self.previous_log, self.start_epoch, self.elapsed_before = saved.log, saved.epoch, saved.elapsed_seconds
-        self.resumed = {"optimizer": saved.optimizer, "scheduler": saved.scheduler}
-        if self.average is not None and saved.weight_average is not None:
-            self.average.load_state_dict(saved.weight_average)
-
-    @property
-    def selectable(self) -> torch.nn.Module:
-        """The weights validated first: the average's when there is one, else the raw ones."""
-        return self.network if self.average is None else self.average.network
-
-    def elapsed(self) -> float:
-        return self.elapsed_before + time.perf_counter() - self.started
-
-    @property
-    def epochs(self) -> list[dict[str, Any]]:
-        return self.previous_log + self.log
-
-    def on_epoch_end(self, epoch: int, record: dict[str, Any], optimizer: Any, scheduler: Any) -> None:
-        """Validation Dice, best weights so far, and the checkpoint of this epoch."""
-        if self.validation:
-            record.update(validation_dice(self.selectable, self.validation, self.template, self.device))
-            weights, network, score = None, self.network, record["val_dice"]
-            if self.average is not None:
-                raw = validation_dice(self.network, self.validation, self.template, self.device)
-                record["val_dice_raw"] = raw["val_dice"]
-                weights, score = epoch_candidate(record["val_dice"], raw["val_dice"])
-                network = self.average.network if weights == "average" else self.network
-            if score is not None and (self.best.score is None or score >= self.best.score):
-                self.best = _Best(score, epoch + 1, _state(network), weights)
-        self.log.append(record)
-        Checkpoint(
-            self.config.to_json(),
-            epoch + 1,
-            _state(self.network),
-            optimizer.state_dict(),
-            None if scheduler is None else scheduler.state_dict(),
-            self.best.state,
-            self.best.score,
-            self.best.epoch,
-            self.epochs,
-            torch.get_rng_state(),
-            self.elapsed(),
-            None if self.average is None else self.average.state_dict(),
-            self.best.weights,
-        ).save(self.ckpt_path)
 
 
 def train(
@@ -299,7 +187,7 @@ def train(
     _load_initial_weights(network, config, init_weights)
     network = network.to(device)
     ckpt_path = Path(checkpoint) if checkpoint is not None else default_checkpoint_path(out)
-    run = _Run(config, template, network, device, validation, ckpt_path, started)
+    run = RunState(config, template, network, device, validation, ckpt_path, started)
     if resume:
         run.restore()
     loss_fn = build_loss(config.loss, LESION_CHANNEL)
@@ -336,6 +224,49 @@ def train(
     return result
 
 
+def snapshot(
+    config: TrainingConfig,
+    train_data: Sequence[TrainingCase] | PhantomStream,
+    heldout_cases: Sequence[TrainingCase],
+    out: str | PathLike[str],
+    checkpoint: str | PathLike[str],
+    *,
+    force: bool = False,
+    cancel: CancelToken | None = None,
+    data_info: dict[str, Any] | None = None,
+    command: str | None = None,
+) -> TrainingResult:
+    """Write the best weights so far of the unfinished run of ``config`` as the model folder ``out``.
+
+    The weights are the ones :func:`train` would write if the run ended now: the best validated epoch's
+    (raw or average, see :func:`.run_state.epoch_candidate`), else the average's, else the last epoch's. The held-out
+    metrics, the card and ``training.json`` are made exactly as at the end of a run, with
+    ``training["snapshot"] = {"epochs_done": k, "epochs_planned": n}``. ``checkpoint`` is only read (it must
+    belong to a run with the same ``config``), so the run can go on, even while this runs: checkpoints are
+    replaced atomically. Nothing is written at ``out`` unless all of this completes.
+    """
+    from ..inference.engine import resolve_device
+
+    config.validate()
+    ckpt_path = Path(checkpoint)
+    if not ckpt_path.is_file():
+        raise ConformalSegError(
+            "there is no training checkpoint to take a snapshot of",
+            path=ckpt_path,
+            fix="pass the unfinished run's own options (the same --out) or its --checkpoint FILE; a finished run "
+            "has removed its checkpoint and its model folder is its --out",
+        )
+    out = check_output_folder(out, force=force)
+    device = resolve_device(config.device)
+    template = build_card(config, out)
+    network = build_network(config.network, config.network_args()).to(device)
+    run = RunState(config, template, network, device, [], ckpt_path)
+    run.restore()
+    run.keep_selected()
+    run.started = time.perf_counter()  # the run's own time is the checkpoint's; this adds the measuring only
+    return _publish(run, out, force, train_data, heldout_cases, data_info, command, cancel, snapshot=True)
+
+
 def _load_initial_weights(network: torch.nn.Module, config: TrainingConfig, model: Any) -> None:
     """Load ``model``'s weights into ``network`` when the configuration asks for a start from them."""
     if (model is None) != (config.init_weights_sha256 is None):
@@ -356,7 +287,7 @@ def _load_initial_weights(network: torch.nn.Module, config: TrainingConfig, mode
 
 
 def _publish(
-    run: _Run,
+    run: RunState,
     out: Path,
     force: bool,
     train_data: Sequence[TrainingCase] | PhantomStream,
@@ -364,6 +295,8 @@ def _publish(
     data_info: dict[str, Any] | None,
     command: str | None,
     cancel: CancelToken | None,
+    *,
+    snapshot: bool = False,
 ) -> TrainingResult:
     """Held-out metrics with the real engine, the card's training record and log, the model folder."""
     from ..inference.card_format import CARD_FILE
@@ -381,6 +314,8 @@ def _publish(
             config, train_data, heldout_cases, run.epochs, heldout, run.best, data_info, command, run.device,
             train_seconds, wall,
         )  # fmt: skip
+        if snapshot:
+            training["snapshot"] = {"epochs_done": len(run.epochs), "epochs_planned": config.epochs}
         training["weights_sha256"] = sha256_file(staging / WEIGHTS_FILE)
         build_card(config, staging, training).save(staging / CARD_FILE)
         log = {"format": LOG_FORMAT, "format_version": 1, "config": json.loads(config.to_json()),
@@ -403,7 +338,7 @@ def _training_record(
     heldout_cases: Sequence[TrainingCase],
     epochs: list[dict[str, Any]],
     heldout: dict[str, Any],
-    best: _Best,
+    best: BestWeights,
     data_info: dict[str, Any] | None,
     command: str | None,
     device: torch.device,
@@ -415,7 +350,7 @@ def _training_record(
 
     if isinstance(train_data, PhantomStream):
         data = data_info or train_data.describe()
-        train_cases: Any = config.epochs * config.steps_per_epoch * config.batch_size
+        train_cases: Any = len(epochs) * config.steps_per_epoch * config.batch_size  # samples drawn so far
         train_ids: Any = "a fresh phantom per sample (see data)"
     else:
         data, train_cases, train_ids = data_info or {}, len(train_data), [c.case_id for c in train_data]
@@ -467,7 +402,7 @@ def _training_record(
     }
 
 
-def _selected_weights(config: TrainingConfig, best: _Best) -> str:
+def _selected_weights(config: TrainingConfig, best: BestWeights) -> str:
     """Which weights were written: ``"raw"``, or ``"average"`` (the best epoch's, or without held-out
     cases the final average)."""
     if config.ema_decay is None:

@@ -22,7 +22,7 @@ random numbers are the same as without the average, so on the CPU the raw trajec
 to a run without it (tested). Only which weights are validated, kept as the best and written changes.
 Every epoch validates both: the log records the average's Dice (``val_dice``) and the raw weights'
 (``val_dice_raw``), the epoch's candidate is the raw weights when they score strictly higher, else the
-average (:func:`~.trainer.epoch_candidate`), and the best candidate over all epochs is written; the card's
+average (:func:`~.run_state.epoch_candidate`), and the best candidate over all epochs is written; the card's
 ``selected_weights`` says which. Validating the raw weights too matters after a warm restart: the
 average trails the raw weights by about ``1 / (1 - d)`` steps, and in the lesion_v4 run (decay 0.999)
 the raw weights recovered to 0.568 while the average never passed its first epoch's 0.545. Without
