@@ -16,10 +16,11 @@ pytest.importorskip("monai")
 
 from test_training import TINY_ARGS, run_cli  # noqa: E402
 from test_training_recipe import DYN, STREAM  # noqa: E402
+from test_training_weight_average import train_interrupted  # noqa: E402
 
 from ConformalSegLib.common.errors import ConformalSegError  # noqa: E402
 from ConformalSegLib.inference import resolve_model  # noqa: E402
-from ConformalSegLib.training import TrainingCancelled, TrainingConfig, snapshot, train, trainer  # noqa: E402
+from ConformalSegLib.training import TrainingConfig, snapshot, train, trainer  # noqa: E402
 from ConformalSegLib.training.checkpoint import default_checkpoint_path  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -37,16 +38,8 @@ def test_a_snapshot_writes_the_best_weights_so_far_and_the_run_resumes_unchanged
     config = TrainingConfig(**{**DYN, "epochs": 3, "ema_decay": 0.5})
     heldout = STREAM.heldout_cases(1)
     train(config, STREAM, heldout, tmp_path / "whole")
-    steps = {"n": 0}
-
-    def stop_in_epoch_three() -> bool:
-        steps["n"] += 1
-        return steps["n"] > 2 * config.steps_per_epoch
-
     out = tmp_path / "run"
-    with pytest.raises(TrainingCancelled):
-        train(config, STREAM, heldout, out, cancel=stop_in_epoch_three)
-    ckpt = default_checkpoint_path(out)
+    ckpt = train_interrupted(config, heldout, out, epochs_done=2)
     before = _sha(ckpt)
     saved = torch.load(ckpt, weights_only=True)
     assert saved["epoch"] == 2 and saved["best_epoch"] is not None

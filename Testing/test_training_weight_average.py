@@ -169,19 +169,25 @@ def test_a_checkpoint_naming_unknown_best_weights_is_refused(tmp_path):
     assert str(path) in str(info.value)
 
 
+def train_interrupted(config: TrainingConfig, heldout: list, out: Path, epochs_done: int) -> Path:
+    """Train ``config`` into ``out``, cancelled in the epoch after ``epochs_done``; the checkpoint's path."""
+    steps = {"n": 0}
+
+    def stop() -> bool:
+        steps["n"] += 1
+        return steps["n"] > epochs_done * config.steps_per_epoch
+
+    with pytest.raises(TrainingCancelled):
+        train(config, STREAM, heldout, out, cancel=stop)
+    return default_checkpoint_path(out)
+
+
 def test_resume_with_the_average_is_bit_identical_and_old_checkpoints_resume(tmp_path):
     config = TrainingConfig(**{**DYN, "epochs": 3, "ema_decay": 0.5})
     heldout = STREAM.heldout_cases(1)
     train(config, STREAM, heldout, tmp_path / "whole")
-    steps = {"n": 0}
-
-    def stop_in_epoch_three() -> bool:
-        steps["n"] += 1
-        return steps["n"] > 2 * config.steps_per_epoch
-
     out = tmp_path / "resumed"
-    with pytest.raises(TrainingCancelled):
-        train(config, STREAM, heldout, out, cancel=stop_in_epoch_three)
+    train_interrupted(config, heldout, out, epochs_done=2)
     with pytest.raises(ConformalSegError, match=r"other settings \(ema_decay\)"):
         train(TrainingConfig(**{**DYN, "epochs": 3}), STREAM, heldout, out, resume=True)
     train(config, STREAM, heldout, out, resume=True)
@@ -194,10 +200,7 @@ def test_resume_with_the_average_is_bit_identical_and_old_checkpoints_resume(tmp
     # a checkpoint written before the setting existed has no "ema_decay" key: it resumes as "off"
     plain = TrainingConfig(**{**DYN, "epochs": 3})
     old = tmp_path / "old"
-    steps["n"] = 0
-    with pytest.raises(TrainingCancelled):
-        train(plain, STREAM, heldout, old, cancel=stop_in_epoch_three)
-    path = default_checkpoint_path(old)
+    path = train_interrupted(plain, heldout, old, epochs_done=2)
     saved = torch.load(path, weights_only=True)
     config_json = json.loads(saved["config_json"])
     del config_json["ema_decay"]
