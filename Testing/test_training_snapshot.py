@@ -44,7 +44,9 @@ def test_a_snapshot_writes_the_best_weights_so_far_and_the_run_resumes_unchanged
     saved = torch.load(ckpt, weights_only=True)
     assert saved["epoch"] == 2 and saved["best_epoch"] is not None
 
+    rng = torch.get_rng_state()
     result = snapshot(config, STREAM, heldout, tmp_path / "snap", ckpt, command="conformalseg train ...")
+    assert torch.equal(torch.get_rng_state(), rng)  # the caller's random numbers are left alone
     assert _sha(ckpt) == before and not out.exists()  # the checkpoint is only read; the run's --out stays free
     weights = _weights(tmp_path / "snap")
     assert all(torch.equal(weights[k], saved["best_network"][k]) for k in weights)

@@ -259,12 +259,15 @@ def snapshot(
     out = check_output_folder(out, force=force)
     device = resolve_device(config.device)
     template = build_card(config, out)
-    network = build_network(config.network, config.network_args()).to(device)
-    run = RunState(config, template, network, device, [], ckpt_path)
-    run.restore()
-    run.keep_selected()
-    run.started = time.perf_counter()  # the run's own time is the checkpoint's; this adds the measuring only
-    return _publish(run, out, force, train_data, heldout_cases, data_info, command, cancel, snapshot=True)
+    # building the network draws initial weights, restoring sets the run's RNG state and the held-out
+    # measurement may draw too: the caller's torch random numbers are given back afterwards (CPU generator)
+    with torch.random.fork_rng(devices=[]):
+        network = build_network(config.network, config.network_args()).to(device)
+        run = RunState(config, template, network, device, [], ckpt_path)
+        run.restore()
+        run.keep_selected()
+        run.started = time.perf_counter()  # the run's own time is the checkpoint's; this adds the measuring only
+        return _publish(run, out, force, train_data, heldout_cases, data_info, command, cancel, snapshot=True)
 
 
 def _load_initial_weights(network: torch.nn.Module, config: TrainingConfig, model: Any) -> None:
