@@ -123,7 +123,8 @@ def test_the_best_of_either_weights_is_kept_over_epochs(tmp_path, monkeypatch):
         epoch = len(calls) // 2
         which = "average" if net is run.average.network else "raw"
         calls.append(which)
-        return {"val_dice": scripted[epoch][0 if which == "average" else 1], "val_cases_with_lesion": 1}
+        score = scripted[epoch][0 if which == "average" else 1]
+        return {"val_dice": score, "val_cases_with_lesion": 1, "val_cls_pc": 1 - score}
 
     monkeypatch.setattr(run_state, "validation_dice", fake_validation)
     optimizer = torch.optim.SGD(network.parameters(), lr=0.1)
@@ -150,6 +151,7 @@ def test_the_best_of_either_weights_is_kept_over_epochs(tmp_path, monkeypatch):
         (4, "average", averages[3]),
     ]
     assert [e["val_dice_raw"] for e in run.log] == [r for _, r in scripted]
+    assert [(e["val_cls_pc"], e["val_cls_pc_raw"]) for e in run.log] == [(1 - a, 1 - r) for a, r in scripted]
     run.keep_selected()
     assert float(network.weight.detach()) == averages[3]
 

@@ -118,7 +118,7 @@ class RunState:
             weights, network, score = None, self.network, record["val_dice"]
             if self.average is not None:
                 raw = validation_dice(self.network, self.validation, self.template, self.device)
-                record["val_dice_raw"] = raw["val_dice"]
+                record["val_dice_raw"], record["val_cls_pc_raw"] = raw["val_dice"], raw["val_cls_pc"]
                 weights, score = epoch_candidate(record["val_dice"], raw["val_dice"])
                 network = self.average.network if weights == "average" else self.network
             if score is not None and (self.best.score is None or score >= self.best.score):
