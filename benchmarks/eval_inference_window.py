@@ -23,11 +23,10 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import _common as C
-import numpy as np
+from _lesion_eval import demo_phantoms, demo_question, held_out_test
 
 OUT = C.REPO_ROOT / "benchmarks" / "_cache" / "inference_window"
 MODEL = C.REPO_ROOT / "Resources" / "models" / "phantom_lesion_unet"
@@ -58,66 +57,13 @@ def window_card(model: Path, window: str, folder: Path) -> Path:
     return folder
 
 
-def held_out_test(card, n: int, seed: int) -> dict:  # noqa: ANN001
-    """``eval_lesion_model.py``'s numbers for one card."""
-    from ConformalSegLib.evaluation.lesion_metrics import DetectionTally, lesion_detection
-    from ConformalSegLib.evaluation.metrics import dice_from_masks
-    from ConformalSegLib.inference import InferenceEngine
-    from ConformalSegLib.io.volumes import Volume
-    from ConformalSegLib.phantoms.generator import make_phantoms
-
-    engine, tally, dice = InferenceEngine(card, device="cpu", seed=0), DetectionTally(), []
-    for phantom in make_phantoms(n, seed=seed):
-        mask = engine.predict(Volume(phantom.image, phantom.geometry, None)).probability >= 0.5
-        tally.add(lesion_detection(mask, phantom.lesion_mask, phantom.geometry.spacing_zyx))
-        if phantom.lesion_mask.any():
-            dice.append(dice_from_masks(mask, phantom.lesion_mask))
-    summary = tally.as_dict()
-    return {
-        "dice_mean": float(np.mean(dice)),
-        "dice_median": float(np.median(dice)),
-        "found": summary["sensitivity_by_size"],
-        "fp_per_scan": summary["false_positive_components_per_scan"],
-    }
-
-
-def demo_question(card, data: Path, cache: Path, splits: int) -> dict:  # noqa: ANN001
-    """Inference on the demo phantoms, then CLS / CRC / fixed threshold over ``splits`` splits."""
-    from ConformalSegLib.evaluation.protocol import evaluate_dataset
-    from ConformalSegLib.inference import InferenceEngine
-    from ConformalSegLib.inference.model_dataset import InferenceDataset
-    from ConformalSegLib.phantoms.labels import LESION
-
-    t0 = time.perf_counter()
-    dataset = InferenceDataset(InferenceEngine(card, device="cpu", seed=0), data / "imagesTr", data / "labelsTr",
-                               [LESION], cache)  # fmt: skip
-    for _ in dataset:
-        pass
-    seconds = time.perf_counter() - t0
-    result = evaluate_dataset(dataset, epsilons=(0.1,), alphas=(0.1,), splits=splits, seed=0, hd95=False,
-                              transforms=("identity",), lesionwise=False)  # fmt: skip
-    rows = {(r["method"], r["alpha"]): r["metrics"] for r in result.summary_rows() if r.get("epsilon") == 0.1}
-    cls, crc, fixed = rows[("cls", 0.1)], rows[("crc", None)], rows[("baseline", None)]
-    return {
-        "seconds": seconds,
-        "cls_ecr": cls["ecr"]["mean"],
-        "cls_pc": cls["pc"]["mean"],
-        "cls_pc_std": cls["pc"]["std"],
-        "crc_pc": crc["pc"]["mean"],
-        "fixed_dice": fixed["dice"]["mean"],
-    }
-
-
 def main(argv: list[str] | None = None) -> int:
     args = C.parse_args(__doc__.splitlines()[0], argv, _extra)
     n, cases, splits = (6, 12, 10) if args.quick else (args.phantoms, args.cases, args.splits)
     from ConformalSegLib.inference import resolve_model
-    from ConformalSegLib.phantoms.dataset import write_phantom_dataset
 
     root = OUT / ("quick" if args.quick else "full")
-    data = root / "demo_phantoms"
-    if not (data / "imagesTr").is_dir():
-        write_phantom_dataset(data, cases, seed=2026)
+    data = demo_phantoms(root / "demo_phantoms", cases)
     rows = []
     for window in args.windows:
         card = resolve_model(window_card(args.model, window, root / "cards" / window.replace("@", "_o")))

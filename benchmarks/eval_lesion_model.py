@@ -7,19 +7,25 @@ runs through the real :class:`~ConformalSegLib.inference.InferenceEngine` on eac
 masks are ``p >= 0.5``; lesion-wise detection follows :mod:`ConformalSegLib.evaluation.lesion_metrics`
 (a lesion is found when at least half of its voxels are in the mask; size classes by equivalent radius).
 
+``--model`` takes one model or several (one row each, side by side: a candidate against the shipped one).
+``--demo`` adds the demo's question for each (``_lesion_eval.demo_question``: the 60 demo phantoms, 100
+calibration/test splits at each of ``--split-seeds`` (default 0 and 2026), eps = alpha = 0.1: the fixed 0.5
+threshold's Dice, CLS ECR and PC, expected-FNR control's PC), the numbers a new model must beat to ship.
+
 stdout: Markdown for ``benchmarks/RESULTS.md`` and the model README; the per-case JSON goes to
-``benchmarks/_cache/lesion_model_eval/``. ``--quick``: 6 phantoms.
+``benchmarks/_cache/lesion_model_eval/`` (the demo maps to its ``demo/`` folder, one per pipeline).
+``--quick``: 6 test phantoms, 12 demo phantoms, 10 splits.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import _common as C
 import numpy as np
+from _lesion_eval import TEST_SEED, demo_phantoms, demo_question, held_out_test
 
 from ConformalSegLib.common.shipped_models import LESION_MODEL, shipped_model
 
@@ -29,52 +35,71 @@ MODEL = shipped_model(LESION_MODEL)
 
 def _extra(parser) -> None:  # noqa: ANN001
     parser.add_argument("--phantoms", type=int, default=100, help="held-out phantoms (default 100)")
-    parser.add_argument("--model", type=Path, default=MODEL, help="model folder or card (default: the shipped one)")
+    parser.add_argument("--model", type=Path, nargs="+", default=[MODEL],
+                        help="model folder(s) or card(s) (default: the shipped one)")  # fmt: skip
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--demo", action="store_true", help="also the demo's question (CLS PC, fixed Dice)")
+    parser.add_argument("--cases", type=int, default=60, help="--demo: demo phantoms (default 60)")
+    parser.add_argument("--splits", type=int, default=100, help="--demo: splits per seed (default 100)")
+    parser.add_argument("--split-seeds", type=int, nargs="+", default=[0, 2026], help="--demo: default 0 2026")
+
+
+def _pair(values: list[float], digits: int = 3) -> str:
+    return " / ".join(f"{v:.{digits}f}" for v in values)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = C.parse_args(__doc__.splitlines()[0], argv, _extra)
-    seed = 4000 if args.seed == 0 else args.seed
-    n = 6 if args.quick else args.phantoms
-    from ConformalSegLib.evaluation.lesion_metrics import SIZE_CLASSES, DetectionTally, lesion_detection
-    from ConformalSegLib.evaluation.metrics import dice_from_masks
-    from ConformalSegLib.inference import InferenceEngine, resolve_model
-    from ConformalSegLib.io.volumes import Volume
-    from ConformalSegLib.phantoms.generator import make_phantoms
+    seed = TEST_SEED if args.seed == 0 else args.seed
+    n, cases, splits = (6, 12, 10) if args.quick else (args.phantoms, args.cases, args.splits)
+    from ConformalSegLib.evaluation.lesion_metrics import SIZE_CLASSES
+    from ConformalSegLib.inference import resolve_model
 
-    engine = InferenceEngine(resolve_model(args.model), device=args.device, seed=0)
-    tally, rows, seconds = DetectionTally(), [], []
-    C.log(f"testing {engine.card.name} on {n} phantoms (seed {seed}) ...")
-    for phantom in make_phantoms(n, seed=seed):
-        t0 = time.perf_counter()
-        prediction = engine.predict(Volume(phantom.image, phantom.geometry, None))
-        seconds.append(time.perf_counter() - t0)
-        mask, truth = prediction.probability >= 0.5, phantom.lesion_mask
-        detection = lesion_detection(mask, truth, phantom.geometry.spacing_zyx)
-        tally.add(detection)
-        rows.append({"case_id": phantom.case_id, "lesion_voxels": int(truth.sum()), "dice": dice_from_masks(mask, truth)
-                     if truth.any() else None, "lesions": detection.n_lesions, "found": detection.n_lesions
-                     - detection.n_missed, "fp_components": detection.false_positive_components})  # fmt: skip
-    dice = np.array([r["dice"] for r in rows if r["dice"] is not None])
-    summary = tally.as_dict()
+    cards = [resolve_model(m) for m in args.model]
+    rows, demo_rows, records, device = [], [], [], "cpu"
+    data = demo_phantoms(OUT / "demo" / ("quick" if args.quick else "full"), cases) if args.demo else None
+    for card in cards:
+        C.log(f"testing {card.name} on {n} phantoms (seed {seed}) ...")
+        test = held_out_test(card, n, seed, device=args.device)
+        device, dice, summary = test["device"], test["dice"], test["detection"]
+        sens, counts = summary["sensitivity_by_size"], summary["lesions_by_size"]
+        rows.append([f"`{card.name}`", f"{dice.mean():.3f}", f"{np.median(dice):.3f}",
+                     f"{int((dice < 0.1).sum())} of {len(dice)}",
+                     *[f"{sens[name]:.2f} ({counts[name]})" if sens[name] is not None else "n/a"
+                       for name, _, _ in SIZE_CLASSES],
+                     f"{summary['false_positive_components_per_scan']:.2f}",
+                     f"{test['seconds_median']:.2f}"])  # fmt: skip
+        record = {
+            "model": card.name,
+            "path": str(card.path),
+            "seed": seed,
+            "cases": test["cases"],
+            "detection": summary,
+        }
+        if data is not None:
+            C.log(f"the demo's question for {card.name} ({cases} phantoms, {splits} splits x {args.split_seeds})")
+            cache = OUT / "demo" / "probs" / card.pipeline_sha256()[:12]
+            demo = [demo_question(card, data, cache, splits, s) for s in args.split_seeds]
+            record["demo"] = demo
+            demo_rows.append([f"`{card.name}`", _pair([d["fixed_dice"] for d in demo]),
+                              _pair([d["cls_ecr"] for d in demo]), _pair([d["cls_pc"] for d in demo]),
+                              _pair([d["crc_pc"] for d in demo])])  # fmt: skip
+        records.append(record)
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / ("quick.json" if args.quick else "full.json")).write_text(
-        json.dumps({"model": engine.card.name, "seed": seed, "cases": rows, "detection": summary}, indent=1) + "\n"
-    )
+    (OUT / ("quick.json" if args.quick else "full.json")).write_text(json.dumps(records, indent=1) + "\n")
     print(f"### Lesion model on held-out phantoms (eval_lesion_model.py{' --quick' if args.quick else ''})\n")
-    print(f"- {C.machine_line()}; model `{engine.card.name}` on {engine.device}; {n} phantoms "
-          f"`make_phantoms({n}, seed={seed})`, {len(dice)} with a lesion; mask p >= 0.5.\n")  # fmt: skip
-    header = ["mean Dice", "median Dice", "Dice < 0.1", *[f"found {name}" for name, _, _ in SIZE_CLASSES],
+    print(f"- {C.machine_line()}; on {device}; {n} phantoms `make_phantoms({n}, seed={seed})`, "
+          f"{len(dice)} with a lesion; mask p >= 0.5.\n")  # fmt: skip
+    header = ["model", "mean Dice", "median Dice", "Dice < 0.1", *[f"found {name}" for name, _, _ in SIZE_CLASSES],
               "FP components / scan", "inference s / case"]  # fmt: skip
-    sens = summary["sensitivity_by_size"]
-    counts = summary["lesions_by_size"]
-    row = [f"{dice.mean():.3f}", f"{np.median(dice):.3f}", f"{int((dice < 0.1).sum())} of {len(dice)}",
-           *[f"{sens[name]:.2f} ({counts[name]})" if sens[name] is not None else "n/a" for name, _, _ in SIZE_CLASSES],
-           f"{summary['false_positive_components_per_scan']:.2f}", f"{np.median(seconds):.2f}"]  # fmt: skip
-    print(C.md_table(header, [row]))
+    print(C.md_table(header, rows))
     print("\n(found = lesions with at least half of their voxels in the mask / lesions of that equivalent radius; "
           "the number of lesions in parentheses)")  # fmt: skip
+    if demo_rows:
+        seeds = " / ".join(map(str, args.split_seeds))
+        print(f"\n#### The demo's question: {cases} demo phantoms (seed 2026), {splits} splits at split seeds {seeds}, "
+              "eps = alpha = 0.1\n")  # fmt: skip
+        print(C.md_table(["model", "fixed-0.5 Dice", "CLS ECR", "CLS PC", "CRC PC"], demo_rows))
     return 0
 
 

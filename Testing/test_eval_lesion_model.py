@@ -1,0 +1,51 @@
+"""``benchmarks/eval_lesion_model.py``: the held-out test of one or several lesion models, side by side, and
+with ``--demo`` the demo's question for each (the numbers a new model must beat to ship). Quick settings."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("monai")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import eval_lesion_model as E  # noqa: E402
+
+from ConformalSegLib.common.shipped_models import LESION_MODEL, shipped_model  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture
+def out(tmp_path, monkeypatch):
+    monkeypatch.setattr(E, "OUT", tmp_path / "cache")
+    return tmp_path / "cache"
+
+
+def test_one_row_per_model_and_the_records(out, capsys):
+    models = [shipped_model(LESION_MODEL), shipped_model("phantom_lesion_unet_v2")]
+    assert E.main(["--quick", "--device", "cpu", "--model", *map(str, models)]) == 0
+    text = capsys.readouterr().out
+    assert "| `phantom_lesion_unet_v3` |" in text and "| `phantom_lesion_unet_v2` |" in text
+    assert "The demo's question" not in text  # only with --demo
+    records = json.loads((out / "quick.json").read_text())
+    assert [r["model"] for r in records] == ["phantom_lesion_unet_v3", "phantom_lesion_unet_v2"]
+    assert all(len(r["cases"]) == 6 and r["seed"] == 4000 for r in records)
+    assert records[0]["cases"] != records[1]["cases"]  # two models, two sets of masks
+
+
+def test_the_demo_question(out, capsys):
+    assert E.main(["--quick", "--device", "cpu", "--demo", "--split-seeds", "0", "3"]) == 0
+    text = capsys.readouterr().out
+    assert "12 demo phantoms (seed 2026), 10 splits at split seeds 0 / 3" in text
+    row = next(line for line in text.splitlines() if line.startswith("| `phantom_lesion_unet_v3` |") and "/" in line)
+    assert len(row.split("|")) == 7  # model, fixed Dice, CLS ECR, CLS PC, CRC PC (two seeds each)
+    (record,) = json.loads((out / "quick.json").read_text())
+    assert len(record["demo"]) == 2 and all(0 <= d["cls_pc"] <= 1 and 0 <= d["fixed_dice"] <= 1 for d in record["demo"])
+    # 6 calibration scans are too few for alpha = 0.1 (k = ceil(0.9 * 7) = 7 > 6): CLS masks every voxel
+    assert all(d["cls_pc"] == 1.0 for d in record["demo"])
+    assert len(list((out / "demo" / "quick" / "imagesTr").glob("*.nii.gz"))) == 12
