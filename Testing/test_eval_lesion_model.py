@@ -15,6 +15,7 @@ pytest.importorskip("monai")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import eval_lesion_model as E  # noqa: E402
 
+from ConformalSegLib.common.errors import ConformalSegError  # noqa: E402
 from ConformalSegLib.common.shipped_models import LESION_MODEL, shipped_model  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -43,9 +44,34 @@ def test_the_demo_question(out, capsys):
     text = capsys.readouterr().out
     assert "12 demo phantoms (seed 2026), 10 splits at split seeds 0 / 3" in text
     row = next(line for line in text.splitlines() if line.startswith("| `phantom_lesion_unet_v3` |") and "/" in line)
-    assert len(row.split("|")) == 7  # model, fixed Dice, CLS ECR, CLS PC, CRC PC (two seeds each)
+    assert len(row.split("|")) == 8  # model, score, fixed Dice, CLS ECR, CLS PC, CRC PC (two seeds each)
+    assert "| `identity` |" in row
     (record,) = json.loads((out / "quick.json").read_text())
     assert len(record["demo"]) == 2 and all(0 <= d["cls_pc"] <= 1 and 0 <= d["fixed_dice"] <= 1 for d in record["demo"])
     # 6 calibration scans are too few for alpha = 0.1 (k = ceil(0.9 * 7) = 7 > 6): CLS masks every voxel
     assert all(d["cls_pc"] == 1.0 for d in record["demo"])
     assert len(list((out / "demo" / "quick" / "imagesTr").glob("*.nii.gz"))) == 12
+
+
+def test_the_demo_question_per_score_and_on_other_phantoms(out, capsys):
+    """One row per score from one network run; ``--demo-seed`` asks on other phantoms, in their own folders."""
+    assert E.main(["--quick", "--device", "cpu", "--demo", "--split-seeds", "0", "--scores", "identity",
+                   "gaussian:2", "--demo-seed", "4000"]) == 0  # fmt: skip
+    text = capsys.readouterr().out
+    assert "12 phantoms of seed 4000, 10 splits at split seeds 0" in text
+    rows = [line for line in text.splitlines() if line.startswith("| `phantom_lesion_unet_v3` | `")]
+    assert [row.split("|")[2].strip() for row in rows] == ["`identity`", "`gaussian:2.0`"]  # canonical names
+    (record,) = json.loads((out / "quick.json").read_text())
+    assert [d["score"] for d in record["demo"]] == ["identity", "gaussian:2.0"]
+    plain, smoothed = record["demo"]
+    assert plain["fixed_dice"] != smoothed["fixed_dice"]  # the 0.5 threshold applies to the smoothed map
+    assert smoothed["seconds"] < plain["seconds"]  # the maps were computed once, then read from the cache
+    assert not (out / "demo" / "quick").exists()  # the demo's own phantoms are not touched
+    images = sorted((out / "demo" / "quick_seed4000" / "imagesTr").glob("*.nii.gz"))
+    assert len(images) == 12
+
+
+def test_a_bad_score_fails_before_any_work(out):
+    with pytest.raises(ConformalSegError, match="distance"):
+        E.main(["--quick", "--device", "cpu", "--demo", "--scores", "distance:0.5"])
+    assert not out.exists()

@@ -8,7 +8,9 @@
 * :func:`demo_question`: the demo's phantoms (``write_phantom_dataset(..., seed=2026)``, :func:`demo_phantoms`),
   the model's maps, and ``splits`` random calibration/test splits (half for calibration) at eps = alpha = 0.1:
   CLS ECR and prediction compactness, expected-FNR control's PC and the fixed 0.5 threshold's Dice, the
-  protocol of the demo's report.
+  protocol of the demo's report. ``score`` is what the cutoffs apply to (``calibrate --score``; default the
+  probability). The same question on phantoms of another seed (:func:`demo_phantoms`'s ``seed``) is how a
+  choice made on the demo's phantoms, such as a score, is checked on phantoms it was not chosen on.
 """
 
 from __future__ import annotations
@@ -58,18 +60,21 @@ def held_out_test(card: Any, n: int, seed: int = TEST_SEED, device: str = "cpu")
     }
 
 
-def demo_phantoms(folder: Path, cases: int) -> Path:
-    """The demo's ``cases`` phantoms (seed 2026) in ``folder`` (written once, then reused)."""
+def demo_phantoms(folder: Path, cases: int, seed: int = DEMO_SEED) -> Path:
+    """The demo's ``cases`` phantoms (seed 2026, or ``seed``) in ``folder`` (written once, then reused)."""
     from ConformalSegLib.phantoms.dataset import write_phantom_dataset
 
     if not (folder / "imagesTr").is_dir():
-        write_phantom_dataset(folder, cases, seed=DEMO_SEED)
+        write_phantom_dataset(folder, cases, seed=seed)
     return folder
 
 
-def demo_question(card: Any, data: Path, cache: Path, splits: int, split_seed: int = 0) -> dict[str, Any]:
-    """Inference on the demo phantoms in ``data`` (maps cached in ``cache``), then CLS / CRC / the fixed
-    threshold over ``splits`` splits drawn with ``split_seed``."""
+def demo_question(
+    card: Any, data: Path, cache: Path, splits: int, split_seed: int = 0, score: str = "identity"
+) -> dict[str, Any]:
+    """Inference on the demo phantoms in ``data`` (maps cached in ``cache``: a second call with another
+    ``score`` reuses them), then CLS / CRC / the fixed threshold on ``score`` over ``splits`` splits drawn
+    with ``split_seed``."""
     from ConformalSegLib.evaluation.protocol import evaluate_dataset
     from ConformalSegLib.inference import InferenceEngine
     from ConformalSegLib.inference.model_dataset import InferenceDataset
@@ -82,10 +87,11 @@ def demo_question(card: Any, data: Path, cache: Path, splits: int, split_seed: i
         pass
     seconds = time.perf_counter() - t0
     result = evaluate_dataset(dataset, epsilons=(0.1,), alphas=(0.1,), splits=splits, seed=split_seed, hd95=False,
-                              transforms=("identity",), lesionwise=False)  # fmt: skip
+                              transforms=("identity",), lesionwise=False, score=score)  # fmt: skip
     rows = {(r["method"], r["alpha"]): r["metrics"] for r in result.summary_rows() if r.get("epsilon") == 0.1}
     cls, crc, fixed = rows[("cls", 0.1)], rows[("crc", None)], rows[("baseline", None)]
     return {
+        "score": score,
         "seconds": seconds,
         "cls_ecr": cls["ecr"]["mean"],
         "cls_pc": cls["pc"]["mean"],

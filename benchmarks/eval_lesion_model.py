@@ -11,6 +11,10 @@ masks are ``p >= 0.5``; lesion-wise detection follows :mod:`ConformalSegLib.eval
 ``--demo`` adds the demo's question for each (``_lesion_eval.demo_question``: the 60 demo phantoms, 100
 calibration/test splits at each of ``--split-seeds`` (default 0 and 2026), eps = alpha = 0.1: the fixed 0.5
 threshold's Dice, CLS ECR and PC, expected-FNR control's PC), the numbers a new model must beat to ship.
+``--scores`` asks it for each score the cutoffs may apply to (``calibrate --score``: ``identity``, the
+probability, by default; e.g. ``identity gaussian:2.0``), one row per model and score, the network run once.
+``--demo-seed`` asks it on other phantoms than the demo's (default 2026): a score or setting picked on the demo's
+phantoms is checked there on phantoms it was not picked on (e.g. 4000, the held-out test's seed).
 
 stdout: Markdown for ``benchmarks/RESULTS.md`` and the model README; the per-case JSON goes to
 ``benchmarks/_cache/lesion_model_eval/`` (the demo maps to its ``demo/`` folder, one per pipeline).
@@ -25,9 +29,10 @@ from pathlib import Path
 
 import _common as C
 import numpy as np
-from _lesion_eval import TEST_SEED, demo_phantoms, demo_question, held_out_test
+from _lesion_eval import DEMO_SEED, TEST_SEED, demo_phantoms, demo_question, held_out_test
 
 from ConformalSegLib.common.shipped_models import LESION_MODEL, shipped_model
+from ConformalSegLib.conformal.threshold_scores import DEFAULT_SCORE, parse_threshold_score
 
 OUT = C.REPO_ROOT / "benchmarks" / "_cache" / "lesion_model_eval"
 MODEL = shipped_model(LESION_MODEL)
@@ -42,6 +47,13 @@ def _extra(parser) -> None:  # noqa: ANN001
     parser.add_argument("--cases", type=int, default=60, help="--demo: demo phantoms (default 60)")
     parser.add_argument("--splits", type=int, default=100, help="--demo: splits per seed (default 100)")
     parser.add_argument("--split-seeds", type=int, nargs="+", default=[0, 2026], help="--demo: default 0 2026")
+    parser.add_argument(
+        "--scores",
+        nargs="+",
+        default=[DEFAULT_SCORE],
+        help="--demo: what the cutoffs apply to, one row each (default: identity, the probability)",
+    )
+    parser.add_argument("--demo-seed", type=int, default=DEMO_SEED, help="--demo: phantom seed (default 2026)")
 
 
 def _pair(values: list[float], digits: int = 3) -> str:
@@ -56,8 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     from ConformalSegLib.inference import resolve_model
 
     cards = [resolve_model(m) for m in args.model]
+    scores = [parse_threshold_score(s).name for s in args.scores]  # canonical names; a bad one fails here, early
     rows, demo_rows, records, device = [], [], [], "cpu"
-    data = demo_phantoms(OUT / "demo" / ("quick" if args.quick else "full"), cases) if args.demo else None
+    folder = ("quick" if args.quick else "full") + ("" if args.demo_seed == DEMO_SEED else f"_seed{args.demo_seed}")
+    data = demo_phantoms(OUT / "demo" / folder, cases, args.demo_seed) if args.demo else None
     for card in cards:
         C.log(f"testing {card.name} on {n} phantoms (seed {seed}) ...")
         test = held_out_test(card, n, seed, device=args.device)
@@ -78,12 +92,14 @@ def main(argv: list[str] | None = None) -> int:
         }
         if data is not None:
             C.log(f"the demo's question for {card.name} ({cases} phantoms, {splits} splits x {args.split_seeds})")
-            cache = OUT / "demo" / "probs" / card.pipeline_sha256()[:12]
-            demo = [demo_question(card, data, cache, splits, s) for s in args.split_seeds]
-            record["demo"] = demo
-            demo_rows.append([f"`{card.name}`", _pair([d["fixed_dice"] for d in demo]),
-                              _pair([d["cls_ecr"] for d in demo]), _pair([d["cls_pc"] for d in demo]),
-                              _pair([d["crc_pc"] for d in demo])])  # fmt: skip
+            cache = OUT / "demo" / f"probs_{folder}" / card.pipeline_sha256()[:12]
+            record["demo"] = []
+            for score in scores:
+                demo = [demo_question(card, data, cache, splits, s, score) for s in args.split_seeds]
+                record["demo"] += demo
+                demo_rows.append([f"`{card.name}`", f"`{score}`", _pair([d["fixed_dice"] for d in demo]),
+                                  _pair([d["cls_ecr"] for d in demo]), _pair([d["cls_pc"] for d in demo]),
+                                  _pair([d["crc_pc"] for d in demo])])  # fmt: skip
         records.append(record)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / ("quick.json" if args.quick else "full.json")).write_text(json.dumps(records, indent=1) + "\n")
@@ -97,9 +113,11 @@ def main(argv: list[str] | None = None) -> int:
           "the number of lesions in parentheses)")  # fmt: skip
     if demo_rows:
         seeds = " / ".join(map(str, args.split_seeds))
-        print(f"\n#### The demo's question: {cases} demo phantoms (seed 2026), {splits} splits at split seeds {seeds}, "
+        which = "demo phantoms (seed 2026)" if args.demo_seed == DEMO_SEED else f"phantoms of seed {args.demo_seed}"
+        print(f"\n#### The demo's question: {cases} {which}, {splits} splits at split seeds {seeds}, "
               "eps = alpha = 0.1\n")  # fmt: skip
-        print(C.md_table(["model", "fixed-0.5 Dice", "CLS ECR", "CLS PC", "CRC PC"], demo_rows))
+        print(C.md_table(["model", "score", "fixed Dice", "CLS ECR", "CLS PC", "CRC PC"], demo_rows))
+        print("\n(score: what the cutoffs and the fixed 0.5 threshold apply to; `identity` is the probability)")
     return 0
 
 
