@@ -31,10 +31,10 @@ def test_one_row_per_model_and_the_records(out, capsys):
     models = [shipped_model(LESION_MODEL), shipped_model("phantom_lesion_unet_v2")]
     assert E.main(["--quick", "--device", "cpu", "--model", *map(str, models)]) == 0
     text = capsys.readouterr().out
-    assert "| `phantom_lesion_unet_v3` |" in text and "| `phantom_lesion_unet_v2` |" in text
+    assert f"| `{LESION_MODEL}` |" in text and "| `phantom_lesion_unet_v2` |" in text
     assert "The demo's question" not in text  # only with --demo
     records = json.loads((out / "quick.json").read_text())
-    assert [r["model"] for r in records] == ["phantom_lesion_unet_v3", "phantom_lesion_unet_v2"]
+    assert [r["model"] for r in records] == [LESION_MODEL, "phantom_lesion_unet_v2"]
     assert all(len(r["cases"]) == 6 and r["seed"] == 4000 for r in records)
     assert records[0]["cases"] != records[1]["cases"]  # two models, two sets of masks
 
@@ -43,7 +43,7 @@ def test_the_demo_question(out, capsys):
     assert E.main(["--quick", "--device", "cpu", "--demo", "--split-seeds", "0", "3"]) == 0
     text = capsys.readouterr().out
     assert "12 demo phantoms (seed 2026), 10 splits at split seeds 0 / 3" in text
-    row = next(line for line in text.splitlines() if line.startswith("| `phantom_lesion_unet_v3` |") and "/" in line)
+    row = next(line for line in text.splitlines() if line.startswith(f"| `{LESION_MODEL}` |") and "/" in line)
     assert len(row.split("|")) == 8  # model, score, fixed Dice, CLS ECR, CLS PC, CRC PC (two seeds each)
     assert "| `identity` |" in row
     (record,) = json.loads((out / "quick.json").read_text())
@@ -56,10 +56,11 @@ def test_the_demo_question(out, capsys):
 def test_the_demo_question_per_score_and_on_other_phantoms(out, capsys):
     """One row per score from one network run; ``--demo-seed`` asks on other phantoms, in their own folders."""
     assert E.main(["--quick", "--device", "cpu", "--demo", "--split-seeds", "0", "--scores", "identity",
-                   "gaussian:2", "--demo-seed", "4000"]) == 0  # fmt: skip
+                   "gaussian:2", "--demo-seed", "4000", "--phantoms", "0"]) == 0  # fmt: skip
     text = capsys.readouterr().out
+    assert "no held-out test (--phantoms 0)" in text and "mean Dice" not in text
     assert "12 phantoms of seed 4000, 10 splits at split seeds 0" in text
-    rows = [line for line in text.splitlines() if line.startswith("| `phantom_lesion_unet_v3` | `")]
+    rows = [line for line in text.splitlines() if line.startswith(f"| `{LESION_MODEL}` | `")]
     assert [row.split("|")[2].strip() for row in rows] == ["`identity`", "`gaussian:2.0`"]  # canonical names
     (record,) = json.loads((out / "quick.json").read_text())
     assert [d["score"] for d in record["demo"]] == ["identity", "gaussian:2.0"]
@@ -71,7 +72,9 @@ def test_the_demo_question_per_score_and_on_other_phantoms(out, capsys):
     assert len(images) == 12
 
 
-def test_a_bad_score_fails_before_any_work(out):
+def test_bad_requests_fail_before_any_work(out):
     with pytest.raises(ConformalSegError, match="distance"):
         E.main(["--quick", "--device", "cpu", "--demo", "--scores", "distance:0.5"])
+    with pytest.raises(SystemExit, match="nothing to measure"):
+        E.main(["--quick", "--device", "cpu", "--phantoms", "0"])
     assert not out.exists()

@@ -39,7 +39,7 @@ MODEL = shipped_model(LESION_MODEL)
 
 
 def _extra(parser) -> None:  # noqa: ANN001
-    parser.add_argument("--phantoms", type=int, default=100, help="held-out phantoms (default 100)")
+    parser.add_argument("--phantoms", type=int, default=100, help="held-out phantoms (default 100; 0: --demo only)")
     parser.add_argument("--model", type=Path, nargs="+", default=[MODEL],
                         help="model folder(s) or card(s) (default: the shipped one)")  # fmt: skip
     parser.add_argument("--device", default="auto")
@@ -63,7 +63,7 @@ def _pair(values: list[float], digits: int = 3) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = C.parse_args(__doc__.splitlines()[0], argv, _extra)
     seed = TEST_SEED if args.seed == 0 else args.seed
-    n, cases, splits = (6, 12, 10) if args.quick else (args.phantoms, args.cases, args.splits)
+    n, cases, splits = (min(6, args.phantoms), 12, 10) if args.quick else (args.phantoms, args.cases, args.splits)
     from ConformalSegLib.evaluation.lesion_metrics import SIZE_CLASSES
     from ConformalSegLib.inference import resolve_model
 
@@ -72,24 +72,23 @@ def main(argv: list[str] | None = None) -> int:
     rows, demo_rows, records, device = [], [], [], "cpu"
     folder = ("quick" if args.quick else "full") + ("" if args.demo_seed == DEMO_SEED else f"_seed{args.demo_seed}")
     data = demo_phantoms(OUT / "demo" / folder, cases, args.demo_seed) if args.demo else None
+    if n <= 0 and not args.demo:
+        raise SystemExit("--phantoms 0 leaves nothing to measure: add --demo, or give --phantoms a positive count")
+    with_lesion = 0
     for card in cards:
-        C.log(f"testing {card.name} on {n} phantoms (seed {seed}) ...")
-        test = held_out_test(card, n, seed, device=args.device)
-        device, dice, summary = test["device"], test["dice"], test["detection"]
-        sens, counts = summary["sensitivity_by_size"], summary["lesions_by_size"]
-        rows.append([f"`{card.name}`", f"{dice.mean():.3f}", f"{np.median(dice):.3f}",
-                     f"{int((dice < 0.1).sum())} of {len(dice)}",
-                     *[f"{sens[name]:.2f} ({counts[name]})" if sens[name] is not None else "n/a"
-                       for name, _, _ in SIZE_CLASSES],
-                     f"{summary['false_positive_components_per_scan']:.2f}",
-                     f"{test['seconds_median']:.2f}"])  # fmt: skip
-        record = {
-            "model": card.name,
-            "path": str(card.path),
-            "seed": seed,
-            "cases": test["cases"],
-            "detection": summary,
-        }
+        record: dict = {"model": card.name, "path": str(card.path), "seed": seed}
+        if n > 0:
+            C.log(f"testing {card.name} on {n} phantoms (seed {seed}) ...")
+            test = held_out_test(card, n, seed, device=args.device)
+            device, dice, summary = test["device"], test["dice"], test["detection"]
+            sens, counts, with_lesion = summary["sensitivity_by_size"], summary["lesions_by_size"], len(dice)
+            rows.append([f"`{card.name}`", f"{dice.mean():.3f}", f"{np.median(dice):.3f}",
+                         f"{int((dice < 0.1).sum())} of {len(dice)}",
+                         *[f"{sens[name]:.2f} ({counts[name]})" if sens[name] is not None else "n/a"
+                           for name, _, _ in SIZE_CLASSES],
+                         f"{summary['false_positive_components_per_scan']:.2f}",
+                         f"{test['seconds_median']:.2f}"])  # fmt: skip
+            record.update(cases=test["cases"], detection=summary)
         if data is not None:
             C.log(f"the demo's question for {card.name} ({cases} phantoms, {splits} splits x {args.split_seeds})")
             cache = OUT / "demo" / f"probs_{folder}" / card.pipeline_sha256()[:12]
@@ -104,13 +103,24 @@ def main(argv: list[str] | None = None) -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / ("quick.json" if args.quick else "full.json")).write_text(json.dumps(records, indent=1) + "\n")
     print(f"### Lesion model on held-out phantoms (eval_lesion_model.py{' --quick' if args.quick else ''})\n")
-    print(f"- {C.machine_line()}; on {device}; {n} phantoms `make_phantoms({n}, seed={seed})`, "
-          f"{len(dice)} with a lesion; mask p >= 0.5.\n")  # fmt: skip
-    header = ["model", "mean Dice", "median Dice", "Dice < 0.1", *[f"found {name}" for name, _, _ in SIZE_CLASSES],
-              "FP components / scan", "inference s / case"]  # fmt: skip
-    print(C.md_table(header, rows))
-    print("\n(found = lesions with at least half of their voxels in the mask / lesions of that equivalent radius; "
-          "the number of lesions in parentheses)")  # fmt: skip
+    if rows:
+        print(f"- {C.machine_line()}; on {device}; {n} phantoms `make_phantoms({n}, seed={seed})`, "
+              f"{with_lesion} with a lesion; mask p >= 0.5.\n")  # fmt: skip
+        found = [f"found {name}" for name, _, _ in SIZE_CLASSES]
+        header = [
+            "model",
+            "mean Dice",
+            "median Dice",
+            "Dice < 0.1",
+            *found,
+            "FP components / scan",
+            "inference s / case",
+        ]
+        print(C.md_table(header, rows))
+        print("\n(found = lesions with at least half of their voxels in the mask / lesions of that equivalent "
+              "radius; the number of lesions in parentheses)")  # fmt: skip
+    else:
+        print(f"- {C.machine_line()}; no held-out test (--phantoms 0).")
     if demo_rows:
         seeds = " / ".join(map(str, args.split_seeds))
         which = "demo phantoms (seed 2026)" if args.demo_seed == DEMO_SEED else f"phantoms of seed {args.demo_seed}"
