@@ -37,6 +37,10 @@ def test_one_row_per_model_and_the_records(out, capsys):
     assert [r["model"] for r in records] == [LESION_MODEL, "phantom_lesion_unet_v2"]
     assert all(len(r["cases"]) == 6 and r["seed"] == 4000 for r in records)
     assert records[0]["cases"] != records[1]["cases"]  # two models, two sets of masks
+    assert "#### Paired against `" + LESION_MODEL + "`" in text
+    paired = records[1]["paired_dice_vs_first"]
+    diffs = [b["dice"] - a["dice"] for a, b in zip(records[0]["cases"], records[1]["cases"]) if a["dice"] is not None]
+    assert paired["cases"] == len(diffs) and paired["mean"] == pytest.approx(sum(diffs) / len(diffs))
 
 
 def test_the_demo_question(out, capsys):
@@ -78,3 +82,28 @@ def test_bad_requests_fail_before_any_work(out):
     with pytest.raises(SystemExit, match="nothing to measure"):
         E.main(["--quick", "--device", "cpu", "--phantoms", "0"])
     assert not out.exists()
+
+
+def _rows(dice):
+    return [{"case_id": f"c{i}", "dice": d} for i, d in enumerate(dice)]
+
+
+def test_paired_dice_difference_by_hand():
+    """Matched by case id, lesion-free phantoms (no Dice) left out, wins and losses counted, interval around the
+    mean; a constant difference has a zero-width interval; equal models have no Wilcoxon p-value."""
+    from _lesion_eval import paired_dice_difference
+
+    model = _rows([0.9, 0.5, None, 0.7, 0.2, 0.6])
+    reference = list(reversed(_rows([0.8, 0.5, None, 0.4, 0.3, 0.1])))  # order does not matter
+    d = paired_dice_difference(model, reference)
+    assert d["cases"] == 5 and d["better"] == 3 and d["worse"] == 1  # +0.1, 0, +0.3, -0.1, +0.5
+    assert d["mean"] == pytest.approx(0.16)
+    assert d["ci95"][0] < 0.16 < d["ci95"][1] and 0 < d["wilcoxon_p"] <= 1
+    shifted = paired_dice_difference(_rows([0.3, 0.4, 0.5]), _rows([0.2, 0.3, 0.4]))
+    assert shifted["ci95"] == pytest.approx((0.1, 0.1)) and shifted["better"] == 3
+    same = paired_dice_difference(_rows([0.3, 0.4]), _rows([0.3, 0.4]))
+    assert same["mean"] == 0 and same["wilcoxon_p"] is None and same["ci95"] == (0.0, 0.0)
+    with pytest.raises(ValueError, match="same held-out phantoms"):
+        paired_dice_difference(_rows([0.3, 0.4]), _rows([0.3, 0.4, 0.5]))
+    with pytest.raises(ValueError, match="at least 2"):
+        paired_dice_difference(_rows([0.3, None]), _rows([0.3, None]))

@@ -7,7 +7,9 @@ runs through the real :class:`~ConformalSegLib.inference.InferenceEngine` on eac
 masks are ``p >= 0.5``; lesion-wise detection follows :mod:`ConformalSegLib.evaluation.lesion_metrics`
 (a lesion is found when at least half of its voxels are in the mask; size classes by equivalent radius).
 
-``--model`` takes one model or several (one row each, side by side: a candidate against the shipped one).
+``--model`` takes one model or several (one row each, side by side: a candidate against the shipped one), and
+then each model's per-case Dice against the first's on the same phantoms: the mean difference, its 95 % bootstrap
+interval and a Wilcoxon signed-rank p-value (``_lesion_eval.paired_dice_difference``).
 ``--demo`` adds the demo's question for each (``_lesion_eval.demo_question``: the 60 demo phantoms, 100
 calibration/test splits at each of ``--split-seeds`` (default 0 and 2026), eps = alpha = 0.1: the fixed 0.5
 threshold's Dice, CLS ECR and PC, expected-FNR control's PC), the numbers a new model must beat to ship.
@@ -29,7 +31,7 @@ from pathlib import Path
 
 import _common as C
 import numpy as np
-from _lesion_eval import DEMO_SEED, TEST_SEED, demo_phantoms, demo_question, held_out_test
+from _lesion_eval import DEMO_SEED, TEST_SEED, demo_phantoms, demo_question, held_out_test, paired_dice_difference
 
 from ConformalSegLib.common.shipped_models import LESION_MODEL, shipped_model
 from ConformalSegLib.conformal.threshold_scores import DEFAULT_SCORE, parse_threshold_score
@@ -58,6 +60,20 @@ def _extra(parser) -> None:  # noqa: ANN001
 
 def _pair(values: list[float], digits: int = 3) -> str:
     return " / ".join(f"{v:.{digits}f}" for v in values)
+
+
+def _paired_table(records: list[dict]) -> str:
+    """Each model's per-case Dice against the first model's, on the same phantoms (``paired_dice_difference``)."""
+    first, table = records[0], []
+    for record in records[1:]:
+        d = paired_dice_difference(record["cases"], first["cases"])
+        record["paired_dice_vs_first"] = d
+        p = "n/a" if d["wilcoxon_p"] is None else f"{d['wilcoxon_p']:.2g}"
+        table.append([f"`{record['model']}`", f"{d['mean']:+.3f}", f"{d['ci95'][0]:+.3f} .. {d['ci95'][1]:+.3f}", p,
+                      f"{d['better']} / {d['worse']} of {d['cases']}"])  # fmt: skip
+    header = ["model", "mean Dice difference", "95 % bootstrap interval", "Wilcoxon p", "better / worse"]
+    title = f"\n#### Paired against `{first['model']}` (per-case Dice on the same phantoms)\n\n"
+    return title + C.md_table(header, table) + "\n\n(an interval containing 0: these phantoms cannot tell them apart)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,8 +116,6 @@ def main(argv: list[str] | None = None) -> int:
                                   _pair([d["cls_ecr"] for d in demo]), _pair([d["cls_pc"] for d in demo]),
                                   _pair([d["crc_pc"] for d in demo])])  # fmt: skip
         records.append(record)
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / ("quick.json" if args.quick else "full.json")).write_text(json.dumps(records, indent=1) + "\n")
     print(f"### Lesion model on held-out phantoms (eval_lesion_model.py{' --quick' if args.quick else ''})\n")
     if rows:
         print(f"- {C.machine_line()}; on {device}; {n} phantoms `make_phantoms({n}, seed={seed})`, "
@@ -119,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         print(C.md_table(header, rows))
         print("\n(found = lesions with at least half of their voxels in the mask / lesions of that equivalent "
               "radius; the number of lesions in parentheses)")  # fmt: skip
+        if len(rows) > 1:
+            print(_paired_table(records))
     else:
         print(f"- {C.machine_line()}; no held-out test (--phantoms 0).")
     if demo_rows:
@@ -128,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
               "eps = alpha = 0.1\n")  # fmt: skip
         print(C.md_table(["model", "score", "fixed Dice", "CLS ECR", "CLS PC", "CRC PC"], demo_rows))
         print("\n(score: what the cutoffs and the fixed 0.5 threshold apply to; `identity` is the probability)")
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / ("quick.json" if args.quick else "full.json")).write_text(json.dumps(records, indent=1) + "\n")
     return 0
 
 
