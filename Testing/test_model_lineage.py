@@ -14,6 +14,39 @@ from ConformalSegLib.inference.model_lineage import training_lineage
 MODELS = Path(__file__).resolve().parents[1] / "Resources" / "models"
 
 
+def test_the_demo_model_follows_an_unshipped_run_through_its_ancestors_card():
+    v7 = training_lineage(resolve_model(MODELS / "phantom_lesion_unet_v7"))
+    assert v7.phantom_seeds == (1006, 1005, 1002, 1001, 1000) and v7.complete
+    assert v7.models == ("phantom_lesion_unet_v7", "lesion_v6", "phantom_lesion_unet_v3", "phantom_lesion_unet_v2",
+                         "phantom_lesion_unet")  # fmt: skip
+
+
+def test_without_the_ancestors_card_the_chain_stops_at_the_unshipped_run(tmp_path):
+    v7 = _copy_card(MODELS / "phantom_lesion_unet_v7", tmp_path / "models" / "v7")
+    _copy_card(MODELS / "phantom_lesion_unet_v3", tmp_path / "models" / "v3")
+    lineage = training_lineage(resolve_model(v7))
+    assert lineage.phantom_seeds == (1006,) and not lineage.complete
+    (v7 / "ancestors").mkdir()
+    shutil.copy(MODELS / "phantom_lesion_unet_v7" / "ancestors" / "lesion_v6.model_card.json", v7 / "ancestors")
+    lineage = training_lineage(resolve_model(v7))  # now through lesion_v6 to v3, whose parent v2 is not there
+    assert lineage.phantom_seeds == (1006, 1005, 1002) and not lineage.complete
+    assert lineage.models == ("phantom_lesion_unet_v7", "lesion_v6", "phantom_lesion_unet_v3")
+
+
+def test_a_shipped_folder_card_wins_over_an_ancestors_card_of_the_same_weights(tmp_path):
+    child = _copy_card(MODELS / "phantom_lesion_unet_v2", tmp_path / "models" / "child")
+    _copy_card(MODELS / "phantom_lesion_unet", tmp_path / "models" / "parent")
+    stale = json.loads((MODELS / "phantom_lesion_unet" / "model_card.json").read_text())
+    stale["name"], stale["training"]["data"]["phantom_seed"] = "stale copy", 999
+    (child / "ancestors").mkdir()
+    (child / "ancestors" / "v1.model_card.json").write_text(json.dumps(stale))
+    lineage = training_lineage(resolve_model(child))
+    assert lineage.phantom_seeds == (1001, 1000) and lineage.models == (
+        "phantom_lesion_unet_v2",
+        "phantom_lesion_unet",
+    )  # not "stale copy"
+
+
 def test_the_shipped_fine_tuned_model_follows_its_parent():
     v3 = training_lineage(resolve_model(MODELS / "phantom_lesion_unet_v3"))
     assert v3.phantom_seeds == (1002, 1001, 1000) and v3.complete

@@ -8,6 +8,11 @@ folder of model folders): the parent is the card whose ``training.weights_sha256
 ``init_weights_sha256``, and so on until a card has no starting weights or its parent is not found
 there. A parent that cannot be found ends the chain: the seeds returned are then those known, a
 subset of the true ones (``complete`` says which).
+
+An intermediate run whose weights are not shipped (a fine-tune that was only a step towards the shipped
+model) keeps its card, as written by ``conformalseg train``, in the shipped model's ``ancestors/`` folder
+(``Resources/models/NAME/ancestors/RUN.model_card.json``): those cards are read like the sibling folders'
+ones, so the chain passes through the run without its weights being in the repository.
 """
 
 from __future__ import annotations
@@ -19,6 +24,9 @@ from typing import Any
 
 from .card_format import CARD_FILE
 from .model_card import ModelCard
+
+#: The folder, inside a model folder, that holds the cards of unshipped runs on its chain (module docstring).
+ANCESTORS_DIR = "ancestors"
 
 
 @dataclass(frozen=True)
@@ -63,7 +71,8 @@ def _phantom_seed(training: dict[str, Any]) -> int | None:
 
 
 def _sibling_cards(card_path: Path | None) -> dict[str, tuple[str, dict[str, Any]]]:
-    """``{weights_sha256: (name, training)}`` of the cards in the folders beside the model's folder.
+    """``{weights_sha256: (name, training)}`` of the cards in the folders beside the model's folder and in
+    their ``ancestors/`` folders (see the module docstring).
 
     Read as plain JSON (nothing is loaded or executed); unreadable or foreign cards are skipped.
     """
@@ -71,12 +80,15 @@ def _sibling_cards(card_path: Path | None) -> dict[str, tuple[str, dict[str, Any
         return {}
     models = Path(card_path).resolve().parent.parent
     found: dict[str, tuple[str, dict[str, Any]]] = {}
-    for candidate in sorted(models.glob(f"*/{CARD_FILE}")):
+    # ancestors first, so that a shipped folder's own card wins where both record the same weights
+    candidates = sorted(models.glob(f"*/{ANCESTORS_DIR}/*.json")) + sorted(models.glob(f"*/{CARD_FILE}"))
+    for candidate in candidates:
         try:
             document = json.loads(candidate.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
         training = document.get("training") if isinstance(document, dict) else None
         if isinstance(training, dict) and isinstance(training.get("weights_sha256"), str):
-            found[training["weights_sha256"]] = (str(document.get("name", candidate.parent.name)), training)
+            fallback = candidate.parent.name if candidate.name == CARD_FILE else candidate.name.split(".")[0]
+            found[training["weights_sha256"]] = (str(document.get("name", fallback)), training)
     return found
