@@ -40,11 +40,9 @@ def test_a_shipped_folder_card_wins_over_an_ancestors_card_of_the_same_weights(t
     stale["name"], stale["training"]["data"]["phantom_seed"] = "stale copy", 999
     (child / "ancestors").mkdir()
     (child / "ancestors" / "v1.model_card.json").write_text(json.dumps(stale))
-    lineage = training_lineage(resolve_model(child))
-    assert lineage.phantom_seeds == (1001, 1000) and lineage.models == (
-        "phantom_lesion_unet_v2",
-        "phantom_lesion_unet",
-    )  # not "stale copy"
+    lineage = training_lineage(resolve_model(child))  # the parent folder's card, not the "stale copy"
+    assert lineage.phantom_seeds == (1001, 1000)
+    assert lineage.models == ("phantom_lesion_unet_v2", "phantom_lesion_unet")
 
 
 def test_the_shipped_fine_tuned_model_follows_its_parent():
