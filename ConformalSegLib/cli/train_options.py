@@ -20,6 +20,10 @@ PHANTOM_LESION_LABEL = 6
 #: patch size: instance normalisation then sees the statistics it was trained on. The first shipped model
 #: used one 96 x 96 x 48 window; with its own weights the smaller window raised the held-out Dice from
 #: 0.43 to 0.47 and shrank the demo's CLS mask from 34 % to 20 % of the scan (eval_inference_window.py).
+#: ``ConformalSegLib.training.losses.LOSS_NAMES``, spelled out so that parsing options imports no torch
+#: (a test keeps the two equal)
+LOSS_CHOICES = ("dice-ce", "uncertainty-aware", "blob-dice-ce")
+
 DEFAULTS = {
     "epochs": 24,
     "patch_size": (64, 64, 48),
@@ -176,9 +180,11 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     """Loss, epochs, preprocessing and the network."""
     p.add_argument(
         "--loss",
-        choices=("dice-ce", "uncertainty-aware"),
+        choices=LOSS_CHOICES,
         default="dice-ce",
-        help="dice-ce (soft Dice + cross entropy) or uncertainty-aware (MC-dropout weighted, Isler et al.)",
+        help="dice-ce (soft Dice + cross entropy), uncertainty-aware (MC-dropout weighted, Isler et al.) or "
+        "blob-dice-ce (dice-ce plus a soft Dice of every lesion on its own, Kofler et al.'s blob loss: small "
+        "lesions weigh as much as large ones)",
     )
     p.add_argument(
         "--epochs", type=int, default=None, help=f"default {DEFAULTS['epochs']} (denoise {DENOISE_DEFAULTS['epochs']})"

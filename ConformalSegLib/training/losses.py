@@ -16,6 +16,9 @@ lesion voxels do not give an undefined or saturated per-patch Dice.
 * Deep supervision (:func:`supervised_loss`): with a network that returns several heads (DynUNet in
   training mode) the loss is ``monai.losses.DeepSupervisionLoss``'s weighted sum over the heads,
   weights ``1, 1/2, 1/4, ...`` (MONAI's ``"exp"`` mode), the main head first.
+* :class:`~ConformalSegLib.training.blob_loss.BlobDiceCELoss` (``blob-dice-ce``, its own module) -- the
+  baseline plus a soft Dice of every lesion on its own (Kofler et al.'s blob loss), so that small lesions
+  weigh as much as large ones.
 * :class:`UncertaintyAwareLoss` -- the adaptive loss of Isler et al., *Uncertainty-Guided
   Coarse-to-Fine Tumor Segmentation with Anatomy-Aware Post-Processing*, Sec. III-D:
   ``L = a(x) * L_Dice + (1 - a(x)) * L_CE`` with ``a(x) = exp(-U(x))``, ``U(x)`` the variance of
@@ -56,6 +59,7 @@ The loss is the mean over voxels, batch and quantile channels, in the target's u
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -63,8 +67,11 @@ from torch import nn
 
 from .networks import main_output
 
+if TYPE_CHECKING:
+    from .blob_loss import BlobDiceCELoss
+
 SMOOTH = 1e-5  #: numerator and denominator smoothing of the soft Dice (MONAI's default)
-LOSS_NAMES = ("dice-ce", "uncertainty-aware")
+LOSS_NAMES = ("dice-ce", "uncertainty-aware", "blob-dice-ce")
 DEFAULT_QUANTILES = (0.1, 0.9)  #: the paper's levels: alpha = 0.1, the 10th and 90th percentiles
 
 
@@ -239,12 +246,16 @@ class PinballLoss(nn.Module):
         return pinball(prediction, target.to(prediction.dtype), taus).mean()
 
 
-def build_loss(name: str, lesion_channel: int = 1) -> DiceCELoss | UncertaintyAwareLoss:
-    """The loss called ``name`` (one of :data:`LOSS_NAMES`)."""
+def build_loss(name: str, lesion_channel: int = 1) -> DiceCELoss | UncertaintyAwareLoss | BlobDiceCELoss:
+    """The loss called ``name`` (one of :data:`LOSS_NAMES`; ``blob-dice-ce``: :mod:`.blob_loss`)."""
     if name == "dice-ce":
         return DiceCELoss(lesion_channel)
     if name == "uncertainty-aware":
         return UncertaintyAwareLoss(lesion_channel)
+    if name == "blob-dice-ce":
+        from .blob_loss import BlobDiceCELoss
+
+        return BlobDiceCELoss(lesion_channel)
     raise ValueError(f"unknown loss {name!r}; use one of {', '.join(LOSS_NAMES)}")
 
 
@@ -260,7 +271,7 @@ class _WithUncertainty(nn.Module):
 
 
 def supervised_loss(
-    loss: DiceCELoss | UncertaintyAwareLoss,
+    loss: DiceCELoss | UncertaintyAwareLoss | BlobDiceCELoss,
     heads: Sequence[torch.Tensor],
     target: torch.Tensor,
     uncertainty: torch.Tensor | None = None,
