@@ -60,3 +60,10 @@ def test_lesion_statistics_reads_contrast_and_sigma() -> None:
     expected = 30.0 * lesion.sum() / D.sum_noise_sd(lesion, 10.0)
     assert abs(rows[0]["snr"] / expected - 1.0) < 0.1
     assert (components > 0).sum() == lesion.sum()
+
+
+def test_default_network_is_the_demos() -> None:
+    """The network column reports the demo's model (until 2026-12-05 it was v1 by mistake)."""
+    from ConformalSegLib.common.shipped_models import LESION_MODEL
+
+    assert D.MODEL.name == LESION_MODEL and (D.MODEL / "model_card.json").is_file()

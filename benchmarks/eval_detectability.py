@@ -44,8 +44,10 @@ import _common as C
 import numpy as np
 from scipy import ndimage
 
+from ConformalSegLib.common.shipped_models import LESION_MODEL, shipped_model
+
 OUT = C.REPO_ROOT / "benchmarks" / "_cache" / "detectability"
-MODEL = C.REPO_ROOT / "Resources" / "models" / "phantom_lesion_unet"
+MODEL = shipped_model(LESION_MODEL)  #: the demo's network (until 2026-12-05 by mistake v1, `phantom_lesion_unet`)
 NOISE_FILTER = (0.0, 0.45, 0.45)  # the in-plane noise correlation of phantoms.imaging.form_image
 SNR_EDGES = (0.0, 2.0, 4.0, 6.0, 10.0, 20.0, math.inf)
 EPSILONS = (0.1, 0.2)
@@ -152,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         + "\n"
     )
     print(f"### Lesion visibility and the limit of issue 11's goals (eval_detectability.py{' --quick' * args.quick})\n")
-    print(f"- {C.machine_line()}; {n} phantoms `make_phantoms({n}, seed={seed})`; SNR of the sum over the "
+    network = "" if engine is None else f"network `{engine.card.name}`; "
+    print(f"- {C.machine_line()}; {network}{n} phantoms `make_phantoms({n}, seed={seed})`; SNR of the sum over the "
           "lesion's voxels under the measured local sigma (see the script's docstring).\n")  # fmt: skip
     lesions = [row for case in cases for row in case["lesions"]]
     bins = [_bin(lo) for lo in SNR_EDGES[:-1]]
