@@ -44,7 +44,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "Resources" / "models" / "phantom_lesion_unet"
 SHIPPED_V2 = ROOT / "Resources" / "models" / "phantom_lesion_unet_v2"  # fine-tuned from SHIPPED
 SHIPPED_V3 = ROOT / "Resources" / "models" / "phantom_lesion_unet_v3"  # fine-tuned from SHIPPED_V2
-SHIPPED_V7 = ROOT / "Resources" / "models" / "phantom_lesion_unet_v7"  # the demo's: v3 -> run lesion_v6 -> v7
+SHIPPED_V7 = ROOT / "Resources" / "models" / "phantom_lesion_unet_v7"  # v3 -> run lesion_v6 -> v7
+SHIPPED_V10 = ROOT / "Resources" / "models" / "phantom_lesion_unet_v10"  # the demo's: v7 -> run lesion_v9 -> v10
 TINY_SHAPE = (16, 32, 32)  # phantom (z, y, x)
 TINY = dict(
     patch_size=(16, 16, 16),
@@ -336,8 +337,8 @@ def _shipped_heldout_phantom(training: dict, case_id: str):
 
 @pytest.mark.parametrize(
     "folder",
-    [SHIPPED, SHIPPED_V2, SHIPPED_V3, SHIPPED_V7],
-    ids=["v1 (the cascade's stage 1)", "v2", "v3", "v7 (the demo's)"],
+    [SHIPPED, SHIPPED_V2, SHIPPED_V3, SHIPPED_V7, SHIPPED_V10],
+    ids=["v1 (the cascade's stage 1)", "v2", "v3", "v7", "v10 (the demo's)"],
 )
 def test_shipped_lesion_models(folder):
     card = resolve_model(folder)
@@ -355,10 +356,12 @@ def test_shipped_lesion_models(folder):
     assert dice == pytest.approx(row["dice"], abs=0.02)  # reproduces the recorded held-out Dice
     assert 0.5 < dice < 1.0
     parent = {SHIPPED_V2: SHIPPED, SHIPPED_V3: SHIPPED_V2}.get(folder)  # the chain of runs: v3 <- v2 <- v1
-    if folder == SHIPPED_V7:  # v7 <- the run lesion_v6 (its card in ancestors/, weights not shipped) <- v3
-        ancestor = json.loads((folder / "ancestors" / "lesion_v6.model_card.json").read_text())["training"]
+    # v7 <- the run lesion_v6 <- v3; v10 <- the run lesion_v9 <- v7 (their cards in ancestors/, weights not shipped)
+    through = {SHIPPED_V7: ("lesion_v6", SHIPPED_V3), SHIPPED_V10: ("lesion_v9", SHIPPED_V7)}.get(folder)
+    if through is not None:
+        ancestor = json.loads((folder / "ancestors" / f"{through[0]}.model_card.json").read_text())["training"]
         assert t["init_weights_sha256"] == ancestor["weights_sha256"]
-        assert ancestor["init_weights_sha256"] == resolve_model(SHIPPED_V3).sha256()
+        assert ancestor["init_weights_sha256"] == resolve_model(through[1]).sha256()
     else:
         assert t.get("init_weights_sha256") == (None if parent is None else resolve_model(parent).sha256())  # v1: none
 
