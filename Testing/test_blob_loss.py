@@ -1,7 +1,7 @@
 """Tests of the blob loss (``--loss blob-dice-ce``, ConformalSegLib/training/blob_loss.py): hand values
 against a per-lesion loop written from the definition, the limits stated in the module docstring, the
 masking of the other lesions, 26-connectivity, crops without lesions, gradients, deep supervision, the
-CLI's choices, and a tiny training run end to end."""
+CLI's choices (a tiny training run with it: test_training_recipe.py)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,6 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("monai")
 
 from ConformalSegLib.cli.train_options import LOSS_CHOICES  # noqa: E402
-from ConformalSegLib.inference import resolve_model  # noqa: E402
-from ConformalSegLib.training import PhantomStream, TrainingConfig, train  # noqa: E402
 from ConformalSegLib.training.blob_loss import BlobDiceCELoss, blob_dice, lesion_components  # noqa: E402
 from ConformalSegLib.training.losses import LOSS_NAMES, SMOOTH, DiceCELoss, build_loss, supervised_loss  # noqa: E402
 
@@ -135,28 +133,3 @@ def test_bad_shapes_are_refused():
 
 def test_cli_choices_are_the_library_losses():
     assert LOSS_CHOICES == LOSS_NAMES and "blob-dice-ce" in LOSS_NAMES
-
-
-def test_blob_loss_trains_end_to_end(tmp_path):
-    config = TrainingConfig(
-        network="dynunet",
-        patch_size=(32, 32, 16),
-        crop_size=(16, 16, 8),
-        spacing_mm=None,
-        channels=(4, 8, 16),
-        strides=((2, 2, 1), (2, 2, 2)),
-        deep_supervision=True,
-        epochs=4,
-        batch_size=2,
-        steps_per_epoch=3,
-        fg_fraction=0.5,
-        augment=False,
-        learning_rate=3e-3,
-        loss="blob-dice-ce",
-        device="cpu",
-        name="tiny-blob",
-    )
-    stream = PhantomStream(11, {"shape": (16, 32, 32)})
-    result = train(config, stream, stream.heldout_cases(2), tmp_path / "model")
-    assert result.epoch_losses[-1] < result.epoch_losses[0]
-    assert resolve_model(tmp_path / "model").training["loss"] == "blob-dice-ce"

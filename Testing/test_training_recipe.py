@@ -157,6 +157,13 @@ def test_dynunet_stream_training_end_to_end(tmp_path):
     assert prediction.probability.shape == image.array.shape and float(prediction.variance.max()) > 0
 
 
+def test_blob_loss_trains_end_to_end(tmp_path):
+    config = TrainingConfig(**{**DYN, "epochs": 4, "steps_per_epoch": 3, "augment": False, "loss": "blob-dice-ce"})
+    result = train(config, STREAM, STREAM.heldout_cases(2), tmp_path / "model")
+    assert result.epoch_losses[-1] < result.epoch_losses[0]
+    assert resolve_model(tmp_path / "model").training["loss"] == "blob-dice-ce"
+
+
 def test_resume_continues_bit_identically(tmp_path):
     config = TrainingConfig(**{**DYN, "epochs": 3})
     train(config, STREAM, STREAM.heldout_cases(1), tmp_path / "whole")
