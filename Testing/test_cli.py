@@ -338,12 +338,13 @@ def test_demo_with_the_shipped_model(tmp_path, capsys):
     for name in ("cls", "lesion", "sets"):  # the profiles record the shipped model's pipeline, so `apply
         record = json.loads((tmp_path / "demo" / "profiles" / f"{name}.json").read_text())["provenance"]
         assert record["inference"]["pipeline_sha256"] == shipped.pipeline_sha256()  # --model` can use them
-    # the shipped model's own run, an unshipped run on its chain (its card in ancestors/) and v1's, the first
-    for seed in ("1009", "1008", "1005", "1000"):
+    # the shipped model's own run, its shipped parent's, unshipped runs on its chain (their cards in ancestors/)
+    # and v1's, the first
+    for seed in ("1010", "1009", "1008", "1005", "1000"):
         code, out, err = run(
             ["demo", "--out", tmp_path / "d2", "--cases", "4", "--seed", seed, "--device", "cpu"], capsys
         )
-        assert code == 2 and "trained on" in err and "1009, 1008, 1006, 1005, 1002, 1001, 1000" in err
+        assert code == 2 and "trained on" in err and "1010, 1009, 1008, 1006, 1005, 1002, 1001, 1000" in err
         assert not (tmp_path / "d2" / "data").exists()
 
 

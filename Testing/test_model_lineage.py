@@ -19,11 +19,15 @@ def test_the_demo_model_follows_an_unshipped_run_through_its_ancestors_card():
     assert v7.phantom_seeds == (1006, 1005, 1002, 1001, 1000) and v7.complete
     assert v7.models == ("phantom_lesion_unet_v7", "lesion_v6", "phantom_lesion_unet_v3", "phantom_lesion_unet_v2",
                          "phantom_lesion_unet")  # fmt: skip
-    # the demo's v10: through its own ancestors/ (lesion_v9) and then v7's (lesion_v6)
+    # v10: through its own ancestors/ (lesion_v9) and then v7's (lesion_v6)
     v10 = training_lineage(resolve_model(MODELS / "phantom_lesion_unet_v10"))
     assert v10.phantom_seeds == (1009, 1008, 1006, 1005, 1002, 1001, 1000) and v10.complete
     assert v10.models[:3] == ("phantom_lesion_unet_v10", "lesion_v9", "phantom_lesion_unet_v7")
     assert v10.models[3:] == v7.models[1:]
+    # the demo's v11: fine-tuned from v10 directly (a shipped parent, no ancestors/ card needed)
+    v11 = training_lineage(resolve_model(MODELS / "phantom_lesion_unet_v11"))
+    assert v11.phantom_seeds == (1010, *v10.phantom_seeds) and v11.complete
+    assert v11.models == ("phantom_lesion_unet_v11", *v10.models)
 
 
 def test_without_the_ancestors_card_the_chain_stops_at_the_unshipped_run(tmp_path):

@@ -16,7 +16,7 @@ from pathlib import Path
 MODELS_DIR = Path(__file__).resolve().parents[2] / "Resources" / "models"
 
 #: The lesion network of the demo, the Slicer sample data and ``benchmarks/eval_lesion_model.py``.
-LESION_MODEL = "phantom_lesion_unet_v10"
+LESION_MODEL = "phantom_lesion_unet_v11"
 #: The quantile denoiser of the demo's sem-CRC part.
 DENOISER_MODEL = "phantom_denoiser_quantile"
 
