@@ -61,12 +61,37 @@ def test_cli_records_the_option_and_the_checksum(tmp_path):
     training = resolve_model(out).training
     assert f"--init-weights {cli_parent}" in training["command"]
     assert training["init_weights_sha256"] == resolve_model(cli_parent).sha256()
-    with pytest.raises(ConformalSegError, match=r"filters: \[4, 8, 16\] \(model\) vs \[4, 8, 32\] \(this run\)"):
+    # more filters per level widen the model (test_training_widening.py); fewer are refused
+    with pytest.raises(
+        ConformalSegError,
+        match=r"filters: \[4, 8, 16\] \(model\) vs \[4, 8, 8\] \(this run\) \(widening cannot remove filters",
+    ):
         run_cli(
             "--phantoms", "1", "--heldout", "0", "--out", str(tmp_path / "a"), "--init-weights", str(cli_parent),
-            *TINY_ARGS, "--channels", "4", "8", "32",
+            *TINY_ARGS, "--channels", "4", "8", "8",
         )  # fmt: skip
     assert not (tmp_path / "a").exists()
+    wide = tmp_path / "wide"
+    assert (
+        run_cli(
+            "--phantoms",
+            "1",
+            "--heldout",
+            "0",
+            "--out",
+            str(wide),
+            "--init-weights",
+            str(cli_parent),
+            *TINY_ARGS,
+            "--channels",
+            "4",
+            "8",
+            "32",
+        )  # fmt: skip
+        == 0
+    )
+    assert resolve_model(wide).source.args["filters"] == [4, 8, 32]
+    assert resolve_model(wide).training["init_weights_sha256"] == resolve_model(cli_parent).sha256()
 
 
 def test_refusals(parent, cases, tmp_path):

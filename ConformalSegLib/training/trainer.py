@@ -279,7 +279,7 @@ def _load_initial_weights(network: torch.nn.Module, config: TrainingConfig, mode
         )
     if model is None:
         return
-    state, sha = initial_weights(model, config.network, config.network_args())
+    state, sha = initial_weights(model, config.network, config.network_args(), seed=config.seed)
     if sha != config.init_weights_sha256:
         raise ConformalSegError(
             "the initial weights changed: their SHA-256 is not the one in the configuration",
