@@ -37,7 +37,7 @@ def _net(channels, *, dropout=0.0, seed=0):
     return network
 
 
-@pytest.mark.parametrize("wider", [(8, 16, 32, 64), (6, 9, 20, 40), (4, 8, 16, 33)])
+@pytest.mark.parametrize("wider", [(8, 16, 32, 64), (6, 9, 20, 40), (4, 8, 16, 33), (8, 16, 16, 32)])
 def test_the_widened_network_computes_the_same(wider):
     old, new = _net((4, 8, 16, 32)), _net(wider, seed=1)
     image = torch.rand(2, 1, 32, 32, 16)

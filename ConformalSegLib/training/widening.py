@@ -15,8 +15,8 @@ old channel sum to 1.
 
 **Why it is exact.** By induction over the layers in the forward order: if every new channel ``j`` of a
 level's input equals old channel ``g(j)``, a reading layer's pre-activation is
-``sum_i f_i w[., g(i)] * x[g(i)] = sum_c w[., c] * x[c] (sum of f over the copies of c) =`` the old
-pre-activation, and the writing side copies whole filters, so each new output channel equals its old
+``sum_i f_i w[., g(i)] x[g(i)] = sum_c (sum of f_i over the copies i of c) w[., c] x[c] = sum_c w[., c] x[c]``,
+the old pre-activation, and the writing side copies whole filters, so each new output channel equals its old
 channel. Instance norm normalises each channel by its own statistics, so a copied channel stays equal
 to its original; the leaky ReLU acts voxel by voxel. Dropout and deep supervision do not enter the
 argument (eval mode has no dropout; every head reads a level like any other layer). The decoder's
@@ -89,9 +89,11 @@ def widen_dynunet(old: Any, new: Any, *, seed: int) -> None:
             concat = torch.cat([maps[level], maps[level] + old_filters[level]])
             _basic_block(up_old.conv_block, up_new.conv_block, concat, maps[level], generator, reads=concat)
         _conv(old.output_block.conv.conv, new.output_block.conv.conv, maps[0], classes, generator)
-        for head_old, head_new in zip(old.deep_supervision_heads, new.deep_supervision_heads, strict=True):
-            level = new_filters.index(int(head_new.conv.conv.in_channels))
-            _conv(head_old.conv.conv, head_new.conv.conv, maps[level], classes, generator)
+        # MONAI's head k reads the decoder's output at level k + 1 (DynUNetSkipLayer: heads[index - 1])
+        for k, (head_old, head_new) in enumerate(
+            zip(old.deep_supervision_heads, new.deep_supervision_heads, strict=True)
+        ):
+            _conv(head_old.conv.conv, head_new.conv.conv, maps[k + 1], classes, generator)
 
 
 def _encoder(network: Any) -> list[Any]:
