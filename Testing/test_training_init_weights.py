@@ -72,24 +72,8 @@ def test_cli_records_the_option_and_the_checksum(tmp_path):
         )  # fmt: skip
     assert not (tmp_path / "a").exists()
     wide = tmp_path / "wide"
-    assert (
-        run_cli(
-            "--phantoms",
-            "1",
-            "--heldout",
-            "0",
-            "--out",
-            str(wide),
-            "--init-weights",
-            str(cli_parent),
-            *TINY_ARGS,
-            "--channels",
-            "4",
-            "8",
-            "32",
-        )  # fmt: skip
-        == 0
-    )
+    widened = ["--phantoms", "1", "--heldout", "0", "--out", str(wide), "--init-weights", str(cli_parent)]
+    assert run_cli(*widened, *TINY_ARGS, "--channels", "4", "8", "32") == 0
     assert resolve_model(wide).source.args["filters"] == [4, 8, 32]
     assert resolve_model(wide).training["init_weights_sha256"] == resolve_model(cli_parent).sha256()
 
