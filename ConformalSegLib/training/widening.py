@@ -87,7 +87,7 @@ def widen_dynunet(old: Any, new: Any, *, seed: int) -> None:
             level = last - 1 - k
             _conv(up_old.transp_conv.conv, up_new.transp_conv.conv, maps[level + 1], maps[level], generator)
             concat = torch.cat([maps[level], maps[level] + old_filters[level]])
-            _basic_block(up_old.conv_block, up_new.conv_block, concat, maps[level], generator, reads=concat)
+            _basic_block(up_old.conv_block, up_new.conv_block, concat, maps[level], generator)
         _conv(old.output_block.conv.conv, new.output_block.conv.conv, maps[0], classes, generator)
         # MONAI's head k reads the decoder's output at level k + 1 (DynUNetSkipLayer: heads[index - 1])
         for k, (head_old, head_new) in enumerate(
@@ -107,13 +107,10 @@ def _basic_block(
     in_map: torch.Tensor,
     out_map: torch.Tensor,
     generator: torch.Generator,
-    *,
-    reads: torch.Tensor | None = None,
 ) -> None:
-    """One ``UnetBasicBlock`` (conv, norm, act, conv, norm, act). ``reads``: the input map when the
-    block's input is a concatenation whose halves are counted apart (the map's values are then indices
-    into the concatenated old channels)."""
-    _conv(old.conv1.conv, new.conv1.conv, in_map if reads is None else reads, out_map, generator)
+    """One ``UnetBasicBlock`` (conv, norm, act, conv, norm, act). For a decoder block ``in_map`` maps the
+    concatenated ``[upsampled, skip]`` channels (indices into the old concatenation)."""
+    _conv(old.conv1.conv, new.conv1.conv, in_map, out_map, generator)
     _norm(old.norm1, new.norm1, out_map)
     _conv(old.conv2.conv, new.conv2.conv, out_map, out_map, generator)
     _norm(old.norm2, new.norm2, out_map)
