@@ -26,6 +26,13 @@ from .train_data import denoise_pairs, lesion_data, roi_data
 from .train_options import add_train_options, apply_task_defaults
 from .train_progress import step_bar
 
+#: How the card's ``selected_by`` rule is said in the command's summary line.
+SELECTED_BY = {"dice": "best validation Dice", "cls-pc": "smallest validation CLS cost", "last": "the last epoch"}
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -62,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
             raise ConformalSegError("--init-weights serves the lesion and roi tasks", fix="leave it out for denoise")
         if args.ema_decay is not None:
             raise ConformalSegError("--ema-decay serves the lesion and roi tasks", fix="leave it out for denoise")
+        if args.select_by != "dice":
+            raise ConformalSegError("--select-by serves the lesion and roi tasks", fix="leave it out for denoise")
         return run_denoise(args)
     _check_lesion_args(args)
     train_data, heldout_cases, data_info, lesion_labels = roi_data(args) if args.task == "roi" else lesion_data(args)
@@ -93,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
         init_weights=args.init_weights,
     )
     dice = result.heldout.get("mean_dice")
-    chosen = f" (weights of epoch {result.best_epoch}, best validation Dice)" if result.best_epoch else ""
+    chosen = f" (weights of epoch {result.best_epoch}, {SELECTED_BY[config.select_by]})" if result.best_epoch else ""
     print(
         f"final training loss {result.epoch_losses[-1]:.4f}; held-out lesion Dice "
         f"{'n/a (no held-out lesion)' if dice is None else f'{dice:.3f}'}{chosen}; {result.wall_seconds:.0f} s"
@@ -148,8 +157,9 @@ def run_snapshot(
     done = training["snapshot"]
     dice = result.heldout.get("mean_dice")
     chosen = (
-        f"weights of epoch {result.best_epoch} ({training['selected_weights']}, best validation Dice "
-        f"{training['selected_val_dice']:.3f})"
+        f"weights of epoch {result.best_epoch} ({training['selected_weights']}, {SELECTED_BY[config.select_by]}; "
+        f"validation Dice {_number(training['selected_val_dice'])}, "
+        f"CLS cost {_number(training['selected_val_cls_pc'])})"
         if result.best_epoch
         else "the last epoch's weights (no validation)"
     )
@@ -211,6 +221,7 @@ def _lesion_config(args: argparse.Namespace, lesion_labels: tuple[int, ...]) -> 
         name=args.name or args.out.resolve().name,
         init_weights_sha256=None if args.init_weights is None else resolve_model(args.init_weights).sha256(),
         ema_decay=args.ema_decay,
+        select_by=args.select_by,
     )
 
 

@@ -23,6 +23,8 @@ PHANTOM_LESION_LABEL = 6
 #: ``ConformalSegLib.training.losses.LOSS_NAMES``, spelled out so that parsing options imports no torch
 #: (a test keeps the two equal)
 LOSS_CHOICES = ("dice-ce", "uncertainty-aware", "blob-dice-ce")
+#: ``ConformalSegLib.training.config.SELECTION_RULES``, spelled out for the same reason (a test keeps them equal)
+SELECTION_CHOICES = ("dice", "cls-pc", "last")
 
 DEFAULTS = {
     "epochs": 24,
@@ -274,6 +276,14 @@ def _optimisation_options(p: argparse.ArgumentParser) -> None:
         "with decay D (0.999: about the last 1,000 steps), validated beside the raw weights every epoch; the "
         "best of either is written (without held-out cases: the final average). The training itself is "
         "unchanged. Default: off",
+    )
+    p.add_argument(
+        "--select-by",
+        choices=SELECTION_CHOICES,
+        default="dice",
+        help="lesion/roi: which epoch's weights are written: dice (default: the best validation Dice of p >= 0.5), "
+        "cls-pc (the smallest validation CLS cost val_cls_pc: the share of each held-out scan that the per-scan "
+        "guarantee at eps = alpha = 0.1 needs, a smaller guaranteed mask) or last (the last epoch)",
     )
     p.add_argument(
         "--quantiles",

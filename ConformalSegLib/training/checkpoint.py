@@ -12,8 +12,8 @@ tensors, numbers and strings and is read with ``torch.load(weights_only=True)``:
 
 ``--resume`` continues from it when its configuration is identical to the new run's (anything else
 would mix two runs into one model, so a difference is refused naming the differing keys; a key that
-a newer version added is absent from an older checkpoint and counts as its default, ``None``). The file is
-deleted when the model folder has been written.
+a newer version added is absent from an older checkpoint and counts as its default then:
+:data:`LATER_DEFAULTS`, else ``None``). The file is deleted when the model folder has been written.
 """
 
 from __future__ import annotations
@@ -29,6 +29,9 @@ import torch
 from ..common.errors import ConformalSegError
 
 FORMAT = "conformalseg-training-checkpoint"
+#: Settings added to the configuration later whose default is not ``None``: what their absence from an
+#: older checkpoint's configuration means (``select_by``: before it existed, epochs were chosen by Dice).
+LATER_DEFAULTS: dict[str, Any] = {"select_by": "dice"}
 
 
 def default_checkpoint_path(out: Path) -> Path:
@@ -112,9 +115,11 @@ class Checkpoint:
                 fix="delete it and start again without --resume",
             )
         old, new = json.loads(data["config_json"]), json.loads(config_json)
-        # a setting added to TrainingConfig after the checkpoint was written is absent there; its
-        # default is None (off), so absent and None are the same run
-        keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        # a setting added to TrainingConfig after the checkpoint was written is absent there; absent
+        # means its default then (LATER_DEFAULTS; None, i.e. off, for the others), so it is the same run
+        keys = sorted(
+            k for k in set(old) | set(new) if old.get(k, LATER_DEFAULTS.get(k)) != new.get(k, LATER_DEFAULTS.get(k))
+        )
         if keys:
             raise ConformalSegError(
                 f"the checkpoint belongs to a run with other settings ({', '.join(keys)})",

@@ -14,6 +14,9 @@ from .networks import NETWORKS, Stride, downsampling, format_stride, network_arg
 from .optimization import LR_SCHEDULES, OPTIMIZERS
 from .weight_average import check_decay
 
+#: The rules that choose the epoch whose weights a run writes (see :func:`.run_state.selection_score`).
+SELECTION_RULES = ("dice", "cls-pc", "last")
+
 LESION_CHANNEL = 1
 #: Default intensity window (HU -> [0, 1], clipped): a soft-tissue window, so the 10-50 HU contrast of
 #: organ lesions is not squeezed (lung is clipped to 0, where nodules of 0-40 HU stand out anyway).
@@ -33,7 +36,10 @@ class TrainingConfig:
     ``uncertainty-aware`` loss only. ``init_weights_sha256`` is the checksum of the weights the run
     starts from (``train(init_weights=...)``; ``None``: MONAI's random initialisation).
     ``ema_decay`` (``None``: off) keeps an exponential moving average of the weights, validated beside
-    the raw ones every epoch; the best of either is written (:mod:`.weight_average`).
+    the raw ones every epoch; the best of either is written (:mod:`.weight_average`). ``select_by`` is
+    the rule that picks the epoch whose weights are written (:data:`SELECTION_RULES`,
+    :func:`~.run_state.selection_score`): ``"dice"`` (the best validation Dice), ``"cls-pc"`` (the
+    smallest validation CLS cost ``val_cls_pc``) or ``"last"``.
     """
 
     lesion_labels: tuple[int, ...] = (6,)
@@ -68,6 +74,7 @@ class TrainingConfig:
     name: str = "lesion_unet"
     init_weights_sha256: str | None = None
     ema_decay: float | None = None
+    select_by: str = "dice"
 
     def validate(self) -> None:
         """Raise :class:`ConformalSegError` for settings that cannot train."""
@@ -113,6 +120,10 @@ class TrainingConfig:
                 "the learning rate must be positive, the weight decay >= 0 and the foreground fraction in [0, 1]"
             )
         check_decay(self.ema_decay)
+        if self.select_by not in SELECTION_RULES:
+            raise ConformalSegError(
+                f"unknown epoch selection rule {self.select_by!r}", fix=f"use one of {', '.join(SELECTION_RULES)}"
+            )
         if (
             isinstance(self.steps_per_epoch, bool)
             or int(self.steps_per_epoch) != self.steps_per_epoch

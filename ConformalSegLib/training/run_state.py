@@ -3,10 +3,15 @@ so far, the log and the checkpoint written after every epoch.
 
 Selection
 ---------
-After every epoch the held-out validation Dice (:func:`~.validation.validation_dice`) of the weights is
-measured; the best epoch's weights are kept (``>=``: on a tie the later epoch). With a weight average
-(:mod:`.weight_average`) both the average and the raw weights are validated, and
-:func:`epoch_candidate` says which of the two competes for the epoch.
+After every epoch the held-out validation Dice and CLS cost (:func:`~.validation.validation_dice`:
+``val_dice``, ``val_cls_pc``) of the weights are measured, and the configuration's ``select_by`` rule
+turns them into a score, higher is better (:func:`selection_score`): ``"dice"`` the Dice, ``"cls-pc"``
+minus the CLS cost (the smallest mask the per-scan guarantee needs), ``"last"`` a constant, so the last
+epoch wins. The best-scoring epoch's weights are kept (``>=``: on a tie the later epoch). With a weight
+average (:mod:`.weight_average`) both the average and the raw weights are validated, and
+:func:`epoch_candidate` says which of the two competes for the epoch. Which rule to use is a choice made
+before the run, on the held-out phantoms of the training stream only: the test phantoms of
+``benchmarks/eval_lesion_model.py`` and the demo's are never seen.
 """
 
 from __future__ import annotations
@@ -19,15 +24,15 @@ from typing import Any
 import torch
 
 from .checkpoint import Checkpoint
-from .config import TrainingConfig
+from .config import SELECTION_RULES, TrainingConfig
 from .validation import validation_dice
 from .weight_average import WeightAverage
 
 
 @dataclass
 class BestWeights:
-    """The best validation score so far, the weights that gave it, and which weights they were
-    (``"raw"`` or ``"average"``; ``None`` for a run without a weight average)."""
+    """The best selection score so far (:func:`selection_score`), the epoch and weights that gave it, and
+    which weights they were (``"raw"`` or ``"average"``; ``None`` for a run without a weight average)."""
 
     score: float | None = None
     epoch: int | None = None
@@ -35,10 +40,40 @@ class BestWeights:
     weights: str | None = None
 
 
-def epoch_candidate(average: float | None, raw: float | None) -> tuple[str, float | None]:
-    """Which of an epoch's two validated weights competes for the best: ``("average" | "raw", score)``.
+def selection_score(rule: str, val_dice: float | None, val_cls_pc: float | None) -> float | None:
+    """The score of validated weights under the selection ``rule`` (:data:`~.config.SELECTION_RULES`),
+    higher is better: ``"dice"`` -> ``val_dice``; ``"cls-pc"`` -> ``-val_cls_pc``; ``"last"`` -> ``0.0``
+    for every epoch (with ``>=`` the last one is kept). ``None`` (no held-out case with a lesion, so
+    nothing to score) never displaces a scored epoch; under ``"last"`` there is always a score.
 
-    The raw weights only when their validation Dice is strictly higher (``raw > average``); on a tie,
+    >>> selection_score("cls-pc", 0.5, 0.04) > selection_score("cls-pc", 0.6, 0.05)
+    True
+    """
+    if rule == "dice":
+        return val_dice
+    if rule == "cls-pc":
+        return None if val_cls_pc is None else -val_cls_pc
+    if rule == "last":
+        return 0.0
+    raise ValueError(f"unknown selection rule {rule!r}; use one of {', '.join(SELECTION_RULES)}")
+
+
+def selected_values(epochs: list[dict[str, Any]], best: BestWeights) -> tuple[float | None, float | None]:
+    """The validation Dice and CLS cost of the kept weights, read from the log (the raw weights' are
+    ``val_dice_raw`` / ``val_cls_pc_raw`` in a run with a weight average); ``(None, None)`` when no epoch
+    was kept."""
+    suffix = "_raw" if best.weights == "raw" else ""
+    for record in epochs:
+        if best.epoch is not None and record.get("epoch") == best.epoch:
+            return record.get(f"val_dice{suffix}"), record.get(f"val_cls_pc{suffix}")
+    return None, None
+
+
+def epoch_candidate(average: float | None, raw: float | None) -> tuple[str, float | None]:
+    """Which of an epoch's two validated weights competes for the best: ``("average" | "raw", score)``,
+    given their selection scores (:func:`selection_score`).
+
+    The raw weights only when their score is strictly higher (``raw > average``); on a tie,
     or when neither could be scored (``None``: no held-out case with a lesion), the average, the less
     noisy of the two. Why both: the lesion_v4 run (RESULTS, "A weight average over another warm
     restart") recovered from a warm restart faster in its raw weights (0.568 at epoch 20) than in its
@@ -112,14 +147,17 @@ class RunState:
         return self.previous_log + self.log
 
     def on_epoch_end(self, epoch: int, record: dict[str, Any], optimizer: Any, scheduler: Any) -> None:
-        """Validation Dice, best weights so far, and the checkpoint of this epoch."""
+        """Validation Dice and CLS cost, the best weights so far by the run's rule, and the checkpoint of
+        this epoch."""
         if self.validation:
+            rule = self.config.select_by
             record.update(validation_dice(self.selectable, self.validation, self.template, self.device))
-            weights, network, score = None, self.network, record["val_dice"]
+            weights, network = None, self.network
+            score = selection_score(rule, record["val_dice"], record["val_cls_pc"])
             if self.average is not None:
                 raw = validation_dice(self.network, self.validation, self.template, self.device)
                 record["val_dice_raw"], record["val_cls_pc_raw"] = raw["val_dice"], raw["val_cls_pc"]
-                weights, score = epoch_candidate(record["val_dice"], raw["val_dice"])
+                weights, score = epoch_candidate(score, selection_score(rule, raw["val_dice"], raw["val_cls_pc"]))
                 network = self.average.network if weights == "average" else self.network
             if score is not None and (self.best.score is None or score >= self.best.score):
                 self.best = BestWeights(score, epoch + 1, _state(network), weights)

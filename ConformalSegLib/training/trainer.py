@@ -15,13 +15,16 @@ What :func:`train` does
    MONAI's Dice + cross entropy (or the uncertainty-aware loss of Isler et al.), summed over the deep
    supervision heads. ``progress(done, total, label)`` is called after every step; ``cancel`` (a
    callable or ``threading.Event``) stops training with :class:`~.optimization.TrainingCancelled`.
-4. After every epoch: the held-out validation Dice (:func:`~.validation.validation_dice`) and a
-   checkpoint (:mod:`.checkpoint`) from which ``resume=True`` continues. The weights of the epoch with
-   the best validation Dice are the ones shipped (the last epoch's without held-out cases). With
-   ``ema_decay`` both the exponential moving average (:mod:`.weight_average`) and the raw weights are
-   validated every epoch (``val_dice`` and ``val_dice_raw`` in the log) and the best of either is
-   shipped (:func:`.run_state.epoch_candidate`; the card's ``selected_weights`` says which); without held-out
-   cases the final average is.
+4. After every epoch: the held-out validation Dice and CLS cost (:func:`~.validation.validation_dice`)
+   and a checkpoint (:mod:`.checkpoint`) from which ``resume=True`` continues. The weights of the epoch
+   that scores best under ``select_by`` are the ones shipped (:func:`.run_state.selection_score`: the best
+   validation Dice by default, the smallest ``val_cls_pc`` with ``"cls-pc"``, the last epoch with
+   ``"last"``; the last epoch's without held-out cases). With ``ema_decay`` both the exponential moving
+   average (:mod:`.weight_average`) and the raw weights are validated every epoch (``val_dice`` and
+   ``val_dice_raw`` in the log) and the better of either is shipped (:func:`.run_state.epoch_candidate`;
+   the card's ``selected_weights`` says which); without held-out cases the final average is. The card
+   records the rule (``selected_by``) and the kept weights' ``selected_val_dice`` and
+   ``selected_val_cls_pc``.
 5. Writes ``weights.pt`` and the card into a staging folder, measures the held-out metrics with the
    real :class:`~ConformalSegLib.inference.engine.InferenceEngine` (:func:`~.validation.evaluate_heldout`),
    completes the card's ``training`` section and ``training.json`` and renames the folder to ``out``
@@ -68,7 +71,7 @@ from .networks import (
 )
 from .optimization import CancelToken, ProgressCallback, TrainingCancelled, fit
 from .phantom_stream import PhantomStream, PhantomStreamSampler
-from .run_state import BestWeights, RunState
+from .run_state import BestWeights, RunState, selected_values
 from .validation import evaluate_heldout
 
 
@@ -238,12 +241,13 @@ def snapshot(
 ) -> TrainingResult:
     """Write the best weights so far of the unfinished run of ``config`` as the model folder ``out``.
 
-    The weights are the ones :func:`train` would write if the run ended now: the best validated epoch's
-    (raw or average, see :func:`.run_state.epoch_candidate`), else the average's, else the last epoch's. The held-out
-    metrics, the card and ``training.json`` are made exactly as at the end of a run, with
-    ``training["snapshot"] = {"epochs_done": k, "epochs_planned": n}``. ``checkpoint`` is only read (it must
-    belong to a run with the same ``config``), so the run can go on, even while this runs: checkpoints are
-    replaced atomically. Nothing is written at ``out`` unless all of this completes.
+    The weights are the ones :func:`train` would write if the run ended now: the epoch's that scores best
+    under the run's ``select_by`` (raw or average, see :func:`.run_state.epoch_candidate`), else the
+    average's, else the last epoch's. The held-out metrics, the card and ``training.json`` are made
+    exactly as at the end of a run, with ``training["snapshot"] = {"epochs_done": k, "epochs_planned": n}``.
+    ``checkpoint`` is only read (it must belong to a run with the same ``config``), so the run can go on,
+    even while this runs: checkpoints are replaced atomically. Nothing is written at ``out`` unless all of
+    this completes.
     """
     from ..inference.engine import resolve_device
 
@@ -358,6 +362,7 @@ def _training_record(
     else:
         data, train_cases, train_ids = data_info or {}, len(train_data), [c.case_id for c in train_data]
     stream = isinstance(train_data, PhantomStream)
+    selected_dice, selected_pc = selected_values(epochs, best)
     return {
         "package": "conformalseg",
         "version": __version__,
@@ -393,8 +398,10 @@ def _training_record(
         "steps_per_epoch": config.steps_per_epoch if stream else None,
         "fg_fraction": config.fg_fraction,
         "final_loss": epochs[-1]["loss"] if epochs else None,
+        "selected_by": config.select_by,
         "selected_epoch": best.epoch,
-        "selected_val_dice": best.score,
+        "selected_val_dice": selected_dice,
+        "selected_val_cls_pc": selected_pc,
         "selected_weights": _selected_weights(config, best),
         "heldout_mean_dice": heldout["mean_dice"],
         "heldout_pooled_dice": heldout["pooled_dice"],
