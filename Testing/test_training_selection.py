@@ -16,7 +16,7 @@ pytest.importorskip("monai")
 
 from test_training import TINY_ARGS, run_cli  # noqa: E402
 from test_training_recipe import DYN, STREAM  # noqa: E402
-from test_training_weight_average import train_interrupted  # noqa: E402
+from test_training_weight_average import as_written_before, train_interrupted  # noqa: E402
 
 from ConformalSegLib.cli.train_options import SELECTION_CHOICES  # noqa: E402
 from ConformalSegLib.common.errors import ConformalSegError  # noqa: E402
@@ -159,11 +159,7 @@ def test_resume_keeps_the_rule_and_old_checkpoints_resume_as_dice(tmp_path):
     plain = TrainingConfig(**{**DYN, "epochs": 3})
     old = tmp_path / "old"
     path = train_interrupted(plain, heldout, old, epochs_done=2)
-    saved = torch.load(path, weights_only=True)
-    config_json = json.loads(saved["config_json"])
-    del config_json["select_by"]
-    saved["config_json"] = json.dumps(config_json, sort_keys=True)
-    torch.save(saved, path)
+    as_written_before(path, "select_by")
     with pytest.raises(ConformalSegError, match=r"other settings \(select_by\)"):
         train(TrainingConfig(**{**DYN, "epochs": 3, "select_by": "last"}), STREAM, heldout, old, resume=True)
     train(plain, STREAM, heldout, old, resume=True)

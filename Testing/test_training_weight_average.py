@@ -184,6 +184,18 @@ def train_interrupted(config: TrainingConfig, heldout: list, out: Path, epochs_d
     return default_checkpoint_path(out)
 
 
+def as_written_before(path: Path, setting: str, *fields: str) -> None:
+    """Rewrite the checkpoint at ``path`` as a version before ``setting`` existed wrote it: the setting
+    absent from its configuration, and the checkpoint ``fields`` added with it absent too."""
+    saved = torch.load(path, weights_only=True)
+    config_json = json.loads(saved["config_json"])
+    del config_json[setting]
+    saved["config_json"] = json.dumps(config_json, sort_keys=True)
+    for name in fields:
+        del saved[name]
+    torch.save(saved, path)
+
+
 def test_resume_with_the_average_is_bit_identical_and_old_checkpoints_resume(tmp_path):
     config = TrainingConfig(**{**DYN, "epochs": 3, "ema_decay": 0.5})
     heldout = STREAM.heldout_cases(1)
@@ -203,12 +215,7 @@ def test_resume_with_the_average_is_bit_identical_and_old_checkpoints_resume(tmp
     plain = TrainingConfig(**{**DYN, "epochs": 3})
     old = tmp_path / "old"
     path = train_interrupted(plain, heldout, old, epochs_done=2)
-    saved = torch.load(path, weights_only=True)
-    config_json = json.loads(saved["config_json"])
-    del config_json["ema_decay"]
-    saved["config_json"] = json.dumps(config_json, sort_keys=True)
-    del saved["weight_average"], saved["best_weights"]
-    torch.save(saved, path)
+    as_written_before(path, "ema_decay", "weight_average", "best_weights")
     train(plain, STREAM, heldout, old, resume=True)
     assert resolve_model(old).training["ema_decay"] is None
 

@@ -93,6 +93,11 @@ def _interval(values: np.ndarray) -> str:
     return f"{lo:.3f} .. {hi:.3f}"
 
 
+def _row(name: str, dice: str, dice_replicates: np.ndarray, pc: str, pc_replicates: np.ndarray) -> list[str]:
+    """A table row: the model, then each number with its 95 % bootstrap interval."""
+    return [f"`{name}`", dice, _interval(dice_replicates), pc, _interval(pc_replicates)]
+
+
 def main(argv: list[str] | None = None) -> int:
     from ConformalSegLib.training import PhantomStream
     from ConformalSegLib.training.validation import validation_scores
@@ -120,27 +125,21 @@ def main(argv: list[str] | None = None) -> int:
         f"{boot} bootstrap replicates of the scans (seed {args.seed}); eps = alpha = 0.1.\n"
     )
     rows = [
-        [
-            f"`{name}`",
-            f"{p['val_dice']:.3f}",
-            _interval(replicates[:, i, 0]),
-            f"{p['val_cls_pc']:.4f}",
-            _interval(replicates[:, i, 1]),
-        ]  # fmt: skip
+        _row(name, f"{p['val_dice']:.3f}", replicates[:, i, 0], f"{p['val_cls_pc']:.4f}", replicates[:, i, 1])
         for i, (name, p) in enumerate(zip(names, pooled))
     ]
     print(C.md_table(["model", "validation Dice", "95 % interval", "val_cls_pc", "95 % interval"], rows))
     if len(names) > 1:
         diff = replicates[:, 1:, :] - replicates[:, :1, :]
         rows = [
-            [
-                f"`{name}`",
+            _row(
+                name,
                 f"{pooled[i + 1]['val_dice'] - pooled[0]['val_dice']:+.3f}",
-                _interval(diff[:, i, 0]),
+                diff[:, i, 0],
                 f"{pooled[i + 1]['val_cls_pc'] - pooled[0]['val_cls_pc']:+.4f}",
-                _interval(diff[:, i, 1]),
-                f"{np.mean(diff[:, i, 1] < 0):.2f}",
-            ]  # fmt: skip
+                diff[:, i, 1],
+            )
+            + [f"{np.mean(diff[:, i, 1] < 0):.2f}"]
             for i, name in enumerate(names[1:])
         ]
         print(f"\n#### Paired against `{names[0]}` (the same resampled scans)\n")
