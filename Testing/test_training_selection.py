@@ -182,3 +182,22 @@ def test_cli_option(tmp_path, capsys):
     with pytest.raises(ConformalSegError, match="--select-by serves the lesion and roi tasks"):
         run_cli("--task", "denoise", "--phantoms", "2", "--out", str(tmp_path / "b"), "--select-by", "last")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_last_with_a_weight_average_keeps_the_last_epochs_average(tmp_path, monkeypatch):
+    network = torch.nn.Linear(1, 1, bias=False)
+    config = TrainingConfig(**{**DYN, "epochs": 3, "ema_decay": 0.5, "select_by": "last"})
+    run = run_state.RunState(config, None, network, torch.device("cpu"), ["a held-out case"], tmp_path / "c.pt")
+    assert run.average is not None
+    monkeypatch.setattr(
+        run_state, "validation_dice", lambda *a: {"val_dice": 0.5, "val_cases_with_lesion": 1, "val_cls_pc": 0.1}
+    )
+    optimizer = torch.optim.SGD(network.parameters(), lr=0.1)
+    for epoch in range(3):
+        with torch.no_grad():
+            network.weight.fill_(10.0 + epoch)
+        run.average.update()
+        run.on_epoch_end(epoch, {"epoch": epoch + 1, "loss": 0.0}, optimizer, None)
+        assert (run.best.epoch, run.best.weights) == (epoch + 1, "average")
+    run.keep_selected()
+    assert float(network.weight.detach()) == 11.25  # 10, then (10 + 11) / 2, then (10.5 + 12) / 2

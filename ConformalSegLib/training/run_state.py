@@ -9,9 +9,9 @@ turns them into a score, higher is better (:func:`selection_score`): ``"dice"`` 
 minus the CLS cost (the smallest mask the per-scan guarantee needs), ``"last"`` a constant, so the last
 epoch wins. The best-scoring epoch's weights are kept (``>=``: on a tie the later epoch). With a weight
 average (:mod:`.weight_average`) both the average and the raw weights are validated, and
-:func:`epoch_candidate` says which of the two competes for the epoch. Which rule to use is a choice made
-before the run, on the held-out phantoms of the training stream only: the test phantoms of
-``benchmarks/eval_lesion_model.py`` and the demo's are never seen.
+:func:`epoch_candidate` says which of the two competes for the epoch (under ``"last"`` they tie, so the
+last epoch's average is kept). The rule is fixed before the run and scores only the training stream's
+held-out phantoms: the test phantoms of ``benchmarks/eval_lesion_model.py`` and the demo's are never seen.
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ class BestWeights:
 def selection_score(rule: str, val_dice: float | None, val_cls_pc: float | None) -> float | None:
     """The score of validated weights under the selection ``rule`` (:data:`~.config.SELECTION_RULES`),
     higher is better: ``"dice"`` -> ``val_dice``; ``"cls-pc"`` -> ``-val_cls_pc``; ``"last"`` -> ``0.0``
-    for every epoch (with ``>=`` the last one is kept). ``None`` (no held-out case with a lesion, so
+    for every epoch (with ``>=`` the last one is kept; with a weight average, its average, as
+    :func:`epoch_candidate` gives a tie to the average). ``None`` (no held-out case with a lesion, so
     nothing to score) never displaces a scored epoch; under ``"last"`` there is always a score.
 
     >>> selection_score("cls-pc", 0.5, 0.04) > selection_score("cls-pc", 0.6, 0.05)
