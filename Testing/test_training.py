@@ -213,6 +213,36 @@ def test_training_preprocessing_is_the_engine_preprocessing(tiny_cases, tmp_path
     assert set(torch.unique(prepared.lesion).tolist()) <= {0.0, 1.0}
 
 
+@pytest.mark.parametrize(
+    "direction",
+    [
+        (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0),  # the phantoms' (LPS axes: x and y flipped to RAS)
+        (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0),  # already RAS
+        (0.0, 1.0, 0.0, 0.0, 0.0, -1.0, -1.0, 0.0, 0.0),  # axes permuted and flipped
+    ],
+)
+def test_on_the_images_own_grid_the_label_is_reoriented_exactly_as_resampling_would(tmp_path, direction):
+    """With ``spacing_mm`` null the label map takes the image's reorientation instead of a nearest-neighbour
+    resampling onto the reoriented grid: the same voxels, the same grid."""
+    from monai.transforms import ResampleToMatch
+
+    from ConformalSegLib.inference.preprocessing import build_preprocessing
+    from ConformalSegLib.io.volumes import Geometry, Volume
+    from ConformalSegLib.training.data import TrainingCase, to_meta_tensor
+
+    rng = np.random.default_rng(7)
+    geometry = Geometry(shape=(9, 14, 11), spacing=(1.6, 1.2, 3.0), origin=(-7.0, 3.0, 11.5), direction=direction)
+    image = Volume(rng.normal(40.0, 20.0, geometry.shape).astype(np.float32), geometry, None)
+    labels = Volume(np.where(rng.random(geometry.shape) < 0.3, LESION, 1).astype(np.int16), geometry, None)
+    card = build_card(TrainingConfig(**{**TINY, "spacing_mm": None}), tmp_path)
+    prepared = prepare_case(card, TrainingCase("c", image, labels), (LESION,), (8, 8, 8))
+    spatial, _ = build_preprocessing(card)
+    lesion = to_meta_tensor(Volume((labels.array == LESION).astype(np.float32), geometry, None))
+    resampled = ResampleToMatch(mode="nearest", padding_mode="zeros")(lesion, img_dst=spatial(to_meta_tensor(image)))
+    assert torch.equal(prepared.lesion, (resampled.as_tensor() > 0.5).float())
+    assert int(prepared.lesion.sum()) == int(np.count_nonzero(labels.array == LESION))  # every voxel kept
+
+
 def test_patch_sampler_is_seeded_and_balanced(tiny_cases, tmp_path):
     config = TrainingConfig(**TINY)
     card = build_card(config, tmp_path)

@@ -43,6 +43,7 @@ BENCHMARKS = (
     "bench_evaluate_executors.py",
     "bench_interval_evaluate_executors.py",
     "bench_dicom_seg.py",
+    "bench_training_step.py",
 )
 
 

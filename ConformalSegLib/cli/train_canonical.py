@@ -96,6 +96,7 @@ def _model_parts(args: argparse.Namespace) -> list[str]:
         str(args.weight_decay),
         *(["--ema-decay", str(args.ema_decay)] if getattr(args, "ema_decay", None) is not None else []),
         *(["--select-by", args.select_by] if getattr(args, "select_by", "dice") != "dice" else []),
+        *(["--precision", args.precision] if getattr(args, "precision", "fp32") != "fp32" else []),
         "--lr-schedule",
         args.lr_schedule,
         "--batch-size",

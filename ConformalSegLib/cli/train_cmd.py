@@ -71,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
             raise ConformalSegError("--ema-decay serves the lesion and roi tasks", fix="leave it out for denoise")
         if args.select_by != "dice":
             raise ConformalSegError("--select-by serves the lesion and roi tasks", fix="leave it out for denoise")
+        if args.precision != "fp32":
+            raise ConformalSegError("--precision serves the lesion and roi tasks", fix="leave it out for denoise")
         return run_denoise(args)
     _check_lesion_args(args)
     train_data, heldout_cases, data_info, lesion_labels = roi_data(args) if args.task == "roi" else lesion_data(args)
@@ -222,6 +224,7 @@ def _lesion_config(args: argparse.Namespace, lesion_labels: tuple[int, ...]) -> 
         init_weights_sha256=None if args.init_weights is None else resolve_model(args.init_weights).sha256(),
         ema_decay=args.ema_decay,
         select_by=args.select_by,
+        precision=args.precision,
     )
 
 

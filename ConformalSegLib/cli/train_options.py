@@ -25,6 +25,8 @@ PHANTOM_LESION_LABEL = 6
 LOSS_CHOICES = ("dice-ce", "uncertainty-aware", "blob-dice-ce")
 #: ``ConformalSegLib.training.config.SELECTION_RULES``, spelled out for the same reason (a test keeps them equal)
 SELECTION_CHOICES = ("dice", "cls-pc", "last")
+#: ``ConformalSegLib.training.precision.PRECISIONS``, spelled out for the same reason (a test keeps them equal)
+PRECISION_CHOICES = ("fp32", "bf16")
 
 DEFAULTS = {
     "epochs": 24,
@@ -285,6 +287,16 @@ def _optimisation_options(p: argparse.ArgumentParser) -> None:
         "cls-pc (the smallest validation CLS cost val_cls_pc: the share of each held-out scan that the per-scan "
         "guarantee at eps = alpha = 0.1 needs; a quantile set by a few hard scans, so it needs many held-out "
         "cases: on 48 it picked by noise, benchmarks/RESULTS.md) or last (the last epoch)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=PRECISION_CHOICES,
+        default="fp32",
+        help="lesion/roi: arithmetic of the training forward pass: fp32 (default) or bf16 (bfloat16 mixed "
+        "precision, torch.autocast: convolutions in bfloat16, the loss, gradients' accumulation and weights in "
+        "float32; on CUDA Ampere or later; on the CPU faster only with AVX-512 or AMX: on the 2-core machine of "
+        "benchmarks/RESULTS.md the network step 1.3x, a whole training step 1.17x). Validation and the written "
+        "model run in float32 either way",
     )
     p.add_argument(
         "--quantiles",

@@ -30,8 +30,9 @@ from ..common.errors import ConformalSegError
 
 FORMAT = "conformalseg-training-checkpoint"
 #: Settings added to the configuration later whose default is not ``None``: what their absence from an
-#: older checkpoint's configuration means (``select_by``: before it existed, epochs were chosen by Dice).
-LATER_DEFAULTS: dict[str, Any] = {"select_by": "dice"}
+#: older checkpoint's configuration means (``select_by``: before it existed, epochs were chosen by Dice;
+#: ``precision``: before it existed, training ran in float32).
+LATER_DEFAULTS: dict[str, Any] = {"select_by": "dice", "precision": "fp32"}
 
 
 def default_checkpoint_path(out: Path) -> Path:

@@ -12,6 +12,7 @@ from ..common.errors import ConformalSegError
 from .losses import LOSS_NAMES
 from .networks import NETWORKS, Stride, downsampling, format_stride, network_args, stride_triplet
 from .optimization import LR_SCHEDULES, OPTIMIZERS
+from .precision import check_precision
 from .weight_average import check_decay
 
 #: The rules that choose the epoch whose weights a run writes (see :func:`.run_state.selection_score`).
@@ -39,7 +40,9 @@ class TrainingConfig:
     the raw ones every epoch; the best of either is written (:mod:`.weight_average`). ``select_by`` is
     the rule that picks the epoch whose weights are written (:data:`SELECTION_RULES`,
     :func:`~.run_state.selection_score`): ``"dice"`` (the best validation Dice), ``"cls-pc"`` (the
-    smallest validation CLS cost ``val_cls_pc``) or ``"last"``.
+    smallest validation CLS cost ``val_cls_pc``) or ``"last"``. ``precision`` is the arithmetic of the
+    training forward pass (:mod:`.precision`: ``"fp32"``, or ``"bf16"`` mixed precision); validation and
+    the written model run in float32 either way.
     """
 
     lesion_labels: tuple[int, ...] = (6,)
@@ -75,6 +78,7 @@ class TrainingConfig:
     init_weights_sha256: str | None = None
     ema_decay: float | None = None
     select_by: str = "dice"
+    precision: str = "fp32"
 
     def validate(self) -> None:
         """Raise :class:`ConformalSegError` for settings that cannot train."""
@@ -124,6 +128,7 @@ class TrainingConfig:
             raise ConformalSegError(
                 f"unknown epoch selection rule {self.select_by!r}", fix=f"use one of {', '.join(SELECTION_RULES)}"
             )
+        check_precision(self.precision)
         if (
             isinstance(self.steps_per_epoch, bool)
             or int(self.steps_per_epoch) != self.steps_per_epoch

@@ -8,7 +8,11 @@ transforms :class:`~ConformalSegLib.inference.engine.InferenceEngine` applies at
 the engine's conversion to network axes (numpy ``(z, y, x)`` -> MONAI ``(x, y, z)`` with the RAS
 affine of :func:`~ConformalSegLib.inference.preprocessing.network_affine`). The label map is brought onto
 the resulting grid by nearest-neighbour resampling (``monai.transforms.ResampleToMatch``), so the
-network is trained on exactly the tensors it will see at inference. Volumes smaller than the patch
+network is trained on exactly the tensors it will see at inference. When the card keeps the images' own
+grid (``spacing_mm`` null: the spatial transform is the reorientation alone, axis flips and
+permutations), the label map goes through that same reorientation instead: the same voxels on the same
+grid as the resampling gives (tested), without interpolating, which cost a fresh-phantom sample a sixth
+of its preparation (``benchmarks/bench_training_step.py``). Volumes smaller than the patch
 are zero-padded symmetrically after preprocessing, like ``sliding_window_inference`` pads them.
 
 Patches
@@ -196,7 +200,10 @@ def prepare_case(card, case: TrainingCase, lesion_labels: Sequence[int], patch_s
     label = to_meta_tensor(Volume(lesion_np.astype(np.float32), label_volume.geometry, None))
     if spatial is not None:
         image = spatial(image)
-        label = ResampleToMatch(mode="nearest", padding_mode="zeros")(label, img_dst=image)
+        if card.preprocessing.spacing_mm is None:  # reorientation only: exact on labels (module docstring)
+            label = spatial(label)
+        else:
+            label = ResampleToMatch(mode="nearest", padding_mode="zeros")(label, img_dst=image)
     image_t = image.as_tensor() if hasattr(image, "as_tensor") else image
     if intensity is not None:
         image_t = intensity(image_t)

@@ -13,7 +13,8 @@ What :func:`train` does
    (:mod:`.augmentation`: MONAI spatial and intensity transforms, seeded per sample).
 3. Optimises (:func:`~.optimization.fit`): Adam/AdamW/SGD with a cosine, poly or constant schedule,
    MONAI's Dice + cross entropy (or the uncertainty-aware loss of Isler et al.), summed over the deep
-   supervision heads. ``progress(done, total, label)`` is called after every step; ``cancel`` (a
+   supervision heads; the forward pass in float32 or bfloat16 mixed precision (:mod:`.precision`), the
+   loss and the weights in float32. ``progress(done, total, label)`` is called after every step; ``cancel`` (a
    callable or ``threading.Event``) stops training with :class:`~.optimization.TrainingCancelled`.
 4. After every epoch: the held-out validation Dice and CLS cost (:func:`~.validation.validation_dice`)
    and a checkpoint (:mod:`.checkpoint`) from which ``resume=True`` continues. The weights of the epoch
@@ -46,7 +47,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
@@ -71,6 +72,7 @@ from .networks import (
 )
 from .optimization import CancelToken, ProgressCallback, TrainingCancelled, fit
 from .phantom_stream import PhantomStream, PhantomStreamSampler
+from .precision import check_precision, forward_precision
 from .run_state import BestWeights, RunState, selected_values
 from .validation import evaluate_heldout
 
@@ -178,6 +180,7 @@ def train(
     config.validate()
     out = check_output_folder(out, force=force)
     device = resolve_device(config.device)
+    check_precision(config.precision, device)
     set_determinism(seed=config.seed)
     template = build_card(config, out)
     sampler = _sampler(config, template, train_data)
@@ -193,21 +196,10 @@ def train(
     run = RunState(config, template, network, device, validation, ckpt_path, started)
     if resume:
         run.restore()
-    loss_fn = build_loss(config.loss, LESION_CHANNEL)
-
-    def compute_loss(images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        heads = outputs_list(network(images))
-        uncertainty = (
-            mc_dropout_variance(network, images, config.mc_passes, LESION_CHANNEL)
-            if loss_fn.needs_uncertainty
-            else None
-        )
-        return supervised_loss(loss_fn, heads, targets, uncertainty)
-
     fit(
         network,
         sampler,
-        compute_loss,
+        training_loss(network, config, device),
         epochs=config.epochs,
         learning_rate=config.learning_rate,
         lr_schedule=config.lr_schedule,
@@ -225,6 +217,27 @@ def train(
     result = _publish(run, out, force, train_data, heldout_cases, data_info, command, cancel)
     ckpt_path.unlink(missing_ok=True)
     return result
+
+
+def training_loss(
+    network: torch.nn.Module, config: TrainingConfig, device: torch.device
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``compute_loss(images, targets)`` of a run of ``config``: the forward pass (and the uncertainty-aware
+    loss's MC dropout passes) in ``config.precision`` (:mod:`.precision`), every head's logits cast to
+    float32, then the loss summed over the deep supervision heads."""
+    loss_fn = build_loss(config.loss, LESION_CHANNEL)
+
+    def compute_loss(images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        with forward_precision(device, config.precision):
+            heads = outputs_list(network(images))
+            uncertainty = (
+                mc_dropout_variance(network, images, config.mc_passes, LESION_CHANNEL)
+                if loss_fn.needs_uncertainty
+                else None
+            )
+        return supervised_loss(loss_fn, [head.float() for head in heads], targets, uncertainty)
+
+    return compute_loss
 
 
 def snapshot(
@@ -373,6 +386,7 @@ def _training_record(
         "seed": config.seed,
         "device": str(device),
         "threads": torch.get_num_threads(),
+        "precision": config.precision,
         "lesion_labels": [int(v) for v in config.lesion_labels],
         "train_cases": train_cases,
         "train_case_ids": train_ids,
