@@ -73,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
             raise ConformalSegError("--select-by serves the lesion and roi tasks", fix="leave it out for denoise")
         if args.precision != "fp32":
             raise ConformalSegError("--precision serves the lesion and roi tasks", fix="leave it out for denoise")
+        if args.time_limit is not None:
+            raise ConformalSegError("--time-limit serves the lesion and roi tasks", fix="leave it out for denoise")
         return run_denoise(args)
     _check_lesion_args(args)
     train_data, heldout_cases, data_info, lesion_labels = roi_data(args) if args.task == "roi" else lesion_data(args)
@@ -102,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
         checkpoint=args.checkpoint,
         resume=args.resume,
         init_weights=args.init_weights,
+        time_limit=args.time_limit,
     )
     dice = result.heldout.get("mean_dice")
     chosen = f" (weights of epoch {result.best_epoch}, {SELECTED_BY[config.select_by]})" if result.best_epoch else ""
@@ -110,6 +113,15 @@ def run(args: argparse.Namespace) -> int:
         f"{'n/a (no held-out lesion)' if dice is None else f'{dice:.3f}'}{chosen}; {result.wall_seconds:.0f} s"
     )
     print(f"wrote {result.out}")
+    if result.stopped_early:
+        from ..training.checkpoint import default_checkpoint_path
+
+        checkpoint = args.checkpoint if args.checkpoint is not None else default_checkpoint_path(args.out)
+        print(
+            f"stopped by the time limit after epoch {len(result.epoch_losses)} of {config.epochs}: {result.out} "
+            f"holds the best weights so far and {checkpoint} the run; continue with the same command plus "
+            "--resume --force"
+        )
     return 0
 
 
@@ -117,6 +129,8 @@ def _check_snapshot_args(args: argparse.Namespace) -> None:
     """``--snapshot`` reads an unfinished lesion or ROI run's checkpoint; it trains nothing."""
     if args.task == "denoise":
         raise ConformalSegError("--snapshot serves the lesion and roi tasks", fix="leave it out for denoise")
+    if args.time_limit is not None:
+        raise ConformalSegError("--snapshot does not train, so it takes no --time-limit", fix="leave it out")
     if args.resume:
         raise ConformalSegError(
             "--snapshot writes the best weights so far and does not train, so it does not go with --resume",

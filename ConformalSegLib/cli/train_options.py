@@ -363,6 +363,17 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
     p.add_argument(
+        "--time-limit",
+        type=duration_seconds,
+        default=None,
+        metavar="T",
+        help="lesion/roi: wall time this sitting may take (seconds, or with m / h: 90m, 2.5h). After an epoch, "
+        "when one more epoch and the final held-out measurement would not fit, the run stops there, writes "
+        "--out with the best weights so far (the card's training.snapshot says the epochs done and planned) "
+        "and keeps its checkpoint: the same command with --resume --force continues it bit for bit. "
+        "Not part of the run: each sitting may have its own. Default: none",
+    )
+    p.add_argument(
         "--snapshot",
         type=Path,
         default=None,
@@ -385,6 +396,19 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", default=None, help="model name in the card (default: the --out folder name)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (cuda:N)")
     p.add_argument("--seed", type=int, default=0, help="training seed (weights, dropout, patches)")
+
+
+def duration_seconds(text: str) -> float:
+    """``--time-limit``: ``"600"`` / ``"600s"`` seconds, ``"90m"`` minutes, ``"2.5h"`` hours; positive."""
+    units = {"s": 1.0, "m": 60.0, "h": 3600.0}
+    number, unit = (text[:-1], text[-1]) if text[-1:].lower() in units else (text, "s")
+    try:
+        seconds = float(number) * units[unit.lower()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 600, 90m, 2.5h)") from None
+    if not seconds > 0 or seconds == float("inf"):
+        raise argparse.ArgumentTypeError(f"the time limit must be positive and finite, got {text!r}")
+    return seconds
 
 
 def _stride(text: str):  # noqa: ANN202 - int or a triplet

@@ -29,14 +29,20 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from os import PathLike
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import SimpleITK as sitk
 
 from ..common.errors import ConformalSegError
 from ..common.geometry import Geometry
+from ..common.lazy_import import lazy_module
 from .atomic import staged_folder
 from .volumes import sitk_image
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
+else:
+    sitk = lazy_module("SimpleITK", purpose="write DICOM CT series")
 
 #: The DICOM root of the UIDs this writer makes (pydicom's, as ``pydicom.uid.generate_uid`` uses).
 UID_PREFIX = "1.2.826.0.1.3680043.8.498."

@@ -23,15 +23,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import SimpleITK as sitk
 
 from ..common.errors import ConformalSegError
 from ..common.geometry import Geometry
+from ..common.lazy_import import lazy_module
 from .checksums import sha256_file, sha256_files
 from .volumes import Volume, _check_probabilities, geometry_from_sitk, load_image, load_probability_map
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
+else:
+    sitk = lazy_module("SimpleITK", purpose="read DICOM series")
 
 SERIES_FIX = "pass --series-uid with one of the series listed"
 

@@ -33,15 +33,20 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import SimpleITK as sitk
 
 from ..common.errors import ConformalSegError
 from ..common.geometry import Geometry
+from ..common.lazy_import import lazy_module
 from .atomic import atomic_output
 from .guards import LazyNpz, check_allocation, load_npy, require_utf8_path
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
+else:
+    sitk = lazy_module("SimpleITK", purpose="read and write image files (NIfTI, NRRD, MetaImage)")
 
 PathLikeStr = str | PathLike[str]
 

@@ -87,6 +87,7 @@ def fit(
     resume: dict[str, Any] | None = None,
     on_epoch_end: EpochCallback | None = None,
     after_step: Callable[[], None] | None = None,
+    stop_after_epoch: Callable[[], bool] | None = None,
 ) -> list[dict[str, Any]]:
     """Optimise ``network`` for epochs ``start_epoch .. epochs - 1``.
 
@@ -95,7 +96,9 @@ def fit(
     ``optimizer`` and ``scheduler`` states of an interrupted run. After each epoch
     ``on_epoch_end(epoch, record, optimizer, scheduler)`` may add keys to the record (validation) and
     save a checkpoint. ``after_step()`` runs after every optimiser step (the weight average of
-    :mod:`.weight_average`). Returns one ``{"epoch", "loss" (mean), "seconds", ...}`` record per epoch run.
+    :mod:`.weight_average`). ``stop_after_epoch()`` is asked after ``on_epoch_end`` of every epoch but the
+    last; ``True`` ends the run there (a time limit, :func:`.trainer.train`). Returns one ``{"epoch", "loss"
+    (mean), "seconds", ...}`` record per epoch run.
     """
     opt = build_optimizer(optimizer, network.parameters(), learning_rate, weight_decay)
     total = epochs * len(sampler)
@@ -138,4 +141,6 @@ def fit(
         if on_epoch_end is not None:
             on_epoch_end(epoch, record, opt, scheduler)
         log.append(record)
+        if stop_after_epoch is not None and epoch + 1 < epochs and stop_after_epoch():
+            break
     return log

@@ -88,6 +88,8 @@ class TrainingResult:
     heldout: dict[str, Any]
     wall_seconds: float
     best_epoch: int | None = None
+    #: ``True`` when the time limit ended the run before its last epoch (the checkpoint is kept)
+    stopped_early: bool = False
 
 
 def build_card(config: TrainingConfig, base_dir: str | PathLike[str], training: dict[str, Any] | None = None):
@@ -163,6 +165,7 @@ def train(
     checkpoint: str | PathLike[str] | None = None,
     resume: bool = False,
     init_weights: str | PathLike[str] | None = None,
+    time_limit: float | None = None,
 ) -> TrainingResult:
     """Train, evaluate on ``heldout_cases`` and write the model folder ``out`` (see the module docstring).
 
@@ -171,6 +174,14 @@ def train(
     (default ``OUT.checkpoint.pt``) is written after every epoch and removed at the end; with
     ``resume`` the run continues from it. ``init_weights`` (a model folder or card) gives the starting
     weights (:mod:`.initial_weights`); its checksum must equal ``config.init_weights_sha256``.
+
+    ``time_limit`` (seconds of this call's wall time, ``None``: none) ends the run early, cleanly: after
+    an epoch, when another epoch and the final held-out measurement would not fit (each reckoned at the
+    last epoch's wall time, its validation included), the run stops there and writes ``out`` exactly as
+    :func:`snapshot` would (the best weights so far, measured; the card's ``training.snapshot`` gives
+    the epochs done and planned, with ``"stopped_by": "time limit"``) and keeps the checkpoint, so the
+    same call with ``resume=True`` (and ``force=True``, to replace ``out``) continues the run bit for bit.
+    At least one epoch runs. The limit is not part of the run's configuration: each sitting may have its own.
     """
     from monai.utils import set_determinism
 
@@ -196,6 +207,15 @@ def train(
     run = RunState(config, template, network, device, validation, ckpt_path, started)
     if resume:
         run.restore()
+    if time_limit is not None and not time_limit > 0:
+        raise ConformalSegError(f"the time limit must be a positive number of seconds, got {time_limit}")
+    last_end = [time.perf_counter()]
+
+    def out_of_time() -> bool:
+        now = time.perf_counter()
+        epoch_wall, last_end[0] = now - last_end[0], now
+        return time_limit is not None and (now - started) + 2.0 * epoch_wall > time_limit
+
     fit(
         network,
         sampler,
@@ -212,10 +232,18 @@ def train(
         resume=run.resumed,
         on_epoch_end=run.on_epoch_end,
         after_step=None if run.average is None else run.average.update,
+        stop_after_epoch=None if time_limit is None else out_of_time,
     )
     run.keep_selected()
-    result = _publish(run, out, force, train_data, heldout_cases, data_info, command, cancel)
-    ckpt_path.unlink(missing_ok=True)
+    stopped = len(run.epochs) < config.epochs
+    result = _publish(
+        run, out, force, train_data, heldout_cases, data_info, command, cancel, snapshot=stopped,
+        stopped_by="time limit" if stopped else None,
+    )  # fmt: skip
+    if stopped:
+        result.stopped_early = True
+    else:
+        ckpt_path.unlink(missing_ok=True)
     return result
 
 
@@ -317,6 +345,7 @@ def _publish(
     cancel: CancelToken | None,
     *,
     snapshot: bool = False,
+    stopped_by: str | None = None,
 ) -> TrainingResult:
     """Held-out metrics with the real engine, the card's training record and log, the model folder."""
     from ..inference.card_format import CARD_FILE
@@ -336,6 +365,8 @@ def _publish(
         )  # fmt: skip
         if snapshot:
             training["snapshot"] = {"epochs_done": len(run.epochs), "epochs_planned": config.epochs}
+            if stopped_by is not None:
+                training["snapshot"]["stopped_by"] = stopped_by
         training["weights_sha256"] = sha256_file(staging / WEIGHTS_FILE)
         build_card(config, staging, training).save(staging / CARD_FILE)
         log = {"format": LOG_FORMAT, "format_version": 1, "config": json.loads(config.to_json()),
