@@ -92,7 +92,7 @@ TASK_DEPENDENT = (
 
 def add_train_options(p: argparse.ArgumentParser) -> None:
     """Every option of ``conformalseg train``, by group."""
-    for add in (_task_options, _data_options, _model_options, _optimisation_options, _run_options):
+    for add in (_task_options, _data_options, _model_options, _optimisation_options, _weights_options, _run_options):
         add(p)
 
 
@@ -270,35 +270,6 @@ def _optimisation_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--weight-decay", type=float, default=DEFAULTS["weight_decay"], help="default 1e-4")
     p.add_argument(
-        "--ema-decay",
-        type=float,
-        default=None,
-        metavar="D",
-        help="lesion/roi: also keep an exponential moving average of the weights, updated after every step "
-        "with decay D (0.999: about the last 1,000 steps), validated beside the raw weights every epoch; the "
-        "best of either is written (without held-out cases: the final average). The training itself is "
-        "unchanged. Default: off",
-    )
-    p.add_argument(
-        "--select-by",
-        choices=SELECTION_CHOICES,
-        default="dice",
-        help="lesion/roi: which epoch's weights are written: dice (default: the best validation Dice of p >= 0.5), "
-        "cls-pc (the smallest validation CLS cost val_cls_pc: the share of each held-out scan that the per-scan "
-        "guarantee at eps = alpha = 0.1 needs; a quantile set by a few hard scans, so it needs many held-out "
-        "cases: on 48 it picked by noise, benchmarks/RESULTS.md) or last (the last epoch)",
-    )
-    p.add_argument(
-        "--precision",
-        choices=PRECISION_CHOICES,
-        default="fp32",
-        help="lesion/roi: arithmetic of the training forward pass: fp32 (default) or bf16 (bfloat16 mixed "
-        "precision, torch.autocast: convolutions in bfloat16, the loss, gradients' accumulation and weights in "
-        "float32; on CUDA Ampere or later; on the CPU faster only with AVX-512 or AMX: on the 2-core machine of "
-        "benchmarks/RESULTS.md the network step 1.3x, a whole training step 1.17x). Validation and the written "
-        "model run in float32 either way",
-    )
-    p.add_argument(
         "--quantiles",
         type=float,
         nargs="+",
@@ -343,6 +314,39 @@ def _optimisation_options(p: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="MONAI spatial and intensity augmentation, seeded per sample (default on)",
+    )
+
+
+def _weights_options(p: argparse.ArgumentParser) -> None:
+    """How the weights are computed and which are written: the weight average, the epoch kept, the precision."""
+    p.add_argument(
+        "--ema-decay",
+        type=float,
+        default=None,
+        metavar="D",
+        help="lesion/roi: also keep an exponential moving average of the weights, updated after every step "
+        "with decay D (0.999: about the last 1,000 steps), validated beside the raw weights every epoch; the "
+        "best of either is written (without held-out cases: the final average). The training itself is "
+        "unchanged. Default: off",
+    )
+    p.add_argument(
+        "--select-by",
+        choices=SELECTION_CHOICES,
+        default="dice",
+        help="lesion/roi: which epoch's weights are written: dice (default: the best validation Dice of p >= 0.5), "
+        "cls-pc (the smallest validation CLS cost val_cls_pc: the share of each held-out scan that the per-scan "
+        "guarantee at eps = alpha = 0.1 needs; a quantile set by a few hard scans, so it needs many held-out "
+        "cases: on 48 it picked by noise, benchmarks/RESULTS.md) or last (the last epoch)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=PRECISION_CHOICES,
+        default="fp32",
+        help="lesion/roi: arithmetic of the training forward pass: fp32 (default) or bf16 (bfloat16 mixed "
+        "precision, torch.autocast: convolutions in bfloat16, the loss, gradients' accumulation and weights in "
+        "float32; on CUDA Ampere or later; on the CPU faster only with AVX-512 or AMX: on the 2-core machine of "
+        "benchmarks/RESULTS.md the network step 1.3x, a whole training step 1.17x). Validation and the written "
+        "model run in float32 either way",
     )
 
 

@@ -183,39 +183,14 @@ def train(
     same call with ``resume=True`` (and ``force=True``, to replace ``out``) continues the run bit for bit.
     At least one epoch runs. The limit is not part of the run's configuration: each sitting may have its own.
     """
-    from monai.utils import set_determinism
-
-    from ..inference.engine import resolve_device
-
     started = time.perf_counter()
     config.validate()
+    out_of_time = _time_limit(time_limit, started)
     out = check_output_folder(out, force=force)
-    device = resolve_device(config.device)
-    check_precision(config.precision, device)
-    set_determinism(seed=config.seed)
-    template = build_card(config, out)
-    sampler = _sampler(config, template, train_data)
-    validation = (
-        prepare_cases(template, heldout_cases, config.lesion_labels, config.patch_size, what="held-out")
-        if heldout_cases
-        else []
-    )
-    network = build_network(config.network, config.network_args())
-    _load_initial_weights(network, config, init_weights)
-    network = network.to(device)
-    ckpt_path = Path(checkpoint) if checkpoint is not None else default_checkpoint_path(out)
-    run = RunState(config, template, network, device, validation, ckpt_path, started)
+    run, sampler = _start_run(config, train_data, heldout_cases, out, started, checkpoint, init_weights)
     if resume:
         run.restore()
-    if time_limit is not None and not time_limit > 0:
-        raise ConformalSegError(f"the time limit must be a positive number of seconds, got {time_limit}")
-    last_end = [time.perf_counter()]
-
-    def out_of_time() -> bool:
-        now = time.perf_counter()
-        epoch_wall, last_end[0] = now - last_end[0], now
-        return time_limit is not None and (now - started) + 2.0 * epoch_wall > time_limit
-
+    network, device, ckpt_path = run.network, run.device, run.ckpt_path
     fit(
         network,
         sampler,
@@ -232,7 +207,7 @@ def train(
         resume=run.resumed,
         on_epoch_end=run.on_epoch_end,
         after_step=None if run.average is None else run.average.update,
-        stop_after_epoch=None if time_limit is None else out_of_time,
+        stop_after_epoch=out_of_time,
     )
     run.keep_selected()
     stopped = len(run.epochs) < config.epochs
@@ -245,6 +220,55 @@ def train(
     else:
         ckpt_path.unlink(missing_ok=True)
     return result
+
+
+def _time_limit(time_limit: float | None, started: float) -> Callable[[], bool] | None:
+    """The question :func:`~.optimization.fit` asks after each epoch under ``time_limit`` (see :func:`train`):
+    would one more epoch and the final measurement, each as long as the epoch just ended, pass the limit?"""
+    if time_limit is None:
+        return None
+    if not time_limit > 0:
+        raise ConformalSegError(f"the time limit must be a positive number of seconds, got {time_limit}")
+    last_end = [time.perf_counter()]
+
+    def out_of_time() -> bool:
+        now = time.perf_counter()
+        epoch_wall, last_end[0] = now - last_end[0], now
+        return (now - started) + 2.0 * epoch_wall > time_limit
+
+    return out_of_time
+
+
+def _start_run(
+    config: TrainingConfig,
+    train_data: Sequence[TrainingCase] | PhantomStream,
+    heldout_cases: Sequence[TrainingCase],
+    out: Path,
+    started: float,
+    checkpoint: str | PathLike[str] | None,
+    init_weights: str | PathLike[str] | None,
+) -> tuple[RunState, Any]:
+    """A run's state before its first step (``config`` already validated): the device, seeds, the card
+    template, the sampler, the prepared held-out cases and the network with its starting weights."""
+    from monai.utils import set_determinism
+
+    from ..inference.engine import resolve_device
+
+    device = resolve_device(config.device)
+    check_precision(config.precision, device)
+    set_determinism(seed=config.seed)
+    template = build_card(config, out)
+    sampler = _sampler(config, template, train_data)
+    validation = (
+        prepare_cases(template, heldout_cases, config.lesion_labels, config.patch_size, what="held-out")
+        if heldout_cases
+        else []
+    )
+    network = build_network(config.network, config.network_args())
+    _load_initial_weights(network, config, init_weights)
+    network = network.to(device)
+    ckpt_path = Path(checkpoint) if checkpoint is not None else default_checkpoint_path(out)
+    return RunState(config, template, network, device, validation, ckpt_path, started), sampler
 
 
 def training_loss(
