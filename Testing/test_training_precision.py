@@ -15,7 +15,7 @@ pytest.importorskip("monai")
 
 from test_training import TINY_ARGS, run_cli  # noqa: E402
 from test_training_recipe import DYN, STREAM  # noqa: E402
-from test_training_weight_average import as_written_before, train_interrupted  # noqa: E402
+from test_training_weight_average import check_a_later_setting_resumes  # noqa: E402
 
 from ConformalSegLib.cli.train_options import PRECISION_CHOICES  # noqa: E402
 from ConformalSegLib.common.errors import ConformalSegError  # noqa: E402
@@ -118,23 +118,8 @@ def test_a_bf16_run_trains_deterministically_and_writes_float32_weights(tmp_path
 
 
 def test_resume_keeps_the_precision_and_old_checkpoints_resume_as_fp32(tmp_path):
-    heldout = STREAM.heldout_cases(1)
-    bf16 = TrainingConfig(**{**DYN, "epochs": 3, "precision": "bf16"})
-    out = tmp_path / "run"
-    train_interrupted(bf16, heldout, out, epochs_done=2)
-    with pytest.raises(ConformalSegError, match=r"other settings \(precision\)"):
-        train(TrainingConfig(**{**DYN, "epochs": 3}), STREAM, heldout, out, resume=True)
-    train(bf16, STREAM, heldout, out, resume=True)
-    assert resolve_model(out).training["precision"] == "bf16"
-
-    plain = TrainingConfig(**{**DYN, "epochs": 3})
-    old = tmp_path / "old"
-    path = train_interrupted(plain, heldout, old, epochs_done=2)
-    as_written_before(path, "precision")  # before the setting existed every run was float32
-    with pytest.raises(ConformalSegError, match=r"other settings \(precision\)"):
-        train(TrainingConfig(**{**DYN, "epochs": 3, "precision": "bf16"}), STREAM, heldout, old, resume=True)
-    train(plain, STREAM, heldout, old, resume=True)
-    assert resolve_model(old).training["precision"] == "fp32"
+    # before the setting existed every run was float32
+    check_a_later_setting_resumes(tmp_path, "precision", "bf16", "precision", "fp32")
 
 
 def test_cli_option(tmp_path):

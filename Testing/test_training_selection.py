@@ -16,7 +16,7 @@ pytest.importorskip("monai")
 
 from test_training import TINY_ARGS, run_cli  # noqa: E402
 from test_training_recipe import DYN, STREAM  # noqa: E402
-from test_training_weight_average import as_written_before, train_interrupted  # noqa: E402
+from test_training_weight_average import check_a_later_setting_resumes  # noqa: E402
 
 from ConformalSegLib.cli.train_options import SELECTION_CHOICES  # noqa: E402
 from ConformalSegLib.common.errors import ConformalSegError  # noqa: E402
@@ -145,25 +145,8 @@ def test_real_runs_record_the_rule_and_the_training_is_unchanged(tmp_path):
 
 
 def test_resume_keeps_the_rule_and_old_checkpoints_resume_as_dice(tmp_path):
-    heldout = STREAM.heldout_cases(1)
-    config = TrainingConfig(**{**DYN, "epochs": 3, "select_by": "cls-pc"})
-    out = tmp_path / "run"
-    train_interrupted(config, heldout, out, epochs_done=2)
-    with pytest.raises(ConformalSegError, match=r"other settings \(select_by\)"):
-        train(TrainingConfig(**{**DYN, "epochs": 3}), STREAM, heldout, out, resume=True)
-    train(config, STREAM, heldout, out, resume=True)
-    assert resolve_model(out).training["selected_by"] == "cls-pc"
-
-    # a checkpoint written before the setting existed has no "select_by" key: its epochs were chosen by
-    # Dice, so it resumes as "dice" (and is refused as anything else)
-    plain = TrainingConfig(**{**DYN, "epochs": 3})
-    old = tmp_path / "old"
-    path = train_interrupted(plain, heldout, old, epochs_done=2)
-    as_written_before(path, "select_by")
-    with pytest.raises(ConformalSegError, match=r"other settings \(select_by\)"):
-        train(TrainingConfig(**{**DYN, "epochs": 3, "select_by": "last"}), STREAM, heldout, old, resume=True)
-    train(plain, STREAM, heldout, old, resume=True)
-    assert resolve_model(old).training["selected_by"] == "dice"
+    # a checkpoint written before the setting existed had its epochs chosen by Dice
+    check_a_later_setting_resumes(tmp_path, "select_by", "cls-pc", "selected_by", "dice")
 
 
 def test_cli_option(tmp_path, capsys):

@@ -196,6 +196,29 @@ def as_written_before(path: Path, setting: str, *fields: str) -> None:
     torch.save(saved, path)
 
 
+def check_a_later_setting_resumes(tmp_path: Path, key: str, value: object, card_key: str, default: object) -> None:
+    """A setting added to the configuration later (``key``; ``value`` is not its default): a run resumes
+    only under the same value (any other is refused naming the key) and its card records it under
+    ``card_key``; a checkpoint written before the setting existed resumes as the default
+    (``checkpoint.LATER_DEFAULTS``) and is refused as ``value``."""
+    heldout = STREAM.heldout_cases(1)
+    config = TrainingConfig(**{**DYN, "epochs": 3, key: value})
+    plain = TrainingConfig(**{**DYN, "epochs": 3})
+    out = tmp_path / "run"
+    train_interrupted(config, heldout, out, epochs_done=2)
+    with pytest.raises(ConformalSegError, match=rf"other settings \({key}\)"):
+        train(plain, STREAM, heldout, out, resume=True)
+    train(config, STREAM, heldout, out, resume=True)
+    assert resolve_model(out).training[card_key] == value
+
+    old = tmp_path / "old"
+    as_written_before(train_interrupted(plain, heldout, old, epochs_done=2), key)
+    with pytest.raises(ConformalSegError, match=rf"other settings \({key}\)"):
+        train(config, STREAM, heldout, old, resume=True)
+    train(plain, STREAM, heldout, old, resume=True)
+    assert resolve_model(old).training[card_key] == default
+
+
 def test_resume_with_the_average_is_bit_identical_and_old_checkpoints_resume(tmp_path):
     config = TrainingConfig(**{**DYN, "epochs": 3, "ema_decay": 0.5})
     heldout = STREAM.heldout_cases(1)
