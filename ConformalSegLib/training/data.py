@@ -12,8 +12,9 @@ network is trained on exactly the tensors it will see at inference. When the car
 grid (``spacing_mm`` null: the spatial transform is the reorientation alone, axis flips and
 permutations), the label map goes through that same reorientation instead: the same voxels on the same
 grid as the resampling gives (tested), without the interpolation, which was about half of a fresh
-phantom's preparation and 13 % of a training sample's data work (``benchmarks/bench_training_step.py``). Volumes smaller than the patch
-are zero-padded symmetrically after preprocessing, like ``sliding_window_inference`` pads them.
+phantom's preparation and 13 % of a training sample's data work (``benchmarks/bench_training_step.py``).
+Volumes smaller than the patch are zero-padded symmetrically after preprocessing, like
+``sliding_window_inference`` pads them.
 
 Patches
 -------
