@@ -1,6 +1,6 @@
 """Where a training step's time goes, and what bfloat16 mixed precision buys (``train --precision bf16``).
 
-Four measurements on the shipped lesion model's recipe (``--task lesion`` with ``--loss blob-dice-ce``:
+Five measurements on the shipped lesion model's recipe (``--task lesion`` with ``--loss blob-dice-ce``:
 DynUNet 8..128 with deep supervision, batches of 2 crops of 48 x 48 x 32, a fresh phantom per sample),
 starting from the shipped model's weights (``Resources/models/phantom_lesion_unet_v11``), in the benchmark
 process with the thread count of ``--threads`` (default: torch's):
@@ -17,7 +17,11 @@ process with the thread count of ``--threads`` (default: torch's):
    two gradients.
 4. **The training loop**: :func:`ConformalSegLib.training.optimization.fit` for ``--steps`` steps over the
    real :class:`~ConformalSegLib.training.phantom_stream.PhantomStreamSampler` (one loader worker, as
-   ``train`` runs), fp32 then bf16 on the same batches: seconds per step as a run sees them.
+   ``train`` runs), fp32, then bf16, then bf16 with two crops cut from each phantom
+   (``train --crops-per-phantom 2``: half the phantoms generated), one after the other: seconds per step as
+   a run sees them.
+5. **Dropout's share**: the self CPU time of ``aten::bernoulli_`` (drawing the dropout masks) in
+   ``torch.profiler`` over four bf16 network steps, as a share of the steps' CPU time.
 
 Run: ``.venv/bin/python benchmarks/bench_training_step.py [--quick]`` (about 3 minutes on 2 cores;
 ``--quick``: a tiny network and a few steps, seconds).
@@ -194,8 +198,9 @@ def agreement(configs, network, batches) -> tuple[list[float], list[float]]:
     return rel, cos
 
 
-def loop_timing(configs, network, card, stream, steps: int) -> dict[str, float]:
-    """Seconds per step of ``fit`` over the real sampler (one worker), per precision, the same batches."""
+def loop_timing(variants, network, card, stream, steps: int) -> dict[str, float]:
+    """Seconds per step of ``fit`` over the real sampler (one worker) for each ``name: (config, crops per
+    phantom)``, one after the other, from the same weights."""
     import copy
 
     import torch
@@ -206,17 +211,43 @@ def loop_timing(configs, network, card, stream, steps: int) -> dict[str, float]:
     from ConformalSegLib.training.trainer import training_loss
 
     result = {}
-    for p, config in configs.items():
+    for name, (config, crops_per_phantom) in variants.items():
         sampler = PhantomStreamSampler(
             stream, card, (6,), config.crops, batch_size=2, steps_per_epoch=steps, fg_fraction=0.5,
-            augmentation=AugmentationConfig(), num_workers=1,
+            augmentation=AugmentationConfig(), num_workers=1, crops_per_phantom=crops_per_phantom,
         )  # fmt: skip
         net = copy.deepcopy(network)
         torch.manual_seed(0)
         log = fit(net, sampler, training_loss(net, config, torch.device("cpu")), epochs=1, learning_rate=3e-4,
                   lr_schedule="poly", device=torch.device("cpu"), optimizer="adamw", weight_decay=1e-4)  # fmt: skip
-        result[p] = log[0]["seconds"] / steps
+        result[name] = log[0]["seconds"] / steps
     return result
+
+
+def dropout_share(config, network, batch, steps: int = 4) -> float:
+    """Share of a network step's CPU time spent drawing dropout masks (``aten::bernoulli_``, self time)."""
+    import copy
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from ConformalSegLib.training.optimization import build_optimizer
+
+    net = copy.deepcopy(network).train()
+    opt = build_optimizer("adamw", net.parameters(), 3e-4, 1e-4)
+
+    def step(r: int) -> None:
+        loss = _seeded_loss(net, config, *batch, r)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    step(0)  # warm-up
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for r in range(steps):
+            step(r + 1)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    return sum(e.self_cpu_time_total for e in events if e.key == "aten::bernoulli_") / total
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -250,8 +281,11 @@ def main(argv: list[str] | None = None) -> int:
         step = step_timing(configs, network, batches[0], repeats)
         C.log(f"agreement on {n_batches} batches ...")
         rel, cos = agreement(configs, _network(configs["fp32"], quick), batches)
-        C.log(f"training loop: {steps} steps per precision ...")
-        loop = loop_timing(configs, network, card, stream, steps)
+        C.log("dropout's share of the bf16 network step ...")
+        dropout = dropout_share(configs["bf16"], network, batches[0])
+        C.log(f"training loop: {steps} steps per variant ...")
+        variants = {"fp32": (configs["fp32"], 1), "bf16": (configs["bf16"], 1), "bf16, 2 crops": (configs["bf16"], 2)}
+        loop = loop_timing(variants, network, card, stream, steps)
     quick_flag = " --quick" if quick else ""
     what = "tiny network" if quick else "v11's network and weights"
     print(f"### Training step: data, network, bf16 (bench_training_step.py{quick_flag})\n")
@@ -266,6 +300,18 @@ def main(argv: list[str] | None = None) -> int:
          C.fmt_s(loop["bf16"]), C.fmt_ratio(loop["fp32"] / loop["bf16"])],
     ]  # fmt: skip
     print(C.md_table(["seconds per step", "fp32 (baseline)", "bf16", "fp32 / bf16"], rows))
+    crops_rows = [
+        [f"training loop (`fit`, real sampler, 1 worker, bf16), {steps} steps", C.fmt_s(loop["bf16"]),
+         C.fmt_s(loop["bf16, 2 crops"]), C.fmt_ratio(loop["bf16"] / loop["bf16, 2 crops"]),
+         C.fmt_ratio(loop["fp32"] / loop["bf16, 2 crops"])],
+    ]  # fmt: skip
+    print()
+    print(C.md_table(["seconds per step", "a phantom per crop (baseline)", "`--crops-per-phantom 2`", "ratio",
+                      "against fp32, a phantom per crop"], crops_rows))  # fmt: skip
+    print(
+        f"\nDrawing dropout masks (`aten::bernoulli_`, dropout {configs['bf16'].dropout:g} after every convolution) "
+        f"is {dropout:.0%} of the bf16 network step's CPU time."
+    )
     print(
         f"\nbf16 against fp32 on {n_batches} real batches, same weights, batch and dropout masks: relative loss "
         f"difference median {statistics.median(rel):.1e} (max {max(rel):.1e}); cosine between the gradients "

@@ -104,6 +104,8 @@ def _model_parts(args: argparse.Namespace) -> list[str]:
     ]
     if getattr(args, "phantom_stream", False) and args.task == "lesion":
         parts += ["--steps-per-epoch", str(args.steps_per_epoch)]
+        crops = getattr(args, "crops_per_phantom", 1)
+        parts += ["--crops-per-phantom", str(crops)] if crops != 1 else []
     else:
         parts += ["--samples-per-case", str(args.samples_per_case)]
     parts += [

@@ -75,6 +75,8 @@ def run(args: argparse.Namespace) -> int:
             raise ConformalSegError("--precision serves the lesion and roi tasks", fix="leave it out for denoise")
         if args.time_limit is not None:
             raise ConformalSegError("--time-limit serves the lesion and roi tasks", fix="leave it out for denoise")
+        if args.crops_per_phantom != 1:
+            raise ConformalSegError("--crops-per-phantom serves --phantom-stream", fix="leave it out for denoise")
         return run_denoise(args)
     _check_lesion_args(args)
     train_data, heldout_cases, data_info, lesion_labels = roi_data(args) if args.task == "roi" else lesion_data(args)
@@ -195,6 +197,11 @@ def _check_lesion_args(args: argparse.Namespace) -> None:
         )
     if args.heldout is not None and args.heldout < 0:
         raise ConformalSegError(f"--heldout must be >= 0, got {args.heldout}")
+    if args.crops_per_phantom != 1 and not (args.phantom_stream and args.task == "lesion"):
+        raise ConformalSegError(
+            "--crops-per-phantom serves --phantom-stream (lesion task)",
+            fix="with --phantoms or --data, --samples-per-case sets the crops per case",
+        )
     if (args.task == "roi") != (args.stage1_model is not None):
         raise ConformalSegError(
             "--stage1-model goes with --task roi (and --task roi needs it)",
@@ -228,6 +235,7 @@ def _lesion_config(args: argparse.Namespace, lesion_labels: tuple[int, ...]) -> 
         batch_size=args.batch_size,
         samples_per_case=args.samples_per_case,
         steps_per_epoch=args.steps_per_epoch,
+        crops_per_phantom=args.crops_per_phantom,
         fg_fraction=args.fg_fraction,
         augment=args.augment,
         mc_passes=args.mc_passes,

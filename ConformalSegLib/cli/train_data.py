@@ -82,7 +82,7 @@ def lesion_data(args: argparse.Namespace) -> tuple[Any, list[Any], dict[str, Any
     if args.phantom_stream:
         stream = PhantomStream(args.phantom_seed, options)
         n_val = args.heldout if args.heldout is not None else 24
-        return stream, stream.heldout_cases(n_val), stream.describe(), labels
+        return stream, stream.heldout_cases(n_val), stream.describe(getattr(args, "crops_per_phantom", 1)), labels
     if args.phantoms < 1:
         raise ConformalSegError(
             f"--phantoms must be at least 1, got {args.phantoms}", fix="train on some phantoms, e.g. --phantoms 40"

@@ -142,7 +142,7 @@ def _data_options(p: argparse.ArgumentParser) -> None:
         "--phantom-stream",
         action="store_true",
         help="lesion task: train on a fresh synthetic phantom for every sample (no fixed set; "
-        "--epochs x --steps-per-epoch x --batch-size phantoms in all)",
+        "--epochs x --steps-per-epoch x --batch-size / --crops-per-phantom phantoms in all)",
     )
     p.add_argument(
         "--phantom-seed",
@@ -301,6 +301,14 @@ def _optimisation_options(p: argparse.ArgumentParser) -> None:
         type=int,
         default=DEFAULTS["steps_per_epoch"],
         help="--phantom-stream: batches per epoch (validation and checkpoint after each epoch)",
+    )
+    p.add_argument(
+        "--crops-per-phantom",
+        type=int,
+        default=1,
+        metavar="K",
+        help="--phantom-stream: crops cut from each generated phantom, a divisor of --batch-size (default 1: "
+        "a fresh phantom per crop; 2 halves the phantom generation, most of a CPU step's data work)",
     )
     p.add_argument(
         "--fg-fraction",

@@ -31,8 +31,8 @@ from ..common.errors import ConformalSegError
 FORMAT = "conformalseg-training-checkpoint"
 #: Settings added to the configuration later whose default is not ``None``: what their absence from an
 #: older checkpoint's configuration means (``select_by``: before it existed, epochs were chosen by Dice;
-#: ``precision``: before it existed, training ran in float32).
-LATER_DEFAULTS: dict[str, Any] = {"select_by": "dice", "precision": "fp32"}
+#: ``precision``: before it existed, training ran in float32; ``crops_per_phantom``: one crop per phantom).
+LATER_DEFAULTS: dict[str, Any] = {"select_by": "dice", "precision": "fp32", "crops_per_phantom": 1}
 
 
 def default_checkpoint_path(out: Path) -> Path:

@@ -33,7 +33,8 @@ class TrainingConfig:
     ``[d0, d1, d2]`` = ``[x, y, z]``; each patch and crop axis must be divisible by the product of that
     axis' ``strides`` (ints, or ``(sx, sy, sz)`` triplets for ``dynunet``). The networks are fully
     convolutional, so crops may be smaller than the inference window. ``samples_per_case`` applies to
-    a fixed list of cases, ``steps_per_epoch`` to a phantom stream. ``mc_passes`` is used by the
+    a fixed list of cases, ``steps_per_epoch`` and ``crops_per_phantom`` (crops cut from each generated
+    phantom, a divisor of ``batch_size``; :mod:`.phantom_stream`) to a phantom stream. ``mc_passes`` is used by the
     ``uncertainty-aware`` loss only. ``init_weights_sha256`` is the checksum of the weights the run
     starts from (``train(init_weights=...)``; ``None``: MONAI's random initialisation).
     ``ema_decay`` (``None``: off) keeps an exponential moving average of the weights, validated beside
@@ -66,6 +67,7 @@ class TrainingConfig:
     batch_size: int = 4
     samples_per_case: int = 4
     steps_per_epoch: int = 100
+    crops_per_phantom: int = 1
     fg_fraction: float = 0.5
     augment: bool = False
     mc_passes: int = 4
@@ -136,6 +138,7 @@ class TrainingConfig:
             or self.num_workers < 0
         ):
             raise ConformalSegError("steps per epoch must be an integer >= 1 and the number of workers >= 0")
+        _check_crops_per_phantom(self.crops_per_phantom, self.batch_size)
 
     @property
     def crops(self) -> tuple[int, int, int]:
@@ -158,6 +161,14 @@ class TrainingConfig:
         data = asdict(self)
         data["strides"] = [format_stride(s) for s in self.strides]
         return json.dumps(data, sort_keys=True, default=list)
+
+
+def _check_crops_per_phantom(crops: int, batch_size: int) -> None:
+    if isinstance(crops, bool) or int(crops) != crops or crops < 1 or batch_size % crops:
+        raise ConformalSegError(
+            f"crops per phantom must be a whole number >= 1 that divides the batch size ({batch_size}), got {crops}",
+            fix=f"e.g. --crops-per-phantom {2 if batch_size % 2 == 0 else 1} with --batch-size {batch_size}",
+        )
 
 
 def check_network_and_batches(config: Any, *, example_size: str) -> None:

@@ -14,6 +14,16 @@ So sample ``i`` of a run depends only on ``(seed, i)``: epochs, batches and work
 change what is drawn, and a resumed run continues the same stream. Each sample's patch position and
 augmentation come from ``numpy.random.default_rng((seed, 2, i))``.
 
+Several crops per phantom
+-------------------------
+Generating a phantom is most of a sample's data work on a CPU (``benchmarks/bench_training_step.py``).
+With ``crops_per_phantom = K`` training sample ``i`` is a crop of training phantom ``i // K``, so
+samples ``K j .. K j + K - 1`` are ``K`` crops of phantom ``j`` (each with its own position, foreground
+draw and augmentation from ``default_rng((seed, 2, i))``), as MONAI's ``RandCropByPosNegLabeld`` with
+``num_samples = K`` cuts several crops from each loaded volume. ``K`` divides the batch size, so a batch
+holds whole phantoms and each phantom is generated once. ``K = 1`` is the stream above, sample for
+sample.
+
 Loading
 -------
 :class:`PhantomStreamSampler` yields batches of an epoch through a ``torch.utils.data.DataLoader``
@@ -62,14 +72,18 @@ class PhantomStream:
         p = make_phantom(seed, case_id=case_id, **self.options)
         return TrainingCase(p.case_id, Volume(p.image, p.geometry, None), Volume(p.labels, p.geometry, None))
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self, crops_per_phantom: int = 1) -> dict[str, Any]:
         """How the run's phantoms are drawn (recorded in the model card)."""
+        crops = int(crops_per_phantom)
+        index = "i" if crops == 1 else f"i // {crops}"
+        phantom = f"make_phantom(SeedSequence({self.seed}, spawn_key=(0, {index})))"
         return {
             "source": "phantom-stream",
             "phantom_seed": int(self.seed),
             "phantom_options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.options.items()},
-            "train": f"sample i = make_phantom(SeedSequence({self.seed}, spawn_key=(0, i))), a fresh phantom "
-            "per training sample",
+            "train": f"sample i = {phantom}, a fresh phantom per training sample"
+            if crops == 1
+            else f"sample i = a crop of {phantom}, a fresh phantom per {crops} training samples",
             "heldout": f"phantom j = make_phantom(SeedSequence({self.seed}, spawn_key=(1, j)))",
         }
 
@@ -106,24 +120,37 @@ class PhantomStreamSampler:
         fg_fraction: float,
         augmentation: AugmentationConfig | None,
         num_workers: int = 0,
+        crops_per_phantom: int = 1,
     ):
+        if crops_per_phantom < 1 or batch_size % crops_per_phantom:
+            raise ValueError(f"crops_per_phantom ({crops_per_phantom}) must be >= 1 and divide the batch size")
         self.stream, self.card = stream, card
         self.lesion_labels = tuple(int(v) for v in lesion_labels)
         self.patch_size = tuple(int(p) for p in patch_size)
         self.batch_size, self.steps_per_epoch = int(batch_size), int(steps_per_epoch)
         self.fg_fraction, self.augmentation, self.num_workers = float(fg_fraction), augmentation, int(num_workers)
+        self.crops_per_phantom = int(crops_per_phantom)
+        self._last: tuple[int, Any] | None = None  # (phantom index, prepared case): the batch's phantom
 
     def __len__(self) -> int:
         return self.steps_per_epoch
 
     def sample(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(image (1, *patch), lesion (1, *patch))`` of training sample ``index``."""
-        prepared = prepare_case(self.card, self.stream.training_case(index), self.lesion_labels, self.patch_size)
+        """``(image (1, *patch), lesion (1, *patch))`` of training sample ``index`` (a crop of training
+        phantom ``index // crops_per_phantom``)."""
+        prepared = self._prepared(int(index) // self.crops_per_phantom)
         rng = np.random.default_rng((int(self.stream.seed), 2, int(index)))
         image, lesion, _ = sample_patch(
             prepared, self.patch_size, rng, fg_fraction=self.fg_fraction, augmentation=self.augmentation
         )
         return image, lesion
+
+    def _prepared(self, phantom: int) -> Any:
+        """Training phantom ``phantom`` prepared for the network; the last one is kept for its next crops."""
+        if self._last is None or self._last[0] != phantom:
+            case = self.stream.training_case(phantom)
+            self._last = (phantom, prepare_case(self.card, case, self.lesion_labels, self.patch_size))
+        return self._last[1]
 
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         dataset = _EpochBatches(self, int(epoch) * self.steps_per_epoch, self.steps_per_epoch)

@@ -138,6 +138,7 @@ def _sampler(config: TrainingConfig, card: Any, data: Sequence[TrainingCase] | P
             fg_fraction=config.fg_fraction,
             augmentation=augmentation,
             num_workers=config.num_workers,
+            crops_per_phantom=config.crops_per_phantom,
         )
     prepared = prepare_cases(card, data, config.lesion_labels, config.crops)
     return PatchSampler(
@@ -424,9 +425,11 @@ def _training_record(
     import monai
 
     if isinstance(train_data, PhantomStream):
-        data = data_info or train_data.describe()
+        data = data_info or train_data.describe(config.crops_per_phantom)
         train_cases: Any = len(epochs) * config.steps_per_epoch * config.batch_size  # samples drawn so far
         train_ids: Any = "a fresh phantom per sample (see data)"
+        if config.crops_per_phantom > 1:
+            train_ids = f"a fresh phantom per {config.crops_per_phantom} samples (see data)"
     else:
         data, train_cases, train_ids = data_info or {}, len(train_data), [c.case_id for c in train_data]
     stream = isinstance(train_data, PhantomStream)
@@ -465,6 +468,7 @@ def _training_record(
         "batch_size": config.batch_size,
         "samples_per_case": None if stream else config.samples_per_case,
         "steps_per_epoch": config.steps_per_epoch if stream else None,
+        "crops_per_phantom": config.crops_per_phantom if stream else None,
         "fg_fraction": config.fg_fraction,
         "final_loss": epochs[-1]["loss"] if epochs else None,
         "selected_by": config.select_by,
