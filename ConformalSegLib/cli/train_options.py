@@ -308,7 +308,8 @@ def _optimisation_options(p: argparse.ArgumentParser) -> None:
         default=1,
         metavar="K",
         help="--phantom-stream: crops cut from each generated phantom, a divisor of --batch-size (default 1: "
-        "a fresh phantom per crop; 2 halves the phantom generation, most of a CPU step's data work)",
+        "a fresh phantom per crop; 2 halves the phantom generation, most of a CPU step's data work, but gave a "
+        "larger CLS mask in benchmarks/RESULTS.md)",
     )
     p.add_argument(
         "--fg-fraction",
