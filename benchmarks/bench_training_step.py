@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     print(C.md_table(["seconds per step", "a phantom per crop (baseline)", "`--crops-per-phantom 2`", "ratio",
                       "against fp32, a phantom per crop"], crops_rows))  # fmt: skip
     print(
-        f"\nDrawing dropout masks (`aten::bernoulli_`, dropout {configs['bf16'].dropout:g} after every convolution) "
+        f"\nDrawing dropout masks (`aten::bernoulli_`, dropout {configs['bf16'].dropout:g} in the DynUNet's blocks) "
         f"is {dropout:.0%} of the bf16 network step's CPU time."
     )
     print(

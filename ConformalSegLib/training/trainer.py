@@ -427,9 +427,8 @@ def _training_record(
     if isinstance(train_data, PhantomStream):
         data = data_info or train_data.describe(config.crops_per_phantom)
         train_cases: Any = len(epochs) * config.steps_per_epoch * config.batch_size  # samples drawn so far
-        train_ids: Any = "a fresh phantom per sample (see data)"
-        if config.crops_per_phantom > 1:
-            train_ids = f"a fresh phantom per {config.crops_per_phantom} samples (see data)"
+        per = "sample" if config.crops_per_phantom == 1 else f"{config.crops_per_phantom} samples"
+        train_ids: Any = f"a fresh phantom per {per} (see data)"
     else:
         data, train_cases, train_ids = data_info or {}, len(train_data), [c.case_id for c in train_data]
     stream = isinstance(train_data, PhantomStream)
