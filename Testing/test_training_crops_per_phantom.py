@@ -122,7 +122,7 @@ def test_a_run_records_it_and_resumes_only_under_the_same_k(tmp_path):
     check_a_later_setting_resumes(tmp_path / "resume", "crops_per_phantom", 2, "crops_per_phantom", 1)
 
 
-def test_cli_option(tmp_path):
+def test_cli_option(tmp_path, monkeypatch):
     stream = ["--phantom-stream", "--phantom-seed", "5", "--heldout", "1", "--steps-per-epoch", "2"]
     out = tmp_path / "m"
     assert run_cli(*stream, "--out", str(out), "--crops-per-phantom", "2", *TINY_ARGS) == 0
@@ -137,6 +137,9 @@ def test_cli_option(tmp_path):
     assert "--samples-per-case" in str(info.value)
     with pytest.raises(ConformalSegError, match="--crops-per-phantom serves --phantom-stream"):
         run_cli("--task", "denoise", "--phantoms", "2", "--out", str(tmp_path / "b"), "--crops-per-phantom", "2")
+    generated = []
+    monkeypatch.setattr(PhantomStream, "heldout_cases", lambda self, n: generated.append(n) or [])
     with pytest.raises(ConformalSegError, match="divides the batch size"):
         run_cli(*stream, "--out", str(tmp_path / "c"), "--crops-per-phantom", "3", *TINY_ARGS)
+    assert generated == []  # refused before any phantom is generated
     assert not any((tmp_path / name).exists() for name in "abc")

@@ -202,6 +202,9 @@ def _check_lesion_args(args: argparse.Namespace) -> None:
             "--crops-per-phantom serves --phantom-stream (lesion task)",
             fix="with --phantoms or --data, --samples-per-case sets the crops per case",
         )
+    from ..training.config import check_crops_per_phantom
+
+    check_crops_per_phantom(args.crops_per_phantom, args.batch_size)  # before any phantom is generated
     if (args.task == "roi") != (args.stage1_model is not None):
         raise ConformalSegError(
             "--stage1-model goes with --task roi (and --task roi needs it)",

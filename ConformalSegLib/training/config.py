@@ -138,7 +138,7 @@ class TrainingConfig:
             or self.num_workers < 0
         ):
             raise ConformalSegError("steps per epoch must be an integer >= 1 and the number of workers >= 0")
-        _check_crops_per_phantom(self.crops_per_phantom, self.batch_size)
+        check_crops_per_phantom(self.crops_per_phantom, self.batch_size)
 
     @property
     def crops(self) -> tuple[int, int, int]:
@@ -163,7 +163,8 @@ class TrainingConfig:
         return json.dumps(data, sort_keys=True, default=list)
 
 
-def _check_crops_per_phantom(crops: int, batch_size: int) -> None:
+def check_crops_per_phantom(crops: int, batch_size: int) -> None:
+    """Refuse a number of crops per phantom that is not a whole number >= 1 dividing the batch size."""
     if isinstance(crops, bool) or int(crops) != crops or crops < 1 or batch_size % crops:
         raise ConformalSegError(
             f"crops per phantom must be a whole number >= 1 that divides the batch size ({batch_size}), got {crops}",
